@@ -1,0 +1,69 @@
+r"""UPGrad: Unconflicting Projection of Gradients (Quinton & Rey, 2024, arXiv 2406.16232).
+
+Each row :math:`g_i` of the Jacobian, scaled by its preference weight :math:`p_i`, is projected
+onto the dual cone :math:`\{d : J d \ge 0\}` of the rows, and the projections are summed:
+
+.. math::
+
+    \mathcal A_{\text{UPGrad}}(J) = \sum_{i=1}^m \pi_J(p_i\, g_i),
+    \qquad \pi_J(J^\top u) = J^\top v(u),
+    \qquad v(u) = \operatorname*{argmin}_{v \ge u} v^\top G v .
+
+So the weights are :math:`w = \sum_i v(p_i e_i)`, and :math:`w \ge p`.
+"""
+
+import torch
+from torch import Tensor
+
+from torchjd.aggregation._bases import GramianWeightedAggregator
+from torchjd.aggregation._pref_vector import ProjectionWeighting
+from torchjd.linalg import DualConeProjector, PSDMatrix
+
+
+class UPGradWeighting(ProjectionWeighting):
+    r"""The weighting of :class:`UPGrad`: :math:`w = \sum_i v(p_i e_i)` with
+    :math:`v(u) = \operatorname{argmin}_{v \ge u} v^\top G v`.
+
+    :param pref_vector: The preference :math:`p \ge 0` (shape ``[m]``); the mean
+        :math:`p = \mathbf 1 / m` when None.
+    :param projector: The :class:`~torchjd.linalg.DualConeProjector` that solves the ``m``
+        problems; :class:`~torchjd.linalg.TorchProjector` when None.
+
+    >>> import torch
+    >>> from torchjd.aggregation import UPGradWeighting
+    >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+    >>> UPGradWeighting()(J @ J.T)
+    tensor([1.1109, 0.7894])
+    """
+
+    def __init__(
+        self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None
+    ) -> None:
+        super().__init__(pref_vector, projector)
+
+    def forward(self, gramian: PSDMatrix, /) -> Tensor:
+        U = torch.diag(self.preference(gramian))
+        return self.projector(U, gramian).sum(dim=0)
+
+
+class UPGrad(GramianWeightedAggregator):
+    r"""The UPGrad aggregator (Quinton & Rey, 2024): the sum of the projections of the
+    (preference-weighted) rows onto the dual cone of the rows.
+
+    Its output never conflicts with a row (:math:`J\, \mathcal A(J) \ge 0`), up to the
+    regularisation of the projector (see :class:`~torchjd.linalg.TorchProjector`).
+
+    :param pref_vector: The preference :math:`p \ge 0` (shape ``[m]``); the mean when None.
+    :param projector: The :class:`~torchjd.linalg.DualConeProjector`;
+        :class:`~torchjd.linalg.TorchProjector` when None.
+
+    >>> import torch
+    >>> from torchjd.aggregation import UPGrad
+    >>> UPGrad()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+    tensor([0.2929, 1.9004, 1.9004])
+    """
+
+    def __init__(
+        self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None
+    ) -> None:
+        super().__init__(UPGradWeighting(pref_vector, projector))

@@ -1,0 +1,9 @@
+"""Types and numerical kernels: Gramians and the projection onto the dual cone.
+
+Everything here is a pure function of tensors, with no state, on any device and float dtype.
+"""
+
+from torchjd.linalg._dual_cone import DualConeProjector, TorchProjector
+from torchjd.linalg._matrix import Matrix, PSDMatrix
+
+__all__ = ["DualConeProjector", "Matrix", "PSDMatrix", "TorchProjector"]

@@ -1,0 +1,32 @@
+"""Gramians and the normalisation that makes the dual-cone problem scale-free."""
+
+import torch
+from torch import Tensor
+
+
+def gramian(matrix: Tensor) -> Tensor:
+    """``J Jᵀ`` for a matrix ``J`` of shape ``[m, n]``, made exactly symmetric."""
+    G = matrix @ matrix.T
+    return symmetrized(G)
+
+
+def symmetrized(G: Tensor) -> Tensor:
+    """``(G + Gᵀ) / 2``: removes the rounding asymmetry of a computed Gramian."""
+    return (G + G.T) / 2
+
+
+def normalized(G: Tensor, norm_eps: float) -> Tensor:
+    """``G / tr(G)``, or the zero matrix when ``tr(G) < norm_eps`` (no host synchronisation).
+
+    A NaN trace gives a NaN matrix, so that non-finite inputs propagate.
+    """
+    trace = G.diagonal().sum()
+    tiny = torch.finfo(G.dtype).tiny
+    return torch.where(trace < norm_eps, torch.zeros_like(G), G / trace.clamp_min(tiny))
+
+
+def regularized(G: Tensor, reg_eps: float) -> Tensor:
+    """``G + reg_eps · I``."""
+    if reg_eps == 0.0:
+        return G
+    return G + reg_eps * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)

@@ -1,0 +1,29 @@
+"""Optimality measure of ``min_{v ≥ u} vᵀ G v``, shared by the solvers and their tests."""
+
+import torch
+from torch import Tensor
+
+
+def row_scales(G: Tensor) -> Tensor:
+    """``s_j = √(G_jj · max_l G_ll)``: with ``G = J Jᵀ``, ``‖J_j‖ · max_l ‖J_l‖``."""
+    diagonal = G.diagonal()
+    return (diagonal * diagonal.amax()).clamp_min(0).sqrt().clamp_min(torch.finfo(G.dtype).tiny)
+
+
+def kkt_residual(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
+    """Relative KKT residual of each row of ``V`` for ``min vᵀGv s.t. v ≥ u``.
+
+    The largest of: primal infeasibility ``(u_j − v_j)₊ / max|u|``; dual infeasibility
+    ``(−(Gv)_j)₊ / (s_j · max|u|)``; complementarity ``|(Gv)_j| · |v_j − u_j| / (s_j · max|u|²)``;
+    with ``s`` from :func:`row_scales`. With ``G = J Jᵀ``, ``(Gv)_j = J_j · Jᵀv``: dual
+    infeasibility is the conflict of the update with row ``j`` relative to that row's norm, so small
+    rows are solved as precisely as large ones. NaN when an input is not finite.
+    """
+    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    primal = (U - V).clamp_min(0) / u_scale
+    relative_gradient = GV / (row_scales(G) * u_scale)
+    dual = (-relative_gradient).clamp_min(0)
+    complementarity = relative_gradient.abs() * (V - U).abs() / u_scale
+    residual = torch.maximum(torch.maximum(primal, dual), complementarity).amax(dim=1)
+    not_finite = ~(torch.isfinite(G).all() & torch.isfinite(V).all(dim=1))
+    return torch.where(not_finite, torch.nan, residual)

@@ -1,0 +1,55 @@
+"""Every script of examples/ runs, and what it computes is checked."""
+
+import runpy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def _check_iwrm_autograd_baseline(namespace: dict) -> None:
+    model, loss_fn, X, Y = (namespace[k] for k in ("model", "loss_fn", "X", "Y"))
+    initial = namespace["initial_state"]
+    with torch.no_grad():
+        final_loss = loss_fn(model(X).squeeze(-1), Y)
+        model.load_state_dict(initial)
+        initial_loss = loss_fn(model(X).squeeze(-1), Y)
+    assert final_loss < initial_loss  # ERM reduces the mean training loss
+
+
+def _check_jacobian_descent_by_hand(namespace: dict) -> None:
+    cosines = namespace["min_cosines"]
+    assert min(cosines["UPGrad (exact)"]) >= -1e-4  # float32: never conflicts
+    assert min(cosines["Mean"]) < -0.1  # the mean gradient does conflict
+    for default, mean in zip(cosines["UPGrad (defaults)"], cosines["Mean"], strict=True):
+        assert default > mean
+
+
+CHECKS: dict[str, Callable[[dict], None]] = {
+    "iwrm_autograd_baseline": _check_iwrm_autograd_baseline,
+    "jacobian_descent_by_hand": _check_jacobian_descent_by_hand,
+}
+
+
+def test_every_example_is_checked():
+    assert {path.stem for path in EXAMPLES.glob("*.py")} == set(CHECKS)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_example(name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    torch.manual_seed(0)
+    initial_states: list[dict] = []
+    original_init = torch.nn.Sequential.__init__
+
+    def recording_init(self: torch.nn.Sequential, *args: object) -> None:
+        original_init(self, *args)
+        initial_states.append({k: v.clone() for k, v in self.state_dict().items()})
+
+    monkeypatch.setattr(torch.nn.Sequential, "__init__", recording_init)
+    namespace = runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+    namespace["initial_state"] = initial_states[0] if initial_states else None
+    assert capsys.readouterr().out  # it reports something
+    CHECKS[name](namespace)

@@ -1,0 +1,57 @@
+"""The public surface: names, version, typing marker."""
+
+from importlib import resources
+
+import torchjd
+import torchjd.aggregation
+import torchjd.autogram
+import torchjd.autojac
+import torchjd.linalg
+import torchjd.scalarization
+
+
+def test_version():
+    assert isinstance(torchjd.__version__, str)
+    assert torchjd.__version__[0].isdigit()
+
+
+def test_py_typed_is_shipped():
+    assert resources.files("torchjd").joinpath("py.typed").is_file()
+
+
+def test_every_public_name_exists():
+    for module in [
+        torchjd,
+        torchjd.aggregation,
+        torchjd.linalg,
+        torchjd.autojac,
+        torchjd.autogram,
+        torchjd.scalarization,
+    ]:
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module.__name__}.{name}"
+
+
+def test_foundation_names():
+    assert {"Stateful"} <= set(torchjd.__all__)
+    expected = {
+        "Aggregator", "Weighting", "WeightedAggregator", "GramianWeightedAggregator",
+        "UPGrad", "UPGradWeighting", "DualProj", "DualProjWeighting", "MGDA", "MGDAWeighting",
+        "Mean", "MeanWeighting", "Sum", "SumWeighting", "Constant", "ConstantWeighting",
+        "Random", "RandomWeighting",
+    }  # fmt: skip
+    assert expected <= set(torchjd.aggregation.__all__)
+    assert {"Matrix", "PSDMatrix", "DualConeProjector"} <= set(torchjd.linalg.__all__)
+
+
+def test_stateful_is_abstract():
+    class Counter(torchjd.Stateful):
+        def __init__(self) -> None:
+            self.count = 3
+
+        def reset(self) -> None:
+            self.count = 0
+
+    counter = Counter()
+    counter.reset()
+    assert counter.count == 0
