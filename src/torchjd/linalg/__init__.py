@@ -3,7 +3,7 @@
 Everything here is a pure function of tensors, with no state, on any device and float dtype.
 """
 
-from torchjd.linalg._dual_cone import DualConeProjector, TorchProjector
+from torchjd.linalg._dual_cone import DualConeProjector, QuadprogProjector, TorchProjector
 from torchjd.linalg._matrix import Matrix, PSDMatrix
 
-__all__ = ["DualConeProjector", "Matrix", "PSDMatrix", "TorchProjector"]
+__all__ = ["DualConeProjector", "Matrix", "PSDMatrix", "QuadprogProjector", "TorchProjector"]

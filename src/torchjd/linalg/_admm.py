@@ -29,11 +29,12 @@ _CHECK_EVERY = 5
 _MAX_REFACTORISATIONS = 8
 
 
-def admm(G: Tensor, U: Tensor, tol: float, max_iters: int) -> Tensor:
+def admm(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Tensor, Tensor]:
     """Feasible rows ``z ≥ u`` whose KKT residual is below ``tol`` (or the last iterate, after
-    ``max_iters``)."""
+    ``max_iters``), and which rows met the tolerance."""
     m = G.shape[0]
     out = torch.empty_like(U)
+    converged = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
     rows = torch.arange(U.shape[0], device=U.device)
     trace = float(G.diagonal().sum())
     rho = 2 * trace / m  # mean eigenvalue of the Hessian 2G
@@ -52,11 +53,11 @@ def admm(G: Tensor, U: Tensor, tol: float, max_iters: int) -> Tensor:
             continue
 
         residual = kkt_residual(G, U, Z, Z @ G)
-        done = ~(residual > tol)  # NaN rows are done too: they cannot improve
-        if iteration == max_iters:
-            done = torch.ones_like(done)
+        met = ~(residual > tol)  # NaN rows are done too: they cannot improve
+        done = met | (iteration == max_iters)
         if done.any():
             out[rows[done]] = Z[done]
+            converged[rows[done]] = met[done]
             keep = ~done
             if not keep.any():
                 break
@@ -73,7 +74,7 @@ def admm(G: Tensor, U: Tensor, tol: float, max_iters: int) -> Tensor:
                 Y /= ratio
                 M = _linear_step(G, rho)
                 n_refactorisations += 1
-    return out
+    return out, converged
 
 
 def _linear_step(G: Tensor, rho: float) -> Tensor:

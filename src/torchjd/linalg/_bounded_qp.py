@@ -27,34 +27,62 @@ The returned ``v`` is always feasible (``v ≥ u`` exactly) and its KKT residual
 (:func:`~torchjd.linalg._kkt.kkt_residual`) is below ``tol``: by default ``1e-7`` in float64 and
 ``2e-5`` in float32. Half-precision inputs are solved in float32. Non-finite entries in ``G`` or
 ``U`` give NaN rows; they never make the solver loop.
+
+Singular ``G`` (``least_norm=True``)
+------------------------------------
+When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v`` is not. In this mode
+the face systems of the pivoting are solved for their least-norm solution (iterated Tikhonov
+regularisation), and ADMM runs on ``G + δI`` with a tiny ``δ`` (its solution tends to the
+least-norm optimum as ``δ → 0``), so that the weights are the least-norm optimal ones: exactly up
+to rounding where pivoting or the polish concludes, within ``O(δ)`` otherwise. The default
+tolerance is then ``1e-9`` in float64.
 """
 
 import torch
 from torch import Tensor
 
 from torchjd.linalg._admm import admm
+from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._principal_pivoting import principal_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
+LEAST_NORM_TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
+# Relative Tikhonov term of the least-norm mode: above the rounding of a Gramian computed in the
+# dtype, far below the tolerance on conflicts.
+TIKHONOV = {torch.float64: 1e-8, torch.float32: 1e-5}
 _DIRECT_MAX_M = 64  # up to this size, pivoting alone is exact and the fastest
-_PIVOTING_THRESHOLD = 1e-3  # of tol: violations that pivoting still corrects
 _POLISH_BUDGET = 8  # polish when Σ_k |F_k|³ costs at most this many [m, m] × [m, m] products
 _POLISH_STEPS = 4
+_LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
+_LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
 
 
 def solve_lower_bounded_qp(
-    G: Tensor, U: Tensor, *, tol: float | None = None, max_iters: int = 10_000
+    G: Tensor,
+    U: Tensor,
+    *,
+    tol: float | None = None,
+    max_iters: int = 10_000,
+    least_norm: bool = False,
 ) -> Tensor:
-    """Rows ``argmin_{v ≥ u} vᵀ G v`` for each row ``u`` of ``U`` (see the module docstring)."""
+    """Rows ``argmin_{v ≥ u} vᵀ G v`` for each row ``u`` of ``U`` (see the module docstring).
+
+    With ``least_norm``, ``G`` may be singular: each row is then the optimum of
+    :func:`tikhonov` (``G``), which tends to the optimal weights of least scaled norm, with a
+    tighter default tolerance.
+    """
     out_dtype = U.dtype
     work_dtype = G.dtype if G.dtype in DEFAULT_TOL else torch.float32
     G = G.to(work_dtype)
     U = U.to(work_dtype)
     if tol is None:
-        tol = DEFAULT_TOL[work_dtype]
+        tol = (LEAST_NORM_TOL if least_norm else DEFAULT_TOL)[work_dtype]
 
     G = (G + G.T) / 2
+    G_exact = G if least_norm else None
+    if least_norm:
+        G = tikhonov(G)
     m = G.shape[0]
     V = U.clone()
     GU = U @ G
@@ -68,24 +96,78 @@ def solve_lower_bounded_qp(
     if m <= _DIRECT_MAX_M:
         G64 = G.double()
         X, converged = principal_pivoting(
-            G64, U.double(), GU[rows] > 0, row_scales(G64), _PIVOTING_THRESHOLD * tol, 3 * m + 10
+            G64,
+            U.double(),
+            GU[rows] > 0,
+            row_scales(G64),
+            tol,
+            _LEAST_NORM_PIVOTS if least_norm else 3 * m + 10,
+            None if G_exact is None else G_exact.double(),
         )
         X = X.to(work_dtype)
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
-            X[left] = _admm_then_polish(G, U[left], tol, max_iters)
+            if least_norm:
+                X[left] = _interior_point_then_polish(
+                    G64, U[left].double(), tol, G_exact.double()
+                ).to(work_dtype)
+            else:
+                X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
     else:
-        X = _admm_then_polish(G, U, tol, max_iters)
-    V[rows] = X
+        X = _admm_then_polish(G, U, tol, max_iters, G_exact)
+    V[rows] = torch.maximum(X, U)
     return V.to(out_dtype)
 
 
-def _admm_then_polish(G: Tensor, U: Tensor, tol: float, max_iters: int) -> Tensor:
-    Z = admm(G, U, tol, max_iters)
-    active = Z <= U
+def tikhonov(G: Tensor) -> Tensor:
+    r"""``G + σ diag(G)`` (``σ`` from :data:`TIKHONOV`), with ``σ · 10⁻⁶ max_j G_jj`` on the
+    diagonal of zero rows: positive definite, and, as ``σ → 0``, its optimum tends to the optimal
+    weights of ``G`` that minimise :math:`\sum_j G_{jj} v_j^2 = \sum_j \|v_j J_j\|^2` (the
+    energy of each row's contribution to the update), ties on zero rows broken by least norm."""
+    diagonal = G.diagonal()
+    weights = torch.where(diagonal > 0, diagonal, 1e-6 * diagonal.amax())
+    return G + torch.diag(TIKHONOV[G.dtype] * weights)
+
+
+def _admm_then_polish(
+    G: Tensor, U: Tensor, tol: float, max_iters: int, G_exact: Tensor | None
+) -> Tensor:
+    """ADMM, then an exact polish by pivoting from the active set it found.
+
+    The polish runs on every row when its face solves are cheap. With ``least_norm`` (a barely
+    regularised ``G``, on which ADMM can be slow), ADMM stops after ``_LEAST_NORM_ADMM_ITERS``
+    iterations and pivoting, whatever its cost, takes over the rows it left.
+    """
     m = G.shape[0]
+    least_norm = G_exact is not None
+    if least_norm:
+        max_iters = min(max_iters, _LEAST_NORM_ADMM_ITERS)
+    Z, converged = admm(G, U, tol, max_iters)
+    active = Z <= U
     free_sizes = (m - active.sum(dim=1)).double()
-    if float(free_sizes.pow(3).sum()) > _POLISH_BUDGET * m**3:
+    cheap = float(free_sizes.pow(3).sum()) <= _POLISH_BUDGET * m**3
+    if cheap:
+        polish = torch.ones_like(converged)
+    elif least_norm:
+        polish = ~converged
+    else:
         return Z
-    X, converged = principal_pivoting(G, U, active, row_scales(G), 0.1 * tol, _POLISH_STEPS)
-    return torch.where(converged.unsqueeze(1), X, Z)
+    rows = polish.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return Z
+    steps = _POLISH_STEPS if bool(converged[rows].all()) else 3 * m + 10
+    X, solved = principal_pivoting(G, U[rows], active[rows], row_scales(G), tol, steps, G_exact)
+    Z[rows] = torch.where(solved.unsqueeze(1), X, Z[rows])
+    return Z
+
+
+def _interior_point_then_polish(G: Tensor, U: Tensor, tol: float, G_exact: Tensor) -> Tensor:
+    """For rows where pivoting wandered: the interior-point method, then pivoting (with the
+    least-norm refinement) from the active set it identifies; its answer is kept where pivoting
+    does not conclude."""
+    V = interior_point(G, U, 1e-3 * tol)
+    u_scale = U.abs().amax(dim=1, keepdim=True)
+    gap = V - U
+    active = gap <= 1e-6 * u_scale
+    X, solved = principal_pivoting(G, U, active, row_scales(G), tol, 20, G_exact)
+    return torch.where(solved.unsqueeze(1), X, V)

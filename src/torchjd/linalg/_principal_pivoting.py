@@ -13,26 +13,49 @@ up to rounding.
 Every row has its own face; each step solves all of them together, as one batched Cholesky
 factorisation of masked ``[m, m]`` systems (small ``m``), or of the compacted ``|F| × |F|``
 blocks grouped by size (large ``m``).
+
+The face systems are solved after a symmetric Jacobi scaling (unit diagonal), so that rows of very
+different norms are solved equally accurately. ``G`` must be positive definite (the caller adds a
+tiny Tikhonov term to a singular one); a face solution that does not zero the gradient on its free
+set (a numerically singular face) stops its row, unconverged.
 """
 
 import torch
 from torch import Tensor
 
+from torchjd.linalg._kkt import kkt_residual
+
 _FULL_EXCHANGES = 3  # non-improving full exchanges allowed before a single pivot
 _MASKED_MAX_M = 32  # up to this size, masked full-size systems beat compacted blocks
+_DUAL_THRESHOLD = 1e-3  # of tol: conflicts that pivoting still corrects
+_PRIMAL_THRESHOLD = 1e-3  # of tol: how far below its bound a weight may fall (then clamped)
+_REFINEMENTS = 6  # iterated-refinement steps of the least-norm mode
 
 
 def principal_pivoting(
-    G: Tensor, U: Tensor, active: Tensor, row_scale: Tensor, threshold: float, max_iters: int
+    G: Tensor,
+    U: Tensor,
+    active: Tensor,
+    row_scale: Tensor,
+    tol: float,
+    max_iters: int,
+    G_exact: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Solves each row from the initial guess ``active`` (``[k, m]`` booleans).
 
     An index is infeasible when its violation, relative to ``max|u|`` (for ``v ≥ u``) or to
-    ``row_scale_j · max|u|`` (for ``(Gv)_j ≥ 0``), exceeds ``threshold``. Returns the last face
-    solution of every row, and which rows ended with no infeasible index.
+    ``row_scale_j · max|u|`` (for ``(Gv)_j ≥ 0``), exceeds a small fraction of ``tol``. Returns
+    the last face solution of every row (clamped to ``v ≥ u``), and which rows ended with no
+    infeasible index.
+
+    With ``G_exact`` (the Gramian that ``G`` regularises), the final faces are then re-solved
+    for ``G_exact`` by iterated refinement, ``v_F ← v_F − G_FF⁻¹ (G_exact v)_F``: the
+    regularisation's bias goes, the (scaled) null-space component of ``v`` stays.
     """
     k, m = U.shape
+    U_all = U
     X = U.clone()
+    final_active = active.clone()
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
     rows = torch.arange(k, device=U.device)
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
@@ -42,11 +65,20 @@ def principal_pivoting(
     for _ in range(max_iters):
         V = solve_on_faces(G, U, active)
         X[rows] = V
-        violation = torch.where(active, -(V @ G) / row_scale, U - V) / u_scale
-        infeasible = ~(violation <= threshold)  # NaN (a singular face) counts as infeasible
+        final_active[rows] = active
+        GV = V @ G
+        relative_gradient = GV / (row_scale * u_scale)
+        infeasible = torch.where(
+            active,
+            ~(-relative_gradient <= _DUAL_THRESHOLD * tol),  # NaN counts as infeasible
+            ~((U - V) / u_scale <= _PRIMAL_THRESHOLD * tol),
+        )
         count = infeasible.sum(dim=1)
-        done = count == 0
-        converged[rows] = done
+        # A face solution whose gradient is not zero on its free set cannot be trusted (a
+        # numerically singular face): its row stops, unconverged.
+        inexact = ~(torch.where(active, 0.0, relative_gradient.abs()).amax(dim=1) <= tol)
+        done = (count == 0) | inexact
+        converged[rows] = (count == 0) & ~inexact
         n_done = int(done.sum())
         if n_done == len(rows):
             break
@@ -62,32 +94,55 @@ def principal_pivoting(
             rows, U, active, u_scale, best, tries = (
                 t[keep] for t in (rows, U, active, u_scale, best, tries)
             )
+    if G_exact is not None:
+        X = _refine(G_exact, G, U_all, X, final_active)
     return X, converged
+
+
+def _refine(G_exact: Tensor, G: Tensor, U: Tensor, V: Tensor, active: Tensor) -> Tensor:
+    """Iterated refinement of each row's face solution towards ``G_exact``; kept where it lowers
+    the KKT residual for ``G_exact``."""
+    free = ~active
+    refined = V
+    for _ in range(_REFINEMENTS):
+        residual = torch.where(free, -(refined @ G_exact), 0.0)
+        refined = refined + face_solve(G, active, residual)
+    refined = torch.maximum(refined, U)
+    before = kkt_residual(G_exact, U, torch.maximum(V, U), V @ G_exact)
+    after = kkt_residual(G_exact, U, refined, refined @ G_exact)
+    return torch.where((after <= before).unsqueeze(1), refined, V)
 
 
 def solve_on_faces(G: Tensor, U: Tensor, active: Tensor) -> Tensor:
     """For each row, ``v_A = u_A`` and ``G_FF v_F = −G_FA u_A`` on its free set ``F = ¬A``."""
-    if G.shape[0] <= _MASKED_MAX_M:
-        return _solve_masked(G, U, active)
-    return _solve_compacted(G, U, active)
-
-
-def _solve_masked(G: Tensor, U: Tensor, active: Tensor) -> Tensor:
-    """One batched ``[k, m, m]`` system: ``G`` on ``F × F``, the identity elsewhere."""
-    free = ~active
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    K = torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye)
     V_A = torch.where(active, U, 0.0)
-    rhs = torch.where(free, -(V_A @ G), V_A)
-    L, _ = torch.linalg.cholesky_ex(K)
-    return torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
+    return V_A + face_solve(G, active, -(V_A @ G))
 
 
-def _solve_compacted(G: Tensor, U: Tensor, active: Tensor) -> Tensor:
+def face_solve(G: Tensor, active: Tensor, rhs: Tensor) -> Tensor:
+    """``x`` with ``x_A = 0`` and ``G_FF x_F = rhs_F``, for each row and its free set ``F = ¬A``."""
+    free = ~active
+    if G.shape[0] <= _MASKED_MAX_M:
+        eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        K = torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye)
+        return torch.where(free, _solve_spd(K, torch.where(free, rhs, 0.0)), 0.0)
+    return _solve_compacted(G, active, rhs)
+
+
+def _solve_spd(K: Tensor, b: Tensor) -> Tensor:
+    """Batched ``K x = b`` by Cholesky, after a symmetric Jacobi scaling (unit diagonal) that makes
+    rows of very different norms equally accurate."""
+    diagonal = K.diagonal(dim1=1, dim2=2)
+    scale = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(K.dtype).tiny).rsqrt(), 1.0)
+    L, _ = torch.linalg.cholesky_ex(scale.unsqueeze(2) * K * scale.unsqueeze(1))
+    x = torch.cholesky_solve((scale * b).unsqueeze(2), L).squeeze(2)
+    return scale * x
+
+
+def _solve_compacted(G: Tensor, active: Tensor, rhs: Tensor) -> Tensor:
     """Rows grouped by the size of their free set (up to the next power of two); each group
-    solves its compacted ``|F| × |F|`` blocks in one batched Cholesky factorisation."""
-    V = torch.where(active, U, 0.0)
-    rhs = -(V @ G)
+    solves its compacted ``|F| × |F|`` blocks in one batched factorisation."""
+    x = torch.zeros_like(rhs)
     free = ~active
     sizes = free.sum(dim=1)
     order = torch.argsort(sizes)
@@ -111,8 +166,6 @@ def _solve_compacted(G: Tensor, U: Tensor, active: Tensor) -> Tensor:
         G_FF = torch.where(pad, 0.0, G[cols.unsqueeze(2), cols.unsqueeze(1)])
         G_FF = G_FF + torch.diag_embed((~mask).to(G.dtype))
         b = torch.where(mask, rhs[group, cols], 0.0)
-        L, _ = torch.linalg.cholesky_ex(G_FF)
-        x = torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)
-        V[group, cols] = torch.where(mask, x, V[group, cols])
+        x[group, cols] = torch.where(mask, _solve_spd(G_FF, b), 0.0)
         start = stop
-    return V
+    return x
