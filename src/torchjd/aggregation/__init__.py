@@ -13,13 +13,18 @@ from torchjd.aggregation._bases import (
 )
 from torchjd.aggregation._constant import Constant, ConstantWeighting
 from torchjd.aggregation._dualproj import DualProj, DualProjWeighting
+from torchjd.aggregation._imtlg import IMTLG, IMTLGWeighting
+from torchjd.aggregation._krum import Krum, KrumWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
 from torchjd.aggregation._mgda import MGDA, MGDAWeighting
+from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
 from torchjd.aggregation._random import Random, RandomWeighting
 from torchjd.aggregation._sum import Sum, SumWeighting
+from torchjd.aggregation._trimmed_mean import TrimmedMean
 from torchjd.aggregation._upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
+    "IMTLG",
     "MGDA",
     "Aggregator",
     "Constant",
@@ -27,13 +32,19 @@ __all__ = [
     "DualProj",
     "DualProjWeighting",
     "GramianWeightedAggregator",
+    "IMTLGWeighting",
+    "Krum",
+    "KrumWeighting",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "PCGrad",
+    "PCGradWeighting",
     "Random",
     "RandomWeighting",
     "Sum",
     "SumWeighting",
+    "TrimmedMean",
     "UPGrad",
     "UPGradWeighting",
     "WeightedAggregator",

@@ -1,0 +1,32 @@
+"""Validation of the hyperparameters of the methods: ranges beyond those of ``_checks``."""
+
+import math
+
+
+def check_non_negative_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int. Found {value!r} of type {type(value).__name__}.")
+    if value < 0:
+        raise ValueError(f"`{name}` must be non-negative. Found {name}={value}.")
+    return value
+
+
+def check_float_in(
+    value: object, name: str, low: float, high: float, *, low_open: bool, high_open: bool
+) -> float:
+    """A finite float in the interval from ``low`` to ``high`` (open at the ends as told)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a float. Found {value!r} of type {type(value).__name__}."
+        )
+    value = float(value)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if math.isnan(value) or not (above and below):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"`{name}` must be in {interval}. Found {name}={value!r}.")
+    return value
+
+
+def check_non_negative_float(value: object, name: str) -> float:
+    return check_float_in(value, name, 0.0, math.inf, low_open=False, high_open=True)
