@@ -11,6 +11,7 @@ from torchjd.aggregation._bases import (
     WeightedAggregator,
     Weighting,
 )
+from torchjd.aggregation._cagrad import CAGrad, CAGradWeighting
 from torchjd.aggregation._constant import Constant, ConstantWeighting
 from torchjd.aggregation._dualproj import DualProj, DualProjWeighting
 from torchjd.aggregation._imtlg import IMTLG, IMTLGWeighting
@@ -27,6 +28,8 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "Aggregator",
+    "CAGrad",
+    "CAGradWeighting",
     "Constant",
     "ConstantWeighting",
     "DualProj",
