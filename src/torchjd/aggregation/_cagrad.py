@@ -44,8 +44,8 @@ from torchjd.linalg import PSDMatrix
 from torchjd.linalg._gramian import normalized
 from torchjd.linalg._simplex import project_onto_simplex
 
-_N_STEPS = 200  # projected gradient steps before the exact polish
-_DEGENERATE = 1e-9  # ‖g_w‖² / tr(G) under which the correction has no direction
+_N_STEPS = 200  # at most, of projected gradient
+_POLISH_EVERY = 10
 
 
 class CAGradWeighting(GramianWeighting):
@@ -75,7 +75,8 @@ class CAGradWeighting(GramianWeighting):
         r = self.c * (b @ a).clamp_min(0.0).sqrt()
         w = _solve_dual(G, a, r)
         norm_gw = (w @ G @ w).clamp_min(0.0).sqrt()
-        degenerate = norm_gw**2 <= _DEGENERATE * G.trace()
+        # ‖g_w‖² at the rounding level of G / tr(G): the correction has no direction
+        degenerate = norm_gw**2 <= 100 * torch.finfo(G.dtype).eps * G.trace()
         weights = b + r / norm_gw.where(~degenerate, 1.0) * w
         return torch.where(degenerate, torch.zeros_like(weights), weights)
 
@@ -101,15 +102,17 @@ def _duality_gap(G: Tensor, a: Tensor, r: Tensor, w: Tensor) -> Tensor:
 
 def _solve_dual(G: Tensor, a: Tensor, r: Tensor) -> Tensor:
     """Projected gradient with Barzilai-Borwein steps (keeping the iterate of smallest duality
-    gap), then the exact polish on the support of that iterate."""
+    gap); every ``_POLISH_EVERY`` steps, the exact polish on the support of the best iterate,
+    which ends the loop once its gap is at the rounding level."""
     m = G.shape[0]
     tiny = torch.finfo(G.dtype).tiny
+    tolerance = 16 * torch.finfo(G.dtype).eps  # F is O(1) on G / tr(G)
     largest = torch.linalg.eigvalsh(G)[-1].clamp_min(tiny)
     w = torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
     grad, norm_gw = _gradient(G, a, r, w)
     step = norm_gw / (r * largest).clamp_min(tiny)  # 1 / curvature of F at w
     best, best_gap = w, w @ grad - grad.min()
-    for _ in range(_N_STEPS):
+    for iteration in range(1, _N_STEPS + 1):
         new_w = project_onto_simplex(w - step * grad)
         new_grad, _ = _gradient(G, a, r, new_w)
         s, y = new_w - w, new_grad - grad
@@ -118,9 +121,15 @@ def _solve_dual(G: Tensor, a: Tensor, r: Tensor) -> Tensor:
         gap = w @ grad - grad.min()
         improved = gap < best_gap
         best, best_gap = torch.where(improved, w, best), torch.where(improved, gap, best_gap)
-    polished = _polish(G, a, r, best > 0)
-    better = (polished >= 0).all() & (_duality_gap(G, a, r, polished) < best_gap)
-    return torch.where(better, polished, best)
+        if iteration % _POLISH_EVERY == 0 or iteration == _N_STEPS:
+            polished = _polish(G, a, r, best > 0)
+            polished_gap = _duality_gap(G, a, r, polished)
+            better = (polished >= 0).all() & (polished_gap < best_gap)
+            best = torch.where(better, polished, best)
+            best_gap = torch.where(better, polished_gap, best_gap)
+            if bool(best_gap <= tolerance):  # one host synchronisation per round
+                break
+    return best
 
 
 def _polish(G: Tensor, a: Tensor, r: Tensor, support: Tensor) -> Tensor:
