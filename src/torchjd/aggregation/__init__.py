@@ -5,6 +5,7 @@ A weighting of the Gramian ``G = J Jᵀ`` turns into an aggregator with
 autogram engine, use the weighting directly on the Gramian that the engine computes.
 """
 
+from torchjd.aggregation._aligned_mtl import AlignedMTL, AlignedMTLWeighting
 from torchjd.aggregation._bases import (
     Aggregator,
     GramianWeightedAggregator,
@@ -12,6 +13,7 @@ from torchjd.aggregation._bases import (
     Weighting,
 )
 from torchjd.aggregation._cagrad import CAGrad, CAGradWeighting
+from torchjd.aggregation._config import ConFIG
 from torchjd.aggregation._constant import Constant, ConstantWeighting
 from torchjd.aggregation._dualproj import DualProj, DualProjWeighting
 from torchjd.aggregation._imtlg import IMTLG, IMTLGWeighting
@@ -28,8 +30,11 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "Aggregator",
+    "AlignedMTL",
+    "AlignedMTLWeighting",
     "CAGrad",
     "CAGradWeighting",
+    "ConFIG",
     "Constant",
     "ConstantWeighting",
     "DualProj",
