@@ -16,6 +16,8 @@ from torchjd.aggregation._cagrad import CAGrad, CAGradWeighting
 from torchjd.aggregation._config import ConFIG
 from torchjd.aggregation._constant import Constant, ConstantWeighting
 from torchjd.aggregation._dualproj import DualProj, DualProjWeighting
+from torchjd.aggregation._graddrop import GradDrop
+from torchjd.aggregation._gradvac import GradVac, GradVacWeighting
 from torchjd.aggregation._imtlg import IMTLG, IMTLGWeighting
 from torchjd.aggregation._krum import Krum, KrumWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
@@ -39,6 +41,9 @@ __all__ = [
     "ConstantWeighting",
     "DualProj",
     "DualProjWeighting",
+    "GradDrop",
+    "GradVac",
+    "GradVacWeighting",
     "GramianWeightedAggregator",
     "IMTLGWeighting",
     "Krum",
