@@ -16,12 +16,14 @@ from torchjd.aggregation._cagrad import CAGrad, CAGradWeighting
 from torchjd.aggregation._config import ConFIG
 from torchjd.aggregation._constant import Constant, ConstantWeighting
 from torchjd.aggregation._dualproj import DualProj, DualProjWeighting
+from torchjd.aggregation._fairgrad import FairGrad, FairGradWeighting
 from torchjd.aggregation._graddrop import GradDrop
 from torchjd.aggregation._gradvac import GradVac, GradVacWeighting
 from torchjd.aggregation._imtlg import IMTLG, IMTLGWeighting
 from torchjd.aggregation._krum import Krum, KrumWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
 from torchjd.aggregation._mgda import MGDA, MGDAWeighting
+from torchjd.aggregation._nash_mtl import NashMTL
 from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
 from torchjd.aggregation._random import Random, RandomWeighting
 from torchjd.aggregation._sum import Sum, SumWeighting
@@ -41,6 +43,8 @@ __all__ = [
     "ConstantWeighting",
     "DualProj",
     "DualProjWeighting",
+    "FairGrad",
+    "FairGradWeighting",
     "GradDrop",
     "GradVac",
     "GradVacWeighting",
@@ -51,6 +55,7 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "NashMTL",
     "PCGrad",
     "PCGradWeighting",
     "Random",
