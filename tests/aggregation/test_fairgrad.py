@@ -16,9 +16,10 @@ def test_solves_the_fairness_equation(family: str, m: int, n: int, alpha: float)
     G = J @ J.T
     w = FairGradWeighting(alpha)(G)
     assert (w > 0).all()
-    torch.testing.assert_close(
-        w ** (1 / alpha) * (G @ w), torch.ones(m, dtype=J.dtype), atol=1e-6, rtol=0
-    )
+    # Row norms over six decades make cond(G) ~ 1e12: G @ w itself is only accurate to ~1e-4.
+    atol = 1e-3 if family == "mixed_row_norms" else 1e-6
+    residual = w ** (1 / alpha) * (G @ w) - 1
+    assert residual.abs().max() <= atol
 
 
 def test_alpha_one_is_nash_mtl():
