@@ -15,6 +15,7 @@ from torchjd.aggregation._bases import (
 from torchjd.aggregation._cagrad import CAGrad, CAGradWeighting
 from torchjd.aggregation._config import ConFIG
 from torchjd.aggregation._constant import Constant, ConstantWeighting
+from torchjd.aggregation._crmogm import CRMOGMWeighting
 from torchjd.aggregation._dualproj import DualProj, DualProjWeighting
 from torchjd.aggregation._fairgrad import FairGrad, FairGradWeighting
 from torchjd.aggregation._graddrop import GradDrop
@@ -23,6 +24,7 @@ from torchjd.aggregation._imtlg import IMTLG, IMTLGWeighting
 from torchjd.aggregation._krum import Krum, KrumWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
 from torchjd.aggregation._mgda import MGDA, MGDAWeighting
+from torchjd.aggregation._modo import MoDoWeighting
 from torchjd.aggregation._nash_mtl import NashMTL
 from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
 from torchjd.aggregation._random import Random, RandomWeighting
@@ -38,6 +40,7 @@ __all__ = [
     "AlignedMTLWeighting",
     "CAGrad",
     "CAGradWeighting",
+    "CRMOGMWeighting",
     "ConFIG",
     "Constant",
     "ConstantWeighting",
@@ -55,6 +58,7 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "MoDoWeighting",
     "NashMTL",
     "PCGrad",
     "PCGradWeighting",
