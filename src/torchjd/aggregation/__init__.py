@@ -28,6 +28,7 @@ from torchjd.aggregation._modo import MoDoWeighting
 from torchjd.aggregation._nash_mtl import NashMTL
 from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
 from torchjd.aggregation._random import Random, RandomWeighting
+from torchjd.aggregation._sdmgrad import SDMGradWeighting
 from torchjd.aggregation._sum import Sum, SumWeighting
 from torchjd.aggregation._trimmed_mean import TrimmedMean
 from torchjd.aggregation._upgrad import UPGrad, UPGradWeighting
@@ -64,6 +65,7 @@ __all__ = [
     "PCGradWeighting",
     "Random",
     "RandomWeighting",
+    "SDMGradWeighting",
     "Sum",
     "SumWeighting",
     "TrimmedMean",

@@ -21,19 +21,10 @@ from torch import Tensor
 
 from torchjd import Stateful
 from torchjd.aggregation._bases import Weighting
-from torchjd.aggregation._checks import check_matrix, check_positive_float
-from torchjd.aggregation._parameters import check_non_negative_float
+from torchjd.aggregation._checks import check_positive_float
+from torchjd.aggregation._parameters import check_non_negative_float, check_square
 from torchjd.linalg import Matrix
 from torchjd.linalg._simplex import project_onto_simplex
-
-
-def check_square(matrix: Tensor, name: str) -> None:
-    check_matrix(matrix, name)
-    if matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(
-            f"`{name}` must be a square matrix [m, m] (J_1 J_2ᵀ from two mini-batches). "
-            f"Found `{name}.shape = {tuple(matrix.shape)}`."
-        )
 
 
 class MoDoWeighting(Weighting[Matrix], Stateful):

@@ -2,6 +2,10 @@
 
 import math
 
+from torch import Tensor
+
+from torchjd.aggregation._checks import check_matrix
+
 
 def check_non_negative_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -30,3 +34,12 @@ def check_float_in(
 
 def check_non_negative_float(value: object, name: str) -> float:
     return check_float_in(value, name, 0.0, math.inf, low_open=False, high_open=True)
+
+
+def check_square(matrix: Tensor, name: str) -> None:
+    check_matrix(matrix, name)
+    if matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(
+            f"`{name}` must be a square matrix [m, m] (J_1 J_2ᵀ from two mini-batches). "
+            f"Found `{name}.shape = {tuple(matrix.shape)}`."
+        )
