@@ -17,6 +17,7 @@ from torchjd.aggregation._config import ConFIG
 from torchjd.aggregation._constant import Constant, ConstantWeighting
 from torchjd.aggregation._crmogm import CRMOGMWeighting
 from torchjd.aggregation._dualproj import DualProj, DualProjWeighting
+from torchjd.aggregation._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from torchjd.aggregation._fairgrad import FairGrad, FairGradWeighting
 from torchjd.aggregation._graddrop import GradDrop
 from torchjd.aggregation._gradvac import GradVac, GradVacWeighting
@@ -47,6 +48,8 @@ __all__ = [
     "ConstantWeighting",
     "DualProj",
     "DualProjWeighting",
+    "ExcessMTL",
+    "ExcessMTLWeighting",
     "FairGrad",
     "FairGradWeighting",
     "GradDrop",
