@@ -7,6 +7,10 @@ from tests.reference.matrices import make
 from torchjd.aggregation import ExcessMTL, ExcessMTLWeighting
 
 
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
 class ExcessMTLByHand:
     """He et al. (2024), Eqs. 6-9, task by task and coordinate by coordinate."""
 
@@ -38,7 +42,7 @@ class ExcessMTLByHand:
                 self.baseline, relative = risks, risks
         else:
             relative = [risks[i] / self.baseline[i] for i in range(m)]
-        exponents = [math.log(self.weights[i]) + self.eta * relative[i] for i in range(m)]
+        exponents = [_log(self.weights[i]) + self.eta * relative[i] for i in range(m)]
         unnormalised = [math.exp(x - max(exponents)) for x in exponents]
         self.weights = [x / sum(unnormalised) for x in unnormalised]
         return list(self.weights)
