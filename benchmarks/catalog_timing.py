@@ -33,6 +33,7 @@ METHODS: dict[str, Callable[[int], torch.nn.Module]] = {
 _REFERENCE_SCRIPT = """
 import statistics, sys, time, torch
 from torchjd.aggregation import CAGrad, FairGrad, NashMTL, PCGrad
+torch.set_num_threads({threads})
 J = torch.load(sys.argv[1])
 m = J.shape[0]
 makers = {{
@@ -63,11 +64,11 @@ def time_ours(aggregator: torch.nn.Module, J: torch.Tensor, repeats: int) -> flo
     return statistics.median(times)
 
 
-def time_reference(python: str, J: torch.Tensor, repeats: int) -> dict[str, float]:
+def time_reference(python: str, J: torch.Tensor, repeats: int, threads: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "J.pt")
         torch.save(J, path)
-        script = _REFERENCE_SCRIPT.format(repeats=repeats)
+        script = _REFERENCE_SCRIPT.format(repeats=repeats, threads=threads)
         result = subprocess.run(
             [python, "-c", script, path], capture_output=True, text=True, check=False
         )
@@ -86,15 +87,21 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads, for both libraries (small ops)"
+    )
+    parser.add_argument(
         "--reference-python", default=os.environ.get("TORCHJD_REFERENCE_PYTHON", "")
     )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print("| method | m | ours (ms) | torchjd 0.18.0 (ms) | speed-up |")
     print("|---|---|---|---|---|")
     for m in args.sizes:
         J = torch.randn(m, args.n, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
         reference = (
-            time_reference(args.reference_python, J, args.repeats) if args.reference_python else {}
+            time_reference(args.reference_python, J, args.repeats, args.threads)
+            if args.reference_python
+            else {}
         )
         for name, make in METHODS.items():
             ours = time_ours(make(m), J, args.repeats)
