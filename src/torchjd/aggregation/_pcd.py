@@ -37,7 +37,7 @@ from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighti
 from torchjd.aggregation._checks import check_length, check_vector
 from torchjd.aggregation._parameters import check_float_in, check_non_negative_float
 from torchjd.linalg import PSDMatrix
-from torchjd.linalg._bounded_qp import solve_lower_bounded_qp, tikhonov
+from torchjd.linalg._bounded_qp import TIKHONOV, solve_lower_bounded_qp, tikhonov
 
 
 class PCDWeighting(GramianWeighting, Stateful):
@@ -114,7 +114,8 @@ class PCDWeighting(GramianWeighting, Stateful):
         v = solve_lower_bounded_qp(Q_reg, z.unsqueeze(0), least_norm=False).squeeze(0)
         mu = (v - z).clamp_min(0.0)
         slack = G_B1 + Q @ mu - bounds
-        tolerance = 1e-6 * G_tilde.diagonal().max()
+        # The Tikhonov term moves the active constraints by O(TIKHONOV) (relative).
+        tolerance = 100 * TIKHONOV.get(Q.dtype, 1e-3) * G_tilde.diagonal().max()
         return mu, (slack >= -tolerance).all()
 
     def _params(self) -> dict[str, Any]:
