@@ -31,6 +31,9 @@ class IMTLGWeighting(GramianWeighting):
     tensor([0.5923, 0.4077])
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         G = gramian
         norms = G.diagonal().clamp_min(0.0).sqrt()

@@ -38,6 +38,9 @@ class PCGradWeighting(GramianWeighting):
     tensor([2.2222, 1.5789])
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         G = gramian
         m = G.shape[0]
