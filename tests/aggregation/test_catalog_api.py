@@ -60,3 +60,33 @@ def test_signature(name: str):
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
 def test_stateful_methods_say_so(name: str):
     assert issubclass(getattr(aggregation, name), torchjd.Stateful) == (name in STATEFUL)
+
+
+AGGREGATORS = {
+    "AlignedMTL": lambda m: aggregation.AlignedMTL(),
+    "CAGrad": lambda m: aggregation.CAGrad(0.5),
+    "ConFIG": lambda m: aggregation.ConFIG(),
+    "ExcessMTL": lambda m: aggregation.ExcessMTL(),
+    "FairGrad": lambda m: aggregation.FairGrad(2.0),
+    "GradDrop": lambda m: aggregation.GradDrop(),
+    "GradVac": lambda m: aggregation.GradVac(),
+    "IMTLG": lambda m: aggregation.IMTLG(),
+    "NashMTL": lambda m: aggregation.NashMTL(m),
+    "PCD": lambda m: aggregation.PCD(),
+    "PCGrad": lambda m: aggregation.PCGrad(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_propagate(name: str, bad: float):
+    J = torch.randn(5, 4)
+    J[1, 2] = bad
+    assert not torch.isfinite(AGGREGATORS[name](5)(J)).all()
+
+
+@pytest.mark.parametrize("aggregator", [aggregation.Krum(1), aggregation.TrimmedMean(1)])
+def test_robust_methods_do_not_raise_on_non_finite_inputs(aggregator: torch.nn.Module):
+    J = torch.randn(5, 4)
+    J[1, 2] = float("nan")
+    aggregator(J)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting, vector_suffix
 from torchjd.aggregation._checks import check_length, check_vector
+from torchjd.aggregation._non_finite import finite_stand_in, nan_unless
 from torchjd.linalg import PSDMatrix
 
 ScaleMode = Literal["min", "median", "rmse"]
@@ -58,7 +59,7 @@ class AlignedMTLWeighting(GramianWeighting):
         self.scale_mode = scale_mode
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
-        G = gramian
+        G, finite = finite_stand_in(gramian)
         m = G.shape[0]
         if self.pref_vector is None:
             p = torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
@@ -71,7 +72,7 @@ class AlignedMTLWeighting(GramianWeighting):
         sigma = self._scale(eigenvalues, positive)
         inverse_root = torch.where(positive, eigenvalues.clamp_min(1e-300).rsqrt(), 0.0)
         B = sigma.sqrt() * (V * inverse_root) @ V.T
-        return B @ p
+        return nan_unless(finite, B @ p)
 
     def _scale(self, eigenvalues: Tensor, positive: Tensor) -> Tensor:
         if self.scale_mode == "min":

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
+from torchjd.aggregation._non_finite import finite_stand_in, nan_unless
 from torchjd.aggregation._parameters import check_non_negative_float
 from torchjd.linalg import PSDMatrix
 from torchjd.linalg._gramian import normalized
@@ -68,7 +69,8 @@ class CAGradWeighting(GramianWeighting):
         self.norm_eps = check_non_negative_float(norm_eps, "norm_eps")
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
-        G = normalized(gramian, self.norm_eps)
+        stand_in, finite = finite_stand_in(gramian)
+        G = normalized(stand_in, self.norm_eps)
         m = G.shape[0]
         b = torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
         a = G @ b
@@ -78,7 +80,7 @@ class CAGradWeighting(GramianWeighting):
         # ‖g_w‖² at the rounding level of G / tr(G): the correction has no direction
         degenerate = norm_gw**2 <= 100 * torch.finfo(G.dtype).eps * G.trace()
         weights = b + r / norm_gw.where(~degenerate, 1.0) * w
-        return torch.where(degenerate, torch.zeros_like(weights), weights)
+        return nan_unless(finite, torch.where(degenerate, torch.zeros_like(weights), weights))
 
     def _params(self) -> dict[str, Any]:
         return {"c": self.c, "norm_eps": self.norm_eps}

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from torchjd.aggregation._bases import Aggregator, _call_str, vector_suffix
 from torchjd.aggregation._checks import check_length, check_vector
+from torchjd.aggregation._non_finite import finite_stand_in, nan_unless
 from torchjd.linalg import Matrix
 
 
@@ -45,7 +46,7 @@ class ConFIG(Aggregator):
         self.register_buffer("pref_vector", pref_vector, persistent=False)
 
     def forward(self, matrix: Matrix, /) -> Tensor:
-        J = matrix
+        J, finite = finite_stand_in(matrix)
         m = J.shape[0]
         if self.pref_vector is None:
             p = torch.ones(m, dtype=J.dtype, device=J.device)
@@ -57,7 +58,7 @@ class ConFIG(Aggregator):
         v = torch.linalg.pinv(U) @ p
         norm_v = v.norm()
         v_hat = v / norm_v.where(norm_v > 0, 1.0)
-        return (J @ v_hat).sum() * v_hat
+        return nan_unless(finite, (J @ v_hat).sum() * v_hat)
 
     def __repr__(self) -> str:
         return _call_str("ConFIG", self._params())

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
+from torchjd.aggregation._non_finite import finite_stand_in, nan_unless
 from torchjd.linalg import PSDMatrix
 
 
@@ -35,13 +36,14 @@ class IMTLGWeighting(GramianWeighting):
         super().__init__()
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
-        G = gramian
+        G, finite = finite_stand_in(gramian)
         norms = G.diagonal().clamp_min(0.0).sqrt()
         v = torch.linalg.pinv(G, hermitian=True) @ norms
         total = v.sum()
         # A sum that is zero up to rounding (relative to |v|) gives no direction.
         degenerate = total.abs() <= G.shape[0] * torch.finfo(G.dtype).eps * v.abs().sum()
-        return torch.where(degenerate, torch.zeros_like(v), v / total.where(~degenerate, 1.0))
+        weights = torch.where(degenerate, torch.zeros_like(v), v / total.where(~degenerate, 1.0))
+        return nan_unless(finite, weights)
 
 
 class IMTLG(GramianWeightedAggregator):
