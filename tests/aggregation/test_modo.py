@@ -2,20 +2,8 @@ import pytest
 import torch
 
 from tests.reference.matrices import make
+from tests.reference.simplex import project_by_bisection
 from torchjd.aggregation import MoDoWeighting
-
-
-def project_by_bisection(v: torch.Tensor) -> torch.Tensor:
-    """Simplex projection max(v − θ, 0) with Σ = 1, θ found by bisection (independent of the
-    sort-based formula)."""
-    low, high = float(v.min()) - 1, float(v.max())
-    for _ in range(200):
-        theta = (low + high) / 2
-        if float((v - theta).clamp_min(0).sum()) > 1:
-            low = theta
-        else:
-            high = theta
-    return (v - (low + high) / 2).clamp_min(0)
 
 
 @pytest.mark.parametrize(("gamma", "rho"), [(0.1, 0.1), (1.0, 0.0), (0.01, 2.0)])

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tests.aggregation.test_modo import project_by_bisection
 from tests.reference.matrices import make
+from tests.reference.simplex import project_by_bisection
 from torchjd.aggregation import SDMGradWeighting
 
 
