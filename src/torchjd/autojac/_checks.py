@@ -43,19 +43,20 @@ def check_differentiable(tensors: Sequence[Tensor], name: str) -> None:
 
 
 def check_leaves(tensors: Sequence[Tensor], name: str) -> None:
-    """Each tensor is a leaf that requires grad (a tensor whose ``.jac`` can be filled)."""
+    """Each tensor requires grad and is a leaf (or retains grad, as for ``.grad``): a tensor
+    whose ``.jac`` can be filled."""
     for i, tensor in enumerate(tensors):
         if not tensor.requires_grad:
             raise ValueError(
                 f"`{name}[{i}]` must require grad (e.g. a parameter of the model). Found a tensor "
                 "with `requires_grad=False`."
             )
-        if not tensor.is_leaf:
+        if not (tensor.is_leaf or tensor.retains_grad):
             raise ValueError(
                 f"`{name}[{i}]` must be a leaf tensor (e.g. a parameter of the model), since its "
                 f"Jacobian is stored in its `.jac` field. Found a tensor computed by "
-                f"{type(tensor.grad_fn).__name__}; use `torchjd.autojac.jac` to differentiate "
-                "with respect to intermediate tensors."
+                f"{type(tensor.grad_fn).__name__}; call its `.retain_grad()` first, or use "
+                "`torchjd.autojac.jac` to differentiate with respect to intermediate tensors."
             )
 
 
@@ -100,7 +101,7 @@ def check_initial_jacobians(
     for i, (J, output) in enumerate(zip(initial, outputs, strict=True)):
         expected = (k, *output.shape)
         if J.ndim == 0 or tuple(J.shape) != expected or k == 0:
-            expected_str = "[k, " + ", ".join(str(s) for s in output.shape) + "]"
+            expected_str = "[" + ", ".join(["k", *map(str, output.shape)]) + "]"
             raise ValueError(
                 f"`{name}[{i}]` must have shape {expected_str} (k ≥ 1 rows, the same k for all, "
                 f"then the shape of `{outputs_name}[{i}]`). Found shape {tuple(J.shape)}."
