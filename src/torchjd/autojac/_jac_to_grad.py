@@ -137,18 +137,22 @@ def _checked_jacobians(params: list[Tensor]) -> list[Tensor]:
 
 
 def _assemble(params: list[Tensor], jacobians: list[Tensor]) -> Tensor:
-    """The matrix ``[m, n]`` of the column blocks; each ``.jac`` becomes a view of its block, so
-    that its old storage is freed as soon as it is copied (unless the user holds it)."""
+    """The matrix ``[m, n]`` of the column blocks. Each ``.jac`` becomes a view of its block, and
+    ``jacobians`` is emptied, so that the old storage of each block is freed as soon as it is
+    copied (unless the user holds it): the peak is one matrix plus one block, not two matrices."""
     m = jacobians[0].shape[0]
     dtype = _common_dtype(jacobians)
     n = sum(p.numel() for p in params)
     matrix = torch.empty((m, n), dtype=dtype, device=jacobians[0].device)
     start = 0
-    for p, J in zip(params, jacobians, strict=True):
+    for i, p in enumerate(params):
+        J = jacobians[i]
+        jacobians[i] = matrix  # drops the last reference held here
         block = matrix[:, start : start + p.numel()]
         block.copy_(J.reshape(m, -1))
         if J.dtype == dtype:
             p.jac = block.view(J.shape)  # type: ignore[attr-defined]
+        del J
         start += p.numel()
     return matrix
 
