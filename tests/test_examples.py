@@ -28,9 +28,28 @@ def _check_jacobian_descent_by_hand(namespace: dict) -> None:
         assert default > mean
 
 
+def _check_iwrm_autojac(namespace: dict) -> None:
+    model, loss_fn, X, Y = (namespace[k] for k in ("model", "loss_fn", "X", "Y"))
+    with torch.no_grad():
+        final_loss = loss_fn(model(X).squeeze(-1), Y).mean()
+        model.load_state_dict(namespace["initial_state"])
+        initial_loss = loss_fn(model(X).squeeze(-1), Y).mean()
+    # a step need not decrease every loss of other batches, but training reduces the mean loss
+    assert final_loss < initial_loss
+
+
+def _check_mtl(namespace: dict) -> None:
+    first, last = namespace["history"][0], namespace["history"][-1]
+    assert last[0] < 0.9 * first[0]  # each task improves
+    assert last[1] < 0.9 * first[1]
+    assert all(not hasattr(p, "jac") for p in namespace["shared"].parameters())
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "iwrm_autograd_baseline": _check_iwrm_autograd_baseline,
+    "iwrm_autojac": _check_iwrm_autojac,
     "jacobian_descent_by_hand": _check_jacobian_descent_by_hand,
+    "mtl": _check_mtl,
 }
 
 
