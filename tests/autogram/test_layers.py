@@ -183,3 +183,49 @@ def test_layer(case: Case):
     x = case.x()
     for batch_dim in case.batch_dims:
         assert_gramian_exact([model], lambda: case.head(model(x)), batch_dim)
+
+
+class _Twice(nn.Module):
+    """Calls ``layer`` twice: on the input, and on a transformation of its first output."""
+
+    def __init__(self, layer: nn.Module, between: nn.Module) -> None:
+        super().__init__()
+        self.layer, self.between = layer, between
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.layer(x)
+        return self.layer(self.between(y)) + y
+
+
+TWICE = [
+    Case("conv_twice", lambda: _Twice(nn.Conv1d(3, 3, 3, padding=1), nn.Tanh()),
+         lambda: torch.randn(B, 3, 6)),
+    Case("embedding_twice_freq", lambda: _Twice(nn.Embedding(5, 5, scale_grad_by_freq=True),
+                                                _ArgMax()),
+         lambda: torch.tensor([[0, 1, 1], [2, 2, 2], [4, 1, 0], [3, 3, 1]])),
+    Case("layer_norm_twice", lambda: _Twice(nn.LayerNorm(3), nn.Tanh()),
+         lambda: torch.randn(B, 2, 3)),
+    Case("group_norm_twice", lambda: _Twice(nn.GroupNorm(1, 3), nn.Tanh()),
+         lambda: torch.randn(B, 3, 2)),
+    Case("rms_norm_eps", lambda: _Twice(nn.RMSNorm((2, 3), eps=0.1), nn.Tanh()),
+         lambda: torch.randn(B, 2, 3)),
+]  # fmt: skip
+
+
+class _ArgMax(nn.Module):
+    def forward(self, y: Tensor) -> Tensor:
+        return y.argmax(dim=-1)
+
+
+@pytest.mark.parametrize("case", TWICE, ids=repr)
+def test_layer_called_twice(case: Case):
+    test_layer(case)
+
+
+def test_unbatched_inputs_without_batch_dim():
+    conv = nn.Conv2d(2, 3, 2)
+    assert_gramian_exact([conv], lambda: conv(torch.randn(2, 4, 4)).pow(2).sum((1, 2)), None)
+    norm = nn.InstanceNorm1d(3, affine=True)
+    assert_gramian_exact([norm], lambda: norm(torch.randn(3, 5)).pow(3).sum(1), None)
+    embedding = nn.Embedding(4, 2)
+    assert_gramian_exact([embedding], lambda: embedding(torch.tensor(2)).exp(), None)

@@ -74,6 +74,11 @@ def samples_objectives_first(gamma: Tensor, batch_dim: int | None) -> Tensor:
     return gamma.movedim(batch_dim + 1, 0)
 
 
+def positions(tensor: Tensor, num_leading: int) -> Tensor:
+    """``[*leading, *positions, features]`` as ``[*leading, T, features]``."""
+    return tensor.reshape(*tensor.shape[:num_leading], -1, tensor.shape[-1])
+
+
 def gram(per_objective: Tensor) -> Tensor:
     """:math:`J J^\\top` of per-objective gradients ``[B, R, *param]`` as ``[B R, B R]``."""
     J = per_objective.reshape(per_objective.shape[0] * per_objective.shape[1], -1)

@@ -23,25 +23,26 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from torchjd.autogram._module_call import ModuleCall, gram, samples_first, samples_objectives_first
+from torchjd.autogram._module_call import (
+    ModuleCall,
+    gram,
+    positions,
+    samples_first,
+    samples_objectives_first,
+)
 
 
 def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     assert isinstance(module, nn.Linear)
-    X = torch.cat([_positions(samples_first(c.args[0], c.batch_dim), 1) for c in calls], dim=1)
+    X = torch.cat([positions(samples_first(c.args[0], c.batch_dim), 1) for c in calls], dim=1)
     Gamma = torch.cat(
-        [_positions(samples_objectives_first(c.grad_output(), c.batch_dim), 2) for c in calls],
+        [positions(samples_objectives_first(c.grad_output(), c.batch_dim), 2) for c in calls],
         dim=2,
     )  # [B, R, T, d_out]
     G = weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0)) if module.weight.requires_grad else 0
     if module.bias is not None and module.bias.requires_grad:
         G = G + gram(Gamma.sum(dim=2))
     return G  # type: ignore[return-value]
-
-
-def _positions(tensor: Tensor, num_leading: int) -> Tensor:
-    """``[*leading, *positions, features]`` as ``[*leading, T, features]``."""
-    return tensor.reshape(*tensor.shape[:num_leading], -1, tensor.shape[-1])
 
 
 def weight_gramian(X: Tensor, Gamma: Tensor) -> Tensor:
