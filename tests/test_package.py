@@ -44,6 +44,10 @@ def test_foundation_names():
     assert {"Matrix", "PSDMatrix", "DualConeProjector"} <= set(torchjd.linalg.__all__)
 
 
+def test_autogram_names():
+    assert {"Engine", "register_rule"} <= set(torchjd.autogram.__all__)
+
+
 def test_stateful_is_abstract():
     class Counter(torchjd.Stateful):
         def __init__(self) -> None:
