@@ -48,6 +48,10 @@ def test_autojac_names():
     assert {"backward", "jac", "mtl_backward", "jac_to_grad"} <= set(torchjd.autojac.__all__)
 
 
+def test_autogram_names():
+    assert {"Engine", "register_rule"} <= set(torchjd.autogram.__all__)
+
+
 def test_stateful_is_abstract():
     class Counter(torchjd.Stateful):
         def __init__(self) -> None:
