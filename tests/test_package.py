@@ -44,6 +44,19 @@ def test_foundation_names():
     assert {"Matrix", "PSDMatrix", "DualConeProjector"} <= set(torchjd.linalg.__all__)
 
 
+def test_scalarization_names():
+    expected = {
+        "Scalarizer", "Constant", "COSMOS", "DWA", "FAMO", "GeometricMean", "IMTLL", "Mean", "PBI",
+        "Random", "STCH", "Sum", "UW",
+    }  # fmt: skip
+    assert set(torchjd.scalarization.__all__) == expected
+    stateful = {"DWA", "FAMO", "IMTLL", "UW"}
+    for name in expected - {"Scalarizer"}:
+        cls = getattr(torchjd.scalarization, name)
+        assert issubclass(cls, torchjd.scalarization.Scalarizer)
+        assert issubclass(cls, torchjd.Stateful) == (name in stateful), name
+
+
 def test_stateful_is_abstract():
     class Counter(torchjd.Stateful):
         def __init__(self) -> None:

@@ -1,0 +1,52 @@
+"""Validation of the scalarizers' arguments and inputs."""
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from torchjd.aggregation._checks import check_positive_int
+
+
+def check_non_negative_float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a float. Found {value!r} of type {type(value).__name__}."
+        )
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"`{name}` must be non-negative. Found {name}={value!r}.")
+    return float(value)
+
+
+def check_shape(shape: object, name: str) -> tuple[int, ...]:
+    """An int ``m`` (meaning ``(m,)``) or a sequence of positive ints."""
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        return (check_positive_int(shape, name),)
+    if not isinstance(shape, Sequence) or isinstance(shape, str) or len(shape) == 0:
+        raise TypeError(
+            f"`{name}` must be a positive int or a non-empty sequence of positive ints (the shape "
+            f"of the values). Found {shape!r}."
+        )
+    return tuple(check_positive_int(size, f"{name}[{i}]") for i, size in enumerate(shape))
+
+
+def check_same_shape(values: Tensor, shape: tuple[int, ...], what: str) -> None:
+    """``values`` has the ``shape`` of the scalarizer's ``what`` (weights, parameters, ...)."""
+    if tuple(values.shape) != shape:
+        raise ValueError(
+            f"`values` must have the shape of the {what}, {shape}. "
+            f"Found `values.shape = {tuple(values.shape)}`."
+        )
+
+
+def check_tensor(tensor: object, name: str) -> Tensor:
+    """A finite floating-point tensor of any shape; returns a detached copy."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor. Found {type(tensor).__name__}.")
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"`{name}` must have a floating-point dtype. Found {tensor.dtype}: use e.g. "
+            f"`{name}.float()`."
+        )
+    if not bool(tensor.isfinite().all()):
+        raise ValueError(f"`{name}` must have finite entries. Found {tensor}.")
+    return tensor.detach().clone()
