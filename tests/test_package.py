@@ -44,6 +44,16 @@ def test_foundation_names():
     assert {"Matrix", "PSDMatrix", "DualConeProjector"} <= set(torchjd.linalg.__all__)
 
 
+def test_beyond_the_published_api_names():
+    expected = {
+        "GeneralizedWeighting", "Flattening", "Normalized", "MoCo", "GradNorm",
+        "GradNormWeighting", "DBMTL",
+    }  # fmt: skip
+    assert expected <= set(torchjd.aggregation.__all__)
+    for name in ["MoCo", "GradNorm", "GradNormWeighting", "DBMTL"]:
+        assert issubclass(getattr(torchjd.aggregation, name), torchjd.Stateful), name
+
+
 def test_scalarization_names():
     expected = {
         "Scalarizer", "Constant", "COSMOS", "DWA", "FAMO", "GeometricMean", "IMTLL", "Mean", "PBI",

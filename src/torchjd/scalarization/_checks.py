@@ -4,17 +4,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from torchjd.aggregation._checks import check_positive_int
+from torchjd.aggregation._checks import check_non_negative_float, check_positive_int
 
-
-def check_non_negative_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"`{name}` must be a float. Found {value!r} of type {type(value).__name__}."
-        )
-    if not value >= 0:  # also refuses NaN
-        raise ValueError(f"`{name}` must be non-negative. Found {name}={value!r}.")
-    return float(value)
+__all__ = ["check_non_negative_float", "check_same_shape", "check_shape", "check_tensor"]
 
 
 def check_shape(shape: object, name: str) -> tuple[int, ...]:
