@@ -108,7 +108,7 @@ def test_bad_arguments():
         PBI(1.0, torch.zeros(3))
     with pytest.raises(ValueError, match=r"`weights` and `reference` must have the same shape"):
         STCH(1.0, ones, torch.ones(2))
-    with pytest.raises(ValueError, match=r"`reference` must have the shape of `weights`"):
+    with pytest.raises(ValueError, match=r"`weights` and `reference` must have the same shape"):
         PBI(1.0, ones, torch.ones(2))
     with pytest.raises(ValueError, match=r"`values` must have the shape of the weights, \(3,\)"):
         STCH(1.0, ones)(torch.ones(4))

@@ -7,7 +7,7 @@ reshaped back to :math:`[m_1, \dots, m_k]`.
 
 from torch import Tensor
 
-from torchjd.aggregation._bases import Weighting
+from torchjd.aggregation._bases import Weighting, check_weighting
 from torchjd.aggregation._generalized_weighting import GeneralizedWeighting, flattened
 from torchjd.linalg import PSDMatrix
 
@@ -29,11 +29,7 @@ class Flattening(GeneralizedWeighting):
 
     def __init__(self, weighting: Weighting[PSDMatrix]) -> None:
         super().__init__()
-        if not isinstance(weighting, Weighting):
-            raise TypeError(
-                f"`weighting` must be a torchjd.aggregation.Weighting (of a Gramian). "
-                f"Found {type(weighting).__name__}."
-            )
+        check_weighting(weighting, "weighting")
         self.weighting = weighting
 
     def forward(self, generalized_gramian: Tensor, /) -> Tensor:

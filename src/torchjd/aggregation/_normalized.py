@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeighting, Weighting, call_unchecked
+from torchjd.aggregation._bases import (
+    GramianWeighting,
+    Weighting,
+    call_unchecked,
+    check_weighting,
+)
 from torchjd.linalg import PSDMatrix
 
 
@@ -45,11 +50,7 @@ class Normalized(GramianWeighting):
 
     def __init__(self, weighting: Weighting[PSDMatrix]) -> None:
         super().__init__()
-        if not isinstance(weighting, Weighting):
-            raise TypeError(
-                f"`weighting` must be a torchjd.aggregation.Weighting (of a Gramian). "
-                f"Found {type(weighting).__name__}."
-            )
+        check_weighting(weighting, "weighting")
         self.weighting = weighting
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:

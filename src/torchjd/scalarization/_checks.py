@@ -6,7 +6,13 @@ from torch import Tensor
 
 from torchjd.aggregation._checks import check_non_negative_float, check_positive_int
 
-__all__ = ["check_non_negative_float", "check_same_shape", "check_shape", "check_tensor"]
+__all__ = [
+    "check_non_negative_float",
+    "check_preference_and_reference",
+    "check_same_shape",
+    "check_shape",
+    "check_tensor",
+]
 
 
 def check_shape(shape: object, name: str) -> tuple[int, ...]:
@@ -42,3 +48,17 @@ def check_tensor(tensor: object, name: str) -> Tensor:
     if not bool(tensor.isfinite().all()):
         raise ValueError(f"`{name}` must have finite entries. Found {tensor}.")
     return tensor.detach().clone()
+
+
+def check_preference_and_reference(
+    weights: Tensor | None, reference: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Checked copies of the optional ``weights`` and ``reference``, which must share a shape."""
+    weights = None if weights is None else check_tensor(weights, "weights")
+    reference = None if reference is None else check_tensor(reference, "reference")
+    if weights is not None and reference is not None and weights.shape != reference.shape:
+        raise ValueError(
+            "`weights` and `reference` must have the same shape (that of the values). Found "
+            f"{tuple(weights.shape)} and {tuple(reference.shape)}."
+        )
+    return weights, reference

@@ -133,7 +133,7 @@ class FAMO(Scalarizer, Stateful):
         d = (previous - min_losses + _EPS).log() - (values.detach() - min_losses + _EPS).log()
         z = self.weights().to(values)
         delta = z * (d - (z * d).sum())
-        self._adam_step(delta.to(self.logits.dtype))
+        self._adam_step(delta.to(self.logits))
 
     def _adam_step(self, delta: Tensor) -> None:
         """One step of Adam (torch.optim.Adam's rule, L2 weight decay) on the logits."""

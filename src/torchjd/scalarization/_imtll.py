@@ -42,7 +42,7 @@ class IMTLL(Scalarizer, Stateful):
 
     def forward(self, values: Tensor, /) -> Tensor:
         check_same_shape(values, self.shape, "scales")
-        s = self.log_scale.to(values.dtype)
+        s = self.log_scale.to(values)
         return (torch.exp(s) * values - s).sum()
 
     def reset(self) -> None:

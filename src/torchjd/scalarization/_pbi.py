@@ -16,7 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchjd.scalarization._checks import check_non_negative_float, check_same_shape, check_tensor
+from torchjd.scalarization._checks import (
+    check_non_negative_float,
+    check_preference_and_reference,
+    check_same_shape,
+    check_tensor,
+)
 from torchjd.scalarization._scalarizer import Scalarizer
 
 
@@ -46,16 +51,11 @@ class PBI(Scalarizer):
     def __init__(self, theta: float, weights: Tensor, reference: Tensor | None = None) -> None:
         super().__init__()
         self.theta = check_non_negative_float(theta, "theta")
-        weights = check_tensor(weights, "weights")
-        norm = weights.norm()
-        if not bool(norm > 0):
+        weights, reference = check_preference_and_reference(
+            check_tensor(weights, "weights"), reference
+        )
+        if not bool(weights.norm() > 0):
             raise ValueError("`weights` must have a non-zero entry (it gives a direction).")
-        reference = None if reference is None else check_tensor(reference, "reference")
-        if reference is not None and reference.shape != weights.shape:
-            raise ValueError(
-                "`reference` must have the shape of `weights` (that of the values). Found "
-                f"{tuple(reference.shape)} and {tuple(weights.shape)}."
-            )
         self.register_buffer("weights", weights)
         self.register_buffer("reference", reference)
 

@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from torchjd.aggregation._checks import check_positive_float
-from torchjd.scalarization._checks import check_same_shape, check_tensor
+from torchjd.scalarization._checks import check_preference_and_reference, check_same_shape
 from torchjd.scalarization._scalarizer import Scalarizer
 
 
@@ -42,13 +42,7 @@ class STCH(Scalarizer):
     ) -> None:
         super().__init__()
         self.mu = check_positive_float(mu, "mu")
-        weights = None if weights is None else check_tensor(weights, "weights")
-        reference = None if reference is None else check_tensor(reference, "reference")
-        if weights is not None and reference is not None and weights.shape != reference.shape:
-            raise ValueError(
-                "`weights` and `reference` must have the same shape (that of the values). Found "
-                f"{tuple(weights.shape)} and {tuple(reference.shape)}."
-            )
+        weights, reference = check_preference_and_reference(weights, reference)
         self.register_buffer("weights", weights)
         self.register_buffer("reference", reference)
 

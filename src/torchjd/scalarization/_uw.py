@@ -44,7 +44,7 @@ class UW(Scalarizer, Stateful):
 
     def forward(self, values: Tensor, /) -> Tensor:
         check_same_shape(values, self.shape, "log-variances")
-        s = self.log_var.to(values.dtype)
+        s = self.log_var.to(values)
         return (0.5 * torch.exp(-s) * values + 0.5 * s).sum()
 
     def reset(self) -> None:
