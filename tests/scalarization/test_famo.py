@@ -107,3 +107,16 @@ def test_bad_inputs():
 
 def test_repr():
     assert repr(FAMO(2)) == "FAMO(shape=(2,), lr=0.025, weight_decay=0.001)"
+
+
+def test_state_dict_restores_the_logits_and_adam_state():
+    famo = FAMO(3)
+    for L, L_next in [([1.0, 2.0, 3.0], [0.9, 1.0, 2.0]), ([0.9, 1.0, 2.0], [0.5, 0.9, 1.9])]:
+        famo(torch.tensor(L))
+        famo.update(torch.tensor(L_next))
+    restored = FAMO(3)
+    restored.load_state_dict(famo.state_dict())
+    for scalarizer in [famo, restored]:
+        scalarizer(torch.tensor([0.5, 0.9, 1.9]))
+        scalarizer.update(torch.tensor([0.4, 0.8, 1.0]))
+    assert torch.equal(restored.logits, famo.logits)

@@ -71,7 +71,7 @@ class GradNormWeighting(GramianWeighting, Stateful):
         if not isinstance(losses, Tensor) or losses.ndim != 1 or not losses.is_floating_point():
             raise TypeError(
                 "`losses` must be a 1-D floating-point torch.Tensor (one loss per row). Found "
-                f"{losses!r}."
+                f"{_describe(losses)}."
             )
         if self._initial_losses is not None and losses.shape != self._initial_losses.shape:
             raise ValueError(
@@ -142,3 +142,9 @@ class GradNorm(GramianWeightedAggregator, Stateful):
         weighting = self.gramian_weighting
         assert isinstance(weighting, GradNormWeighting)
         weighting.reset()
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__}"

@@ -50,7 +50,8 @@ class FAMO(Scalarizer, Stateful):
 
     The logits :math:`\xi` are a buffer, not a parameter: they are not trained by the model's
     optimizer but by :meth:`update`, which must be called after each optimizer step with the new
-    losses. :meth:`reset` sets them (and Adam's moments) back to zero.
+    losses. They, Adam's moments and its step count are in the ``state_dict``. :meth:`reset` sets
+    them back to zero.
 
     :param shape: The shape of the values (an int ``K`` for a vector of ``K`` losses).
     :param min_losses: The minimal losses :math:`L^*` (of that shape); zero when None.
@@ -70,6 +71,9 @@ class FAMO(Scalarizer, Stateful):
 
     logits: Tensor
     min_losses: Tensor
+    _exp_avg: Tensor
+    _exp_avg_sq: Tensor
+    _n_updates: Tensor
 
     def __init__(
         self,
@@ -95,14 +99,14 @@ class FAMO(Scalarizer, Stateful):
         self.register_buffer("logits", torch.zeros(self.shape))
         self.register_buffer("_exp_avg", torch.zeros(self.shape))
         self.register_buffer("_exp_avg_sq", torch.zeros(self.shape))
-        self._n_updates = 0
+        self.register_buffer("_n_updates", torch.zeros((), dtype=torch.int64))
         self._previous_losses: Tensor | None = None
 
     def reset(self) -> None:
         self.logits.zero_()
         self._exp_avg.zero_()
         self._exp_avg_sq.zero_()
-        self._n_updates = 0
+        self._n_updates.zero_()
         self._previous_losses = None
 
     def weights(self) -> Tensor:
@@ -138,12 +142,13 @@ class FAMO(Scalarizer, Stateful):
     def _adam_step(self, delta: Tensor) -> None:
         """One step of Adam (torch.optim.Adam's rule, L2 weight decay) on the logits."""
         beta1, beta2 = _BETAS
-        self._n_updates += 1
+        self._n_updates.add_(1)
         g = delta + self.weight_decay * self.logits
         self._exp_avg.mul_(beta1).add_((1 - beta1) * g)
         self._exp_avg_sq.mul_(beta2).add_((1 - beta2) * g * g)
-        m_hat = self._exp_avg / (1 - beta1**self._n_updates)
-        v_hat = self._exp_avg_sq / (1 - beta2**self._n_updates)
+        t = self._n_updates.to(self.logits.dtype)
+        m_hat = self._exp_avg / (1 - beta1**t)
+        v_hat = self._exp_avg_sq / (1 - beta2**t)
         self.logits.sub_(self.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS))
 
     def _params(self) -> dict[str, Any]:
