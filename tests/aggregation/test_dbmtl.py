@@ -68,3 +68,13 @@ def test_bad_inputs_and_repr():
     with pytest.raises(ValueError, match=r"`matrix` must keep the shape of the previous calls"):
         aggregator(torch.ones(2, 4))
     assert repr(DBMTL()) == "DBMTL(beta=0.9, beta_sigma=0.0)"
+
+
+def test_invariant_to_the_order_of_the_rows_and_homogeneous():
+    permutation = torch.tensor([1, 3, 0, 2])
+    aggregator, permuted, scaled = DBMTL(), DBMTL(), DBMTL()
+    for step in range(4):
+        J = make("normal", 4, 5, seed=20 + step)
+        direction = aggregator(J)
+        torch.testing.assert_close(permuted(J[permutation]), direction)
+        torch.testing.assert_close(scaled(3.0 * J), 3.0 * direction)

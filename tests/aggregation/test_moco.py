@@ -97,3 +97,11 @@ def test_bad_inputs():
 
 def test_repr():
     assert repr(MoCo()) == "MoCo(beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=0.0)"
+
+
+def test_invariant_to_the_order_of_the_rows():
+    permutation = torch.tensor([2, 0, 3, 1])
+    aggregator, permuted = MoCo(), MoCo()
+    for step in range(4):
+        J = make("normal", 4, 5, seed=10 + step)
+        torch.testing.assert_close(permuted(J[permutation]), aggregator(J))
