@@ -119,8 +119,8 @@ def _checked_jacobians(params: list[Tensor]) -> list[Tensor]:
             )
         if J.ndim == 0 or J.shape[1:] != p.shape:
             raise ValueError(
-                f"`tensors[{i}].jac` must have shape [m, *tensors[{i}].shape] = [m, "
-                f"{', '.join(map(str, p.shape))}]. Found {tuple(J.shape)}."
+                f"`tensors[{i}].jac` must have shape [m, *tensors[{i}].shape] = "
+                f"[{', '.join(['m', *map(str, p.shape)])}]. Found {tuple(J.shape)}."
             )
         if J.shape[0] == 0:
             raise ValueError(
