@@ -12,13 +12,13 @@ task. Each configuration runs in a fresh subprocess, with one thread, on CPU; th
 (``torchjd==0.18.0``, in its own virtualenv given by ``--reference-python`` or
 ``$TORCHJD_REFERENCE_PYTHON``) runs the very same worker, as a black box.
 
-Columns: median CPU time and median wall time of a step (ms, default allocator settings; with one
-thread, the CPU time, user plus system, is what the step costs, and is much less sensitive than the
-wall time to other processes on a shared machine); peak memory above the memory
-held before the measured steps (MiB: the peak resident set size ``VmHWM`` after a warm-up step,
-reset through ``/proc/self/clear_refs``, in a separate process with a fixed ``malloc`` mmap
-threshold so that freed tensors leave the resident set), compared with plain autograd
-(``sum(losses).backward()``) and with ``m`` copies of the trunk's parameters.
+Columns: best CPU time and median wall time of a step (ms, default allocator settings; with one
+thread, the CPU time, user plus system, is what the step costs, and its best over the repeats, as
+with ``timeit``, is the least sensitive to other processes on a shared machine); peak memory
+above the memory held before the measured steps (MiB: the peak resident set size ``VmHWM`` after
+a warm-up step, reset through ``/proc/self/clear_refs``, in a separate process with a fixed
+``malloc`` mmap threshold so that freed tensors leave the resident set), compared with plain
+autograd (``sum(losses).backward()``) and with ``m`` copies of the trunk's parameters.
 """
 
 import argparse
@@ -92,7 +92,7 @@ def worker(impl: str, m: int, repeats: int) -> dict:
     n = sum(p.numel() for p in trunk.parameters())
     return {
         "wall_ms": 1e3 * statistics.median(wall),
-        "cpu_ms": 1e3 * statistics.median(cpu),
+        "cpu_ms": 1e3 * min(cpu),
         "peak_mib": peak - before,
         "n": n,
     }
