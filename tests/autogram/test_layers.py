@@ -185,6 +185,65 @@ def test_layer(case: Case):
         assert_gramian_exact([model], lambda: case.head(model(x)), batch_dim)
 
 
+class _MaskedAttention(nn.Module):
+    """Self-attention with every kind of mask, returning the per-head weights too."""
+
+    def __init__(self, attention: nn.MultiheadAttention, per_head_mask: bool) -> None:
+        super().__init__()
+        self.attention, self.per_head_mask = attention, per_head_mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        T = x.shape[1]
+        padding = torch.zeros(x.shape[0], T)
+        padding[1, -1] = -torch.inf
+        mask = torch.randn(T, T, generator=torch.Generator().manual_seed(0))
+        if self.per_head_mask:
+            mask = mask.expand(x.shape[0] * self.attention.num_heads, T, T)
+        y, w = self.attention(
+            x, x, x, key_padding_mask=padding, attn_mask=mask, average_attn_weights=False
+        )
+        return y.pow(2).mean((1, 2)) + w.pow(2).sum((1, 2, 3))
+
+
+def _mha(**kwargs: object) -> nn.MultiheadAttention:
+    return nn.MultiheadAttention(8, 2, **kwargs)  # type: ignore[arg-type]
+
+
+ATTENTION = [
+    Case("attention_masks", lambda: _MaskedAttention(_mha(batch_first=True), False),
+         lambda: torch.randn(B, 3, 8), head=lambda y: y),
+    Case("attention_per_head_mask", lambda: _MaskedAttention(_mha(batch_first=True), True),
+         lambda: torch.randn(B, 3, 8), head=lambda y: y, batch_dims=(0,)),
+    Case("attention_bias_kv_zero_attn",
+         lambda: _Attend(_mha(batch_first=True, add_bias_kv=True, add_zero_attn=True)),
+         lambda: torch.randn(B, 3, 8), head=lambda y: y[0].pow(2).mean((1, 2))),
+    Case("attention_dropout", lambda: _Attend(_mha(dropout=0.5, batch_first=True)),
+         lambda: torch.randn(B, 3, 8), head=lambda y: y[0].pow(2).mean((1, 2))),
+    Case("attention_causal_unbatched", lambda: _Causal(_mha()),
+         lambda: torch.randn(3, 8), head=lambda y: y.pow(2).sum(1), batch_dims=(None,)),
+    Case("transformer_encoder_seq_first_causal",
+         lambda: _Causal(nn.TransformerEncoderLayer(8, 2, 6, dropout=0.0, norm_first=True)),
+         lambda: torch.randn(3, B, 8), head=seq_first, batch_dims=(None,)),
+]  # fmt: skip
+
+
+class _Causal(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[0])
+        if isinstance(self.layer, nn.MultiheadAttention):
+            return self.layer(x, x, x, attn_mask=mask, is_causal=True)[0]
+        return self.layer(x, src_mask=mask, is_causal=True)
+
+
+@pytest.mark.parametrize("case", ATTENTION, ids=repr)
+def test_attention(case: Case):
+    test_layer(case)
+
+
 class _Twice(nn.Module):
     """Calls ``layer`` twice: on the input, and on a transformation of its first output."""
 

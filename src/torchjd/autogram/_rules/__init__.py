@@ -4,9 +4,9 @@ from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from torchjd.autogram._registry import register_rule
+from torchjd.autogram._rules._attention import attention_rule
 from torchjd.autogram._rules._conv import conv_rule
 from torchjd.autogram._rules._embedding import embedding_rule
-from torchjd.autogram._rules._generic import generic_subtree_rule
 from torchjd.autogram._rules._linear import linear_rule
 from torchjd.autogram._rules._norm import channel_norm_rule, layer_norm_rule
 
@@ -19,4 +19,4 @@ register_rule(nn.RMSNorm, layer_norm_rule)
 register_rule(nn.GroupNorm, channel_norm_rule)
 register_rule(_InstanceNorm, channel_norm_rule)
 # Its forward uses its child out_proj's parameters without calling out_proj.
-register_rule(nn.MultiheadAttention, generic_subtree_rule, covers_children=True)
+register_rule(nn.MultiheadAttention, attention_rule, covers_children=True)
