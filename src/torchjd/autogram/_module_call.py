@@ -79,6 +79,11 @@ def positions(tensor: Tensor, num_leading: int) -> Tensor:
     return tensor.reshape(*tensor.shape[:num_leading], -1, tensor.shape[-1])
 
 
+def cat(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` that does not copy a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
 def gram(per_objective: Tensor) -> Tensor:
     """:math:`J J^\\top` of per-objective gradients ``[B, R, *param]`` as ``[B R, B R]``."""
     J = per_objective.reshape(per_objective.shape[0] * per_objective.shape[1], -1)

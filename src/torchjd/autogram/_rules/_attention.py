@@ -6,7 +6,8 @@ and :math:`Y = O W_o^\top + b_o` (where :math:`O` is the concatenated heads'
 (see ``_linear.py``) of the four projections, each with its input and the objectives' gradients
 w.r.t. its output. The attention is re-run once on the recorded inputs with the projections
 exposed (torch's own ``multi_head_attention_forward`` with identity projections does the
-masking), and one backward pass gives the gradients w.r.t. :math:`Q, K, V, O`.
+masking), and one backward pass gives the gradients w.r.t. :math:`Q, K, V`; those w.r.t. :math:`Y`
+are the output gradients.
 
 Its forward uses its child ``out_proj``'s parameters without calling ``out_proj``, so this rule
 covers the children. With ``bias_k``/``bias_v``, it forms per-sample gradients instead (see
