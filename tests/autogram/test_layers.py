@@ -244,6 +244,67 @@ def test_attention(case: Case):
     test_layer(case)
 
 
+class _WithState(nn.Module):
+    """A recurrent layer given a learnt initial state."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+        directions = 2 if rnn.bidirectional else 1
+        size = rnn.proj_size if getattr(rnn, "proj_size", 0) else rnn.hidden_size
+        self.h0 = nn.Linear(3, rnn.num_layers * directions * size)
+        self.c0 = nn.Parameter(torch.randn(rnn.num_layers * directions, 1, rnn.hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch_first = self.rnn.batch_first
+        first = x[:, 0] if batch_first else x[0]
+        h0 = self.h0(first).reshape(
+            first.shape[0], self.rnn.num_layers * (1 + self.rnn.bidirectional), -1
+        )
+        h0 = h0.transpose(0, 1).contiguous()
+        if isinstance(self.rnn, nn.LSTM):
+            c0 = self.c0.expand(-1, first.shape[0], -1).contiguous()
+            out, (h, c) = self.rnn(x, (h0, c0))
+            return out, h, c
+        out, h = self.rnn(x, h0)
+        return out, h
+
+
+def _state_head(batch_first: bool) -> Callable[[object], Tensor]:
+    def head(y: object) -> Tensor:
+        out, h = y[0], y[1]  # type: ignore[index]
+        out = out if batch_first else out.transpose(0, 1)
+        total = out.pow(2).flatten(1).mean(1) + h.pow(2).sum((0, 2))
+        if len(y) == 3:  # type: ignore[arg-type]
+            total = total + y[2].pow(2).sum((0, 2))  # type: ignore[index]
+        return total
+
+    return head
+
+
+RNNS = [
+    Case("lstm_proj_state",
+         lambda: _WithState(nn.LSTM(3, 5, num_layers=2, proj_size=2, batch_first=True)),
+         lambda: torch.randn(B, 5, 3), head=_state_head(True)),
+    Case("gru_bidirectional_seq_first_state",
+         lambda: _WithState(nn.GRU(3, 5, num_layers=2, bidirectional=True)),
+         lambda: torch.randn(5, B, 3), head=_state_head(False)),
+    Case("rnn_relu_no_bias",
+         lambda: nn.RNN(3, 4, nonlinearity="relu", bias=False, batch_first=True),
+         lambda: torch.randn(B, 5, 3), head=lambda y: y[0].pow(2).mean((1, 2))),
+    Case("lstm_dropout_between_layers",
+         lambda: nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True),
+         lambda: torch.randn(B, 5, 3), head=lambda y: y[0].pow(2).mean((1, 2))),
+    Case("gru_unbatched", lambda: nn.GRU(3, 4, bidirectional=True),
+         lambda: torch.randn(5, 3), head=lambda y: y[0].pow(2).sum(1), batch_dims=(None,)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", RNNS, ids=repr)
+def test_recurrent(case: Case):
+    test_layer(case)
+
+
 class _Twice(nn.Module):
     """Calls ``layer`` twice: on the input, and on a transformation of its first output."""
 

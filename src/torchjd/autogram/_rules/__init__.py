@@ -9,11 +9,14 @@ from torchjd.autogram._rules._conv import conv_rule
 from torchjd.autogram._rules._embedding import embedding_rule
 from torchjd.autogram._rules._linear import linear_rule
 from torchjd.autogram._rules._norm import channel_norm_rule, layer_norm_rule
+from torchjd.autogram._rules._rnn import rnn_rule
 
 register_rule(nn.Linear, linear_rule)
 for conv_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_rule(conv_type, conv_rule)
 register_rule(nn.Embedding, embedding_rule)
+for rnn_type in (nn.RNN, nn.LSTM, nn.GRU):
+    register_rule(rnn_type, rnn_rule)
 register_rule(nn.LayerNorm, layer_norm_rule)
 register_rule(nn.RMSNorm, layer_norm_rule)
 register_rule(nn.GroupNorm, channel_norm_rule)
