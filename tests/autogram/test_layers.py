@@ -103,6 +103,7 @@ CASES = [
         ),
         lambda: torch.randn(B, 2, 3, 3),
     ),
+    Case("batch_norm_eval", lambda: _eval_batch_norm(), lambda: torch.randn(B, 2, 3, 3)),
     Case(
         "rms_norm",
         lambda: nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Linear(6, 2)),
@@ -146,6 +147,13 @@ CASES = [
         head=lambda y: y[1].pow(2).sum((0, 2)),
     ),
 ]
+
+
+def _eval_batch_norm() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Tanh(), nn.BatchNorm2d(3))
+    with torch.no_grad():
+        model(torch.randn(8, 2, 3, 3))  # non-trivial running statistics
+    return model.eval()
 
 
 class _Attend(nn.Module):

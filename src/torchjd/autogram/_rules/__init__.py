@@ -1,6 +1,7 @@
 """Built-in rules, one file per layer family, registered on import."""
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from torchjd.autogram._registry import register_rule
@@ -21,5 +22,6 @@ register_rule(nn.LayerNorm, layer_norm_rule)
 register_rule(nn.RMSNorm, layer_norm_rule)
 register_rule(nn.GroupNorm, channel_norm_rule)
 register_rule(_InstanceNorm, channel_norm_rule)
+register_rule(_BatchNorm, channel_norm_rule)
 # Its forward uses its child out_proj's parameters without calling out_proj.
 register_rule(nn.MultiheadAttention, attention_rule, covers_children=True)
