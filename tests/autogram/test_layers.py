@@ -7,8 +7,13 @@ import torch
 from torch import Tensor, nn
 
 from tests.autogram._helpers import assert_gramian_exact
+from torchjd.autogram import Engine
 
 B = 4
+FLOAT32_CASES = {
+    "linear_nd", "conv2d_groups_stride", "embedding", "layer_norm", "group_norm",
+    "attention_masks", "transformer_encoder_layer", "lstm_proj_state", "gru",
+}  # fmt: skip
 
 
 class Case:
@@ -202,9 +207,9 @@ class _MaskedAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         T = x.shape[1]
-        padding = torch.zeros(x.shape[0], T)
+        padding = torch.zeros(x.shape[0], T, dtype=x.dtype)
         padding[1, -1] = -torch.inf
-        mask = torch.randn(T, T, generator=torch.Generator().manual_seed(0))
+        mask = torch.randn(T, T, generator=torch.Generator().manual_seed(0)).to(x.dtype)
         if self.per_head_mask:
             mask = mask.expand(x.shape[0] * self.attention.num_heads, T, T)
         y, w = self.attention(
@@ -357,3 +362,20 @@ def test_unbatched_inputs_without_batch_dim():
     assert_gramian_exact([norm], lambda: norm(torch.randn(3, 5)).pow(3).sum(1), None)
     embedding = nn.Embedding(4, 2)
     assert_gramian_exact([embedding], lambda: embedding(torch.tensor(2)).exp(), None)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES + ATTENTION + RNNS if c.name in FLOAT32_CASES],
+    ids=repr,
+)
+def test_float32(case: Case):
+    model, x = case.model(), case.x()
+    batch_dim = case.batch_dims[0]
+    expected = assert_gramian_exact([model], lambda: case.head(model(x)), batch_dim)
+    model.float()
+    x32 = x.float() if x.is_floating_point() else x
+    with Engine(model, batch_dim=batch_dim) as engine:
+        G = engine.compute_gramian(case.head(model(x32)))
+    assert G.dtype == torch.float32
+    assert (G.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
