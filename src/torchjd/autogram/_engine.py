@@ -205,9 +205,10 @@ class Engine:
             for call in module_calls:
                 call.grad_outputs = [next(grads) for _ in call.edges]
         self._check_all_calls_reached(calls)
+        G = output.new_zeros(B * R, B * R)
         with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
-            G = sum(self._rules[m][0](m, module_calls) for m, module_calls in calls.items())
-        assert isinstance(G, Tensor)
+            for module, module_calls in calls.items():
+                G = G + self._rules[module][0](module, module_calls)
         return _to_row_major(G.to(output.dtype), output, batch_dim)
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
