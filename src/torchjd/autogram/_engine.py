@@ -93,6 +93,7 @@ class Engine:
         for module in modules:
             self._collect(module, seen)
         self._check_no_shared_parameters()
+        self._batch_norms = [m for m in self._all_modules() if isinstance(m, _BatchNorm)]
         # The hooks hold the engine weakly, so that deleting the engine removes them.
         this = weakref.ref(self)
         for module, (rule, _) in self._rules.items():
@@ -235,10 +236,8 @@ class Engine:
     def _check_per_sample_independence(self, batch_dim: int | None) -> None:
         if batch_dim is None:
             return
-        for module in self._all_modules():
-            if isinstance(module, _BatchNorm) and (
-                module.training or not module.track_running_stats
-            ):
+        for module in self._batch_norms:
+            if module.training or not module.track_running_stats:
                 raise ValueError(
                     f"{module} normalises with batch statistics (training mode, or "
                     "track_running_stats=False), so each sample's loss depends on the other "

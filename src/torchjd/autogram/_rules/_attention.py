@@ -14,6 +14,7 @@ covers the children. With ``bias_k``/``bias_v``, it forms per-sample gradients i
 ``_per_sample.py``); with dropout in training mode, it uses the exact masked-cotangent rule.
 """
 
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -84,9 +85,14 @@ def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
 
 
 def _arguments(module: nn.MultiheadAttention, call: ModuleCall) -> dict[str, Any]:
-    bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
+    bound = _signature(type(module)).bind(module, *call.args, **call.kwargs)
     bound.apply_defaults()
-    return {name: _detach(value) for name, value in bound.arguments.items()}
+    return {name: _detach(value) for name, value in bound.arguments.items() if name != "self"}
+
+
+@functools.cache
+def _signature(module_type: type[nn.Module]) -> inspect.Signature:
+    return inspect.signature(module_type.forward)
 
 
 def _has_per_head_mask(module: nn.MultiheadAttention, call: ModuleCall) -> bool:
