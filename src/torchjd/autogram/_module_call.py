@@ -25,6 +25,12 @@ class ModuleCall:
         gradients :math:`\Gamma` of the objectives w.r.t. it, of shape ``[R, *output.shape]``
         (sample ``i``'s part of ``grad_outputs[k][r]`` is the gradient of objective ``(i, r)``), or
         None when that output did not reach the objectives.
+    :param output_leaf_indices: The position of each of ``outputs`` among the leaves of the
+        call's output (for rules that re-run the module).
+    :param rng_state: The random state before the call, for rules that re-run the module (None
+        when the rule does not).
+    :param training: Whether the module was in training mode during the call.
+    :param edges: Where each of ``outputs`` enters the autograd graph (engine internal).
     """
 
     args: tuple[Any, ...]

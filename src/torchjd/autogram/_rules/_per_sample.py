@@ -8,7 +8,6 @@ masked-cotangent rule of ``_generic.py`` when an operation has no batching rule.
 """
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,10 +16,6 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
 from torchjd.autogram._module_call import ModuleCall
-
-InDims = Callable[[nn.Module, ModuleCall], tuple[Any, Any] | None]
-"""The sample dimension of each tensor of ``(args, kwargs)`` (None: shared by all samples), or
-None when the call cannot be split by sample."""
 
 
 def per_sample_jacobian(
