@@ -232,12 +232,26 @@ ATTENTION = [
          lambda: torch.randn(B, 3, 8), head=lambda y: y[0].pow(2).mean((1, 2))),
     Case("attention_dropout", lambda: _Attend(_mha(dropout=0.5, batch_first=True)),
          lambda: torch.randn(B, 3, 8), head=lambda y: y[0].pow(2).mean((1, 2))),
+    Case("attention_plain_seq_first_cross", lambda: _Cross(_mha()),
+         lambda: torch.randn(3, B, 8), head=seq_first),
     Case("attention_causal_unbatched", lambda: _Causal(_mha()),
          lambda: torch.randn(3, 8), head=lambda y: y.pow(2).sum(1), batch_dims=(None,)),
     Case("transformer_encoder_seq_first_causal",
          lambda: _Causal(nn.TransformerEncoderLayer(8, 2, 6, dropout=0.0, norm_first=True)),
          lambda: torch.randn(3, B, 8), head=seq_first, batch_dims=(None,)),
 ]  # fmt: skip
+
+
+class _Cross(nn.Module):
+    """Attention of the sequence on a shorter, transformed one, without weights nor masks."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attention, self.memory = attention, nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        memory = self.memory(x[:2])
+        return self.attention(x, memory, memory, need_weights=False)[0]
 
 
 class _Causal(nn.Module):

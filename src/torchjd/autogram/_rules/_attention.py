@@ -116,7 +116,6 @@ def _rerun(
 ) -> tuple[list[Tensor], Tensor, list[Tensor]]:
     """``[Q, K, V]``, ``O`` (sequence-first) and the outputs ``[Y, weights]``, from the module's
     detached parameters (so that the backward pass stops at ``Q, K, V``)."""
-    E = module.embed_dim
     weights = [w.detach() for w in _weights(module)]
     b = module.in_proj_bias
     biases = [None] * 3 if b is None else list(b.detach().chunk(3))
@@ -130,24 +129,58 @@ def _rerun(
         q, k, v = exposed
         if module.batch_first and batched:
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-        identity = torch.eye(E, dtype=q.dtype, device=q.device)
-        heads, attention_weights = F.multi_head_attention_forward(
-            q, k, v, E, module.num_heads, None, None, None, None, module.add_zero_attn, 0.0,
-            identity, None,
-            training=False,
-            key_padding_mask=arguments["key_padding_mask"],
-            need_weights=arguments["need_weights"],
-            attn_mask=arguments["attn_mask"],
-            use_separate_proj_weight=True,
-            q_proj_weight=identity, k_proj_weight=identity, v_proj_weight=identity,
-            average_attn_weights=arguments["average_attn_weights"],
-            is_causal=arguments["is_causal"],
-        )  # fmt: skip
+        if _is_plain(module, arguments, batched):
+            heads, attention_weights = _plain_attention(q, k, v, module.num_heads), None
+        else:
+            heads, attention_weights = _masked_attention(module, arguments, q, k, v)
         out_bias = module.out_proj.bias
         Y = F.linear(heads, weights[3], None if out_bias is None else out_bias.detach())
         if module.batch_first and batched:
             Y = Y.transpose(0, 1)
     return exposed, heads, [Y, attention_weights]
+
+
+def _is_plain(module: nn.MultiheadAttention, arguments: dict[str, Any], batched: bool) -> bool:
+    """Whether the call is a plain attention: no mask, no attention weights, nothing appended."""
+    masks = ("key_padding_mask", "attn_mask")
+    return (
+        batched
+        and not module.add_zero_attn
+        and not arguments["need_weights"]
+        and not arguments["is_causal"]
+        and all(arguments[name] is None for name in masks)
+    )
+
+
+def _plain_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int) -> Tensor:
+    """The concatenated heads ``[T, B, E]`` of sequence-first ``q, k, v``."""
+
+    def split(t: Tensor) -> Tensor:  # [T, B, E] -> [B, H, T, E / H]
+        return t.transpose(0, 1).unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+    heads = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return heads.transpose(1, 2).flatten(2).transpose(0, 1)
+
+
+def _masked_attention(
+    module: nn.MultiheadAttention, arguments: dict[str, Any], q: Tensor, k: Tensor, v: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """Torch's own attention (with every mask option) on projected ``q, k, v``: identity
+    projections."""
+    E = module.embed_dim
+    identity = torch.eye(E, dtype=q.dtype, device=q.device)
+    return F.multi_head_attention_forward(
+        q, k, v, E, module.num_heads, None, None, None, None, module.add_zero_attn, 0.0,
+        identity, None,
+        training=False,
+        key_padding_mask=arguments["key_padding_mask"],
+        need_weights=arguments["need_weights"],
+        attn_mask=arguments["attn_mask"],
+        use_separate_proj_weight=True,
+        q_proj_weight=identity, k_proj_weight=identity, v_proj_weight=identity,
+        average_attn_weights=arguments["average_attn_weights"],
+        is_causal=arguments["is_causal"],
+    )  # fmt: skip
 
 
 def _per_sample_gramian(
