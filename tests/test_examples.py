@@ -28,9 +28,56 @@ def _check_jacobian_descent_by_hand(namespace: dict) -> None:
         assert default > mean
 
 
+def _check_iwrm_autojac(namespace: dict) -> None:
+    final, initial = _mean_losses(namespace)
+    # a step need not decrease every loss of other batches, but training reduces the mean loss
+    assert final < initial
+
+
+def _check_mtl(namespace: dict) -> None:
+    first, last = namespace["history"][0], namespace["history"][-1]
+    assert last[0] < 0.9 * first[0]  # each task improves
+    assert last[1] < 0.9 * first[1]
+    assert all(not hasattr(p, "jac") for p in namespace["shared"].parameters())
+
+
+def _mean_losses(namespace: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean training loss over all batches, after training and with the initial parameters."""
+    model, loss_fn, X, Y = (namespace[k] for k in ("model", "loss_fn", "X", "Y"))
+    with torch.no_grad():
+        final = loss_fn(model(X).squeeze(-1), Y).mean()
+        model.load_state_dict(namespace["initial_state"])
+        initial = loss_fn(model(X).squeeze(-1), Y).mean()
+    return final, initial
+
+
+def _check_iwrm_autogram(namespace: dict) -> None:
+    final, initial = _mean_losses(namespace)
+    assert final < initial  # IWRM reduces the training losses
+    assert namespace["gramian"].shape == (16, 16)
+    weights = namespace["weights"]
+    assert (weights > 0).all()  # UPGrad weights are at least the preference (1/16)
+
+
+def _check_partial_jd(namespace: dict) -> None:
+    model = namespace["model"]
+    first = {k: v.clone() for k, v in model[0].state_dict().items()}
+    initial_first = {
+        k[len("0.") :]: v for k, v in namespace["initial_state"].items() if k[0] == "0"
+    }
+    for key, value in first.items():  # the layer outside the engine is trained too
+        assert not torch.equal(value, initial_first[key])
+    final, initial = _mean_losses(namespace)
+    assert final < initial
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "iwrm_autograd_baseline": _check_iwrm_autograd_baseline,
+    "iwrm_autojac": _check_iwrm_autojac,
+    "iwrm_autogram": _check_iwrm_autogram,
+    "partial_jd": _check_partial_jd,
     "jacobian_descent_by_hand": _check_jacobian_descent_by_hand,
+    "mtl": _check_mtl,
 }
 
 

@@ -79,7 +79,10 @@ def test_first_call_on_two_rows_is_pcgrad():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"beta": 1.5}, r"`beta` must be in \[0.0, 1.0\]"), ({"eps": -1.0}, "`eps` must be in")],
+    [
+        ({"beta": 1.5}, r"`beta` must be in \[0.0, 1.0\]"),
+        ({"eps": -1.0}, "`eps` must be non-negative"),
+    ],
 )
 def test_bad_parameters(kwargs: dict, message: str):
     with pytest.raises(ValueError, match=message):

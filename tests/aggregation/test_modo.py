@@ -35,7 +35,7 @@ def test_reset():
     ("kwargs", "error", "message"),
     [
         ({"gamma": 0.0}, ValueError, "`gamma` must be positive"),
-        ({"rho": -1.0}, ValueError, "`rho` must be in"),
+        ({"rho": -1.0}, ValueError, "`rho` must be non-negative"),
     ],
 )
 def test_bad_parameters(kwargs: dict, error: type, message: str):

@@ -52,7 +52,7 @@ def test_zero_rows_stay_finite():
     [
         ({"n_tasks": 2}, 3, ValueError, "`n_tasks=2`, so the matrix must have 2 rows. Found 3"),
         ({"n_tasks": 0}, 3, ValueError, "`n_tasks` must be positive"),
-        ({"n_tasks": 2, "max_norm": -1.0}, 2, ValueError, "`max_norm` must be in"),
+        ({"n_tasks": 2, "max_norm": -1.0}, 2, ValueError, "`max_norm` must be non-negative"),
         ({"n_tasks": 2, "update_weights_every": 0}, 2, ValueError, "`update_weights_every` must"),
         ({"n_tasks": 2, "optim_niter": 0}, 2, ValueError, "`optim_niter` must be positive"),
     ],

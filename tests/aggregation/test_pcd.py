@@ -94,7 +94,7 @@ def test_reset_and_change_of_size():
         ({"tau": torch.tensor([0.1, 2.0])}, 3, ValueError, r"`tau` must have entries in \[0, 1\]"),
         ({"tau": torch.tensor([0.1, 0.2])}, 4, ValueError, "`tau` has 2 entries"),
         ({"beta": 1.0}, 3, ValueError, r"`beta` must be in \[0.0, 1.0\)"),
-        ({"eps": -1.0}, 3, ValueError, "`eps` must be in"),
+        ({"eps": -1.0}, 3, ValueError, "`eps` must be non-negative"),
     ],
 )
 def test_bad_inputs(kwargs: dict, m: int, error: type, message: str):

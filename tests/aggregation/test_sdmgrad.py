@@ -68,7 +68,7 @@ def test_reset():
         ({"lr": 0.0}, ValueError, "`lr` must be positive"),
         ({"momentum": 1.0}, ValueError, r"`momentum` must be in \[0.0, 1.0\)"),
         ({"n_iter": 0}, ValueError, "`n_iter` must be positive"),
-        ({"lambda_": -0.1}, ValueError, "`lambda_` must be in"),
+        ({"lambda_": -0.1}, ValueError, "`lambda_` must be non-negative"),
     ],
 )
 def test_bad_parameters(kwargs: dict, error: type, message: str):

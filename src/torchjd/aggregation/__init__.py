@@ -16,17 +16,23 @@ from torchjd.aggregation._cagrad import CAGrad, CAGradWeighting
 from torchjd.aggregation._config import ConFIG
 from torchjd.aggregation._constant import Constant, ConstantWeighting
 from torchjd.aggregation._crmogm import CRMOGMWeighting
+from torchjd.aggregation._dbmtl import DBMTL
 from torchjd.aggregation._dualproj import DualProj, DualProjWeighting
 from torchjd.aggregation._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from torchjd.aggregation._fairgrad import FairGrad, FairGradWeighting
+from torchjd.aggregation._flattening import Flattening
+from torchjd.aggregation._generalized_weighting import GeneralizedWeighting
 from torchjd.aggregation._graddrop import GradDrop
+from torchjd.aggregation._gradnorm import GradNorm, GradNormWeighting
 from torchjd.aggregation._gradvac import GradVac, GradVacWeighting
 from torchjd.aggregation._imtlg import IMTLG, IMTLGWeighting
 from torchjd.aggregation._krum import Krum, KrumWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
 from torchjd.aggregation._mgda import MGDA, MGDAWeighting
+from torchjd.aggregation._moco import MoCo
 from torchjd.aggregation._modo import MoDoWeighting
 from torchjd.aggregation._nash_mtl import NashMTL
+from torchjd.aggregation._normalized import Normalized
 from torchjd.aggregation._pcd import PCD, PCDWeighting
 from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
 from torchjd.aggregation._random import Random, RandomWeighting
@@ -36,6 +42,7 @@ from torchjd.aggregation._trimmed_mean import TrimmedMean
 from torchjd.aggregation._upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
+    "DBMTL",
     "IMTLG",
     "MGDA",
     "PCD",
@@ -54,7 +61,11 @@ __all__ = [
     "ExcessMTLWeighting",
     "FairGrad",
     "FairGradWeighting",
+    "Flattening",
+    "GeneralizedWeighting",
     "GradDrop",
+    "GradNorm",
+    "GradNormWeighting",
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
@@ -64,8 +75,10 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "MoCo",
     "MoDoWeighting",
     "NashMTL",
+    "Normalized",
     "PCDWeighting",
     "PCGrad",
     "PCGradWeighting",

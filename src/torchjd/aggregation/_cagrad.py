@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
+from torchjd.aggregation._checks import check_non_negative_float
 from torchjd.aggregation._non_finite import finite_stand_in, nan_unless
-from torchjd.aggregation._parameters import check_non_negative_float
 from torchjd.linalg import PSDMatrix
 from torchjd.linalg._gramian import normalized
 from torchjd.linalg._simplex import project_onto_simplex

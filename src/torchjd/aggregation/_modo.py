@@ -21,8 +21,8 @@ from torch import Tensor
 
 from torchjd import Stateful
 from torchjd.aggregation._bases import Weighting
-from torchjd.aggregation._checks import check_positive_float
-from torchjd.aggregation._parameters import check_non_negative_float, check_square
+from torchjd.aggregation._checks import check_non_negative_float, check_positive_float
+from torchjd.aggregation._parameters import check_square
 from torchjd.linalg import Matrix
 from torchjd.linalg._simplex import project_onto_simplex
 

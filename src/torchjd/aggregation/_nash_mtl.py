@@ -23,8 +23,7 @@ from torch import Tensor
 
 from torchjd import Stateful
 from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
-from torchjd.aggregation._checks import check_positive_int
-from torchjd.aggregation._parameters import check_non_negative_float
+from torchjd.aggregation._checks import check_non_negative_float, check_positive_int
 from torchjd.linalg import PSDMatrix
 from torchjd.linalg._power_equation import solve_power_equation
 

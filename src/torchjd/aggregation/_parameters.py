@@ -32,10 +32,6 @@ def check_float_in(
     return value
 
 
-def check_non_negative_float(value: object, name: str) -> float:
-    return check_float_in(value, name, 0.0, math.inf, low_open=False, high_open=True)
-
-
 def check_square(matrix: Tensor, name: str) -> None:
     check_matrix(matrix, name)
     if matrix.shape[0] != matrix.shape[1]:

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from torchjd import Stateful
 from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
-from torchjd.aggregation._checks import check_length, check_vector
-from torchjd.aggregation._parameters import check_float_in, check_non_negative_float
+from torchjd.aggregation._checks import check_length, check_non_negative_float, check_vector
+from torchjd.aggregation._parameters import check_float_in
 from torchjd.linalg import PSDMatrix
 from torchjd.linalg._bounded_qp import TIKHONOV, solve_lower_bounded_qp, tikhonov
 

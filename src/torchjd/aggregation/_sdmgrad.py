@@ -33,13 +33,13 @@ from torchjd import Stateful
 from torchjd.aggregation._bases import Weighting
 from torchjd.aggregation._checks import (
     check_length,
+    check_non_negative_float,
     check_positive_float,
     check_positive_int,
     check_vector,
 )
 from torchjd.aggregation._parameters import (
     check_float_in,
-    check_non_negative_float,
     check_square,
 )
 from torchjd.linalg import Matrix

@@ -1,3 +1,7 @@
-"""Filled by a later part of the roadmap; importing it already works."""
+"""The autogram engine: Gramians of Jacobians, computed layer by layer without the Jacobian."""
 
-__all__: list[str] = []
+from torchjd.autogram._engine import Engine
+from torchjd.autogram._module_call import ModuleCall
+from torchjd.autogram._registry import Rule, register_rule
+
+__all__ = ["Engine", "ModuleCall", "Rule", "register_rule"]

@@ -31,10 +31,13 @@ The returned ``v`` is always feasible (``v ≥ u`` exactly) and its KKT residual
 Singular ``G`` (``least_norm=True``)
 ------------------------------------
 When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v`` is not. In this mode
-the face systems of the pivoting are solved for their least-norm solution (iterated Tikhonov
-regularisation), and ADMM runs on ``G + δI`` with a tiny ``δ`` (its solution tends to the
-least-norm optimum as ``δ → 0``), so that the weights are the least-norm optimal ones: exactly up
-to rounding where pivoting or the polish concludes, within ``O(δ)`` otherwise. The default
+every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
+tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
+the unit-norm rows); face solutions are then refined towards the exact ``G`` (iterated Tikhonov
+regularisation). Up to ``m = 64``, pivoting gets a few steps; rows it has not solved by then (it
+can wander on degenerate problems) go to a batched interior-point method
+(:mod:`torchjd.linalg._interior_point`), whose active set pivoting then finishes. Beyond, ADMM runs
+first and pivoting takes over the rows it leaves. The default
 tolerance is then ``1e-9`` in float64.
 """
 

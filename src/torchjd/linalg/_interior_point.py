@@ -23,22 +23,26 @@ set from it and finishes on the exact face.
 import torch
 from torch import Tensor
 
+from torchjd.linalg._kkt import row_scales
+
 _STEP_BACK = 0.99
 
 
-def interior_point(G: Tensor, U: Tensor, tol: float, max_iters: int = 60) -> Tensor:
-    """Approximate rows ``argmin_{v ≥ u} vᵀ G v`` (``G`` positive definite), to a duality gap
-    and a gradient residual below ``tol`` relative to ``max|G| · max|u|``."""
-    scale = G.diagonal().amax() * U.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+def interior_point(G: Tensor, U: Tensor, tol: float, max_iters: int = 100) -> Tensor:
+    """Approximate rows ``argmin_{v ≥ u} vᵀ G v`` (``G`` positive definite), to a gradient
+    residual and a complementarity below ``tol``, each entry ``j`` relative to its row's scale
+    ``‖J_j‖ max_k ‖J_k‖ · max|u|`` (so that rows of small norm are as accurate as the others)."""
+    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+    scale = row_scales(G) * u_scale
     P = 2 * G
-    x = torch.ones_like(U) * U.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
-    z = torch.ones_like(U) * scale
+    x = torch.ones_like(U) * u_scale
+    z = torch.ones_like(U) * G.diagonal().amax() * u_scale
     m = U.shape[1]
     for _ in range(max_iters):
         r_d = (U + x) @ P - z
         mu = (x * z).sum(dim=1, keepdim=True) / m
-        converged = (r_d.abs().amax(dim=1, keepdim=True) <= tol * scale) & (
-            mu <= tol * scale * U.abs().amax(dim=1, keepdim=True)
+        converged = ((r_d.abs() <= tol * scale) & (x * z <= tol * scale * u_scale)).all(
+            dim=1, keepdim=True
         )
         if bool(converged.all()):
             break

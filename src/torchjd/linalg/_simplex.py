@@ -1,21 +1,21 @@
 r"""Euclidean projection onto the probability simplex
-:math:`\Delta_m = \{w \in \mathbb R^m : w \ge 0,\ \mathbf 1^\top w = 1\}`.
+:math:`\Delta = \{\lambda : \lambda \ge 0, \mathbf 1^\top \lambda = 1\}`.
 
-The sort-based algorithm (Held, Wolfe & Crowder, 1974; Duchi et al., 2008): with ``u`` the
-entries sorted in decreasing order and
-:math:`\rho = \max\{k : u_k - (\sum_{l \le k} u_l - 1) / k > 0\}`, the projection is
-:math:`\max(v - \theta, 0)` with :math:`\theta = (\sum_{l \le \rho} u_l - 1) / \rho`.
+The projection is :math:`\lambda_i = \max(x_i - \tau, 0)` with the threshold :math:`\tau` chosen so
+that the entries sum to one; sorting :math:`x` in decreasing order, :math:`\tau = (\sum_{j \le \rho}
+x_{(j)} - 1) / \rho` with :math:`\rho` the largest :math:`k` such that
+:math:`x_{(k)} > (\sum_{j \le k} x_{(j)} - 1) / k` (Held et al., 1974; Duchi et al., 2008).
 """
 
 import torch
 from torch import Tensor
 
 
-def project_onto_simplex(v: Tensor) -> Tensor:
-    """The projection of each row of ``v`` (shape ``[..., m]``) onto the simplex."""
-    u = v.sort(dim=-1, descending=True).values
-    excess = u.cumsum(dim=-1) - 1
-    k = torch.arange(1, v.shape[-1] + 1, dtype=v.dtype, device=v.device)
-    rho = ((u - excess / k) > 0).sum(dim=-1, keepdim=True).clamp_min(1)
-    theta = excess.gather(-1, rho - 1) / rho.to(v.dtype)
-    return (v - theta).clamp_min(0.0)
+def project_onto_simplex(x: Tensor) -> Tensor:
+    """The closest point of the probability simplex to the vector ``x`` (no host sync)."""
+    sorted_x = x.sort(descending=True).values
+    k = torch.arange(1, x.shape[0] + 1, dtype=x.dtype, device=x.device)
+    thresholds = (sorted_x.cumsum(dim=0) - 1.0) / k
+    rho = (sorted_x > thresholds).sum().clamp_min(1)  # k = 1 always qualifies
+    tau = thresholds.gather(0, (rho - 1).unsqueeze(0))
+    return (x - tau).clamp_min(0.0)

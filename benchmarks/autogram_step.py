@@ -1,0 +1,171 @@
+"""Time one IWRM step with the autogram engine against one ERM step and the published engine.
+
+Usage::
+
+    python benchmarks/autogram_step.py [--steps 5] [--threads 1] [--reference-python PATH]
+        [--only mlp64 ...]
+
+Each configuration runs in its own subprocess (so that peak memory is measured per run): the
+ERM step (mean loss, backward, SGD step), the IWRM step with this library (forward,
+``Engine.compute_gramian``, ``UPGradWeighting``, ``losses.backward(weights)``, SGD step), and the
+same IWRM step with the published ``torchjd==0.18.0`` (its virtualenv's interpreter, given by
+``--reference-python`` or ``$TORCHJD_REFERENCE_PYTHON``; the step code is the same, only the
+library differs). Models: an MLP 784-512-512-10 (batch 64 and 256), a CNN on 3x32x32 (batch 64),
+and a two-layer Transformer encoder (d_model 128, 4 heads, seq 32, batch 32).
+
+One torch thread by default: on a shared machine, thread hand-offs dominate otherwise. Columns:
+median time per step (ms) and its split (forward, Gramian, weighting, backward + step),
+the ratio to the ERM step, and the peak resident memory of the process above its level after
+building the model and the data (MiB).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "mlp64": ("mlp", 64),
+    "mlp256": ("mlp", 256),
+    "cnn64": ("cnn", 64),
+    "transformer32": ("transformer", 32),
+}
+
+
+def build(kind: str, batch: int):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(
+            nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+        )
+        x = torch.randn(batch, 784)
+    elif kind == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+        )  # fmt: skip
+        x = torch.randn(batch, 3, 32, 32)
+    else:
+
+        class Encoder(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.layers = nn.Sequential(
+                    *[
+                        nn.TransformerEncoderLayer(
+                            128, 4, dim_feedforward=256, dropout=0.0, batch_first=True
+                        )
+                        for _ in range(2)
+                    ]
+                )
+                self.head = nn.Linear(128, 10)
+
+            def forward(self, x):
+                return self.head(self.layers(x).mean(dim=1))
+
+        model = Encoder()
+        x = torch.randn(batch, 32, 128)
+    y = torch.randint(0, 10, (batch,))
+    return model, x, y
+
+
+def worker(kind: str, batch: int, mode: str, steps: int, threads: int) -> dict:
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+    model, x, y = build(kind, batch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    if mode != "erm":
+        from torchjd.aggregation import UPGradWeighting
+        from torchjd.autogram import Engine
+
+        engine = Engine(model, batch_dim=0)
+        weighting = UPGradWeighting()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times: dict[str, list[float]] = {"forward": [], "gramian": [], "weighting": [], "backward": []}
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
+        losses = loss_fn(model(x), y)
+        t1 = time.perf_counter()
+        if mode == "erm":
+            t2 = t3 = t1
+            losses.mean().backward()
+        else:
+            gramian = engine.compute_gramian(losses)
+            t2 = time.perf_counter()
+            weights = weighting(gramian)
+            t3 = time.perf_counter()
+            losses.backward(weights)
+        optimizer.step()
+        optimizer.zero_grad()
+        t4 = time.perf_counter()
+        for key, (a, b) in zip(times, [(t0, t1), (t1, t2), (t2, t3), (t3, t4)], strict=True):
+            times[key].append(1000 * (b - a))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = {key: statistics.median(values[2:]) for key, values in times.items()}
+    result["total"] = sum(result.values())
+    result["peak_mib"] = (peak - base) / 1024
+    return result
+
+
+def run(python: str, name: str, mode: str, steps: int, threads: int) -> dict | None:
+    kind, batch = CONFIGS[name]
+    env = dict(os.environ)
+    command = [python, __file__, "--worker", kind, str(batch), mode, str(steps), str(threads)]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/")
+    if completed.returncode != 0:
+        print(f"  {name} {mode} failed: {completed.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--only", nargs="*", default=list(CONFIGS))
+    parser.add_argument(
+        "--reference-python", default=os.environ.get("TORCHJD_REFERENCE_PYTHON", "")
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--worker", nargs=5)
+    args = parser.parse_args()
+    if args.worker:
+        kind, batch, mode, steps, threads = args.worker
+        print(json.dumps(worker(kind, int(batch), mode, int(steps), int(threads))))
+        return
+    header = (
+        f"{'config':<14}{'step':<10}{'ms':>8}{'xERM':>7}{'fwd':>8}{'gram':>8}{'weight':>8}"
+        f"{'bwd+opt':>9}{'peak MiB':>10}"
+    )
+    print(header)
+    for name in args.only:
+        rows = [("ERM", sys.executable, "erm"), ("IWRM", sys.executable, "iwrm")]
+        if args.reference_python:
+            rows.append(("IWRM 0.18", args.reference_python, "iwrm"))
+        erm = None
+        for label, python, mode in rows:
+            r = run(python, name, mode, args.steps, args.threads)
+            if r is None:
+                continue
+            erm = r["total"] if mode == "erm" else erm
+            ratio = r["total"] / erm if erm else float("nan")
+            print(
+                f"{name:<14}{label:<10}{r['total']:>8.1f}{ratio:>7.1f}{r['forward']:>8.1f}"
+                f"{r['gramian']:>8.1f}{r['weighting']:>8.1f}{r['backward']:>9.1f}"
+                f"{r['peak_mib']:>10.1f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Vector-Jacobian products for a batch of cotangents."""
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def batched_grad(
+    outputs: Sequence[Any], inputs: Sequence[Any], cotangents: Sequence[Tensor]
+) -> tuple[Tensor | None, ...]:
+    """Gradients of ``outputs`` w.r.t. ``inputs`` for each of the ``K`` cotangents.
+
+    ``cotangents[k]`` has shape ``[K, *outputs[k].shape]``; each returned gradient has shape
+    ``[K, *input.shape]`` (None for an input that ``outputs`` do not reach). The graph is kept.
+    Runs one vectorised backward pass (``is_grads_batched``), or one pass per cotangent when an
+    operation of the graph has no batching rule.
+    """
+    num = cotangents[0].shape[0]
+    if num == 1:
+        grads = torch.autograd.grad(
+            outputs, inputs, [c[0] for c in cotangents], retain_graph=True, allow_unused=True
+        )
+        return tuple(None if g is None else g.unsqueeze(0) for g in grads)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap's "performance drop" notices
+            return torch.autograd.grad(
+                outputs,
+                inputs,
+                list(cotangents),
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+    except RuntimeError:
+        pass  # an operation without a batching rule (e.g. some RNN kernels): one pass each
+    columns = [
+        torch.autograd.grad(
+            outputs, inputs, [c[k] for c in cotangents], retain_graph=True, allow_unused=True
+        )
+        for k in range(num)
+    ]
+    return tuple(
+        None if column[0] is None else torch.stack(list(column))
+        for column in zip(*columns, strict=True)
+    )

@@ -1,0 +1,349 @@
+r"""The autogram engine: the Gramian of the Jacobian of a vector of losses, without the Jacobian."""
+
+import weakref
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_leaves
+from torch.utils.hooks import RemovableHandle
+
+import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
+from torchjd.autogram._batched_grad import batched_grad
+from torchjd.autogram._module_call import ModuleCall
+from torchjd.autogram._registry import Rule, find_rule
+from torchjd.autogram._rules._generic import generic_rule
+
+
+class Engine:
+    r"""Computes the Gramian :math:`G = J J^\top` of the Jacobian :math:`J` of a tensor of
+    objectives w.r.t. the trainable parameters of some modules, without forming :math:`J`.
+
+    The engine hooks the given modules (and their descendants). During the forward pass it records
+    each hooked call's inputs; :meth:`compute_gramian` then backpropagates once to get the
+    gradients :math:`\Gamma` of the objectives w.r.t. each call's output, and sums the blocks
+    :math:`G = \sum_\ell J_\ell J_\ell^\top` given by a rule per module type: closed forms for
+    ``Linear``, convolutions and ``Embedding``; sums of Linear blocks for ``MultiheadAttention``
+    and ``RNN``/``LSTM``/``GRU``; small per-sample gradients for normalisation layers; an exact
+    generic rule for any other module with parameters (see
+    :func:`~torchjd.autogram.register_rule`). A rule sums the calls of its module before the
+    product, so a module called several times is handled exactly. This is the autogram engine of
+    Jacobian descent (Quinton & Rey, 2024, arXiv 2406.16232); a step of instance-wise risk
+    minimisation is
+
+    .. math::
+
+        w = \mathcal W(G), \qquad \nabla_\theta\, w^\top \ell(\theta).
+
+    :param modules: The modules whose parameters make the columns of :math:`J`: the direct
+        trainable parameters of each module and of all its descendants.
+    :param batch_dim: The dimension of the objectives (and of the hooked modules' inputs and
+        outputs) that indexes independent samples, or None. With a batch dimension, the modules
+        must treat samples independently (no ``BatchNorm`` in training mode), and one backward pass
+        gives every sample's output gradients. In a hooked module's output, the samples are taken
+        along ``batch_dim`` when its size there is the batch size, else along the only dimension
+        of that size; modules with a ``batch_first`` attribute (``RNN``, ``LSTM``, ``GRU``,
+        ``MultiheadAttention``) hold them at 0 or 1 accordingly. With None, no assumption is made
+        (always correct, slower: one backward pass per objective, vectorised).
+
+    Parameters used by two hooked modules (tied weights) are not supported. The engine's hooks
+    stay until :meth:`close` (or the end of a ``with`` block, or the engine's deletion). Forward
+    passes run with grad enabled are recorded until the next :meth:`compute_gramian`, which must
+    come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
+    re-runs of activation checkpointing).
+
+    For a linear model, the gradient of the output for sample :math:`i` is :math:`(x_i, 1)`, so
+    :math:`G = X X^\top + 1`:
+
+    >>> import torch
+    >>> from torchjd.autogram import Engine
+    >>> model = torch.nn.Linear(2, 1)
+    >>> engine = Engine(model, batch_dim=0)
+    >>> output = model(torch.tensor([[1.0, 2.0], [3.0, 4.0]])).squeeze(dim=1)
+    >>> engine.compute_gramian(output)
+    tensor([[ 6., 12.],
+            [12., 26.]])
+    >>> output.backward(torch.tensor([0.5, 0.5]))  # the graph was kept for the weighted step
+    """
+
+    def __init__(self, *modules: nn.Module, batch_dim: int | None) -> None:
+        if not modules:
+            raise ValueError("Expected at least one module in `modules`, got none.")
+        for k, module in enumerate(modules):
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"Expected `modules[{k}]` to be a torch.nn.Module, got {type(module).__name__}."
+                )
+        if batch_dim is not None and (
+            isinstance(batch_dim, bool) or not isinstance(batch_dim, int)
+        ):
+            raise TypeError(f"Expected `batch_dim` to be an int or None, got {batch_dim!r}.")
+        self._batch_dim = batch_dim
+        self._modules: tuple[nn.Module, ...] = modules
+        self._rules: dict[nn.Module, tuple[Rule, bool]] = {}
+        self._calls: dict[nn.Module, list[ModuleCall]] = {}
+        self._rng_states: dict[nn.Module, list[Any]] = {}
+        self._handles: list[RemovableHandle] = []
+        self._recording = True
+        seen: set[nn.Module] = set()
+        for module in modules:
+            self._collect(module, seen)
+        self._check_no_shared_parameters()
+        self._batch_norms = [m for m in self._all_modules() if isinstance(m, _BatchNorm)]
+        # The hooks hold the engine weakly, so that deleting the engine removes them.
+        this = weakref.ref(self)
+        for module, (rule, _) in self._rules.items():
+            if _uses_recomputation(rule):
+                pre_hook = partial(_call_alive, this, "_save_rng_state")
+                self._handles.append(module.register_forward_pre_hook(pre_hook))
+            hook = partial(_call_alive, this, "_record")
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def _collect(self, module: nn.Module, seen: set[nn.Module]) -> None:
+        if module in seen:
+            return
+        seen.add(module)
+        entry = find_rule(module)
+        if entry is not None and entry.covers_children:
+            if any(True for _ in module.parameters()):
+                self._rules[module] = (entry.rule, True)
+            return
+        if any(True for _ in module.parameters(recurse=False)):
+            self._rules[module] = (generic_rule if entry is None else entry.rule, False)
+        for child in module.children():
+            self._collect(child, seen)
+
+    def _check_no_shared_parameters(self) -> None:
+        owners: dict[int, nn.Module] = {}
+        for module, (_, covers_children) in self._rules.items():
+            for param in module.parameters(recurse=covers_children):
+                owner = owners.setdefault(id(param), module)
+                if owner is not module:
+                    raise ValueError(
+                        f"A parameter is shared by the hooked modules {owner} and {module}; "
+                        "the engine does not support tied parameters. Untie them, or leave one "
+                        "of the modules out of the engine."
+                    )
+
+    def _trainable(self, module: nn.Module) -> bool:
+        covers_children = self._rules[module][1]
+        return any(p.requires_grad for p in module.parameters(recurse=covers_children))
+
+    def _save_rng_state(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self._recording or not torch.is_grad_enabled():
+            return
+        devices = {p.device for p in module.parameters() if p.device.type == "cuda"}
+        cuda = {d: torch.cuda.get_rng_state(d) for d in devices}
+        self._rng_states.setdefault(module, []).append((torch.get_rng_state(), cuda))
+
+    def _record(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if not self._recording or not torch.is_grad_enabled():
+            return
+        stack = self._rng_states.get(module)
+        rng_state = stack.pop() if stack else None
+        leaves = tree_leaves(output)
+        indices = [
+            k
+            for k, leaf in enumerate(leaves)
+            if isinstance(leaf, Tensor) and leaf.requires_grad and leaf.is_floating_point()
+        ]
+        if not indices:
+            return
+        outputs = [leaves[k] for k in indices]
+        call = ModuleCall(
+            args=args,
+            kwargs=kwargs,
+            outputs=outputs,
+            output_batch_dims=[None] * len(outputs),  # resolved by compute_gramian
+            batch_dim=None,
+            output_leaf_indices=indices,
+            rng_state=rng_state,
+            training=module.training,
+            edges=[get_gradient_edge(t) for t in outputs],
+        )
+        self._calls.setdefault(module, []).append(call)
+
+    def compute_gramian(self, output: Tensor, /) -> Tensor:
+        r"""The Gramian ``[m, m]`` of the Jacobian of ``output`` w.r.t. the modules' parameters.
+
+        :param output: The objectives, of any shape; its ``m`` elements, in row-major order, are
+            the rows of the Jacobian. The graph is kept, so that ``output.backward(weights)``
+            can follow.
+
+        Clears what the engine recorded during the forward pass, even when it raises.
+        """
+        try:
+            return self._compute_gramian(output)
+        finally:
+            self._calls.clear()
+            self._rng_states.clear()
+            self._recording = True
+
+    def _compute_gramian(self, output: Tensor) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise TypeError(f"Expected `output` to be a Tensor, got {type(output).__name__}.")
+        batch_dim = self._normalized_batch_dim(output)
+        self._check_per_sample_independence(batch_dim)
+        calls = {m: c for m, c in self._calls.items() if self._trainable(m)}
+        if not output.requires_grad or not calls:
+            raise ValueError(
+                "`output` does not depend on the trainable parameters of the engine's modules: "
+                "no hooked module was called with grad enabled since the last compute_gramian. "
+                "Compute `output` from a forward pass of the modules given to the Engine."
+            )
+        self._recording = False
+        m = output.numel()
+        B = 1 if batch_dim is None else output.shape[batch_dim]
+        R = m // B if B else 0
+        if m == 0:
+            return output.new_zeros(0, 0)
+        if batch_dim is not None:
+            for module, module_calls in calls.items():
+                for call in module_calls:
+                    _resolve_batch_dims(module, call, batch_dim, B)
+        edges = [edge for module_calls in calls.values() for c in module_calls for edge in c.edges]
+        grads = iter(batched_grad([output], edges, [_cotangents(output, batch_dim, R)]))
+        for module_calls in calls.values():
+            for call in module_calls:
+                call.grad_outputs = [next(grads) for _ in call.edges]
+        self._check_all_calls_reached(calls)
+        G = output.new_zeros(B * R, B * R)
+        with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
+            for module, module_calls in calls.items():
+                G = G + self._rules[module][0](module, module_calls)
+        return _to_row_major(G.to(output.dtype), output, batch_dim)
+
+    def _normalized_batch_dim(self, output: Tensor) -> int | None:
+        if self._batch_dim is None:
+            return None
+        if not -output.dim() <= self._batch_dim < output.dim():
+            raise ValueError(
+                f"`batch_dim` is out of range for `output` of shape {tuple(output.shape)}: "
+                f"expected an int in [{-output.dim()}, {output.dim()}), got {self._batch_dim}. "
+                "Use batch_dim=None if `output` has no batch dimension (e.g. a scalar loss)."
+                if output.dim()
+                else f"`batch_dim` is {self._batch_dim} but `output` is a scalar. Create the "
+                "Engine with batch_dim=None to differentiate a scalar."
+            )
+        return self._batch_dim % output.dim()
+
+    def _check_per_sample_independence(self, batch_dim: int | None) -> None:
+        if batch_dim is None:
+            return
+        for module in self._batch_norms:
+            if module.training or not module.track_running_stats:
+                raise ValueError(
+                    f"{module} normalises with batch statistics (training mode, or "
+                    "track_running_stats=False), so each sample's loss depends on the other "
+                    "samples and `batch_dim` cannot be used. Create the Engine with "
+                    "batch_dim=None, or put the BatchNorm in eval mode with running statistics, "
+                    "or replace it by a per-sample normalisation (GroupNorm, LayerNorm)."
+                )
+
+    def _all_modules(self) -> Iterator[nn.Module]:
+        for module in self._modules:
+            yield from module.modules()
+
+    def _check_all_calls_reached(self, calls: dict[nn.Module, list[ModuleCall]]) -> None:
+        unreached = [
+            (module, k)
+            for module, module_calls in calls.items()
+            for k, call in enumerate(module_calls)
+            if all(g is None for g in call.grad_outputs)
+        ]
+        if len(unreached) == sum(len(c) for c in calls.values()):
+            raise ValueError(
+                "`output` does not depend on the outputs of the engine's modules in the forward "
+                "passes recorded since the last compute_gramian. Compute `output` from a forward "
+                "pass of the modules given to the Engine."
+            )
+        if unreached:
+            module, k = unreached[0]
+            raise ValueError(
+                f"Call {k} of the hooked module {module} (since the last compute_gramian) never "
+                "reached `output`. Run forward passes that are not meant for compute_gramian "
+                "under torch.no_grad(), or call compute_gramian after each forward pass."
+            )
+
+    def close(self) -> None:
+        """Removes the engine's hooks: the modules behave as if the engine never existed."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._calls.clear()
+        self._rng_states.clear()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        handles = getattr(self, "_handles", [])
+        for handle in handles:
+            handle.remove()
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(m).__name__ for m in self._modules)
+        return f"Engine({names}, batch_dim={self._batch_dim})"
+
+
+def _call_alive(engine: "weakref.ref[Engine]", method: str, *args: Any) -> None:
+    alive = engine()
+    if alive is not None:
+        getattr(alive, method)(*args)
+
+
+def _uses_recomputation(rule: Rule) -> bool:
+    return getattr(rule, "recomputes_forward", False)
+
+
+def _resolve_batch_dims(module: nn.Module, call: ModuleCall, batch_dim: int, B: int) -> None:
+    """Where each output of ``module`` holds the samples (see the Engine's ``batch_dim``)."""
+    batch_first = getattr(module, "batch_first", None)
+    dims: list[int | None] = []
+    for k, t in zip(call.output_leaf_indices, call.outputs, strict=True):
+        if isinstance(batch_first, bool):
+            # RNN hidden states are [layers, batch, hidden]; attention weights are [batch, ...].
+            other = 1 if isinstance(module, nn.RNNBase) else 0
+            dim = (0 if batch_first else 1) if k == 0 else other
+        elif -t.dim() <= batch_dim < t.dim() and t.shape[batch_dim] == B:
+            dim = batch_dim % t.dim()
+        else:
+            candidates = [d for d in range(t.dim()) if t.shape[d] == B]
+            dim = candidates[0] if len(candidates) == 1 else -1
+        if not 0 <= dim < t.dim() or t.shape[dim] != B:
+            raise ValueError(
+                f"An output of the hooked module {module} has shape {tuple(t.shape)}, in which "
+                f"the engine cannot find the batch dimension (of size {B}, the size of `output` "
+                "along `batch_dim`). Use batch_dim=None for models whose modules do not keep the "
+                "samples along one dimension."
+            )
+        dims.append(dim)
+    call.output_batch_dims = dims
+    call.batch_dim = dims[0]
+
+
+def _cotangents(output: Tensor, batch_dim: int | None, R: int) -> Tensor:
+    """``[R, *output.shape]``: the r-th objective of every sample at once (all of them if None)."""
+    eye = torch.eye(R, dtype=output.dtype, device=output.device)
+    if batch_dim is None:
+        return eye.reshape(R, *output.shape)
+    rest = output.movedim(batch_dim, 0).shape[1:]
+    return eye.reshape(R, *rest).unsqueeze(batch_dim + 1).expand(R, *output.shape)
+
+
+def _to_row_major(G: Tensor, output: Tensor, batch_dim: int | None) -> Tensor:
+    """``G`` indexed by (sample, objective of the sample), reindexed as ``output.flatten()``."""
+    if batch_dim is None or batch_dim == 0 or output.dim() < 2:
+        return G
+    index = torch.arange(output.numel(), device=G.device).reshape(output.shape)
+    inverse = torch.argsort(index.movedim(batch_dim, 0).reshape(-1))
+    return G[inverse][:, inverse]

@@ -1,0 +1,110 @@
+"""What the engine records about one call of a hooked module, and what a rule reads from it."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ModuleCall:
+    r"""One call of a hooked module during the forward pass, as a rule sees it.
+
+    The objectives are indexed by pairs :math:`(i, r)`: a sample :math:`i < B` and an objective
+    :math:`r < R` of that sample (``B = 1`` and ``R = m`` when the engine has no batch dimension).
+
+    :param args: The positional arguments of the call (as received: not detached).
+    :param kwargs: The keyword arguments of the call.
+    :param outputs: The floating-point tensors of the call's output that require grad, in the order
+        of ``torch.utils._pytree.tree_leaves(output)``.
+    :param output_batch_dims: For each of ``outputs``, the dimension that indexes the samples, or
+        None when the whole tensor belongs to one sample (engine without batch dimension).
+    :param batch_dim: The batch dimension of the module's main input and output (None as above).
+    :param grad_outputs: Filled by the engine before the rules run: for each of ``outputs``, the
+        gradients :math:`\Gamma` of the objectives w.r.t. it, of shape ``[R, *output.shape]``
+        (sample ``i``'s part of ``grad_outputs[k][r]`` is the gradient of objective ``(i, r)``), or
+        None when that output did not reach the objectives.
+    :param output_leaf_indices: The position of each of ``outputs`` among the leaves of the
+        call's output (for rules that re-run the module).
+    :param rng_state: The random state before the call, for rules that re-run the module (None
+        when the rule does not).
+    :param training: Whether the module was in training mode during the call.
+    :param edges: Where each of ``outputs`` enters the autograd graph (engine internal).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    outputs: list[Tensor]
+    output_batch_dims: list[int | None]
+    batch_dim: int | None
+    output_leaf_indices: list[int] = field(default_factory=list)
+    rng_state: Any = None
+    training: bool = False
+    grad_outputs: list[Tensor | None] = field(default_factory=list)
+    edges: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        """:math:`B`: the number of samples (1 without batch dimension)."""
+        if self.batch_dim is None:
+            return 1
+        reference = self.outputs[0]
+        return reference.shape[self.output_batch_dims[0]]  # type: ignore[index]
+
+    @property
+    def num_objectives_per_sample(self) -> int:
+        """:math:`R`: the number of objectives of each sample."""
+        return next(g for g in self.grad_outputs if g is not None).shape[0]
+
+    def grad_output(self, index: int = 0) -> Tensor:
+        """``grad_outputs[index]`` with zeros in place of None."""
+        gamma = self.grad_outputs[index]
+        if gamma is None:
+            shape = (self.num_objectives_per_sample, *self.outputs[index].shape)
+            return self.outputs[index].new_zeros(shape)
+        return gamma
+
+
+def samples_first(tensor: Tensor, batch_dim: int | None) -> Tensor:
+    """``tensor`` with its sample dimension moved to the front (a new unit one if None)."""
+    if batch_dim is None:
+        return tensor.unsqueeze(0)
+    return tensor.movedim(batch_dim, 0)
+
+
+def samples_objectives_first(gamma: Tensor, batch_dim: int | None) -> Tensor:
+    """Gradients ``[R, *shape]`` rearranged as ``[B, R, *shape without the batch dim]``."""
+    if batch_dim is None:
+        return gamma.unsqueeze(0)
+    return gamma.movedim(batch_dim + 1, 0)
+
+
+def positions(tensor: Tensor, num_leading: int) -> Tensor:
+    """``[*leading, *positions, features]`` as ``[*leading, T, features]``."""
+    return tensor.reshape(*tensor.shape[:num_leading], -1, tensor.shape[-1])
+
+
+def cat(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` that does not copy a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+def gram(per_objective: Tensor) -> Tensor:
+    """:math:`J J^\\top` of per-objective gradients ``[B, R, *param]`` as ``[B R, B R]``."""
+    J = per_objective.reshape(per_objective.shape[0] * per_objective.shape[1], -1)
+    return J @ J.T
+
+
+def masked_cotangents(gamma: Tensor, batch_dim: int | None, num_samples: int) -> Tensor:
+    """One cotangent per objective ``(i, r)``: ``gamma[r]`` restricted to sample ``i``.
+
+    :param gamma: ``[R, *shape]``. Returns ``[B R, *shape]``.
+    """
+    if batch_dim is None:
+        return gamma
+    shape = [1] * gamma.dim()
+    shape[batch_dim + 1] = num_samples
+    eye = torch.eye(num_samples, dtype=gamma.dtype, device=gamma.device)
+    masked = gamma.unsqueeze(0) * eye.reshape(num_samples, *shape)
+    return masked.reshape(num_samples * gamma.shape[0], *gamma.shape[1:])

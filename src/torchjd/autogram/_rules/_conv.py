@@ -1,0 +1,104 @@
+r"""Convolutions as linear layers on patches.
+
+Unfolding the (padded) input into its patches :math:`X_i` (output positions :math:`\times`
+:math:`C_{in}/g \cdot \prod_k k`) makes each group :math:`p` of a convolution a linear layer, with
+the output gradients :math:`\Gamma_{ir}` of its :math:`C_{out}/g` channels at the output positions:
+
+.. math::
+
+    G_{ir,js} = \sum_p \langle X^p_i {X^p_j}^\top,\ \Gamma^p_{ir} {\Gamma^p_{js}}^\top \rangle_F
+              + \Big(\sum_t \gamma_{irt}\Big) \cdot \Big(\sum_u \gamma_{jsu}\Big),
+
+computed by the kernel of ``_linear.py`` (closed form or per-objective gradients, the cheaper).
+"""
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchjd.autogram._module_call import ModuleCall, cat, gram
+from torchjd.autogram._rules._linear import weight_gramian
+
+
+def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
+    assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    n = len(module.kernel_size)
+    g = module.groups
+    X = cat([_patches(module, _samples_first(c.args[0], c.batch_dim, n)) for c in calls], 2)
+    Gamma = cat([_output_grads(c, n, g) for c in calls], dim=3)  # [g, B, R, T, C_out/g]
+    G = weight_gramian(X, Gamma) if module.weight.requires_grad else 0
+    if module.bias is not None and module.bias.requires_grad:
+        G = G + gram(Gamma.sum(dim=3).permute(1, 2, 0, 3))
+    return G  # type: ignore[return-value]
+
+
+def _samples_first(x: Tensor, batch_dim: int | None, n: int) -> Tensor:
+    """``[B, N', C, *spatial]``: the samples, then the images of each sample."""
+    if x.dim() == n + 1:  # an unbatched input
+        x = x.unsqueeze(0)
+    return x.unsqueeze(0) if batch_dim is None else x.unsqueeze(1)
+
+
+def _patches(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+    """``[g, B, T, C_in/g * prod(kernel)]`` (a transposed view): the patches that each output
+    position sees."""
+    B, N, C = x.shape[:3]
+    x = F.pad(x.flatten(0, 1), _pad_amounts(module), mode=_pad_mode(module))
+    n = len(module.kernel_size)
+    for s, (k, stride, dilation) in enumerate(
+        zip(module.kernel_size, module.stride, module.dilation, strict=True)
+    ):
+        x = x.unfold(2 + s, (k - 1) * dilation + 1, stride)[..., ::dilation]
+    # [B N', C, *positions, *kernel] -> [B, g, C/g * kernel, N' * positions], one copy
+    x = x.reshape(B, N, C, *x.shape[2:])
+    order = [0, 2, *range(3 + n, 3 + 2 * n), 1, *range(3, 3 + n)]
+    g = module.groups
+    x = x.permute(order).reshape(B, g, C // g * _prod(module.kernel_size), -1)
+    return x.permute(1, 0, 3, 2)
+
+
+def _output_grads(call: ModuleCall, n: int, g: int) -> Tensor:
+    """``[g, B, R, T, C_out/g]`` (a view when possible) from ``[R, (N,) C_out, *positions]``."""
+    gamma = call.grad_output()
+    if gamma.dim() == n + 2:  # an unbatched input
+        gamma = gamma.unsqueeze(1)
+    # [R, B, N', C_out, L]
+    gamma = gamma.unsqueeze(1) if call.batch_dim is None else gamma.unsqueeze(2)
+    R, B, N, C_out = gamma.shape[:4]
+    gamma = gamma.reshape(R, B, N, g, C_out // g, -1)
+    return gamma.permute(3, 1, 0, 2, 5, 4).reshape(g, B, R, -1, C_out // g)
+
+
+def _pad_amounts(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
+    """``F.pad`` amounts (last spatial dimension first), as the module pads its input."""
+    amounts: list[int] = []
+    for k, dilation, padding in zip(
+        reversed(module.kernel_size),
+        reversed(module.dilation),
+        reversed(_padding_tuple(module)),
+        strict=True,
+    ):
+        if module.padding == "same":
+            total = dilation * (k - 1)
+            amounts += [total // 2, total - total // 2]
+        else:
+            amounts += [padding, padding]
+    return amounts
+
+
+def _padding_tuple(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[int, ...]:
+    if isinstance(module.padding, str):
+        return (0,) * len(module.kernel_size)
+    return tuple(module.padding)
+
+
+def _pad_mode(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> str:
+    return "constant" if module.padding_mode == "zeros" else module.padding_mode
+
+
+def _prod(values: Sequence[int]) -> int:
+    result = 1
+    for v in values:
+        result *= v
+    return result

@@ -1,0 +1,60 @@
+r"""Embeddings: two positions share a parameter row exactly when they look up the same index.
+
+The gradient of objective :math:`(i, r)` w.r.t. row :math:`v` of the table is
+:math:`\sum_{t : x_{it} = v} c_{it}\, \gamma_{irt}` (with :math:`c_{it} = 1`, or the inverse
+frequency of :math:`x_{it}` in the call with ``scale_grad_by_freq``; positions at
+``padding_idx`` get no gradient), so
+
+.. math::
+
+    G_{ir,js} = \sum_{t,u} [x_{it} = x_{ju}]\, c_{it} c_{ju}\, (\gamma_{irt} \cdot \gamma_{jsu}).
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from torchjd.autogram._module_call import (
+    ModuleCall,
+    positions,
+    samples_first,
+    samples_objectives_first,
+)
+
+
+def embedding_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
+    assert isinstance(module, nn.Embedding)
+    index = torch.cat([_per_sample(c.args[0], c.batch_dim) for c in calls], dim=1)
+    Gamma = torch.cat(
+        [positions(samples_objectives_first(c.grad_output(), c.batch_dim), 2) for c in calls],
+        dim=2,
+    )  # [B, R, T, d]
+    B, R, T, d = Gamma.shape
+    scale = torch.cat([_scale(module, c.args[0], c.batch_dim, Gamma.dtype) for c in calls], dim=1)
+    flat, scale = index.reshape(-1), scale.reshape(-1)
+    same = (flat.unsqueeze(1) == flat.unsqueeze(0)).to(Gamma.dtype)  # [B T, B T]
+    K = same * scale.unsqueeze(1) * scale.unsqueeze(0)
+    L = Gamma.reshape(B * R * T, d) @ Gamma.reshape(B * R * T, d).T
+    G = torch.einsum("itju,irtjsu->irjs", K.reshape(B, T, B, T), L.reshape(B, R, T, B, R, T))
+    return G.reshape(B * R, B * R)
+
+
+def _scale(
+    module: nn.Embedding, index: Tensor, batch_dim: int | None, dtype: torch.dtype
+) -> Tensor:
+    """:math:`c_{it}` of one call, ``[B, T]``."""
+    scale = torch.ones(index.shape, dtype=dtype, device=index.device)
+    if module.padding_idx is not None:
+        scale = scale * (index != module.padding_idx)
+    if module.scale_grad_by_freq:
+        flat = index.reshape(-1)
+        counts = (flat.unsqueeze(1) == flat.unsqueeze(0)).sum(dim=1).reshape(index.shape)
+        scale = scale / counts
+    return _per_sample(scale, batch_dim)
+
+
+def _per_sample(tensor: Tensor, batch_dim: int | None) -> Tensor:
+    """``[B, T]``: the positions of each sample."""
+    tensor = samples_first(tensor, batch_dim)
+    return tensor.reshape(tensor.shape[0], -1)

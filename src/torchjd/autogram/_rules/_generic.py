@@ -1,0 +1,90 @@
+r"""The fallback rule, exact for any module: per-objective gradients formed explicitly.
+
+The module's forward is re-run on its recorded (detached) inputs, with the random state of the
+original call and copies of its buffers, so that the parameters' local Jacobian is the one of the
+original call. Backpropagating the cotangent of objective :math:`(i, r)` (the output gradient of
+objective :math:`r`, restricted to sample :math:`i`) gives the row :math:`J_{ir}`, and
+:math:`G = J J^\top` with :math:`J` summed over the calls.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_leaves, tree_map
+
+from torchjd.autogram._batched_grad import batched_grad
+from torchjd.autogram._module_call import ModuleCall, masked_cotangents
+
+
+def generic_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
+    """The Gramian w.r.t. the direct trainable parameters of ``module``."""
+    params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+    return gramian_by_recomputation(module, calls, params)
+
+
+def generic_subtree_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
+    """The Gramian w.r.t. all trainable parameters of ``module`` and of its children."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return gramian_by_recomputation(module, calls, params)
+
+
+def gramian_by_recomputation(
+    module: nn.Module, calls: Sequence[ModuleCall], params: list[Tensor]
+) -> Tensor:
+    J: Tensor | None = None
+    for call in calls:
+        outputs = _recompute(module, call)
+        selected, cotangents = [], []
+        for k, index in enumerate(call.output_leaf_indices):
+            if call.grad_outputs[k] is None:
+                continue
+            selected.append(outputs[index])
+            cotangents.append(
+                masked_cotangents(call.grad_outputs[k], call.output_batch_dims[k], call.num_samples)
+            )
+        grads = batched_grad(selected, params, cotangents)
+        num = cotangents[0].shape[0]
+        rows = torch.cat(
+            [
+                torch.zeros(num, p.numel(), dtype=cotangents[0].dtype, device=p.device)
+                if g is None
+                else g.reshape(num, -1)
+                for g, p in zip(grads, params, strict=True)
+            ],
+            dim=1,
+        )
+        J = rows if J is None else J + rows
+    assert J is not None
+    return J @ J.T
+
+
+def _recompute(module: nn.Module, call: ModuleCall) -> list[Tensor]:
+    args, kwargs = tree_map(_detach, (call.args, call.kwargs))
+    buffers = {name: b.clone() for name, b in module.named_buffers()}  # running stats untouched
+    with torch.random.fork_rng(devices=_devices(call)), torch.enable_grad():
+        _set_rng_state(call)
+        output = functional_call(module, buffers, args, kwargs)
+    return tree_leaves(output)
+
+
+def _detach(value: object) -> object:
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _devices(call: ModuleCall) -> list[torch.device]:
+    return [] if call.rng_state is None else list(call.rng_state[1])
+
+
+def _set_rng_state(call: ModuleCall) -> None:
+    if call.rng_state is None:
+        return
+    cpu_state, device_states = call.rng_state
+    torch.random.set_rng_state(cpu_state)
+    for device, state in device_states.items():
+        torch.cuda.set_rng_state(state, device)
+
+
+generic_rule.recomputes_forward = True  # type: ignore[attr-defined]  (the engine saves RNG states)
+generic_subtree_rule.recomputes_forward = True  # type: ignore[attr-defined]

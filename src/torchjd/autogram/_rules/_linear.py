@@ -1,0 +1,75 @@
+r"""Linear layers in closed form.
+
+With inputs :math:`X_i` (positions :math:`\times d_{in}`) and output gradients :math:`\Gamma_{ir}`
+(positions :math:`\times d_{out}`) of objective :math:`(i, r)`, the gradient w.r.t. the weight is
+:math:`\Gamma_{ir}^\top X_i`, so
+
+.. math::
+
+    G^W_{ir,js} = \langle X_i X_j^\top,\ \Gamma_{ir} \Gamma_{js}^\top \rangle_F
+                = \sum_{t,u} (x_{it} \cdot x_{ju})(\gamma_{irt} \cdot \gamma_{jsu}),
+    \qquad
+    G^b_{ir,js} = \Big(\sum_t \gamma_{irt}\Big) \cdot \Big(\sum_u \gamma_{jsu}\Big).
+
+With one position this is :math:`(X X^\top) \odot (\Gamma \Gamma^\top)`. When the positions are many
+and the layer is narrow, forming the per-objective gradients :math:`\Gamma_{ir}^\top X_i` is
+cheaper: each call picks the cheaper of the two by counting flops. The calls of a module are
+concatenated along the positions, which accounts for the cross terms between calls. Convolutions
+reuse this kernel with one block per group (see ``_conv.py``).
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from torchjd.autogram._module_call import (
+    ModuleCall,
+    cat,
+    gram,
+    positions,
+    samples_first,
+    samples_objectives_first,
+)
+
+
+def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
+    assert isinstance(module, nn.Linear)
+    X = cat([positions(samples_first(c.args[0], c.batch_dim), 1) for c in calls], dim=1)
+    Gamma = cat(
+        [positions(samples_objectives_first(c.grad_output(), c.batch_dim), 2) for c in calls],
+        dim=2,
+    )  # [B, R, T, d_out]
+    G = weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0)) if module.weight.requires_grad else 0
+    if module.bias is not None and module.bias.requires_grad:
+        G = G + gram(Gamma.sum(dim=2))
+    return G  # type: ignore[return-value]
+
+
+def weight_gramian(X: Tensor, Gamma: Tensor) -> Tensor:
+    r""":math:`\sum_p G^{W_p}` for independent blocks :math:`p` (groups of a convolution).
+
+    :param X: Inputs ``[P, B, T, d_in]``.
+    :param Gamma: Output gradients ``[P, B, R, T, d_out]``.
+    :returns: ``[B R, B R]``.
+    """
+    P, B, R, T, d_out = Gamma.shape
+    d_in = X.shape[-1]
+    X = X.to(Gamma.dtype)
+    closed_form_flops = (B * T) ** 2 * d_in + (B * R * T) ** 2 * (d_out + 1)
+    per_objective_flops = B * R * T * d_out * d_in + (B * R) ** 2 * d_out * d_in
+    if per_objective_flops < closed_form_flops:
+        # The rows Γ_ir^T X_i of the Jacobian, block by block.
+        if R == 1:
+            J = (Gamma[:, :, 0].mT @ X).reshape(P, B, d_out * d_in)
+        else:
+            J = (Gamma.mT @ X.unsqueeze(2)).reshape(P, B * R, d_out * d_in)
+        return (J @ J.mT).sum(dim=0)
+    K = X.flatten(1, 2) @ X.flatten(1, 2).mT  # [P, B T, B T]: x_it · x_ju
+    L = Gamma.flatten(1, 3) @ Gamma.flatten(1, 3).mT  # [P, B R T, B R T]: γ_irt · γ_jsu
+    if T == 1:
+        G = (K.reshape(P, B, 1, B, 1) * L.reshape(P, B, R, B, R)).sum(dim=0)
+    else:
+        K, L = K.reshape(P, B, T, B, T), L.reshape(P, B, R, T, B, R, T)
+        G = torch.einsum("pitju,pirtjsu->irjs", K, L)
+    return G.reshape(B * R, B * R)

@@ -1,0 +1,112 @@
+r"""Normalisation layers: their per-objective gradients are small, so they are formed directly.
+
+With :math:`\hat x` the normalised input (recomputed from the recorded input) and
+:math:`\Gamma_{ir}` the output gradients of objective :math:`(i, r)`, the gradients w.r.t. the
+affine parameters are
+
+.. math::
+
+    \nabla_{w} \ell_{ir} = \sum_{t} \gamma_{irt} \odot \hat x_{it}, \qquad
+    \nabla_{b} \ell_{ir} = \sum_{t} \gamma_{irt},
+
+summed over the positions :math:`t` that share a parameter (every position but the normalised
+features for ``LayerNorm``/``RMSNorm``; the spatial positions of a channel for ``GroupNorm``,
+``InstanceNorm`` and ``BatchNorm`` in eval mode, which normalises with its running statistics),
+and :math:`G = J_w J_w^\top + J_b J_b^\top`. A ``BatchNorm`` that normalises with the batch's
+statistics (only allowed with ``batch_dim=None``) goes through the generic rule.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from torchjd.autogram._module_call import ModuleCall, gram, samples_objectives_first
+from torchjd.autogram._rules._generic import generic_rule
+
+_SPATIAL_DIMS = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
+
+
+def layer_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
+    assert isinstance(module, nn.LayerNorm | nn.RMSNorm)
+    shape = tuple(module.normalized_shape)
+    J_w, J_b = [], []
+    for call in calls:
+        x = call.args[0]
+        if isinstance(module, nn.LayerNorm):
+            x_hat = F.layer_norm(x, shape, eps=module.eps)
+        else:
+            eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps
+            x_hat = x * torch.rsqrt(x.pow(2).mean(tuple(range(-len(shape), 0)), True) + eps)
+        gamma = call.grad_output()
+        k = len(shape)
+        J_w.append(_sum_positions((gamma * x_hat).flatten(-k), call.batch_dim, -1))
+        J_b.append(_sum_positions(gamma.flatten(-k), call.batch_dim, -1))
+    return _affine_gramian(module, J_w, J_b)
+
+
+def channel_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
+    assert isinstance(module, nn.GroupNorm | _InstanceNorm | _BatchNorm)
+    if isinstance(module, _BatchNorm) and any(_uses_batch_statistics(module, c) for c in calls):
+        return generic_rule(module, calls)  # the whole batch is one sample (batch_dim=None)
+    J_w, J_b = [], []
+    for call in calls:
+        x = call.args[0]
+        channel_dim = _channel_dim(module, x, call.batch_dim)
+        x_hat = _normalised(module, x, channel_dim, call.training)
+        gamma = call.grad_output()
+        J_w.append(_sum_positions(gamma * x_hat, call.batch_dim, channel_dim))
+        J_b.append(_sum_positions(gamma, call.batch_dim, channel_dim))
+    return _affine_gramian(module, J_w, J_b)
+
+
+def _uses_batch_statistics(module: _BatchNorm, call: ModuleCall) -> bool:
+    return call.training or not module.track_running_stats
+
+
+def _channel_dim(module: nn.Module, x: Tensor, batch_dim: int | None) -> int:
+    if isinstance(module, nn.GroupNorm | _BatchNorm):
+        return 1
+    spatial = next(n for cls, n in _SPATIAL_DIMS.items() if isinstance(module, cls))
+    return x.dim() - spatial - 1
+
+
+def _normalised(module: nn.Module, x: Tensor, channel_dim: int, training: bool) -> Tensor:
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, eps=module.eps)
+    batched = x if channel_dim == 1 else x.unsqueeze(0)
+    if not isinstance(module, _BatchNorm) and (training or not module.track_running_stats):
+        x_hat = F.instance_norm(batched, eps=module.eps)
+    else:
+        shape = [1, -1] + [1] * (batched.dim() - 2)
+        mean = module.running_mean.reshape(shape)  # type: ignore[union-attr]
+        var = module.running_var.reshape(shape)  # type: ignore[union-attr]
+        x_hat = (batched - mean) / torch.sqrt(var + module.eps)
+    return x_hat if channel_dim == 1 else x_hat.squeeze(0)
+
+
+def _sum_positions(product: Tensor, batch_dim: int | None, param_dim: int) -> Tensor:
+    """``[B, R, P]`` from ``[R, *shape]``, summing all but the batch and parameter dims.
+
+    ``param_dim`` is the channel dimension of ``shape``, or -1 for the (flattened) trailing
+    normalised dims.
+    """
+    if param_dim >= 0:
+        product = product.movedim(param_dim + 1, -1)
+        if batch_dim is not None and batch_dim > param_dim:
+            batch_dim -= 1
+    product = samples_objectives_first(product, batch_dim)
+    return product.reshape(*product.shape[:2], -1, product.shape[-1]).sum(dim=2)
+
+
+def _affine_gramian(module: nn.Module, J_w: list[Tensor], J_b: list[Tensor]) -> Tensor:
+    weight, bias = module.weight, getattr(module, "bias", None)
+    G: Tensor | int = 0
+    if weight is not None and weight.requires_grad:
+        G = G + gram(sum(J_w))  # type: ignore[arg-type]
+    if bias is not None and bias.requires_grad:
+        G = G + gram(sum(J_b))  # type: ignore[arg-type]
+    return G  # type: ignore[return-value]
