@@ -3,7 +3,7 @@
 
 Usage::
 
-    python benchmarks/autojac_memory.py [--tasks 2 8 32] [--repeats 5]
+    python benchmarks/autojac_memory.py [--tasks 2 8 32] [--repeats 10] [--rounds 3]
         [--reference-python PATH]
 
 The step is ``mtl_backward`` then ``jac_to_grad(shared params, UPGrad())`` on a shared trunk of
@@ -14,7 +14,8 @@ task. Each configuration runs in a fresh subprocess, with one thread, on CPU; th
 
 Columns: best CPU time and median wall time of a step (ms, default allocator settings; with one
 thread, the CPU time, user plus system, is what the step costs, and its best over the repeats, as
-with ``timeit``, is the least sensitive to other processes on a shared machine); peak memory
+with ``timeit``, is the least sensitive to other processes on a shared machine; each is the best
+of ``--rounds`` processes, the configurations taking turns); peak memory
 above the memory held before the measured steps (MiB: the peak resident set size ``VmHWM`` after
 a warm-up step, reset through ``/proc/self/clear_refs``, in a separate process with a fixed
 ``malloc`` mmap threshold so that freed tensors leave the resident set), compared with plain
@@ -23,6 +24,7 @@ autograd (``sum(losses).backward()``) and with ``m`` copies of the trunk's param
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -98,26 +100,39 @@ def worker(impl: str, m: int, repeats: int) -> dict:
     }
 
 
-def run(python: str, impl: str, m: int, repeats: int) -> dict:
-    """Time in one fresh process with the default allocator settings; memory in another."""
+def _worker_output(python: str, impl: str, m: int, repeats: int, env: dict) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--worker", impl, str(m), str(repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure(configs: list[tuple[str, str, str]], m: int, repeats: int, rounds: int) -> dict:
+    """For each ``(name, python, impl)``: times from ``rounds`` fresh processes, run in turn so
+    that load from other processes hits every configuration alike (the best of each is kept),
+    and the memory from one more process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    timed = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    results: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, python, impl in configs:
+            timing = _worker_output(python, impl, m, repeats, env)
+            best = results.setdefault(name, {"cpu_ms": math.inf, "wall_ms": math.inf})
+            best["cpu_ms"] = min(best["cpu_ms"], timing["cpu_ms"])
+            best["wall_ms"] = min(best["wall_ms"], timing["wall_ms"])
     # For memory, a fixed mmap threshold: glibc otherwise raises it after each large free, and
     # memory freed afterwards may stay resident, so that the resident set would not follow the
     # live tensors (it also makes every large allocation pay its page faults: not for timing).
     env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    measured = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    result = json.loads(measured.strip().splitlines()[-1])
-    timing = json.loads(timed.strip().splitlines()[-1])
-    result["wall_ms"], result["cpu_ms"] = timing["wall_ms"], timing["cpu_ms"]
-    return result
+    for name, python, impl in configs:
+        memory = _worker_output(python, impl, m, repeats, env)
+        results[name].update(peak_mib=memory["peak_mib"], n=memory["n"])
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 8, 32])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--reference-python",
         default=os.environ.get("TORCHJD_REFERENCE_PYTHON", "/work/ref-venv/bin/python"),
@@ -129,7 +144,10 @@ def main() -> None:
         print(json.dumps(worker(impl, int(m), int(repeats))))
         return
 
-    reference = args.reference_python if Path(args.reference_python).exists() else None
+    configs = [("autograd (sum)", sys.executable, "autograd")]
+    configs += [(f"ours {impl}", sys.executable, impl) for impl in WORKER_IMPLS[1:]]
+    if Path(args.reference_python).exists():
+        configs += [(f"published {impl}", args.reference_python, impl) for impl in WORKER_IMPLS[1:]]
     header = (
         f"{'m':>3} {'library':<22} {'CPU (ms)':>9} {'wall (ms)':>10} {'peak (MiB)':>11} "
         f"{'above autograd':>15} {'m × params':>11}"
@@ -137,20 +155,14 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for m in args.tasks:
-        base = run(sys.executable, "autograd", m, args.repeats)
-        rows = [("autograd (sum)", base)]
-        rows += [
-            (f"ours {impl}", run(sys.executable, impl, m, args.repeats))
-            for impl in WORKER_IMPLS[1:]
-        ]
-        if reference is not None:
-            for impl in WORKER_IMPLS[1:]:
-                rows.append((f"published {impl}", run(reference, impl, m, args.repeats)))
+        results = measure(configs, m, args.repeats, args.rounds)
+        base = results["autograd (sum)"]
         copies = m * base["n"] * 4 / 2**20
-        for name, r in rows:
+        for name, r in results.items():
             print(
                 f"{m:>3} {name:<22} {r['cpu_ms']:>9.1f} {r['wall_ms']:>10.1f} "
-                f"{r['peak_mib']:>11.1f} {r['peak_mib'] - base['peak_mib']:>15.1f} {copies:>11.1f}"
+                f"{r['peak_mib']:>11.1f} {r['peak_mib'] - base['peak_mib']:>15.1f} {copies:>11.1f}",
+                flush=True,
             )
 
 

@@ -131,3 +131,16 @@ def test_bad_input_is_refused_and_writes_nothing(make_call, match: str):
         for p in module.parameters():
             assert not hasattr(p, "jac")
             assert p.grad is None
+
+
+def test_a_parameter_listed_by_two_tasks_gets_the_sum_of_their_gradients():
+    trunk = nn.Linear(3, 4).double()
+    common = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    features = trunk(x)
+    loss1 = (features @ common).sum()
+    loss2 = (features @ common).pow(2).sum()
+    expected = torch.autograd.grad(loss1 + loss2, common, retain_graph=True)[0]
+    mtl_backward([loss1, loss2], features=features, tasks_params=[[common], [common]])
+    torch.testing.assert_close(common.grad, expected)
+    assert not hasattr(common, "jac")
