@@ -96,6 +96,9 @@ def report(result: DemoResult) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+_MARKERS = "o+x^sdv*"
+
+
 def figure(result: DemoResult, path: Path) -> None:
     """Loss curves per epoch: the instance-wise part (mean and worst-decile training loss), then
     one panel per task of the multi-task part."""
@@ -109,17 +112,19 @@ def figure(result: DemoResult, path: Path) -> None:
     n_panels = 1 + (len(TASKS) if mtl else 0)
     fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 3.6), squeeze=False)
     ax = axes[0, 0]
+    # equal curves (autojac and autogram make the same steps) stay visible through their markers
     for k, run in enumerate(iw):
-        color = f"C{k}"
-        ax.plot([m.loss for m in run.train], color=color, label=run.name)
-        ax.plot([m.worst_decile for m in run.train], color=color, linestyle="--")
+        style = {"color": f"C{k}", "marker": _MARKERS[k % len(_MARKERS)], "markersize": 4}
+        ax.plot([m.loss for m in run.train], label=run.name, **style)
+        ax.plot([m.worst_decile for m in run.train], linestyle="--", **style)
     ax.set(title="instance-wise: train loss\n(dashed: worst 10 %)", xlabel="epoch", yscale="log")
     ax.legend(fontsize=7)
     for t, task in enumerate(TASKS if mtl else ()):
         ax = axes[0, 1 + t]
         for k, run in enumerate(mtl):
-            ax.plot([m.task_losses[t] for m in run.train], color=f"C{k}", label=run.name)
-            ax.plot([m.task_losses[t] for m in run.test], color=f"C{k}", linestyle=":")
+            style = {"color": f"C{k}", "marker": _MARKERS[k % len(_MARKERS)], "markersize": 4}
+            ax.plot([m.task_losses[t] for m in run.train], label=run.name, **style)
+            ax.plot([m.task_losses[t] for m in run.test], linestyle=":", **style)
         ax.set(title=f"multi-task: {task}\n(dotted: test)", xlabel="epoch", yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()

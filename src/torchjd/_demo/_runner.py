@@ -85,7 +85,7 @@ def _train(
     memory = PeakMemory(device)
     memory.start()
     total = sum(len(epoch) for epoch in schedule)
-    with tqdm(total=total, desc=f"{part}: {method.name}", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=total, desc=f"{part}: {method.name}", file=sys.stderr) as bar:
         for epoch in schedule:
             for indices in epoch:
                 x, y = train.x[indices.to(device)], train.y[indices.to(device)]
@@ -104,6 +104,14 @@ def _train(
             bar.set_postfix(train_loss=f"{result.train[-1].loss:.3f}")
     result.peak_mib = memory.peak_mib()
     return result
+
+
+def _warm_up(method: Method, train: Split, indices: Tensor, device: torch.device) -> None:
+    """One step of a throwaway copy of the method, so that the one-off costs of a first call
+    (lazy initialisations, caches of the allocator) count neither in the time nor in the memory of
+    the run."""
+    method.model.to(device)
+    method.step(train.x[indices.to(device)], train.y[indices.to(device)])
 
 
 def _synchronize(device: torch.device) -> None:
@@ -137,6 +145,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         torch.set_num_threads(1)
     try:
         for part, factory in plan:
+            _warm_up(factory(config.lr), train, schedule[0][0], device)
             torch.manual_seed(config.seed)  # the same initial parameters for every method
             result.runs.append(_train(factory(config.lr), part, train, test, schedule, device))
     except KeyboardInterrupt:
