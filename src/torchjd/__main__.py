@@ -4,4 +4,5 @@ import sys
 
 from torchjd._cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when imported (e.g. by doctest collection)
+    sys.exit(main())
