@@ -4,6 +4,7 @@ import runpy
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parent.parent
 SCRIPT = runpy.run_path(str(ROOT / "scripts" / "update_readme.py"))
@@ -41,3 +42,23 @@ def test_readme_lists_every_aggregator():
     readme = (ROOT / "README.md").read_text()
     for name in torchjd._cli._aggregator_classes():
         assert f"| `{name}` |" in readme, f"{name} has no row in the README's table of aggregators"
+
+
+def test_seed_example_of_the_readme_runs():
+    readme = (ROOT / "README.md").read_text()
+    heading = readme.index("## The seed example")
+    code = readme[readme.index("```python\n", heading) + len("```python\n") :]
+    code = code[: code.index("```")]
+    setup, loop = code.split("for x, y in")
+    namespace: dict = {}
+    exec(compile(setup, "README.md", "exec"), namespace)
+    model, loss_fn, X, Y = (namespace[k] for k in ("model", "loss_fn", "X", "Y"))
+
+    def mean_loss() -> torch.Tensor:
+        with torch.no_grad():
+            return loss_fn(model(X).squeeze(-1), Y).mean()
+
+    initial = mean_loss()
+    exec(compile("for x, y in" + loop, "README.md", "exec"), namespace)
+    assert mean_loss() < initial  # the seed example trains
+    assert all(p.grad is None and not hasattr(p, "jac") for p in model.parameters())

@@ -91,7 +91,8 @@ def _seed(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The parser of the command line, and that of its ``demo`` command."""
     parser = argparse.ArgumentParser(prog="torchjd", description="torchjd: Jacobian descent.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
@@ -127,15 +128,14 @@ def _parser() -> argparse.ArgumentParser:
         + ",".join(default_aggregators())
         + ")",
     )
-    return parser
+    return parser, demo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line ``argv`` (``sys.argv[1:]`` when None); returns the exit status.
     Bad arguments raise :class:`SystemExit` (status 2) with the reason on stderr."""
-    parser = _parser()
+    parser, demo_parser = _parsers()
     args = parser.parse_args(argv)
-    demo_parser = parser._subparsers._group_actions[0].choices["demo"]  # type: ignore[union-attr]
     if args.device == "cuda":
         import torch
 
@@ -162,7 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=args.quick,
         aggregators=tuple(args.aggregators or default_aggregators()),
     )
-    result = run_demo(config)
+    try:
+        result = run_demo(config)
+    except KeyboardInterrupt:  # while loading the data, before the first run started
+        print("interrupted (Ctrl-C) before any run finished", file=sys.stderr)
+        return 130
     text = report(result)
     print(text)
     config.out.mkdir(parents=True, exist_ok=True)

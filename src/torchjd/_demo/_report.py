@@ -99,6 +99,18 @@ def report(result: DemoResult) -> str:
 _MARKERS = "o+x^sdv*"
 
 
+def _style(k: int, n: int) -> dict:
+    """Run ``k`` of ``n``: equal curves (autojac and autogram make the same steps) stay visible,
+    the earlier drawn thicker under the later."""
+    return {
+        "color": f"C{k}",
+        "marker": _MARKERS[k % len(_MARKERS)],
+        "markersize": 4,
+        "linewidth": 1.2 + 1.5 * (n - 1 - k),
+        "alpha": 0.85,
+    }
+
+
 def figure(result: DemoResult, path: Path) -> None:
     """Loss curves per epoch: the instance-wise part (mean and worst-decile training loss), then
     one panel per task of the multi-task part."""
@@ -106,15 +118,15 @@ def figure(result: DemoResult, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     mtl = [run for run in result.runs if run.part == "multi-task"]
     iw = [run for run in result.runs if run.part == "instance-wise"]
     n_panels = 1 + (len(TASKS) if mtl else 0)
     fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 3.6), squeeze=False)
     ax = axes[0, 0]
-    # equal curves (autojac and autogram make the same steps) stay visible through their markers
     for k, run in enumerate(iw):
-        style = {"color": f"C{k}", "marker": _MARKERS[k % len(_MARKERS)], "markersize": 4}
+        style = _style(k, len(iw))
         ax.plot([m.loss for m in run.train], label=run.name, **style)
         ax.plot([m.worst_decile for m in run.train], linestyle="--", **style)
     ax.set(title="instance-wise: train loss\n(dashed: worst 10 %)", xlabel="epoch", yscale="log")
@@ -122,11 +134,13 @@ def figure(result: DemoResult, path: Path) -> None:
     for t, task in enumerate(TASKS if mtl else ()):
         ax = axes[0, 1 + t]
         for k, run in enumerate(mtl):
-            style = {"color": f"C{k}", "marker": _MARKERS[k % len(_MARKERS)], "markersize": 4}
+            style = _style(k, len(mtl))
             ax.plot([m.task_losses[t] for m in run.train], label=run.name, **style)
             ax.plot([m.task_losses[t] for m in run.test], linestyle=":", **style)
         ax.set(title=f"multi-task: {task}\n(dotted: test)", xlabel="epoch", yscale="log")
         ax.legend(fontsize=7)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
