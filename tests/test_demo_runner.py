@@ -1,0 +1,61 @@
+"""The measurements of the demo's runner, on a method whose behaviour is known."""
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from torchjd._demo._data import Split, batch_schedule
+from torchjd._demo._methods import Method
+from torchjd._demo._runner import _train
+
+
+class _Seesaw(Method):
+    """After its k-th step, objective 0 of any batch is k % 2: it goes up at every other step."""
+
+    name = "seesaw"
+
+    def __init__(self) -> None:
+        self.model = nn.Linear(1, 1)
+        self.k = 0
+        super().__init__(lr=0.1)
+
+    def objectives(self, x: Tensor, y: Tensor) -> Tensor:
+        return torch.tensor([float(self.k % 2), 0.5])
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        before = self.objectives(x, y)
+        self.k += 1
+        return before
+
+    def per_sample_losses(self, split: Split) -> Tensor:
+        return torch.arange(len(split), dtype=torch.float32)
+
+    def accuracies(self, split: Split) -> list[Tensor]:
+        return [torch.tensor(0.25)]
+
+
+def test_runner_counts_the_steps_with_a_loss_up():
+    data = Split(torch.zeros(20, 64), torch.zeros(20, dtype=torch.long))
+    schedule = batch_schedule(len(data), batch_size=4, epochs=3, seed=0)
+    result = _train(_Seesaw(), "instance-wise", data, data, schedule, torch.device("cpu"))
+    assert result.steps == 15
+    assert len(result.step_times) == 15
+    assert result.steps_with_increase == 8  # steps 1, 3, ..., 15 (0 → 1)
+    assert result.share_increased == pytest.approx(8 / 15)
+    assert len(result.train) == len(result.test) == 4  # before training, then after each epoch
+    last = result.test[-1]
+    assert last.loss == pytest.approx(9.5)  # the mean of 0, ..., 19
+    assert last.worst_decile == pytest.approx(18.5)  # the mean of the largest two: 18 and 19
+    assert last.accuracies == [0.25]
+
+
+def test_batch_schedule_covers_every_sample_once_per_epoch():
+    schedule = batch_schedule(10, batch_size=3, epochs=2, seed=4)
+    for epoch in schedule:
+        assert [len(b) for b in epoch] == [3, 3, 3, 1]
+        assert sorted(torch.cat(epoch).tolist()) == list(range(10))
+    assert not torch.equal(torch.cat(schedule[0]), torch.cat(schedule[1]))  # reshuffled
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(schedule[0], batch_schedule(10, 3, 2, seed=4)[0], strict=True)
+    )  # the same for every method
