@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import torchjd._cli
 import torchjd._demo._runner as runner
 from torchjd._cli import default_aggregators, main
 
@@ -121,6 +122,15 @@ def test_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit):
         main(["demo", "--out", str(file)])
     assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_missing_extra(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    real_find_spec = torchjd._cli.find_spec
+    monkeypatch.setattr(
+        torchjd._cli, "find_spec", lambda name: None if name == "sklearn" else real_find_spec(name)
+    )
+    assert main(["demo", "--quick"]) == 1
+    assert 'sklearn not found; the demo needs the "demo" extra' in capsys.readouterr().err
 
 
 def test_aggregators_are_case_insensitive_and_comma_separated(

@@ -7,6 +7,7 @@ extra: scikit-learn, matplotlib, tqdm) are imported when the demo runs.
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.util import find_spec
 from pathlib import Path
 
 _PREFERRED_AGGREGATORS = ("Mean", "UPGrad", "MGDA", "PCGrad")
@@ -102,7 +103,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
             "Trains one small network with ERM + SGD and with instance-wise risk minimisation "
             "(UPGrad, through autojac and through autogram), then a multi-task network under "
             "several aggregators, all from the same seed on the same batches; prints a table per "
-            "part and saves a figure of the loss curves. " + _EXTRA_HINT + "."
+            "part and saves a figure of the loss curves. Needs the demo extra: "
+            'pip install "torchjd[demo]".'
         ),
     )
     demo.add_argument("--epochs", type=_positive_int, help="epochs per run (default 8; 1 quick)")
@@ -114,7 +116,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--out",
         type=Path,
         default=Path("torchjd-demo"),
-        help="output folder (default ./torchjd-demo)",
+        help="folder of the figure demo.png and the tables results.md (default ./torchjd-demo)",
     )
     demo.add_argument(
         "--quick", action="store_true", help="a few seconds: 256 training images, 1 epoch"
@@ -146,12 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     if args.out.exists() and not args.out.is_dir():
         demo_parser.error(f"argument --out: {str(args.out)!r} exists and is not a folder")
-    try:
-        from torchjd._demo import DemoConfig, run_demo
-        from torchjd._demo._report import figure, report
-    except ImportError as error:
-        print(f"torchjd demo: {error}; {_EXTRA_HINT}", file=sys.stderr)
+    missing = [name for name in ("sklearn", "matplotlib", "tqdm") if find_spec(name) is None]
+    if missing:
+        print(f"torchjd demo: {', '.join(missing)} not found; {_EXTRA_HINT}", file=sys.stderr)
         return 1
+    from torchjd._demo import DemoConfig, run_demo
+    from torchjd._demo._report import figure, report
+
     config = DemoConfig(
         epochs=args.epochs or (1 if args.quick else 8),
         batch_size=args.batch_size,
