@@ -33,16 +33,16 @@ class Method:
         """The objectives of the batch (per sample or per task), with the graph."""
         raise NotImplementedError
 
-    def backward(self, objectives: Tensor) -> None:
-        """Fills the ``.grad`` fields from the objectives."""
+    def backward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Fills the ``.grad`` fields; returns the objectives of the batch (detached)."""
         raise NotImplementedError
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
-        objectives = self.objectives(x, y)
-        self.backward(objectives)
+        """One update; returns the objectives of the batch before it."""
+        objectives = self.backward(x, y)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return objectives.detach()
+        return objectives
 
     def per_sample_losses(self, split: Split) -> Tensor:
         """``[n]``: each sample's loss (summed over the tasks in the multi-task part)."""
@@ -77,8 +77,10 @@ class ERM(_InstanceWise):
 
     name = "ERM + SGD"
 
-    def backward(self, objectives: Tensor) -> None:
-        objectives.mean().backward()
+    def backward(self, x: Tensor, y: Tensor) -> Tensor:
+        losses = self.objectives(x, y)
+        losses.mean().backward()
+        return losses.detach()
 
 
 class IWRMAutojac(_InstanceWise):
@@ -91,9 +93,11 @@ class IWRMAutojac(_InstanceWise):
         super().__init__(lr)
         self.aggregator = UPGrad()
 
-    def backward(self, objectives: Tensor) -> None:
-        backward(objectives)
+    def backward(self, x: Tensor, y: Tensor) -> Tensor:
+        losses = self.objectives(x, y)
+        backward(losses)
         jac_to_grad(self.model.parameters(), self.aggregator)
+        return losses.detach()
 
 
 class IWRMAutogram(_InstanceWise):
@@ -107,9 +111,11 @@ class IWRMAutogram(_InstanceWise):
         self.weighting = UPGradWeighting()
         self.engine = Engine(self.model, batch_dim=0)
 
-    def backward(self, objectives: Tensor) -> None:
-        gramian = self.engine.compute_gramian(objectives)
-        objectives.backward(self.weighting(gramian))
+    def backward(self, x: Tensor, y: Tensor) -> Tensor:
+        losses = self.objectives(x, y)
+        gramian = self.engine.compute_gramian(losses)
+        losses.backward(self.weighting(gramian))
+        return losses.detach()
 
 
 class MultiTask(Method):
@@ -134,17 +140,22 @@ class MultiTask(Method):
             ]
         )  # [tasks, n]
 
-    def objectives(self, x: Tensor, y: Tensor) -> Tensor:
-        self._features = self.trunk(x)
-        targets = Split(x, y).targets()
+    def _losses(self, features: Tensor, y: Tensor) -> Tensor:
+        """``[tasks]``: the mean loss of each task on the batch."""
+        targets = Split(features, y).targets()
         return torch.stack(
-            [cross_entropy(h(self._features), t) for h, t in zip(self.heads, targets, strict=True)]
+            [cross_entropy(h(features), t) for h, t in zip(self.heads, targets, strict=True)]
         )
 
-    def backward(self, objectives: Tensor) -> None:
-        mtl_backward(list(objectives.unbind()), features=self._features)
-        del self._features
+    def objectives(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._losses(self.trunk(x), y)
+
+    def backward(self, x: Tensor, y: Tensor) -> Tensor:
+        features = self.trunk(x)
+        losses = self._losses(features, y)
+        mtl_backward(list(losses.unbind()), features=features)
         jac_to_grad(self.trunk.parameters(), self.aggregator)
+        return losses.detach()
 
     def per_sample_losses(self, split: Split) -> Tensor:
         return self._per_task_per_sample(split.x, split.targets()).sum(dim=0)
