@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import torchjd._cli
+import torchjd._demo._memory as memory
 import torchjd._demo._runner as runner
 from torchjd._cli import default_aggregators, main
 
@@ -37,7 +38,12 @@ def _number(cell: str) -> float:
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path]:
     out = tmp_path_factory.mktemp("demo")
     stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+    with (
+        pytest.MonkeyPatch.context() as patch,  # keep glibc's defaults for the rest of the suite
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
+        patch.setattr(memory, "_map_large_allocations", lambda: None)
         torch.manual_seed(1)  # the demo must not depend on the global seed
         status = main(["demo", "--quick", "--out", str(out)])
     return status, stdout.getvalue(), out
@@ -160,6 +166,7 @@ def test_ctrl_c_prints_the_finished_runs(
         return real_train(*args)
 
     monkeypatch.setattr(runner, "_train", interrupted_train)
+    monkeypatch.setattr(memory, "_map_large_allocations", lambda: None)
     threads = torch.get_num_threads()
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 130
     assert torch.get_num_threads() == threads  # restored

@@ -1,9 +1,12 @@
 """The measurements of the demo's runner, on a method whose behaviour is known."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
 
+import torchjd._demo._memory as memory
 from torchjd._demo._data import Split, batch_schedule
 from torchjd._demo._methods import Method
 from torchjd._demo._runner import _train
@@ -59,3 +62,14 @@ def test_batch_schedule_covers_every_sample_once_per_epoch():
         torch.equal(a, b)
         for a, b in zip(schedule[0], batch_schedule(10, 3, 2, seed=4)[0], strict=True)
     )  # the same for every method
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_peak_memory_sees_a_tensor_allocated_and_freed(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(memory, "_map_large_allocations", lambda: None)  # 64 MiB is mapped anyway
+    meter = memory.PeakMemory(torch.device("cpu"))
+    meter.start()
+    assert meter.peak_mib() < 32
+    big = torch.ones(16 * 2**20)  # 64 MiB, touched
+    del big
+    assert meter.peak_mib() >= 60

@@ -83,10 +83,11 @@ def _train(
     result.train.append(_evaluate(method, train))
     result.test.append(_evaluate(method, test))
     memory = PeakMemory(device)
-    memory.start()
+    peaks = []
     total = sum(len(epoch) for epoch in schedule)
     with tqdm(total=total, desc=f"{part}: {method.name}", file=sys.stderr) as bar:
         for epoch in schedule:
+            memory.start()  # the peak of the steps, without the evaluations between the epochs
             for indices in epoch:
                 x, y = train.x[indices.to(device)], train.y[indices.to(device)]
                 _synchronize(device)
@@ -99,10 +100,11 @@ def _train(
                 result.steps += 1
                 result.steps_with_increase += int((after > before).any())
                 bar.update()
+            peaks.append(memory.peak_mib())
             result.train.append(_evaluate(method, train))
             result.test.append(_evaluate(method, test))
             bar.set_postfix(train_loss=f"{result.train[-1].loss:.3f}")
-    result.peak_mib = memory.peak_mib()
+    result.peak_mib = max(peaks, default=float("nan"))
     return result
 
 
