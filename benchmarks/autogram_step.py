@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/autogram_step.py [--steps 5] [--reference-python PATH] [--only mlp64 ...]
+    python benchmarks/autogram_step.py [--steps 5] [--threads 1] [--reference-python PATH]
+        [--only mlp64 ...]
 
 Each configuration runs in its own subprocess (so that peak memory is measured per run): the
 ERM step (mean loss, backward, SGD step), the IWRM step with this library (forward,
@@ -12,7 +13,8 @@ same IWRM step with the published ``torchjd==0.18.0`` (its virtualenv's interpre
 library differs). Models: an MLP 784-512-512-10 (batch 64 and 256), a CNN on 3x32x32 (batch 64),
 and a two-layer Transformer encoder (d_model 128, 4 heads, seq 32, batch 32).
 
-Columns: median time per step (ms) and its split (forward, Gramian, weighting, backward + step),
+One torch thread by default: on a shared machine, thread hand-offs dominate otherwise. Columns:
+median time per step (ms) and its split (forward, Gramian, weighting, backward + step),
 the ratio to the ERM step, and the peak resident memory of the process above its level after
 building the model and the data (MiB).
 """
@@ -75,11 +77,11 @@ def build(kind: str, batch: int):
     return model, x, y
 
 
-def worker(kind: str, batch: int, mode: str, steps: int) -> dict:
+def worker(kind: str, batch: int, mode: str, steps: int, threads: int) -> dict:
     import torch
     from torch import nn
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model, x, y = build(kind, batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
@@ -116,10 +118,10 @@ def worker(kind: str, batch: int, mode: str, steps: int) -> dict:
     return result
 
 
-def run(python: str, name: str, mode: str, steps: int) -> dict | None:
+def run(python: str, name: str, mode: str, steps: int, threads: int) -> dict | None:
     kind, batch = CONFIGS[name]
     env = dict(os.environ)
-    command = [python, __file__, "--worker", kind, str(batch), mode, str(steps)]
+    command = [python, __file__, "--worker", kind, str(batch), mode, str(steps), str(threads)]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/")
     if completed.returncode != 0:
         print(f"  {name} {mode} failed: {completed.stderr.strip().splitlines()[-1:]}")
@@ -134,11 +136,12 @@ def main() -> None:
     parser.add_argument(
         "--reference-python", default=os.environ.get("TORCHJD_REFERENCE_PYTHON", "")
     )
-    parser.add_argument("--worker", nargs=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--worker", nargs=5)
     args = parser.parse_args()
     if args.worker:
-        kind, batch, mode, steps = args.worker
-        print(json.dumps(worker(kind, int(batch), mode, int(steps))))
+        kind, batch, mode, steps, threads = args.worker
+        print(json.dumps(worker(kind, int(batch), mode, int(steps), int(threads))))
         return
     header = (
         f"{'config':<14}{'step':<10}{'ms':>8}{'xERM':>7}{'fwd':>8}{'gram':>8}{'weight':>8}"
@@ -151,7 +154,7 @@ def main() -> None:
             rows.append(("IWRM 0.18", args.reference_python, "iwrm"))
         erm = None
         for label, python, mode in rows:
-            r = run(python, name, mode, args.steps)
+            r = run(python, name, mode, args.steps, args.threads)
             if r is None:
                 continue
             erm = r["total"] if mode == "erm" else erm

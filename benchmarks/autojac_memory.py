@@ -12,10 +12,13 @@ task. Each configuration runs in a fresh subprocess, with one thread, on CPU; th
 (``torchjd==0.18.0``, in its own virtualenv given by ``--reference-python`` or
 ``$TORCHJD_REFERENCE_PYTHON``) runs the very same worker, as a black box.
 
-Columns: median wall time of a step (ms); peak memory above the memory held before the first step
-(MiB, the peak resident set size ``VmHWM`` after a warm-up step, reset through
-``/proc/self/clear_refs``), compared with plain autograd
-(``sum(losses).backward()``) and with ``m`` copies of the trunk's parameters.
+Columns: best CPU time and median wall time of a step (ms, default allocator settings; with one
+thread, the CPU time, user plus system, is what the step costs, and its best over the repeats, as
+with ``timeit``, is the least sensitive to other processes on a shared machine); peak memory
+above the memory held before the measured steps (MiB: the peak resident set size ``VmHWM`` after
+a warm-up step, reset through ``/proc/self/clear_refs``, in a separate process with a fixed
+``malloc`` mmap threshold so that freed tensors leave the resident set), compared with plain
+autograd (``sum(losses).backward()``) and with ``m`` copies of the trunk's parameters.
 """
 
 import argparse
@@ -79,25 +82,36 @@ def worker(impl: str, m: int, repeats: int) -> dict:
     step()  # one-off initialisations (lazy imports, vmap set-up) are not measured
     before = _status_mib("VmRSS")
     _reset_peak()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     peak = _status_mib("VmHWM")
     n = sum(p.numel() for p in trunk.parameters())
-    return {"time_ms": 1e3 * statistics.median(times), "peak_mib": peak - before, "n": n}
+    return {
+        "wall_ms": 1e3 * statistics.median(wall),
+        "cpu_ms": 1e3 * min(cpu),
+        "peak_mib": peak - before,
+        "n": n,
+    }
 
 
 def run(python: str, impl: str, m: int, repeats: int) -> dict:
+    """Time in one fresh process with the default allocator settings; memory in another."""
     cmd = [python, str(Path(__file__).resolve()), "--worker", impl, str(m), str(repeats)]
-    # A fixed mmap threshold: glibc otherwise raises it after each large free, and memory freed
-    # afterwards may stay resident, so that the resident set would not follow the live tensors.
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072"
-    )
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    timed = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    # For memory, a fixed mmap threshold: glibc otherwise raises it after each large free, and
+    # memory freed afterwards may stay resident, so that the resident set would not follow the
+    # live tensors (it also makes every large allocation pay its page faults: not for timing).
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    measured = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    result = json.loads(measured.strip().splitlines()[-1])
+    timing = json.loads(timed.strip().splitlines()[-1])
+    result["wall_ms"], result["cpu_ms"] = timing["wall_ms"], timing["cpu_ms"]
+    return result
 
 
 def main() -> None:
@@ -117,7 +131,7 @@ def main() -> None:
 
     reference = args.reference_python if Path(args.reference_python).exists() else None
     header = (
-        f"{'m':>3} {'library':<22} {'time (ms)':>10} {'peak (MiB)':>11} "
+        f"{'m':>3} {'library':<22} {'CPU (ms)':>9} {'wall (ms)':>10} {'peak (MiB)':>11} "
         f"{'above autograd':>15} {'m × params':>11}"
     )
     print(header)
@@ -135,8 +149,8 @@ def main() -> None:
         copies = m * base["n"] * 4 / 2**20
         for name, r in rows:
             print(
-                f"{m:>3} {name:<22} {r['time_ms']:>10.1f} {r['peak_mib']:>11.1f} "
-                f"{r['peak_mib'] - base['peak_mib']:>15.1f} {copies:>11.1f}"
+                f"{m:>3} {name:<22} {r['cpu_ms']:>9.1f} {r['wall_ms']:>10.1f} "
+                f"{r['peak_mib']:>11.1f} {r['peak_mib'] - base['peak_mib']:>15.1f} {copies:>11.1f}"
             )
 
 

@@ -52,6 +52,29 @@ def test_autogram_names():
     assert {"Engine", "register_rule"} <= set(torchjd.autogram.__all__)
 
 
+def test_beyond_the_published_api_names():
+    expected = {
+        "GeneralizedWeighting", "Flattening", "Normalized", "MoCo", "GradNorm",
+        "GradNormWeighting", "DBMTL",
+    }  # fmt: skip
+    assert expected <= set(torchjd.aggregation.__all__)
+    for name in ["MoCo", "GradNorm", "GradNormWeighting", "DBMTL"]:
+        assert issubclass(getattr(torchjd.aggregation, name), torchjd.Stateful), name
+
+
+def test_scalarization_names():
+    expected = {
+        "Scalarizer", "Constant", "COSMOS", "DWA", "FAMO", "GeometricMean", "IMTLL", "Mean", "PBI",
+        "Random", "STCH", "Sum", "UW",
+    }  # fmt: skip
+    assert set(torchjd.scalarization.__all__) == expected
+    stateful = {"DWA", "FAMO", "IMTLL", "UW"}
+    for name in expected - {"Scalarizer"}:
+        cls = getattr(torchjd.scalarization, name)
+        assert issubclass(cls, torchjd.scalarization.Scalarizer)
+        assert issubclass(cls, torchjd.Stateful) == (name in stateful), name
+
+
 def test_stateful_is_abstract():
     class Counter(torchjd.Stateful):
         def __init__(self) -> None:

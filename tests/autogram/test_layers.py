@@ -7,8 +7,13 @@ import torch
 from torch import Tensor, nn
 
 from tests.autogram._helpers import assert_gramian_exact
+from torchjd.autogram import Engine
 
 B = 4
+FLOAT32_CASES = {
+    "linear_nd", "conv2d_groups_stride", "embedding", "layer_norm", "group_norm",
+    "attention_masks", "transformer_encoder_layer", "lstm_proj_state", "gru",
+}  # fmt: skip
 
 
 class Case:
@@ -103,6 +108,7 @@ CASES = [
         ),
         lambda: torch.randn(B, 2, 3, 3),
     ),
+    Case("batch_norm_eval", lambda: _eval_batch_norm(), lambda: torch.randn(B, 2, 3, 3)),
     Case(
         "rms_norm",
         lambda: nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Linear(6, 2)),
@@ -148,6 +154,13 @@ CASES = [
 ]
 
 
+def _eval_batch_norm() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Tanh(), nn.BatchNorm2d(3))
+    with torch.no_grad():
+        model(torch.randn(8, 2, 3, 3))  # non-trivial running statistics
+    return model.eval()
+
+
 class _Attend(nn.Module):
     def __init__(self, attention: nn.MultiheadAttention) -> None:
         super().__init__()
@@ -183,6 +196,140 @@ def test_layer(case: Case):
     x = case.x()
     for batch_dim in case.batch_dims:
         assert_gramian_exact([model], lambda: case.head(model(x)), batch_dim)
+
+
+class _MaskedAttention(nn.Module):
+    """Self-attention with every kind of mask, returning the per-head weights too."""
+
+    def __init__(self, attention: nn.MultiheadAttention, per_head_mask: bool) -> None:
+        super().__init__()
+        self.attention, self.per_head_mask = attention, per_head_mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        T = x.shape[1]
+        padding = torch.zeros(x.shape[0], T, dtype=x.dtype)
+        padding[1, -1] = -torch.inf
+        mask = torch.randn(T, T, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+        if self.per_head_mask:
+            mask = mask.expand(x.shape[0] * self.attention.num_heads, T, T)
+        y, w = self.attention(
+            x, x, x, key_padding_mask=padding, attn_mask=mask, average_attn_weights=False
+        )
+        return y.pow(2).mean((1, 2)) + w.pow(2).sum((1, 2, 3))
+
+
+def _mha(**kwargs: object) -> nn.MultiheadAttention:
+    return nn.MultiheadAttention(8, 2, **kwargs)  # type: ignore[arg-type]
+
+
+ATTENTION = [
+    Case("attention_masks", lambda: _MaskedAttention(_mha(batch_first=True), False),
+         lambda: torch.randn(B, 3, 8), head=lambda y: y),
+    Case("attention_per_head_mask", lambda: _MaskedAttention(_mha(batch_first=True), True),
+         lambda: torch.randn(B, 3, 8), head=lambda y: y, batch_dims=(0,)),
+    Case("attention_bias_kv_zero_attn",
+         lambda: _Attend(_mha(batch_first=True, add_bias_kv=True, add_zero_attn=True)),
+         lambda: torch.randn(B, 3, 8), head=lambda y: y[0].pow(2).mean((1, 2))),
+    Case("attention_dropout", lambda: _Attend(_mha(dropout=0.5, batch_first=True)),
+         lambda: torch.randn(B, 3, 8), head=lambda y: y[0].pow(2).mean((1, 2))),
+    Case("attention_plain_seq_first_cross", lambda: _Cross(_mha()),
+         lambda: torch.randn(3, B, 8), head=seq_first),
+    Case("attention_causal_unbatched", lambda: _Causal(_mha()),
+         lambda: torch.randn(3, 8), head=lambda y: y.pow(2).sum(1), batch_dims=(None,)),
+    Case("transformer_encoder_seq_first_causal",
+         lambda: _Causal(nn.TransformerEncoderLayer(8, 2, 6, dropout=0.0, norm_first=True)),
+         lambda: torch.randn(3, B, 8), head=seq_first, batch_dims=(None,)),
+]  # fmt: skip
+
+
+class _Cross(nn.Module):
+    """Attention of the sequence on a shorter, transformed one, without weights nor masks."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attention, self.memory = attention, nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        memory = self.memory(x[:2])
+        return self.attention(x, memory, memory, need_weights=False)[0]
+
+
+class _Causal(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[0])
+        if isinstance(self.layer, nn.MultiheadAttention):
+            return self.layer(x, x, x, attn_mask=mask, is_causal=True)[0]
+        return self.layer(x, src_mask=mask, is_causal=True)
+
+
+@pytest.mark.parametrize("case", ATTENTION, ids=repr)
+def test_attention(case: Case):
+    test_layer(case)
+
+
+class _WithState(nn.Module):
+    """A recurrent layer given a learnt initial state."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+        directions = 2 if rnn.bidirectional else 1
+        size = rnn.proj_size if getattr(rnn, "proj_size", 0) else rnn.hidden_size
+        self.h0 = nn.Linear(3, rnn.num_layers * directions * size)
+        self.c0 = nn.Parameter(torch.randn(rnn.num_layers * directions, 1, rnn.hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch_first = self.rnn.batch_first
+        first = x[:, 0] if batch_first else x[0]
+        h0 = self.h0(first).reshape(
+            first.shape[0], self.rnn.num_layers * (1 + self.rnn.bidirectional), -1
+        )
+        h0 = h0.transpose(0, 1).contiguous()
+        if isinstance(self.rnn, nn.LSTM):
+            c0 = self.c0.expand(-1, first.shape[0], -1).contiguous()
+            out, (h, c) = self.rnn(x, (h0, c0))
+            return out, h, c
+        out, h = self.rnn(x, h0)
+        return out, h
+
+
+def _state_head(batch_first: bool) -> Callable[[object], Tensor]:
+    def head(y: object) -> Tensor:
+        out, h = y[0], y[1]  # type: ignore[index]
+        out = out if batch_first else out.transpose(0, 1)
+        total = out.pow(2).flatten(1).mean(1) + h.pow(2).sum((0, 2))
+        if len(y) == 3:  # type: ignore[arg-type]
+            total = total + y[2].pow(2).sum((0, 2))  # type: ignore[index]
+        return total
+
+    return head
+
+
+RNNS = [
+    Case("lstm_proj_state",
+         lambda: _WithState(nn.LSTM(3, 5, num_layers=2, proj_size=2, batch_first=True)),
+         lambda: torch.randn(B, 5, 3), head=_state_head(True)),
+    Case("gru_bidirectional_seq_first_state",
+         lambda: _WithState(nn.GRU(3, 5, num_layers=2, bidirectional=True)),
+         lambda: torch.randn(5, B, 3), head=_state_head(False)),
+    Case("rnn_relu_no_bias",
+         lambda: nn.RNN(3, 4, nonlinearity="relu", bias=False, batch_first=True),
+         lambda: torch.randn(B, 5, 3), head=lambda y: y[0].pow(2).mean((1, 2))),
+    Case("lstm_dropout_between_layers",
+         lambda: nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True),
+         lambda: torch.randn(B, 5, 3), head=lambda y: y[0].pow(2).mean((1, 2))),
+    Case("gru_unbatched", lambda: nn.GRU(3, 4, bidirectional=True),
+         lambda: torch.randn(5, 3), head=lambda y: y[0].pow(2).sum(1), batch_dims=(None,)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", RNNS, ids=repr)
+def test_recurrent(case: Case):
+    test_layer(case)
 
 
 class _Twice(nn.Module):
@@ -229,3 +376,20 @@ def test_unbatched_inputs_without_batch_dim():
     assert_gramian_exact([norm], lambda: norm(torch.randn(3, 5)).pow(3).sum(1), None)
     embedding = nn.Embedding(4, 2)
     assert_gramian_exact([embedding], lambda: embedding(torch.tensor(2)).exp(), None)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES + ATTENTION + RNNS if c.name in FLOAT32_CASES],
+    ids=repr,
+)
+def test_float32(case: Case):
+    model, x = case.model(), case.x()
+    batch_dim = case.batch_dims[0]
+    expected = assert_gramian_exact([model], lambda: case.head(model(x)), batch_dim)
+    model.float()
+    x32 = x.float() if x.is_floating_point() else x
+    with Engine(model, batch_dim=batch_dim) as engine:
+        G = engine.compute_gramian(case.head(model(x32)))
+    assert G.dtype == torch.float32
+    assert (G.double() - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -151,3 +151,25 @@ def test_existing_jac_of_other_shape_is_refused_untouched():
     torch.testing.assert_close(w.jac, before)
     backward(y)  # the graph was not consumed by the refused call
     torch.testing.assert_close(w.jac, 2 * before)
+
+
+class _ScalarBackward(torch.autograd.Function):
+    """Doubles its input; its backward reads a Python number, which vmap cannot batch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float(grad.sum().item() * 0 + 2)
+
+
+def test_layers_that_vmap_cannot_batch_work_with_chunks_of_one():
+    w = _w()
+    y = _ScalarBackward.apply(w)
+    with pytest.raises(RuntimeError, match="parallel_chunk_size=1"):
+        backward(y, retain_graph=True)
+    assert not hasattr(w, "jac")
+    backward(y, parallel_chunk_size=1)
+    torch.testing.assert_close(w.jac, 2 * torch.eye(3, dtype=torch.float64))

@@ -36,17 +36,24 @@ def test_equals_brute_force(shape: list[int], n_outputs: int, chunk: int | None)
         torch.testing.assert_close(J, E, rtol=1e-12, atol=1e-12)
 
 
-def test_jac_outputs_and_unused_inputs():
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+def test_jac_outputs_and_unused_inputs(chunk: int | None):
     x = torch.randn(3, dtype=torch.float64, requires_grad=True)
     unused = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
     y = torch.stack([x.prod(), x.norm()])
     V = torch.randn(5, 2, dtype=torch.float64)
-    (Jx, Ju) = jac(y, [x, unused], jac_outputs=V, retain_graph=True)
+    (Jx, Ju) = jac(y, [x, unused], jac_outputs=V, retain_graph=True, parallel_chunk_size=chunk)
     (full,) = _brute_force([y], [x])
     torch.testing.assert_close(Jx, V @ full)
     torch.testing.assert_close(Ju, torch.zeros(5, 2, 2, dtype=torch.float64))
     assert not hasattr(x, "jac")
     assert x.grad is None
+
+
+def test_a_leaf_can_be_an_output():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    (J,) = jac(x, x)
+    torch.testing.assert_close(J, torch.eye(2))
 
 
 def test_single_tensor_input_returns_a_tuple():

@@ -12,24 +12,37 @@ from torchjd.aggregation._bases import (
     Weighting,
 )
 from torchjd.aggregation._constant import Constant, ConstantWeighting
+from torchjd.aggregation._dbmtl import DBMTL
 from torchjd.aggregation._dualproj import DualProj, DualProjWeighting
+from torchjd.aggregation._flattening import Flattening
+from torchjd.aggregation._generalized_weighting import GeneralizedWeighting
+from torchjd.aggregation._gradnorm import GradNorm, GradNormWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
 from torchjd.aggregation._mgda import MGDA, MGDAWeighting
+from torchjd.aggregation._moco import MoCo
+from torchjd.aggregation._normalized import Normalized
 from torchjd.aggregation._random import Random, RandomWeighting
 from torchjd.aggregation._sum import Sum, SumWeighting
 from torchjd.aggregation._upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
+    "DBMTL",
     "MGDA",
     "Aggregator",
     "Constant",
     "ConstantWeighting",
     "DualProj",
     "DualProjWeighting",
+    "Flattening",
+    "GeneralizedWeighting",
+    "GradNorm",
+    "GradNormWeighting",
     "GramianWeightedAggregator",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "MoCo",
+    "Normalized",
     "Random",
     "RandomWeighting",
     "Sum",

@@ -94,6 +94,15 @@ def call_unchecked(weighting: Weighting[Any], stat: Tensor) -> Tensor:
     return nn.Module.__call__(weighting, stat)
 
 
+def check_weighting(weighting: object, name: str) -> None:
+    """``weighting`` is a :class:`Weighting` (wrappers check what they wrap)."""
+    if not isinstance(weighting, Weighting):
+        raise TypeError(
+            f"`{name}` must be a torchjd.aggregation.Weighting (of a Gramian). "
+            f"Found {type(weighting).__name__}."
+        )
+
+
 class Aggregator(nn.Module, ABC):
     """Reduces a matrix ``[m, n]`` (one row per objective, e.g. a Jacobian) to a vector ``[n]``.
 

@@ -100,6 +100,26 @@ def check_positive_float(value: object, name: str) -> float:
     return float(value)
 
 
+def check_non_negative_float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a float. Found {value!r} of type {type(value).__name__}."
+        )
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"`{name}` must be non-negative. Found {name}={value!r}.")
+    return float(value)
+
+
+def check_tracked_shape(tracked: Tensor, matrix: Tensor) -> None:
+    """A stateful aggregator's input keeps the shape of the matrix that it tracks."""
+    if tracked.shape != matrix.shape:
+        raise ValueError(
+            f"`matrix` must keep the shape of the previous calls, {tuple(tracked.shape)}, since "
+            f"the aggregator tracks it. Found `matrix.shape = {tuple(matrix.shape)}`; call "
+            "`reset()` to start over with a new shape."
+        )
+
+
 def vector_str(vector: Tensor) -> str:
     """Entries with at most two decimals, trailing zeros dropped: ``[0.12, 2.]``."""
     entries = []

@@ -26,10 +26,14 @@ class Engine:
     The engine hooks the given modules (and their descendants). During the forward pass it records
     each hooked call's inputs; :meth:`compute_gramian` then backpropagates once to get the
     gradients :math:`\Gamma` of the objectives w.r.t. each call's output, and sums the blocks
-    :math:`G = \sum_\ell J_\ell J_\ell^\top` given by a rule per module type (closed forms for
-    ``Linear``, convolutions and ``Embedding``; per-objective gradients for the others, see
-    :func:`~torchjd.autogram.register_rule`). This is the autogram engine of Jacobian descent
-    (Quinton & Rey, 2024, arXiv 2406.16232): a step of instance-wise risk minimisation is
+    :math:`G = \sum_\ell J_\ell J_\ell^\top` given by a rule per module type: closed forms for
+    ``Linear``, convolutions and ``Embedding``; sums of Linear blocks for ``MultiheadAttention``
+    and ``RNN``/``LSTM``/``GRU``; small per-sample gradients for normalisation layers; an exact
+    generic rule for any other module with parameters (see
+    :func:`~torchjd.autogram.register_rule`). A rule sums the calls of its module before the
+    product, so a module called several times is handled exactly. This is the autogram engine of
+    Jacobian descent (Quinton & Rey, 2024, arXiv 2406.16232); a step of instance-wise risk
+    minimisation is
 
     .. math::
 
@@ -40,14 +44,17 @@ class Engine:
     :param batch_dim: The dimension of the objectives (and of the hooked modules' inputs and
         outputs) that indexes independent samples, or None. With a batch dimension, the modules
         must treat samples independently (no ``BatchNorm`` in training mode), and one backward pass
-        gives every sample's output gradients; modules with a ``batch_first`` attribute (``RNN``,
-        ``LSTM``, ``GRU``, ``MultiheadAttention``) hold it at 0 or 1 accordingly. With None, no
-        assumption is made (always correct, slower).
+        gives every sample's output gradients. In a hooked module's output, the samples are taken
+        along ``batch_dim`` when its size there is the batch size, else along the only dimension
+        of that size; modules with a ``batch_first`` attribute (``RNN``, ``LSTM``, ``GRU``,
+        ``MultiheadAttention``) hold them at 0 or 1 accordingly. With None, no assumption is made
+        (always correct, slower: one backward pass per objective, vectorised).
 
     Parameters used by two hooked modules (tied weights) are not supported. The engine's hooks
     stay until :meth:`close` (or the end of a ``with`` block, or the engine's deletion). Forward
-    passes run with grad enabled are recorded until the next :meth:`compute_gramian`; run the
-    others under :func:`torch.no_grad`.
+    passes run with grad enabled are recorded until the next :meth:`compute_gramian`, which must
+    come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
+    re-runs of activation checkpointing).
 
     For a linear model, the gradient of the output for sample :math:`i` is :math:`(x_i, 1)`, so
     :math:`G = X X^\top + 1`:
@@ -86,6 +93,7 @@ class Engine:
         for module in modules:
             self._collect(module, seen)
         self._check_no_shared_parameters()
+        self._batch_norms = [m for m in self._all_modules() if isinstance(m, _BatchNorm)]
         # The hooks hold the engine weakly, so that deleting the engine removes them.
         this = weakref.ref(self)
         for module, (rule, _) in self._rules.items():
@@ -205,9 +213,10 @@ class Engine:
             for call in module_calls:
                 call.grad_outputs = [next(grads) for _ in call.edges]
         self._check_all_calls_reached(calls)
+        G = output.new_zeros(B * R, B * R)
         with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
-            G = sum(self._rules[m][0](m, module_calls) for m, module_calls in calls.items())
-        assert isinstance(G, Tensor)
+            for module, module_calls in calls.items():
+                G = G + self._rules[module][0](module, module_calls)
         return _to_row_major(G.to(output.dtype), output, batch_dim)
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
@@ -227,10 +236,8 @@ class Engine:
     def _check_per_sample_independence(self, batch_dim: int | None) -> None:
         if batch_dim is None:
             return
-        for module in self._all_modules():
-            if isinstance(module, _BatchNorm) and (
-                module.training or not module.track_running_stats
-            ):
+        for module in self._batch_norms:
+            if module.training or not module.track_running_stats:
                 raise ValueError(
                     f"{module} normalises with batch statistics (training mode, or "
                     "track_running_stats=False), so each sample's loss depends on the other "

@@ -25,6 +25,12 @@ class ModuleCall:
         gradients :math:`\Gamma` of the objectives w.r.t. it, of shape ``[R, *output.shape]``
         (sample ``i``'s part of ``grad_outputs[k][r]`` is the gradient of objective ``(i, r)``), or
         None when that output did not reach the objectives.
+    :param output_leaf_indices: The position of each of ``outputs`` among the leaves of the
+        call's output (for rules that re-run the module).
+    :param rng_state: The random state before the call, for rules that re-run the module (None
+        when the rule does not).
+    :param training: Whether the module was in training mode during the call.
+    :param edges: Where each of ``outputs`` enters the autograd graph (engine internal).
     """
 
     args: tuple[Any, ...]
@@ -77,6 +83,11 @@ def samples_objectives_first(gamma: Tensor, batch_dim: int | None) -> Tensor:
 def positions(tensor: Tensor, num_leading: int) -> Tensor:
     """``[*leading, *positions, features]`` as ``[*leading, T, features]``."""
     return tensor.reshape(*tensor.shape[:num_leading], -1, tensor.shape[-1])
+
+
+def cat(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` that does not copy a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def gram(per_objective: Tensor) -> Tensor:

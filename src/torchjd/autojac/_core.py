@@ -107,14 +107,22 @@ def _vjp(
     batched = c > 1
     if not batched:
         grad_outputs = [g[0] for g in grad_outputs]
-    grads = torch.autograd.grad(
-        outputs,
-        inputs,
-        grad_outputs,
-        retain_graph=retain,
-        allow_unused=True,
-        is_grads_batched=batched,
-    )
+    try:
+        grads = torch.autograd.grad(
+            outputs,
+            inputs,
+            grad_outputs,
+            retain_graph=retain,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+    except RuntimeError as error:
+        if not batched:
+            raise
+        raise RuntimeError(
+            f"Backpropagating {c} rows at once with torch.vmap failed: {error}\nIf a layer of the "
+            "model cannot be batched by vmap, pass `parallel_chunk_size=1` (no vmap at all)."
+        ) from error
     result = []
     for g, x in zip(grads, inputs, strict=True):
         if g is None:

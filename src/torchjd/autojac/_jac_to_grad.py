@@ -65,6 +65,15 @@ def jac_to_grad(
     tensor([1.0096, 0.0968])
     >>> hasattr(param, "jac")
     False
+
+    The block-wise Gramian gives the same step:
+
+    >>> param.grad = None
+    >>> backward([param.pow(2).sum(), -param.sum()])
+    >>> jac_to_grad([param], UPGrad(), optimize_gramian_computation=True)
+    tensor([0.6500, 1.9984])
+    >>> param.grad
+    tensor([-0.6984,  0.6016])
     """
     params = as_tensors(tensors, "tensors")
     check_distinct(params, "tensors")
@@ -110,8 +119,8 @@ def _checked_jacobians(params: list[Tensor]) -> list[Tensor]:
             )
         if J.ndim == 0 or J.shape[1:] != p.shape:
             raise ValueError(
-                f"`tensors[{i}].jac` must have shape [m, *tensors[{i}].shape] = [m, "
-                f"{', '.join(map(str, p.shape))}]. Found {tuple(J.shape)}."
+                f"`tensors[{i}].jac` must have shape [m, *tensors[{i}].shape] = "
+                f"[{', '.join(['m', *map(str, p.shape)])}]. Found {tuple(J.shape)}."
             )
         if J.shape[0] == 0:
             raise ValueError(

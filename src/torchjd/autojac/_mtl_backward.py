@@ -15,7 +15,7 @@ from torchjd.autojac._checks import (
     check_existing_jacs,
     check_leaves,
 )
-from torchjd.autojac._core import RowSource, backpropagate, sliced_rows
+from torchjd.autojac._core import backpropagate, sliced_rows
 from torchjd.autojac._graph import leaves_of, unreached
 
 
@@ -42,8 +42,9 @@ def mtl_backward(
         \mathcal J_\theta = \frac{\partial \ell}{\partial f} \, \frac{\partial f}{\partial \theta}
         \qquad (\text{shape } [m, *\theta.\text{shape}]),
 
-    whose row :math:`i` is the gradient of :math:`\ell_i`. The heads are backpropagated once for
-    :math:`\partial \ell / \partial f` (``m`` rows); only these rows go through the shared trunk.
+    whose row :math:`i` is the gradient of :math:`\ell_i`. Each head is backpropagated once, by a
+    plain backward pass of its loss (giving its parameters' gradient and row :math:`i` of
+    :math:`\partial \ell / \partial f`); only the ``m`` rows go through the shared trunk, batched.
     Follow it with :func:`jac_to_grad` on the shared parameters.
 
     :param tensors: The losses, one per task (scalars, unless ``grad_tensors`` is given).
@@ -100,20 +101,11 @@ def mtl_backward(
         shared = as_tensors(shared_params, "shared_params")
         check_leaves(shared, "shared_params")
         check_distinct(shared, "shared_params")
-    task_params = _task_params(tasks_params, losses, feats, shared)
+    per_task = _task_params(tasks_params, losses, feats, shared)
     m = len(losses)
     check_existing_jacs(shared, m, "shared_params")
 
-    rows = _task_rows(losses, scales)
-    jac_features = backpropagate(losses, rows, m, feats, retain_graph=True, chunk_size=chunk_size)
-    task_grads: list[Tensor] = []
-    if task_params:
-        grads = torch.autograd.grad(
-            losses, task_params, scales, retain_graph=True, allow_unused=True
-        )
-        task_grads = [
-            torch.zeros_like(p) if g is None else g for g, p in zip(grads, task_params, strict=True)
-        ]
+    jac_features, task_params, task_grads = _backpropagate_heads(losses, scales, feats, per_task)
     jac_shared = backpropagate(
         feats,
         sliced_rows(jac_features),
@@ -124,6 +116,31 @@ def mtl_backward(
     )
     accumulate_grads(task_params, task_grads)
     accumulate_jacs(shared, jac_shared)
+
+
+def _backpropagate_heads(
+    losses: list[Tensor], scales: list[Tensor], feats: list[Tensor], per_task: list[list[Tensor]]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Row ``i`` of the Jacobian of the losses w.r.t. each feature, and the gradients of the task
+    parameters (summed over the tasks that list them).
+
+    One plain backward pass per task, through its own head only: a pass batched over the ``m``
+    rows would go through every head ``m`` times, ``m − 1`` of them with zeros.
+    """
+    rows: list[list[Tensor]] = [[] for _ in feats]
+    grads: dict[int, tuple[Tensor, Tensor]] = {}
+    for loss, scale, params in zip(losses, scales, per_task, strict=True):
+        inputs = [*feats, *params]
+        outputs = torch.autograd.grad(loss, inputs, scale, retain_graph=True, allow_unused=True)
+        for row, f, g in zip(rows, feats, outputs, strict=False):
+            row.append(torch.zeros_like(f) if g is None else g)
+        for p, g in zip(params, outputs[len(feats) :], strict=True):
+            if g is not None:
+                grads[id(p)] = (p, g if id(p) not in grads else grads[id(p)][1] + g)
+            elif id(p) not in grads:
+                grads[id(p)] = (p, torch.zeros_like(p))
+    jac_features = [torch.stack(row) for row in rows]
+    return jac_features, [p for p, _ in grads.values()], [g for _, g in grads.values()]
 
 
 def _check_grad_tensors(grad_tensors: object, losses: list[Tensor]) -> list[Tensor]:
@@ -152,8 +169,8 @@ def _check_grad_tensors(grad_tensors: object, losses: list[Tensor]) -> list[Tens
 
 def _task_params(
     tasks_params: object, losses: list[Tensor], feats: list[Tensor], shared: list[Tensor]
-) -> list[Tensor]:
-    """The task-specific parameters of all tasks, each once."""
+) -> list[list[Tensor]]:
+    """The task-specific parameters of each task."""
     if tasks_params is None:
         shared_ids = {id(p) for p in shared}
         per_task = [
@@ -182,23 +199,4 @@ def _task_params(
                     )
             check_leaves(params, f"tasks_params[{i}]")
             per_task.append(params)
-    unique: dict[int, Tensor] = {}
-    for params in per_task:
-        for p in params:
-            unique.setdefault(id(p), p)
-    return list(unique.values())
-
-
-def _task_rows(losses: list[Tensor], scales: list[Tensor]) -> RowSource:
-    """Row ``i`` holds ``scales[i]`` in the slot of loss ``i`` and zeros elsewhere."""
-
-    def rows(start: int, stop: int) -> list[Tensor]:
-        blocks = []
-        for i, (loss, scale) in enumerate(zip(losses, scales, strict=True)):
-            block = torch.zeros((stop - start, *loss.shape), dtype=loss.dtype, device=loss.device)
-            if start <= i < stop:
-                block[i - start] = scale
-            blocks.append(block)
-        return blocks
-
-    return rows
+    return per_task

@@ -14,11 +14,10 @@ computed by the kernel of ``_linear.py`` (closed form or per-objective gradients
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchjd.autogram._module_call import ModuleCall, gram
+from torchjd.autogram._module_call import ModuleCall, cat, gram
 from torchjd.autogram._rules._linear import weight_gramian
 
 
@@ -26,8 +25,8 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
     n = len(module.kernel_size)
     g = module.groups
-    X = torch.cat([_patches(module, _samples_first(c.args[0], c.batch_dim, n)) for c in calls], 2)
-    Gamma = torch.cat([_output_grads(c, n, g) for c in calls], dim=3)  # [g, B, R, T, C_out/g]
+    X = cat([_patches(module, _samples_first(c.args[0], c.batch_dim, n)) for c in calls], 2)
+    Gamma = cat([_output_grads(c, n, g) for c in calls], dim=3)  # [g, B, R, T, C_out/g]
     G = weight_gramian(X, Gamma) if module.weight.requires_grad else 0
     if module.bias is not None and module.bias.requires_grad:
         G = G + gram(Gamma.sum(dim=3).permute(1, 2, 0, 3))
@@ -42,31 +41,33 @@ def _samples_first(x: Tensor, batch_dim: int | None, n: int) -> Tensor:
 
 
 def _patches(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
-    """``[g, B, T, C_in/g * prod(kernel)]``: the patches that each output position sees."""
-    B, C = x.shape[0], x.shape[2]
-    x = x.flatten(0, 1)
-    x = F.pad(x, _pad_amounts(module), mode=_pad_mode(module))
+    """``[g, B, T, C_in/g * prod(kernel)]`` (a transposed view): the patches that each output
+    position sees."""
+    B, N, C = x.shape[:3]
+    x = F.pad(x.flatten(0, 1), _pad_amounts(module), mode=_pad_mode(module))
     n = len(module.kernel_size)
     for s, (k, stride, dilation) in enumerate(
         zip(module.kernel_size, module.stride, module.dilation, strict=True)
     ):
         x = x.unfold(2 + s, (k - 1) * dilation + 1, stride)[..., ::dilation]
-    # [B N, C, *positions, *kernel] -> [B N, *positions, C, *kernel]
-    x = x.movedim(1, 1 + n)
+    # [B N', C, *positions, *kernel] -> [B, g, C/g * kernel, N' * positions], one copy
+    x = x.reshape(B, N, C, *x.shape[2:])
+    order = [0, 2, *range(3 + n, 3 + 2 * n), 1, *range(3, 3 + n)]
     g = module.groups
-    x = x.reshape(B, -1, g, C // g * _prod(module.kernel_size))  # [B, N' L, g, C/g * k]
-    return x.permute(2, 0, 1, 3)
+    x = x.permute(order).reshape(B, g, C // g * _prod(module.kernel_size), -1)
+    return x.permute(1, 0, 3, 2)
 
 
 def _output_grads(call: ModuleCall, n: int, g: int) -> Tensor:
-    """``[g, B, R, T, C_out/g]`` from ``[R, (N,) C_out, *positions]``."""
+    """``[g, B, R, T, C_out/g]`` (a view when possible) from ``[R, (N,) C_out, *positions]``."""
     gamma = call.grad_output()
     if gamma.dim() == n + 2:  # an unbatched input
         gamma = gamma.unsqueeze(1)
-    gamma = gamma.unsqueeze(0) if call.batch_dim is None else gamma.movedim(1, 0).unsqueeze(2)
-    B, R, C_out = gamma.shape[0], gamma.shape[1], gamma.shape[3]
-    gamma = gamma.movedim(3, -1).reshape(B, R, -1, g, C_out // g)  # [B, R, N' L, g, C_out/g]
-    return gamma.permute(3, 0, 1, 2, 4)
+    # [R, B, N', C_out, L]
+    gamma = gamma.unsqueeze(1) if call.batch_dim is None else gamma.unsqueeze(2)
+    R, B, N, C_out = gamma.shape[:4]
+    gamma = gamma.reshape(R, B, N, g, C_out // g, -1)
+    return gamma.permute(3, 1, 0, 2, 5, 4).reshape(g, B, R, -1, C_out // g)
 
 
 def _pad_amounts(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:

@@ -21,16 +21,16 @@ from torchjd.autogram._module_call import ModuleCall, masked_cotangents
 def generic_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     """The Gramian w.r.t. the direct trainable parameters of ``module``."""
     params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-    return _gramian_by_recomputation(module, calls, params)
+    return gramian_by_recomputation(module, calls, params)
 
 
 def generic_subtree_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     """The Gramian w.r.t. all trainable parameters of ``module`` and of its children."""
     params = [p for p in module.parameters() if p.requires_grad]
-    return _gramian_by_recomputation(module, calls, params)
+    return gramian_by_recomputation(module, calls, params)
 
 
-def _gramian_by_recomputation(
+def gramian_by_recomputation(
     module: nn.Module, calls: Sequence[ModuleCall], params: list[Tensor]
 ) -> Tensor:
     J: Tensor | None = None

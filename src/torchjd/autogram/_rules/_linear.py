@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from torchjd.autogram._module_call import (
     ModuleCall,
+    cat,
     gram,
     positions,
     samples_first,
@@ -34,8 +35,8 @@ from torchjd.autogram._module_call import (
 
 def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     assert isinstance(module, nn.Linear)
-    X = torch.cat([positions(samples_first(c.args[0], c.batch_dim), 1) for c in calls], dim=1)
-    Gamma = torch.cat(
+    X = cat([positions(samples_first(c.args[0], c.batch_dim), 1) for c in calls], dim=1)
+    Gamma = cat(
         [positions(samples_objectives_first(c.grad_output(), c.batch_dim), 2) for c in calls],
         dim=2,
     )  # [B, R, T, d_out]
@@ -58,8 +59,12 @@ def weight_gramian(X: Tensor, Gamma: Tensor) -> Tensor:
     closed_form_flops = (B * T) ** 2 * d_in + (B * R * T) ** 2 * (d_out + 1)
     per_objective_flops = B * R * T * d_out * d_in + (B * R) ** 2 * d_out * d_in
     if per_objective_flops < closed_form_flops:
-        J = torch.einsum("pirto,pitd->irpod", Gamma, X)  # the rows Γ_ir^T X_i of the Jacobian
-        return gram(J)
+        # The rows Γ_ir^T X_i of the Jacobian, block by block.
+        if R == 1:
+            J = (Gamma[:, :, 0].mT @ X).reshape(P, B, d_out * d_in)
+        else:
+            J = (Gamma.mT @ X.unsqueeze(2)).reshape(P, B * R, d_out * d_in)
+        return (J @ J.mT).sum(dim=0)
     K = X.flatten(1, 2) @ X.flatten(1, 2).mT  # [P, B T, B T]: x_it · x_ju
     L = Gamma.flatten(1, 3) @ Gamma.flatten(1, 3).mT  # [P, B R T, B R T]: γ_irt · γ_jsu
     if T == 1:

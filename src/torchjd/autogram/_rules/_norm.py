@@ -10,8 +10,10 @@ affine parameters are
     \nabla_{b} \ell_{ir} = \sum_{t} \gamma_{irt},
 
 summed over the positions :math:`t` that share a parameter (every position but the normalised
-features for ``LayerNorm``/``RMSNorm``; the spatial positions of a channel for ``GroupNorm`` and
-``InstanceNorm``), and :math:`G = J_w J_w^\top + J_b J_b^\top`.
+features for ``LayerNorm``/``RMSNorm``; the spatial positions of a channel for ``GroupNorm``,
+``InstanceNorm`` and ``BatchNorm`` in eval mode, which normalises with its running statistics),
+and :math:`G = J_w J_w^\top + J_b J_b^\top`. A ``BatchNorm`` that normalises with the batch's
+statistics (only allowed with ``batch_dim=None``) goes through the generic rule.
 """
 
 from collections.abc import Sequence
@@ -19,8 +21,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from torchjd.autogram._module_call import ModuleCall, gram, samples_objectives_first
+from torchjd.autogram._rules._generic import generic_rule
 
 _SPATIAL_DIMS = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
 
@@ -44,7 +49,9 @@ def layer_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
 
 
 def channel_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
-    assert isinstance(module, nn.GroupNorm | nn.modules.instancenorm._InstanceNorm)
+    assert isinstance(module, nn.GroupNorm | _InstanceNorm | _BatchNorm)
+    if isinstance(module, _BatchNorm) and any(_uses_batch_statistics(module, c) for c in calls):
+        return generic_rule(module, calls)  # the whole batch is one sample (batch_dim=None)
     J_w, J_b = [], []
     for call in calls:
         x = call.args[0]
@@ -56,8 +63,12 @@ def channel_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     return _affine_gramian(module, J_w, J_b)
 
 
+def _uses_batch_statistics(module: _BatchNorm, call: ModuleCall) -> bool:
+    return call.training or not module.track_running_stats
+
+
 def _channel_dim(module: nn.Module, x: Tensor, batch_dim: int | None) -> int:
-    if isinstance(module, nn.GroupNorm):
+    if isinstance(module, nn.GroupNorm | _BatchNorm):
         return 1
     spatial = next(n for cls, n in _SPATIAL_DIMS.items() if isinstance(module, cls))
     return x.dim() - spatial - 1
@@ -67,7 +78,7 @@ def _normalised(module: nn.Module, x: Tensor, channel_dim: int, training: bool) 
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, eps=module.eps)
     batched = x if channel_dim == 1 else x.unsqueeze(0)
-    if training or not module.track_running_stats:
+    if not isinstance(module, _BatchNorm) and (training or not module.track_running_stats):
         x_hat = F.instance_norm(batched, eps=module.eps)
     else:
         shape = [1, -1] + [1] * (batched.dim() - 2)

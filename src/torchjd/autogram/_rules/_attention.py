@@ -1,0 +1,216 @@
+r"""``MultiheadAttention``: its four projections are linear layers.
+
+With :math:`Q = X_q W_q^\top + b_q`, :math:`K = X_k W_k^\top + b_k`, :math:`V = X_v W_v^\top + b_v`
+and :math:`Y = O W_o^\top + b_o` (where :math:`O` is the concatenated heads'
+:math:`\mathrm{softmax}(Q K^\top / \sqrt{d} + M) V`), the Gramian is the sum of the Linear blocks
+(see ``_linear.py``) of the four projections, each with its input and the objectives' gradients
+w.r.t. its output. The attention is re-run once on the recorded inputs with the projections
+exposed (torch's own ``multi_head_attention_forward`` with identity projections does the
+masking), and one backward pass gives the gradients w.r.t. :math:`Q, K, V`; those w.r.t. :math:`Y`
+are the output gradients.
+
+Its forward uses its child ``out_proj``'s parameters without calling ``out_proj``, so this rule
+covers the children. With ``bias_k``/``bias_v``, it forms per-sample gradients instead (see
+``_per_sample.py``); with dropout in training mode, it uses the exact masked-cotangent rule.
+"""
+
+import functools
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchjd.autogram._batched_grad import batched_grad
+from torchjd.autogram._module_call import (
+    ModuleCall,
+    gram,
+    positions,
+    samples_first,
+    samples_objectives_first,
+)
+from torchjd.autogram._rules._generic import gramian_by_recomputation
+from torchjd.autogram._rules._linear import weight_gramian
+from torchjd.autogram._rules._per_sample import per_sample_jacobian
+
+
+def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
+    assert isinstance(module, nn.MultiheadAttention)
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if any(module.dropout > 0 and call.training for call in calls):
+        return gramian_by_recomputation(module, calls, list(params.values()))
+    if module.bias_k is not None or module.bias_v is not None:
+        if any(_has_per_head_mask(module, call) for call in calls):
+            return gramian_by_recomputation(module, calls, list(params.values()))
+        return _per_sample_gramian(module, calls, params)
+    inputs: list[list[Tensor]] = [[], [], [], []]  # X_q, X_k, X_v, O: [B, T, d_in] each
+    grads: list[list[Tensor]] = [[], [], [], []]  # Γ w.r.t. Q, K, V, Y: [B, R, T, E] each
+    for call in calls:
+        arguments = _arguments(module, call)
+        exposed, heads, outputs = _rerun(module, arguments)
+        selected = [k for k, g in enumerate(call.grad_outputs) if g is not None]
+        gammas = list(
+            batched_grad(
+                [outputs[call.output_leaf_indices[k]] for k in selected],
+                exposed,
+                [call.grad_outputs[k] for k in selected],  # type: ignore[misc]
+            )
+        )
+        gamma_Y = call.grad_output(0) if call.output_leaf_indices[0] == 0 else None
+        if gamma_Y is not None and module.batch_first and heads.dim() == 3:
+            gamma_Y = gamma_Y.transpose(1, 2)  # sequence-first, as the heads O
+        gammas.append(gamma_Y)
+        dims = [call.batch_dim] * 3 + [None if call.batch_dim is None else 1]
+        x = [arguments["query"], arguments["key"], arguments["value"], heads.detach()]
+        for j in range(4):
+            gamma = gammas[j]
+            if gamma is None:
+                shape = exposed[j].shape if j < 3 else heads.shape
+                gamma = heads.new_zeros(call.num_objectives_per_sample, *shape)
+            inputs[j].append(positions(samples_first(x[j], dims[j]), 1))
+            grads[j].append(positions(samples_objectives_first(gamma, dims[j]), 2))
+    X = [torch.cat(parts, dim=1) for parts in inputs]
+    Gamma = [torch.cat(parts, dim=2) for parts in grads]
+    G: Tensor | int = 0
+    for j, weight in enumerate(_weights(module)):
+        if weight.requires_grad:
+            G = G + weight_gramian(X[j].unsqueeze(0), Gamma[j].unsqueeze(0))
+    if module.in_proj_bias is not None and module.in_proj_bias.requires_grad:
+        G = G + gram(torch.cat([Gamma[j].sum(dim=2) for j in range(3)], dim=2))
+    if module.out_proj.bias is not None and module.out_proj.bias.requires_grad:
+        G = G + gram(Gamma[3].sum(dim=2))
+    return G  # type: ignore[return-value]
+
+
+def _arguments(module: nn.MultiheadAttention, call: ModuleCall) -> dict[str, Any]:
+    bound = _signature(type(module)).bind(module, *call.args, **call.kwargs)
+    bound.apply_defaults()
+    return {name: _detach(value) for name, value in bound.arguments.items() if name != "self"}
+
+
+@functools.cache
+def _signature(module_type: type[nn.Module]) -> inspect.Signature:
+    return inspect.signature(module_type.forward)
+
+
+def _has_per_head_mask(module: nn.MultiheadAttention, call: ModuleCall) -> bool:
+    mask = _arguments(module, call)["attn_mask"]
+    return isinstance(mask, Tensor) and mask.dim() == 3
+
+
+def _weights(module: nn.MultiheadAttention) -> list[Tensor]:
+    if module._qkv_same_embed_dim:
+        return [*module.in_proj_weight.chunk(3), module.out_proj.weight]
+    return [
+        module.q_proj_weight,
+        module.k_proj_weight,
+        module.v_proj_weight,
+        module.out_proj.weight,
+    ]
+
+
+def _rerun(
+    module: nn.MultiheadAttention, arguments: dict[str, Any]
+) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+    """``[Q, K, V]``, ``O`` (sequence-first) and the outputs ``[Y, weights]``, from the module's
+    detached parameters (so that the backward pass stops at ``Q, K, V``)."""
+    weights = [w.detach() for w in _weights(module)]
+    b = module.in_proj_bias
+    biases = [None] * 3 if b is None else list(b.detach().chunk(3))
+    query, key, value = arguments["query"], arguments["key"], arguments["value"]
+    batched = query.dim() == 3
+    with torch.enable_grad():
+        exposed = [
+            F.linear(x, w, bias).requires_grad_()
+            for x, w, bias in zip((query, key, value), weights[:3], biases, strict=True)
+        ]
+        q, k, v = exposed
+        if module.batch_first and batched:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        if _is_plain(module, arguments, batched):
+            heads, attention_weights = _plain_attention(q, k, v, module.num_heads), None
+        else:
+            heads, attention_weights = _masked_attention(module, arguments, q, k, v)
+        out_bias = module.out_proj.bias
+        Y = F.linear(heads, weights[3], None if out_bias is None else out_bias.detach())
+        if module.batch_first and batched:
+            Y = Y.transpose(0, 1)
+    return exposed, heads, [Y, attention_weights]
+
+
+def _is_plain(module: nn.MultiheadAttention, arguments: dict[str, Any], batched: bool) -> bool:
+    """Whether the call is a plain attention: no mask, no attention weights, nothing appended."""
+    masks = ("key_padding_mask", "attn_mask")
+    return (
+        batched
+        and not module.add_zero_attn
+        and not arguments["need_weights"]
+        and not arguments["is_causal"]
+        and all(arguments[name] is None for name in masks)
+    )
+
+
+def _plain_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int) -> Tensor:
+    """The concatenated heads ``[T, B, E]`` of sequence-first ``q, k, v``."""
+
+    def split(t: Tensor) -> Tensor:  # [T, B, E] -> [B, H, T, E / H]
+        return t.transpose(0, 1).unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+    heads = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return heads.transpose(1, 2).flatten(2).transpose(0, 1)
+
+
+def _masked_attention(
+    module: nn.MultiheadAttention, arguments: dict[str, Any], q: Tensor, k: Tensor, v: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """Torch's own attention (with every mask option) on projected ``q, k, v``: identity
+    projections."""
+    E = module.embed_dim
+    identity = torch.eye(E, dtype=q.dtype, device=q.device)
+    return F.multi_head_attention_forward(
+        q, k, v, E, module.num_heads, None, None, None, None, module.add_zero_attn, 0.0,
+        identity, None,
+        training=False,
+        key_padding_mask=arguments["key_padding_mask"],
+        need_weights=arguments["need_weights"],
+        attn_mask=arguments["attn_mask"],
+        use_separate_proj_weight=True,
+        q_proj_weight=identity, k_proj_weight=identity, v_proj_weight=identity,
+        average_attn_weights=arguments["average_attn_weights"],
+        is_causal=arguments["is_causal"],
+    )  # fmt: skip
+
+
+def _per_sample_gramian(
+    module: nn.MultiheadAttention, calls: Sequence[ModuleCall], params: dict[str, Tensor]
+) -> Tensor:
+    J: Tensor | None = None
+    for call in calls:
+        rows = per_sample_jacobian(module, call, params, _in_dims(module, call))
+        J = rows if J is None else J + rows
+    assert J is not None
+    return J @ J.T
+
+
+def _in_dims(module: nn.MultiheadAttention, call: ModuleCall) -> tuple[Any, Any]:
+    names = list(inspect.signature(module.forward).parameters)
+
+    def dim(name: str, value: object) -> int | None:
+        if not isinstance(value, Tensor) or call.batch_dim is None:
+            return None
+        if name in ("query", "key", "value"):
+            return call.batch_dim
+        return 0 if name == "key_padding_mask" else None
+
+    arg_dims = tuple(dim(names[k], a) for k, a in enumerate(call.args))
+    kwarg_dims = {name: dim(name, v) for name, v in call.kwargs.items()}
+    return arg_dims, kwarg_dims
+
+
+def _detach(value: object) -> object:
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+attention_rule.recomputes_forward = True  # type: ignore[attr-defined]
