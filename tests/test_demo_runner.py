@@ -7,8 +7,9 @@ import torch
 from torch import Tensor, nn
 
 import torchjd._demo._memory as memory
+from torchjd._cli import _aggregator_classes
 from torchjd._demo._data import Split, batch_schedule
-from torchjd._demo._methods import Method
+from torchjd._demo._methods import Method, MultiTask
 from torchjd._demo._runner import _train
 
 
@@ -73,3 +74,19 @@ def test_peak_memory_sees_a_tensor_allocated_and_freed(monkeypatch: pytest.Monke
     big = torch.ones(16 * 2**20)  # 64 MiB, touched
     del big
     assert meter.peak_mib() >= 60
+
+
+@pytest.mark.parametrize("name", sorted(_aggregator_classes()))
+def test_every_selectable_aggregator_trains_the_multi_task_network(name: str):
+    """Each name that ``--aggregators`` accepts makes a step of the multi-task part."""
+    method = MultiTask(name, _aggregator_classes()[name](), lr=0.1)
+    x, y = torch.randn(8, 64), torch.arange(8)
+    before = [p.clone() for p in method.trunk.parameters()]
+    for _ in range(2):
+        losses = method.step(x, y)
+    assert losses.shape == (3,)
+    assert losses.isfinite().all()
+    assert all(p.isfinite().all() for p in method.model.parameters())
+    assert any(
+        not torch.equal(b, p) for b, p in zip(before, method.trunk.parameters(), strict=True)
+    )

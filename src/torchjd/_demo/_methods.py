@@ -153,6 +153,9 @@ class MultiTask(Method):
     def backward(self, x: Tensor, y: Tensor) -> Tensor:
         features = self.trunk(x)
         losses = self._losses(features, y)
+        record_losses = getattr(self.aggregator, "record_losses", None)
+        if callable(record_losses):  # aggregators that use the losses too, such as GradNorm
+            record_losses(losses.detach())
         mtl_backward(list(losses.unbind()), features=features)
         jac_to_grad(self.trunk.parameters(), self.aggregator)
         return losses.detach()
