@@ -71,6 +71,53 @@ def _check_partial_jd(namespace: dict) -> None:
     assert final < initial
 
 
+def _check_instance_wise_mtl(namespace: dict) -> None:
+    first, last = namespace["history"][0], namespace["history"][-1]
+    assert (last < 0.5 * first).all()  # every task improves
+    assert namespace["gramian"].shape == (16, 16)  # m = 8 samples x 2 tasks
+    assert namespace["weights"].shape == (8, 2)
+    # the engine's Gramian is that of the Jacobian of the [8, 2] losses, rows in row-major order
+    model, engine, loss_fn = namespace["model"], namespace["engine"], namespace["loss_fn"]
+    x, y = namespace["X"][0], namespace["Y"][0]
+    losses = loss_fn(model(x), y)
+    gramian = engine.compute_gramian(losses)
+    params = list(model.parameters())
+    rows = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+        for loss in losses.flatten()
+    ]
+    jacobian = torch.stack(rows)
+    torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-4, atol=1e-4)
+
+
+def _check_rnn(namespace: dict) -> None:
+    assert namespace["final_loss"] < 0.5 * namespace["initial_loss"]
+    assert namespace["weights"].shape == (8,)
+    assert all(not hasattr(p, "jac") for p in namespace["params"])
+
+
+def _check_amp(namespace: dict) -> None:
+    history = namespace["history"]
+    assert history[-1] < 0.2 * history[0]
+    assert namespace["output"].dtype in (torch.bfloat16, torch.float16)  # autocast was on
+    assert all(p.dtype == torch.float32 for p in namespace["model"].parameters())
+    scale = namespace["scaler"].get_scale()
+    assert scale >= 1.0
+    # the premise of passing the scaled Jacobian to UPGrad: it is positively homogeneous
+    J = torch.randn(16, 20)
+    aggregator = namespace["aggregator"]
+    torch.testing.assert_close(aggregator(scale * J), scale * aggregator(J), rtol=1e-4, atol=1e-3)
+
+
+def _check_monitoring(namespace: dict) -> None:
+    cosines, mean_cosines = namespace["cosines"], namespace["mean_cosines"]
+    assert len(cosines) == len(mean_cosines) == 8  # the hook ran once per step
+    assert all(c.shape == (16,) for c in cosines)
+    assert min(c.min() for c in cosines) >= -1e-4  # exact UPGrad never conflicts
+    assert min(c.min() for c in mean_cosines) < -0.1  # the mean gradient does
+    assert not namespace["aggregator"]._forward_hooks  # the handle was removed
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "iwrm_autograd_baseline": _check_iwrm_autograd_baseline,
     "iwrm_autojac": _check_iwrm_autojac,
@@ -78,6 +125,10 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "partial_jd": _check_partial_jd,
     "jacobian_descent_by_hand": _check_jacobian_descent_by_hand,
     "mtl": _check_mtl,
+    "instance_wise_mtl": _check_instance_wise_mtl,
+    "rnn": _check_rnn,
+    "amp": _check_amp,
+    "monitoring": _check_monitoring,
 }
 
 
@@ -96,7 +147,12 @@ def test_example(name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
         initial_states.append({k: v.clone() for k, v in self.state_dict().items()})
 
     monkeypatch.setattr(torch.nn.Sequential, "__init__", recording_init)
-    namespace = runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: intra-op threads only slow them down on a busy machine
+    try:
+        namespace = runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
     namespace["initial_state"] = initial_states[0] if initial_states else None
     assert capsys.readouterr().out  # it reports something
     CHECKS[name](namespace)
