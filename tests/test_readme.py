@@ -43,10 +43,19 @@ def test_readme_table_of_aggregators():
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("## Aggregators") : readme.index("## The demo")]
     names = re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE)
-    # each row names an aggregator of the package (rows of aggregators merged later are welcome)
+    # each row names an aggregator or a weighting of the package
+    bases = (torchjd.aggregation.Aggregator, torchjd.aggregation.Weighting)
     for name in names:
-        assert issubclass(getattr(torchjd.aggregation, name), torchjd.aggregation.Aggregator)
-    assert {"UPGrad", "DualProj", "MGDA", "Mean", "Sum", "Constant", "Random"} <= set(names)
+        assert issubclass(getattr(torchjd.aggregation, name), bases), name
+    # and every aggregator the package exports has its row
+    abstract = {"Aggregator", "WeightedAggregator", "GramianWeightedAggregator"}
+    exported = {
+        name
+        for name in torchjd.aggregation.__all__
+        if isinstance(getattr(torchjd.aggregation, name), type)
+        and issubclass(getattr(torchjd.aggregation, name), torchjd.aggregation.Aggregator)
+    }
+    assert exported - abstract <= set(names)
 
 
 def test_seed_example_of_the_readme_runs():
