@@ -13,7 +13,9 @@ def test_bargaining_solution(family: str, m: int, n: int):
     """Navon et al. (2022), Theorem 5.1: α_i g_iᵀd = 1 for every task, with d = Jᵀα."""
     J = make(family, m, n, seed=m)
     d = NashMTL(m, max_norm=0.0)(J)
-    alpha = torch.linalg.lstsq(J.T, d.unsqueeze(1)).solution.squeeze(1)
+    # the weights themselves (with duplicate rows, Jᵀα = d does not determine them)
+    alpha = NashMTL(m, max_norm=0.0).gramian_weighting(J @ J.T)
+    torch.testing.assert_close(alpha @ J, d)
     torch.testing.assert_close(alpha * (J @ d), torch.ones(m, dtype=J.dtype), atol=1e-6, rtol=0)
     torch.testing.assert_close(d.norm() ** 2, torch.tensor(float(m), dtype=J.dtype))
 

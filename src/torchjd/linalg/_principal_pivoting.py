@@ -30,6 +30,9 @@ _MASKED_MAX_M = 32  # up to this size, masked full-size systems beat compacted b
 _DUAL_THRESHOLD = 1e-3  # of tol: conflicts that pivoting still corrects
 _PRIMAL_THRESHOLD = 1e-3  # of tol: how far below its bound a weight may fall (then clamped)
 _REFINEMENTS = 6  # iterated-refinement steps of the least-norm mode
+# Smallest squared pivot of the Jacobi-scaled Cholesky factor of G (a bound on its conditioning)
+# for which faces are solved through G⁻¹.
+_INVERSE_MIN_PIVOT = {torch.float64: 1e-7, torch.float32: 1e-3}
 
 
 def principal_pivoting(
@@ -62,8 +65,11 @@ def principal_pivoting(
     best = torch.full((k,), m + 1, device=U.device)
     tries = torch.full((k,), _FULL_EXCHANGES, device=U.device)
     positions = torch.arange(m, device=U.device)
+    # Default mode (well-conditioned G), beyond the sizes where masked systems are cheap: faces
+    # with few active indices are solved through G⁻¹.
+    inverse = _LazyInverse(G) if G_exact is None and m > _MASKED_MAX_M else None
     for _ in range(max_iters):
-        V = solve_on_faces(G, U, active)
+        V = solve_on_faces(G, U, active, inverse)
         X[rows] = V
         final_active[rows] = active
         GV = V @ G
@@ -113,10 +119,70 @@ def _refine(G_exact: Tensor, G: Tensor, U: Tensor, V: Tensor, active: Tensor) ->
     return torch.where((after <= before).unsqueeze(1), refined, V)
 
 
-def solve_on_faces(G: Tensor, U: Tensor, active: Tensor) -> Tensor:
-    """For each row, ``v_A = u_A`` and ``G_FF v_F = −G_FA u_A`` on its free set ``F = ¬A``."""
+def solve_on_faces(
+    G: Tensor, U: Tensor, active: Tensor, inverse: "_LazyInverse | None" = None
+) -> Tensor:
+    """For each row, ``v_A = u_A`` and ``G_FF v_F = −G_FA u_A`` on its free set ``F = ¬A``.
+
+    With ``inverse`` (of a well-conditioned ``G``), rows with fewer active than free indices are
+    solved through ``G⁻¹`` (:func:`_face_solve_by_inverse`): ``|A|³`` work instead of ``|F|³``."""
     V_A = torch.where(active, U, 0.0)
-    return V_A + face_solve(G, active, -(V_A @ G))
+    rhs = -(V_A @ G)
+    by_inverse = 4 * active.sum(dim=1) <= active.shape[1]
+    scaled_inverse = inverse.get() if inverse is not None and bool(by_inverse.any()) else None
+    if scaled_inverse is None:
+        return V_A + face_solve(G, active, rhs)
+    if bool(by_inverse.all()):
+        return V_A + _face_solve_by_inverse(scaled_inverse, active, rhs)
+    X = face_solve(G, active, rhs)
+    rows = by_inverse.nonzero().squeeze(1)
+    X[rows] = _face_solve_by_inverse(scaled_inverse, active[rows], rhs[rows])
+    return V_A + X
+
+
+class _LazyInverse:
+    """``(s, H)`` with ``H = (S G S)⁻¹``, ``S = diag(G)^{-1/2}``, computed on first use."""
+
+    def __init__(self, G: Tensor) -> None:
+        self.G = G
+        self.value: tuple[Tensor, Tensor] | bool | None = None
+
+    def get(self) -> tuple[Tensor, Tensor] | None:
+        """The scaled inverse, or None when ``G`` is too ill-conditioned for it to be accurate
+        (a pivot of the scaled Cholesky factor below :data:`_INVERSE_MIN_PIVOT`)."""
+        if self.value is None:
+            diagonal = self.G.diagonal()
+            s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(self.G.dtype).tiny), 1.0)
+            s = s.rsqrt()
+            L, info = torch.linalg.cholesky_ex(s.unsqueeze(1) * self.G * s.unsqueeze(0))
+            pivot = L.diagonal().amin() ** 2
+            usable = bool((info == 0) & (pivot >= _INVERSE_MIN_PIVOT[self.G.dtype]))
+            self.value = (s, torch.cholesky_inverse(L)) if usable else False
+        return self.value or None
+
+
+def _face_solve_by_inverse(
+    scaled_inverse: tuple[Tensor, Tensor], active: Tensor, rhs: Tensor
+) -> Tensor:
+    r"""``x`` with ``x_A = 0`` and ``G_FF x_F = rhs_F``, through ``H = G⁻¹``: ``x = H(r + E_A λ)``
+    with the multipliers ``λ`` of the constraints ``x_A = 0``, ``H_AA λ = −(H r)_A`` (a Schur
+    complement of ``|A| × |A|`` per row; in the Jacobi-scaled variables)."""
+    s, H = scaled_inverse
+    free = ~active
+    y = (s * torch.where(free, rhs, 0.0)) @ H
+    width = int(active.sum(dim=1).amax())
+    if width > 0:
+        # Each row's active indices first (a stable sort), padded with free ones.
+        idx = torch.argsort(free.to(torch.uint8), dim=1, stable=True)[:, :width]
+        mask = active.gather(1, idx)
+        pair = mask.unsqueeze(2) & mask.unsqueeze(1)
+        eye = torch.eye(width, dtype=H.dtype, device=H.device)
+        H_AA = torch.where(pair, H[idx.unsqueeze(2), idx.unsqueeze(1)], eye)
+        b = torch.where(mask, y.gather(1, idx), 0.0)
+        L, _ = torch.linalg.cholesky_ex(H_AA)
+        lam = -torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)
+        y = y + torch.einsum("ka,kam->km", torch.where(mask, lam, 0.0), H[idx])
+    return torch.where(free, s * y, 0.0)
 
 
 def face_solve(G: Tensor, active: Tensor, rhs: Tensor) -> Tensor:
