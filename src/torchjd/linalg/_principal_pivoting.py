@@ -20,6 +20,8 @@ tiny Tikhonov term to a singular one); a face solution that does not zero the gr
 set (a numerically singular face) stops its row, unconverged.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -109,10 +111,11 @@ def _refine(G_exact: Tensor, G: Tensor, U: Tensor, V: Tensor, active: Tensor) ->
     """Iterated refinement of each row's face solution towards ``G_exact``; kept where it lowers
     the KKT residual for ``G_exact``."""
     free = ~active
+    solve = face_solver(G, active)
     refined = V
     for _ in range(_REFINEMENTS):
         residual = torch.where(free, -(refined @ G_exact), 0.0)
-        refined = refined + face_solve(G, active, residual)
+        refined = refined + solve(residual)
     refined = torch.maximum(refined, U)
     before = kkt_residual(G_exact, U, torch.maximum(V, U), V @ G_exact)
     after = kkt_residual(G_exact, U, refined, refined @ G_exact)
@@ -187,34 +190,55 @@ def _face_solve_by_inverse(
 
 def face_solve(G: Tensor, active: Tensor, rhs: Tensor) -> Tensor:
     """``x`` with ``x_A = 0`` and ``G_FF x_F = rhs_F``, for each row and its free set ``F = ¬A``."""
+    return face_solver(G, active)(rhs)
+
+
+def face_solver(G: Tensor, active: Tensor) -> Callable[[Tensor], Tensor]:
+    """:func:`face_solve` for several right-hand sides on the same faces: the faces are factorised
+    once."""
     free = ~active
     if G.shape[0] <= _MASKED_MAX_M:
         eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-        K = torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye)
-        return torch.where(free, _solve_spd(K, torch.where(free, rhs, 0.0)), 0.0)
-    return _solve_compacted(G, active, rhs)
+        factor = _spd_factor(torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye))
+        return lambda rhs: torch.where(free, _spd_solve(factor, torch.where(free, rhs, 0.0)), 0.0)
+    groups = _compacted_factors(G, active)
+
+    def solve(rhs: Tensor) -> Tensor:
+        x = torch.zeros_like(rhs)
+        for group, cols, mask, factor in groups:
+            b = torch.where(mask, rhs[group, cols], 0.0)
+            x[group, cols] = torch.where(mask, _spd_solve(factor, b), 0.0)
+        return x
+
+    return solve
 
 
-def _solve_spd(K: Tensor, b: Tensor) -> Tensor:
-    """Batched ``K x = b`` by Cholesky, after a symmetric Jacobi scaling (unit diagonal) that makes
-    rows of very different norms equally accurate."""
+def _spd_factor(K: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched Cholesky factor of ``K`` after a symmetric Jacobi scaling (unit diagonal) that makes
+    rows of very different norms equally accurate, and the scaling."""
     diagonal = K.diagonal(dim1=1, dim2=2)
     scale = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(K.dtype).tiny).rsqrt(), 1.0)
     L, _ = torch.linalg.cholesky_ex(scale.unsqueeze(2) * K * scale.unsqueeze(1))
-    x = torch.cholesky_solve((scale * b).unsqueeze(2), L).squeeze(2)
-    return scale * x
+    return L, scale
 
 
-def _solve_compacted(G: Tensor, active: Tensor, rhs: Tensor) -> Tensor:
+def _spd_solve(factor: tuple[Tensor, Tensor], b: Tensor) -> Tensor:
+    L, scale = factor
+    return scale * torch.cholesky_solve((scale * b).unsqueeze(2), L).squeeze(2)
+
+
+def _compacted_factors(
+    G: Tensor, active: Tensor
+) -> list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]]:
     """Rows grouped by the size of their free set (up to the next power of two); each group
-    solves its compacted ``|F| × |F|`` blocks in one batched factorisation."""
-    x = torch.zeros_like(rhs)
+    factorises its compacted ``|F| × |F|`` blocks in one batch."""
     free = ~active
     sizes = free.sum(dim=1)
     order = torch.argsort(sizes)
     # Each row's free columns first, in increasing order (a stable sort of ``active``).
     columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)
     sorted_sizes = sizes[order].tolist()
+    groups = []
     start = 0
     while start < len(sorted_sizes):
         if sorted_sizes[start] == 0:
@@ -231,7 +255,6 @@ def _solve_compacted(G: Tensor, active: Tensor, rhs: Tensor) -> Tensor:
         pad = ~(mask.unsqueeze(2) & mask.unsqueeze(1))
         G_FF = torch.where(pad, 0.0, G[cols.unsqueeze(2), cols.unsqueeze(1)])
         G_FF = G_FF + torch.diag_embed((~mask).to(G.dtype))
-        b = torch.where(mask, rhs[group, cols], 0.0)
-        x[group, cols] = torch.where(mask, _solve_spd(G_FF, b), 0.0)
+        groups.append((group, cols, mask, _spd_factor(G_FF)))
         start = stop
-    return x
+    return groups
