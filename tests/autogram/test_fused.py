@@ -155,7 +155,8 @@ def test_accumulates_into_existing_grads():
 
 def test_covered_parameters_skip_the_second_backward():
     """Autograd computes no gradient for the covered layers' parameters, unless not kept."""
-    model, x = mlp(), torch.randn(6, 5)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Conv1d(1, 1, 2), nn.Flatten())
+    x = torch.randn(6, 1, 5)
     for max_kept_bytes, expected in [(None, 0), (0, 6)]:
         reached: list[Tensor] = []
         handles = [p.register_hook(reached.append) for p in model.parameters()]
@@ -195,3 +196,35 @@ def test_refusals():
             engine.backward(losses, UPGradWeighting(), max_kept_bytes=-1)
         with pytest.raises(TypeError, match="`output` to be a Tensor"):
             engine.backward([losses], UPGradWeighting())  # type: ignore[arg-type]
+
+
+def test_normalisation_layers():
+    batch_norm = nn.BatchNorm2d(4).eval()
+    batch_norm.running_mean.uniform_(-1, 1)
+    batch_norm.running_var.uniform_(0.5, 2)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, bias=False),  # a bias before a normalisation has zero gradient
+        nn.GroupNorm(2, 4),
+        nn.Tanh(),  # so that the next normalisation does not cancel the affine map
+        nn.InstanceNorm2d(4, affine=True),
+        nn.Tanh(),
+        batch_norm,
+        nn.Tanh(),
+        nn.Flatten(start_dim=2),
+        nn.LayerNorm(16),
+        nn.Tanh(),
+        nn.RMSNorm([4, 16]),
+    )
+    x = torch.randn(5, 2, 6, 6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    forward = lambda: model(x).pow(2).sum(dim=2)  # noqa: E731  ([batch, 4 tasks])
+    assert_fused_exact([model], forward, 0, leaves_of([model]))
+
+
+def test_batch_norm_with_batch_statistics_falls_back():
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    x = torch.randn(6, 3)
+    forward = lambda: model(x).squeeze(dim=1) ** 2  # noqa: E731
+    assert_fused_exact([model], forward, None, leaves_of([model]))

@@ -203,12 +203,13 @@ class Engine:
         every leaf tensor the gradient of :math:`w^\top \ell`, as ``losses.backward(w)`` would
         (same tensors, same values), and returns :math:`w`.
 
-        The gradients of the parameters of ``Linear`` layers and convolutions come from the inputs
-        and output gradients recorded for the Gramian: with :math:`\bar\Gamma_i = \sum_r w_{ir}
-        \Gamma_{ir}` the weighted output gradient of sample :math:`i`, a Linear layer's weight
-        gradient is :math:`\sum_i \bar\Gamma_i^\top X_i`. A second backward pass, restricted
-        to the other leaves (parameters of other module types, of modules outside the engine,
-        inputs that require grad), runs only when there are such leaves; it frees the graph.
+        The gradients of the parameters of ``Linear`` layers, convolutions and normalisation
+        layers come from the inputs and output gradients recorded for the Gramian: with
+        :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` the weighted output gradient of sample
+        :math:`i`, a Linear layer's weight gradient is :math:`\sum_i \bar\Gamma_i^\top X_i`.
+        A second backward pass, restricted to the other leaves (parameters of other module types
+        and of modules outside the engine, inputs that require grad), runs only when there are
+        such leaves; it frees the graph.
 
         :param losses: The objectives, as for :meth:`compute_gramian`.
         :param weighting: A function from the Gramian ``[m, m]`` to the weights ``[m]`` (one per
@@ -223,12 +224,12 @@ class Engine:
         Clears what the engine recorded during the forward pass, even when it raises.
 
         >>> import torch
-        >>> from torchjd.aggregation import UPGradWeighting
+        >>> from torchjd.aggregation import MeanWeighting
         >>> from torchjd.autogram import Engine
         >>> model = torch.nn.Linear(2, 1)
         >>> engine = Engine(model, batch_dim=0)
         >>> losses = model(torch.tensor([[1.0, 2.0], [3.0, 4.0]])).squeeze(dim=1)
-        >>> engine.backward(losses, lambda G: torch.tensor([0.5, 0.5]))
+        >>> engine.backward(losses, MeanWeighting())
         tensor([0.5000, 0.5000])
         >>> model.weight.grad, model.bias.grad  # the mean of the inputs, and 1
         (tensor([[2., 3.]]), tensor([1.]))
@@ -269,7 +270,7 @@ class Engine:
             for module, module_calls in kept.items():
                 gammas = [weighted_output_gradient(call, W) for call in module_calls]
                 weighted_gradients = self._rules[module][0].weighted_gradients  # type: ignore[attr-defined]
-                fused += weighted_gradients(module, module_calls, gammas)
+                fused += weighted_gradients(module, module_calls, gammas) or []
         covered = {id(param) for param, _ in fused}
         others = [leaf for leaf in graph_leaves(losses) if id(leaf) not in covered]
         if others:

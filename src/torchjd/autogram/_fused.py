@@ -6,6 +6,9 @@ weighted objectives :math:`\sum_{ir} w_{ir} \ell_{ir}` w.r.t. that output is
 :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}`. A rule with a ``weighted_gradients`` function
 turns :math:`\bar\Gamma` and the recorded inputs into its parameters' gradients (for a Linear
 layer :math:`\sum_i \bar\Gamma_i^\top X_i`), so only the other parameters need a second backward.
+That function, ``weighted_gradients(module, calls, grad_outputs)``, receives :math:`\bar\Gamma` of
+each call's main output and returns ``(parameter, gradient)`` pairs for the module's trainable
+parameters, or None to leave them all to the second backward.
 """
 
 from collections.abc import Iterator
