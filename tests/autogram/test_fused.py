@@ -228,3 +228,10 @@ def test_batch_norm_with_batch_statistics_falls_back():
     x = torch.randn(6, 3)
     forward = lambda: model(x).squeeze(dim=1) ** 2  # noqa: E731
     assert_fused_exact([model], forward, None, leaves_of([model]))
+
+
+def test_parameter_also_used_outside_the_engine_goes_through_autograd():
+    linear, head = nn.Linear(4, 4), nn.Linear(4, 1)
+    x = torch.randn(6, 4)
+    forward = lambda: head(linear(torch.tanh(x @ linear.weight.T))).squeeze(dim=1) ** 2  # noqa: E731
+    assert_fused_exact([linear, head], forward, 0, leaves_of([linear, head]))

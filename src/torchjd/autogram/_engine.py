@@ -265,14 +265,19 @@ class Engine:
             )
         w = weights.detach().to(losses.dtype)
         W = per_sample_weights(w, losses, batch_dim)
+        leaves = graph_leaves(losses)
         fused: list[tuple[Tensor, Tensor]] = []
         with torch.no_grad():
             for module, module_calls in kept.items():
                 gammas = [weighted_output_gradient(call, W) for call in module_calls]
                 weighted_gradients = self._rules[module][0].weighted_gradients  # type: ignore[attr-defined]
-                fused += weighted_gradients(module, module_calls, gammas) or []
-        covered = {id(param) for param, _ in fused}
-        others = [leaf for leaf in graph_leaves(losses) if id(leaf) not in covered]
+                for param, grad in weighted_gradients(module, module_calls, gammas) or []:
+                    # Each call uses the parameter at least once: more uses are from outside the
+                    # engine's modules (a parameter tied across the engine's boundary).
+                    if id(param) in leaves and leaves[id(param)][1] <= len(module_calls):
+                        fused.append((param, grad))
+                        del leaves[id(param)]
+        others = [leaf for leaf, _ in leaves.values()]
         if others:
             torch.autograd.backward(losses, w.reshape(losses.shape), inputs=others)
         for param, grad in fused:

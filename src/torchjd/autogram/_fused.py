@@ -11,7 +11,6 @@ each call's main output and returns ``(parameter, gradient)`` pairs for the modu
 parameters, or None to leave them all to the second backward.
 """
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,8 +41,10 @@ def per_sample_weights(weights: Tensor, losses: Tensor, batch_dim: int | None) -
     return shaped.reshape(shaped.shape[0], -1)
 
 
-def graph_leaves(root: Tensor) -> Iterator[Tensor]:
-    """The leaf tensors whose ``.grad`` a backward pass from ``root`` fills."""
+def graph_leaves(root: Tensor) -> dict[int, tuple[Tensor, int]]:
+    """The leaf tensors whose ``.grad`` a backward pass from ``root`` fills, by id, each with the
+    number of graph edges that reach it (its uses)."""
+    leaves: dict[int, tuple[Tensor, int]] = {}
     seen: set[Any] = set()
     stack = [root.grad_fn]
     while stack:
@@ -51,10 +52,13 @@ def graph_leaves(root: Tensor) -> Iterator[Tensor]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node
-        if isinstance(variable, Tensor):
-            yield variable
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        for next_node, _ in node.next_functions:
+            stack.append(next_node)
+            leaf = getattr(next_node, "variable", None)  # an AccumulateGrad node
+            if isinstance(leaf, Tensor):
+                uses = leaves.get(id(leaf), (leaf, 0))[1]
+                leaves[id(leaf)] = (leaf, uses + 1)
+    return leaves
 
 
 def accumulate(param: Tensor, grad: Tensor) -> None:
