@@ -235,3 +235,21 @@ def test_parameter_also_used_outside_the_engine_goes_through_autograd():
     x = torch.randn(6, 4)
     forward = lambda: head(linear(torch.tanh(x @ linear.weight.T))).squeeze(dim=1) ** 2  # noqa: E731
     assert_fused_exact([linear, head], forward, 0, leaves_of([linear, head]))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_embedding_called_twice(sparse):
+    table = nn.Embedding(7, 3, padding_idx=2, scale_grad_by_freq=not sparse, sparse=sparse)
+    head = nn.Linear(3, 2)
+    x, z = torch.randint(0, 7, (5, 4)), torch.randint(0, 7, (5, 2))
+    forward = lambda: head(table(x).sum(dim=1) * table(z).mean(dim=1)).pow(2)  # noqa: E731
+    if sparse:  # autograd gives a sparse gradient, compared densely
+        for step in (two_pass, fused):
+            table.weight.grad = None
+            step([table, head], forward, 0, UPGradWeighting())
+            if step is two_pass:
+                expected = table.weight.grad.to_dense()
+        assert table.weight.grad.is_sparse
+        torch.testing.assert_close(table.weight.grad.to_dense(), expected, rtol=1e-10, atol=0)
+    else:
+        assert_fused_exact([table, head], forward, 0, leaves_of([table, head]))
