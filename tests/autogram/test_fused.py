@@ -253,3 +253,31 @@ def test_embedding_called_twice(sparse):
         torch.testing.assert_close(table.weight.grad.to_dense(), expected, rtol=1e-10, atol=0)
     else:
         assert_fused_exact([table, head], forward, 0, leaves_of([table, head]))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_with_masks_and_separate_projections(batch_first):
+    attention = nn.MultiheadAttention(6, 2, batch_first=batch_first, kdim=4, vdim=5)
+    x, k, v = torch.randn(3, 4, 6), torch.randn(3, 2, 4), torch.randn(3, 2, 5)
+    if not batch_first:
+        x, k, v = x.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    mask = torch.tensor([[False, True]] * 3)
+    batch = 0 if batch_first else 1
+
+    def forward() -> Tensor:
+        y = attention(x, k, v, key_padding_mask=mask, need_weights=False)[0]
+        z = attention(x, k, v)[0]
+        return (y * z).sum(dim=(1 - batch, 2))
+
+    assert_fused_exact([attention], forward, 0, leaves_of([attention]))
+
+
+def test_attention_weights_reaching_the_losses_fall_back():
+    attention = nn.MultiheadAttention(4, 2, batch_first=True)
+    x = torch.randn(3, 5, 4)
+
+    def forward() -> Tensor:
+        y, weights = attention(x, x, x)
+        return y.pow(2).sum(dim=(1, 2)) + weights.pow(2).sum(dim=(1, 2))
+
+    assert_fused_exact([attention], forward, 0, leaves_of([attention]))

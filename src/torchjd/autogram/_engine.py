@@ -203,8 +203,9 @@ class Engine:
         every leaf tensor the gradient of :math:`w^\top \ell`, as ``losses.backward(w)`` would
         (same tensors, same values), and returns :math:`w`.
 
-        The gradients of the parameters of ``Linear`` layers, convolutions and normalisation
-        layers come from the inputs and output gradients recorded for the Gramian: with
+        The gradients of the parameters of ``Linear`` layers, convolutions, normalisation layers,
+        ``Embedding`` and ``MultiheadAttention`` (re-run once) come from the inputs and output
+        gradients recorded for the Gramian: with
         :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` the weighted output gradient of sample
         :math:`i`, a Linear layer's weight gradient is :math:`\sum_i \bar\Gamma_i^\top X_i`.
         A second backward pass, restricted to the other leaves (parameters of other module types

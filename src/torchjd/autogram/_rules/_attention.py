@@ -12,6 +12,12 @@ are the output gradients.
 Its forward uses its child ``out_proj``'s parameters without calling ``out_proj``, so this rule
 covers the children. With ``bias_k``/``bias_v``, it forms per-sample gradients instead (see
 ``_per_sample.py``); with dropout in training mode, it uses the exact masked-cotangent rule.
+
+For the fused step, the same re-run, backpropagated once with the weighted output gradient
+:math:`\bar\Gamma_Y = \sum_r w_{ir} \Gamma_{Y,ir}`, gives :math:`\bar\Gamma_Q, \bar\Gamma_K,
+\bar\Gamma_V`, and each projection's gradient is that of a Linear layer
+(:math:`\nabla_{W_q} = \bar\Gamma_Q^\top X_q`, ...). Calls with dropout, ``bias_k``/``bias_v``
+or attention weights that reach the objectives are left to autograd.
 """
 
 import functools
@@ -82,6 +88,59 @@ def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     if module.out_proj.bias is not None and module.out_proj.bias.requires_grad:
         G = G + gram(Gamma[3].sum(dim=2))
     return G  # type: ignore[return-value]
+
+
+def attention_weighted_gradients(
+    module: nn.Module, calls: Sequence[ModuleCall], grad_outputs: Sequence[Tensor]
+) -> list[tuple[Tensor, Tensor]] | None:
+    """The gradients of the weighted objectives w.r.t. the trainable parameters of ``module``,
+    or None (see above).
+
+    :param grad_outputs: For each call, the weighted gradient of its output ``Y``.
+    """
+    assert isinstance(module, nn.MultiheadAttention)
+    if (
+        module.bias_k is not None
+        or module.bias_v is not None
+        or any(module.dropout > 0 and call.training for call in calls)
+        or any(call.output_leaf_indices[0] != 0 for call in calls)
+        or any(g is not None for call in calls for g in call.grad_outputs[1:])
+    ):
+        return None
+    weight_grads: list[Tensor | int] = [0, 0, 0, 0]  # W_q, W_k, W_v, W_o
+    bias_grads: list[Tensor | int] = [0, 0, 0, 0]
+    for call, gamma_Y in zip(calls, grad_outputs, strict=True):
+        arguments = _arguments(module, call)
+        exposed, heads, outputs = _rerun(module, arguments)
+        gammas = torch.autograd.grad(outputs[0], exposed, gamma_Y, allow_unused=True)
+        if module.batch_first and heads.dim() == 3:
+            gamma_Y = gamma_Y.transpose(0, 1)  # sequence-first, as the heads O
+        x = [arguments["query"], arguments["key"], arguments["value"], heads.detach()]
+        for j, gamma in enumerate([*gammas, gamma_Y]):
+            if gamma is None:
+                continue
+            gamma = gamma.reshape(-1, gamma.shape[-1])
+            weight_grads[j] = weight_grads[j] + gamma.T @ x[j].reshape(-1, x[j].shape[-1])
+            bias_grads[j] = bias_grads[j] + gamma.sum(dim=0)
+    full = [
+        torch.zeros_like(w) if isinstance(g, int) else g
+        for w, g in zip(_weights(module), weight_grads, strict=True)
+    ]
+    full_bias = [
+        w.new_zeros(w.shape[0]) if isinstance(g, int) else g
+        for w, g in zip(full, bias_grads, strict=True)
+    ]
+    if module._qkv_same_embed_dim:
+        projections = [module.in_proj_weight]
+        full[:3] = [torch.cat(full[:3], dim=0)]
+    else:
+        projections = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+    pairs = [*zip([*projections, module.out_proj.weight], full, strict=True)]
+    if module.in_proj_bias is not None:
+        pairs.append((module.in_proj_bias, torch.cat(full_bias[:3], dim=0)))
+    if module.out_proj.bias is not None:
+        pairs.append((module.out_proj.bias, full_bias[3]))
+    return [(p, g) for p, g in pairs if p.requires_grad]
 
 
 def _arguments(module: nn.MultiheadAttention, call: ModuleCall) -> dict[str, Any]:
@@ -214,3 +273,4 @@ def _detach(value: object) -> object:
 
 
 attention_rule.recomputes_forward = True  # type: ignore[attr-defined]
+attention_rule.weighted_gradients = attention_weighted_gradients  # type: ignore[attr-defined]
