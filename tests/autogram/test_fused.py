@@ -106,12 +106,14 @@ def test_conv1d_unbatched_without_batch_dim():
     assert_fused_exact([model], lambda: model(x).flatten(), None, leaves_of([model]))
 
 
-def test_transformer_encoder_layer():
+@pytest.mark.parametrize("max_kept_bytes", [None, 0, 3000])
+def test_transformer_encoder_layer(max_kept_bytes):
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
     head = nn.Linear(8, 1)
     x = torch.randn(4, 5, 8)
     forward = lambda: head(layer(x).mean(dim=1)).squeeze(dim=1) ** 2  # noqa: E731
-    assert_fused_exact([layer, head], forward, 0, leaves_of([layer, head]))
+    leaves = leaves_of([layer, head])
+    assert_fused_exact([layer, head], forward, 0, leaves, max_kept_bytes=max_kept_bytes)
 
 
 def test_rnn():

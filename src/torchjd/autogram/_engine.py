@@ -18,7 +18,6 @@ from torchjd.autogram._fused import (
     accumulate,
     graph_leaves,
     per_sample_weights,
-    weighted_output_gradient,
 )
 from torchjd.autogram._module_call import ModuleCall
 from torchjd.autogram._registry import Rule, find_rule
@@ -270,9 +269,8 @@ class Engine:
         fused: list[tuple[Tensor, Tensor]] = []
         with torch.no_grad():
             for module, module_calls in kept.items():
-                gammas = [weighted_output_gradient(call, W) for call in module_calls]
                 weighted_gradients = self._rules[module][0].weighted_gradients  # type: ignore[attr-defined]
-                for param, grad in weighted_gradients(module, module_calls, gammas) or []:
+                for param, grad in weighted_gradients(module, module_calls, W) or []:
                     # Each call uses the parameter at least once: more uses are from outside the
                     # engine's modules (a parameter tied across the engine's boundary).
                     if id(param) in leaves and leaves[id(param)][1] <= len(module_calls):
@@ -326,13 +324,14 @@ class Engine:
         with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
             for module, module_calls in calls.items():
                 G = G + self._rules[module][0](module, module_calls)
-                size = sum(_bytes(g) for c in module_calls for g in c.grad_outputs)
+                size = sum(_kept_bytes(call) for call in module_calls)
                 if _fusable(self._rules[module][0]) and (budget is None or size <= budget):
                     kept[module] = module_calls
                     budget = None if budget is None else budget - size
                 else:
                     for call in module_calls:
                         call.grad_outputs = [None] * len(call.grad_outputs)
+                        call.saved.clear()
         return _to_row_major(G.to(output.dtype), output, batch_dim), kept, batch_dim
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
@@ -425,8 +424,10 @@ def _fusable(rule: Rule) -> bool:
     return getattr(rule, "weighted_gradients", None) is not None
 
 
-def _bytes(tensor: Tensor | None) -> int:
-    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+def _kept_bytes(call: ModuleCall) -> int:
+    """The size of the output gradients and of what the rule saved for the fused step."""
+    tensors = [*call.grad_outputs, *tree_leaves(call.saved)]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
 def _resolve_batch_dims(module: nn.Module, call: ModuleCall, batch_dim: int, B: int) -> None:

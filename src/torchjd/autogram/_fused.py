@@ -6,31 +6,14 @@ weighted objectives :math:`\sum_{ir} w_{ir} \ell_{ir}` w.r.t. that output is
 :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}`. A rule with a ``weighted_gradients`` function
 turns :math:`\bar\Gamma` and the recorded inputs into its parameters' gradients (for a Linear
 layer :math:`\sum_i \bar\Gamma_i^\top X_i`), so only the other parameters need a second backward.
-That function, ``weighted_gradients(module, calls, grad_outputs)``, receives :math:`\bar\Gamma` of
-each call's main output and returns ``(parameter, gradient)`` pairs for the module's trainable
-parameters, or None to leave them all to the second backward.
+That function, ``weighted_gradients(module, calls, W)``, receives the weights ``W`` ``[B, R]``
+(see ``ModuleCall.weighted_grad_output``) and returns ``(parameter, gradient)`` pairs for the
+module's trainable parameters, or None to leave them all to the second backward.
 """
 
 from typing import Any
 
-import torch
 from torch import Tensor
-
-from torchjd.autogram._module_call import ModuleCall
-
-
-def weighted_output_gradient(call: ModuleCall, W: Tensor) -> Tensor:
-    r""":math:`\bar\Gamma`, shaped like the call's main output, from weights ``W`` ``[B, R]``."""
-    gamma = call.grad_output(0).to(W.dtype)  # [R, *shape]
-    batch_dim = call.output_batch_dims[0]
-    if batch_dim is None:
-        return torch.tensordot(W[0], gamma, dims=1)
-    R, B = W.shape[1], W.shape[0]
-    samples_last = gamma.movedim(batch_dim + 1, -1)  # [R, ..., B]
-    weights = W.T.reshape(R, *[1] * (samples_last.dim() - 2), B)
-    if R == 1:
-        return (samples_last[0] * weights[0]).movedim(-1, batch_dim)
-    return (samples_last * weights).sum(dim=0).movedim(-1, batch_dim)
 
 
 def per_sample_weights(weights: Tensor, losses: Tensor, batch_dim: int | None) -> Tensor:

@@ -13,11 +13,11 @@ Its forward uses its child ``out_proj``'s parameters without calling ``out_proj`
 covers the children. With ``bias_k``/``bias_v``, it forms per-sample gradients instead (see
 ``_per_sample.py``); with dropout in training mode, it uses the exact masked-cotangent rule.
 
-For the fused step, the same re-run, backpropagated once with the weighted output gradient
-:math:`\bar\Gamma_Y = \sum_r w_{ir} \Gamma_{Y,ir}`, gives :math:`\bar\Gamma_Q, \bar\Gamma_K,
-\bar\Gamma_V`, and each projection's gradient is that of a Linear layer
-(:math:`\nabla_{W_q} = \bar\Gamma_Q^\top X_q`, ...). Calls with dropout, ``bias_k``/``bias_v``
-or attention weights that reach the objectives are left to autograd.
+For the fused step, the rule keeps each projection's input and output gradients, and each
+projection's gradient is that of a Linear layer for the weighted output gradients
+:math:`\bar\Gamma_{Q,i} = \sum_r w_{ir} \Gamma_{Q,ir}`, ...
+(:math:`\nabla_{W_q} = \sum_i \bar\Gamma_{Q,i}^\top X_{q,i}`, ...). Calls with dropout,
+``bias_k``/``bias_v`` or attention weights that reach the objectives are left to autograd.
 """
 
 import functools
@@ -36,6 +36,7 @@ from torchjd.autogram._module_call import (
     positions,
     samples_first,
     samples_objectives_first,
+    weighted,
 )
 from torchjd.autogram._rules._generic import gramian_by_recomputation
 from torchjd.autogram._rules._linear import weight_gramian
@@ -70,6 +71,7 @@ def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         gammas.append(gamma_Y)
         dims = [call.batch_dim] * 3 + [None if call.batch_dim is None else 1]
         x = [arguments["query"], arguments["key"], arguments["value"], heads.detach()]
+        call.saved["projections"] = (x, gammas, dims)  # for the fused step
         for j in range(4):
             gamma = gammas[j]
             if gamma is None:
@@ -91,12 +93,12 @@ def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
 
 
 def attention_weighted_gradients(
-    module: nn.Module, calls: Sequence[ModuleCall], grad_outputs: Sequence[Tensor]
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
 ) -> list[tuple[Tensor, Tensor]] | None:
     """The gradients of the weighted objectives w.r.t. the trainable parameters of ``module``,
     or None (see above).
 
-    :param grad_outputs: For each call, the weighted gradient of its output ``Y``.
+    :param W: The weights ``[B, R]`` of the objectives.
     """
     assert isinstance(module, nn.MultiheadAttention)
     if (
@@ -109,16 +111,12 @@ def attention_weighted_gradients(
         return None
     weight_grads: list[Tensor | int] = [0, 0, 0, 0]  # W_q, W_k, W_v, W_o
     bias_grads: list[Tensor | int] = [0, 0, 0, 0]
-    for call, gamma_Y in zip(calls, grad_outputs, strict=True):
-        arguments = _arguments(module, call)
-        exposed, heads, outputs = _rerun(module, arguments)
-        gammas = torch.autograd.grad(outputs[0], exposed, gamma_Y, allow_unused=True)
-        if module.batch_first and heads.dim() == 3:
-            gamma_Y = gamma_Y.transpose(0, 1)  # sequence-first, as the heads O
-        x = [arguments["query"], arguments["key"], arguments["value"], heads.detach()]
-        for j, gamma in enumerate([*gammas, gamma_Y]):
-            if gamma is None:
+    for call in calls:
+        x, gammas, dims = call.saved["projections"]  # Γ w.r.t. Q, K, V, Y; O sequence-first
+        for j in range(4):
+            if gammas[j] is None:
                 continue
+            gamma = weighted(gammas[j], dims[j], W)
             gamma = gamma.reshape(-1, gamma.shape[-1])
             weight_grads[j] = weight_grads[j] + gamma.T @ x[j].reshape(-1, x[j].shape[-1])
             bias_grads[j] = bias_grads[j] + gamma.sum(dim=0)

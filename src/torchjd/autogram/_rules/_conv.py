@@ -39,17 +39,18 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
 
 
 def conv_weighted_gradients(
-    module: nn.Module, calls: Sequence[ModuleCall], grad_outputs: Sequence[Tensor]
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
     """The gradients of the weighted objectives w.r.t. the trainable parameters of ``module``.
 
-    :param grad_outputs: For each call, the weighted output gradient, shaped like its output.
+    :param W: The weights ``[B, R]`` of the objectives.
     """
     assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
     n = len(module.kernel_size)
     weight_grad: Tensor | None = None
     bias_grad: Tensor | None = None
-    for call, gamma in zip(calls, grad_outputs, strict=True):
+    for call in calls:
+        gamma = call.weighted_grad_output(W)
         x = call.args[0]
         if x.dim() == n + 1:  # an unbatched input
             x, gamma = x.unsqueeze(0), gamma.unsqueeze(0)

@@ -45,17 +45,18 @@ def embedding_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
 
 
 def embedding_weighted_gradients(
-    module: nn.Module, calls: Sequence[ModuleCall], grad_outputs: Sequence[Tensor]
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
 ) -> list[tuple[Tensor, Tensor]] | None:
     """The gradient of the weighted objectives w.r.t. the table, or None for a sparse one.
 
-    :param grad_outputs: For each call, the weighted output gradient, shaped like its output.
+    :param W: The weights ``[B, R]`` of the objectives.
     """
     assert isinstance(module, nn.Embedding)
     if module.sparse:
         return None
-    grad = torch.zeros_like(module.weight, dtype=grad_outputs[0].dtype)
-    for call, gamma in zip(calls, grad_outputs, strict=True):
+    grad = torch.zeros_like(module.weight, dtype=W.dtype)
+    for call in calls:
+        gamma = call.weighted_grad_output(W)
         index = call.args[0]
         scale = _scale(module, index, None, gamma.dtype).reshape(-1, 1)
         grad.index_add_(0, index.reshape(-1), gamma.reshape(-1, module.embedding_dim) * scale)

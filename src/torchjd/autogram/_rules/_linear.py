@@ -56,16 +56,18 @@ def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
 
 
 def linear_weighted_gradients(
-    module: nn.Module, calls: Sequence[ModuleCall], grad_outputs: Sequence[Tensor]
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
     """The gradients of the weighted objectives w.r.t. the trainable parameters of ``module``.
 
-    :param grad_outputs: For each call, the weighted output gradient, shaped like its output.
+    :param W: The weights ``[B, R]`` of the objectives.
     """
     assert isinstance(module, nn.Linear)
     d_in, d_out = module.in_features, module.out_features
     X = cat([c.args[0].reshape(-1, d_in) for c in calls], dim=0)
-    Gamma = cat([g.reshape(-1, d_out) for g in grad_outputs], dim=0)  # [positions, d_out]
+    Gamma = cat(
+        [c.weighted_grad_output(W).reshape(-1, d_out) for c in calls], dim=0
+    )  # [positions, d_out]
     grads = []
     if module.weight.requires_grad:
         grads.append((module.weight, Gamma.T @ X.to(Gamma.dtype)))

@@ -49,19 +49,19 @@ def layer_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
 
 
 def layer_norm_weighted_gradients(
-    module: nn.Module, calls: Sequence[ModuleCall], grad_outputs: Sequence[Tensor]
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
     """The gradients of the weighted objectives w.r.t. the affine parameters of ``module``.
 
-    :param grad_outputs: For each call, the weighted output gradient, shaped like its output.
+    :param W: The weights ``[B, R]`` of the objectives.
     """
     assert isinstance(module, nn.LayerNorm | nn.RMSNorm)
     shape = tuple(module.normalized_shape)
+    sums = [call.weighted_grad_output(W).reshape(-1, *shape) for call in calls]
     products = [
-        (gamma * _layer_normalised(module, call.args[0]).to(gamma.dtype)).reshape(-1, *shape)
-        for call, gamma in zip(calls, grad_outputs, strict=True)
+        gamma * _layer_normalised(module, call.args[0]).to(gamma.dtype).reshape(-1, *shape)
+        for call, gamma in zip(calls, sums, strict=True)
     ]
-    sums = [gamma.reshape(-1, *shape) for gamma in grad_outputs]
     return _affine_gradients(module, products, sums, dim=0)
 
 
@@ -89,18 +89,19 @@ def channel_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
 
 
 def channel_norm_weighted_gradients(
-    module: nn.Module, calls: Sequence[ModuleCall], grad_outputs: Sequence[Tensor]
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
 ) -> list[tuple[Tensor, Tensor]] | None:
     """The gradients of the weighted objectives w.r.t. the affine parameters of ``module``, or
     None for a ``BatchNorm`` that normalises with the batch's statistics.
 
-    :param grad_outputs: For each call, the weighted output gradient, shaped like its output.
+    :param W: The weights ``[B, R]`` of the objectives.
     """
     assert isinstance(module, nn.GroupNorm | _InstanceNorm | _BatchNorm)
     if isinstance(module, _BatchNorm) and any(_uses_batch_statistics(module, c) for c in calls):
         return None
     products, sums = [], []
-    for call, gamma in zip(calls, grad_outputs, strict=True):
+    for call in calls:
+        gamma = call.weighted_grad_output(W)
         x = call.args[0]
         channel_dim = _channel_dim(module, x, call.batch_dim)
         x_hat = _normalised(module, x, channel_dim, call.training).to(gamma.dtype)
