@@ -116,10 +116,27 @@ def test_transformer_encoder_layer(max_kept_bytes):
     assert_fused_exact([layer, head], forward, 0, leaves, max_kept_bytes=max_kept_bytes)
 
 
-def test_rnn():
-    rnn, head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
-    x = torch.randn(5, 6, 3)
-    forward = lambda: head(rnn(x)[0][:, -1]).pow(2)  # noqa: E731
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.GRU(3, 4, batch_first=True),
+        lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2),
+        lambda: nn.RNN(3, 4, num_layers=2, dropout=0.5),  # the generic rule, and autograd
+    ],
+    ids=["gru", "lstm", "rnn-dropout"],
+)
+def test_rnn(make):
+    rnn = make()
+    batch = 0 if rnn.batch_first else 1
+    x = torch.randn(5, 6, 3) if rnn.batch_first else torch.randn(6, 5, 3)
+    head = nn.Linear(rnn.proj_size or rnn.hidden_size, 2) if not rnn.bidirectional else None
+    head = nn.Linear(2 * (rnn.proj_size or rnn.hidden_size), 2) if head is None else head
+
+    def forward() -> Tensor:
+        torch.manual_seed(0)
+        output = rnn(x)[0]
+        return head(output.select(1 - batch, -1)).pow(2)
+
     assert_fused_exact([rnn, head], forward, 0, leaves_of([rnn, head]))
 
 

@@ -16,6 +16,7 @@ import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
 from torchjd.autogram._batched_grad import batched_grad
 from torchjd.autogram._fused import (
     accumulate,
+    call_uses,
     graph_leaves,
     per_sample_weights,
 )
@@ -270,10 +271,12 @@ class Engine:
         with torch.no_grad():
             for module, module_calls in kept.items():
                 weighted_gradients = self._rules[module][0].weighted_gradients  # type: ignore[attr-defined]
-                for param, grad in weighted_gradients(module, module_calls, W) or []:
-                    # Each call uses the parameter at least once: more uses are from outside the
-                    # engine's modules (a parameter tied across the engine's boundary).
-                    if id(param) in leaves and leaves[id(param)][1] <= len(module_calls):
+                pairs = weighted_gradients(module, module_calls, W) or []
+                inside = _total_uses([call_uses(call) for call in module_calls]) if pairs else {}
+                for param, grad in pairs:
+                    # More uses in the whole graph than inside the calls are uses from outside
+                    # the engine's modules (a parameter tied across the engine's boundary).
+                    if id(param) in leaves and leaves[id(param)][1] == inside.get(id(param)):
                         fused.append((param, grad))
                         del leaves[id(param)]
         others = [leaf for leaf, _ in leaves.values()]
@@ -422,6 +425,14 @@ def _uses_recomputation(rule: Rule) -> bool:
 
 def _fusable(rule: Rule) -> bool:
     return getattr(rule, "weighted_gradients", None) is not None
+
+
+def _total_uses(per_call: list[dict[int, tuple[Tensor, int]]]) -> dict[int, int]:
+    total: dict[int, int] = {}
+    for uses in per_call:
+        for key, (_, count) in uses.items():
+            total[key] = total.get(key, 0) + count
+    return total
 
 
 def _kept_bytes(call: ModuleCall) -> int:

@@ -14,6 +14,9 @@ module's trainable parameters, or None to leave them all to the second backward.
 from typing import Any
 
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
+
+from torchjd.autogram._module_call import ModuleCall
 
 
 def per_sample_weights(weights: Tensor, losses: Tensor, batch_dim: int | None) -> Tensor:
@@ -27,9 +30,21 @@ def per_sample_weights(weights: Tensor, losses: Tensor, batch_dim: int | None) -
 def graph_leaves(root: Tensor) -> dict[int, tuple[Tensor, int]]:
     """The leaf tensors whose ``.grad`` a backward pass from ``root`` fills, by id, each with the
     number of graph edges that reach it (its uses)."""
+    return _leaf_uses([root.grad_fn], set())
+
+
+def call_uses(call: ModuleCall) -> dict[int, tuple[Tensor, int]]:
+    """The uses of each leaf tensor inside the call: in the graph from the call's outputs down to
+    its inputs."""
+    inputs = tree_leaves((call.args, call.kwargs))
+    stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
+    return _leaf_uses([edge.node for edge in call.edges], stops)
+
+
+def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int]]:
     leaves: dict[int, tuple[Tensor, int]] = {}
-    seen: set[Any] = set()
-    stack = [root.grad_fn]
+    seen: set[Any] = set(stops)
+    stack = list(roots)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
