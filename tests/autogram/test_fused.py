@@ -300,3 +300,8 @@ def test_attention_weights_reaching_the_losses_fall_back():
         return y.pow(2).sum(dim=(1, 2)) + weights.pow(2).sum(dim=(1, 2))
 
     assert_fused_exact([attention], forward, 0, leaves_of([attention]))
+
+
+def test_scalar_loss_without_batch_dim():
+    model, x = mlp(), torch.randn(6, 5)
+    assert_fused_exact([model], lambda: model(x).pow(2).mean(), None, leaves_of([model]))
