@@ -279,6 +279,7 @@ class Engine:
                     if id(param) in leaves and leaves[id(param)][1] == inside.get(id(param)):
                         fused.append((param, grad))
                         del leaves[id(param)]
+                _release(module_calls)  # frees the output gradients before the next module's
         others = [leaf for leaf, _ in leaves.values()]
         if others:
             torch.autograd.backward(losses, w.reshape(losses.shape), inputs=others)
@@ -332,9 +333,7 @@ class Engine:
                     kept[module] = module_calls
                     budget = None if budget is None else budget - size
                 else:
-                    for call in module_calls:
-                        call.grad_outputs = [None] * len(call.grad_outputs)
-                        call.saved.clear()
+                    _release(module_calls)
         return _to_row_major(G.to(output.dtype), output, batch_dim), kept, batch_dim
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
@@ -425,6 +424,12 @@ def _uses_recomputation(rule: Rule) -> bool:
 
 def _fusable(rule: Rule) -> bool:
     return getattr(rule, "weighted_gradients", None) is not None
+
+
+def _release(calls: list[ModuleCall]) -> None:
+    for call in calls:
+        call.grad_outputs = [None] * len(call.grad_outputs)
+        call.saved.clear()
 
 
 def _total_uses(per_call: list[dict[int, tuple[Tensor, int]]]) -> dict[int, int]:

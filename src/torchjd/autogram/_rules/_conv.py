@@ -55,9 +55,11 @@ def conv_weighted_gradients(
         if x.dim() == n + 1:  # an unbatched input
             x, gamma = x.unsqueeze(0), gamma.unsqueeze(0)
         if module.weight.requires_grad:
-            x = F.pad(x.to(gamma.dtype), _pad_amounts(module), mode=_pad_mode(module))
+            x, padding = x.to(gamma.dtype), _padding_tuple(module)
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                x, padding = F.pad(x, _pad_amounts(module), mode=_pad_mode(module)), (0,) * n
             _, g, _ = torch.ops.aten.convolution_backward(
-                gamma, x, module.weight.to(gamma.dtype), None, module.stride, [0] * n,
+                gamma, x, module.weight.to(gamma.dtype), None, module.stride, padding,
                 module.dilation, False, [0] * n, module.groups, [False, True, False],
             )  # fmt: skip
             weight_grad = g if weight_grad is None else weight_grad + g
