@@ -10,8 +10,11 @@ ERM step (mean loss, backward, SGD step), the IWRM step with this library (forwa
 ``Engine.compute_gramian``, ``UPGradWeighting``, ``losses.backward(weights)``, SGD step), and the
 same IWRM step with the published ``torchjd==0.18.0`` (its virtualenv's interpreter, given by
 ``--reference-python`` or ``$TORCHJD_REFERENCE_PYTHON``; the step code is the same, only the
-library differs). Models: an MLP 784-512-512-10 (batch 64 and 256), a CNN on 3x32x32 (batch 64),
-and a two-layer Transformer encoder (d_model 128, 4 heads, seq 32, batch 32).
+library differs), and the fused IWRM step of this library (``Engine.backward(losses, weighting)``:
+the Linear and convolution gradients formed from what the Gramian pass recorded, a second backward
+only for the other parameters; its phases are timed by a wrapper around the weighting). Models:
+an MLP 784-512-512-10 (batch 64 and 256), a CNN on 3x32x32 (batch 64), and a two-layer
+Transformer encoder (d_model 128, 4 heads, seq 32, batch 32).
 
 One torch thread by default: on a shared machine, thread hand-offs dominate otherwise. Columns:
 median time per step (ms) and its split (forward, Gramian, weighting, backward + step),
@@ -100,6 +103,17 @@ def worker(kind: str, batch: int, mode: str, steps: int, threads: int) -> dict:
         if mode == "erm":
             t2 = t3 = t1
             losses.mean().backward()
+        elif mode == "fused":
+            marks: list[float] = []
+
+            def timed_weighting(gramian, marks=marks):
+                marks.append(time.perf_counter())
+                weights = weighting(gramian)
+                marks.append(time.perf_counter())
+                return weights
+
+            engine.backward(losses, timed_weighting)
+            t2, t3 = marks
         else:
             gramian = engine.compute_gramian(losses)
             t2 = time.perf_counter()
@@ -149,7 +163,11 @@ def main() -> None:
     )
     print(header)
     for name in args.only:
-        rows = [("ERM", sys.executable, "erm"), ("IWRM", sys.executable, "iwrm")]
+        rows = [
+            ("ERM", sys.executable, "erm"),
+            ("IWRM", sys.executable, "iwrm"),
+            ("fused", sys.executable, "fused"),
+        ]
         if args.reference_python:
             rows.append(("IWRM 0.18", args.reference_python, "iwrm"))
         erm = None

@@ -1,7 +1,7 @@
 r"""The autogram engine: the Gramian of the Jacobian of a vector of losses, without the Jacobian."""
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -14,6 +14,12 @@ from torch.utils.hooks import RemovableHandle
 
 import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
 from torchjd.autogram._batched_grad import batched_grad
+from torchjd.autogram._fused import (
+    accumulate,
+    call_uses,
+    graph_leaves,
+    per_sample_weights,
+)
 from torchjd.autogram._module_call import ModuleCall
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
@@ -179,13 +185,115 @@ class Engine:
         Clears what the engine recorded during the forward pass, even when it raises.
         """
         try:
-            return self._compute_gramian(output)
+            return self._compute_gramian(output)[0]
         finally:
             self._calls.clear()
             self._rng_states.clear()
             self._recording = True
 
-    def _compute_gramian(self, output: Tensor) -> Tensor:
+    def backward(
+        self,
+        losses: Tensor,
+        weighting: Callable[[Tensor], Tensor],
+        *,
+        max_kept_bytes: int | None = None,
+    ) -> Tensor:
+        r"""The fused step of instance-wise risk minimisation: computes the Gramian :math:`G` of
+        ``losses``, the weights :math:`w = \mathcal W(G)` and accumulates into the ``.grad`` of
+        every leaf tensor the gradient of :math:`w^\top \ell`, as ``losses.backward(w)`` would
+        (same tensors, same values), and returns :math:`w`.
+
+        The gradients of the parameters of ``Linear`` layers, convolutions, normalisation layers,
+        ``Embedding`` and ``MultiheadAttention`` (re-run once) come from the inputs and output
+        gradients recorded for the Gramian: with
+        :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` the weighted output gradient of sample
+        :math:`i`, a Linear layer's weight gradient is :math:`\sum_i \bar\Gamma_i^\top X_i`.
+        A second backward pass, restricted to the other leaves (parameters of other module types
+        and of modules outside the engine, inputs that require grad), runs only when there are
+        such leaves; it frees the graph.
+
+        :param losses: The objectives, as for :meth:`compute_gramian`.
+        :param weighting: A function from the Gramian ``[m, m]`` to the weights ``[m]`` (one per
+            element of ``losses``, in row-major order), e.g.
+            :class:`~torchjd.aggregation.UPGradWeighting`.
+        :param max_kept_bytes: The most memory that the output gradients kept from the Gramian
+            pass to the weighted gradients may take (each layer's is about its output's size
+            times the number of objectives per sample); the layers that do not fit go through
+            the second backward pass. None: no limit. 0: the two-pass step.
+        :returns: The weights :math:`w`, as returned by ``weighting``.
+
+        Clears what the engine recorded during the forward pass, even when it raises.
+
+        >>> import torch
+        >>> from torchjd.aggregation import MeanWeighting
+        >>> from torchjd.autogram import Engine
+        >>> model = torch.nn.Linear(2, 1)
+        >>> engine = Engine(model, batch_dim=0)
+        >>> losses = model(torch.tensor([[1.0, 2.0], [3.0, 4.0]])).squeeze(dim=1)
+        >>> engine.backward(losses, MeanWeighting())
+        tensor([0.5000, 0.5000])
+        >>> model.weight.grad, model.bias.grad  # the mean of the inputs, and 1
+        (tensor([[2., 3.]]), tensor([1.]))
+        """
+        if not callable(weighting):
+            raise TypeError(f"Expected `weighting` to be callable, got {type(weighting).__name__}.")
+        if max_kept_bytes is not None and (
+            isinstance(max_kept_bytes, bool)
+            or not isinstance(max_kept_bytes, int)
+            or max_kept_bytes < 0
+        ):
+            raise ValueError(
+                "Expected `max_kept_bytes` to be a non-negative int or None, got "
+                f"{max_kept_bytes!r}."
+            )
+        try:
+            return self._backward(losses, weighting, max_kept_bytes)
+        finally:
+            self._calls.clear()
+            self._rng_states.clear()
+            self._recording = True
+
+    def _backward(
+        self, losses: Tensor, weighting: Callable[[Tensor], Tensor], max_kept_bytes: int | None
+    ) -> Tensor:
+        G, kept, batch_dim = self._compute_gramian(losses, max_kept_bytes)
+        weights = weighting(G)
+        if not isinstance(weights, Tensor) or weights.shape != (losses.numel(),):
+            shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+            raise ValueError(
+                f"Expected `weighting` to return a vector of {losses.numel()} weights (one per "
+                f"element of `losses`), got {shape}."
+            )
+        w = weights.detach().to(losses.dtype)
+        W = per_sample_weights(w, losses, batch_dim)
+        leaves = graph_leaves(losses)
+        fused: list[tuple[Tensor, Tensor]] = []
+        with torch.no_grad():
+            for module, module_calls in kept.items():
+                weighted_gradients = self._rules[module][0].weighted_gradients  # type: ignore[attr-defined]
+                pairs = weighted_gradients(module, module_calls, W) or []
+                inside = _total_uses([call_uses(call) for call in module_calls]) if pairs else {}
+                for param, grad in pairs:
+                    # More uses in the whole graph than inside the calls are uses from outside
+                    # the engine's modules (a parameter tied across the engine's boundary).
+                    if id(param) in leaves and leaves[id(param)][1] == inside.get(id(param)):
+                        fused.append((param, grad))
+                        del leaves[id(param)]
+                _release(module_calls)  # frees the output gradients before the next module's
+        others = [leaf for leaf, _ in leaves.values()]
+        if others:
+            torch.autograd.backward(losses, w.reshape(losses.shape), inputs=others)
+        for param, grad in fused:
+            accumulate(param, grad)
+        return weights
+
+    def _compute_gramian(
+        self, output: Tensor, kept_bytes: int | None = 0
+    ) -> tuple[Tensor, dict[nn.Module, list[ModuleCall]], int | None]:
+        """The Gramian, the batch dimension, and the calls whose output gradients are kept for
+        the fused step: those of modules whose rule has ``weighted_gradients``, in order, while
+        their total size stays within ``kept_bytes`` (None: no limit). The others' are released
+        as soon as their block is computed."""
         if not isinstance(output, Tensor):
             raise TypeError(f"Expected `output` to be a Tensor, got {type(output).__name__}.")
         batch_dim = self._normalized_batch_dim(output)
@@ -202,7 +310,7 @@ class Engine:
         B = 1 if batch_dim is None else output.shape[batch_dim]
         R = m // B if B else 0
         if m == 0:
-            return output.new_zeros(0, 0)
+            return output.new_zeros(0, 0), {}, batch_dim
         if batch_dim is not None:
             for module, module_calls in calls.items():
                 for call in module_calls:
@@ -212,12 +320,21 @@ class Engine:
         for module_calls in calls.values():
             for call in module_calls:
                 call.grad_outputs = [next(grads) for _ in call.edges]
+        del grads  # the calls alone hold the output gradients, so that releasing them frees them
         self._check_all_calls_reached(calls)
+        kept: dict[nn.Module, list[ModuleCall]] = {}
+        budget = kept_bytes
         G = output.new_zeros(B * R, B * R)
         with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
             for module, module_calls in calls.items():
                 G = G + self._rules[module][0](module, module_calls)
-        return _to_row_major(G.to(output.dtype), output, batch_dim)
+                size = sum(_kept_bytes(call) for call in module_calls)
+                if _fusable(self._rules[module][0]) and (budget is None or size <= budget):
+                    kept[module] = module_calls
+                    budget = None if budget is None else budget - size
+                else:
+                    _release(module_calls)
+        return _to_row_major(G.to(output.dtype), output, batch_dim), kept, batch_dim
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
         if self._batch_dim is None:
@@ -303,6 +420,30 @@ def _call_alive(engine: "weakref.ref[Engine]", method: str, *args: Any) -> None:
 
 def _uses_recomputation(rule: Rule) -> bool:
     return getattr(rule, "recomputes_forward", False)
+
+
+def _fusable(rule: Rule) -> bool:
+    return getattr(rule, "weighted_gradients", None) is not None
+
+
+def _release(calls: list[ModuleCall]) -> None:
+    for call in calls:
+        call.grad_outputs = [None] * len(call.grad_outputs)
+        call.saved.clear()
+
+
+def _total_uses(per_call: list[dict[int, tuple[Tensor, int]]]) -> dict[int, int]:
+    total: dict[int, int] = {}
+    for uses in per_call:
+        for key, (_, count) in uses.items():
+            total[key] = total.get(key, 0) + count
+    return total
+
+
+def _kept_bytes(call: ModuleCall) -> int:
+    """The size of the output gradients and of what the rule saved for the fused step."""
+    tensors = [*call.grad_outputs, *tree_leaves(call.saved)]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
 def _resolve_batch_dims(module: nn.Module, call: ModuleCall, batch_dim: int, B: int) -> None:

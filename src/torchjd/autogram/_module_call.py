@@ -31,6 +31,8 @@ class ModuleCall:
         when the rule does not).
     :param training: Whether the module was in training mode during the call.
     :param edges: Where each of ``outputs`` enters the autograd graph (engine internal).
+    :param saved: Free for the rule's own use, from the Gramian to the fused step (released with
+        the output gradients).
     """
 
     args: tuple[Any, ...]
@@ -43,6 +45,7 @@ class ModuleCall:
     training: bool = False
     grad_outputs: list[Tensor | None] = field(default_factory=list)
     edges: list[Any] = field(default_factory=list, repr=False)
+    saved: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def num_samples(self) -> int:
@@ -64,6 +67,25 @@ class ModuleCall:
             shape = (self.num_objectives_per_sample, *self.outputs[index].shape)
             return self.outputs[index].new_zeros(shape)
         return gamma
+
+    def weighted_grad_output(self, W: Tensor, index: int = 0) -> Tensor:
+        r""":math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}`, the gradient of the weighted
+        objectives w.r.t. ``outputs[index]`` (shaped like it), from the weights ``W`` ``[B, R]``."""
+        return weighted(self.grad_output(index), self.output_batch_dims[index], W)
+
+
+def weighted(gamma: Tensor, batch_dim: int | None, W: Tensor) -> Tensor:
+    r""":math:`\sum_r w_{ir} \Gamma_{ir}` of gradients ``[R, *shape]`` whose samples are along
+    ``batch_dim`` of ``shape`` (the whole tensor is one sample if None), as ``[*shape]``."""
+    gamma = gamma.to(W.dtype)
+    if batch_dim is None:
+        return torch.tensordot(W[0], gamma, dims=1)
+    B, R = W.shape
+    samples_last = gamma.movedim(batch_dim + 1, -1)  # [R, ..., B]
+    weights = W.T.reshape(R, *[1] * (samples_last.dim() - 2), B)
+    if R == 1:
+        return (samples_last[0] * weights[0]).movedim(-1, batch_dim)
+    return (samples_last * weights).sum(dim=0).movedim(-1, batch_dim)
 
 
 def samples_first(tensor: Tensor, batch_dim: int | None) -> Tensor:

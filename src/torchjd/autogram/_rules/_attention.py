@@ -12,6 +12,12 @@ are the output gradients.
 Its forward uses its child ``out_proj``'s parameters without calling ``out_proj``, so this rule
 covers the children. With ``bias_k``/``bias_v``, it forms per-sample gradients instead (see
 ``_per_sample.py``); with dropout in training mode, it uses the exact masked-cotangent rule.
+
+For the fused step, the rule keeps each projection's input and output gradients, and each
+projection's gradient is that of a Linear layer for the weighted output gradients
+:math:`\bar\Gamma_{Q,i} = \sum_r w_{ir} \Gamma_{Q,ir}`, ...
+(:math:`\nabla_{W_q} = \sum_i \bar\Gamma_{Q,i}^\top X_{q,i}`, ...). Calls with dropout,
+``bias_k``/``bias_v`` or attention weights that reach the objectives are left to autograd.
 """
 
 import functools
@@ -30,6 +36,7 @@ from torchjd.autogram._module_call import (
     positions,
     samples_first,
     samples_objectives_first,
+    weighted,
 )
 from torchjd.autogram._rules._generic import gramian_by_recomputation
 from torchjd.autogram._rules._linear import weight_gramian
@@ -64,6 +71,7 @@ def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         gammas.append(gamma_Y)
         dims = [call.batch_dim] * 3 + [None if call.batch_dim is None else 1]
         x = [arguments["query"], arguments["key"], arguments["value"], heads.detach()]
+        call.saved["projections"] = (x, gammas, dims)  # for the fused step
         for j in range(4):
             gamma = gammas[j]
             if gamma is None:
@@ -82,6 +90,55 @@ def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     if module.out_proj.bias is not None and module.out_proj.bias.requires_grad:
         G = G + gram(Gamma[3].sum(dim=2))
     return G  # type: ignore[return-value]
+
+
+def attention_weighted_gradients(
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
+) -> list[tuple[Tensor, Tensor]] | None:
+    """The gradients of the weighted objectives w.r.t. the trainable parameters of ``module``,
+    or None (see above).
+
+    :param W: The weights ``[B, R]`` of the objectives.
+    """
+    assert isinstance(module, nn.MultiheadAttention)
+    if (
+        module.bias_k is not None
+        or module.bias_v is not None
+        or any(module.dropout > 0 and call.training for call in calls)
+        or any(call.output_leaf_indices[0] != 0 for call in calls)
+        or any(g is not None for call in calls for g in call.grad_outputs[1:])
+    ):
+        return None
+    weight_grads: list[Tensor | int] = [0, 0, 0, 0]  # W_q, W_k, W_v, W_o
+    bias_grads: list[Tensor | int] = [0, 0, 0, 0]
+    for call in calls:
+        x, gammas, dims = call.saved["projections"]  # Γ w.r.t. Q, K, V, Y; O sequence-first
+        for j in range(4):
+            if gammas[j] is None:
+                continue
+            gamma = weighted(gammas[j], dims[j], W)
+            gamma = gamma.reshape(-1, gamma.shape[-1])
+            weight_grads[j] = weight_grads[j] + gamma.T @ x[j].reshape(-1, x[j].shape[-1])
+            bias_grads[j] = bias_grads[j] + gamma.sum(dim=0)
+    full = [
+        torch.zeros_like(w) if isinstance(g, int) else g
+        for w, g in zip(_weights(module), weight_grads, strict=True)
+    ]
+    full_bias = [
+        w.new_zeros(w.shape[0]) if isinstance(g, int) else g
+        for w, g in zip(full, bias_grads, strict=True)
+    ]
+    if module._qkv_same_embed_dim:
+        projections = [module.in_proj_weight]
+        full[:3] = [torch.cat(full[:3], dim=0)]
+    else:
+        projections = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+    pairs = [*zip([*projections, module.out_proj.weight], full, strict=True)]
+    if module.in_proj_bias is not None:
+        pairs.append((module.in_proj_bias, torch.cat(full_bias[:3], dim=0)))
+    if module.out_proj.bias is not None:
+        pairs.append((module.out_proj.bias, full_bias[3]))
+    return [(p, g) for p, g in pairs if p.requires_grad]
 
 
 def _arguments(module: nn.MultiheadAttention, call: ModuleCall) -> dict[str, Any]:
@@ -214,3 +271,4 @@ def _detach(value: object) -> object:
 
 
 attention_rule.recomputes_forward = True  # type: ignore[attr-defined]
+attention_rule.weighted_gradients = attention_weighted_gradients  # type: ignore[attr-defined]

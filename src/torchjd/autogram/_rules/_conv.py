@@ -10,10 +10,15 @@ the output gradients :math:`\Gamma_{ir}` of its :math:`C_{out}/g` channels at th
               + \Big(\sum_t \gamma_{irt}\Big) \cdot \Big(\sum_u \gamma_{jsu}\Big),
 
 computed by the kernel of ``_linear.py`` (closed form or per-objective gradients, the cheaper).
+
+For the fused step, the gradient of the weighted objectives is the convolution's own weight
+gradient (``convolution_backward``) for the weighted output gradient
+:math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` and the recorded (padded) input.
 """
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -31,6 +36,45 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     if module.bias is not None and module.bias.requires_grad:
         G = G + gram(Gamma.sum(dim=3).permute(1, 2, 0, 3))
     return G  # type: ignore[return-value]
+
+
+def conv_weighted_gradients(
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
+) -> list[tuple[Tensor, Tensor]]:
+    """The gradients of the weighted objectives w.r.t. the trainable parameters of ``module``.
+
+    :param W: The weights ``[B, R]`` of the objectives.
+    """
+    assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    n = len(module.kernel_size)
+    weight_grad: Tensor | None = None
+    bias_grad: Tensor | None = None
+    for call in calls:
+        gamma = call.weighted_grad_output(W)
+        x = call.args[0]
+        if x.dim() == n + 1:  # an unbatched input
+            x, gamma = x.unsqueeze(0), gamma.unsqueeze(0)
+        if module.weight.requires_grad:
+            x, padding = x.to(gamma.dtype), _padding_tuple(module)
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                x, padding = F.pad(x, _pad_amounts(module), mode=_pad_mode(module)), (0,) * n
+            _, g, _ = torch.ops.aten.convolution_backward(
+                gamma, x, module.weight.to(gamma.dtype), None, module.stride, padding,
+                module.dilation, False, [0] * n, module.groups, [False, True, False],
+            )  # fmt: skip
+            weight_grad = g if weight_grad is None else weight_grad + g
+        if module.bias is not None and module.bias.requires_grad:
+            b = gamma.transpose(0, 1).reshape(gamma.shape[1], -1).sum(dim=1)
+            bias_grad = b if bias_grad is None else bias_grad + b
+    grads = []
+    if weight_grad is not None:
+        grads.append((module.weight, weight_grad))
+    if bias_grad is not None:
+        grads.append((module.bias, bias_grad))
+    return grads
+
+
+conv_rule.weighted_gradients = conv_weighted_gradients  # type: ignore[attr-defined]
 
 
 def _samples_first(x: Tensor, batch_dim: int | None, n: int) -> Tensor:

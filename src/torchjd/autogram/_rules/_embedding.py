@@ -8,6 +8,10 @@ frequency of :math:`x_{it}` in the call with ``scale_grad_by_freq``; positions a
 .. math::
 
     G_{ir,js} = \sum_{t,u} [x_{it} = x_{ju}]\, c_{it} c_{ju}\, (\gamma_{irt} \cdot \gamma_{jsu}).
+
+For the fused step, row :math:`v` of the gradient of the weighted objectives is
+:math:`\sum_{it : x_{it} = v} c_{it}\, \bar\gamma_{it}` with
+:math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` (a sparse table's gradient is left to autograd).
 """
 
 from collections.abc import Sequence
@@ -38,6 +42,28 @@ def embedding_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     L = Gamma.reshape(B * R * T, d) @ Gamma.reshape(B * R * T, d).T
     G = torch.einsum("itju,irtjsu->irjs", K.reshape(B, T, B, T), L.reshape(B, R, T, B, R, T))
     return G.reshape(B * R, B * R)
+
+
+def embedding_weighted_gradients(
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
+) -> list[tuple[Tensor, Tensor]] | None:
+    """The gradient of the weighted objectives w.r.t. the table, or None for a sparse one.
+
+    :param W: The weights ``[B, R]`` of the objectives.
+    """
+    assert isinstance(module, nn.Embedding)
+    if module.sparse:
+        return None
+    grad = torch.zeros_like(module.weight, dtype=W.dtype)
+    for call in calls:
+        gamma = call.weighted_grad_output(W)
+        index = call.args[0]
+        scale = _scale(module, index, None, gamma.dtype).reshape(-1, 1)
+        grad.index_add_(0, index.reshape(-1), gamma.reshape(-1, module.embedding_dim) * scale)
+    return [(module.weight, grad)]
+
+
+embedding_rule.weighted_gradients = embedding_weighted_gradients  # type: ignore[attr-defined]
 
 
 def _scale(

@@ -16,6 +16,15 @@ and the layer is narrow, forming the per-objective gradients :math:`\Gamma_{ir}^
 cheaper: each call picks the cheaper of the two by counting flops. The calls of a module are
 concatenated along the positions, which accounts for the cross terms between calls. Convolutions
 reuse this kernel with one block per group (see ``_conv.py``).
+
+For the fused step (:meth:`~torchjd.autogram.Engine.backward`), the gradient of the weighted
+objectives :math:`\sum_{ir} w_{ir} \ell_{ir}` comes from the same recorded quantities, without a
+second backward pass: with the weighted output gradient
+:math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}`,
+
+.. math::
+
+    \nabla_W = \sum_i \bar\Gamma_i^\top X_i, \qquad \nabla_b = \sum_i \sum_t \bar\gamma_{it}.
 """
 
 from collections.abc import Sequence
@@ -44,6 +53,30 @@ def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     if module.bias is not None and module.bias.requires_grad:
         G = G + gram(Gamma.sum(dim=2))
     return G  # type: ignore[return-value]
+
+
+def linear_weighted_gradients(
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
+) -> list[tuple[Tensor, Tensor]]:
+    """The gradients of the weighted objectives w.r.t. the trainable parameters of ``module``.
+
+    :param W: The weights ``[B, R]`` of the objectives.
+    """
+    assert isinstance(module, nn.Linear)
+    d_in, d_out = module.in_features, module.out_features
+    X = cat([c.args[0].reshape(-1, d_in) for c in calls], dim=0)
+    Gamma = cat(
+        [c.weighted_grad_output(W).reshape(-1, d_out) for c in calls], dim=0
+    )  # [positions, d_out]
+    grads = []
+    if module.weight.requires_grad:
+        grads.append((module.weight, Gamma.T @ X.to(Gamma.dtype)))
+    if module.bias is not None and module.bias.requires_grad:
+        grads.append((module.bias, Gamma.sum(dim=0)))
+    return grads
+
+
+linear_rule.weighted_gradients = linear_weighted_gradients  # type: ignore[attr-defined]
 
 
 def weight_gramian(X: Tensor, Gamma: Tensor) -> Tensor:

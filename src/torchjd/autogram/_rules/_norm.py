@@ -14,6 +14,11 @@ features for ``LayerNorm``/``RMSNorm``; the spatial positions of a channel for `
 ``InstanceNorm`` and ``BatchNorm`` in eval mode, which normalises with its running statistics),
 and :math:`G = J_w J_w^\top + J_b J_b^\top`. A ``BatchNorm`` that normalises with the batch's
 statistics (only allowed with ``batch_dim=None``) goes through the generic rule.
+
+For the fused step, the gradients of the weighted objectives are the same sums for the weighted
+output gradient :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}`, over the samples too:
+:math:`\nabla_w = \sum_{it} \bar\gamma_{it} \odot \hat x_{it}`,
+:math:`\nabla_b = \sum_{it} \bar\gamma_{it}`.
 """
 
 from collections.abc import Sequence
@@ -35,17 +40,37 @@ def layer_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     shape = tuple(module.normalized_shape)
     J_w, J_b = [], []
     for call in calls:
-        x = call.args[0]
-        if isinstance(module, nn.LayerNorm):
-            x_hat = F.layer_norm(x, shape, eps=module.eps)
-        else:
-            eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps
-            x_hat = x * torch.rsqrt(x.pow(2).mean(tuple(range(-len(shape), 0)), True) + eps)
+        x_hat = _layer_normalised(module, call.args[0])
         gamma = call.grad_output()
         k = len(shape)
         J_w.append(_sum_positions((gamma * x_hat).flatten(-k), call.batch_dim, -1))
         J_b.append(_sum_positions(gamma.flatten(-k), call.batch_dim, -1))
     return _affine_gramian(module, J_w, J_b)
+
+
+def layer_norm_weighted_gradients(
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
+) -> list[tuple[Tensor, Tensor]]:
+    """The gradients of the weighted objectives w.r.t. the affine parameters of ``module``.
+
+    :param W: The weights ``[B, R]`` of the objectives.
+    """
+    assert isinstance(module, nn.LayerNorm | nn.RMSNorm)
+    shape = tuple(module.normalized_shape)
+    sums = [call.weighted_grad_output(W).reshape(-1, *shape) for call in calls]
+    products = [
+        gamma * _layer_normalised(module, call.args[0]).to(gamma.dtype).reshape(-1, *shape)
+        for call, gamma in zip(calls, sums, strict=True)
+    ]
+    return _affine_gradients(module, products, sums, dim=0)
+
+
+def _layer_normalised(module: nn.LayerNorm | nn.RMSNorm, x: Tensor) -> Tensor:
+    shape = tuple(module.normalized_shape)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, shape, eps=module.eps)
+    eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps
+    return x * torch.rsqrt(x.pow(2).mean(tuple(range(-len(shape), 0)), True) + eps)
 
 
 def channel_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
@@ -61,6 +86,46 @@ def channel_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         J_w.append(_sum_positions(gamma * x_hat, call.batch_dim, channel_dim))
         J_b.append(_sum_positions(gamma, call.batch_dim, channel_dim))
     return _affine_gramian(module, J_w, J_b)
+
+
+def channel_norm_weighted_gradients(
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
+) -> list[tuple[Tensor, Tensor]] | None:
+    """The gradients of the weighted objectives w.r.t. the affine parameters of ``module``, or
+    None for a ``BatchNorm`` that normalises with the batch's statistics.
+
+    :param W: The weights ``[B, R]`` of the objectives.
+    """
+    assert isinstance(module, nn.GroupNorm | _InstanceNorm | _BatchNorm)
+    if isinstance(module, _BatchNorm) and any(_uses_batch_statistics(module, c) for c in calls):
+        return None
+    products, sums = [], []
+    for call in calls:
+        gamma = call.weighted_grad_output(W)
+        x = call.args[0]
+        channel_dim = _channel_dim(module, x, call.batch_dim)
+        x_hat = _normalised(module, x, channel_dim, call.training).to(gamma.dtype)
+        products.append((gamma * x_hat).movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1))
+        sums.append(gamma.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1))
+    return _affine_gradients(module, products, sums, dim=1)
+
+
+def _affine_gradients(
+    module: nn.Module, products: list[Tensor], sums: list[Tensor], dim: int
+) -> list[tuple[Tensor, Tensor]]:
+    """``(weight, Σ products)`` and ``(bias, Σ sums)``, summed over ``dim`` and the calls, for
+    the trainable ones."""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    grads = []
+    if weight is not None and weight.requires_grad:
+        grads.append((weight, sum(p.sum(dim=dim) for p in products)))
+    if bias is not None and bias.requires_grad:
+        grads.append((bias, sum(s.sum(dim=dim) for s in sums)))
+    return grads  # type: ignore[return-value]
+
+
+layer_norm_rule.weighted_gradients = layer_norm_weighted_gradients  # type: ignore[attr-defined]
+channel_norm_rule.weighted_gradients = channel_norm_weighted_gradients  # type: ignore[attr-defined]
 
 
 def _uses_batch_statistics(module: _BatchNorm, call: ModuleCall) -> bool:

@@ -10,6 +10,10 @@ step, on the recorded inputs with these maps exposed, and one backward pass give
 
 With dropout between layers in training mode, or a ``PackedSequence`` input, the exact
 masked-cotangent rule is used instead.
+
+For the fused step, each map's gradient is that of a Linear layer for the weighted output
+gradients :math:`\bar\Gamma_{it} = \sum_r w_{ir} \Gamma_{irt}`, from the inputs and gradients
+that the rule kept.
 """
 
 from collections.abc import Sequence
@@ -69,6 +73,8 @@ def rnn_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     G: Tensor | int = 0
     for linear_map in maps.values():
         X, Gamma = cat(linear_map.inputs, dim=1), cat(linear_map.grads, dim=2)
+        saved = (linear_map.weight, linear_map.bias, X, Gamma)
+        calls[0].saved.setdefault("maps", []).append(saved)  # for the fused step
         weight = getattr(module, linear_map.weight)
         if weight.requires_grad:
             G = G + weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0))
@@ -76,6 +82,29 @@ def rnn_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         if bias is not None and bias.requires_grad:
             G = G + gram(Gamma.sum(dim=2))
     return G  # type: ignore[return-value]
+
+
+def rnn_weighted_gradients(
+    module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
+) -> list[tuple[Tensor, Tensor]] | None:
+    """The gradients of the weighted objectives w.r.t. the trainable parameters of ``module``,
+    or None where the Gramian came from the generic rule.
+
+    :param W: The weights ``[B, R]`` of the objectives.
+    """
+    assert isinstance(module, nn.RNNBase)
+    if any(_unsupported(module, call) for call in calls):
+        return None
+    grads = []
+    for weight_name, bias_name, X, Gamma in calls[0].saved["maps"]:
+        Gamma_bar = torch.einsum("brtd,br->btd", Gamma, W.to(Gamma.dtype)).flatten(0, 1)
+        weight = getattr(module, weight_name)
+        if weight.requires_grad:
+            grads.append((weight, Gamma_bar.T @ X.flatten(0, 1).to(Gamma.dtype)))
+        bias = None if bias_name is None else getattr(module, bias_name)
+        if bias is not None and bias.requires_grad:
+            grads.append((bias, Gamma_bar.sum(dim=0)))
+    return grads
 
 
 def _unsupported(module: nn.RNNBase, call: ModuleCall) -> bool:
@@ -230,3 +259,4 @@ def _cell(
 
 
 rnn_rule.recomputes_forward = True  # type: ignore[attr-defined]  (its fallback re-runs the module)
+rnn_rule.weighted_gradients = rnn_weighted_gradients  # type: ignore[attr-defined]
