@@ -1,6 +1,7 @@
 """Runs a function on a local gloo process group of spawned CPU processes, with timeouts
 everywhere: a rank that fails or hangs makes the test fail, never wait forever."""
 
+import multiprocessing
 import shutil
 import tempfile
 import time
@@ -25,6 +26,9 @@ def run_on_ranks(
 ) -> list[Any]:
     """``[worker(rank, world_size, *args) for rank in range(world_size)]``, each in its own
     process of one gloo group. An exception raised by the worker is returned as ``Raised``."""
+    # the fork server imports torch once, and forks every rank from it: 4 imports of torch at once
+    # would take most of the time of a test on a small machine
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "torchjd"])
     folder = Path(tempfile.mkdtemp(prefix="torchjd-dist-"))
     try:
         context = mp.start_processes(
@@ -32,7 +36,7 @@ def run_on_ranks(
             args=(worker, world_size, str(folder), collective_timeout_s, args),
             nprocs=world_size,
             join=False,
-            start_method="spawn",
+            start_method="forkserver",
         )
         deadline = time.monotonic() + timeout_s
         while not context.join(timeout=1.0):

@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 import torch
-from torch.nn.parallel import DistributedDataParallel
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchjd.autojac
 from tests.distributed.launch import run_on_ranks
@@ -24,43 +26,62 @@ from torchjd.distributed import average_grads, jac_to_grad
 
 MTL_LOCAL_BATCH = 3
 CASES = list(itertools.product(AGGREGATORS, ["per_sample", "shared"], [False, True]))
+Case = tuple[str, str, bool]  # aggregator, objectives, optimize_gramian_computation
 Update = tuple[torch.Tensor | None, list[torch.Tensor]]  # the weights and every .grad
 
 
+def _models(group: dist.ProcessGroup | None) -> dict[str, tuple[nn.Module, Any]]:
+    """The model of each kind of objectives, and the module that computes the losses: the model
+    wrapped in DDP over ``group``, or the model itself when ``group`` is None."""
+    models: dict[str, nn.Module] = {"per_sample": regressor(), "shared": multi_task()}
+    return {
+        objectives: (model, model if group is None else DDP(model, process_group=group))
+        for objectives, model in models.items()
+    }
+
+
 def _step(
-    case: tuple[str, str, bool], X: torch.Tensor, Y: torch.Tensor, rank: int | None
+    case: Case,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    models: dict[str, tuple[nn.Module, Any]],
 ) -> Update:
-    """One step of Jacobian descent on (X, Y): on the local batch under DDP when ``rank`` is
-    given, else in one process on the global batch (then the torchjd.autojac functions)."""
+    """One step of Jacobian descent on (X, Y): on the local batch under DDP over ``group``, or in
+    one process on the global batch with the torchjd.autojac functions when ``group`` is None."""
     name, objectives, optimize = case
     aggregator = AGGREGATORS[name]()
-    if objectives == "per_sample":
-        model = regressor()
-        ddp = DistributedDataParallel(model) if rank is not None else model
-        with ddp.no_sync() if rank is not None else torch.enable_grad():
+    model, ddp = models[objectives]
+    for p in model.parameters():
+        p.grad = None
+    with ddp.no_sync() if group is not None else torch.enable_grad():
+        if objectives == "per_sample":
             torchjd.autojac.backward(per_sample_losses(ddp, X, Y))
-        shared, specific = list(model.parameters()), []
-    else:
-        model = multi_task()
-        ddp = DistributedDataParallel(model) if rank is not None else model
-        with ddp.no_sync() if rank is not None else torch.enable_grad():
+        else:
             features, losses = mtl_losses(ddp, X, Y)
             torchjd.autojac.mtl_backward(losses, features=features)
+    if objectives == "per_sample":
+        shared, specific = list(model.parameters()), []
+    else:
         shared, specific = list(model.trunk.parameters()), list(model.heads.parameters())
-    if rank is None:
+    if group is None:
         weights = torchjd.autojac.jac_to_grad(
             shared, aggregator, optimize_gramian_computation=optimize
         )
     else:
         weights = jac_to_grad(
-            shared, aggregator, objectives=objectives, optimize_gramian_computation=optimize
+            shared,
+            aggregator,
+            objectives=objectives,
+            process_group=group,
+            optimize_gramian_computation=optimize,
         )
         if specific:
-            average_grads(specific)
+            average_grads(specific, process_group=group)
     return weights, [p.grad for p in model.parameters()]
 
 
-def _local_batch(case: tuple[str, str, bool], rank: int, world_size: int) -> tuple[Any, Any]:
+def _local_batch(case: Case, rank: int, world_size: int) -> tuple[Any, Any]:
     if case[1] == "per_sample":
         counts = per_sample_counts(world_size)
         X, Y = global_batch(sum(counts))
@@ -70,30 +91,40 @@ def _local_batch(case: tuple[str, str, bool], rank: int, world_size: int) -> tup
     return X[rows], Y[rows]
 
 
-def _distributed_steps(rank: int, world_size: int) -> dict[tuple[str, str, bool], Update]:
-    return {case: _step(case, *_local_batch(case, rank, world_size), rank) for case in CASES}
+def _distributed_steps(rank: int, world_size: int) -> dict[tuple[int, Case], Update]:
+    """Every case on the 4 ranks, then on the group of ranks 0 and 1 (one spawn for both sizes:
+    starting processes is what costs)."""
+    results = {}
+    pair = dist.new_group([0, 1])
+    for size, group in [(world_size, dist.group.WORLD), (2, pair)]:
+        if rank < size:
+            models = _models(group)
+            for case in CASES:
+                X, Y = _local_batch(case, rank, size)
+                results[size, case] = _step(case, X, Y, group, models)
+    return results
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda r: f"{r}ranks")
-def distributed(request: pytest.FixtureRequest) -> tuple[int, list[Any]]:
-    world_size = request.param
-    return world_size, run_on_ranks(_distributed_steps, world_size)
+@pytest.fixture(scope="module")
+def distributed() -> list[Any]:
+    return run_on_ranks(_distributed_steps, 4)
 
 
+@pytest.mark.parametrize("world_size", [2, 4], ids=lambda r: f"{r}ranks")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-optimized={c[2]}")
 def test_equals_single_process_on_global_batch(
-    distributed: tuple[int, list[Any]], case: tuple[str, str, bool]
+    distributed: list[Any], world_size: int, case: Case
 ) -> None:
-    world_size, results = distributed
-    for result in results:
+    for result in distributed:
         assert isinstance(result, dict), result  # else ("raised", type, message)
+    results = [result[world_size, case] for result in distributed[:world_size]]
     if case[1] == "per_sample":
         X, Y = global_batch(sum(per_sample_counts(world_size)))
     else:
         X, Y = global_batch(MTL_LOCAL_BATCH * world_size)
-    expected_weights, expected_grads = _step(case, X, Y, rank=None)
-    first_weights, first_grads = results[0][case]
-    for weights, grads in (result[case] for result in results):
+    expected_weights, expected_grads = _step(case, X, Y, None, _models(None))
+    first_weights, first_grads = results[0]
+    for weights, grads in results:
         # the same update on every rank, bit for bit
         assert torch.equal(weights, first_weights)
         assert all(torch.equal(g, g0) for g, g0 in zip(grads, first_grads, strict=True))
