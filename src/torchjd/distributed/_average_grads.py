@@ -44,12 +44,11 @@ def average_grads(
         params = as_tensors(tensors, "tensors")
         check_distinct(params, "tensors")
     except (TypeError, ValueError):
-        exchange_shapes(None, torch.device("cpu"), group)
+        exchange_shapes(None, group)
         raise
     with_grad = [p for p in params if p.grad is not None]
-    device = with_grad[0].grad.device if with_grad else torch.device("cpu")  # type: ignore[union-attr]
     mask = sum(1 << i for i, p in enumerate(params[:62]) if p.grad is not None)
-    shapes = exchange_shapes((len(params), mask, len(with_grad)), device, group)
+    shapes = exchange_shapes((len(params), mask, len(with_grad)), group)
     if shapes is None:
         raise failed_ranks_error(group)
     if len(set(shapes)) > 1:

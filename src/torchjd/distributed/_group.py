@@ -23,11 +23,15 @@ def resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
 
 
 def exchange_shapes(
-    local: tuple[int, ...] | None, device: torch.device, group: dist.ProcessGroup
+    local: tuple[int, ...] | None, group: dist.ProcessGroup
 ) -> list[tuple[int, ...]] | None:
     """Every rank's ``local`` tuple (all of the same length), or None on every rank when some rank
     passed None (its arguments failed their checks)."""
     size = 4
+    # NCCL exchanges only CUDA tensors; the others (gloo, MPI) take CPU ones, whatever the device
+    # of the Jacobians, so that a rank whose tensors are wrong still knows where to put these
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     row = torch.zeros(size + 1, dtype=torch.int64, device=device)
     if local is not None:
         row[0] = 1

@@ -110,11 +110,11 @@ def jac_to_grad(
     try:
         params, jacobians = checked_inputs(tensors, aggregator, optimize_gramian_computation)
     except (TypeError, ValueError):
-        exchange_shapes(None, _device(tensors), group)  # lets the other ranks raise too
+        exchange_shapes(None, group)  # lets the other ranks raise too
         raise
     m = jacobians[0].shape[0]
     n = sum(p.numel() for p in params)
-    shapes = exchange_shapes((m, n), jacobians[0].device, group)
+    shapes = exchange_shapes((m, n), group)
     if shapes is None:
         raise failed_ranks_error(group)
     _check_consistent(shapes, objectives)
@@ -148,13 +148,6 @@ def jac_to_grad(
     else:
         _delete_jacs(params)
     return weights
-
-
-def _device(tensors: Iterable[Tensor]) -> torch.device:
-    """Where to put the shape exchange of a rank whose arguments failed their checks."""
-    if isinstance(tensors, list | tuple) and tensors and isinstance(tensors[0], Tensor):
-        return tensors[0].device
-    return torch.device("cpu")
 
 
 def _check_consistent(shapes: list[tuple[int, ...]], objectives: Objectives) -> None:
