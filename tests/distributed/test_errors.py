@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 import torch
 
+import torchjd.autojac
 from tests.distributed.launch import run_on_ranks
 from torchjd.aggregation import UPGrad
 from torchjd.distributed import average_grads, jac_to_grad
@@ -69,6 +70,11 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
     param = _with_jac(1 + rank)
     jac_to_grad([param], UPGrad(), objectives="per_sample", retain_jac=True)
     out["retained"] = param.jac
+    # the retained .jac of two parameters are strided views of one matrix: reduced all the same
+    params = [_with_jac(1 + rank, size=2), _with_jac(1 + rank, size=3)]
+    jac_to_grad(params, UPGrad(), objectives="per_sample", retain_jac=True)
+    jac_to_grad(params, UPGrad(), objectives="shared", optimize_gramian_computation=True)
+    out["views"] = [p.grad for p in params]
 
     def user_step() -> None:
         if rank == 1:  # rank 1 fails before the collective, then leaves the group
@@ -128,3 +134,15 @@ def test_retained_jac_is_the_global_jacobian(outcomes: list[Any]) -> None:
 def test_a_rank_that_raises_does_not_hang_the_others(outcomes: list[Any]) -> None:
     assert outcomes[1]["hang"] == ("KeyError", '"a bug in the user\'s code"')
     assert outcomes[0]["hang"] != "returned"  # a timeout or a closed connection: not a hang
+
+
+def test_retained_views_can_be_aggregated_again(outcomes: list[Any]) -> None:
+    params = [_with_jac(1, size=2), _with_jac(1, size=3)]
+    second = [_with_jac(2, size=2), _with_jac(2, size=3)]
+    for p, q in zip(params, second, strict=True):
+        p.jac = torch.cat([p.jac, q.jac])
+    torchjd.autojac.jac_to_grad(params, UPGrad())
+    for outcome in outcomes[:2]:
+        for grad, p in zip(outcome["views"], params, strict=True):
+            # two steps on the same global Jacobian
+            torch.testing.assert_close(grad, 2 * p.grad, rtol=0, atol=1e-9)

@@ -124,8 +124,12 @@ def jac_to_grad(
         assert isinstance(aggregator, GramianWeightedAggregator)  # checked above
         if _can_skip_matrix(aggregator):
             if objectives == "shared":
-                for J in jacobians:
-                    _average(J, group)
+                for i, p in enumerate(params):
+                    # in place, so that a retained .jac holds the mean (a copy when the .jac is a
+                    # strided view, e.g. of a matrix retained by a previous call)
+                    jacobians[i] = jacobians[i].contiguous()
+                    _average(jacobians[i], group)
+                    p.jac = jacobians[i]  # type: ignore[attr-defined]
                 weights = _aggregate_by_blocks(params, jacobians, aggregator)
             else:
                 weights = _gathered_by_blocks(params, jacobians, aggregator, counts, group)
