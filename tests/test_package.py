@@ -91,4 +91,5 @@ def test_stateful_is_abstract():
 
 
 def test_distributed_names():
-    assert {"jac_to_grad", "average_grads"} <= set(torchjd.distributed.__all__)
+    expected = {"jac_to_grad", "average_grads", "compute_gramian", "local_weights"}
+    assert expected <= set(torchjd.distributed.__all__)

@@ -9,7 +9,8 @@ import torch
 import torchjd.autojac
 from tests.distributed.launch import run_on_ranks
 from torchjd.aggregation import UPGrad
-from torchjd.distributed import average_grads, jac_to_grad
+from torchjd.autogram import Engine
+from torchjd.distributed import average_grads, compute_gramian, jac_to_grad
 
 COLLECTIVE_TIMEOUT_S = 5.0  # a rank that waits on a collective raises after that long
 
@@ -146,3 +147,18 @@ def test_retained_views_can_be_aggregated_again(outcomes: list[Any]) -> None:
         for grad, p in zip(outcome["views"], params, strict=True):
             # two steps on the same global Jacobian
             torch.testing.assert_close(grad, 2 * p.grad, rtol=0, atol=1e-9)
+
+
+def test_compute_gramian_refusals() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    with pytest.raises(TypeError, match=r"`engine` must be a torchjd\.autogram\.Engine"):
+        compute_gramian(model, torch.ones(2))  # type: ignore[arg-type]
+    with (
+        Engine(model, batch_dim=None) as engine,
+        pytest.raises(ValueError, match="must have a batch dimension"),
+    ):
+        compute_gramian(engine, torch.ones(2))
+    with Engine(model, batch_dim=0) as engine:
+        with pytest.raises(ValueError, match=r"Embedding only. Found \['LayerNorm'\]"):
+            compute_gramian(engine, model(torch.ones(2, 3)).sum(dim=1))
+        assert engine._exchange_calls is None

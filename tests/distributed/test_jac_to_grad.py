@@ -11,7 +11,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchjd.autojac
-from tests.distributed.launch import run_on_ranks
 from tests.distributed.problems import (
     AGGREGATORS,
     global_batch,
@@ -91,7 +90,7 @@ def _local_batch(case: Case, rank: int, world_size: int) -> tuple[Any, Any]:
     return X[rows], Y[rows]
 
 
-def _distributed_steps(rank: int, world_size: int) -> dict[tuple[int, Case], Update]:
+def distributed_steps(rank: int, world_size: int) -> dict[tuple[int, Case], Update]:
     """Every case on the 4 ranks, then on the group of ranks 0 and 1 (one spawn for both sizes:
     starting processes is what costs)."""
     results = {}
@@ -105,9 +104,9 @@ def _distributed_steps(rank: int, world_size: int) -> dict[tuple[int, Case], Upd
     return results
 
 
-@pytest.fixture(scope="module")
-def distributed() -> list[Any]:
-    return run_on_ranks(_distributed_steps, 4)
+@pytest.fixture
+def distributed(four_ranks: list[Any]) -> list[Any]:
+    return [result["autojac"] for result in four_ranks]
 
 
 @pytest.mark.parametrize("world_size", [2, 4], ids=lambda r: f"{r}ranks")
@@ -115,8 +114,6 @@ def distributed() -> list[Any]:
 def test_equals_single_process_on_global_batch(
     distributed: list[Any], world_size: int, case: Case
 ) -> None:
-    for result in distributed:
-        assert isinstance(result, dict), result  # else ("raised", type, message)
     results = [result[world_size, case] for result in distributed[:world_size]]
     if case[1] == "per_sample":
         X, Y = global_batch(sum(per_sample_counts(world_size)))

@@ -24,9 +24,21 @@ Which ``objectives`` to choose depends on what the rows of the local Jacobians a
   the ranks' task losses, so the global Jacobian is the mean of the ranks' Jacobians (all-reduce).
   The task-specific parameters' ``.grad`` must be averaged too: :func:`average_grads`. This
   assumes equal local batch sizes (as ``DistributedSampler`` gives).
+
+
+With the autogram engine, :func:`compute_gramian` gives every rank the Gramian of the global
+batch's objectives (each layer's inputs and output gradients are gathered), and
+:func:`local_weights` this rank's part of the weights, for the weighted backward that DDP reduces
+as usual (no ``no_sync()`` there)::
+
+    gramian = torchjd.distributed.compute_gramian(engine, losses)  # [M, M], every rank
+    weights = UPGradWeighting()(gramian)
+    losses.backward(torchjd.distributed.local_weights(weights, losses))
+    optimizer.step()
 """
 
 from torchjd.distributed._average_grads import average_grads
+from torchjd.distributed._gramian import compute_gramian, local_weights
 from torchjd.distributed._jac_to_grad import Objectives, jac_to_grad
 
-__all__ = ["Objectives", "average_grads", "jac_to_grad"]
+__all__ = ["Objectives", "average_grads", "compute_gramian", "jac_to_grad", "local_weights"]
