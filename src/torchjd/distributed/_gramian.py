@@ -49,6 +49,26 @@ def compute_gramian(
     :param engine: The engine (with a ``batch_dim``) that recorded the forward pass of ``output``.
     :param output: This rank's objectives.
     :param process_group: The ranks (the default group when None).
+
+    On one process (a group of size 1) it is ``engine.compute_gramian``; see the Engine's example:
+
+    >>> import tempfile
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> from torchjd.autogram import Engine
+    >>> from torchjd.distributed import compute_gramian, local_weights
+    >>> store = f"file://{tempfile.mkdtemp()}/store"
+    >>> dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    >>> model = torch.nn.Linear(2, 1)
+    >>> engine = Engine(model, batch_dim=0)
+    >>> losses = model(torch.tensor([[1.0, 2.0], [3.0, 4.0]])).squeeze(dim=1)
+    >>> compute_gramian(engine, losses)
+    tensor([[ 6., 12.],
+            [12., 26.]])
+    >>> local_weights(torch.tensor([0.5, 0.5]), losses)
+    tensor([0.5000, 0.5000])
+    >>> losses.backward(local_weights(torch.tensor([0.5, 0.5]), losses))
+    >>> dist.destroy_process_group()
     """
     if not isinstance(engine, Engine):
         raise TypeError(
