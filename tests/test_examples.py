@@ -118,6 +118,17 @@ def _check_monitoring(namespace: dict) -> None:
     assert not namespace["aggregator"]._forward_hooks  # the handle was removed
 
 
+def _check_distributed_iwrm(namespace: dict) -> None:
+    rank_0, rank_1 = namespace["rank_states"]
+    single = namespace["single_state"]
+    initial = namespace["new_model"]().state_dict()
+    for key, value in single.items():
+        assert torch.equal(rank_0[key], rank_1[key])  # the ranks agree, bit for bit
+        # and they made the steps of one process on the global batches
+        torch.testing.assert_close(rank_0[key], value, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(value, initial[key])  # training moved every parameter
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "iwrm_autograd_baseline": _check_iwrm_autograd_baseline,
     "iwrm_autojac": _check_iwrm_autojac,
@@ -129,6 +140,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "rnn": _check_rnn,
     "amp": _check_amp,
     "monitoring": _check_monitoring,
+    "distributed_iwrm": _check_distributed_iwrm,
 }
 
 

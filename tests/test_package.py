@@ -6,6 +6,7 @@ import torchjd
 import torchjd.aggregation
 import torchjd.autogram
 import torchjd.autojac
+import torchjd.distributed
 import torchjd.linalg
 import torchjd.scalarization
 
@@ -27,6 +28,7 @@ def test_every_public_name_exists():
         torchjd.autojac,
         torchjd.autogram,
         torchjd.scalarization,
+        torchjd.distributed,
     ]:
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"
@@ -86,3 +88,8 @@ def test_stateful_is_abstract():
     counter = Counter()
     counter.reset()
     assert counter.count == 0
+
+
+def test_distributed_names():
+    expected = {"jac_to_grad", "average_grads", "compute_gramian", "local_weights"}
+    assert expected <= set(torchjd.distributed.__all__)

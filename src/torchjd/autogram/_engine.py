@@ -95,6 +95,10 @@ class Engine:
         self._rng_states: dict[nn.Module, list[Any]] = {}
         self._handles: list[RemovableHandle] = []
         self._recording = True
+        # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
+        # every rank and returns their number
+        self._exchange_calls: Callable[[dict[nn.Module, list[ModuleCall]], int, int], int] | None
+        self._exchange_calls = None
         seen: set[nn.Module] = set()
         for module in modules:
             self._collect(module, seen)
@@ -324,6 +328,10 @@ class Engine:
         self._check_all_calls_reached(calls)
         kept: dict[nn.Module, list[ModuleCall]] = {}
         budget = kept_bytes
+        shape = output.shape
+        if self._exchange_calls is not None:  # torchjd.distributed: every rank's samples
+            B = self._exchange_calls(calls, batch_dim, B)
+            shape = torch.Size([B if d == batch_dim else n for d, n in enumerate(shape)])
         G = output.new_zeros(B * R, B * R)
         with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
             for module, module_calls in calls.items():
@@ -334,7 +342,7 @@ class Engine:
                     budget = None if budget is None else budget - size
                 else:
                     _release(module_calls)
-        return _to_row_major(G.to(output.dtype), output, batch_dim), kept, batch_dim
+        return _to_row_major(G.to(output.dtype), shape, batch_dim), kept, batch_dim
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
         if self._batch_dim is None:
@@ -481,10 +489,11 @@ def _cotangents(output: Tensor, batch_dim: int | None, R: int) -> Tensor:
     return eye.reshape(R, *rest).unsqueeze(batch_dim + 1).expand(R, *output.shape)
 
 
-def _to_row_major(G: Tensor, output: Tensor, batch_dim: int | None) -> Tensor:
-    """``G`` indexed by (sample, objective of the sample), reindexed as ``output.flatten()``."""
-    if batch_dim is None or batch_dim == 0 or output.dim() < 2:
+def _to_row_major(G: Tensor, shape: torch.Size, batch_dim: int | None) -> Tensor:
+    """``G`` indexed by (sample, objective of the sample), reindexed as the flattened objectives
+    (of shape ``shape``)."""
+    if batch_dim is None or batch_dim == 0 or len(shape) < 2:
         return G
-    index = torch.arange(output.numel(), device=G.device).reshape(output.shape)
+    index = torch.arange(shape.numel(), device=G.device).reshape(shape)
     inverse = torch.argsort(index.movedim(batch_dim, 0).reshape(-1))
     return G[inverse][:, inverse]

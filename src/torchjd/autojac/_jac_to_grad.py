@@ -75,21 +75,9 @@ def jac_to_grad(
     >>> param.grad
     tensor([-0.6984,  0.6016])
     """
-    params = as_tensors(tensors, "tensors")
-    check_distinct(params, "tensors")
-    if not isinstance(aggregator, Aggregator):
-        raise TypeError(
-            f"`aggregator` must be a torchjd.aggregation.Aggregator, such as UPGrad(). Found "
-            f"{type(aggregator).__name__}."
-        )
-    jacobians = _checked_jacobians(params)
+    params, jacobians = checked_inputs(tensors, aggregator, optimize_gramian_computation)
     if optimize_gramian_computation:
-        if not isinstance(aggregator, GramianWeightedAggregator):
-            raise ValueError(
-                "`optimize_gramian_computation=True` needs a GramianWeightedAggregator (an "
-                "aggregator that only depends on the Gramian J Jᵀ, such as UPGrad()). Found "
-                f"{type(aggregator).__name__}; use optimize_gramian_computation=False."
-            )
+        assert isinstance(aggregator, GramianWeightedAggregator)  # checked above
         if _can_skip_matrix(aggregator):
             weights = _aggregate_by_blocks(params, jacobians, aggregator)
             if not retain_jac:
@@ -105,6 +93,27 @@ def jac_to_grad(
     if not retain_jac:
         _delete_jacs(params)
     return weights
+
+
+def checked_inputs(
+    tensors: Iterable[Tensor], aggregator: Aggregator, optimize_gramian_computation: bool
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The tensors as a list and their ``.jac`` fields, once every argument is checked."""
+    params = as_tensors(tensors, "tensors")
+    check_distinct(params, "tensors")
+    if not isinstance(aggregator, Aggregator):
+        raise TypeError(
+            f"`aggregator` must be a torchjd.aggregation.Aggregator, such as UPGrad(). Found "
+            f"{type(aggregator).__name__}."
+        )
+    jacobians = _checked_jacobians(params)
+    if optimize_gramian_computation and not isinstance(aggregator, GramianWeightedAggregator):
+        raise ValueError(
+            "`optimize_gramian_computation=True` needs a GramianWeightedAggregator (an "
+            "aggregator that only depends on the Gramian J Jᵀ, such as UPGrad()). Found "
+            f"{type(aggregator).__name__}; use optimize_gramian_computation=False."
+        )
+    return params, jacobians
 
 
 def _checked_jacobians(params: list[Tensor]) -> list[Tensor]:

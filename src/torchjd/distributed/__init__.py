@@ -1,0 +1,44 @@
+r"""distributed: Jacobian descent on data split across processes (``torch.distributed``), with the
+same update on every rank as one process on the global batch.
+
+The usage pattern with :class:`~torch.nn.parallel.DistributedDataParallel` (DDP): compute the
+Jacobian of the local losses inside ``model.no_sync()``, so that DDP's own gradient reduction
+stays out of the way, then aggregate with :func:`jac_to_grad` of this module, which exchanges the
+``.jac`` fields between ranks and aggregates the global Jacobian identically on every rank::
+
+    model = DistributedDataParallel(module)
+    with model.no_sync():
+        losses = loss_fn(model(x_local), y_local)  # one loss per local sample
+        torchjd.autojac.backward(losses)
+    torchjd.distributed.jac_to_grad(module.parameters(), UPGrad(), objectives="per_sample")
+    optimizer.step()
+
+Which ``objectives`` to choose depends on what the rows of the local Jacobians are:
+
+- ``"per_sample"`` (instance-wise risk minimization, and any case where each rank has its own
+  objectives): the global objectives are the union of the ranks' objectives, so the global
+  Jacobian stacks the ranks' rows, in rank order (all-gather). Ranks may have different numbers
+  of rows.
+- ``"shared"`` (multi-task learning with :func:`~torchjd.autojac.mtl_backward`, each rank computing
+  the same tasks' mean losses on its share of the batch): the global task losses are the means of
+  the ranks' task losses, so the global Jacobian is the mean of the ranks' Jacobians (all-reduce).
+  The task-specific parameters' ``.grad`` must be averaged too: :func:`average_grads`. This
+  assumes equal local batch sizes (as ``DistributedSampler`` gives).
+
+
+With the autogram engine, :func:`compute_gramian` gives every rank the Gramian of the global
+batch's objectives (each layer's inputs and output gradients are gathered), and
+:func:`local_weights` this rank's part of the weights, for the weighted backward that DDP reduces
+as usual (no ``no_sync()`` there)::
+
+    gramian = torchjd.distributed.compute_gramian(engine, losses)  # [M, M], every rank
+    weights = UPGradWeighting()(gramian)
+    losses.backward(torchjd.distributed.local_weights(weights, losses))
+    optimizer.step()
+"""
+
+from torchjd.distributed._average_grads import average_grads
+from torchjd.distributed._gramian import compute_gramian, local_weights
+from torchjd.distributed._jac_to_grad import Objectives, jac_to_grad
+
+__all__ = ["Objectives", "average_grads", "compute_gramian", "jac_to_grad", "local_weights"]

@@ -1,0 +1,65 @@
+"""The process group and the exchange of shapes that every collective of this package starts with,
+so that a rank whose arguments are wrong makes every rank raise instead of hanging."""
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "torchjd.distributed needs an initialized default process group. Call "
+            "`torch.distributed.init_process_group(...)` first (torchrun sets its arguments)."
+        )
+    if process_group is None:
+        return dist.group.WORLD  # type: ignore[return-value]
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "`process_group` must be a torch.distributed.ProcessGroup or None (the default group). "
+            f"Found {type(process_group).__name__}."
+        )
+    return process_group
+
+
+def exchange_shapes(
+    local: tuple[int, ...] | None, group: dist.ProcessGroup
+) -> list[tuple[int, ...]] | None:
+    """Every rank's ``local`` tuple (all of the same length), or None on every rank when some rank
+    passed None (its arguments failed their checks)."""
+    size = 4
+    # NCCL exchanges only CUDA tensors; the others (gloo, MPI) take CPU ones, whatever the device
+    # of the Jacobians, so that a rank whose tensors are wrong still knows where to put these
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    row = torch.zeros(size + 1, dtype=torch.int64, device=device)
+    if local is not None:
+        row[0] = 1
+        row[1 : 1 + len(local)] = torch.tensor(local, dtype=torch.int64)
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, row, group=group)
+    table = torch.stack(rows).tolist()  # a few integers: the only host synchronisation
+    if not all(r[0] == 1 for r in table):
+        return None
+    n = 0 if local is None else len(local)
+    return [tuple(r[1 : 1 + n]) for r in table]
+
+
+def failed_ranks_error(group: dist.ProcessGroup) -> RuntimeError:
+    return RuntimeError(
+        f"Another rank of the process group (size {dist.get_world_size(group)}) failed the checks "
+        "of its arguments; see its error. Every rank must pass valid arguments."
+    )
+
+
+def all_gather_rows(matrix: Tensor, counts: list[int], group: dist.ProcessGroup) -> Tensor:
+    """The ranks' matrices ``[counts[r], ...]`` stacked in rank order (padded to the largest count
+    for the collective, which needs equal shapes)."""
+    largest = max(counts)
+    padded = matrix
+    if matrix.shape[0] < largest:
+        padding = matrix.new_zeros((largest - matrix.shape[0], *matrix.shape[1:]))
+        padded = torch.cat([matrix, padding])
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])

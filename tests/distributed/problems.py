@@ -1,0 +1,59 @@
+"""The float64 problems of the distributed tests: the same models on every rank and in the
+single-process reference, and a global batch that the ranks split."""
+
+import torch
+from torch import Tensor, nn
+
+from torchjd.aggregation import MGDA, Aggregator, UPGrad
+
+AGGREGATORS: dict[str, type[Aggregator]] = {"UPGrad": UPGrad, "MGDA": MGDA}
+
+
+class MultiTask(nn.Module):
+    """A shared trunk and two regression heads; returns the features and both predictions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU())
+        self.heads = nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1)])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        features = self.trunk(x)
+        return features, self.heads[0](features).squeeze(-1), self.heads[1](features).squeeze(-1)
+
+
+def regressor() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+
+
+def multi_task() -> MultiTask:
+    torch.manual_seed(0)
+    return MultiTask().double()
+
+
+def global_batch(size: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    X = torch.randn(size, 5, dtype=torch.float64, generator=generator)
+    Y = torch.randn(size, 2, dtype=torch.float64, generator=generator)
+    return X, Y
+
+
+def per_sample_counts(world_size: int) -> list[int]:
+    """Unequal local batch sizes, as the last batch of an epoch can give."""
+    return [2 + r % 2 for r in range(world_size)]
+
+
+def rows_of(rank: int, counts: list[int]) -> slice:
+    start = sum(counts[:rank])
+    return slice(start, start + counts[rank])
+
+
+def mtl_losses(model: nn.Module, X: Tensor, Y: Tensor) -> tuple[Tensor, list[Tensor]]:
+    features, out_1, out_2 = model(X)
+    losses = [(out_1 - Y[:, 0]).pow(2).mean(), (out_2 - Y[:, 1]).pow(2).mean()]
+    return features, losses
+
+
+def per_sample_losses(model: nn.Module, X: Tensor, Y: Tensor) -> Tensor:
+    return (model(X).squeeze(-1) - Y[:, 0]).pow(2)

@@ -1,0 +1,92 @@
+"""torchjd.distributed.compute_gramian and local_weights under DDP on 2 and 4 gloo processes: the
+Gramian and the weighted step of the autogram engine on the global batch in one process."""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from tests.distributed.problems import global_batch, per_sample_counts, regressor, rows_of
+from torchjd.aggregation import UPGradWeighting
+from torchjd.autogram import Engine
+from torchjd.distributed import compute_gramian, local_weights
+
+Step = tuple[Tensor, Tensor, list[Tensor]]  # the Gramian, the weights and every .grad
+
+
+def _conv() -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 1)).double()
+    return model, lambda X: X.unsqueeze(1)  # [B, 1, 5]
+
+
+def _embedding() -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(4, 2), nn.Flatten(), nn.Linear(10, 1)).double()
+    return model, lambda X: (X > 0).long() + (X > 1).long()  # [B, 5] indices, some repeated
+
+
+MODELS: dict[str, Callable[[], tuple[nn.Module, Callable[[Tensor], Tensor]]]] = {
+    "mlp": lambda: (regressor(), lambda X: X),
+    "conv": _conv,
+    "embedding": _embedding,
+}
+
+
+def _step(kind: str, X: Tensor, Y: Tensor, group: dist.ProcessGroup | None) -> Step:
+    """IWRM with two objectives per sample through the engine: under DDP over ``group`` with the
+    distributed Gramian, or in one process when ``group`` is None."""
+    model, inputs = MODELS[kind]()
+    engine = Engine(model, batch_dim=0)
+    module = model if group is None else DDP(model, process_group=group)
+    out = module(inputs(X)).squeeze(-1)
+    losses = torch.stack([(out - Y[:, 0]).pow(2), (out - Y[:, 1]).abs()], dim=1)  # [B, 2]
+    if group is None:
+        gramian = engine.compute_gramian(losses)
+    else:
+        gramian = compute_gramian(engine, losses, process_group=group)
+    weights = UPGradWeighting()(gramian)
+    if group is None:
+        losses.backward(weights.view(losses.shape))
+    else:
+        losses.backward(local_weights(weights, losses, process_group=group))
+    engine.close()
+    return gramian, weights, [p.grad for p in model.parameters()]
+
+
+def distributed_steps(rank: int, world_size: int) -> dict[tuple[int, str], Step]:
+    results = {}
+    pair = dist.new_group([0, 1])
+    for size, group in [(world_size, dist.group.WORLD), (2, pair)]:
+        if rank < size:
+            counts = per_sample_counts(size)
+            X, Y = global_batch(sum(counts))
+            rows = rows_of(rank, counts)
+            for kind in MODELS:
+                results[size, kind] = _step(kind, X[rows], Y[rows], group)
+    return results
+
+
+@pytest.fixture
+def distributed(four_ranks: list[Any]) -> list[Any]:
+    return [result["autogram"] for result in four_ranks]
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("world_size", [2, 4], ids=lambda r: f"{r}ranks")
+def test_equals_single_process_on_global_batch(
+    distributed: list[Any], world_size: int, kind: str
+) -> None:
+    X, Y = global_batch(sum(per_sample_counts(world_size)))
+    expected = _step(kind, X, Y, None)
+    results = [result[world_size, kind] for result in distributed[:world_size]]
+    for gramian, weights, grads in results:
+        torch.testing.assert_close(gramian, expected[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(weights, expected[1], rtol=0, atol=1e-6)
+        for grad, expected_grad in zip(grads, expected[2], strict=True):
+            torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
+    assert expected[0].shape == (2 * X.shape[0], 2 * X.shape[0])
