@@ -35,6 +35,7 @@ _REFINEMENTS = 6  # iterated-refinement steps of the least-norm mode
 # Smallest squared pivot of the Jacobi-scaled Cholesky factor of G (a bound on its conditioning)
 # for which faces are solved through G⁻¹.
 _INVERSE_MIN_PIVOT = {torch.float64: 1e-7, torch.float32: 1e-3}
+_INVERSE_MAX_ACTIVE = 64  # beyond, the [k, |A|, |A|] blocks of the Schur complements get too big
 
 
 def principal_pivoting(
@@ -131,7 +132,8 @@ def solve_on_faces(
     solved through ``G⁻¹`` (:func:`_face_solve_by_inverse`): ``|A|³`` work instead of ``|F|³``."""
     V_A = torch.where(active, U, 0.0)
     rhs = -(V_A @ G)
-    by_inverse = 4 * active.sum(dim=1) <= active.shape[1]
+    n_active = active.sum(dim=1)
+    by_inverse = (4 * n_active <= active.shape[1]) & (n_active <= _INVERSE_MAX_ACTIVE)
     scaled_inverse = inverse.get() if inverse is not None and bool(by_inverse.any()) else None
     if scaled_inverse is None:
         return V_A + face_solve(G, active, rhs)
@@ -184,7 +186,7 @@ def _face_solve_by_inverse(
         b = torch.where(mask, y.gather(1, idx), 0.0)
         L, _ = torch.linalg.cholesky_ex(H_AA)
         lam = -torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)
-        y = y + torch.einsum("ka,kam->km", torch.where(mask, lam, 0.0), H[idx])
+        y = y + torch.zeros_like(y).scatter(1, idx, torch.where(mask, lam, 0.0)) @ H
     return torch.where(free, s * y, 0.0)
 
 
