@@ -35,6 +35,10 @@ def test_constant_copies_its_weights():
     aggregator = Constant(weights)
     weights[0] = 100.0
     assert aggregator.weighting.weights[0] == 1.0
+    returned = ConstantWeighting(torch.tensor([1.0, 2.0]))
+    output = returned(torch.ones(2, 3))
+    output[0] = -5.0  # what the caller does with the weights it gets stays its own
+    assert returned(torch.ones(2, 3))[0] == 1.0
 
 
 def test_constant_errors():

@@ -28,7 +28,8 @@ class ConstantWeighting(Weighting[Matrix]):
 
     def forward(self, matrix: Matrix, /) -> Tensor:
         check_length(self.weights, "weights", matrix.shape[0], "matrix")
-        return self.weights.to(dtype=matrix.dtype, device=matrix.device)
+        # a copy: the caller may modify the weights it receives (e.g. jac_to_grad returns them)
+        return self.weights.to(dtype=matrix.dtype, device=matrix.device, copy=True)
 
     def _params(self) -> dict[str, Any]:
         return {"weights": self.weights}
