@@ -95,8 +95,11 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
     # the group still works after the refusals
     param = with_jac(2)
     param.jac = param.jac.pow(1 + rank)  # rank 1's shard: the squares of rank 0's
-    sharded_jac_to_grad([param], UPGrad(), retain_jac=True)
-    out["after"] = (param.grad, hasattr(param, "jac"))
+    aggregator = UPGrad()
+    seen: list[Tensor] = []  # the hooks of the Gramian weighting run, on the full Gramian
+    aggregator.gramian_weighting.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
+    sharded_jac_to_grad([param], aggregator, retain_jac=True)
+    out["after"] = (param.grad, hasattr(param, "jac"), seen)
     return out
 
 
@@ -152,8 +155,11 @@ def test_every_rank_needs_the_same_objectives(outcomes: list[Any]) -> None:
 def test_the_group_works_after_the_refusals(outcomes: list[Any]) -> None:
     full = torch.ones(6, dtype=torch.float64, requires_grad=True)
     full.jac = torch.cat([with_jac(2).jac, with_jac(2).jac.pow(2)], dim=1)
+    G = full.jac @ full.jac.T
     torchjd.autojac.jac_to_grad([full], UPGrad())
     for rank, outcome in enumerate(outcomes):
-        grad, kept = outcome["after"]
+        grad, kept, seen = outcome["after"]
         assert kept
+        assert len(seen) == 1
+        torch.testing.assert_close(seen[0], G, rtol=0, atol=1e-10)
         torch.testing.assert_close(grad, full.grad[3 * rank : 3 * rank + 3], rtol=0, atol=1e-10)
