@@ -25,8 +25,12 @@ from torchjd.distributed import sharded_jac_to_grad
 
 BATCH = 5
 FLAT_SPLIT = 13  # rank 0 owns the first 13 entries of the flat parameter vector, rank 1 the rest
-OWNED = [{"0.weight"}, {"0.bias", "2.weight", "2.bias"}]  # the tensors each rank owns
-SHARDINGS = ["flat", "subsets"]
+ALL = {"0.weight", "0.bias", "2.weight", "2.bias"}
+OWNED = {  # the tensors that each rank owns
+    "subsets": [{"0.weight"}, ALL - {"0.weight"}],
+    "empty_shard": [set(), ALL],  # rank 0 holds nothing
+}
+SHARDINGS = ["flat", "subsets", "empty_shard"]
 CASES = list(itertools.product(AGGREGATORS, SHARDINGS))
 COLLECTIVE_TIMEOUT_S = 5.0
 
@@ -58,10 +62,11 @@ def _sharded_step(rank: int, name: str, sharding: str) -> tuple[Tensor, list[Ten
         tensors = [shard]
     else:
         tensors = []
-        for key in sorted(OWNED[rank]):
+        for key in sorted(OWNED[sharding][rank]):
             values[key].requires_grad_()
             tensors.append(values[key])
-    torchjd.autojac.backward(_losses(values), inputs=tensors)
+    if tensors:  # a rank without a shard has no Jacobian to compute
+        torchjd.autojac.backward(_losses(values), inputs=tensors)
     weights = sharded_jac_to_grad(tensors, AGGREGATORS[name]())
     return weights, [t.grad for t in tensors]
 
@@ -87,6 +92,8 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
     param = with_jac(2 + rank)
     out["rows"] = outcome_of(lambda: sharded_jac_to_grad([param], UPGrad()))
     out["rows_kept"] = torch.equal(param.jac, with_jac(2 + rank).jac) and param.grad is None
+
+    out["all_empty"] = outcome_of(lambda: sharded_jac_to_grad([], UPGrad()))
 
     param = with_jac(2)
     param.jac = param.jac.float() if rank == 1 else param.jac
@@ -119,7 +126,7 @@ def test_equals_single_process_on_full_jacobian(outcomes: list[Any], case: tuple
         flat = torch.cat([p.grad.flatten() for p in params.values()])
         expected = [[flat[:FLAT_SPLIT]], [flat[FLAT_SPLIT:]]]
     else:
-        expected = [[params[key].grad for key in sorted(OWNED[r])] for r in range(2)]
+        expected = [[params[key].grad for key in sorted(OWNED[sharding][r])] for r in range(2)]
     weights_0 = outcomes[0][case][0]
     for rank in range(2):
         weights, grads = outcomes[rank][case]
@@ -150,6 +157,8 @@ def test_every_rank_needs_the_same_objectives(outcomes: list[Any]) -> None:
         assert outcome["rows_kept"]
         assert outcome["dtype"][0] == "ValueError"
         assert "['torch.float64', 'torch.float32']" in outcome["dtype"][1]
+        assert outcome["all_empty"][0] == "ValueError"
+        assert "`tensors` is empty on every rank" in outcome["all_empty"][1]
 
 
 def test_the_group_works_after_the_refusals(outcomes: list[Any]) -> None:

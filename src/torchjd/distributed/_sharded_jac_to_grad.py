@@ -57,7 +57,7 @@ def sharded_jac_to_grad(
     are needed instead: an all-to-all.)
 
     :param tensors: This rank's shard: the tensors whose ``.jac`` to aggregate (they may differ, in
-        number and shapes, between ranks).
+        number and shapes, between ranks; empty on a rank that holds no parameters).
     :param aggregator: A :class:`~torchjd.aggregation.GramianWeightedAggregator`, the same on every
         rank (a stateful or random one must be in the same state on every rank). Forward hooks on
         the aggregator itself cannot run, since no rank has :math:`J`, and are refused; those of
@@ -86,25 +86,37 @@ def sharded_jac_to_grad(
     >>> dist.destroy_process_group()
     """
     group = resolve_group(process_group)
+    if not isinstance(tensors, Tensor) and isinstance(tensors, Iterable):
+        tensors = list(tensors)
     try:
-        params, jacobians = checked_inputs(tensors, aggregator, False)
         _check_aggregator(aggregator)
+        if isinstance(tensors, list) and not tensors:  # this rank's shard is empty
+            params, jacobians = [], []
+        else:
+            params, jacobians = checked_inputs(tensors, aggregator, False)
     except (TypeError, ValueError):
         exchange_shapes(None, group)  # lets the other ranks raise too
         raise
     assert isinstance(aggregator, GramianWeightedAggregator)  # checked above
-    m = jacobians[0].shape[0]
-    dtype = _common_dtype(jacobians)
-    code = _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
-    shapes = exchange_shapes((m, code), group)
+    local = (0, -1)  # no rows, no dtype: the other ranks' are used
+    if jacobians:
+        dtype = _common_dtype(jacobians)
+        local = (jacobians[0].shape[0], _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES))
+    shapes = exchange_shapes(local, group)
     if shapes is None:
         raise failed_ranks_error(group)
-    _check_consistent(shapes)
+    m, code = _check_consistent(shapes)
 
-    blocks = [J.reshape(m, -1).to(dtype) for J in jacobians]
-    G = torch.zeros((m, m), dtype=dtype, device=blocks[0].device)
-    for J_r in blocks:
-        G.addmm_(J_r, J_r.T)
+    if jacobians:
+        blocks = [J.reshape(m, -1).to(dtype) for J in jacobians]
+        G = torch.zeros((m, m), dtype=dtype, device=blocks[0].device)
+        for J_r in blocks:
+            G.addmm_(J_r, J_r.T)
+    else:
+        nccl = dist.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        G = torch.zeros((m, m), dtype=_DTYPES[code], device=device)
+        blocks = []
     dist.all_reduce(G, group=group)
     weights = call_unchecked(aggregator.gramian_weighting, symmetrized(G))
     gradients = [(weights @ J_r).view(p.shape) for p, J_r in zip(params, blocks, strict=True)]
@@ -140,16 +152,22 @@ def _check_aggregator(aggregator: Aggregator) -> None:
         )
 
 
-def _check_consistent(shapes: list[tuple[int, ...]]) -> None:
-    ms = [shape[0] for shape in shapes]
+def _check_consistent(shapes: list[tuple[int, ...]]) -> tuple[int, int]:
+    """The common number of rows and dtype code of the ranks that hold a shard."""
+    held = [shape for shape in shapes if shape[0] > 0]
+    if not held:
+        raise ValueError("`tensors` is empty on every rank: at least one rank must hold a shard.")
+    ms = [shape[0] for shape in held]
     if len(set(ms)) > 1:
         raise ValueError(
             "With sharded parameters, every rank must hold the Jacobian of the same objectives "
-            f"(the same number of `.jac` rows). Found, by rank: {ms}."
+            f"(the same number of `.jac` rows). Found, by rank: {[s[0] for s in shapes]}."
         )
-    names = [str(_DTYPES[c]) if c < len(_DTYPES) else "other" for c in (s[1] for s in shapes)]
-    if len(set(names)) > 1:
+    codes = [shape[1] for shape in held]
+    if len(set(codes)) > 1 or codes[0] >= len(_DTYPES):
+        names = [str(_DTYPES[c]) if 0 <= c < len(_DTYPES) else "other" for c in codes]
         raise ValueError(
-            "With sharded parameters, every rank's `.jac` fields must have the same dtype (the "
-            f"Gramians are summed). Found, by rank: {names}."
+            "With sharded parameters, every rank's `.jac` fields must have the same floating "
+            f"dtype (the Gramians are summed). Found, by rank holding a shard: {names}."
         )
+    return ms[0], codes[0]
