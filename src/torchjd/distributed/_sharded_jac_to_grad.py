@@ -100,23 +100,19 @@ def sharded_jac_to_grad(
     assert isinstance(aggregator, GramianWeightedAggregator)  # checked above
     local = (0, -1)  # no rows, no dtype: the other ranks' are used
     if jacobians:
-        dtype = _common_dtype(jacobians)
-        local = (jacobians[0].shape[0], _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES))
+        common = _common_dtype(jacobians)
+        code = _DTYPES.index(common) if common in _DTYPES else len(_DTYPES)
+        local = (jacobians[0].shape[0], code)
     shapes = exchange_shapes(local, group)
     if shapes is None:
         raise failed_ranks_error(group)
     m, code = _check_consistent(shapes)
 
-    if jacobians:
-        blocks = [J.reshape(m, -1).to(dtype) for J in jacobians]
-        G = torch.zeros((m, m), dtype=dtype, device=blocks[0].device)
-        for J_r in blocks:
-            G.addmm_(J_r, J_r.T)
-    else:
-        nccl = dist.get_backend(group) == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        G = torch.zeros((m, m), dtype=_DTYPES[code], device=device)
-        blocks = []
+    dtype = _DTYPES[code]
+    blocks = [J.reshape(m, -1).to(dtype) for J in jacobians]
+    G = torch.zeros((m, m), dtype=dtype, device=_device(jacobians, group))
+    for J_r in blocks:
+        G.addmm_(J_r, J_r.T)
     dist.all_reduce(G, group=group)
     weights = call_unchecked(aggregator.gramian_weighting, symmetrized(G))
     gradients = [(weights @ J_r).view(p.shape) for p, J_r in zip(params, blocks, strict=True)]
@@ -124,6 +120,16 @@ def sharded_jac_to_grad(
     if not retain_jac:
         _delete_jacs(params)
     return weights
+
+
+def _device(jacobians: list[Tensor], group: dist.ProcessGroup) -> torch.device:
+    """Where the Gramian is: with the Jacobians, or, on a rank without any, where the backend
+    takes tensors (NCCL: the current CUDA device)."""
+    if jacobians:
+        return jacobians[0].device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _check_aggregator(aggregator: Aggregator) -> None:
