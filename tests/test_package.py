@@ -91,5 +91,11 @@ def test_stateful_is_abstract():
 
 
 def test_distributed_names():
-    expected = {"jac_to_grad", "average_grads", "compute_gramian", "local_weights"}
+    expected = {
+        "jac_to_grad",
+        "average_grads",
+        "compute_gramian",
+        "local_weights",
+        "sharded_jac_to_grad",
+    }
     assert expected <= set(torchjd.distributed.__all__)

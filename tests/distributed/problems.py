@@ -1,6 +1,8 @@
 """The float64 problems of the distributed tests: the same models on every rank and in the
 single-process reference, and a global batch that the ranks split."""
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -57,3 +59,19 @@ def mtl_losses(model: nn.Module, X: Tensor, Y: Tensor) -> tuple[Tensor, list[Ten
 
 def per_sample_losses(model: nn.Module, X: Tensor, Y: Tensor) -> Tensor:
     return (model(X).squeeze(-1) - Y[:, 0]).pow(2)
+
+
+def with_jac(rows: int, size: int = 3) -> torch.Tensor:
+    """A float64 leaf ``[size]`` whose ``.jac`` holds ``0, 1, ...`` in ``rows`` rows."""
+    param = torch.ones(size, dtype=torch.float64, requires_grad=True)
+    param.jac = torch.arange(rows * size, dtype=torch.float64).view(rows, size)
+    return param
+
+
+def outcome_of(call: Any) -> tuple[str, str] | str:
+    """``(exception type, message)`` when ``call()`` raises, else ``"returned"``."""
+    try:
+        call()
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return "returned"

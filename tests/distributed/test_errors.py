@@ -8,6 +8,7 @@ import torch
 
 import torchjd.autojac
 from tests.distributed.launch import run_on_ranks
+from tests.distributed.problems import outcome_of, with_jac
 from torchjd.aggregation import UPGrad
 from torchjd.autogram import Engine
 from torchjd.distributed import average_grads, compute_gramian, jac_to_grad
@@ -31,48 +32,34 @@ def test_objectives_must_be_named() -> None:
         jac_to_grad([param], UPGrad(), objectives="mean")  # type: ignore[arg-type]
 
 
-def _with_jac(rows: int, size: int = 3) -> torch.Tensor:
-    param = torch.ones(size, dtype=torch.float64, requires_grad=True)
-    param.jac = torch.arange(rows * size, dtype=torch.float64).view(rows, size)
-    return param
-
-
-def _outcome(call: Any) -> tuple[str, str] | str:
-    try:
-        call()
-    except Exception as error:
-        return type(error).__name__, str(error)
-    return "returned"
-
-
 def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    param = _with_jac(2)
+    param = with_jac(2)
     tensors = [param] if rank == 0 else [torch.ones(3, requires_grad=True)]  # rank 1: no .jac
-    out["no_jac"] = _outcome(lambda: jac_to_grad(tensors, UPGrad(), objectives="per_sample"))
+    out["no_jac"] = outcome_of(lambda: jac_to_grad(tensors, UPGrad(), objectives="per_sample"))
 
-    param = _with_jac(2 + rank)
-    out["rows"] = _outcome(lambda: jac_to_grad([param], UPGrad(), objectives="shared"))
-    out["rows_jac_kept"] = torch.equal(param.jac, _with_jac(2 + rank).jac) and param.grad is None
+    param = with_jac(2 + rank)
+    out["rows"] = outcome_of(lambda: jac_to_grad([param], UPGrad(), objectives="shared"))
+    out["rows_jac_kept"] = torch.equal(param.jac, with_jac(2 + rank).jac) and param.grad is None
 
-    param = _with_jac(2, size=3 + rank)
-    out["params"] = _outcome(lambda: jac_to_grad([param], UPGrad(), objectives="per_sample"))
+    param = with_jac(2, size=3 + rank)
+    out["params"] = outcome_of(lambda: jac_to_grad([param], UPGrad(), objectives="per_sample"))
 
     param = torch.ones(3, requires_grad=True)
     param.grad = torch.ones(3) if rank == 0 else None
-    out["grads"] = _outcome(lambda: average_grads([param]))
+    out["grads"] = outcome_of(lambda: average_grads([param]))
     out["grads_kept"] = rank != 0 or torch.equal(param.grad, torch.ones(3))
 
-    out["group"] = _outcome(
-        lambda: jac_to_grad([_with_jac(1)], UPGrad(), objectives="shared", process_group="all")  # type: ignore[arg-type]
+    out["group"] = outcome_of(
+        lambda: jac_to_grad([with_jac(1)], UPGrad(), objectives="shared", process_group="all")  # type: ignore[arg-type]
     )
 
     # the group still works after the refusals; rank 1's rows follow rank 0's in the .jac kept
-    param = _with_jac(1 + rank)
+    param = with_jac(1 + rank)
     jac_to_grad([param], UPGrad(), objectives="per_sample", retain_jac=True)
     out["retained"] = param.jac
     # the retained .jac of two parameters are strided views of one matrix: reduced all the same
-    params = [_with_jac(1 + rank, size=2), _with_jac(1 + rank, size=3)]
+    params = [with_jac(1 + rank, size=2), with_jac(1 + rank, size=3)]
     jac_to_grad(params, UPGrad(), objectives="per_sample", retain_jac=True)
     jac_to_grad(params, UPGrad(), objectives="shared", optimize_gramian_computation=True)
     out["views"] = [p.grad for p in params]
@@ -80,9 +67,9 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
     def user_step() -> None:
         if rank == 1:  # rank 1 fails before the collective, then leaves the group
             raise KeyError("a bug in the user's code")
-        jac_to_grad([_with_jac(1)], UPGrad(), objectives="shared")
+        jac_to_grad([with_jac(1)], UPGrad(), objectives="shared")
 
-    out["hang"] = _outcome(user_step)
+    out["hang"] = outcome_of(user_step)
     return out
 
 
@@ -127,7 +114,7 @@ def test_process_group_type(outcomes: list[Any]) -> None:
 
 
 def test_retained_jac_is_the_global_jacobian(outcomes: list[Any]) -> None:
-    expected = torch.cat([_with_jac(1).jac, _with_jac(2).jac])
+    expected = torch.cat([with_jac(1).jac, with_jac(2).jac])
     for outcome in outcomes[:2]:
         assert torch.equal(outcome["retained"], expected)
 
@@ -138,8 +125,8 @@ def test_a_rank_that_raises_does_not_hang_the_others(outcomes: list[Any]) -> Non
 
 
 def test_retained_views_can_be_aggregated_again(outcomes: list[Any]) -> None:
-    params = [_with_jac(1, size=2), _with_jac(1, size=3)]
-    second = [_with_jac(2, size=2), _with_jac(2, size=3)]
+    params = [with_jac(1, size=2), with_jac(1, size=3)]
+    second = [with_jac(2, size=2), with_jac(2, size=3)]
     for p, q in zip(params, second, strict=True):
         p.jac = torch.cat([p.jac, q.jac])
     torchjd.autojac.jac_to_grad(params, UPGrad())

@@ -35,10 +35,26 @@ as usual (no ``no_sync()`` there)::
     weights = UPGradWeighting()(gramian)
     losses.backward(torchjd.distributed.local_weights(weights, losses))
     optimizer.step()
+
+With the parameters sharded between the ranks (FSDP-style: each rank holds a disjoint part of
+them, and the Jacobian of the same objectives with respect to its part),
+:func:`sharded_jac_to_grad` sums the shards' Gramians (one all-reduce of an ``[m, m]`` matrix)
+and writes into every rank's ``.grad`` fields its part of the update::
+
+    torchjd.autojac.backward(losses, inputs=my_shard)  # the same m losses on every rank
+    torchjd.distributed.sharded_jac_to_grad(my_shard, UPGrad())
 """
 
 from torchjd.distributed._average_grads import average_grads
 from torchjd.distributed._gramian import compute_gramian, local_weights
 from torchjd.distributed._jac_to_grad import Objectives, jac_to_grad
+from torchjd.distributed._sharded_jac_to_grad import sharded_jac_to_grad
 
-__all__ = ["Objectives", "average_grads", "compute_gramian", "jac_to_grad", "local_weights"]
+__all__ = [
+    "Objectives",
+    "average_grads",
+    "compute_gramian",
+    "jac_to_grad",
+    "local_weights",
+    "sharded_jac_to_grad",
+]
