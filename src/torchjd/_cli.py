@@ -6,10 +6,12 @@ extra: scikit-learn, matplotlib, tqdm) are imported when the demo runs.
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.util import find_spec
 from pathlib import Path
+from typing import TypeVar
 
+_N = TypeVar("_N", int, float)
 _PREFERRED_AGGREGATORS = ("Mean", "UPGrad", "MGDA", "PCGrad")
 _EXTRA_HINT = 'the demo needs the "demo" extra: pip install "torchjd[demo]"'
 
@@ -62,31 +64,29 @@ def _aggregator_names(text: str) -> list[str]:
     return names
 
 
-def _positive_int(text: str) -> int:
+def _converted(text: str, convert: Callable[[str], _N], expected: str) -> _N:
     try:
-        value = int(text)
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _converted(text, int, "a positive integer")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    value = _converted(text, float, "a positive number")
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
     return value
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = _converted(text, int, "an integer")
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {value}")
     return value

@@ -21,6 +21,7 @@ set (a numerically singular face) stops its row, unconverged.
 """
 
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -134,7 +135,7 @@ def solve_on_faces(
     rhs = -(V_A @ G)
     n_active = active.sum(dim=1)
     by_inverse = (4 * n_active <= active.shape[1]) & (n_active <= _INVERSE_MAX_ACTIVE)
-    scaled_inverse = inverse.get() if inverse is not None and bool(by_inverse.any()) else None
+    scaled_inverse = inverse.value if inverse is not None and bool(by_inverse.any()) else None
     if scaled_inverse is None:
         return V_A + face_solve(G, active, rhs)
     if bool(by_inverse.all()):
@@ -146,24 +147,23 @@ def solve_on_faces(
 
 
 class _LazyInverse:
-    """``(s, H)`` with ``H = (S G S)⁻¹``, ``S = diag(G)^{-1/2}``, computed on first use."""
+    """``(s, H)`` with ``H = (S G S)⁻¹``, ``S = diag(G)^{-1/2}``, computed on first use; None when
+    ``G`` is too ill-conditioned for it to be accurate (a pivot of the scaled Cholesky factor
+    below :data:`_INVERSE_MIN_PIVOT`)."""
 
     def __init__(self, G: Tensor) -> None:
         self.G = G
-        self.value: tuple[Tensor, Tensor] | bool | None = None
 
-    def get(self) -> tuple[Tensor, Tensor] | None:
-        """The scaled inverse, or None when ``G`` is too ill-conditioned for it to be accurate
-        (a pivot of the scaled Cholesky factor below :data:`_INVERSE_MIN_PIVOT`)."""
-        if self.value is None:
-            diagonal = self.G.diagonal()
-            s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(self.G.dtype).tiny), 1.0)
-            s = s.rsqrt()
-            L, info = torch.linalg.cholesky_ex(s.unsqueeze(1) * self.G * s.unsqueeze(0))
-            pivot = L.diagonal().amin() ** 2
-            usable = bool((info == 0) & (pivot >= _INVERSE_MIN_PIVOT[self.G.dtype]))
-            self.value = (s, torch.cholesky_inverse(L)) if usable else False
-        return self.value or None
+    @cached_property
+    def value(self) -> tuple[Tensor, Tensor] | None:
+        diagonal = self.G.diagonal()
+        s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(self.G.dtype).tiny), 1.0)
+        s = s.rsqrt()
+        L, info = torch.linalg.cholesky_ex(s.unsqueeze(1) * self.G * s.unsqueeze(0))
+        pivot = L.diagonal().amin() ** 2
+        if not bool((info == 0) & (pivot >= _INVERSE_MIN_PIVOT[self.G.dtype])):
+            return None
+        return s, torch.cholesky_inverse(L)
 
 
 def _face_solve_by_inverse(
