@@ -2,6 +2,6 @@
 
 from torchjd.autogram._engine import Engine
 from torchjd.autogram._module_call import ModuleCall
-from torchjd.autogram._registry import Rule, register_rule
+from torchjd.autogram._registry import Rule, WeightedGradients, register_rule
 
-__all__ = ["Engine", "ModuleCall", "Rule", "register_rule"]
+__all__ = ["Engine", "ModuleCall", "Rule", "WeightedGradients", "register_rule"]

@@ -214,7 +214,8 @@ class Engine:
         :math:`i`, a Linear layer's weight gradient is :math:`\sum_i \bar\Gamma_i^\top X_i`.
         A second backward pass, restricted to the other leaves (parameters of other module types
         and of modules outside the engine, inputs that require grad), runs only when there are
-        such leaves; it frees the graph.
+        such leaves; it frees the graph. A rule of your own joins the fused step when registered
+        with ``weighted_gradients`` (see :func:`~torchjd.autogram.register_rule`).
 
         :param losses: The objectives, as for :meth:`compute_gramian`.
         :param weighting: A function from the Gramian ``[m, m]`` to the weights ``[m]`` (one per

@@ -12,6 +12,14 @@ Rule = Callable[[nn.Module, Sequence[ModuleCall]], Tensor]
 Jacobian of the objectives w.r.t. the module's parameters (objective ``(i, r)`` at row
 ``i R + r``)."""
 
+WeightedGradients = Callable[
+    [nn.Module, Sequence[ModuleCall], Tensor], list[tuple[Tensor, Tensor]] | None
+]
+r"""Maps a module, its calls and the weights ``W`` ``[B, R]`` of the objectives to the gradients of
+the weighted objectives :math:`\sum_{ir} w_{ir} \ell_{ir}` w.r.t. the module's trainable
+parameters, as ``(parameter, gradient)`` pairs, or None (the fused step then leaves them to a
+second backward pass)."""
+
 
 @dataclass(frozen=True)
 class RuleEntry:
@@ -22,8 +30,52 @@ class RuleEntry:
 _RULES: dict[type[nn.Module], RuleEntry] = {}
 
 
+class _FusableRule:
+    """A user's rule with its ``weighted_gradients`` function, whose answers are checked."""
+
+    def __init__(self, rule: Rule, weighted_gradients: WeightedGradients) -> None:
+        self.rule = rule
+        self.user_weighted_gradients = weighted_gradients
+
+    def __call__(self, module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
+        return self.rule(module, calls)
+
+    def weighted_gradients(
+        self, module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
+    ) -> list[tuple[Tensor, Tensor]] | None:
+        pairs = self.user_weighted_gradients(module, calls, W)
+        if pairs is None:
+            return None
+        name = getattr(self.user_weighted_gradients, "__name__", "weighted_gradients")
+        trainable = {id(p) for p in module.parameters() if p.requires_grad}
+        for pair in pairs:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise TypeError(
+                    f"Expected `{name}` (the weighted_gradients of the rule of "
+                    f"{type(module).__name__}) to return (parameter, gradient) pairs, got "
+                    f"{pair!r}."
+                )
+            param, grad = pair
+            if id(param) not in trainable:
+                raise ValueError(
+                    f"`{name}` returned a gradient for a tensor that is not a trainable parameter "
+                    f"of the {type(module).__name__} module."
+                )
+            if not isinstance(grad, Tensor) or grad.shape != param.shape:
+                shape = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
+                raise ValueError(
+                    f"`{name}` returned a gradient of shape {shape} for a parameter of shape "
+                    f"{tuple(param.shape)} of the {type(module).__name__} module."
+                )
+        return pairs
+
+
 def register_rule(
-    module_type: type[nn.Module], rule: Rule, *, covers_children: bool = False
+    module_type: type[nn.Module],
+    rule: Rule,
+    *,
+    covers_children: bool = False,
+    weighted_gradients: WeightedGradients | None = None,
 ) -> None:
     r"""Makes every :class:`~torchjd.autogram.Engine` use ``rule`` for modules of ``module_type``
     (and its subclasses that have no rule of their own).
@@ -38,6 +90,14 @@ def register_rule(
     :param covers_children: Whether ``rule`` also accounts for the parameters of the module's
         children (whose own rules are then not used). Needed when the module uses its children's
         parameters without calling the children.
+    :param weighted_gradients: Optional, for the fused step :meth:`Engine.backward
+        <torchjd.autogram.Engine.backward>`: a function ``weighted_gradients(module, calls, W)``
+        that returns the gradients of the weighted objectives :math:`\sum_{ir} w_{ir}
+        \ell_{ir}` w.r.t. the module's trainable parameters, as ``(parameter, gradient)`` pairs,
+        from what the calls recorded and the weights ``W`` ``[B, R]``
+        (:meth:`ModuleCall.weighted_grad_output <torchjd.autogram.ModuleCall.weighted_grad_output>`
+        gives the weighted output gradients), or None. Without it (or when it returns None), the
+        fused step computes these gradients with a second backward pass. Their shapes are checked.
 
     A rule for a module computing :math:`y = s \odot x` with a learnable vector :math:`s`: the
     gradient of objective :math:`(i, r)` w.r.t. :math:`s` is
@@ -66,6 +126,21 @@ def register_rule(
     >>> engine.compute_gramian(scale(x).sum(dim=1))
     tensor([[5., 2.],
             [2., 2.]])
+
+    The gradient of the weighted objectives w.r.t. :math:`s` is
+    :math:`\sum_i \sum_t \bar\Gamma_{it} \odot x_{it}`: registering it lets the fused step skip
+    the second backward pass.
+
+    >>> from torchjd.aggregation import MeanWeighting
+    >>> def scale_gradients(module, calls, W):
+    ...     grad = sum((call.weighted_grad_output(W) * call.args[0]).sum(dim=0) for call in calls)
+    ...     return [(module.s, grad)]
+    >>> register_rule(Scale, scale_rule, weighted_gradients=scale_gradients)
+    >>> engine = Engine(scale, batch_dim=0)
+    >>> engine.backward(scale(x).sum(dim=1), MeanWeighting())
+    tensor([0.5000, 0.5000])
+    >>> scale.s.grad  # the mean of the inputs
+    tensor([0.5000, 1.5000, 0.5000])
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(
@@ -73,6 +148,13 @@ def register_rule(
         )
     if not callable(rule):
         raise TypeError(f"Expected `rule` to be callable, got {type(rule).__name__}.")
+    if weighted_gradients is not None:
+        if not callable(weighted_gradients):
+            raise TypeError(
+                "Expected `weighted_gradients` to be callable or None, got "
+                f"{type(weighted_gradients).__name__}."
+            )
+        rule = _FusableRule(rule, weighted_gradients)
     _RULES[module_type] = RuleEntry(rule, covers_children)
 
 
