@@ -9,9 +9,15 @@ import torch
 import torchjd.autojac
 from tests.distributed.launch import run_on_ranks
 from tests.distributed.problems import outcome_of, with_jac
-from torchjd.aggregation import UPGrad
+from torchjd.aggregation import UPGrad, UPGradWeighting
 from torchjd.autogram import Engine
-from torchjd.distributed import average_grads, compute_gramian, jac_to_grad
+from torchjd.distributed import (
+    average_grads,
+    compute_gramian,
+    jac_to_grad,
+    sharded_backward,
+    sharded_compute_gramian,
+)
 
 COLLECTIVE_TIMEOUT_S = 5.0  # a rank that waits on a collective raises after that long
 
@@ -54,6 +60,8 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
         lambda: jac_to_grad([with_jac(1)], UPGrad(), objectives="shared", process_group="all")  # type: ignore[arg-type]
     )
 
+    out.update(_sharded_engine_scenarios(rank))
+
     # the group still works after the refusals; rank 1's rows follow rank 0's in the .jac kept
     param = with_jac(1 + rank)
     jac_to_grad([param], UPGrad(), objectives="per_sample", retain_jac=True)
@@ -70,6 +78,28 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
         jac_to_grad([with_jac(1)], UPGrad(), objectives="shared")
 
     out["hang"] = outcome_of(user_step)
+    return out
+
+
+def _sharded_engine_scenarios(rank: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    model = torch.nn.Linear(3, 1).double()
+    engine = Engine(model, batch_dim=0)
+    X = torch.ones(2 + rank, 3, dtype=torch.float64)
+    out["sharded_rows"] = outcome_of(lambda: sharded_compute_gramian(engine, model(X)[:, 0]))
+    out["sharded_rows_cleared"] = not engine._calls
+
+    # rank 1's objectives do not depend on its shard
+    losses = (model(X[:2]) if rank == 0 else X[:2, :1]).squeeze(1)
+    out["sharded_unreached"] = outcome_of(
+        lambda: sharded_backward(engine, losses, UPGradWeighting())
+    )
+    out["sharded_unreached_grad"] = model.weight.grad is None
+
+    shard: Any = engine if rank == 0 else model  # rank 1: not an engine
+    losses = model(X[:2]).squeeze(1)
+    out["sharded_type"] = outcome_of(lambda: sharded_compute_gramian(shard, losses))
+    engine.close()
     return out
 
 
@@ -134,6 +164,22 @@ def test_retained_views_can_be_aggregated_again(outcomes: list[Any]) -> None:
         for grad, p in zip(outcome["views"], params, strict=True):
             # two steps on the same global Jacobian
             torch.testing.assert_close(grad, 2 * p.grad, rtol=0, atol=1e-9)
+
+
+def test_sharded_engine_refusals(outcomes: list[Any]) -> None:
+    for outcome in outcomes:
+        assert outcome["sharded_rows"][0] == "ValueError"
+        assert "every rank must compute the same objectives" in outcome["sharded_rows"][1]
+        assert "[(2, 'torch.float64'), (3, 'torch.float64')]" in outcome["sharded_rows"][1]
+        assert outcome["sharded_rows_cleared"]
+        assert outcome["sharded_unreached_grad"]
+    assert outcomes[1]["sharded_unreached"][0] == "ValueError"
+    assert "does not depend on the trainable parameters" in outcomes[1]["sharded_unreached"][1]
+    assert outcomes[1]["sharded_type"][0] == "TypeError"
+    assert "`engine` must be a torchjd.autogram.Engine, or None" in outcomes[1]["sharded_type"][1]
+    for key in ["sharded_unreached", "sharded_type"]:
+        assert outcomes[0][key][0] == "RuntimeError"
+        assert "Another rank" in outcomes[0][key][1]
 
 
 def test_compute_gramian_refusals() -> None:

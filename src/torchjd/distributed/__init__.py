@@ -43,11 +43,26 @@ and writes into every rank's ``.grad`` fields its part of the update::
 
     torchjd.autojac.backward(losses, inputs=my_shard)  # the same m losses on every rank
     torchjd.distributed.sharded_jac_to_grad(my_shard, UPGrad())
+
+With the autogram engine, each rank's engine hooks its own shard of the modules (the others'
+parameters need not require grad there), every rank runs the same forward pass on the same batch,
+and :func:`sharded_compute_gramian` sums the shards' Gramians (one all-reduce of ``[m, m]``);
+:func:`sharded_backward` also applies the weights to this rank's shard (fused step)::
+
+    engine = Engine(*my_modules, batch_dim=0)
+    losses = loss_fn(model(x), y)  # the same m losses on every rank
+    torchjd.distributed.sharded_backward(engine, losses, UPGradWeighting())
+
+The cheaper, inexact alternative to :func:`compute_gramian` under DDP weights each rank's samples
+by the Gramian of its own samples only: ``losses.backward(W(engine.compute_gramian(losses)))``,
+without any exchange but the gradients' all-reduce. The step is then the mean of the ranks' steps,
+each free of conflict with its own samples' losses but not with the other ranks'.
 """
 
 from torchjd.distributed._average_grads import average_grads
 from torchjd.distributed._gramian import compute_gramian, local_weights
 from torchjd.distributed._jac_to_grad import Objectives, jac_to_grad
+from torchjd.distributed._sharded_gramian import sharded_backward, sharded_compute_gramian
 from torchjd.distributed._sharded_jac_to_grad import sharded_jac_to_grad
 
 __all__ = [
@@ -56,5 +71,7 @@ __all__ = [
     "compute_gramian",
     "jac_to_grad",
     "local_weights",
+    "sharded_backward",
+    "sharded_compute_gramian",
     "sharded_jac_to_grad",
 ]
