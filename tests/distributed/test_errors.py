@@ -183,7 +183,10 @@ def test_sharded_engine_refusals(outcomes: list[Any]) -> None:
 
 
 def test_compute_gramian_refusals() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    # a LayerNorm is supported, a Bilinear layer (generic rule) is not
+    model = torch.nn.ModuleList(
+        [torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Bilinear(4, 4, 1)]
+    )
     with pytest.raises(TypeError, match=r"`engine` must be a torchjd\.autogram\.Engine"):
         compute_gramian(model, torch.ones(2))  # type: ignore[arg-type]
     with (
@@ -192,6 +195,9 @@ def test_compute_gramian_refusals() -> None:
     ):
         compute_gramian(engine, torch.ones(2))
     with Engine(model, batch_dim=0) as engine:
-        with pytest.raises(ValueError, match=r"Embedding only. Found \['LayerNorm'\]"):
-            compute_gramian(engine, model(torch.ones(2, 3)).sum(dim=1))
+        features = model[1](model[0](torch.ones(2, 3)))
+        output = model[2](features, features).sum(dim=1)
+        with pytest.raises(ValueError, match=r"BatchNorm\) only. Found \['Bilinear'\]; use engine"):
+            compute_gramian(engine, output)
         assert engine._exchange_calls is None
+        assert engine.compute_gramian(output).shape == (2, 2)  # the engine is left as it was

@@ -30,10 +30,28 @@ def _embedding() -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
     return model, lambda X: (X > 0).long() + (X > 1).long()  # [B, 5] indices, some repeated
 
 
+def _norms() -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+    torch.manual_seed(0)
+    layers = [
+        nn.Conv1d(1, 4, 2),
+        nn.GroupNorm(2, 4),
+        nn.InstanceNorm1d(4, affine=True),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+        nn.LayerNorm(4),
+        nn.Tanh(),
+        nn.RMSNorm(4),
+        nn.Linear(4, 1),
+    ]
+    return nn.Sequential(*layers).double(), lambda X: X.unsqueeze(1)  # [B, 1, 5]
+
+
 MODELS: dict[str, Callable[[], tuple[nn.Module, Callable[[Tensor], Tensor]]]] = {
     "mlp": lambda: (regressor(), lambda X: X),
     "conv": _conv,
     "embedding": _embedding,
+    "norms": _norms,
 }
 
 

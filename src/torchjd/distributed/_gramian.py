@@ -12,11 +12,13 @@ from torchjd.autogram._module_call import ModuleCall
 from torchjd.autogram._rules._conv import conv_rule
 from torchjd.autogram._rules._embedding import embedding_rule
 from torchjd.autogram._rules._linear import linear_rule
+from torchjd.autogram._rules._norm import channel_norm_rule, layer_norm_rule
 from torchjd.distributed._group import all_gather_rows, exchange_shapes, resolve_group
 
-# the rules that read only the call's main input, outputs and output gradients: gathering those
-# along the batch dimension gives them the samples of every rank
-_FACTOR_RULES = (linear_rule, conv_rule, embedding_rule)
+# the rules that read only the call's main input, outputs and output gradients (and, for the
+# normalisation layers, the module's running statistics, which DDP keeps equal on every rank):
+# gathering those along the batch dimension gives them the samples of every rank
+_FACTOR_RULES = (linear_rule, conv_rule, embedding_rule, layer_norm_rule, channel_norm_rule)
 
 
 def compute_gramian(
@@ -42,9 +44,13 @@ def compute_gramian(
     only its own samples (``engine.compute_gramian(output)``, then ``output.backward(w)`` under
     DDP), exchanges nothing but gives no non-conflict guarantee across ranks.
 
-    Only engines whose trainable modules are ``Linear``, convolutions and ``Embedding`` (closed-form
-    rules) are supported; every rank must have the same modules, called in the same order, with
-    inputs of the same shapes except along the batch dimension (whose sizes may differ).
+    Only engines whose modules are ``Linear``, convolutions, ``Embedding`` (closed-form rules) and
+    normalisation layers (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm``, and
+    ``BatchNorm`` in eval mode, whose per-sample gradients are formed from their input and output
+    gradients) are supported: the rules of the others (attention, recurrent layers, the generic
+    rule) re-run the module on inputs that are not exchanged. Every rank must have the same
+    modules, called in the same order, with inputs of the same shapes except along the batch
+    dimension (whose sizes may differ).
 
     :param engine: The engine (with a ``batch_dim``) that recorded the forward pass of ``output``.
     :param output: This rank's objectives.
@@ -85,7 +91,8 @@ def compute_gramian(
     if unsupported:
         raise ValueError(
             "torchjd.distributed.compute_gramian supports the engine's modules of type Linear, "
-            f"Conv1d/2d/3d and Embedding only. Found {unsupported}; use engine.compute_gramian "
+            "Conv1d/2d/3d, Embedding and the normalisation layers (LayerNorm, RMSNorm, GroupNorm, "
+            f"InstanceNorm, BatchNorm) only. Found {unsupported}; use engine.compute_gramian "
             "(each rank weights its own samples) or torchjd.distributed.jac_to_grad."
         )
     group = resolve_group(process_group)
