@@ -36,6 +36,11 @@ as usual (no ``no_sync()`` there)::
     losses.backward(torchjd.distributed.local_weights(weights, losses))
     optimizer.step()
 
+The same lines work under FSDP2 (``torch.distributed.fsdp.fully_shard``, parameters sharded and
+data split between the ranks): the engine's rules read only the layers' inputs and output
+gradients, never the (sharded) parameters, and FSDP's reduce-scatter averages the gradients over
+the ranks as DDP does.
+
 With the parameters sharded between the ranks (FSDP-style: each rank holds a disjoint part of
 them, and the Jacobian of the same objectives with respect to its part),
 :func:`sharded_jac_to_grad` sums the shards' Gramians (one all-reduce of an ``[m, m]`` matrix)

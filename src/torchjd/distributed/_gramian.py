@@ -39,7 +39,8 @@ def compute_gramian(
         w = \mathcal W(G), \qquad \texttt{output.backward(}\,R\, w_r\texttt{)}
 
     on each rank, with :math:`w_r` its slice of :math:`w` (:func:`local_weights`), gives, once DDP
-    averages the gradients over the :math:`R` ranks, :math:`\nabla_\theta\, w^\top \ell(\theta)`:
+    (or FSDP2's ``fully_shard``, whose reduce-scatter also averages) averages the gradients over
+    the :math:`R` ranks, :math:`\nabla_\theta\, w^\top \ell(\theta)`:
     the step of one process on the global batch. The cheaper alternative, where each rank weights
     only its own samples (``engine.compute_gramian(output)``, then ``output.backward(w)`` under
     DDP), exchanges nothing but gives no non-conflict guarantee across ranks.
