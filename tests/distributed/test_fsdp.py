@@ -10,7 +10,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tests.distributed.problems import global_batch, per_sample_counts, rows_of
+from tests.distributed.problems import (
+    global_batch,
+    local_batches,
+    per_sample_counts,
+    two_objectives,
+)
 from torchjd.aggregation import UPGradWeighting
 from torchjd.autogram import Engine
 from torchjd.distributed import compute_gramian, local_weights
@@ -39,7 +44,7 @@ def _step(X: Tensor, Y: Tensor, group: dist.ProcessGroup | None) -> Step:
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     out = model(X).squeeze(-1)
-    losses = torch.stack([(out - Y[:, 0]).pow(2), (out - Y[:, 1]).abs()], dim=1)  # [B, 2]
+    losses = two_objectives(out, Y)
     if group is None:
         gramian = engine.compute_gramian(losses)
         weights = UPGradWeighting()(gramian)
@@ -55,15 +60,7 @@ def _step(X: Tensor, Y: Tensor, group: dist.ProcessGroup | None) -> Step:
 
 
 def distributed_steps(rank: int, world_size: int) -> dict[int, Step]:
-    results = {}
-    pair = dist.new_group([0, 1])
-    for size, group in [(world_size, dist.group.WORLD), (2, pair)]:
-        if rank < size:
-            counts = per_sample_counts(size)
-            X, Y = global_batch(sum(counts))
-            rows = rows_of(rank, counts)
-            results[size] = _step(X[rows], Y[rows], group)
-    return results
+    return {size: _step(X, Y, group) for size, group, X, Y in local_batches(rank, world_size)}
 
 
 @pytest.fixture

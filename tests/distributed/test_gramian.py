@@ -10,7 +10,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests.distributed.problems import global_batch, per_sample_counts, regressor, rows_of
+from tests.distributed.problems import (
+    global_batch,
+    local_batches,
+    per_sample_counts,
+    regressor,
+    rows_of,
+    two_objectives,
+)
 from torchjd.aggregation import UPGradWeighting
 from torchjd.autogram import Engine
 from torchjd.distributed import compute_gramian, local_weights
@@ -67,7 +74,7 @@ def _step(
     engine = Engine(model, batch_dim=0)
     module = model if group is None else DDP(model, process_group=group)
     out = module(inputs(X)).squeeze(-1)
-    losses = _losses(out, Y)
+    losses = two_objectives(out, Y)
     if group is None or not exact:
         gramian = engine.compute_gramian(losses)
     else:
@@ -81,22 +88,13 @@ def _step(
     return gramian, weights, [p.grad for p in model.parameters()]
 
 
-def _losses(out: Tensor, Y: Tensor) -> Tensor:
-    return torch.stack([(out - Y[:, 0]).pow(2), (out - Y[:, 1]).abs()], dim=1)  # [B, 2]
-
-
 def distributed_steps(rank: int, world_size: int) -> dict[tuple[Any, ...], Step]:
-    results = {}
-    pair = dist.new_group([0, 1])
-    for size, group in [(world_size, dist.group.WORLD), (2, pair)]:
-        if rank < size:
-            counts = per_sample_counts(size)
-            X, Y = global_batch(sum(counts))
-            rows = rows_of(rank, counts)
-            for kind in MODELS:
-                results[size, kind] = _step(kind, X[rows], Y[rows], group)
-            for kind in CHEAP_MODE_MODELS:
-                results[size, kind, "cheap"] = _step(kind, X[rows], Y[rows], group, exact=False)
+    results: dict[tuple[Any, ...], Step] = {}
+    for size, group, X, Y in local_batches(rank, world_size):
+        for kind in MODELS:
+            results[size, kind] = _step(kind, X, Y, group)
+        for kind in CHEAP_MODE_MODELS:
+            results[size, kind, "cheap"] = _step(kind, X, Y, group, exact=False)
     return results
 
 
@@ -131,7 +129,7 @@ def _cheap_mode_reference(kind: str, world_size: int) -> list[Tensor]:
     total = [torch.zeros_like(p) for p in params]
     for rank in range(world_size):
         rows = rows_of(rank, counts)
-        losses = _losses(model(inputs(X[rows])).squeeze(-1), Y[rows]).flatten()
+        losses = two_objectives(model(inputs(X[rows])).squeeze(-1), Y[rows]).flatten()
         J = torch.stack(
             [
                 torch.cat(

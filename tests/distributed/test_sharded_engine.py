@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tests.distributed.problems import global_batch
+from tests.distributed.problems import global_batch, two_objectives
 from torchjd.aggregation import MGDAWeighting, UPGradWeighting
 from torchjd.autogram import Engine
 from torchjd.distributed import sharded_backward, sharded_compute_gramian
@@ -30,8 +30,7 @@ def _model() -> nn.Sequential:
 def _losses(model: nn.Module) -> Tensor:
     """Two objectives per sample, ``[B, 2]``, on the same batch everywhere."""
     X, Y = global_batch(BATCH)
-    out = model(X).squeeze(-1)
-    return torch.stack([(out - Y[:, 0]).pow(2), (out - Y[:, 1]).abs()], dim=1)
+    return two_objectives(model(X).squeeze(-1), Y)
 
 
 def _step(name: str, fused: bool, shard: list[int] | None, group: dist.ProcessGroup | None) -> Step:
