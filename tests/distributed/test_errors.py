@@ -100,6 +100,17 @@ def _sharded_engine_scenarios(rank: int) -> dict[str, Any]:
     losses = model(X[:2]).squeeze(1)
     out["sharded_type"] = outcome_of(lambda: sharded_compute_gramian(shard, losses))
     engine.close()
+
+    # rank 1's objectives do not depend on its engine's modules
+    bilinear = torch.nn.Bilinear(3, 3, 1).double()  # re-run by its rule
+    with Engine(model, bilinear, batch_dim=0) as two:
+        rules = dict(two._rules)
+        losses = (bilinear(X, model(X).expand(-1, 3)) if rank == 0 else X[:, :1]).squeeze(1)
+        out["gramian_unreached"] = outcome_of(lambda: compute_gramian(two, losses))
+        out["gramian_engine_restored"] = (
+            two._rules == rules and two._exchange_calls is None and not two._calls
+        )
+
     return out
 
 
@@ -183,10 +194,7 @@ def test_sharded_engine_refusals(outcomes: list[Any]) -> None:
 
 
 def test_compute_gramian_refusals() -> None:
-    # a LayerNorm is supported, a Bilinear layer (generic rule) is not
-    model = torch.nn.ModuleList(
-        [torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Bilinear(4, 4, 1)]
-    )
+    model = torch.nn.Linear(3, 1)
     with pytest.raises(TypeError, match=r"`engine` must be a torchjd\.autogram\.Engine"):
         compute_gramian(model, torch.ones(2))  # type: ignore[arg-type]
     with (
@@ -194,10 +202,13 @@ def test_compute_gramian_refusals() -> None:
         pytest.raises(ValueError, match="must have a batch dimension"),
     ):
         compute_gramian(engine, torch.ones(2))
-    with Engine(model, batch_dim=0) as engine:
-        features = model[1](model[0](torch.ones(2, 3)))
-        output = model[2](features, features).sum(dim=1)
-        with pytest.raises(ValueError, match=r"BatchNorm\) only. Found \['Bilinear'\]; use engine"):
-            compute_gramian(engine, output)
-        assert engine._exchange_calls is None
-        assert engine.compute_gramian(output).shape == (2, 2)  # the engine is left as it was
+
+
+def test_compute_gramian_failing_on_one_rank(outcomes: list[Any]) -> None:
+    assert outcomes[1]["gramian_unreached"][0] == "ValueError"
+    assert "does not depend on the trainable parameters" in outcomes[1]["gramian_unreached"][1]
+    assert outcomes[0]["gramian_unreached"][0] == "RuntimeError"
+    assert "Another rank" in outcomes[0]["gramian_unreached"][1]
+    for outcome in outcomes:
+        # the engine is left as it was: the rules restored, the hook removed, the calls cleared
+        assert outcome["gramian_engine_restored"]

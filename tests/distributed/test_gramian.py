@@ -54,11 +54,34 @@ def _norms() -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
     return nn.Sequential(*layers).double(), lambda X: X.unsqueeze(1)  # [B, 1, 5]
 
 
+class _Rerun(nn.Module):
+    """Modules whose rules re-run them: attention, a GRU, and one without a rule (Bilinear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(1, 2)
+        self.attention = nn.MultiheadAttention(2, 1, batch_first=True)
+        self.gru = nn.GRU(2, 2, batch_first=True)
+        self.bilinear = nn.Bilinear(2, 2, 1)
+
+    def forward(self, X: Tensor) -> Tensor:
+        h = torch.tanh(self.embed(X.unsqueeze(-1)))  # [B, 5, 2]: a sequence of 5 steps
+        h, _ = self.attention(h, h, h, need_weights=False)
+        h, _ = self.gru(h)
+        return self.bilinear(h[:, -1], h[:, -1])
+
+
+def _rerun() -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+    torch.manual_seed(0)
+    return _Rerun().double(), lambda X: X
+
+
 MODELS: dict[str, Callable[[], tuple[nn.Module, Callable[[Tensor], Tensor]]]] = {
     "mlp": lambda: (regressor(), lambda X: X),
     "conv": _conv,
     "embedding": _embedding,
     "norms": _norms,
+    "rerun": _rerun,
 }
 
 CHEAP_MODE_MODELS = ["mlp", "norms"]

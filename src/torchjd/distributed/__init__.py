@@ -27,7 +27,8 @@ Which ``objectives`` to choose depends on what the rows of the local Jacobians a
 
 
 With the autogram engine, :func:`compute_gramian` gives every rank the Gramian of the global
-batch's objectives (each layer's inputs and output gradients are gathered), and
+batch's objectives (each layer's inputs and output gradients are gathered, or, for the modules
+whose rules re-run them, their per-sample gradients), and
 :func:`local_weights` this rank's part of the weights, for the weighted backward that DDP reduces
 as usual (no ``no_sync()`` there)::
 
