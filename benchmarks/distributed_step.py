@@ -67,19 +67,28 @@ SHARDED = ["autojac sharded", "autogram sharded"]
 VARIANTS = DATA_PARALLEL + SHARDED
 
 
+# the collectives counted: the bytes each rank gives per byte of its tensor on R ranks, and where
+# the tensor is among the arguments (position, keyword)
+_COLLECTIVES: dict[str, tuple[Callable[[int], float], int, str]] = {
+    "all_gather": (lambda R: R - 1, 1, "tensor"),
+    "all_gather_into_tensor": (lambda R: R - 1, 1, "input_tensor"),
+    "all_reduce": (lambda R: 1 if R > 1 else 0, 0, "tensor"),
+    "all_gather_single": (lambda R: R - 1, 1, "input_tensor"),  # FSDP2
+    "reduce_scatter_single": (lambda R: (R - 1) / R, 1, "input"),  # FSDP2
+}
+
+
 class _CountingCollectives:
     """Counts the bytes given to the collectives (torchjd's, and FSDP2's view of them)."""
-
-    NAMES = ("all_gather", "all_reduce", "all_gather_single", "reduce_scatter_single")
 
     def __init__(self, world_size: int) -> None:
         self.bytes = 0.0
         self._R = world_size
-        self._originals = {name: getattr(dist, name) for name in self.NAMES}
+        self._originals = {name: getattr(dist, name) for name in _COLLECTIVES}
 
-    def _counted(self, name: str, factor: Callable[[int], float], position: int) -> Callable:
+    def _counted(self, name: str) -> Callable:
         original = self._originals[name]
-        keyword = "input" if name == "reduce_scatter_single" else "tensor"
+        factor, position, keyword = _COLLECTIVES[name]
 
         def counted(*args: Any, **kw: Any) -> Any:
             tensor = args[position] if len(args) > position else kw[keyword]
@@ -89,14 +98,8 @@ class _CountingCollectives:
         return counted
 
     def __enter__(self) -> "_CountingCollectives":
-        factors = {
-            "all_gather": (lambda R: R - 1, 1),
-            "all_reduce": (lambda R: 1 if R > 1 else 0, 0),
-            "all_gather_single": (lambda R: R - 1, 1),
-            "reduce_scatter_single": (lambda R: (R - 1) / R, 1),
-        }
-        for name, (factor, position) in factors.items():
-            setattr(dist, name, self._counted(name, factor, position))
+        for name in _COLLECTIVES:
+            setattr(dist, name, self._counted(name))
         return self
 
     def __exit__(self, *exc: object) -> None:
