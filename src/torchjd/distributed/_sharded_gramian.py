@@ -34,7 +34,9 @@ def sharded_compute_gramian(
     Every rank then gets the same weights :math:`w` from :math:`G` and backpropagates them into
     its own shard: ``torch.autograd.backward(output, w.view_as(output), inputs=shard)``, or the
     fused :func:`sharded_backward`. The work of the rules (the costly part of the Gramian) is
-    split between the ranks; the traffic is the :math:`m^2` entries of :math:`G`.
+    split between the ranks; the traffic is the :math:`m^2` entries of :math:`G`. After its
+    optimizer step, each rank sends its updated shard to the others for the next forward pass
+    (``torch.distributed.broadcast`` from the owner: see ``examples/sharded_autogram.py``).
 
     :param engine: This rank's engine, hooking its shard of the modules (disjoint from the other
         ranks'), or None on a rank that holds no module (its block is zero).
