@@ -5,6 +5,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# the dtypes that the ranks exchange as their index in this list, to check that they agree
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
 
 def resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     if not dist.is_available() or not dist.is_initialized():

@@ -3,14 +3,16 @@ modules, every rank computes the same objectives, and the Gramian is the sum of 
 
 from collections.abc import Callable
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from torchjd.autogram import Engine
-from torchjd.distributed._group import exchange_shapes, failed_ranks_error, resolve_group
-
-_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+from torchjd.distributed._group import (
+    FLOAT_DTYPES,
+    exchange_shapes,
+    failed_ranks_error,
+    resolve_group,
+)
 
 
 def sharded_compute_gramian(
@@ -158,20 +160,20 @@ def _check(engine: Engine | None, output: Tensor) -> None:
         )
     if not isinstance(output, Tensor):
         raise TypeError(f"The objectives must be a Tensor. Found {type(output).__name__}.")
-    if output.dtype not in _DTYPES:
+    if output.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"The objectives must be floating point ({', '.join(map(str, _DTYPES))}). Found "
+            f"The objectives must be floating point ({', '.join(map(str, FLOAT_DTYPES))}). Found "
             f"{output.dtype}."
         )
 
 
 def _summed_over_ranks(G: Tensor, group: dist.ProcessGroup) -> Tensor:
     """:math:`\\sum_r G_r` on every rank, after checking that the ranks have the same objectives."""
-    shapes = exchange_shapes((G.shape[0], _DTYPES.index(G.dtype)), group)
+    shapes = exchange_shapes((G.shape[0], FLOAT_DTYPES.index(G.dtype)), group)
     if shapes is None:
         raise failed_ranks_error(group)
     if len(set(shapes)) > 1:
-        found = [(m, str(_DTYPES[code])) for m, code in shapes]
+        found = [(m, str(FLOAT_DTYPES[code])) for m, code in shapes]
         raise ValueError(
             "With sharded modules, every rank must compute the same objectives (the same number "
             f"of them, of the same dtype). Found, by rank (number, dtype): {found}."
