@@ -111,6 +111,12 @@ def _sharded_engine_scenarios(rank: int) -> dict[str, Any]:
             two._rules == rules and two._exchange_calls is None and not two._calls
         )
 
+        # rank 1 has no sample
+        x = X if rank == 0 else X[:0]
+        losses = bilinear(x, model(x).expand(-1, 3)).squeeze(1)
+        out["gramian_empty"] = outcome_of(lambda: compute_gramian(two, losses))
+        out["gramian_empty_cleared"] = not two._calls
+
     return out
 
 
@@ -212,3 +218,10 @@ def test_compute_gramian_failing_on_one_rank(outcomes: list[Any]) -> None:
     for outcome in outcomes:
         # the engine is left as it was: the rules restored, the hook removed, the calls cleared
         assert outcome["gramian_engine_restored"]
+        assert outcome["gramian_empty_cleared"]
+    assert outcomes[1]["gramian_empty"] == (
+        "ValueError",
+        "Every rank must have at least one objective (one sample). Found `output` of shape (0,).",
+    )
+    assert outcomes[0]["gramian_empty"][0] == "RuntimeError"
+    assert "Another rank" in outcomes[0]["gramian_empty"][1]

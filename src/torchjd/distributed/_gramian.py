@@ -102,7 +102,7 @@ def compute_gramian(
             exchange.by_rows.add(module)
             engine._rules[module] = (exchange.gathered_rows_rule, covers_children)
     try:
-        return engine.compute_gramian(output)
+        G = engine.compute_gramian(output)
     except Exception:
         if not exchange.reached:
             exchange_shapes(None, group)  # lets the other ranks raise too
@@ -110,6 +110,13 @@ def compute_gramian(
     finally:
         engine._exchange_calls = None
         engine._rules.update(rules)
+    if not exchange.reached:  # the engine had no objectives, and returned before the exchange
+        exchange_shapes(None, group)
+        raise ValueError(
+            "Every rank must have at least one objective (one sample). Found `output` of shape "
+            f"{tuple(output.shape)}."
+        )
+    return G
 
 
 def local_weights(
