@@ -38,9 +38,10 @@ as usual (no ``no_sync()`` there)::
     optimizer.step()
 
 The same lines work under FSDP2 (``torch.distributed.fsdp.fully_shard``, parameters sharded and
-data split between the ranks): the engine's rules read only the layers' inputs and output
-gradients, never the (sharded) parameters, and FSDP's reduce-scatter averages the gradients over
-the ranks as DDP does.
+data split between the ranks) for the layers of Linear, Conv, Embedding and normalisation type:
+their rules read only the layers' inputs and output gradients, never the (sharded) parameters,
+and FSDP's reduce-scatter averages the gradients over the ranks as DDP does. (The other rules
+re-run their module, which needs its parameters unsharded.)
 
 With the parameters sharded between the ranks (FSDP-style: each rank holds a disjoint part of
 them, and the Jacobian of the same objectives with respect to its part),
@@ -50,8 +51,8 @@ and writes into every rank's ``.grad`` fields its part of the update::
     torchjd.autojac.backward(losses, inputs=my_shard)  # the same m losses on every rank
     torchjd.distributed.sharded_jac_to_grad(my_shard, UPGrad())
 
-With the autogram engine, each rank's engine hooks its own shard of the modules (the others'
-parameters need not require grad there), every rank runs the same forward pass on the same batch,
+With the autogram engine, each rank's engine hooks its own shard of the modules (the other
+ranks' parameters should not require grad there), every rank runs the same forward pass on the same batch,
 and :func:`sharded_compute_gramian` sums the shards' Gramians (one all-reduce of ``[m, m]``);
 :func:`sharded_backward` also applies the weights to this rank's shard (fused step)::
 
