@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from tests.distributed.problems import (
     global_batch,
     local_batches,
+    outcome_of,
     per_sample_counts,
     two_objectives,
 )
@@ -59,8 +60,34 @@ def _step(X: Tensor, Y: Tensor, group: dist.ProcessGroup | None) -> Step:
     return gramian, weights, grads
 
 
-def distributed_steps(rank: int, world_size: int) -> dict[int, Step]:
-    return {size: _step(X, Y, group) for size, group, X, Y in local_batches(rank, world_size)}
+class _Bilinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 4)
+        self.bilinear = nn.Bilinear(4, 4, 1)  # no closed-form rule: its rule re-runs it
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.linear(x)
+        return self.bilinear(h, h)
+
+
+def _rerun_refused(group: dist.ProcessGroup) -> tuple[str, str] | str:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Bilinear().double()
+    with Engine(model, batch_dim=0) as engine:
+        fully_shard(model, mesh=DeviceMesh.from_group(group, "cpu"))
+        losses = model(torch.ones(2, 5, dtype=torch.float64)).squeeze(-1)
+        return outcome_of(lambda: compute_gramian(engine, losses, process_group=group))
+
+
+def distributed_steps(rank: int, world_size: int) -> dict[Any, Any]:
+    results: dict[Any, Any] = {
+        size: _step(X, Y, group) for size, group, X, Y in local_batches(rank, world_size)
+    }
+    results["refused"] = _rerun_refused(dist.group.WORLD)  # type: ignore[arg-type]
+    return results
 
 
 @pytest.fixture
@@ -78,3 +105,9 @@ def test_equals_single_process_on_global_batch(distributed: list[Any], world_siz
         for grad, expected_grad in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
     assert expected_gramian.shape == (2 * X.shape[0], 2 * X.shape[0])
+
+
+def test_modules_that_are_re_run_are_refused(distributed: list[Any]) -> None:
+    for result in distributed:
+        assert result["refused"][0] == "ValueError", result["refused"]
+        assert "those of Bilinear are sharded (DTensor" in result["refused"][1]

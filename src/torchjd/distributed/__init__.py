@@ -52,9 +52,10 @@ and writes into every rank's ``.grad`` fields its part of the update::
     torchjd.distributed.sharded_jac_to_grad(my_shard, UPGrad())
 
 With the autogram engine, each rank's engine hooks its own shard of the modules (the other
-ranks' parameters should not require grad there), every rank runs the same forward pass on the same batch,
-and :func:`sharded_compute_gramian` sums the shards' Gramians (one all-reduce of ``[m, m]``);
-:func:`sharded_backward` also applies the weights to this rank's shard (fused step)::
+ranks' parameters should not require grad there), every rank runs the same forward pass on the
+same batch, and :func:`sharded_compute_gramian` sums the shards' Gramians (one all-reduce of
+``[m, m]``); :func:`sharded_backward` also applies the weights to this rank's shard (fused
+step)::
 
     engine = Engine(*my_modules, batch_dim=0)
     losses = loss_fn(model(x), y)  # the same m losses on every rank
