@@ -29,7 +29,8 @@ def _every_step(rank: int, world_size: int) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def four_ranks() -> list[Any]:
     """What each of 4 ranks returned (or ``("raised", type, message)``)."""
-    results = run_on_ranks(_every_step, 4)
+    # every equivalence test of both engines in one launch: a generous limit on a loaded machine
+    results = run_on_ranks(_every_step, 4, timeout_s=150.0)
     for result in results:
         assert isinstance(result, dict), result
     return results
