@@ -6,30 +6,49 @@ Usage::
     python benchmarks/distributed_step.py [--steps 5] [--batch 64] [--world-sizes 1 2 4]
 
 Model: an MLP 784-256-256-10, cross-entropy per sample (IWRM: one objective per sample of the
-global batch, split evenly between the ranks), UPGrad. Per step, on every rank:
+global batch), UPGrad. Per step, on every rank:
 
-- autojac: ``backward`` in ``ddp.no_sync()``, then ``torchjd.distributed.jac_to_grad`` with
-  ``objectives="per_sample"`` (the full-matrix path and the block-wise Gramian path);
-- autogram: ``torchjd.distributed.compute_gramian``, ``UPGradWeighting``, the weighted backward
-  that DDP reduces.
+- data parallel (the global batch split evenly between the ranks):
+
+  - ``autojac``: ``backward`` in ``ddp.no_sync()``, then ``torchjd.distributed.jac_to_grad`` with
+    ``objectives="per_sample"`` (the full-matrix path and the block-wise Gramian path);
+  - ``autogram exact (DDP)``: ``torchjd.distributed.compute_gramian``, ``UPGradWeighting``, the
+    weighted backward with ``local_weights`` that DDP reduces;
+  - ``autogram exact (FSDP2)``: the same lines with the layers wrapped by ``fully_shard``;
+  - ``autogram own samples (DDP)``: the cheaper, inexact mode: each rank weights its samples by
+    the Gramian of its own samples only (``engine.compute_gramian``), DDP reduces;
+
+- sharded modules (every rank on the whole global batch, holding a disjoint shard of the layers:
+  layer ``k`` on rank ``k mod R``; on 4 ranks, rank 3 holds none):
+
+  - ``autojac sharded``: ``backward(losses, inputs=shard)``, then
+    ``torchjd.distributed.sharded_jac_to_grad``;
+  - ``autogram sharded``: ``torchjd.distributed.sharded_backward`` (one all-reduce of the
+    Gramian, then the engine's fused step on the shard).
 
 Columns: median step time (ms, the slowest rank) and the payload that each rank gives to
-``torch.distributed`` collectives per step (MiB; an all-gather of ``b`` bytes on ``R`` ranks moves
-``(R-1) b`` bytes to each rank). DDP's own all-reduce of the gradients (autogram only) is counted as
-the size of the gradients. One torch thread per process; on a small shared machine the step times
-of several processes are an upper bound.
+``torch.distributed`` collectives per step (KiB; an all-gather of ``b`` bytes on ``R`` ranks moves
+``(R-1) b`` bytes to each rank, an all-reduce of ``b`` bytes counts ``b``, a reduce-scatter of
+``b`` bytes ``(R-1) b / R``; nothing on one process). DDP's own all-reduce of the gradients is
+counted as the size of the gradients; FSDP2's all-gathers and reduce-scatters are counted. One
+torch thread per process; on a small shared machine the step times of several processes are an
+upper bound.
 """
 
 import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchjd.distributed
@@ -37,58 +56,124 @@ from torchjd.aggregation import UPGrad, UPGradWeighting
 from torchjd.autogram import Engine
 from torchjd.autojac import backward
 
-VARIANTS = ["autojac", "autojac (block-wise Gramian)", "autogram"]
+DATA_PARALLEL = [
+    "autojac",
+    "autojac (block-wise Gramian)",
+    "autogram exact (DDP)",
+    "autogram exact (FSDP2)",
+    "autogram own samples (DDP)",
+]
+SHARDED = ["autojac sharded", "autogram sharded"]
+VARIANTS = DATA_PARALLEL + SHARDED
+
+
+# the collectives counted: the bytes each rank gives per byte of its tensor on R ranks, and where
+# the tensor is among the arguments (position, keyword)
+_COLLECTIVES: dict[str, tuple[Callable[[int], float], int, str]] = {
+    "all_gather": (lambda R: R - 1, 1, "tensor"),
+    "all_gather_into_tensor": (lambda R: R - 1, 1, "input_tensor"),
+    "all_reduce": (lambda R: 1 if R > 1 else 0, 0, "tensor"),
+    "all_gather_single": (lambda R: R - 1, 1, "input_tensor"),  # FSDP2
+    "reduce_scatter_single": (lambda R: (R - 1) / R, 1, "input"),  # FSDP2
+}
 
 
 class _CountingCollectives:
-    """Counts the bytes given to all_gather and all_reduce (torchjd's and DDP's view of them)."""
+    """Counts the bytes given to the collectives (torchjd's, and FSDP2's view of them)."""
 
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._originals = (dist.all_gather, dist.all_reduce)
+    def __init__(self, world_size: int) -> None:
+        self.bytes = 0.0
+        self._R = world_size
+        self._originals = {name: getattr(dist, name) for name in _COLLECTIVES}
+
+    def _counted(self, name: str) -> Callable:
+        original = self._originals[name]
+        factor, position, keyword = _COLLECTIVES[name]
+
+        def counted(*args: Any, **kw: Any) -> Any:
+            tensor = args[position] if len(args) > position else kw[keyword]
+            self.bytes += tensor.numel() * tensor.element_size() * factor(self._R)
+            return original(*args, **kw)
+
+        return counted
 
     def __enter__(self) -> "_CountingCollectives":
-        all_gather, all_reduce = self._originals
-
-        def counted_gather(outputs: list, tensor: torch.Tensor, *args: object, **kw: object):
-            self.bytes += tensor.numel() * tensor.element_size() * (len(outputs) - 1)
-            return all_gather(outputs, tensor, *args, **kw)
-
-        def counted_reduce(tensor: torch.Tensor, *args: object, **kw: object):
-            self.bytes += tensor.numel() * tensor.element_size()
-            return all_reduce(tensor, *args, **kw)
-
-        dist.all_gather, dist.all_reduce = counted_gather, counted_reduce
+        for name in _COLLECTIVES:
+            setattr(dist, name, self._counted(name))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        dist.all_gather, dist.all_reduce = self._originals
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
 
 
-def _model() -> nn.Module:
+def _model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
     )
 
 
-def _one_step(variant: str, model: nn.Module, ddp: DDP, engine: Engine, x, y) -> None:
-    loss_fn = nn.CrossEntropyLoss(reduction="none")
-    if variant == "autogram":
-        losses = loss_fn(ddp(x), y)
-        weights = UPGradWeighting()(torchjd.distributed.compute_gramian(engine, losses))
-        losses.backward(torchjd.distributed.local_weights(weights, losses))
-    else:
-        with ddp.no_sync():
-            backward(loss_fn(ddp(x), y))
-        torchjd.distributed.jac_to_grad(
-            model.parameters(),
-            UPGrad(),
-            objectives="per_sample",
-            optimize_gramian_computation=variant != "autojac",
-        )
-    for p in model.parameters():
-        p.grad = None
+class _Setup:
+    """The model of one variant on this rank, wrapped as the variant needs."""
+
+    def __init__(self, variant: str, rank: int, world_size: int) -> None:
+        self.variant = variant
+        self.model = _model()
+        layers = [m for m in self.model if isinstance(m, nn.Linear)]
+        self.forward: nn.Module = self.model
+        if variant in SHARDED:
+            self.shard = [layer for k, layer in enumerate(layers) if k % world_size == rank]
+            for layer in layers:
+                layer.requires_grad_(layer in self.shard)
+            self.engine = Engine(*self.shard, batch_dim=0) if self.shard else None
+            return
+        self.engine = Engine(self.model, batch_dim=0)
+        if variant.endswith("(FSDP2)"):
+            mesh = init_device_mesh("cpu", (world_size,))
+            for layer in layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+        else:
+            self.forward = DDP(self.model)
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        variant, model, forward, engine = self.variant, self.model, self.forward, self.engine
+        loss_fn = nn.CrossEntropyLoss(reduction="none")
+        if variant.startswith("autojac") and variant not in SHARDED:
+            assert isinstance(forward, DDP)
+            with forward.no_sync():
+                backward(loss_fn(forward(x), y))
+            torchjd.distributed.jac_to_grad(
+                model.parameters(),
+                UPGrad(),
+                objectives="per_sample",
+                optimize_gramian_computation=variant != "autojac",
+            )
+        elif variant == "autojac sharded":
+            losses = loss_fn(forward(x), y)
+            params = [p for layer in self.shard for p in layer.parameters()]
+            if params:
+                backward(losses, inputs=params)
+            torchjd.distributed.sharded_jac_to_grad(params, UPGrad())
+        elif variant == "autogram sharded":
+            losses = loss_fn(forward(x), y)
+            torchjd.distributed.sharded_backward(engine, losses, UPGradWeighting())
+        elif variant == "autogram own samples (DDP)":
+            assert engine is not None
+            losses = loss_fn(forward(x), y)
+            losses.backward(UPGradWeighting()(engine.compute_gramian(losses)))
+        else:  # exact, DDP or FSDP2
+            assert engine is not None
+            losses = loss_fn(forward(x), y)
+            weights = UPGradWeighting()(torchjd.distributed.compute_gramian(engine, losses))
+            losses.backward(torchjd.distributed.local_weights(weights, losses))
+        for p in model.parameters():
+            p.grad = None
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
 
 def _rank(rank: int, world_size: int, folder: str, steps: int, batch: int) -> None:
@@ -100,23 +185,23 @@ def _rank(rank: int, world_size: int, folder: str, steps: int, batch: int) -> No
     X = torch.randn(batch, 784, generator=generator)
     Y = torch.randint(0, 10, (batch,), generator=generator)
     local = slice(rank * batch // world_size, (rank + 1) * batch // world_size)
-    x, y = X[local], Y[local]
     results = {}
     for variant in VARIANTS:
-        model = _model()
-        engine = Engine(model, batch_dim=0)
-        ddp = DDP(model)
+        setup = _Setup(variant, rank, world_size)
+        x, y = (X, Y) if variant in SHARDED else (X[local], Y[local])
         times = []
         for _ in range(steps + 1):  # the first one warms up
             dist.barrier()
-            with _CountingCollectives() as counter:
+            with _CountingCollectives(world_size) as counter:
                 start = time.perf_counter()
-                _one_step(variant, model, ddp, engine, x, y)
+                setup.step(x, y)
                 times.append(time.perf_counter() - start)
+        model = setup.model
         gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        sent = counter.bytes + (gradient_bytes if variant == "autogram" and world_size > 1 else 0)
+        ddp_reduces = "(DDP)" in variant and variant.startswith("autogram") and world_size > 1
+        sent = counter.bytes + (gradient_bytes if ddp_reduces else 0)
         results[variant] = (statistics.median(times[1:]), sent)
-        engine.close()
+        setup.close()
     torch.save(results, Path(folder) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -128,7 +213,7 @@ def main() -> None:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
     print(f"MLP 784-256-256-10, global batch {args.batch}, UPGrad, gloo on CPU")
-    print(f"{'variant':<30}{'ranks':>6}{'step (ms)':>12}{'MiB / rank':>12}")
+    print(f"{'variant':<30}{'ranks':>6}{'step (ms)':>12}{'KiB / rank':>12}")
     for world_size in args.world_sizes:
         with tempfile.TemporaryDirectory() as folder:
             mp.start_processes(
@@ -138,7 +223,7 @@ def main() -> None:
         for variant in VARIANTS:
             step = max(r[variant][0] for r in ranks)
             sent = max(r[variant][1] for r in ranks)
-            print(f"{variant:<30}{world_size:>6}{1000 * step:>12.1f}{sent / 2**20:>12.2f}")
+            print(f"{variant:<30}{world_size:>6}{1000 * step:>12.1f}{sent / 2**10:>12.1f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The float64 problems of the distributed tests: the same models on every rank and in the
 single-process reference, and a global batch that the ranks split."""
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchjd.aggregation import MGDA, Aggregator, UPGrad
@@ -49,6 +51,26 @@ def per_sample_counts(world_size: int) -> list[int]:
 def rows_of(rank: int, counts: list[int]) -> slice:
     start = sum(counts[:rank])
     return slice(start, start + counts[rank])
+
+
+def local_batches(
+    rank: int, world_size: int
+) -> Iterator[tuple[int, dist.ProcessGroup, Tensor, Tensor]]:
+    """``(size, group, X, Y)``: this rank's share of the global batch of the group of every rank,
+    then of the group of ranks 0 and 1 (one spawn for both sizes: starting processes is what
+    costs). Every rank must run the loop (creating a group is a collective)."""
+    pair = dist.new_group([0, 1])
+    for size, group in [(world_size, dist.group.WORLD), (2, pair)]:
+        if rank < size:
+            counts = per_sample_counts(size)
+            X, Y = global_batch(sum(counts))
+            rows = rows_of(rank, counts)
+            yield size, group, X[rows], Y[rows]
+
+
+def two_objectives(out: Tensor, Y: Tensor) -> Tensor:
+    """Two losses per sample of the predictions ``out`` ``[B]``, as ``[B, 2]``."""
+    return torch.stack([(out - Y[:, 0]).pow(2), (out - Y[:, 1]).abs()], dim=1)
 
 
 def mtl_losses(model: nn.Module, X: Tensor, Y: Tensor) -> tuple[Tensor, list[Tensor]]:

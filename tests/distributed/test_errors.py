@@ -9,9 +9,15 @@ import torch
 import torchjd.autojac
 from tests.distributed.launch import run_on_ranks
 from tests.distributed.problems import outcome_of, with_jac
-from torchjd.aggregation import UPGrad
+from torchjd.aggregation import UPGrad, UPGradWeighting
 from torchjd.autogram import Engine
-from torchjd.distributed import average_grads, compute_gramian, jac_to_grad
+from torchjd.distributed import (
+    average_grads,
+    compute_gramian,
+    jac_to_grad,
+    sharded_backward,
+    sharded_compute_gramian,
+)
 
 COLLECTIVE_TIMEOUT_S = 5.0  # a rank that waits on a collective raises after that long
 
@@ -54,6 +60,8 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
         lambda: jac_to_grad([with_jac(1)], UPGrad(), objectives="shared", process_group="all")  # type: ignore[arg-type]
     )
 
+    out.update(_sharded_engine_scenarios(rank))
+
     # the group still works after the refusals; rank 1's rows follow rank 0's in the .jac kept
     param = with_jac(1 + rank)
     jac_to_grad([param], UPGrad(), objectives="per_sample", retain_jac=True)
@@ -70,6 +78,45 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
         jac_to_grad([with_jac(1)], UPGrad(), objectives="shared")
 
     out["hang"] = outcome_of(user_step)
+    return out
+
+
+def _sharded_engine_scenarios(rank: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    model = torch.nn.Linear(3, 1).double()
+    engine = Engine(model, batch_dim=0)
+    X = torch.ones(2 + rank, 3, dtype=torch.float64)
+    out["sharded_rows"] = outcome_of(lambda: sharded_compute_gramian(engine, model(X)[:, 0]))
+    out["sharded_rows_cleared"] = not engine._calls
+
+    # rank 1's objectives do not depend on its shard
+    losses = (model(X[:2]) if rank == 0 else X[:2, :1]).squeeze(1)
+    out["sharded_unreached"] = outcome_of(
+        lambda: sharded_backward(engine, losses, UPGradWeighting())
+    )
+    out["sharded_unreached_grad"] = model.weight.grad is None
+
+    shard: Any = engine if rank == 0 else model  # rank 1: not an engine
+    losses = model(X[:2]).squeeze(1)
+    out["sharded_type"] = outcome_of(lambda: sharded_compute_gramian(shard, losses))
+    engine.close()
+
+    # rank 1's objectives do not depend on its engine's modules
+    bilinear = torch.nn.Bilinear(3, 3, 1).double()  # re-run by its rule
+    with Engine(model, bilinear, batch_dim=0) as two:
+        rules = dict(two._rules)
+        losses = (bilinear(X, model(X).expand(-1, 3)) if rank == 0 else X[:, :1]).squeeze(1)
+        out["gramian_unreached"] = outcome_of(lambda: compute_gramian(two, losses))
+        out["gramian_engine_restored"] = (
+            two._rules == rules and two._exchange_calls is None and not two._calls
+        )
+
+        # rank 1 has no sample
+        x = X if rank == 0 else X[:0]
+        losses = bilinear(x, model(x).expand(-1, 3)).squeeze(1)
+        out["gramian_empty"] = outcome_of(lambda: compute_gramian(two, losses))
+        out["gramian_empty_cleared"] = not two._calls
+
     return out
 
 
@@ -136,8 +183,24 @@ def test_retained_views_can_be_aggregated_again(outcomes: list[Any]) -> None:
             torch.testing.assert_close(grad, 2 * p.grad, rtol=0, atol=1e-9)
 
 
+def test_sharded_engine_refusals(outcomes: list[Any]) -> None:
+    for outcome in outcomes:
+        assert outcome["sharded_rows"][0] == "ValueError"
+        assert "every rank must compute the same objectives" in outcome["sharded_rows"][1]
+        assert "[(2, 'torch.float64'), (3, 'torch.float64')]" in outcome["sharded_rows"][1]
+        assert outcome["sharded_rows_cleared"]
+        assert outcome["sharded_unreached_grad"]
+    assert outcomes[1]["sharded_unreached"][0] == "ValueError"
+    assert "does not depend on the trainable parameters" in outcomes[1]["sharded_unreached"][1]
+    assert outcomes[1]["sharded_type"][0] == "TypeError"
+    assert "`engine` must be a torchjd.autogram.Engine, or None" in outcomes[1]["sharded_type"][1]
+    for key in ["sharded_unreached", "sharded_type"]:
+        assert outcomes[0][key][0] == "RuntimeError"
+        assert "Another rank" in outcomes[0][key][1]
+
+
 def test_compute_gramian_refusals() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    model = torch.nn.Linear(3, 1)
     with pytest.raises(TypeError, match=r"`engine` must be a torchjd\.autogram\.Engine"):
         compute_gramian(model, torch.ones(2))  # type: ignore[arg-type]
     with (
@@ -145,7 +208,20 @@ def test_compute_gramian_refusals() -> None:
         pytest.raises(ValueError, match="must have a batch dimension"),
     ):
         compute_gramian(engine, torch.ones(2))
-    with Engine(model, batch_dim=0) as engine:
-        with pytest.raises(ValueError, match=r"Embedding only. Found \['LayerNorm'\]"):
-            compute_gramian(engine, model(torch.ones(2, 3)).sum(dim=1))
-        assert engine._exchange_calls is None
+
+
+def test_compute_gramian_failing_on_one_rank(outcomes: list[Any]) -> None:
+    assert outcomes[1]["gramian_unreached"][0] == "ValueError"
+    assert "does not depend on the trainable parameters" in outcomes[1]["gramian_unreached"][1]
+    assert outcomes[0]["gramian_unreached"][0] == "RuntimeError"
+    assert "Another rank" in outcomes[0]["gramian_unreached"][1]
+    for outcome in outcomes:
+        # the engine is left as it was: the rules restored, the hook removed, the calls cleared
+        assert outcome["gramian_engine_restored"]
+        assert outcome["gramian_empty_cleared"]
+    assert outcomes[1]["gramian_empty"] == (
+        "ValueError",
+        "Every rank must have at least one objective (one sample). Found `output` of shape (0,).",
+    )
+    assert outcomes[0]["gramian_empty"][0] == "RuntimeError"
+    assert "Another rank" in outcomes[0]["gramian_empty"][1]

@@ -24,7 +24,8 @@ from torchjd.aggregation import Aggregator, Mean, UPGrad
 from torchjd.distributed import sharded_jac_to_grad
 
 BATCH = 5
-FLAT_SPLIT = 13  # rank 0 owns the first 13 entries of the flat parameter vector, rank 1 the rest
+# the entries of the flat parameter vector (29) that each rank owns, by number of ranks
+FLAT_BOUNDS = {2: [0, 13, 29], 4: [0, 7, 13, 22, 29]}
 ALL = {"0.weight", "0.bias", "2.weight", "2.bias"}
 OWNED = {  # the tensors that each rank owns
     "subsets": [{"0.weight"}, ALL - {"0.weight"}],
@@ -46,12 +47,14 @@ def _full_values() -> dict[str, Tensor]:
     return {name: p.detach().clone() for name, p in regressor().named_parameters()}
 
 
-def _sharded_step(rank: int, name: str, sharding: str) -> tuple[Tensor, list[Tensor]]:
+def _sharded_step(
+    rank: int, name: str, sharding: str, world_size: int = 2
+) -> tuple[Tensor, list[Tensor]]:
     """This rank's weights and the ``.grad`` of its shard."""
     values = _full_values()
     if sharding == "flat":
         flat = torch.cat([v.flatten() for v in values.values()])
-        start, stop = (0, FLAT_SPLIT) if rank == 0 else (FLAT_SPLIT, flat.numel())
+        start, stop = FLAT_BOUNDS[world_size][rank : rank + 2]
         shard = flat[start:stop].clone().requires_grad_()
         full = torch.cat([flat[:start], shard, flat[stop:]])
         sizes = [v.numel() for v in values.values()]
@@ -124,7 +127,8 @@ def test_equals_single_process_on_full_jacobian(outcomes: list[Any], case: tuple
     expected_weights = torchjd.autojac.jac_to_grad(list(params.values()), AGGREGATORS[name]())
     if sharding == "flat":
         flat = torch.cat([p.grad.flatten() for p in params.values()])
-        expected = [[flat[:FLAT_SPLIT]], [flat[FLAT_SPLIT:]]]
+        bounds = FLAT_BOUNDS[2]
+        expected = [[flat[bounds[r] : bounds[r + 1]]] for r in range(2)]
     else:
         expected = [[params[key].grad for key in sorted(OWNED[sharding][r])] for r in range(2)]
     weights_0 = outcomes[0][case][0]
@@ -134,6 +138,26 @@ def test_equals_single_process_on_full_jacobian(outcomes: list[Any], case: tuple
         torch.testing.assert_close(weights, expected_weights, rtol=0, atol=1e-10)
         for grad, reference in zip(grads, expected[rank], strict=True):
             torch.testing.assert_close(grad, reference, rtol=0, atol=1e-10)
+
+
+def distributed_steps(rank: int, world_size: int) -> dict[str, tuple[Tensor, list[Tensor]]]:
+    """The flat sharding on 4 ranks (within the launch of 4 ranks of conftest.py)."""
+    return {name: _sharded_step(rank, name, "flat", world_size) for name in AGGREGATORS}
+
+
+@pytest.mark.parametrize("name", list(AGGREGATORS))
+def test_flat_shards_on_four_ranks(four_ranks: list[Any], name: str) -> None:
+    model = regressor()
+    params = list(model.parameters())
+    torchjd.autojac.backward(_losses(dict(model.named_parameters())))
+    expected_weights = torchjd.autojac.jac_to_grad(params, AGGREGATORS[name]())
+    flat = torch.cat([p.grad.flatten() for p in params])
+    bounds = FLAT_BOUNDS[4]
+    for rank, result in enumerate(four_ranks):
+        weights, (grad,) = result["sharded_autojac"][name]
+        assert torch.equal(weights, four_ranks[0]["sharded_autojac"][name][0])
+        torch.testing.assert_close(weights, expected_weights, rtol=0, atol=1e-10)
+        torch.testing.assert_close(grad, flat[bounds[rank] : bounds[rank + 1]], rtol=0, atol=1e-10)
 
 
 def test_non_gramian_aggregators_are_refused_on_every_rank(outcomes: list[Any]) -> None:

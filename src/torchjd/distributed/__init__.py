@@ -27,7 +27,8 @@ Which ``objectives`` to choose depends on what the rows of the local Jacobians a
 
 
 With the autogram engine, :func:`compute_gramian` gives every rank the Gramian of the global
-batch's objectives (each layer's inputs and output gradients are gathered), and
+batch's objectives (each layer's inputs and output gradients are gathered, or, for the modules
+whose rules re-run them, their per-sample gradients), and
 :func:`local_weights` this rank's part of the weights, for the weighted backward that DDP reduces
 as usual (no ``no_sync()`` there)::
 
@@ -36,6 +37,12 @@ as usual (no ``no_sync()`` there)::
     losses.backward(torchjd.distributed.local_weights(weights, losses))
     optimizer.step()
 
+The same lines work under FSDP2 (``torch.distributed.fsdp.fully_shard``, parameters sharded and
+data split between the ranks) for the layers of Linear, Conv, Embedding and normalisation type:
+their rules read only the layers' inputs and output gradients, never the (sharded) parameters,
+and FSDP's reduce-scatter averages the gradients over the ranks as DDP does. (The other rules
+re-run their module, which needs its parameters unsharded.)
+
 With the parameters sharded between the ranks (FSDP-style: each rank holds a disjoint part of
 them, and the Jacobian of the same objectives with respect to its part),
 :func:`sharded_jac_to_grad` sums the shards' Gramians (one all-reduce of an ``[m, m]`` matrix)
@@ -43,11 +50,27 @@ and writes into every rank's ``.grad`` fields its part of the update::
 
     torchjd.autojac.backward(losses, inputs=my_shard)  # the same m losses on every rank
     torchjd.distributed.sharded_jac_to_grad(my_shard, UPGrad())
+
+With the autogram engine, each rank's engine hooks its own shard of the modules (the other
+ranks' parameters should not require grad there), every rank runs the same forward pass on the
+same batch, and :func:`sharded_compute_gramian` sums the shards' Gramians (one all-reduce of
+``[m, m]``); :func:`sharded_backward` also applies the weights to this rank's shard (fused
+step)::
+
+    engine = Engine(*my_modules, batch_dim=0)
+    losses = loss_fn(model(x), y)  # the same m losses on every rank
+    torchjd.distributed.sharded_backward(engine, losses, UPGradWeighting())
+
+The cheaper, inexact alternative to :func:`compute_gramian` under DDP weights each rank's samples
+by the Gramian of its own samples only: ``losses.backward(W(engine.compute_gramian(losses)))``,
+without any exchange but the gradients' all-reduce. The step is then the mean of the ranks' steps,
+each free of conflict with its own samples' losses but not with the other ranks'.
 """
 
 from torchjd.distributed._average_grads import average_grads
 from torchjd.distributed._gramian import compute_gramian, local_weights
 from torchjd.distributed._jac_to_grad import Objectives, jac_to_grad
+from torchjd.distributed._sharded_gramian import sharded_backward, sharded_compute_gramian
 from torchjd.distributed._sharded_jac_to_grad import sharded_jac_to_grad
 
 __all__ = [
@@ -56,5 +79,7 @@ __all__ = [
     "compute_gramian",
     "jac_to_grad",
     "local_weights",
+    "sharded_backward",
+    "sharded_compute_gramian",
     "sharded_jac_to_grad",
 ]

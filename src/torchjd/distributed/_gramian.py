@@ -1,7 +1,5 @@
 r"""autogram across ranks: the Gramian of the global batch's objectives, from each layer's factors
-(inputs and output gradients) gathered from every rank."""
-
-from functools import partial
+(inputs and output gradients) or per-sample gradients gathered from every rank."""
 
 import torch
 import torch.distributed as dist
@@ -11,12 +9,20 @@ from torchjd.autogram import Engine
 from torchjd.autogram._module_call import ModuleCall
 from torchjd.autogram._rules._conv import conv_rule
 from torchjd.autogram._rules._embedding import embedding_rule
+from torchjd.autogram._rules._generic import rows_by_recomputation
 from torchjd.autogram._rules._linear import linear_rule
-from torchjd.distributed._group import all_gather_rows, exchange_shapes, resolve_group
+from torchjd.autogram._rules._norm import channel_norm_rule, layer_norm_rule
+from torchjd.distributed._group import (
+    all_gather_rows,
+    exchange_shapes,
+    failed_ranks_error,
+    resolve_group,
+)
 
-# the rules that read only the call's main input, outputs and output gradients: gathering those
-# along the batch dimension gives them the samples of every rank
-_FACTOR_RULES = (linear_rule, conv_rule, embedding_rule)
+# the rules that read only the call's main input, outputs and output gradients (and, for the
+# normalisation layers, the module's running statistics, which DDP keeps equal on every rank):
+# gathering those along the batch dimension gives them the samples of every rank
+_FACTOR_RULES = (linear_rule, conv_rule, embedding_rule, layer_norm_rule, channel_norm_rule)
 
 
 def compute_gramian(
@@ -37,14 +43,22 @@ def compute_gramian(
         w = \mathcal W(G), \qquad \texttt{output.backward(}\,R\, w_r\texttt{)}
 
     on each rank, with :math:`w_r` its slice of :math:`w` (:func:`local_weights`), gives, once DDP
-    averages the gradients over the :math:`R` ranks, :math:`\nabla_\theta\, w^\top \ell(\theta)`:
+    (or FSDP2's ``fully_shard``, whose reduce-scatter also averages) averages the gradients over
+    the :math:`R` ranks, :math:`\nabla_\theta\, w^\top \ell(\theta)`:
     the step of one process on the global batch. The cheaper alternative, where each rank weights
     only its own samples (``engine.compute_gramian(output)``, then ``output.backward(w)`` under
     DDP), exchanges nothing but gives no non-conflict guarantee across ranks.
 
-    Only engines whose trainable modules are ``Linear``, convolutions and ``Embedding`` (closed-form
-    rules) are supported; every rank must have the same modules, called in the same order, with
-    inputs of the same shapes except along the batch dimension (whose sizes may differ).
+    The rules of ``Linear``, convolutions, ``Embedding`` and the normalisation layers read only
+    those factors (and the running statistics of an eval-mode ``BatchNorm``, which DDP keeps equal
+    on every rank). The rules of the other modules (attention, recurrent layers, the generic rule,
+    rules registered by the user) re-run the module on its inputs, which are not exchanged:
+    instead, each rank forms the per-sample gradients :math:`J_{r,\ell}` (``[B_r R, P_\ell]``)
+    of such a module :math:`\ell` by one re-run on its own samples (the exact generic rule), and
+    their all-gather gives the block :math:`J_\ell J_\ell^\top`: traffic of the order of the
+    module's number of parameters per objective, cheap for small modules but costly for large
+    ones. Every rank must have the same modules, called in the same order, with inputs of the
+    same shapes except along the batch dimension (whose sizes may differ).
 
     :param engine: The engine (with a ``batch_dim``) that recorded the forward pass of ``output``.
     :param output: This rank's objectives.
@@ -79,21 +93,30 @@ def compute_gramian(
             "`engine` must have a batch dimension (Engine(..., batch_dim=0)): the ranks split the "
             "batch along it. Found batch_dim=None."
         )
-    unsupported = sorted(
-        {type(m).__name__ for m, (rule, _) in engine._rules.items() if rule not in _FACTOR_RULES}
-    )
-    if unsupported:
-        raise ValueError(
-            "torchjd.distributed.compute_gramian supports the engine's modules of type Linear, "
-            f"Conv1d/2d/3d and Embedding only. Found {unsupported}; use engine.compute_gramian "
-            "(each rank weights its own samples) or torchjd.distributed.jac_to_grad."
-        )
+    rerun = [module for module, (rule, _) in engine._rules.items() if rule not in _FACTOR_RULES]
     group = resolve_group(process_group)
-    engine._exchange_calls = partial(_exchange_calls, group=group)
+    exchange = _Exchange(engine, group)
+    rules = dict(engine._rules)
+    engine._exchange_calls = exchange.calls
+    for module in rerun:  # per-sample gradients instead of factors
+        exchange.by_rows.add(module)
+        engine._rules[module] = (exchange.gathered_rows_rule, rules[module][1])
     try:
-        return engine.compute_gramian(output)
+        G = engine.compute_gramian(output)
+    except Exception:
+        if not exchange.reached:
+            exchange_shapes(None, group)  # lets the other ranks raise too
+        raise
     finally:
         engine._exchange_calls = None
+        engine._rules.update(rules)
+    if not exchange.reached:  # the engine had no objectives, and returned before the exchange
+        exchange_shapes(None, group)
+        raise ValueError(
+            "Every rank must have at least one objective (one sample). Found `output` of shape "
+            f"{tuple(output.shape)}."
+        )
+    return G
 
 
 def local_weights(
@@ -133,26 +156,69 @@ def local_weights(
     return dist.get_world_size(group) * mine
 
 
-def _exchange_calls(
-    calls: dict[nn.Module, list[ModuleCall]], batch_dim: int, B: int, *, group: dist.ProcessGroup
-) -> int:
-    shapes = exchange_shapes((B,), group)
-    assert shapes is not None
-    counts = [shape[0] for shape in shapes]
-    for module_calls in calls.values():
-        for call in module_calls:
-            d = call.batch_dim
-            assert d is not None
-            call.grad_outputs = [
-                _gather(call.grad_output(k), dim + 1, counts, group)  # type: ignore[operator]
-                for k, dim in enumerate(call.output_batch_dims)
-            ]
-            call.outputs = [
-                _gather(out, dim, counts, group)  # type: ignore[arg-type]
-                for out, dim in zip(call.outputs, call.output_batch_dims, strict=True)
-            ]
-            call.args = (_gather(call.args[0], d, counts, group), *call.args[1:])
-    return sum(counts)
+class _Exchange:
+    """The engine's hook that gives the calls of its factor rules the samples of every rank, and
+    the rule of the other modules: their per-sample gradients, gathered."""
+
+    def __init__(self, engine: Engine, group: dist.ProcessGroup) -> None:
+        self.engine = engine
+        self.group = group
+        self.reached = False  # whether this rank reached the exchange
+        self.counts: list[int] = []  # every rank's number of samples
+        self.by_rows: set[nn.Module] = set()  # the modules that take gathered_rows_rule
+
+    def calls(self, calls: dict[nn.Module, list[ModuleCall]], batch_dim: int, B: int) -> int:
+        self.reached = True
+        shapes = exchange_shapes((B,), self.group)
+        if shapes is None:
+            raise failed_ranks_error(self.group)
+        self.counts = [shape[0] for shape in shapes]
+        for module, module_calls in calls.items():
+            if module in self.by_rows:
+                continue
+            for call in module_calls:
+                _gather_factors(call, self.counts, self.group)
+        return sum(self.counts)
+
+    def gathered_rows_rule(self, module: nn.Module, calls: list[ModuleCall]) -> Tensor:
+        r""":math:`J J^\top` with :math:`J` the rows of every rank's objectives (``[B R, P]``
+        each, from a re-run of the module on this rank's samples), gathered in rank order."""
+        covers_children = self.engine._rules[module][1]
+        params = [p for p in module.parameters(recurse=covers_children) if p.requires_grad]
+        if any(map(_is_sharded, params)):  # the same on every rank: they all raise here
+            raise ValueError(
+                "torchjd.distributed.compute_gramian re-runs the modules whose rules are not "
+                "closed-form (all but Linear, Conv, Embedding and normalisation layers) with their "
+                f"parameters, but those of {type(module).__name__} are sharded (DTensor, e.g. by "
+                "FSDP's fully_shard). Use DDP, or engine.compute_gramian (each rank weights its "
+                "own samples)."
+            )
+        J = rows_by_recomputation(module, calls, params)
+        R = J.shape[0] // calls[0].num_samples
+        J = all_gather_rows(J, [count * R for count in self.counts], self.group)
+        return J @ J.T
+
+
+def _gather_factors(call: ModuleCall, counts: list[int], group: dist.ProcessGroup) -> None:
+    d = call.batch_dim
+    assert d is not None
+    call.grad_outputs = [
+        _gather(call.grad_output(k), dim + 1, counts, group)  # type: ignore[operator]
+        for k, dim in enumerate(call.output_batch_dims)
+    ]
+    call.outputs = [
+        _gather(out, dim, counts, group)  # type: ignore[arg-type]
+        for out, dim in zip(call.outputs, call.output_batch_dims, strict=True)
+    ]
+    call.args = (_gather(call.args[0], d, counts, group), *call.args[1:])
+
+
+def _is_sharded(param: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch before 2.5: no public DTensor, so no FSDP2 either
+        return False
+    return isinstance(param, DTensor)
 
 
 def _gather(tensor: Tensor, dim: int, counts: list[int], group: dist.ProcessGroup) -> Tensor:

@@ -5,6 +5,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# the dtypes that the ranks exchange as their index in this list, to check that they agree
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
 
 def resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     if not dist.is_available() or not dist.is_initialized():
@@ -53,13 +56,21 @@ def failed_ranks_error(group: dist.ProcessGroup) -> RuntimeError:
 
 
 def all_gather_rows(matrix: Tensor, counts: list[int], group: dist.ProcessGroup) -> Tensor:
-    """The ranks' matrices ``[counts[r], ...]`` stacked in rank order (padded to the largest count
-    for the collective, which needs equal shapes)."""
+    """The ranks' matrices ``[counts[r], ...]`` stacked in rank order (each padded to the largest
+    count for the collective, which needs equal shapes, into one buffer: no copy to concatenate
+    when the counts are equal). On one rank, ``matrix`` itself."""
+    if len(counts) == 1:
+        return matrix
     largest = max(counts)
     padded = matrix
     if matrix.shape[0] < largest:
         padding = matrix.new_zeros((largest - matrix.shape[0], *matrix.shape[1:]))
         padded = torch.cat([matrix, padding])
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+    gathered = matrix.new_empty((len(counts) * largest, *matrix.shape[1:]))
+    # all_gather_into_tensor is deprecated for all_gather_single where torch has it
+    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather_into(gathered, padded.contiguous(), group=group)
+    if all(count == largest for count in counts):
+        return gathered
+    blocks = gathered.view(len(counts), largest, *matrix.shape[1:])
+    return torch.cat([block[:count] for block, count in zip(blocks, counts, strict=True)])

@@ -11,10 +11,13 @@ from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedA
 from torchjd.aggregation._bases import _Composition, call_unchecked
 from torchjd.autojac._accumulate import accumulate_grads
 from torchjd.autojac._jac_to_grad import _common_dtype, _delete_jacs, checked_inputs
-from torchjd.distributed._group import exchange_shapes, failed_ranks_error, resolve_group
+from torchjd.distributed._group import (
+    FLOAT_DTYPES,
+    exchange_shapes,
+    failed_ranks_error,
+    resolve_group,
+)
 from torchjd.linalg._gramian import gramian, symmetrized
-
-_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
 def sharded_jac_to_grad(
@@ -101,14 +104,14 @@ def sharded_jac_to_grad(
     local = (0, -1)  # no rows, no dtype: the other ranks' are used
     if jacobians:
         common = _common_dtype(jacobians)
-        code = _DTYPES.index(common) if common in _DTYPES else len(_DTYPES)
+        code = FLOAT_DTYPES.index(common) if common in FLOAT_DTYPES else len(FLOAT_DTYPES)
         local = (jacobians[0].shape[0], code)
     shapes = exchange_shapes(local, group)
     if shapes is None:
         raise failed_ranks_error(group)
     m, code = _check_consistent(shapes)
 
-    dtype = _DTYPES[code]
+    dtype = FLOAT_DTYPES[code]
     blocks = [J.reshape(m, -1).to(dtype) for J in jacobians]
     G = torch.zeros((m, m), dtype=dtype, device=_device(jacobians, group))
     for J_r in blocks:
@@ -170,8 +173,8 @@ def _check_consistent(shapes: list[tuple[int, ...]]) -> tuple[int, int]:
             f"(the same number of `.jac` rows). Found, by rank: {[s[0] for s in shapes]}."
         )
     codes = [shape[1] for shape in held]
-    if len(set(codes)) > 1 or codes[0] >= len(_DTYPES):
-        names = [str(_DTYPES[c]) if 0 <= c < len(_DTYPES) else "other" for c in codes]
+    if len(set(codes)) > 1 or codes[0] >= len(FLOAT_DTYPES):
+        names = [str(FLOAT_DTYPES[c]) if 0 <= c < len(FLOAT_DTYPES) else "other" for c in codes]
         raise ValueError(
             "With sharded parameters, every rank's `.jac` fields must have the same floating "
             f"dtype (the Gramians are summed). Found, by rank holding a shard: {names}."

@@ -33,6 +33,15 @@ def generic_subtree_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tens
 def gramian_by_recomputation(
     module: nn.Module, calls: Sequence[ModuleCall], params: list[Tensor]
 ) -> Tensor:
+    J = rows_by_recomputation(module, calls, params)
+    return J @ J.T
+
+
+def rows_by_recomputation(
+    module: nn.Module, calls: Sequence[ModuleCall], params: list[Tensor]
+) -> Tensor:
+    """The rows ``[B R, P]`` of the Jacobian w.r.t. ``params`` (flattened in their order), of
+    objective ``(i, r)`` at row ``i R + r``, summed over the calls."""
     J: Tensor | None = None
     for call in calls:
         outputs = _recompute(module, call)
@@ -57,7 +66,7 @@ def gramian_by_recomputation(
         )
         J = rows if J is None else J + rows
     assert J is not None
-    return J @ J.T
+    return J
 
 
 def _recompute(module: nn.Module, call: ModuleCall) -> list[Tensor]:

@@ -1,0 +1,113 @@
+"""torchjd.distributed.compute_gramian and local_weights under FSDP2 (``fully_shard``, parameters
+sharded between 2 and 4 gloo processes, each with its own share of the batch): the Gramian, the
+weights and the gradients (gathered from the shards) of the engine in one process on the global
+batch, as under DDP, since FSDP's reduce-scatter averages the gradients as DDP's all-reduce does."""
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from tests.distributed.problems import (
+    global_batch,
+    local_batches,
+    outcome_of,
+    per_sample_counts,
+    two_objectives,
+)
+from torchjd.aggregation import UPGradWeighting
+from torchjd.autogram import Engine
+from torchjd.distributed import compute_gramian, local_weights
+
+Step = tuple[Tensor, Tensor, list[Tensor]]  # the Gramian, the weights and every full gradient
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 1)]
+    return nn.Sequential(*layers).double()
+
+
+def _step(X: Tensor, Y: Tensor, group: dist.ProcessGroup | None) -> Step:
+    """IWRM with two objectives per sample: under FSDP over ``group`` with the distributed
+    Gramian, or in one process when ``group`` is None."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    engine = Engine(model, batch_dim=0)
+    if group is not None:
+        mesh = DeviceMesh.from_group(group, "cpu")
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    out = model(X).squeeze(-1)
+    losses = two_objectives(out, Y)
+    if group is None:
+        gramian = engine.compute_gramian(losses)
+        weights = UPGradWeighting()(gramian)
+        losses.backward(weights.view(losses.shape))
+    else:
+        gramian = compute_gramian(engine, losses, process_group=group)
+        weights = UPGradWeighting()(gramian)
+        losses.backward(local_weights(weights, losses, process_group=group))
+    engine.close()
+    # a collective under FSDP: every rank gathers every gradient, in the same order
+    grads = [getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for p in model.parameters()]
+    return gramian, weights, grads
+
+
+class _Bilinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 4)
+        self.bilinear = nn.Bilinear(4, 4, 1)  # no closed-form rule: its rule re-runs it
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.linear(x)
+        return self.bilinear(h, h)
+
+
+def _rerun_refused(group: dist.ProcessGroup) -> tuple[str, str] | str:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Bilinear().double()
+    with Engine(model, batch_dim=0) as engine:
+        fully_shard(model, mesh=DeviceMesh.from_group(group, "cpu"))
+        losses = model(torch.ones(2, 5, dtype=torch.float64)).squeeze(-1)
+        return outcome_of(lambda: compute_gramian(engine, losses, process_group=group))
+
+
+def distributed_steps(rank: int, world_size: int) -> dict[Any, Any]:
+    results: dict[Any, Any] = {
+        size: _step(X, Y, group) for size, group, X, Y in local_batches(rank, world_size)
+    }
+    results["refused"] = _rerun_refused(dist.group.WORLD)  # type: ignore[arg-type]
+    return results
+
+
+@pytest.fixture
+def distributed(four_ranks: list[Any]) -> list[Any]:
+    return [result["fsdp"] for result in four_ranks]
+
+
+@pytest.mark.parametrize("world_size", [2, 4], ids=lambda r: f"{r}ranks")
+def test_equals_single_process_on_global_batch(distributed: list[Any], world_size: int) -> None:
+    X, Y = global_batch(sum(per_sample_counts(world_size)))
+    expected_gramian, expected_weights, expected_grads = _step(X, Y, None)
+    for gramian, weights, grads in [result[world_size] for result in distributed[:world_size]]:
+        torch.testing.assert_close(gramian, expected_gramian, rtol=0, atol=1e-6)
+        torch.testing.assert_close(weights, expected_weights, rtol=0, atol=1e-6)
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
+    assert expected_gramian.shape == (2 * X.shape[0], 2 * X.shape[0])
+
+
+def test_modules_that_are_re_run_are_refused(distributed: list[Any]) -> None:
+    for result in distributed:
+        assert result["refused"][0] == "ValueError", result["refused"]
+        assert "those of Bilinear are sharded (DTensor" in result["refused"][1]
