@@ -71,7 +71,7 @@ class _Bilinear(nn.Module):
         return self.bilinear(h, h)
 
 
-def _rerun_refused(group: dist.ProcessGroup) -> tuple[str, str] | str:
+def _rerun_refused(group: dist.ProcessGroup, plain: bool = False) -> tuple[str, str] | str:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
@@ -79,6 +79,8 @@ def _rerun_refused(group: dist.ProcessGroup) -> tuple[str, str] | str:
     with Engine(model, batch_dim=0) as engine:
         fully_shard(model, mesh=DeviceMesh.from_group(group, "cpu"))
         losses = model(torch.ones(2, 5, dtype=torch.float64)).squeeze(-1)
+        if plain:  # the engine alone, each rank on its own samples
+            return outcome_of(lambda: engine.compute_gramian(losses))
         return outcome_of(lambda: compute_gramian(engine, losses, process_group=group))
 
 
@@ -87,6 +89,7 @@ def distributed_steps(rank: int, world_size: int) -> dict[Any, Any]:
         size: _step(X, Y, group) for size, group, X, Y in local_batches(rank, world_size)
     }
     results["refused"] = _rerun_refused(dist.group.WORLD)  # type: ignore[arg-type]
+    results["refused_plain"] = _rerun_refused(dist.group.WORLD, plain=True)  # type: ignore[arg-type]
     return results
 
 
@@ -111,3 +114,9 @@ def test_modules_that_are_re_run_are_refused(distributed: list[Any]) -> None:
     for result in distributed:
         assert result["refused"][0] == "ValueError", result["refused"]
         assert "those of Bilinear are sharded (DTensor" in result["refused"][1]
+
+
+def test_modules_that_are_re_run_are_refused_by_the_engine_alone(distributed: list[Any]) -> None:
+    for result in distributed:
+        assert result["refused_plain"][0] == "ValueError", result["refused_plain"]
+        assert "those of Bilinear are sharded (DTensor" in result["refused_plain"][1]

@@ -185,15 +185,7 @@ class _Exchange:
         each, from a re-run of the module on this rank's samples), gathered in rank order."""
         covers_children = self.engine._rules[module][1]
         params = [p for p in module.parameters(recurse=covers_children) if p.requires_grad]
-        if any(map(_is_sharded, params)):  # the same on every rank: they all raise here
-            raise ValueError(
-                "torchjd.distributed.compute_gramian re-runs the modules whose rules are not "
-                "closed-form (all but Linear, Conv, Embedding and normalisation layers) with their "
-                f"parameters, but those of {type(module).__name__} are sharded (DTensor, e.g. by "
-                "FSDP's fully_shard). Use DDP, or engine.compute_gramian (each rank weights its "
-                "own samples)."
-            )
-        J = rows_by_recomputation(module, calls, params)
+        J = rows_by_recomputation(module, calls, params)  # refuses sharded ones on every rank
         R = J.shape[0] // calls[0].num_samples
         J = all_gather_rows(J, [count * R for count in self.counts], self.group)
         return J @ J.T
@@ -211,14 +203,6 @@ def _gather_factors(call: ModuleCall, counts: list[int], group: dist.ProcessGrou
         for out, dim in zip(call.outputs, call.output_batch_dims, strict=True)
     ]
     call.args = (_gather(call.args[0], d, counts, group), *call.args[1:])
-
-
-def _is_sharded(param: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch before 2.5: no public DTensor, so no FSDP2 either
-        return False
-    return isinstance(param, DTensor)
 
 
 def _gather(tensor: Tensor, dim: int, counts: list[int], group: dist.ProcessGroup) -> Tensor:

@@ -25,17 +25,23 @@ def resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     return process_group
 
 
+def collective_device(group: dist.ProcessGroup) -> torch.device:
+    """Where the backend of ``group`` takes tensors when no data says where: NCCL exchanges only
+    CUDA tensors (the current device); the others (gloo, MPI) take CPU ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def exchange_shapes(
     local: tuple[int, ...] | None, group: dist.ProcessGroup
 ) -> list[tuple[int, ...]] | None:
     """Every rank's ``local`` tuple (all of the same length), or None on every rank when some rank
     passed None (its arguments failed their checks)."""
     size = 4
-    # NCCL exchanges only CUDA tensors; the others (gloo, MPI) take CPU ones, whatever the device
-    # of the Jacobians, so that a rank whose tensors are wrong still knows where to put these
-    nccl = dist.get_backend(group) == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    row = torch.zeros(size + 1, dtype=torch.int64, device=device)
+    # on the backend's device whatever the device of the data, so that a rank whose tensors are
+    # wrong still knows where to put these
+    row = torch.zeros(size + 1, dtype=torch.int64, device=collective_device(group))
     if local is not None:
         row[0] = 1
         row[1 : 1 + len(local)] = torch.tensor(local, dtype=torch.int64)

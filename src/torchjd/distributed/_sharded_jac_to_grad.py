@@ -13,6 +13,7 @@ from torchjd.autojac._accumulate import accumulate_grads
 from torchjd.autojac._jac_to_grad import _common_dtype, _delete_jacs, checked_inputs
 from torchjd.distributed._group import (
     FLOAT_DTYPES,
+    collective_device,
     exchange_shapes,
     failed_ranks_error,
     resolve_group,
@@ -128,11 +129,7 @@ def sharded_jac_to_grad(
 def _device(jacobians: list[Tensor], group: dist.ProcessGroup) -> torch.device:
     """Where the Gramian is: with the Jacobians, or, on a rank without any, where the backend
     takes tensors (NCCL: the current CUDA device)."""
-    if jacobians:
-        return jacobians[0].device
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return jacobians[0].device if jacobians else collective_device(group)
 
 
 def _check_aggregator(aggregator: Aggregator) -> None:

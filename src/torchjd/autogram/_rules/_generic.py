@@ -41,7 +41,17 @@ def rows_by_recomputation(
     module: nn.Module, calls: Sequence[ModuleCall], params: list[Tensor]
 ) -> Tensor:
     """The rows ``[B R, P]`` of the Jacobian w.r.t. ``params`` (flattened in their order), of
-    objective ``(i, r)`` at row ``i R + r``, summed over the calls."""
+    objective ``(i, r)`` at row ``i R + r``, summed over the calls.
+
+    Refuses parameters sharded between processes (DTensor, e.g. by FSDP's ``fully_shard``): the
+    re-run would see only this process's shard."""
+    if any(map(_is_sharded, params)):
+        raise ValueError(
+            f"The autogram rule of {type(module).__name__} re-runs the module with its parameters, "
+            f"but those of {type(module).__name__} are sharded (DTensor, e.g. by FSDP's "
+            "fully_shard), so the re-run would see only this process's shard. Keep the module out "
+            "of fully_shard, or use DDP."
+        )
     J: Tensor | None = None
     for call in calls:
         outputs = _recompute(module, call)
@@ -76,6 +86,14 @@ def _recompute(module: nn.Module, call: ModuleCall) -> list[Tensor]:
         _set_rng_state(call)
         output = functional_call(module, buffers, args, kwargs)
     return tree_leaves(output)
+
+
+def _is_sharded(param: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed, or before 2.5: no DTensor, no FSDP2
+        return False
+    return isinstance(param, DTensor)
 
 
 def _detach(value: object) -> object:
