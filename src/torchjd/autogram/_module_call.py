@@ -31,7 +31,11 @@ class ModuleCall:
         when the rule does not).
     :param training: Whether the module was in training mode during the call.
     :param edges: Where each of ``outputs`` enters the autograd graph (engine internal).
-    :param saved: Free for the rule's own use, from the Gramian to the fused step (released with
+    :param inner_edges: Points inside the call's graph where the rule wants the gradients of the
+        objectives too (set at recording time by the rule's ``inner_edges`` function, if any).
+    :param inner_grads: Filled by the engine with ``grad_outputs``: the gradients w.r.t.
+        ``inner_edges``, each ``[R, *shape]`` (None for one that did not reach the objectives).
+    :param saved: Free for the rule's own use, from the recording to the fused step (released with
         the output gradients).
     """
 
@@ -45,6 +49,8 @@ class ModuleCall:
     training: bool = False
     grad_outputs: list[Tensor | None] = field(default_factory=list)
     edges: list[Any] = field(default_factory=list, repr=False)
+    inner_edges: list[Any] = field(default_factory=list, repr=False)
+    inner_grads: list[Tensor | None] = field(default_factory=list, repr=False)
     saved: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
