@@ -13,7 +13,10 @@ With inputs :math:`X_i` (positions :math:`\times d_{in}`) and output gradients :
 
 With one position this is :math:`(X X^\top) \odot (\Gamma \Gamma^\top)`. When the positions are many
 and the layer is narrow, forming the per-objective gradients :math:`\Gamma_{ir}^\top X_i` is
-cheaper: each call picks the cheaper of the two by counting flops. The calls of a module are
+cheaper: each call picks the cheaper of the two by counting flops, and forms its intermediates
+(per-objective gradients, or the products :math:`x_{it} \cdot x_{ju}` and
+:math:`\gamma_{irt} \cdot \gamma_{jsu}`) block by block, so that none exceeds ``CHUNK_BYTES``
+(long sequences, large images). The calls of a module are
 concatenated along the positions, which accounts for the cross terms between calls. Convolutions
 reuse this kernel with one block per group (see ``_conv.py``).
 
@@ -79,30 +82,53 @@ def linear_weighted_gradients(
 linear_rule.weighted_gradients = linear_weighted_gradients  # type: ignore[attr-defined]
 
 
-def weight_gramian(X: Tensor, Gamma: Tensor) -> Tensor:
+CHUNK_BYTES = 1 << 24
+"""The most memory that one intermediate of :func:`weight_gramian` takes (the per-objective
+gradients of a block of output features, or the closed form's products for a block of samples)."""
+
+
+def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> Tensor:
     r""":math:`\sum_p G^{W_p}` for independent blocks :math:`p` (groups of a convolution).
 
     :param X: Inputs ``[P, B, T, d_in]``.
     :param Gamma: Output gradients ``[P, B, R, T, d_out]``.
+    :param chunk_bytes: A bound on the size of each intermediate: the per-objective gradients are
+        formed for a block of output features at a time, the closed form's products for a block
+        of samples at a time (at least one feature or sample each). None: ``CHUNK_BYTES``.
     :returns: ``[B R, B R]``.
     """
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     P, B, R, T, d_out = Gamma.shape
     d_in = X.shape[-1]
     X = X.to(Gamma.dtype)
+    size = Gamma.element_size()
     closed_form_flops = (B * T) ** 2 * d_in + (B * R * T) ** 2 * (d_out + 1)
     per_objective_flops = B * R * T * d_out * d_in + (B * R) ** 2 * d_out * d_in
     if per_objective_flops < closed_form_flops:
-        # The rows Γ_ir^T X_i of the Jacobian, block by block.
-        if R == 1:
-            J = (Gamma[:, :, 0].mT @ X).reshape(P, B, d_out * d_in)
+        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block.
+        step = max(1, chunk_bytes // (P * B * R * d_in * size))
+        G = Gamma.new_zeros(B * R, B * R)
+        for start in range(0, d_out, step):
+            block = Gamma[..., start : start + step]
+            if R == 1:
+                J = (block[:, :, 0].mT @ X).reshape(P, B, -1)
+            else:
+                J = (block.mT @ X.unsqueeze(2)).reshape(P, B * R, -1)
+            G += J[0] @ J[0].T if P == 1 else (J @ J.mT).sum(dim=0)
+        return G
+    # K: x_it · x_ju, L: γ_irt · γ_jsu, for the samples i of a block against all samples j.
+    X_all = X.flatten(1, 2)  # [P, B T, d_in]
+    Gamma_all = Gamma.flatten(1, 3)  # [P, B R T, d_out]
+    step = max(1, chunk_bytes // (P * R * T * B * R * T * size))
+    rows = []
+    for start in range(0, B, step):
+        b = min(step, B - start)
+        K = X[:, start : start + b].flatten(1, 2) @ X_all.mT  # [P, b T, B T]
+        L = Gamma[:, start : start + b].flatten(1, 3) @ Gamma_all.mT  # [P, b R T, B R T]
+        if T == 1:
+            block = (K.reshape(P, b, 1, B, 1) * L.reshape(P, b, R, B, R)).sum(dim=0)
         else:
-            J = (Gamma.mT @ X.unsqueeze(2)).reshape(P, B * R, d_out * d_in)
-        return (J @ J.mT).sum(dim=0)
-    K = X.flatten(1, 2) @ X.flatten(1, 2).mT  # [P, B T, B T]: x_it · x_ju
-    L = Gamma.flatten(1, 3) @ Gamma.flatten(1, 3).mT  # [P, B R T, B R T]: γ_irt · γ_jsu
-    if T == 1:
-        G = (K.reshape(P, B, 1, B, 1) * L.reshape(P, B, R, B, R)).sum(dim=0)
-    else:
-        K, L = K.reshape(P, B, T, B, T), L.reshape(P, B, R, T, B, R, T)
-        G = torch.einsum("pitju,pirtjsu->irjs", K, L)
-    return G.reshape(B * R, B * R)
+            K, L = K.reshape(P, b, T, B, T), L.reshape(P, b, R, T, B, R, T)
+            block = torch.einsum("pitju,pirtjsu->irjs", K, L)
+        rows.append(block.reshape(b * R, B * R))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
