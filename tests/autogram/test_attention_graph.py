@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import torchjd.autogram._rules._attention as attention_module
 from tests.autogram._helpers import assert_gramian_exact
@@ -153,3 +154,24 @@ def test_fallbacks_stay_exact() -> None:
     for module, forward in forwards:
         assert_gramian_exact([module], forward, 0)
         assert_fused_exact([module], forward, 0, leaves_of([module]))
+
+
+@pytest.mark.parametrize("wrapper", ["checkpoint", "save_on_cpu"])
+def test_saved_tensor_hooks(wrapper: str) -> None:
+    """Under saved-tensor hooks the rule re-runs instead of reading the saved inputs: exact."""
+    module = _mha(batch_first=True)
+    x = torch.randn(B, T, E)
+
+    def attend(h: Tensor) -> Tensor:
+        return module(h, h, h)[0]
+
+    def forward() -> Tensor:
+        h = torch.tanh(x)
+        if wrapper == "checkpoint":
+            y = checkpoint(attend, h, use_reentrant=False)
+        else:
+            with torch.autograd.graph.save_on_cpu():
+                y = attend(h)
+        return y.pow(2).sum(dim=(1, 2))
+
+    assert_gramian_exact([module], forward, 0)

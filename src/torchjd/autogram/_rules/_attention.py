@@ -168,7 +168,7 @@ def attention_inner_edges(module: nn.Module, call: ModuleCall) -> list[GradientE
     """At recording time: the outputs of the call's four projections in its graph (see above),
     or none when the graph is not the expected one."""
     assert isinstance(module, nn.MultiheadAttention)
-    if module.bias_k is not None or module.bias_v is not None:
+    if module.bias_k is not None or module.bias_v is not None or _saved_tensor_hooks_active():
         return []
     in_weights = (
         [module.in_proj_weight]
@@ -186,6 +186,13 @@ def attention_inner_edges(module: nn.Module, call: ModuleCall) -> list[GradientE
     # a single sample.
     call.saved["batched"] = call.outputs[0].dim() == 3
     return [linear.edge for linear in linears]
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved tensors are packed by hooks (activation checkpointing, offloading): reading
+    them while recording could trigger the hooks' own work, so the rule re-runs instead."""
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks is None or top_hooks(False) is not None
 
 
 def _recorded_projections(calls: Sequence[ModuleCall]) -> list[list[GraphLinear]] | None:
