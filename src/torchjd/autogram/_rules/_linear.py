@@ -28,6 +28,12 @@ second backward pass: with the weighted output gradient
 .. math::
 
     \nabla_W = \sum_i \bar\Gamma_i^\top X_i, \qquad \nabla_b = \sum_i \sum_t \bar\gamma_{it}.
+
+When a layer has at least as many positions as input features and its per-objective gradients
+:math:`J_{ir} = \Gamma_{ir}^\top X_i` are the Gramian's cheaper path, they are no larger than
+:math:`\Gamma`: the rule keeps them (with :math:`\sum_t \gamma_{irt}`) in place of :math:`\Gamma`,
+and :math:`\nabla_W = \sum_{ir} w_{ir} J_{ir}` costs :math:`B R\, d_{out} d_{in}` instead of
+:math:`B T\, d_{out} d_{in}`.
 """
 
 from collections.abc import Sequence
@@ -52,9 +58,20 @@ def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         [positions(samples_objectives_first(c.grad_output(), c.batch_dim), 2) for c in calls],
         dim=2,
     )  # [B, R, T, d_out]
-    G = weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0)) if module.weight.requires_grad else 0
-    if module.bias is not None and module.bias.requires_grad:
-        G = G + gram(Gamma.sum(dim=2))
+    G: Tensor | int = 0
+    J: Tensor | None = None
+    if module.weight.requires_grad and module.in_features <= Gamma.shape[2]:
+        # Per-objective gradients no larger than Γ: kept for the fused step instead of Γ.
+        G, J = weight_gramian_and_jacobian(X.unsqueeze(0), Gamma.unsqueeze(0))
+    elif module.weight.requires_grad:
+        G = weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0))
+    sums = Gamma.sum(dim=2) if module.bias is not None and module.bias.requires_grad else None
+    if sums is not None:
+        G = G + gram(sums)
+    if J is not None:
+        calls[0].saved["jacobian"] = (J[0], sums)
+        for call in calls:  # what the fused step needs is kept: release Γ
+            call.grad_outputs = [None] * len(call.grad_outputs)
     return G  # type: ignore[return-value]
 
 
@@ -67,6 +84,8 @@ def linear_weighted_gradients(
     """
     assert isinstance(module, nn.Linear)
     d_in, d_out = module.in_features, module.out_features
+    if "jacobian" in calls[0].saved:
+        return _weighted_rows(module, *calls[0].saved["jacobian"], W)
     X = cat([c.args[0].reshape(-1, d_in) for c in calls], dim=0)
     Gamma = cat(
         [c.weighted_grad_output(W).reshape(-1, d_out) for c in calls], dim=0
@@ -76,6 +95,17 @@ def linear_weighted_gradients(
         grads.append((module.weight, Gamma.T @ X.to(Gamma.dtype)))
     if module.bias is not None and module.bias.requires_grad:
         grads.append((module.bias, Gamma.sum(dim=0)))
+    return grads
+
+
+def _weighted_rows(
+    module: nn.Linear, J: Tensor, sums: Tensor | None, W: Tensor
+) -> list[tuple[Tensor, Tensor]]:
+    r""":math:`\sum_{ir} w_{ir} J_{ir}` from the per-objective gradients ``J`` ``[B R, d_out d_in]``
+    and the bias's, :math:`\sum_t \gamma_{irt}` (``sums`` ``[B, R, d_out]``)."""
+    grads = [(module.weight, (W.reshape(-1).to(J.dtype) @ J).reshape(module.weight.shape))]
+    if sums is not None:
+        grads.append((module.bias, torch.einsum("ir,ird->d", W.to(sums.dtype), sums)))
     return grads
 
 
@@ -97,7 +127,18 @@ def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> 
         of samples at a time (at least one feature or sample each). None: ``CHUNK_BYTES``.
     :returns: ``[B R, B R]``.
     """
-    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return _weight_gramian(X, Gamma, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)[0]
+
+
+def weight_gramian_and_jacobian(X: Tensor, Gamma: Tensor) -> tuple[Tensor, Tensor | None]:
+    """:func:`weight_gramian`, and the per-objective gradients ``[P, B R, d_out d_in]`` (formed
+    whole) when they are the cheaper path, else None."""
+    return _weight_gramian(X, Gamma, CHUNK_BYTES, keep_jacobian=True)
+
+
+def _weight_gramian(
+    X: Tensor, Gamma: Tensor, chunk_bytes: int, keep_jacobian: bool = False
+) -> tuple[Tensor, Tensor | None]:
     P, B, R, T, d_out = Gamma.shape
     d_in = X.shape[-1]
     X = X.to(Gamma.dtype)
@@ -106,7 +147,7 @@ def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> 
     per_objective_flops = B * R * T * d_out * d_in + (B * R) ** 2 * d_out * d_in
     if per_objective_flops < closed_form_flops:
         # The rows Γ_ir^T X_i of the Jacobian, block of output features by block.
-        step = max(1, chunk_bytes // (P * B * R * d_in * size))
+        step = d_out if keep_jacobian else max(1, chunk_bytes // (P * B * R * d_in * size))
         G = Gamma.new_zeros(B * R, B * R)
         for start in range(0, d_out, step):
             block = Gamma[..., start : start + step]
@@ -115,7 +156,7 @@ def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> 
             else:
                 J = (block.mT @ X.unsqueeze(2)).reshape(P, B * R, -1)
             G += J[0] @ J[0].T if P == 1 else (J @ J.mT).sum(dim=0)
-        return G
+        return G, (J if keep_jacobian else None)
     # K: x_it · x_ju, L: γ_irt · γ_jsu, for the samples i of a block against all samples j.
     X_all = X.flatten(1, 2)  # [P, B T, d_in]
     Gamma_all = Gamma.flatten(1, 3)  # [P, B R T, d_out]
@@ -131,4 +172,4 @@ def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> 
             K, L = K.reshape(P, b, T, B, T), L.reshape(P, b, R, T, B, R, T)
             block = torch.einsum("pitju,pirtjsu->irjs", K, L)
         rows.append(block.reshape(b * R, B * R))
-    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
