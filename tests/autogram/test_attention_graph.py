@@ -55,6 +55,11 @@ def _cases() -> dict[str, tuple[Callable[[], nn.MultiheadAttention], Call]]:
     def cross(m: nn.MultiheadAttention, x: Tensor, lay: Lay) -> tuple[Tensor, Tensor | None]:
         return m(lay(x), lay(memory * x.mean(dim=1, keepdim=True)), lay(memory))
 
+    def constant_memory(
+        m: nn.MultiheadAttention, x: Tensor, lay: Lay
+    ) -> tuple[Tensor, Tensor | None]:
+        return m(lay(x), lay(memory), lay(memory))  # keys and values that do not require grad
+
     def key_is_value(m: nn.MultiheadAttention, x: Tensor, lay: Lay) -> tuple[Tensor, Tensor | None]:
         kv = lay(x[:, :2] * 2)
         return m(lay(x), kv, kv)
@@ -79,6 +84,7 @@ def _cases() -> dict[str, tuple[Callable[[], nn.MultiheadAttention], Call]]:
         "float_mask": (lambda: _mha(), _self(attn_mask=torch.randn(T, T), need_weights=False)),
         "per_head_mask": (lambda: _mha(), _self(attn_mask=torch.randn(B * 2, T, T))),
         "cross": (lambda: _mha(), cross),
+        "constant_memory": (lambda: _mha(), constant_memory),
         "key_is_value": (lambda: _mha(), key_is_value),
         "kdim_vdim": (lambda: _mha(kdim=4, vdim=5), kdim_vdim),
         "dropout": (lambda: _mha(dropout=0.5), _self()),
@@ -88,7 +94,7 @@ def _cases() -> dict[str, tuple[Callable[[], nn.MultiheadAttention], Call]]:
 
 NAMES = [
     "self", "no_bias", "add_zero_attn", "masks_weights", "causal", "float_mask", "per_head_mask",
-    "cross", "key_is_value", "kdim_vdim", "dropout", "two_calls",
+    "cross", "constant_memory", "key_is_value", "kdim_vdim", "dropout", "two_calls",
 ]  # fmt: skip
 
 
