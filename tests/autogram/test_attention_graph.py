@@ -181,3 +181,31 @@ def test_saved_tensor_hooks(wrapper: str) -> None:
         return y.pow(2).sum(dim=(1, 2))
 
     assert_gramian_exact([module], forward, 0)
+
+
+@pytest.mark.parametrize("objectives", [1, 2])
+def test_long_sequences_keep_the_per_objective_gradients(
+    objectives: int, no_rerun: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More positions than features: the fused step weights the kept per-objective gradients of
+    the projections, and equals the two-pass step."""
+    import torchjd.autogram._rules._graph_linear as graph_linear_module
+
+    used: list[int] = []
+    weighted_jacobian = graph_linear_module.weighted_jacobian
+
+    def spy(*args: Tensor) -> tuple[Tensor, Tensor | None]:
+        used.append(1)
+        return weighted_jacobian(*args)
+
+    monkeypatch.setattr(graph_linear_module, "weighted_jacobian", spy)
+    module = _mha(batch_first=True)
+    x = torch.randn(B, 2 * E, E)
+
+    def forward() -> Tensor:
+        h = torch.tanh(x)
+        return _head(module(h, h, h))[:, :objectives]
+
+    assert_gramian_exact([module], forward, 0)
+    assert_fused_exact([module], forward, 0, leaves_of([module]))
+    assert len(used) == 2  # the in-projection and the out-projection

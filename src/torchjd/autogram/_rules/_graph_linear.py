@@ -11,6 +11,9 @@ call's ``inner_edges``), is :math:`\Gamma`, and the map's weight gradient is
 
 The search accepts a graph only when it can account for every use of the parameters: each
 parameter's rows are covered exactly once by the found maps, and no other node reaches them.
+
+As for ``Linear`` layers, a map with at least as many positions per sample as input features
+keeps its per-objective gradients for the fused step in place of :math:`\Gamma`.
 """
 
 import itertools
@@ -23,7 +26,11 @@ from torch.autograd.graph import GradientEdge
 
 from torchjd.autogram._fused import call_graph
 from torchjd.autogram._module_call import ModuleCall, cat, gram, weighted
-from torchjd.autogram._rules._linear import weight_gramian
+from torchjd.autogram._rules._linear import (
+    weight_gramian,
+    weight_gramian_and_jacobian,
+    weighted_jacobian,
+)
 
 
 @dataclass
@@ -123,13 +130,22 @@ def graph_linear_gramian(
     """
     G: Tensor | int = 0
     pairs = list(zip(calls, linears, strict=True))
+    kept: dict[int, tuple[Tensor, Tensor | None]] = {}
     for k, first in enumerate(linears[0]):
         X = cat([_inputs_by_sample(c, found[k].X) for c, found in pairs], dim=1)
         Gamma = cat([_grads_by_sample(c, k, found[k]) for c, found in pairs], dim=2)
-        G = G + weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0))
         bias, _ = bias_of(first)
-        if bias is not None and bias.requires_grad:
-            G = G + gram(Gamma.sum(dim=2))
+        sums = Gamma.sum(dim=2) if bias is not None and bias.requires_grad else None
+        if X.shape[2] <= X.shape[1]:  # d_in <= positions: per-objective gradients <= Γ
+            G_w, J = weight_gramian_and_jacobian(X.unsqueeze(0), Gamma.unsqueeze(0))
+        else:
+            G_w, J = weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0)), None
+        G = G + G_w if sums is None else G + G_w + gram(sums)
+        if J is not None:  # kept for the fused step in place of Γ (see _linear.py)
+            kept[k] = (J[0], sums)
+            for call in calls:
+                call.inner_grads[k] = None
+    calls[0].saved["jacobians"] = kept
     return G  # type: ignore[return-value]
 
 
@@ -143,11 +159,15 @@ def graph_linear_weighted_gradients(
     :param W: The weights ``[B, R]`` of the objectives.
     """
     pieces: dict[int, tuple[Tensor, dict[int, Tensor]]] = {}  # parameter -> (it, row -> block)
+    kept = calls[0].saved.get("jacobians", {})
     for k, first in enumerate(linears[0]):
         weight_grad: Tensor | int = 0
         bias_grad: Tensor | int = 0
+        if k in kept:
+            flat, summed = weighted_jacobian(*kept[k], W)
+            weight_grad, bias_grad = flat.reshape(first.d_out, -1), 0 if summed is None else summed
         for call, found in zip(calls, linears, strict=True):
-            gamma = call.inner_grads[k]
+            gamma = call.inner_grads[k]  # None when kept
             if gamma is None:
                 continue
             gamma_bar = _weighted_rows(call, gamma, W)  # [N, d_out]

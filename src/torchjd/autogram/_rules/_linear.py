@@ -101,12 +101,21 @@ def linear_weighted_gradients(
 def _weighted_rows(
     module: nn.Linear, J: Tensor, sums: Tensor | None, W: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
-    r""":math:`\sum_{ir} w_{ir} J_{ir}` from the per-objective gradients ``J`` ``[B R, d_out d_in]``
-    and the bias's, :math:`\sum_t \gamma_{irt}` (``sums`` ``[B, R, d_out]``)."""
-    grads = [(module.weight, (W.reshape(-1).to(J.dtype) @ J).reshape(module.weight.shape))]
-    if sums is not None:
-        grads.append((module.bias, torch.einsum("ir,ird->d", W.to(sums.dtype), sums)))
-    return grads
+    weight_grad, bias_grad = weighted_jacobian(J, sums, W)
+    grads = [(module.weight, weight_grad.reshape(module.weight.shape))]
+    if bias_grad is not None:
+        grads.append((module.bias, bias_grad))
+    return grads  # type: ignore[return-value]
+
+
+def weighted_jacobian(J: Tensor, sums: Tensor | None, W: Tensor) -> tuple[Tensor, Tensor | None]:
+    r""":math:`\sum_{ir} w_{ir} J_{ir}` ``[d_out d_in]`` from the per-objective gradients ``J``
+    ``[B R, d_out d_in]``, and :math:`\sum_{ir} w_{ir} \sum_t \gamma_{irt}` from the sums
+    ``[B, R, d_out]`` (None when None), for the weights ``W`` ``[B, R]``."""
+    weight_grad = W.reshape(-1).to(J.dtype) @ J
+    if sums is None:
+        return weight_grad, None
+    return weight_grad, torch.einsum("ir,ird->d", W.to(sums.dtype), sums)
 
 
 linear_rule.weighted_gradients = linear_weighted_gradients  # type: ignore[attr-defined]
