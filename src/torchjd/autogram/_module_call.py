@@ -87,11 +87,12 @@ def weighted(gamma: Tensor, batch_dim: int | None, W: Tensor) -> Tensor:
     if batch_dim is None:
         return torch.tensordot(W[0], gamma, dims=1)
     B, R = W.shape
-    samples_last = gamma.movedim(batch_dim + 1, -1)  # [R, ..., B]
-    weights = W.T.reshape(R, *[1] * (samples_last.dim() - 2), B)
+    shape = [R] + [1] * (gamma.dim() - 1)
+    shape[batch_dim + 1] = B
+    weights = W.T.reshape(shape)  # broadcast in place: the result keeps the layout of gamma[r]
     if R == 1:
-        return (samples_last[0] * weights[0]).movedim(-1, batch_dim)
-    return (samples_last * weights).sum(dim=0).movedim(-1, batch_dim)
+        return gamma[0] * weights[0]
+    return (gamma * weights).sum(dim=0)
 
 
 def samples_first(tensor: Tensor, batch_dim: int | None) -> Tensor:
