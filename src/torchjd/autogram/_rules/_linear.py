@@ -145,6 +145,14 @@ def weight_gramian_and_jacobian(X: Tensor, Gamma: Tensor) -> tuple[Tensor, Tenso
     return _weight_gramian(X, Gamma, CHUNK_BYTES, keep_jacobian=True)
 
 
+def per_objective_is_cheaper(B: int, R: int, T: int, d_in: int, d_out: int) -> bool:
+    """Whether forming the per-objective gradients (then their Gramian) takes fewer flops than
+    the closed form, for ``B`` samples, ``R`` objectives each, ``T`` positions."""
+    closed_form_flops = (B * T) ** 2 * d_in + (B * R * T) ** 2 * (d_out + 1)
+    per_objective_flops = B * R * T * d_out * d_in + (B * R) ** 2 * d_out * d_in
+    return per_objective_flops < closed_form_flops
+
+
 def _weight_gramian(
     X: Tensor, Gamma: Tensor, chunk_bytes: int, keep_jacobian: bool = False
 ) -> tuple[Tensor, Tensor | None]:
@@ -152,9 +160,7 @@ def _weight_gramian(
     d_in = X.shape[-1]
     X = X.to(Gamma.dtype)
     size = Gamma.element_size()
-    closed_form_flops = (B * T) ** 2 * d_in + (B * R * T) ** 2 * (d_out + 1)
-    per_objective_flops = B * R * T * d_out * d_in + (B * R) ** 2 * d_out * d_in
-    if per_objective_flops < closed_form_flops:
+    if per_objective_is_cheaper(B, R, T, d_in, d_out):
         # The rows Γ_ir^T X_i of the Jacobian, block of output features by block.
         step = d_out if keep_jacobian else max(1, chunk_bytes // (P * B * R * d_in * size))
         G = Gamma.new_zeros(B * R, B * R)
