@@ -168,7 +168,12 @@ def attention_inner_edges(module: nn.Module, call: ModuleCall) -> list[GradientE
     """At recording time: the outputs of the call's four projections in its graph (see above),
     or none when the graph is not the expected one."""
     assert isinstance(module, nn.MultiheadAttention)
-    if module.bias_k is not None or module.bias_v is not None or _saved_tensor_hooks_active():
+    if (
+        module.bias_k is not None
+        or module.bias_v is not None
+        or type(module).forward is not nn.MultiheadAttention.forward  # biases added elsewhere?
+        or _saved_tensor_hooks_active()
+    ):
         return []
     in_weights = (
         [module.in_proj_weight]
