@@ -145,17 +145,38 @@ def test_batch_dim_none_objectives(no_rerun: None) -> None:
     assert_fused_exact([module], forward, None, leaves_of([module]))
 
 
+class _Subclass(nn.MultiheadAttention):
+    def forward(  # type: ignore[override]
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        return super().forward(
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+            is_causal,
+        )  # fmt: skip
+
+
 def test_fallbacks_stay_exact() -> None:
-    """bias_k/bias_v, frozen projections, calls of different structure: re-run, still exact."""
+    """bias_k/bias_v, frozen projections, calls of different structure, a subclass with its own
+    forward: re-run, still exact."""
     x = torch.randn(B, T, E)
     with_bias_kv = _mha(batch_first=True, add_bias_kv=True)
     frozen = _mha(batch_first=True)
     frozen.in_proj_weight.requires_grad_(False)
     mixed = _mha(batch_first=True)
+    subclass = _Subclass(E, 2, batch_first=True)
     forwards = [
         (with_bias_kv, lambda: _head(with_bias_kv(x, x, x))),
         (frozen, lambda: _head(frozen(x, x, x))),
         (mixed, lambda: _head(mixed(x, x, x)) + _head(mixed(x, x * 2, x))),
+        (subclass, lambda: _head(subclass(x, x, x))),
     ]
     for module, forward in forwards:
         assert_gramian_exact([module], forward, 0)
