@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/autogram_step.py [--steps 5] [--threads 1] [--reference-python PATH]
-        [--only mlp64 ...]
+        [--only mlp64 ...] [--clock wall|cpu]
 
 Each configuration runs in its own subprocess (so that peak memory is measured per run): the
 ERM step (mean loss, backward, SGD step), the IWRM step with this library (forward,
@@ -16,8 +16,9 @@ only for the other parameters; its phases are timed by a wrapper around the weig
 an MLP 784-512-512-10 (batch 64 and 256), a CNN on 3x32x32 (batch 64), and a two-layer
 Transformer encoder (d_model 128, 4 heads, seq 32, batch 32).
 
-One torch thread by default: on a shared machine, thread hand-offs dominate otherwise. Columns:
-median time per step (ms) and its split (forward, Gramian, weighting, backward + step),
+One torch thread by default: on a shared machine, thread hand-offs dominate otherwise; there,
+``--clock cpu`` (the process's CPU time instead of the elapsed time) also steadies the figures.
+Columns: median time per step (ms) and its split (forward, Gramian, weighting, backward + step),
 the ratio to the ERM step, and the peak resident memory of the process above its level after
 building the model and the data (MiB).
 """
@@ -80,11 +81,12 @@ def build(kind: str, batch: int):
     return model, x, y
 
 
-def worker(kind: str, batch: int, mode: str, steps: int, threads: int) -> dict:
+def worker(kind: str, batch: int, mode: str, steps: int, threads: int, clock: str) -> dict:
     import torch
     from torch import nn
 
     torch.set_num_threads(threads)
+    now = time.process_time if clock == "cpu" else time.perf_counter
     model, x, y = build(kind, batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
@@ -97,9 +99,9 @@ def worker(kind: str, batch: int, mode: str, steps: int, threads: int) -> dict:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times: dict[str, list[float]] = {"forward": [], "gramian": [], "weighting": [], "backward": []}
     for _ in range(steps + 2):
-        t0 = time.perf_counter()
+        t0 = now()
         losses = loss_fn(model(x), y)
-        t1 = time.perf_counter()
+        t1 = now()
         if mode == "erm":
             t2 = t3 = t1
             losses.mean().backward()
@@ -107,22 +109,22 @@ def worker(kind: str, batch: int, mode: str, steps: int, threads: int) -> dict:
             marks: list[float] = []
 
             def timed_weighting(gramian, marks=marks):
-                marks.append(time.perf_counter())
+                marks.append(now())
                 weights = weighting(gramian)
-                marks.append(time.perf_counter())
+                marks.append(now())
                 return weights
 
             engine.backward(losses, timed_weighting)
             t2, t3 = marks
         else:
             gramian = engine.compute_gramian(losses)
-            t2 = time.perf_counter()
+            t2 = now()
             weights = weighting(gramian)
-            t3 = time.perf_counter()
+            t3 = now()
             losses.backward(weights)
         optimizer.step()
         optimizer.zero_grad()
-        t4 = time.perf_counter()
+        t4 = now()
         for key, (a, b) in zip(times, [(t0, t1), (t1, t2), (t2, t3), (t3, t4)], strict=True):
             times[key].append(1000 * (b - a))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -132,10 +134,13 @@ def worker(kind: str, batch: int, mode: str, steps: int, threads: int) -> dict:
     return result
 
 
-def run(python: str, name: str, mode: str, steps: int, threads: int) -> dict | None:
+def run(
+    python: str, name: str, mode: str, steps: int, threads: int, clock: str = "wall"
+) -> dict | None:
     kind, batch = CONFIGS[name]
     env = dict(os.environ)
     command = [python, __file__, "--worker", kind, str(batch), mode, str(steps), str(threads)]
+    command.append(clock)
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/")
     if completed.returncode != 0:
         print(f"  {name} {mode} failed: {completed.stderr.strip().splitlines()[-1:]}")
@@ -151,11 +156,17 @@ def main() -> None:
         "--reference-python", default=os.environ.get("TORCHJD_REFERENCE_PYTHON", "")
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--worker", nargs=5)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: the process's CPU time (steadier on a shared machine)",
+    )
+    parser.add_argument("--worker", nargs=6)
     args = parser.parse_args()
     if args.worker:
-        kind, batch, mode, steps, threads = args.worker
-        print(json.dumps(worker(kind, int(batch), mode, int(steps), int(threads))))
+        kind, batch, mode, steps, threads, clock = args.worker
+        print(json.dumps(worker(kind, int(batch), mode, int(steps), int(threads), clock)))
         return
     header = (
         f"{'config':<14}{'step':<10}{'ms':>8}{'xERM':>7}{'fwd':>8}{'gram':>8}{'weight':>8}"
@@ -172,7 +183,7 @@ def main() -> None:
             rows.append(("IWRM 0.18", args.reference_python, "iwrm"))
         erm = None
         for label, python, mode in rows:
-            r = run(python, name, mode, args.steps, args.threads)
+            r = run(python, name, mode, args.steps, args.threads, args.clock)
             if r is None:
                 continue
             erm = r["total"] if mode == "erm" else erm

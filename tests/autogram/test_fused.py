@@ -305,3 +305,34 @@ def test_attention_weights_reaching_the_losses_fall_back():
 def test_scalar_loss_without_batch_dim():
     model, x = mlp(), torch.randn(6, 5)
     assert_fused_exact([model], lambda: model(x).pow(2).mean(), None, leaves_of([model]))
+
+
+@pytest.mark.parametrize("objectives", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("max_kept_bytes", [None, 300])
+def test_linear_on_long_sequences_keeps_the_per_objective_gradients(
+    objectives, bias, max_kept_bytes, monkeypatch
+):
+    """More positions than input features: the fused step weights the kept per-objective
+    gradients (when they fit the budget), and equals the two-pass step."""
+    import torchjd.autogram._rules._linear as linear_module
+
+    used: list[int] = []
+    weighted_rows = linear_module._weighted_rows
+
+    def spy(*args):
+        used.append(1)
+        return weighted_rows(*args)
+
+    monkeypatch.setattr(linear_module, "_weighted_rows", spy)
+    first, second = nn.Linear(3, 5, bias=bias), nn.Linear(5, 2)
+    x = torch.randn(4, 9, 3)
+
+    def forward() -> Tensor:
+        h = torch.tanh(first(x))
+        y = second(h + first(torch.sin(x)))  # first called twice
+        return y.pow(2).mean(dim=1)[:, :objectives]
+
+    leaves = leaves_of([first, second])
+    assert_fused_exact([first, second], forward, 0, leaves, max_kept_bytes=max_kept_bytes)
+    assert bool(used) == (max_kept_bytes is None)

@@ -1,5 +1,6 @@
 """The Linear kernel on both paths (closed form, per-objective gradients) vs brute force."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -27,8 +28,26 @@ def reference(X: torch.Tensor, Gamma: torch.Tensor) -> torch.Tensor:
     T=st.integers(1, 6),
     d_in=st.integers(1, 5),
     d_out=st.sampled_from([1, 2, 40]),
+    chunk_bytes=st.sampled_from([None, 1, 300]),
 )
-def test_weight_gramian(P, B, R, T, d_in, d_out):
+def test_weight_gramian(P, B, R, T, d_in, d_out, chunk_bytes):
+    """Both paths, whole or in blocks of features or samples (chunk_bytes=1: one at a time)."""
     X = torch.randn(P, B, T, d_in, dtype=torch.float64)
     Gamma = torch.randn(P, B, R, T, d_out, dtype=torch.float64)
-    torch.testing.assert_close(weight_gramian(X, Gamma), reference(X, Gamma), rtol=1e-10, atol=0)
+    G = weight_gramian(X, Gamma, chunk_bytes)
+    torch.testing.assert_close(G, reference(X, Gamma), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 3, 1, 1, 4, 2), (1, 2, 1, 3, 5, 40), (2, 3, 2, 3, 2, 2), (1, 3, 2, 4, 3, 5)],
+    ids=["closed_form_one_position", "closed_form", "per_objective", "per_objective_R2"],
+)
+@pytest.mark.parametrize("chunk_bytes", [1, 100])
+def test_chunked_equals_whole(shape, chunk_bytes):
+    P, B, R, T, d_in, d_out = shape
+    X = torch.randn(P, B, T, d_in, dtype=torch.float64)
+    Gamma = torch.randn(P, B, R, T, d_out, dtype=torch.float64)
+    whole = weight_gramian(X, Gamma, chunk_bytes=1 << 40)
+    torch.testing.assert_close(weight_gramian(X, Gamma, chunk_bytes), whole, rtol=1e-12, atol=0)
+    torch.testing.assert_close(whole, reference(X, Gamma), rtol=1e-10, atol=0)

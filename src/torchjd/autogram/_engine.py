@@ -177,6 +177,9 @@ class Engine:
             training=module.training,
             edges=[get_gradient_edge(t) for t in outputs],
         )
+        inner_edges = getattr(self._rules[module][0], "inner_edges", None)
+        if inner_edges is not None:
+            call.inner_edges = inner_edges(module, call)
         self._calls.setdefault(module, []).append(call)
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
@@ -208,7 +211,7 @@ class Engine:
         (same tensors, same values), and returns :math:`w`.
 
         The gradients of the parameters of ``Linear`` layers, convolutions, normalisation layers,
-        ``Embedding`` and ``MultiheadAttention`` (re-run once) come from the inputs and output
+        ``Embedding`` and ``MultiheadAttention`` come from the inputs and output
         gradients recorded for the Gramian: with
         :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` the weighted output gradient of sample
         :math:`i`, a Linear layer's weight gradient is :math:`\sum_i \bar\Gamma_i^\top X_i`.
@@ -320,11 +323,17 @@ class Engine:
             for module, module_calls in calls.items():
                 for call in module_calls:
                     _resolve_batch_dims(module, call, batch_dim, B)
-        edges = [edge for module_calls in calls.values() for c in module_calls for edge in c.edges]
+        edges = [
+            edge
+            for module_calls in calls.values()
+            for c in module_calls
+            for edge in (*c.edges, *c.inner_edges)
+        ]
         grads = iter(batched_grad([output], edges, [_cotangents(output, batch_dim, R)]))
         for module_calls in calls.values():
             for call in module_calls:
                 call.grad_outputs = [next(grads) for _ in call.edges]
+                call.inner_grads = [next(grads) for _ in call.inner_edges]
         del grads  # the calls alone hold the output gradients, so that releasing them frees them
         self._check_all_calls_reached(calls)
         kept: dict[nn.Module, list[ModuleCall]] = {}
@@ -438,6 +447,7 @@ def _fusable(rule: Rule) -> bool:
 def _release(calls: list[ModuleCall]) -> None:
     for call in calls:
         call.grad_outputs = [None] * len(call.grad_outputs)
+        call.inner_grads = [None] * len(call.inner_grads)
         call.saved.clear()
 
 
@@ -451,7 +461,7 @@ def _total_uses(per_call: list[dict[int, tuple[Tensor, int]]]) -> dict[int, int]
 
 def _kept_bytes(call: ModuleCall) -> int:
     """The size of the output gradients and of what the rule saved for the fused step."""
-    tensors = [*call.grad_outputs, *tree_leaves(call.saved)]
+    tensors = [*call.grad_outputs, *call.inner_grads, *tree_leaves(call.saved)]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 

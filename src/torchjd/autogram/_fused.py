@@ -11,6 +11,7 @@ That function, ``weighted_gradients(module, calls, W)``, receives the weights ``
 module's trainable parameters, or None to leave them all to the second backward.
 """
 
+from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor
@@ -36,13 +37,20 @@ def graph_leaves(root: Tensor) -> dict[int, tuple[Tensor, int]]:
 def call_uses(call: ModuleCall) -> dict[int, tuple[Tensor, int]]:
     """The uses of each leaf tensor inside the call: in the graph from the call's outputs down to
     its inputs."""
+    return _leaf_uses([edge.node for edge in call.edges], _input_nodes(call))
+
+
+def call_graph(call: ModuleCall) -> Iterator[Any]:
+    """The autograd nodes of the call, each once: from its outputs down to its inputs."""
+    return _nodes([edge.node for edge in call.edges], _input_nodes(call))
+
+
+def _input_nodes(call: ModuleCall) -> set[Any]:
     inputs = tree_leaves((call.args, call.kwargs))
-    stops = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
-    return _leaf_uses([edge.node for edge in call.edges], stops)
+    return {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
 
 
-def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int]]:
-    leaves: dict[int, tuple[Tensor, int]] = {}
+def _nodes(roots: list[Any], stops: set[Any]) -> Iterator[Any]:
     seen: set[Any] = set(stops)
     stack = list(roots)
     while stack:
@@ -50,8 +58,14 @@ def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int
         if node is None or node in seen:
             continue
         seen.add(node)
+        yield node
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int]]:
+    leaves: dict[int, tuple[Tensor, int]] = {}
+    for node in _nodes(roots, stops):
         for next_node, _ in node.next_functions:
-            stack.append(next_node)
             leaf = getattr(next_node, "variable", None)  # an AccumulateGrad node
             if isinstance(leaf, Tensor):
                 uses = leaves.get(id(leaf), (leaf, 0))[1]

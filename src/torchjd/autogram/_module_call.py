@@ -31,7 +31,11 @@ class ModuleCall:
         when the rule does not).
     :param training: Whether the module was in training mode during the call.
     :param edges: Where each of ``outputs`` enters the autograd graph (engine internal).
-    :param saved: Free for the rule's own use, from the Gramian to the fused step (released with
+    :param inner_edges: Points inside the call's graph where the rule wants the gradients of the
+        objectives too (set at recording time by the rule's ``inner_edges`` function, if any).
+    :param inner_grads: Filled by the engine with ``grad_outputs``: the gradients w.r.t.
+        ``inner_edges``, each ``[R, *shape]`` (None for one that did not reach the objectives).
+    :param saved: Free for the rule's own use, from the recording to the fused step (released with
         the output gradients).
     """
 
@@ -45,6 +49,8 @@ class ModuleCall:
     training: bool = False
     grad_outputs: list[Tensor | None] = field(default_factory=list)
     edges: list[Any] = field(default_factory=list, repr=False)
+    inner_edges: list[Any] = field(default_factory=list, repr=False)
+    inner_grads: list[Tensor | None] = field(default_factory=list, repr=False)
     saved: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -81,11 +87,12 @@ def weighted(gamma: Tensor, batch_dim: int | None, W: Tensor) -> Tensor:
     if batch_dim is None:
         return torch.tensordot(W[0], gamma, dims=1)
     B, R = W.shape
-    samples_last = gamma.movedim(batch_dim + 1, -1)  # [R, ..., B]
-    weights = W.T.reshape(R, *[1] * (samples_last.dim() - 2), B)
+    shape = [R] + [1] * (gamma.dim() - 1)
+    shape[batch_dim + 1] = B
+    weights = W.T.reshape(shape)  # broadcast in place: the result keeps the layout of gamma[r]
     if R == 1:
-        return (samples_last[0] * weights[0]).movedim(-1, batch_dim)
-    return (samples_last * weights).sum(dim=0).movedim(-1, batch_dim)
+        return gamma[0] * weights[0]
+    return (gamma * weights).sum(dim=0)
 
 
 def samples_first(tensor: Tensor, batch_dim: int | None) -> Tensor:

@@ -3,21 +3,29 @@ r"""``MultiheadAttention``: its four projections are linear layers.
 With :math:`Q = X_q W_q^\top + b_q`, :math:`K = X_k W_k^\top + b_k`, :math:`V = X_v W_v^\top + b_v`
 and :math:`Y = O W_o^\top + b_o` (where :math:`O` is the concatenated heads'
 :math:`\mathrm{softmax}(Q K^\top / \sqrt{d} + M) V`), the Gramian is the sum of the Linear blocks
-(see ``_linear.py``) of the four projections, each with its input and the objectives' gradients
-w.r.t. its output. The attention is re-run once on the recorded inputs with the projections
-exposed (torch's own ``multi_head_attention_forward`` with identity projections does the
-masking), and one backward pass gives the gradients w.r.t. :math:`Q, K, V`; those w.r.t. :math:`Y`
-are the output gradients.
+(see ``_linear.py``) of the projections, each with its input and the objectives' gradients
+w.r.t. its output.
 
-Its forward uses its child ``out_proj``'s parameters without calling ``out_proj``, so this rule
-covers the children. With ``bias_k``/``bias_v``, it forms per-sample gradients instead (see
+While the engine records a call, the rule finds the projections' matrix products in the call's
+autograd graph (see ``_graph_linear.py``): their saved inputs are :math:`X_q, X_k, X_v, O`, and
+the engine's single backward pass also gives the gradients w.r.t. their outputs. Nothing is
+re-run, and every option (masks, attention weights, dropout, ``kdim``/``vdim``, unbatched inputs)
+is exact, since the gradients are those of the call itself. With ``bias_k``/``bias_v``, or when
+the graph is not the expected one (frozen projections, a module called with different
+query/key/value identities), the rule falls back to re-running the attention on the recorded
+inputs with the projections exposed (torch's own ``multi_head_attention_forward`` with identity
+projections does the masking) and one more backward pass for the gradients w.r.t.
+:math:`Q, K, V`; with ``bias_k``/``bias_v`` it forms per-sample gradients instead (see
 ``_per_sample.py``); with dropout in training mode, it uses the exact masked-cotangent rule.
 
-For the fused step, the rule keeps each projection's input and output gradients, and each
-projection's gradient is that of a Linear layer for the weighted output gradients
-:math:`\bar\Gamma_{Q,i} = \sum_r w_{ir} \Gamma_{Q,ir}`, ...
-(:math:`\nabla_{W_q} = \sum_i \bar\Gamma_{Q,i}^\top X_{q,i}`, ...). Calls with dropout,
-``bias_k``/``bias_v`` or attention weights that reach the objectives are left to autograd.
+Its forward uses its child ``out_proj``'s parameters without calling ``out_proj``, so this rule
+covers the children.
+
+For the fused step, each projection's gradient is that of a Linear layer for the weighted output
+gradients :math:`\bar\Gamma_{Q,i} = \sum_r w_{ir} \Gamma_{Q,ir}`, ...
+(:math:`\nabla_{W_q} = \sum_i \bar\Gamma_{Q,i}^\top X_{q,i}`, ...). On the re-running path, calls
+with dropout, ``bias_k``/``bias_v`` or attention weights that reach the objectives are left to
+autograd.
 """
 
 import functools
@@ -28,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from torchjd.autogram._batched_grad import batched_grad
 from torchjd.autogram._module_call import (
@@ -39,12 +48,21 @@ from torchjd.autogram._module_call import (
     weighted,
 )
 from torchjd.autogram._rules._generic import gramian_by_recomputation
+from torchjd.autogram._rules._graph_linear import (
+    GraphLinear,
+    find_graph_linears,
+    graph_linear_gramian,
+    graph_linear_weighted_gradients,
+)
 from torchjd.autogram._rules._linear import weight_gramian
 from torchjd.autogram._rules._per_sample import per_sample_jacobian
 
 
 def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     assert isinstance(module, nn.MultiheadAttention)
+    linears = _recorded_projections(calls)
+    if linears is not None:
+        return graph_linear_gramian(calls, linears, functools.partial(_bias_of, module))
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     if any(module.dropout > 0 and call.training for call in calls):
         return gramian_by_recomputation(module, calls, list(params.values()))
@@ -101,6 +119,11 @@ def attention_weighted_gradients(
     :param W: The weights ``[B, R]`` of the objectives.
     """
     assert isinstance(module, nn.MultiheadAttention)
+    linears = _recorded_projections(calls)
+    if linears is not None:
+        return graph_linear_weighted_gradients(
+            calls, linears, functools.partial(_bias_of, module), W
+        )
     if (
         module.bias_k is not None
         or module.bias_v is not None
@@ -139,6 +162,65 @@ def attention_weighted_gradients(
     if module.out_proj.bias is not None:
         pairs.append((module.out_proj.bias, full_bias[3]))
     return [(p, g) for p, g in pairs if p.requires_grad]
+
+
+def attention_inner_edges(module: nn.Module, call: ModuleCall) -> list[GradientEdge]:
+    """At recording time: the outputs of the call's four projections in its graph (see above),
+    or none when the graph is not the expected one."""
+    assert isinstance(module, nn.MultiheadAttention)
+    if (
+        module.bias_k is not None
+        or module.bias_v is not None
+        or type(module).forward is not nn.MultiheadAttention.forward  # biases added elsewhere?
+        or _saved_tensor_hooks_active()
+    ):
+        return []
+    in_weights = (
+        [module.in_proj_weight]
+        if module._qkv_same_embed_dim
+        else [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+    )
+    try:
+        linears = find_graph_linears(call, [*in_weights, module.out_proj.weight])
+    except (AttributeError, RuntimeError, TypeError, IndexError):  # another torch's graph
+        linears = None
+    if linears is None:
+        return []
+    call.saved["projections_in_graph"] = linears
+    # The projections' rows are (position, sample) pairs for batched inputs; unbatched ones are
+    # a single sample.
+    call.saved["batched"] = call.outputs[0].dim() == 3
+    return [linear.edge for linear in linears]
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved tensors are packed by hooks (activation checkpointing, offloading): reading
+    them while recording could trigger the hooks' own work, so the rule re-runs instead."""
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks is None or top_hooks(False) is not None
+
+
+def _recorded_projections(calls: Sequence[ModuleCall]) -> list[list[GraphLinear]] | None:
+    """The projections found in the graph of every call (with the same blocks), or None."""
+    linears = [call.saved.get("projections_in_graph") for call in calls]
+    if any(found is None for found in linears):
+        return None
+    blocks = [[(id(f.weight), f.row, f.d_out) for f in found] for found in linears]  # type: ignore[union-attr]
+    if any(b != blocks[0] for b in blocks) or any(
+        call.batch_dim is not None and not call.saved["batched"] for call in calls
+    ):
+        return None
+    return linears  # type: ignore[return-value]
+
+
+def _bias_of(module: nn.MultiheadAttention, linear: GraphLinear) -> tuple[Tensor | None, int]:
+    if linear.weight is module.out_proj.weight:
+        return module.out_proj.bias, 0
+    if linear.weight is module.in_proj_weight:
+        return module.in_proj_bias, linear.row
+    separate = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+    index = next(k for k, w in enumerate(separate) if w is linear.weight)
+    return module.in_proj_bias, index * module.embed_dim
 
 
 def _arguments(module: nn.MultiheadAttention, call: ModuleCall) -> dict[str, Any]:
@@ -271,4 +353,5 @@ def _detach(value: object) -> object:
 
 
 attention_rule.recomputes_forward = True  # type: ignore[attr-defined]
+attention_rule.inner_edges = attention_inner_edges  # type: ignore[attr-defined]
 attention_rule.weighted_gradients = attention_weighted_gradients  # type: ignore[attr-defined]

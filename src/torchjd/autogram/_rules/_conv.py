@@ -11,6 +11,11 @@ the output gradients :math:`\Gamma_{ir}` of its :math:`C_{out}/g` channels at th
 
 computed by the kernel of ``_linear.py`` (closed form or per-objective gradients, the cheaper).
 
+The patches take :math:`\prod_k k` times the memory of the input: when they would exceed
+``CHUNK_BYTES``, there is one objective per sample and the per-objective gradients are the cheaper
+path, the rule forms each sample's weight gradient with the convolution's own kernel instead
+(the samples as the groups of one convolution), by blocks of output channels.
+
 For the fused step, the gradient of the weighted objectives is the convolution's own weight
 gradient (``convolution_backward``) for the weighted output gradient
 :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` and the recorded (padded) input.
@@ -23,16 +28,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchjd.autogram._module_call import ModuleCall, cat, gram
-from torchjd.autogram._rules._linear import weight_gramian
+from torchjd.autogram._rules._linear import (
+    CHUNK_BYTES,
+    per_objective_is_cheaper,
+    weight_gramian,
+)
 
 
 def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
     n = len(module.kernel_size)
     g = module.groups
-    X = cat([_patches(module, _samples_first(c.args[0], c.batch_dim, n)) for c in calls], 2)
     Gamma = cat([_output_grads(c, n, g) for c in calls], dim=3)  # [g, B, R, T, C_out/g]
-    G = weight_gramian(X, Gamma) if module.weight.requires_grad else 0
+    _, B, R, T, d_out = Gamma.shape
+    d_in = module.weight[0].numel()
+    G: Tensor | int = 0
+    if not module.weight.requires_grad:
+        pass
+    elif (
+        R == 1
+        and per_objective_is_cheaper(B, R, T, d_in, d_out)
+        and _batched(calls, n)
+        and _patches_bytes(module, B, T, Gamma.element_size()) > CHUNK_BYTES
+    ):
+        G = _per_sample_gramian(module, calls)
+    else:
+        X = cat([_patches(module, _samples_first(c.args[0], c.batch_dim, n)) for c in calls], 2)
+        G = weight_gramian(X, Gamma)
     if module.bias is not None and module.bias.requires_grad:
         G = G + gram(Gamma.sum(dim=3).permute(1, 2, 0, 3))
     return G  # type: ignore[return-value]
@@ -55,9 +77,7 @@ def conv_weighted_gradients(
         if x.dim() == n + 1:  # an unbatched input
             x, gamma = x.unsqueeze(0), gamma.unsqueeze(0)
         if module.weight.requires_grad:
-            x, padding = x.to(gamma.dtype), _padding_tuple(module)
-            if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                x, padding = F.pad(x, _pad_amounts(module), mode=_pad_mode(module)), (0,) * n
+            x, padding = _padded(module, x.to(gamma.dtype))
             _, g, _ = torch.ops.aten.convolution_backward(
                 gamma, x, module.weight.to(gamma.dtype), None, module.stride, padding,
                 module.dilation, False, [0] * n, module.groups, [False, True, False],
@@ -75,6 +95,46 @@ def conv_weighted_gradients(
 
 
 conv_rule.weighted_gradients = conv_weighted_gradients  # type: ignore[attr-defined]
+
+
+def _patches_bytes(module: nn.Module, B: int, T: int, element_size: int) -> int:
+    return B * T * module.weight[0].numel() * module.groups * element_size
+
+
+def _batched(calls: Sequence[ModuleCall], n: int) -> bool:
+    return all(c.args[0].dim() == n + 2 and c.batch_dim in (0, None) for c in calls)
+
+
+def _per_sample_gramian(
+    module: nn.Conv1d | nn.Conv2d | nn.Conv3d, calls: Sequence[ModuleCall]
+) -> Tensor:
+    r""":math:`J J^\top` of the per-sample weight gradients (one objective per sample), each
+    the convolution's own weight gradient for that sample: the samples become groups of one
+    convolution (``convolution_backward`` with ``B g`` groups), so that no patches are formed.
+    Output channels go by blocks (at most ``CHUNK_BYTES`` of gradients each) when ``g = 1``."""
+    n, g = len(module.kernel_size), module.groups
+    C_out = module.out_channels
+    shape = module.weight.shape[1:]
+    x0, gamma0 = calls[0].args[0], calls[0].grad_output()[0]
+    S = 1 if calls[0].batch_dim is None else x0.shape[0]
+    row_bytes = S * module.weight[0].numel() * gamma0.element_size()
+    step = max(1, CHUNK_BYTES // row_bytes) if g == 1 else C_out
+    G = gamma0.new_zeros(S, S)
+    for start in range(0, C_out, step):
+        c = min(step, C_out - start)
+        J: Tensor | int = 0
+        for call in calls:
+            gamma = call.grad_output()[0, :, start : start + c]
+            x, padding = _padded(module, call.args[0].to(gamma.dtype))
+            if S > 1:
+                x, gamma = x.reshape(1, -1, *x.shape[2:]), gamma.reshape(1, -1, *gamma.shape[2:])
+            _, per_sample, _ = torch.ops.aten.convolution_backward(
+                gamma, x, gamma.new_zeros(S * c, *shape), None, module.stride, padding,
+                module.dilation, False, [0] * n, S * g, [False, True, False],
+            )  # fmt: skip
+            J = J + per_sample.reshape(S, -1)
+        G += J @ J.T  # type: ignore[union-attr]
+    return G
 
 
 def _samples_first(x: Tensor, batch_dim: int | None, n: int) -> Tensor:
@@ -112,6 +172,16 @@ def _output_grads(call: ModuleCall, n: int, g: int) -> Tensor:
     R, B, N, C_out = gamma.shape[:4]
     gamma = gamma.reshape(R, B, N, g, C_out // g, -1)
     return gamma.permute(3, 1, 0, 2, 5, 4).reshape(g, B, R, -1, C_out // g)
+
+
+def _padded(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``x`` and the zero padding for ``convolution_backward``: other padding modes (and string
+    paddings) applied to ``x`` beforehand."""
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return F.pad(x, _pad_amounts(module), mode=_pad_mode(module)), (0,) * len(
+            module.kernel_size
+        )
+    return x, _padding_tuple(module)
 
 
 def _pad_amounts(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:

@@ -13,7 +13,10 @@ With inputs :math:`X_i` (positions :math:`\times d_{in}`) and output gradients :
 
 With one position this is :math:`(X X^\top) \odot (\Gamma \Gamma^\top)`. When the positions are many
 and the layer is narrow, forming the per-objective gradients :math:`\Gamma_{ir}^\top X_i` is
-cheaper: each call picks the cheaper of the two by counting flops. The calls of a module are
+cheaper: each call picks the cheaper of the two by counting flops, and forms its intermediates
+(per-objective gradients, or the products :math:`x_{it} \cdot x_{ju}` and
+:math:`\gamma_{irt} \cdot \gamma_{jsu}`) block by block, so that none exceeds ``CHUNK_BYTES``
+(long sequences, large images). The calls of a module are
 concatenated along the positions, which accounts for the cross terms between calls. Convolutions
 reuse this kernel with one block per group (see ``_conv.py``).
 
@@ -25,6 +28,12 @@ second backward pass: with the weighted output gradient
 .. math::
 
     \nabla_W = \sum_i \bar\Gamma_i^\top X_i, \qquad \nabla_b = \sum_i \sum_t \bar\gamma_{it}.
+
+When a layer has at least as many positions as input features and its per-objective gradients
+:math:`J_{ir} = \Gamma_{ir}^\top X_i` are the Gramian's cheaper path, they are no larger than
+:math:`\Gamma`: the rule keeps them (with :math:`\sum_t \gamma_{irt}`) in place of :math:`\Gamma`,
+and :math:`\nabla_W = \sum_{ir} w_{ir} J_{ir}` costs :math:`B R\, d_{out} d_{in}` instead of
+:math:`B T\, d_{out} d_{in}`.
 """
 
 from collections.abc import Sequence
@@ -49,9 +58,20 @@ def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         [positions(samples_objectives_first(c.grad_output(), c.batch_dim), 2) for c in calls],
         dim=2,
     )  # [B, R, T, d_out]
-    G = weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0)) if module.weight.requires_grad else 0
-    if module.bias is not None and module.bias.requires_grad:
-        G = G + gram(Gamma.sum(dim=2))
+    G: Tensor | int = 0
+    J: Tensor | None = None
+    if module.weight.requires_grad and module.in_features <= Gamma.shape[2]:
+        # Per-objective gradients no larger than Γ: kept for the fused step instead of Γ.
+        G, J = weight_gramian_and_jacobian(X.unsqueeze(0), Gamma.unsqueeze(0))
+    elif module.weight.requires_grad:
+        G = weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0))
+    sums = Gamma.sum(dim=2) if module.bias is not None and module.bias.requires_grad else None
+    if sums is not None:
+        G = G + gram(sums)
+    if J is not None:
+        calls[0].saved["jacobian"] = (J[0], sums)
+        for call in calls:  # what the fused step needs is kept: release Γ
+            call.grad_outputs = [None] * len(call.grad_outputs)
     return G  # type: ignore[return-value]
 
 
@@ -64,6 +84,8 @@ def linear_weighted_gradients(
     """
     assert isinstance(module, nn.Linear)
     d_in, d_out = module.in_features, module.out_features
+    if "jacobian" in calls[0].saved:
+        return _weighted_rows(module, *calls[0].saved["jacobian"], W)
     X = cat([c.args[0].reshape(-1, d_in) for c in calls], dim=0)
     Gamma = cat(
         [c.weighted_grad_output(W).reshape(-1, d_out) for c in calls], dim=0
@@ -76,33 +98,93 @@ def linear_weighted_gradients(
     return grads
 
 
+def _weighted_rows(
+    module: nn.Linear, J: Tensor, sums: Tensor | None, W: Tensor
+) -> list[tuple[Tensor, Tensor]]:
+    weight_grad, bias_grad = weighted_jacobian(J, sums, W)
+    grads = [(module.weight, weight_grad.reshape(module.weight.shape))]
+    if bias_grad is not None:
+        grads.append((module.bias, bias_grad))
+    return grads  # type: ignore[return-value]
+
+
+def weighted_jacobian(J: Tensor, sums: Tensor | None, W: Tensor) -> tuple[Tensor, Tensor | None]:
+    r""":math:`\sum_{ir} w_{ir} J_{ir}` ``[d_out d_in]`` from the per-objective gradients ``J``
+    ``[B R, d_out d_in]``, and :math:`\sum_{ir} w_{ir} \sum_t \gamma_{irt}` from the sums
+    ``[B, R, d_out]`` (None when None), for the weights ``W`` ``[B, R]``."""
+    weight_grad = W.reshape(-1).to(J.dtype) @ J
+    if sums is None:
+        return weight_grad, None
+    return weight_grad, torch.einsum("ir,ird->d", W.to(sums.dtype), sums)
+
+
 linear_rule.weighted_gradients = linear_weighted_gradients  # type: ignore[attr-defined]
 
 
-def weight_gramian(X: Tensor, Gamma: Tensor) -> Tensor:
+CHUNK_BYTES = 1 << 24
+"""The most memory that one intermediate of :func:`weight_gramian` takes (the per-objective
+gradients of a block of output features, or the closed form's products for a block of samples)."""
+
+
+def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> Tensor:
     r""":math:`\sum_p G^{W_p}` for independent blocks :math:`p` (groups of a convolution).
 
     :param X: Inputs ``[P, B, T, d_in]``.
     :param Gamma: Output gradients ``[P, B, R, T, d_out]``.
+    :param chunk_bytes: A bound on the size of each intermediate: the per-objective gradients are
+        formed for a block of output features at a time, the closed form's products for a block
+        of samples at a time (at least one feature or sample each). None: ``CHUNK_BYTES``.
     :returns: ``[B R, B R]``.
     """
+    return _weight_gramian(X, Gamma, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)[0]
+
+
+def weight_gramian_and_jacobian(X: Tensor, Gamma: Tensor) -> tuple[Tensor, Tensor | None]:
+    """:func:`weight_gramian`, and the per-objective gradients ``[P, B R, d_out d_in]`` (formed
+    whole) when they are the cheaper path, else None."""
+    return _weight_gramian(X, Gamma, CHUNK_BYTES, keep_jacobian=True)
+
+
+def per_objective_is_cheaper(B: int, R: int, T: int, d_in: int, d_out: int) -> bool:
+    """Whether forming the per-objective gradients (then their Gramian) takes fewer flops than
+    the closed form, for ``B`` samples, ``R`` objectives each, ``T`` positions."""
+    closed_form_flops = (B * T) ** 2 * d_in + (B * R * T) ** 2 * (d_out + 1)
+    per_objective_flops = B * R * T * d_out * d_in + (B * R) ** 2 * d_out * d_in
+    return per_objective_flops < closed_form_flops
+
+
+def _weight_gramian(
+    X: Tensor, Gamma: Tensor, chunk_bytes: int, keep_jacobian: bool = False
+) -> tuple[Tensor, Tensor | None]:
     P, B, R, T, d_out = Gamma.shape
     d_in = X.shape[-1]
     X = X.to(Gamma.dtype)
-    closed_form_flops = (B * T) ** 2 * d_in + (B * R * T) ** 2 * (d_out + 1)
-    per_objective_flops = B * R * T * d_out * d_in + (B * R) ** 2 * d_out * d_in
-    if per_objective_flops < closed_form_flops:
-        # The rows Γ_ir^T X_i of the Jacobian, block by block.
-        if R == 1:
-            J = (Gamma[:, :, 0].mT @ X).reshape(P, B, d_out * d_in)
+    size = Gamma.element_size()
+    if per_objective_is_cheaper(B, R, T, d_in, d_out):
+        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block.
+        step = d_out if keep_jacobian else max(1, chunk_bytes // (P * B * R * d_in * size))
+        G = Gamma.new_zeros(B * R, B * R)
+        for start in range(0, d_out, step):
+            block = Gamma[..., start : start + step]
+            if R == 1:
+                J = (block[:, :, 0].mT @ X).reshape(P, B, -1)
+            else:
+                J = (block.mT @ X.unsqueeze(2)).reshape(P, B * R, -1)
+            G += J[0] @ J[0].T if P == 1 else (J @ J.mT).sum(dim=0)
+        return G, (J if keep_jacobian else None)
+    # K: x_it · x_ju, L: γ_irt · γ_jsu, for the samples i of a block against all samples j.
+    X_all = X.flatten(1, 2)  # [P, B T, d_in]
+    Gamma_all = Gamma.flatten(1, 3)  # [P, B R T, d_out]
+    step = max(1, chunk_bytes // (P * R * T * B * R * T * size))
+    rows = []
+    for start in range(0, B, step):
+        b = min(step, B - start)
+        K = X[:, start : start + b].flatten(1, 2) @ X_all.mT  # [P, b T, B T]
+        L = Gamma[:, start : start + b].flatten(1, 3) @ Gamma_all.mT  # [P, b R T, B R T]
+        if T == 1:
+            block = (K.reshape(P, b, 1, B, 1) * L.reshape(P, b, R, B, R)).sum(dim=0)
         else:
-            J = (Gamma.mT @ X.unsqueeze(2)).reshape(P, B * R, d_out * d_in)
-        return (J @ J.mT).sum(dim=0)
-    K = X.flatten(1, 2) @ X.flatten(1, 2).mT  # [P, B T, B T]: x_it · x_ju
-    L = Gamma.flatten(1, 3) @ Gamma.flatten(1, 3).mT  # [P, B R T, B R T]: γ_irt · γ_jsu
-    if T == 1:
-        G = (K.reshape(P, B, 1, B, 1) * L.reshape(P, B, R, B, R)).sum(dim=0)
-    else:
-        K, L = K.reshape(P, B, T, B, T), L.reshape(P, B, R, T, B, R, T)
-        G = torch.einsum("pitju,pirtjsu->irjs", K, L)
-    return G.reshape(B * R, B * R)
+            K, L = K.reshape(P, b, T, B, T), L.reshape(P, b, R, T, B, R, T)
+            block = torch.einsum("pitju,pirtjsu->irjs", K, L)
+        rows.append(block.reshape(b * R, B * R))
+    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None

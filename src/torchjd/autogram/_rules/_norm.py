@@ -15,10 +15,10 @@ features for ``LayerNorm``/``RMSNorm``; the spatial positions of a channel for `
 and :math:`G = J_w J_w^\top + J_b J_b^\top`. A ``BatchNorm`` that normalises with the batch's
 statistics (only allowed with ``batch_dim=None``) goes through the generic rule.
 
-For the fused step, the gradients of the weighted objectives are the same sums for the weighted
-output gradient :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}`, over the samples too:
-:math:`\nabla_w = \sum_{it} \bar\gamma_{it} \odot \hat x_{it}`,
-:math:`\nabla_b = \sum_{it} \bar\gamma_{it}`.
+For the fused step, the rule keeps these per-objective gradients (smaller than the output
+gradients, which it releases), and the gradients of the weighted objectives are
+:math:`\nabla_w = \sum_{ir} w_{ir} \nabla_w \ell_{ir}`, :math:`\nabla_b = \sum_{ir} w_{ir}
+\nabla_b \ell_{ir}`.
 """
 
 from collections.abc import Sequence
@@ -45,7 +45,7 @@ def layer_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         k = len(shape)
         J_w.append(_sum_positions((gamma * x_hat).flatten(-k), call.batch_dim, -1))
         J_b.append(_sum_positions(gamma.flatten(-k), call.batch_dim, -1))
-    return _affine_gramian(module, J_w, J_b)
+    return _affine_gramian(module, calls, J_w, J_b)
 
 
 def layer_norm_weighted_gradients(
@@ -56,13 +56,7 @@ def layer_norm_weighted_gradients(
     :param W: The weights ``[B, R]`` of the objectives.
     """
     assert isinstance(module, nn.LayerNorm | nn.RMSNorm)
-    shape = tuple(module.normalized_shape)
-    sums = [call.weighted_grad_output(W).reshape(-1, *shape) for call in calls]
-    products = [
-        gamma * _layer_normalised(module, call.args[0]).to(gamma.dtype).reshape(-1, *shape)
-        for call, gamma in zip(calls, sums, strict=True)
-    ]
-    return _affine_gradients(module, products, sums, dim=0)
+    return _weighted_jacobians(calls, W)
 
 
 def _layer_normalised(module: nn.LayerNorm | nn.RMSNorm, x: Tensor) -> Tensor:
@@ -85,7 +79,7 @@ def channel_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         gamma = call.grad_output()
         J_w.append(_sum_positions(gamma * x_hat, call.batch_dim, channel_dim))
         J_b.append(_sum_positions(gamma, call.batch_dim, channel_dim))
-    return _affine_gramian(module, J_w, J_b)
+    return _affine_gramian(module, calls, J_w, J_b)
 
 
 def channel_norm_weighted_gradients(
@@ -99,29 +93,7 @@ def channel_norm_weighted_gradients(
     assert isinstance(module, nn.GroupNorm | _InstanceNorm | _BatchNorm)
     if isinstance(module, _BatchNorm) and any(_uses_batch_statistics(module, c) for c in calls):
         return None
-    products, sums = [], []
-    for call in calls:
-        gamma = call.weighted_grad_output(W)
-        x = call.args[0]
-        channel_dim = _channel_dim(module, x, call.batch_dim)
-        x_hat = _normalised(module, x, channel_dim, call.training).to(gamma.dtype)
-        products.append((gamma * x_hat).movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1))
-        sums.append(gamma.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1))
-    return _affine_gradients(module, products, sums, dim=1)
-
-
-def _affine_gradients(
-    module: nn.Module, products: list[Tensor], sums: list[Tensor], dim: int
-) -> list[tuple[Tensor, Tensor]]:
-    """``(weight, Σ products)`` and ``(bias, Σ sums)``, summed over ``dim`` and the calls, for
-    the trainable ones."""
-    weight, bias = module.weight, getattr(module, "bias", None)
-    grads = []
-    if weight is not None and weight.requires_grad:
-        grads.append((weight, sum(p.sum(dim=dim) for p in products)))
-    if bias is not None and bias.requires_grad:
-        grads.append((bias, sum(s.sum(dim=dim) for s in sums)))
-    return grads  # type: ignore[return-value]
+    return _weighted_jacobians(calls, W)
 
 
 layer_norm_rule.weighted_gradients = layer_norm_weighted_gradients  # type: ignore[attr-defined]
@@ -167,11 +139,30 @@ def _sum_positions(product: Tensor, batch_dim: int | None, param_dim: int) -> Te
     return product.reshape(*product.shape[:2], -1, product.shape[-1]).sum(dim=2)
 
 
-def _affine_gramian(module: nn.Module, J_w: list[Tensor], J_b: list[Tensor]) -> Tensor:
+def _affine_gramian(
+    module: nn.Module, calls: Sequence[ModuleCall], J_w: list[Tensor], J_b: list[Tensor]
+) -> Tensor:
+    """The Gramian of the per-objective gradients ``[B, R, P]`` of the trainable affine
+    parameters (summed over the calls), which are kept for the fused step in place of the output
+    gradients (smaller: no positions)."""
     weight, bias = module.weight, getattr(module, "bias", None)
     G: Tensor | int = 0
-    if weight is not None and weight.requires_grad:
-        G = G + gram(sum(J_w))  # type: ignore[arg-type]
-    if bias is not None and bias.requires_grad:
-        G = G + gram(sum(J_b))  # type: ignore[arg-type]
+    kept: list[tuple[Tensor, Tensor]] = []
+    for param, J in ((weight, J_w), (bias, J_b)):
+        if param is not None and param.requires_grad:
+            total = sum(J[1:], J[0])
+            G = G + gram(total)
+            kept.append((param, total))
+    calls[0].saved["affine_jacobians"] = kept
+    for call in calls:
+        call.grad_outputs = [None] * len(call.grad_outputs)
     return G  # type: ignore[return-value]
+
+
+def _weighted_jacobians(calls: Sequence[ModuleCall], W: Tensor) -> list[tuple[Tensor, Tensor]]:
+    r""":math:`\sum_{ir} w_{ir} J_{ir}` for the per-objective gradients ``J`` that the rule kept."""
+    kept: list[tuple[Tensor, Tensor]] = calls[0].saved["affine_jacobians"]
+    return [
+        (param, torch.einsum("ir,irp->p", W.to(J.dtype), J).reshape(param.shape))
+        for param, J in kept
+    ]
