@@ -48,6 +48,7 @@ from torchjd.linalg._admm import admm
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._principal_pivoting import principal_pivoting
+from torchjd.linalg._schur_pivoting import face_cost, schur_face_solver
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
 LEAST_NORM_TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
@@ -57,6 +58,11 @@ TIKHONOV = {torch.float64: 1e-8, torch.float32: 1e-5}
 _DIRECT_MAX_M = 64  # up to this size, pivoting alone is exact and the fastest
 _POLISH_BUDGET = 8  # polish when Σ_k |F_k|³ costs at most this many [m, m] × [m, m] products
 _POLISH_STEPS = 4
+# Beyond _DIRECT_MAX_M, pivoting through G⁻¹ runs when Σ_k min(|A_k|, |F_k|)³ of the initial guess
+# is at most this many m³, for at most _SCHUR_PIVOTS steps; a row whose face grows beyond m / 4
+# leaves it for ADMM.
+_SCHUR_BUDGET = 1.0
+_SCHUR_PIVOTS = 8
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
 
@@ -116,8 +122,10 @@ def solve_lower_bounded_qp(
                 ).to(work_dtype)
             else:
                 X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
-    else:
+    elif least_norm:
         X = _admm_then_polish(G, U, tol, max_iters, G_exact)
+    else:
+        X = _schur_pivoting_then_admm(G, U, GU[rows] > 0, tol, max_iters)
     V[rows] = torch.maximum(X, U)
     return V.to(out_dtype)
 
@@ -162,6 +170,29 @@ def _admm_then_polish(
     X, solved = principal_pivoting(G, U[rows], active[rows], row_scales(G), tol, steps, G_exact)
     Z[rows] = torch.where(solved.unsqueeze(1), X, Z[rows])
     return Z
+
+
+def _schur_pivoting_then_admm(
+    G: Tensor, U: Tensor, active: Tensor, tol: float, max_iters: int
+) -> Tensor:
+    """Pivoting with face solves through ``G⁻¹`` when the initial guess's faces are cheap and
+    ``G`` is well-conditioned; ADMM and its polish for the rest, and for the rows that pivoting
+    leaves (or solves less accurately than ``tol`` on ``G`` itself)."""
+    m = G.shape[0]
+    cheap = float(face_cost(active)) <= _SCHUR_BUDGET * m**3
+    G64 = G.double()
+    face_solver = schur_face_solver(G64, m // 4) if cheap else None
+    if face_solver is None:
+        return _admm_then_polish(G, U, tol, max_iters, None)
+    X, converged = principal_pivoting(
+        G64, U.double(), active, row_scales(G64), tol, _SCHUR_PIVOTS, face_solver=face_solver
+    )
+    X = torch.maximum(X.to(G.dtype), U)
+    converged &= kkt_residual(G, U, X, X @ G) <= tol
+    if not bool(converged.all()):
+        left = (~converged).nonzero().squeeze(1)
+        X[left] = _admm_then_polish(G, U[left], tol, max_iters, None)
+    return X
 
 
 def _interior_point_then_polish(G: Tensor, U: Tensor, tol: float, G_exact: Tensor) -> Tensor:
