@@ -95,7 +95,7 @@ def test_ill_conditioned_gramian_has_no_schur_solver():
     assert schur_face_solver(G, 80) is None
 
 
-@pytest.mark.parametrize("m", [_DIRECT_MAX_M + 1, 100])
+@pytest.mark.parametrize("m", [48, _DIRECT_MAX_M + 1, 100])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n_classes", [10, 20])
 def test_solver_takes_the_schur_path_and_agrees_with_quadprog(

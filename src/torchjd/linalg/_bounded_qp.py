@@ -17,8 +17,13 @@ Method
    shared matrix product finds these rows, which are returned unchanged.
 2. Small problems (``m ≤ 64``) are solved exactly, in float64, by block principal pivoting
    (:mod:`torchjd.linalg._principal_pivoting`), starting from the active set of one primal-dual
-   step from ``v = u``.
-3. Larger problems, and rows where pivoting fails (a singular face), are solved by ADMM with one
+   step from ``v = u``. From ``m = 33`` on, its face solves go through ``G⁻¹`` when ``G`` is
+   well-conditioned (:mod:`torchjd.linalg._schur_pivoting`: one ``|A| × |A|`` or ``|F| × |F|``
+   system per row, whichever is smaller, and one shared product).
+3. Larger problems are solved the same way when the faces of the initial guess are cheap
+   (:func:`~torchjd.linalg._schur_pivoting.face_cost`: few active or few free indices per row, as
+   on per-sample Gramians early in training) and ``G`` is well-conditioned. The others, and rows
+   where pivoting fails (a singular or too large face, too many steps), are solved by ADMM with one
    factorisation shared by all rows (:mod:`torchjd.linalg._admm`). The active set that ADMM finds is
    then polished by principal pivoting, when its free blocks are small enough to be cheap: the
    answer is then exact, as it is in the common case of few conflicts.
@@ -63,6 +68,7 @@ _POLISH_STEPS = 4
 # leaves it for ADMM.
 _SCHUR_BUDGET = 1.0
 _SCHUR_PIVOTS = 8
+_SCHUR_MIN_M = 33  # below, the masked full-size face systems are cheaper
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
 
@@ -112,6 +118,7 @@ def solve_lower_bounded_qp(
             tol,
             _LEAST_NORM_PIVOTS if least_norm else 3 * m + 10,
             None if G_exact is None else G_exact.double(),
+            None if least_norm or m < _SCHUR_MIN_M else schur_face_solver(G64, m),
         )
         X = X.to(work_dtype)
         if not converged.all():
