@@ -7,10 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.reference.dual_cone import kkt_violation, with_quadprog
+from torchjd.linalg._admm import admm
 from torchjd.linalg._bounded_qp import (
     _DIRECT_MAX_M,
     _SCHUR_BUDGET,
     DEFAULT_TOL,
+    _admm_from_float32,
     solve_lower_bounded_qp,
 )
 from torchjd.linalg._kkt import row_scales
@@ -125,3 +127,43 @@ def test_rows_that_pivoting_leaves_go_to_admm():
     V = _schur_pivoting_then_admm(G, U, active, DEFAULT_TOL[torch.float64], 10_000)
     for u, v in zip(U.numpy(), V.numpy(), strict=True):
         assert kkt_violation(G.numpy(), u, v) <= 1e-6
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e40])  # 1e40: the float32 start overflows, unused
+@pytest.mark.parametrize("family", ["wishart", "low_rank"])
+def test_float64_admm_from_a_float32_start_meets_the_tolerance(scale: float, family: str):
+    g = torch.Generator().manual_seed(0)
+    m = 40
+    if family == "wishart":
+        J = torch.randn(m, m, generator=g, dtype=torch.float64)
+    else:
+        left = torch.randn(m, 8, generator=g, dtype=torch.float64) * torch.logspace(0, -4, 8)
+        J = left @ torch.randn(8, 2 * m, generator=g, dtype=torch.float64)
+    G = scale * regularised(J)
+    U = problems(m, 0)
+    V, converged = _admm_from_float32(G, U, DEFAULT_TOL[torch.float64], 10_000)
+    assert converged.all()
+    assert (V >= U).all()
+    expected = torch.from_numpy(with_quadprog(G.numpy() / scale, U.numpy()))
+    for u, v in zip(U.numpy(), V.numpy(), strict=True):
+        assert kkt_violation(G.numpy() / scale, u, v) <= 1e-6
+    error = V - expected
+    g_norm = torch.einsum("ki,ij,kj->k", expected, G / scale, expected).sqrt()
+    g_norm_error = torch.einsum("ki,ij,kj->k", error, G / scale, error).clamp_min(0).sqrt()
+    assert (g_norm_error <= 1e-2 * g_norm).all()
+
+
+def test_large_float64_problems_meet_kkt_and_agree_with_cold_admm():
+    """m = 256 in float64: ADMM from the float32 start (quadprog is too slow at this size)."""
+    m = 256
+    G = regularised(torch.randn(m, 2 * m, generator=torch.Generator().manual_seed(1)).double())
+    U = torch.eye(m, dtype=torch.float64) / m
+    V = solve_lower_bounded_qp(G, U)
+    for u, v in zip(U.numpy(), V.numpy(), strict=True):
+        assert kkt_violation(G.numpy(), u, v) <= 1e-6
+    expected, converged = admm(G, U, 1e-9, 10_000)
+    assert converged.all()
+    error = V - expected
+    g_norm = torch.einsum("ki,ij,kj->k", expected, G, expected).sqrt()
+    g_norm_error = torch.einsum("ki,ij,kj->k", error, G, error).clamp_min(0).sqrt()
+    assert (g_norm_error <= 1e-2 * g_norm).all()

@@ -18,6 +18,7 @@ rows that meet the tolerance leave the batch.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,19 +30,36 @@ _CHECK_EVERY = 5
 _MAX_REFACTORISATIONS = 8
 
 
+class Warm(NamedTuple):
+    """A state of the iterations: rows ``z``, their multipliers ``ρ y`` and the penalty ``ρ``."""
+
+    Z: Tensor
+    multipliers: Tensor
+    rho: float
+
+
 def admm(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Tensor, Tensor]:
     """Feasible rows ``z ≥ u`` whose KKT residual is below ``tol`` (or the last iterate, after
     ``max_iters``), and which rows met the tolerance."""
+    out, converged, _ = warm_admm(G, U, tol, max_iters)
+    return out, converged
+
+
+def warm_admm(
+    G: Tensor, U: Tensor, tol: float, max_iters: int, warm: Warm | None = None
+) -> tuple[Tensor, Tensor, Warm]:
+    """:func:`admm` from the state ``warm`` (of the same rows), and the state it ends in."""
     m = G.shape[0]
     out = torch.empty_like(U)
+    out_multipliers = torch.zeros_like(U)
     converged = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
     rows = torch.arange(U.shape[0], device=U.device)
     trace = float(G.diagonal().sum())
-    rho = 2 * trace / m  # mean eigenvalue of the Hessian 2G
+    rho = 2 * trace / m if warm is None else warm.rho  # default: mean eigenvalue of Hessian 2G
     rho_min = trace * math.sqrt(torch.finfo(G.dtype).eps)
     M = _linear_step(G, rho)
-    Z = U.clone()
-    Y = torch.zeros_like(U)
+    Z = U.clone() if warm is None else warm.Z.clone()
+    Y = torch.zeros_like(U) if warm is None else warm.multipliers / rho
     n_refactorisations = 0
     for iteration in range(1, max_iters + 1):
         V = (Z - Y) @ M
@@ -57,6 +75,7 @@ def admm(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Tensor, Tens
         done = met | (iteration == max_iters)
         if done.any():
             out[rows[done]] = Z[done]
+            out_multipliers[rows[done]] = rho * Y[done]
             converged[rows[done]] = met[done]
             keep = ~done
             if not keep.any():
@@ -74,7 +93,7 @@ def admm(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Tensor, Tens
                 Y /= ratio
                 M = _linear_step(G, rho)
                 n_refactorisations += 1
-    return out, converged
+    return out, converged, Warm(out, out_multipliers, rho)
 
 
 def _linear_step(G: Tensor, rho: float) -> Tensor:

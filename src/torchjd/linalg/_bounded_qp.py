@@ -24,7 +24,9 @@ Method
    (:func:`~torchjd.linalg._schur_pivoting.face_cost`: few active or few free indices per row, as
    on per-sample Gramians early in training) and ``G`` is well-conditioned. The others, and rows
    where pivoting fails (a singular or too large face, too many steps), are solved by ADMM with one
-   factorisation shared by all rows (:mod:`torchjd.linalg._admm`). The active set that ADMM finds is
+   factorisation shared by all rows (:mod:`torchjd.linalg._admm`); in float64 from ``m = 256`` on,
+   from the state that ADMM reaches in float32 (whose products cost half as much), so that only
+   the last iterations run in float64. The active set that ADMM finds is
    then polished by principal pivoting, when its free blocks are small enough to be cheap: the
    answer is then exact, as it is in the common case of few conflicts.
 
@@ -46,10 +48,12 @@ first and pivoting takes over the rows it leaves. The default
 tolerance is then ``1e-9`` in float64.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
-from torchjd.linalg._admm import admm
+from torchjd.linalg._admm import Warm, admm, warm_admm
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._principal_pivoting import principal_pivoting
@@ -68,6 +72,11 @@ _POLISH_STEPS = 4
 # leaves it for ADMM.
 _SCHUR_BUDGET = 1.0
 _SCHUR_PIVOTS = 8
+# In float64 from this size on, ADMM starts from a float32 ADMM solution to _WARM_START_TOL (at
+# most _WARM_START_ITERS iterations): its products cost half as much.
+_WARM_START_MIN_M = 256
+_WARM_START_TOL = 3e-6
+_WARM_START_ITERS = 200
 _SCHUR_MIN_M = 33  # below, the masked full-size face systems are cheaper
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
@@ -160,7 +169,10 @@ def _admm_then_polish(
     least_norm = G_exact is not None
     if least_norm:
         max_iters = min(max_iters, _LEAST_NORM_ADMM_ITERS)
-    Z, converged = admm(G, U, tol, max_iters)
+    if not least_norm and G.dtype == torch.float64 and m >= _WARM_START_MIN_M:
+        Z, converged = _admm_from_float32(G, U, tol, max_iters)
+    else:
+        Z, converged = admm(G, U, tol, max_iters)
     active = Z <= U
     free_sizes = (m - active.sum(dim=1)).double()
     cheap = float(free_sizes.pow(3).sum()) <= _POLISH_BUDGET * m**3
@@ -177,6 +189,21 @@ def _admm_then_polish(
     X, solved = principal_pivoting(G, U[rows], active[rows], row_scales(G), tol, steps, G_exact)
     Z[rows] = torch.where(solved.unsqueeze(1), X, Z[rows])
     return Z
+
+
+def _admm_from_float32(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Tensor, Tensor]:
+    """ADMM in float64 from the state that ADMM in float32 reaches (the rows within
+    ``_WARM_START_TOL``, or its last iterate): most iterations then cost half as much."""
+    _, _, (Z, multipliers, rho) = warm_admm(
+        G.float(), U.float(), _WARM_START_TOL, _WARM_START_ITERS
+    )
+    if not 0.0 < rho < math.inf:
+        return admm(G, U, tol, max_iters)
+    usable = (Z.isfinite() & multipliers.isfinite()).all(dim=1, keepdim=True)
+    Z = torch.where(usable, torch.maximum(Z.to(G.dtype), U), U)
+    multipliers = torch.where(usable, multipliers.to(G.dtype), 0.0)
+    out, converged, _ = warm_admm(G, U, tol, max_iters, Warm(Z, multipliers, rho))
+    return out, converged
 
 
 def _schur_pivoting_then_admm(
