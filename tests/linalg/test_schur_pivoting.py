@@ -1,5 +1,6 @@
-"""Pivoting with face solves through ``G⁻¹`` (the default path beyond m = 64 on well-conditioned
-Gramians with few conflicts) against quadprog, the KKT conditions and the default face solves."""
+"""The default solver's paths for large problems against quadprog, the KKT conditions and the
+other paths: pivoting with face solves through ``G⁻¹`` (well-conditioned Gramians with few
+conflicts), float64 ADMM from a float32 state, and ADMM on the Jacobi-scaled problem."""
 
 import pytest
 import torch
@@ -7,12 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.reference.dual_cone import kkt_violation, with_quadprog
-from torchjd.linalg._admm import admm
+from torchjd.linalg._admm import admm, warm_admm
 from torchjd.linalg._bounded_qp import (
     _DIRECT_MAX_M,
     _SCHUR_BUDGET,
     DEFAULT_TOL,
     _admm_from_float32,
+    _jacobi_scale,
     solve_lower_bounded_qp,
 )
 from torchjd.linalg._kkt import row_scales
@@ -141,7 +143,7 @@ def test_float64_admm_from_a_float32_start_meets_the_tolerance(scale: float, fam
         J = left @ torch.randn(8, 2 * m, generator=g, dtype=torch.float64)
     G = scale * regularised(J)
     U = problems(m, 0)
-    V, converged = _admm_from_float32(G, U, DEFAULT_TOL[torch.float64], 10_000)
+    V, converged = _admm_from_float32(G, U, DEFAULT_TOL[torch.float64], 10_000, None)
     assert converged.all()
     assert (V >= U).all()
     expected = torch.from_numpy(with_quadprog(G.numpy() / scale, U.numpy()))
@@ -167,3 +169,36 @@ def test_large_float64_problems_meet_kkt_and_agree_with_cold_admm():
     g_norm = torch.einsum("ki,ij,kj->k", expected, G, expected).sqrt()
     g_norm_error = torch.einsum("ki,ij,kj->k", error, G, error).clamp_min(0).sqrt()
     assert (g_norm_error <= 1e-2 * g_norm).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mean", [0.0, 1.0])
+def test_jacobi_scaled_admm_meets_kkt_and_agrees_with_quadprog(dtype: torch.dtype, mean: float):
+    """Rows whose norms span two decades: ADMM runs on the Jacobi-scaled problem."""
+    m = 48
+    G = regularised(per_sample_like(m, 4 * m, mean, 3))
+    U = problems(m, 3)
+    scale = _jacobi_scale(G.to(dtype))
+    assert scale is not None
+    tol = DEFAULT_TOL[dtype]
+    V, converged, _ = warm_admm(G.to(dtype), U.to(dtype), tol, 10_000, scale=scale)
+    assert converged.all()
+    V = V.double()
+    assert (U.to(dtype).double() <= V).all()
+    expected = torch.from_numpy(with_quadprog(G.numpy(), U.numpy()))
+    for u, v in zip(U.numpy(), V.numpy(), strict=True):
+        assert kkt_violation(G.numpy(), u, v) <= {torch.float64: 1e-6, torch.float32: 1e-4}[dtype]
+    error = V - expected
+    g_norm = torch.einsum("ki,ij,kj->k", expected, G, expected).sqrt()
+    g_norm_error = torch.einsum("ki,ij,kj->k", error, G, error).clamp_min(0).sqrt()
+    assert (g_norm_error <= 1e-2 * g_norm).all()
+
+
+def test_no_jacobi_scaling_when_the_spread_comes_from_a_low_rank():
+    g = torch.Generator().manual_seed(0)
+    left = torch.randn(100, 8, generator=g, dtype=torch.float64) * torch.logspace(0, -4, 8)
+    J = left @ torch.randn(8, 200, generator=g, dtype=torch.float64)
+    G = regularised(J)
+    assert G.diagonal().amax() > 10 * G.diagonal().amin()
+    assert _jacobi_scale(G) is None
+    assert _jacobi_scale(regularised(torch.randn(100, 400, generator=g).double())) is None

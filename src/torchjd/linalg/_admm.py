@@ -31,7 +31,8 @@ _MAX_REFACTORISATIONS = 8
 
 
 class Warm(NamedTuple):
-    """A state of the iterations: rows ``z``, their multipliers ``ρ y`` and the penalty ``ρ``."""
+    """A state of the iterations: rows ``v``, their multipliers ``ρ y`` (``−2 G v`` at the
+    solution) and the penalty ``ρ``."""
 
     Z: Tensor
     multipliers: Tensor
@@ -46,9 +47,22 @@ def admm(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Tensor, Tens
 
 
 def warm_admm(
-    G: Tensor, U: Tensor, tol: float, max_iters: int, warm: Warm | None = None
+    G: Tensor,
+    U: Tensor,
+    tol: float,
+    max_iters: int,
+    warm: Warm | None = None,
+    scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Warm]:
-    """:func:`admm` from the state ``warm`` (of the same rows), and the state it ends in."""
+    """:func:`admm` from the state ``warm`` (of the same rows), and the state it ends in.
+
+    With ``scale`` (``s``, positive), the iterations run in ``z = v / s``, on ``S G S`` and
+    ``u / s`` (``S = diag(s)``); the residuals, the output and the states are those of ``v``."""
+    G_original, U_original = G, U
+    if scale is not None:
+        G = scale.unsqueeze(1) * G * scale.unsqueeze(0)
+        U = U / scale
+    s = torch.ones_like(G.diagonal()) if scale is None else scale
     m = G.shape[0]
     out = torch.empty_like(U)
     out_multipliers = torch.zeros_like(U)
@@ -58,8 +72,8 @@ def warm_admm(
     rho = 2 * trace / m if warm is None else warm.rho  # default: mean eigenvalue of Hessian 2G
     rho_min = trace * math.sqrt(torch.finfo(G.dtype).eps)
     M = _linear_step(G, rho)
-    Z = U.clone() if warm is None else warm.Z.clone()
-    Y = torch.zeros_like(U) if warm is None else warm.multipliers / rho
+    Z = U.clone() if warm is None else torch.maximum(warm.Z / s, U)
+    Y = torch.zeros_like(U) if warm is None else warm.multipliers * (s / rho)
     n_refactorisations = 0
     for iteration in range(1, max_iters + 1):
         V = (Z - Y) @ M
@@ -70,12 +84,15 @@ def warm_admm(
         if iteration % _CHECK_EVERY and iteration != max_iters:
             continue
 
-        residual = kkt_residual(G, U, Z, Z @ G)
+        if scale is None:
+            residual = kkt_residual(G, U, Z, Z @ G)
+        else:
+            residual = kkt_residual(G_original, U_original[rows], s * Z, (Z @ G) / s)
         met = ~(residual > tol)  # NaN rows are done too: they cannot improve
         done = met | (iteration == max_iters)
         if done.any():
             out[rows[done]] = Z[done]
-            out_multipliers[rows[done]] = rho * Y[done]
+            out_multipliers[rows[done]] = Y[done] * (rho / s)
             converged[rows[done]] = met[done]
             keep = ~done
             if not keep.any():
@@ -93,6 +110,8 @@ def warm_admm(
                 Y /= ratio
                 M = _linear_step(G, rho)
                 n_refactorisations += 1
+    if scale is not None:
+        out = torch.maximum(s * out, U_original)  # feasible despite the scaling's rounding
     return out, converged, Warm(out, out_multipliers, rho)
 
 

@@ -26,7 +26,9 @@ Method
    where pivoting fails (a singular or too large face, too many steps), are solved by ADMM with one
    factorisation shared by all rows (:mod:`torchjd.linalg._admm`); in float64 from ``m = 256`` on,
    from the state that ADMM reaches in float32 (whose products cost half as much), so that only
-   the last iterations run in float64. The active set that ADMM finds is
+   the last iterations run in float64; on the Jacobi-scaled problem when that makes it much better
+   conditioned (:func:`_jacobi_scale`: per-sample Gramians once gradient norms spread out during
+   training). The active set that ADMM finds is
    then polished by principal pivoting, when its free blocks are small enough to be cheap: the
    answer is then exact, as it is in the common case of few conflicts.
 
@@ -53,7 +55,7 @@ import math
 import torch
 from torch import Tensor
 
-from torchjd.linalg._admm import Warm, admm, warm_admm
+from torchjd.linalg._admm import Warm, warm_admm
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._principal_pivoting import principal_pivoting
@@ -77,6 +79,7 @@ _SCHUR_PIVOTS = 8
 _WARM_START_MIN_M = 256
 _WARM_START_TOL = 3e-6
 _WARM_START_ITERS = 200
+_JACOBI_MIN_GAIN = 4.0  # ADMM runs on the Jacobi-scaled problem beyond this estimated gain in κ
 _SCHUR_MIN_M = 33  # below, the masked full-size face systems are cheaper
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
@@ -169,10 +172,11 @@ def _admm_then_polish(
     least_norm = G_exact is not None
     if least_norm:
         max_iters = min(max_iters, _LEAST_NORM_ADMM_ITERS)
+    scale = None if least_norm else _jacobi_scale(G)
     if not least_norm and G.dtype == torch.float64 and m >= _WARM_START_MIN_M:
-        Z, converged = _admm_from_float32(G, U, tol, max_iters)
+        Z, converged = _admm_from_float32(G, U, tol, max_iters, scale)
     else:
-        Z, converged = admm(G, U, tol, max_iters)
+        Z, converged, _ = warm_admm(G, U, tol, max_iters, scale=scale)
     active = Z <= U
     free_sizes = (m - active.sum(dim=1)).double()
     cheap = float(free_sizes.pow(3).sum()) <= _POLISH_BUDGET * m**3
@@ -191,18 +195,41 @@ def _admm_then_polish(
     return Z
 
 
-def _admm_from_float32(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Tensor, Tensor]:
+def _jacobi_scale(G: Tensor) -> Tensor | None:
+    r"""``diag(G)^{-1/2}`` when the Jacobi scaling makes ``G`` much better conditioned (then ADMM,
+    with its scalar ``ρ``, needs fewer iterations), else None.
+
+    The estimate comes from one Cholesky factorisation ``G = L Lᵀ``, whose pivots
+    :math:`p_j = L_{jj}^2` bound the smallest eigenvalue; those of ``S G S`` are
+    :math:`p_j / G_{jj}`:
+    :math:`\kappa(G) \approx \max_j G_{jj} / \min_j p_j` against :math:`\kappa(SGS) \approx 1 /
+    \min_j (p_j / G_{jj})`. Per-sample Gramians after some training (gradient norms spread over
+    decades) gain a factor 20 to 40; Gramians whose spread diagonal comes from a low rank (the
+    regularisation then dominates the small rows) gain nothing."""
+    diagonal = G.diagonal()
+    L, info = torch.linalg.cholesky_ex(G)
+    pivots = L.diagonal() ** 2
+    gain = diagonal.amax() / pivots.amin() * (pivots / diagonal).amin()
+    if not bool((info == 0) & (diagonal.amin() > 0) & (gain > _JACOBI_MIN_GAIN)):
+        return None
+    return diagonal.rsqrt()
+
+
+def _admm_from_float32(
+    G: Tensor, U: Tensor, tol: float, max_iters: int, scale: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """ADMM in float64 from the state that ADMM in float32 reaches (the rows within
     ``_WARM_START_TOL``, or its last iterate): most iterations then cost half as much."""
+    scale32 = None if scale is None else scale.float()
     _, _, (Z, multipliers, rho) = warm_admm(
-        G.float(), U.float(), _WARM_START_TOL, _WARM_START_ITERS
+        G.float(), U.float(), _WARM_START_TOL, _WARM_START_ITERS, scale=scale32
     )
     if not 0.0 < rho < math.inf:
-        return admm(G, U, tol, max_iters)
+        return warm_admm(G, U, tol, max_iters, scale=scale)[:2]
     usable = (Z.isfinite() & multipliers.isfinite()).all(dim=1, keepdim=True)
     Z = torch.where(usable, torch.maximum(Z.to(G.dtype), U), U)
     multipliers = torch.where(usable, multipliers.to(G.dtype), 0.0)
-    out, converged, _ = warm_admm(G, U, tol, max_iters, Warm(Z, multipliers, rho))
+    out, converged, _ = warm_admm(G, U, tol, max_iters, Warm(Z, multipliers, rho), scale)
     return out, converged
 
 
