@@ -207,6 +207,8 @@ def _jacobi_scale(G: Tensor) -> Tensor | None:
     decades) gain a factor 20 to 40; Gramians whose spread diagonal comes from a low rank (the
     regularisation then dominates the small rows) gain nothing."""
     diagonal = G.diagonal()
+    if not bool(diagonal.amax() > _JACOBI_MIN_GAIN * diagonal.amin()):
+        return None  # the gain is at most the spread of the diagonal: no factorisation needed
     L, info = torch.linalg.cholesky_ex(G)
     pivots = L.diagonal() ** 2
     gain = diagonal.amax() / pivots.amin() * (pivots / diagonal).amin()
@@ -240,9 +242,10 @@ def _schur_pivoting_then_admm(
     ``G`` is well-conditioned; ADMM and its polish for the rest, and for the rows that pivoting
     leaves (or solves less accurately than ``tol`` on ``G`` itself)."""
     m = G.shape[0]
-    cheap = float(face_cost(active)) <= _SCHUR_BUDGET * m**3
+    if float(face_cost(active)) > _SCHUR_BUDGET * m**3:
+        return _admm_then_polish(G, U, tol, max_iters, None)
     G64 = G.double()
-    face_solver = schur_face_solver(G64, m // 4) if cheap else None
+    face_solver = schur_face_solver(G64, m // 4)
     if face_solver is None:
         return _admm_then_polish(G, U, tol, max_iters, None)
     X, converged = principal_pivoting(
