@@ -81,7 +81,7 @@ def _dual_face_solve(s: Tensor, H: Tensor, U: Tensor, active: Tensor) -> tuple[T
     if width == 0:
         return torch.zeros_like(U), torch.zeros_like(U)
     # Each row's active indices, padded with free ones (masked out).
-    idx = torch.topk(active.to(torch.int8), width, dim=1, sorted=False).indices
+    idx = torch.topk(active.to(U.dtype), width, dim=1, sorted=False).indices
     mask = active.gather(1, idx)
     pair = mask.unsqueeze(2) & mask.unsqueeze(1)
     flat = (idx.unsqueeze(2) * m + idx.unsqueeze(1)).view(-1)
