@@ -122,6 +122,7 @@ def solve_lower_bounded_qp(
     U = U[rows]
     if m <= _DIRECT_MAX_M:
         G64 = G.double()
+        face_solver = None if least_norm or m < _SCHUR_MIN_M else schur_face_solver(G64, m)
         X, converged = principal_pivoting(
             G64,
             U.double(),
@@ -130,8 +131,11 @@ def solve_lower_bounded_qp(
             tol,
             _LEAST_NORM_PIVOTS if least_norm else 3 * m + 10,
             None if G_exact is None else G_exact.double(),
-            None if least_norm or m < _SCHUR_MIN_M else schur_face_solver(G64, m),
+            face_solver,
         )
+        if face_solver is not None:  # its gradients came from G⁻¹: checked on G itself
+            X = torch.maximum(X, U.double())
+            converged &= kkt_residual(G64, U.double(), X, X @ G64) <= tol
         X = X.to(work_dtype)
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
