@@ -11,6 +11,7 @@ from tests.reference.dual_cone import kkt_violation, with_quadprog
 from torchjd.linalg._admm import admm, warm_admm
 from torchjd.linalg._bounded_qp import (
     _DIRECT_MAX_M,
+    _LOPSIDED,
     _SCHUR_BUDGET,
     DEFAULT_TOL,
     _admm_from_float32,
@@ -101,20 +102,42 @@ def test_ill_conditioned_gramian_has_no_schur_solver():
 
 @pytest.mark.parametrize("m", [48, _DIRECT_MAX_M + 1, 100])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("n_classes", [10, 20])
+@pytest.mark.parametrize("mean", [0.35, 0.4])
 def test_solver_takes_the_schur_path_and_agrees_with_quadprog(
-    m: int, dtype: torch.dtype, n_classes: int
+    m: int, dtype: torch.dtype, mean: float
 ):
-    G = regularised(last_layer(m, n_classes, m))
-    U = problems(m, m)
+    """Few free indices per row (a strong common direction): pivoting through ``G⁻¹``."""
+    G = regularised(per_sample_like(m, 4 * m, mean, m))
+    U = torch.eye(m, dtype=torch.float64) / m
+    assert (U @ G < 0).any()
     assert face_cost(U @ G > 0) <= _SCHUR_BUDGET * m**3  # the path under test is taken
+    _assert_solves(G, U, dtype, 100)
+
+
+@pytest.mark.parametrize("m", [_DIRECT_MAX_M + 1, 100])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_classes", [6, 8])
+def test_solver_on_lopsided_faces_agrees_with_quadprog(m: int, dtype: torch.dtype, n_classes: int):
+    """A sixth to an eighth of the indices active per row (as at initialisation): ADMM on the
+    Jacobi-scaled problem, with its own parameters."""
+    G = regularised(last_layer(m, n_classes, m))
+    U = torch.eye(m, dtype=torch.float64) / m
+    active = U @ G > 0
+    n_active = active.sum(dim=1)
+    assert face_cost(active) > _SCHUR_BUDGET * m**3
+    assert torch.minimum(n_active, m - n_active).double().mean() <= _LOPSIDED * m
+    _assert_solves(G, U, dtype, 1e4)
+
+
+def _assert_solves(G: torch.Tensor, U: torch.Tensor, dtype: torch.dtype, factor: float) -> None:
+    """KKT residual within the contract, and weights within ``factor · tol`` of quadprog's."""
     V = solve_lower_bounded_qp(G.to(dtype), U.to(dtype)).double()
     expected = torch.from_numpy(with_quadprog(G.numpy(), U.numpy()))
     tol = {torch.float64: 1e-6, torch.float32: 1e-4}[dtype]
     for u, v in zip(U.numpy(), V.numpy(), strict=True):
         assert kkt_violation(G.numpy(), u, v) <= tol
     scale = U.abs().amax(dim=1, keepdim=True)
-    assert ((V - expected).abs() <= 100 * tol * scale).all()
+    assert ((V - expected).abs() <= factor * tol * scale).all()
 
 
 def test_rows_that_pivoting_leaves_go_to_admm():

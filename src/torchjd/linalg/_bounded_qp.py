@@ -20,15 +20,17 @@ Method
    step from ``v = u``. From ``m = 33`` on, its face solves go through ``G⁻¹`` when ``G`` is
    well-conditioned (:mod:`torchjd.linalg._schur_pivoting`: one ``|A| × |A|`` or ``|F| × |F|``
    system per row, whichever is smaller, and one shared product).
-3. Larger problems are solved the same way when the faces of the initial guess are cheap
-   (:func:`~torchjd.linalg._schur_pivoting.face_cost`: few active or few free indices per row, as
-   on per-sample Gramians early in training) and ``G`` is well-conditioned. The others, and rows
+3. Larger problems are solved the same way when the faces of the initial guess are very cheap
+   (:func:`~torchjd.linalg._schur_pivoting.face_cost`: a few free indices per row, when the rows
+   of ``J`` share a strong common direction) and ``G`` is well-conditioned. The others, and rows
    where pivoting fails (a singular or too large face, too many steps), are solved by ADMM with one
    factorisation shared by all rows (:mod:`torchjd.linalg._admm`); in float64 from ``m = 256`` on,
    from the state that ADMM reaches in float32 (whose products cost half as much), so that only
-   the last iterations run in float64; on the Jacobi-scaled problem when that makes it much better
-   conditioned (:func:`_jacobi_scale`: per-sample Gramians once gradient norms spread out during
-   training). The active set that ADMM finds is
+   the last iterations run in float64; on the Jacobi-scaled problem, with a larger penalty and
+   over-relaxation, when that makes it much better conditioned (:func:`_jacobi_scale`: per-sample
+   Gramians once gradient norms spread out during training) or when the initial faces are
+   lopsided (per-sample Gramians at initialisation: a tenth of the indices active). The active
+   set that ADMM finds is
    then polished by principal pivoting, when its free blocks are small enough to be cheap: the
    answer is then exact, as it is in the common case of few conflicts.
 
@@ -72,7 +74,10 @@ _POLISH_STEPS = 4
 # Beyond _DIRECT_MAX_M, pivoting through G⁻¹ runs when Σ_k min(|A_k|, |F_k|)³ of the initial guess
 # is at most this many m³, for at most _SCHUR_PIVOTS steps; a row whose face grows beyond m / 4
 # leaves it for ADMM.
-_SCHUR_BUDGET = 1.0
+_SCHUR_BUDGET = 0.05
+# Faces are lopsided when min(|A|, |F|) is at most this fraction of m on average (per-sample
+# Gramians at initialisation: about a tenth).
+_LOPSIDED = 0.2
 _SCHUR_PIVOTS = 8
 # In float64 from this size on, ADMM starts from a float32 ADMM solution to _WARM_START_TOL (at
 # most _WARM_START_ITERS iterations): its products cost half as much.
@@ -164,19 +169,31 @@ def tikhonov(G: Tensor) -> Tensor:
 
 
 def _admm_then_polish(
-    G: Tensor, U: Tensor, tol: float, max_iters: int, G_exact: Tensor | None
+    G: Tensor,
+    U: Tensor,
+    tol: float,
+    max_iters: int,
+    G_exact: Tensor | None,
+    lopsided: bool = False,
 ) -> Tensor:
     """ADMM, then an exact polish by pivoting from the active set it found.
 
     The polish runs on every row when its face solves are cheap. With ``least_norm`` (a barely
     regularised ``G``, on which ADMM can be slow), ADMM stops after ``_LEAST_NORM_ADMM_ITERS``
     iterations and pivoting, whatever its cost, takes over the rows it left.
+
+    ADMM runs on the Jacobi-scaled problem when that makes it much better conditioned
+    (:func:`_jacobi_scale`), and also when the rows' faces are ``lopsided`` (few active or few free
+    indices, see :func:`_schur_pivoting_then_admm`): its parameters there then suit these
+    problems (on per-sample Gramians at initialisation, half the iterations).
     """
     m = G.shape[0]
     least_norm = G_exact is not None
     if least_norm:
         max_iters = min(max_iters, _LEAST_NORM_ADMM_ITERS)
     scale = None if least_norm else _jacobi_scale(G)
+    if scale is None and lopsided and bool((G.diagonal() > 0).all()):
+        scale = G.diagonal().rsqrt()
     if not least_norm and G.dtype == torch.float64 and m >= _WARM_START_MIN_M:
         Z, converged = _admm_from_float32(G, U, tol, max_iters, scale)
     else:
@@ -246,12 +263,14 @@ def _schur_pivoting_then_admm(
     ``G`` is well-conditioned; ADMM and its polish for the rest, and for the rows that pivoting
     leaves (or solves less accurately than ``tol`` on ``G`` itself)."""
     m = G.shape[0]
+    n_active = active.sum(dim=1)
+    lopsided = bool(torch.minimum(n_active, m - n_active).double().mean() <= _LOPSIDED * m)
     if float(face_cost(active)) > _SCHUR_BUDGET * m**3:
-        return _admm_then_polish(G, U, tol, max_iters, None)
+        return _admm_then_polish(G, U, tol, max_iters, None, lopsided)
     G64 = G.double()
     face_solver = schur_face_solver(G64, m // 4)
     if face_solver is None:
-        return _admm_then_polish(G, U, tol, max_iters, None)
+        return _admm_then_polish(G, U, tol, max_iters, None, lopsided)
     X, converged = principal_pivoting(
         G64, U.double(), active, row_scales(G64), tol, _SCHUR_PIVOTS, face_solver=face_solver
     )
@@ -259,7 +278,7 @@ def _schur_pivoting_then_admm(
     converged &= kkt_residual(G, U, X, X @ G) <= tol
     if not bool(converged.all()):
         left = (~converged).nonzero().squeeze(1)
-        X[left] = _admm_then_polish(G, U[left], tol, max_iters, None)
+        X[left] = _admm_then_polish(G, U[left], tol, max_iters, None, lopsided)
     return X
 
 

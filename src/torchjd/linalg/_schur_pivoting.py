@@ -14,10 +14,10 @@ batched ``|A| × |A|`` factorisation and one ``[k, m] × [m, m]`` product: the g
 second product. Rows whose free set is the smaller solve the primal face ``G_FF v_F = −G_FA u_A``
 instead (:func:`~torchjd.linalg._principal_pivoting.solve_on_faces`).
 
-Per-sample Gramians of real models early in training are of this kind: at ``m = 256`` the
-solution of each row of UPGrad has 20 to 35 active indices, and pivoting from the active set of
-``G u`` needs two or three steps. Elsewhere (half the indices active, as on Wishart Gramians)
-the ``k`` factorisations cost more than ADMM, and the caller chooses ADMM by :func:`face_cost`.
+Gramians whose rows share a strong common direction are of this kind: each row of UPGrad has
+a few free indices, and pivoting from the active set of ``G u`` needs two or three steps.
+Elsewhere the ``k`` batched factorisations (``LAPACK`` calls, one per row) cost more than ADMM's
+shared products, and the caller chooses ADMM by :func:`face_cost`.
 Everything runs in float64, on ``H`` after a symmetric Jacobi scaling (unit diagonal of ``G``).
 """
 
