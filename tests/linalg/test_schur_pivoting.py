@@ -15,6 +15,7 @@ from torchjd.linalg._bounded_qp import (
     _SCHUR_BUDGET,
     DEFAULT_TOL,
     _admm_from_float32,
+    _admm_then_polish,
     _jacobi_scale,
     solve_lower_bounded_qp,
 )
@@ -110,23 +111,32 @@ def test_solver_takes_the_schur_path_and_agrees_with_quadprog(
     G = regularised(per_sample_like(m, 4 * m, mean, m))
     U = torch.eye(m, dtype=torch.float64) / m
     assert (U @ G < 0).any()
-    assert face_cost(U @ G > 0) <= _SCHUR_BUDGET * m**3  # the path under test is taken
+    assert face_cost(U @ G > 0) <= _SCHUR_BUDGET[torch.float32] * m**3  # the path under test
     _assert_solves(G, U, dtype, 100)
 
 
 @pytest.mark.parametrize("m", [_DIRECT_MAX_M + 1, 100])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n_classes", [6, 8])
-def test_solver_on_lopsided_faces_agrees_with_quadprog(m: int, dtype: torch.dtype, n_classes: int):
-    """A sixth to an eighth of the indices active per row (as at initialisation): ADMM on the
-    Jacobi-scaled problem, with its own parameters."""
+def test_solver_on_lopsided_faces_agrees_with_quadprog(m: int, n_classes: int):
+    """A sixth to an eighth of the indices active per row (as at initialisation), in float32:
+    ADMM on the Jacobi-scaled problem, with its own parameters."""
     G = regularised(last_layer(m, n_classes, m))
     U = torch.eye(m, dtype=torch.float64) / m
     active = U @ G > 0
     n_active = active.sum(dim=1)
-    assert face_cost(active) > _SCHUR_BUDGET * m**3
+    assert face_cost(active) > _SCHUR_BUDGET[torch.float32] * m**3
     assert torch.minimum(n_active, m - n_active).double().mean() <= _LOPSIDED * m
-    _assert_solves(G, U, dtype, 1e4)
+    _assert_solves(G, U, torch.float32, 1e4)
+
+
+def test_lopsided_admm_in_float64_meets_kkt():
+    m = 100
+    G = regularised(last_layer(m, 8, 0))
+    U = problems(m, 0)
+    V = _admm_then_polish(G, U, DEFAULT_TOL[torch.float64], 10_000, None, lopsided=True)
+    assert (V >= U).all()
+    for u, v in zip(U.numpy(), V.numpy(), strict=True):
+        assert kkt_violation(G.numpy(), u, v) <= 1e-6
 
 
 def _assert_solves(G: torch.Tensor, U: torch.Tensor, dtype: torch.dtype, factor: float) -> None:

@@ -73,8 +73,8 @@ _POLISH_BUDGET = 8  # polish when Σ_k |F_k|³ costs at most this many [m, m] ×
 _POLISH_STEPS = 4
 # Beyond _DIRECT_MAX_M, pivoting through G⁻¹ runs when Σ_k min(|A_k|, |F_k|)³ of the initial guess
 # is at most this many m³, for at most _SCHUR_PIVOTS steps; a row whose face grows beyond m / 4
-# leaves it for ADMM.
-_SCHUR_BUDGET = 0.05
+# leaves it for ADMM. In float64, ADMM needs many more iterations for its tighter tolerance.
+_SCHUR_BUDGET = {torch.float32: 0.05, torch.float64: 1.0}
 # Faces are lopsided when min(|A|, |F|) is at most this fraction of m on average (per-sample
 # Gramians at initialisation: about a tenth).
 _LOPSIDED = 0.2
@@ -265,7 +265,7 @@ def _schur_pivoting_then_admm(
     m = G.shape[0]
     n_active = active.sum(dim=1)
     lopsided = bool(torch.minimum(n_active, m - n_active).double().mean() <= _LOPSIDED * m)
-    if float(face_cost(active)) > _SCHUR_BUDGET * m**3:
+    if float(face_cost(active)) > _SCHUR_BUDGET[G.dtype] * m**3:
         return _admm_then_polish(G, U, tol, max_iters, None, lopsided)
     G64 = G.double()
     face_solver = schur_face_solver(G64, m // 4)
