@@ -15,7 +15,10 @@ Families of Gramians ``G = J Jᵀ`` (``J`` of shape ``[m, n]``):
 - ``wide``: standard normal with ``n = 4m``;
 - ``per-sample``: ``J = 0.3 · g + noise``, a shared mean gradient plus per-sample noise, the
   shape of per-sample gradients in instance-wise risk minimisation;
-- ``low-rank``: rank 32 with singular values spread over four decades.
+- ``low-rank``: rank 32 with singular values spread over four decades;
+- ``mlp``: the real per-sample Gramian (``torchjd.autogram.Engine``) of the cross-entropy losses
+  of an MLP 784-512-512-10 at initialisation on ``m`` random inputs and labels, as in
+  ``benchmarks/autogram_step.py`` (rows of the same label agree, of other labels conflict).
 
 Columns: median wall time per call (ms) for both libraries and their ratio; the largest weight
 difference relative to the largest weight; the largest conflict of each library's update with a
@@ -63,6 +66,8 @@ def make_gramian(family: str, m: int, dtype: torch.dtype, seed: int = 0) -> torc
         n = 4 * m
         J = 0.3 * torch.randn(1, n, generator=g, dtype=torch.float64)
         J = J + torch.randn(m, n, generator=g, dtype=torch.float64)
+    elif family == "mlp":
+        return mlp_gramian(m, seed).to(dtype)
     elif family == "low-rank":
         singular_values = torch.logspace(0, -4, 32, dtype=torch.float64)
         left = torch.randn(m, 32, generator=g, dtype=torch.float64) * singular_values
@@ -70,6 +75,23 @@ def make_gramian(family: str, m: int, dtype: torch.dtype, seed: int = 0) -> torc
     else:
         raise ValueError(family)
     return (J @ J.T).to(dtype)
+
+
+def mlp_gramian(m: int, seed: int) -> torch.Tensor:
+    from torch import nn
+
+    from torchjd.autogram import Engine
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+    x = torch.randn(m, 784, generator=g)
+    y = torch.randint(0, 10, (m,), generator=g)
+    engine = Engine(model, batch_dim=0)
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    return engine.compute_gramian(losses).detach().double()
 
 
 def time_ours(G: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
@@ -113,7 +135,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument(
-        "--families", nargs="+", default=["wishart", "wide", "per-sample", "low-rank"]
+        "--families", nargs="+", default=["wishart", "wide", "per-sample", "low-rank", "mlp"]
     )
     parser.add_argument(
         "--reference-python",

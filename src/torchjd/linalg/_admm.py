@@ -18,6 +18,7 @@ rows that meet the tolerance leave the batch.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,38 +26,80 @@ from torch import Tensor
 from torchjd.linalg._kkt import kkt_residual
 
 _ALPHA = 1.6  # over-relaxation, within the usual [1.5, 1.8]
+# On a Jacobi-scaled problem (unit diagonal, well-conditioned): stronger over-relaxation and a
+# larger first penalty (a multiple of the mean eigenvalue of 2G) save a third of the iterations on
+# per-sample Gramians later in training.
+_SCALED_ALPHA = 1.8
+_SCALED_RHO = 1.5
 _CHECK_EVERY = 5
 _MAX_REFACTORISATIONS = 8
+
+
+class Warm(NamedTuple):
+    """A state of the iterations: rows ``v``, their multipliers ``ρ y`` (``−2 G v`` at the
+    solution) and the penalty ``ρ``."""
+
+    Z: Tensor
+    multipliers: Tensor
+    rho: float
 
 
 def admm(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Tensor, Tensor]:
     """Feasible rows ``z ≥ u`` whose KKT residual is below ``tol`` (or the last iterate, after
     ``max_iters``), and which rows met the tolerance."""
+    out, converged, _ = warm_admm(G, U, tol, max_iters)
+    return out, converged
+
+
+def warm_admm(
+    G: Tensor,
+    U: Tensor,
+    tol: float,
+    max_iters: int,
+    warm: Warm | None = None,
+    scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Warm]:
+    """:func:`admm` from the state ``warm`` (of the same rows), and the state it ends in.
+
+    With ``scale`` (``s``, positive), the iterations run in ``z = v / s``, on ``S G S`` and
+    ``u / s`` (``S = diag(s)``); the residuals, the output and the states are those of ``v``."""
+    G_original, U_original = G, U
+    if scale is not None:
+        G = scale.unsqueeze(1) * G * scale.unsqueeze(0)
+        U = U / scale
+    s = torch.ones_like(G.diagonal()) if scale is None else scale
+    alpha = _ALPHA if scale is None else _SCALED_ALPHA
     m = G.shape[0]
     out = torch.empty_like(U)
+    out_multipliers = torch.zeros_like(U)
     converged = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
     rows = torch.arange(U.shape[0], device=U.device)
     trace = float(G.diagonal().sum())
-    rho = 2 * trace / m  # mean eigenvalue of the Hessian 2G
+    rho = 2 * trace / m  # the mean eigenvalue of the Hessian 2G
+    rho = warm.rho if warm is not None else rho if scale is None else _SCALED_RHO * rho
     rho_min = trace * math.sqrt(torch.finfo(G.dtype).eps)
     M = _linear_step(G, rho)
-    Z = U.clone()
-    Y = torch.zeros_like(U)
+    Z = U.clone() if warm is None else torch.maximum(warm.Z / s, U)
+    Y = torch.zeros_like(U) if warm is None else warm.multipliers * (s / rho)
     n_refactorisations = 0
     for iteration in range(1, max_iters + 1):
         V = (Z - Y) @ M
-        V.mul_(_ALPHA).add_(Z, alpha=1 - _ALPHA)
+        V.mul_(alpha).add_(Z, alpha=1 - alpha)
         Z_previous = Z
         Z = torch.maximum(V + Y, U)
         Y.add_(V).sub_(Z)
         if iteration % _CHECK_EVERY and iteration != max_iters:
             continue
 
-        residual = kkt_residual(G, U, Z, Z @ G)
+        if scale is None:
+            residual = kkt_residual(G, U, Z, Z @ G)
+        else:
+            residual = kkt_residual(G_original, U_original[rows], s * Z, (Z @ G) / s)
         met = ~(residual > tol)  # NaN rows are done too: they cannot improve
         done = met | (iteration == max_iters)
         if done.any():
             out[rows[done]] = Z[done]
+            out_multipliers[rows[done]] = Y[done] * (rho / s)
             converged[rows[done]] = met[done]
             keep = ~done
             if not keep.any():
@@ -74,7 +117,9 @@ def admm(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Tensor, Tens
                 Y /= ratio
                 M = _linear_step(G, rho)
                 n_refactorisations += 1
-    return out, converged
+    if scale is not None:
+        out = torch.maximum(s * out, U_original)  # feasible despite the scaling's rounding
+    return out, converged, Warm(out, out_multipliers, rho)
 
 
 def _linear_step(G: Tensor, rho: float) -> Tensor:

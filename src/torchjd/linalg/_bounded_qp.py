@@ -17,9 +17,20 @@ Method
    shared matrix product finds these rows, which are returned unchanged.
 2. Small problems (``m ≤ 64``) are solved exactly, in float64, by block principal pivoting
    (:mod:`torchjd.linalg._principal_pivoting`), starting from the active set of one primal-dual
-   step from ``v = u``.
-3. Larger problems, and rows where pivoting fails (a singular face), are solved by ADMM with one
-   factorisation shared by all rows (:mod:`torchjd.linalg._admm`). The active set that ADMM finds is
+   step from ``v = u``. From ``m = 33`` on, its face solves go through ``G⁻¹`` when ``G`` is
+   well-conditioned (:mod:`torchjd.linalg._schur_pivoting`: one ``|A| × |A|`` or ``|F| × |F|``
+   system per row, whichever is smaller, and one shared product).
+3. Larger problems are solved the same way when the faces of the initial guess are very cheap
+   (:func:`~torchjd.linalg._schur_pivoting.face_cost`: a few free indices per row, when the rows
+   of ``J`` share a strong common direction) and ``G`` is well-conditioned. The others, and rows
+   where pivoting fails (a singular or too large face, too many steps), are solved by ADMM with one
+   factorisation shared by all rows (:mod:`torchjd.linalg._admm`); in float64 from ``m = 256`` on,
+   from the state that ADMM reaches in float32 (whose products cost half as much), so that only
+   the last iterations run in float64; on the Jacobi-scaled problem, with a larger penalty and
+   over-relaxation, when that makes it much better conditioned (:func:`_jacobi_scale`: per-sample
+   Gramians once gradient norms spread out during training) or when the initial faces are
+   lopsided (per-sample Gramians at initialisation: a tenth of the indices active). The active
+   set that ADMM finds is
    then polished by principal pivoting, when its free blocks are small enough to be cheap: the
    answer is then exact, as it is in the common case of few conflicts.
 
@@ -41,13 +52,16 @@ first and pivoting takes over the rows it leaves. The default
 tolerance is then ``1e-9`` in float64.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
-from torchjd.linalg._admm import admm
+from torchjd.linalg._admm import Warm, warm_admm
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._principal_pivoting import principal_pivoting
+from torchjd.linalg._schur_pivoting import face_cost, schur_face_solver
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
 LEAST_NORM_TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
@@ -57,6 +71,21 @@ TIKHONOV = {torch.float64: 1e-8, torch.float32: 1e-5}
 _DIRECT_MAX_M = 64  # up to this size, pivoting alone is exact and the fastest
 _POLISH_BUDGET = 8  # polish when Σ_k |F_k|³ costs at most this many [m, m] × [m, m] products
 _POLISH_STEPS = 4
+# Beyond _DIRECT_MAX_M, pivoting through G⁻¹ runs when Σ_k min(|A_k|, |F_k|)³ of the initial guess
+# is at most this many m³, for at most _SCHUR_PIVOTS steps; a row whose face grows beyond m / 4
+# leaves it for ADMM. In float64, ADMM needs many more iterations for its tighter tolerance.
+_SCHUR_BUDGET = {torch.float32: 0.05, torch.float64: 1.0}
+# Faces are lopsided when min(|A|, |F|) is at most this fraction of m on average (per-sample
+# Gramians at initialisation: about a tenth).
+_LOPSIDED = 0.2
+_SCHUR_PIVOTS = 8
+# In float64 from this size on, ADMM starts from a float32 ADMM solution to _WARM_START_TOL (at
+# most _WARM_START_ITERS iterations): its products cost half as much.
+_WARM_START_MIN_M = 256
+_WARM_START_TOL = 3e-6
+_WARM_START_ITERS = 200
+_JACOBI_MIN_GAIN = 4.0  # ADMM runs on the Jacobi-scaled problem beyond this estimated gain in κ
+_SCHUR_MIN_M = 33  # below, the masked full-size face systems are cheaper
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
 
@@ -98,6 +127,7 @@ def solve_lower_bounded_qp(
     U = U[rows]
     if m <= _DIRECT_MAX_M:
         G64 = G.double()
+        face_solver = None if least_norm or m < _SCHUR_MIN_M else schur_face_solver(G64, m)
         X, converged = principal_pivoting(
             G64,
             U.double(),
@@ -106,7 +136,11 @@ def solve_lower_bounded_qp(
             tol,
             _LEAST_NORM_PIVOTS if least_norm else 3 * m + 10,
             None if G_exact is None else G_exact.double(),
+            face_solver,
         )
+        if face_solver is not None:  # its gradients came from G⁻¹: checked on G itself
+            X = torch.maximum(X, U.double())
+            converged &= kkt_residual(G64, U.double(), X, X @ G64) <= tol
         X = X.to(work_dtype)
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
@@ -116,8 +150,10 @@ def solve_lower_bounded_qp(
                 ).to(work_dtype)
             else:
                 X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
-    else:
+    elif least_norm:
         X = _admm_then_polish(G, U, tol, max_iters, G_exact)
+    else:
+        X = _schur_pivoting_then_admm(G, U, GU[rows] > 0, tol, max_iters)
     V[rows] = torch.maximum(X, U)
     return V.to(out_dtype)
 
@@ -133,19 +169,35 @@ def tikhonov(G: Tensor) -> Tensor:
 
 
 def _admm_then_polish(
-    G: Tensor, U: Tensor, tol: float, max_iters: int, G_exact: Tensor | None
+    G: Tensor,
+    U: Tensor,
+    tol: float,
+    max_iters: int,
+    G_exact: Tensor | None,
+    lopsided: bool = False,
 ) -> Tensor:
     """ADMM, then an exact polish by pivoting from the active set it found.
 
     The polish runs on every row when its face solves are cheap. With ``least_norm`` (a barely
     regularised ``G``, on which ADMM can be slow), ADMM stops after ``_LEAST_NORM_ADMM_ITERS``
     iterations and pivoting, whatever its cost, takes over the rows it left.
+
+    ADMM runs on the Jacobi-scaled problem when that makes it much better conditioned
+    (:func:`_jacobi_scale`), and also when the rows' faces are ``lopsided`` (few active or few free
+    indices, see :func:`_schur_pivoting_then_admm`): its parameters there then suit these
+    problems (on per-sample Gramians at initialisation, half the iterations).
     """
     m = G.shape[0]
     least_norm = G_exact is not None
     if least_norm:
         max_iters = min(max_iters, _LEAST_NORM_ADMM_ITERS)
-    Z, converged = admm(G, U, tol, max_iters)
+    scale = None if least_norm else _jacobi_scale(G)
+    if scale is None and lopsided and bool((G.diagonal() > 0).all()):
+        scale = G.diagonal().rsqrt()
+    if not least_norm and G.dtype == torch.float64 and m >= _WARM_START_MIN_M:
+        Z, converged = _admm_from_float32(G, U, tol, max_iters, scale)
+    else:
+        Z, converged, _ = warm_admm(G, U, tol, max_iters, scale=scale)
     active = Z <= U
     free_sizes = (m - active.sum(dim=1)).double()
     cheap = float(free_sizes.pow(3).sum()) <= _POLISH_BUDGET * m**3
@@ -162,6 +214,72 @@ def _admm_then_polish(
     X, solved = principal_pivoting(G, U[rows], active[rows], row_scales(G), tol, steps, G_exact)
     Z[rows] = torch.where(solved.unsqueeze(1), X, Z[rows])
     return Z
+
+
+def _jacobi_scale(G: Tensor) -> Tensor | None:
+    r"""``diag(G)^{-1/2}`` when the Jacobi scaling makes ``G`` much better conditioned (then ADMM,
+    with its scalar ``ρ``, needs fewer iterations), else None.
+
+    The estimate comes from one Cholesky factorisation ``G = L Lᵀ``, whose pivots
+    :math:`p_j = L_{jj}^2` bound the smallest eigenvalue; those of ``S G S`` are
+    :math:`p_j / G_{jj}`:
+    :math:`\kappa(G) \approx \max_j G_{jj} / \min_j p_j` against :math:`\kappa(SGS) \approx 1 /
+    \min_j (p_j / G_{jj})`. Per-sample Gramians after some training (gradient norms spread over
+    decades) gain a factor 20 to 40; Gramians whose spread diagonal comes from a low rank (the
+    regularisation then dominates the small rows) gain nothing."""
+    diagonal = G.diagonal()
+    if not bool(diagonal.amax() > _JACOBI_MIN_GAIN * diagonal.amin()):
+        return None  # the gain is at most the spread of the diagonal: no factorisation needed
+    L, info = torch.linalg.cholesky_ex(G)
+    pivots = L.diagonal() ** 2
+    gain = diagonal.amax() / pivots.amin() * (pivots / diagonal).amin()
+    if not bool((info == 0) & (diagonal.amin() > 0) & (gain > _JACOBI_MIN_GAIN)):
+        return None
+    return diagonal.rsqrt()
+
+
+def _admm_from_float32(
+    G: Tensor, U: Tensor, tol: float, max_iters: int, scale: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """ADMM in float64 from the state that ADMM in float32 reaches (the rows within
+    ``_WARM_START_TOL``, or its last iterate): most iterations then cost half as much."""
+    scale32 = None if scale is None else scale.float()
+    _, _, (Z, multipliers, rho) = warm_admm(
+        G.float(), U.float(), _WARM_START_TOL, _WARM_START_ITERS, scale=scale32
+    )
+    if not 0.0 < rho < math.inf:
+        return warm_admm(G, U, tol, max_iters, scale=scale)[:2]
+    usable = (Z.isfinite() & multipliers.isfinite()).all(dim=1, keepdim=True)
+    Z = torch.where(usable, torch.maximum(Z.to(G.dtype), U), U)
+    multipliers = torch.where(usable, multipliers.to(G.dtype), 0.0)
+    out, converged, _ = warm_admm(G, U, tol, max_iters, Warm(Z, multipliers, rho), scale)
+    return out, converged
+
+
+def _schur_pivoting_then_admm(
+    G: Tensor, U: Tensor, active: Tensor, tol: float, max_iters: int
+) -> Tensor:
+    """Pivoting with face solves through ``G⁻¹`` when the initial guess's faces are cheap and
+    ``G`` is well-conditioned; ADMM and its polish for the rest, and for the rows that pivoting
+    leaves (or solves less accurately than ``tol`` on ``G`` itself)."""
+    m = G.shape[0]
+    n_active = active.sum(dim=1)
+    lopsided = bool(torch.minimum(n_active, m - n_active).double().mean() <= _LOPSIDED * m)
+    if float(face_cost(active)) > _SCHUR_BUDGET[G.dtype] * m**3:
+        return _admm_then_polish(G, U, tol, max_iters, None, lopsided)
+    G64 = G.double()
+    face_solver = schur_face_solver(G64, m // 4)
+    if face_solver is None:
+        return _admm_then_polish(G, U, tol, max_iters, None, lopsided)
+    X, converged = principal_pivoting(
+        G64, U.double(), active, row_scales(G64), tol, _SCHUR_PIVOTS, face_solver=face_solver
+    )
+    X = torch.maximum(X.to(G.dtype), U)
+    converged &= kkt_residual(G, U, X, X @ G) <= tol
+    if not bool(converged.all()):
+        left = (~converged).nonzero().squeeze(1)
+        X[left] = _admm_then_polish(G, U[left], tol, max_iters, None, lopsided)
+    return X
 
 
 def _interior_point_then_polish(G: Tensor, U: Tensor, tol: float, G_exact: Tensor) -> Tensor:

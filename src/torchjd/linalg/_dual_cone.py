@@ -65,10 +65,11 @@ class TorchProjector(DualConeProjector):
     of ``J``), where the interior-point fallback does the work.
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
-    solved exactly by block principal pivoting; beyond, by ADMM followed by an exact active-set
-    polish when its cost is small (see ``torchjd/linalg/_bounded_qp.py``). The KKT residual of each
-    row, each row's conflict measured relative to its norm, is below ``1e-7`` in float64 and
-    ``2e-5`` in float32 (``1e-9`` in float64 in exact mode).
+    solved exactly by block principal pivoting; beyond, also when each row's faces are cheap
+    through ``G⁻¹`` (few conflicts per row), and otherwise by ADMM followed by an exact
+    active-set polish when its cost is small (see ``torchjd/linalg/_bounded_qp.py``). The KKT
+    residual of each row, each row's conflict measured relative to its norm, is below ``1e-7``
+    in float64 and ``2e-5`` in float32 (``1e-9`` in float64 in exact mode).
 
     :param norm_eps: Trace below which the Gramian is treated as zero. Must be non-negative.
     :param reg_eps: Multiple of the identity added to the normalised Gramian. Must be non-negative;

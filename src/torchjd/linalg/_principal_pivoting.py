@@ -47,6 +47,7 @@ def principal_pivoting(
     tol: float,
     max_iters: int,
     G_exact: Tensor | None = None,
+    face_solver: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Solves each row from the initial guess ``active`` (``[k, m]`` booleans).
 
@@ -58,6 +59,8 @@ def principal_pivoting(
     With ``G_exact`` (the Gramian that ``G`` regularises), the final faces are then re-solved
     for ``G_exact`` by iterated refinement, ``v_F ← v_F − G_FF⁻¹ (G_exact v)_F``: the
     regularisation's bias goes, the (scaled) null-space component of ``v`` stays.
+
+    ``face_solver`` (``(U, active) ↦ (V, G V)``) replaces the default face solves.
     """
     k, m = U.shape
     U_all = U
@@ -73,10 +76,13 @@ def principal_pivoting(
     # with few active indices are solved through G⁻¹.
     inverse = _LazyInverse(G) if G_exact is None and m > _MASKED_MAX_M else None
     for _ in range(max_iters):
-        V = solve_on_faces(G, U, active, inverse)
+        if face_solver is None:
+            V = solve_on_faces(G, U, active, inverse)
+            GV = V @ G
+        else:
+            V, GV = face_solver(U, active)
         X[rows] = V
         final_active[rows] = active
-        GV = V @ G
         relative_gradient = GV / (row_scale * u_scale)
         infeasible = torch.where(
             active,
