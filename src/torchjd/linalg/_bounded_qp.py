@@ -48,6 +48,7 @@ from torchjd.linalg._admm import admm
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._principal_pivoting import principal_pivoting
+from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
 LEAST_NORM_TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
@@ -116,6 +117,11 @@ def solve_lower_bounded_qp(
                 ).to(work_dtype)
             else:
                 X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
+    elif least_norm:
+        X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
+        if not converged.all():
+            left = (~converged).nonzero().squeeze(1)
+            X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
     else:
         X = _admm_then_polish(G, U, tol, max_iters, G_exact)
     V[rows] = torch.maximum(X, U)
