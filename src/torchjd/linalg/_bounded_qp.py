@@ -47,6 +47,7 @@ from torch import Tensor
 from torchjd.linalg._admm import admm
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
+from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import principal_pivoting
 from torchjd.linalg._warm_start import warm_started_pivoting
 
@@ -60,6 +61,8 @@ _POLISH_BUDGET = 8  # polish when Σ_k |F_k|³ costs at most this many [m, m] ×
 _POLISH_STEPS = 4
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
+_LOW_RANK_FRACTION = 2  # beyond m = 64, the interior point takes over when rank(G) ≤ m / 2
+_LOW_RANK_CHUNK_ENTRIES = 2**25  # of its [k, r, m] products (256 MiB in float64)
 
 
 def solve_lower_bounded_qp(
@@ -121,7 +124,12 @@ def solve_lower_bounded_qp(
         X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
-            X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
+            L = low_rank_factor(G_exact, m // _LOW_RANK_FRACTION)
+            if L is None:
+                X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
+            else:
+                low_rank = (L, (G - G_exact).diagonal())
+                X[left] = _interior_point_then_polish(G, U[left], tol, G_exact, low_rank)
     else:
         X = _admm_then_polish(G, U, tol, max_iters, G_exact)
     V[rows] = torch.maximum(X, U)
@@ -170,13 +178,31 @@ def _admm_then_polish(
     return Z
 
 
-def _interior_point_then_polish(G: Tensor, U: Tensor, tol: float, G_exact: Tensor) -> Tensor:
-    """For rows where pivoting wandered: the interior-point method, then pivoting (with the
-    least-norm refinement) from the active set it identifies; its answer is kept where pivoting
-    does not conclude."""
-    V = interior_point(G, U, 1e-3 * tol)
-    u_scale = U.abs().amax(dim=1, keepdim=True)
-    gap = V - U
-    active = gap <= 1e-6 * u_scale
-    X, solved = principal_pivoting(G, U, active, row_scales(G), tol, 20, G_exact)
-    return torch.where(solved.unsqueeze(1), X, V)
+def _interior_point_then_polish(
+    G: Tensor,
+    U: Tensor,
+    tol: float,
+    G_exact: Tensor,
+    low_rank: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """For rows where pivoting wandered: the interior-point method, then, on the rows where it
+    does not meet ``tol`` for ``G_exact``, pivoting (with the least-norm refinement) from the active
+    set it identifies; its answer is kept where pivoting does not conclude. With ``low_rank``,
+    ``(L, t)`` with ``G ≈ L Lᵀ + diag(t)``, the rows go through the interior-point method in
+    chunks that bound its ``[k, r, m]`` products."""
+    if low_rank is None:
+        V = interior_point(G, U, 1e-3 * tol)
+    else:
+        m, r = low_rank[0].shape
+        chunk = max(1, _LOW_RANK_CHUNK_ENTRIES // (m * r))
+        V = torch.cat(
+            [interior_point(G, rows, 1e-3 * tol, low_rank=low_rank) for rows in U.split(chunk)]
+        )
+    rows = ~(kkt_residual(G_exact, U, V, V @ G_exact) <= tol)
+    if not rows.any():
+        return V
+    U_left, V_left = U[rows], V[rows]
+    active = V_left - U_left <= 1e-6 * U_left.abs().amax(dim=1, keepdim=True)
+    X, solved = principal_pivoting(G, U_left, active, row_scales(G), tol, 20, G_exact)
+    V[rows] = torch.where(solved.unsqueeze(1), X, V_left)
+    return V
