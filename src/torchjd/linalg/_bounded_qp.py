@@ -61,7 +61,7 @@ _POLISH_BUDGET = 8  # polish when Σ_k |F_k|³ costs at most this many [m, m] ×
 _POLISH_STEPS = 4
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
-_LOW_RANK_FRACTION = 2  # beyond m = 64, the interior point takes over when rank(G) ≤ m / 2
+_LOW_RANK_FRACTION = 2  # Woodbury solves in the interior point when rank(G) ≤ m / 2
 _LOW_RANK_CHUNK_ENTRIES = 2**25  # of its [k, r, m] products (256 MiB in float64)
 
 
@@ -115,8 +115,8 @@ def solve_lower_bounded_qp(
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
             if least_norm:
-                X[left] = _interior_point_then_polish(
-                    G64, U[left].double(), tol, G_exact.double()
+                X[left] = _least_norm_fallback(
+                    G64, G_exact.double(), U[left].double(), tol, max_iters
                 ).to(work_dtype)
             else:
                 X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
@@ -124,12 +124,7 @@ def solve_lower_bounded_qp(
         X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
-            L = low_rank_factor(G_exact, m // _LOW_RANK_FRACTION)
-            if L is None:
-                X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
-            else:
-                low_rank = (L, (G - G_exact).diagonal())
-                X[left] = _interior_point_then_polish(G, U[left], tol, G_exact, low_rank)
+            X[left] = _least_norm_fallback(G, G_exact, U[left], tol, max_iters)
     else:
         X = _admm_then_polish(G, U, tol, max_iters, G_exact)
     V[rows] = torch.maximum(X, U)
@@ -144,6 +139,20 @@ def tikhonov(G: Tensor) -> Tensor:
     diagonal = G.diagonal()
     weights = torch.where(diagonal > 0, diagonal, 1e-6 * diagonal.amax())
     return G + torch.diag(TIKHONOV[G.dtype] * weights)
+
+
+def _least_norm_fallback(
+    G: Tensor, G_exact: Tensor, U: Tensor, tol: float, max_iters: int
+) -> Tensor:
+    """The rows that pivoting left, in the least-norm mode: the interior point, with Woodbury
+    solves when ``rank(G_exact) ≤ m / 2``, with dense ones up to ``m = 64``; beyond, ADMM."""
+    m = G.shape[0]
+    L = low_rank_factor(G_exact, m // _LOW_RANK_FRACTION)
+    if L is not None:
+        return _interior_point_then_polish(G, U, tol, G_exact, (L, (G - G_exact).diagonal()))
+    if m <= _DIRECT_MAX_M:
+        return _interior_point_then_polish(G, U, tol, G_exact)
+    return _admm_then_polish(G, U, tol, max_iters, G_exact)
 
 
 def _admm_then_polish(

@@ -45,19 +45,24 @@ def interior_point(
     With ``low_rank = (L, t)``, ``G ≈ L Lᵀ + diag(t)`` and the Newton systems are solved by the
     Woodbury identity (:mod:`torchjd.linalg._low_rank`)."""
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
-    scale = row_scales(G) * u_scale
+    row_scale = row_scales(G)
     P = 2 * G
     x = torch.ones_like(U) * u_scale
     z = torch.ones_like(U) * G.diagonal().amax() * u_scale
+    V = U.clone()
+    rows = torch.arange(U.shape[0], device=U.device)
     m = U.shape[1]
     for _ in range(max_iters):
         r_d = (U + x) @ P - z
         mu = (x * z).sum(dim=1, keepdim=True) / m
-        converged = ((r_d.abs() <= tol * scale) & (x * z <= tol * scale * u_scale)).all(
-            dim=1, keepdim=True
-        )
-        if bool(converged.all()):
-            break
+        scale = row_scale * u_scale
+        converged = ((r_d.abs() <= tol * scale) & (x * z <= tol * scale * u_scale)).all(dim=1)
+        if bool(converged.any()):  # converged rows leave the batch
+            V[rows[converged]] = U[converged] + x[converged]
+            keep = ~converged
+            if not bool(keep.any()):
+                return V
+            rows, U, x, z, r_d, mu, u_scale = (t[keep] for t in (rows, U, x, z, r_d, mu, u_scale))
         if low_rank is None:
             factor = _factorise(P, z / x)
         else:
@@ -71,10 +76,10 @@ def interior_point(
         r_c = -x * z - dx_aff * dz_aff + sigma * mu
         dx, dz = _direction(factor, x, z, r_d, r_c)
         alpha = (_STEP_BACK * torch.minimum(_max_step(x, dx), _max_step(z, dz))).clamp_max(1.0)
-        alpha = torch.where(converged, 0.0, alpha)
         x = x + alpha * dx
         z = z + alpha * dz
-    return U + x
+    V[rows] = U + x
+    return V
 
 
 def _factorise(P: Tensor, d: Tensor) -> Callable[[Tensor], Tensor]:
