@@ -34,11 +34,14 @@ When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v``
 every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
 the unit-norm rows); face solutions are then refined towards the exact ``G`` (iterated Tikhonov
-regularisation). Up to ``m = 64``, pivoting gets a few steps; rows it has not solved by then (it
-can wander on degenerate problems) go to a batched interior-point method
-(:mod:`torchjd.linalg._interior_point`), whose active set pivoting then finishes. Beyond, ADMM runs
-first and pivoting takes over the rows it leaves. The default
-tolerance is then ``1e-9`` in float64.
+regularisation). Up to ``m = 64``, pivoting gets a few steps from the one-step guess; beyond, from
+the active set of ADMM on the well-conditioned Gramian of the default mode
+(:mod:`torchjd.linalg._warm_start`). Rows it has not solved by then (it can wander on degenerate
+problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_point`), in
+float64, whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ m / 2``
+(:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the
+tolerance. Beyond ``m = 64`` with a rank above ``m / 2``, ADMM on the Tikhonov Gramian takes these
+rows instead. The default tolerance is then ``1e-9`` in float64.
 """
 
 import torch
@@ -115,9 +118,7 @@ def solve_lower_bounded_qp(
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
             if least_norm:
-                X[left] = _least_norm_fallback(
-                    G64, G_exact.double(), U[left].double(), tol, max_iters
-                ).to(work_dtype)
+                X[left] = _least_norm_fallback(G, G_exact, U[left], tol, max_iters)
             else:
                 X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
     elif least_norm:
@@ -144,15 +145,16 @@ def tikhonov(G: Tensor) -> Tensor:
 def _least_norm_fallback(
     G: Tensor, G_exact: Tensor, U: Tensor, tol: float, max_iters: int
 ) -> Tensor:
-    """The rows that pivoting left, in the least-norm mode: the interior point, with Woodbury
-    solves when ``rank(G_exact) ≤ m / 2``, with dense ones up to ``m = 64``; beyond, ADMM."""
+    """The rows that pivoting left, in the least-norm mode: the interior point in float64, with
+    Woodbury solves when ``rank(G_exact) ≤ m / 2``, with dense ones up to ``m = 64``; beyond,
+    ADMM."""
     m = G.shape[0]
-    L = low_rank_factor(G_exact, m // _LOW_RANK_FRACTION)
-    if L is not None:
-        return _interior_point_then_polish(G, U, tol, G_exact, (L, (G - G_exact).diagonal()))
-    if m <= _DIRECT_MAX_M:
-        return _interior_point_then_polish(G, U, tol, G_exact)
-    return _admm_then_polish(G, U, tol, max_iters, G_exact)
+    L = low_rank_factor(G_exact.double(), m // _LOW_RANK_FRACTION)
+    if L is None and m > _DIRECT_MAX_M:
+        return _admm_then_polish(G, U, tol, max_iters, G_exact)
+    G64, G_exact64 = G.double(), G_exact.double()
+    low_rank = None if L is None else (L, (G64 - G_exact64).diagonal())
+    return _interior_point_then_polish(G64, U.double(), tol, G_exact64, low_rank).to(U.dtype)
 
 
 def _admm_then_polish(

@@ -99,7 +99,8 @@ def principal_pivoting(
         largest = torch.where(infeasible, positions, -1).amax(dim=1, keepdim=True)
         single = (tries < 0).unsqueeze(1)
         active = active ^ torch.where(single, positions == largest, infeasible)
-        if 2 * n_done >= len(rows):  # compact when it halves the work
+        # Compact when it halves the work; in the least-norm mode, as soon as a row is done.
+        if 2 * n_done >= len(rows) or (n_done > 0 and G_exact is not None):
             keep = ~done
             rows, U, active, u_scale, best, tries = (
                 t[keep] for t in (rows, U, active, u_scale, best, tries)
