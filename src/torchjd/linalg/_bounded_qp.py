@@ -40,8 +40,7 @@ the active set of ADMM on the well-conditioned Gramian of the default mode
 problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_point`), in
 float64, whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ m / 2``
 (:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the
-tolerance. Beyond ``m = 64`` with a rank above ``m / 2``, ADMM on the Tikhonov Gramian takes these
-rows instead. The default tolerance is then ``1e-9`` in float64.
+tolerance. The default tolerance is then ``1e-9`` in float64.
 """
 
 import torch
@@ -65,7 +64,7 @@ _POLISH_STEPS = 4
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
 _LOW_RANK_FRACTION = 2  # Woodbury solves in the interior point when rank(G) ≤ m / 2
-_LOW_RANK_CHUNK_ENTRIES = 2**25  # of its [k, r, m] products (256 MiB in float64)
+_CHUNK_ENTRIES = 2**25  # of the interior point's [k, m, m] or [k, r, m] tensors (256 MiB)
 
 
 def solve_lower_bounded_qp(
@@ -118,14 +117,14 @@ def solve_lower_bounded_qp(
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
             if least_norm:
-                X[left] = _least_norm_fallback(G, G_exact, U[left], tol, max_iters)
+                X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
             else:
                 X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
     elif least_norm:
         X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
-            X[left] = _least_norm_fallback(G, G_exact, U[left], tol, max_iters)
+            X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
     else:
         X = _admm_then_polish(G, U, tol, max_iters, G_exact)
     V[rows] = torch.maximum(X, U)
@@ -142,17 +141,12 @@ def tikhonov(G: Tensor) -> Tensor:
     return G + torch.diag(TIKHONOV[G.dtype] * weights)
 
 
-def _least_norm_fallback(
-    G: Tensor, G_exact: Tensor, U: Tensor, tol: float, max_iters: int
-) -> Tensor:
+def _least_norm_fallback(G: Tensor, G_exact: Tensor, U: Tensor, tol: float) -> Tensor:
     """The rows that pivoting left, in the least-norm mode: the interior point in float64, with
-    Woodbury solves when ``rank(G_exact) ≤ m / 2``, with dense ones up to ``m = 64``; beyond,
-    ADMM."""
+    Woodbury solves when ``rank(G_exact) ≤ m / 2``."""
     m = G.shape[0]
-    L = low_rank_factor(G_exact.double(), m // _LOW_RANK_FRACTION)
-    if L is None and m > _DIRECT_MAX_M:
-        return _admm_then_polish(G, U, tol, max_iters, G_exact)
     G64, G_exact64 = G.double(), G_exact.double()
+    L = low_rank_factor(G_exact64, m // _LOW_RANK_FRACTION)
     low_rank = None if L is None else (L, (G64 - G_exact64).diagonal())
     return _interior_point_then_polish(G64, U.double(), tol, G_exact64, low_rank).to(U.dtype)
 
@@ -199,16 +193,14 @@ def _interior_point_then_polish(
     """For rows where pivoting wandered: the interior-point method, then, on the rows where it
     does not meet ``tol`` for ``G_exact``, pivoting (with the least-norm refinement) from the active
     set it identifies; its answer is kept where pivoting does not conclude. With ``low_rank``,
-    ``(L, t)`` with ``G ≈ L Lᵀ + diag(t)``, the rows go through the interior-point method in
-    chunks that bound its ``[k, r, m]`` products."""
-    if low_rank is None:
-        V = interior_point(G, U, 1e-3 * tol)
-    else:
-        m, r = low_rank[0].shape
-        chunk = max(1, _LOW_RANK_CHUNK_ENTRIES // (m * r))
-        V = torch.cat(
-            [interior_point(G, rows, 1e-3 * tol, low_rank=low_rank) for rows in U.split(chunk)]
-        )
+    ``(L, t)`` with ``G ≈ L Lᵀ + diag(t)``, its Newton systems are solved by the Woodbury identity.
+    The rows go through it in chunks that bound its ``[k, m, m]`` (or ``[k, r, m]``) tensors."""
+    m = G.shape[0]
+    width = m if low_rank is None else low_rank[0].shape[1]
+    chunk = max(1, _CHUNK_ENTRIES // (m * width))
+    V = torch.cat(
+        [interior_point(G, rows, 1e-3 * tol, low_rank=low_rank) for rows in U.split(chunk)]
+    )
     rows = ~(kkt_residual(G_exact, U, V, V @ G_exact) <= tol)
     if not rows.any():
         return V
