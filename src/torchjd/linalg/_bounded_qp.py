@@ -34,13 +34,15 @@ When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v``
 every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
 the unit-norm rows); face solutions are then refined towards the exact ``G`` (iterated Tikhonov
-regularisation). Up to ``m = 64``, pivoting gets a few steps from the one-step guess; beyond, from
-the active set of ADMM on the well-conditioned Gramian of the default mode
+regularisation). Up to ``m = 64``, pivoting gets a few steps from the one-step guess; up to
+``m = 512``, from the active set of ADMM on the well-conditioned Gramian of the default mode
 (:mod:`torchjd.linalg._warm_start`). Rows it has not solved by then (it can wander on degenerate
 problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_point`), in
 float64, whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ m / 2``
 (:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the
-tolerance. The default tolerance is then ``1e-9`` in float64.
+tolerance. Beyond ``m = 512``, ADMM runs on the Tikhonov Gramian first and pivoting takes over the
+rows it leaves (slow: up to minutes at ``m = 1024``). The default tolerance is then ``1e-9`` in
+float64.
 """
 
 import torch
@@ -63,6 +65,9 @@ _POLISH_BUDGET = 8  # polish when Σ_k |F_k|³ costs at most this many [m, m] ×
 _POLISH_STEPS = 4
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
+# Beyond, the warm-started pivoting of the least-norm mode can cycle between large faces, each
+# step an O(m³) factorisation per row; ADMM on the Tikhonov Gramian then runs first instead.
+_WARM_START_MAX_M = 512
 _LOW_RANK_FRACTION = 2  # Woodbury solves in the interior point when rank(G) ≤ m / 2
 _CHUNK_ENTRIES = 2**25  # of the interior point's [k, m, m] or [k, r, m] tensors (256 MiB)
 
@@ -120,7 +125,7 @@ def solve_lower_bounded_qp(
                 X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
             else:
                 X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
-    elif least_norm:
+    elif least_norm and m <= _WARM_START_MAX_M:
         X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)

@@ -67,10 +67,11 @@ class TorchProjector(DualConeProjector):
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
     solved exactly by block principal pivoting; beyond, by ADMM followed by an exact active-set
     polish when its cost is small (see ``torchjd/linalg/_bounded_qp.py``). In the exact mode,
-    beyond ``m = 64``, pivoting starts from the active set that ADMM finds with the defaults'
-    regularisation; the rows it leaves (degenerate problems) go to a float64 interior-point method,
-    whose Newton systems use the Woodbury identity when ``rank(G) ≤ m / 2``. Its faces cost
-    :math:`O(m^3)` per row, which makes ``m = 1024`` slow (tens of seconds to minutes). The KKT
+    from ``m = 65`` to ``512``, pivoting starts from the active set that ADMM finds with the
+    defaults' regularisation; the rows it leaves (degenerate problems) go to a float64
+    interior-point method, whose Newton systems use the Woodbury identity when
+    ``rank(G) ≤ m / 2``. Beyond, ADMM on the barely regularised Gramian runs first: at
+    ``m = 1024``, a call can take minutes (faces cost :math:`O(m^3)` per row). The KKT
     residual of each row, each row's conflict measured relative to its norm, is below ``1e-7`` in
     float64 and ``2e-5`` in float32 (``1e-9`` in float64 in exact mode).
 
