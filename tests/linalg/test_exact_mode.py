@@ -126,3 +126,16 @@ def test_kkt_and_least_energy_against_brute_force(family: str, m: int, n: int):
             continue
         expected = least_energy_optimum(J.numpy(), u, optimum)
         np.testing.assert_allclose(v, expected, atol=1e-6 * max(1.0, np.abs(expected).max()))
+
+
+@pytest.mark.parametrize(
+    "family", ["normal", "rank_deficient", "duplicate_rows", "opposite_rows", "mixed_row_norms"]
+)
+@pytest.mark.parametrize(("m", "n"), [(72, 9), (72, 90)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_never_conflicts_beyond_64_rows(family: str, m: int, n: int, dtype: torch.dtype):
+    """Beyond ``m = 64``: pivoting warm-started by ADMM, and the interior point with Woodbury
+    solves for the rows it leaves on a Gramian of low rank (here rank ≤ 9)."""
+    J = make(family, m, n, seed=m + n).to(dtype)
+    J[: m // 8] = J[m // 8 : m // 4] + 1e-6 * J[: m // 8]  # near-duplicate rows
+    assert worst_conflict(J, UPGrad(projector=exact())(J)) >= -NON_CONFLICT[dtype]

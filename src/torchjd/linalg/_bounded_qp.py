@@ -45,11 +45,15 @@ When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v``
 every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
 the unit-norm rows); face solutions are then refined towards the exact ``G`` (iterated Tikhonov
-regularisation). Up to ``m = 64``, pivoting gets a few steps; rows it has not solved by then (it
-can wander on degenerate problems) go to a batched interior-point method
-(:mod:`torchjd.linalg._interior_point`), whose active set pivoting then finishes. Beyond, ADMM runs
-first and pivoting takes over the rows it leaves. The default
-tolerance is then ``1e-9`` in float64.
+regularisation). Up to ``m = 64``, pivoting gets a few steps from the one-step guess; up to
+``m = 512``, from the active set of ADMM on the well-conditioned Gramian of the default mode
+(:mod:`torchjd.linalg._warm_start`). Rows it has not solved by then (it can wander on degenerate
+problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_point`), in
+float64, whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ m / 2``
+(:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the
+tolerance. Beyond ``m = 512``, ADMM runs on the Tikhonov Gramian first and pivoting takes over the
+rows it leaves (slow: up to minutes at ``m = 1024``). The default tolerance is then ``1e-9`` in
+float64.
 """
 
 import math
@@ -60,8 +64,10 @@ from torch import Tensor
 from torchjd.linalg._admm import Warm, warm_admm
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
+from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import principal_pivoting
 from torchjd.linalg._schur_pivoting import face_cost, schur_face_solver
+from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
 LEAST_NORM_TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
@@ -88,6 +94,11 @@ _JACOBI_MIN_GAIN = 4.0  # ADMM runs on the Jacobi-scaled problem beyond this est
 _SCHUR_MIN_M = 33  # below, the masked full-size face systems are cheaper
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
+# Beyond, the warm-started pivoting of the least-norm mode can cycle between large faces, each
+# step an O(m³) factorisation per row; ADMM on the Tikhonov Gramian then runs first instead.
+_WARM_START_MAX_M = 512
+_LOW_RANK_FRACTION = 2  # Woodbury solves in the interior point when rank(G) ≤ m / 2
+_CHUNK_ENTRIES = 2**25  # of the interior point's [k, m, m] or [k, r, m] tensors (256 MiB)
 
 
 def solve_lower_bounded_qp(
@@ -145,11 +156,14 @@ def solve_lower_bounded_qp(
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
             if least_norm:
-                X[left] = _interior_point_then_polish(
-                    G64, U[left].double(), tol, G_exact.double()
-                ).to(work_dtype)
+                X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
             else:
                 X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
+    elif least_norm and m <= _WARM_START_MAX_M:
+        X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
+        if not converged.all():
+            left = (~converged).nonzero().squeeze(1)
+            X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
     elif least_norm:
         X = _admm_then_polish(G, U, tol, max_iters, G_exact)
     else:
@@ -166,6 +180,16 @@ def tikhonov(G: Tensor) -> Tensor:
     diagonal = G.diagonal()
     weights = torch.where(diagonal > 0, diagonal, 1e-6 * diagonal.amax())
     return G + torch.diag(TIKHONOV[G.dtype] * weights)
+
+
+def _least_norm_fallback(G: Tensor, G_exact: Tensor, U: Tensor, tol: float) -> Tensor:
+    """The rows that pivoting left, in the least-norm mode: the interior point in float64, with
+    Woodbury solves when ``rank(G_exact) ≤ m / 2``."""
+    m = G.shape[0]
+    G64, G_exact64 = G.double(), G_exact.double()
+    L = low_rank_factor(G_exact64, m // _LOW_RANK_FRACTION)
+    low_rank = None if L is None else (L, (G64 - G_exact64).diagonal())
+    return _interior_point_then_polish(G64, U.double(), tol, G_exact64, low_rank).to(U.dtype)
 
 
 def _admm_then_polish(
@@ -282,13 +306,29 @@ def _schur_pivoting_then_admm(
     return X
 
 
-def _interior_point_then_polish(G: Tensor, U: Tensor, tol: float, G_exact: Tensor) -> Tensor:
-    """For rows where pivoting wandered: the interior-point method, then pivoting (with the
-    least-norm refinement) from the active set it identifies; its answer is kept where pivoting
-    does not conclude."""
-    V = interior_point(G, U, 1e-3 * tol)
-    u_scale = U.abs().amax(dim=1, keepdim=True)
-    gap = V - U
-    active = gap <= 1e-6 * u_scale
-    X, solved = principal_pivoting(G, U, active, row_scales(G), tol, 20, G_exact)
-    return torch.where(solved.unsqueeze(1), X, V)
+def _interior_point_then_polish(
+    G: Tensor,
+    U: Tensor,
+    tol: float,
+    G_exact: Tensor,
+    low_rank: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """For rows where pivoting wandered: the interior-point method, then, on the rows where it
+    does not meet ``tol`` for ``G_exact``, pivoting (with the least-norm refinement) from the active
+    set it identifies; its answer is kept where pivoting does not conclude. With ``low_rank``,
+    ``(L, t)`` with ``G ≈ L Lᵀ + diag(t)``, its Newton systems are solved by the Woodbury identity.
+    The rows go through it in chunks that bound its ``[k, m, m]`` (or ``[k, r, m]``) tensors."""
+    m = G.shape[0]
+    width = m if low_rank is None else low_rank[0].shape[1]
+    chunk = max(1, _CHUNK_ENTRIES // (m * width))
+    V = torch.cat(
+        [interior_point(G, rows, 1e-3 * tol, low_rank=low_rank) for rows in U.split(chunk)]
+    )
+    rows = ~(kkt_residual(G_exact, U, V, V @ G_exact) <= tol)
+    if not rows.any():
+        return V
+    U_left, V_left = U[rows], V[rows]
+    active = V_left - U_left <= 1e-6 * U_left.abs().amax(dim=1, keepdim=True)
+    X, solved = principal_pivoting(G, U_left, active, row_scales(G), tol, 20, G_exact)
+    V[rows] = torch.where(solved.unsqueeze(1), X, V_left)
+    return V

@@ -20,33 +20,53 @@ The returned ``v`` is interior (``v > u``) up to the last step; the caller ident
 set from it and finishes on the exact face.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from torchjd.linalg._kkt import row_scales
+from torchjd.linalg._low_rank import woodbury_solver
 
 _STEP_BACK = 0.99
 
 
-def interior_point(G: Tensor, U: Tensor, tol: float, max_iters: int = 100) -> Tensor:
+def interior_point(
+    G: Tensor,
+    U: Tensor,
+    tol: float,
+    max_iters: int = 100,
+    low_rank: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Approximate rows ``argmin_{v ≥ u} vᵀ G v`` (``G`` positive definite), to a gradient
     residual and a complementarity below ``tol``, each entry ``j`` relative to its row's scale
-    ``‖J_j‖ max_k ‖J_k‖ · max|u|`` (so that rows of small norm are as accurate as the others)."""
+    ``‖J_j‖ max_k ‖J_k‖ · max|u|`` (so that rows of small norm are as accurate as the others).
+
+    With ``low_rank = (L, t)``, ``G ≈ L Lᵀ + diag(t)`` and the Newton systems are solved by the
+    Woodbury identity (:mod:`torchjd.linalg._low_rank`)."""
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
-    scale = row_scales(G) * u_scale
+    row_scale = row_scales(G)
     P = 2 * G
     x = torch.ones_like(U) * u_scale
     z = torch.ones_like(U) * G.diagonal().amax() * u_scale
+    V = U.clone()
+    rows = torch.arange(U.shape[0], device=U.device)
     m = U.shape[1]
     for _ in range(max_iters):
         r_d = (U + x) @ P - z
         mu = (x * z).sum(dim=1, keepdim=True) / m
-        converged = ((r_d.abs() <= tol * scale) & (x * z <= tol * scale * u_scale)).all(
-            dim=1, keepdim=True
-        )
-        if bool(converged.all()):
-            break
-        factor = _factorise(P, z / x)
+        scale = row_scale * u_scale
+        converged = ((r_d.abs() <= tol * scale) & (x * z <= tol * scale * u_scale)).all(dim=1)
+        if bool(converged.any()):  # converged rows leave the batch
+            V[rows[converged]] = U[converged] + x[converged]
+            keep = ~converged
+            if not bool(keep.any()):
+                return V
+            rows, U, x, z, r_d, mu, u_scale = (t[keep] for t in (rows, U, x, z, r_d, mu, u_scale))
+        if low_rank is None:
+            factor = _factorise(P, z / x)
+        else:
+            factor = woodbury_solver(low_rank[0], 2 * low_rank[1] + z / x)
         # Predictor: the affine-scaling direction.
         dx_aff, dz_aff = _direction(factor, x, z, r_d, -x * z)
         alpha_aff = torch.minimum(_max_step(x, dx_aff), _max_step(z, dz_aff)).clamp_max(1.0)
@@ -56,27 +76,26 @@ def interior_point(G: Tensor, U: Tensor, tol: float, max_iters: int = 100) -> Te
         r_c = -x * z - dx_aff * dz_aff + sigma * mu
         dx, dz = _direction(factor, x, z, r_d, r_c)
         alpha = (_STEP_BACK * torch.minimum(_max_step(x, dx), _max_step(z, dz))).clamp_max(1.0)
-        alpha = torch.where(converged, 0.0, alpha)
         x = x + alpha * dx
         z = z + alpha * dz
-    return U + x
+    V[rows] = U + x
+    return V
 
 
-def _factorise(P: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Cholesky factor of each row's Jacobi-scaled ``P + diag(d)``, and the scaling."""
+def _factorise(P: Tensor, d: Tensor) -> Callable[[Tensor], Tensor]:
+    """Solver of each row's ``(P + diag(d)) x = b``, by a Cholesky factorisation after a Jacobi
+    scaling."""
     K = P.unsqueeze(0) + torch.diag_embed(d)
     s = K.diagonal(dim1=1, dim2=2).rsqrt()
     L, _ = torch.linalg.cholesky_ex(s.unsqueeze(2) * K * s.unsqueeze(1))
-    return L, s
+    return lambda b: s * torch.cholesky_solve((s * b).unsqueeze(2), L).squeeze(2)
 
 
 def _direction(
-    factor: tuple[Tensor, Tensor], x: Tensor, z: Tensor, r_d: Tensor, r_c: Tensor
+    solve: Callable[[Tensor], Tensor], x: Tensor, z: Tensor, r_d: Tensor, r_c: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Newton direction for ``P Δx − Δz = −r_d`` and ``Z Δx + X Δz = r_c``."""
-    L, s = factor
-    rhs = -r_d + r_c / x
-    dx = s * torch.cholesky_solve((s * rhs).unsqueeze(2), L).squeeze(2)
+    dx = solve(-r_d + r_c / x)
     dz = (r_c - z * dx) / x
     return dx, dz
 

@@ -105,7 +105,8 @@ def principal_pivoting(
         largest = torch.where(infeasible, positions, -1).amax(dim=1, keepdim=True)
         single = (tries < 0).unsqueeze(1)
         active = active ^ torch.where(single, positions == largest, infeasible)
-        if 2 * n_done >= len(rows):  # compact when it halves the work
+        # Compact when it halves the work; in the least-norm mode, as soon as a row is done.
+        if 2 * n_done >= len(rows) or (n_done > 0 and G_exact is not None):
             keep = ~done
             rows, U, active, u_scale, best, tries = (
                 t[keep] for t in (rows, U, active, u_scale, best, tries)
@@ -239,12 +240,20 @@ def _compacted_factors(
     G: Tensor, active: Tensor
 ) -> list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]]:
     """Rows grouped by the size of their free set (up to the next power of two); each group
-    factorises its compacted ``|F| × |F|`` blocks in one batch."""
+    factorises its compacted ``|F| × |F|`` blocks in one batch.
+
+    The Jacobi scaling of a block is the restriction of that of ``G``, so the blocks are gathered
+    from the scaled ``G``, bordered by an identity that pads each block (one ``take``)."""
     free = ~active
     sizes = free.sum(dim=1)
     order = torch.argsort(sizes)
     # Each row's free columns first, in increasing order (a stable sort of ``active``).
     columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)
+    m = G.shape[0]
+    diagonal = G.diagonal()
+    s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 1.0)
+    bordered = torch.block_diag(s.unsqueeze(1) * G * s.unsqueeze(0), torch.eye(m).to(G))
+    padding = torch.arange(m, 2 * m, device=G.device)
     sorted_sizes = sizes[order].tolist()
     groups = []
     start = 0
@@ -260,9 +269,10 @@ def _compacted_factors(
         group = order[start:stop].unsqueeze(1)
         cols = columns[group.squeeze(1), :width]
         mask = free[group, cols]  # False on the padding
-        pad = ~(mask.unsqueeze(2) & mask.unsqueeze(1))
-        G_FF = torch.where(pad, 0.0, G[cols.unsqueeze(2), cols.unsqueeze(1)])
-        G_FF = G_FF + torch.diag_embed((~mask).to(G.dtype))
-        groups.append((group, cols, mask, _spd_factor(G_FF)))
+        index = torch.where(mask, cols, padding[:width])
+        L, _ = torch.linalg.cholesky_ex(
+            torch.take(bordered, index.unsqueeze(2) * 2 * m + index.unsqueeze(1))
+        )
+        groups.append((group, cols, mask, (L, torch.where(mask, s[cols], 1.0))))
         start = stop
     return groups
