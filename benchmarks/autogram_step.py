@@ -81,21 +81,30 @@ def build(kind: str, batch: int):
     return model, x, y
 
 
-def worker(kind: str, batch: int, mode: str, steps: int, threads: int, clock: str) -> dict:
+def setup(kind: str, batch: int, mode: str):
+    """The model, data, optimiser, per-sample loss, and (except for ERM) engine and weighting."""
     import torch
     from torch import nn
 
-    torch.set_num_threads(threads)
-    now = time.process_time if clock == "cpu" else time.perf_counter
     model, x, y = build(kind, batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
+    engine = weighting = None
     if mode != "erm":
         from torchjd.aggregation import UPGradWeighting
         from torchjd.autogram import Engine
 
         engine = Engine(model, batch_dim=0)
         weighting = UPGradWeighting()
+    return model, x, y, optimizer, loss_fn, engine, weighting
+
+
+def worker(kind: str, batch: int, mode: str, steps: int, threads: int, clock: str) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    model, x, y, optimizer, loss_fn, engine, weighting = setup(kind, batch, mode)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times: dict[str, list[float]] = {"forward": [], "gramian": [], "weighting": [], "backward": []}
     for _ in range(steps + 2):
