@@ -20,7 +20,7 @@ from torchjd.autogram._fused import (
     graph_leaves,
     per_sample_weights,
 )
-from torchjd.autogram._module_call import ModuleCall
+from torchjd.autogram._module_call import ModuleCall, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
 
@@ -169,7 +169,7 @@ class Engine:
         call = ModuleCall(
             args=args,
             kwargs=kwargs,
-            outputs=outputs,
+            outputs=[shape_only(t) for t in outputs],
             output_batch_dims=[None] * len(outputs),  # resolved by compute_gramian
             batch_dim=None,
             output_leaf_indices=indices,

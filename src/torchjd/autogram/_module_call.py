@@ -17,7 +17,8 @@ class ModuleCall:
     :param args: The positional arguments of the call (as received: not detached).
     :param kwargs: The keyword arguments of the call.
     :param outputs: The floating-point tensors of the call's output that require grad, in the order
-        of ``torch.utils._pytree.tree_leaves(output)``.
+        of ``torch.utils._pytree.tree_leaves(output)``, as :func:`shape_only` stand-ins: their
+        shape, dtype and device, not their values.
     :param output_batch_dims: For each of ``outputs``, the dimension that indexes the samples, or
         None when the whole tensor belongs to one sample (engine without batch dimension).
     :param batch_dim: The batch dimension of the module's main input and output (None as above).
@@ -137,3 +138,14 @@ def masked_cotangents(gamma: Tensor, batch_dim: int | None, num_samples: int) ->
     eye = torch.eye(num_samples, dtype=gamma.dtype, device=gamma.device)
     masked = gamma.unsqueeze(0) * eye.reshape(num_samples, *shape)
     return masked.reshape(num_samples * gamma.shape[0], *gamma.shape[1:])
+
+
+def shape_only(tensor: Tensor, shape: tuple[int, ...] | torch.Size | None = None) -> Tensor:
+    """A stand-in for ``tensor`` with its dtype and device and its shape (or ``shape``), but one
+    stored element (zero, expanded).
+
+    The engine keeps a call's outputs for their metadata only: holding the output itself would keep
+    its memory alive until the Gramian is computed, whereas autograd frees an output that no
+    backward formula saves (the output of a layer followed by a ReLU, for instance) as soon as the
+    next operation has run."""
+    return tensor.new_zeros(()).expand(tensor.shape if shape is None else shape)

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchjd.autogram import Engine
-from torchjd.autogram._module_call import ModuleCall
+from torchjd.autogram._module_call import ModuleCall, shape_only
 from torchjd.autogram._rules._conv import conv_rule
 from torchjd.autogram._rules._embedding import embedding_rule
 from torchjd.autogram._rules._generic import rows_by_recomputation
@@ -199,7 +199,7 @@ def _gather_factors(call: ModuleCall, counts: list[int], group: dist.ProcessGrou
         for k, dim in enumerate(call.output_batch_dims)
     ]
     call.outputs = [
-        _gather(out, dim, counts, group)  # type: ignore[arg-type]
+        shape_only(out, (*out.shape[:dim], sum(counts), *out.shape[dim + 1 :]))
         for out, dim in zip(call.outputs, call.output_batch_dims, strict=True)
     ]
     call.args = (_gather(call.args[0], d, counts, group), *call.args[1:])
