@@ -38,3 +38,24 @@ def _live_tensors() -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # isinstance on some lazily deprecated torch objects
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_recording_a_call_does_not_keep_its_output_alive():
+    # Autograd frees the output of a Linear followed by a ReLU (ReLU saves its own result and
+    # addmm its input): recording the call must not keep it, or the forward pass would hold one
+    # more activation per hooked module than the plain model does.
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    engine = Engine(model, batch_dim=0)
+    kept: list[weakref.ref] = []
+    model[0].register_forward_hook(lambda module, args, output: kept.append(weakref.ref(output)))
+    losses = model(torch.randn(5, 3)).squeeze(1)
+    assert kept[0]() is None
+    gramian = engine.compute_gramian(losses)  # the rules do not need the output's values
+    rows = [
+        torch.cat(
+            [g.flatten() for g in torch.autograd.grad(loss, model.parameters(), retain_graph=True)]
+        )
+        for loss in losses
+    ]
+    J = torch.stack(rows)
+    torch.testing.assert_close(gramian, J @ J.T)
