@@ -47,7 +47,7 @@ from torchjd.autogram._module_call import (
     samples_objectives_first,
     weighted,
 )
-from torchjd.autogram._rules._generic import gramian_by_recomputation
+from torchjd.autogram._rules._generic import gramian_by_recomputation, refuse_sharded
 from torchjd.autogram._rules._graph_linear import (
     GraphLinear,
     find_graph_linears,
@@ -63,6 +63,7 @@ def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     linears = _recorded_projections(calls)
     if linears is not None:
         return graph_linear_gramian(calls, linears, functools.partial(_bias_of, module))
+    refuse_sharded(module, module.parameters())  # every path below re-runs the module
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     if any(module.dropout > 0 and call.training for call in calls):
         return gramian_by_recomputation(module, calls, list(params.values()))
