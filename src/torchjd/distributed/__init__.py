@@ -68,6 +68,7 @@ each free of conflict with its own samples' losses but not with the other ranks'
 """
 
 from torchjd.distributed._average_grads import average_grads
+from torchjd.distributed._fsdp_jac_to_grad import fsdp_jac_to_grad
 from torchjd.distributed._gramian import compute_gramian, local_weights
 from torchjd.distributed._jac_to_grad import Objectives, jac_to_grad
 from torchjd.distributed._sharded_gramian import sharded_backward, sharded_compute_gramian
@@ -77,6 +78,7 @@ __all__ = [
     "Objectives",
     "average_grads",
     "compute_gramian",
+    "fsdp_jac_to_grad",
     "jac_to_grad",
     "local_weights",
     "sharded_backward",

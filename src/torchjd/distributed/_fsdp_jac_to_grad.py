@@ -1,0 +1,390 @@
+r"""``fsdp_jac_to_grad``: autojac under FSDP2 (``fully_shard``). The Jacobians that autojac leaves
+on the parameters that FSDP2 all-gathers for the forward pass are reduce-scattered (or exchanged
+all-to-all) into the shards, whose Gramians sum to that of the global Jacobian."""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from torchjd.aggregation import GramianWeightedAggregator
+from torchjd.aggregation._bases import call_unchecked
+from torchjd.autojac._jac_to_grad import _common_dtype
+from torchjd.distributed._group import (
+    FLOAT_DTYPES,
+    collective_device,
+    exchange_shapes,
+    failed_ranks_error,
+)
+from torchjd.distributed._jac_to_grad import Objectives, check_objectives
+from torchjd.distributed._sharded_jac_to_grad import check_gramian_aggregator
+from torchjd.linalg._gramian import symmetrized
+
+
+def fsdp_jac_to_grad(
+    module: nn.Module,
+    /,
+    aggregator: GramianWeightedAggregator,
+    *,
+    objectives: Objectives,
+) -> Tensor:
+    r"""Aggregates the Jacobian that :func:`torchjd.autojac.backward` or
+    :func:`~torchjd.autojac.mtl_backward` computed on a model sharded by FSDP2
+    (``torch.distributed.fsdp.fully_shard``), each rank on its share of the batch: every rank's
+    sharded parameters receive in ``.grad`` (a DTensor shard, as FSDP2 gives them to the
+    optimizer) their part of the update of one process on the global batch.
+
+    Under FSDP2, the forward pass uses parameters all-gathered from the shards, so autojac leaves
+    each rank's Jacobian :math:`J_r` of its local objectives with respect to the whole
+    (unsharded) parameters. The global Jacobian is, as for :func:`jac_to_grad`,
+
+    .. math::
+
+        J = \begin{bmatrix} J_1 \\ \vdots \\ J_R \end{bmatrix}
+        \quad (\texttt{objectives="per\_sample"}), \qquad
+        J = \frac 1R \sum_{r=1}^R J_r \quad (\texttt{objectives="shared"}).
+
+    Rank :math:`s` needs only the columns :math:`J^{(s)}` of its shard: a reduce-scatter of the
+    :math:`J_r` (``"shared"``), or an all-to-all of their column blocks (``"per_sample"``): the
+    traffic of FSDP's reduce-scatter of the gradients, times the number of local rows. The
+    Gramian is then the sum of the shards' Gramians (one all-reduce of an :math:`M \times M`
+    matrix), and every rank computes the same weights:
+
+    .. math::
+
+        G = J J^\top = \sum_{s=1}^R J^{(s)} J^{(s)\top}, \qquad w = \mathcal W(G), \qquad
+        \texttt{.grad} \mathrel{+}= w^\top J^{(s)} \ \text{on rank } s.
+
+    Only a :class:`~torchjd.aggregation.GramianWeightedAggregator` (UPGrad, MGDA, ...) can be
+    used: no rank holds :math:`J`. For an aggregator that needs the Jacobian itself, replicate
+    the parameters with ``DistributedDataParallel`` and use :func:`jac_to_grad`.
+
+    The gradients that :func:`~torchjd.autojac.mtl_backward` gives the task-specific parameters
+    (left by it on the unsharded parameters, which FSDP2 does not reduce) are reduce-scattered
+    into the shards' ``.grad`` too: averaged over the ranks with ``"shared"`` (the gradient of
+    the mean task losses on the global batch), summed with ``"per_sample"``.
+
+    What the objectives are:
+
+    - ``"per_sample"`` (instance-wise risk minimization): each rank's objectives are its own
+      (e.g. the losses of its samples, after ``backward(losses)``); the global objectives are
+      all of them, in rank order. Ranks may have different numbers of objectives.
+    - ``"shared"`` (multi-task learning): every rank has the same :math:`m` objectives, each the
+      mean of a task's losses over its share of the batch (``mtl_backward(losses, features)``);
+      the global objectives are the task losses averaged over the global batch, which are the
+      means of the ranks' objectives when the ranks have equal local batch sizes (as
+      ``DistributedSampler`` gives).
+
+    Each rank holds the Jacobian of its objectives with respect to the whole model until this
+    call (autojac computes it so), then only its shard's columns. The ``.jac`` fields are
+    deleted, also when an error is raised (they live on FSDP's unsharded parameters, where they
+    would be summed into the next step's).
+
+    :param module: The model, on which ``fully_shard`` was applied (to the model itself, so that
+        every parameter is sharded, and possibly to submodules). Only 1-D meshes (FSDP, not
+        HSDP), with ``Shard(dim)`` placements, over the same ranks for every parameter.
+    :param aggregator: A :class:`~torchjd.aggregation.GramianWeightedAggregator`, the same on
+        every rank (a stateful or random one must be in the same state on every rank).
+    :param objectives: ``"per_sample"`` or ``"shared"``, see above.
+    :returns: The weights :math:`w` of the global objectives (``[M]``, the same on every rank).
+
+    >>> import torch
+    >>> from torchjd.aggregation import UPGrad
+    >>> from torchjd.distributed import fsdp_jac_to_grad
+    >>> fsdp_jac_to_grad(torch.nn.Linear(2, 1), UPGrad(), objectives="shared")
+    Traceback (most recent call last):
+    ...
+    TypeError: `module` must be sharded by torch.distributed.fsdp.fully_shard (no parameter of
+    Linear is). Under DistributedDataParallel, use torchjd.distributed.jac_to_grad.
+
+    (The tests of ``tests/distributed/test_fsdp_autojac.py`` run it on several processes.)
+    """
+    shards = _shards_of(module)
+    try:
+        return _aggregate(module, shards, aggregator, objectives)
+    finally:
+        for shard in shards:  # consumed, or refused: never left for the next backward pass
+            if shard.unsharded is not None:
+                shard.unsharded.__dict__.pop("jac", None)
+                shard.unsharded.grad = None
+
+
+@dataclass
+class _Shard:
+    """One parameter under FSDP2: its sharded DTensor (registered in the module between the
+    passes) and the plain parameter that it is all-gathered into, where autojac writes."""
+
+    name: str
+    param: Tensor  # DTensor, placements (Shard(dim),)
+    unsharded: Tensor | None
+    dim: int
+    chunk: int  # the rows along dim of every rank's shard (the last ones: fewer, padded)
+
+    def columns(self) -> int:
+        """The padded number of entries of a rank's shard."""
+        return self.chunk * self.param.numel() // max(self.param.shape[self.dim], 1)
+
+
+def _aggregate(
+    module: nn.Module,
+    shards: list["_Shard"],
+    aggregator: GramianWeightedAggregator,
+    objectives: Objectives,
+) -> Tensor:
+    group = _group_of(shards)
+    try:
+        check_objectives(objectives)
+        check_gramian_aggregator(aggregator)
+        _check_all_sharded(module, shards)
+        local = _local_rows(shards)
+    except (TypeError, ValueError):
+        exchange_shapes(None, group)  # lets the other ranks raise too
+        raise
+    shapes = exchange_shapes(local, group)
+    if shapes is None:
+        raise failed_ranks_error(group)
+    counts, dtype = _check_consistent(shapes, objectives)
+    R = dist.get_world_size(group)
+    device = _device(shards, group)
+    # which parameters hold a .jac, or a .grad from mtl_backward, on some rank (zeros elsewhere)
+    held = torch.tensor(
+        [[_jac(s) is not None, _grad(s) is not None] for s in shards], device=device
+    ).to(torch.int64)
+    dist.all_reduce(held, op=dist.ReduceOp.MAX, group=group)
+    with_jac = [s for s, h in zip(shards, held[:, 0].tolist(), strict=True) if h]
+    with_grad = [s for s, h in zip(shards, held[:, 1].tolist(), strict=True) if h]
+    if not with_jac:
+        raise ValueError(
+            "No parameter of `module` has a `.jac` on any rank: call torchjd.autojac.backward or "
+            "mtl_backward first."
+        )
+
+    m_r = counts[dist.get_rank(group)]
+    send = _by_destination(with_jac, _jac, m_r, R, dtype, device)
+    if objectives == "shared":
+        J = _reduce_scatter(send, counts[0], group).div_(R)
+    else:
+        J = _all_to_all(send, counts, group)
+    G = J @ J.T
+    dist.all_reduce(G, group=group)
+    weights = call_unchecked(aggregator.gramian_weighting, symmetrized(G))
+    _accumulate(with_jac, weights @ J)
+
+    if with_grad:
+        send = _by_destination(with_grad, _grad, 1, R, dtype, device)
+        g = _reduce_scatter(send, 1, group)[0]
+        _accumulate(with_grad, g.div_(R) if objectives == "shared" else g)
+    return weights
+
+
+def _shards_of(module: nn.Module) -> list[_Shard]:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import Shard
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"`module` must be a torch.nn.Module. Found {type(module).__name__}.")
+    names = {id(p): name for name, p in module.named_parameters()}
+    shards = []
+    for sub in module.modules():
+        if not isinstance(sub, FSDPModule):
+            continue
+        for fsdp_param in _fsdp_params(sub):
+            param = fsdp_param.sharded_param
+            name = names.get(id(param), type(sub).__name__)
+            placements = tuple(param.placements)
+            if param.device_mesh.ndim != 1 or type(placements[0]) is not Shard:
+                raise ValueError(
+                    f"Only FSDP's 1-D sharding (one Shard(dim) placement) is supported. Found "
+                    f"`{name}` with placements {placements} on a {param.device_mesh.ndim}-D mesh."
+                )
+            dim = placements[0].dim  # type: ignore[attr-defined]
+            R = param.device_mesh.size()
+            chunk = -(-param.shape[dim] // R)
+            shards.append(
+                _Shard(name, param, getattr(fsdp_param, "_unsharded_param", None), dim, chunk)
+            )
+    if not shards:
+        raise TypeError(
+            "`module` must be sharded by torch.distributed.fsdp.fully_shard (no parameter of "
+            f"{type(module).__name__} is). Under DistributedDataParallel, use "
+            "torchjd.distributed.jac_to_grad."
+        )
+    return shards
+
+
+def _check_all_sharded(module: nn.Module, shards: list[_Shard]) -> None:
+    sharded = {id(s.param) for s in shards}
+    plain = [n for n, p in module.named_parameters() if id(p) not in sharded and hasattr(p, "jac")]
+    if plain:
+        raise ValueError(
+            f"Every parameter with a `.jac` must be sharded by fully_shard. Found {plain} outside "
+            "of it: apply fully_shard to the model itself too (it takes the parameters that its "
+            "submodules' fully_shard did not)."
+        )
+
+
+def _fsdp_params(module: nn.Module) -> list:
+    """FSDP2's records of the parameters of one ``fully_shard``: the sharded and the unsharded
+    parameter of each (private attributes of torch's FSDP2, which has no public way to reach the
+    unsharded parameters that autograd sees)."""
+    try:
+        param_group = module._get_fsdp_state()._fsdp_param_group  # type: ignore[operator]
+        return [] if param_group is None else list(param_group.fsdp_params)
+    except AttributeError as error:
+        raise RuntimeError(
+            "The FSDP2 of this version of torch does not expose its parameters as expected "
+            f"(`_get_fsdp_state()._fsdp_param_group.fsdp_params`): {error}."
+        ) from error
+
+
+def _group_of(shards: list[_Shard]) -> dist.ProcessGroup:
+    groups = [s.param.device_mesh.get_group() for s in shards]  # type: ignore[attr-defined]
+    ranks = [dist.get_process_group_ranks(g) for g in groups]
+    for shard, found in zip(shards, ranks, strict=True):
+        if found != ranks[0]:
+            raise ValueError(
+                "Every parameter must be sharded over the same ranks. Found ranks "
+                f"{ranks[0]} for `{shards[0].name}` and {found} for `{shard.name}`."
+            )
+    return groups[0]
+
+
+def _jac(shard: _Shard) -> Tensor | None:
+    return None if shard.unsharded is None else getattr(shard.unsharded, "jac", None)
+
+
+def _grad(shard: _Shard) -> Tensor | None:
+    return None if shard.unsharded is None else shard.unsharded.grad
+
+
+def _local_rows(shards: list[_Shard]) -> tuple[int, int]:
+    """This rank's number of objectives and the dtype code of its ``.jac`` fields (``(0, -1)``
+    when it holds none)."""
+    jacobians = [(s, J) for s in shards if (J := _jac(s)) is not None]
+    if not jacobians:
+        return 0, -1
+    m = jacobians[0][1].shape[0]
+    for shard, J in jacobians:
+        expected = (m, *shard.param.shape)
+        if tuple(J.shape) != expected:
+            raise ValueError(
+                f"The `.jac` of every parameter must have shape [m, *param.shape]. Found "
+                f"{tuple(J.shape)} for `{shard.name}`, expected {expected}."
+            )
+    dtype = _common_dtype([J for _, J in jacobians])
+    code = FLOAT_DTYPES.index(dtype) if dtype in FLOAT_DTYPES else len(FLOAT_DTYPES)
+    return m, code
+
+
+def _check_consistent(
+    shapes: list[tuple[int, ...]], objectives: Objectives
+) -> tuple[list[int], torch.dtype]:
+    counts = [shape[0] for shape in shapes]
+    held = [shape for shape in shapes if shape[0] > 0]
+    if not held:
+        raise ValueError(
+            "No parameter of `module` has a `.jac` on any rank: call torchjd.autojac.backward or "
+            "mtl_backward first."
+        )
+    if objectives == "shared":
+        if len({shape[0] for shape in held}) > 1:
+            raise ValueError(
+                'With objectives="shared", every rank must have the same objectives (the same '
+                f'number of `.jac` rows). Found, by rank: {counts}. Use objectives="per_sample" '
+                "if each rank has objectives of its own."
+            )
+        counts = [held[0][0]] * len(shapes)
+    codes = {shape[1] for shape in held}
+    if len(codes) > 1 or min(codes) >= len(FLOAT_DTYPES):
+        names = [str(FLOAT_DTYPES[c]) if 0 <= c < len(FLOAT_DTYPES) else "other" for c in codes]
+        raise ValueError(
+            "Every rank's `.jac` fields must have the same floating dtype. Found, by rank "
+            f"holding some: {names}."
+        )
+    return counts, FLOAT_DTYPES[held[0][1]]
+
+
+def _device(shards: list[_Shard], group: dist.ProcessGroup) -> torch.device:
+    for shard in shards:
+        J = _jac(shard)
+        if J is not None:
+            return J.device
+    return collective_device(group)
+
+
+def _by_destination(
+    shards: list[_Shard],
+    field: Callable[[_Shard], Tensor | None],
+    k: int,
+    R: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    r"""``[R, k, B]``: at ``[s]``, the columns of rank :math:`s`'s shards of this rank's ``k``
+    rows (``field(shard)``, ``[k, *shape]``, or zeros where it is None), padded to ``chunk``
+    rows along the sharded dimension, shard after shard."""
+    blocks = []
+    for shard in shards:
+        value = field(shard)
+        if value is None:
+            value = torch.zeros((k, *shard.param.shape), dtype=dtype, device=device)
+        value = value.reshape(k, *shard.param.shape).to(dtype).movedim(shard.dim + 1, 1)
+        padded = value.new_zeros((k, R * shard.chunk, *value.shape[2:]))
+        padded[:, : value.shape[1]] = value
+        blocks.append(padded.reshape(k, R, -1).transpose(0, 1))
+    return torch.cat(blocks, dim=2)
+
+
+def _reduce_scatter(send: Tensor, k: int, group: dist.ProcessGroup) -> Tensor:
+    """``[k, B]``: the sum over the ranks of their ``send[s]`` for this rank :math:`s`."""
+    out = send.new_empty(k * send.shape[2])
+    # reduce_scatter_tensor is deprecated for reduce_scatter_single where torch has it
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, send.contiguous().view(-1), group=group)
+    return out.view(k, -1)
+
+
+def _all_to_all(send: Tensor, counts: list[int], group: dist.ProcessGroup) -> Tensor:
+    """``[Σ counts, B]``: every rank's ``send[s]`` for this rank :math:`s`, in rank order."""
+    B = send.shape[2]
+    out = send.new_empty(sum(counts) * B)
+    dist.all_to_all_single(
+        out,
+        send.contiguous().view(-1),
+        output_split_sizes=[c * B for c in counts],
+        input_split_sizes=[send.shape[1] * B] * send.shape[0],
+        group=group,
+    )
+    return out.view(-1, B)
+
+
+def _accumulate(shards: list[_Shard], flat: Tensor) -> None:
+    """Adds to each shard's ``.grad`` its part of ``flat`` (``[B]``, the columns of this rank's
+    shards as laid out by ``_by_destination``), without the padding."""
+    from torch.distributed.tensor import DTensor
+
+    for shard, part in zip(shards, _split(flat, shards), strict=True):
+        param = shard.param
+        local_shape = param.to_local().shape  # type: ignore[attr-defined]
+        moved = (local_shape[shard.dim], *_without(param.shape, shard.dim))
+        block = part.view(shard.chunk, *moved[1:])[: moved[0]].movedim(0, shard.dim)
+        local = block.to(dtype=param.dtype, device=param.to_local().device)  # type: ignore[attr-defined]
+        grad = DTensor.from_local(
+            local.contiguous(),
+            param.device_mesh,  # type: ignore[attr-defined]
+            param.placements,  # type: ignore[attr-defined]
+            run_check=False,
+            shape=param.shape,
+            stride=param.stride(),
+        )
+        param.grad = grad if param.grad is None else param.grad + grad
+
+
+def _split(flat: Tensor, shards: list[_Shard]) -> Iterator[Tensor]:
+    return iter(torch.split(flat, [s.columns() for s in shards]))
+
+
+def _without(shape: torch.Size, dim: int) -> tuple[int, ...]:
+    return (*shape[:dim], *shape[dim + 1 :])

@@ -1,0 +1,247 @@
+"""torchjd.distributed.fsdp_jac_to_grad after torchjd.autojac.backward or mtl_backward on a model
+sharded by FSDP2 (``fully_shard``) between 2 and 4 gloo processes, each with its own share of the
+batch: every rank's ``.grad`` shards hold the update of one process that forms the Jacobian of the
+global batch's objectives by brute force and aggregates it."""
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import torchjd.autojac
+from tests.distributed.problems import (
+    AGGREGATORS,
+    batch_of,
+    mtl_losses,
+    multi_task,
+    outcome_of,
+    per_sample_losses,
+    regressor,
+    share_of,
+)
+from torchjd.aggregation import Mean, UPGrad
+from torchjd.distributed import fsdp_jac_to_grad
+
+# iwrm: per-sample losses, backward, objectives="per_sample" (unequal local batches);
+# mtl: mean task losses, mtl_backward, "shared"; tasks: the same losses, backward (every
+# parameter gets the Jacobian), "shared"
+PROBLEMS = ["iwrm", "mtl", "tasks"]
+CASES = list(itertools.product(AGGREGATORS, PROBLEMS))
+Case = tuple[str, str]
+Update = tuple[Tensor, list[Tensor]]  # the weights and every full gradient
+
+
+def _model(problem: str) -> nn.Module:
+    return regressor() if problem == "iwrm" else multi_task()
+
+
+def _shard(model: nn.Module, group: dist.ProcessGroup) -> None:
+    """``fully_shard`` on some layers, then on the model (which takes the other parameters)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(group, "cpu")
+    layers = [model[0]] if isinstance(model, nn.Sequential) else [model.trunk[0], model.trunk[2]]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _objectives(problem: str) -> str:
+    return "per_sample" if problem == "iwrm" else "shared"
+
+
+def _backward(problem: str, model: nn.Module, X: Tensor, Y: Tensor) -> None:
+    """Fills the ``.jac`` fields."""
+    if problem == "iwrm":
+        torchjd.autojac.backward(per_sample_losses(model, X, Y))
+        return
+    features, losses = mtl_losses(model, X, Y)
+    if problem == "mtl":
+        torchjd.autojac.mtl_backward(losses, features=features)
+    else:
+        torchjd.autojac.backward(losses)
+
+
+def _leftovers(model: nn.Module) -> list[str]:
+    """What the call left on FSDP's unsharded parameters (seen by unsharding the model)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in sharded:
+        module.unshard()
+    found = [f"{n}.jac" for n, p in model.named_parameters() if hasattr(p, "jac")]
+    found += [f"{n}.grad" for n, p in model.named_parameters() if p.grad is not None]
+    for module in sharded:
+        module.reshard()
+    return found
+
+
+def _fsdp_step(case: Case, X: Tensor, Y: Tensor, group: dist.ProcessGroup) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    name, problem = case
+    model = _model(problem)
+    _shard(model, group)
+    _backward(problem, model, X, Y)
+    objectives = _objectives(problem)
+    weights = fsdp_jac_to_grad(model, AGGREGATORS[name](), objectives=objectives)  # type: ignore[arg-type]
+    params = list(model.parameters())
+    shards = all(isinstance(p.grad, DTensor) and p.grad.placements == p.placements for p in params)
+    grads = [p.grad.full_tensor() for p in params]  # type: ignore[union-attr]
+    return (weights, grads), shards, _leftovers(model)
+
+
+def _reference(case: Case, X: Tensor, Y: Tensor) -> Update:
+    """One process, the whole model, the global batch: the Jacobian row by row with autograd,
+    aggregated by the aggregator."""
+    name, problem = case
+    model = _model(problem)
+    params = list(model.parameters())
+    if problem == "iwrm":
+        objectives, shared, specific = list(per_sample_losses(model, X, Y)), params, []
+    else:
+        _, objectives = mtl_losses(model, X, Y)
+        specific = [] if problem == "tasks" else list(model.heads.parameters())
+        shared = [p for p in params if all(p is not q for q in specific)]
+    rows = [
+        torch.cat(
+            [
+                g.flatten()
+                for g in torch.autograd.grad(
+                    o, shared, retain_graph=True, allow_unused=True, materialize_grads=True
+                )
+            ]
+        )
+        for o in objectives
+    ]
+    J = torch.stack(rows)
+    aggregator = AGGREGATORS[name]()
+    weights = aggregator.gramian_weighting(J @ J.T)
+    update = aggregator(J)
+    grads = dict(zip(shared, update.split([p.numel() for p in shared]), strict=True))
+    if specific:  # each head's gradient of its task's loss
+        head_grads = torch.autograd.grad(sum(objectives), specific)
+        grads.update(zip(specific, head_grads, strict=True))
+    return weights, [grads[p].view(p.shape) for p in params]
+
+
+def _refusals(rank: int, group: dist.ProcessGroup) -> dict[str, Any]:
+    """Bad calls, each on every rank (or on one), and what they left behind."""
+    out: dict[str, Any] = {}
+    X, Y = share_of("per_sample", rank, dist.get_world_size(group))
+
+    def attempt(key: str, aggregator: Any, objectives: Any = "per_sample") -> None:
+        model = regressor()
+        _shard(model, group)
+        _backward("iwrm", model, X, Y)
+        out[key] = outcome_of(lambda: fsdp_jac_to_grad(model, aggregator, objectives=objectives))
+        grads = [p.grad for p in model.parameters()]
+        out[key, "left"] = _leftovers(model), grads
+
+    attempt("mean", Mean())
+    attempt("one_rank", Mean() if rank == 0 else UPGrad())
+    attempt("objectives", UPGrad(), "both")
+
+    model = multi_task()
+    _shard(model, group)
+    _, losses = mtl_losses(model, X, Y)
+    torchjd.autojac.backward(losses[: 1 + rank % 2])  # a different number of objectives
+    out["rows"] = outcome_of(lambda: fsdp_jac_to_grad(model, UPGrad(), objectives="shared"))
+    out["rows", "left"] = _leftovers(model), [p.grad for p in model.parameters()]
+
+    plain = regressor()
+    _backward("iwrm", plain, X, Y)
+    out["plain"] = outcome_of(lambda: fsdp_jac_to_grad(plain, UPGrad(), objectives="per_sample"))
+
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    partial = regressor()
+    fully_shard(partial[0], mesh=DeviceMesh.from_group(group, "cpu"))  # not the model itself
+    _backward("iwrm", partial, X, Y)
+    out["partial"] = outcome_of(
+        lambda: fsdp_jac_to_grad(partial, UPGrad(), objectives="per_sample")
+    )
+    out["partial", "left"] = _leftovers(partial[0])
+    return out
+
+
+def distributed_steps(rank: int, world_size: int) -> dict[Any, Any]:
+    """The refusals on every rank, then every case on the 4 ranks and on the group of ranks 0
+    and 1 (after the refusals: the group still works)."""
+    world: dist.ProcessGroup = dist.group.WORLD  # type: ignore[assignment]
+    results: dict[Any, Any] = {"refusals": _refusals(rank, world)}
+    pair = dist.new_group([0, 1])
+    for size, group in [(world_size, world), (2, pair)]:
+        if rank < size:
+            for case in CASES:
+                X, Y = share_of(_objectives(case[1]), rank, size)
+                results[size, case] = _fsdp_step(case, X, Y, group)
+    return results
+
+
+@pytest.fixture
+def distributed(four_ranks: list[Any]) -> list[Any]:
+    return [result["fsdp_autojac"] for result in four_ranks]
+
+
+@pytest.mark.parametrize("world_size", [2, 4], ids=lambda r: f"{r}ranks")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_equals_single_process_on_global_batch(
+    distributed: list[Any], world_size: int, case: Case
+) -> None:
+    X, Y = batch_of(_objectives(case[1]), world_size)
+    expected_weights, expected_grads = _reference(case, X, Y)
+    for result in distributed[:world_size]:
+        (weights, grads), shards, leftovers = result[world_size, case]
+        assert shards  # every .grad is a DTensor shard, placed as its parameter
+        assert leftovers == []
+        torch.testing.assert_close(weights, expected_weights, rtol=0, atol=1e-6)
+        for grad, expected in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected, rtol=0, atol=1e-6)
+
+
+def test_non_gramian_aggregators_are_refused_on_every_rank(distributed: list[Any]) -> None:
+    for rank, result in enumerate(distributed):
+        outcomes = result["refusals"]
+        assert outcomes["mean"][0] == "TypeError", outcomes["mean"]
+        assert "must be a GramianWeightedAggregator" in outcomes["mean"][1]
+        assert "use torchjd.distributed.jac_to_grad. Found Mean" in outcomes["mean"][1]
+        expected = ("TypeError", "Found Mean") if rank == 0 else ("RuntimeError", "Another rank")
+        assert outcomes["one_rank"][0] == expected[0], outcomes["one_rank"]
+        assert expected[1] in outcomes["one_rank"][1]
+        assert outcomes["objectives"][0] == "ValueError"
+        assert "`objectives` must be one of ['per_sample', 'shared']" in outcomes["objectives"][1]
+
+
+def test_every_rank_needs_the_same_objectives_with_shared(distributed: list[Any]) -> None:
+    for result in distributed:
+        outcome = result["refusals"]["rows"]
+        assert outcome[0] == "ValueError", outcome
+        assert "same number of `.jac` rows). Found, by rank: [1, 2, 1, 2]" in outcome[1]
+
+
+def test_models_not_sharded_are_refused(distributed: list[Any]) -> None:
+    for result in distributed:
+        outcomes = result["refusals"]
+        assert outcomes["plain"][0] == "TypeError"
+        assert (
+            "Under DistributedDataParallel, use torchjd.distributed.jac_to_grad"
+            in (outcomes["plain"][1])
+        )
+        assert outcomes["partial"][0] == "ValueError"
+        assert "Found ['2.weight', '2.bias'] outside" in outcomes["partial"][1]
+
+
+def test_nothing_is_left_behind_by_a_refusal(distributed: list[Any]) -> None:
+    for result in distributed:
+        outcomes = result["refusals"]
+        for key in ["mean", "one_rank", "objectives", "rows"]:
+            leftovers, grads = outcomes[key, "left"]
+            assert leftovers == [], key
+            assert all(g is None for g in grads), key
+        assert outcomes["partial", "left"] == []
