@@ -26,37 +26,45 @@ from torchjd.aggregation import Mean, UPGrad
 from torchjd.distributed import fsdp_jac_to_grad
 
 # iwrm: per-sample losses, backward, objectives="per_sample" (unequal local batches);
-# mtl: mean task losses, mtl_backward, "shared"; tasks: the same losses, backward (every
-# parameter gets the Jacobian), "shared"
-PROBLEMS = ["iwrm", "mtl", "tasks"]
+# iwrm_dim1: the same, with a matrix sharded along its columns, kept unsharded after the forward
+# pass; mtl: mean task losses, mtl_backward, "shared"; tasks: the same losses, backward
+# (every parameter gets the Jacobian), "shared"
+PROBLEMS = ["iwrm", "iwrm_dim1", "mtl", "tasks"]
 CASES = list(itertools.product(AGGREGATORS, PROBLEMS))
 Case = tuple[str, str]
 Update = tuple[Tensor, list[Tensor]]  # the weights and every full gradient
 
 
 def _model(problem: str) -> nn.Module:
-    return regressor() if problem == "iwrm" else multi_task()
+    return regressor() if problem.startswith("iwrm") else multi_task()
 
 
-def _shard(model: nn.Module, group: dist.ProcessGroup) -> None:
-    """``fully_shard`` on some layers, then on the model (which takes the other parameters)."""
+def _shard(model: nn.Module, group: dist.ProcessGroup, dim1: bool = False) -> None:
+    """``fully_shard`` on some layers, then on the model (which takes the other parameters);
+    with ``dim1``, the matrices along their columns, kept unsharded after the forward pass."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
 
-    mesh = DeviceMesh.from_group(group, "cpu")
+    options: dict[str, Any] = {"mesh": DeviceMesh.from_group(group, "cpu")}
+    if dim1:  # (FSDP shards unevenly only along the first dimension)
+        R = dist.get_world_size(group)
+        even = lambda p: p.dim() == 2 and p.shape[1] % R == 0  # noqa: E731
+        options["shard_placement_fn"] = lambda p: Shard(1) if even(p) else Shard(0)
+        options["reshard_after_forward"] = False
     layers = [model[0]] if isinstance(model, nn.Sequential) else [model.trunk[0], model.trunk[2]]
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
 
 
 def _objectives(problem: str) -> str:
-    return "per_sample" if problem == "iwrm" else "shared"
+    return "per_sample" if problem.startswith("iwrm") else "shared"
 
 
 def _backward(problem: str, model: nn.Module, X: Tensor, Y: Tensor) -> None:
     """Fills the ``.jac`` fields."""
-    if problem == "iwrm":
+    if problem.startswith("iwrm"):
         torchjd.autojac.backward(per_sample_losses(model, X, Y))
         return
     features, losses = mtl_losses(model, X, Y)
@@ -85,14 +93,15 @@ def _fsdp_step(case: Case, X: Tensor, Y: Tensor, group: dist.ProcessGroup) -> An
 
     name, problem = case
     model = _model(problem)
-    _shard(model, group)
+    _shard(model, group, dim1=problem == "iwrm_dim1")
     _backward(problem, model, X, Y)
     objectives = _objectives(problem)
     weights = fsdp_jac_to_grad(model, AGGREGATORS[name](), objectives=objectives)  # type: ignore[arg-type]
     params = list(model.parameters())
     shards = all(isinstance(p.grad, DTensor) and p.grad.placements == p.placements for p in params)
     grads = [p.grad.full_tensor() for p in params]  # type: ignore[union-attr]
-    return (weights, grads), shards, _leftovers(model)
+    dims = {p.placements[0].dim for p in params}  # type: ignore[attr-defined]
+    return (weights, grads), (shards, dims), _leftovers(model)
 
 
 def _reference(case: Case, X: Tensor, Y: Tensor) -> Update:
@@ -101,7 +110,7 @@ def _reference(case: Case, X: Tensor, Y: Tensor) -> Update:
     name, problem = case
     model = _model(problem)
     params = list(model.parameters())
-    if problem == "iwrm":
+    if problem.startswith("iwrm"):
         objectives, shared, specific = list(per_sample_losses(model, X, Y)), params, []
     else:
         _, objectives = mtl_losses(model, X, Y)
@@ -197,8 +206,9 @@ def test_equals_single_process_on_global_batch(
     X, Y = batch_of(_objectives(case[1]), world_size)
     expected_weights, expected_grads = _reference(case, X, Y)
     for result in distributed[:world_size]:
-        (weights, grads), shards, leftovers = result[world_size, case]
+        (weights, grads), (shards, dims), leftovers = result[world_size, case]
         assert shards  # every .grad is a DTensor shard, placed as its parameter
+        assert dims == ({0, 1} if case[1] == "iwrm_dim1" else {0})
         assert leftovers == []
         torch.testing.assert_close(weights, expected_weights, rtol=0, atol=1e-6)
         for grad, expected in zip(grads, expected_grads, strict=True):

@@ -162,7 +162,7 @@ def _aggregate(
         )
 
     m_r = counts[dist.get_rank(group)]
-    send = _by_destination(with_jac, _jac, m_r, R, dtype, device)
+    send = _by_destination(with_jac, _take_jac, m_r, R, dtype, device)
     if objectives == "shared":
         J = _reduce_scatter(send, counts[0], group).div_(R)
     else:
@@ -173,7 +173,7 @@ def _aggregate(
     _accumulate(with_jac, weights @ J)
 
     if with_grad:
-        send = _by_destination(with_grad, _grad, 1, R, dtype, device)
+        send = _by_destination(with_grad, _take_grad, 1, R, dtype, device)
         g = _reduce_scatter(send, 1, group)[0]
         _accumulate(with_grad, g.div_(R) if objectives == "shared" else g)
     return weights
@@ -316,29 +316,49 @@ def _device(shards: list[_Shard], group: dist.ProcessGroup) -> torch.device:
 
 def _by_destination(
     shards: list[_Shard],
-    field: Callable[[_Shard], Tensor | None],
+    take: Callable[[_Shard], Tensor | None],
     k: int,
     R: int,
     dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
     r"""``[R, k, B]``: at ``[s]``, the columns of rank :math:`s`'s shards of this rank's ``k``
-    rows (``field(shard)``, ``[k, *shape]``, or zeros where it is None), padded to ``chunk``
-    rows along the sharded dimension, shard after shard."""
-    blocks = []
+    rows (``take(shard)``, ``[k, *shape]``, zeros where it is None), padded to ``chunk`` rows
+    along the sharded dimension, shard after shard. ``take`` removes each from its parameter, so
+    that it is freed as soon as it is copied."""
+    B = sum(shard.columns() for shard in shards)
+    send = torch.zeros((R, k, B), dtype=dtype, device=device)
+    start = 0
     for shard in shards:
-        value = field(shard)
-        if value is None:
-            value = torch.zeros((k, *shard.param.shape), dtype=dtype, device=device)
-        value = value.reshape(k, *shard.param.shape).to(dtype).movedim(shard.dim + 1, 1)
-        padded = value.new_zeros((k, R * shard.chunk, *value.shape[2:]))
-        padded[:, : value.shape[1]] = value
-        blocks.append(padded.reshape(k, R, -1).transpose(0, 1))
-    return torch.cat(blocks, dim=2)
+        value, b, c = take(shard), shard.columns(), shard.chunk
+        if value is not None and b > 0:
+            rows = value.reshape(k, *shard.param.shape).movedim(shard.dim + 1, 1)
+            del value
+            rows = rows.reshape(k, rows.shape[1], -1)  # [k, S_d, rest]: a view when dim is 0
+            target = send[:, :, start : start + b].unflatten(2, (c, -1)).transpose(0, 1)
+            full, rest = divmod(rows.shape[1], c)  # whole chunks, then a last partial one
+            target[:, :full].copy_(rows[:, : full * c].unflatten(1, (full, c)))
+            if rest:
+                target[:, full, :rest].copy_(rows[:, full * c :])
+        start += b
+    return send
+
+
+def _take_jac(shard: _Shard) -> Tensor | None:
+    return None if shard.unsharded is None else shard.unsharded.__dict__.pop("jac", None)
+
+
+def _take_grad(shard: _Shard) -> Tensor | None:
+    grad = _grad(shard)
+    if grad is not None:
+        shard.unsharded.grad = None  # type: ignore[union-attr]
+    return grad
 
 
 def _reduce_scatter(send: Tensor, k: int, group: dist.ProcessGroup) -> Tensor:
     """``[k, B]``: the sum over the ranks of their ``send[s]`` for this rank :math:`s`."""
+    if send.shape[0] == 1:
+        return send[0]
     out = send.new_empty(k * send.shape[2])
     # reduce_scatter_tensor is deprecated for reduce_scatter_single where torch has it
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -348,6 +368,8 @@ def _reduce_scatter(send: Tensor, k: int, group: dist.ProcessGroup) -> Tensor:
 
 def _all_to_all(send: Tensor, counts: list[int], group: dist.ProcessGroup) -> Tensor:
     """``[Σ counts, B]``: every rank's ``send[s]`` for this rank :math:`s`, in rank order."""
+    if send.shape[0] == 1:
+        return send[0]
     B = send.shape[2]
     out = send.new_empty(sum(counts) * B)
     dist.all_to_all_single(
