@@ -162,6 +162,11 @@ def _refusals(rank: int, group: dist.ProcessGroup) -> dict[str, Any]:
     out["rows"] = outcome_of(lambda: fsdp_jac_to_grad(model, UPGrad(), objectives="shared"))
     out["rows", "left"] = _leftovers(model), [p.grad for p in model.parameters()]
 
+    model = regressor()
+    _shard(model, group)
+    per_sample_losses(model, X, Y)  # no backward pass
+    out["no_jac"] = outcome_of(lambda: fsdp_jac_to_grad(model, UPGrad(), objectives="per_sample"))
+
     plain = regressor()
     _backward("iwrm", plain, X, Y)
     out["plain"] = outcome_of(lambda: fsdp_jac_to_grad(plain, UPGrad(), objectives="per_sample"))
@@ -243,6 +248,8 @@ def test_models_not_sharded_are_refused(distributed: list[Any]) -> None:
             "Under DistributedDataParallel, use torchjd.distributed.jac_to_grad"
             in (outcomes["plain"][1])
         )
+        assert outcomes["no_jac"][0] == "ValueError"
+        assert "No parameter of `module` has a `.jac` on any rank" in outcomes["no_jac"][1]
         assert outcomes["partial"][0] == "ValueError"
         assert "Found ['2.weight', '2.bias'] outside" in outcomes["partial"][1]
 

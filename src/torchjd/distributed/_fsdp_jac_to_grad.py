@@ -155,11 +155,6 @@ def _aggregate(
     dist.all_reduce(held, op=dist.ReduceOp.MAX, group=group)
     with_jac = [s for s, h in zip(shards, held[:, 0].tolist(), strict=True) if h]
     with_grad = [s for s, h in zip(shards, held[:, 1].tolist(), strict=True) if h]
-    if not with_jac:
-        raise ValueError(
-            "No parameter of `module` has a `.jac` on any rank: call torchjd.autojac.backward or "
-            "mtl_backward first."
-        )
 
     m_r = counts[dist.get_rank(group)]
     send = _by_destination(with_jac, _take_jac, m_r, R, dtype, device)

@@ -58,7 +58,8 @@ def sharded_jac_to_grad(
     which FSDP does for ``.grad`` but not for ``.jac``: do it with
     ``torch.distributed.reduce_scatter_tensor`` on the ``[m, numel]`` matrices, then call this
     function on the local shards. (With per-sample objectives, each rank's rows of every shard
-    are needed instead: an all-to-all.)
+    are needed instead: an all-to-all.) For a model sharded by FSDP2 (``fully_shard``),
+    :func:`fsdp_jac_to_grad` does all this.
 
     :param tensors: This rank's shard: the tensors whose ``.jac`` to aggregate (they may differ, in
         number and shapes, between ranks; empty on a rank that holds no parameters).
