@@ -26,8 +26,8 @@ from torchjd.aggregation import Mean, UPGrad
 from torchjd.distributed import fsdp_jac_to_grad
 
 # iwrm: per-sample losses, backward, objectives="per_sample" (unequal local batches);
-# iwrm_dim1: the same, with a matrix sharded along its columns, kept unsharded after the forward
-# pass; mtl: mean task losses, mtl_backward, "shared"; tasks: the same losses, backward
+# iwrm_dim1: the same, with a matrix sharded along its columns, the parameters kept unsharded
+# after the passes; mtl: mean task losses, mtl_backward, "shared"; tasks: the same losses, backward
 # (every parameter gets the Jacobian), "shared"
 PROBLEMS = ["iwrm", "iwrm_dim1", "mtl", "tasks"]
 CASES = list(itertools.product(AGGREGATORS, PROBLEMS))
@@ -41,7 +41,8 @@ def _model(problem: str) -> nn.Module:
 
 def _shard(model: nn.Module, group: dist.ProcessGroup, dim1: bool = False) -> None:
     """``fully_shard`` on some layers, then on the model (which takes the other parameters);
-    with ``dim1``, the matrices along their columns, kept unsharded after the forward pass."""
+    with ``dim1``, a matrix along its columns, and the parameters kept unsharded between the
+    passes."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
@@ -53,9 +54,10 @@ def _shard(model: nn.Module, group: dist.ProcessGroup, dim1: bool = False) -> No
         options["shard_placement_fn"] = lambda p: Shard(1) if even(p) else Shard(0)
         options["reshard_after_forward"] = False
     layers = [model[0]] if isinstance(model, nn.Sequential) else [model.trunk[0], model.trunk[2]]
-    for layer in layers:
+    for layer in [*layers, model]:
         fully_shard(layer, **options)
-    fully_shard(model, **options)
+        if dim1:  # kept unsharded after the backward pass too, until reshard()
+            layer.set_reshard_after_backward(False)  # type: ignore[operator]
 
 
 def _objectives(problem: str) -> str:
@@ -89,6 +91,7 @@ def _leftovers(model: nn.Module) -> list[str]:
 
 
 def _fsdp_step(case: Case, X: Tensor, Y: Tensor, group: dist.ProcessGroup) -> Any:
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     name, problem = case
@@ -97,6 +100,9 @@ def _fsdp_step(case: Case, X: Tensor, Y: Tensor, group: dist.ProcessGroup) -> An
     _backward(problem, model, X, Y)
     objectives = _objectives(problem)
     weights = fsdp_jac_to_grad(model, AGGREGATORS[name](), objectives=objectives)  # type: ignore[arg-type]
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()  # a no-op unless kept unsharded
     params = list(model.parameters())
     shards = all(isinstance(p.grad, DTensor) and p.grad.placements == p.placements for p in params)
     grads = [p.grad.full_tensor() for p in params]  # type: ignore[union-attr]
@@ -181,6 +187,14 @@ def _refusals(rank: int, group: dist.ProcessGroup) -> dict[str, Any]:
         lambda: fsdp_jac_to_grad(partial, UPGrad(), objectives="per_sample")
     )
     out["partial", "left"] = _leftovers(partial[0])
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    hybrid = regressor()  # HSDP: replicated between 2 pairs of ranks, sharded in each pair
+    fully_shard(hybrid, mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "shard")))
+    _backward("iwrm", hybrid, X, Y)
+    out["hsdp"] = outcome_of(lambda: fsdp_jac_to_grad(hybrid, UPGrad(), objectives="per_sample"))
+    out["hsdp", "left"] = _leftovers(hybrid)
     return out
 
 
@@ -250,6 +264,9 @@ def test_models_not_sharded_are_refused(distributed: list[Any]) -> None:
         )
         assert outcomes["no_jac"][0] == "ValueError"
         assert "No parameter of `module` has a `.jac` on any rank" in outcomes["no_jac"][1]
+        assert outcomes["hsdp"][0] == "ValueError"
+        assert "Only FSDP's sharding over a 1-D mesh" in outcomes["hsdp"][1]
+        assert "(Replicate(), Shard(dim=0)) on a 2-D mesh" in outcomes["hsdp"][1]
         assert outcomes["partial"][0] == "ValueError"
         assert "Found ['2.weight', '2.bias'] outside" in outcomes["partial"][1]
 
@@ -262,3 +279,4 @@ def test_nothing_is_left_behind_by_a_refusal(distributed: list[Any]) -> None:
             assert leftovers == [], key
             assert all(g is None for g in grads), key
         assert outcomes["partial", "left"] == []
+        assert outcomes["hsdp", "left"] == []

@@ -4,6 +4,7 @@ all-to-all) into the shards, whose Gramians sum to that of the global Jacobian."
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,9 @@ from torchjd.distributed._group import (
 from torchjd.distributed._jac_to_grad import Objectives, check_objectives
 from torchjd.distributed._sharded_jac_to_grad import check_gramian_aggregator
 from torchjd.linalg._gramian import symmetrized
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def fsdp_jac_to_grad(
@@ -117,10 +121,17 @@ class _Shard:
     passes) and the plain parameter that it is all-gathered into, where autojac writes."""
 
     name: str
-    param: Tensor  # DTensor, placements (Shard(dim),)
+    param: "DTensor"  # placements (Shard(dim),) once checked
     unsharded: Tensor | None
-    dim: int
-    chunk: int  # the rows along dim of every rank's shard (the last ones: fewer, padded)
+
+    @property
+    def dim(self) -> int:
+        return self.param.placements[0].dim
+
+    @property
+    def chunk(self) -> int:
+        """The rows along ``dim`` of every rank's shard (the last ones: fewer, padded)."""
+        return -(-self.param.shape[self.dim] // self.param.device_mesh.size())
 
     def columns(self) -> int:
         """The padded number of entries of a rank's shard."""
@@ -133,6 +144,7 @@ def _aggregate(
     aggregator: GramianWeightedAggregator,
     objectives: Objectives,
 ) -> Tensor:
+    _check_placements(shards)  # the same model on every rank: they all raise
     group = _group_of(shards)
     try:
         check_objectives(objectives)
@@ -176,7 +188,6 @@ def _aggregate(
 
 def _shards_of(module: nn.Module) -> list[_Shard]:
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import Shard
 
     if not isinstance(module, nn.Module):
         raise TypeError(f"`module` must be a torch.nn.Module. Found {type(module).__name__}.")
@@ -187,19 +198,9 @@ def _shards_of(module: nn.Module) -> list[_Shard]:
             continue
         for fsdp_param in _fsdp_params(sub):
             param = fsdp_param.sharded_param
-            name = names.get(id(param), type(sub).__name__)
-            placements = tuple(param.placements)
-            if param.device_mesh.ndim != 1 or type(placements[0]) is not Shard:
-                raise ValueError(
-                    f"Only FSDP's 1-D sharding (one Shard(dim) placement) is supported. Found "
-                    f"`{name}` with placements {placements} on a {param.device_mesh.ndim}-D mesh."
-                )
-            dim = placements[0].dim  # type: ignore[attr-defined]
-            R = param.device_mesh.size()
-            chunk = -(-param.shape[dim] // R)
-            shards.append(
-                _Shard(name, param, getattr(fsdp_param, "_unsharded_param", None), dim, chunk)
-            )
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            name = names.get(id(param)) or names.get(id(unsharded)) or type(sub).__name__
+            shards.append(_Shard(name, param, unsharded))
     if not shards:
         raise TypeError(
             "`module` must be sharded by torch.distributed.fsdp.fully_shard (no parameter of "
@@ -209,8 +210,21 @@ def _shards_of(module: nn.Module) -> list[_Shard]:
     return shards
 
 
+def _check_placements(shards: list[_Shard]) -> None:
+    from torch.distributed.tensor import Shard
+
+    for shard in shards:
+        mesh, placements = shard.param.device_mesh, tuple(shard.param.placements)
+        if mesh.ndim != 1 or type(placements[0]) is not Shard:
+            raise ValueError(
+                "Only FSDP's sharding over a 1-D mesh (one Shard(dim) placement) is supported. "
+                f"Found `{shard.name}` with placements {placements} on a {mesh.ndim}-D mesh."
+            )
+
+
 def _check_all_sharded(module: nn.Module, shards: list[_Shard]) -> None:
-    sharded = {id(s.param) for s in shards}
+    # (between the passes, FSDP registers the sharded parameters; unsharded ones if kept so)
+    sharded = {id(s.param) for s in shards} | {id(s.unsharded) for s in shards}
     plain = [n for n, p in module.named_parameters() if id(p) not in sharded and hasattr(p, "jac")]
     if plain:
         raise ValueError(
@@ -235,7 +249,7 @@ def _fsdp_params(module: nn.Module) -> list:
 
 
 def _group_of(shards: list[_Shard]) -> dist.ProcessGroup:
-    groups = [s.param.device_mesh.get_group() for s in shards]  # type: ignore[attr-defined]
+    groups = [s.param.device_mesh.get_group() for s in shards]
     ranks = [dist.get_process_group_ranks(g) for g in groups]
     for shard, found in zip(shards, ranks, strict=True):
         if found != ranks[0]:
@@ -384,14 +398,14 @@ def _accumulate(shards: list[_Shard], flat: Tensor) -> None:
 
     for shard, part in zip(shards, _split(flat, shards), strict=True):
         param = shard.param
-        local_shape = param.to_local().shape  # type: ignore[attr-defined]
+        local_shape = param.to_local().shape
         moved = (local_shape[shard.dim], *_without(param.shape, shard.dim))
         block = part.view(shard.chunk, *moved[1:])[: moved[0]].movedim(0, shard.dim)
-        local = block.to(dtype=param.dtype, device=param.to_local().device)  # type: ignore[attr-defined]
+        local = block.to(dtype=param.dtype, device=param.to_local().device)
         grad = DTensor.from_local(
             local.contiguous(),
-            param.device_mesh,  # type: ignore[attr-defined]
-            param.placements,  # type: ignore[attr-defined]
+            param.device_mesh,
+            param.placements,
             run_check=False,
             shape=param.shape,
             stride=param.stride(),
