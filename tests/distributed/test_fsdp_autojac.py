@@ -280,3 +280,8 @@ def test_nothing_is_left_behind_by_a_refusal(distributed: list[Any]) -> None:
             assert all(g is None for g in grads), key
         assert outcomes["partial", "left"] == []
         assert outcomes["hsdp", "left"] == []
+
+
+def test_module_must_be_a_module() -> None:
+    with pytest.raises(TypeError, match=r"`module` must be a torch\.nn\.Module\. Found str"):
+        fsdp_jac_to_grad("model", UPGrad(), objectives="shared")  # type: ignore[arg-type]

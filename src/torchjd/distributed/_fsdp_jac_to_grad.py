@@ -94,16 +94,30 @@ def fsdp_jac_to_grad(
     :param objectives: ``"per_sample"`` or ``"shared"``, see above.
     :returns: The weights :math:`w` of the global objectives (``[M]``, the same on every rank).
 
-    >>> import torch
-    >>> from torchjd.aggregation import UPGrad
-    >>> from torchjd.distributed import fsdp_jac_to_grad
-    >>> fsdp_jac_to_grad(torch.nn.Linear(2, 1), UPGrad(), objectives="shared")
-    Traceback (most recent call last):
-    ...
-    TypeError: `module` must be sharded by torch.distributed.fsdp.fully_shard (no parameter of
-    Linear is). Under DistributedDataParallel, use torchjd.distributed.jac_to_grad.
+    On one process (a group of size 1), it is :func:`torchjd.autojac.jac_to_grad`, with the
+    gradients in DTensors (``tests/distributed/test_fsdp_autojac.py`` runs it on several):
 
-    (The tests of ``tests/distributed/test_fsdp_autojac.py`` run it on several processes.)
+    >>> import tempfile
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> from torch.distributed.device_mesh import init_device_mesh
+    >>> from torch.distributed.fsdp import fully_shard
+    >>> from torchjd.aggregation import UPGrad
+    >>> from torchjd.autojac import backward
+    >>> from torchjd.distributed import fsdp_jac_to_grad
+    >>> store = f"file://{tempfile.mkdtemp()}/store"
+    >>> dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(2, 1)
+    >>> _ = fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, -1.0]])
+    >>> Y = torch.tensor([1.0, 0.0, 2.0])
+    >>> backward((model(X).squeeze(dim=1) - Y).pow(2))  # one loss per sample
+    >>> fsdp_jac_to_grad(model, UPGrad(), objectives="per_sample")
+    tensor([1.2706, 0.4720, 0.3333])
+    >>> type(model.weight.grad).__name__, model.weight.grad.full_tensor()
+    ('DTensor', tensor([[0.4979, 1.2342]]))
+    >>> dist.destroy_process_group()
     """
     shards = _shards_of(module)
     try:
