@@ -27,8 +27,8 @@ from torchjd.distributed import fsdp_jac_to_grad
 
 # iwrm: per-sample losses, backward, objectives="per_sample" (unequal local batches);
 # iwrm_dim1: the same, with a matrix sharded along its columns, the parameters kept unsharded
-# after the passes; mtl: mean task losses, mtl_backward, "shared"; tasks: the same losses, backward
-# (every parameter gets the Jacobian), "shared"
+# after the passes; mtl: mean task losses, mtl_backward, "shared"; tasks: the same losses,
+# backward one row per pass through FSDP's hooks (every parameter gets the Jacobian), "shared"
 PROBLEMS = ["iwrm", "iwrm_dim1", "mtl", "tasks"]
 CASES = list(itertools.product(AGGREGATORS, PROBLEMS))
 Case = tuple[str, str]
@@ -73,7 +73,7 @@ def _backward(problem: str, model: nn.Module, X: Tensor, Y: Tensor) -> None:
     if problem == "mtl":
         torchjd.autojac.mtl_backward(losses, features=features)
     else:
-        torchjd.autojac.backward(losses)
+        torchjd.autojac.backward(losses, parallel_chunk_size=1)  # one pass per row
 
 
 def _leftovers(model: nn.Module) -> list[str]:

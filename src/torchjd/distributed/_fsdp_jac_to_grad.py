@@ -188,6 +188,7 @@ def _aggregate(
         J = _reduce_scatter(send, counts[0], group).div_(R)
     else:
         J = _all_to_all(send, counts, group)
+    del send  # (a view of it on one rank)
     G = J @ J.T
     dist.all_reduce(G, group=group)
     weights = call_unchecked(aggregator.gramian_weighting, symmetrized(G))
