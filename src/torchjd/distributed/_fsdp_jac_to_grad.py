@@ -2,10 +2,6 @@ r"""``fsdp_jac_to_grad``: autojac under FSDP2 (``fully_shard``). The Jacobians t
 on the parameters that FSDP2 all-gathers for the forward pass are reduce-scattered (or exchanged
 all-to-all) into the shards, whose Gramians sum to that of the global Jacobian."""
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -13,6 +9,20 @@ from torch import Tensor, nn
 from torchjd.aggregation import GramianWeightedAggregator
 from torchjd.aggregation._bases import call_unchecked
 from torchjd.autojac._jac_to_grad import _common_dtype
+from torchjd.distributed._fsdp_shards import (
+    ShardedParam,
+    accumulate,
+    by_destination,
+    check_all_sharded,
+    check_placements,
+    clear,
+    grad_of,
+    group_of,
+    jac_of,
+    shards_of,
+    take_grad,
+    take_jac,
+)
 from torchjd.distributed._group import (
     FLOAT_DTYPES,
     collective_device,
@@ -22,9 +32,6 @@ from torchjd.distributed._group import (
 from torchjd.distributed._jac_to_grad import Objectives, check_objectives
 from torchjd.distributed._sharded_jac_to_grad import check_gramian_aggregator
 from torchjd.linalg._gramian import symmetrized
-
-if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
 
 
 def fsdp_jac_to_grad(
@@ -119,51 +126,25 @@ def fsdp_jac_to_grad(
     ('DTensor', tensor([[0.4979, 1.2342]]))
     >>> dist.destroy_process_group()
     """
-    shards = _shards_of(module)
+    shards = shards_of(module)
     try:
         return _aggregate(module, shards, aggregator, objectives)
     finally:
-        for shard in shards:  # consumed, or refused: never left for the next backward pass
-            if shard.unsharded is not None:
-                shard.unsharded.__dict__.pop("jac", None)
-                shard.unsharded.grad = None
-
-
-@dataclass
-class _Shard:
-    """One parameter under FSDP2: its sharded DTensor (registered in the module between the
-    passes) and the plain parameter that it is all-gathered into, where autojac writes."""
-
-    name: str
-    param: "DTensor"  # placements (Shard(dim),) once checked
-    unsharded: Tensor | None
-
-    @property
-    def dim(self) -> int:
-        return self.param.placements[0].dim
-
-    @property
-    def chunk(self) -> int:
-        """The rows along ``dim`` of every rank's shard (the last ones: fewer, padded)."""
-        return -(-self.param.shape[self.dim] // self.param.device_mesh.size())
-
-    def columns(self) -> int:
-        """The padded number of entries of a rank's shard."""
-        return self.chunk * self.param.numel() // max(self.param.shape[self.dim], 1)
+        clear(shards)  # consumed, or refused: never left for the next backward pass
 
 
 def _aggregate(
     module: nn.Module,
-    shards: list["_Shard"],
+    shards: list[ShardedParam],
     aggregator: GramianWeightedAggregator,
     objectives: Objectives,
 ) -> Tensor:
-    _check_placements(shards)  # the same model on every rank: they all raise
-    group = _group_of(shards)
+    check_placements(shards)  # the same model on every rank: they all raise
+    group = group_of(shards)
     try:
         check_objectives(objectives)
         check_gramian_aggregator(aggregator)
-        _check_all_sharded(module, shards)
+        check_all_sharded(module, shards)
         local = _local_rows(shards)
     except (TypeError, ValueError):
         exchange_shapes(None, group)  # lets the other ranks raise too
@@ -176,14 +157,14 @@ def _aggregate(
     device = _device(shards, group)
     # which parameters hold a .jac, or a .grad from mtl_backward, on some rank (zeros elsewhere)
     held = torch.tensor(
-        [[_jac(s) is not None, _grad(s) is not None] for s in shards], device=device
+        [[jac_of(s) is not None, grad_of(s) is not None] for s in shards], device=device
     ).to(torch.int64)
     dist.all_reduce(held, op=dist.ReduceOp.MAX, group=group)
     with_jac = [s for s, h in zip(shards, held[:, 0].tolist(), strict=True) if h]
     with_grad = [s for s, h in zip(shards, held[:, 1].tolist(), strict=True) if h]
 
     m_r = counts[dist.get_rank(group)]
-    send = _by_destination(with_jac, _take_jac, m_r, R, dtype, device)
+    send = by_destination(with_jac, take_jac, m_r, R, dtype, device)
     if objectives == "shared":
         J = _reduce_scatter(send, counts[0], group).div_(R)
     else:
@@ -192,101 +173,19 @@ def _aggregate(
     G = J @ J.T
     dist.all_reduce(G, group=group)
     weights = call_unchecked(aggregator.gramian_weighting, symmetrized(G))
-    _accumulate(with_jac, weights @ J)
+    accumulate(with_jac, weights @ J)
 
     if with_grad:
-        send = _by_destination(with_grad, _take_grad, 1, R, dtype, device)
+        send = by_destination(with_grad, take_grad, 1, R, dtype, device)
         g = _reduce_scatter(send, 1, group)[0]
-        _accumulate(with_grad, g.div_(R) if objectives == "shared" else g)
+        accumulate(with_grad, g.div_(R) if objectives == "shared" else g)
     return weights
 
 
-def _shards_of(module: nn.Module) -> list[_Shard]:
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"`module` must be a torch.nn.Module. Found {type(module).__name__}.")
-    names = {id(p): name for name, p in module.named_parameters()}
-    shards = []
-    for sub in module.modules():
-        if not isinstance(sub, FSDPModule):
-            continue
-        for fsdp_param in _fsdp_params(sub):
-            param = fsdp_param.sharded_param
-            unsharded = getattr(fsdp_param, "_unsharded_param", None)
-            name = names.get(id(param)) or names.get(id(unsharded)) or type(sub).__name__
-            shards.append(_Shard(name, param, unsharded))
-    if not shards:
-        raise TypeError(
-            "`module` must be sharded by torch.distributed.fsdp.fully_shard (no parameter of "
-            f"{type(module).__name__} is). Under DistributedDataParallel, use "
-            "torchjd.distributed.jac_to_grad."
-        )
-    return shards
-
-
-def _check_placements(shards: list[_Shard]) -> None:
-    from torch.distributed.tensor import Shard
-
-    for shard in shards:
-        mesh, placements = shard.param.device_mesh, tuple(shard.param.placements)
-        if mesh.ndim != 1 or type(placements[0]) is not Shard:
-            raise ValueError(
-                "Only FSDP's sharding over a 1-D mesh (one Shard(dim) placement) is supported. "
-                f"Found `{shard.name}` with placements {placements} on a {mesh.ndim}-D mesh."
-            )
-
-
-def _check_all_sharded(module: nn.Module, shards: list[_Shard]) -> None:
-    # (between the passes, FSDP registers the sharded parameters; unsharded ones if kept so)
-    sharded = {id(s.param) for s in shards} | {id(s.unsharded) for s in shards}
-    plain = [n for n, p in module.named_parameters() if id(p) not in sharded and hasattr(p, "jac")]
-    if plain:
-        raise ValueError(
-            f"Every parameter with a `.jac` must be sharded by fully_shard. Found {plain} outside "
-            "of it: apply fully_shard to the model itself too (it takes the parameters that its "
-            "submodules' fully_shard did not)."
-        )
-
-
-def _fsdp_params(module: nn.Module) -> list:
-    """FSDP2's records of the parameters of one ``fully_shard``: the sharded and the unsharded
-    parameter of each (private attributes of torch's FSDP2, which has no public way to reach the
-    unsharded parameters that autograd sees)."""
-    try:
-        param_group = module._get_fsdp_state()._fsdp_param_group  # type: ignore[operator]
-        return [] if param_group is None else list(param_group.fsdp_params)
-    except AttributeError as error:
-        raise RuntimeError(
-            "The FSDP2 of this version of torch does not expose its parameters as expected "
-            f"(`_get_fsdp_state()._fsdp_param_group.fsdp_params`): {error}."
-        ) from error
-
-
-def _group_of(shards: list[_Shard]) -> dist.ProcessGroup:
-    groups = [s.param.device_mesh.get_group() for s in shards]
-    ranks = [dist.get_process_group_ranks(g) for g in groups]
-    for shard, found in zip(shards, ranks, strict=True):
-        if found != ranks[0]:
-            raise ValueError(
-                "Every parameter must be sharded over the same ranks. Found ranks "
-                f"{ranks[0]} for `{shards[0].name}` and {found} for `{shard.name}`."
-            )
-    return groups[0]
-
-
-def _jac(shard: _Shard) -> Tensor | None:
-    return None if shard.unsharded is None else getattr(shard.unsharded, "jac", None)
-
-
-def _grad(shard: _Shard) -> Tensor | None:
-    return None if shard.unsharded is None else shard.unsharded.grad
-
-
-def _local_rows(shards: list[_Shard]) -> tuple[int, int]:
+def _local_rows(shards: list[ShardedParam]) -> tuple[int, int]:
     """This rank's number of objectives and the dtype code of its ``.jac`` fields (``(0, -1)``
     when it holds none)."""
-    jacobians = [(s, J) for s in shards if (J := _jac(s)) is not None]
+    jacobians = [(s, J) for s in shards if (J := jac_of(s)) is not None]
     if not jacobians:
         return 0, -1
     m = jacobians[0][1].shape[0]
@@ -330,53 +229,12 @@ def _check_consistent(
     return counts, FLOAT_DTYPES[held[0][1]]
 
 
-def _device(shards: list[_Shard], group: dist.ProcessGroup) -> torch.device:
+def _device(shards: list[ShardedParam], group: dist.ProcessGroup) -> torch.device:
     for shard in shards:
-        J = _jac(shard)
+        J = jac_of(shard)
         if J is not None:
             return J.device
     return collective_device(group)
-
-
-def _by_destination(
-    shards: list[_Shard],
-    take: Callable[[_Shard], Tensor | None],
-    k: int,
-    R: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    r"""``[R, k, B]``: at ``[s]``, the columns of rank :math:`s`'s shards of this rank's ``k``
-    rows (``take(shard)``, ``[k, *shape]``, zeros where it is None), padded to ``chunk`` rows
-    along the sharded dimension, shard after shard. ``take`` removes each from its parameter, so
-    that it is freed as soon as it is copied."""
-    B = sum(shard.columns() for shard in shards)
-    send = torch.zeros((R, k, B), dtype=dtype, device=device)
-    start = 0
-    for shard in shards:
-        value, b, c = take(shard), shard.columns(), shard.chunk
-        if value is not None and b > 0:
-            rows = value.reshape(k, *shard.param.shape).movedim(shard.dim + 1, 1)
-            del value
-            rows = rows.reshape(k, rows.shape[1], -1)  # [k, S_d, rest]: a view when dim is 0
-            target = send[:, :, start : start + b].unflatten(2, (c, -1)).transpose(0, 1)
-            full, rest = divmod(rows.shape[1], c)  # whole chunks, then a last partial one
-            target[:, :full].copy_(rows[:, : full * c].unflatten(1, (full, c)))
-            if rest:
-                target[:, full, :rest].copy_(rows[:, full * c :])
-        start += b
-    return send
-
-
-def _take_jac(shard: _Shard) -> Tensor | None:
-    return None if shard.unsharded is None else shard.unsharded.__dict__.pop("jac", None)
-
-
-def _take_grad(shard: _Shard) -> Tensor | None:
-    grad = _grad(shard)
-    if grad is not None:
-        shard.unsharded.grad = None  # type: ignore[union-attr]
-    return grad
 
 
 def _reduce_scatter(send: Tensor, k: int, group: dist.ProcessGroup) -> Tensor:
@@ -404,33 +262,3 @@ def _all_to_all(send: Tensor, counts: list[int], group: dist.ProcessGroup) -> Te
         group=group,
     )
     return out.view(-1, B)
-
-
-def _accumulate(shards: list[_Shard], flat: Tensor) -> None:
-    """Adds to each shard's ``.grad`` its part of ``flat`` (``[B]``, the columns of this rank's
-    shards as laid out by ``_by_destination``), without the padding."""
-    from torch.distributed.tensor import DTensor
-
-    for shard, part in zip(shards, _split(flat, shards), strict=True):
-        param = shard.param
-        local_shape = param.to_local().shape
-        moved = (local_shape[shard.dim], *_without(param.shape, shard.dim))
-        block = part.view(shard.chunk, *moved[1:])[: moved[0]].movedim(0, shard.dim)
-        local = block.to(dtype=param.dtype, device=param.to_local().device)
-        grad = DTensor.from_local(
-            local.contiguous(),
-            param.device_mesh,
-            param.placements,
-            run_check=False,
-            shape=param.shape,
-            stride=param.stride(),
-        )
-        param.grad = grad if param.grad is None else param.grad + grad
-
-
-def _split(flat: Tensor, shards: list[_Shard]) -> Iterator[Tensor]:
-    return iter(torch.split(flat, [s.columns() for s in shards]))
-
-
-def _without(shape: torch.Size, dim: int) -> tuple[int, ...]:
-    return (*shape[:dim], *shape[dim + 1 :])
