@@ -219,8 +219,8 @@ def _check_consistent(
                 "if each rank has objectives of its own."
             )
         counts = [held[0][0]] * len(shapes)
-    codes = {shape[1] for shape in held}
-    if len(codes) > 1 or min(codes) >= len(FLOAT_DTYPES):
+    codes = [shape[1] for shape in held]
+    if len(set(codes)) > 1 or codes[0] >= len(FLOAT_DTYPES):
         names = [str(FLOAT_DTYPES[c]) if 0 <= c < len(FLOAT_DTYPES) else "other" for c in codes]
         raise ValueError(
             "Every rank's `.jac` fields must have the same floating dtype. Found, by rank "
