@@ -71,17 +71,25 @@ class _Bilinear(nn.Module):
         return self.bilinear(h, h).squeeze(-1)
 
 
-class _AttentionWithBiasKV(nn.Module):
-    """With ``bias_k``/``bias_v``, the attention rule forms per-sample gradients by re-running
-    the module (vmap), not through the generic rule."""
+class _Attention(nn.Module):
+    """Without ``bias_k``/``bias_v``, the attention rule reads the projections in the call's
+    graph: nothing is re-run."""
 
-    def __init__(self) -> None:
+    def __init__(self, add_bias_kv: bool = False) -> None:
         super().__init__()
-        self.attention = nn.MultiheadAttention(4, 2, add_bias_kv=True, batch_first=True)
+        self.attention = nn.MultiheadAttention(4, 2, add_bias_kv=add_bias_kv, batch_first=True)
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.view(x.shape[0], -1, 4)
         return self.attention(h, h, h, need_weights=False)[0].sum(dim=(1, 2))
+
+
+class _AttentionWithBiasKV(_Attention):
+    """With ``bias_k``/``bias_v``, the attention rule forms per-sample gradients by re-running
+    the module (vmap), not through the generic rule."""
+
+    def __init__(self) -> None:
+        super().__init__(add_bias_kv=True)
 
 
 class _Recurrent(nn.Module):
@@ -115,11 +123,28 @@ def _rerun_refused(
         return outcome_of(lambda: compute_gramian(engine, losses, process_group=group))
 
 
+def _own_samples_gramian(group: dist.ProcessGroup, rank: int) -> tuple[Tensor, Tensor]:
+    """The engine alone on the attention read from its graph, under FSDP2 and without it."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model, reference = _Attention().double(), _Attention().double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    with Engine(reference, batch_dim=0) as engine:
+        expected = engine.compute_gramian(reference(x))
+    with Engine(model, batch_dim=0) as engine:
+        fully_shard(model, mesh=DeviceMesh.from_group(group, "cpu"))
+        return engine.compute_gramian(model(x)), expected
+
+
 def distributed_steps(rank: int, world_size: int) -> dict[Any, Any]:
     results: dict[Any, Any] = {
         size: _step(X, Y, group) for size, group, X, Y in local_batches(rank, world_size)
     }
     world: dist.ProcessGroup = dist.group.WORLD  # type: ignore[assignment]
+    results["attention"] = _own_samples_gramian(world, rank)
     for name, model_type in RE_RUN.items():
         results["refused", name] = _rerun_refused(world, model_type)
         results["refused_plain", name] = _rerun_refused(world, model_type, plain=True)
@@ -158,3 +183,11 @@ def test_modules_that_are_re_run_are_refused_by_the_engine_alone(
         outcome = result["refused_plain", name]
         assert outcome[0] == "ValueError", outcome
         assert f"those of {name} are sharded (DTensor" in outcome[1]
+
+
+def test_attention_read_from_its_graph_works_with_sharded_parameters(
+    distributed: list[Any],
+) -> None:
+    for result in distributed:
+        gramian, expected = result["attention"]
+        torch.testing.assert_close(gramian, expected, rtol=0, atol=1e-10)
