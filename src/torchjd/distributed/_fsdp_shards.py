@@ -72,7 +72,10 @@ def check_placements(shards: list[ShardedParam]) -> None:
         if mesh.ndim != 1 or type(placements[0]) is not Shard:
             raise ValueError(
                 "Only FSDP's sharding over a 1-D mesh (one Shard(dim) placement) is supported. "
-                f"Found `{shard.name}` with placements {placements} on a {mesh.ndim}-D mesh."
+                f"Found `{shard.name}` with placements {placements} on a {mesh.ndim}-D mesh. "
+                "Shard over every rank (fully_shard with a 1-D mesh) instead of HSDP, or "
+                "replicate the parameters (DistributedDataParallel) and use "
+                "torchjd.distributed.jac_to_grad."
             )
 
 
