@@ -31,6 +31,7 @@ from torchjd.distributed import fsdp_jac_to_grad
 # backward one row per pass through FSDP's hooks (every parameter gets the Jacobian), "shared"
 PROBLEMS = ["iwrm", "iwrm_dim1", "mtl", "tasks"]
 CASES = list(itertools.product(AGGREGATORS, PROBLEMS))
+HSDP_CASES = list(itertools.product(AGGREGATORS, ["iwrm", "iwrm_dim1", "mtl"]))
 Case = tuple[str, str]
 Update = tuple[Tensor, list[Tensor]]  # the weights and every full gradient
 
@@ -39,17 +40,22 @@ def _model(problem: str) -> nn.Module:
     return regressor() if problem.startswith("iwrm") else multi_task()
 
 
-def _shard(model: nn.Module, group: dist.ProcessGroup, dim1: bool = False) -> None:
-    """``fully_shard`` on some layers, then on the model (which takes the other parameters);
-    with ``dim1``, a matrix along its columns, and the parameters kept unsharded between the
-    passes."""
-    from torch.distributed.device_mesh import DeviceMesh
+def _shard(model: nn.Module, group: dist.ProcessGroup | None, dim1: bool = False) -> None:
+    """``fully_shard`` on some layers, then on the model (which takes the other parameters),
+    over ``group``, or, when None, HSDP on 4 ranks (2 replicas of 2 shards); with ``dim1``, a
+    matrix along its columns, and the parameters kept unsharded between the passes."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
-    options: dict[str, Any] = {"mesh": DeviceMesh.from_group(group, "cpu")}
+    mesh = (
+        init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        if group is None
+        else DeviceMesh.from_group(group, "cpu")
+    )
+    options: dict[str, Any] = {"mesh": mesh}
     if dim1:  # (FSDP shards unevenly only along the first dimension)
-        R = dist.get_world_size(group)
+        R = mesh.size(mesh.ndim - 1)
         even = lambda p: p.dim() == 2 and p.shape[1] % R == 0  # noqa: E731
         options["shard_placement_fn"] = lambda p: Shard(1) if even(p) else Shard(0)
         options["reshard_after_forward"] = False
@@ -90,7 +96,7 @@ def _leftovers(model: nn.Module) -> list[str]:
     return found
 
 
-def _fsdp_step(case: Case, X: Tensor, Y: Tensor, group: dist.ProcessGroup) -> Any:
+def _fsdp_step(case: Case, X: Tensor, Y: Tensor, group: dist.ProcessGroup | None) -> Any:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -106,7 +112,7 @@ def _fsdp_step(case: Case, X: Tensor, Y: Tensor, group: dist.ProcessGroup) -> An
     params = list(model.parameters())
     shards = all(isinstance(p.grad, DTensor) and p.grad.placements == p.placements for p in params)
     grads = [p.grad.full_tensor() for p in params]  # type: ignore[union-attr]
-    dims = {p.placements[0].dim for p in params}  # type: ignore[attr-defined]
+    dims = {p.placements[-1].dim for p in params}  # type: ignore[attr-defined]
     return (weights, grads), (shards, dims), _leftovers(model)
 
 
@@ -149,9 +155,11 @@ def _refusals(rank: int, group: dist.ProcessGroup) -> dict[str, Any]:
     out: dict[str, Any] = {}
     X, Y = share_of("per_sample", rank, dist.get_world_size(group))
 
-    def attempt(key: str, aggregator: Any, objectives: Any = "per_sample") -> None:
+    def attempt(
+        key: str, aggregator: Any, objectives: Any = "per_sample", hsdp: bool = False
+    ) -> None:
         model = regressor()
-        _shard(model, group)
+        _shard(model, None if hsdp else group)
         _backward("iwrm", model, X, Y)
         out[key] = outcome_of(lambda: fsdp_jac_to_grad(model, aggregator, objectives=objectives))
         grads = [p.grad for p in model.parameters()]
@@ -160,6 +168,7 @@ def _refusals(rank: int, group: dist.ProcessGroup) -> dict[str, Any]:
     attempt("mean", Mean())
     attempt("one_rank", Mean() if rank == 0 else UPGrad())
     attempt("objectives", UPGrad(), "both")
+    attempt("hsdp_one_rank", Mean() if rank == 3 else UPGrad(), hsdp=True)  # 3: other replica
 
     model = multi_task()
     _shard(model, group)
@@ -188,13 +197,6 @@ def _refusals(rank: int, group: dist.ProcessGroup) -> dict[str, Any]:
     )
     out["partial", "left"] = _leftovers(partial[0])
 
-    from torch.distributed.device_mesh import init_device_mesh
-
-    hybrid = regressor()  # HSDP: replicated between 2 pairs of ranks, sharded in each pair
-    fully_shard(hybrid, mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "shard")))
-    _backward("iwrm", hybrid, X, Y)
-    out["hsdp"] = outcome_of(lambda: fsdp_jac_to_grad(hybrid, UPGrad(), objectives="per_sample"))
-    out["hsdp", "left"] = _leftovers(hybrid)
     return out
 
 
@@ -209,6 +211,9 @@ def distributed_steps(rank: int, world_size: int) -> dict[Any, Any]:
             for case in CASES:
                 X, Y = share_of(_objectives(case[1]), rank, size)
                 results[size, case] = _fsdp_step(case, X, Y, group)
+    for case in HSDP_CASES:  # on the 4 ranks
+        X, Y = share_of(_objectives(case[1]), rank, world_size)
+        results["hsdp", case] = _fsdp_step(case, X, Y, None)
     return results
 
 
@@ -217,14 +222,18 @@ def distributed(four_ranks: list[Any]) -> list[Any]:
     return [result["fsdp_autojac"] for result in four_ranks]
 
 
-@pytest.mark.parametrize("world_size", [2, 4], ids=lambda r: f"{r}ranks")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize(
+    ("world_size", "case"),
+    [*itertools.product([2, 4], CASES), *(("hsdp", case) for case in HSDP_CASES)],
+    ids=lambda v: v if isinstance(v, str) else f"{v}ranks" if isinstance(v, int) else "-".join(v),
+)
 def test_equals_single_process_on_global_batch(
-    distributed: list[Any], world_size: int, case: Case
+    distributed: list[Any], world_size: int | str, case: Case
 ) -> None:
-    X, Y = batch_of(_objectives(case[1]), world_size)
+    ranks = 4 if world_size == "hsdp" else world_size
+    X, Y = batch_of(_objectives(case[1]), ranks)  # type: ignore[arg-type]
     expected_weights, expected_grads = _reference(case, X, Y)
-    for result in distributed[:world_size]:
+    for result in distributed[:ranks]:
         (weights, grads), (shards, dims), leftovers = result[world_size, case]
         assert shards  # every .grad is a DTensor shard, placed as its parameter
         assert dims == ({0, 1} if case[1] == "iwrm_dim1" else {0})
@@ -243,6 +252,9 @@ def test_non_gramian_aggregators_are_refused_on_every_rank(distributed: list[Any
         expected = ("TypeError", "Found Mean") if rank == 0 else ("RuntimeError", "Another rank")
         assert outcomes["one_rank"][0] == expected[0], outcomes["one_rank"]
         assert expected[1] in outcomes["one_rank"][1]
+        expected = ("TypeError", "Found Mean") if rank == 3 else ("RuntimeError", "Another rank")
+        assert outcomes["hsdp_one_rank"][0] == expected[0], outcomes["hsdp_one_rank"]
+        assert expected[1] in outcomes["hsdp_one_rank"][1]
         assert outcomes["objectives"][0] == "ValueError"
         assert "`objectives` must be one of ['per_sample', 'shared']" in outcomes["objectives"][1]
 
@@ -264,9 +276,6 @@ def test_models_not_sharded_are_refused(distributed: list[Any]) -> None:
         )
         assert outcomes["no_jac"][0] == "ValueError"
         assert "No parameter of `module` has a `.jac` on any rank" in outcomes["no_jac"][1]
-        assert outcomes["hsdp"][0] == "ValueError"
-        assert "Only FSDP's sharding over a 1-D mesh" in outcomes["hsdp"][1]
-        assert "(Replicate(), Shard(dim=0)) on a 2-D mesh" in outcomes["hsdp"][1]
         assert outcomes["partial"][0] == "ValueError"
         assert "Found ['2.weight', '2.bias'] outside" in outcomes["partial"][1]
 
@@ -274,12 +283,11 @@ def test_models_not_sharded_are_refused(distributed: list[Any]) -> None:
 def test_nothing_is_left_behind_by_a_refusal(distributed: list[Any]) -> None:
     for result in distributed:
         outcomes = result["refusals"]
-        for key in ["mean", "one_rank", "objectives", "rows"]:
+        for key in ["mean", "one_rank", "hsdp_one_rank", "objectives", "rows"]:
             leftovers, grads = outcomes[key, "left"]
             assert leftovers == [], key
             assert all(g is None for g in grads), key
         assert outcomes["partial", "left"] == []
-        assert outcomes["hsdp", "left"] == []
 
 
 def test_module_must_be_a_module() -> None:

@@ -48,8 +48,8 @@ the ranks), autojac runs unchanged on the model, and :func:`fsdp_jac_to_grad` br
 Jacobian to the shards (a reduce-scatter of the ``.jac`` fields for ``"shared"`` objectives, an
 all-to-all of their columns for ``"per_sample"`` ones), sums the shards' Gramians (one
 all-reduce of ``[M, M]``) and writes into every sharded parameter's ``.grad`` (a DTensor shard,
-for the optimizer) its part of the update of one process on the global batch. Only aggregators
-whose weights depend on the Gramian (UPGrad, MGDA, ...) can be used there::
+for the optimizer) its part of the update of one process on the global batch (HSDP too). Only
+aggregators whose weights depend on the Gramian (UPGrad, MGDA, ...) can be used there::
 
     fully_shard(model.trunk)
     fully_shard(model)  # every parameter is sharded

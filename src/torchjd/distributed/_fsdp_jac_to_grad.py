@@ -25,6 +25,7 @@ from torchjd.distributed._fsdp_shards import (
 )
 from torchjd.distributed._group import (
     FLOAT_DTYPES,
+    all_gather_rows,
     collective_device,
     exchange_shapes,
     failed_ranks_error,
@@ -68,6 +69,11 @@ def fsdp_jac_to_grad(
         G = J J^\top = \sum_{s=1}^R J^{(s)} J^{(s)\top}, \qquad w = \mathcal W(G), \qquad
         \texttt{.grad} \mathrel{+}= w^\top J^{(s)} \ \text{on rank } s.
 
+    Under HSDP (a 2-D mesh: the shards replicated between groups of ranks), the shard's columns
+    are first exchanged within each group of ranks that shards, then all-reduced (``"shared"``)
+    or all-gathered (``"per_sample"``, the rows of each replica in turn) between the replicas,
+    and the Gramian is summed within the group: every rank of the mesh counts in :math:`R`.
+
     Only a :class:`~torchjd.aggregation.GramianWeightedAggregator` (UPGrad, MGDA, ...) can be
     used: no rank holds :math:`J`. For an aggregator that needs the Jacobian itself, replicate
     the parameters with ``DistributedDataParallel`` and use :func:`jac_to_grad`.
@@ -81,7 +87,8 @@ def fsdp_jac_to_grad(
 
     - ``"per_sample"`` (instance-wise risk minimization): each rank's objectives are its own
       (e.g. the losses of its samples, after ``backward(losses)``); the global objectives are
-      all of them, in rank order. Ranks may have different numbers of objectives.
+      all of them, in the order of the ranks in the mesh. Ranks may have different numbers of
+      objectives.
     - ``"shared"`` (multi-task learning): every rank has the same :math:`m` objectives, each the
       mean of a task's losses over its share of the batch (``mtl_backward(losses, features)``);
       the global objectives are the task losses averaged over the global batch, which are the
@@ -94,8 +101,9 @@ def fsdp_jac_to_grad(
     would be summed into the next step's).
 
     :param module: The model, on which ``fully_shard`` was applied (to the model itself, so that
-        every parameter is sharded, and possibly to submodules). Only 1-D meshes (FSDP, not
-        HSDP), with ``Shard(dim)`` placements, over the same ranks for every parameter.
+        every parameter is sharded, and possibly to submodules), with the same mesh for every
+        parameter: FSDP (``Shard(dim)`` over a 1-D mesh) or HSDP (``Replicate(), Shard(dim)``
+        over a 2-D mesh).
     :param aggregator: A :class:`~torchjd.aggregation.GramianWeightedAggregator`, the same on
         every rank (a stateful or random one must be in the same state on every rank).
     :param objectives: ``"per_sample"`` or ``"shared"``, see above.
@@ -140,35 +148,37 @@ def _aggregate(
     objectives: Objectives,
 ) -> Tensor:
     check_placements(shards)  # the same model on every rank: they all raise
-    group = group_of(shards)
+    group, replicas = group_of(shards)
     try:
         check_objectives(objectives)
         check_gramian_aggregator(aggregator)
         check_all_sharded(module, shards)
         local = _local_rows(shards)
     except (TypeError, ValueError):
-        exchange_shapes(None, group)  # lets the other ranks raise too
+        for among in _groups(group, replicas):  # lets the other ranks raise too
+            exchange_shapes(None, among)
         raise
-    shapes = exchange_shapes(local, group)
-    if shapes is None:
-        raise failed_ranks_error(group)
-    counts, dtype = _check_consistent(shapes, objectives)
+    counts, totals, dtype = _exchange(local, group, replicas, objectives)
     R = dist.get_world_size(group)
+    ranks = R * len(totals)  # every rank of the mesh
     device = _device(shards, group)
     # which parameters hold a .jac, or a .grad from mtl_backward, on some rank (zeros elsewhere)
     held = torch.tensor(
         [[jac_of(s) is not None, grad_of(s) is not None] for s in shards], device=device
     ).to(torch.int64)
-    dist.all_reduce(held, op=dist.ReduceOp.MAX, group=group)
+    for among in _groups(group, replicas):
+        dist.all_reduce(held, op=dist.ReduceOp.MAX, group=among)
     with_jac = [s for s, h in zip(shards, held[:, 0].tolist(), strict=True) if h]
     with_grad = [s for s, h in zip(shards, held[:, 1].tolist(), strict=True) if h]
 
     m_r = counts[dist.get_rank(group)]
     send = by_destination(with_jac, take_jac, m_r, R, dtype, device)
     if objectives == "shared":
-        J = _reduce_scatter(send, counts[0], group).div_(R)
+        J = _summed(send, counts[0], group, replicas).div_(ranks)
     else:
         J = _all_to_all(send, counts, group)
+        if replicas is not None:  # the rows of the other replicas' ranks
+            J = all_gather_rows(J, totals, replicas)
     del send  # (a view of it on one rank)
     G = J @ J.T
     dist.all_reduce(G, group=group)
@@ -177,9 +187,56 @@ def _aggregate(
 
     if with_grad:
         send = by_destination(with_grad, take_grad, 1, R, dtype, device)
-        g = _reduce_scatter(send, 1, group)[0]
-        accumulate(with_grad, g.div_(R) if objectives == "shared" else g)
+        g = _summed(send, 1, group, replicas)[0]
+        accumulate(with_grad, g.div_(ranks) if objectives == "shared" else g)
     return weights
+
+
+def _groups(
+    group: dist.ProcessGroup, replicas: dist.ProcessGroup | None
+) -> list[dist.ProcessGroup]:
+    return [group] if replicas is None else [group, replicas]
+
+
+def _exchange(
+    local: tuple[int, int],
+    group: dist.ProcessGroup,
+    replicas: dist.ProcessGroup | None,
+    objectives: Objectives,
+) -> tuple[list[int], list[int], torch.dtype]:
+    """The numbers of objectives of the ranks of ``group``, those of each replica (of the whole
+    ``group``), and the dtype of the ``.jac`` fields; raises on every rank when a rank's
+    arguments failed their checks or when they disagree (every rank makes the same exchanges)."""
+    shapes = exchange_shapes(local, group)
+    checked: tuple[list[int], torch.dtype] | None = None
+    error: Exception | None = failed_ranks_error(group) if shapes is None else None
+    if shapes is not None:
+        try:
+            checked = _check_consistent(shapes, objectives)
+        except ValueError as raised:
+            error = raised
+    if replicas is None:
+        if error is not None:
+            raise error
+        assert checked is not None
+        return checked[0], [sum(checked[0])], checked[1]
+    summary = None
+    if checked is not None:
+        summary = (sum(checked[0]), checked[0][0], FLOAT_DTYPES.index(checked[1]))
+    table = exchange_shapes(summary, replicas)
+    if error is not None:
+        raise error
+    if table is None:
+        raise failed_ranks_error(replicas)
+    assert checked is not None
+    if len({row[2] for row in table}) > 1 or (
+        objectives == "shared" and len({row[1] for row in table}) > 1
+    ):
+        raise ValueError(
+            "Every replica must have `.jac` fields of the same objectives and dtype. Found, by "
+            f"replica, (rows, rows of a rank, dtype code): {table}."
+        )
+    return checked[0], [row[0] for row in table], checked[1]
 
 
 def _local_rows(shards: list[ShardedParam]) -> tuple[int, int]:
@@ -237,15 +294,22 @@ def _device(shards: list[ShardedParam], group: dist.ProcessGroup) -> torch.devic
     return collective_device(group)
 
 
-def _reduce_scatter(send: Tensor, k: int, group: dist.ProcessGroup) -> Tensor:
-    """``[k, B]``: the sum over the ranks of their ``send[s]`` for this rank :math:`s`."""
+def _summed(
+    send: Tensor, k: int, group: dist.ProcessGroup, replicas: dist.ProcessGroup | None
+) -> Tensor:
+    """``[k, B]``: the sum over every rank of their ``send[s]`` for this rank's shard :math:`s`
+    (a reduce-scatter, then an all-reduce between the replicas)."""
     if send.shape[0] == 1:
-        return send[0]
-    out = send.new_empty(k * send.shape[2])
-    # reduce_scatter_tensor is deprecated for reduce_scatter_single where torch has it
-    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    scatter(out, send.contiguous().view(-1), group=group)
-    return out.view(k, -1)
+        out = send[0]
+    else:
+        flat = send.new_empty(k * send.shape[2])
+        # reduce_scatter_tensor is deprecated for reduce_scatter_single where torch has it
+        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        scatter(flat, send.contiguous().view(-1), group=group)
+        out = flat.view(k, -1)
+    if replicas is not None:
+        dist.all_reduce(out, group=replicas)
+    return out
 
 
 def _all_to_all(send: Tensor, counts: list[int], group: dist.ProcessGroup) -> Tensor:

@@ -21,17 +21,18 @@ class ShardedParam:
     passes) and the plain parameter that it is all-gathered into, where autojac writes."""
 
     name: str
-    param: "DTensor"  # placements (Shard(dim),) once checked
+    param: "DTensor"  # placements (Shard(dim),) or (Replicate(), Shard(dim)) once checked
     unsharded: Tensor | None
 
     @property
     def dim(self) -> int:
-        return self.param.placements[0].dim
+        return self.param.placements[-1].dim
 
     @property
     def chunk(self) -> int:
         """The rows along ``dim`` of every rank's shard (the last ones: fewer, padded)."""
-        return -(-self.param.shape[self.dim] // self.param.device_mesh.size())
+        mesh = self.param.device_mesh  # (replicas, then) the ranks that shard
+        return -(-self.param.shape[self.dim] // mesh.size(mesh.ndim - 1))
 
     def columns(self) -> int:
         """The padded number of entries of a rank's shard."""
@@ -65,17 +66,19 @@ def shards_of(module: nn.Module) -> list[ShardedParam]:
 
 
 def check_placements(shards: list[ShardedParam]) -> None:
-    from torch.distributed.tensor import Shard
+    """FSDP (one ``Shard(dim)`` over a 1-D mesh) or HSDP (``Replicate(), Shard(dim)`` over a 2-D
+    mesh: the shards replicated between groups of ranks)."""
+    from torch.distributed.tensor import Replicate, Shard
 
     for shard in shards:
         mesh, placements = shard.param.device_mesh, tuple(shard.param.placements)
-        if mesh.ndim != 1 or type(placements[0]) is not Shard:
+        kinds = tuple(type(placement) for placement in placements)
+        if kinds not in ((Shard,), (Replicate, Shard)):
             raise ValueError(
-                "Only FSDP's sharding over a 1-D mesh (one Shard(dim) placement) is supported. "
-                f"Found `{shard.name}` with placements {placements} on a {mesh.ndim}-D mesh. "
-                "Shard over every rank (fully_shard with a 1-D mesh) instead of HSDP, or "
-                "replicate the parameters (DistributedDataParallel) and use "
-                "torchjd.distributed.jac_to_grad."
+                "Only FSDP's sharding (Shard(dim) over a 1-D mesh) and HSDP's (Replicate(), "
+                f"Shard(dim) over a 2-D mesh) are supported. Found `{shard.name}` with placements "
+                f"{placements} on a {mesh.ndim}-D mesh. Replicate the parameters "
+                "(DistributedDataParallel) and use torchjd.distributed.jac_to_grad instead."
             )
 
 
@@ -105,16 +108,23 @@ def _fsdp_params(module: nn.Module) -> list:
         ) from error
 
 
-def group_of(shards: list[ShardedParam]) -> dist.ProcessGroup:
-    groups = [s.param.device_mesh.get_group() for s in shards]
-    ranks = [dist.get_process_group_ranks(g) for g in groups]
-    for shard, found in zip(shards, ranks, strict=True):
-        if found != ranks[0]:
+def group_of(
+    shards: list[ShardedParam],
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+    """The ranks that shard the parameters (the last dimension of the mesh), and those between
+    which the shards are replicated (HSDP), or None (FSDP)."""
+    meshes = [s.param.device_mesh for s in shards]
+    layouts = [mesh.mesh.tolist() for mesh in meshes]
+    for shard, layout in zip(shards, layouts, strict=True):
+        if layout != layouts[0]:
             raise ValueError(
-                "Every parameter must be sharded over the same ranks. Found ranks "
-                f"{ranks[0]} for `{shards[0].name}` and {found} for `{shard.name}`."
+                "Every parameter must be sharded over the same mesh of ranks. Found "
+                f"{layouts[0]} for `{shards[0].name}` and {layout} for `{shard.name}`."
             )
-    return groups[0]
+    mesh = meshes[0]
+    if mesh.ndim == 1:
+        return mesh.get_group(), None
+    return mesh.get_group(1), mesh.get_group(0)
 
 
 def jac_of(shard: ShardedParam) -> Tensor | None:
