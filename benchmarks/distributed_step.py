@@ -12,6 +12,9 @@ global batch), UPGrad. Per step, on every rank:
 
   - ``autojac``: ``backward`` in ``ddp.no_sync()``, then ``torchjd.distributed.jac_to_grad`` with
     ``objectives="per_sample"`` (the full-matrix path and the block-wise Gramian path);
+  - ``autojac (FSDP2)``: the layers wrapped by ``fully_shard``, ``backward``, then
+    ``torchjd.distributed.fsdp_jac_to_grad`` with ``objectives="per_sample"`` (an all-to-all of the
+    local Jacobians' shard columns, one all-reduce of the Gramian);
   - ``autogram exact (DDP)``: ``torchjd.distributed.compute_gramian``, ``UPGradWeighting``, the
     weighted backward with ``local_weights`` that DDP reduces;
   - ``autogram exact (FSDP2)``: the same lines with the layers wrapped by ``fully_shard``;
@@ -29,7 +32,8 @@ global batch), UPGrad. Per step, on every rank:
 Columns: median step time (ms, the slowest rank) and the payload that each rank gives to
 ``torch.distributed`` collectives per step (KiB; an all-gather of ``b`` bytes on ``R`` ranks moves
 ``(R-1) b`` bytes to each rank, an all-reduce of ``b`` bytes counts ``b``, a reduce-scatter of
-``b`` bytes ``(R-1) b / R``; nothing on one process). DDP's own all-reduce of the gradients is
+``b`` bytes ``(R-1) b / R``, an all-to-all of ``b`` bytes ``(R-1) b / R``; nothing on one
+process). DDP's own all-reduce of the gradients is
 counted as the size of the gradients; FSDP2's all-gathers and reduce-scatters are counted. One
 torch thread per process; on a small shared machine the step times of several processes are an
 upper bound.
@@ -59,6 +63,7 @@ from torchjd.autojac import backward
 DATA_PARALLEL = [
     "autojac",
     "autojac (block-wise Gramian)",
+    "autojac (FSDP2)",
     "autogram exact (DDP)",
     "autogram exact (FSDP2)",
     "autogram own samples (DDP)",
@@ -75,6 +80,7 @@ _COLLECTIVES: dict[str, tuple[Callable[[int], float], int, str]] = {
     "all_reduce": (lambda R: 1 if R > 1 else 0, 0, "tensor"),
     "all_gather_single": (lambda R: R - 1, 1, "input_tensor"),  # FSDP2
     "reduce_scatter_single": (lambda R: (R - 1) / R, 1, "input"),  # FSDP2
+    "all_to_all_single": (lambda R: (R - 1) / R, 1, "input"),
 }
 
 
@@ -128,7 +134,8 @@ class _Setup:
                 layer.requires_grad_(layer in self.shard)
             self.engine = Engine(*self.shard, batch_dim=0) if self.shard else None
             return
-        self.engine = Engine(self.model, batch_dim=0)
+        # autojac needs no engine (whose hooks would slow its forward pass)
+        self.engine = Engine(self.model, batch_dim=0) if variant.startswith("autogram") else None
         if variant.endswith("(FSDP2)"):
             mesh = init_device_mesh("cpu", (world_size,))
             for layer in layers:
@@ -140,7 +147,10 @@ class _Setup:
     def step(self, x: Tensor, y: Tensor) -> None:
         variant, model, forward, engine = self.variant, self.model, self.forward, self.engine
         loss_fn = nn.CrossEntropyLoss(reduction="none")
-        if variant.startswith("autojac") and variant not in SHARDED:
+        if variant == "autojac (FSDP2)":
+            backward(loss_fn(forward(x), y))
+            torchjd.distributed.fsdp_jac_to_grad(model, UPGrad(), objectives="per_sample")
+        elif variant.startswith("autojac") and variant not in SHARDED:
             assert isinstance(forward, DDP)
             with forward.no_sync():
                 backward(loss_fn(forward(x), y))

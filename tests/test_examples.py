@@ -142,6 +142,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "monitoring": _check_monitoring,
     "distributed_iwrm": _check_distributed_iwrm,
     "sharded_autogram": _check_distributed_iwrm,  # the same: 2 ranks, the step of one process
+    "fsdp_mtl": _check_distributed_iwrm,  # the same: 2 ranks, the step of one process
 }
 
 

@@ -11,6 +11,7 @@ from tests.distributed.launch import run_on_ranks
 def _every_step(rank: int, world_size: int) -> dict[str, Any]:
     from tests.distributed import (
         test_fsdp,
+        test_fsdp_autojac,
         test_gramian,
         test_jac_to_grad,
         test_sharded,
@@ -22,6 +23,7 @@ def _every_step(rank: int, world_size: int) -> dict[str, Any]:
         "autogram": test_gramian.distributed_steps(rank, world_size),
         "sharded_autogram": test_sharded_engine.distributed_steps(rank, world_size),
         "fsdp": test_fsdp.distributed_steps(rank, world_size),
+        "fsdp_autojac": test_fsdp_autojac.distributed_steps(rank, world_size),
         "sharded_autojac": test_sharded.distributed_steps(rank, world_size),
     }
 

@@ -27,8 +27,18 @@ def run_on_ranks(
     """``[worker(rank, world_size, *args) for rank in range(world_size)]``, each in its own
     process of one gloo group. An exception raised by the worker is returned as ``Raised``."""
     # the fork server imports torch once, and forks every rank from it: 4 imports of torch at once
-    # would take most of the time of a test on a small machine
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "torchjd"])
+    # would take most of the time of a test on a small machine (FSDP2 and DTensor import torch's
+    # compiler on first use: seconds more)
+    multiprocessing.set_forkserver_preload(
+        [
+            "torch",
+            "torch.distributed",
+            "torch.distributed.fsdp",
+            "torch.distributed.tensor",
+            "torch._dynamo",
+            "torchjd",
+        ]
+    )
     folder = Path(tempfile.mkdtemp(prefix="torchjd-dist-"))
     try:
         context = mp.start_processes(

@@ -53,6 +53,27 @@ def rows_of(rank: int, counts: list[int]) -> slice:
     return slice(start, start + counts[rank])
 
 
+MTL_LOCAL_BATCH = 3  # equal local batches: the global task losses are the ranks' means
+
+
+def batch_of(objectives: str, size: int) -> tuple[Tensor, Tensor]:
+    """The global batch of ``size`` ranks: unequal shares for per-sample objectives, equal ones
+    for objectives shared by the ranks (mean task losses)."""
+    if objectives == "per_sample":
+        return global_batch(sum(per_sample_counts(size)))
+    return global_batch(MTL_LOCAL_BATCH * size)
+
+
+def share_of(objectives: str, rank: int, size: int) -> tuple[Tensor, Tensor]:
+    """Rank ``rank``'s share of ``batch_of(objectives, size)``."""
+    X, Y = batch_of(objectives, size)
+    if objectives == "per_sample":
+        rows = rows_of(rank, per_sample_counts(size))
+    else:
+        rows = slice(rank * MTL_LOCAL_BATCH, (rank + 1) * MTL_LOCAL_BATCH)
+    return X[rows], Y[rows]
+
+
 def local_batches(
     rank: int, world_size: int
 ) -> Iterator[tuple[int, dist.ProcessGroup, Tensor, Tensor]]:

@@ -63,33 +63,91 @@ def _step(X: Tensor, Y: Tensor, group: dist.ProcessGroup | None) -> Step:
 class _Bilinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.linear = nn.Linear(5, 4)
+        self.linear = nn.Linear(8, 4)
         self.bilinear = nn.Bilinear(4, 4, 1)  # no closed-form rule: its rule re-runs it
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.linear(x)
-        return self.bilinear(h, h)
+        return self.bilinear(h, h).squeeze(-1)
 
 
-def _rerun_refused(group: dist.ProcessGroup, plain: bool = False) -> tuple[str, str] | str:
+class _Attention(nn.Module):
+    """Without ``bias_k``/``bias_v``, the attention rule reads the projections in the call's
+    graph: nothing is re-run."""
+
+    def __init__(self, add_bias_kv: bool = False) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, add_bias_kv=add_bias_kv, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.view(x.shape[0], -1, 4)
+        return self.attention(h, h, h, need_weights=False)[0].sum(dim=(1, 2))
+
+
+class _AttentionWithBiasKV(_Attention):
+    """With ``bias_k``/``bias_v``, the attention rule forms per-sample gradients by re-running
+    the module (vmap), not through the generic rule."""
+
+    def __init__(self) -> None:
+        super().__init__(add_bias_kv=True)
+
+
+class _Recurrent(nn.Module):
+    """The RNN rule re-runs the recurrence step by step, not through the generic rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(4, 3, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rnn(x.view(x.shape[0], -1, 4))[0].sum(dim=(1, 2))
+
+
+# the modules whose rules re-run them (each by another path), with the name in the message
+RE_RUN = {"Bilinear": _Bilinear, "MultiheadAttention": _AttentionWithBiasKV, "RNN": _Recurrent}
+
+
+def _rerun_refused(
+    group: dist.ProcessGroup, model_type: type[nn.Module], plain: bool = False
+) -> tuple[str, str] | str:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    model = _Bilinear().double()
+    torch.manual_seed(0)
+    model = model_type().double()
     with Engine(model, batch_dim=0) as engine:
         fully_shard(model, mesh=DeviceMesh.from_group(group, "cpu"))
-        losses = model(torch.ones(2, 5, dtype=torch.float64)).squeeze(-1)
+        losses = model(torch.randn(2, 8, dtype=torch.float64))
         if plain:  # the engine alone, each rank on its own samples
             return outcome_of(lambda: engine.compute_gramian(losses))
         return outcome_of(lambda: compute_gramian(engine, losses, process_group=group))
+
+
+def _own_samples_gramian(group: dist.ProcessGroup, rank: int) -> tuple[Tensor, Tensor]:
+    """The engine alone on the attention read from its graph, under FSDP2 and without it."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model, reference = _Attention().double(), _Attention().double()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    with Engine(reference, batch_dim=0) as engine:
+        expected = engine.compute_gramian(reference(x))
+    with Engine(model, batch_dim=0) as engine:
+        fully_shard(model, mesh=DeviceMesh.from_group(group, "cpu"))
+        return engine.compute_gramian(model(x)), expected
 
 
 def distributed_steps(rank: int, world_size: int) -> dict[Any, Any]:
     results: dict[Any, Any] = {
         size: _step(X, Y, group) for size, group, X, Y in local_batches(rank, world_size)
     }
-    results["refused"] = _rerun_refused(dist.group.WORLD)  # type: ignore[arg-type]
-    results["refused_plain"] = _rerun_refused(dist.group.WORLD, plain=True)  # type: ignore[arg-type]
+    world: dist.ProcessGroup = dist.group.WORLD  # type: ignore[assignment]
+    results["attention"] = _own_samples_gramian(world, rank)
+    for name, model_type in RE_RUN.items():
+        results["refused", name] = _rerun_refused(world, model_type)
+        results["refused_plain", name] = _rerun_refused(world, model_type, plain=True)
     return results
 
 
@@ -110,13 +168,26 @@ def test_equals_single_process_on_global_batch(distributed: list[Any], world_siz
     assert expected_gramian.shape == (2 * X.shape[0], 2 * X.shape[0])
 
 
-def test_modules_that_are_re_run_are_refused(distributed: list[Any]) -> None:
+@pytest.mark.parametrize("name", RE_RUN)
+def test_modules_that_are_re_run_are_refused(distributed: list[Any], name: str) -> None:
     for result in distributed:
-        assert result["refused"][0] == "ValueError", result["refused"]
-        assert "those of Bilinear are sharded (DTensor" in result["refused"][1]
+        assert result["refused", name][0] == "ValueError", result["refused", name]
+        assert f"those of {name} are sharded (DTensor" in result["refused", name][1]
 
 
-def test_modules_that_are_re_run_are_refused_by_the_engine_alone(distributed: list[Any]) -> None:
+@pytest.mark.parametrize("name", RE_RUN)
+def test_modules_that_are_re_run_are_refused_by_the_engine_alone(
+    distributed: list[Any], name: str
+) -> None:
     for result in distributed:
-        assert result["refused_plain"][0] == "ValueError", result["refused_plain"]
-        assert "those of Bilinear are sharded (DTensor" in result["refused_plain"][1]
+        outcome = result["refused_plain", name]
+        assert outcome[0] == "ValueError", outcome
+        assert f"those of {name} are sharded (DTensor" in outcome[1]
+
+
+def test_attention_read_from_its_graph_works_with_sharded_parameters(
+    distributed: list[Any],
+) -> None:
+    for result in distributed:
+        gramian, expected = result["attention"]
+        torch.testing.assert_close(gramian, expected, rtol=0, atol=1e-10)

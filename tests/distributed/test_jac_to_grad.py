@@ -13,17 +13,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import torchjd.autojac
 from tests.distributed.problems import (
     AGGREGATORS,
-    global_batch,
+    batch_of,
     mtl_losses,
     multi_task,
-    per_sample_counts,
     per_sample_losses,
     regressor,
-    rows_of,
+    share_of,
 )
 from torchjd.distributed import average_grads, jac_to_grad
 
-MTL_LOCAL_BATCH = 3
 CASES = list(itertools.product(AGGREGATORS, ["per_sample", "shared"], [False, True]))
 Case = tuple[str, str, bool]  # aggregator, objectives, optimize_gramian_computation
 Update = tuple[torch.Tensor | None, list[torch.Tensor]]  # the weights and every .grad
@@ -80,16 +78,6 @@ def _step(
     return weights, [p.grad for p in model.parameters()]
 
 
-def _local_batch(case: Case, rank: int, world_size: int) -> tuple[Any, Any]:
-    if case[1] == "per_sample":
-        counts = per_sample_counts(world_size)
-        X, Y = global_batch(sum(counts))
-        return X[rows_of(rank, counts)], Y[rows_of(rank, counts)]
-    X, Y = global_batch(MTL_LOCAL_BATCH * world_size)
-    rows = slice(rank * MTL_LOCAL_BATCH, (rank + 1) * MTL_LOCAL_BATCH)
-    return X[rows], Y[rows]
-
-
 def distributed_steps(rank: int, world_size: int) -> dict[tuple[int, Case], Update]:
     """Every case on the 4 ranks, then on the group of ranks 0 and 1 (one spawn for both sizes:
     starting processes is what costs)."""
@@ -99,7 +87,7 @@ def distributed_steps(rank: int, world_size: int) -> dict[tuple[int, Case], Upda
         if rank < size:
             models = _models(group)
             for case in CASES:
-                X, Y = _local_batch(case, rank, size)
+                X, Y = share_of(case[1], rank, size)
                 results[size, case] = _step(case, X, Y, group, models)
     return results
 
@@ -115,10 +103,7 @@ def test_equals_single_process_on_global_batch(
     distributed: list[Any], world_size: int, case: Case
 ) -> None:
     results = [result[world_size, case] for result in distributed[:world_size]]
-    if case[1] == "per_sample":
-        X, Y = global_batch(sum(per_sample_counts(world_size)))
-    else:
-        X, Y = global_batch(MTL_LOCAL_BATCH * world_size)
+    X, Y = batch_of(case[1], world_size)
     expected_weights, expected_grads = _step(case, X, Y, None, _models(None))
     first_weights, first_grads = results[0]
     for weights, grads in results:

@@ -43,6 +43,21 @@ their rules read only the layers' inputs and output gradients, never the (sharde
 and FSDP's reduce-scatter averages the gradients over the ranks as DDP does. (The other rules
 re-run their module, which needs its parameters unsharded.)
 
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``, parameters sharded and data split between
+the ranks), autojac runs unchanged on the model, and :func:`fsdp_jac_to_grad` brings each rank's
+Jacobian to the shards (a reduce-scatter of the ``.jac`` fields for ``"shared"`` objectives, an
+all-to-all of their columns for ``"per_sample"`` ones), sums the shards' Gramians (one
+all-reduce of ``[M, M]``) and writes into every sharded parameter's ``.grad`` (a DTensor shard,
+for the optimizer) its part of the update of one process on the global batch (HSDP too). Only
+aggregators whose weights depend on the Gramian (UPGrad, MGDA, ...) can be used there::
+
+    fully_shard(model.trunk)
+    fully_shard(model)  # every parameter is sharded
+    features, losses = model(x_local), ...  # the mean task losses on the local batch
+    torchjd.autojac.mtl_backward(losses, features=features)
+    torchjd.distributed.fsdp_jac_to_grad(model, UPGrad(), objectives="shared")
+    optimizer.step()
+
 With the parameters sharded between the ranks (FSDP-style: each rank holds a disjoint part of
 them, and the Jacobian of the same objectives with respect to its part),
 :func:`sharded_jac_to_grad` sums the shards' Gramians (one all-reduce of an ``[m, m]`` matrix)
@@ -68,6 +83,7 @@ each free of conflict with its own samples' losses but not with the other ranks'
 """
 
 from torchjd.distributed._average_grads import average_grads
+from torchjd.distributed._fsdp_jac_to_grad import fsdp_jac_to_grad
 from torchjd.distributed._gramian import compute_gramian, local_weights
 from torchjd.distributed._jac_to_grad import Objectives, jac_to_grad
 from torchjd.distributed._sharded_gramian import sharded_backward, sharded_compute_gramian
@@ -77,6 +93,7 @@ __all__ = [
     "Objectives",
     "average_grads",
     "compute_gramian",
+    "fsdp_jac_to_grad",
     "jac_to_grad",
     "local_weights",
     "sharded_backward",

@@ -102,10 +102,7 @@ def jac_to_grad(
     tensor([-0.6984,  0.6016])
     >>> dist.destroy_process_group()
     """
-    if objectives not in get_args(Objectives):
-        raise ValueError(
-            f"`objectives` must be one of {list(get_args(Objectives))}. Found {objectives!r}."
-        )
+    check_objectives(objectives)
     group = resolve_group(process_group)
     try:
         params, jacobians = checked_inputs(tensors, aggregator, optimize_gramian_computation)
@@ -152,6 +149,13 @@ def jac_to_grad(
     else:
         _delete_jacs(params)
     return weights
+
+
+def check_objectives(objectives: object) -> None:
+    if objectives not in get_args(Objectives):
+        raise ValueError(
+            f"`objectives` must be one of {list(get_args(Objectives))}. Found {objectives!r}."
+        )
 
 
 def _check_consistent(shapes: list[tuple[int, ...]], objectives: Objectives) -> None:

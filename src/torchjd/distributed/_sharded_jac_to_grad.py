@@ -58,7 +58,8 @@ def sharded_jac_to_grad(
     which FSDP does for ``.grad`` but not for ``.jac``: do it with
     ``torch.distributed.reduce_scatter_tensor`` on the ``[m, numel]`` matrices, then call this
     function on the local shards. (With per-sample objectives, each rank's rows of every shard
-    are needed instead: an all-to-all.)
+    are needed instead: an all-to-all.) For a model sharded by FSDP2 (``fully_shard``),
+    :func:`fsdp_jac_to_grad` does all this.
 
     :param tensors: This rank's shard: the tensors whose ``.jac`` to aggregate (they may differ, in
         number and shapes, between ranks; empty on a rank that holds no parameters).
@@ -93,7 +94,7 @@ def sharded_jac_to_grad(
     if not isinstance(tensors, Tensor) and isinstance(tensors, Iterable):
         tensors = list(tensors)
     try:
-        _check_aggregator(aggregator)
+        check_gramian_aggregator(aggregator)
         if isinstance(tensors, list) and not tensors:  # this rank's shard is empty
             params, jacobians = [], []
         else:
@@ -132,12 +133,14 @@ def _device(jacobians: list[Tensor], group: dist.ProcessGroup) -> torch.device:
     return jacobians[0].device if jacobians else collective_device(group)
 
 
-def _check_aggregator(aggregator: Aggregator) -> None:
+def check_gramian_aggregator(aggregator: Aggregator) -> None:
     if not isinstance(aggregator, GramianWeightedAggregator):
         raise TypeError(
             "`aggregator` must be a GramianWeightedAggregator (one whose weights depend only on "
             "the Gramian J Jᵀ, such as UPGrad() or MGDA()): with sharded parameters, only the "
-            f"Gramian of the full Jacobian can be formed. Found {type(aggregator).__name__}."
+            "Gramian of the full Jacobian can be formed. To aggregate with another aggregator, "
+            "replicate the parameters (DistributedDataParallel) and use "
+            f"torchjd.distributed.jac_to_grad. Found {type(aggregator).__name__}."
         )
     composition = aggregator.weighting
     standard = (

@@ -30,7 +30,7 @@ autograd.
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ from torchjd.autogram._module_call import (
     samples_objectives_first,
     weighted,
 )
-from torchjd.autogram._rules._generic import gramian_by_recomputation
+from torchjd.autogram._rules._generic import gramian_by_recomputation, refuse_sharded
 from torchjd.autogram._rules._graph_linear import (
     GraphLinear,
     find_graph_linears,
@@ -62,7 +62,8 @@ def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     assert isinstance(module, nn.MultiheadAttention)
     linears = _recorded_projections(calls)
     if linears is not None:
-        return graph_linear_gramian(calls, linears, functools.partial(_bias_of, module))
+        return graph_linear_gramian(calls, linears, _recorded_bias_of(calls))
+    refuse_sharded(module, module.parameters())  # every path below re-runs the module
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     if any(module.dropout > 0 and call.training for call in calls):
         return gramian_by_recomputation(module, calls, list(params.values()))
@@ -121,9 +122,7 @@ def attention_weighted_gradients(
     assert isinstance(module, nn.MultiheadAttention)
     linears = _recorded_projections(calls)
     if linears is not None:
-        return graph_linear_weighted_gradients(
-            calls, linears, functools.partial(_bias_of, module), W
-        )
+        return graph_linear_weighted_gradients(calls, linears, _recorded_bias_of(calls), W)
     if (
         module.bias_k is not None
         or module.bias_v is not None
@@ -187,6 +186,9 @@ def attention_inner_edges(module: nn.Module, call: ModuleCall) -> list[GradientE
     if linears is None:
         return []
     call.saved["projections_in_graph"] = linears
+    # each projection's bias, found now: by the time the rule runs, FSDP2 has replaced the
+    # module's parameters (those of the forward pass) by their shards
+    call.saved["biases"] = {id(linear): _bias_of(module, linear) for linear in linears}
     # The projections' rows are (position, sample) pairs for batched inputs; unbatched ones are
     # a single sample.
     call.saved["batched"] = call.outputs[0].dim() == 3
@@ -211,6 +213,14 @@ def _recorded_projections(calls: Sequence[ModuleCall]) -> list[list[GraphLinear]
     ):
         return None
     return linears  # type: ignore[return-value]
+
+
+def _recorded_bias_of(
+    calls: Sequence[ModuleCall],
+) -> Callable[[GraphLinear], tuple[Tensor | None, int]]:
+    """The bias of each projection of the first call (whose projections the rules are given)."""
+    biases = calls[0].saved["biases"]
+    return lambda linear: biases[id(linear)]
 
 
 def _bias_of(module: nn.MultiheadAttention, linear: GraphLinear) -> tuple[Tensor | None, int]:

@@ -7,7 +7,7 @@ objective :math:`r`, restricted to sample :math:`i`) gives the row :math:`J_{ir}
 :math:`G = J J^\top` with :math:`J` summed over the calls.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,13 +45,7 @@ def rows_by_recomputation(
 
     Refuses parameters sharded between processes (DTensor, e.g. by FSDP's ``fully_shard``): the
     re-run would see only this process's shard."""
-    if any(map(_is_sharded, params)):
-        raise ValueError(
-            f"The autogram rule of {type(module).__name__} re-runs the module with its parameters, "
-            f"but those of {type(module).__name__} are sharded (DTensor, e.g. by FSDP's "
-            "fully_shard), so the re-run would see only this process's shard. Keep the module out "
-            "of fully_shard, or use DDP."
-        )
+    refuse_sharded(module, params)
     J: Tensor | None = None
     for call in calls:
         outputs = _recompute(module, call)
@@ -77,6 +71,19 @@ def rows_by_recomputation(
         J = rows if J is None else J + rows
     assert J is not None
     return J
+
+
+def refuse_sharded(module: nn.Module, params: Iterable[Tensor]) -> None:
+    """Raises when some of ``params`` (those that a rule of ``module`` re-runs it with) are
+    sharded between processes (DTensor, e.g. by FSDP's ``fully_shard``): a re-run would see only
+    this process's shard. Every rule that re-runs its module calls it first."""
+    if any(map(_is_sharded, params)):
+        raise ValueError(
+            f"The autogram rule of {type(module).__name__} re-runs the module with its parameters, "
+            f"but those of {type(module).__name__} are sharded (DTensor, e.g. by FSDP's "
+            "fully_shard), so the re-run would see only this process's shard. Keep the module out "
+            "of fully_shard, or use DDP."
+        )
 
 
 def _recompute(module: nn.Module, call: ModuleCall) -> list[Tensor]:

@@ -31,7 +31,7 @@ from torchjd.autogram._module_call import (
     samples_first,
     samples_objectives_first,
 )
-from torchjd.autogram._rules._generic import generic_rule
+from torchjd.autogram._rules._generic import generic_rule, refuse_sharded
 from torchjd.autogram._rules._linear import weight_gramian
 
 
@@ -47,6 +47,7 @@ class _Map:
 
 def rnn_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     assert isinstance(module, nn.RNNBase)
+    refuse_sharded(module, module.parameters())  # both paths re-run the module
     if any(_unsupported(module, call) for call in calls):
         return generic_rule(module, calls)
     maps: dict[str, _Map] = {}
