@@ -37,6 +37,12 @@ as usual (no ``no_sync()`` there)::
     losses.backward(torchjd.distributed.local_weights(weights, losses))
     optimizer.step()
 
+The fused step :meth:`Engine.backward <torchjd.autogram.Engine.backward>` writes most ``.grad``
+fields itself, outside autograd, so DDP's reducer (which hooks autograd's gradient accumulation)
+does not average them. Under DDP, use the lines above for the exact step; the fused step fits the
+cheaper per-rank mode (below) only, run inside ``no_sync()`` and followed by
+:func:`average_grads` on the parameters.
+
 The same lines work under FSDP2 (``torch.distributed.fsdp.fully_shard``, parameters sharded and
 data split between the ranks) for the layers of Linear, Conv, Embedding and normalisation type:
 their rules read only the layers' inputs and output gradients, never the (sharded) parameters,
