@@ -20,9 +20,9 @@ from tests.distributed.problems import (
 )
 from torchjd.aggregation import UPGradWeighting
 from torchjd.autogram import Engine
-from torchjd.distributed import compute_gramian, local_weights
+from torchjd.distributed import average_grads, compute_gramian, local_weights
 
-Step = tuple[Tensor, Tensor, list[Tensor]]  # the Gramian, the weights and every .grad
+Step = tuple[Tensor | None, Tensor, list[Tensor]]  # the Gramian, the weights and every .grad
 
 
 def _conv() -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
@@ -88,25 +88,37 @@ CHEAP_MODE_MODELS = ["mlp", "norms"]
 
 
 def _step(
-    kind: str, X: Tensor, Y: Tensor, group: dist.ProcessGroup | None, exact: bool = True
+    kind: str, X: Tensor, Y: Tensor, group: dist.ProcessGroup | None, mode: str = "exact"
 ) -> Step:
     """IWRM with two objectives per sample through the engine: under DDP over ``group`` with the
-    distributed Gramian (``exact``) or with each rank's own Gramian (the cheaper mode), or in one
-    process when ``group`` is None."""
+    distributed Gramian (``"exact"``), with each rank's own Gramian (``"cheap"``: the cheaper
+    mode), or that mode with the fused step inside ``no_sync()`` then ``average_grads``
+    (``"fused"``: no Gramian returned), or in one process when ``group`` is None."""
     model, inputs = MODELS[kind]()
     engine = Engine(model, batch_dim=0)
+    if mode == "fused":
+        assert group is not None
+        module = DDP(model, process_group=group)
+        with module.no_sync():
+            losses = two_objectives(module(inputs(X)).squeeze(-1), Y)
+            weights = engine.backward(losses, UPGradWeighting())
+        average_grads(model.parameters(), process_group=group)
+        engine.close()
+        return None, weights, [p.grad for p in model.parameters()]
     module = model if group is None else DDP(model, process_group=group)
     out = module(inputs(X)).squeeze(-1)
     losses = two_objectives(out, Y)
-    if group is None or not exact:
-        gramian = engine.compute_gramian(losses)
-    else:
-        gramian = compute_gramian(engine, losses, process_group=group)
+    exact = group is not None and mode == "exact"
+    gramian = (
+        compute_gramian(engine, losses, process_group=group)
+        if exact
+        else engine.compute_gramian(losses)
+    )
     weights = UPGradWeighting()(gramian)
-    if group is None or not exact:
-        losses.backward(weights.view(losses.shape))
-    else:
+    if exact:
         losses.backward(local_weights(weights, losses, process_group=group))
+    else:
+        losses.backward(weights.view(losses.shape))
     engine.close()
     return gramian, weights, [p.grad for p in model.parameters()]
 
@@ -117,7 +129,8 @@ def distributed_steps(rank: int, world_size: int) -> dict[tuple[Any, ...], Step]
         for kind in MODELS:
             results[size, kind] = _step(kind, X, Y, group)
         for kind in CHEAP_MODE_MODELS:
-            results[size, kind, "cheap"] = _step(kind, X, Y, group, exact=False)
+            for mode in ("cheap", "fused"):
+                results[size, kind, mode] = _step(kind, X, Y, group, mode)
     return results
 
 
@@ -183,3 +196,17 @@ def test_cheap_mode_weights_each_rank_by_its_own_gramian(
     # it is not the step of the global batch
     difference = max((g - e).abs().max() for g, e in zip(grads, exact, strict=True))
     assert difference > 1e-3, difference
+
+
+@pytest.mark.parametrize("kind", CHEAP_MODE_MODELS)
+@pytest.mark.parametrize("world_size", [2, 4], ids=lambda r: f"{r}ranks")
+def test_fused_step_in_no_sync_then_average_grads_is_the_cheap_mode(
+    distributed: list[Any], world_size: int, kind: str
+) -> None:
+    # The fused step writes .grad outside autograd (DDP's reducer does not see it): averaged by
+    # average_grads, it is the cheaper mode's step.
+    expected = _cheap_mode_reference(kind, world_size)
+    for result in distributed[:world_size]:
+        grads = result[world_size, kind, "fused"][2]
+        for grad, expected_grad in zip(grads, expected, strict=True):
+            torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
