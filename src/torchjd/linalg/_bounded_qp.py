@@ -66,7 +66,7 @@ from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import principal_pivoting
-from torchjd.linalg._schur_pivoting import face_cost, schur_face_solver
+from torchjd.linalg._schur_pivoting import face_cost, schur_pivoting
 from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
@@ -128,17 +128,18 @@ def solve_lower_bounded_qp(
         G = tikhonov(G)
     m = G.shape[0]
     V = U.clone()
-    GU = U @ G
-    non_finite = kkt_residual(G, U, U, GU).isnan()
+    GU = _times(U, G)
+    non_finite = ~(G.isfinite().all() & U.isfinite().all(dim=1) & GU.isfinite().all(dim=1))
     V[non_finite] = torch.nan
     rows = ((GU < 0).any(dim=1) & ~non_finite).nonzero().squeeze(1)
     if rows.numel() == 0:
         return V.to(out_dtype)
 
     U = U[rows]
-    if m <= _DIRECT_MAX_M:
+    if not least_norm and _SCHUR_MIN_M <= m <= _DIRECT_MAX_M:
+        X = _schur_then_principal_pivoting(G, U, GU[rows] > 0, tol, max_iters)
+    elif m <= _DIRECT_MAX_M:
         G64 = G.double()
-        face_solver = None if least_norm or m < _SCHUR_MIN_M else schur_face_solver(G64, m)
         X, converged = principal_pivoting(
             G64,
             U.double(),
@@ -147,11 +148,7 @@ def solve_lower_bounded_qp(
             tol,
             _LEAST_NORM_PIVOTS if least_norm else 3 * m + 10,
             None if G_exact is None else G_exact.double(),
-            face_solver,
         )
-        if face_solver is not None:  # its gradients came from G⁻¹: checked on G itself
-            X = torch.maximum(X, U.double())
-            converged &= kkt_residual(G64, U.double(), X, X @ G64) <= tol
         X = X.to(work_dtype)
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
@@ -170,6 +167,41 @@ def solve_lower_bounded_qp(
         X = _schur_pivoting_then_admm(G, U, GU[rows] > 0, tol, max_iters)
     V[rows] = torch.maximum(X, U)
     return V.to(out_dtype)
+
+
+def _times(U: Tensor, G: Tensor) -> Tensor:
+    """``U G`` for a symmetric ``G``; a scaling of the rows of ``G`` when ``U`` is diagonal (the
+    problems of UPGrad), which is checked."""
+    if U.shape[0] == U.shape[1] and torch.equal(U, torch.diag(U.diagonal())):
+        return U.diagonal().unsqueeze(1) * G
+    return U @ G
+
+
+def _schur_then_principal_pivoting(
+    G: Tensor, U: Tensor, active: Tensor, tol: float, max_iters: int
+) -> Tensor:
+    """Default mode, ``m ≤ 64``: pivoting with face solves through ``G⁻¹`` when ``G`` is
+    well-conditioned; the rows it leaves, by pivoting on the faces of ``G`` in float64, then ADMM
+    and its polish."""
+    m = G.shape[0]
+    result = schur_pivoting(G, U, active, tol, 3 * m + 10, m)
+    if result is None:
+        X, converged = U.clone(), torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
+    else:
+        X, converged = result
+    if bool(converged.all()):
+        return X
+    left = (~converged).nonzero().squeeze(1)
+    G64 = G.double()
+    X_left, solved = principal_pivoting(
+        G64, U[left].double(), active[left], row_scales(G64), tol, 3 * m + 10
+    )
+    X_left = X_left.to(G.dtype)
+    if not bool(solved.all()):
+        rows = (~solved).nonzero().squeeze(1)
+        X_left[rows] = _admm_then_polish(G, U[left][rows], tol, max_iters, None)
+    X[left] = X_left
+    return X
 
 
 def tikhonov(G: Tensor) -> Tensor:
@@ -291,15 +323,10 @@ def _schur_pivoting_then_admm(
     lopsided = bool(torch.minimum(n_active, m - n_active).double().mean() <= _LOPSIDED * m)
     if float(face_cost(active)) > _SCHUR_BUDGET[G.dtype] * m**3:
         return _admm_then_polish(G, U, tol, max_iters, None, lopsided)
-    G64 = G.double()
-    face_solver = schur_face_solver(G64, m // 4)
-    if face_solver is None:
+    result = schur_pivoting(G, U, active, tol, _SCHUR_PIVOTS, m // 4)
+    if result is None:
         return _admm_then_polish(G, U, tol, max_iters, None, lopsided)
-    X, converged = principal_pivoting(
-        G64, U.double(), active, row_scales(G64), tol, _SCHUR_PIVOTS, face_solver=face_solver
-    )
-    X = torch.maximum(X.to(G.dtype), U)
-    converged &= kkt_residual(G, U, X, X @ G) <= tol
+    X, converged = result
     if not bool(converged.all()):
         left = (~converged).nonzero().squeeze(1)
         X[left] = _admm_then_polish(G, U[left], tol, max_iters, None, lopsided)
