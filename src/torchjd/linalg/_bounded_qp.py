@@ -127,23 +127,25 @@ def solve_lower_bounded_qp(
     if least_norm:
         G = tikhonov(G)
     m = G.shape[0]
-    V = U.clone()
     GU = _times(U, G)
     non_finite = ~(G.isfinite().all() & U.isfinite().all(dim=1) & GU.isfinite().all(dim=1))
-    V[non_finite] = torch.nan
-    rows = ((GU < 0).any(dim=1) & ~non_finite).nonzero().squeeze(1)
+    V = torch.where(non_finite.unsqueeze(1), torch.nan, U)
+    conflicted = (GU < 0).any(dim=1) & ~non_finite
+    rows = conflicted.nonzero().squeeze(1)
     if rows.numel() == 0:
         return V.to(out_dtype)
-
-    U = U[rows]
+    if rows.numel() < U.shape[0]:
+        U, GU = U[rows], GU[rows]
+    else:
+        rows = slice(None)  # type: ignore[assignment]
     if not least_norm and _SCHUR_MIN_M <= m <= _DIRECT_MAX_M:
-        X = _schur_then_principal_pivoting(G, U, GU[rows] > 0, tol, max_iters)
+        X = _schur_then_principal_pivoting(G, U, GU > 0, tol, max_iters)
     elif m <= _DIRECT_MAX_M:
         G64 = G.double()
         X, converged = principal_pivoting(
             G64,
             U.double(),
-            GU[rows] > 0,
+            GU > 0,
             row_scales(G64),
             tol,
             _LEAST_NORM_PIVOTS if least_norm else 3 * m + 10,
@@ -164,7 +166,7 @@ def solve_lower_bounded_qp(
     elif least_norm:
         X = _admm_then_polish(G, U, tol, max_iters, G_exact)
     else:
-        X = _schur_pivoting_then_admm(G, U, GU[rows] > 0, tol, max_iters)
+        X = _schur_pivoting_then_admm(G, U, GU > 0, tol, max_iters)
     V[rows] = torch.maximum(X, U)
     return V.to(out_dtype)
 

@@ -95,7 +95,8 @@ class TorchProjector(DualConeProjector):
 
     def __call__(self, U: Tensor, G: PSDMatrix) -> Tensor:
         _check_shapes(U, G)
-        G = regularized(normalized(symmetrized(G), self.norm_eps), self.reg_eps)
+        # Not symmetrised here: the solver does it.
+        G = regularized(normalized(G, self.norm_eps), self.reg_eps)
         rows = U.unsqueeze(0) if U.ndim == 1 else U
         V = solve_lower_bounded_qp(G, rows, least_norm=self.reg_eps == 0.0)
         return V.squeeze(0) if U.ndim == 1 else V

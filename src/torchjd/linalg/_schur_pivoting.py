@@ -49,6 +49,7 @@ from torchjd.linalg._principal_pivoting import (
 # the default tolerance (2e-5 in float32). Below, it works in float64.
 _MIN_PIVOT = {torch.float64: _INVERSE_MIN_PIVOT[torch.float64], torch.float32: 1e-2}
 _DISTINCT_MIN_ROWS = 128  # from this many rows, distinct faces are factorised once
+_DISTINCT_MAX_FRACTION = 4  # when there are at most a quarter as many distinct faces as rows
 _GOLDEN = 0.6180339887498949
 FaceSolver = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -70,9 +71,9 @@ def schur_pivoting(
     ``G``, or in float64 when ``G`` is too ill-conditioned for it; None when even float64 is not
     accurate enough.
 
-    Returns the rows (``v ≥ u`` exactly) and which of them converged: their KKT residual on ``G``
-    is below ``tol``. Rows whose face outgrows ``max_size`` (see :func:`schur_face_solver`) stop,
-    unconverged, and so do rows still infeasible after ``max_steps`` face solves."""
+    Returns the rows (``v ≥ u`` exactly) and which of them converged: those whose KKT residual on
+    ``G`` is below ``tol``. Rows whose face outgrows ``max_size`` (see :func:`schur_face_solver`)
+    stop, unconverged, and rows still infeasible after ``max_steps`` face solves stop too."""
     inverse = scaled_inverse(G, _MIN_PIVOT[G.dtype])
     G_work, U_work = G, U
     if inverse is None and G.dtype != torch.float64:
@@ -80,49 +81,45 @@ def schur_pivoting(
         inverse = scaled_inverse(G_work, _MIN_PIVOT[torch.float64])
     if inverse is None:
         return None
-    X, rows = _pivot(
-        U_work, active, _face_solver(G_work, *inverse, max_size), row_scales(G_work), tol, max_steps
-    )
+    solve = _InverseFaces(G_work, *inverse, max_size)
+    X = _pivot(U_work, active, solve, row_scales(G_work), tol, max_steps)
     X = torch.maximum(X.to(G.dtype), U)
-    converged = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
-    converged[rows] = True
     # The face solutions came from G⁻¹: each row is checked on G itself.
-    return X, converged & (feasible_kkt_residual(G, U, X, X @ G) <= tol)
+    return X, feasible_kkt_residual(G, U, X, X @ G) <= tol
 
 
 def _pivot(
     U: Tensor, active: Tensor, solve: FaceSolver, row_scale: Tensor, tol: float, max_steps: int
-) -> tuple[Tensor, Tensor]:
-    """The exchanges of principal pivoting; returns the last face solution of every row and the
-    indices of the rows that ended with no infeasible index. Rows leave the batch when done."""
+) -> Tensor:
+    """The exchanges of principal pivoting (its feasibility test and :func:`exchange`); returns
+    the last face solution of every row. Rows leave the batch when they have no infeasible index
+    left, or a NaN face solution (a face too big, or a failed factorisation)."""
     k, m = U.shape
-    X = U.clone()
-    solved = []
+    X = U
     rows = torch.arange(k, device=U.device)
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
     dual_bound = -_DUAL_THRESHOLD * tol * row_scale * u_scale
     primal_bound = _PRIMAL_THRESHOLD * tol * u_scale
     best = torch.full((k,), m + 1, device=U.device)
     tries = torch.full((k,), _FULL_EXCHANGES, device=U.device)
-    for _ in range(max_steps):
+    for step in range(max_steps):
         V, GV = solve(U, active)
-        X[rows] = V
-        # NaN (a face too big to solve, or an inaccurate one) counts as infeasible.
-        infeasible = torch.where(active, ~(dual_bound <= GV), ~(primal_bound >= U - V))
+        if step == 0:
+            X = V
+        else:
+            X[rows] = V
+        infeasible = torch.where(active, dual_bound > GV, primal_bound < U - V)
         count = infeasible.sum(dim=1)
-        done = count == 0
-        stopped = done | V[:, 0].isnan()
-        keep = ~stopped
-        solved.append(rows[done])
+        keep = count > 0
         n_left = int(keep.sum())
         if n_left == 0:
             break
         active, best, tries = exchange(active, infeasible, count, best, tries)
         if n_left < len(rows):
-            rows, U, active, u_scale, best, tries, dual_bound, primal_bound = (
-                t[keep] for t in (rows, U, active, u_scale, best, tries, dual_bound, primal_bound)
+            rows, U, active, best, tries, dual_bound, primal_bound = (
+                t[keep] for t in (rows, U, active, best, tries, dual_bound, primal_bound)
             )
-    return X, torch.cat(solved)
+    return X
 
 
 def schur_face_solver(G: Tensor, max_size: int) -> FaceSolver | None:
@@ -132,30 +129,75 @@ def schur_face_solver(G: Tensor, max_size: int) -> FaceSolver | None:
     Rows whose face costs more than a ``max_size × max_size`` system (``min(|A|, |F|) >
     max_size``) are not solved: NaN, which stops them, unconverged."""
     inverse = scaled_inverse(G, _INVERSE_MIN_PIVOT[G.dtype])
-    return None if inverse is None else _face_solver(G, *inverse, max_size)
+    return None if inverse is None else _InverseFaces(G, *inverse, max_size)
 
 
-def _face_solver(G: Tensor, s: Tensor, H: Tensor, max_size: int) -> FaceSolver:
-    def solve(U: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+class _InverseFaces:
+    """Face solves through ``H = (S G S)⁻¹`` (see :func:`schur_face_solver`).
+
+    ``H`` is bordered by an identity (indices from ``m`` on, as many as the widest face solved
+    through ``H``) that pads the active sets of different sizes: the padded ``|A| × |A|`` blocks
+    are then block-diagonal with an identity, and their multipliers zero, with no masking."""
+
+    def __init__(self, G: Tensor, s: Tensor, H: Tensor, max_size: int) -> None:
+        m = G.shape[0]
+        self.G, self.s, self.max_size = G, s, max_size
+        self.max_width = min(max_size, m // 2)
+        eye = torch.eye(self.max_width, dtype=H.dtype, device=H.device)
+        self.H = torch.block_diag(H, eye)
+        self.HS = H * s  # v = μ (H S)
+        self.border = torch.arange(m, m + self.max_width, device=H.device)
+
+    def __call__(self, U: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
         m = active.shape[1]
         n_active = active.sum(dim=1)
-        fits = torch.minimum(n_active, m - n_active) <= max_size
+        if int(n_active.amax()) <= self.max_width:
+            return self._dual(U, active)
+        fits = torch.minimum(n_active, m - n_active) <= self.max_size
         dual = fits & (2 * n_active <= m)
-        if bool(dual.all()):
-            return _dual_face_solve(s, H, U, active)
         V = torch.full_like(U, torch.nan)
         GV = torch.full_like(U, torch.nan)
         if bool(dual.any()):
             rows = dual.nonzero().squeeze(1)
-            V[rows], GV[rows] = _dual_face_solve(s, H, U[rows], active[rows])
+            V[rows], GV[rows] = self._dual(U[rows], active[rows])
         primal = fits & ~dual
         if bool(primal.any()):
             rows = primal.nonzero().squeeze(1)
-            V[rows] = solve_on_faces(G, U[rows], active[rows])
-            GV[rows] = V[rows] @ G
+            V[rows] = solve_on_faces(self.G, U[rows], active[rows])
+            GV[rows] = V[rows] @ self.G
         return V, GV
 
-    return solve
+    def _dual(self, U: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``v = S H S λ`` and ``G v = λ`` with ``(S H S)_{AA} λ_A = u_A``: in the scaled
+        multipliers ``μ = S λ``, ``H_AA μ_A = (u / s)_A``.
+
+        From :data:`_DISTINCT_MIN_ROWS` rows on, rows that share their active set (per-sample
+        problems of the samples of one class) share its ``H_AA``: when the distinct faces are
+        few, each is inverted once, and the multipliers of every row against every face's inverse
+        are one product, of which each row keeps its own face's."""
+        k, m = U.shape
+        faces, inverse = distinct_faces(active) if k >= _DISTINCT_MIN_ROWS else (active, None)
+        if inverse is not None and _DISTINCT_MAX_FRACTION * len(faces) > k:
+            faces, inverse = active, None
+        width = int(faces.sum(dim=1).amax())
+        if width == 0:
+            return torch.zeros_like(U), torch.zeros_like(U)
+        # Each face's active indices, padded with border indices.
+        idx = torch.topk(faces.to(U.dtype), width, dim=1, sorted=False).indices
+        idx = torch.where(faces.gather(1, idx), idx, self.border[:width])
+        L, _ = torch.linalg.cholesky_ex(self.H[idx.unsqueeze(2), idx.unsqueeze(1)])
+        if inverse is not None:
+            idx = idx[inverse]
+        b = torch.nn.functional.pad(U / self.s, (0, self.max_width)).gather(1, idx)
+        if inverse is None:
+            mu_A = torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)
+        else:
+            inverses = torch.cholesky_inverse(L)  # symmetric: [f, i, j] = [f, j, i]
+            every = b @ inverses.transpose(0, 1).reshape(width, -1)  # [k, faces · width]
+            mu_A = every.view(k, -1, width)[torch.arange(k, device=U.device), inverse]
+        mu = U.new_zeros(k, m + self.max_width).scatter_(1, idx, mu_A)[:, :m]
+        V = torch.where(active, U, mu @ self.HS)
+        return V, mu / self.s
 
 
 def distinct_faces(active: Tensor) -> tuple[Tensor, Tensor]:
@@ -175,35 +217,3 @@ def distinct_faces(active: Tensor) -> tuple[Tensor, Tensor]:
     if keys.shape[0] == k or not torch.equal(faces[inverse], active):
         return active, rows
     return faces, inverse
-
-
-def _dual_face_solve(s: Tensor, H: Tensor, U: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
-    r"""``v = S H S λ`` and ``G v = λ`` with ``(S H S)_{AA} λ_A = u_A``, ``H = (S G S)⁻¹``
-    (contiguous): in the scaled multipliers ``μ = S λ``, ``H_AA μ_A = (u / s)_A``.
-
-    From :data:`_DISTINCT_MIN_ROWS` rows on, rows that share their active set (per-sample problems
-    of the samples of one class) share the factorisation of its ``H_AA``: each distinct face is
-    inverted once, and each row's multipliers are one small product."""
-    k, m = U.shape
-    faces, inverse = distinct_faces(active) if k >= _DISTINCT_MIN_ROWS else (active, None)
-    width = int(faces.sum(dim=1).amax())
-    if width == 0:
-        return torch.zeros_like(U), torch.zeros_like(U)
-    # Each face's active indices, padded with free ones (masked out).
-    idx = torch.topk(faces.to(U.dtype), width, dim=1, sorted=False).indices
-    mask = faces.gather(1, idx)
-    pair = mask.unsqueeze(2) & mask.unsqueeze(1)
-    flat = (idx.unsqueeze(2) * m + idx.unsqueeze(1)).view(-1)
-    H_AA = H.view(-1).index_select(0, flat).view(-1, width, width)
-    H_AA = torch.where(pair, H_AA, torch.eye(width, dtype=H.dtype, device=H.device))
-    L, _ = torch.linalg.cholesky_ex(H_AA)
-    if inverse is not None:
-        idx, mask = idx[inverse], mask[inverse]
-    b = torch.where(mask, (U / s).gather(1, idx), 0.0).unsqueeze(2)
-    if inverse is None:
-        mu_A = torch.cholesky_solve(b, L).squeeze(2)
-    else:
-        mu_A = (torch.cholesky_inverse(L)[inverse] @ b).squeeze(2)
-    mu = torch.zeros_like(U).scatter(1, idx, torch.where(mask, mu_A, 0.0))
-    V = torch.where(active, U, s * (mu @ H))
-    return V, mu / s
