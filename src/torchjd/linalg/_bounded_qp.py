@@ -128,9 +128,11 @@ def solve_lower_bounded_qp(
         G = tikhonov(G)
     m = G.shape[0]
     GU = _times(U, G)
-    non_finite = ~(G.isfinite().all() & U.isfinite().all(dim=1) & GU.isfinite().all(dim=1))
+    # Rows with a non-finite entry (in G, u or G u) have a NaN sum once scaled by zero: cheaper
+    # than boolean reductions.
+    non_finite = ((G * 0).sum() + (U * 0).sum(dim=1) + (GU * 0).sum(dim=1)).isnan()
     V = torch.where(non_finite.unsqueeze(1), torch.nan, U)
-    conflicted = (GU < 0).any(dim=1) & ~non_finite
+    conflicted = (GU.amin(dim=1) < 0) & ~non_finite
     rows = conflicted.nonzero().squeeze(1)
     if rows.numel() == 0:
         return V.to(out_dtype)

@@ -108,7 +108,8 @@ def _pivot(
             X = V
         else:
             X[rows] = V
-        infeasible = torch.where(active, dual_bound > GV, primal_bound < U - V)
+        # No torch.where (slow on booleans).
+        infeasible = ((dual_bound > GV) & active) | ((primal_bound < U - V) & ~active)
         count = infeasible.sum(dim=1)
         keep = count > 0
         n_left = int(keep.sum())
@@ -196,8 +197,8 @@ class _InverseFaces:
             every = b @ inverses.transpose(0, 1).reshape(width, -1)  # [k, faces · width]
             mu_A = every.view(k, -1, width)[torch.arange(k, device=U.device), inverse]
         mu = U.new_zeros(k, m + self.max_width).scatter_(1, idx, mu_A)[:, :m]
-        V = torch.where(active, U, mu @ self.HS)
-        return V, mu / self.s
+        # On the active set, v = u up to rounding (pivoting clamps v ≥ u at the end).
+        return mu @ self.HS, mu / self.s
 
 
 def distinct_faces(active: Tensor) -> tuple[Tensor, Tensor]:
