@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torchjd.autogram._rules._linear import one_position_gramian, weight_gramian
+from torchjd.autogram._rules._linear import one_position_gramian, self_gram, weight_gramian
 
 
 def reference(X: torch.Tensor, Gamma: torch.Tensor) -> torch.Tensor:
@@ -73,3 +73,9 @@ def test_one_position_gramian(B, R, d_in, d_out, with_bias):
     J = torch.stack(rows)
     G = one_position_gramian(X, Gamma, with_bias)
     torch.testing.assert_close(G, J @ J.T, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 127, 128, 131])
+def test_self_gram(rows):
+    A = torch.randn(rows, 6, dtype=torch.float64)
+    torch.testing.assert_close(self_gram(A), A @ A.T, rtol=1e-12, atol=1e-12)
