@@ -66,7 +66,7 @@ from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import principal_pivoting
-from torchjd.linalg._schur_pivoting import face_cost, schur_pivoting
+from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
@@ -169,6 +169,8 @@ def solve_lower_bounded_qp(
         X = _admm_then_polish(G, U, tol, max_iters, G_exact)
     else:
         X = _schur_pivoting_then_admm(G, U, GU > 0, tol, max_iters)
+    if isinstance(rows, slice):  # every row conflicted
+        return torch.maximum(X, U).to(out_dtype)
     V[rows] = torch.maximum(X, U)
     return V.to(out_dtype)
 
@@ -324,16 +326,21 @@ def _schur_pivoting_then_admm(
     leaves (or solves less accurately than ``tol`` on ``G`` itself)."""
     m = G.shape[0]
     n_active = active.sum(dim=1)
-    lopsided = bool(torch.minimum(n_active, m - n_active).double().mean() <= _LOPSIDED * m)
-    if float(face_cost(active)) > _SCHUR_BUDGET[G.dtype] * m**3:
+
+    def admm_then_polish(U: Tensor) -> Tensor:
+        lopsided = bool(torch.minimum(n_active, m - n_active).double().mean() <= _LOPSIDED * m)
         return _admm_then_polish(G, U, tol, max_iters, None, lopsided)
-    result = schur_pivoting(G, U, active, tol, _SCHUR_PIVOTS, m // 4)
+
+    distinct = distinct_faces(active)
+    if float(distinct_face_cost(distinct[0])) > _SCHUR_BUDGET[G.dtype] * m**3:
+        return admm_then_polish(U)
+    result = schur_pivoting(G, U, active, tol, _SCHUR_PIVOTS, m // 4, distinct)
     if result is None:
-        return _admm_then_polish(G, U, tol, max_iters, None, lopsided)
+        return admm_then_polish(U)
     X, converged = result
     if not bool(converged.all()):
         left = (~converged).nonzero().squeeze(1)
-        X[left] = _admm_then_polish(G, U[left], tol, max_iters, None, lopsided)
+        X[left] = admm_then_polish(U[left])
     return X
 
 

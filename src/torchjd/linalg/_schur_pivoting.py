@@ -57,14 +57,24 @@ FaceSolver = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 def face_cost(active: Tensor) -> Tensor:
     r"""``Σ_faces min(|A|, |F|)³`` over the distinct faces of the rows: the flops of one step of
     pivoting by :func:`schur_face_solver` (up to a constant), a 0-dimensional tensor."""
-    faces, _ = distinct_faces(active)
+    return distinct_face_cost(distinct_faces(active)[0])
+
+
+def distinct_face_cost(faces: Tensor) -> Tensor:
+    """:func:`face_cost` of distinct ``faces`` (from :func:`distinct_faces`)."""
     n_active = faces.sum(dim=1)
     size = torch.minimum(n_active, faces.shape[1] - n_active).double()
     return size.pow(3).sum()
 
 
 def schur_pivoting(
-    G: Tensor, U: Tensor, active: Tensor, tol: float, max_steps: int, max_size: int
+    G: Tensor,
+    U: Tensor,
+    active: Tensor,
+    tol: float,
+    max_steps: int,
+    max_size: int,
+    distinct: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """Rows ``argmin_{v ≥ u} vᵀ G v`` by block principal pivoting from the guess ``active``
     (``[k, m]``), every face solved through ``G⁻¹`` (see the module docstring), in the dtype of
@@ -73,7 +83,8 @@ def schur_pivoting(
 
     Returns the rows (``v ≥ u`` exactly) and which of them converged: those whose KKT residual on
     ``G`` is below ``tol``. Rows whose face outgrows ``max_size`` (see :func:`schur_face_solver`)
-    stop, unconverged, and rows still infeasible after ``max_steps`` face solves stop too."""
+    stop, unconverged, and rows still infeasible after ``max_steps`` face solves stop too.
+    ``distinct``: :func:`distinct_faces` of ``active``, when the caller has it."""
     inverse = scaled_inverse(G, _MIN_PIVOT[G.dtype])
     G_work, U_work = G, U
     if inverse is None and G.dtype != torch.float64:
@@ -82,14 +93,20 @@ def schur_pivoting(
     if inverse is None:
         return None
     solve = _InverseFaces(G_work, *inverse, max_size)
-    X = _pivot(U_work, active, solve, row_scales(G_work), tol, max_steps)
+    X = _pivot(U_work, active, solve, row_scales(G_work), tol, max_steps, distinct)
     X = torch.maximum(X.to(G.dtype), U)
     # The face solutions came from G⁻¹: each row is checked on G itself.
     return X, feasible_kkt_residual(G, U, X, X @ G) <= tol
 
 
 def _pivot(
-    U: Tensor, active: Tensor, solve: FaceSolver, row_scale: Tensor, tol: float, max_steps: int
+    U: Tensor,
+    active: Tensor,
+    solve: "_InverseFaces",
+    row_scale: Tensor,
+    tol: float,
+    max_steps: int,
+    distinct: tuple[Tensor, Tensor] | None,
 ) -> Tensor:
     """The exchanges of principal pivoting (its feasibility test and :func:`exchange`); returns
     the last face solution of every row. Rows leave the batch when they have no infeasible index
@@ -103,7 +120,7 @@ def _pivot(
     best = torch.full((k,), m + 1, device=U.device)
     tries = torch.full((k,), _FULL_EXCHANGES, device=U.device)
     for step in range(max_steps):
-        V, GV = solve(U, active)
+        V, GV = solve(U, active, distinct if step == 0 else None)
         if step == 0:
             X = V
         else:
@@ -149,11 +166,13 @@ class _InverseFaces:
         self.HS = H * s  # v = μ (H S)
         self.border = torch.arange(m, m + self.max_width, device=H.device)
 
-    def __call__(self, U: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, U: Tensor, active: Tensor, distinct: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         m = active.shape[1]
         n_active = active.sum(dim=1)
         if int(n_active.amax()) <= self.max_width:
-            return self._dual(U, active)
+            return self._dual(U, active, distinct)
         fits = torch.minimum(n_active, m - n_active) <= self.max_size
         dual = fits & (2 * n_active <= m)
         V = torch.full_like(U, torch.nan)
@@ -168,7 +187,9 @@ class _InverseFaces:
             GV[rows] = V[rows] @ self.G
         return V, GV
 
-    def _dual(self, U: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    def _dual(
+        self, U: Tensor, active: Tensor, distinct: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         r"""``v = S H S λ`` and ``G v = λ`` with ``(S H S)_{AA} λ_A = u_A``: in the scaled
         multipliers ``μ = S λ``, ``H_AA μ_A = (u / s)_A``.
 
@@ -177,7 +198,10 @@ class _InverseFaces:
         few, each is inverted once, and the multipliers of every row against every face's inverse
         are one product, of which each row keeps its own face's."""
         k, m = U.shape
-        faces, inverse = distinct_faces(active) if k >= _DISTINCT_MIN_ROWS else (active, None)
+        if k < _DISTINCT_MIN_ROWS:
+            faces, inverse = active, None
+        else:
+            faces, inverse = distinct_faces(active) if distinct is None else distinct
         if inverse is not None and _DISTINCT_MAX_FRACTION * len(faces) > k:
             faces, inverse = active, None
         width = int(faces.sum(dim=1).amax())
