@@ -131,12 +131,13 @@ def solve_lower_bounded_qp(
     # Rows with a non-finite entry (in G, u or G u) have a NaN sum once scaled by zero: cheaper
     # than boolean reductions.
     non_finite = ((G * 0).sum() + (U * 0).sum(dim=1) + (GU * 0).sum(dim=1)).isnan()
-    V = torch.where(non_finite.unsqueeze(1), torch.nan, U)
     conflicted = (GU.amin(dim=1) < 0) & ~non_finite
     rows = conflicted.nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return V.to(out_dtype)
+    V = U  # the rows without conflict (NaN where not finite); built only when some row is one
     if rows.numel() < U.shape[0]:
+        V = torch.where(non_finite.unsqueeze(1), torch.nan, U)
+        if rows.numel() == 0:
+            return V.to(out_dtype)
         U, GU = U[rows], GU[rows]
     else:
         rows = slice(None)  # type: ignore[assignment]

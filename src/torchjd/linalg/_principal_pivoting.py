@@ -120,9 +120,11 @@ def exchange(
     positions = torch.arange(active.shape[1], device=active.device)
     tries = torch.where(count < best, _FULL_EXCHANGES, tries - 1)
     best = torch.minimum(count, best)
-    largest = torch.where(infeasible, positions, -1).amax(dim=1, keepdim=True)
+    # Masks rather than torch.where, which is slow on large boolean operands.
+    largest = (infeasible * (positions + 1)).amax(dim=1, keepdim=True) - 1
     single = (tries < 0).unsqueeze(1)
-    return active ^ torch.where(single, positions == largest, infeasible), best, tries
+    flips = (single & (positions == largest)) | (~single & infeasible)
+    return active ^ flips, best, tries
 
 
 def _refine(G_exact: Tensor, G: Tensor, U: Tensor, V: Tensor, active: Tensor) -> Tensor:
