@@ -15,14 +15,19 @@ Method
 ------
 1. ``v = u`` is optimal exactly when ``G u ≥ 0`` (no row of ``J`` conflicts with ``Jᵀ u``): one
    shared matrix product finds these rows, which are returned unchanged.
-2. Small problems (``m ≤ 64``) are solved exactly, in float64, by block principal pivoting
+2. Small problems (``m ≤ 64``) are solved exactly by block principal pivoting
    (:mod:`torchjd.linalg._principal_pivoting`), starting from the active set of one primal-dual
-   step from ``v = u``. From ``m = 33`` on, its face solves go through ``G⁻¹`` when ``G`` is
-   well-conditioned (:mod:`torchjd.linalg._schur_pivoting`: one ``|A| × |A|`` or ``|F| × |F|``
-   system per row, whichever is smaller, and one shared product).
-3. Larger problems are solved the same way when the faces of the initial guess are very cheap
-   (:func:`~torchjd.linalg._schur_pivoting.face_cost`: a few free indices per row, when the rows
-   of ``J`` share a strong common direction) and ``G`` is well-conditioned. The others, and rows
+   step from ``v = u``. From ``m = 33`` on, when ``G`` is well-conditioned, the faces are solved
+   through ``G⁻¹`` (:func:`~torchjd.linalg._schur_pivoting.schur_pivoting`: one ``|A| × |A|``
+   system per row, or per distinct face when rows share theirs, and one shared product), in the
+   dtype of ``G`` when it is well enough conditioned for it (float32: about ``κ ≤ 100``), and
+   the answer is checked on ``G`` itself; the rows it leaves, and all rows below ``m = 33``, by
+   pivoting on the faces of ``G`` in float64.
+3. Larger problems are solved the same way when the distinct faces of the initial guess are
+   cheap (:func:`~torchjd.linalg._schur_pivoting.face_cost`: a few free indices per row, when
+   the rows of ``J`` share a strong common direction; or a few distinct faces, as in per-sample
+   Gramians at initialisation, where the samples of a class share theirs) and ``G`` is
+   well-conditioned. The others, and rows
    where pivoting fails (a singular or too large face, too many steps), are solved by ADMM with one
    factorisation shared by all rows (:mod:`torchjd.linalg._admm`); in float64 from ``m = 256`` on,
    from the state that ADMM reaches in float32 (whose products cost half as much), so that only

@@ -171,8 +171,9 @@ class _InverseFaces:
     ) -> tuple[Tensor, Tensor]:
         m = active.shape[1]
         n_active = active.sum(dim=1)
-        if int(n_active.amax()) <= self.max_width:
-            return self._dual(U, active, distinct)
+        width = int(n_active.amax())
+        if width <= self.max_width:
+            return self._dual(U, active, distinct, width)
         fits = torch.minimum(n_active, m - n_active) <= self.max_size
         dual = fits & (2 * n_active <= m)
         V = torch.full_like(U, torch.nan)
@@ -188,7 +189,11 @@ class _InverseFaces:
         return V, GV
 
     def _dual(
-        self, U: Tensor, active: Tensor, distinct: tuple[Tensor, Tensor] | None = None
+        self,
+        U: Tensor,
+        active: Tensor,
+        distinct: tuple[Tensor, Tensor] | None = None,
+        width: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         r"""``v = S H S λ`` and ``G v = λ`` with ``(S H S)_{AA} λ_A = u_A``: in the scaled
         multipliers ``μ = S λ``, ``H_AA μ_A = (u / s)_A``.
@@ -204,7 +209,8 @@ class _InverseFaces:
             faces, inverse = distinct_faces(active) if distinct is None else distinct
         if inverse is not None and _DISTINCT_MAX_FRACTION * len(faces) > k:
             faces, inverse = active, None
-        width = int(faces.sum(dim=1).amax())
+        if width is None:  # the largest active set (the same over distinct faces)
+            width = int(faces.sum(dim=1).amax())
         if width == 0:
             return torch.zeros_like(U), torch.zeros_like(U)
         # Each face's active indices, padded with border indices.
