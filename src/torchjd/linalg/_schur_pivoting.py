@@ -115,8 +115,7 @@ def _pivot(
     X = U
     rows = torch.arange(k, device=U.device)
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
-    dual_bound = -_DUAL_THRESHOLD * tol * row_scale * u_scale
-    primal_bound = _PRIMAL_THRESHOLD * tol * u_scale
+    dual_scale = -_DUAL_THRESHOLD * tol * row_scale  # times u_scale: the bound on G v
     best = torch.full((k,), m + 1, device=U.device)
     tries = torch.full((k,), _FULL_EXCHANGES, device=U.device)
     for step in range(max_steps):
@@ -126,17 +125,18 @@ def _pivot(
         else:
             X[rows] = V
         # No torch.where (slow on booleans).
-        infeasible = ((dual_bound > GV) & active) | ((primal_bound < U - V) & ~active)
+        infeasible = ((dual_scale * u_scale > GV) & active) | (
+            ((_PRIMAL_THRESHOLD * tol) * u_scale < U - V) & ~active
+        )
         count = infeasible.sum(dim=1)
-        keep = count > 0
-        n_left = int(keep.sum())
-        if n_left == 0:
+        left = (count > 0).nonzero().squeeze(1)
+        if left.numel() == 0:
             break
-        active, best, tries = exchange(active, infeasible, count, best, tries)
-        if n_left < len(rows):
-            rows, U, active, best, tries, dual_bound, primal_bound = (
-                t[keep] for t in (rows, U, active, best, tries, dual_bound, primal_bound)
+        if left.numel() < len(rows):  # the rows done leave before the exchange
+            rows, U, active, infeasible, count, best, tries, u_scale = (
+                t[left] for t in (rows, U, active, infeasible, count, best, tries, u_scale)
             )
+        active, best, tries = exchange(active, infeasible, count, best, tries)
     return X
 
 
