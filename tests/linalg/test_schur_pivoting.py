@@ -328,3 +328,16 @@ def test_products_with_diagonal_problems(diagonal: bool):
     if not diagonal:
         U[0, 3] = 0.5
     torch.testing.assert_close(_times(U, G), U @ G, rtol=1e-14, atol=0)
+
+
+def test_float32_per_sample_gramian_is_solved_exactly():
+    """Per-sample Gramians at initialisation, m = 128 rows in float32 (a few distinct faces): the
+    weights are those of quadprog to float32 accuracy, far within what the KKT tolerance allows
+    (ADMM, which such problems went to before, was off by 3e-4 here, 3e-3 at m = 256)."""
+    m = _DISTINCT_MIN_ROWS
+    G = regularised(last_layer(m, 10, 3))
+    U = torch.eye(m, dtype=torch.float64) / m
+    assert face_cost(U @ G > 0) <= _SCHUR_BUDGET[torch.float32] * m**3
+    V = solve_lower_bounded_qp(G.float(), U.float()).double()
+    expected = torch.from_numpy(with_quadprog(G.numpy(), U.numpy()))
+    assert ((V - expected).abs() <= 1e-5 * U.abs().amax(dim=1, keepdim=True)).all()
