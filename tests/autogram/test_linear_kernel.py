@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torchjd.autogram._rules._linear import weight_gramian
+from torchjd.autogram._rules._linear import one_position_gramian, self_gram, weight_gramian
 
 
 def reference(X: torch.Tensor, Gamma: torch.Tensor) -> torch.Tensor:
@@ -51,3 +51,31 @@ def test_chunked_equals_whole(shape, chunk_bytes):
     whole = weight_gramian(X, Gamma, chunk_bytes=1 << 40)
     torch.testing.assert_close(weight_gramian(X, Gamma, chunk_bytes), whole, rtol=1e-12, atol=0)
     torch.testing.assert_close(whole, reference(X, Gamma), rtol=1e-10, atol=0)
+
+
+@given(
+    B=st.integers(1, 5),
+    R=st.integers(1, 3),
+    d_in=st.integers(1, 5),
+    d_out=st.sampled_from([1, 2, 7]),
+    with_bias=st.booleans(),
+)
+def test_one_position_gramian(B, R, d_in, d_out, with_bias):
+    """The bias folded into the closed form, against the per-objective gradients of weight and
+    bias (``γ_ir x_iᵀ`` and ``γ_ir``)."""
+    X = torch.randn(B, d_in, dtype=torch.float64)
+    Gamma = torch.randn(B, R, d_out, dtype=torch.float64)
+    rows = []
+    for i in range(B):
+        for r in range(R):
+            weight = torch.outer(Gamma[i, r], X[i]).flatten()
+            rows.append(torch.cat([weight, Gamma[i, r]]) if with_bias else weight)
+    J = torch.stack(rows)
+    G = one_position_gramian(X, Gamma, with_bias)
+    torch.testing.assert_close(G, J @ J.T, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 127, 128, 131])
+def test_self_gram(rows):
+    A = torch.randn(rows, 6, dtype=torch.float64)
+    torch.testing.assert_close(self_gram(A), A @ A.T, rtol=1e-12, atol=1e-12)

@@ -17,11 +17,19 @@ from torchjd.linalg._bounded_qp import (
     _admm_from_float32,
     _admm_then_polish,
     _jacobi_scale,
+    _times,
     solve_lower_bounded_qp,
 )
 from torchjd.linalg._kkt import row_scales
-from torchjd.linalg._principal_pivoting import principal_pivoting
-from torchjd.linalg._schur_pivoting import face_cost, schur_face_solver
+from torchjd.linalg._principal_pivoting import principal_pivoting, scaled_inverse
+from torchjd.linalg._schur_pivoting import (
+    _DISTINCT_MIN_ROWS,
+    _MIN_PIVOT,
+    distinct_faces,
+    face_cost,
+    schur_face_solver,
+    schur_pivoting,
+)
 
 
 def regularised(J: torch.Tensor) -> torch.Tensor:
@@ -119,14 +127,22 @@ def test_solver_takes_the_schur_path_and_agrees_with_quadprog(
 @pytest.mark.parametrize("n_classes", [6, 8])
 def test_solver_on_lopsided_faces_agrees_with_quadprog(m: int, n_classes: int):
     """A sixth to an eighth of the indices active per row (as at initialisation), in float32:
-    ADMM on the Jacobi-scaled problem, with its own parameters."""
+    per row, a big face, but the rows of a class share theirs, so pivoting through ``G⁻¹`` runs
+    (one factorisation per class); the same problems by ADMM on the Jacobi-scaled problem."""
     G = regularised(last_layer(m, n_classes, m))
     U = torch.eye(m, dtype=torch.float64) / m
     active = U @ G > 0
     n_active = active.sum(dim=1)
-    assert face_cost(active) > _SCHUR_BUDGET[torch.float32] * m**3
+    assert torch.minimum(n_active, m - n_active).double().pow(3).sum() > 0.05 * m**3
+    assert face_cost(active) <= _SCHUR_BUDGET[torch.float32] * m**3  # distinct faces: cheap
     assert torch.minimum(n_active, m - n_active).double().mean() <= _LOPSIDED * m
     _assert_solves(G, U, torch.float32, 1e4)
+    tol = DEFAULT_TOL[torch.float32]
+    V = _admm_then_polish(G.float(), U.float(), tol, 10_000, None, lopsided=True).double()
+    expected = torch.from_numpy(with_quadprog(G.numpy(), U.numpy()))
+    for u, v in zip(U.numpy(), V.numpy(), strict=True):
+        assert kkt_violation(G.numpy(), u, v) <= 1e-4
+    assert ((V - expected).abs() <= 1.0 * U.abs().amax(dim=1, keepdim=True)).all()
 
 
 def test_lopsided_admm_in_float64_meets_kkt():
@@ -235,3 +251,93 @@ def test_no_jacobi_scaling_when_the_spread_comes_from_a_low_rank():
     assert G.diagonal().amax() > 10 * G.diagonal().amin()
     assert _jacobi_scale(G) is None
     assert _jacobi_scale(regularised(torch.randn(100, 400, generator=g).double())) is None
+
+
+@given(
+    k=st.integers(1, 40),
+    m=st.integers(1, 12),
+    n_distinct=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_distinct_faces_against_torch_unique(k: int, m: int, n_distinct: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.rand(n_distinct, m, generator=g) < 0.5
+    active = patterns[torch.randint(0, n_distinct, (k,), generator=g)]
+    faces, inverse = distinct_faces(active)
+    assert torch.equal(faces[inverse], active)
+    assert len(faces) == len(torch.unique(active, dim=0))
+
+
+def test_distinct_faces_survive_colliding_keys(monkeypatch: pytest.MonkeyPatch):
+    """With every code equal, faces of the same size collide: each row keeps its own face."""
+    import torchjd.linalg._schur_pivoting as module
+
+    monkeypatch.setattr(module, "_GOLDEN", 0.0)
+    active = torch.tensor([[True, False], [False, True], [True, False]])
+    faces, inverse = distinct_faces(active)
+    assert torch.equal(faces[inverse], active)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_classes", [4, 10])
+def test_schur_pivoting_with_shared_faces_agrees_with_quadprog(dtype: torch.dtype, n_classes: int):
+    """``k ≥ _DISTINCT_MIN_ROWS`` rows whose faces repeat (per-sample problems at
+    initialisation): one factorisation per distinct face; every row converged, as quadprog."""
+    m = _DISTINCT_MIN_ROWS
+    G = regularised(last_layer(m, n_classes, n_classes))
+    U = torch.cat([torch.eye(m, dtype=torch.float64) / m, torch.eye(m, dtype=torch.float64)])
+    active = U @ G > 0
+    assert len(distinct_faces(active)[0]) < m
+    result = schur_pivoting(G.to(dtype), U.to(dtype), active, DEFAULT_TOL[dtype], 8, m // 2)
+    assert result is not None
+    V, converged = result
+    assert converged.all()
+    assert V.dtype == dtype
+    expected = torch.from_numpy(with_quadprog(G.numpy(), U.numpy()))
+    tol = {torch.float64: 1e-8, torch.float32: 1e-4}[dtype]
+    assert ((V.double() - expected).abs() <= tol * U.abs().amax(dim=1, keepdim=True)).all()
+
+
+def test_schur_pivoting_of_a_float32_gramian_too_ill_conditioned_for_float32():
+    """κ ≈ 10⁴: the float32 inverse would not meet the tolerance; pivoting runs in float64 and
+    returns float32 rows that meet it."""
+    m = 40
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    G = Q @ torch.diag(torch.logspace(0, -4, m, dtype=torch.float64)) @ Q.T
+    G32 = G.float()
+    assert scaled_inverse(G32, _MIN_PIVOT[torch.float32]) is None
+    U = problems(m, 0)
+    result = schur_pivoting(
+        G32, U.float(), U.float() @ G32 > 0, DEFAULT_TOL[torch.float32], 3 * m + 10, m
+    )
+    assert result is not None
+    V, converged = result
+    assert V.dtype == torch.float32
+    for u, v, ok in zip(U.numpy(), V.double().numpy(), converged.tolist(), strict=True):
+        if ok:
+            assert kkt_violation(G32.double().numpy(), u, v) <= 1e-4
+    assert converged.float().mean() >= 0.5
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_products_with_diagonal_problems(diagonal: bool):
+    g = torch.Generator().manual_seed(0)
+    G = regularised(torch.randn(6, 9, generator=g, dtype=torch.float64))
+    U = torch.diag(torch.rand(6, generator=g, dtype=torch.float64))
+    if not diagonal:
+        U[0, 3] = 0.5
+    torch.testing.assert_close(_times(U, G), U @ G, rtol=1e-14, atol=0)
+
+
+def test_float32_per_sample_gramian_is_solved_exactly():
+    """Per-sample Gramians at initialisation, m = 128 rows in float32 (a few distinct faces): the
+    weights are those of quadprog to float32 accuracy, far within what the KKT tolerance allows
+    (ADMM, which such problems went to before, was off by 3e-4 here, 3e-3 at m = 256)."""
+    m = _DISTINCT_MIN_ROWS
+    G = regularised(last_layer(m, 10, 3))
+    U = torch.eye(m, dtype=torch.float64) / m
+    assert face_cost(U @ G > 0) <= _SCHUR_BUDGET[torch.float32] * m**3
+    V = solve_lower_bounded_qp(G.float(), U.float()).double()
+    expected = torch.from_numpy(with_quadprog(G.numpy(), U.numpy()))
+    assert ((V - expected).abs() <= 1e-5 * U.abs().amax(dim=1, keepdim=True)).all()

@@ -346,10 +346,13 @@ class Engine:
         with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
             for module, module_calls in calls.items():
                 G = G + self._rules[module][0](module, module_calls)
-                size = sum(_kept_bytes(call) for call in module_calls)
-                if _fusable(self._rules[module][0]) and (budget is None or size <= budget):
+                fits = budget is None  # no limit: the sizes are not needed
+                if not fits and _fusable(self._rules[module][0]):
+                    size = sum(_kept_bytes(call) for call in module_calls)
+                    fits = size <= budget
+                    budget -= size if fits else 0
+                if _fusable(self._rules[module][0]) and fits:
                     kept[module] = module_calls
-                    budget = None if budget is None else budget - size
                 else:
                     _release(module_calls)
         return _to_row_major(G.to(output.dtype), shape, batch_dim), kept, batch_dim

@@ -15,14 +15,19 @@ Method
 ------
 1. ``v = u`` is optimal exactly when ``G u ≥ 0`` (no row of ``J`` conflicts with ``Jᵀ u``): one
    shared matrix product finds these rows, which are returned unchanged.
-2. Small problems (``m ≤ 64``) are solved exactly, in float64, by block principal pivoting
+2. Small problems (``m ≤ 64``) are solved exactly by block principal pivoting
    (:mod:`torchjd.linalg._principal_pivoting`), starting from the active set of one primal-dual
-   step from ``v = u``. From ``m = 33`` on, its face solves go through ``G⁻¹`` when ``G`` is
-   well-conditioned (:mod:`torchjd.linalg._schur_pivoting`: one ``|A| × |A|`` or ``|F| × |F|``
-   system per row, whichever is smaller, and one shared product).
-3. Larger problems are solved the same way when the faces of the initial guess are very cheap
-   (:func:`~torchjd.linalg._schur_pivoting.face_cost`: a few free indices per row, when the rows
-   of ``J`` share a strong common direction) and ``G`` is well-conditioned. The others, and rows
+   step from ``v = u``. From ``m = 33`` on, when ``G`` is well-conditioned, the faces are solved
+   through ``G⁻¹`` (:func:`~torchjd.linalg._schur_pivoting.schur_pivoting`: one ``|A| × |A|``
+   system per row, or per distinct face when rows share theirs, and one shared product), in the
+   dtype of ``G`` when it is well enough conditioned for it (float32: about ``κ ≤ 100``), and
+   the answer is checked on ``G`` itself; the rows it leaves, and all rows below ``m = 33``, by
+   pivoting on the faces of ``G`` in float64.
+3. Larger problems are solved the same way when the distinct faces of the initial guess are
+   cheap (:func:`~torchjd.linalg._schur_pivoting.face_cost`: a few free indices per row, when
+   the rows of ``J`` share a strong common direction; or a few distinct faces, as in per-sample
+   Gramians at initialisation, where the samples of a class share theirs) and ``G`` is
+   well-conditioned. The others, and rows
    where pivoting fails (a singular or too large face, too many steps), are solved by ADMM with one
    factorisation shared by all rows (:mod:`torchjd.linalg._admm`); in float64 from ``m = 256`` on,
    from the state that ADMM reaches in float32 (whose products cost half as much), so that only
@@ -66,7 +71,7 @@ from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import principal_pivoting
-from torchjd.linalg._schur_pivoting import face_cost, schur_face_solver
+from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
@@ -127,31 +132,33 @@ def solve_lower_bounded_qp(
     if least_norm:
         G = tikhonov(G)
     m = G.shape[0]
-    V = U.clone()
-    GU = U @ G
-    non_finite = kkt_residual(G, U, U, GU).isnan()
-    V[non_finite] = torch.nan
-    rows = ((GU < 0).any(dim=1) & ~non_finite).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return V.to(out_dtype)
-
-    U = U[rows]
-    if m <= _DIRECT_MAX_M:
+    GU = _times(U, G)
+    # Rows with a non-finite entry (in G, u or G u) have a NaN sum once scaled by zero: cheaper
+    # than boolean reductions.
+    non_finite = ((G * 0).sum() + (U * 0).sum(dim=1) + (GU * 0).sum(dim=1)).isnan()
+    conflicted = (GU.amin(dim=1) < 0) & ~non_finite
+    rows = conflicted.nonzero().squeeze(1)
+    V = U  # the rows without conflict (NaN where not finite); built only when some row is one
+    if rows.numel() < U.shape[0]:
+        V = torch.where(non_finite.unsqueeze(1), torch.nan, U)
+        if rows.numel() == 0:
+            return V.to(out_dtype)
+        U, GU = U[rows], GU[rows]
+    else:
+        rows = slice(None)  # type: ignore[assignment]
+    if not least_norm and _SCHUR_MIN_M <= m <= _DIRECT_MAX_M:
+        X = _schur_then_principal_pivoting(G, U, GU > 0, tol, max_iters)
+    elif m <= _DIRECT_MAX_M:
         G64 = G.double()
-        face_solver = None if least_norm or m < _SCHUR_MIN_M else schur_face_solver(G64, m)
         X, converged = principal_pivoting(
             G64,
             U.double(),
-            GU[rows] > 0,
+            GU > 0,
             row_scales(G64),
             tol,
             _LEAST_NORM_PIVOTS if least_norm else 3 * m + 10,
             None if G_exact is None else G_exact.double(),
-            face_solver,
         )
-        if face_solver is not None:  # its gradients came from G⁻¹: checked on G itself
-            X = torch.maximum(X, U.double())
-            converged &= kkt_residual(G64, U.double(), X, X @ G64) <= tol
         X = X.to(work_dtype)
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
@@ -167,9 +174,46 @@ def solve_lower_bounded_qp(
     elif least_norm:
         X = _admm_then_polish(G, U, tol, max_iters, G_exact)
     else:
-        X = _schur_pivoting_then_admm(G, U, GU[rows] > 0, tol, max_iters)
+        X = _schur_pivoting_then_admm(G, U, GU > 0, tol, max_iters)
+    if isinstance(rows, slice):  # every row conflicted
+        return torch.maximum(X, U).to(out_dtype)
     V[rows] = torch.maximum(X, U)
     return V.to(out_dtype)
+
+
+def _times(U: Tensor, G: Tensor) -> Tensor:
+    """``U G`` for a symmetric ``G``; a scaling of the rows of ``G`` when ``U`` is diagonal (the
+    problems of UPGrad), which is checked."""
+    if U.shape[0] == U.shape[1] and torch.equal(U, torch.diag(U.diagonal())):
+        return U.diagonal().unsqueeze(1) * G
+    return U @ G
+
+
+def _schur_then_principal_pivoting(
+    G: Tensor, U: Tensor, active: Tensor, tol: float, max_iters: int
+) -> Tensor:
+    """Default mode, ``m ≤ 64``: pivoting with face solves through ``G⁻¹`` when ``G`` is
+    well-conditioned; the rows it leaves, by pivoting on the faces of ``G`` in float64, then ADMM
+    and its polish."""
+    m = G.shape[0]
+    result = schur_pivoting(G, U, active, tol, 3 * m + 10, m)
+    if result is None:
+        X, converged = U.clone(), torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
+    else:
+        X, converged = result
+    if bool(converged.all()):
+        return X
+    left = (~converged).nonzero().squeeze(1)
+    G64 = G.double()
+    X_left, solved = principal_pivoting(
+        G64, U[left].double(), active[left], row_scales(G64), tol, 3 * m + 10
+    )
+    X_left = X_left.to(G.dtype)
+    if not bool(solved.all()):
+        rows = (~solved).nonzero().squeeze(1)
+        X_left[rows] = _admm_then_polish(G, U[left][rows], tol, max_iters, None)
+    X[left] = X_left
+    return X
 
 
 def tikhonov(G: Tensor) -> Tensor:
@@ -288,21 +332,21 @@ def _schur_pivoting_then_admm(
     leaves (or solves less accurately than ``tol`` on ``G`` itself)."""
     m = G.shape[0]
     n_active = active.sum(dim=1)
-    lopsided = bool(torch.minimum(n_active, m - n_active).double().mean() <= _LOPSIDED * m)
-    if float(face_cost(active)) > _SCHUR_BUDGET[G.dtype] * m**3:
+
+    def admm_then_polish(U: Tensor) -> Tensor:
+        lopsided = bool(torch.minimum(n_active, m - n_active).double().mean() <= _LOPSIDED * m)
         return _admm_then_polish(G, U, tol, max_iters, None, lopsided)
-    G64 = G.double()
-    face_solver = schur_face_solver(G64, m // 4)
-    if face_solver is None:
-        return _admm_then_polish(G, U, tol, max_iters, None, lopsided)
-    X, converged = principal_pivoting(
-        G64, U.double(), active, row_scales(G64), tol, _SCHUR_PIVOTS, face_solver=face_solver
-    )
-    X = torch.maximum(X.to(G.dtype), U)
-    converged &= kkt_residual(G, U, X, X @ G) <= tol
+
+    distinct = distinct_faces(active)
+    if float(distinct_face_cost(distinct[0])) > _SCHUR_BUDGET[G.dtype] * m**3:
+        return admm_then_polish(U)
+    result = schur_pivoting(G, U, active, tol, _SCHUR_PIVOTS, m // 4, distinct)
+    if result is None:
+        return admm_then_polish(U)
+    X, converged = result
     if not bool(converged.all()):
         left = (~converged).nonzero().squeeze(1)
-        X[left] = _admm_then_polish(G, U[left], tol, max_iters, None, lopsided)
+        X[left] = admm_then_polish(U[left])
     return X
 
 

@@ -65,16 +65,17 @@ class TorchProjector(DualConeProjector):
     256, with a few seconds at most at 256 rows; much more at 1,024 rows (see below).
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
-    solved exactly by block principal pivoting; beyond, also when each row's faces are cheap
-    through ``G⁻¹`` (few conflicts per row), and otherwise by ADMM followed by an exact
-    active-set polish when its cost is small (see ``torchjd/linalg/_bounded_qp.py``). In the exact
-    mode, from ``m = 65`` to ``512``, pivoting starts from the active set that ADMM finds with the
-    defaults' regularisation; the rows it leaves (degenerate problems) go to a float64
-    interior-point method, whose Newton systems use the Woodbury identity when
-    ``rank(G) ≤ m / 2``. Beyond, ADMM on the barely regularised Gramian runs first: at
-    ``m = 1024``, a call can take minutes (faces cost :math:`O(m^3)` per row). The KKT
-    residual of each row, each row's conflict measured relative to its norm, is below ``1e-7`` in
-    float64 and ``2e-5`` in float32 (``1e-9`` in float64 in exact mode).
+    solved exactly by block principal pivoting; beyond, also when each row's faces are cheap through
+    ``G⁻¹`` (few conflicts per row, or few distinct faces, as in per-sample Gramians at
+    initialisation, whose rows share the face of their class), and otherwise by ADMM followed by an
+    exact active-set polish when its cost is small (see ``torchjd/linalg/_bounded_qp.py``). In the
+    exact mode, from ``m = 65`` to ``512``, pivoting starts from the active set that ADMM finds with
+    the defaults' regularisation; the rows it leaves (degenerate problems) go to a float64
+    interior-point method, whose Newton systems use the Woodbury identity when ``rank(G) ≤ m / 2``.
+    Beyond, ADMM on the barely regularised Gramian runs first: at ``m = 1024``, a call can take
+    minutes (faces cost :math:`O(m^3)` per row). The KKT residual of each row, each row's conflict
+    measured relative to its norm, is below ``1e-7`` in float64 and ``2e-5`` in float32 (``1e-9`` in
+    float64 in exact mode).
 
     :param norm_eps: Trace below which the Gramian is treated as zero. Must be non-negative.
     :param reg_eps: Multiple of the identity added to the normalised Gramian. Must be non-negative;
@@ -95,7 +96,8 @@ class TorchProjector(DualConeProjector):
 
     def __call__(self, U: Tensor, G: PSDMatrix) -> Tensor:
         _check_shapes(U, G)
-        G = regularized(normalized(symmetrized(G), self.norm_eps), self.reg_eps)
+        # Not symmetrised here: the solver does it.
+        G = regularized(normalized(G, self.norm_eps), self.reg_eps)
         rows = U.unsqueeze(0) if U.ndim == 1 else U
         V = solve_lower_bounded_qp(G, rows, least_norm=self.reg_eps == 0.0)
         return V.squeeze(0) if U.ndim == 1 else V

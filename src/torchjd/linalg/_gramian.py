@@ -22,11 +22,14 @@ def normalized(G: Tensor, norm_eps: float) -> Tensor:
     """
     trace = G.diagonal().sum()
     tiny = torch.finfo(G.dtype).tiny
-    return torch.where(trace < norm_eps, torch.zeros_like(G), G / trace.clamp_min(tiny))
+    # One pass over G: an infinite divisor below norm_eps gives the zero matrix.
+    return G / torch.where(trace < norm_eps, torch.inf, trace.clamp_min(tiny))
 
 
 def regularized(G: Tensor, reg_eps: float) -> Tensor:
     """``G + reg_eps · I``."""
     if reg_eps == 0.0:
         return G
-    return G + reg_eps * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    out = G.clone()
+    out.diagonal().add_(reg_eps)
+    return out

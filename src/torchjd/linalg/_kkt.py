@@ -27,3 +27,12 @@ def kkt_residual(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
     residual = torch.maximum(torch.maximum(primal, dual), complementarity).amax(dim=1)
     not_finite = ~(torch.isfinite(G).all() & torch.isfinite(V).all(dim=1))
     return torch.where(not_finite, torch.nan, residual)
+
+
+def feasible_kkt_residual(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
+    """:func:`kkt_residual` of rows known to be feasible (``v ≥ u``) for a finite ``G``: the
+    largest of dual infeasibility and complementarity, in fewer operations. NaN rows stay NaN."""
+    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    relative_gradient = GV / (row_scales(G) * u_scale)
+    complementarity = relative_gradient.abs() * ((V - U) / u_scale)
+    return torch.maximum(-relative_gradient, complementarity).amax(dim=1)

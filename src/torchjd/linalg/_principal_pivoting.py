@@ -71,7 +71,6 @@ def principal_pivoting(
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
     best = torch.full((k,), m + 1, device=U.device)
     tries = torch.full((k,), _FULL_EXCHANGES, device=U.device)
-    positions = torch.arange(m, device=U.device)
     # Default mode (well-conditioned G), beyond the sizes where masked systems are cheap: faces
     # with few active indices are solved through G⁻¹.
     inverse = _LazyInverse(G) if G_exact is None and m > _MASKED_MAX_M else None
@@ -99,12 +98,7 @@ def principal_pivoting(
         if n_done == len(rows):
             break
 
-        improved = count < best
-        best = torch.minimum(count, best)
-        tries = torch.where(improved, _FULL_EXCHANGES, tries - 1)
-        largest = torch.where(infeasible, positions, -1).amax(dim=1, keepdim=True)
-        single = (tries < 0).unsqueeze(1)
-        active = active ^ torch.where(single, positions == largest, infeasible)
+        active, best, tries = exchange(active, infeasible, count, best, tries)
         # Compact when it halves the work; in the least-norm mode, as soon as a row is done.
         if 2 * n_done >= len(rows) or (n_done > 0 and G_exact is not None):
             keep = ~done
@@ -114,6 +108,23 @@ def principal_pivoting(
     if G_exact is not None:
         X = _refine(G_exact, G, U_all, X, final_active)
     return X, converged
+
+
+def exchange(
+    active: Tensor, infeasible: Tensor, count: Tensor, best: Tensor, tries: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One exchange of Júdice & Pires: every infeasible index changes side while the number of
+    infeasible indices (``count``, per row) keeps falling below its ``best``; after
+    :data:`_FULL_EXCHANGES` steps without progress (``tries`` below zero), only the largest.
+    Returns the new active sets, ``best`` and ``tries``."""
+    positions = torch.arange(active.shape[1], device=active.device)
+    tries = torch.where(count < best, _FULL_EXCHANGES, tries - 1)
+    best = torch.minimum(count, best)
+    # Masks rather than torch.where, which is slow on large boolean operands.
+    largest = (infeasible * (positions + 1)).amax(dim=1, keepdim=True) - 1
+    single = (tries < 0).unsqueeze(1)
+    flips = (single & (positions == largest)) | (~single & infeasible)
+    return active ^ flips, best, tries
 
 
 def _refine(G_exact: Tensor, G: Tensor, U: Tensor, V: Tensor, active: Tensor) -> Tensor:
@@ -163,14 +174,20 @@ class _LazyInverse:
 
     @cached_property
     def value(self) -> tuple[Tensor, Tensor] | None:
-        diagonal = self.G.diagonal()
-        s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(self.G.dtype).tiny), 1.0)
-        s = s.rsqrt()
-        L, info = torch.linalg.cholesky_ex(s.unsqueeze(1) * self.G * s.unsqueeze(0))
-        pivot = L.diagonal().amin() ** 2
-        if not bool((info == 0) & (pivot >= _INVERSE_MIN_PIVOT[self.G.dtype])):
-            return None
-        return s, torch.cholesky_inverse(L)
+        return scaled_inverse(self.G, _INVERSE_MIN_PIVOT[self.G.dtype])
+
+
+def scaled_inverse(G: Tensor, min_pivot: float) -> tuple[Tensor, Tensor] | None:
+    """``(s, H)`` with ``H = (S G S)⁻¹`` (contiguous), ``S = diag(G)^{-1/2}``; None when a squared
+    pivot of the Cholesky factor of ``S G S`` is below ``min_pivot`` (``G`` too ill-conditioned
+    for ``H`` to be accurate in its dtype)."""
+    diagonal = G.diagonal()
+    s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny), 1.0).rsqrt()
+    L, info = torch.linalg.cholesky_ex(s.unsqueeze(1) * G * s.unsqueeze(0))
+    pivot = L.diagonal().amin() ** 2
+    if not bool((info == 0) & (pivot >= min_pivot)):
+        return None
+    return s, torch.cholesky_inverse(L).contiguous()
 
 
 def _face_solve_by_inverse(

@@ -60,12 +60,15 @@ def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     )  # [B, R, T, d_out]
     G: Tensor | int = 0
     J: Tensor | None = None
+    with_bias = module.bias is not None and module.bias.requires_grad
     if module.weight.requires_grad and module.in_features <= Gamma.shape[2]:
         # Per-objective gradients no larger than Γ: kept for the fused step instead of Γ.
         G, J = weight_gramian_and_jacobian(X.unsqueeze(0), Gamma.unsqueeze(0))
+    elif module.weight.requires_grad and _one_position_fits(X, Gamma):
+        return one_position_gramian(X[:, 0], Gamma[:, :, 0], with_bias)
     elif module.weight.requires_grad:
         G = weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0))
-    sums = Gamma.sum(dim=2) if module.bias is not None and module.bias.requires_grad else None
+    sums = Gamma.sum(dim=2) if with_bias else None
     if sums is not None:
         G = G + gram(sums)
     if J is not None:
@@ -73,6 +76,53 @@ def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         for call in calls:  # what the fused step needs is kept: release Γ
             call.grad_outputs = [None] * len(call.grad_outputs)
     return G  # type: ignore[return-value]
+
+
+def one_position_gramian(X: Tensor, Gamma: Tensor, with_bias: bool) -> Tensor:
+    r"""The Gramian of a Linear layer with one position per sample, its bias folded in:
+    :math:`G_{ir,js} = (x_i \cdot x_j + 1)(\gamma_{ir} \cdot \gamma_{js})` (without the
+    :math:`+ 1` when the bias is not trained): two products, one of them shared by the weight and
+    the bias.
+
+    :param X: Inputs ``[B, d_in]``.
+    :param Gamma: Output gradients ``[B, R, d_out]``. Returns ``[B R, B R]``.
+    """
+    B, R, _ = Gamma.shape
+    K = self_gram(X.to(Gamma.dtype))
+    if with_bias:
+        K += 1.0
+    L = self_gram(Gamma.reshape(B * R, -1))
+    if R == 1:
+        return K.mul_(L)
+    return (K.reshape(B, 1, B, 1) * L.reshape(B, R, B, R)).reshape(B * R, B * R)
+
+
+def self_gram(A: Tensor) -> Tensor:
+    """``A Aᵀ``; from :data:`_HALVES_MIN_ROWS` rows on, as three blocks of the two halves of the
+    rows (the fourth is the transpose of one): a quarter fewer flops."""
+    n = A.shape[0] // 2
+    if n < _HALVES_MIN_ROWS // 2:
+        return A @ A.T
+    top, bottom = A[:n], A[n:]
+    out = A.new_empty(A.shape[0], A.shape[0])
+    torch.mm(top, top.T, out=out[:n, :n])
+    torch.mm(bottom, bottom.T, out=out[n:, n:])
+    torch.mm(top, bottom.T, out=out[:n, n:])
+    out[n:, :n] = out[:n, n:].T
+    return out
+
+
+_HALVES_MIN_ROWS = 128
+
+
+def _one_position_fits(X: Tensor, Gamma: Tensor) -> bool:
+    """One position per sample, the closed form the cheaper path, and ``[B R, B R]`` within
+    :data:`CHUNK_BYTES` (beyond, :func:`weight_gramian` forms it by blocks)."""
+    B, R, T, d_out = Gamma.shape
+    size = (B * R) ** 2 * Gamma.element_size()
+    return (
+        T == 1 and size <= CHUNK_BYTES and not per_objective_is_cheaper(B, R, T, X.shape[-1], d_out)
+    )
 
 
 def linear_weighted_gradients(
