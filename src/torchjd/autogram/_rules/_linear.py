@@ -126,6 +126,18 @@ CHUNK_BYTES = 1 << 24
 gradients of a block of output features, or the closed form's products for a block of samples)."""
 
 
+KEEP_RATIO = 8
+"""The fused step keeps a layer's per-objective gradients (when the Gramian formed them whole) in
+place of its output gradients when they are at most this many times larger: weighting them then
+costs :math:`B R` rows instead of a product over all positions."""
+
+
+def keeps_jacobian(jacobian_bytes: int, gamma_bytes: int) -> bool:
+    """Whether per-objective gradients of ``jacobian_bytes`` are kept for the fused step in place
+    of output gradients of ``gamma_bytes``."""
+    return jacobian_bytes <= KEEP_RATIO * gamma_bytes
+
+
 def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> Tensor:
     r""":math:`\sum_p G^{W_p}` for independent blocks :math:`p` (groups of a convolution).
 
