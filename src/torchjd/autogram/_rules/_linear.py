@@ -29,10 +29,10 @@ second backward pass: with the weighted output gradient
 
     \nabla_W = \sum_i \bar\Gamma_i^\top X_i, \qquad \nabla_b = \sum_i \sum_t \bar\gamma_{it}.
 
-When a layer has at least as many positions as input features and its per-objective gradients
-:math:`J_{ir} = \Gamma_{ir}^\top X_i` are the Gramian's cheaper path, they are no larger than
-:math:`\Gamma`: the rule keeps them (with :math:`\sum_t \gamma_{irt}`) in place of :math:`\Gamma`,
-and :math:`\nabla_W = \sum_{ir} w_{ir} J_{ir}` costs :math:`B R\, d_{out} d_{in}` instead of
+When a layer's per-objective gradients :math:`J_{ir} = \Gamma_{ir}^\top X_i` are the Gramian's
+cheaper path and at most ``KEEP_RATIO`` times larger than :math:`\Gamma`, the rule forms them
+whole and keeps them (with :math:`\sum_t \gamma_{irt}`) in place of :math:`\Gamma`, and
+:math:`\nabla_W = \sum_{ir} w_{ir} J_{ir}` costs :math:`B R\, d_{out} d_{in}` instead of
 :math:`B T\, d_{out} d_{in}`.
 """
 
@@ -60,11 +60,9 @@ def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     )  # [B, R, T, d_out]
     G: Tensor | int = 0
     J: Tensor | None = None
-    if module.weight.requires_grad and module.in_features <= Gamma.shape[2]:
-        # Per-objective gradients no larger than Γ: kept for the fused step instead of Γ.
+    if module.weight.requires_grad:
+        # Per-objective gradients formed whole: kept for the fused step instead of Γ.
         G, J = weight_gramian_and_jacobian(X.unsqueeze(0), Gamma.unsqueeze(0))
-    elif module.weight.requires_grad:
-        G = weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0))
     sums = Gamma.sum(dim=2) if module.bias is not None and module.bias.requires_grad else None
     if sums is not None:
         G = G + gram(sums)
@@ -126,7 +124,7 @@ CHUNK_BYTES = 1 << 24
 gradients of a block of output features, or the closed form's products for a block of samples)."""
 
 
-KEEP_RATIO = 8
+KEEP_RATIO = 2
 """The fused step keeps a layer's per-objective gradients (when the Gramian formed them whole) in
 place of its output gradients when they are at most this many times larger: weighting them then
 costs :math:`B R` rows instead of a product over all positions."""
@@ -153,8 +151,14 @@ def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> 
 
 def weight_gramian_and_jacobian(X: Tensor, Gamma: Tensor) -> tuple[Tensor, Tensor | None]:
     """:func:`weight_gramian`, and the per-objective gradients ``[P, B R, d_out d_in]`` (formed
-    whole) when they are the cheaper path, else None."""
-    return _weight_gramian(X, Gamma, CHUNK_BYTES, keep_jacobian=True)
+    whole) when they are the cheaper path and :func:`keeps_jacobian` keeps them, else None."""
+    P, B, R, T, d_out = Gamma.shape
+    size = Gamma.element_size()
+    if per_objective_is_cheaper(B, R, T, X.shape[-1], d_out) and keeps_jacobian(
+        P * B * R * d_out * X.shape[-1] * size, Gamma.numel() * size
+    ):
+        return _weight_gramian(X, Gamma, CHUNK_BYTES, keep_jacobian=True)
+    return weight_gramian(X, Gamma), None
 
 
 def per_objective_is_cheaper(B: int, R: int, T: int, d_in: int, d_out: int) -> bool:
