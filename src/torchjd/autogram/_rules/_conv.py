@@ -90,8 +90,9 @@ def conv_weighted_gradients(
     assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
     if "jacobian" in calls[0].saved:
         J, sums = calls[0].saved["jacobian"]
-        weight_grad, bias_grad = weighted_jacobian(J, sums, W)
-        pairs = [(module.weight, weight_grad.reshape(module.weight.shape))]
+        weight_grad, bias_grad = weighted_jacobian(J, sums, W)  # [g, C_in/g prod(kernel), C_out/g]
+        weight_grad = weight_grad.reshape(module.groups, module.weight[0].numel(), -1)
+        pairs = [(module.weight, weight_grad.mT.reshape(module.weight.shape))]
         return pairs if bias_grad is None else [*pairs, (module.bias, bias_grad)]
     n = len(module.kernel_size)
     weight_grad: Tensor | None = None
@@ -135,8 +136,9 @@ def _per_objective_jacobian(
     positions: list[int],
 ) -> Tensor:
     r"""The per-objective weight gradients :math:`J_{ir} = \sum_p {\Gamma^p_{ir}}^\top X^p_i`
-    ``[B R, C_out C_in/g prod(kernel)]`` (in the order of the weight's entries), summed over the
-    calls, from the patches of a block of samples at a time (at most ``PATCH_BYTES`` each).
+    ``[B R, g C_in/g prod(kernel) C_out/g]`` (each group's block transposed: the faster
+    product), summed over the calls, from the patches of a block of samples at a time (at most
+    ``PATCH_BYTES`` each).
 
     :param Gamma: The output gradients of the calls ``[g, B, R, T, C_out/g]``, concatenated along
         the positions.
@@ -149,15 +151,15 @@ def _per_objective_jacobian(
     start = 0  # where the positions of the call start in Gamma
     for call, T in zip(calls, positions, strict=True):
         x = _samples_first(call.args[0], call.batch_dim, n)
-        J_call = Gamma.new_empty(B, R, g, d_out, d_in)
+        J_call = Gamma.new_empty(B, R, g, d_in, d_out)
         step = max(1, PATCH_BYTES // (T * d_in * g * Gamma.element_size()))
         for first in range(0, B, step):
             X = _patches(module, x[first : first + step]).to(Gamma.dtype)  # [g, b, T, d_in]
             gamma = Gamma[:, first : first + step, :, start : start + T]  # [g, b, R, T, d_out]
             if R == 1 and g == 1:  # straight into J (a contiguous block)
-                torch.matmul(gamma[0, :, 0].mT, X[0], out=J_call[first : first + step, 0, 0])
-            else:  # [g, b, R, d_out, d_in] -> [b, R, g, d_out, d_in]
-                rows = gamma.mT @ X.unsqueeze(2)
+                torch.matmul(X[0].mT, gamma[0, :, 0], out=J_call[first : first + step, 0, 0])
+            else:  # [g, b, R, d_in, d_out] -> [b, R, g, d_in, d_out]
+                rows = X.unsqueeze(2).mT @ gamma
                 J_call[first : first + step] = rows.permute(1, 2, 0, 3, 4)
         J = J_call if J is None else J + J_call
         start += T

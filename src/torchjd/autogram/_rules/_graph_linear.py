@@ -161,7 +161,10 @@ def graph_linear_weighted_gradients(
         bias_grad: Tensor | int = 0
         if k in kept:
             flat, summed = weighted_jacobian(*kept[k], W)
-            weight_grad, bias_grad = flat.reshape(first.d_out, -1), 0 if summed is None else summed
+            weight_grad, bias_grad = (
+                flat.reshape(-1, first.d_out).T,
+                0 if summed is None else summed,
+            )
         for call, found in zip(calls, linears, strict=True):
             gamma = call.inner_grads[k]  # None when kept
             if gamma is None:

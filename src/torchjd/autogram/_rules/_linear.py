@@ -100,16 +100,17 @@ def _weighted_rows(
     module: nn.Linear, J: Tensor, sums: Tensor | None, W: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
     weight_grad, bias_grad = weighted_jacobian(J, sums, W)
-    grads = [(module.weight, weight_grad.reshape(module.weight.shape))]
+    grads = [(module.weight, weight_grad.reshape(module.in_features, -1).T)]
     if bias_grad is not None:
         grads.append((module.bias, bias_grad))
     return grads  # type: ignore[return-value]
 
 
 def weighted_jacobian(J: Tensor, sums: Tensor | None, W: Tensor) -> tuple[Tensor, Tensor | None]:
-    r""":math:`\sum_{ir} w_{ir} J_{ir}` ``[d_out d_in]`` from the per-objective gradients ``J``
-    ``[B R, d_out d_in]``, and :math:`\sum_{ir} w_{ir} \sum_t \gamma_{irt}` from the sums
-    ``[B, R, d_out]`` (None when None), for the weights ``W`` ``[B, R]``."""
+    r""":math:`\sum_{ir} w_{ir} J_{ir}` ``[P]`` from the per-objective gradients ``J``
+    ``[B R, P]`` (flattened in any order, kept in the result), and
+    :math:`\sum_{ir} w_{ir} \sum_t \gamma_{irt}` from the sums ``[B, R, d_out]``
+    (None when None), for the weights ``W`` ``[B, R]``."""
     weight_grad = W.reshape(-1).to(J.dtype) @ J
     if sums is None:
         return weight_grad, None
@@ -150,8 +151,9 @@ def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> 
 
 
 def weight_gramian_and_jacobian(X: Tensor, Gamma: Tensor) -> tuple[Tensor, Tensor | None]:
-    """:func:`weight_gramian`, and the per-objective gradients ``[P, B R, d_out d_in]`` (formed
-    whole) when they are the cheaper path and :func:`keeps_jacobian` keeps them, else None."""
+    r""":func:`weight_gramian`, and the per-objective gradients (formed whole) when they are the
+    cheaper path and :func:`keeps_jacobian` keeps them, else None: ``[P, B R, d_in d_out]``, each
+    row a transposed weight gradient :math:`X_i^\top \Gamma_{ir}`."""
     P, B, R, T, d_out = Gamma.shape
     size = Gamma.element_size()
     if per_objective_is_cheaper(B, R, T, X.shape[-1], d_out) and keeps_jacobian(
@@ -177,15 +179,16 @@ def _weight_gramian(
     X = X.to(Gamma.dtype)
     size = Gamma.element_size()
     if per_objective_is_cheaper(B, R, T, d_in, d_out):
-        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block.
+        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block, each formed
+        # transposed (X_i^T Γ_ir: the output features vary fastest, the faster product).
         step = d_out if keep_jacobian else max(1, chunk_bytes // (P * B * R * d_in * size))
         G = Gamma.new_zeros(B * R, B * R)
         for start in range(0, d_out, step):
             block = Gamma[..., start : start + step]
             if R == 1:
-                J = (block[:, :, 0].mT @ X).reshape(P, B, -1)
+                J = (X.mT @ block[:, :, 0]).reshape(P, B, -1)
             else:
-                J = (block.mT @ X.unsqueeze(2)).reshape(P, B * R, -1)
+                J = (X.unsqueeze(2).mT @ block).reshape(P, B * R, -1)
             G += J[0] @ J[0].T if P == 1 else (J @ J.mT).sum(dim=0)
         return G, (J if keep_jacobian else None)
     # K: x_it · x_ju, L: γ_irt · γ_jsu, for the samples i of a block against all samples j.
