@@ -26,6 +26,7 @@ def per_sample_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(conv_module, "_per_sample_gramian", spy)
     monkeypatch.setattr(conv_module, "_patches", fail)
+    monkeypatch.setattr(conv_module, "_padded_patches", fail)
     return used
 
 

@@ -150,11 +150,11 @@ def _per_objective_jacobian(
     J: Tensor | None = None
     start = 0  # where the positions of the call start in Gamma
     for call, T in zip(calls, positions, strict=True):
-        x = _samples_first(call.args[0], call.batch_dim, n)
+        x = _pad_images(module, _samples_first(call.args[0], call.batch_dim, n))
         J_call = Gamma.new_empty(B, R, g, d_in, d_out)
         step = max(1, PATCH_BYTES // (T * d_in * g * Gamma.element_size()))
         for first in range(0, B, step):
-            X = _patches(module, x[first : first + step]).to(Gamma.dtype)  # [g, b, T, d_in]
+            X = _padded_patches(module, x[first : first + step]).to(Gamma.dtype)  # [g, b, T, d_in]
             gamma = Gamma[:, first : first + step, :, start : start + T]  # [g, b, R, T, d_out]
             if R == 1 and g == 1:  # straight into J (a contiguous block)
                 torch.matmul(X[0].mT, gamma[0, :, 0], out=J_call[first : first + step, 0, 0])
@@ -212,9 +212,20 @@ def _samples_first(x: Tensor, batch_dim: int | None, n: int) -> Tensor:
 
 def _patches(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
     """``[g, B, T, C_in/g * prod(kernel)]`` (a transposed view): the patches that each output
-    position sees."""
+    position sees, from the images ``x`` ``[B, N', C, *spatial]``."""
+    return _padded_patches(module, _pad_images(module, x))
+
+
+def _pad_images(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+    """The images ``[B, N', C, *spatial]``, padded as the module pads them."""
+    padded = F.pad(x.flatten(0, 1), _pad_amounts(module), mode=_pad_mode(module))
+    return padded.reshape(*x.shape[:3], *padded.shape[2:])
+
+
+def _padded_patches(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+    """:func:`_patches` of images that are already padded."""
     B, N, C = x.shape[:3]
-    x = F.pad(x.flatten(0, 1), _pad_amounts(module), mode=_pad_mode(module))
+    x = x.flatten(0, 1)
     n = len(module.kernel_size)
     for s, (k, stride, dilation) in enumerate(
         zip(module.kernel_size, module.stride, module.dilation, strict=True)
