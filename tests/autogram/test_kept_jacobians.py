@@ -57,3 +57,25 @@ def test_attention_projections_keep_up_to_the_ratio(ratio, monkeypatch):
     assert_gramian_exact([attention], forward, 0)
     assert_fused_exact([attention], forward, 0, leaves_of([attention]))
     assert bool(used) == (ratio == 8)
+
+
+def test_gradients_from_kept_jacobians_are_contiguous(monkeypatch):
+    """The gradients weighted from the kept (transposed) per-objective gradients are laid out as
+    the parameters, as autograd's are."""
+    from torchjd.aggregation import MeanWeighting
+    from torchjd.autogram import Engine
+
+    monkeypatch.setattr(linear_module, "KEEP_RATIO", 8)
+    monkeypatch.setattr(linear_module, "per_objective_is_cheaper", lambda *args: True)
+    used = _count(monkeypatch, linear_module, "_weighted_rows")
+    conv, layer = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3, 4)
+    attention = nn.MultiheadAttention(4, 2, batch_first=True)
+    x = torch.randn(2, 2, 5, 5)
+    with Engine(conv, layer, attention, batch_dim=0) as engine:
+        h = layer(conv(x).flatten(2).transpose(1, 2))  # [2, 25, 4]
+        losses = attention(h, h, h)[0].pow(2).sum(dim=(1, 2))
+        engine.backward(losses, MeanWeighting())
+    assert used
+    for param in [*conv.parameters(), *layer.parameters(), *attention.parameters()]:
+        assert param.grad is not None
+        assert param.grad.is_contiguous()

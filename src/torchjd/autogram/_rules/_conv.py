@@ -66,9 +66,8 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     jacobian_bytes = B * R * module.weight.numel() * size
     gamma_bytes = Gamma.numel() * size
     if _jacobian_fits(jacobian_bytes, gamma_bytes):
-        J = _per_objective_jacobian(
-            module, calls, Gamma, [c.shape[3] for c in gammas]
-        )  # [B R, weight.numel()]
+        positions = [c.shape[3] for c in gammas]
+        J = _per_objective_jacobian(module, calls, Gamma, positions)  # [B R, weight.numel()]
         if keeps_jacobian(jacobian_bytes, gamma_bytes):  # for the fused step, in place of Γ
             calls[0].saved["jacobian"] = (J, sums)
             for call in calls:
@@ -92,7 +91,7 @@ def conv_weighted_gradients(
         J, sums = calls[0].saved["jacobian"]
         weight_grad, bias_grad = weighted_jacobian(J, sums, W)  # [g, C_in/g prod(kernel), C_out/g]
         weight_grad = weight_grad.reshape(module.groups, module.weight[0].numel(), -1)
-        pairs = [(module.weight, weight_grad.mT.reshape(module.weight.shape))]
+        pairs = [(module.weight, weight_grad.mT.contiguous().reshape(module.weight.shape))]
         return pairs if bias_grad is None else [*pairs, (module.bias, bias_grad)]
     n = len(module.kernel_size)
     weight_grad: Tensor | None = None

@@ -100,7 +100,7 @@ def _weighted_rows(
     module: nn.Linear, J: Tensor, sums: Tensor | None, W: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
     weight_grad, bias_grad = weighted_jacobian(J, sums, W)
-    grads = [(module.weight, weight_grad.reshape(module.in_features, -1).T)]
+    grads = [(module.weight, weight_grad.reshape(module.in_features, -1).T.contiguous())]
     if bias_grad is not None:
         grads.append((module.bias, bias_grad))
     return grads  # type: ignore[return-value]
