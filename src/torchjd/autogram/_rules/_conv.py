@@ -9,16 +9,20 @@ the output gradients :math:`\Gamma_{ir}` of its :math:`C_{out}/g` channels at th
     G_{ir,js} = \sum_p \langle X^p_i {X^p_j}^\top,\ \Gamma^p_{ir} {\Gamma^p_{js}}^\top \rangle_F
               + \Big(\sum_t \gamma_{irt}\Big) \cdot \Big(\sum_u \gamma_{jsu}\Big),
 
-computed by the kernel of ``_linear.py`` (closed form or per-objective gradients, the cheaper).
+summed over the calls. When forming the per-objective gradients
+:math:`J_{ir} = \sum_p {\Gamma^p_{ir}}^\top X^p_i` takes fewer flops than the closed form (many
+positions: see ``_linear.py``), the rule forms them from the patches of a block of samples at a
+time (at most ``PATCH_BYTES`` of patches), and :math:`G = J J^\top`; when :math:`J` would exceed
+both ``CHUNK_BYTES`` and the output gradients and there is one objective per sample, it forms them
+by blocks of output channels with the convolution's own kernel instead (the samples as the groups
+of one convolution), so that no patches are formed. Otherwise (few positions), the closed form of
+``_linear.py`` runs on the patches.
 
-The patches take :math:`\prod_k k` times the memory of the input: when they would exceed
-``CHUNK_BYTES``, there is one objective per sample and the per-objective gradients are the cheaper
-path, the rule forms each sample's weight gradient with the convolution's own kernel instead
-(the samples as the groups of one convolution), by blocks of output channels.
-
-For the fused step, the gradient of the weighted objectives is the convolution's own weight
-gradient (``convolution_backward``) for the weighted output gradient
-:math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` and the recorded (padded) input.
+For the fused step, the gradient of the weighted objectives is :math:`\sum_{ir} w_{ir} J_{ir}`
+when :math:`J` was formed whole and kept (in place of the output gradients, see ``KEEP_RATIO`` in
+``_linear.py``), else the convolution's own weight gradient (``convolution_backward``) for the
+weighted output gradient :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` and the recorded
+(padded) input.
 """
 
 from collections.abc import Sequence
@@ -30,34 +34,49 @@ from torch import Tensor, nn
 from torchjd.autogram._module_call import ModuleCall, cat, gram
 from torchjd.autogram._rules._linear import (
     CHUNK_BYTES,
+    keeps_jacobian,
     per_objective_is_cheaper,
     weight_gramian,
+    weighted_jacobian,
 )
+
+PATCH_BYTES = 1 << 21
+"""The most memory that the patches of one block of samples take on the per-objective path (small
+blocks stay in cache, and reuse the allocator's memory from block to block)."""
 
 
 def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
     n = len(module.kernel_size)
     g = module.groups
-    Gamma = cat([_output_grads(c, n, g) for c in calls], dim=3)  # [g, B, R, T, C_out/g]
+    gammas = [_output_grads(c, n, g) for c in calls]
+    Gamma = cat(gammas, dim=3)  # [g, B, R, T, C_out/g]
     _, B, R, T, d_out = Gamma.shape
     d_in = module.weight[0].numel()
-    G: Tensor | int = 0
-    if not module.weight.requires_grad:
-        pass
-    elif (
-        R == 1
-        and per_objective_is_cheaper(B, R, T, d_in, d_out)
-        and _batched(calls, n)
-        and _patches_bytes(module, B, T, Gamma.element_size()) > CHUNK_BYTES
-    ):
-        G = _per_sample_gramian(module, calls)
-    else:
-        X = cat([_patches(module, _samples_first(c.args[0], c.batch_dim, n)) for c in calls], 2)
-        G = weight_gramian(X, Gamma)
+    sums = None
     if module.bias is not None and module.bias.requires_grad:
-        G = G + gram(Gamma.sum(dim=3).permute(1, 2, 0, 3))
-    return G  # type: ignore[return-value]
+        sums = Gamma.sum(dim=3).permute(1, 2, 0, 3).reshape(B, R, -1)  # [B, R, C_out]
+    G: Tensor | int = 0 if sums is None else gram(sums)
+    if not module.weight.requires_grad:
+        return G  # type: ignore[return-value]
+    size = Gamma.element_size()
+    if not per_objective_is_cheaper(B, R, T, d_in, d_out):  # the closed form
+        X = cat([_patches(module, _samples_first(c.args[0], c.batch_dim, n)) for c in calls], 2)
+        return G + weight_gramian(X, Gamma)
+    jacobian_bytes = B * R * module.weight.numel() * size
+    gamma_bytes = Gamma.numel() * size
+    if _jacobian_fits(jacobian_bytes, gamma_bytes):
+        positions = [c.shape[3] for c in gammas]
+        J = _per_objective_jacobian(module, calls, Gamma, positions)  # [B R, weight.numel()]
+        if keeps_jacobian(jacobian_bytes, gamma_bytes):  # for the fused step, in place of Γ
+            calls[0].saved["jacobian"] = (J, sums)
+            for call in calls:
+                call.grad_outputs = [None] * len(call.grad_outputs)
+        return G + J @ J.T
+    if R == 1 and _batched(calls, n):
+        return G + _per_sample_gramian(module, calls)
+    X = cat([_patches(module, _samples_first(c.args[0], c.batch_dim, n)) for c in calls], 2)
+    return G + weight_gramian(X, Gamma)
 
 
 def conv_weighted_gradients(
@@ -68,6 +87,12 @@ def conv_weighted_gradients(
     :param W: The weights ``[B, R]`` of the objectives.
     """
     assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    if "jacobian" in calls[0].saved:
+        J, sums = calls[0].saved["jacobian"]
+        weight_grad, bias_grad = weighted_jacobian(J, sums, W)  # [g, C_in/g prod(kernel), C_out/g]
+        weight_grad = weight_grad.reshape(module.groups, module.weight[0].numel(), -1)
+        pairs = [(module.weight, weight_grad.mT.contiguous().reshape(module.weight.shape))]
+        return pairs if bias_grad is None else [*pairs, (module.bias, bias_grad)]
     n = len(module.kernel_size)
     weight_grad: Tensor | None = None
     bias_grad: Tensor | None = None
@@ -97,8 +122,48 @@ def conv_weighted_gradients(
 conv_rule.weighted_gradients = conv_weighted_gradients  # type: ignore[attr-defined]
 
 
-def _patches_bytes(module: nn.Module, B: int, T: int, element_size: int) -> int:
-    return B * T * module.weight[0].numel() * module.groups * element_size
+def _jacobian_fits(jacobian_bytes: int, gamma_bytes: int) -> bool:
+    """Whether the per-objective gradients are formed whole: when no larger than the output
+    gradients or than ``CHUNK_BYTES``."""
+    return jacobian_bytes <= max(CHUNK_BYTES, gamma_bytes)
+
+
+def _per_objective_jacobian(
+    module: nn.Conv1d | nn.Conv2d | nn.Conv3d,
+    calls: Sequence[ModuleCall],
+    Gamma: Tensor,
+    positions: list[int],
+) -> Tensor:
+    r"""The per-objective weight gradients :math:`J_{ir} = \sum_p {\Gamma^p_{ir}}^\top X^p_i`
+    ``[B R, g C_in/g prod(kernel) C_out/g]`` (each group's block transposed: the faster
+    product), summed over the calls, from the patches of a block of samples at a time (at most
+    ``PATCH_BYTES`` each).
+
+    :param Gamma: The output gradients of the calls ``[g, B, R, T, C_out/g]``, concatenated along
+        the positions.
+    :param positions: The number of positions of each call in ``Gamma``.
+    """
+    n, g = len(module.kernel_size), module.groups
+    _, B, R, _, d_out = Gamma.shape
+    d_in = module.weight[0].numel()
+    J: Tensor | None = None
+    start = 0  # where the positions of the call start in Gamma
+    for call, T in zip(calls, positions, strict=True):
+        x = _pad_images(module, _samples_first(call.args[0], call.batch_dim, n))
+        J_call = Gamma.new_empty(B, R, g, d_in, d_out)
+        step = max(1, PATCH_BYTES // (T * d_in * g * Gamma.element_size()))
+        for first in range(0, B, step):
+            X = _padded_patches(module, x[first : first + step]).to(Gamma.dtype)  # [g, b, T, d_in]
+            gamma = Gamma[:, first : first + step, :, start : start + T]  # [g, b, R, T, d_out]
+            if R == 1 and g == 1:  # straight into J (a contiguous block)
+                torch.matmul(X[0].mT, gamma[0, :, 0], out=J_call[first : first + step, 0, 0])
+            else:  # [g, b, R, d_in, d_out] -> [b, R, g, d_in, d_out]
+                rows = X.unsqueeze(2).mT @ gamma
+                J_call[first : first + step] = rows.permute(1, 2, 0, 3, 4)
+        J = J_call if J is None else J + J_call
+        start += T
+    assert J is not None
+    return J.reshape(B * R, -1)
 
 
 def _batched(calls: Sequence[ModuleCall], n: int) -> bool:
@@ -146,9 +211,20 @@ def _samples_first(x: Tensor, batch_dim: int | None, n: int) -> Tensor:
 
 def _patches(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
     """``[g, B, T, C_in/g * prod(kernel)]`` (a transposed view): the patches that each output
-    position sees."""
+    position sees, from the images ``x`` ``[B, N', C, *spatial]``."""
+    return _padded_patches(module, _pad_images(module, x))
+
+
+def _pad_images(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+    """The images ``[B, N', C, *spatial]``, padded as the module pads them."""
+    padded = F.pad(x.flatten(0, 1), _pad_amounts(module), mode=_pad_mode(module))
+    return padded.reshape(*x.shape[:3], *padded.shape[2:])
+
+
+def _padded_patches(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+    """:func:`_patches` of images that are already padded."""
     B, N, C = x.shape[:3]
-    x = F.pad(x.flatten(0, 1), _pad_amounts(module), mode=_pad_mode(module))
+    x = x.flatten(0, 1)
     n = len(module.kernel_size)
     for s, (k, stride, dilation) in enumerate(
         zip(module.kernel_size, module.stride, module.dilation, strict=True)

@@ -12,8 +12,8 @@ call's ``inner_edges``), is :math:`\Gamma`, and the map's weight gradient is
 The search accepts a graph only when it can account for every use of the parameters: each
 parameter's rows are covered exactly once by the found maps, and no other node reaches them.
 
-As for ``Linear`` layers, a map with at least as many positions per sample as input features
-keeps its per-objective gradients for the fused step in place of :math:`\Gamma`.
+As for ``Linear`` layers, a map whose per-objective gradients are formed whole (see ``KEEP_RATIO``
+in ``_linear.py``) keeps them for the fused step in place of :math:`\Gamma`.
 """
 
 import itertools
@@ -27,7 +27,6 @@ from torch.autograd.graph import GradientEdge
 from torchjd.autogram._fused import call_graph
 from torchjd.autogram._module_call import ModuleCall, cat, gram, weighted
 from torchjd.autogram._rules._linear import (
-    weight_gramian,
     weight_gramian_and_jacobian,
     weighted_jacobian,
 )
@@ -136,10 +135,7 @@ def graph_linear_gramian(
         Gamma = cat([_grads_by_sample(c, k, found[k]) for c, found in pairs], dim=2)
         bias, _ = bias_of(first)
         sums = Gamma.sum(dim=2) if bias is not None and bias.requires_grad else None
-        if X.shape[2] <= X.shape[1]:  # d_in <= positions: per-objective gradients <= Γ
-            G_w, J = weight_gramian_and_jacobian(X.unsqueeze(0), Gamma.unsqueeze(0))
-        else:
-            G_w, J = weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0)), None
+        G_w, J = weight_gramian_and_jacobian(X.unsqueeze(0), Gamma.unsqueeze(0))
         G = G + G_w if sums is None else G + G_w + gram(sums)
         if J is not None:  # kept for the fused step in place of Γ (see _linear.py)
             kept[k] = (J[0], sums)
@@ -165,7 +161,10 @@ def graph_linear_weighted_gradients(
         bias_grad: Tensor | int = 0
         if k in kept:
             flat, summed = weighted_jacobian(*kept[k], W)
-            weight_grad, bias_grad = flat.reshape(first.d_out, -1), 0 if summed is None else summed
+            weight_grad, bias_grad = (
+                flat.reshape(-1, first.d_out).T.contiguous(),
+                0 if summed is None else summed,
+            )
         for call, found in zip(calls, linears, strict=True):
             gamma = call.inner_grads[k]  # None when kept
             if gamma is None:

@@ -29,10 +29,10 @@ second backward pass: with the weighted output gradient
 
     \nabla_W = \sum_i \bar\Gamma_i^\top X_i, \qquad \nabla_b = \sum_i \sum_t \bar\gamma_{it}.
 
-When a layer has at least as many positions as input features and its per-objective gradients
-:math:`J_{ir} = \Gamma_{ir}^\top X_i` are the Gramian's cheaper path, they are no larger than
-:math:`\Gamma`: the rule keeps them (with :math:`\sum_t \gamma_{irt}`) in place of :math:`\Gamma`,
-and :math:`\nabla_W = \sum_{ir} w_{ir} J_{ir}` costs :math:`B R\, d_{out} d_{in}` instead of
+When a layer's per-objective gradients :math:`J_{ir} = \Gamma_{ir}^\top X_i` are the Gramian's
+cheaper path and at most ``KEEP_RATIO`` times larger than :math:`\Gamma`, the rule forms them
+whole and keeps them (with :math:`\sum_t \gamma_{irt}`) in place of :math:`\Gamma`, and
+:math:`\nabla_W = \sum_{ir} w_{ir} J_{ir}` costs :math:`B R\, d_{out} d_{in}` instead of
 :math:`B T\, d_{out} d_{in}`.
 """
 
@@ -61,13 +61,12 @@ def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     G: Tensor | int = 0
     J: Tensor | None = None
     with_bias = module.bias is not None and module.bias.requires_grad
-    if module.weight.requires_grad and module.in_features <= Gamma.shape[2]:
-        # Per-objective gradients no larger than Γ: kept for the fused step instead of Γ.
-        G, J = weight_gramian_and_jacobian(X.unsqueeze(0), Gamma.unsqueeze(0))
-    elif module.weight.requires_grad and _one_position_fits(X, Gamma):
+    if module.weight.requires_grad and _one_position_fits(X, Gamma):
         return one_position_gramian(X[:, 0], Gamma[:, :, 0], with_bias)
-    elif module.weight.requires_grad:
-        G = weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0))
+    if module.weight.requires_grad:
+        # Per-objective gradients formed whole (when the cheaper path and not much larger than
+        # Γ): kept for the fused step instead of Γ.
+        G, J = weight_gramian_and_jacobian(X.unsqueeze(0), Gamma.unsqueeze(0))
     sums = Gamma.sum(dim=2) if with_bias else None
     if sums is not None:
         G = G + gram(sums)
@@ -152,16 +151,17 @@ def _weighted_rows(
     module: nn.Linear, J: Tensor, sums: Tensor | None, W: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
     weight_grad, bias_grad = weighted_jacobian(J, sums, W)
-    grads = [(module.weight, weight_grad.reshape(module.weight.shape))]
+    grads = [(module.weight, weight_grad.reshape(module.in_features, -1).T.contiguous())]
     if bias_grad is not None:
         grads.append((module.bias, bias_grad))
     return grads  # type: ignore[return-value]
 
 
 def weighted_jacobian(J: Tensor, sums: Tensor | None, W: Tensor) -> tuple[Tensor, Tensor | None]:
-    r""":math:`\sum_{ir} w_{ir} J_{ir}` ``[d_out d_in]`` from the per-objective gradients ``J``
-    ``[B R, d_out d_in]``, and :math:`\sum_{ir} w_{ir} \sum_t \gamma_{irt}` from the sums
-    ``[B, R, d_out]`` (None when None), for the weights ``W`` ``[B, R]``."""
+    r""":math:`\sum_{ir} w_{ir} J_{ir}` ``[P]`` from the per-objective gradients ``J``
+    ``[B R, P]`` (flattened in any order, kept in the result), and
+    :math:`\sum_{ir} w_{ir} \sum_t \gamma_{irt}` from the sums ``[B, R, d_out]``
+    (None when None), for the weights ``W`` ``[B, R]``."""
     weight_grad = W.reshape(-1).to(J.dtype) @ J
     if sums is None:
         return weight_grad, None
@@ -174,6 +174,18 @@ linear_rule.weighted_gradients = linear_weighted_gradients  # type: ignore[attr-
 CHUNK_BYTES = 1 << 24
 """The most memory that one intermediate of :func:`weight_gramian` takes (the per-objective
 gradients of a block of output features, or the closed form's products for a block of samples)."""
+
+
+KEEP_RATIO = 2
+"""The fused step keeps a layer's per-objective gradients (when the Gramian formed them whole) in
+place of its output gradients when they are at most this many times larger: weighting them then
+costs :math:`B R` rows instead of a product over all positions."""
+
+
+def keeps_jacobian(jacobian_bytes: int, gamma_bytes: int) -> bool:
+    """Whether per-objective gradients of ``jacobian_bytes`` are kept for the fused step in place
+    of output gradients of ``gamma_bytes``."""
+    return jacobian_bytes <= KEEP_RATIO * gamma_bytes
 
 
 def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> Tensor:
@@ -190,9 +202,16 @@ def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> 
 
 
 def weight_gramian_and_jacobian(X: Tensor, Gamma: Tensor) -> tuple[Tensor, Tensor | None]:
-    """:func:`weight_gramian`, and the per-objective gradients ``[P, B R, d_out d_in]`` (formed
-    whole) when they are the cheaper path, else None."""
-    return _weight_gramian(X, Gamma, CHUNK_BYTES, keep_jacobian=True)
+    r""":func:`weight_gramian`, and the per-objective gradients (formed whole) when they are the
+    cheaper path and :func:`keeps_jacobian` keeps them, else None: ``[P, B R, d_in d_out]``, each
+    row a transposed weight gradient :math:`X_i^\top \Gamma_{ir}`."""
+    P, B, R, T, d_out = Gamma.shape
+    size = Gamma.element_size()
+    if per_objective_is_cheaper(B, R, T, X.shape[-1], d_out) and keeps_jacobian(
+        P * B * R * d_out * X.shape[-1] * size, Gamma.numel() * size
+    ):
+        return _weight_gramian(X, Gamma, CHUNK_BYTES, keep_jacobian=True)
+    return weight_gramian(X, Gamma), None
 
 
 def per_objective_is_cheaper(B: int, R: int, T: int, d_in: int, d_out: int) -> bool:
@@ -211,15 +230,16 @@ def _weight_gramian(
     X = X.to(Gamma.dtype)
     size = Gamma.element_size()
     if per_objective_is_cheaper(B, R, T, d_in, d_out):
-        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block.
+        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block, each formed
+        # transposed (X_i^T Γ_ir: the output features vary fastest, the faster product).
         step = d_out if keep_jacobian else max(1, chunk_bytes // (P * B * R * d_in * size))
         G = Gamma.new_zeros(B * R, B * R)
         for start in range(0, d_out, step):
             block = Gamma[..., start : start + step]
             if R == 1:
-                J = (block[:, :, 0].mT @ X).reshape(P, B, -1)
+                J = (X.mT @ block[:, :, 0]).reshape(P, B, -1)
             else:
-                J = (block.mT @ X.unsqueeze(2)).reshape(P, B * R, -1)
+                J = (X.unsqueeze(2).mT @ block).reshape(P, B * R, -1)
             G += J[0] @ J[0].T if P == 1 else (J @ J.mT).sum(dim=0)
         return G, (J if keep_jacobian else None)
     # K: x_it · x_ju, L: γ_irt · γ_jsu, for the samples i of a block against all samples j.
