@@ -94,9 +94,6 @@ _JACOBI_MIN_GAIN = 4.0  # ADMM runs on the Jacobi-scaled problem beyond this est
 _SCHUR_MIN_M = 33  # below, the masked full-size face systems are cheaper
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
-# Beyond, the warm-started pivoting of the least-norm mode can cycle between large faces, each
-# step an O(m³) factorisation per row; ADMM on the Tikhonov Gramian then runs first instead.
-_WARM_START_MAX_M = 512
 _LOW_RANK_FRACTION = 2  # Woodbury solves in the interior point when rank(G) ≤ m / 2
 _CHUNK_ENTRIES = 2**25  # of the interior point's [k, m, m] or [k, r, m] tensors (256 MiB)
 
@@ -159,13 +156,11 @@ def solve_lower_bounded_qp(
                 X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
             else:
                 X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
-    elif least_norm and m <= _WARM_START_MAX_M:
+    elif least_norm:
         X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
         if not converged.all():
             left = (~converged).nonzero().squeeze(1)
             X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
-    elif least_norm:
-        X = _admm_then_polish(G, U, tol, max_iters, G_exact)
     else:
         X = _schur_pivoting_then_admm(G, U, GU[rows] > 0, tol, max_iters)
     V[rows] = torch.maximum(X, U)
