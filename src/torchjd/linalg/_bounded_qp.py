@@ -96,6 +96,7 @@ _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
 _LOW_RANK_FRACTION = 2  # Woodbury solves in the interior point when rank(G) ≤ m / 2
 _CHUNK_ENTRIES = 2**25  # of the interior point's [k, m, m] or [k, r, m] tensors (256 MiB)
+_ACTIVE_THRESHOLDS = (1e-6, 1e-9, 1e-4)  # relative to max|u|: weights at their bound
 
 
 def solve_lower_bounded_qp(
@@ -319,11 +320,21 @@ def _interior_point_then_polish(
     V = torch.cat(
         [interior_point(G, rows, 1e-3 * tol, low_rank=low_rank) for rows in U.split(chunk)]
     )
-    rows = ~(kkt_residual(G_exact, U, V, V @ G_exact) <= tol)
-    if not rows.any():
-        return V
-    U_left, V_left = U[rows], V[rows]
-    active = V_left - U_left <= 1e-6 * U_left.abs().amax(dim=1, keepdim=True)
-    X, solved = principal_pivoting(G, U_left, active, row_scales(G), tol, 20, G_exact)
-    V[rows] = torch.where(solved.unsqueeze(1), X, V_left)
+    residual = kkt_residual(G_exact, U, V, V @ G_exact)
+    # The active set is read off the interior solution at several thresholds (its weights are
+    # biased by the Tikhonov term, more so when they are large); each row keeps its best polish.
+    for threshold in _ACTIVE_THRESHOLDS:
+        rows = (~(residual <= tol)).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        U_left, V_left = U[rows], V[rows]
+        active = V_left - U_left <= threshold * U_left.abs().amax(dim=1, keepdim=True)
+        X, _ = principal_pivoting(G, U_left, active, row_scales(G), tol, 20, G_exact)
+        X = torch.maximum(X, U_left)
+        # Kept where it is closer to optimal for G_exact, even unconverged on G (the refinement
+        # of its last faces removes the Tikhonov bias).
+        polished = kkt_residual(G_exact, U_left, X, X @ G_exact)
+        better = polished < residual[rows]
+        V[rows] = torch.where(better.unsqueeze(1), X, V_left)
+        residual[rows] = torch.where(better, polished, residual[rows])
     return V

@@ -13,7 +13,8 @@ conditioned
 (the Gramian of the default mode), to a loose tolerance. Principal pivoting on the Tikhonov
 Gramian, with its iterated refinement towards the exact ``G``, then corrects the few indices where
 the guess is wrong, in a few exchanges. Rows it does not solve in :data:`_PIVOTS` exchanges are
-returned unconverged, for the caller's slower fallback.
+returned unconverged, for the caller's slower fallback, and so are those whose KKT residual on
+``G`` itself misses the tolerance.
 
 From :data:`_FLOAT32_MIN_M` rows on, the guess is computed in float32 (half the cost of each
 ``[k, m] × [m, m]`` product), with a much smaller ``ε`` (:data:`_LARGE_REGULARISATION`) and a
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from torchjd.linalg._admm import admm
-from torchjd.linalg._kkt import row_scales
+from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._principal_pivoting import principal_pivoting
 
 _REGULARISATION = 1e-4  # ε, relative to the trace: the default mode's
@@ -65,4 +66,8 @@ def warm_started_pivoting(
         principal_pivoting(G, rows, guess, scales, tol, _PIVOTS, G_exact)
         for rows, guess in zip(U.split(chunk), active.split(chunk), strict=True)
     ]
-    return torch.cat([X for X, _ in solved]), torch.cat([converged for _, converged in solved])
+    X = torch.maximum(torch.cat([X for X, _ in solved]), U)
+    converged = torch.cat([converged for _, converged in solved])
+    # Pivoting converges on the Tikhonov Gramian; its refinement towards G_exact can fall short
+    # (near-duplicate rows): such rows are left to the fallback too.
+    return X, converged & (kkt_residual(G_exact, U, X, X @ G_exact) <= tol)
