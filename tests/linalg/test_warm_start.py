@@ -13,7 +13,7 @@ from torchjd.linalg._kkt import kkt_residual
 
 @pytest.fixture
 def large_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The settings of ``m ≥ 256`` from ``m = 65`` on, with chunks of 16 rows at ``m = 72``."""
+    """The settings of ``m ≥ 512`` from ``m = 65`` on, with chunks of 16 rows at ``m = 72``."""
     monkeypatch.setattr(_warm_start, "_FLOAT32_MIN_M", 65)
     monkeypatch.setattr(_warm_start, "_CHUNK_ENTRIES", 16 * 72**2)
 
@@ -40,8 +40,8 @@ def test_matches_the_interior_point(family: str, n: int):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_meets_the_tolerance_beyond_256_rows(dtype: torch.dtype):
-    """The real large-``m`` path: a Gramian of rank 12 with near-duplicate and opposite rows."""
+def test_meets_the_tolerance_at_260_rows(dtype: torch.dtype):
+    """Unpatched, beyond 256 rows: a Gramian of rank 12 with near-duplicate and opposite rows."""
     m = 260
     J = make("rank_deficient", m, 12, seed=0)
     J[:20] = -J[20:40]
