@@ -60,22 +60,24 @@ class TorchProjector(DualConeProjector):
     rows have equal norms (per-sample gradients often nearly do), and otherwise the least-norm
     weights of the rows normalised to unit norm, so that a row's weight is not inflated because its
     gradient is small (zero rows keep :math:`v_j = u_j`). Logged weights are then well defined.
-    It costs more than the defaults: in the benchmark (one thread), the median ratio of the times is
-    about 1.7x at 16 rows, 2x at 64, and 3x in float64 (8x in float32, whose default is faster) at
-    256, with a few seconds at most at 256 rows; much more at 1,024 rows (see below).
+    It costs more than the defaults: in the benchmark (one thread, 10 hard Jacobians per size and
+    dtype), the median ratio of the times is about 1.3x (float64) to 1.5x (float32) at 64 rows, and
+    14x (float64) to 30x (float32) at 256 rows, where the default is fast (20-40 ms a call) and the
+    exact mode takes up to 2 s; at 1,024 rows, tens of seconds to minutes (see below).
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
     solved exactly by block principal pivoting; beyond, also when each row's faces are cheap through
     ``G⁻¹`` (few conflicts per row, or few distinct faces, as in per-sample Gramians at
     initialisation, whose rows share the face of their class), and otherwise by ADMM followed by an
     exact active-set polish when its cost is small (see ``torchjd/linalg/_bounded_qp.py``). In the
-    exact mode, from ``m = 65`` to ``512``, pivoting starts from the active set that ADMM finds with
-    the defaults' regularisation; the rows it leaves (degenerate problems) go to a float64
-    interior-point method, whose Newton systems use the Woodbury identity when ``rank(G) ≤ m / 2``.
-    Beyond, ADMM on the barely regularised Gramian runs first: at ``m = 1024``, a call can take
-    minutes (faces cost :math:`O(m^3)` per row). The KKT residual of each row, each row's conflict
-    measured relative to its norm, is below ``1e-7`` in float64 and ``2e-5`` in float32 (``1e-9`` in
-    float64 in exact mode).
+    exact mode, beyond ``m = 64``, pivoting starts from the active set that ADMM finds with a small
+    regularisation (the defaults'; from ``m = 512``, :math:`10^{-6} \operatorname{tr}(G)`, in
+    float32); the rows it leaves (degenerate problems) go to a float64 interior-point method, whose
+    Newton systems use the Woodbury identity when ``rank(G) ≤ m / 2``. Each row's faces cost
+    :math:`O(|F|^3)`: on three hard Jacobians of 1,024 rows (faces of 250 to 400 indices), 51 s,
+    83 s and 8 min against 2-3 s for the defaults (at 512 rows, 5 to 15 s). The KKT
+    residual of each row, each row's conflict measured relative to its norm, is below ``1e-7`` in
+    float64 and ``2e-5`` in float32 (``1e-9`` in float64 in exact mode).
 
     :param norm_eps: Trace below which the Gramian is treated as zero. Must be non-negative.
     :param reg_eps: Multiple of the identity added to the normalised Gramian. Must be non-negative;
