@@ -15,7 +15,11 @@ Method
 ------
 1. ``v = u`` is optimal exactly when ``G u ≥ 0`` (no row of ``J`` conflicts with ``Jᵀ u``): one
    shared matrix product finds these rows, which are returned unchanged.
-2. Small problems (``m ≤ 64``) are solved exactly by block principal pivoting
+2. Up to ``m = 8`` rows (the tasks of multi-task learning), every active set is tried at once
+   (:mod:`torchjd.linalg._enumeration`: one batched inverse of ``2^m`` small systems, about ten
+   operations in all), in float64; rows whose best candidate misses the tolerance (rounding on
+   an ill-conditioned ``G``) go to ADMM and its polish. Small problems (``m ≤ 64``) are solved
+   exactly by block principal pivoting
    (:mod:`torchjd.linalg._principal_pivoting`), starting from the active set of one primal-dual
    step from ``v = u``. From ``m = 33`` on, when ``G`` is well-conditioned, the faces are solved
    through ``G⁻¹`` (:func:`~torchjd.linalg._schur_pivoting.schur_pivoting`: one ``|A| × |A|``
@@ -69,6 +73,7 @@ import torch
 from torch import Tensor
 
 from torchjd.linalg._admm import Warm, warm_admm
+from torchjd.linalg._enumeration import enumerate_active_sets
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
@@ -99,6 +104,7 @@ _WARM_START_TOL = 3e-6
 _WARM_START_ITERS = 200
 _JACOBI_MIN_GAIN = 4.0  # ADMM runs on the Jacobi-scaled problem beyond this estimated gain in κ
 _SCHUR_MIN_M = 33  # below, the masked full-size face systems are cheaper
+_ENUMERATION_MAX_M = 8  # up to this size, every active set is tried at once (2^m of them)
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
 _LOW_RANK_FRACTION = 2  # Woodbury solves in the interior point when rank(G) ≤ m / 2
@@ -146,7 +152,13 @@ def solve_lower_bounded_qp(
         U, GU = U[rows], GU[rows]
     else:
         rows = slice(None)  # type: ignore[assignment]
-    if not least_norm and _SCHUR_MIN_M <= m <= _DIRECT_MAX_M:
+    if not least_norm and m <= _ENUMERATION_MAX_M:
+        X, residual = enumerate_active_sets(G.double(), U.double())
+        X = X.to(work_dtype)
+        left = (~(residual <= tol)).nonzero().squeeze(1)
+        if left.numel() > 0:  # rounding on an ill-conditioned G
+            X[left] = _admm_then_polish(G, U[left], tol, max_iters, None)
+    elif not least_norm and _SCHUR_MIN_M <= m <= _DIRECT_MAX_M:
         X = _schur_then_principal_pivoting(G, U, GU > 0, tol, max_iters)
     elif m <= _DIRECT_MAX_M:
         G64 = G.double()
