@@ -46,6 +46,15 @@ The returned ``v`` is always feasible (``v ≥ u`` exactly) and its KKT residual
 
 Singular ``G`` (``least_norm=True``)
 ------------------------------------
+When ``G`` is nonsingular, the optimum of each row is unique and the least-norm requirement is
+void: when every squared pivot of the Cholesky factor of the Jacobi-scaled ``S G S``
+(``S = diag(G)^{-1/2}``) is at least :data:`_NONSINGULAR_MIN_PIVOT` (``10⁻⁶`` in float64,
+``10⁻³`` in float32: far from singular, near-duplicate and zero rows excluded), the default mode's
+route above runs on ``G`` itself (neither normalised nor regularised) with this mode's tolerance,
+and each row is accepted when its KKT residual on ``G`` meets it (:func:`_nonsingular_route`; in
+float32, ADMM stops early and the rows it leaves run again in float64). The rows that fail,
+and every singular ``G``, take the route below.
+
 When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v`` is not. In this mode
 every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
@@ -134,10 +143,7 @@ def solve_lower_bounded_qp(
 
     G = (G + G.T) / 2
     G_exact = G if least_norm else None
-    # A nonsingular G has one optimum per row: the least-norm requirement is void, and the
-    # default mode's machinery runs on G itself (see _nonsingular_route).
-    nonsingular = least_norm and _nonsingular(G)
-    if least_norm and not nonsingular:
+    if least_norm:
         G = tikhonov(G)
     GU = _times(U, G)
     # Rows with a non-finite entry (in G, u or G u) have a NaN sum once scaled by zero: cheaper
@@ -153,10 +159,13 @@ def solve_lower_bounded_qp(
         U, GU = U[rows], GU[rows]
     else:
         rows = slice(None)  # type: ignore[assignment]
-    if nonsingular:
-        X = _nonsingular_route(G, U, GU, tol, max_iters)
-    elif least_norm:
-        X = _least_norm_route(G, G_exact, U, GU, tol, max_iters)
+    if least_norm:
+        # A nonsingular G has one optimum per row: the least-norm requirement is void, and the
+        # default mode's machinery runs on G itself (see _nonsingular_route).
+        if _nonsingular(G_exact):
+            X = _nonsingular_route(G_exact, U, GU, tol, max_iters)
+        else:
+            X = _least_norm_route(G, G_exact, U, GU, tol, max_iters)
     else:
         X = _default_route(G, U, GU > 0, tol, max_iters)
     if isinstance(rows, slice):  # every row conflicted
