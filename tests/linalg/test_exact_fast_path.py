@@ -159,9 +159,19 @@ def test_nonsingular_decision(family: str, expected: bool, dtype: torch.dtype):
     assert _bounded_qp._nonsingular(J @ J.T) is False
 
 
-def test_float32_rows_left_by_admm_run_again_in_float64(monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        ("normal", [torch.float32, torch.float64]),
+        ("mixed_row_norms", [torch.float64]),  # a diagonal spread over 12 decades
+    ],
+)
+def test_float32_rows_left_by_admm_run_again_in_float64(
+    monkeypatch: pytest.MonkeyPatch, family: str, expected: list[torch.dtype]
+):
     """With ADMM stopped after one iteration in float32, the rows it leaves are solved in
-    float64 (not by the least-norm route), to the exact mode's float32 non-conflict."""
+    float64 (not by the least-norm route), to the exact mode's float32 non-conflict; a Gramian
+    with a widely spread diagonal is solved in float64 from the start."""
     dtypes = []
     default_route = _bounded_qp._default_route
 
@@ -172,7 +182,7 @@ def test_float32_rows_left_by_admm_run_again_in_float64(monkeypatch: pytest.Monk
     monkeypatch.setattr(_bounded_qp, "_default_route", spy)
     monkeypatch.setattr(_bounded_qp, "_FAST_FLOAT32_ITERS", 1)
     monkeypatch.setattr(_bounded_qp, "_SCHUR_BUDGET", {torch.float32: 0.0, torch.float64: 0.0})
-    J = make("mixed_row_norms", 80, 240, seed=5).float()
+    J = make(family, 80, 240, seed=5).float()
     d = UPGrad(projector=exact())(J)
-    assert dtypes == [torch.float32, torch.float64]
+    assert dtypes == expected
     assert worst_conflict(J, d) >= -NON_CONFLICT[torch.float32]

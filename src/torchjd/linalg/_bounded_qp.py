@@ -118,6 +118,7 @@ _ACTIVE_THRESHOLDS = (1e-6, 1e-9, 1e-4)  # relative to max|u|: weights at their 
 # computed in the dtype and above the least-norm mode's Tikhonov term.
 _NONSINGULAR_MIN_PIVOT = {torch.float64: 1e-6, torch.float32: 1e-3}
 _FAST_FLOAT32_ITERS = 200  # of ADMM on a nonsingular G in float32, before float64 takes over
+_FLOAT32_MAX_SPREAD = 1e4  # of diag(G) (row norms over two decades): beyond, float64 at once
 
 
 def solve_lower_bounded_qp(
@@ -190,14 +191,23 @@ def _nonsingular(G: Tensor) -> bool:
 def _nonsingular_route(G: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int) -> Tensor:
     """Exact mode, nonsingular ``G`` (:func:`_nonsingular`): each row's optimum is unique, so the
     default mode's route (pivoting through ``G⁻¹``, ADMM and its polish) runs on ``G`` itself with
-    the exact mode's tolerance, and each row is checked on ``G``. In float32, ADMM's products on
-    an unregularised ``G`` with row norms spread over decades can stall above the tolerance (their
-    rounding is relative to the largest rows): it stops after :data:`_FAST_FLOAT32_ITERS`
-    iterations, and the rows it leaves run again in float64. The rows left then take the
-    least-norm route (:func:`_least_norm_route`)."""
+    the exact mode's tolerance, and each row is checked on ``G``. In float32, ADMM on an
+    unregularised ``G`` with row norms spread over decades can stall above the tolerance: it
+    stops after :data:`_FAST_FLOAT32_ITERS` iterations, and the rows it leaves run again in
+    float64; a diagonal spread beyond :data:`_FLOAT32_MAX_SPREAD` runs in float64 from the start.
+    The rows left then take the least-norm route (:func:`_least_norm_route`)."""
     X = U.clone()
     left = torch.arange(U.shape[0], device=U.device)
-    for dtype in (G.dtype, torch.float64) if G.dtype != torch.float64 else (G.dtype,):
+    diagonal = G.diagonal()
+    spread = bool(diagonal.amax() > _FLOAT32_MAX_SPREAD * diagonal.amin())
+    dtypes = (
+        (G.dtype,)
+        if G.dtype == torch.float64
+        else (torch.float64,)
+        if spread
+        else (G.dtype, torch.float64)
+    )
+    for dtype in dtypes:
         G_work, U_left = G.to(dtype), U[left].to(dtype)
         iters = max_iters if dtype == torch.float64 else min(max_iters, _FAST_FLOAT32_ITERS)
         X_left = torch.maximum(_default_route(G_work, U_left, GU[left] > 0, tol, iters), U_left)
