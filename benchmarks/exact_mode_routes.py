@@ -9,7 +9,8 @@ the exact mode ``TorchProjector(norm_eps=0.0, reg_eps=0.0)`` as it is (a nonsing
 through the default mode's machinery on ``G`` itself), and the exact mode forced onto its
 least-norm route (the route of every Gramian before the nonsingular fast path). Columns: the
 default's median time per call, the median of the per-matrix ratios exact / default for both
-routes, how many of the Gramians took the fast path, and the worst conflict of the exact mode,
+routes, how many of the Gramians took the fast path (a call where no row conflicts takes
+neither route), and the worst conflict of the exact mode,
 ``min_i J_i · d / (‖J_i‖ · max_j ‖J_j‖)``.
 """
 
