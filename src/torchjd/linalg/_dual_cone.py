@@ -66,7 +66,7 @@ class TorchProjector(DualConeProjector):
     the default's own method on the unregularised Gramian, each row then checked on it: median
     ratio of the times to the default's 1.0x to 1.5x from 16 to 1,024 rows
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
-    float32), up to 3.6x (float64) and 7x (float32) at 256 rows when the row norms spread over six
+    float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms spread over six
     decades (which the default's regularisation hides). A singular or nearly singular one costs
     more: in ``benchmarks/non_conflict.py`` (10 hard Jacobians per size and dtype), the median
     ratio is about 1.3x (float64) to 1.5x (float32) at 64 rows, and 6x to 30x at 256 rows, where
