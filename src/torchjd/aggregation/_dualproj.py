@@ -47,7 +47,8 @@ class DualProj(GramianWeightedAggregator):
     the others (see :class:`UPGrad` for measured figures). ``DualProj(projector=
     TorchProjector(norm_eps=0.0, reg_eps=0.0))`` is the exact mode: no conflict on any Jacobian
     (:math:`J_i \cdot d \ge -10^{-8} \|J_i\| \max_j \|J_j\|` in float64), for one projection
-    instead of UPGrad's ``m``, at a few times the default's cost.
+    instead of UPGrad's ``m``: about the default's cost on nonsingular Gramians (fewer rows than
+    columns), a few times it on singular ones (see :class:`UPGrad`).
 
     :param pref_vector: The preference :math:`p \ge 0` (shape ``[m]``); the mean when None.
     :param projector: The :class:`~torchjd.linalg.DualConeProjector`;

@@ -62,9 +62,13 @@ class UPGrad(GramianWeightedAggregator):
     ``UPGrad(projector=TorchProjector(norm_eps=0.0, reg_eps=0.0))`` is the **exact mode**: it
     solves the unregularised problem on any Jacobian (singular Gramians included), and its update
     conflicts with no row (:math:`J_i \cdot d \ge -10^{-8} \|J_i\| \max_j \|J_j\|` in float64,
-    :math:`10^{-4}` in float32), on all of them, at about 1.3x to 2x the default's time (median,
-    16 to 64 rows), 14x (float64) to 30x (float32) at 256 rows (up to 2 s a call), and tens of
-    seconds to minutes at 1,024 rows. See
+    :math:`10^{-4}` in float32), on all of them. Its cost depends on the Gramian: a nonsingular
+    one (fewer rows than columns, no near-duplicate rows) is solved by the default's own method
+    on the unregularised Gramian, at 1.0x to 1.7x the default's time (median, 16 to 1,024 rows,
+    ``benchmarks/exact_mode_routes.py``; up to 3.6x in float64 and 7x in float32 when the row
+    norms spread over six decades); a singular or nearly singular one at about 1.3x to 2x up to
+    64 rows, 6x to 30x at 256 rows (up to 4 s a call), and tens of seconds to minutes at 1,024
+    rows. See
     :class:`~torchjd.linalg.TorchProjector` for the choice of weights when they are not unique.
 
     :param pref_vector: The preference :math:`p \ge 0` (shape ``[m]``); the mean when None.

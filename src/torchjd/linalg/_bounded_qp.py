@@ -50,6 +50,15 @@ The returned ``v`` is always feasible (``v ≥ u`` exactly) and its KKT residual
 
 Singular ``G`` (``least_norm=True``)
 ------------------------------------
+When ``G`` is nonsingular, the optimum of each row is unique and the least-norm requirement is
+void: when every squared pivot of the Cholesky factor of the Jacobi-scaled ``S G S``
+(``S = diag(G)^{-1/2}``) is at least :data:`_NONSINGULAR_MIN_PIVOT` (``10⁻⁶`` in float64,
+``10⁻³`` in float32: far from singular, near-duplicate and zero rows excluded), the default mode's
+route above runs on ``G`` itself (neither normalised nor regularised) with this mode's tolerance,
+and each row is accepted when its KKT residual on ``G`` meets it (:func:`_nonsingular_route`; in
+float32, ADMM stops early and the rows it leaves run again in float64). The rows that fail,
+and every singular ``G``, take the route below.
+
 When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v`` is not. In this mode
 every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
@@ -110,6 +119,12 @@ _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then 
 _LOW_RANK_FRACTION = 2  # Woodbury solves in the interior point when rank(G) ≤ m / 2
 _CHUNK_ENTRIES = 2**25  # of the interior point's [k, m, m] or [k, r, m] tensors (256 MiB)
 _ACTIVE_THRESHOLDS = (1e-6, 1e-9, 1e-4)  # relative to max|u|: weights at their bound
+# Exact mode: the least squared pivot of the Jacobi-scaled Cholesky factor of G for which G counts
+# as nonsingular (its optimum unique and well determined): far above the rounding of a Gramian
+# computed in the dtype and above the least-norm mode's Tikhonov term.
+_NONSINGULAR_MIN_PIVOT = {torch.float64: 1e-6, torch.float32: 1e-3}
+_FAST_FLOAT32_ITERS = 200  # of ADMM on a nonsingular G in float32, before float64 takes over
+_FLOAT32_MAX_SPREAD = 1e4  # of diag(G) (row norms over two decades): beyond, float64 at once
 
 
 def solve_lower_bounded_qp(
@@ -137,7 +152,6 @@ def solve_lower_bounded_qp(
     G_exact = G if least_norm else None
     if least_norm:
         G = tikhonov(G)
-    m = G.shape[0]
     GU = _times(U, G)
     # Rows with a non-finite entry (in G, u or G u) have a NaN sum once scaled by zero: cheaper
     # than boolean reductions.
@@ -152,43 +166,111 @@ def solve_lower_bounded_qp(
         U, GU = U[rows], GU[rows]
     else:
         rows = slice(None)  # type: ignore[assignment]
-    if not least_norm and m <= _ENUMERATION_MAX_M:
-        X, residual = enumerate_active_sets(G.double(), U.double())
-        X = X.to(work_dtype)
-        left = (~(residual <= tol)).nonzero().squeeze(1)
-        if left.numel() > 0:  # rounding on an ill-conditioned G
-            X[left] = _admm_then_polish(G, U[left], tol, max_iters, None)
-    elif not least_norm and _SCHUR_MIN_M <= m <= _DIRECT_MAX_M:
-        X = _schur_then_principal_pivoting(G, U, GU > 0, tol, max_iters)
-    elif m <= _DIRECT_MAX_M:
-        G64 = G.double()
-        X, converged = principal_pivoting(
-            G64,
-            U.double(),
-            GU > 0,
-            row_scales(G64),
-            tol,
-            _LEAST_NORM_PIVOTS if least_norm else 3 * m + 10,
-            None if G_exact is None else G_exact.double(),
-        )
-        X = X.to(work_dtype)
-        if not converged.all():
-            left = (~converged).nonzero().squeeze(1)
-            if least_norm:
-                X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
-            else:
-                X[left] = _admm_then_polish(G, U[left], tol, max_iters, G_exact)
-    elif least_norm:
-        X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
-        if not converged.all():
-            left = (~converged).nonzero().squeeze(1)
-            X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
+    if least_norm:
+        # A nonsingular G has one optimum per row: the least-norm requirement is void, and the
+        # default mode's machinery runs on G itself (see _nonsingular_route).
+        if _nonsingular(G_exact):
+            X = _nonsingular_route(G_exact, U, GU, tol, max_iters)
+        else:
+            X = _least_norm_route(G, G_exact, U, GU, tol, max_iters)
     else:
-        X = _schur_pivoting_then_admm(G, U, GU > 0, tol, max_iters)
+        X = _default_route(G, U, GU > 0, tol, max_iters)
     if isinstance(rows, slice):  # every row conflicted
         return torch.maximum(X, U).to(out_dtype)
     V[rows] = torch.maximum(X, U)
     return V.to(out_dtype)
+
+
+def _nonsingular(G: Tensor) -> bool:
+    """Whether ``G`` is far enough from singular for its optimum to be computed without the
+    least-norm regularisation: every squared pivot of the Cholesky factor of the Jacobi-scaled
+    ``S G S`` (``S = diag(G)^{-1/2}``) at least :data:`_NONSINGULAR_MIN_PIVOT` (which bounds its
+    smallest eigenvalue from above; zero rows and near-duplicate rows fail it)."""
+    diagonal = G.diagonal()
+    if not bool(diagonal.amin() > 0):
+        return False
+    s = diagonal.rsqrt()
+    L, info = torch.linalg.cholesky_ex(s.unsqueeze(1) * G * s.unsqueeze(0))
+    return bool((info == 0) & (L.diagonal().amin() ** 2 >= _NONSINGULAR_MIN_PIVOT[G.dtype]))
+
+
+def _nonsingular_route(G: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int) -> Tensor:
+    """Exact mode, nonsingular ``G`` (:func:`_nonsingular`): each row's optimum is unique, so the
+    default mode's route (pivoting through ``G⁻¹``, ADMM and its polish) runs on ``G`` itself with
+    the exact mode's tolerance, and each row is checked on ``G``. In float32, ADMM on an
+    unregularised ``G`` with row norms spread over decades can stall above the tolerance: it
+    stops after :data:`_FAST_FLOAT32_ITERS` iterations, and the rows it leaves run again in
+    float64; a diagonal spread beyond :data:`_FLOAT32_MAX_SPREAD` runs in float64 from the start.
+    The rows left then take the least-norm route (:func:`_least_norm_route`)."""
+    X = U.clone()
+    left = torch.arange(U.shape[0], device=U.device)
+    diagonal = G.diagonal()
+    spread = bool(diagonal.amax() > _FLOAT32_MAX_SPREAD * diagonal.amin())
+    dtypes = (
+        (G.dtype,)
+        if G.dtype == torch.float64
+        else (torch.float64,)
+        if spread
+        else (G.dtype, torch.float64)
+    )
+    for dtype in dtypes:
+        G_work, U_left = G.to(dtype), U[left].to(dtype)
+        iters = max_iters if dtype == torch.float64 else min(max_iters, _FAST_FLOAT32_ITERS)
+        X_left = torch.maximum(_default_route(G_work, U_left, GU[left] > 0, tol, iters), U_left)
+        solved = kkt_residual(G_work, U_left, X_left, X_left @ G_work) <= tol
+        X[left] = X_left.to(G.dtype)
+        left = left[~solved]
+        if left.numel() == 0:
+            return X
+    G_regularised = tikhonov(G)
+    U_left = U[left]
+    X[left] = _least_norm_route(
+        G_regularised, G, U_left, _times(U_left, G_regularised), tol, max_iters
+    )
+    return X
+
+
+def _default_route(G: Tensor, U: Tensor, active: Tensor, tol: float, max_iters: int) -> Tensor:
+    """The default mode's solve of the conflicted rows."""
+    m = G.shape[0]
+    if m <= _ENUMERATION_MAX_M:
+        X, residual = enumerate_active_sets(G.double(), U.double())
+        X = X.to(G.dtype)
+        left = (~(residual <= tol)).nonzero().squeeze(1)
+        if left.numel() > 0:  # rounding on an ill-conditioned G
+            X[left] = _admm_then_polish(G, U[left], tol, max_iters, None)
+        return X
+    if _SCHUR_MIN_M <= m <= _DIRECT_MAX_M:
+        return _schur_then_principal_pivoting(G, U, active, tol, max_iters)
+    if m <= _DIRECT_MAX_M:
+        G64 = G.double()
+        X, converged = principal_pivoting(G64, U.double(), active, row_scales(G64), tol, 3 * m + 10)
+        X = X.to(G.dtype)
+        if not converged.all():
+            left = (~converged).nonzero().squeeze(1)
+            X[left] = _admm_then_polish(G, U[left], tol, max_iters, None)
+        return X
+    return _schur_pivoting_then_admm(G, U, active, tol, max_iters)
+
+
+def _least_norm_route(
+    G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int
+) -> Tensor:
+    """The least-norm mode's solve of the conflicted rows (``G``: the Tikhonov-regularised
+    ``G_exact``)."""
+    m = G.shape[0]
+    if m <= _DIRECT_MAX_M:
+        G64 = G.double()
+        X, converged = principal_pivoting(
+            G64, U.double(), GU > 0, row_scales(G64), tol, _LEAST_NORM_PIVOTS, G_exact.double()
+        )
+        X = X.to(G.dtype)
+    else:
+        X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
+    if not converged.all():
+        left = (~converged).nonzero().squeeze(1)
+        X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
+    return X
 
 
 def _times(U: Tensor, G: Tensor) -> Tensor:

@@ -60,10 +60,19 @@ class TorchProjector(DualConeProjector):
     rows have equal norms (per-sample gradients often nearly do), and otherwise the least-norm
     weights of the rows normalised to unit norm, so that a row's weight is not inflated because its
     gradient is small (zero rows keep :math:`v_j = u_j`). Logged weights are then well defined.
-    It costs more than the defaults: in the benchmark (one thread, 10 hard Jacobians per size and
-    dtype), the median ratio of the times is about 1.3x (float64) to 1.5x (float32) at 64 rows, and
-    14x (float64) to 30x (float32) at 256 rows, where the default is fast (20-40 ms a call) and the
-    exact mode takes up to 2 s; at 1,024 rows, tens of seconds to minutes (see below).
+    Its cost depends on the Gramian. A nonsingular one (every squared pivot of the Cholesky
+    factor of the Jacobi-scaled Gramian at least ``1e-6`` in float64, ``1e-3`` in float32: fewer
+    rows than columns, no near-duplicate or zero rows) has unique optimal weights, and is solved by
+    the default's own method on the unregularised Gramian, each row then checked on it: median
+    ratio of the times to the default's 1.0x to 1.5x from 16 to 1,024 rows
+    (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
+    float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
+    spread over six decades (which the default's regularisation hides). A singular or nearly
+    singular one costs more: median ratio about 1.3x to 2x up to 64 rows; at 256 rows, 6x
+    (float64) to 30x (float32) on low-rank Gramians, 13x to 31x on the hard Jacobians of
+    ``benchmarks/non_conflict.py`` (mostly singular), where the default is fast (20-120 ms a
+    call) and the exact mode takes up to 4 s; at 1,024 rows, tens of seconds to minutes (see
+    below).
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
     solved exactly by block principal pivoting; beyond, also when each row's faces are cheap through
