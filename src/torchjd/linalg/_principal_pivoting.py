@@ -20,6 +20,7 @@ tiny Tikhonov term to a singular one); a face solution that does not zero the gr
 set (a numerically singular face) stops its row, unconverged.
 """
 
+import math
 from collections.abc import Callable
 from functools import cached_property
 
@@ -132,49 +133,53 @@ def _masked_pivoting(
     s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 1.0)
     G_hat = s.unsqueeze(1) * G * s.unsqueeze(0)
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
-    U_hat = U / s
-    # Violations relative to max|u| (primal) and to row_scale_j · max|u| (dual), in z.
-    primal_weight = s / u_scale
-    dual_weight = 1 / (s * row_scale * u_scale)
+    # Per row: S⁻¹ u, and the weights of the violations relative to max|u| (primal) and to
+    # row_scale_j · max|u| (dual, negated), in z; one tensor, so that the rows done leave in one
+    # index.
+    state = torch.stack([U / s, s / u_scale, -1 / (s * row_scale * u_scale)])
     threshold = _PRIMAL_THRESHOLD * tol
-    X = torch.empty_like(U)
+    Z_all = torch.empty_like(U)
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
     rows = torch.arange(k, device=U.device)
-    best = torch.full((k,), m + 1, device=U.device)
-    tries = torch.full((k,), _FULL_EXCHANGES, device=U.device)
+    positions = torch.arange(1, m + 1, device=U.device)
+    # Per row: the fewest infeasible indices so far, and the full exchanges left without progress.
+    best, tries = torch.tensor([[m + 1], [_FULL_EXCHANGES]], device=U.device).repeat(1, k)
     for step in range(max_iters):
-        free = ~active
-        Z_A = U_hat * active
+        U_hat, primal_weight, dual_weight = state
+        a = active.to(G.dtype)
+        f = 1 - a
         # K = [Ĝ_FF, 0; 0, I]: two products, cheaper than torch.where on [k, m, m] booleans.
-        f = free.to(G.dtype)
         K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
-        K.diagonal(dim1=1, dim2=2).add_(active)
+        K.diagonal(dim1=1, dim2=2).add_(a)
         L, _ = torch.linalg.cholesky_ex(K)
-        x = torch.cholesky_solve((Z_A @ G_hat).neg_().unsqueeze(2), L).squeeze(2)
+        x = torch.cholesky_solve(((U_hat * a) @ G_hat).neg_().unsqueeze(2), L).squeeze(2)
         Z = torch.where(active, U_hat, x)
-        gradient = (Z @ G_hat) * dual_weight  # (Gv)_j / (row_scale_j · max|u|)
-        violation = torch.where(active, -gradient, (U_hat - Z) * primal_weight)
+        conflict = (Z @ G_hat) * dual_weight  # −(Gv)_j / (row_scale_j · max|u|)
+        violation = torch.where(active, conflict, (U_hat - Z) * primal_weight)
         infeasible = ~(violation <= threshold)  # NaN counts as infeasible
         count = infeasible.sum(dim=1)
         # A face solution whose gradient is not zero on its free set cannot be trusted (a
         # numerically singular face): its row stops, unconverged.
-        inexact = ~((gradient.abs() * free).amax(dim=1) <= tol)
+        exact = torch.linalg.vector_norm(conflict * f, math.inf, dim=1) <= tol
         solved = count == 0
-        done = solved | inexact
+        done = solved | ~exact
         n_done = int(done.sum())
+        if n_done > 0 or step == max_iters - 1:  # the rows done leave with their last face
+            Z_all[rows] = Z
+            converged[rows] = solved & exact
         if n_done == len(rows) or step == max_iters - 1:
-            X[rows] = s * Z
-            converged[rows] = solved & ~inexact
             break
-        active, best, tries = exchange(active, infeasible, count, best, tries)
+        # The exchange of :func:`exchange`: all infeasible indices while their count falls,
+        # else only the largest.
+        tries = torch.where(count < best, _FULL_EXCHANGES, tries - 1)
+        best = torch.minimum(count, best)
+        largest = (infeasible * positions).amax(dim=1, keepdim=True)
+        active = active ^ (infeasible & ((tries >= 0).unsqueeze(1) | (positions == largest)))
         if n_done > 0:
-            leaving = done.nonzero().squeeze(1)
-            X[rows[leaving]] = s * Z[leaving]
-            converged[rows[leaving]] = solved[leaving] & ~inexact[leaving]
-            keep = ~done
-            rows, U_hat, active, primal_weight, dual_weight, best, tries = (
-                t[keep] for t in (rows, U_hat, active, primal_weight, dual_weight, best, tries)
-            )
+            keep = (~done).nonzero().squeeze(1)
+            rows, active, state = rows[keep], active[keep], state[:, keep]
+            best, tries = best[keep], tries[keep]
+    X = s * Z_all
     return X, converged
 
 
