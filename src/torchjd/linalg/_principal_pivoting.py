@@ -20,6 +20,7 @@ tiny Tikhonov term to a singular one); a face solution that does not zero the gr
 set (a numerically singular face) stops its row, unconverged.
 """
 
+import math
 from collections.abc import Callable
 from functools import cached_property
 
@@ -63,6 +64,8 @@ def principal_pivoting(
     ``face_solver`` (``(U, active) ↦ (V, G V)``) replaces the default face solves.
     """
     k, m = U.shape
+    if G_exact is None and face_solver is None and m <= _MASKED_MAX_M:
+        return _masked_pivoting(G, U, active, row_scale, tol, max_iters)
     U_all = U
     X = U.clone()
     final_active = active.clone()
@@ -107,6 +110,76 @@ def principal_pivoting(
             )
     if G_exact is not None:
         X = _refine(G_exact, G, U_all, X, final_active)
+    return X, converged
+
+
+def _masked_pivoting(
+    G: Tensor, U: Tensor, active: Tensor, row_scale: Tensor, tol: float, max_iters: int
+) -> tuple[Tensor, Tensor]:
+    r""":func:`principal_pivoting` of the default mode up to :data:`_MASKED_MAX_M`, with few
+    operations per step: it works in the Jacobi-scaled variables ``z = S⁻¹ v`` of
+    ``Ĝ = S G S``, ``S = diag(G)^{-1/2}`` (scaled once), so that each face system is the full-size
+    ``K = [Ĝ_FF, 0; 0, I]`` (a masked product) and its right-hand side needs no mask:
+
+    .. math::
+
+        K x = -Ĝ z_A, \qquad z = z_A \text{ on } A, \; x \text{ on } F,
+
+    where ``z_A`` is ``S⁻¹ u`` on ``A`` and zero on ``F``. The two feasibility tests
+    (``(Gv)_A ≥ 0`` and ``v_F ≥ u_F``, same threshold) are one masked violation; the rows done
+    leave the batch, their last face solution kept."""
+    k, m = U.shape
+    diagonal = G.diagonal()
+    s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 1.0)
+    G_hat = s.unsqueeze(1) * G * s.unsqueeze(0)
+    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
+    # Per row: S⁻¹ u, and the weights of the violations relative to max|u| (primal) and to
+    # row_scale_j · max|u| (dual, negated), in z; one tensor, so that the rows done leave in one
+    # index.
+    state = torch.stack([U / s, s / u_scale, -1 / (s * row_scale * u_scale)])
+    threshold = _PRIMAL_THRESHOLD * tol
+    Z_all = torch.empty_like(U)
+    converged = torch.zeros(k, dtype=torch.bool, device=U.device)
+    rows = torch.arange(k, device=U.device)
+    positions = torch.arange(1, m + 1, device=U.device)
+    # Per row: the fewest infeasible indices so far, and the full exchanges left without progress.
+    best, tries = torch.tensor([[m + 1], [_FULL_EXCHANGES]], device=U.device).repeat(1, k)
+    for step in range(max_iters):
+        U_hat, primal_weight, dual_weight = state
+        a = active.to(G.dtype)
+        f = 1 - a
+        # K = [Ĝ_FF, 0; 0, I]: two products, cheaper than torch.where on [k, m, m] booleans.
+        K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
+        K.diagonal(dim1=1, dim2=2).add_(a)
+        L, _ = torch.linalg.cholesky_ex(K)
+        x = torch.cholesky_solve(((U_hat * a) @ G_hat).neg_().unsqueeze(2), L).squeeze(2)
+        Z = torch.where(active, U_hat, x)
+        conflict = (Z @ G_hat) * dual_weight  # −(Gv)_j / (row_scale_j · max|u|)
+        violation = torch.where(active, conflict, (U_hat - Z) * primal_weight)
+        infeasible = ~(violation <= threshold)  # NaN counts as infeasible
+        count = infeasible.sum(dim=1)
+        # A face solution whose gradient is not zero on its free set cannot be trusted (a
+        # numerically singular face): its row stops, unconverged.
+        exact = torch.linalg.vector_norm(conflict * f, math.inf, dim=1) <= tol
+        solved = count == 0
+        done = solved | ~exact
+        n_done = int(done.sum())
+        if n_done > 0 or step == max_iters - 1:  # the rows done leave with their last face
+            Z_all[rows] = Z
+            converged[rows] = solved & exact
+        if n_done == len(rows) or step == max_iters - 1:
+            break
+        # The exchange of :func:`exchange`: all infeasible indices while their count falls,
+        # else only the largest.
+        tries = torch.where(count < best, _FULL_EXCHANGES, tries - 1)
+        best = torch.minimum(count, best)
+        largest = (infeasible * positions).amax(dim=1, keepdim=True)
+        active = active ^ (infeasible & ((tries >= 0).unsqueeze(1) | (positions == largest)))
+        if n_done > 0:
+            keep = (~done).nonzero().squeeze(1)
+            rows, active, state = rows[keep], active[keep], state[:, keep]
+            best, tries = best[keep], tries[keep]
+    X = s * Z_all
     return X, converged
 
 

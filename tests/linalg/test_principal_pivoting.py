@@ -1,0 +1,76 @@
+"""Block principal pivoting (:mod:`torchjd.linalg._principal_pivoting`) against quadprog; its
+few-operations masked loop (default mode, ``m ≤ 32``) against its general loop."""
+
+import pytest
+import torch
+
+from tests.reference.dual_cone import kkt_violation, with_quadprog
+from tests.reference.matrices import make
+from torchjd.linalg._kkt import row_scales
+from torchjd.linalg._principal_pivoting import principal_pivoting, solve_on_faces
+
+
+def low_rank_gramian(m: int, seed: int) -> torch.Tensor:
+    """Rank 8, singular values over four decades, divided by its trace plus ``1e-4 I``: the
+    ill-conditioned Gramians on which pivoting needs most exchanges."""
+    g = torch.Generator().manual_seed(seed)
+    left = torch.randn(m, 8, generator=g, dtype=torch.float64) * torch.logspace(0, -4, 8)
+    J = left @ torch.randn(8, 3 * m, generator=g, dtype=torch.float64)
+    G = J @ J.T
+    return G / G.trace() + 1e-4 * torch.eye(m, dtype=torch.float64)
+
+
+def gramians(m: int) -> list[torch.Tensor]:
+    J = make("normal", m, m, seed=m)
+    mixed = make("mixed_row_norms", m, 2 * m, seed=m)
+    return [low_rank_gramian(m, m), J @ J.T, mixed @ mixed.T]
+
+
+def problems(m: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(m)
+    return torch.cat([torch.eye(m, dtype=torch.float64) / m, torch.randn(4, m, generator=g)])
+
+
+@pytest.mark.parametrize("m", [9, 16, 25, 32])
+def test_masked_loop_matches_quadprog(m: int):
+    for G in gramians(m):
+        U = problems(m)
+        X, converged = principal_pivoting(G, U, U @ G > 0, row_scales(G), 1e-7, 3 * m + 10)
+        assert converged.all()
+        X = torch.maximum(X, U)
+        expected = with_quadprog(G.numpy(), U.numpy())
+        for u, x in zip(U.numpy(), X.numpy(), strict=True):
+            assert kkt_violation(G.numpy(), u, x) <= 1e-6
+        error = X - torch.from_numpy(expected)
+        g_norm_error = torch.einsum("ki,ij,kj->k", error, G, error).clamp_min(0).sqrt()
+        g_norm = torch.einsum("ki,ij,kj->k", X, G, X).sqrt()
+        assert (g_norm_error <= 1e-6 * g_norm).all()
+
+
+@pytest.mark.parametrize("m", [12, 32])
+@pytest.mark.parametrize("max_iters", [1, 2, 100])
+def test_masked_loop_agrees_with_general_loop(m: int, max_iters: int):
+    """Same exchanges, same faces: the general loop (its face solves given as ``face_solver``)
+    ends at the same answers and convergence flags, also when stopped early."""
+    G = low_rank_gramian(m, seed=1)
+    U = problems(m)
+    active = U @ G > 0
+    scales = row_scales(G)
+
+    def general(U: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        V = solve_on_faces(G, U, active)
+        return V, V @ G
+
+    X, converged = principal_pivoting(G, U, active, scales, 1e-7, max_iters)
+    X_ref, converged_ref = principal_pivoting(G, U, active, scales, 1e-7, max_iters, None, general)
+    assert torch.equal(converged, converged_ref)
+    assert converged.all() == (max_iters == 100)
+    torch.testing.assert_close(X, X_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_masked_loop_stops_unconverged_rows_on_non_finite_gramians():
+    G = low_rank_gramian(10, seed=2)
+    G[3, 4] = G[4, 3] = torch.nan
+    U = problems(10)
+    _, converged = principal_pivoting(G, U, U @ G > 0, row_scales(G), 1e-7, 40)
+    assert not converged.any()
