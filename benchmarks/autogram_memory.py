@@ -25,11 +25,10 @@ the optimiser step).
 import argparse
 import json
 import os
-import subprocess
 import sys
 import weakref
 
-from autogram_step import CONFIGS, setup
+from autogram_step import CONFIGS, run_worker, setup
 
 PHASES = ("forward", "gramian", "weighting", "backward")
 
@@ -120,13 +119,7 @@ def worker(kind: str, batch: int, mode: str) -> dict:
 
 def run(python: str, name: str, mode: str) -> dict | None:
     kind, batch = CONFIGS[name]
-    command = [python, __file__, "--worker", kind, str(batch), mode]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/")
-    if completed.returncode != 0:
-        print(f"  {name} {mode} failed: {completed.stderr.strip().splitlines()[-1:]}")
-        return None
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_worker(python, __file__, [kind, str(batch), mode])
 
 
 def main() -> None:

@@ -147,12 +147,17 @@ def run(
     python: str, name: str, mode: str, steps: int, threads: int, clock: str = "wall"
 ) -> dict | None:
     kind, batch = CONFIGS[name]
-    env = dict(os.environ)
-    command = [python, __file__, "--worker", kind, str(batch), mode, str(steps), str(threads)]
-    command.append(clock)
+    return run_worker(python, __file__, [kind, str(batch), mode, str(steps), str(threads), clock])
+
+
+def run_worker(python: str, script: str, arguments: list[str]) -> dict | None:
+    """Runs ``script --worker *arguments`` with ``python`` (from ``/``, with this folder on the
+    path) and returns the JSON of its last line, or None (said) when it fails."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    command = [python, script, "--worker", *arguments]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/")
     if completed.returncode != 0:
-        print(f"  {name} {mode} failed: {completed.stderr.strip().splitlines()[-1:]}")
+        print(f"  {' '.join(arguments)} failed: {completed.stderr.strip().splitlines()[-1:]}")
         return None
     return json.loads(completed.stdout.strip().splitlines()[-1])
 

@@ -25,8 +25,10 @@ from torchjd.distributed._fsdp_shards import (
 )
 from torchjd.distributed._group import (
     FLOAT_DTYPES,
+    agreed_dtype,
     all_gather_rows,
     collective_device,
+    dtype_code,
     exchange_shapes,
     failed_ranks_error,
 )
@@ -254,8 +256,7 @@ def _local_rows(shards: list[ShardedParam]) -> tuple[int, int]:
                 f"{tuple(J.shape)} for `{shard.name}`, expected {expected}."
             )
     dtype = _common_dtype([J for _, J in jacobians])
-    code = FLOAT_DTYPES.index(dtype) if dtype in FLOAT_DTYPES else len(FLOAT_DTYPES)
-    return m, code
+    return m, dtype_code(dtype)
 
 
 def _check_consistent(
@@ -276,14 +277,8 @@ def _check_consistent(
                 "if each rank has objectives of its own."
             )
         counts = [held[0][0]] * len(shapes)
-    codes = [shape[1] for shape in held]
-    if len(set(codes)) > 1 or codes[0] >= len(FLOAT_DTYPES):
-        names = [str(FLOAT_DTYPES[c]) if 0 <= c < len(FLOAT_DTYPES) else "other" for c in codes]
-        raise ValueError(
-            "Every rank's `.jac` fields must have the same floating dtype. Found, by rank "
-            f"holding some: {names}."
-        )
-    return counts, FLOAT_DTYPES[held[0][1]]
+    requirement = "Every rank's `.jac` fields must have the same floating dtype."
+    return counts, agreed_dtype([shape[1] for shape in held], requirement)
 
 
 def _device(shards: list[ShardedParam], group: dist.ProcessGroup) -> torch.device:

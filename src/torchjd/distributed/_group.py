@@ -9,6 +9,20 @@ from torch import Tensor
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
+def dtype_code(dtype: torch.dtype) -> int:
+    """The index of ``dtype`` in :data:`FLOAT_DTYPES`, or its length for any other dtype."""
+    return FLOAT_DTYPES.index(dtype) if dtype in FLOAT_DTYPES else len(FLOAT_DTYPES)
+
+
+def agreed_dtype(codes: list[int], requirement: str) -> torch.dtype:
+    """The floating dtype of the ranks' :func:`dtype_code` ``codes`` (those of the ranks that hold
+    some data) when they agree; else a ValueError stating ``requirement`` and the dtypes found."""
+    if len(set(codes)) > 1 or codes[0] >= len(FLOAT_DTYPES):
+        names = [str(FLOAT_DTYPES[c]) if 0 <= c < len(FLOAT_DTYPES) else "other" for c in codes]
+        raise ValueError(f"{requirement} Found, by rank holding some: {names}.")
+    return FLOAT_DTYPES[codes[0]]
+
+
 def resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(

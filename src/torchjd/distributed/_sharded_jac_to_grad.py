@@ -12,8 +12,9 @@ from torchjd.aggregation._bases import _Composition, call_unchecked
 from torchjd.autojac._accumulate import accumulate_grads
 from torchjd.autojac._jac_to_grad import _common_dtype, _delete_jacs, checked_inputs
 from torchjd.distributed._group import (
-    FLOAT_DTYPES,
+    agreed_dtype,
     collective_device,
+    dtype_code,
     exchange_shapes,
     failed_ranks_error,
     resolve_group,
@@ -105,15 +106,11 @@ def sharded_jac_to_grad(
     assert isinstance(aggregator, GramianWeightedAggregator)  # checked above
     local = (0, -1)  # no rows, no dtype: the other ranks' are used
     if jacobians:
-        common = _common_dtype(jacobians)
-        code = FLOAT_DTYPES.index(common) if common in FLOAT_DTYPES else len(FLOAT_DTYPES)
-        local = (jacobians[0].shape[0], code)
+        local = (jacobians[0].shape[0], dtype_code(_common_dtype(jacobians)))
     shapes = exchange_shapes(local, group)
     if shapes is None:
         raise failed_ranks_error(group)
-    m, code = _check_consistent(shapes)
-
-    dtype = FLOAT_DTYPES[code]
+    m, dtype = _check_consistent(shapes)
     blocks = [J.reshape(m, -1).to(dtype) for J in jacobians]
     G = torch.zeros((m, m), dtype=dtype, device=_device(jacobians, group))
     for J_r in blocks:
@@ -161,8 +158,8 @@ def check_gramian_aggregator(aggregator: Aggregator) -> None:
         )
 
 
-def _check_consistent(shapes: list[tuple[int, ...]]) -> tuple[int, int]:
-    """The common number of rows and dtype code of the ranks that hold a shard."""
+def _check_consistent(shapes: list[tuple[int, ...]]) -> tuple[int, torch.dtype]:
+    """The common number of rows and dtype of the ranks that hold a shard."""
     held = [shape for shape in shapes if shape[0] > 0]
     if not held:
         raise ValueError("`tensors` is empty on every rank: at least one rank must hold a shard.")
@@ -172,11 +169,8 @@ def _check_consistent(shapes: list[tuple[int, ...]]) -> tuple[int, int]:
             "With sharded parameters, every rank must hold the Jacobian of the same objectives "
             f"(the same number of `.jac` rows). Found, by rank: {[s[0] for s in shapes]}."
         )
-    codes = [shape[1] for shape in held]
-    if len(set(codes)) > 1 or codes[0] >= len(FLOAT_DTYPES):
-        names = [str(FLOAT_DTYPES[c]) if 0 <= c < len(FLOAT_DTYPES) else "other" for c in codes]
-        raise ValueError(
-            "With sharded parameters, every rank's `.jac` fields must have the same floating "
-            f"dtype (the Gramians are summed). Found, by rank holding a shard: {names}."
-        )
-    return ms[0], codes[0]
+    requirement = (
+        "With sharded parameters, every rank's `.jac` fields must have the same floating dtype "
+        "(the Gramians are summed)."
+    )
+    return ms[0], agreed_dtype([shape[1] for shape in held], requirement)

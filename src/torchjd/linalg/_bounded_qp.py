@@ -86,7 +86,7 @@ from torchjd.linalg._enumeration import enumerate_active_sets
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
-from torchjd.linalg._principal_pivoting import principal_pivoting
+from torchjd.linalg._principal_pivoting import principal_pivoting, scaled_cholesky
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._warm_start import warm_started_pivoting
 
@@ -183,15 +183,10 @@ def solve_lower_bounded_qp(
 
 def _nonsingular(G: Tensor) -> bool:
     """Whether ``G`` is far enough from singular for its optimum to be computed without the
-    least-norm regularisation: every squared pivot of the Cholesky factor of the Jacobi-scaled
-    ``S G S`` (``S = diag(G)^{-1/2}``) at least :data:`_NONSINGULAR_MIN_PIVOT` (which bounds its
-    smallest eigenvalue from above; zero rows and near-duplicate rows fail it)."""
-    diagonal = G.diagonal()
-    if not bool(diagonal.amin() > 0):
-        return False
-    s = diagonal.rsqrt()
-    L, info = torch.linalg.cholesky_ex(s.unsqueeze(1) * G * s.unsqueeze(0))
-    return bool((info == 0) & (L.diagonal().amin() ** 2 >= _NONSINGULAR_MIN_PIVOT[G.dtype]))
+    least-norm regularisation: the Cholesky factor of the Jacobi-scaled ``G``
+    (:func:`~torchjd.linalg._principal_pivoting.scaled_cholesky`) has every squared pivot at least
+    :data:`_NONSINGULAR_MIN_PIVOT` (zero rows and near-duplicate rows fail it)."""
+    return scaled_cholesky(G, _NONSINGULAR_MIN_PIVOT[G.dtype]) is not None
 
 
 def _nonsingular_route(G: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int) -> Tensor:

@@ -250,16 +250,26 @@ class _LazyInverse:
         return scaled_inverse(self.G, _INVERSE_MIN_PIVOT[self.G.dtype])
 
 
-def scaled_inverse(G: Tensor, min_pivot: float) -> tuple[Tensor, Tensor] | None:
-    """``(s, H)`` with ``H = (S G S)⁻¹`` (contiguous), ``S = diag(G)^{-1/2}``; None when a squared
-    pivot of the Cholesky factor of ``S G S`` is below ``min_pivot`` (``G`` too ill-conditioned
-    for ``H`` to be accurate in its dtype)."""
+def scaled_cholesky(G: Tensor, min_pivot: float) -> tuple[Tensor, Tensor] | None:
+    """``(s, L)`` with ``L Lᵀ = S G S``, ``S = diag(G)^{-1/2}`` (``s_j = 1`` where ``G_jj ≤ 0``);
+    None when the factorisation fails or a squared pivot of ``L`` is below ``min_pivot`` (which
+    bounds the smallest eigenvalue of ``S G S`` from above: zero and near-duplicate rows fail)."""
     diagonal = G.diagonal()
     s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny), 1.0).rsqrt()
     L, info = torch.linalg.cholesky_ex(s.unsqueeze(1) * G * s.unsqueeze(0))
     pivot = L.diagonal().amin() ** 2
     if not bool((info == 0) & (pivot >= min_pivot)):
         return None
+    return s, L
+
+
+def scaled_inverse(G: Tensor, min_pivot: float) -> tuple[Tensor, Tensor] | None:
+    """``(s, H)`` with ``H = (S G S)⁻¹`` (contiguous), from :func:`scaled_cholesky`; None when it
+    is None (``G`` too ill-conditioned for ``H`` to be accurate in its dtype)."""
+    factor = scaled_cholesky(G, min_pivot)
+    if factor is None:
+        return None
+    s, L = factor
     return s, torch.cholesky_inverse(L).contiguous()
 
 
