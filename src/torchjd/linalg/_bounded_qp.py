@@ -16,8 +16,8 @@ Method
 1. ``v = u`` is optimal exactly when ``G u ≥ 0`` (no row of ``J`` conflicts with ``Jᵀ u``): one
    shared matrix product finds these rows, which are returned unchanged.
 2. Up to ``m = 8`` rows (the tasks of multi-task learning), every active set is tried at once
-   (:mod:`torchjd.linalg._enumeration`: one batched inverse of ``2^m`` small systems, about ten
-   operations in all), in float64; rows whose best candidate misses the tolerance (rounding on
+   (:mod:`torchjd.linalg._enumeration`: one batched inverse of ``2^m`` small systems and a fixed
+   few dozen operations), in float64; rows whose best candidate misses the tolerance (rounding on
    an ill-conditioned ``G``) go to ADMM and its polish. Small problems (``m ≤ 64``) are solved
    exactly by block principal pivoting
    (:mod:`torchjd.linalg._principal_pivoting`), starting from the active set of one primal-dual

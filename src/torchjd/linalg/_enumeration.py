@@ -10,9 +10,9 @@ gives it (several only when they give the same :math:`v`), and :math:`H_A` is in
 every :math:`A` (:math:`G_{FF}` is).
 
 All :math:`2^m` maps come from one batched inverse and all candidates of all rows from one
-product: about ten operations in all, where block principal pivoting takes a few per step and
-several steps. It pays for a few rows (multi-task learning's handful of tasks); the work grows as
-:math:`2^m m^3`.
+product: a fixed few dozen operations (the KKT check of the chosen candidates included), where
+block principal pivoting takes dozens per step and several steps. It pays for a few rows
+(multi-task learning's handful of tasks); the work grows as :math:`2^m m^3`.
 """
 
 from functools import lru_cache
