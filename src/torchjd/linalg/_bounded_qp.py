@@ -88,6 +88,7 @@ from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import principal_pivoting, scaled_cholesky
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
+from torchjd.linalg._spanning import zero_update_weights
 from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
@@ -122,6 +123,9 @@ _ACTIVE_THRESHOLDS = (1e-6, 1e-9, 1e-4)  # relative to max|u|: weights at their 
 # Exact mode: the least squared pivot of the Jacobi-scaled Cholesky factor of G for which G counts
 # as nonsingular (its optimum unique and well determined): far above the rounding of a Gramian
 # computed in the dtype and above the least-norm mode's Tikhonov term.
+# From this size on, the least-norm route first tests whether the rows of J positively span a
+# subspace (one eigendecomposition of G and a Newton solve of one row).
+_SPANNING_MIN_M = 64
 _NONSINGULAR_MIN_PIVOT = {torch.float64: 1e-6, torch.float32: 1e-3}
 _FAST_FLOAT32_ITERS = 200  # of ADMM on a nonsingular G in float32, before float64 takes over
 _FLOAT32_MAX_SPREAD = 1e4  # of diag(G) (row norms over two decades): beyond, float64 at once
@@ -252,7 +256,29 @@ def _least_norm_route(
     G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int
 ) -> Tensor:
     """The least-norm mode's solve of the conflicted rows (``G``: the Tikhonov-regularised
-    ``G_exact``)."""
+    ``G_exact``). When the rows of ``J`` positively span a subspace (every update is zero:
+    :mod:`torchjd.linalg._spanning`), the least-norm weights come from a Newton method in the
+    range of ``G``; the rows it leaves, and every row otherwise, from pivoting and its fallbacks."""
+    m = G.shape[0]
+    if m > _SPANNING_MIN_M:
+        spanning = zero_update_weights(G_exact.double(), U.double(), tol, G.dtype)
+        if spanning is not None:
+            V, converged = spanning
+            V = V.to(G.dtype)
+            converged &= kkt_residual(G_exact, U, V, V @ G_exact) <= tol
+            if bool(converged.all()):
+                return V
+            left = (~converged).nonzero().squeeze(1)
+            V[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
+            return V
+    return _pivoting_route(G, G_exact, U, GU, tol, max_iters)
+
+
+def _pivoting_route(
+    G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int
+) -> Tensor:
+    """The least-norm mode's pivoting: from the one-step guess up to ``m = 64``, else warm-started
+    by ADMM (:mod:`torchjd.linalg._warm_start`); the rows it leaves go to the interior point."""
     m = G.shape[0]
     if m <= _DIRECT_MAX_M:
         G64 = G.double()

@@ -27,11 +27,12 @@ from torch import Tensor
 _RANK_TOL = {torch.float64: 1e-13, torch.float32: 1e-6}
 
 
-def low_rank_factor(G: Tensor, max_rank: int) -> Tensor | None:
-    """``L`` with ``G ≈ L Lᵀ`` (the eigenpairs above :data:`_RANK_TOL` of the largest), or None
-    when the rank exceeds ``max_rank``."""
+def low_rank_factor(G: Tensor, max_rank: int, dtype: torch.dtype | None = None) -> Tensor | None:
+    """``L`` with ``G ≈ L Lᵀ`` (the eigenpairs above :data:`_RANK_TOL` of the largest, for the
+    rounding of a Gramian computed in ``dtype``, by default that of ``G``), or None when the rank
+    exceeds ``max_rank``."""
     eigenvalues, vectors = torch.linalg.eigh(G)
-    keep = eigenvalues > _RANK_TOL[G.dtype] * eigenvalues[-1]
+    keep = eigenvalues > _RANK_TOL[dtype or G.dtype] * eigenvalues[-1]
     if int(keep.sum()) > max_rank:
         return None
     return vectors[:, keep] * eigenvalues[keep].sqrt()
