@@ -40,10 +40,12 @@ from torch import Tensor
 from torchjd.linalg._low_rank import low_rank_factor
 
 _SHARED_STEPS = 20  # quasi-Newton steps on the shared ℓᵀℓ before the exact ones
-_NEWTON_STEPS = 20
+_NEWTON_STEPS = 25
+_FLOAT32_STEPS = 5  # Newton steps whose systems are factorised in float32
 _ARMIJO = 1e-4
 _HALVINGS = 30
-_RIDGE = 1e-13  # of m, on the diagonal of the Newton systems (singular when |F| < r)
+# Of m, on the diagonal of the Newton systems (singular when |F| < r).
+_RIDGE = {torch.float64: 1e-13, torch.float32: 1e-6}
 _RESIDUAL = 1e-2  # of tol: the target of the KKT residual on G, whose error is that of ℓᵀz = 0
 _CHUNK_ENTRIES = 2**24  # of the [k, r, m] products that form the Newton systems (128 MiB)
 
@@ -63,70 +65,111 @@ def zero_update_weights(
     ell = low_rank_factor(G / (sqrt_weights.unsqueeze(1) * sqrt_weights), m - 1, dtype)
     if ell is None:
         return None
-    _, spanning = null_space_projection(ell, sqrt_weights, torch.ones_like(U[:1]), tol)
+    ones = torch.ones_like(U[:1])
+    _, spanning = null_space_projection(ell, sqrt_weights, ones, tol, feasibility=True)
     if not bool(spanning.all()):
         return None
     return null_space_projection(ell, sqrt_weights, U, tol)
 
 
 def null_space_projection(
-    ell: Tensor, sqrt_weights: Tensor, U: Tensor, tol: float
+    ell: Tensor, sqrt_weights: Tensor, U: Tensor, tol: float, feasibility: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Rows ``v = z / √W``, ``z = argmin {‖z‖ : ℓᵀ z = 0, z ≥ √W ⊙ u}`` for each row ``u`` of
-    ``U`` (see the module docstring), and which rows converged: when the KKT residual of ``v`` on
-    ``G`` (:func:`~torchjd.linalg._kkt.kkt_residual`), whose error is that of ``ℓᵀz = 0``, is at
-    most :data:`_RESIDUAL` ``· tol``. With ``(G v)_j = √W_j ℓ_j · ℓᵀz``, its dual part is
-    ``|ℓ_j · ℓᵀz| / (max_l √W_l · max|u|)``, and complementarity that times
-    ``|v_j − u_j| / max|u|``.
+    ``U`` (see the module docstring), and which rows converged. A row converges when the KKT
+    residual of ``v`` on ``G`` (:func:`~torchjd.linalg._kkt.kkt_residual`), whose error is that
+    of ``ℓᵀz = 0``, is at most :data:`_RESIDUAL` ``· tol``, or at most ``tol`` when the free set
+    has not changed in a step (the rounding floor): with ``(G v)_j = √W_j ℓ_j · ℓᵀz``, its
+    dual part is ``(−ℓ_j · ℓᵀz)₊ / (max_l √W_l · max|u|)``, and complementarity
+    ``|ℓ_j · ℓᵀz| |v_j − u_j| / (max_l √W_l · max|u|²)``. (When the rows do not positively span a
+    subspace, Newton's iterates can meet these conditions at the optimum of ``u``, whose update
+    is not zero: with ``feasibility``, the dual part is ``|ℓ_j · ℓᵀz|``, which holds only when
+    ``ℓᵀz ≈ 0``.)
 
-    The first :data:`_SHARED_STEPS` steps replace ``ℓ_Fᵀ ℓ_F`` by ``(|F| / m) ℓᵀℓ``, factorised
-    once for all rows: they bring the free sets close to the optimal ones for the cost of a few
-    products, and fewer exact steps follow."""
-    k, m = U.shape
-    r = ell.shape[1]
+    The first :data:`_SHARED_STEPS` steps, in float32, replace ``ℓ_Fᵀ ℓ_F`` by
+    ``(|F| / m) ℓᵀℓ``, factorised once for all rows: they bring the free sets close to the
+    optimal ones for the cost of a few products. The Newton steps that follow factorise their
+    systems in float32 (half the cost) for :data:`_FLOAT32_STEPS` steps, a Newton method with an
+    approximate Jacobian whose residual is evaluated in float64, then in float64."""
+    k = U.shape[0]
     B = U * sqrt_weights
-    Y = torch.zeros(k, r, dtype=B.dtype, device=B.device)
+    Y = _shared_steps(ell.float(), B.float()).to(U.dtype)
     V = U.clone()
     converged = torch.zeros(k, dtype=torch.bool, device=B.device)
     rows = torch.arange(k, device=B.device)
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
     dual_scale = sqrt_weights.amax() * u_scale
-    eye = torch.eye(r, dtype=ell.dtype, device=ell.device)
-    shared = torch.linalg.cholesky(ell.T @ ell + _RIDGE * m * eye)
-    for step in range(_SHARED_STEPS + _NEWTON_STEPS):
+    ell32 = ell.float()
+    gram = ell.T @ ell
+    last_free = torch.zeros_like(B, dtype=torch.bool)
+    for step in range(_NEWTON_STEPS):
         C = Y @ ell.T
         Z = torch.maximum(B, C)
         gradient = Z @ ell
         V_rows = torch.maximum(U, C / sqrt_weights)
-        dual = (gradient @ ell.T).abs() / dual_scale
-        residual = dual * ((V_rows - U) / u_scale).clamp_min(1.0)
-        done = residual.amax(dim=1) <= _RESIDUAL * tol
+        relative = (gradient @ ell.T) / dual_scale
+        complementarity = relative.abs() * (V_rows - U) / u_scale
+        dual = relative.abs() if feasibility else -relative
+        worst = torch.maximum(dual, complementarity).amax(dim=1)
+        free = C > B
+        # At the rounding floor: within tol after an exact (float64) step on the same free set.
+        floor = (worst <= tol) & (free == last_free).all(dim=1) & (step > _FLOAT32_STEPS)
+        done = (worst <= _RESIDUAL * tol) | floor
         V[rows] = V_rows
         converged[rows] = done
         if bool(done.all()):
             break
         keep = (~done).nonzero().squeeze(1)
-        rows, B, U, Y, C, Z, gradient, u_scale, dual_scale = (
-            t[keep] for t in (rows, B, U, Y, C, Z, gradient, u_scale, dual_scale)
+        rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free = (
+            t[keep] for t in (rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free)
         )
-        free = C > B
-        if step < _SHARED_STEPS:
-            n_free = free.sum(dim=1, keepdim=True).clamp_min(1)
-            direction = -torch.cholesky_solve(gradient.T, shared).T * (m / n_free)
+        last_free = free
+        if step < _FLOAT32_STEPS:
+            direction = -_newton_solve(ell32, gram.float(), free, gradient.float()).to(U.dtype)
         else:
-            direction = -_newton_solve(ell, free, gradient)
+            direction = -_newton_solve(ell, gram, free, gradient)
         Y = _line_search(ell, B, Y, C, Z, gradient, direction)
     return V, converged
 
 
-def _newton_solve(ell: Tensor, free: Tensor, rhs: Tensor) -> Tensor:
-    """Each row's ``(ℓ_Fᵀ ℓ_F + ρ I)⁻¹ rhs``, in chunks of rows."""
+def _shared_steps(ell: Tensor, B: Tensor) -> Tensor:
+    """:data:`_SHARED_STEPS` steps from ``y = 0`` with ``(|F| / m) ℓᵀℓ`` in place of
+    ``ℓ_Fᵀ ℓ_F``."""
+    k, m = B.shape
+    r = ell.shape[1]
+    eye = torch.eye(r, dtype=ell.dtype, device=ell.device)
+    shared = torch.linalg.cholesky(ell.T @ ell + _RIDGE[ell.dtype] * m * eye)
+    Y = torch.zeros(k, r, dtype=B.dtype, device=B.device)
+    C = torch.zeros_like(B)
+    for _ in range(_SHARED_STEPS):
+        Z = torch.maximum(B, C)
+        gradient = Z @ ell
+        n_free = (C > B).sum(dim=1, keepdim=True).clamp_min(1)
+        direction = -torch.cholesky_solve(gradient.T, shared).T * (m / n_free)
+        Y = _line_search(ell, B, Y, C, Z, gradient, direction)
+        C = Y @ ell.T
+    return Y
+
+
+def _newton_solve(ell: Tensor, gram: Tensor, free: Tensor, rhs: Tensor) -> Tensor:
+    """Each row's ``(ℓ_Fᵀ ℓ_F + ρ I)⁻¹ rhs`` (``gram``: ``ℓᵀℓ``), in chunks of rows. The systems
+    are formed from the smaller side: ``ℓ_Fᵀ ℓ_F``, or ``ℓᵀℓ − ℓ_Aᵀ ℓ_A`` when fewer indices
+    are active, from each row's indices gathered (``O(min(|F|, |A|) r²)`` per row)."""
     m, r = ell.shape
-    chunk = max(1, _CHUNK_ENTRIES // (m * r))
-    eye = _RIDGE * m * torch.eye(r, dtype=ell.dtype, device=ell.device)
+    by_free = 2 * int(free.sum()) <= free.numel()
+    side = free if by_free else ~free
+    ridge = _RIDGE[ell.dtype] * m * torch.eye(r, dtype=ell.dtype, device=ell.device)
+    base = ridge if by_free else gram + ridge
+    sign = 1.0 if by_free else -1.0
+    width = max(1, int(side.sum(dim=1).amax()))
+    chunk = max(1, _CHUNK_ENTRIES // (width * r))
     solutions = []
-    for mask, b in zip(free.split(chunk), rhs.split(chunk), strict=True):
-        M = (ell.T.unsqueeze(0) * mask.unsqueeze(1).to(ell.dtype)) @ ell + eye
+    for mask, b in zip(side.split(chunk), rhs.split(chunk), strict=True):
+        # Each row's indices of the side first (a stable sort), padded with others, masked out.
+        index = torch.argsort(mask.to(torch.uint8), dim=1, descending=True, stable=True)
+        index = index[:, :width]
+        X = ell[index] * mask.gather(1, index).unsqueeze(2).to(ell.dtype)
+        M = torch.baddbmm(base, X.mT, X, alpha=sign)
         factor, _ = torch.linalg.cholesky_ex(M)
         solutions.append(torch.cholesky_solve(b.unsqueeze(2), factor).squeeze(2))
     return torch.cat(solutions)
