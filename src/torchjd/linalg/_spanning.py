@@ -47,7 +47,9 @@ _HALVINGS = 30
 # Of m, on the diagonal of the Newton systems (singular when |F| < r).
 _RIDGE = {torch.float64: 1e-13, torch.float32: 1e-6}
 _RESIDUAL = 1e-2  # of tol: the target of the KKT residual on G, whose error is that of ℓᵀz = 0
-_CHUNK_ENTRIES = 2**24  # of the [k, r, m] products that form the Newton systems (128 MiB)
+_CHORD_RATE = 0.1  # a row keeps its factorisation while its residual falls this much a step
+# Of the [k, r, r] factorisations kept (and the [k, |F|, r] blocks that form them): 128 MiB.
+_FACTOR_ENTRIES = 2**24
 
 
 def zero_update_weights(
@@ -78,20 +80,33 @@ def null_space_projection(
     """Rows ``v = z / √W``, ``z = argmin {‖z‖ : ℓᵀ z = 0, z ≥ √W ⊙ u}`` for each row ``u`` of
     ``U`` (see the module docstring), and which rows converged. A row converges when the KKT
     residual of ``v`` on ``G`` (:func:`~torchjd.linalg._kkt.kkt_residual`), whose error is that
-    of ``ℓᵀz = 0``, is at most :data:`_RESIDUAL` ``· tol``, or at most ``tol`` when the free set
-    has not changed in a step (the rounding floor): with ``(G v)_j = √W_j ℓ_j · ℓᵀz``, its
-    dual part is ``(−ℓ_j · ℓᵀz)₊ / (max_l √W_l · max|u|)``, and complementarity
-    ``|ℓ_j · ℓᵀz| |v_j − u_j| / (max_l √W_l · max|u|²)``. (When the rows do not positively span a
-    subspace, Newton's iterates can meet these conditions at the optimum of ``u``, whose update
-    is not zero: with ``feasibility``, the dual part is ``|ℓ_j · ℓᵀz|``, which holds only when
-    ``ℓᵀz ≈ 0``.)
+    of ``ℓᵀz = 0``, is at most :data:`_RESIDUAL` ``· tol``, or at most ``tol`` after an exact
+    step (float64, on the same free set: the rounding floor): with
+    ``(G v)_j = √W_j ℓ_j · ℓᵀz``, its dual part is ``(−ℓ_j · ℓᵀz)₊ / (max_l √W_l · max|u|)``,
+    and complementarity ``|ℓ_j · ℓᵀz| |v_j − u_j| / (max_l √W_l · max|u|²)``. (When the rows do
+    not positively span a subspace, Newton's iterates can meet these conditions at the optimum of
+    ``u``, whose update is not zero: with ``feasibility``, the dual part is ``|ℓ_j · ℓᵀz|``,
+    which holds only when ``ℓᵀz ≈ 0``.)
 
     The first :data:`_SHARED_STEPS` steps, in float32, replace ``ℓ_Fᵀ ℓ_F`` by
     ``(|F| / m) ℓᵀℓ``, factorised once for all rows: they bring the free sets close to the
-    optimal ones for the cost of a few products. The Newton steps that follow factorise their
-    systems in float32 (half the cost) for :data:`_FLOAT32_STEPS` steps, a Newton method with an
-    approximate Jacobian whose residual is evaluated in float64, then in float64."""
+    optimal ones for the cost of a few products. The Newton steps that follow keep each row's
+    factorisation while its residual falls at least tenfold a step (a chord method: a step then
+    costs a few products), and factorise again otherwise: in float32 (half the cost) for the
+    first :data:`_FLOAT32_STEPS` steps, then in float64. The rows go through it in chunks that
+    bound the memory of their factorisations."""
+    r = ell.shape[1]
+    chunk = max(1, _FACTOR_ENTRIES // r**2)
+    solved = [_project(ell, sqrt_weights, rows, tol, feasibility) for rows in U.split(chunk)]
+    return torch.cat([V for V, _ in solved]), torch.cat([done for _, done in solved])
+
+
+def _project(
+    ell: Tensor, sqrt_weights: Tensor, U: Tensor, tol: float, feasibility: bool
+) -> tuple[Tensor, Tensor]:
+    """:func:`null_space_projection` of one chunk of rows."""
     k = U.shape[0]
+    r = ell.shape[1]
     B = U * sqrt_weights
     Y = _shared_steps(ell.float(), B.float()).to(U.dtype)
     V = U.clone()
@@ -101,7 +116,14 @@ def null_space_projection(
     dual_scale = sqrt_weights.amax() * u_scale
     ell32 = ell.float()
     gram = ell.T @ ell
-    last_free = torch.zeros_like(B, dtype=torch.bool)
+    # Per row: its factorisation (in float32 while those steps last; kept in place, slot[i] for
+    # the i-th row left, and compacted when half of them are done), the free set it was made on,
+    # whether in float64, and the last residual (NaN: factorise at the first step).
+    factors = torch.zeros(k, r, r, dtype=torch.float32, device=U.device)
+    slot = torch.arange(k, device=U.device)
+    factored_free = torch.zeros_like(B, dtype=torch.bool)
+    exact = torch.zeros(k, dtype=torch.bool, device=U.device)
+    last = torch.full((k,), torch.nan, dtype=U.dtype, device=U.device)
     for step in range(_NEWTON_STEPS):
         C = Y @ ell.T
         Z = torch.maximum(B, C)
@@ -112,23 +134,32 @@ def null_space_projection(
         dual = relative.abs() if feasibility else -relative
         worst = torch.maximum(dual, complementarity).amax(dim=1)
         free = C > B
-        # At the rounding floor: within tol after an exact (float64) step on the same free set.
-        floor = (worst <= tol) & (free == last_free).all(dim=1) & (step > _FLOAT32_STEPS)
+        floor = (worst <= tol) & exact & (free == factored_free).all(dim=1)
         done = (worst <= _RESIDUAL * tol) | floor
         V[rows] = V_rows
         converged[rows] = done
         if bool(done.all()):
             break
         keep = (~done).nonzero().squeeze(1)
-        rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free = (
-            t[keep] for t in (rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free)
+        rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free, worst = (
+            t[keep] for t in (rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free, worst)
         )
-        last_free = free
-        if step < _FLOAT32_STEPS:
-            direction = -_newton_solve(ell32, gram.float(), free, gradient.float()).to(U.dtype)
-        else:
-            direction = -_newton_solve(ell, gram, free, gradient)
-        Y = _line_search(ell, B, Y, C, Z, gradient, direction)
+        slot, factored_free, exact, last = (t[keep] for t in (slot, factored_free, exact, last))
+        if 2 * slot.numel() <= factors.shape[0]:
+            factors, slot = factors[slot], torch.arange(slot.numel(), device=U.device)
+        if step == _FLOAT32_STEPS:
+            factors = factors.to(U.dtype)
+        stale = (~(worst <= _CHORD_RATE * last)).nonzero().squeeze(1)
+        if stale.numel() > 0:
+            source = ell32 if step < _FLOAT32_STEPS else ell
+            factors[slot[stale]] = _newton_factor(source, gram.to(source.dtype), free[stale])
+            factored_free[stale] = free[stale]
+            exact[stale] = step >= _FLOAT32_STEPS
+        last = worst
+        rhs = torch.zeros(factors.shape[:2], dtype=factors.dtype, device=U.device)
+        rhs[slot] = gradient.to(factors.dtype)
+        direction = -_cholesky_solve(factors, rhs)[slot]
+        Y = _line_search(ell, B, Y, C, Z, gradient, direction.to(U.dtype))
     return V, converged
 
 
@@ -151,28 +182,30 @@ def _shared_steps(ell: Tensor, B: Tensor) -> Tensor:
     return Y
 
 
-def _newton_solve(ell: Tensor, gram: Tensor, free: Tensor, rhs: Tensor) -> Tensor:
-    """Each row's ``(ℓ_Fᵀ ℓ_F + ρ I)⁻¹ rhs`` (``gram``: ``ℓᵀℓ``), in chunks of rows. The systems
-    are formed from the smaller side: ``ℓ_Fᵀ ℓ_F``, or ``ℓᵀℓ − ℓ_Aᵀ ℓ_A`` when fewer indices
-    are active, from each row's indices gathered (``O(min(|F|, |A|) r²)`` per row)."""
+def _newton_factor(ell: Tensor, gram: Tensor, free: Tensor) -> Tensor:
+    """Each row's Cholesky factor of ``ℓ_Fᵀ ℓ_F + ρ I`` (``gram``: ``ℓᵀℓ``), formed from the
+    smaller side: ``ℓ_Fᵀ ℓ_F``, or ``ℓᵀℓ − ℓ_Aᵀ ℓ_A`` when fewer indices are active, from each
+    row's indices gathered (``O(min(|F|, |A|) r²)`` per row)."""
     m, r = ell.shape
     by_free = 2 * int(free.sum()) <= free.numel()
     side = free if by_free else ~free
     ridge = _RIDGE[ell.dtype] * m * torch.eye(r, dtype=ell.dtype, device=ell.device)
     base = ridge if by_free else gram + ridge
-    sign = 1.0 if by_free else -1.0
     width = max(1, int(side.sum(dim=1).amax()))
-    chunk = max(1, _CHUNK_ENTRIES // (width * r))
-    solutions = []
-    for mask, b in zip(side.split(chunk), rhs.split(chunk), strict=True):
-        # Each row's indices of the side first (a stable sort), padded with others, masked out.
-        index = torch.argsort(mask.to(torch.uint8), dim=1, descending=True, stable=True)
-        index = index[:, :width]
-        X = ell[index] * mask.gather(1, index).unsqueeze(2).to(ell.dtype)
-        M = torch.baddbmm(base, X.mT, X, alpha=sign)
-        factor, _ = torch.linalg.cholesky_ex(M)
-        solutions.append(torch.cholesky_solve(b.unsqueeze(2), factor).squeeze(2))
-    return torch.cat(solutions)
+    # Each row's indices of the side first (a stable sort), padded with a zero row of ℓ.
+    index = torch.argsort(side.to(torch.uint8), dim=1, descending=True, stable=True)[:, :width]
+    index = torch.where(side.gather(1, index), index, m)
+    padded = torch.cat([ell, torch.zeros_like(ell[:1])])
+    X = padded.index_select(0, index.flatten()).view(*index.shape, r)
+    M = torch.baddbmm(base, X.mT, X, alpha=1.0 if by_free else -1.0)
+    return torch.linalg.cholesky_ex(M)[0]
+
+
+def _cholesky_solve(L: Tensor, b: Tensor) -> Tensor:
+    """Each row's ``(L Lᵀ)⁻¹ b`` by two triangular solves (several times faster than
+    ``torch.cholesky_solve`` on batches of single right-hand sides)."""
+    y = torch.linalg.solve_triangular(L, b.unsqueeze(2), upper=False)
+    return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(2)
 
 
 def _dual(B: Tensor, C: Tensor) -> Tensor:
