@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.reference.dual_cone import least_energy_optimum
+from torchjd.linalg import _spanning
 from torchjd.linalg._bounded_qp import solve_lower_bounded_qp
 from torchjd.linalg._kkt import kkt_residual
-from torchjd.linalg._spanning import zero_update_weights
+from torchjd.linalg._spanning import _RIDGE, _newton_factor, zero_update_weights
 
 
 def spanning_jacobian(m: int, rank: int, n: int, log_spread: float, seed: int) -> torch.Tensor:
@@ -83,3 +84,30 @@ def test_exact_mode_beyond_64_rows(dtype: torch.dtype):
     assert kkt_residual(G64, U64, V64, V64 @ G64).max() <= tol
     if dtype == torch.float64:
         assert_least_energy(J, U[:10], V[:10])
+
+
+@pytest.mark.parametrize("fraction_free", [0.2, 0.8])
+def test_newton_factor_against_a_dense_product(fraction_free: float):
+    """Both sides of the formation (``ℓ_Fᵀℓ_F`` gathered, or ``ℓᵀℓ − ℓ_Aᵀℓ_A``) against the
+    masked dense product."""
+    g = torch.Generator().manual_seed(0)
+    m, r, k = 30, 6, 5
+    ell = torch.randn(m, r, generator=g, dtype=torch.float64)
+    free = torch.rand(k, m, generator=g) < fraction_free
+    factor = _newton_factor(ell, ell.T @ ell, free)
+    expected = (ell.T * free.unsqueeze(1)) @ ell + _RIDGE[torch.float64] * m * torch.eye(r)
+    torch.testing.assert_close(factor @ factor.mT, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_rows_in_chunks_match_one_batch(monkeypatch: pytest.MonkeyPatch):
+    """Rows solved in chunks of 7 (with their factorisations compacted as rows finish) give the
+    least-energy weights too."""
+    m = 60
+    J = spanning_jacobian(m, 3, 7, 3.0, seed=2)
+    G = J @ J.T
+    U = torch.eye(m, dtype=torch.float64)[:20]
+    monkeypatch.setattr(_spanning, "_FACTOR_ENTRIES", 7 * 3**2)
+    V, converged = zero_update_weights(G, U, 1e-9, torch.float64)
+    assert converged.all()
+    assert kkt_residual(G, U, V, V @ G).max() <= 1e-9
+    assert_least_energy(J, U, V)

@@ -59,7 +59,14 @@ and each row is accepted when its KKT residual on ``G`` meets it (:func:`_nonsin
 float32, ADMM stops early and the rows it leaves run again in float64). The rows that fail,
 and every singular ``G``, take the route below.
 
-When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v`` is not. In this mode
+When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v`` is not. Beyond
+``m = 64`` (:data:`_SPANNING_MIN_M`), the route first tests whether the rows of ``J`` positively
+span a subspace (their cone is a subspace: many more rows than the rank, pointing every way), in
+which case every optimal update is zero and the least-norm weights of each row,
+``argmin {Σ_j G_jj v_j² : v ≥ u, Jᵀv = 0}``, come from a semismooth Newton method in the range of
+``G`` (:mod:`torchjd.linalg._spanning`: one eigendecomposition of the Jacobi-scaled ``G``, then
+``r × r`` systems per row, ``r = rank(G)``, instead of faces of hundreds of indices); a row is
+accepted when its KKT residual on ``G`` meets the tolerance. Otherwise, and for the rows it leaves,
 every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
 the unit-norm rows); face solutions are then refined towards the exact ``G`` (iterated Tikhonov
@@ -72,8 +79,9 @@ problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_
 float64, whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ m / 2``
 (:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the
 tolerance, reading the active set off the interior solution at several thresholds. Each face costs
-``O(|F|³)`` per row: at ``m = 1024``, with faces of a few hundred indices, a call takes from tens
-of seconds to minutes on one thread. The default tolerance is then ``1e-9`` in float64.
+``O(|F|³)`` per row: at ``m = 1024``, with faces of a few hundred indices, a call that does not
+take the spanning route takes from tens of seconds to minutes on one thread. The default
+tolerance is then ``1e-9`` in float64.
 """
 
 import math
