@@ -37,7 +37,7 @@ systems), and the others only when it converges.
 import torch
 from torch import Tensor
 
-from torchjd.linalg._low_rank import low_rank_factor
+from torchjd.linalg._low_rank import cholesky_solve, low_rank_factor
 
 _SHARED_STEPS = 20  # quasi-Newton steps on the shared ℓᵀℓ before the exact ones
 _NEWTON_STEPS = 25
@@ -158,7 +158,7 @@ def _project(
         last = worst
         rhs = torch.zeros(factors.shape[:2], dtype=factors.dtype, device=U.device)
         rhs[slot] = gradient.to(factors.dtype)
-        direction = -_cholesky_solve(factors, rhs)[slot]
+        direction = -cholesky_solve(factors, rhs)[slot]
         Y = _line_search(ell, B, Y, C, Z, gradient, direction.to(U.dtype))
     return V, converged
 
@@ -199,13 +199,6 @@ def _newton_factor(ell: Tensor, gram: Tensor, free: Tensor) -> Tensor:
     X = padded.index_select(0, index.flatten()).view(*index.shape, r)
     M = torch.baddbmm(base, X.mT, X, alpha=1.0 if by_free else -1.0)
     return torch.linalg.cholesky_ex(M)[0]
-
-
-def _cholesky_solve(L: Tensor, b: Tensor) -> Tensor:
-    """Each row's ``(L Lᵀ)⁻¹ b`` by two triangular solves (several times faster than
-    ``torch.cholesky_solve`` on batches of single right-hand sides)."""
-    y = torch.linalg.solve_triangular(L, b.unsqueeze(2), upper=False)
-    return torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(2)
 
 
 def _dual(B: Tensor, C: Tensor) -> Tensor:
