@@ -76,7 +76,7 @@ from the active set of ADMM on a better-conditioned Gramian (that of the default
 :mod:`torchjd.linalg._warm_start`); in float64, a row is accepted only when its KKT residual on
 ``G`` itself meets the tolerance. Rows it has not solved by then (it can wander on degenerate
 problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_point`), in
-float64, whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ m / 2``
+float64, whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ 2m / 3``
 (:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the
 tolerance, reading the active set off the interior solution at several thresholds. Each face costs
 ``O(|F|³)`` per row: at ``m = 1024``, with faces of a few hundred indices, a call that does not
@@ -125,7 +125,7 @@ _SCHUR_MIN_M = 33  # below, the masked full-size face systems are cheaper
 _ENUMERATION_MAX_M = 8  # up to this size, every active set is tried at once (2^m of them)
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
-_LOW_RANK_FRACTION = 2  # Woodbury solves in the interior point when rank(G) ≤ m / 2
+_LOW_RANK_FRACTION = 1.5  # Woodbury solves in the interior point when rank(G) ≤ 2m / 3
 _CHUNK_ENTRIES = 2**25  # of the interior point's [k, m, m] or [k, r, m] tensors (256 MiB)
 _ACTIVE_THRESHOLDS = (1e-6, 1e-9, 1e-4)  # relative to max|u|: weights at their bound
 # Exact mode: the least squared pivot of the Jacobi-scaled Cholesky factor of G for which G counts
@@ -349,10 +349,10 @@ def tikhonov(G: Tensor) -> Tensor:
 
 def _least_norm_fallback(G: Tensor, G_exact: Tensor, U: Tensor, tol: float) -> Tensor:
     """The rows that pivoting left, in the least-norm mode: the interior point in float64, with
-    Woodbury solves when ``rank(G_exact) ≤ m / 2``."""
+    Woodbury solves when ``rank(G_exact) ≤ 2m / 3``."""
     m = G.shape[0]
     G64, G_exact64 = G.double(), G_exact.double()
-    L = low_rank_factor(G_exact64, m // _LOW_RANK_FRACTION)
+    L = low_rank_factor(G_exact64, int(m / _LOW_RANK_FRACTION))
     low_rank = None if L is None else (L, (G64 - G_exact64).diagonal())
     return _interior_point_then_polish(G64, U.double(), tol, G_exact64, low_rank).to(U.dtype)
 
