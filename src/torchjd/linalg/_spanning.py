@@ -48,7 +48,7 @@ _HALVINGS = 30
 _RIDGE = {torch.float64: 1e-13, torch.float32: 1e-6}
 _RESIDUAL = 1e-2  # of tol: the target of the KKT residual on G, whose error is that of ℓᵀz = 0
 _CHORD_RATE = 0.1  # a row keeps its factorisation while its residual falls this much a step
-# Of the [k, r, r] factorisations kept (and the [k, |F|, r] blocks that form them): 128 MiB.
+# Of the [k, r, r] factorisations kept, and of the [k, |F|, r] blocks that form them: 128 MiB.
 _FACTOR_ENTRIES = 2**24
 
 
@@ -196,9 +196,12 @@ def _newton_factor(ell: Tensor, gram: Tensor, free: Tensor) -> Tensor:
     index = torch.argsort(side.to(torch.uint8), dim=1, descending=True, stable=True)[:, :width]
     index = torch.where(side.gather(1, index), index, m)
     padded = torch.cat([ell, torch.zeros_like(ell[:1])])
-    X = padded.index_select(0, index.flatten()).view(*index.shape, r)
-    M = torch.baddbmm(base, X.mT, X, alpha=1.0 if by_free else -1.0)
-    return torch.linalg.cholesky_ex(M)[0]
+    factors = []
+    for rows in index.split(max(1, _FACTOR_ENTRIES // (width * r))):  # bounds the [k, |F|, r]
+        X = padded.index_select(0, rows.flatten()).view(*rows.shape, r)
+        M = torch.baddbmm(base, X.mT, X, alpha=1.0 if by_free else -1.0)
+        factors.append(torch.linalg.cholesky_ex(M)[0])
+    return torch.cat(factors)
 
 
 def _dual(B: Tensor, C: Tensor) -> Tensor:
