@@ -46,7 +46,9 @@ _ARMIJO = 1e-4
 _HALVINGS = 30
 # Of m, on the diagonal of the Newton systems (singular when |F| < r).
 _RIDGE = {torch.float64: 1e-13, torch.float32: 1e-6}
-_RESIDUAL = 1e-2  # of tol: the target of the KKT residual on G, whose error is that of ℓᵀz = 0
+# Of tol, by the dtype of the caller's G: the target of the KKT residual on G, whose error is that
+# of ℓᵀz = 0 (a float32 Gramian's rounding, about 10⁻⁷, sets a floor near 10⁻² tol).
+_RESIDUAL = {torch.float64: 1e-2, torch.float32: 1e-1}
 _CHORD_RATE = 0.1  # a row keeps its factorisation while its residual falls this much a step
 # Of the [k, r, r] factorisations kept, and of the [k, |F|, r] blocks that form them: 128 MiB.
 _FACTOR_ENTRIES = 2**24
@@ -68,20 +70,26 @@ def zero_update_weights(
     if ell is None:
         return None
     ones = torch.ones_like(U[:1])
-    _, spanning = null_space_projection(ell, sqrt_weights, ones, tol, feasibility=True)
+    margin = _RESIDUAL[dtype]
+    _, spanning = null_space_projection(ell, sqrt_weights, ones, tol, margin, feasibility=True)
     if not bool(spanning.all()):
         return None
-    return null_space_projection(ell, sqrt_weights, U, tol)
+    return null_space_projection(ell, sqrt_weights, U, tol, margin)
 
 
 def null_space_projection(
-    ell: Tensor, sqrt_weights: Tensor, U: Tensor, tol: float, feasibility: bool = False
+    ell: Tensor,
+    sqrt_weights: Tensor,
+    U: Tensor,
+    tol: float,
+    margin: float = _RESIDUAL[torch.float64],
+    feasibility: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Rows ``v = z / √W``, ``z = argmin {‖z‖ : ℓᵀ z = 0, z ≥ √W ⊙ u}`` for each row ``u`` of
     ``U`` (see the module docstring), and which rows converged. A row converges when the KKT
     residual of ``v`` on ``G`` (:func:`~torchjd.linalg._kkt.kkt_residual`), whose error is that
-    of ``ℓᵀz = 0``, is at most :data:`_RESIDUAL` ``· tol``, or at most ``tol`` after an exact
-    step (float64, on the same free set: the rounding floor): with
+    of ``ℓᵀz = 0``, is at most ``margin · tol`` (:data:`_RESIDUAL`), or at most ``tol`` after an
+    exact step (float64, on the same free set: the rounding floor): with
     ``(G v)_j = √W_j ℓ_j · ℓᵀz``, its dual part is ``(−ℓ_j · ℓᵀz)₊ / (max_l √W_l · max|u|)``,
     and complementarity ``|ℓ_j · ℓᵀz| |v_j − u_j| / (max_l √W_l · max|u|²)``. (When the rows do
     not positively span a subspace, Newton's iterates can meet these conditions at the optimum of
@@ -97,12 +105,14 @@ def null_space_projection(
     bound the memory of their factorisations."""
     r = ell.shape[1]
     chunk = max(1, _FACTOR_ENTRIES // r**2)
-    solved = [_project(ell, sqrt_weights, rows, tol, feasibility) for rows in U.split(chunk)]
+    solved = [
+        _project(ell, sqrt_weights, rows, tol, margin, feasibility) for rows in U.split(chunk)
+    ]
     return torch.cat([V for V, _ in solved]), torch.cat([done for _, done in solved])
 
 
 def _project(
-    ell: Tensor, sqrt_weights: Tensor, U: Tensor, tol: float, feasibility: bool
+    ell: Tensor, sqrt_weights: Tensor, U: Tensor, tol: float, margin: float, feasibility: bool
 ) -> tuple[Tensor, Tensor]:
     """:func:`null_space_projection` of one chunk of rows."""
     k = U.shape[0]
@@ -135,7 +145,7 @@ def _project(
         worst = torch.maximum(dual, complementarity).amax(dim=1)
         free = C > B
         floor = (worst <= tol) & exact & (free == factored_free).all(dim=1)
-        done = (worst <= _RESIDUAL * tol) | floor
+        done = (worst <= margin * tol) | floor
         V[rows] = V_rows
         converged[rows] = done
         if bool(done.all()):
