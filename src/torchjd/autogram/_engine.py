@@ -14,12 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
 from torchjd.autogram._batched_grad import batched_grad
-from torchjd.autogram._fused import (
-    accumulate,
-    call_uses,
-    graph_leaves,
-    per_sample_weights,
-)
+from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
 from torchjd.autogram._module_call import ModuleCall, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
@@ -217,8 +212,11 @@ class Engine:
         :math:`i`, a Linear layer's weight gradient is :math:`\sum_i \bar\Gamma_i^\top X_i`.
         A second backward pass, restricted to the other leaves (parameters of other module types
         and of modules outside the engine, inputs that require grad), runs only when there are
-        such leaves; it frees the graph. A rule of your own joins the fused step when registered
-        with ``weighted_gradients`` (see :func:`~torchjd.autogram.register_rule`).
+        such leaves; it frees the graph. Without such leaves, with one objective per sample and
+        no ``max_kept_bytes``, the single backward pass (the Gramian's) frees the graph as it
+        goes, as ``losses.backward`` would: the activations do not outlive the step. A rule of
+        your own joins the fused step when registered with ``weighted_gradients`` (see
+        :func:`~torchjd.autogram.register_rule`).
 
         :param losses: The objectives, as for :meth:`compute_gramian`.
         :param weighting: A function from the Gramian ``[m, m]`` to the weights ``[m]`` (one per
@@ -264,7 +262,8 @@ class Engine:
     def _backward(
         self, losses: Tensor, weighting: Callable[[Tensor], Tensor], max_kept_bytes: int | None
     ) -> Tensor:
-        G, kept, batch_dim = self._compute_gramian(losses, max_kept_bytes)
+        G, kept, batch_dim, plan = self._compute_gramian(losses, max_kept_bytes, fused=True)
+        assert plan is not None
         weights = weighting(G)
         if not isinstance(weights, Tensor) or weights.shape != (losses.numel(),):
             shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
@@ -274,21 +273,23 @@ class Engine:
             )
         w = weights.detach().to(losses.dtype)
         W = per_sample_weights(w, losses, batch_dim)
-        leaves = graph_leaves(losses)
+        leaves = dict(plan.leaves)
         fused: list[tuple[Tensor, Tensor]] = []
         with torch.no_grad():
             for module, module_calls in kept.items():
                 weighted_gradients = self._rules[module][0].weighted_gradients  # type: ignore[attr-defined]
                 pairs = weighted_gradients(module, module_calls, W) or []
-                inside = _total_uses([call_uses(call) for call in module_calls]) if pairs else {}
                 for param, grad in pairs:
-                    # More uses in the whole graph than inside the calls are uses from outside
-                    # the engine's modules (a parameter tied across the engine's boundary).
-                    if id(param) in leaves and leaves[id(param)][1] == inside.get(id(param)):
+                    if plan.accepts(module, param):
                         fused.append((param, grad))
-                        del leaves[id(param)]
+                        leaves.pop(id(param), None)
                 _release(module_calls)  # frees the output gradients before the next module's
         others = [leaf for leaf, _ in leaves.values()]
+        if others and plan.complete:  # a rule's `fuses` promised more than it gave
+            raise RuntimeError(
+                "The graph of `losses` was freed for a fused step that left the gradients of "
+                f"{len(others)} leaves to a second backward pass; please report this bug."
+            )
         if others:
             torch.autograd.backward(losses, w.reshape(losses.shape), inputs=others)
         for param, grad in fused:
@@ -296,12 +297,17 @@ class Engine:
         return weights
 
     def _compute_gramian(
-        self, output: Tensor, kept_bytes: int | None = 0
-    ) -> tuple[Tensor, dict[nn.Module, list[ModuleCall]], int | None]:
-        """The Gramian, the batch dimension, and the calls whose output gradients are kept for
+        self, output: Tensor, kept_bytes: int | None = 0, fused: bool = False
+    ) -> tuple[Tensor, dict[nn.Module, list[ModuleCall]], int | None, FusionPlan | None]:
+        """The Gramian, the batch dimension, the calls whose output gradients are kept for
         the fused step: those of modules whose rule has ``weighted_gradients``, in order, while
-        their total size stays within ``kept_bytes`` (None: no limit). The others' are released
-        as soon as their block is computed."""
+        their total size stays within ``kept_bytes`` (None: no limit) (the others' are released
+        as soon as their block is computed), and for the fused step, its plan.
+
+        The graph is kept, except for a fused step that needs no second backward pass (every
+        module kept, every leaf's gradient promised by the rules: ``FusionPlan.complete``) and has
+        one objective per sample: the backward pass then frees it as it goes, as a plain
+        backward pass does, instead of holding the activations until ``output`` is dropped."""
         if not isinstance(output, Tensor):
             raise TypeError(f"Expected `output` to be a Tensor, got {type(output).__name__}.")
         batch_dim = self._normalized_batch_dim(output)
@@ -318,7 +324,8 @@ class Engine:
         B = 1 if batch_dim is None else output.shape[batch_dim]
         R = m // B if B else 0
         if m == 0:
-            return output.new_zeros(0, 0), {}, batch_dim
+            plan = FusionPlan(output, {}, {}) if fused else None
+            return output.new_zeros(0, 0), {}, batch_dim, plan
         if batch_dim is not None:
             for module, module_calls in calls.items():
                 for call in module_calls:
@@ -329,7 +336,12 @@ class Engine:
             for c in module_calls
             for edge in (*c.edges, *c.inner_edges)
         ]
-        grads = iter(batched_grad([output], edges, [_cotangents(output, batch_dim, R)]))
+        plan = FusionPlan(output, calls, self._rules) if fused else None
+        if plan is not None and not (kept_bytes is None and R == 1):
+            plan.complete = False  # modules may be left out, or the graph is kept anyway
+        cotangents = [_cotangents(output, batch_dim, R)]
+        retain_graph = plan is None or not plan.complete
+        grads = iter(batched_grad([output], edges, cotangents, retain_graph=retain_graph))
         for module_calls in calls.values():
             for call in module_calls:
                 call.grad_outputs = [next(grads) for _ in call.edges]
@@ -355,7 +367,7 @@ class Engine:
                     kept[module] = module_calls
                 else:
                     _release(module_calls)
-        return _to_row_major(G.to(output.dtype), shape, batch_dim), kept, batch_dim
+        return _to_row_major(G.to(output.dtype), shape, batch_dim), kept, batch_dim, plan
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
         if self._batch_dim is None:
@@ -452,14 +464,6 @@ def _release(calls: list[ModuleCall]) -> None:
         call.grad_outputs = [None] * len(call.grad_outputs)
         call.inner_grads = [None] * len(call.inner_grads)
         call.saved.clear()
-
-
-def _total_uses(per_call: list[dict[int, tuple[Tensor, int]]]) -> dict[int, int]:
-    total: dict[int, int] = {}
-    for uses in per_call:
-        for key, (_, count) in uses.items():
-            total[key] = total.get(key, 0) + count
-    return total
 
 
 def _kept_bytes(call: ModuleCall) -> int:

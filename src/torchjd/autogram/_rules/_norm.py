@@ -98,6 +98,12 @@ def channel_norm_weighted_gradients(
 
 layer_norm_rule.weighted_gradients = layer_norm_weighted_gradients  # type: ignore[attr-defined]
 channel_norm_rule.weighted_gradients = channel_norm_weighted_gradients  # type: ignore[attr-defined]
+layer_norm_rule.fuses = lambda module, calls: True  # type: ignore[attr-defined]
+channel_norm_rule.fuses = lambda module, calls: (
+    not (  # type: ignore[attr-defined]
+        isinstance(module, _BatchNorm) and any(_uses_batch_statistics(module, c) for c in calls)
+    )
+)
 
 
 def _uses_batch_statistics(module: _BatchNorm, call: ModuleCall) -> bool:
