@@ -18,6 +18,7 @@ from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
 from torchjd.autogram._module_call import ModuleCall, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
+from torchjd.autogram._streaming import GramianStream, lowest_edges, register_grad_hook
 
 
 class Engine:
@@ -90,6 +91,8 @@ class Engine:
         self._rng_states: dict[nn.Module, list[Any]] = {}
         self._handles: list[RemovableHandle] = []
         self._recording = True
+        self._stream: GramianStream | None = None  # while a streamed backward pass runs
+        self._this = weakref.ref(self)
         # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
         # every rank and returns their number
         self._exchange_calls: Callable[[dict[nn.Module, list[ModuleCall]], int, int], int] | None
@@ -175,6 +178,10 @@ class Engine:
         inner_edges = getattr(self._rules[module][0], "inner_edges", None)
         if inner_edges is not None:
             call.inner_edges = inner_edges(module, call)
+        if getattr(self._rules[module][0], "pure", None) is not None and not call.inner_edges:
+            call.grad_hooks = [  # for a streamed Gramian pass (see _streaming.py)
+                register_grad_hook(self._this, call, k, t) for k, t in enumerate(outputs)
+            ]
         self._calls.setdefault(module, []).append(call)
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
@@ -189,9 +196,7 @@ class Engine:
         try:
             return self._compute_gramian(output)[0]
         finally:
-            self._calls.clear()
-            self._rng_states.clear()
-            self._recording = True
+            self._clear()
 
     def backward(
         self,
@@ -255,9 +260,18 @@ class Engine:
         try:
             return self._backward(losses, weighting, max_kept_bytes)
         finally:
-            self._calls.clear()
-            self._rng_states.clear()
-            self._recording = True
+            self._clear()
+
+    def _clear(self) -> None:
+        """Forgets the recorded calls (and removes their gradient hooks)."""
+        for module_calls in self._calls.values():
+            for call in module_calls:
+                for handle in call.grad_hooks:
+                    handle.remove()
+        self._calls.clear()
+        self._rng_states.clear()
+        self._stream = None
+        self._recording = True
 
     def _backward(
         self, losses: Tensor, weighting: Callable[[Tensor], Tensor], max_kept_bytes: int | None
@@ -307,7 +321,11 @@ class Engine:
         The graph is kept, except for a fused step that needs no second backward pass (every
         module kept, every leaf's gradient promised by the rules: ``FusionPlan.complete``) and has
         one objective per sample: the backward pass then frees it as it goes, as a plain
-        backward pass does, instead of holding the activations until ``output`` is dropped."""
+        backward pass does, instead of holding the activations until ``output`` is dropped.
+
+        With one objective per sample, the rules that need only the recorded tensors run during
+        the backward pass, as soon as their module's output gradients exist (see
+        ``_streaming.py``), unless a budget ``kept_bytes`` > 0 applies."""
         if not isinstance(output, Tensor):
             raise TypeError(f"Expected `output` to be a Tensor, got {type(output).__name__}.")
         batch_dim = self._normalized_batch_dim(output)
@@ -330,44 +348,109 @@ class Engine:
             for module, module_calls in calls.items():
                 for call in module_calls:
                     _resolve_batch_dims(module, call, batch_dim, B)
-        edges = [
-            edge
-            for module_calls in calls.values()
-            for c in module_calls
-            for edge in (*c.edges, *c.inner_edges)
-        ]
         plan = FusionPlan(output, calls, self._rules) if fused else None
         if plan is not None and not (kept_bytes is None and R == 1):
             plan.complete = False  # modules may be left out, or the graph is kept anyway
-        cotangents = [_cotangents(output, batch_dim, R)]
-        retain_graph = plan is None or not plan.complete
-        grads = iter(batched_grad([output], edges, cotangents, retain_graph=retain_graph))
-        for module_calls in calls.values():
-            for call in module_calls:
-                call.grad_outputs = [next(grads) for _ in call.edges]
-                call.inner_grads = [next(grads) for _ in call.inner_edges]
-        del grads  # the calls alone hold the output gradients, so that releasing them frees them
-        self._check_all_calls_reached(calls)
         kept: dict[nn.Module, list[ModuleCall]] = {}
         budget = kept_bytes
+        blocks: dict[nn.Module, Tensor] = {}
+
+        def run_rule(module: nn.Module, module_calls: list[ModuleCall]) -> None:
+            nonlocal budget
+            rule = self._rules[module][0]
+            with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
+                blocks[module] = rule(module, module_calls)
+            fits = budget is None  # no limit: the sizes are not needed
+            if not fits and _fusable(rule):
+                size = sum(_kept_bytes(call) for call in module_calls)
+                fits = size <= budget  # type: ignore[operator]
+                budget -= size if fits else 0  # type: ignore[operator]
+            if _fusable(rule) and fits:
+                kept[module] = module_calls
+            else:
+                _release(module_calls)
+
+        streamed = self._streamed(calls, R, kept_bytes)
+        requested = self._requested_edges(output, calls, streamed)
+        if streamed:
+            self._stream = GramianStream(streamed, requested[1], run_rule)
+        cotangents = [_cotangents(output, batch_dim, R)]
+        retain_graph = plan is None or not plan.complete
+        try:
+            grads = batched_grad([output], requested[0], cotangents, retain_graph=retain_graph)
+        finally:
+            stream, self._stream = self._stream, None
+        self._store_grads(calls, streamed, requested[1], iter(grads))
+        del grads  # the calls alone hold the output gradients, so that releasing them frees them
+        self._check_all_calls_reached(calls, set() if stream is None else stream.reached)
         shape = output.shape
         if self._exchange_calls is not None:  # torchjd.distributed: every rank's samples
             B = self._exchange_calls(calls, batch_dim, B)
             shape = torch.Size([B if d == batch_dim else n for d, n in enumerate(shape)])
+        for module, module_calls in calls.items():
+            if stream is None or module not in stream.done:
+                run_rule(module, module_calls)
         G = output.new_zeros(B * R, B * R)
-        with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
-            for module, module_calls in calls.items():
-                G = G + self._rules[module][0](module, module_calls)
-                fits = budget is None  # no limit: the sizes are not needed
-                if not fits and _fusable(self._rules[module][0]):
-                    size = sum(_kept_bytes(call) for call in module_calls)
-                    fits = size <= budget
-                    budget -= size if fits else 0
-                if _fusable(self._rules[module][0]) and fits:
-                    kept[module] = module_calls
-                else:
-                    _release(module_calls)
+        for module in calls:  # in the order of the calls, however the rules ran: the same sums
+            G = G + blocks[module]
         return _to_row_major(G.to(output.dtype), shape, batch_dim), kept, batch_dim, plan
+
+    def _streamed(
+        self, calls: dict[nn.Module, list[ModuleCall]], R: int, kept_bytes: int | None
+    ) -> dict[nn.Module, list[ModuleCall]]:
+        """The modules whose rule runs during the backward pass (see ``_streaming.py``): one
+        objective per sample, no budget to share in order, a rule that needs only the recorded
+        tensors, every call's outputs hooked."""
+        if R != 1 or kept_bytes not in (None, 0) or self._exchange_calls is not None:
+            return {}
+        streamed = {}
+        for module, module_calls in calls.items():
+            pure = getattr(self._rules[module][0], "pure", None)
+            hooked = all(len(c.grad_hooks) == len(c.edges) for c in module_calls)
+            if pure is not None and hooked and pure(module, module_calls):
+                streamed[module] = module_calls
+        return streamed
+
+    @staticmethod
+    def _requested_edges(
+        output: Tensor,
+        calls: dict[nn.Module, list[ModuleCall]],
+        streamed: dict[nn.Module, list[ModuleCall]],
+    ) -> tuple[list[Any], set[tuple[int, int]]]:
+        """The gradient edges that the backward pass returns, and among them, the keys
+        ``(id(call), k)`` of the lowest streamed outputs."""
+        if not streamed:
+            edges = [e for cs in calls.values() for c in cs for e in (*c.edges, *c.inner_edges)]
+            return edges, set()
+        keyed = [
+            ((id(c), k), edge)
+            for cs in calls.values()
+            for c in cs
+            for k, edge in enumerate([*c.edges, *c.inner_edges])
+        ]
+        lowest = lowest_edges(output.grad_fn, keyed)
+        inside = {id(c) for cs in streamed.values() for c in cs}
+        requested = [edge for key, edge in keyed if key[0] not in inside or key in lowest]
+        return requested, {key for key in lowest if key[0] in inside}
+
+    @staticmethod
+    def _store_grads(
+        calls: dict[nn.Module, list[ModuleCall]],
+        streamed: dict[nn.Module, list[ModuleCall]],
+        lowest: set[tuple[int, int]],
+        grads: Iterator[Tensor | None],
+    ) -> None:
+        """Gives each call the gradients that the backward pass returned (the streamed calls
+        received theirs from their hooks)."""
+        for module, module_calls in calls.items():
+            for call in module_calls:
+                if module not in streamed:
+                    call.grad_outputs = [next(grads) for _ in call.edges]
+                    call.inner_grads = [next(grads) for _ in call.inner_edges]
+                    continue
+                for k in range(len(call.edges)):
+                    if (id(call), k) in lowest:
+                        next(grads)  # a stand-in, or None: what the hook received is kept
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
         if self._batch_dim is None:
@@ -400,12 +483,16 @@ class Engine:
         for module in self._modules:
             yield from module.modules()
 
-    def _check_all_calls_reached(self, calls: dict[nn.Module, list[ModuleCall]]) -> None:
+    def _check_all_calls_reached(
+        self, calls: dict[nn.Module, list[ModuleCall]], streamed: set[int]
+    ) -> None:
+        """``streamed``: the ids of the calls that received a gradient from their hooks (which
+        may have been released since)."""
         unreached = [
             (module, k)
             for module, module_calls in calls.items()
             for k, call in enumerate(module_calls)
-            if all(g is None for g in call.grad_outputs)
+            if id(call) not in streamed and all(g is None for g in call.grad_outputs)
         ]
         if len(unreached) == sum(len(c) for c in calls.values()):
             raise ValueError(
@@ -426,8 +513,7 @@ class Engine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._calls.clear()
-        self._rng_states.clear()
+        self._clear()
 
     def __enter__(self) -> "Engine":
         return self
