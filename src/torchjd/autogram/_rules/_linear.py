@@ -178,12 +178,6 @@ CHUNK_BYTES = 1 << 24
 gradients of a block of output features, or the closed form's products for a block of samples)."""
 
 
-BLOCK_BYTES = 1 << 21
-"""The size of the blocks of per-objective gradients that :func:`weight_gramian` forms one after
-the other (when they are not kept): as fast as forming them whole, and the Gramian pass's peak
-memory does not hold a layer's whole per-objective gradients."""
-
-
 KEEP_RATIO = 2
 """The fused step keeps a layer's per-objective gradients (when the Gramian formed them whole) in
 place of its output gradients when they are at most this many times larger: weighting them then
@@ -240,8 +234,7 @@ def _weight_gramian(
     if per_objective_is_cheaper(B, R, T, d_in, d_out):
         # The rows Γ_ir^T X_i of the Jacobian, block of output features by block, each formed
         # transposed (X_i^T Γ_ir: the output features vary fastest, the faster product).
-        block_bytes = min(chunk_bytes, BLOCK_BYTES)
-        step = d_out if keep_jacobian else max(1, block_bytes // (P * B * R * d_in * size))
+        step = d_out if keep_jacobian else max(1, chunk_bytes // (P * B * R * d_in * size))
         G = Gamma.new_zeros(B * R, B * R)
         for start in range(0, d_out, step):
             block = Gamma[..., start : start + step]
