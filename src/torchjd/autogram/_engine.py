@@ -58,6 +58,12 @@ class Engine:
     come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
     re-runs of activation checkpointing).
 
+    With one objective per sample, the blocks of ``Linear`` layers, convolutions, ``Embedding``
+    and normalisation layers are computed during the backward pass itself, from hooks on the
+    recorded outputs, as soon as their gradients are known, so that each layer's output
+    gradients are freed before the pass reaches the layers below (a hook of yours registered on
+    such an output after the engine's still receives the gradient).
+
     For a linear model, the gradient of the output for sample :math:`i` is :math:`(x_i, 1)`, so
     :math:`G = X X^\top + 1`:
 
