@@ -376,7 +376,7 @@ class Engine:
             else:
                 _release(module_calls)
 
-        streamed = self._streamed(calls, R, kept_bytes)
+        streamed = self._streamed(calls, R, kept_bytes) if output.grad_fn is not None else {}
         requested = self._requested_edges(output, calls, streamed)
         if streamed:
             self._stream = GramianStream(streamed, requested[1], run_rule)
