@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from tests.autogram._helpers import assert_gramian_exact
 from torchjd.aggregation import UPGradWeighting
-from torchjd.autogram import Engine
+from torchjd.autogram import Engine, _streaming
 
 
 def mlp() -> nn.Sequential:
@@ -86,3 +86,26 @@ def test_fused_step_with_streamed_rules_matches_the_two_pass_step():
         grads.append([p.grad.clone() for p in model.parameters()])
     for g, g_ref in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(g, g_ref)
+
+
+def test_upper_attention_layer_streams_and_stays_exact(monkeypatch):
+    # The upper layer's attention projections lie above the lower layer's: their gradients come
+    # from pre-hooks of their nodes, and the upper attention block is done during the pass.
+    torch.manual_seed(0)
+    layers = [
+        nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        for _ in range(2)
+    ]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 8, 1)).double()
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    streams: list[_streaming.GramianStream] = []
+    init = _streaming.GramianStream.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        streams.append(self)
+
+    monkeypatch.setattr(_streaming.GramianStream, "__init__", spy)
+    assert_gramian_exact([model], lambda: model(x).squeeze(1), 0)
+    assert layers[1].self_attn in streams[0].done
+    assert layers[0].self_attn not in streams[0].done  # its input projection is the lowest

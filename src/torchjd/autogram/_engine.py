@@ -18,7 +18,7 @@ from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
 from torchjd.autogram._module_call import ModuleCall, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
-from torchjd.autogram._streaming import GramianStream, lowest_edges, register_grad_hook
+from torchjd.autogram._streaming import GramianStream, lowest_edges, register_grad_hooks
 
 
 class Engine:
@@ -58,11 +58,11 @@ class Engine:
     come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
     re-runs of activation checkpointing).
 
-    With one objective per sample, the blocks of ``Linear`` layers, convolutions, ``Embedding``
-    and normalisation layers are computed during the backward pass itself, from hooks on the
-    recorded outputs, as soon as their gradients are known, so that each layer's output
-    gradients are freed before the pass reaches the layers below (a hook of yours registered on
-    such an output after the engine's still receives the gradient).
+    With one objective per sample, the blocks of ``Linear`` layers, convolutions, ``Embedding``,
+    normalisation layers and ``MultiheadAttention`` are computed during the backward pass
+    itself, from hooks on the recorded outputs, as soon as their gradients are known, so that
+    each layer's output gradients are freed before the pass reaches the layers below (a hook of
+    yours registered on such an output after the engine's still receives the gradient).
 
     For a linear model, the gradient of the output for sample :math:`i` is :math:`(x_i, 1)`, so
     :math:`G = X X^\top + 1`:
@@ -184,10 +184,8 @@ class Engine:
         inner_edges = getattr(self._rules[module][0], "inner_edges", None)
         if inner_edges is not None:
             call.inner_edges = inner_edges(module, call)
-        if getattr(self._rules[module][0], "pure", None) is not None and not call.inner_edges:
-            call.grad_hooks = [  # for a streamed Gramian pass (see _streaming.py)
-                register_grad_hook(self._this, call, k, t) for k, t in enumerate(outputs)
-            ]
+        if getattr(self._rules[module][0], "pure", None) is not None:
+            call.grad_hooks = register_grad_hooks(self._this, call, outputs)  # see _streaming.py
         self._calls.setdefault(module, []).append(call)
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
@@ -412,7 +410,9 @@ class Engine:
         streamed = {}
         for module, module_calls in calls.items():
             pure = getattr(self._rules[module][0], "pure", None)
-            hooked = all(len(c.grad_hooks) == len(c.edges) for c in module_calls)
+            hooked = all(
+                len(c.grad_hooks) == len(c.edges) + len(c.inner_edges) for c in module_calls
+            )
             if pure is not None and hooked and pure(module, module_calls):
                 streamed[module] = module_calls
         return streamed
@@ -424,7 +424,8 @@ class Engine:
         streamed: dict[nn.Module, list[ModuleCall]],
     ) -> tuple[list[Any], set[tuple[int, int]]]:
         """The gradient edges that the backward pass returns, and among them, the keys
-        ``(id(call), k)`` of the lowest streamed outputs."""
+        ``(id(call), k)`` of the lowest streamed ones (``k`` indexes the call's outputs, then its
+        inner edges)."""
         if not streamed:
             edges = [e for cs in calls.values() for c in cs for e in (*c.edges, *c.inner_edges)]
             return edges, set()
@@ -454,9 +455,12 @@ class Engine:
                     call.grad_outputs = [next(grads) for _ in call.edges]
                     call.inner_grads = [next(grads) for _ in call.inner_edges]
                     continue
-                for k in range(len(call.edges)):
-                    if (id(call), k) in lowest:
-                        next(grads)  # a stand-in, or None: what the hook received is kept
+                for k in range(len(call.edges) + len(call.inner_edges)):
+                    if (id(call), k) not in lowest:
+                        continue
+                    grad = next(grads)  # for an output: what its hook received is kept
+                    if k >= len(call.edges):  # a point inside the call: no hook ran
+                        call.inner_grads[k - len(call.edges)] = grad
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
         if self._batch_dim is None:

@@ -2,9 +2,10 @@ r"""Rules run during the Gramian's backward pass, as soon as their module's outp
 
 A backward pass that returns the gradients w.r.t. every hooked call's output holds them all at
 its end: about the activations' size again, on top of the graph. Instead, the engine registers a
-hook on each recorded output; during the Gramian's backward pass (one objective per sample), the
-hook of a module whose rule needs nothing but the recorded tensors (its ``pure(module, calls)``)
-stores the gradient in the call, and once every output of every call of the module has its
+hook on each recorded output (and on the nodes of the points inside a call whose gradients its
+rule wants); during the Gramian's backward pass (one objective per sample), the hook of a module
+whose rule needs nothing but the recorded tensors (its ``pure(module, calls)``) stores the
+gradient in the call, and once every output of every call of the module has its
 gradient, the rule gives the module's block :math:`J_\ell J_\ell^\top` and the gradients are
 released (or kept for the fused step), while the pass goes on to the layers below.
 
@@ -45,7 +46,8 @@ class GramianStream:
         self.run = run
         self.module_of = {id(call): module for module, calls in modules.items() for call in calls}
         self.missing = {
-            module: sum(len(call.edges) for call in calls) for module, calls in modules.items()
+            module: sum(len(call.edges) + len(call.inner_edges) for call in calls)
+            for module, calls in modules.items()
         }
         self.calls = modules
         self.done: set[nn.Module] = set()
@@ -53,6 +55,7 @@ class GramianStream:
         for calls in modules.values():
             for call in calls:
                 call.grad_outputs = [None] * len(call.edges)
+                call.inner_grads = [None] * len(call.inner_edges)
 
     def receive(self, call: ModuleCall, k: int, grad: Tensor, last: bool) -> Tensor | None:
         """Stores the gradient w.r.t. output ``k`` of ``call``; runs the module's rule when it was
@@ -62,7 +65,10 @@ class GramianStream:
         module = self.module_of.get(id(call))
         if module is None:
             return None
-        call.grad_outputs[k] = grad.unsqueeze(0)  # R = 1
+        if k < len(call.edges):
+            call.grad_outputs[k] = grad.unsqueeze(0)  # R = 1
+        else:
+            call.inner_grads[k - len(call.edges)] = grad.unsqueeze(0)
         self.reached.add(id(call))
         self.missing[module] -= 1
         if self.missing[module] == 0:
@@ -100,28 +106,42 @@ def _children(node: Any) -> Iterator[Any]:
     return (child for child, _ in node.next_functions if child is not None)
 
 
-def register_grad_hook(
-    engine: "weakref.ref[Any]", call: ModuleCall, k: int, output: Tensor
-) -> RemovableHandle:
-    """Registers on ``output`` (output ``k`` of ``call``) the hook that hands its gradient to the
-    engine's stream, if a streamed pass is running (both held weakly: the hook lives in the
-    graph)."""
+def register_grad_hooks(
+    engine: "weakref.ref[Any]", call: ModuleCall, outputs: Sequence[Tensor]
+) -> list[RemovableHandle]:
+    """Registers the hooks that hand the gradients w.r.t. the call's ``outputs`` and inner edges
+    to the engine's stream, if a streamed pass is running (both held weakly: the hooks live in
+    the graph). An output's is a hook of the tensor (it runs even where autograd only returns
+    the gradient); an inner edge's, a pre-hook of its node (it runs when the node runs)."""
     call_ref = weakref.ref(call)
-    handle: RemovableHandle | None = None
+    handles: list[RemovableHandle] = []
 
-    def hook(grad: Tensor) -> Tensor | None:
+    def receive(k: int, grad: Tensor | None, last: bool) -> Tensor | None:
         alive, recorded = engine(), call_ref()
         stream = None if alive is None else alive._stream
-        if stream is None or recorded is None:
+        if stream is None or recorded is None or grad is None:
             return None
-        return stream.receive(recorded, k, grad, _is_last(handle))
+        return stream.receive(recorded, k, grad, last)
 
-    handle = output.register_hook(hook)
-    return handle
+    for k, output in enumerate(outputs):
+
+        def hook(grad: Tensor, k: int = k) -> Tensor | None:
+            return receive(k, grad, _is_last(handles[k]))
+
+        handles.append(output.register_hook(hook))
+    for j, edge in enumerate(call.inner_edges):
+
+        def pre_hook(
+            grad_outputs: Any, k: int = len(outputs) + j, nr: int = edge.output_nr
+        ) -> None:
+            receive(k, grad_outputs[nr], False)
+
+        handles.append(edge.node.register_prehook(pre_hook))
+    return handles
 
 
-def _is_last(handle: RemovableHandle | None) -> bool:
+def _is_last(handle: RemovableHandle) -> bool:
     """Whether the hook of ``handle`` is the last one of its tensor: the hooks after it would
     receive what it returns."""
-    hooks = None if handle is None else handle.hooks_dict_ref()
+    hooks = handle.hooks_dict_ref()
     return hooks is not None and next(reversed(hooks), None) == handle.id
