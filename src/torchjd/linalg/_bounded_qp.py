@@ -88,6 +88,7 @@ from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import principal_pivoting, scaled_cholesky
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
+from torchjd.linalg._small_pivoting import small_pivoting
 from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
@@ -149,6 +150,20 @@ def solve_lower_bounded_qp(
         tol = (LEAST_NORM_TOL if least_norm else DEFAULT_TOL)[work_dtype]
 
     G = (G + G.T) / 2
+    if not least_norm and G.shape[0] <= _DIRECT_MAX_M:
+        # Small problems: every row at once (no search for the rows without conflict: their guess
+        # is right at the first step); the rows left, by the general route below.
+        X, converged = _small_default_route(G, U, tol)
+        if bool(converged.all()):
+            return X.to(out_dtype)
+        rows = (~converged).nonzero().squeeze(1)
+        X[rows] = _solve(G, U[rows], tol, max_iters, least_norm).to(X.dtype)
+        return X.to(out_dtype)
+    return _solve(G, U, tol, max_iters, least_norm).to(out_dtype)
+
+
+def _solve(G: Tensor, U: Tensor, tol: float, max_iters: int, least_norm: bool) -> Tensor:
+    """The general route, on a symmetric ``G`` in the working dtype."""
     G_exact = G if least_norm else None
     if least_norm:
         G = tikhonov(G)
@@ -162,7 +177,7 @@ def solve_lower_bounded_qp(
     if rows.numel() < U.shape[0]:
         V = torch.where(non_finite.unsqueeze(1), torch.nan, U)
         if rows.numel() == 0:
-            return V.to(out_dtype)
+            return V
         U, GU = U[rows], GU[rows]
     else:
         rows = slice(None)  # type: ignore[assignment]
@@ -176,9 +191,26 @@ def solve_lower_bounded_qp(
     else:
         X = _default_route(G, U, GU > 0, tol, max_iters)
     if isinstance(rows, slice):  # every row conflicted
-        return torch.maximum(X, U).to(out_dtype)
+        return torch.maximum(X, U)
     V[rows] = torch.maximum(X, U)
-    return V.to(out_dtype)
+    return V
+
+
+def _small_default_route(G: Tensor, U: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Default mode, ``m ≤ 64``, every row: the enumeration of all active sets up to ``m = 8``,
+    else pivoting with each face solved on its smaller side (:func:`small_pivoting`), in float64
+    from the active set of ``v = u``. Returns the rows (``v ≥ u``, in the dtype of ``G``) and
+    which of them are solved."""
+    m = G.shape[0]
+    if m <= _ENUMERATION_MAX_M:
+        U64 = U.double()
+        X, residual = enumerate_active_sets(G.double(), U64)
+        return torch.maximum(X, U64).to(G.dtype), residual <= tol
+    result = small_pivoting(G, U, U @ G > 0, tol, 3 * m + 10)
+    if result is None:
+        return U.clone(), torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
+    X, converged = result
+    return X.to(G.dtype), converged
 
 
 def _nonsingular(G: Tensor) -> bool:
