@@ -24,23 +24,26 @@ feasibility test is on ``G`` itself; a face solution whose gradient does not van
 set (rounding on an ill-conditioned face) leaves its row unconverged.
 """
 
+from functools import cached_property
+
 import torch
 from torch import Tensor
 
+from torchjd.linalg._kkt import feasible_kkt_residual
 from torchjd.linalg._principal_pivoting import _FULL_EXCHANGES, _PRIMAL_THRESHOLD
 
 # Smallest pivot of the Cholesky factor of Ĝ (its square bounds the smallest eigenvalue) for which
 # H = Ĝ⁻¹ is accurate enough in float64.
 _MIN_PIVOT = 1e-3
+_COMPACT_MIN_M = 16  # beyond, the rows done leave the batch once they are half of it
 
 
 def small_pivoting(
     G: Tensor, U: Tensor, active: Tensor, tol: float, max_steps: int
 ) -> tuple[Tensor, Tensor] | None:
     """Rows ``argmin_{v ≥ u} vᵀ G v`` of ``U`` (``[k, m]``) from the guess ``active``, in
-    float64 (see the module docstring), and which rows converged: no index infeasible by more than
-    a small fraction of ``tol``, relative to ``max|u|`` (for ``v ≥ u``) or to
-    :func:`~torchjd.linalg._kkt.row_scales` ``· max|u|`` (for ``G v ≥ 0``). Rows come back with
+    float64 (see the module docstring), and which rows are solved: their KKT residual on ``G``
+    (:func:`~torchjd.linalg._kkt.feasible_kkt_residual`) is at most ``tol``. Rows come back with
     ``v ≥ u`` exactly, in float64. None when ``G`` has a non-positive diagonal entry or is too
     ill-conditioned for ``H`` to be accurate (a pivot below :data:`_MIN_PIVOT`)."""
     k, m = U.shape
@@ -51,66 +54,107 @@ def small_pivoting(
     # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation)
     if not bool(L.diagonal().amin() >= _MIN_PIVOT) or bool(info):
         return None
-    H = torch.cholesky_inverse(L)
-    # Face blocks are gathered (one take) from diag(H, Ĝ, I): dual rows from H, primal rows from
-    # Ĝ, and the identity pads each block to the common width.
-    blocks = torch.block_diag(H, G_hat, torch.eye(m, dtype=G.dtype, device=G.device))
-    # Violations: u_j − v_j = s_j (û_j − z_j), and −(G v)_j / row_scale_j = −(Ĝ z)_j / √max G_ll
-    # (row_scale_j = √(G_jj max G_ll)); both relative to max|u|.
-    dual_weight = -G.diagonal().amax().rsqrt()
-    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
-    U_hat, bound = U / s, (_PRIMAL_THRESHOLD * tol) * u_scale
-    positions = torch.arange(m, 3 * m, device=G.device)  # padding: columns m, m + 1, ... of Z
+    faces = _Faces(G_hat, L)
+    # An index is infeasible when u_j − v_j = s_j (û_j − z_j) exceeds a small fraction of max|u|,
+    # or −(G v)_j = −(Ĝ z)_j / s_j that fraction of row_scale_j · max|u| (row_scales: √(G_jj
+    # max_l G_ll)), i.e. when −(Ĝ z)_j exceeds it times √max_l G_ll.
+    bound = (_PRIMAL_THRESHOLD * tol) * U.abs().amax(dim=1, keepdim=True)
+    U_hat, primal_bound = U / s, bound / s
+    dual_bound = bound * -G.diagonal().amax().sqrt()
+    hopeless = ~(bound.squeeze(1) < torch.inf)  # a row with a non-finite entry: never solved
+    positions = torch.arange(1, m + 1, device=G.device)
     # Per row: the fewest infeasible indices so far, and the full exchanges left without progress.
     best = torch.full((k,), m + 1, device=G.device)
     tries = torch.full((k,), _FULL_EXCHANGES, device=G.device)
     Z_all = torch.empty_like(U)
-    converged = torch.zeros(k, dtype=torch.bool, device=G.device)
     rows = torch.arange(k, device=G.device)
     for step in range(max_steps):
-        n_active = active.sum(dim=1, keepdim=True)
-        dual = 2 * n_active <= m  # the active side is the smaller: solve for the multipliers
-        width = int(torch.minimum(n_active, m - n_active).amax())
-        Z = torch.where(active, U_hat, 0.0)
-        if width > 0:
-            side = active == dual  # each row's indices on its smaller side
-            index = torch.topk(side.to(G.dtype), width, dim=1, sorted=False).indices
-            on_side = side.gather(1, index)
-            padding = positions[:width]
-            block = torch.where(on_side, index + torch.where(dual, 0, m), padding + m)
-            factor, _ = torch.linalg.cholesky_ex(
-                torch.take(blocks, block.unsqueeze(2) * (3 * m) + block.unsqueeze(1))
-            )
-            rhs = torch.where(dual, U_hat, (Z @ G_hat).neg_()).gather(1, index)
-            x = torch.cholesky_solve((rhs * on_side).unsqueeze(2), factor).squeeze(2)
-            solution = Z.new_zeros(len(rows), m + width)
-            solution = solution.scatter_(1, torch.where(on_side, index, padding), x)[:, :m]
-            Z = torch.where(active, U_hat, torch.where(dual, solution @ H, solution))
-        conflict = (Z @ G_hat) * dual_weight
-        violation = torch.where(active, conflict, (U_hat - Z) * s)
-        infeasible = ~(violation <= bound)  # NaN counts as infeasible
+        Z = faces.solve(U_hat, active)
+        feasible = torch.where(active, Z @ G_hat >= dual_bound, U_hat - Z <= primal_bound)
+        infeasible = ~feasible  # NaN counts as infeasible
         count = infeasible.sum(dim=1)
-        # A face solution whose gradient does not vanish on its free set cannot be trusted (a
-        # numerically singular face): its row stops, unconverged.
-        exact = torch.where(active, 0.0, conflict).abs() <= tol * u_scale
-        done = (count == 0) | ~exact.all(dim=1)
-        n_done = int(done.sum())
-        if n_done > 0 or step == max_steps - 1:  # the rows done leave with their last face
-            Z_all[rows] = Z
-            converged[rows] = count == 0
-        if n_done == len(rows):
-            break
         # The exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`: all infeasible
         # indices while their count falls, else only the largest.
         tries = torch.where(count < best, _FULL_EXCHANGES, tries - 1)
         best = torch.minimum(count, best)
-        flips = infeasible
-        if bool((tries < 0).any()):
-            largest = (infeasible * positions[:m]).amax(dim=1, keepdim=True)
-            flips = infeasible & ((tries >= 0).unsqueeze(1) | (positions[:m] == largest))
-        active = active ^ flips
-        if n_done > 0:
+        done = (count == 0) | hopeless
+        n_done, n_single = torch.stack([done.sum(), (tries < 0).sum()]).tolist()
+        if n_done == len(rows) or step == max_steps - 1:
+            break
+        if n_single > 0:
+            largest = (infeasible * positions).amax(dim=1, keepdim=True)
+            infeasible = infeasible & ((tries >= 0).unsqueeze(1) | (positions == largest))
+        active = active ^ infeasible
+        # The rows done leave with their last face when they are half the batch (below
+        # _COMPACT_MIN_M, a batch costs about the same whatever its size).
+        if 2 * n_done >= len(rows) and m > _COMPACT_MIN_M:
+            Z_all[rows] = Z
             keep = (~done).nonzero().squeeze(1)
-            rows, active, U_hat, u_scale = rows[keep], active[keep], U_hat[keep], u_scale[keep]
-            bound, best, tries = bound[keep], best[keep], tries[keep]
-    return torch.maximum(s * Z_all, U), converged
+            rows, active, U_hat, best, tries = (
+                rows[keep],
+                active[keep],
+                U_hat[keep],
+                best[keep],
+                tries[keep],
+            )
+            primal_bound, dual_bound, hopeless = (
+                primal_bound[keep],
+                dual_bound[keep],
+                hopeless[keep],
+            )
+    if len(rows) == k:
+        Z_all = Z
+    else:
+        Z_all[rows] = Z
+    X = torch.maximum(s * Z_all, U)
+    # Checked on G itself: a face solution whose gradient does not vanish on its free set
+    # (rounding on an ill-conditioned face) is caught by the complementarity term.
+    return X, feasible_kkt_residual(G, U, X, X @ G) <= tol
+
+
+class _Faces:
+    """The face solutions ``z`` of all rows (see the module docstring), each step on the side that
+    makes the widest system the smaller: the active sets (dual, from ``H``) or the free sets
+    (primal, from ``Ĝ``). The blocks are gathered from ``diag(H, I)`` or ``diag(Ĝ, I)`` (built
+    on first use), whose identity pads them to a common width with no masking."""
+
+    def __init__(self, G_hat: Tensor, L: Tensor) -> None:
+        m = G_hat.shape[0]
+        self.G_hat, self.L, self.m = G_hat, L, m
+        self.padding = torch.arange(m, 2 * m, device=G_hat.device)
+
+    @cached_property
+    def H(self) -> Tensor:
+        return torch.cholesky_inverse(self.L)
+
+    @cached_property
+    def dual_blocks(self) -> Tensor:
+        return torch.block_diag(self.H, torch.eye(self.m).to(self.H))
+
+    @cached_property
+    def primal_blocks(self) -> Tensor:
+        return torch.block_diag(self.G_hat, torch.eye(self.m).to(self.G_hat))
+
+    def solve(self, U_hat: Tensor, active: Tensor) -> Tensor:
+        m = self.m
+        low, high = torch.aminmax(active.sum(dim=1))
+        most_active, most_free = torch.stack([high, m - low]).tolist()
+        dual = most_active <= most_free
+        width = min(most_active, most_free)
+        U_active = U_hat * active
+        if width == 0:  # no active index in any row (then z = 0), or no free index (z = û)
+            return U_active
+        side = active if dual else ~active
+        index = torch.topk(side.to(U_hat.dtype), width, dim=1, sorted=False).indices
+        index = torch.where(side.gather(1, index), index, self.padding[:width])
+        blocks = self.dual_blocks if dual else self.primal_blocks
+        factor, _ = torch.linalg.cholesky_ex(
+            torch.take(blocks, index.unsqueeze(2) * (2 * m) + index.unsqueeze(1))
+        )
+        rhs = U_hat if dual else (U_active @ self.G_hat).neg_()
+        b = torch.nn.functional.pad(rhs, (0, m)).gather(1, index)
+        x = torch.cholesky_solve(b.unsqueeze(2), factor).squeeze(2)
+        solution = U_hat.new_zeros(U_hat.shape[0], 2 * m).scatter_(1, index, x)[:, :m]
+        if dual:  # μ̂ on A: z = H μ̂, and z_A = û_A exactly
+            return torch.where(active, U_hat, solution @ self.H)
+        return U_active + solution
