@@ -69,8 +69,8 @@ def small_pivoting(
     Z_all = torch.empty_like(U)
     rows = torch.arange(k, device=G.device)
     for step in range(max_steps):
-        Z = faces.solve(U_hat, active)
-        feasible = torch.where(active, Z @ G_hat >= dual_bound, U_hat - Z <= primal_bound)
+        Z, gradient = faces.solve(U_hat, active)
+        feasible = torch.where(active, gradient >= dual_bound, U_hat - Z <= primal_bound)
         infeasible = ~feasible  # NaN counts as infeasible
         count = infeasible.sum(dim=1)
         # The exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`: all infeasible
@@ -135,7 +135,10 @@ class _Faces:
     def primal_blocks(self) -> Tensor:
         return torch.block_diag(self.G_hat, torch.eye(self.m).to(self.G_hat))
 
-    def solve(self, U_hat: Tensor, active: Tensor) -> Tensor:
+    def solve(self, U_hat: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+        """The face solutions ``z`` of the rows and their gradients ``Ĝ z`` (for the dual side,
+        the multipliers ``μ``: ``Ĝ z = μ`` up to rounding, which the caller's final check on
+        ``G`` bounds)."""
         m = self.m
         low, high = torch.aminmax(active.sum(dim=1))
         most_active, most_free = torch.stack([high, m - low]).tolist()
@@ -143,7 +146,7 @@ class _Faces:
         width = min(most_active, most_free)
         U_active = U_hat * active
         if width == 0:  # no active index in any row (then z = 0), or no free index (z = û)
-            return U_active
+            return U_active, U_active @ self.G_hat
         side = active if dual else ~active
         index = torch.topk(side.to(U_hat.dtype), width, dim=1, sorted=False).indices
         index = torch.where(side.gather(1, index), index, self.padding[:width])
@@ -155,6 +158,7 @@ class _Faces:
         b = torch.nn.functional.pad(rhs, (0, m)).gather(1, index)
         x = torch.cholesky_solve(b.unsqueeze(2), factor).squeeze(2)
         solution = U_hat.new_zeros(U_hat.shape[0], 2 * m).scatter_(1, index, x)[:, :m]
-        if dual:  # μ̂ on A: z = H μ̂, and z_A = û_A exactly
-            return torch.where(active, U_hat, solution @ self.H)
-        return U_active + solution
+        if dual:  # μ on A: z = H μ, and z_A = û_A exactly
+            return torch.where(active, U_hat, solution @ self.H), solution
+        Z = U_active + solution
+        return Z, Z @ self.G_hat
