@@ -58,14 +58,16 @@ def small_pivoting(
     # An index is infeasible when u_j − v_j = s_j (û_j − z_j) exceeds a small fraction of max|u|,
     # or −(G v)_j = −(Ĝ z)_j / s_j that fraction of row_scale_j · max|u| (row_scales: √(G_jj
     # max_l G_ll)), i.e. when −(Ĝ z)_j exceeds it times √max_l G_ll.
-    bound = (_PRIMAL_THRESHOLD * tol) * U.abs().amax(dim=1, keepdim=True)
-    U_hat, primal_bound = U / s, bound / s
+    # Rows with a non-finite entry are solved as zero rows (for a fixed cost), and fail the final
+    # check.
+    U_finite = U.nan_to_num(0.0, 0.0, 0.0)
+    bound = (_PRIMAL_THRESHOLD * tol) * U_finite.abs().amax(dim=1, keepdim=True)
+    U_hat, primal_bound = U_finite / s, bound / s
     dual_bound = bound * -G.diagonal().amax().sqrt()
-    hopeless = ~(bound.squeeze(1) < torch.inf)  # a row with a non-finite entry: never solved
     positions = torch.arange(1, m + 1, device=G.device)
-    # Per row: the fewest infeasible indices so far, and the full exchanges left without progress.
+    # Per row: the fewest infeasible indices so far, and the steps since that count last fell.
     best = torch.full((k,), m + 1, device=G.device)
-    tries = torch.full((k,), _FULL_EXCHANGES, device=G.device)
+    stalled = torch.zeros(k, dtype=torch.long, device=G.device)
     Z_all = torch.empty_like(U)
     rows = torch.arange(k, device=G.device)
     for step in range(max_steps):
@@ -74,34 +76,27 @@ def small_pivoting(
         infeasible = ~feasible  # NaN counts as infeasible
         count = infeasible.sum(dim=1)
         # The exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`: all infeasible
-        # indices while their count falls, else only the largest.
-        tries = torch.where(count < best, _FULL_EXCHANGES, tries - 1)
+        # indices while their count falls, else (after _FULL_EXCHANGES steps) only the largest.
+        stalled = (stalled + 1) * (count >= best)
         best = torch.minimum(count, best)
-        done = (count == 0) | hopeless
-        n_done, n_single = torch.stack([done.sum(), (tries < 0).sum()]).tolist()
+        done = count == 0
+        n_done, n_single = torch.stack([done.sum(), (stalled > _FULL_EXCHANGES).sum()]).tolist()
         if n_done == len(rows) or step == max_steps - 1:
             break
         if n_single > 0:
             largest = (infeasible * positions).amax(dim=1, keepdim=True)
-            infeasible = infeasible & ((tries >= 0).unsqueeze(1) | (positions == largest))
+            single = (stalled > _FULL_EXCHANGES).unsqueeze(1)
+            infeasible = infeasible & (~single | (positions == largest))
         active = active ^ infeasible
         # The rows done leave with their last face when they are half the batch (below
         # _COMPACT_MIN_M, a batch costs about the same whatever its size).
         if 2 * n_done >= len(rows) and m > _COMPACT_MIN_M:
             Z_all[rows] = Z
             keep = (~done).nonzero().squeeze(1)
-            rows, active, U_hat, best, tries = (
-                rows[keep],
-                active[keep],
-                U_hat[keep],
-                best[keep],
-                tries[keep],
+            rows, active, U_hat, best, stalled = (
+                t[keep] for t in (rows, active, U_hat, best, stalled)
             )
-            primal_bound, dual_bound, hopeless = (
-                primal_bound[keep],
-                dual_bound[keep],
-                hopeless[keep],
-            )
+            primal_bound, dual_bound = primal_bound[keep], dual_bound[keep]
     if len(rows) == k:
         Z_all = Z
     else:
@@ -115,7 +110,7 @@ def small_pivoting(
 class _Faces:
     """The face solutions ``z`` of all rows (see the module docstring), each step on the side that
     makes the widest system the smaller: the active sets (dual, from ``H``) or the free sets
-    (primal, from ``Ĝ``). The blocks are gathered from ``diag(H, I)`` or ``diag(Ĝ, I)`` (built
+    (primal, from ``Ĝ``). The blocks are indexed from ``diag(H, I)`` or ``diag(Ĝ, I)`` (built
     on first use), whose identity pads them to a common width with no masking."""
 
     def __init__(self, G_hat: Tensor, L: Tensor) -> None:
@@ -129,11 +124,11 @@ class _Faces:
 
     @cached_property
     def dual_blocks(self) -> Tensor:
-        return torch.block_diag(self.H, torch.eye(self.m).to(self.H))
+        return torch.block_diag(self.H, _eye(self.H))
 
     @cached_property
     def primal_blocks(self) -> Tensor:
-        return torch.block_diag(self.G_hat, torch.eye(self.m).to(self.G_hat))
+        return torch.block_diag(self.G_hat, _eye(self.G_hat))
 
     def solve(self, U_hat: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
         """The face solutions ``z`` of the rows and their gradients ``Ĝ z`` (for the dual side,
@@ -151,9 +146,7 @@ class _Faces:
         index = torch.topk(side.to(U_hat.dtype), width, dim=1, sorted=False).indices
         index = torch.where(side.gather(1, index), index, self.padding[:width])
         blocks = self.dual_blocks if dual else self.primal_blocks
-        factor, _ = torch.linalg.cholesky_ex(
-            torch.take(blocks, index.unsqueeze(2) * (2 * m) + index.unsqueeze(1))
-        )
+        factor, _ = torch.linalg.cholesky_ex(blocks[index.unsqueeze(2), index.unsqueeze(1)])
         rhs = U_hat if dual else (U_active @ self.G_hat).neg_()
         b = torch.nn.functional.pad(rhs, (0, m)).gather(1, index)
         x = torch.cholesky_solve(b.unsqueeze(2), factor).squeeze(2)
@@ -162,3 +155,7 @@ class _Faces:
             return torch.where(active, U_hat, solution @ self.H), solution
         Z = U_active + solution
         return Z, Z @ self.G_hat
+
+
+def _eye(like: Tensor) -> Tensor:
+    return torch.eye(like.shape[0], dtype=like.dtype, device=like.device)
