@@ -13,13 +13,26 @@ are: ``v ≥ u``, ``G v ≥ 0`` and ``(G v) ⊙ (v − u) = 0``.
 
 Method
 ------
+Default mode, ``m ≤ 64`` (UPGrad over a few tasks, or over a batch of per-sample losses): every
+row is solved at once, in float64, with a fixed few dozen operations per step
+(:func:`_small_default_route`): up to ``m = 8`` rows, by trying every active set at once
+(:mod:`torchjd.linalg._enumeration`: one batched LU factorisation of ``2^m`` small systems);
+beyond, by block principal pivoting from the active set of ``v = u`` (the indices where
+``G u > 0``), each face solved on its smaller side, through ``G⁻¹`` (``|A| × |A|``) or ``G``
+(``|F| × |F|``), all rows in one batched Cholesky factorisation per step
+(:mod:`torchjd.linalg._small_pivoting`). Rows without conflict need no search: their guess is
+right at once. Each row is checked on ``G``; the rows left (non-finite entries, a ``G`` too
+ill-conditioned for ``G⁻¹``, rounding) take the general route below. The published library's
+solver runs one row at a time (``quadprog``, in C); these batched steps cost about as much as a
+few dozen small torch operations each, which is what a call costs at these sizes.
+
+General route (larger problems, the exact mode, and the rows left above):
+
 1. ``v = u`` is optimal exactly when ``G u ≥ 0`` (no row of ``J`` conflicts with ``Jᵀ u``): one
    shared matrix product finds these rows, which are returned unchanged.
-2. Up to ``m = 8`` rows (the tasks of multi-task learning), every active set is tried at once
-   (:mod:`torchjd.linalg._enumeration`: one batched inverse of ``2^m`` small systems and a fixed
-   few dozen operations), in float64; rows whose best candidate misses the tolerance (rounding on
-   an ill-conditioned ``G``) go to ADMM and its polish. Small problems (``m ≤ 64``) are solved
-   exactly by block principal pivoting
+2. Up to ``m = 8`` rows, every active set is tried at once, in float64; rows whose best candidate
+   misses the tolerance (rounding on an ill-conditioned ``G``) go to ADMM and its polish. Small
+   problems (``m ≤ 64``) are solved exactly by block principal pivoting
    (:mod:`torchjd.linalg._principal_pivoting`), starting from the active set of one primal-dual
    step from ``v = u``. From ``m = 33`` on, when ``G`` is well-conditioned, the faces are solved
    through ``G⁻¹`` (:func:`~torchjd.linalg._schur_pivoting.schur_pivoting`: one ``|A| × |A|``

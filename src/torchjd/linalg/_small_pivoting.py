@@ -10,18 +10,20 @@ For ``min_{v ≥ u} vᵀ G v`` with ``G`` positive definite, a guess of the acti
     \text{dual: } H_{AA}\, \mu_A = \hat u_A,\; z = H_{:A}\, \mu_A \;(\hat G z = \mu),
 
 with :math:`\hat u = S^{-1} u`: the gradient :math:`\hat G z` vanishes on ``F``, so it is a
-multiplier :math:`\mu` supported on ``A``. Each row solves the smaller of its two systems
-(``|F| × |F|`` or ``|A| × |A|``): all rows at once, as one batched Cholesky factorisation of
-blocks gathered from ``diag(H, Ĝ, I)`` (the identity pads the blocks to a common width). The
-guess is right when ``z_F ≥ û_F`` and ``(Ĝ z)_A ≥ 0``; otherwise the infeasible indices change
-side, all at once while their number falls, else (after three tries) only the largest: Júdice &
-Pires (1994), the exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`.
+multiplier :math:`\mu` supported on ``A``. Each step solves every row on the side that makes the
+widest system the smaller (``|A| × |A|`` from ``H`` or ``|F| × |F|`` from ``Ĝ``: the free side
+when the rows share a strong common direction and few conflict, the active side when each row
+agrees with few others, as the per-sample losses of a classifier with those of their class), all
+rows at once, as one batched Cholesky factorisation of blocks indexed from
+``diag(H, I)`` or ``diag(Ĝ, I)`` (the identity pads the blocks to a common width). The guess is
+right when ``z_F ≥ û_F`` and ``(Ĝ z)_A ≥ 0``; otherwise the infeasible indices change side, all
+at once while their number falls, else (after three steps without progress) only the largest:
+Júdice & Pires (1994), the exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`.
 
-Rows whose guess is right keep their face, so the batch is never compacted: a step is a fixed
-few dozen operations whatever the rows do, and the loop stops when every row is feasible. The
-gradient ``Ĝ z`` is computed from ``z`` by one product (not taken from the multipliers), so the
-feasibility test is on ``G`` itself; a face solution whose gradient does not vanish on its free
-set (rounding on an ill-conditioned face) leaves its row unconverged.
+A step is a fixed few dozen operations whatever the rows do: rows whose guess is right keep their
+face (their solution does not change), and leave the batch only when they are half of it and the
+batch is large enough for its size to matter. The answer of every row is checked once, at the
+end, on ``G`` itself (:func:`~torchjd.linalg._kkt.feasible_kkt_residual`).
 """
 
 from functools import cached_property
@@ -36,6 +38,11 @@ from torchjd.linalg._principal_pivoting import _FULL_EXCHANGES, _PRIMAL_THRESHOL
 # H = Ĝ⁻¹ is accurate enough in float64.
 _MIN_PIVOT = 1e-3
 _COMPACT_MIN_M = 16  # beyond, the rows done leave the batch once they are half of it
+# From this size on, each row is solved on its own smaller side when that makes the widest system
+# narrower than this fraction of the widest on one side (the batched factorisations then cost
+# more than the few operations it adds).
+_MIXED_MIN_M = 33
+_MIXED_GAIN = 0.9
 
 
 def small_pivoting(
@@ -110,8 +117,10 @@ def small_pivoting(
 class _Faces:
     """The face solutions ``z`` of all rows (see the module docstring), each step on the side that
     makes the widest system the smaller: the active sets (dual, from ``H``) or the free sets
-    (primal, from ``Ĝ``). The blocks are indexed from ``diag(H, I)`` or ``diag(Ĝ, I)`` (built
-    on first use), whose identity pads them to a common width with no masking."""
+    (primal, from ``Ĝ``); from :data:`_MIXED_MIN_M` on, each row on its own smaller side when
+    that narrows the widest system. The blocks are indexed from ``diag(H, I)``, ``diag(Ĝ, I)``
+    or ``diag(H, Ĝ, I)`` (built on first use), whose identity pads them to a common width with no
+    masking."""
 
     def __init__(self, G_hat: Tensor, L: Tensor) -> None:
         m = G_hat.shape[0]
@@ -130,31 +139,60 @@ class _Faces:
     def primal_blocks(self) -> Tensor:
         return torch.block_diag(self.G_hat, _eye(self.G_hat))
 
+    @cached_property
+    def mixed_blocks(self) -> Tensor:
+        return torch.block_diag(self.H, self.G_hat, _eye(self.H))
+
     def solve(self, U_hat: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
         """The face solutions ``z`` of the rows and their gradients ``Ĝ z`` (for the dual side,
         the multipliers ``μ``: ``Ĝ z = μ`` up to rounding, which the caller's final check on
         ``G`` bounds)."""
         m = self.m
-        low, high = torch.aminmax(active.sum(dim=1))
-        most_active, most_free = torch.stack([high, m - low]).tolist()
-        dual = most_active <= most_free
+        n_active = active.sum(dim=1, keepdim=True)
+        low, high = torch.aminmax(n_active)
+        narrowest = torch.minimum(n_active, m - n_active).amax()
+        most_active, most_free, narrowest = torch.stack([high, m - low, narrowest]).tolist()
         width = min(most_active, most_free)
         U_active = U_hat * active
         if width == 0:  # no active index in any row (then z = 0), or no free index (z = û)
             return U_active, U_active @ self.G_hat
+        if m >= _MIXED_MIN_M and narrowest < _MIXED_GAIN * width:
+            return self._mixed(U_hat, active, U_active, 2 * n_active <= m, narrowest)
+        dual = most_active <= most_free
         side = active if dual else ~active
-        index = torch.topk(side.to(U_hat.dtype), width, dim=1, sorted=False).indices
-        index = torch.where(side.gather(1, index), index, self.padding[:width])
         blocks = self.dual_blocks if dual else self.primal_blocks
-        factor, _ = torch.linalg.cholesky_ex(blocks[index.unsqueeze(2), index.unsqueeze(1)])
         rhs = U_hat if dual else (U_active @ self.G_hat).neg_()
-        b = torch.nn.functional.pad(rhs, (0, m)).gather(1, index)
-        x = torch.cholesky_solve(b.unsqueeze(2), factor).squeeze(2)
-        solution = U_hat.new_zeros(U_hat.shape[0], 2 * m).scatter_(1, index, x)[:, :m]
+        solution = self._solve_blocks(blocks, side, rhs, width, 0)
         if dual:  # μ on A: z = H μ, and z_A = û_A exactly
             return torch.where(active, U_hat, solution @ self.H), solution
         Z = U_active + solution
         return Z, Z @ self.G_hat
+
+    def _mixed(
+        self, U_hat: Tensor, active: Tensor, U_active: Tensor, dual: Tensor, width: int
+    ) -> tuple[Tensor, Tensor]:
+        """Each row on its own smaller side (``dual``: ``[k, 1]``)."""
+        rhs = torch.where(dual, U_hat, (U_active @ self.G_hat).neg_())
+        solution = self._solve_blocks(self.mixed_blocks, active == dual, rhs, width, dual)
+        Z = torch.where(active, U_hat, torch.where(dual, solution @ self.H, solution))
+        return Z, torch.where(dual, solution, Z @ self.G_hat)
+
+    def _solve_blocks(
+        self, blocks: Tensor, side: Tensor, rhs: Tensor, width: int, dual: Tensor | int
+    ) -> Tensor:
+        """``x`` on each row's ``side`` (zero elsewhere) with ``B_SS x_S = rhs_S``, the blocks
+        ``B_SS`` of ``blocks`` padded by its trailing identity; with a ``dual`` mask, the rows
+        where it is False take their blocks ``m`` further (``Ĝ`` in ``diag(H, Ĝ, I)``)."""
+        m = self.m
+        index = torch.topk(side.to(rhs.dtype), width, dim=1, sorted=False).indices
+        index = torch.where(side.gather(1, index), index, self.padding[:width])
+        offset = (
+            index if isinstance(dual, int) else torch.where(dual & (index < m), index, index + m)
+        )
+        factor, _ = torch.linalg.cholesky_ex(blocks[offset.unsqueeze(2), offset.unsqueeze(1)])
+        b = torch.nn.functional.pad(rhs, (0, m)).gather(1, index)
+        x = torch.cholesky_solve(b.unsqueeze(2), factor).squeeze(2)
+        return rhs.new_zeros(rhs.shape[0], 2 * m).scatter_(1, index, x)[:, :m]
 
 
 def _eye(like: Tensor) -> Tensor:
