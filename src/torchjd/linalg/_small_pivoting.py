@@ -23,7 +23,7 @@ Júdice & Pires (1994), the exchange of :func:`~torchjd.linalg._principal_pivoti
 A step is a fixed few dozen operations whatever the rows do: rows whose guess is right keep their
 face (their solution does not change), and leave the batch only when they are half of it and the
 batch is large enough for its size to matter. The answer of every row is checked once, at the
-end, on ``G`` itself (:func:`~torchjd.linalg._kkt.feasible_kkt_residual`).
+end, on ``G`` itself (its KKT residual, as :func:`~torchjd.linalg._kkt.kkt_residual` measures it).
 """
 
 from functools import cached_property
@@ -31,7 +31,6 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from torchjd.linalg._kkt import feasible_kkt_residual
 from torchjd.linalg._principal_pivoting import _FULL_EXCHANGES, _PRIMAL_THRESHOLD
 
 # Smallest pivot of the Cholesky factor of Ĝ (its square bounds the smallest eigenvalue) for which
@@ -50,68 +49,79 @@ def small_pivoting(
 ) -> tuple[Tensor, Tensor] | None:
     """Rows ``argmin_{v ≥ u} vᵀ G v`` of ``U`` (``[k, m]``) from the guess ``active``, in
     float64 (see the module docstring), and which rows are solved: their KKT residual on ``G``
-    (:func:`~torchjd.linalg._kkt.feasible_kkt_residual`) is at most ``tol``. Rows come back with
+    (:func:`~torchjd.linalg._kkt.kkt_residual`) is at most ``tol``. Rows come back with
     ``v ≥ u`` exactly, in float64. None when ``G`` has a non-positive diagonal entry or is too
     ill-conditioned for ``H`` to be accurate (a pivot below :data:`_MIN_PIVOT`)."""
     k, m = U.shape
     G, U = G.double(), U.double()
-    s = G.diagonal().rsqrt()
+    diagonal = G.diagonal()
+    s = diagonal.rsqrt()
     G_hat = s.unsqueeze(1) * G * s
     L, info = torch.linalg.cholesky_ex(G_hat)
     # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation)
     if not bool(L.diagonal().amin() >= _MIN_PIVOT) or bool(info):
         return None
     faces = _Faces(G_hat, L)
-    # An index is infeasible when u_j − v_j = s_j (û_j − z_j) exceeds a small fraction of max|u|,
-    # or −(G v)_j = −(Ĝ z)_j / s_j that fraction of row_scale_j · max|u| (row_scales: √(G_jj
-    # max_l G_ll)), i.e. when −(Ĝ z)_j exceeds it times √max_l G_ll.
     # Rows with a non-finite entry are solved as zero rows (for a fixed cost), and fail the final
     # check.
     U_finite = U.nan_to_num(0.0, 0.0, 0.0)
-    bound = (_PRIMAL_THRESHOLD * tol) * U_finite.abs().amax(dim=1, keepdim=True)
-    U_hat, primal_bound = U_finite / s, bound / s
-    dual_bound = bound * -G.diagonal().amax().sqrt()
-    positions = torch.arange(1, m + 1, device=G.device)
-    # Per row: the fewest infeasible indices so far, and the steps since that count last fell.
-    best = torch.full((k,), m + 1, device=G.device)
-    stalled = torch.zeros(k, dtype=torch.long, device=G.device)
-    Z_all = torch.empty_like(U)
-    rows = torch.arange(k, device=G.device)
+    u_scale = U_finite.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    # row_scales(G)_j = √(G_jj max_l G_ll) = c / s_j, with c = √(max_l G_ll).
+    c = diagonal.amax().sqrt()
+    # An index is infeasible when u_j − v_j = s_j (û_j − z_j) exceeds a small fraction of max|u|,
+    # or −(G v)_j = −(Ĝ z)_j / s_j that fraction of row_scale_j · max|u|, i.e. when −(Ĝ z)_j
+    # exceeds it times c.
+    bound = (_PRIMAL_THRESHOLD * tol) * u_scale
+    U_hat, primal_bound, dual_bound = U_finite / s, bound / s, bound * -c
+    rows = slice(None)  # the rows still in the batch, once some have left
+    Z_all = U_hat
     for step in range(max_steps):
         Z, gradient = faces.solve(U_hat, active)
         feasible = torch.where(active, gradient >= dual_bound, U_hat - Z <= primal_bound)
         infeasible = ~feasible  # NaN counts as infeasible
         count = infeasible.sum(dim=1)
-        # The exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`: all infeasible
-        # indices while their count falls, else (after _FULL_EXCHANGES steps) only the largest.
-        stalled = (stalled + 1) * (count >= best)
-        best = torch.minimum(count, best)
         done = count == 0
-        n_done, n_single = torch.stack([done.sum(), (stalled > _FULL_EXCHANGES).sum()]).tolist()
-        if n_done == len(rows) or step == max_steps - 1:
+        # The exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`: all infeasible
+        # indices while their count falls below its best, else (after _FULL_EXCHANGES steps
+        # without progress) only the largest.
+        if step == 0:
+            best, stalled = count, torch.zeros_like(count)
+            n_done, n_single = int(done.sum()), 0
+        else:
+            stalled = (stalled + 1) * (count >= best)
+            best = torch.minimum(count, best)
+            n_done, n_single = torch.stack([done.sum(), (stalled > _FULL_EXCHANGES).sum()]).tolist()
+        if n_done == len(count) or step == max_steps - 1:
             break
         if n_single > 0:
+            positions = torch.arange(1, m + 1, device=G.device)
             largest = (infeasible * positions).amax(dim=1, keepdim=True)
             single = (stalled > _FULL_EXCHANGES).unsqueeze(1)
             infeasible = infeasible & (~single | (positions == largest))
         active = active ^ infeasible
         # The rows done leave with their last face when they are half the batch (below
         # _COMPACT_MIN_M, a batch costs about the same whatever its size).
-        if 2 * n_done >= len(rows) and m > _COMPACT_MIN_M:
+        if 2 * n_done >= len(count) and m > _COMPACT_MIN_M:
+            if isinstance(rows, slice):
+                rows, Z_all = torch.arange(k, device=G.device), torch.empty_like(U)
             Z_all[rows] = Z
             keep = (~done).nonzero().squeeze(1)
             rows, active, U_hat, best, stalled = (
                 t[keep] for t in (rows, active, U_hat, best, stalled)
             )
             primal_bound, dual_bound = primal_bound[keep], dual_bound[keep]
-    if len(rows) == k:
+    if isinstance(rows, slice):
         Z_all = Z
     else:
         Z_all[rows] = Z
     X = torch.maximum(s * Z_all, U)
-    # Checked on G itself: a face solution whose gradient does not vanish on its free set
-    # (rounding on an ill-conditioned face) is caught by the complementarity term.
-    return X, feasible_kkt_residual(G, U, X, X @ G) <= tol
+    # Checked on G itself (the KKT residual of rows with v ≥ u, as kkt_residual measures it): a
+    # face solution whose gradient does not vanish on its free set (rounding on an ill-conditioned
+    # face) fails the complementarity term.
+    relative_gradient = (X @ G) * (s / c) / u_scale
+    excess = (X - U) / u_scale
+    residual = torch.maximum(-relative_gradient, relative_gradient.abs() * excess).amax(dim=1)
+    return X, residual <= tol
 
 
 class _Faces:
@@ -150,14 +160,16 @@ class _Faces:
         m = self.m
         n_active = active.sum(dim=1, keepdim=True)
         low, high = torch.aminmax(n_active)
-        narrowest = torch.minimum(n_active, m - n_active).amax()
-        most_active, most_free, narrowest = torch.stack([high, m - low, narrowest]).tolist()
+        widths = [high, m - low]
+        if m >= _MIXED_MIN_M:  # the widest of the rows' smaller sides
+            widths.append(torch.minimum(n_active, m - n_active).amax())
+        most_active, most_free, *narrowest = torch.stack(widths).tolist()
         width = min(most_active, most_free)
         U_active = U_hat * active
         if width == 0:  # no active index in any row (then z = 0), or no free index (z = û)
             return U_active, U_active @ self.G_hat
-        if m >= _MIXED_MIN_M and narrowest < _MIXED_GAIN * width:
-            return self._mixed(U_hat, active, U_active, 2 * n_active <= m, narrowest)
+        if narrowest and narrowest[0] < _MIXED_GAIN * width:
+            return self._mixed(U_hat, active, U_active, 2 * n_active <= m, narrowest[0])
         dual = most_active <= most_free
         side = active if dual else ~active
         blocks = self.dual_blocks if dual else self.primal_blocks
