@@ -1,6 +1,7 @@
-"""Pivoting with each face solved on its smaller side (:mod:`torchjd.linalg._small_pivoting`,
-the default mode up to ``m = 64``), against quadprog (Goldfarb-Idnani's dual method, an independent
-algorithm) and the KKT conditions."""
+"""The default mode's pivoting up to ``m = 64``: block steps with each face solved on its smaller
+side (:mod:`torchjd.linalg._small_pivoting`) and single pivots on the whole tableau
+(:mod:`torchjd.linalg._tableau_pivoting`, ``m ≤ 16``), against quadprog (Goldfarb-Idnani's dual
+method, an independent algorithm) and the KKT conditions."""
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from tests.reference.dual_cone import kkt_violation, with_quadprog
 from tests.reference.matrices import make
 from torchjd.linalg._bounded_qp import solve_lower_bounded_qp
 from torchjd.linalg._small_pivoting import small_pivoting
+from torchjd.linalg._tableau_pivoting import tableau_pivoting
 
 
 def regularised(J: torch.Tensor) -> torch.Tensor:
@@ -40,6 +42,15 @@ def problems(m: int) -> torch.Tensor:
     return torch.cat([torch.eye(m, dtype=torch.float64) / m, torch.randn(4, m, generator=g)])
 
 
+def random_problem(m: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A default-mode Gramian of a standard normal ``J`` (``[m, n]``) whose row norms spread over
+    four decades, and :func:`problems`."""
+    generator = torch.Generator().manual_seed(seed)
+    J = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    norms = torch.logspace(-2, 2, m, dtype=torch.float64)[torch.randperm(m, generator=generator)]
+    return regularised(J * norms.unsqueeze(1)), problems(m)
+
+
 def assert_optimal(G: torch.Tensor, U: torch.Tensor, X: torch.Tensor, atol: float) -> None:
     expected = with_quadprog(G.double().numpy(), U.double().numpy())
     scale = U.double().abs().amax(dim=1, keepdim=True).numpy()
@@ -63,12 +74,7 @@ def test_matches_quadprog(m: int, family: str):
 
 @given(m=st.integers(9, 24), n=st.integers(1, 40), seed=st.integers(0, 2**16))
 def test_matches_quadprog_on_random_problems(m: int, n: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    J = torch.randn(m, n, generator=generator, dtype=torch.float64)
-    J *= torch.logspace(-2, 2, m, dtype=torch.float64)[torch.randperm(m, generator=generator)][
-        :, None
-    ]  # row norms over four decades
-    G, U = regularised(J), problems(m)
+    G, U = random_problem(m, n, seed)
     X, converged = small_pivoting(G, U, U @ G > 0, 1e-7, 3 * m + 10)
     assert converged.all()
     assert_optimal(G, U, X, 1e-7)
@@ -116,21 +122,24 @@ def test_non_finite_rows_stop_unconverged():
     assert converged.tolist() == [i != 3 for i in range(U.shape[0])]
 
 
-@pytest.mark.parametrize("m", [9, 40, 64])
+@pytest.mark.parametrize("m", [9, 16, 40, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_solver_uses_it_and_hands_over_the_rows_it_leaves(
     m: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ):
-    """The default mode's solver runs it on every row; rows it leaves (here: every other row,
-    as if stopped early) are solved by the general route."""
+    """The default mode's solver runs it (the tableau variant up to ``m = 16``) on every row;
+    rows it leaves (here: every other row, as if stopped early) are solved by the general
+    route."""
+    name = "tableau_pivoting" if m <= 16 else "small_pivoting"
+    method = getattr(bounded_qp, name)
     calls = []
 
-    def spy(G, U, active, tol, max_steps):
+    def spy(G, U, *args):
         calls.append(G.shape[0])
-        X, converged = small_pivoting(G, U, active, tol, max_steps)
+        X, converged = method(G, U, *args)
         return X, converged & (torch.arange(U.shape[0]) % 2 == 0)
 
-    monkeypatch.setattr(bounded_qp, "small_pivoting", spy)
+    monkeypatch.setattr(bounded_qp, name, spy)
     G, U = gramians(m)["mixed_row_norms"], problems(m)
     V = solve_lower_bounded_qp(G.to(dtype), U.to(dtype))
     assert calls == [m]
@@ -155,3 +164,36 @@ def test_solver_gives_nan_rows_for_non_finite_inputs():
     assert_optimal(G, U[rows], V[rows], 1e-7)
     G[0, 0] = torch.nan
     assert solve_lower_bounded_qp(G, U).isnan().all()
+
+
+@pytest.mark.parametrize("m", [2, 9, 12, 16])
+@pytest.mark.parametrize("family", ["low_rank", "normal", "mixed_row_norms", "per_sample"])
+def test_tableau_matches_quadprog(m: int, family: str):
+    G, U = gramians(m)[family], problems(m)
+    X, converged = tableau_pivoting(G, U, 1e-7, 3 * m + 10)
+    assert converged.all()
+    assert (X >= U).all()
+    assert_optimal(G, U, X, 1e-7)
+
+
+@given(m=st.integers(2, 16), n=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_tableau_matches_quadprog_on_random_problems(m: int, n: int, seed: int):
+    G, U = random_problem(m, n, seed)
+    X, converged = tableau_pivoting(G, U, 1e-7, 3 * m + 10)
+    assert converged.all()
+    assert_optimal(G, U, X, 1e-7)
+
+
+def test_tableau_rows_stopped_early_or_not_finite_say_so():
+    m = 16
+    G, U = gramians(m)["low_rank"], problems(m)
+    X, converged = tableau_pivoting(G, U, 1e-7, 1)
+    assert not converged.all()
+    for u, x, ok in zip(U.numpy(), X.numpy(), converged.tolist(), strict=True):
+        if ok:
+            assert kkt_violation(G.numpy(), u, x) <= 1e-7
+    U[3, 5] = torch.nan
+    _, converged = tableau_pivoting(G, U, 1e-7, 3 * m + 10)
+    assert converged.tolist() == [i != 3 for i in range(U.shape[0])]
+    G[0, 0] = 0.0  # not positive definite: no row is solved
+    assert not tableau_pivoting(G, U, 1e-7, 3 * m + 10)[1].any()

@@ -102,6 +102,7 @@ from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import principal_pivoting, scaled_cholesky
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._small_pivoting import small_pivoting
+from torchjd.linalg._tableau_pivoting import TABLEAU_MAX_M, tableau_pivoting
 from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
@@ -219,6 +220,9 @@ def _small_default_route(G: Tensor, U: Tensor, tol: float) -> tuple[Tensor, Tens
         U64 = U.double()
         X, residual = enumerate_active_sets(G.double(), U64)
         return torch.maximum(X, U64).to(G.dtype), residual <= tol
+    if m <= TABLEAU_MAX_M:
+        X, converged = tableau_pivoting(G, U, tol, 3 * m + 10)
+        return X.to(G.dtype), converged
     result = small_pivoting(G, U, U @ G > 0, tol, 3 * m + 10)
     if result is None:
         return U.clone(), torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)

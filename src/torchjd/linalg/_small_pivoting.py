@@ -53,26 +53,14 @@ def small_pivoting(
     ``v ≥ u`` exactly, in float64. None when ``G`` has a non-positive diagonal entry or is too
     ill-conditioned for ``H`` to be accurate (a pivot below :data:`_MIN_PIVOT`)."""
     k, m = U.shape
-    G, U = G.double(), U.double()
-    diagonal = G.diagonal()
-    s = diagonal.rsqrt()
-    G_hat = s.unsqueeze(1) * G * s
+    problem = ScaledProblem(G, U, tol)
+    G, U, G_hat, U_hat = problem.G, problem.U, problem.G_hat, problem.U_hat
     L, info = torch.linalg.cholesky_ex(G_hat)
     # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation)
     if not bool(L.diagonal().amin() >= _MIN_PIVOT) or bool(info):
         return None
     faces = _Faces(G_hat, L)
-    # Rows with a non-finite entry are solved as zero rows (for a fixed cost), and fail the final
-    # check.
-    U_finite = U.nan_to_num(0.0, 0.0, 0.0)
-    u_scale = U_finite.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
-    # row_scales(G)_j = √(G_jj max_l G_ll) = c / s_j, with c = √(max_l G_ll).
-    c = diagonal.amax().sqrt()
-    # An index is infeasible when u_j − v_j = s_j (û_j − z_j) exceeds a small fraction of max|u|,
-    # or −(G v)_j = −(Ĝ z)_j / s_j that fraction of row_scale_j · max|u|, i.e. when −(Ĝ z)_j
-    # exceeds it times c.
-    bound = (_PRIMAL_THRESHOLD * tol) * u_scale
-    U_hat, primal_bound, dual_bound = U_finite / s, bound / s, bound * -c
+    primal_bound, dual_bound = problem.primal_bound, problem.dual_bound
     rows = slice(None)  # the rows still in the batch, once some have left
     Z_all = U_hat
     for step in range(max_steps):
@@ -114,14 +102,43 @@ def small_pivoting(
         Z_all = Z
     else:
         Z_all[rows] = Z
-    X = torch.maximum(s * Z_all, U)
-    # Checked on G itself (the KKT residual of rows with v ≥ u, as kkt_residual measures it): a
-    # face solution whose gradient does not vanish on its free set (rounding on an ill-conditioned
-    # face) fails the complementarity term.
-    relative_gradient = (X @ G) * (s / c) / u_scale
-    excess = (X - U) / u_scale
-    residual = torch.maximum(-relative_gradient, relative_gradient.abs() * excess).amax(dim=1)
-    return X, residual <= tol
+    return problem.solution(Z_all)
+
+
+class ScaledProblem:
+    """``min_{v ≥ u} vᵀ G v`` in float64 and in the Jacobi-scaled variables ``z = S⁻¹ v``
+    (``Ĝ = S G S``, ``û = S⁻¹ u``, ``S = diag(G)^{-1/2}``), with the bounds of the feasibility
+    tests of pivoting and the final check of the rows on ``G`` itself."""
+
+    def __init__(self, G: Tensor, U: Tensor, tol: float) -> None:
+        self.G, self.U, self.tol = G.double(), U.double(), tol
+        diagonal = self.G.diagonal()
+        self.s = diagonal.rsqrt()
+        self.G_hat = self.s.unsqueeze(1) * self.G * self.s
+        # Rows with a non-finite entry are solved as zero rows (for a fixed cost), and fail the
+        # final check.
+        U_finite = self.U.nan_to_num(0.0, 0.0, 0.0)
+        tiny = torch.finfo(torch.float64).tiny
+        self.u_scale = U_finite.abs().amax(dim=1, keepdim=True).clamp_min(tiny)
+        self.U_hat = U_finite / self.s
+        # row_scales(G)_j = √(G_jj max_l G_ll) = c / s_j, with c = √(max_l G_ll).
+        self.c = diagonal.amax().sqrt()
+        # An index is infeasible when u_j − v_j = s_j (û_j − z_j) exceeds a small fraction of
+        # max|u| (z_j below û_j − primal_bound_j), or −(G v)_j = −(Ĝ z)_j / s_j that fraction of
+        # row_scale_j · max|u| ((Ĝ z)_j below dual_bound).
+        bound = (_PRIMAL_THRESHOLD * tol) * self.u_scale
+        self.primal_bound, self.dual_bound = bound / self.s, bound * -self.c
+
+    def solution(self, Z: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows ``v = S z`` (clamped to ``v ≥ u``) and which are solved: their KKT residual on
+        ``G`` (as :func:`~torchjd.linalg._kkt.kkt_residual` measures it) is at most ``tol``. A
+        face solution whose gradient does not vanish on its free set (rounding on an
+        ill-conditioned face) fails the complementarity term."""
+        X = torch.maximum(self.s * Z, self.U)
+        relative_gradient = (X @ self.G) * (self.s / self.c) / self.u_scale
+        excess = (X - self.U) / self.u_scale
+        residual = torch.maximum(-relative_gradient, relative_gradient.abs() * excess)
+        return X, residual.amax(dim=1) <= self.tol
 
 
 class _Faces:
