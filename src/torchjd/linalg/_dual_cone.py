@@ -75,7 +75,8 @@ class TorchProjector(DualConeProjector):
     below).
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
-    solved exactly by block principal pivoting; beyond, also when each row's faces are cheap through
+    solved exactly, all at once, in float64: by trying every active set up to ``m = 8``, then by
+    single principal pivots (``m ≤ 16``) or block principal pivoting; beyond, also when each row's faces are cheap through
     ``G⁻¹`` (few conflicts per row, or few distinct faces, as in per-sample Gramians at
     initialisation, whose rows share the face of their class), and otherwise by ADMM followed by an
     exact active-set polish when its cost is small (see ``torchjd/linalg/_bounded_qp.py``). In the
