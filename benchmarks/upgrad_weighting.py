@@ -11,9 +11,9 @@ with ``--reference-python`` (or ``$TORCHJD_REFERENCE_PYTHON``). It is only timed
 cross-check the weights, in a subprocess, on the very same Gramians (saved to a temporary file).
 ``--baseline-python``: the interpreter of another checkout of this library (e.g. the main
 branch's virtualenv), timed the same way, for before/after tables. Every library runs in its own
-subprocess over all the Gramians, the libraries one after the other, ``--rounds`` times; each
-call's time is the median over ``--repeats`` calls, and the best round is kept. On a shared
-machine, ``--clock cpu`` (the process's CPU time, one thread) steadies the figures.
+worker process; on each Gramian, the libraries take turns, ``--rounds`` times; each turn times
+the median of ``--repeats`` calls, and the best turn is kept. On a shared machine, ``--clock
+cpu`` (the process's CPU time, one thread) steadies the figures.
 
 Families of Gramians ``G = J Jᵀ`` (``J`` of shape ``[m, n]``):
 
@@ -52,19 +52,19 @@ import json, sys, time, statistics, torch
 from torchjd.aggregation import UPGradWeighting
 torch.set_num_threads(1)
 gramians = torch.load(sys.argv[1])
-repeats, clock = int(sys.argv[2]), sys.argv[3]
-now = time.process_time if clock == "cpu" else time.perf_counter
+now = time.process_time if sys.argv[2] == "cpu" else time.perf_counter
 weighting = UPGradWeighting()
-results = []
-for G in gramians:
+for line in sys.stdin:
+    index, repeats = map(int, line.split())
+    G = gramians[index]
     weights = weighting(G)
     times = []
-    for _ in range(repeats if G.shape[0] <= 256 else max(1, repeats // 2)):
+    for _ in range(repeats):
         start = now()
         weighting(G)
         times.append(now() - start)
-    results.append({"time": statistics.median(times), "weights": weights.double().tolist()})
-json.dump(results, sys.stdout)
+    print(json.dumps({"time": statistics.median(times), "weights": weights.double().tolist()}))
+    sys.stdout.flush()
 """
 
 
@@ -115,23 +115,31 @@ def mlp_gramian(m: int, seed: int, steps: int = 0) -> torch.Tensor:
     return engine.compute_gramian(losses).detach().double()
 
 
-def time_library(
-    python: str, gramians: list[torch.Tensor], repeats: int, clock: str
-) -> list[tuple[float, torch.Tensor]]:
-    """Each Gramian's median time per call and weights, with the library of ``python``."""
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "gramians.pt"
-        torch.save(gramians, path)
-        result = subprocess.run(
-            [python, "-c", TIMING_SCRIPT, str(path), str(repeats), clock],
-            check=True,
-            capture_output=True,
+class Library:
+    """A worker process of the interpreter ``python`` that times ``UPGradWeighting`` on the
+    Gramians (saved to ``path``) one request at a time, so that the libraries' runs alternate."""
+
+    def __init__(self, python: str, path: Path, clock: str) -> None:
+        self.process = subprocess.Popen(
+            [python, "-c", TIMING_SCRIPT, str(path), clock],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             text=True,
         )
-    return [
-        (item["time"], torch.tensor(item["weights"], dtype=torch.float64))
-        for item in json.loads(result.stdout)
-    ]
+
+    def time(self, index: int, repeats: int) -> tuple[float, torch.Tensor]:
+        """The median time per call on Gramian ``index``, and the weights."""
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(f"{index} {repeats}\n")
+        self.process.stdin.flush()
+        item = json.loads(self.process.stdout.readline())
+        return item["time"], torch.tensor(item["weights"], dtype=torch.float64)
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait()
 
 
 def conflict(G: torch.Tensor, weights: torch.Tensor) -> float:
@@ -173,20 +181,32 @@ def main() -> None:
         for family in args.families
     ]
     gramians = [make_gramian(family, m, getattr(torch, dtype)) for m, family, dtype in cases]
-    libraries = {"ours": sys.executable, "baseline": args.baseline_python}
-    libraries["published"] = args.reference_python
-    best: dict[str, dict[int, tuple[float, torch.Tensor]]] = {}
-    for _ in range(args.rounds):
-        for name, python in libraries.items():
-            if python is None:
-                continue
-            chosen = range(len(cases))
-            if name == "published":
-                chosen = [i for i, case in enumerate(cases) if case[0] <= args.reference_max_m]
-            results = time_library(python, [gramians[i] for i in chosen], args.repeats, args.clock)
-            kept = best.setdefault(name, {})
-            for i, result in zip(chosen, results, strict=True):
-                kept[i] = min(kept.get(i, result), result, key=lambda r: r[0])
+    pythons = {
+        "ours": sys.executable,
+        "baseline": args.baseline_python,
+        "published": args.reference_python,
+    }
+    best: dict[str, dict[int, tuple[float, torch.Tensor]]] = {name: {} for name in pythons}
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "gramians.pt"
+        torch.save(gramians, path)
+        libraries = {
+            name: Library(python, path, args.clock)
+            for name, python in pythons.items()
+            if python is not None
+        }
+        # Case by case, the libraries in turn, --rounds times: each keeps its best median.
+        for i, (m, _, _) in enumerate(cases):
+            repeats = args.repeats if m <= 256 else max(1, args.repeats // 2)
+            for _ in range(args.rounds):
+                for name, library in libraries.items():
+                    if name == "published" and m > args.reference_max_m:
+                        continue
+                    result = library.time(i, repeats)
+                    kept = best[name]
+                    kept[i] = min(kept.get(i, result), result, key=lambda r: r[0])
+        for library in libraries.values():
+            library.close()
 
     print(f"torch {torch.__version__}, 1 thread, clock {args.clock}, {sys.platform}")
     header = (
