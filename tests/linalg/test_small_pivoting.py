@@ -1,6 +1,6 @@
 """The default mode's pivoting up to ``m = 64``: block steps with each face solved on its smaller
 side (:mod:`torchjd.linalg._small_pivoting`) and single pivots on the whole tableau
-(:mod:`torchjd.linalg._tableau_pivoting`, ``m ≤ 16``), against quadprog (Goldfarb-Idnani's dual
+(:mod:`torchjd.linalg._tableau_pivoting`, ``m ≤ 24``), against quadprog (Goldfarb-Idnani's dual
 method, an independent algorithm) and the KKT conditions."""
 
 import numpy as np
@@ -15,7 +15,7 @@ from tests.reference.dual_cone import kkt_violation, with_quadprog
 from tests.reference.matrices import make
 from torchjd.linalg._bounded_qp import solve_lower_bounded_qp
 from torchjd.linalg._small_pivoting import small_pivoting
-from torchjd.linalg._tableau_pivoting import tableau_pivoting
+from torchjd.linalg._tableau_pivoting import TABLEAU_MAX_M, tableau_pivoting
 
 
 def regularised(J: torch.Tensor) -> torch.Tensor:
@@ -127,10 +127,10 @@ def test_non_finite_rows_stop_unconverged():
 def test_solver_uses_it_and_hands_over_the_rows_it_leaves(
     m: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ):
-    """The default mode's solver runs it (the tableau variant up to ``m = 16``) on every row;
+    """The default mode's solver runs it (the tableau variant up to ``m = 24``) on every row;
     rows it leaves (here: every other row, as if stopped early) are solved by the general
     route."""
-    name = "tableau_pivoting" if m <= 16 else "small_pivoting"
+    name = "tableau_pivoting" if m <= TABLEAU_MAX_M else "small_pivoting"
     method = getattr(bounded_qp, name)
     calls = []
 

@@ -17,7 +17,7 @@ Default mode, ``m ≤ 64`` (UPGrad over a few tasks, or over a batch of per-samp
 row is solved at once, in float64, with a fixed few dozen operations per step
 (:func:`_small_default_route`): up to ``m = 8`` rows, by trying every active set at once
 (:mod:`torchjd.linalg._enumeration`: one batched LU factorisation of ``2^m`` small systems);
-up to ``m = 16``, by single principal pivots on the whole ``[k, m, m]`` tableau, from its
+up to ``m = 24``, by single principal pivots on the whole ``[k, m, m]`` tableau, from its
 transform on the free set of ``v = u`` (:mod:`torchjd.linalg._tableau_pivoting`: a dozen
 operations per pivot); beyond, by block principal pivoting from the active set of ``v = u`` (the
 indices where ``G u > 0``), each face solved on its smaller side, through ``G⁻¹``
@@ -214,7 +214,7 @@ def _solve(G: Tensor, U: Tensor, tol: float, max_iters: int, least_norm: bool) -
 
 def _small_default_route(G: Tensor, U: Tensor, tol: float) -> tuple[Tensor, Tensor]:
     """Default mode, ``m ≤ 64``, every row, in float64: the enumeration of all active sets up to
-    ``m = 8``, single pivots on the tableau up to ``m = 16`` (:func:`tableau_pivoting`), else
+    ``m = 8``, single pivots on the tableau up to ``m = 24`` (:func:`tableau_pivoting`), else
     block pivoting with each face solved on its smaller side (:func:`small_pivoting`) from the
     active set of ``v = u``. Returns the rows (``v ≥ u``, in the dtype of ``G``) and
     which of them are solved."""

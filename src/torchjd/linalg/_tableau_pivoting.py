@@ -1,4 +1,4 @@
-r"""Single principal pivots on the whole tableau, for the smallest problems (``9 ≤ m ≤ 16``).
+r"""Single principal pivots on the whole tableau, for the smallest problems (``9 ≤ m ≤ 24``).
 
 In the Jacobi-scaled variables of :mod:`torchjd.linalg._small_pivoting` (``z = S⁻¹ v``,
 ``Ĝ = S G S``, ``û = S⁻¹ u``), the KKT conditions of ``min_{z ≥ û} zᵀ Ĝ z`` are the linear
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from torchjd.linalg._small_pivoting import ScaledProblem
 
-TABLEAU_MAX_M = 16  # beyond, the [k, m, m] tableau costs more than block steps
+TABLEAU_MAX_M = 24  # beyond, the [k, m, m] tableau costs more than block steps
 
 
 def tableau_pivoting(G: Tensor, U: Tensor, tol: float, max_steps: int) -> tuple[Tensor, Tensor]:
