@@ -13,6 +13,7 @@ import torchjd.linalg._bounded_qp as bounded_qp
 from tests.linalg.test_principal_pivoting import low_rank_gramian
 from tests.reference.dual_cone import kkt_violation, with_quadprog
 from tests.reference.matrices import make
+from torchjd.linalg import TorchProjector
 from torchjd.linalg._bounded_qp import solve_lower_bounded_qp
 from torchjd.linalg._small_pivoting import small_pivoting
 from torchjd.linalg._tableau_pivoting import TABLEAU_MAX_M, tableau_pivoting
@@ -197,3 +198,11 @@ def test_tableau_rows_stopped_early_or_not_finite_say_so():
     assert converged.tolist() == [i != 3 for i in range(U.shape[0])]
     G[0, 0] = 0.0  # not positive definite: no row is solved
     assert not tableau_pivoting(G, U, 1e-7, 3 * m + 10)[1].any()
+
+
+@pytest.mark.parametrize("m", [4, 12, 40, 100])
+@pytest.mark.parametrize("reg_eps", [1e-4, 0.0])
+def test_no_rows(m: int, reg_eps: float):
+    J = torch.randn(m, m, generator=torch.Generator().manual_seed(m))
+    V = TorchProjector(norm_eps=reg_eps, reg_eps=reg_eps)(torch.zeros(0, m), J @ J.T)
+    assert V.shape == (0, m)

@@ -165,6 +165,8 @@ def solve_lower_bounded_qp(
     if tol is None:
         tol = (LEAST_NORM_TOL if least_norm else DEFAULT_TOL)[work_dtype]
 
+    if U.shape[0] == 0:  # no problem to solve
+        return U.to(out_dtype)
     G = (G + G.T) / 2
     if not least_norm and G.shape[0] <= _DIRECT_MAX_M:
         # Small problems: every row at once (no search for the rows without conflict: their guess
