@@ -54,13 +54,12 @@ def tableau_pivoting(G: Tensor, U: Tensor, tol: float, max_steps: int) -> tuple[
     L, _ = torch.linalg.cholesky_ex(K)
     eye = torch.eye(m, dtype=G_hat.dtype, device=G_hat.device)
     P = torch.cholesky_solve(eye.expand(k, m, m), L) * mask  # Ĝ_FF⁻¹, zero elsewhere
-    T = P @ G_hat  # Ĝ_FF⁻¹ Ĝ_F:
-    rows, columns = free.unsqueeze(2), free.unsqueeze(1)
-    M = torch.where(
-        rows, torch.where(columns, P, -T), torch.where(columns, T.mT, G_hat - G_hat @ T)
-    )
-    y = (P @ q.unsqueeze(2)).squeeze(2)
-    q = torch.where(free, -y, q - y @ G_hat)
+    # With T = Ĝ_FF⁻¹ Ĝ_F: (zero rows on A; T_FF = I), the four blocks of the transform are those
+    # of P − T + Tᵀ + Ĝ − Ĝ T, and its values q − Ĝ y − y with y = Ĝ_FF⁻¹ q_F (zero on A).
+    T = P @ G_hat
+    M = P - T + T.mT + G_hat - G_hat @ T
+    y = (P * q.unsqueeze(1)).sum(dim=2)
+    q = q - y @ G_hat - y
     # Infeasible: x_j = z_j − û_j or y_j = (Ĝ z)_j below its bound (see ScaledProblem).
     primal_bound, dual_bound = -problem.primal_bound, problem.dual_bound
     batch = torch.arange(k, device=G_hat.device)
