@@ -62,7 +62,6 @@ def small_pivoting(
     faces = _Faces(G_hat, L)
     primal_bound, dual_bound = problem.primal_bound, problem.dual_bound
     rows = slice(None)  # the rows still in the batch, once some have left
-    Z_all = U_hat
     for step in range(max_steps):
         Z, gradient = faces.solve(U_hat, active)
         feasible = torch.where(active, gradient >= dual_bound, U_hat - Z <= primal_bound)
