@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/autogram_memory.py [--only mlp64 ...] [--reference-python PATH]
+        [--baseline OTHER/src]
 
 Same models and steps as ``benchmarks/autogram_step.py`` (ERM: mean loss, backward, SGD step;
 IWRM: ``Engine.compute_gramian``, ``UPGradWeighting``, ``losses.backward(weights)``, SGD step;
@@ -31,6 +32,7 @@ import weakref
 from autogram_step import CONFIGS, run_worker, setup
 
 PHASES = ("forward", "gramian", "weighting", "backward")
+MODES = (("IWRM", "iwrm"), ("fused", "fused"))
 
 
 def worker(kind: str, batch: int, mode: str) -> dict:
@@ -117,9 +119,9 @@ def worker(kind: str, batch: int, mode: str) -> dict:
     return result
 
 
-def run(python: str, name: str, mode: str) -> dict | None:
+def run(python: str, name: str, mode: str, extra_path: str = "") -> dict | None:
     kind, batch = CONFIGS[name]
-    return run_worker(python, __file__, [kind, str(batch), mode])
+    return run_worker(python, __file__, [kind, str(batch), mode], extra_path=extra_path)
 
 
 def main() -> None:
@@ -128,23 +130,33 @@ def main() -> None:
     parser.add_argument(
         "--reference-python", default=os.environ.get("TORCHJD_REFERENCE_PYTHON", "")
     )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="a folder holding another version's torchjd package (e.g. an exported src/): its "
+        "IWRM and fused rows come first, marked 'base'",
+    )
     parser.add_argument("--worker", nargs=3)
     args = parser.parse_args()
     if args.worker:
         kind, batch, mode = args.worker
         print(json.dumps(worker(kind, int(batch), mode)))
         return
-    header = f"{'config':<14}{'step':<10}{'act KiB':>10}{'peak KiB':>10}{'extra':>9}{'/ act':>7}"
+    header = f"{'config':<14}{'step':<12}{'act KiB':>10}{'peak KiB':>10}{'extra':>9}{'/ act':>7}"
     header += "".join(f"{phase:>10}" for phase in ("fwd", "gram", "weight", "bwd+opt"))
     print(header)
-    variants = [("ERM", sys.executable, "erm"), ("IWRM", sys.executable, "iwrm")]
-    variants.append(("fused", sys.executable, "fused"))
+    variants = [("ERM", sys.executable, "erm", "")]
+    if args.baseline:
+        variants += [
+            (f"{label} base", sys.executable, mode, args.baseline) for label, mode in MODES
+        ]
+    variants += [(label, sys.executable, mode, "") for label, mode in MODES]
     if args.reference_python:
-        variants.append(("IWRM 0.18", args.reference_python, "iwrm"))
+        variants.append(("IWRM 0.18", args.reference_python, "iwrm", ""))
     for name in args.only:
         erm = None
-        for label, python, mode in variants:
-            result = run(python, name, mode)
+        for label, python, mode, path in variants:
+            result = run(python, name, mode, path)
             if result is None:
                 continue
             if mode == "erm":
@@ -152,7 +164,7 @@ def main() -> None:
             extra = result["peak"] - erm["peak"] if erm else float("nan")
             activations = erm["activations"] if erm else float("nan")
             print(
-                f"{name:<14}{label:<10}{result['activations']:>10.0f}{result['peak']:>10.0f}"
+                f"{name:<14}{label:<12}{result['activations']:>10.0f}{result['peak']:>10.0f}"
                 f"{extra:>9.0f}{extra / activations:>7.2f}"
                 + "".join(f"{result[phase]:>10.0f}" for phase in PHASES),
                 flush=True,

@@ -4,6 +4,8 @@ Usage::
 
     python benchmarks/autogram_step.py [--steps 5] [--threads 1] [--reference-python PATH]
         [--only mlp64 ...] [--clock wall|cpu]
+    python benchmarks/autogram_step.py --interleave [--steps 20] [--repeats 2]
+        [--baseline OTHER/src] [--only ...] [--clock cpu]
 
 Each configuration runs in its own subprocess (so that peak memory is measured per run): the
 ERM step (mean loss, backward, SGD step), the IWRM step with this library (forward,
@@ -21,6 +23,14 @@ One torch thread by default: on a shared machine, thread hand-offs dominate othe
 Columns: median time per step (ms) and its split (forward, Gramian, weighting, backward + step),
 the ratio to the ERM step, and the peak resident memory of the process above its level after
 building the model and the data (MiB).
+
+With ``--interleave``, one process per configuration runs the ERM, IWRM and fused steps one after
+the other (each on its own copy of the model), round after round: the ratios to the ERM step of the
+same round are much steadier on a shared machine than those of separate runs. Columns: the median
+step and phases over the rounds, and the median of the rounds' ratios. ``--baseline`` names a
+folder holding another version's ``torchjd`` package (``git archive REV src | tar -x -C DIR``, then
+``DIR/src``): its workers alternate with this version's, ``--repeats`` times each, for before/after
+figures from one run.
 """
 
 import argparse
@@ -99,6 +109,38 @@ def setup(kind: str, batch: int, mode: str):
     return model, x, y, optimizer, loss_fn, engine, weighting
 
 
+def one_step(model, x, y, optimizer, loss_fn, engine, weighting, mode: str, now) -> list[float]:
+    """One step of ``mode``; its phases' durations in ms (forward, Gramian, weighting, backward +
+    optimiser step)."""
+    t0 = now()
+    losses = loss_fn(model(x), y)
+    t1 = now()
+    if mode == "erm":
+        t2 = t3 = t1
+        losses.mean().backward()
+    elif mode == "fused":
+        marks: list[float] = []
+
+        def timed_weighting(gramian):
+            marks.append(now())
+            weights = weighting(gramian)
+            marks.append(now())
+            return weights
+
+        engine.backward(losses, timed_weighting)
+        t2, t3 = marks
+    else:
+        gramian = engine.compute_gramian(losses)
+        t2 = now()
+        weights = weighting(gramian)
+        t3 = now()
+        losses.backward(weights)
+    optimizer.step()
+    optimizer.zero_grad()
+    t4 = now()
+    return [1000 * (b - a) for a, b in ((t0, t1), (t1, t2), (t2, t3), (t3, t4))]
+
+
 def worker(kind: str, batch: int, mode: str, steps: int, threads: int, clock: str) -> dict:
     import torch
 
@@ -108,39 +150,87 @@ def worker(kind: str, batch: int, mode: str, steps: int, threads: int, clock: st
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times: dict[str, list[float]] = {"forward": [], "gramian": [], "weighting": [], "backward": []}
     for _ in range(steps + 2):
-        t0 = now()
-        losses = loss_fn(model(x), y)
-        t1 = now()
-        if mode == "erm":
-            t2 = t3 = t1
-            losses.mean().backward()
-        elif mode == "fused":
-            marks: list[float] = []
-
-            def timed_weighting(gramian, marks=marks):
-                marks.append(now())
-                weights = weighting(gramian)
-                marks.append(now())
-                return weights
-
-            engine.backward(losses, timed_weighting)
-            t2, t3 = marks
-        else:
-            gramian = engine.compute_gramian(losses)
-            t2 = now()
-            weights = weighting(gramian)
-            t3 = now()
-            losses.backward(weights)
-        optimizer.step()
-        optimizer.zero_grad()
-        t4 = now()
-        for key, (a, b) in zip(times, [(t0, t1), (t1, t2), (t2, t3), (t3, t4)], strict=True):
-            times[key].append(1000 * (b - a))
+        durations = one_step(model, x, y, optimizer, loss_fn, engine, weighting, mode, now)
+        for key, duration in zip(times, durations, strict=True):
+            times[key].append(duration)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {key: statistics.median(values[2:]) for key, values in times.items()}
     result["total"] = sum(result.values())
     result["peak_mib"] = (peak - base) / 1024
     return result
+
+
+def interleaved_worker(kind: str, batch: int, steps: int, threads: int, clock: str) -> dict:
+    """The three steps (each on its own copy of the model) one after the other, ``steps`` rounds
+    after two warm-up rounds: per mode, the phases' durations and the ratio of the step to the ERM
+    step of the same round, one entry per round."""
+    import torch
+
+    torch.set_num_threads(threads)
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    states = {mode: setup(kind, batch, mode) for mode in MODES}
+    rounds: dict[str, list[list[float]]] = {mode: [] for mode in MODES}
+    for _ in range(steps + 2):
+        for mode in MODES:
+            rounds[mode].append(one_step(*states[mode], mode, now))
+    result = {}
+    for mode in MODES:
+        kept = rounds[mode][2:]
+        ratios = [sum(d) / sum(e) for d, e in zip(kept, rounds["erm"][2:], strict=True)]
+        result[mode] = {"phases": kept, "ratios": ratios}
+    return result
+
+
+MODES = ("erm", "iwrm", "fused")
+PHASES = ("forward", "gramian", "weighting", "backward")
+
+
+def interleaved(
+    names: list[str], steps: int, threads: int, clock: str, baseline: str, repeats: int
+):
+    """Prints, for each configuration, the medians of the interleaved rounds of ``repeats``
+    workers; with ``baseline`` (a folder holding another version's ``torchjd`` package), the
+    workers of that version alternate with this one's."""
+    versions = [("new", "")]
+    if baseline:
+        versions.insert(0, ("base", baseline))
+    print(
+        f"{'config':<14}{'version':<8}{'step':<7}{'ms':>8}{'xERM':>7}{'fwd':>8}{'gram':>8}"
+        f"{'weight':>8}{'bwd+opt':>9}"
+    )
+    for name in names:
+        kind, batch = CONFIGS[name]
+        merged: dict[str, dict[str, list]] = {}
+        for _ in range(repeats):
+            for label, path in versions:
+                arguments = [kind, str(batch), str(steps), str(threads), clock]
+                r = run_worker(
+                    sys.executable, __file__, arguments, extra_path=path, flag="--interleaved"
+                )
+                if r is None:
+                    continue
+                for mode in MODES:
+                    entry = merged.setdefault(label, {}).setdefault(
+                        mode, {"phases": [], "ratios": []}
+                    )
+                    entry["phases"] += r[mode]["phases"]
+                    entry["ratios"] += r[mode]["ratios"]
+        for label, _ in versions:
+            for mode in MODES:
+                entry = merged.get(label, {}).get(mode)
+                if entry is None:
+                    continue
+                phases = [
+                    statistics.median(column) for column in zip(*entry["phases"], strict=True)
+                ]
+                print(
+                    f"{name:<14}{label:<8}{mode:<7}{sum(phases):>8.1f}"
+                    f"{statistics.median(entry['ratios']):>7.2f}"
+                    + "".join(
+                        f"{value:>{w}.1f}" for value, w in zip(phases, (8, 8, 8, 9), strict=True)
+                    ),
+                    flush=True,
+                )
 
 
 def run(
@@ -150,11 +240,15 @@ def run(
     return run_worker(python, __file__, [kind, str(batch), mode, str(steps), str(threads), clock])
 
 
-def run_worker(python: str, script: str, arguments: list[str]) -> dict | None:
-    """Runs ``script --worker *arguments`` with ``python`` (from ``/``, with this folder on the
-    path) and returns the JSON of its last line, or None (said) when it fails."""
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
-    command = [python, script, "--worker", *arguments]
+def run_worker(
+    python: str, script: str, arguments: list[str], extra_path: str = "", flag: str = "--worker"
+) -> dict | None:
+    """Runs ``script flag *arguments`` with ``python`` (from ``/``, with this folder, and
+    ``extra_path`` first if given, on the path) and returns the JSON of its last line, or None
+    (said) when it fails."""
+    path = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [extra_path, path])))
+    command = [python, script, flag, *arguments]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/")
     if completed.returncode != 0:
         print(f"  {' '.join(arguments)} failed: {completed.stderr.strip().splitlines()[-1:]}")
@@ -176,8 +270,28 @@ def main() -> None:
         default="wall",
         help="wall: elapsed time; cpu: the process's CPU time (steadier on a shared machine)",
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="the three steps interleaved in one process per configuration (steadier ratios)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="with --interleave: a folder holding another version's torchjd package (e.g. "
+        "an exported src/), whose workers alternate with this version's",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="with --interleave: workers each")
     parser.add_argument("--worker", nargs=6)
+    parser.add_argument("--interleaved", nargs=5)
     args = parser.parse_args()
+    if args.interleaved:
+        kind, batch, steps, threads, clock = args.interleaved
+        print(json.dumps(interleaved_worker(kind, int(batch), int(steps), int(threads), clock)))
+        return
+    if args.interleave:
+        interleaved(args.only, args.steps, args.threads, args.clock, args.baseline, args.repeats)
+        return
     if args.worker:
         kind, batch, mode, steps, threads, clock = args.worker
         print(json.dumps(worker(kind, int(batch), mode, int(steps), int(threads), clock)))

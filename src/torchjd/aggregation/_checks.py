@@ -40,6 +40,8 @@ def check_gramian(gramian: object, name: str) -> None:
             f"`{name}` must be a square matrix [m, m] (a Gramian J Jᵀ). "
             f"Found `{name}.shape = {tuple(gramian.shape)}`."
         )
+    if torch.equal(gramian, gramian.T):  # one operation in the common case
+        return
     asymmetry = (gramian - gramian.T).abs().amax()
     tolerance = math.sqrt(torch.finfo(gramian.dtype).eps) * gramian.abs().amax()
     if bool(asymmetry > tolerance):

@@ -14,15 +14,11 @@ from torch.utils.hooks import RemovableHandle
 
 import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
 from torchjd.autogram._batched_grad import batched_grad
-from torchjd.autogram._fused import (
-    accumulate,
-    call_uses,
-    graph_leaves,
-    per_sample_weights,
-)
+from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
 from torchjd.autogram._module_call import ModuleCall, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
+from torchjd.autogram._streaming import GramianStream, lowest_edges, register_grad_hooks
 
 
 class Engine:
@@ -62,6 +58,12 @@ class Engine:
     come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
     re-runs of activation checkpointing).
 
+    With one objective per sample, the blocks of ``Linear`` layers, convolutions, ``Embedding``,
+    normalisation layers and ``MultiheadAttention`` are computed during the backward pass
+    itself, from hooks on the recorded outputs, as soon as their gradients are known, so that
+    each layer's output gradients are freed before the pass reaches the layers below (a hook of
+    yours registered on such an output after the engine's still receives the gradient).
+
     For a linear model, the gradient of the output for sample :math:`i` is :math:`(x_i, 1)`, so
     :math:`G = X X^\top + 1`:
 
@@ -95,6 +97,8 @@ class Engine:
         self._rng_states: dict[nn.Module, list[Any]] = {}
         self._handles: list[RemovableHandle] = []
         self._recording = True
+        self._stream: GramianStream | None = None  # while a streamed backward pass runs
+        self._this = weakref.ref(self)
         # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
         # every rank and returns their number
         self._exchange_calls: Callable[[dict[nn.Module, list[ModuleCall]], int, int], int] | None
@@ -180,6 +184,8 @@ class Engine:
         inner_edges = getattr(self._rules[module][0], "inner_edges", None)
         if inner_edges is not None:
             call.inner_edges = inner_edges(module, call)
+        if getattr(self._rules[module][0], "pure", None) is not None:
+            call.grad_hooks = register_grad_hooks(self._this, call, outputs)  # see _streaming.py
         self._calls.setdefault(module, []).append(call)
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
@@ -194,9 +200,7 @@ class Engine:
         try:
             return self._compute_gramian(output)[0]
         finally:
-            self._calls.clear()
-            self._rng_states.clear()
-            self._recording = True
+            self._clear()
 
     def backward(
         self,
@@ -217,8 +221,11 @@ class Engine:
         :math:`i`, a Linear layer's weight gradient is :math:`\sum_i \bar\Gamma_i^\top X_i`.
         A second backward pass, restricted to the other leaves (parameters of other module types
         and of modules outside the engine, inputs that require grad), runs only when there are
-        such leaves; it frees the graph. A rule of your own joins the fused step when registered
-        with ``weighted_gradients`` (see :func:`~torchjd.autogram.register_rule`).
+        such leaves; it frees the graph. Without such leaves, with one objective per sample and
+        no ``max_kept_bytes``, the single backward pass (the Gramian's) frees the graph as it
+        goes, as ``losses.backward`` would: the activations do not outlive the step. A rule of
+        your own joins the fused step when registered with ``weighted_gradients`` (see
+        :func:`~torchjd.autogram.register_rule`).
 
         :param losses: The objectives, as for :meth:`compute_gramian`.
         :param weighting: A function from the Gramian ``[m, m]`` to the weights ``[m]`` (one per
@@ -257,14 +264,24 @@ class Engine:
         try:
             return self._backward(losses, weighting, max_kept_bytes)
         finally:
-            self._calls.clear()
-            self._rng_states.clear()
-            self._recording = True
+            self._clear()
+
+    def _clear(self) -> None:
+        """Forgets the recorded calls (and removes their gradient hooks)."""
+        for module_calls in self._calls.values():
+            for call in module_calls:
+                for handle in call.grad_hooks:
+                    handle.remove()
+        self._calls.clear()
+        self._rng_states.clear()
+        self._stream = None
+        self._recording = True
 
     def _backward(
         self, losses: Tensor, weighting: Callable[[Tensor], Tensor], max_kept_bytes: int | None
     ) -> Tensor:
-        G, kept, batch_dim = self._compute_gramian(losses, max_kept_bytes)
+        G, kept, batch_dim, plan = self._compute_gramian(losses, max_kept_bytes, fused=True)
+        assert plan is not None
         weights = weighting(G)
         if not isinstance(weights, Tensor) or weights.shape != (losses.numel(),):
             shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
@@ -274,21 +291,23 @@ class Engine:
             )
         w = weights.detach().to(losses.dtype)
         W = per_sample_weights(w, losses, batch_dim)
-        leaves = graph_leaves(losses)
+        leaves = dict(plan.leaves)
         fused: list[tuple[Tensor, Tensor]] = []
         with torch.no_grad():
             for module, module_calls in kept.items():
                 weighted_gradients = self._rules[module][0].weighted_gradients  # type: ignore[attr-defined]
                 pairs = weighted_gradients(module, module_calls, W) or []
-                inside = _total_uses([call_uses(call) for call in module_calls]) if pairs else {}
                 for param, grad in pairs:
-                    # More uses in the whole graph than inside the calls are uses from outside
-                    # the engine's modules (a parameter tied across the engine's boundary).
-                    if id(param) in leaves and leaves[id(param)][1] == inside.get(id(param)):
+                    if plan.accepts(module, param):
                         fused.append((param, grad))
-                        del leaves[id(param)]
+                        leaves.pop(id(param), None)
                 _release(module_calls)  # frees the output gradients before the next module's
         others = [leaf for leaf, _ in leaves.values()]
+        if others and plan.complete:  # a rule's `fuses` promised more than it gave
+            raise RuntimeError(
+                "The graph of `losses` was freed for a fused step that left the gradients of "
+                f"{len(others)} leaves to a second backward pass; please report this bug."
+            )
         if others:
             torch.autograd.backward(losses, w.reshape(losses.shape), inputs=others)
         for param, grad in fused:
@@ -296,12 +315,21 @@ class Engine:
         return weights
 
     def _compute_gramian(
-        self, output: Tensor, kept_bytes: int | None = 0
-    ) -> tuple[Tensor, dict[nn.Module, list[ModuleCall]], int | None]:
-        """The Gramian, the batch dimension, and the calls whose output gradients are kept for
+        self, output: Tensor, kept_bytes: int | None = 0, fused: bool = False
+    ) -> tuple[Tensor, dict[nn.Module, list[ModuleCall]], int | None, FusionPlan | None]:
+        """The Gramian, the batch dimension, the calls whose output gradients are kept for
         the fused step: those of modules whose rule has ``weighted_gradients``, in order, while
-        their total size stays within ``kept_bytes`` (None: no limit). The others' are released
-        as soon as their block is computed."""
+        their total size stays within ``kept_bytes`` (None: no limit) (the others' are released
+        as soon as their block is computed), and for the fused step, its plan.
+
+        The graph is kept, except for a fused step that needs no second backward pass (every
+        module kept, every leaf's gradient promised by the rules: ``FusionPlan.complete``) and has
+        one objective per sample: the backward pass then frees it as it goes, as a plain
+        backward pass does, instead of holding the activations until ``output`` is dropped.
+
+        With one objective per sample, the rules that need only the recorded tensors run during
+        the backward pass, as soon as their module's output gradients exist (see
+        ``_streaming.py``), unless a budget ``kept_bytes`` > 0 applies."""
         if not isinstance(output, Tensor):
             raise TypeError(f"Expected `output` to be a Tensor, got {type(output).__name__}.")
         batch_dim = self._normalized_batch_dim(output)
@@ -318,44 +346,121 @@ class Engine:
         B = 1 if batch_dim is None else output.shape[batch_dim]
         R = m // B if B else 0
         if m == 0:
-            return output.new_zeros(0, 0), {}, batch_dim
+            plan = FusionPlan(output, {}, {}) if fused else None
+            return output.new_zeros(0, 0), {}, batch_dim, plan
         if batch_dim is not None:
             for module, module_calls in calls.items():
                 for call in module_calls:
                     _resolve_batch_dims(module, call, batch_dim, B)
-        edges = [
-            edge
-            for module_calls in calls.values()
-            for c in module_calls
-            for edge in (*c.edges, *c.inner_edges)
-        ]
-        grads = iter(batched_grad([output], edges, [_cotangents(output, batch_dim, R)]))
-        for module_calls in calls.values():
-            for call in module_calls:
-                call.grad_outputs = [next(grads) for _ in call.edges]
-                call.inner_grads = [next(grads) for _ in call.inner_edges]
-        del grads  # the calls alone hold the output gradients, so that releasing them frees them
-        self._check_all_calls_reached(calls)
+        plan = FusionPlan(output, calls, self._rules) if fused else None
+        if plan is not None and not (kept_bytes is None and R == 1):
+            plan.complete = False  # modules may be left out, or the graph is kept anyway
         kept: dict[nn.Module, list[ModuleCall]] = {}
         budget = kept_bytes
+        blocks: dict[nn.Module, Tensor] = {}
+
+        def run_rule(module: nn.Module, module_calls: list[ModuleCall]) -> None:
+            nonlocal budget
+            rule = self._rules[module][0]
+            with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
+                blocks[module] = rule(module, module_calls)
+            fits = budget is None  # no limit: the sizes are not needed
+            if not fits and _fusable(rule):
+                size = sum(_kept_bytes(call) for call in module_calls)
+                fits = size <= budget  # type: ignore[operator]
+                budget -= size if fits else 0  # type: ignore[operator]
+            if _fusable(rule) and fits:
+                kept[module] = module_calls
+            else:
+                _release(module_calls)
+
+        streamed = self._streamed(calls, R, kept_bytes) if output.grad_fn is not None else {}
+        requested = self._requested_edges(output, calls, streamed)
+        if streamed:
+            self._stream = GramianStream(streamed, requested[1], run_rule)
+        cotangents = [_cotangents(output, batch_dim, R)]
+        retain_graph = plan is None or not plan.complete
+        try:
+            grads = batched_grad([output], requested[0], cotangents, retain_graph=retain_graph)
+        finally:
+            stream, self._stream = self._stream, None
+        self._store_grads(calls, streamed, requested[1], iter(grads))
+        del grads  # the calls alone hold the output gradients, so that releasing them frees them
+        self._check_all_calls_reached(calls, set() if stream is None else stream.reached)
         shape = output.shape
         if self._exchange_calls is not None:  # torchjd.distributed: every rank's samples
             B = self._exchange_calls(calls, batch_dim, B)
             shape = torch.Size([B if d == batch_dim else n for d, n in enumerate(shape)])
+        for module, module_calls in calls.items():
+            if stream is None or module not in stream.done:
+                run_rule(module, module_calls)
         G = output.new_zeros(B * R, B * R)
-        with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
-            for module, module_calls in calls.items():
-                G = G + self._rules[module][0](module, module_calls)
-                fits = budget is None  # no limit: the sizes are not needed
-                if not fits and _fusable(self._rules[module][0]):
-                    size = sum(_kept_bytes(call) for call in module_calls)
-                    fits = size <= budget
-                    budget -= size if fits else 0
-                if _fusable(self._rules[module][0]) and fits:
-                    kept[module] = module_calls
-                else:
-                    _release(module_calls)
-        return _to_row_major(G.to(output.dtype), shape, batch_dim), kept, batch_dim
+        for module in calls:  # in the order of the calls, however the rules ran: the same sums
+            G = G + blocks[module]
+        return _to_row_major(G.to(output.dtype), shape, batch_dim), kept, batch_dim, plan
+
+    def _streamed(
+        self, calls: dict[nn.Module, list[ModuleCall]], R: int, kept_bytes: int | None
+    ) -> dict[nn.Module, list[ModuleCall]]:
+        """The modules whose rule runs during the backward pass (see ``_streaming.py``): one
+        objective per sample, no budget to share in order, a rule that needs only the recorded
+        tensors, every call's outputs hooked."""
+        if R != 1 or kept_bytes not in (None, 0) or self._exchange_calls is not None:
+            return {}
+        streamed = {}
+        for module, module_calls in calls.items():
+            pure = getattr(self._rules[module][0], "pure", None)
+            hooked = all(
+                len(c.grad_hooks) == len(c.edges) + len(c.inner_edges) for c in module_calls
+            )
+            if pure is not None and hooked and pure(module, module_calls):
+                streamed[module] = module_calls
+        return streamed
+
+    @staticmethod
+    def _requested_edges(
+        output: Tensor,
+        calls: dict[nn.Module, list[ModuleCall]],
+        streamed: dict[nn.Module, list[ModuleCall]],
+    ) -> tuple[list[Any], set[tuple[int, int]]]:
+        """The gradient edges that the backward pass returns, and among them, the keys
+        ``(id(call), k)`` of the lowest streamed ones (``k`` indexes the call's outputs, then its
+        inner edges)."""
+        if not streamed:
+            edges = [e for cs in calls.values() for c in cs for e in (*c.edges, *c.inner_edges)]
+            return edges, set()
+        keyed = [
+            ((id(c), k), edge)
+            for cs in calls.values()
+            for c in cs
+            for k, edge in enumerate([*c.edges, *c.inner_edges])
+        ]
+        lowest = lowest_edges(output.grad_fn, keyed)
+        inside = {id(c) for cs in streamed.values() for c in cs}
+        requested = [edge for key, edge in keyed if key[0] not in inside or key in lowest]
+        return requested, {key for key in lowest if key[0] in inside}
+
+    @staticmethod
+    def _store_grads(
+        calls: dict[nn.Module, list[ModuleCall]],
+        streamed: dict[nn.Module, list[ModuleCall]],
+        lowest: set[tuple[int, int]],
+        grads: Iterator[Tensor | None],
+    ) -> None:
+        """Gives each call the gradients that the backward pass returned (the streamed calls
+        received theirs from their hooks)."""
+        for module, module_calls in calls.items():
+            for call in module_calls:
+                if module not in streamed:
+                    call.grad_outputs = [next(grads) for _ in call.edges]
+                    call.inner_grads = [next(grads) for _ in call.inner_edges]
+                    continue
+                for k in range(len(call.edges) + len(call.inner_edges)):
+                    if (id(call), k) not in lowest:
+                        continue
+                    grad = next(grads)  # for an output: what its hook received is kept
+                    if k >= len(call.edges):  # a point inside the call: no hook ran
+                        call.inner_grads[k - len(call.edges)] = grad
 
     def _normalized_batch_dim(self, output: Tensor) -> int | None:
         if self._batch_dim is None:
@@ -388,12 +493,16 @@ class Engine:
         for module in self._modules:
             yield from module.modules()
 
-    def _check_all_calls_reached(self, calls: dict[nn.Module, list[ModuleCall]]) -> None:
+    def _check_all_calls_reached(
+        self, calls: dict[nn.Module, list[ModuleCall]], streamed: set[int]
+    ) -> None:
+        """``streamed``: the ids of the calls that received a gradient from their hooks (which
+        may have been released since)."""
         unreached = [
             (module, k)
             for module, module_calls in calls.items()
             for k, call in enumerate(module_calls)
-            if all(g is None for g in call.grad_outputs)
+            if id(call) not in streamed and all(g is None for g in call.grad_outputs)
         ]
         if len(unreached) == sum(len(c) for c in calls.values()):
             raise ValueError(
@@ -414,8 +523,7 @@ class Engine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._calls.clear()
-        self._rng_states.clear()
+        self._clear()
 
     def __enter__(self) -> "Engine":
         return self
@@ -452,14 +560,6 @@ def _release(calls: list[ModuleCall]) -> None:
         call.grad_outputs = [None] * len(call.grad_outputs)
         call.inner_grads = [None] * len(call.inner_grads)
         call.saved.clear()
-
-
-def _total_uses(per_call: list[dict[int, tuple[Tensor, int]]]) -> dict[int, int]:
-    total: dict[int, int] = {}
-    for uses in per_call:
-        for key, (_, count) in uses.items():
-            total[key] = total.get(key, 0) + count
-    return total
 
 
 def _kept_bytes(call: ModuleCall) -> int:

@@ -9,15 +9,71 @@ layer :math:`\sum_i \bar\Gamma_i^\top X_i`), so only the other parameters need a
 That function, ``weighted_gradients(module, calls, W)``, receives the weights ``W`` ``[B, R]``
 (see ``ModuleCall.weighted_grad_output``) and returns ``(parameter, gradient)`` pairs for the
 module's trainable parameters, or None to leave them all to the second backward.
+
+A built-in rule also tells, from the recorded calls alone, whether its ``weighted_gradients``
+will give every trainable parameter of the module (its ``fuses(module, calls)``). When that holds
+for every leaf of the graph (no other leaf: no parameter outside the engine, no input that
+requires grad, no parameter also used outside the hooked calls), no second backward pass will
+run, and the pass that gives the output gradients frees the graph as it goes (see
+:class:`FusionPlan`).
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from torchjd.autogram._module_call import ModuleCall
+
+
+class FusionPlan:
+    """The leaves of the graph of the losses, and which of them the fused step can take from the
+    rules: a parameter of a module whose rule has ``weighted_gradients``, used in the graph only
+    by that module's calls.
+
+    :param losses: The objectives.
+    :param calls: The calls of each hooked module with trainable parameters.
+    :param rules: Each module's rule, and whether it covers the module's children.
+    """
+
+    def __init__(
+        self,
+        losses: Tensor,
+        calls: Mapping[nn.Module, Sequence[ModuleCall]],
+        rules: Mapping[nn.Module, tuple[Any, bool]],
+    ) -> None:
+        self.leaves = graph_leaves(losses)
+        self.inside: dict[nn.Module, dict[int, int]] = {}
+        uncovered = dict(self.leaves)
+        for module, module_calls in calls.items():
+            rule, covers_children = rules[module]
+            if getattr(rule, "weighted_gradients", None) is None:
+                continue
+            self.inside[module] = total_uses([call_uses(call) for call in module_calls])
+            fuses = getattr(rule, "fuses", None)
+            if fuses is not None and fuses(module, module_calls):
+                for param in module.parameters(recurse=covers_children):
+                    if param.requires_grad and self.accepts(module, param):
+                        uncovered.pop(id(param), None)
+        self.complete = not uncovered
+        """Whether the rules' ``fuses`` promise the gradient of every leaf: no second backward."""
+
+    def accepts(self, module: nn.Module, param: Tensor) -> bool:
+        """Whether the fused gradient of ``param`` from the rule of ``module`` is its whole
+        gradient: more uses in the whole graph than inside the calls are uses from outside the
+        engine's modules (a parameter tied across the engine's boundary)."""
+        uses = self.leaves.get(id(param))
+        return uses is not None and uses[1] == self.inside.get(module, {}).get(id(param))
+
+
+def total_uses(per_call: list[dict[int, tuple[Tensor, int]]]) -> dict[int, int]:
+    """The uses of each leaf (by id) summed over calls."""
+    total: dict[int, int] = {}
+    for uses in per_call:
+        for key, (_, count) in uses.items():
+            total[key] = total.get(key, 0) + count
+    return total
 
 
 def per_sample_weights(weights: Tensor, losses: Tensor, batch_dim: int | None) -> Tensor:

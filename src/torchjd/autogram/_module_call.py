@@ -38,6 +38,7 @@ class ModuleCall:
         ``inner_edges``, each ``[R, *shape]`` (None for one that did not reach the objectives).
     :param saved: Free for the rule's own use, from the recording to the fused step (released with
         the output gradients).
+    :param grad_hooks: The handles of the hooks on the outputs (engine internal).
     """
 
     args: tuple[Any, ...]
@@ -53,6 +54,7 @@ class ModuleCall:
     inner_edges: list[Any] = field(default_factory=list, repr=False)
     inner_grads: list[Tensor | None] = field(default_factory=list, repr=False)
     saved: dict[str, Any] = field(default_factory=dict, repr=False)
+    grad_hooks: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def num_samples(self) -> int:

@@ -13,13 +13,28 @@ are: ``v ≥ u``, ``G v ≥ 0`` and ``(G v) ⊙ (v − u) = 0``.
 
 Method
 ------
+Default mode, ``m ≤ 64`` (UPGrad over a few tasks, or over a batch of per-sample losses): every
+row is solved at once, in float64, with a fixed few dozen operations per step
+(:func:`_small_default_route`): up to ``m = 8`` rows, by trying every active set at once
+(:mod:`torchjd.linalg._enumeration`: one batched LU factorisation of ``2^m`` small systems);
+up to ``m = 24``, by single principal pivots on the whole ``[k, m, m]`` tableau, from its
+transform on the free set of ``v = u`` (:mod:`torchjd.linalg._tableau_pivoting`: a dozen
+operations per pivot); beyond, by block principal pivoting from the active set of ``v = u`` (the
+indices where ``G u > 0``), each face solved on its smaller side, through ``G⁻¹``
+(``|A| × |A|``) or ``G`` (``|F| × |F|``), all rows in one batched Cholesky factorisation per step
+(:mod:`torchjd.linalg._small_pivoting`). Rows without conflict need no search: their guess is
+right at once. Each row is checked on ``G``; the rows left (non-finite entries, a ``G`` too
+ill-conditioned for ``G⁻¹``, rounding) take the general route below. The published library's
+solver runs one row at a time (``quadprog``, in C); these batched steps cost about as much as a
+few dozen small torch operations each, which is what a call costs at these sizes.
+
+General route (larger problems, the exact mode, and the rows left above):
+
 1. ``v = u`` is optimal exactly when ``G u ≥ 0`` (no row of ``J`` conflicts with ``Jᵀ u``): one
    shared matrix product finds these rows, which are returned unchanged.
-2. Up to ``m = 8`` rows (the tasks of multi-task learning), every active set is tried at once
-   (:mod:`torchjd.linalg._enumeration`: one batched inverse of ``2^m`` small systems and a fixed
-   few dozen operations), in float64; rows whose best candidate misses the tolerance (rounding on
-   an ill-conditioned ``G``) go to ADMM and its polish. Small problems (``m ≤ 64``) are solved
-   exactly by block principal pivoting
+2. Up to ``m = 8`` rows, every active set is tried at once, in float64; rows whose best candidate
+   misses the tolerance (rounding on an ill-conditioned ``G``) go to ADMM and its polish. Small
+   problems (``m ≤ 64``) are solved exactly by block principal pivoting
    (:mod:`torchjd.linalg._principal_pivoting`), starting from the active set of one primal-dual
    step from ``v = u``. From ``m = 33`` on, when ``G`` is well-conditioned, the faces are solved
    through ``G⁻¹`` (:func:`~torchjd.linalg._schur_pivoting.schur_pivoting`: one ``|A| × |A|``
@@ -96,7 +111,9 @@ from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import principal_pivoting, scaled_cholesky
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
+from torchjd.linalg._small_pivoting import small_pivoting
 from torchjd.linalg._spanning import zero_update_weights
+from torchjd.linalg._tableau_pivoting import TABLEAU_MAX_M, tableau_pivoting
 from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
@@ -160,7 +177,23 @@ def solve_lower_bounded_qp(
     if tol is None:
         tol = (LEAST_NORM_TOL if least_norm else DEFAULT_TOL)[work_dtype]
 
+    if U.shape[0] == 0:  # no problem to solve
+        return U.to(out_dtype)
     G = (G + G.T) / 2
+    if not least_norm and G.shape[0] <= _DIRECT_MAX_M:
+        # Small problems: every row at once (no search for the rows without conflict: their guess
+        # is right at the first step); the rows left, by the general route below.
+        X, converged = _small_default_route(G, U, tol)
+        if bool(converged.all()):
+            return X.to(out_dtype)
+        rows = (~converged).nonzero().squeeze(1)
+        X[rows] = _solve(G, U[rows], tol, max_iters, least_norm).to(X.dtype)
+        return X.to(out_dtype)
+    return _solve(G, U, tol, max_iters, least_norm).to(out_dtype)
+
+
+def _solve(G: Tensor, U: Tensor, tol: float, max_iters: int, least_norm: bool) -> Tensor:
+    """The general route, on a symmetric ``G`` in the working dtype."""
     G_exact = G if least_norm else None
     if least_norm:
         G = tikhonov(G)
@@ -174,7 +207,7 @@ def solve_lower_bounded_qp(
     if rows.numel() < U.shape[0]:
         V = torch.where(non_finite.unsqueeze(1), torch.nan, U)
         if rows.numel() == 0:
-            return V.to(out_dtype)
+            return V
         U, GU = U[rows], GU[rows]
     else:
         rows = slice(None)  # type: ignore[assignment]
@@ -188,9 +221,30 @@ def solve_lower_bounded_qp(
     else:
         X = _default_route(G, U, GU > 0, tol, max_iters)
     if isinstance(rows, slice):  # every row conflicted
-        return torch.maximum(X, U).to(out_dtype)
+        return torch.maximum(X, U)
     V[rows] = torch.maximum(X, U)
-    return V.to(out_dtype)
+    return V
+
+
+def _small_default_route(G: Tensor, U: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Default mode, ``m ≤ 64``, every row, in float64: the enumeration of all active sets up to
+    ``m = 8``, single pivots on the tableau up to ``m = 24`` (:func:`tableau_pivoting`), else
+    block pivoting with each face solved on its smaller side (:func:`small_pivoting`) from the
+    active set of ``v = u``. Returns the rows (``v ≥ u``, in the dtype of ``G``) and
+    which of them are solved."""
+    m = G.shape[0]
+    if m <= _ENUMERATION_MAX_M:
+        U64 = U.double()
+        X, residual = enumerate_active_sets(G.double(), U64)
+        return torch.maximum(X, U64).to(G.dtype), residual <= tol
+    if m <= TABLEAU_MAX_M:
+        X, converged = tableau_pivoting(G, U, tol, 3 * m + 10)
+        return X.to(G.dtype), converged
+    result = small_pivoting(G, U, U @ G > 0, tol, 3 * m + 10)
+    if result is None:
+        return U.clone(), torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
+    X, converged = result
+    return X.to(G.dtype), converged
 
 
 def _nonsingular(G: Tensor) -> bool:

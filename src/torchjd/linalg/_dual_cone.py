@@ -76,16 +76,18 @@ class TorchProjector(DualConeProjector):
     below).
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
-    solved exactly by block principal pivoting; beyond, also when each row's faces are cheap through
-    ``G⁻¹`` (few conflicts per row, or few distinct faces, as in per-sample Gramians at
-    initialisation, whose rows share the face of their class), and otherwise by ADMM followed by an
-    exact active-set polish when its cost is small (see ``torchjd/linalg/_bounded_qp.py``). In the
-    exact mode, beyond ``m = 64``, pivoting starts from the active set that ADMM finds with a small
-    regularisation (the defaults'; from ``m = 512``, :math:`10^{-6} \operatorname{tr}(G)`, in
-    float32); the rows it leaves (degenerate problems) go to a float64 interior-point method, whose
-    Newton systems use the Woodbury identity when ``rank(G) ≤ 2m / 3``. Before that, when the
-    rows positively span a subspace, every update is zero and the least-norm weights come from a
-    Newton method in the range of ``G`` (``rank(G)``-sized systems per row). Each row's faces cost
+    solved exactly, all at once, in float64: by trying every active set up to ``m = 8``, then by
+    single principal pivots (``m ≤ 24``) or block principal pivoting; beyond, by pivoting too
+    when each row's faces are cheap through ``G⁻¹`` (few conflicts per row, or few distinct
+    faces, as in per-sample Gramians at initialisation, whose rows share the face of their
+    class), and otherwise by ADMM followed by an exact active-set polish when its cost is small
+    (see ``torchjd/linalg/_bounded_qp.py``). In the exact mode, beyond ``m = 64``, pivoting
+    starts from the active set that ADMM finds with a small regularisation (the defaults'; from
+    ``m = 512``, :math:`10^{-6} \operatorname{tr}(G)`, in float32); the rows it leaves
+    (degenerate problems) go to a float64 interior-point method, whose Newton systems use the
+    Woodbury identity when ``rank(G) ≤ 2m / 3``. Before that, when the rows positively span a
+    subspace, every update is zero and the least-norm weights come from a Newton method in the
+    range of ``G`` (``rank(G)``-sized systems per row). Each row's faces cost
     :math:`O(|F|^3)`: on three hard Jacobians of 1,024 rows (faces of 250 to 400 indices), 51 s,
     83 s and 8 min against 2-3 s for the defaults (at 512 rows, 5 to 15 s). The KKT
     residual of each row, each row's conflict measured relative to its norm, is below ``1e-7`` in

@@ -9,9 +9,10 @@ shares. The optimum is the candidate that also meets the other KKT conditions,
 gives it (several only when they give the same :math:`v`), and :math:`H_A` is invertible for
 every :math:`A` (:math:`G_{FF}` is).
 
-All :math:`2^m` maps come from one batched inverse and all candidates of all rows from one
-product: a fixed few dozen operations (the KKT check of the chosen candidates included), where
-block principal pivoting takes dozens per step and several steps. It pays for a few rows
+All :math:`2^m` systems are factorised at once (one batched LU factorisation) and all candidates
+of all rows come from one batched solve: a fixed few dozen operations (the KKT check of the
+chosen candidates included), where block principal pivoting takes dozens per step and several
+steps. It pays for a few rows
 (multi-task learning's handful of tasks); the work grows as :math:`2^m m^3`.
 """
 
@@ -20,34 +21,48 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from torchjd.linalg._kkt import kkt_residual, row_scales
-
 
 def enumerate_active_sets(G: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
     """For each row ``u`` of ``U`` ``[k, m]``, the candidate that violates the remaining KKT
     conditions least among those of the ``2^m`` active sets, and its KKT residual
-    (:func:`~torchjd.linalg._kkt.kkt_residual`): ``[k, m]`` and ``[k]``. ``G`` must be positive
-    definite for the answer to be the optimum; a residual above the caller's tolerance says that
-    it was not found (rounding on an ill-conditioned ``G``)."""
+    (:func:`~torchjd.linalg._kkt.kkt_residual`, less its primal part on the active set, where
+    ``v = u`` up to rounding: the caller clamps ``v ≥ u``): ``[k, m]`` and ``[k]``. ``G`` must be
+    positive definite for the answer to be the optimum; a residual above the caller's tolerance
+    says that it was not found (rounding on an ill-conditioned ``G``)."""
     m, k = G.shape[0], U.shape[0]
-    active, identity = _active_sets(m, G.dtype, G.device)
-    H = torch.where(active.unsqueeze(2), identity, G)  # [S, m, m]
-    inverses, info = torch.linalg.inv_ex(H)
-    maps = inverses * active.unsqueeze(1)  # H_A⁻¹ D_A: the columns of the free indices are zero
-    V = U @ maps.mT  # [S, k, m]: the candidates of every set for every row
-    # v_A = u_A and (Gv)_F = 0 hold by construction: what is left is v_F ≥ u_F and (Gv)_A ≥ 0,
-    # each relative to the scales of kkt_residual.
-    u_scale = U.abs().amax(dim=1, keepdim=True)
-    violation = torch.where(active.unsqueeze(1), -(V @ G) / row_scales(G), U - V).amax(dim=2)
-    violation = torch.where(info.unsqueeze(1) == 0, violation / u_scale.T, torch.inf)
-    choice = violation.nan_to_num(torch.inf).argmin(dim=0)
-    X = V[choice, torch.arange(k, device=G.device)]
-    return X, kkt_residual(G, U, X, X @ G)
+    _, active_rows, active_columns, identity = _active_sets(m, G.dtype, G.device)
+    # H_A for every A, factorised once (LU with pivoting: H_A is not symmetric).
+    factor, pivots, info = torch.linalg.lu_factor_ex(torch.where(active_rows, identity, G))
+    # Rows relative to max|u|, and (G v)_j relative to √(G_jj max_l G_ll) (row_scales).
+    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    U = U / u_scale
+    diagonal = G.diagonal()
+    inverse_scale = (diagonal * diagonal.amax()).rsqrt()
+    # v = H_A⁻¹ D_A u for every set and row: [S, k, m].
+    V = torch.linalg.lu_solve(factor, pivots, active_rows * U.T).mT
+    GV = V @ G
+    # v_A = u_A and (Gv)_F = 0 hold by construction: what is left is v_F ≥ u_F and (Gv)_A ≥ 0.
+    violation = torch.where(active_columns, GV * -inverse_scale, U - V).amax(dim=2)
+    violation = violation.masked_fill_((info != 0).unsqueeze(1), torch.inf)
+    best, choice = violation.nan_to_num_(torch.inf).min(dim=0)
+    rows = torch.arange(k, device=G.device)
+    X, gradient = V[choice, rows], GV[choice, rows] * inverse_scale
+    # The rounding left in (G v)_F and v_A − u_A, as complementarity.
+    complementarity = (gradient.abs() * (X - U).abs()).amax(dim=1)
+    return X * u_scale, torch.maximum(best, complementarity)
 
 
 @lru_cache(maxsize=32)
-def _active_sets(m: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The ``2^m`` active sets as rows of a boolean ``[2^m, m]``, and the identity ``[m, m]``."""
+def _active_sets(
+    m: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ``2^m`` active sets as rows of a boolean ``[2^m, m]``, the same as ``[2^m, m, 1]`` and
+    ``[2^m, 1, m]``, and the identity ``[m, m]``."""
     bits = torch.arange(m, device=device)
     active = (torch.arange(2**m, device=device).unsqueeze(1) >> bits) & 1 == 1
-    return active, torch.eye(m, dtype=dtype, device=device)
+    return (
+        active,
+        active.unsqueeze(2),
+        active.unsqueeze(1),
+        torch.eye(m, dtype=dtype, device=device),
+    )

@@ -21,9 +21,9 @@ def normalized(G: Tensor, norm_eps: float) -> Tensor:
     A NaN trace gives a NaN matrix, so that non-finite inputs propagate.
     """
     trace = G.diagonal().sum()
-    tiny = torch.finfo(G.dtype).tiny
-    # One pass over G: an infinite divisor below norm_eps gives the zero matrix.
-    return G / torch.where(trace < norm_eps, torch.inf, trace.clamp_min(tiny))
+    # One pass over G: below norm_eps, the divisor is infinite (a division by False), which gives
+    # the zero matrix; a NaN trace stays NaN.
+    return G / (trace.clamp_min(torch.finfo(G.dtype).tiny) / (trace >= norm_eps))
 
 
 def regularized(G: Tensor, reg_eps: float) -> Tensor:

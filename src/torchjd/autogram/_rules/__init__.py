@@ -1,4 +1,14 @@
-"""Built-in rules, one file per layer family, registered on import."""
+"""Built-in rules, one file per layer family, registered on import.
+
+Besides being called, a built-in rule function may carry attributes that the engine reads:
+``weighted_gradients(module, calls, W)`` (the fused step, see ``_fused.py``);
+``fuses(module, calls)``, whether ``weighted_gradients`` will give every trainable parameter's
+gradient (then the fused step may free the graph in its only backward pass);
+``pure(module, calls)``, whether the rule needs nothing but the recorded tensors (then it may run
+during the Gramian's backward pass, see ``_streaming.py``); ``inner_edges(module, call)``, points
+inside the call's graph whose gradients it wants too; ``recomputes_forward``, whether it re-runs
+the module (the random state is then recorded).
+"""
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm

@@ -365,3 +365,6 @@ def _detach(value: object) -> object:
 attention_rule.recomputes_forward = True  # type: ignore[attr-defined]
 attention_rule.inner_edges = attention_inner_edges  # type: ignore[attr-defined]
 attention_rule.weighted_gradients = attention_weighted_gradients  # type: ignore[attr-defined]
+# the re-running path may leave calls to autograd (attention weights that reach the objectives)
+attention_rule.fuses = lambda module, calls: _recorded_projections(calls) is not None  # type: ignore[attr-defined]
+attention_rule.pure = attention_rule.fuses  # type: ignore[attr-defined]

@@ -64,6 +64,8 @@ def embedding_weighted_gradients(
 
 
 embedding_rule.weighted_gradients = embedding_weighted_gradients  # type: ignore[attr-defined]
+embedding_rule.fuses = lambda module, calls: not module.sparse  # type: ignore[attr-defined]
+embedding_rule.pure = lambda module, calls: True  # type: ignore[attr-defined]
 
 
 def _scale(

@@ -169,6 +169,8 @@ def weighted_jacobian(J: Tensor, sums: Tensor | None, W: Tensor) -> tuple[Tensor
 
 
 linear_rule.weighted_gradients = linear_weighted_gradients  # type: ignore[attr-defined]
+linear_rule.fuses = lambda module, calls: True  # type: ignore[attr-defined]
+linear_rule.pure = lambda module, calls: True  # type: ignore[attr-defined]
 
 
 CHUNK_BYTES = 1 << 24

@@ -98,6 +98,19 @@ def channel_norm_weighted_gradients(
 
 layer_norm_rule.weighted_gradients = layer_norm_weighted_gradients  # type: ignore[attr-defined]
 channel_norm_rule.weighted_gradients = channel_norm_weighted_gradients  # type: ignore[attr-defined]
+layer_norm_rule.fuses = lambda module, calls: True  # type: ignore[attr-defined]
+layer_norm_rule.pure = lambda module, calls: True  # type: ignore[attr-defined]
+
+
+def _per_sample_statistics(module: nn.Module, calls: Sequence[ModuleCall]) -> bool:
+    """Whether the rule's own formula applies (else the generic rule, which re-runs the module)."""
+    return not (
+        isinstance(module, _BatchNorm) and any(_uses_batch_statistics(module, c) for c in calls)
+    )
+
+
+channel_norm_rule.fuses = _per_sample_statistics  # type: ignore[attr-defined]
+channel_norm_rule.pure = _per_sample_statistics  # type: ignore[attr-defined]
 
 
 def _uses_batch_statistics(module: _BatchNorm, call: ModuleCall) -> bool:

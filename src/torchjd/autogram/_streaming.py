@@ -1,0 +1,147 @@
+r"""Rules run during the Gramian's backward pass, as soon as their module's output gradients exist.
+
+A backward pass that returns the gradients w.r.t. every hooked call's output holds them all at
+its end: about the activations' size again, on top of the graph. Instead, the engine registers a
+hook on each recorded output (and on the nodes of the points inside a call whose gradients its
+rule wants); during the Gramian's backward pass (one objective per sample), the hook of a module
+whose rule needs nothing but the recorded tensors (its ``pure(module, calls)``) stores the
+gradient in the call, and once every output of every call of the module has its
+gradient, the rule gives the module's block :math:`J_\ell J_\ell^\top` and the gradients are
+released (or kept for the fused step), while the pass goes on to the layers below.
+
+The backward pass is asked (``inputs=``) only for the gradients that it must return: those of the
+other calls, and of the lowest streamed outputs, with no other recorded output below them in the
+graph. Asking for one of the others would make autograd keep its gradient to the end. Every
+output above a requested one lies on the way to it, so autograd computes its gradient, and calls
+its hook. A lowest output is not on the way to any requested gradient: its hook hands autograd a
+stand-in (zero, expanded) to return in place of the gradient (unless other hooks of the tensor
+follow ours: they would receive the stand-in).
+"""
+
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from torchjd.autogram._module_call import ModuleCall, shape_only
+
+
+class GramianStream:
+    """The state of one streamed backward pass.
+
+    :param modules: The calls of each module whose rule runs during the pass.
+    :param lowest: The ``(call, output index)`` pairs whose gradients the pass returns.
+    :param run: Runs the rule of a module (given its calls), once they all have their gradients.
+    """
+
+    def __init__(
+        self,
+        modules: dict[nn.Module, list[ModuleCall]],
+        lowest: set[tuple[int, int]],
+        run: Callable[[nn.Module, list[ModuleCall]], None],
+    ) -> None:
+        self.lowest = lowest
+        self.run = run
+        self.module_of = {id(call): module for module, calls in modules.items() for call in calls}
+        self.missing = {
+            module: sum(len(call.edges) + len(call.inner_edges) for call in calls)
+            for module, calls in modules.items()
+        }
+        self.calls = modules
+        self.done: set[nn.Module] = set()
+        self.reached: set[int] = set()  # the ids of the calls that received a gradient
+        for calls in modules.values():
+            for call in calls:
+                call.grad_outputs = [None] * len(call.edges)
+                call.inner_grads = [None] * len(call.inner_edges)
+
+    def receive(self, call: ModuleCall, k: int, grad: Tensor, last: bool) -> Tensor | None:
+        """Stores the gradient w.r.t. output ``k`` of ``call``; runs the module's rule when it was
+        the last one missing. Returns what autograd keeps in place of the gradient (None: the
+        gradient itself): a stand-in for a lowest output, when no other hook of the tensor
+        follows (``last``), since they would receive it."""
+        module = self.module_of.get(id(call))
+        if module is None:
+            return None
+        if k < len(call.edges):
+            call.grad_outputs[k] = grad.unsqueeze(0)  # R = 1
+        else:
+            call.inner_grads[k - len(call.edges)] = grad.unsqueeze(0)
+        self.reached.add(id(call))
+        self.missing[module] -= 1
+        if self.missing[module] == 0:
+            self.run(module, self.calls[module])
+            self.done.add(module)
+        return shape_only(grad) if last and (id(call), k) in self.lowest else None
+
+
+def lowest_edges(root: Any, edges: Sequence[tuple[Any, Any]]) -> set[Any]:
+    """The keys of ``edges`` (pairs of a key and a gradient edge) whose node has no other edge's
+    node below it in the graph from ``root``."""
+    nodes = {edge.node for _, edge in edges}
+    below = _edge_nodes_below(root, nodes)
+    return {key for key, edge in edges if not below.get(edge.node, False)}
+
+
+def _edge_nodes_below(root: Any, nodes: set[Any]) -> dict[Any, bool]:
+    """For each node of the graph from ``root``, whether one of ``nodes`` lies strictly below it
+    (iterative post-order: graphs can be deeper than Python's recursion limit)."""
+    below: dict[Any, bool] = {}
+    stack: list[tuple[Any, Iterator[Any]]] = [(root, _children(root))]
+    while stack:
+        node, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            below[node] = any(c in nodes or below[c] for c in _children(node))
+        elif child not in below:
+            below[child] = False  # visited (its own value is set when it is left)
+            stack.append((child, _children(child)))
+    return below
+
+
+def _children(node: Any) -> Iterator[Any]:
+    return (child for child, _ in node.next_functions if child is not None)
+
+
+def register_grad_hooks(
+    engine: "weakref.ref[Any]", call: ModuleCall, outputs: Sequence[Tensor]
+) -> list[RemovableHandle]:
+    """Registers the hooks that hand the gradients w.r.t. the call's ``outputs`` and inner edges
+    to the engine's stream, if a streamed pass is running (both held weakly: the hooks live in
+    the graph). An output's is a hook of the tensor (it runs even where autograd only returns
+    the gradient); an inner edge's, a pre-hook of its node (it runs when the node runs)."""
+    call_ref = weakref.ref(call)
+    handles: list[RemovableHandle] = []
+
+    def receive(k: int, grad: Tensor | None, last: bool) -> Tensor | None:
+        alive, recorded = engine(), call_ref()
+        stream = None if alive is None else alive._stream
+        if stream is None or recorded is None or grad is None:
+            return None
+        return stream.receive(recorded, k, grad, last)
+
+    for k, output in enumerate(outputs):
+
+        def hook(grad: Tensor, k: int = k) -> Tensor | None:
+            return receive(k, grad, _is_last(handles[k]))
+
+        handles.append(output.register_hook(hook))
+    for j, edge in enumerate(call.inner_edges):
+
+        def pre_hook(
+            grad_outputs: Any, k: int = len(outputs) + j, nr: int = edge.output_nr
+        ) -> None:
+            receive(k, grad_outputs[nr], False)
+
+        handles.append(edge.node.register_prehook(pre_hook))
+    return handles
+
+
+def _is_last(handle: RemovableHandle) -> bool:
+    """Whether the hook of ``handle`` is the last one of its tensor: the hooks after it would
+    receive what it returns."""
+    hooks = handle.hooks_dict_ref()
+    return hooks is not None and next(reversed(hooks), None) == handle.id

@@ -1,0 +1,227 @@
+r"""Block principal pivoting for small problems (``m ≤ 64``), each face solved on its smaller side.
+
+For ``min_{v ≥ u} vᵀ G v`` with ``G`` positive definite, a guess of the active set ``A`` (where
+``v = u``; free set ``F``) fixes ``v`` in two equivalent ways. In the Jacobi-scaled variables
+``z = S⁻¹ v``, ``Ĝ = S G S``, ``S = diag(G)^{-1/2}`` (unit diagonal), and ``H = Ĝ⁻¹``:
+
+.. math::
+
+    \text{primal: } \hat G_{FF}\, z_F = -\hat G_{FA}\, \hat u_A, \qquad
+    \text{dual: } H_{AA}\, \mu_A = \hat u_A,\; z = H_{:A}\, \mu_A \;(\hat G z = \mu),
+
+with :math:`\hat u = S^{-1} u`: the gradient :math:`\hat G z` vanishes on ``F``, so it is a
+multiplier :math:`\mu` supported on ``A``. Each step solves every row on the side that makes the
+widest system the smaller (``|A| × |A|`` from ``H`` or ``|F| × |F|`` from ``Ĝ``: the free side
+when the rows share a strong common direction and few conflict, the active side when each row
+agrees with few others, as the per-sample losses of a classifier with those of their class), all
+rows at once, as one batched Cholesky factorisation of blocks indexed from
+``diag(H, I)`` or ``diag(Ĝ, I)`` (the identity pads the blocks to a common width). The guess is
+right when ``z_F ≥ û_F`` and ``(Ĝ z)_A ≥ 0``; otherwise the infeasible indices change side, all
+at once while their number falls, else (after three steps without progress) only the largest:
+Júdice & Pires (1994), the exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`.
+
+A step is a fixed few dozen operations whatever the rows do: rows whose guess is right keep their
+face (their solution does not change), and leave the batch only when they are half of it and the
+batch is large enough for its size to matter. The answer of every row is checked once, at the
+end, on ``G`` itself (its KKT residual, as :func:`~torchjd.linalg._kkt.kkt_residual` measures it).
+"""
+
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from torchjd.linalg._principal_pivoting import _FULL_EXCHANGES, _PRIMAL_THRESHOLD
+
+# Smallest pivot of the Cholesky factor of Ĝ (its square bounds the smallest eigenvalue) for which
+# H = Ĝ⁻¹ is accurate enough in float64.
+_MIN_PIVOT = 1e-3
+_COMPACT_MIN_M = 16  # beyond, the rows done leave the batch once they are half of it
+# From this size on, each row is solved on its own smaller side when that makes the widest system
+# narrower than this fraction of the widest on one side (the batched factorisations then cost
+# more than the few operations it adds).
+_MIXED_MIN_M = 33
+_MIXED_GAIN = 0.9
+
+
+def small_pivoting(
+    G: Tensor, U: Tensor, active: Tensor, tol: float, max_steps: int
+) -> tuple[Tensor, Tensor] | None:
+    """Rows ``argmin_{v ≥ u} vᵀ G v`` of ``U`` (``[k, m]``) from the guess ``active``, in
+    float64 (see the module docstring), and which rows are solved: their KKT residual on ``G``
+    (:func:`~torchjd.linalg._kkt.kkt_residual`) is at most ``tol``. Rows come back with
+    ``v ≥ u`` exactly, in float64. None when ``G`` has a non-positive diagonal entry or is too
+    ill-conditioned for ``H`` to be accurate (a pivot below :data:`_MIN_PIVOT`)."""
+    k, m = U.shape
+    problem = ScaledProblem(G, U, tol)
+    G, U, G_hat, U_hat = problem.G, problem.U, problem.G_hat, problem.U_hat
+    L, info = torch.linalg.cholesky_ex(G_hat)
+    # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation)
+    if not bool(L.diagonal().amin() >= _MIN_PIVOT) or bool(info):
+        return None
+    faces = _Faces(G_hat, L)
+    primal_bound, dual_bound = problem.primal_bound, problem.dual_bound
+    rows = slice(None)  # the rows still in the batch, once some have left
+    for step in range(max_steps):
+        Z, gradient = faces.solve(U_hat, active)
+        feasible = torch.where(active, gradient >= dual_bound, U_hat - Z <= primal_bound)
+        infeasible = ~feasible  # NaN counts as infeasible
+        count = infeasible.sum(dim=1)
+        done = count == 0
+        # The exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`: all infeasible
+        # indices while their count falls below its best, else (after _FULL_EXCHANGES steps
+        # without progress) only the largest.
+        if step == 0:
+            best, stalled = count, torch.zeros_like(count)
+            n_done, n_single = int(done.sum()), 0
+        else:
+            stalled = (stalled + 1) * (count >= best)
+            best = torch.minimum(count, best)
+            n_done, n_single = torch.stack([done.sum(), (stalled > _FULL_EXCHANGES).sum()]).tolist()
+        if n_done == len(count) or step == max_steps - 1:
+            break
+        if n_single > 0:
+            positions = torch.arange(1, m + 1, device=G.device)
+            largest = (infeasible * positions).amax(dim=1, keepdim=True)
+            single = (stalled > _FULL_EXCHANGES).unsqueeze(1)
+            infeasible = infeasible & (~single | (positions == largest))
+        active = active ^ infeasible
+        # The rows done leave with their last face when they are half the batch (below
+        # _COMPACT_MIN_M, a batch costs about the same whatever its size).
+        if 2 * n_done >= len(count) and m > _COMPACT_MIN_M:
+            if isinstance(rows, slice):
+                rows, Z_all = torch.arange(k, device=G.device), torch.empty_like(U)
+            Z_all[rows] = Z
+            keep = (~done).nonzero().squeeze(1)
+            rows, active, U_hat, best, stalled = (
+                t[keep] for t in (rows, active, U_hat, best, stalled)
+            )
+            primal_bound, dual_bound = primal_bound[keep], dual_bound[keep]
+    if isinstance(rows, slice):
+        Z_all = Z
+    else:
+        Z_all[rows] = Z
+    return problem.solution(Z_all)
+
+
+class ScaledProblem:
+    """``min_{v ≥ u} vᵀ G v`` in float64 and in the Jacobi-scaled variables ``z = S⁻¹ v``
+    (``Ĝ = S G S``, ``û = S⁻¹ u``, ``S = diag(G)^{-1/2}``), with the bounds of the feasibility
+    tests of pivoting and the final check of the rows on ``G`` itself."""
+
+    def __init__(self, G: Tensor, U: Tensor, tol: float) -> None:
+        self.G, self.U, self.tol = G.double(), U.double(), tol
+        diagonal = self.G.diagonal()
+        self.s = diagonal.rsqrt()
+        self.G_hat = self.s.unsqueeze(1) * self.G * self.s
+        # Rows with a non-finite entry are solved as zero rows (for a fixed cost), and fail the
+        # final check.
+        U_finite = self.U.nan_to_num(0.0, 0.0, 0.0)
+        tiny = torch.finfo(torch.float64).tiny
+        self.u_scale = U_finite.abs().amax(dim=1, keepdim=True).clamp_min(tiny)
+        self.U_hat = U_finite / self.s
+        # row_scales(G)_j = √(G_jj max_l G_ll) = c / s_j, with c = √(max_l G_ll).
+        self.c = diagonal.amax().sqrt()
+        # An index is infeasible when u_j − v_j = s_j (û_j − z_j) exceeds a small fraction of
+        # max|u| (z_j below û_j − primal_bound_j), or −(G v)_j = −(Ĝ z)_j / s_j that fraction of
+        # row_scale_j · max|u| ((Ĝ z)_j below dual_bound).
+        bound = (_PRIMAL_THRESHOLD * tol) * self.u_scale
+        self.primal_bound, self.dual_bound = bound / self.s, bound * -self.c
+
+    def solution(self, Z: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows ``v = S z`` (clamped to ``v ≥ u``) and which are solved: their KKT residual on
+        ``G`` (as :func:`~torchjd.linalg._kkt.kkt_residual` measures it) is at most ``tol``. A
+        face solution whose gradient does not vanish on its free set (rounding on an
+        ill-conditioned face) fails the complementarity term."""
+        X = torch.maximum(self.s * Z, self.U)
+        relative_gradient = (X @ self.G) * (self.s / self.c) / self.u_scale
+        excess = (X - self.U) / self.u_scale
+        residual = torch.maximum(-relative_gradient, relative_gradient.abs() * excess)
+        return X, residual.amax(dim=1) <= self.tol
+
+
+class _Faces:
+    """The face solutions ``z`` of all rows (see the module docstring), each step on the side that
+    makes the widest system the smaller: the active sets (dual, from ``H``) or the free sets
+    (primal, from ``Ĝ``); from :data:`_MIXED_MIN_M` on, each row on its own smaller side when
+    that narrows the widest system. The blocks are indexed from ``diag(H, I)``, ``diag(Ĝ, I)``
+    or ``diag(H, Ĝ, I)`` (built on first use), whose identity pads them to a common width with no
+    masking."""
+
+    def __init__(self, G_hat: Tensor, L: Tensor) -> None:
+        m = G_hat.shape[0]
+        self.G_hat, self.L, self.m = G_hat, L, m
+        self.padding = torch.arange(m, 2 * m, device=G_hat.device)
+
+    @cached_property
+    def H(self) -> Tensor:
+        return torch.cholesky_inverse(self.L)
+
+    @cached_property
+    def dual_blocks(self) -> Tensor:
+        return torch.block_diag(self.H, _eye(self.H))
+
+    @cached_property
+    def primal_blocks(self) -> Tensor:
+        return torch.block_diag(self.G_hat, _eye(self.G_hat))
+
+    @cached_property
+    def mixed_blocks(self) -> Tensor:
+        return torch.block_diag(self.H, self.G_hat, _eye(self.H))
+
+    def solve(self, U_hat: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+        """The face solutions ``z`` of the rows and their gradients ``Ĝ z`` (for the dual side,
+        the multipliers ``μ``: ``Ĝ z = μ`` up to rounding, which the caller's final check on
+        ``G`` bounds)."""
+        m = self.m
+        n_active = active.sum(dim=1, keepdim=True)
+        low, high = torch.aminmax(n_active)
+        widths = [high, m - low]
+        if m >= _MIXED_MIN_M:  # the widest of the rows' smaller sides
+            widths.append(torch.minimum(n_active, m - n_active).amax())
+        most_active, most_free, *narrowest = torch.stack(widths).tolist()
+        width = min(most_active, most_free)
+        U_active = U_hat * active
+        if width == 0:  # no active index in any row (then z = 0), or no free index (z = û)
+            return U_active, U_active @ self.G_hat
+        if narrowest and narrowest[0] < _MIXED_GAIN * width:
+            return self._mixed(U_hat, active, U_active, 2 * n_active <= m, narrowest[0])
+        dual = most_active <= most_free
+        side = active if dual else ~active
+        blocks = self.dual_blocks if dual else self.primal_blocks
+        rhs = U_hat if dual else (U_active @ self.G_hat).neg_()
+        solution = self._solve_blocks(blocks, side, rhs, width, 0)
+        if dual:  # μ on A: z = H μ, and z_A = û_A exactly
+            return torch.where(active, U_hat, solution @ self.H), solution
+        Z = U_active + solution
+        return Z, Z @ self.G_hat
+
+    def _mixed(
+        self, U_hat: Tensor, active: Tensor, U_active: Tensor, dual: Tensor, width: int
+    ) -> tuple[Tensor, Tensor]:
+        """Each row on its own smaller side (``dual``: ``[k, 1]``)."""
+        rhs = torch.where(dual, U_hat, (U_active @ self.G_hat).neg_())
+        solution = self._solve_blocks(self.mixed_blocks, active == dual, rhs, width, dual)
+        Z = torch.where(active, U_hat, torch.where(dual, solution @ self.H, solution))
+        return Z, torch.where(dual, solution, Z @ self.G_hat)
+
+    def _solve_blocks(
+        self, blocks: Tensor, side: Tensor, rhs: Tensor, width: int, dual: Tensor | int
+    ) -> Tensor:
+        """``x`` on each row's ``side`` (zero elsewhere) with ``B_SS x_S = rhs_S``, the blocks
+        ``B_SS`` of ``blocks`` padded by its trailing identity; with a ``dual`` mask, the rows
+        where it is False take their blocks ``m`` further (``Ĝ`` in ``diag(H, Ĝ, I)``)."""
+        m = self.m
+        index = torch.topk(side.to(rhs.dtype), width, dim=1, sorted=False).indices
+        index = torch.where(side.gather(1, index), index, self.padding[:width])
+        offset = (
+            index if isinstance(dual, int) else torch.where(dual & (index < m), index, index + m)
+        )
+        factor, _ = torch.linalg.cholesky_ex(blocks[offset.unsqueeze(2), offset.unsqueeze(1)])
+        b = torch.nn.functional.pad(rhs, (0, m)).gather(1, index)
+        x = torch.cholesky_solve(b.unsqueeze(2), factor).squeeze(2)
+        return rhs.new_zeros(rhs.shape[0], 2 * m).scatter_(1, index, x)[:, :m]
+
+
+def _eye(like: Tensor) -> Tensor:
+    return torch.eye(like.shape[0], dtype=like.dtype, device=like.device)
