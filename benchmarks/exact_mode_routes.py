@@ -1,17 +1,18 @@
-"""The exact mode's two routes, side by side: time per call relative to the default projector.
+"""The exact mode's routes, side by side: time per call relative to the default projector.
 
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/exact_mode_routes.py [--sizes 16 64 256] [--count 10]
 
-For each family of Jacobians and each size ``m``, it times ``UPGrad()`` (the default projector),
-the exact mode ``TorchProjector(norm_eps=0.0, reg_eps=0.0)`` as it is (a nonsingular Gramian goes
-through the default mode's machinery on ``G`` itself), and the exact mode forced onto its
-least-norm route (the route of every Gramian before the nonsingular fast path). Columns: the
-default's median time per call, the median of the per-matrix ratios exact / default for both
-routes, how many of the Gramians took the fast path (a call where no row conflicts takes
-neither route), and the worst conflict of the exact mode,
-``min_i J_i · d / (‖J_i‖ · max_j ‖J_j‖)``.
+For each family of Jacobians and each size ``m``, it times ``UPGrad()`` (the default projector)
+and the exact mode ``TorchProjector(norm_eps=0.0, reg_eps=0.0)`` three ways: as it is (a
+nonsingular Gramian goes through the default mode's machinery on ``G`` itself, rows that
+positively span a subspace through ``_spanning``), without the spanning route (``no span``: the
+exact mode before it), and forced onto its least-norm pivoting route (``pivoting``: every Gramian
+before the nonsingular fast path; skipped with ``--skip-pivoting``). Columns: the default's median
+time per call, the median of the per-matrix ratios exact / default, how many of the Gramians took
+the nonsingular fast path and the spanning route (a call where no row conflicts takes neither),
+and the worst conflict of the exact mode, ``min_i J_i · d / (‖J_i‖ · max_j ‖J_j‖)``.
 """
 
 import argparse
@@ -23,7 +24,7 @@ from unittest import mock
 import torch
 
 from torchjd.aggregation import UPGrad
-from torchjd.linalg import TorchProjector, _bounded_qp
+from torchjd.linalg import TorchProjector, _bounded_qp, _spanning
 
 
 def _family(name: str) -> Callable[[int, torch.Generator], torch.Tensor]:
@@ -71,22 +72,30 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-pivoting", action="store_true")
     args = parser.parse_args()
 
     default = UPGrad()
     exact = UPGrad(projector=TorchProjector(norm_eps=0.0, reg_eps=0.0))
-    fast_calls = 0
+    counts = {"fast": 0, "span": 0}
     nonsingular = _bounded_qp._nonsingular
+    spanning = _spanning.zero_update_weights
 
-    def counted(G: torch.Tensor) -> bool:
-        nonlocal fast_calls
+    def counted_nonsingular(G: torch.Tensor) -> bool:
         result = nonsingular(G)
-        fast_calls += result
+        counts["fast"] += result
         return result
 
+    def counted_spanning(*args: object) -> object:
+        result = spanning(*args)  # type: ignore[arg-type]
+        counts["span"] += result is not None
+        return result
+
+    routes = ("after", "no span") if args.skip_pivoting else ("after", "no span", "pivoting")
     header = (
-        f"{'family':>14} {'m':>5} {'dtype':>8} | {'default ms':>10} | {'before':>8} {'after':>8} "
-        f"{'fast':>5} | {'worst conflict':>14}"
+        f"{'family':>14} {'m':>5} {'dtype':>8} | {'default ms':>10} | "
+        + " ".join(f"{name:>8}" for name in routes)
+        + f" | {'fast':>5} {'span':>5} | {'worst conflict':>14}"
     )
     print(header)
     print("-" * len(header))
@@ -95,15 +104,21 @@ def main() -> None:
         for m in args.sizes:
             for dtype in (getattr(torch, name) for name in args.dtypes):
                 g = torch.Generator().manual_seed(args.seed + m)
-                times: dict[str, list[float]] = {"default": [], "before": [], "after": []}
+                times: dict[str, list[float]] = {name: [] for name in ("default", *routes)}
                 worst = 0.0
-                fast_calls = 0
+                counts.update(fast=0, span=0)
                 for _ in range(args.count):
                     J = make(m, g).to(dtype)
                     times["default"].append(timed(default, J)[0])
-                    with mock.patch.object(_bounded_qp, "_nonsingular", return_value=False):
-                        times["before"].append(timed(exact, J)[0])
-                    with mock.patch.object(_bounded_qp, "_nonsingular", counted):
+                    if "pivoting" in routes:
+                        with mock.patch.object(_bounded_qp, "_nonsingular", return_value=False):
+                            times["pivoting"].append(timed(exact, J)[0])
+                    with mock.patch.object(_bounded_qp, "zero_update_weights", return_value=None):
+                        times["no span"].append(timed(exact, J)[0])
+                    with (
+                        mock.patch.object(_bounded_qp, "_nonsingular", counted_nonsingular),
+                        mock.patch.object(_bounded_qp, "zero_update_weights", counted_spanning),
+                    ):
                         elapsed, d = timed(exact, J)
                     times["after"].append(elapsed)
                     worst = min(worst, conflict(J, d))
@@ -111,13 +126,14 @@ def main() -> None:
                     name: statistics.median(
                         t / d for t, d in zip(times[name], times["default"], strict=True)
                     )
-                    for name in ("before", "after")
+                    for name in routes
                 }
                 print(
                     f"{family:>14} {m:>5} {str(dtype)[6:]:>8} | "
                     f"{statistics.median(times['default']) * 1e3:>10.2f} | "
-                    f"{ratio['before']:>7.2f}x {ratio['after']:>7.2f}x "
-                    f"{fast_calls:>2}/{args.count:<2} | {worst:>14.1e}",
+                    + " ".join(f"{ratio[name]:>7.2f}x" for name in routes)
+                    + f" | {counts['fast']:>2}/{args.count:<2} {counts['span']:>2}/{args.count:<2}"
+                    + f" | {worst:>14.1e}",
                     flush=True,
                 )
 

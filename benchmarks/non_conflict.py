@@ -13,17 +13,21 @@ mode), and measures the conflict of the update ``d`` with the rows,
 ``min_i J_i · d / (‖J_i‖ · max_j ‖J_j‖)`` (in float64), counting a matrix as conflicting below
 ``-1e-6`` in float64 and ``-1e-3`` in float32. Columns: mean time per call, number of conflicting
 matrices, worst conflict; then the ratio of the exact mode's total time to the default's, the
-median of the per-matrix ratios, and the exact mode's slowest call.
+median of the per-matrix ratios, and the exact mode's slowest call. With ``--before``, the exact
+mode also runs without its spanning route (``_spanning``: rows that positively span a subspace),
+and its median ratio and slowest call are printed beside.
 """
 
 import argparse
+import contextlib
 import statistics
 import time
+from unittest import mock
 
 import torch
 
 from torchjd.aggregation import UPGrad
-from torchjd.linalg import TorchProjector
+from torchjd.linalg import TorchProjector, _bounded_qp
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
 
@@ -74,16 +78,24 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--count-1024", type=int, default=50, help="count for m ≥ 1024")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--before", action="store_true", help="also without the spanning route")
     args = parser.parse_args()
 
-    aggregators = {
-        "default": UPGrad(),
-        "exact": UPGrad(projector=TorchProjector(norm_eps=0.0, reg_eps=0.0)),
-    }
+    exact = UPGrad(projector=TorchProjector(norm_eps=0.0, reg_eps=0.0))
+    aggregators = {"default": UPGrad(), "exact": exact}
+    if args.before:
+        aggregators["before"] = exact
+
+    def route(name: str) -> contextlib.AbstractContextManager:
+        if name == "before":
+            return mock.patch.object(_bounded_qp, "zero_update_weights", return_value=None)
+        return contextlib.nullcontext()
+
     header = (
         f"{'m':>5} {'dtype':>8} {'count':>6} | {'default ms':>10} {'conflicts':>9} {'worst':>9} "
         f"| {'exact ms':>9} {'conflicts':>9} {'worst':>9} | {'time ratio':>10} "
         f"{'median ratio':>12} {'exact max ms':>12}"
+        + (f" | {'before median':>13} {'before max ms':>13}" if args.before else "")
     )
     print(header)
     print("-" * len(header))
@@ -98,9 +110,10 @@ def main() -> None:
             for _ in range(count // 2):
                 J = hard_jacobian(m, g).to(dtype)
                 for name, aggregator in aggregators.items():
-                    start = time.perf_counter()
-                    d = aggregator(J)
-                    elapsed = time.perf_counter() - start
+                    with route(name):
+                        start = time.perf_counter()
+                        d = aggregator(J)
+                        elapsed = time.perf_counter() - start
                     stats[name]["time"] += elapsed
                     stats[name]["times"].append(elapsed)
                     value = conflict(J, d)
@@ -110,12 +123,17 @@ def main() -> None:
             pairs = zip(stats["exact"]["times"], stats["default"]["times"], strict=True)
             ratios = [e / d for e, d in pairs]
             default, exact = stats["default"], stats["exact"]
+            before = ""
+            if args.before:
+                pairs = zip(stats["before"]["times"], stats["default"]["times"], strict=True)
+                before_ratio = statistics.median(b / d for b, d in pairs)
+                before = f" | {before_ratio:>12.2f}x {max(stats['before']['times']) * 1e3:>13.1f}"
             print(
                 f"{m:>5} {str(dtype)[6:]:>8} {n:>6} | {default['time'] / n * 1e3:>10.2f} "
                 f"{default['conflicts']:>9} {default['worst']:>9.1e} | "
                 f"{exact['time'] / n * 1e3:>9.2f} {exact['conflicts']:>9} {exact['worst']:>9.1e} | "
                 f"{exact['time'] / default['time']:>9.2f}x "
-                f"{statistics.median(ratios):>11.2f}x {max(exact['times']) * 1e3:>12.1f}",
+                f"{statistics.median(ratios):>11.2f}x {max(exact['times']) * 1e3:>12.1f}" + before,
                 flush=True,
             )
 

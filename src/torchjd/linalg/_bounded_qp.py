@@ -74,7 +74,14 @@ and each row is accepted when its KKT residual on ``G`` meets it (:func:`_nonsin
 float32, ADMM stops early and the rows it leaves run again in float64). The rows that fail,
 and every singular ``G``, take the route below.
 
-When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v`` is not. In this mode
+When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v`` is not. Beyond
+``m = 64`` (:data:`_SPANNING_MIN_M`), the route first tests whether the rows of ``J`` positively
+span a subspace (their cone is a subspace: many more rows than the rank, pointing every way), in
+which case every optimal update is zero and the least-norm weights of each row,
+``argmin {Σ_j G_jj v_j² : v ≥ u, Jᵀv = 0}``, come from a semismooth Newton method in the range of
+``G`` (:mod:`torchjd.linalg._spanning`: one eigendecomposition of the Jacobi-scaled ``G``, then
+``r × r`` systems per row, ``r = rank(G)``, instead of faces of hundreds of indices); a row is
+accepted when its KKT residual on ``G`` meets the tolerance. Otherwise, and for the rows it leaves,
 every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
 the unit-norm rows); face solutions are then refined towards the exact ``G`` (iterated Tikhonov
@@ -84,11 +91,12 @@ from the active set of ADMM on a better-conditioned Gramian (that of the default
 :mod:`torchjd.linalg._warm_start`); in float64, a row is accepted only when its KKT residual on
 ``G`` itself meets the tolerance. Rows it has not solved by then (it can wander on degenerate
 problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_point`), in
-float64, whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ m / 2``
+float64, whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ 2m / 3``
 (:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the
 tolerance, reading the active set off the interior solution at several thresholds. Each face costs
-``O(|F|³)`` per row: at ``m = 1024``, with faces of a few hundred indices, a call takes from tens
-of seconds to minutes on one thread. The default tolerance is then ``1e-9`` in float64.
+``O(|F|³)`` per row: at ``m = 1024``, with faces of a few hundred indices, a call that does not
+take the spanning route takes from tens of seconds to minutes on one thread. The default
+tolerance is then ``1e-9`` in float64.
 """
 
 import math
@@ -104,6 +112,7 @@ from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import principal_pivoting, scaled_cholesky
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._small_pivoting import small_pivoting
+from torchjd.linalg._spanning import zero_update_weights
 from torchjd.linalg._tableau_pivoting import TABLEAU_MAX_M, tableau_pivoting
 from torchjd.linalg._warm_start import warm_started_pivoting
 
@@ -133,12 +142,15 @@ _SCHUR_MIN_M = 33  # below, the masked full-size face systems are cheaper
 _ENUMERATION_MAX_M = 8  # up to this size, every active set is tried at once (2^m of them)
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
-_LOW_RANK_FRACTION = 2  # Woodbury solves in the interior point when rank(G) ≤ m / 2
+_LOW_RANK_FRACTION = 1.5  # Woodbury solves in the interior point when rank(G) ≤ 2m / 3
 _CHUNK_ENTRIES = 2**25  # of the interior point's [k, m, m] or [k, r, m] tensors (256 MiB)
 _ACTIVE_THRESHOLDS = (1e-6, 1e-9, 1e-4)  # relative to max|u|: weights at their bound
 # Exact mode: the least squared pivot of the Jacobi-scaled Cholesky factor of G for which G counts
 # as nonsingular (its optimum unique and well determined): far above the rounding of a Gramian
 # computed in the dtype and above the least-norm mode's Tikhonov term.
+# From this size on, the least-norm route first tests whether the rows of J positively span a
+# subspace (one eigendecomposition of G and a Newton solve of one row).
+_SPANNING_MIN_M = 64
 _NONSINGULAR_MIN_PIVOT = {torch.float64: 1e-6, torch.float32: 1e-3}
 _FAST_FLOAT32_ITERS = 200  # of ADMM on a nonsingular G in float32, before float64 takes over
 _FLOAT32_MAX_SPREAD = 1e4  # of diag(G) (row norms over two decades): beyond, float64 at once
@@ -306,7 +318,29 @@ def _least_norm_route(
     G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int
 ) -> Tensor:
     """The least-norm mode's solve of the conflicted rows (``G``: the Tikhonov-regularised
-    ``G_exact``)."""
+    ``G_exact``). When the rows of ``J`` positively span a subspace (every update is zero:
+    :mod:`torchjd.linalg._spanning`), the least-norm weights come from a Newton method in the
+    range of ``G``; the rows it leaves, and every row otherwise, from pivoting and its fallbacks."""
+    m = G.shape[0]
+    if m > _SPANNING_MIN_M:
+        spanning = zero_update_weights(G_exact.double(), U.double(), tol, G.dtype)
+        if spanning is not None:
+            V, converged = spanning
+            V = V.to(G.dtype)
+            converged &= kkt_residual(G_exact, U, V, V @ G_exact) <= tol
+            if bool(converged.all()):
+                return V
+            left = (~converged).nonzero().squeeze(1)
+            V[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
+            return V
+    return _pivoting_route(G, G_exact, U, GU, tol, max_iters)
+
+
+def _pivoting_route(
+    G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int
+) -> Tensor:
+    """The least-norm mode's pivoting: from the one-step guess up to ``m = 64``, else warm-started
+    by ADMM (:mod:`torchjd.linalg._warm_start`); the rows it leaves go to the interior point."""
     m = G.shape[0]
     if m <= _DIRECT_MAX_M:
         G64 = G.double()
@@ -369,10 +403,10 @@ def tikhonov(G: Tensor) -> Tensor:
 
 def _least_norm_fallback(G: Tensor, G_exact: Tensor, U: Tensor, tol: float) -> Tensor:
     """The rows that pivoting left, in the least-norm mode: the interior point in float64, with
-    Woodbury solves when ``rank(G_exact) ≤ m / 2``."""
+    Woodbury solves when ``rank(G_exact) ≤ 2m / 3``."""
     m = G.shape[0]
     G64, G_exact64 = G.double(), G_exact.double()
-    L = low_rank_factor(G_exact64, m // _LOW_RANK_FRACTION)
+    L = low_rank_factor(G_exact64, int(m / _LOW_RANK_FRACTION))
     low_rank = None if L is None else (L, (G64 - G_exact64).diagonal())
     return _interior_point_then_polish(G64, U.double(), tol, G_exact64, low_rank).to(U.dtype)
 

@@ -68,10 +68,11 @@ class TorchProjector(DualConeProjector):
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
     float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
     spread over six decades (which the default's regularisation hides). A singular or nearly
-    singular one costs more: median ratio about 1.3x to 2x up to 64 rows; at 256 rows, 6x
-    (float64) to 30x (float32) on low-rank Gramians, 13x to 31x on the hard Jacobians of
+    singular one costs more: median ratio about 1.3x to 2x up to 64 rows; when many more rows
+    than the rank positively span a subspace (low-rank Gramians), 1.3x (float64) to 4x (float32)
+    at 256 rows and 2x at 1,024 rows; otherwise, at 256 rows, 12x to 30x on the hard Jacobians of
     ``benchmarks/non_conflict.py`` (mostly singular), where the default is fast (20-120 ms a
-    call) and the exact mode takes up to 4 s; at 1,024 rows, tens of seconds to minutes (see
+    call) and the exact mode takes up to 8 s; at 1,024 rows, tens of seconds to minutes (see
     below).
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
@@ -84,7 +85,9 @@ class TorchProjector(DualConeProjector):
     starts from the active set that ADMM finds with a small regularisation (the defaults'; from
     ``m = 512``, :math:`10^{-6} \operatorname{tr}(G)`, in float32); the rows it leaves
     (degenerate problems) go to a float64 interior-point method, whose Newton systems use the
-    Woodbury identity when ``rank(G) ≤ m / 2``. Each row's faces cost
+    Woodbury identity when ``rank(G) ≤ 2m / 3``. Before that, when the rows positively span a
+    subspace, every update is zero and the least-norm weights come from a Newton method in the
+    range of ``G`` (``rank(G)``-sized systems per row). Each row's faces cost
     :math:`O(|F|^3)`: on three hard Jacobians of 1,024 rows (faces of 250 to 400 indices), 51 s,
     83 s and 8 min against 2-3 s for the defaults (at 512 rows, 5 to 15 s). The KKT
     residual of each row, each row's conflict measured relative to its norm, is below ``1e-7`` in

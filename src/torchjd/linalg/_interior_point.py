@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from torchjd.linalg._kkt import row_scales
-from torchjd.linalg._low_rank import woodbury_solver
+from torchjd.linalg._low_rank import cholesky_solve, woodbury_solver
 
 _STEP_BACK = 0.99
 
@@ -84,11 +84,13 @@ def interior_point(
 
 def _factorise(P: Tensor, d: Tensor) -> Callable[[Tensor], Tensor]:
     """Solver of each row's ``(P + diag(d)) x = b``, by a Cholesky factorisation after a Jacobi
-    scaling."""
-    K = P.unsqueeze(0) + torch.diag_embed(d)
-    s = K.diagonal(dim1=1, dim2=2).rsqrt()
-    L, _ = torch.linalg.cholesky_ex(s.unsqueeze(2) * K * s.unsqueeze(1))
-    return lambda b: s * torch.cholesky_solve((s * b).unsqueeze(2), L).squeeze(2)
+    scaling ``s = diag(P + diag(d))^{-1/2}`` (the scaled system has a unit diagonal, set in
+    place)."""
+    s = (P.diagonal() + d).rsqrt()
+    K = s.unsqueeze(2) * P * s.unsqueeze(1)
+    K.diagonal(dim1=1, dim2=2).fill_(1.0)
+    L, _ = torch.linalg.cholesky_ex(K)
+    return lambda b: s * cholesky_solve(L, s * b)
 
 
 def _direction(
