@@ -132,11 +132,37 @@ def test_fast_route_matches_the_least_norm_route(
         assert ((fast - reference).abs() / scale).max() <= 1e-7
 
 
+@pytest.mark.parametrize("family", sorted(WELL_CONDITIONED))
+@pytest.mark.parametrize("m", [6, 20, 40])
+def test_small_nonsingular_problems_take_the_batched_small_routes(
+    monkeypatch: pytest.MonkeyPatch, family: str, m: int
+):
+    """Up to ``m = 64``, a nonsingular Gramian's rows are settled by the default mode's batched
+    small routes (checked on ``G`` with the exact tolerance), without the general default route;
+    the answer meets the KKT conditions on ``G`` (independent check)."""
+
+    def general_route(*args: object) -> None:
+        raise AssertionError("the general default route ran")
+
+    monkeypatch.setattr(_bounded_qp, "_default_route", general_route)
+    J = WELL_CONDITIONED[family](m, m + 2)
+    G = J @ J.T
+    U = torch.eye(m, dtype=torch.float64)
+    V = exact()(U, G)
+    for u, v in zip(U.numpy(), V.numpy(), strict=True):
+        assert kkt_violation(G.numpy(), u, v) <= 1e-9
+
+
 def test_rows_failing_the_check_go_to_the_least_norm_route(
     routes: dict[str, int], monkeypatch: pytest.MonkeyPatch
 ):
-    """A default route that leaves the rows unsolved (here: returns ``u``) hands them over."""
+    """Default routes that leave the rows unsolved (here: return ``u``) hand them over."""
     monkeypatch.setattr(_bounded_qp, "_default_route", lambda G, U, *args: U.clone())
+    monkeypatch.setattr(
+        _bounded_qp,
+        "_small_default_route",
+        lambda G, U, tol: (U.clone(), torch.zeros(U.shape[0], dtype=torch.bool)),
+    )
     J = make("normal", 20, 60, seed=1)
     G = J @ J.T
     U = torch.eye(20, dtype=torch.float64)

@@ -69,7 +69,8 @@ When ``G`` is nonsingular, the optimum of each row is unique and the least-norm 
 void: when every squared pivot of the Cholesky factor of the Jacobi-scaled ``S G S``
 (``S = diag(G)^{-1/2}``) is at least :data:`_NONSINGULAR_MIN_PIVOT` (``10⁻⁶`` in float64,
 ``10⁻³`` in float32: far from singular, near-duplicate and zero rows excluded), the default mode's
-route above runs on ``G`` itself (neither normalised nor regularised) with this mode's tolerance,
+route above runs on ``G`` itself (neither normalised nor regularised) with this mode's tolerance
+(up to ``m = 64``, its batched small routes first),
 and each row is accepted when its KKT residual on ``G`` meets it (:func:`_nonsingular_route`; in
 float32, ADMM stops early and the rows it leaves run again in float64). The rows that fail,
 and every singular ``G``, take the route below.
@@ -262,7 +263,21 @@ def _nonsingular_route(G: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: 
     unregularised ``G`` with row norms spread over decades can stall above the tolerance: it
     stops after :data:`_FAST_FLOAT32_ITERS` iterations, and the rows it leaves run again in
     float64; a diagonal spread beyond :data:`_FLOAT32_MAX_SPREAD` runs in float64 from the start.
-    The rows left then take the least-norm route (:func:`_least_norm_route`)."""
+    The rows left then take the least-norm route (:func:`_least_norm_route`). Up to
+    ``m = 64``, the default mode's batched small routes (:func:`_small_default_route`, in float64,
+    checked on ``G`` with this mode's tolerance) go first."""
+    if G.shape[0] <= _DIRECT_MAX_M:
+        X, solved = _small_default_route(G, U, tol)
+        left = (~solved).nonzero().squeeze(1)
+        if left.numel() == 0:
+            return X
+        X[left] = _nonsingular_route_rows(G, U[left], GU[left], tol, max_iters)
+        return X
+    return _nonsingular_route_rows(G, U, GU, tol, max_iters)
+
+
+def _nonsingular_route_rows(G: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int) -> Tensor:
+    """The general part of :func:`_nonsingular_route`."""
     X = U.clone()
     left = torch.arange(U.shape[0], device=U.device)
     diagonal = G.diagonal()
