@@ -86,7 +86,12 @@ accepted when its KKT residual on ``G`` meets the tolerance. Otherwise, and for 
 every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
 the unit-norm rows); face solutions are then refined towards the exact ``G`` (iterated Tikhonov
-regularisation). Up to ``m = 64``, pivoting gets a few steps from the one-step guess; beyond,
+regularisation). Up to ``m = 32`` on a float64 ``G``, the default mode's pivoting with masked
+full-size face systems (a few operations per step) first finds the optimal face of
+``tikhonov(G)``, whose solution is refined until every row meets the tolerance on ``G`` and the
+refinement's steps fall below ``10⁻⁷ max|v|`` (:func:`_refined_least_norm`: most rows need one
+or two of its six steps); the rows it leaves take the route that follows. Up to ``m = 64``,
+pivoting gets a few steps from the one-step guess; beyond,
 from the active set of ADMM on a better-conditioned Gramian (that of the default mode; from
 ``m = 512``, ``G + 10⁻⁶ tr(G) I`` in float32, with the rows pivoted in chunks:
 :mod:`torchjd.linalg._warm_start`); in float64, a row is accepted only when its KKT residual on
@@ -110,7 +115,14 @@ from torchjd.linalg._enumeration import enumerate_active_sets
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
-from torchjd.linalg._principal_pivoting import principal_pivoting, scaled_cholesky
+from torchjd.linalg._principal_pivoting import (
+    _MASKED_MAX_M,
+    _PRIMAL_THRESHOLD,
+    _REFINEMENTS,
+    face_solver,
+    principal_pivoting,
+    scaled_cholesky,
+)
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._small_pivoting import small_pivoting
 from torchjd.linalg._spanning import zero_update_weights
@@ -152,6 +164,9 @@ _ACTIVE_THRESHOLDS = (1e-6, 1e-9, 1e-4)  # relative to max|u|: weights at their 
 # From this size on, the least-norm route first tests whether the rows of J positively span a
 # subspace (one eigendecomposition of G and a Newton solve of one row).
 _SPANNING_MIN_M = 64
+# The least-norm refinement up to m = 32 stops once its steps are below this fraction of max|v|
+# (and every row meets the tolerance): the general route's weights to about that precision.
+_SETTLED = 1e-7
 _NONSINGULAR_MIN_PIVOT = {torch.float64: 1e-6, torch.float32: 1e-3}
 _FAST_FLOAT32_ITERS = 200  # of ADMM on a nonsingular G in float32, before float64 takes over
 _FLOAT32_MAX_SPREAD = 1e4  # of diag(G) (row norms over two decades): beyond, float64 at once
@@ -335,7 +350,8 @@ def _least_norm_route(
     """The least-norm mode's solve of the conflicted rows (``G``: the Tikhonov-regularised
     ``G_exact``). When the rows of ``J`` positively span a subspace (every update is zero:
     :mod:`torchjd.linalg._spanning`), the least-norm weights come from a Newton method in the
-    range of ``G``; the rows it leaves, and every row otherwise, from pivoting and its fallbacks."""
+    range of ``G``; the rows it leaves, and every row otherwise, from pivoting and its fallbacks
+    (up to ``m = 32`` in float64, :func:`_refined_least_norm` first)."""
     m = G.shape[0]
     if m > _SPANNING_MIN_M:
         spanning = zero_update_weights(G_exact.double(), U.double(), tol, G.dtype)
@@ -348,7 +364,45 @@ def _least_norm_route(
             left = (~converged).nonzero().squeeze(1)
             V[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
             return V
+    if m <= _MASKED_MAX_M and G.dtype == torch.float64:
+        X, solved = _refined_least_norm(G, G_exact, U, GU, tol)
+        if bool(solved.all()):
+            return X
+        left = (~solved).nonzero().squeeze(1)
+        X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
+        return X
     return _pivoting_route(G, G_exact, U, GU, tol, max_iters)
+
+
+def _refined_least_norm(
+    G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """The least-norm mode up to ``m = 32``, on a float64 ``G``: the default mode's pivoting (with
+    masked full-size face systems: a few operations per step) finds the optimal face of the
+    regularised ``G`` from the one-step guess, whose solution is then refined towards
+    ``G_exact`` by iterated Tikhonov regularisation, ``v_F ← v_F − G_FF⁻¹ (G_exact v)_F``, until
+    every row meets ``tol`` on ``G_exact`` and the steps fall below :data:`_SETTLED` ``max|v|``
+    (at most as many steps as the general route's refinement, which runs them all). Returns the
+    rows (``v ≥ u``) and which are solved: pivoting converged and the KKT residual on
+    ``G_exact`` meets ``tol``."""
+    m = G.shape[0]
+    X, found = principal_pivoting(G, U, GU > 0, row_scales(G), tol, 3 * m + 10)
+    # The face found: the weights at their bound, within pivoting's feasibility threshold.
+    free = _PRIMAL_THRESHOLD * tol * U.abs().amax(dim=1, keepdim=True) < X - U
+    solve = face_solver(G, ~free)
+    X = torch.maximum(X, U)
+    gradient = X @ G_exact
+    for _ in range(_REFINEMENTS):
+        step = solve(torch.where(free, -gradient, 0.0))
+        X = torch.maximum(X + step, U)
+        gradient = X @ G_exact
+        solved = found & (kkt_residual(G_exact, U, X, gradient) <= tol)
+        # Done when every row meets tol and the refinement hardly moves it (on nearly singular
+        # faces it moves on after the tolerance is met: the general route's weights).
+        settled = step.abs().amax(dim=1) <= _SETTLED * X.abs().amax(dim=1)
+        if bool((solved & settled).all()):
+            break
+    return X, solved
 
 
 def _pivoting_route(
