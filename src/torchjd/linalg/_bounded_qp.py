@@ -32,8 +32,8 @@ General route (larger problems, the exact mode, and the rows left above):
 
 1. ``v = u`` is optimal exactly when ``G u ≥ 0`` (no row of ``J`` conflicts with ``Jᵀ u``): one
    shared matrix product finds these rows, which are returned unchanged.
-2. Up to ``m = 8`` rows, every active set is tried at once, in float64; rows whose best candidate
-   misses the tolerance (rounding on an ill-conditioned ``G``) go to ADMM and its polish. Small
+2. Up to ``m = 8`` rows, the rows that the enumeration above left (their best candidate missed
+   the tolerance: rounding on an ill-conditioned ``G``) go to ADMM and its polish. Small
    problems (``m ≤ 64``) are solved exactly by block principal pivoting
    (:mod:`torchjd.linalg._principal_pivoting`), starting from the active set of one primal-dual
    step from ``v = u``. From ``m = 33`` on, when ``G`` is well-conditioned, the faces are solved
@@ -322,15 +322,13 @@ def _nonsingular_route_rows(G: Tensor, U: Tensor, GU: Tensor, tol: float, max_it
 
 
 def _default_route(G: Tensor, U: Tensor, active: Tensor, tol: float, max_iters: int) -> Tensor:
-    """The default mode's solve of the conflicted rows."""
+    """The default mode's solve of the conflicted rows. Up to ``m = 64``, the rows come here only
+    after :func:`_small_default_route` left them: up to ``m = 8``, rows whose best candidate of
+    the enumeration missed the tolerance (rounding on an ill-conditioned ``G``), which ADMM and
+    its polish solve."""
     m = G.shape[0]
     if m <= _ENUMERATION_MAX_M:
-        X, residual = enumerate_active_sets(G.double(), U.double())
-        X = X.to(G.dtype)
-        left = (~(residual <= tol)).nonzero().squeeze(1)
-        if left.numel() > 0:  # rounding on an ill-conditioned G
-            X[left] = _admm_then_polish(G, U[left], tol, max_iters, None)
-        return X
+        return _admm_then_polish(G, U, tol, max_iters, None)
     if _SCHUR_MIN_M <= m <= _DIRECT_MAX_M:
         return _schur_then_principal_pivoting(G, U, active, tol, max_iters)
     if m <= _DIRECT_MAX_M:
