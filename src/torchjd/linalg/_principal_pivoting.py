@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from torchjd.linalg._kkt import kkt_residual
+from torchjd.linalg._low_rank import cholesky_solve
 
 _FULL_EXCHANGES = 3  # non-improving full exchanges allowed before a single pivot
 _MASKED_MAX_M = 32  # up to this size, masked full-size systems beat compacted blocks
@@ -152,7 +153,7 @@ def _masked_pivoting(
         K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
         K.diagonal(dim1=1, dim2=2).add_(a)
         L, _ = torch.linalg.cholesky_ex(K)
-        x = torch.cholesky_solve(((U_hat * a) @ G_hat).neg_().unsqueeze(2), L).squeeze(2)
+        x = cholesky_solve(L, ((U_hat * a) @ G_hat).neg_())
         Z = torch.where(active, U_hat, x)
         conflict = (Z @ G_hat) * dual_weight  # −(Gv)_j / (row_scale_j · max|u|)
         violation = torch.where(active, conflict, (U_hat - Z) * primal_weight)
@@ -292,7 +293,7 @@ def _face_solve_by_inverse(
         H_AA = torch.where(pair, H[idx.unsqueeze(2), idx.unsqueeze(1)], eye)
         b = torch.where(mask, y.gather(1, idx), 0.0)
         L, _ = torch.linalg.cholesky_ex(H_AA)
-        lam = -torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)
+        lam = -cholesky_solve(L, b)
         y = y + torch.zeros_like(y).scatter(1, idx, torch.where(mask, lam, 0.0)) @ H
     return torch.where(free, s * y, 0.0)
 
@@ -333,7 +334,7 @@ def _spd_factor(K: Tensor) -> tuple[Tensor, Tensor]:
 
 def _spd_solve(factor: tuple[Tensor, Tensor], b: Tensor) -> Tensor:
     L, scale = factor
-    return scale * torch.cholesky_solve((scale * b).unsqueeze(2), L).squeeze(2)
+    return scale * cholesky_solve(L, scale * b)
 
 
 def _compacted_factors(

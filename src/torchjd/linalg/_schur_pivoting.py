@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from torchjd.linalg._kkt import feasible_kkt_residual, row_scales
+from torchjd.linalg._low_rank import cholesky_solve
 from torchjd.linalg._principal_pivoting import (
     _DUAL_THRESHOLD,
     _FULL_EXCHANGES,
@@ -221,7 +222,7 @@ class _InverseFaces:
             idx = idx[inverse]
         b = torch.nn.functional.pad(U / self.s, (0, self.max_width)).gather(1, idx)
         if inverse is None:
-            mu_A = torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)
+            mu_A = cholesky_solve(L, b)
         else:
             inverses = torch.cholesky_inverse(L)  # symmetric: [f, i, j] = [f, j, i]
             every = b @ inverses.transpose(0, 1).reshape(width, -1)  # [k, faces · width]

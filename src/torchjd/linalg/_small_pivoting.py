@@ -31,6 +31,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from torchjd.linalg._low_rank import cholesky_solve
 from torchjd.linalg._principal_pivoting import _FULL_EXCHANGES, _PRIMAL_THRESHOLD
 
 # Smallest pivot of the Cholesky factor of Ĝ (its square bounds the smallest eigenvalue) for which
@@ -219,7 +220,7 @@ class _Faces:
         )
         factor, _ = torch.linalg.cholesky_ex(blocks[offset.unsqueeze(2), offset.unsqueeze(1)])
         b = torch.nn.functional.pad(rhs, (0, m)).gather(1, index)
-        x = torch.cholesky_solve(b.unsqueeze(2), factor).squeeze(2)
+        x = cholesky_solve(factor, b)
         return rhs.new_zeros(rhs.shape[0], 2 * m).scatter_(1, index, x)[:, :m]
 
 
