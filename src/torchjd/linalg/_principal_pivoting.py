@@ -34,7 +34,10 @@ _FULL_EXCHANGES = 3  # non-improving full exchanges allowed before a single pivo
 _MASKED_MAX_M = 32  # up to this size, masked full-size systems beat compacted blocks
 _DUAL_THRESHOLD = 1e-3  # of tol: conflicts that pivoting still corrects
 _PRIMAL_THRESHOLD = 1e-3  # of tol: how far below its bound a weight may fall (then clamped)
-_REFINEMENTS = 6  # iterated-refinement steps of the least-norm mode
+_REFINEMENTS = 6  # iterated-refinement steps of the least-norm mode, at most
+# The refinement stops once its steps are below this fraction of max|v| (and every row meets the
+# tolerance): the weights of all _REFINEMENTS steps to about that precision.
+_SETTLED = 1e-7
 # Smallest squared pivot of the Jacobi-scaled Cholesky factor of G (a bound on its conditioning)
 # for which faces are solved through G⁻¹.
 _INVERSE_MIN_PIVOT = {torch.float64: 1e-7, torch.float32: 1e-3}
@@ -67,6 +70,13 @@ def principal_pivoting(
     k, m = U.shape
     if G_exact is None and face_solver is None and m <= _MASKED_MAX_M:
         return _masked_pivoting(G, U, active, row_scale, tol, max_iters)
+    if G_exact is not None and face_solver is None and m <= _MASKED_MAX_M:
+        X, converged = _masked_pivoting(G, U, active, row_scale, tol, max_iters)
+        # The last face of each row: the weights above their bound, beyond the feasibility
+        # threshold (the others were clamped to it).
+        u_scale = U.abs().amax(dim=1, keepdim=True)
+        free = _PRIMAL_THRESHOLD * tol * u_scale < X - U
+        return refine(G_exact, G, U, X, ~free, tol), converged
     U_all = U
     X = U.clone()
     final_active = active.clone()
@@ -110,7 +120,7 @@ def principal_pivoting(
                 t[keep] for t in (rows, U, active, u_scale, best, tries)
             )
     if G_exact is not None:
-        X = _refine(G_exact, G, U_all, X, final_active)
+        X = refine(G_exact, G, U_all, X, final_active, tol)
     return X, converged
 
 
@@ -201,17 +211,30 @@ def exchange(
     return active ^ flips, best, tries
 
 
-def _refine(G_exact: Tensor, G: Tensor, U: Tensor, V: Tensor, active: Tensor) -> Tensor:
-    """Iterated refinement of each row's face solution towards ``G_exact``; kept where it lowers
-    the KKT residual for ``G_exact``."""
+def refine(G_exact: Tensor, G: Tensor, U: Tensor, V: Tensor, active: Tensor, tol: float) -> Tensor:
+    r"""Iterated refinement of each row's face solution towards ``G_exact`` (iterated Tikhonov
+    regularisation), :math:`v_F \leftarrow v_F - G_{FF}^{-1} (G_{\text{exact}} v)_F`, for at most
+    :data:`_REFINEMENTS` steps: it stops once every step is below :data:`_SETTLED` ``max|v|`` and
+    every row meets ``tol`` on ``G_exact`` (on nearly singular faces the refinement moves on after
+    the tolerance is met: towards the least-norm weights). Returns the rows (``v ≥ u``), each
+    refined where that lowers its KKT residual for ``G_exact``."""
     free = ~active
     solve = face_solver(G, active)
+    V = torch.maximum(V, U)
+    gradient = V @ G_exact
+    before = kkt_residual(G_exact, U, V, gradient)
     refined = V
     for _ in range(_REFINEMENTS):
-        residual = torch.where(free, -(refined @ G_exact), 0.0)
-        refined = refined + solve(residual)
+        step = solve(torch.where(free, -gradient, 0.0))
+        refined = refined + step
+        gradient = refined @ G_exact
+        settled = step.abs().amax(dim=1) <= _SETTLED * refined.abs().amax(dim=1)
+        # The KKT residuals only once every row has settled (one product fewer per step).
+        if bool(settled.all()):
+            clamped = torch.maximum(refined, U)
+            if bool((kkt_residual(G_exact, U, clamped, clamped @ G_exact) <= tol).all()):
+                break
     refined = torch.maximum(refined, U)
-    before = kkt_residual(G_exact, U, torch.maximum(V, U), V @ G_exact)
     after = kkt_residual(G_exact, U, refined, refined @ G_exact)
     return torch.where((after <= before).unsqueeze(1), refined, V)
 
