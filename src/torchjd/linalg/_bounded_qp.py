@@ -118,6 +118,7 @@ from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import (
     _MASKED_MAX_M,
+    least_norm_pivoting,
     principal_pivoting,
     scaled_cholesky,
 )
@@ -372,20 +373,23 @@ def _refined_least_norm(
 ) -> tuple[Tensor, Tensor]:
     """The least-norm mode up to ``m = 64``, in float64 (also for a float32 ``G``: one solve of
     its values, rather than one in float32 and another for the rows that its rounding leaves):
-    pivoting with masked full-size face systems (a few operations per step) finds the optimal
-    face of the regularised ``G`` from the one-step guess, whose solution is then refined towards
-    ``G_exact`` until it settles (:func:`~torchjd.linalg._principal_pivoting.principal_pivoting`
-    with ``G_exact``). The rows where pivoting fails (it wanders on degenerate problems) go to the
-    interior point at once, which is where the general route, repeating the same first pivots,
-    would send them. Returns the rows (``v ≥ u``) and which are final: those whose KKT residual on
-    ``G_exact`` meets ``tol``, and those of the interior point."""
+    pivoting (up to ``m = 32`` with masked full-size face systems: a few operations per step)
+    finds the optimal face of the regularised ``G`` from the one-step guess, whose solution is
+    then refined towards ``G_exact`` until it settles
+    (:func:`~torchjd.linalg._principal_pivoting.least_norm_pivoting`). The rows where pivoting
+    fails (it wanders on degenerate problems) go to the interior point at once, which is where
+    the general route, repeating the same first pivots, would send them. Returns the rows
+    (``v ≥ u``) and which are final: those whose KKT residual on ``G_exact`` meets ``tol``, and
+    those of the interior point."""
     m = G.shape[0]
     G64, G_exact64, U64 = G.double(), G_exact.double(), U.double()
     # Masked steps are cheap: as many as the default mode takes; compacted ones, the general
     # route's few.
     steps = 3 * m + 10 if m <= _MASKED_MAX_M else _LEAST_NORM_PIVOTS
-    X, found = principal_pivoting(G64, U64, GU > 0, row_scales(G64), tol, steps, G_exact64)
-    final = kkt_residual(G_exact64, U64, X, X @ G_exact64) <= tol
+    X, found, residual = least_norm_pivoting(
+        G64, U64, GU > 0, row_scales(G64), tol, steps, G_exact64
+    )
+    final = residual <= tol
     if G.dtype != torch.float64:
         # The rounding of a float32 G can keep a row above tol whatever its weights: the general
         # route, repeating these pivots, would return the same refined face.

@@ -67,17 +67,59 @@ def principal_pivoting(
 
     ``face_solver`` (``(U, active) ↦ (V, G V)``) replaces the default face solves.
     """
-    k, m = U.shape
-    if G_exact is None and face_solver is None and m <= _MASKED_MAX_M:
+    if G_exact is not None and face_solver is None:
+        X, converged, _ = least_norm_pivoting(G, U, active, row_scale, tol, max_iters, G_exact)
+        return X, converged
+    if G_exact is None and face_solver is None and U.shape[1] <= _MASKED_MAX_M:
         return _masked_pivoting(G, U, active, row_scale, tol, max_iters)
-    if G_exact is not None and face_solver is None and m <= _MASKED_MAX_M:
+    X, converged, final_active = _pivoting(
+        G, U, active, row_scale, tol, max_iters, face_solver, G_exact is not None
+    )
+    if G_exact is not None:
+        X, _ = refine(G_exact, G, U, X, final_active, tol)
+    return X, converged
+
+
+def least_norm_pivoting(
+    G: Tensor,
+    U: Tensor,
+    active: Tensor,
+    row_scale: Tensor,
+    tol: float,
+    max_iters: int,
+    G_exact: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`principal_pivoting` with ``G_exact``, which also returns the KKT residual of each
+    row for ``G_exact`` (:func:`~torchjd.linalg._kkt.kkt_residual`). Up to :data:`_MASKED_MAX_M`,
+    with the masked full-size face systems of :func:`_masked_pivoting` (few operations per
+    step), each row's last face being then its weights above their bound beyond the feasibility
+    threshold (the others were clamped to it)."""
+    if U.shape[1] <= _MASKED_MAX_M:
         X, converged = _masked_pivoting(G, U, active, row_scale, tol, max_iters)
-        # The last face of each row: the weights above their bound, beyond the feasibility
-        # threshold (the others were clamped to it).
         u_scale = U.abs().amax(dim=1, keepdim=True)
-        free = _PRIMAL_THRESHOLD * tol * u_scale < X - U
-        return refine(G_exact, G, U, X, ~free, tol), converged
-    U_all = U
+        final_active = ~(_PRIMAL_THRESHOLD * tol * u_scale < X - U)
+    else:
+        X, converged, final_active = _pivoting(
+            G, U, active, row_scale, tol, max_iters, None, least_norm=True
+        )
+    X, residual = refine(G_exact, G, U, X, final_active, tol)
+    return X, converged, residual
+
+
+def _pivoting(
+    G: Tensor,
+    U: Tensor,
+    active: Tensor,
+    row_scale: Tensor,
+    tol: float,
+    max_iters: int,
+    face_solver: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None,
+    least_norm: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loop of :func:`principal_pivoting` on compacted faces; also returns each row's last
+    active set. With ``least_norm`` (a barely regularised ``G``), no face is solved through
+    ``G⁻¹`` and the rows done leave the batch at once."""
+    k, m = U.shape
     X = U.clone()
     final_active = active.clone()
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
@@ -87,7 +129,7 @@ def principal_pivoting(
     tries = torch.full((k,), _FULL_EXCHANGES, device=U.device)
     # Default mode (well-conditioned G), beyond the sizes where masked systems are cheap: faces
     # with few active indices are solved through G⁻¹.
-    inverse = _LazyInverse(G) if G_exact is None and m > _MASKED_MAX_M else None
+    inverse = _LazyInverse(G) if not least_norm and m > _MASKED_MAX_M else None
     for _ in range(max_iters):
         if face_solver is None:
             V = solve_on_faces(G, U, active, inverse)
@@ -114,14 +156,12 @@ def principal_pivoting(
 
         active, best, tries = exchange(active, infeasible, count, best, tries)
         # Compact when it halves the work; in the least-norm mode, as soon as a row is done.
-        if 2 * n_done >= len(rows) or (n_done > 0 and G_exact is not None):
+        if 2 * n_done >= len(rows) or (n_done > 0 and least_norm):
             keep = ~done
             rows, U, active, u_scale, best, tries = (
                 t[keep] for t in (rows, U, active, u_scale, best, tries)
             )
-    if G_exact is not None:
-        X = refine(G_exact, G, U_all, X, final_active, tol)
-    return X, converged
+    return X, converged, final_active
 
 
 def _masked_pivoting(
@@ -211,32 +251,38 @@ def exchange(
     return active ^ flips, best, tries
 
 
-def refine(G_exact: Tensor, G: Tensor, U: Tensor, V: Tensor, active: Tensor, tol: float) -> Tensor:
+def refine(
+    G_exact: Tensor, G: Tensor, U: Tensor, V: Tensor, active: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
     r"""Iterated refinement of each row's face solution towards ``G_exact`` (iterated Tikhonov
     regularisation), :math:`v_F \leftarrow v_F - G_{FF}^{-1} (G_{\text{exact}} v)_F`, for at most
     :data:`_REFINEMENTS` steps: it stops once every step is below :data:`_SETTLED` ``max|v|`` and
     every row meets ``tol`` on ``G_exact`` (on nearly singular faces the refinement moves on after
     the tolerance is met: towards the least-norm weights). Returns the rows (``v ≥ u``), each
-    refined where that lowers its KKT residual for ``G_exact``."""
+    refined where that lowers its KKT residual for ``G_exact``, and that residual."""
     free = ~active
     solve = face_solver(G, active)
     V = torch.maximum(V, U)
     gradient = V @ G_exact
     before = kkt_residual(G_exact, U, V, gradient)
     refined = V
+    after = None
     for _ in range(_REFINEMENTS):
         step = solve(torch.where(free, -gradient, 0.0))
         refined = refined + step
         gradient = refined @ G_exact
         settled = step.abs().amax(dim=1) <= _SETTLED * refined.abs().amax(dim=1)
-        # The KKT residuals only once every row has settled (one product fewer per step).
+        # The residuals only once every row has settled (a few operations fewer per step).
         if bool(settled.all()):
-            clamped = torch.maximum(refined, U)
-            if bool((kkt_residual(G_exact, U, clamped, clamped @ G_exact) <= tol).all()):
+            after = kkt_residual(G_exact, U, refined, gradient)
+            if bool((after <= tol).all()):
                 break
+    if after is None:
+        after = kkt_residual(G_exact, U, refined, gradient)
+    better = after <= before
+    # (clamping moves a row by no more than its primal infeasibility, which its residual counts)
     refined = torch.maximum(refined, U)
-    after = kkt_residual(G_exact, U, refined, refined @ G_exact)
-    return torch.where((after <= before).unsqueeze(1), refined, V)
+    return torch.where(better.unsqueeze(1), refined, V), torch.where(better, after, before)
 
 
 def solve_on_faces(
