@@ -71,7 +71,7 @@ def principal_pivoting(
         X, converged, _ = least_norm_pivoting(G, U, active, row_scale, tol, max_iters, G_exact)
         return X, converged
     if G_exact is None and face_solver is None and U.shape[1] <= _MASKED_MAX_M:
-        return _masked_pivoting(G, U, active, row_scale, tol, max_iters)
+        return _masked_pivoting(G, U, active, row_scale, tol, max_iters)[:2]
     X, converged, final_active = _pivoting(
         G, U, active, row_scale, tol, max_iters, face_solver, G_exact is not None
     )
@@ -92,12 +92,9 @@ def least_norm_pivoting(
     """:func:`principal_pivoting` with ``G_exact``, which also returns the KKT residual of each
     row for ``G_exact`` (:func:`~torchjd.linalg._kkt.kkt_residual`). Up to :data:`_MASKED_MAX_M`,
     with the masked full-size face systems of :func:`_masked_pivoting` (few operations per
-    step), each row's last face being then its weights above their bound beyond the feasibility
-    threshold (the others were clamped to it)."""
+    step)."""
     if U.shape[1] <= _MASKED_MAX_M:
-        X, converged = _masked_pivoting(G, U, active, row_scale, tol, max_iters)
-        u_scale = U.abs().amax(dim=1, keepdim=True)
-        final_active = ~(_PRIMAL_THRESHOLD * tol * u_scale < X - U)
+        X, converged, final_active = _masked_pivoting(G, U, active, row_scale, tol, max_iters)
     else:
         X, converged, final_active = _pivoting(
             G, U, active, row_scale, tol, max_iters, None, least_norm=True
@@ -166,7 +163,7 @@ def _pivoting(
 
 def _masked_pivoting(
     G: Tensor, U: Tensor, active: Tensor, row_scale: Tensor, tol: float, max_iters: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     r""":func:`principal_pivoting` of the default mode up to :data:`_MASKED_MAX_M`, with few
     operations per step: it works in the Jacobi-scaled variables ``z = S⁻¹ v`` of
     ``Ĝ = S G S``, ``S = diag(G)^{-1/2}`` (scaled once), so that each face system is the full-size
@@ -190,6 +187,7 @@ def _masked_pivoting(
     state = torch.stack([U / s, s / u_scale, -1 / (s * row_scale * u_scale)])
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
+    final_active = torch.empty_like(active)
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
     rows = torch.arange(k, device=U.device)
     positions = torch.arange(1, m + 1, device=U.device)
@@ -217,6 +215,7 @@ def _masked_pivoting(
         n_done = int(done.sum())
         if n_done > 0 or step == max_iters - 1:  # the rows done leave with their last face
             Z_all[rows] = Z
+            final_active[rows] = active
             converged[rows] = solved & exact
         if n_done == len(rows) or step == max_iters - 1:
             break
@@ -231,7 +230,7 @@ def _masked_pivoting(
             rows, active, state = rows[keep], active[keep], state[:, keep]
             best, tries = best[keep], tries[keep]
     X = s * Z_all
-    return X, converged
+    return X, converged, final_active
 
 
 def exchange(
@@ -272,16 +271,18 @@ def refine(
         refined = refined + step
         gradient = refined @ G_exact
         settled = step.abs().amax(dim=1) <= _SETTLED * refined.abs().amax(dim=1)
-        # The residuals only once every row has settled (a few operations fewer per step).
+        # The residuals only once every row has settled (a few operations fewer per step). On
+        # the clamped rows: a tiny clamp can move the gradient of a tiny row by much, relatively.
         if bool(settled.all()):
-            after = kkt_residual(G_exact, U, refined, gradient)
+            clamped = torch.maximum(refined, U)
+            after = kkt_residual(G_exact, U, clamped, clamped @ G_exact)
             if bool((after <= tol).all()):
                 break
-    if after is None:
-        after = kkt_residual(G_exact, U, refined, gradient)
-    better = after <= before
-    # (clamping moves a row by no more than its primal infeasibility, which its residual counts)
+            after = None
     refined = torch.maximum(refined, U)
+    if after is None:
+        after = kkt_residual(G_exact, U, refined, refined @ G_exact)
+    better = after <= before
     return torch.where(better.unsqueeze(1), refined, V), torch.where(better, after, before)
 
 
