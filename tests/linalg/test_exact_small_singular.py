@@ -191,3 +191,22 @@ def test_refinement_stops_once_settled(m: int, monkeypatch: pytest.MonkeyPatch):
     assert len(solves[-1]) == _principal_pivoting._REFINEMENTS
     scale = expected.abs().amax(dim=1, keepdim=True)
     torch.testing.assert_close(X / scale, expected / scale, rtol=0.0, atol=3e-7)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_float32_low_rank_with_row_norms_over_decades_does_not_conflict(seed: int):
+    """A float32 Jacobian of rank 3 with row norms over six decades (weights up to about 1e4):
+    the refinement keeps a row's face solution when refining it would make a tiny row conflict
+    (a clamp of a large weight's rounding moves a tiny row's gradient by much, relatively)."""
+    m = 32
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(m, 3, generator=g, dtype=torch.float64)
+    J = J * torch.logspace(-6, 0, m, dtype=torch.float64)[torch.randperm(m, generator=g)].unsqueeze(
+        1
+    )
+    J = J.float()
+    G = J @ J.T
+    V = exact()(torch.eye(m), G).double()
+    d = J.double().T @ V.sum(dim=0)
+    norms = J.double().norm(dim=1)
+    assert ((J.double() @ d) / (norms * norms.max())).min() >= -1e-4
