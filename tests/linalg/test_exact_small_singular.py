@@ -177,8 +177,8 @@ def test_refinement_stops_once_settled(m: int, monkeypatch: pytest.MonkeyPatch):
     solves: list[list[int]] = []
     original_face_solver = _principal_pivoting.face_solver
 
-    def counting_face_solver(G, active):
-        solve, count = original_face_solver(G, active), []
+    def counting_face_solver(G, active, *args):
+        solve, count = original_face_solver(G, active, *args), []
         solves.append(count)
         return lambda rhs: count.append(1) or solve(rhs)
 

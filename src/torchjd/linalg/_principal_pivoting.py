@@ -32,6 +32,7 @@ from torchjd.linalg._low_rank import cholesky_solve
 
 _FULL_EXCHANGES = 3  # non-improving full exchanges allowed before a single pivot
 _MASKED_MAX_M = 32  # up to this size, masked full-size systems beat compacted blocks
+_ONE_GROUP_MAX_M = 64  # up to this size, the compacted blocks are padded to one width
 _DUAL_THRESHOLD = 1e-3  # of tol: conflicts that pivoting still corrects
 _PRIMAL_THRESHOLD = 1e-3  # of tol: how far below its bound a weight may fall (then clamped)
 _REFINEMENTS = 6  # iterated-refinement steps of the least-norm mode, at most
@@ -127,9 +128,10 @@ def _pivoting(
     # Default mode (well-conditioned G), beyond the sizes where masked systems are cheap: faces
     # with few active indices are solved through G⁻¹.
     inverse = _LazyInverse(G) if not least_norm and m > _MASKED_MAX_M else None
+    bordered = bordered_scaled(G) if face_solver is None and m > _MASKED_MAX_M else None
     for _ in range(max_iters):
         if face_solver is None:
-            V = solve_on_faces(G, U, active, inverse)
+            V = solve_on_faces(G, U, active, inverse, bordered)
             GV = V @ G
         else:
             V, GV = face_solver(U, active)
@@ -287,22 +289,27 @@ def refine(
 
 
 def solve_on_faces(
-    G: Tensor, U: Tensor, active: Tensor, inverse: "_LazyInverse | None" = None
+    G: Tensor,
+    U: Tensor,
+    active: Tensor,
+    inverse: "_LazyInverse | None" = None,
+    bordered: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """For each row, ``v_A = u_A`` and ``G_FF v_F = −G_FA u_A`` on its free set ``F = ¬A``.
 
     With ``inverse`` (of a well-conditioned ``G``), rows with fewer active than free indices are
-    solved through ``G⁻¹`` (:func:`_face_solve_by_inverse`): ``|A|³`` work instead of ``|F|³``."""
+    solved through ``G⁻¹`` (:func:`_face_solve_by_inverse`): ``|A|³`` work instead of ``|F|³``.
+    ``bordered``: :func:`bordered_scaled` ``(G)``, when computed once for many calls."""
     V_A = torch.where(active, U, 0.0)
     rhs = -(V_A @ G)
     n_active = active.sum(dim=1)
     by_inverse = (4 * n_active <= active.shape[1]) & (n_active <= _INVERSE_MAX_ACTIVE)
     scaled_inverse = inverse.value if inverse is not None and bool(by_inverse.any()) else None
     if scaled_inverse is None:
-        return V_A + face_solve(G, active, rhs)
+        return V_A + face_solver(G, active, bordered)(rhs)
     if bool(by_inverse.all()):
         return V_A + _face_solve_by_inverse(scaled_inverse, active, rhs)
-    X = face_solve(G, active, rhs)
+    X = face_solver(G, active, bordered)(rhs)
     rows = by_inverse.nonzero().squeeze(1)
     X[rows] = _face_solve_by_inverse(scaled_inverse, active[rows], rhs[rows])
     return V_A + X
@@ -373,15 +380,18 @@ def face_solve(G: Tensor, active: Tensor, rhs: Tensor) -> Tensor:
     return face_solver(G, active)(rhs)
 
 
-def face_solver(G: Tensor, active: Tensor) -> Callable[[Tensor], Tensor]:
+def face_solver(
+    G: Tensor, active: Tensor, bordered: tuple[Tensor, Tensor] | None = None
+) -> Callable[[Tensor], Tensor]:
     """:func:`face_solve` for several right-hand sides on the same faces: the faces are factorised
-    once."""
+    once (beyond :data:`_MASKED_MAX_M`, compacted from ``bordered``, :func:`bordered_scaled`
+    ``(G)``, computed here when not given)."""
     free = ~active
     if G.shape[0] <= _MASKED_MAX_M:
         eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         factor = _spd_factor(torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye))
         return lambda rhs: torch.where(free, _spd_solve(factor, torch.where(free, rhs, 0.0)), 0.0)
-    groups = _compacted_factors(G, active)
+    groups = _compacted_factors(active, bordered_scaled(G) if bordered is None else bordered)
 
     def solve(rhs: Tensor) -> Tensor:
         x = torch.zeros_like(rhs)
@@ -407,24 +417,40 @@ def _spd_solve(factor: tuple[Tensor, Tensor], b: Tensor) -> Tensor:
     return scale * cholesky_solve(L, scale * b)
 
 
-def _compacted_factors(
-    G: Tensor, active: Tensor
-) -> list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]]:
-    """Rows grouped by the size of their free set (up to the next power of two); each group
-    factorises its compacted ``|F| × |F|`` blocks in one batch.
-
-    The Jacobi scaling of a block is the restriction of that of ``G``, so the blocks are gathered
-    from the scaled ``G``, bordered by an identity that pads each block (one ``take``)."""
-    free = ~active
-    sizes = free.sum(dim=1)
-    order = torch.argsort(sizes)
-    # Each row's free columns first, in increasing order (a stable sort of ``active``).
-    columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)
-    m = G.shape[0]
+def bordered_scaled(G: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s, B)``: the Jacobi scaling ``s = diag(G)^{-1/2}`` (``1`` where ``G_jj ≤ 0``) and
+    ``B = diag(S G S, I)``, from which :func:`_compacted_factors` gathers its blocks."""
     diagonal = G.diagonal()
     s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 1.0)
-    bordered = torch.block_diag(s.unsqueeze(1) * G * s.unsqueeze(0), torch.eye(m).to(G))
-    padding = torch.arange(m, 2 * m, device=G.device)
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return s, torch.block_diag(s.unsqueeze(1) * G * s.unsqueeze(0), eye)
+
+
+def _compacted_factors(
+    active: Tensor, bordered: tuple[Tensor, Tensor]
+) -> list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]]:
+    """Rows grouped by the size of their free set (up to the next power of two; one group up to
+    :data:`_ONE_GROUP_MAX_M`, where the few operations of each group cost more than the padding);
+    each group factorises its compacted ``|F| × |F|`` blocks in one batch.
+
+    The Jacobi scaling of a block is the restriction of that of ``G``, so the blocks are gathered
+    from the scaled ``G``, bordered by an identity that pads each block (one ``take`` from
+    ``bordered``, :func:`bordered_scaled` ``(G)``)."""
+    s, scaled = bordered
+    free = ~active
+    sizes = free.sum(dim=1)
+    m = active.shape[1]
+    one_group = m <= _ONE_GROUP_MAX_M
+    order = None if one_group else torch.argsort(sizes)
+    # Each row's free columns first, in increasing order (a stable sort of ``active``).
+    columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)
+    padding = torch.arange(m, 2 * m, device=active.device)
+    if one_group:
+        width = int(sizes.amax())
+        if width == 0:
+            return []
+        group = torch.arange(active.shape[0], device=active.device).unsqueeze(1)
+        return [_compacted_group(group, columns[:, :width], free, padding, s, scaled)]
     sorted_sizes = sizes[order].tolist()
     groups = []
     start = 0
@@ -436,14 +462,22 @@ def _compacted_factors(
         stop = start
         while stop < len(sorted_sizes) and sorted_sizes[stop] <= width:
             stop += 1
-        width = sorted_sizes[stop - 1]
         group = order[start:stop].unsqueeze(1)
-        cols = columns[group.squeeze(1), :width]
-        mask = free[group, cols]  # False on the padding
-        index = torch.where(mask, cols, padding[:width])
-        L, _ = torch.linalg.cholesky_ex(
-            torch.take(bordered, index.unsqueeze(2) * 2 * m + index.unsqueeze(1))
-        )
-        groups.append((group, cols, mask, (L, torch.where(mask, s[cols], 1.0))))
+        cols = columns[group.squeeze(1), : sorted_sizes[stop - 1]]
+        groups.append(_compacted_group(group, cols, free, padding, s, scaled))
         start = stop
     return groups
+
+
+def _compacted_group(
+    group: Tensor, cols: Tensor, free: Tensor, padding: Tensor, s: Tensor, scaled: Tensor
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """The Cholesky factors of the compacted blocks of the rows ``group`` (``[g, 1]``), whose
+    free columns come first in ``cols`` (``[g, width]``), padded by the identity."""
+    m = free.shape[1]
+    mask = free[group, cols]  # False on the padding
+    index = torch.where(mask, cols, padding[: cols.shape[1]])
+    L, _ = torch.linalg.cholesky_ex(
+        torch.take(scaled, index.unsqueeze(2) * 2 * m + index.unsqueeze(1))
+    )
+    return group, cols, mask, (L, torch.where(mask, s[cols], 1.0))
