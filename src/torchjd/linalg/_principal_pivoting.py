@@ -27,7 +27,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from torchjd.linalg._kkt import kkt_residual
+from torchjd.linalg._kkt import feasible_kkt_residual
 from torchjd.linalg._low_rank import cholesky_solve
 
 _FULL_EXCHANGES = 3  # non-improving full exchanges allowed before a single pivot
@@ -259,13 +259,13 @@ def refine(
     regularisation), :math:`v_F \leftarrow v_F - G_{FF}^{-1} (G_{\text{exact}} v)_F`, for at most
     :data:`_REFINEMENTS` steps: it stops once every step is below :data:`_SETTLED` ``max|v|`` and
     every row meets ``tol`` on ``G_exact`` (on nearly singular faces the refinement moves on after
-    the tolerance is met: towards the least-norm weights). Returns the rows (``v ≥ u``), each
-    refined where that lowers its KKT residual for ``G_exact``, and that residual."""
+    the tolerance is met: towards the least-norm weights). Returns the rows (``v ≥ u``), refined
+    where that meets ``tol`` or lowers their KKT residual for ``G_exact``, and that residual. (A
+    finite ``G_exact``: the residuals are those of feasible rows.)"""
     free = ~active
     solve = face_solver(G, active)
     V = torch.maximum(V, U)
-    gradient = V @ G_exact
-    before = kkt_residual(G_exact, U, V, gradient)
+    gradient_V = gradient = V @ G_exact
     refined = V
     after = None
     for _ in range(_REFINEMENTS):
@@ -277,14 +277,15 @@ def refine(
         # the clamped rows: a tiny clamp can move the gradient of a tiny row by much, relatively.
         if bool(settled.all()):
             clamped = torch.maximum(refined, U)
-            after = kkt_residual(G_exact, U, clamped, clamped @ G_exact)
+            after = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact)
             if bool((after <= tol).all()):
-                break
+                return clamped, after
             after = None
     refined = torch.maximum(refined, U)
     if after is None:
-        after = kkt_residual(G_exact, U, refined, refined @ G_exact)
-    better = after <= before
+        after = feasible_kkt_residual(G_exact, U, refined, refined @ G_exact)
+    before = feasible_kkt_residual(G_exact, U, V, gradient_V)
+    better = (after <= tol) | (after <= before)
     return torch.where(better.unsqueeze(1), refined, V), torch.where(better, after, before)
 
 
