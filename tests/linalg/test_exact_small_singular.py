@@ -177,8 +177,8 @@ def test_refinement_stops_once_settled(m: int, monkeypatch: pytest.MonkeyPatch):
     solves: list[list[int]] = []
     original_face_solver = _principal_pivoting.face_solver
 
-    def counting_face_solver(G, active, *args):
-        solve, count = original_face_solver(G, active, *args), []
+    def counting_face_solver(G, active, *args, **kwargs):
+        solve, count = original_face_solver(G, active, *args, **kwargs), []
         solves.append(count)
         return lambda rhs: count.append(1) or solve(rhs)
 
@@ -210,3 +210,30 @@ def test_float32_low_rank_with_row_norms_over_decades_does_not_conflict(seed: in
     d = J.double().T @ V.sum(dim=0)
     norms = J.double().norm(dim=1)
     assert ((J.double() @ d) / (norms * norms.max())).min() >= -1e-4
+
+
+@pytest.mark.parametrize("family", ["rank_deficient", "duplicate_rows", "shared_direction"])
+def test_few_rows_at_64_masked_as_compacted(family: str, monkeypatch: pytest.MonkeyPatch):
+    """Least-norm pivoting of a few rows at ``m = 64`` (masked full-size systems) gives the
+    weights and the convergence of the compacted face systems."""
+    m = 64
+    J = SINGULAR[family](m, m)
+    G_exact = J @ J.T / (J * J).sum()
+    G = _bounded_qp.tikhonov(G_exact)
+    U = torch.eye(m, dtype=torch.float64)[:3]
+
+    def solve() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scales = _bounded_qp.row_scales(G)
+        return _principal_pivoting.least_norm_pivoting(G, U, U @ G > 0, scales, 1e-9, 15, G_exact)
+
+    X, converged, residual = solve()
+    assert converged.any()
+    monkeypatch.setattr(_principal_pivoting, "_MASKED_BUDGET", 0)
+    expected, expected_converged, _ = solve()
+    assert torch.equal(converged, expected_converged)
+    scale = expected.abs().amax(dim=1, keepdim=True)
+    rows = converged.nonzero().squeeze(1)
+    torch.testing.assert_close(
+        X[rows] / scale[rows], expected[rows] / scale[rows], rtol=0, atol=1e-7
+    )
+    torch.testing.assert_close(residual, kkt_residual(G_exact, U, X, X @ G_exact))

@@ -33,6 +33,8 @@ from torchjd.linalg._low_rank import cholesky_solve
 _FULL_EXCHANGES = 3  # non-improving full exchanges allowed before a single pivot
 _MASKED_MAX_M = 32  # up to this size, masked full-size systems beat compacted blocks
 _ONE_GROUP_MAX_M = 64  # up to this size, the compacted blocks are padded to one width
+# Least-norm mode: masked systems also for few rows, up to this k m³ (4 rows at m = 64).
+_MASKED_BUDGET = 2**20
 _DUAL_THRESHOLD = 1e-3  # of tol: conflicts that pivoting still corrects
 _PRIMAL_THRESHOLD = 1e-3  # of tol: how far below its bound a weight may fall (then clamped)
 _REFINEMENTS = 6  # iterated-refinement steps of the least-norm mode, at most
@@ -92,15 +94,18 @@ def least_norm_pivoting(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`principal_pivoting` with ``G_exact``, which also returns the KKT residual of each
     row for ``G_exact`` (:func:`~torchjd.linalg._kkt.kkt_residual`). Up to :data:`_MASKED_MAX_M`,
+    and for few rows (``k m³`` up to :data:`_MASKED_BUDGET`: the rows that other methods leave),
     with the masked full-size face systems of :func:`_masked_pivoting` (few operations per
     step)."""
-    if U.shape[1] <= _MASKED_MAX_M:
+    k, m = U.shape
+    masked = m <= _MASKED_MAX_M or k * m**3 <= _MASKED_BUDGET
+    if masked:
         X, converged, final_active = _masked_pivoting(G, U, active, row_scale, tol, max_iters)
     else:
         X, converged, final_active = _pivoting(
             G, U, active, row_scale, tol, max_iters, None, least_norm=True
         )
-    X, residual = refine(G_exact, G, U, X, final_active, tol)
+    X, residual = refine(G_exact, G, U, X, final_active, tol, masked)
     return X, converged, residual
 
 
@@ -253,7 +258,13 @@ def exchange(
 
 
 def refine(
-    G_exact: Tensor, G: Tensor, U: Tensor, V: Tensor, active: Tensor, tol: float
+    G_exact: Tensor,
+    G: Tensor,
+    U: Tensor,
+    V: Tensor,
+    active: Tensor,
+    tol: float,
+    masked: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Iterated refinement of each row's face solution towards ``G_exact`` (iterated Tikhonov
     regularisation), :math:`v_F \leftarrow v_F - G_{FF}^{-1} (G_{\text{exact}} v)_F`, for at most
@@ -261,9 +272,10 @@ def refine(
     every row meets ``tol`` on ``G_exact`` (on nearly singular faces the refinement moves on after
     the tolerance is met: towards the least-norm weights). Returns the rows (``v ≥ u``), refined
     where that meets ``tol`` or lowers their KKT residual for ``G_exact``, and that residual. (A
-    finite ``G_exact``: the residuals are those of feasible rows.)"""
+    finite ``G_exact``: the residuals are those of feasible rows.) ``masked``: as in
+    :func:`face_solver`."""
     free = ~active
-    solve = face_solver(G, active)
+    solve = face_solver(G, active, masked=masked)
     V = torch.maximum(V, U)
     gradient_V = gradient = V @ G_exact
     refined = V
@@ -382,13 +394,16 @@ def face_solve(G: Tensor, active: Tensor, rhs: Tensor) -> Tensor:
 
 
 def face_solver(
-    G: Tensor, active: Tensor, bordered: tuple[Tensor, Tensor] | None = None
+    G: Tensor,
+    active: Tensor,
+    bordered: tuple[Tensor, Tensor] | None = None,
+    masked: bool | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """:func:`face_solve` for several right-hand sides on the same faces: the faces are factorised
-    once (beyond :data:`_MASKED_MAX_M`, compacted from ``bordered``, :func:`bordered_scaled`
-    ``(G)``, computed here when not given)."""
+    once, as masked full-size systems (by default up to :data:`_MASKED_MAX_M`) or compacted from
+    ``bordered`` (:func:`bordered_scaled` ``(G)``, computed here when not given)."""
     free = ~active
-    if G.shape[0] <= _MASKED_MAX_M:
+    if G.shape[0] <= _MASKED_MAX_M if masked is None else masked:
         eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         factor = _spd_factor(torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye))
         return lambda rhs: torch.where(free, _spd_solve(factor, torch.where(free, rhs, 0.0)), 0.0)
