@@ -237,3 +237,28 @@ def test_few_rows_at_64_masked_as_compacted(family: str, monkeypatch: pytest.Mon
         X[rows] / scale[rows], expected[rows] / scale[rows], rtol=0, atol=1e-7
     )
     torch.testing.assert_close(residual, kkt_residual(G_exact, U, X, X @ G_exact))
+
+
+def test_wandering_rows_leave_pivoting_early(monkeypatch: pytest.MonkeyPatch):
+    """At ``m = 64``, with many more rows than the rank, least-norm pivoting leaves many rows
+    unsolved; those left to single pivots with more infeasible indices than steps left stop (for
+    the interior point) before the last step, which few rows reach."""
+    m = 64
+    J = torch.randn(m, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    G_exact = J @ J.T / (J * J).sum()
+    G = _bounded_qp.tikhonov(G_exact)
+    U = torch.eye(m, dtype=torch.float64)
+    batch_sizes = []
+    original = _principal_pivoting.solve_on_faces
+
+    def counting(G, U, *args):
+        batch_sizes.append(U.shape[0])
+        return original(G, U, *args)
+
+    monkeypatch.setattr(_principal_pivoting, "solve_on_faces", counting)
+    scales = _bounded_qp.row_scales(G)
+    pivoting = _principal_pivoting.least_norm_pivoting
+    _, converged, _ = pivoting(G, U, U @ G > 0, scales, 1e-9, 15, G_exact)
+    unsolved = int((~converged).sum())
+    assert unsolved >= m // 2
+    assert batch_sizes[-1] <= unsolved // 4

@@ -121,7 +121,9 @@ def _pivoting(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The loop of :func:`principal_pivoting` on compacted faces; also returns each row's last
     active set. With ``least_norm`` (a barely regularised ``G``), no face is solved through
-    ``G⁻¹`` and the rows done leave the batch at once."""
+    ``G⁻¹``, the rows done leave the batch at once, and so do, unconverged, the rows left to
+    single pivots with more infeasible indices than steps left (they wander, on degenerate
+    problems: the caller's fallback gets them sooner)."""
     k, m = U.shape
     X = U.clone()
     final_active = active.clone()
@@ -134,7 +136,7 @@ def _pivoting(
     # with few active indices are solved through G⁻¹.
     inverse = _LazyInverse(G) if not least_norm and m > _MASKED_MAX_M else None
     bordered = bordered_scaled(G) if face_solver is None and m > _MASKED_MAX_M else None
-    for _ in range(max_iters):
+    for step in range(max_iters):
         if face_solver is None:
             V = solve_on_faces(G, U, active, inverse, bordered)
             GV = V @ G
@@ -154,6 +156,11 @@ def _pivoting(
         inexact = ~(torch.where(active, 0.0, relative_gradient.abs()).amax(dim=1) <= tol)
         done = (count == 0) | inexact
         converged[rows] = (count == 0) & ~inexact
+        if least_norm:
+            # Least-norm mode: a row left to single pivots (its count has stopped falling) with
+            # more infeasible indices than steps left stops (a wandering row, for the interior
+            # point), unconverged.
+            done |= (tries < 0) & (count > max_iters - 1 - step)
         n_done = int(done.sum())
         if n_done == len(rows):
             break
