@@ -11,8 +11,8 @@ definite ``G`` the method stops after finitely many exchanges, at a face whose s
 up to rounding.
 
 Every row has its own face; each step solves all of them together, as one batched Cholesky
-factorisation of masked ``[m, m]`` systems (small ``m``), or of the compacted ``|F| × |F|``
-blocks grouped by size (large ``m``).
+factorisation of masked ``[m, m]`` systems (small ``m``, or few rows), or of the compacted
+``|F| × |F|`` blocks (padded to one width up to ``m = 64``, else grouped by size).
 
 The face systems are solved after a symmetric Jacobi scaling (unit diagonal), so that rows of very
 different norms are solved equally accurately. ``G`` must be positive definite (the caller adds a
