@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/non_conflict.py [--sizes 16 64 256 1024] [--count 1000] [--count-1024 50]
+        [--baseline DIR] [--rounds 1] [--clock wall|cpu]
 
 Each size draws ``--count`` hard random Jacobians (half in float64, half in float32), mixing:
 rank deficiency, more rows than columns, zero rows (and, rarely, a zero matrix), near-duplicate and
@@ -16,11 +17,21 @@ matrices, worst conflict; then the ratio of the exact mode's total time to the d
 median of the per-matrix ratios, and the exact mode's slowest call. With ``--before``, the exact
 mode also runs without its spanning route (``_spanning``: rows that positively span a subspace),
 and its median ratio and slowest call are printed beside.
+
+``--baseline DIR`` (an exported ``src/`` of another version: ``git archive REV src | tar -x -C
+/tmp/baseX``, then ``--baseline /tmp/baseX/src``) runs both versions, each in its own process, on
+the same matrices, and prints the baseline's row under each of this version's. ``--rounds N``
+runs every version N times, in turn, keeping each call's fastest time (on a shared machine, with
+``--clock cpu``: the process's CPU time, which other processes disturb less).
 """
 
 import argparse
 import contextlib
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from unittest import mock
 
@@ -30,6 +41,7 @@ from torchjd.aggregation import UPGrad
 from torchjd.linalg import TorchProjector, _bounded_qp
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def hard_jacobian(m: int, g: torch.Generator) -> torch.Tensor:
@@ -72,18 +84,15 @@ def conflict(J: torch.Tensor, d: torch.Tensor) -> float:
     return float(((J @ d) / (norms * norms.max()).clamp_min(1e-300)).min())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256, 1024])
-    parser.add_argument("--count", type=int, default=1000)
-    parser.add_argument("--count-1024", type=int, default=50, help="count for m ≥ 1024")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--before", action="store_true", help="also without the spanning route")
-    args = parser.parse_args()
-
+def measure(
+    m: int, count: int, seed: int, clock: str, before: bool
+) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Per dtype and aggregator (``default``, ``exact`` and, with ``before``, ``before``): the
+    time and the conflict of each call."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     exact = UPGrad(projector=TorchProjector(norm_eps=0.0, reg_eps=0.0))
     aggregators = {"default": UPGrad(), "exact": exact}
-    if args.before:
+    if before:
         aggregators["before"] = exact
 
     def route(name: str) -> contextlib.AbstractContextManager:
@@ -91,9 +100,94 @@ def main() -> None:
             return mock.patch.object(_bounded_qp, "zero_update_weights", return_value=None)
         return contextlib.nullcontext()
 
+    results = {}
+    for dtype_name, dtype in DTYPES.items():
+        g = torch.Generator().manual_seed(seed + m)
+        stats = {name: {"times": [], "conflicts": []} for name in aggregators}
+        for _ in range(count // 2):
+            J = hard_jacobian(m, g).to(dtype)
+            for name, aggregator in aggregators.items():
+                with route(name):
+                    start = now()
+                    d = aggregator(J)
+                    elapsed = now() - start
+                stats[name]["times"].append(elapsed)
+                stats[name]["conflicts"].append(conflict(J, d))
+        results[dtype_name] = stats
+    return results
+
+
+def row(m: int, dtype_name: str, version: str, stats: dict[str, dict[str, list[float]]]) -> str:
+    dtype = DTYPES[dtype_name]
+    default, exact = stats["default"], stats["exact"]
+    n = len(default["times"])
+
+    def summary(name: str) -> str:
+        times, conflicts = stats[name]["times"], stats[name]["conflicts"]
+        count = sum(value < -TOLERANCE[dtype] for value in conflicts)
+        return f"{sum(times) / n * 1e3:>9.2f} {count:>9} {min(0.0, *conflicts):>9.1e}"
+
+    ratios = [e / d for e, d in zip(exact["times"], default["times"], strict=True)]
+    line = (
+        f"{m:>5} {'f' + dtype_name[5:]:>5} {version:>8} {n:>6} | {summary('default')} | "
+        f"{summary('exact')} | {sum(exact['times']) / sum(default['times']):>9.2f}x "
+        f"{statistics.median(ratios):>11.2f}x {max(exact['times']) * 1e3:>12.1f}"
+    )
+    if "before" in stats:
+        pairs = zip(stats["before"]["times"], default["times"], strict=True)
+        before_ratio = statistics.median(b / d for b, d in pairs)
+        line += f" | {before_ratio:>12.2f}x {max(stats['before']['times']) * 1e3:>13.1f}"
+    return line
+
+
+def run_version(src: str | None, m: int, args: argparse.Namespace) -> dict:
+    """:func:`measure` in a process that imports ``torchjd`` from ``src`` (None: this one)."""
+    command = [sys.executable, __file__, "--worker", "--sizes", str(m), "--count", str(args.count)]
+    command += ["--seed", str(args.seed), "--clock", args.clock] + ["--before"] * args.before
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(output.stdout)
+
+
+def fastest(runs: list[dict]) -> dict:
+    """Each call's fastest time over the runs (the conflicts are those of the first)."""
+    best = runs[0]
+    for dtype_stats in best.values():
+        for stats in dtype_stats.values():
+            stats["times"] = list(stats["times"])
+    for other in runs[1:]:
+        for dtype_name, dtype_stats in other.items():
+            for name, stats in dtype_stats.items():
+                kept = best[dtype_name][name]["times"]
+                kept[:] = [min(a, b) for a, b in zip(kept, stats["times"], strict=True)]
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256, 1024])
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--count-1024", type=int, default=50, help="count for m ≥ 1024")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--before", action="store_true", help="also without the spanning route")
+    parser.add_argument("--baseline", help="exported src/ of another version, run beside")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each version, in turn")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        m = args.sizes[0]
+        count = args.count if m < 1024 else args.count_1024
+        print(json.dumps(measure(m, count, args.seed, args.clock, args.before)))
+        return
+
+    versions = {"this": None} | ({"baseline": args.baseline} if args.baseline else {})
     header = (
-        f"{'m':>5} {'dtype':>8} {'count':>6} | {'default ms':>10} {'conflicts':>9} {'worst':>9} "
-        f"| {'exact ms':>9} {'conflicts':>9} {'worst':>9} | {'time ratio':>10} "
+        f"{'m':>5} {'dtype':>5} {'version':>8} {'count':>6} | {'default ms':>9} {'conflicts':>9} "
+        f"{'worst':>9} | {'exact ms':>9} {'conflicts':>9} {'worst':>9} | {'time ratio':>10} "
         f"{'median ratio':>12} {'exact max ms':>12}"
         + (f" | {'before median':>13} {'before max ms':>13}" if args.before else "")
     )
@@ -101,41 +195,17 @@ def main() -> None:
     print("-" * len(header))
     for m in args.sizes:
         count = args.count if m < 1024 else args.count_1024
-        for dtype in (torch.float64, torch.float32):
-            g = torch.Generator().manual_seed(args.seed + m)
-            stats = {
-                name: {"time": 0.0, "times": [], "conflicts": 0, "worst": 0.0}
-                for name in aggregators
-            }
-            for _ in range(count // 2):
-                J = hard_jacobian(m, g).to(dtype)
-                for name, aggregator in aggregators.items():
-                    with route(name):
-                        start = time.perf_counter()
-                        d = aggregator(J)
-                        elapsed = time.perf_counter() - start
-                    stats[name]["time"] += elapsed
-                    stats[name]["times"].append(elapsed)
-                    value = conflict(J, d)
-                    stats[name]["worst"] = min(stats[name]["worst"], value)
-                    stats[name]["conflicts"] += value < -TOLERANCE[dtype]
-            n = count // 2
-            pairs = zip(stats["exact"]["times"], stats["default"]["times"], strict=True)
-            ratios = [e / d for e, d in pairs]
-            default, exact = stats["default"], stats["exact"]
-            before = ""
-            if args.before:
-                pairs = zip(stats["before"]["times"], stats["default"]["times"], strict=True)
-                before_ratio = statistics.median(b / d for b, d in pairs)
-                before = f" | {before_ratio:>12.2f}x {max(stats['before']['times']) * 1e3:>13.1f}"
-            print(
-                f"{m:>5} {str(dtype)[6:]:>8} {n:>6} | {default['time'] / n * 1e3:>10.2f} "
-                f"{default['conflicts']:>9} {default['worst']:>9.1e} | "
-                f"{exact['time'] / n * 1e3:>9.2f} {exact['conflicts']:>9} {exact['worst']:>9.1e} | "
-                f"{exact['time'] / default['time']:>9.2f}x "
-                f"{statistics.median(ratios):>11.2f}x {max(exact['times']) * 1e3:>12.1f}" + before,
-                flush=True,
-            )
+        if len(versions) == 1 and args.rounds == 1:
+            results = {"this": measure(m, count, args.seed, args.clock, args.before)}
+        else:
+            runs: dict[str, list[dict]] = {version: [] for version in versions}
+            for _ in range(args.rounds):
+                for version, src in versions.items():
+                    runs[version].append(run_version(src, m, args))
+            results = {version: fastest(version_runs) for version, version_runs in runs.items()}
+        for dtype_name in DTYPES:
+            for version, stats in results.items():
+                print(row(m, dtype_name, version, stats[dtype_name]), flush=True)
 
 
 if __name__ == "__main__":

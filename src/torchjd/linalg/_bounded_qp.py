@@ -86,12 +86,13 @@ accepted when its KKT residual on ``G`` meets the tolerance. Otherwise, and for 
 every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
 the unit-norm rows); face solutions are then refined towards the exact ``G`` (iterated Tikhonov
-regularisation). Up to ``m = 32`` on a float64 ``G``, the default mode's pivoting with masked
-full-size face systems (a few operations per step) first finds the optimal face of
-``tikhonov(G)``, whose solution is refined until every row meets the tolerance on ``G`` and the
-refinement's steps fall below ``10⁻⁷ max|v|`` (:func:`_refined_least_norm`: most rows need one
-or two of its six steps); the rows it leaves take the route that follows. Up to ``m = 64``,
-pivoting gets a few steps from the one-step guess; beyond,
+regularisation), until every row meets the tolerance on ``G`` and the refinement's steps fall
+below ``10⁻⁷ max|v|`` (most rows need one or two of its six steps). Up to ``m = 64``, in float64
+(also for a float32 ``G``: its values, solved once), pivoting (up to ``m = 32`` with masked
+full-size face systems, a few operations per step) first finds the optimal face of
+``tikhonov(G)`` from the one-step guess (:func:`_refined_least_norm`); the rows it cannot solve
+go to the interior point below at once, and those that miss the tolerance on ``G`` take the
+route that follows. Up to ``m = 64``, pivoting gets a few steps from the one-step guess; beyond,
 from the active set of ADMM on a better-conditioned Gramian (that of the default mode; from
 ``m = 512``, ``G + 10⁻⁶ tr(G) I`` in float32, with the rows pivoted in chunks:
 :mod:`torchjd.linalg._warm_start`); in float64, a row is accepted only when its KKT residual on
@@ -117,9 +118,7 @@ from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import (
     _MASKED_MAX_M,
-    _PRIMAL_THRESHOLD,
-    _REFINEMENTS,
-    face_solver,
+    least_norm_pivoting,
     principal_pivoting,
     scaled_cholesky,
 )
@@ -164,9 +163,6 @@ _ACTIVE_THRESHOLDS = (1e-6, 1e-9, 1e-4)  # relative to max|u|: weights at their 
 # From this size on, the least-norm route first tests whether the rows of J positively span a
 # subspace (one eigendecomposition of G and a Newton solve of one row).
 _SPANNING_MIN_M = 64
-# The least-norm refinement up to m = 32 stops once its steps are below this fraction of max|v|
-# (and every row meets the tolerance): the general route's weights to about that precision.
-_SETTLED = 1e-7
 _NONSINGULAR_MIN_PIVOT = {torch.float64: 1e-6, torch.float32: 1e-3}
 _FAST_FLOAT32_ITERS = 200  # of ADMM on a nonsingular G in float32, before float64 takes over
 _FLOAT32_MAX_SPREAD = 1e4  # of diag(G) (row norms over two decades): beyond, float64 at once
@@ -362,7 +358,7 @@ def _least_norm_route(
             left = (~converged).nonzero().squeeze(1)
             V[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
             return V
-    if m <= _MASKED_MAX_M and G.dtype == torch.float64:
+    if m <= _DIRECT_MAX_M:
         X, solved = _refined_least_norm(G, G_exact, U, GU, tol)
         if bool(solved.all()):
             return X
@@ -375,32 +371,35 @@ def _least_norm_route(
 def _refined_least_norm(
     G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float
 ) -> tuple[Tensor, Tensor]:
-    """The least-norm mode up to ``m = 32``, on a float64 ``G``: the default mode's pivoting (with
-    masked full-size face systems: a few operations per step) finds the optimal face of the
-    regularised ``G`` from the one-step guess, whose solution is then refined towards
-    ``G_exact`` by iterated Tikhonov regularisation, ``v_F ← v_F − G_FF⁻¹ (G_exact v)_F``, until
-    every row meets ``tol`` on ``G_exact`` and the steps fall below :data:`_SETTLED` ``max|v|``
-    (at most as many steps as the general route's refinement, which runs them all). Returns the
-    rows (``v ≥ u``) and which are solved: pivoting converged and the KKT residual on
-    ``G_exact`` meets ``tol``."""
+    """The least-norm mode up to ``m = 64``, in float64 (also for a float32 ``G``: one solve of
+    its values, rather than one in float32 and another for the rows that its rounding leaves):
+    pivoting (up to ``m = 32`` with masked full-size face systems: a few operations per step)
+    finds the optimal face of the regularised ``G`` from the one-step guess, whose solution is
+    then refined towards ``G_exact`` until it settles
+    (:func:`~torchjd.linalg._principal_pivoting.least_norm_pivoting`). The rows where pivoting
+    fails (it wanders on degenerate problems) go to the interior point at once, which is where
+    the general route, repeating the same first pivots, would send them. Returns the rows
+    (``v ≥ u``) and which are final: those whose KKT residual on ``G_exact`` meets ``tol``, and
+    those of the interior point."""
     m = G.shape[0]
-    X, found = principal_pivoting(G, U, GU > 0, row_scales(G), tol, 3 * m + 10)
-    # The face found: the weights at their bound, within pivoting's feasibility threshold.
-    free = _PRIMAL_THRESHOLD * tol * U.abs().amax(dim=1, keepdim=True) < X - U
-    solve = face_solver(G, ~free)
-    X = torch.maximum(X, U)
-    gradient = X @ G_exact
-    for _ in range(_REFINEMENTS):
-        step = solve(torch.where(free, -gradient, 0.0))
-        X = torch.maximum(X + step, U)
-        gradient = X @ G_exact
-        solved = found & (kkt_residual(G_exact, U, X, gradient) <= tol)
-        # Done when every row meets tol and the refinement hardly moves it (on nearly singular
-        # faces it moves on after the tolerance is met: the general route's weights).
-        settled = step.abs().amax(dim=1) <= _SETTLED * X.abs().amax(dim=1)
-        if bool((solved & settled).all()):
-            break
-    return X, solved
+    G64, G_exact64, U64 = G.double(), G_exact.double(), U.double()
+    # Masked steps are cheap: as many as the default mode takes; compacted ones, the general
+    # route's few.
+    steps = 3 * m + 10 if m <= _MASKED_MAX_M else _LEAST_NORM_PIVOTS
+    X, found, residual = least_norm_pivoting(
+        G64, U64, GU > 0, row_scales(G64), tol, steps, G_exact64
+    )
+    final = residual <= tol
+    if G.dtype != torch.float64:
+        # The rounding of a float32 G can keep a row above tol whatever its weights: the general
+        # route, repeating these pivots, would return the same refined face.
+        final |= found
+    X = X.to(G.dtype)
+    if not bool(found.all()):
+        left = (~found).nonzero().squeeze(1)
+        X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
+        final[left] = True
+    return X, final
 
 
 def _pivoting_route(

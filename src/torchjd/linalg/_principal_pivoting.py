@@ -11,8 +11,8 @@ definite ``G`` the method stops after finitely many exchanges, at a face whose s
 up to rounding.
 
 Every row has its own face; each step solves all of them together, as one batched Cholesky
-factorisation of masked ``[m, m]`` systems (small ``m``), or of the compacted ``|F| × |F|``
-blocks grouped by size (large ``m``).
+factorisation of masked ``[m, m]`` systems (small ``m``, or few rows), or of the compacted
+``|F| × |F|`` blocks (padded to one width up to ``m = 64``, else grouped by size).
 
 The face systems are solved after a symmetric Jacobi scaling (unit diagonal), so that rows of very
 different norms are solved equally accurately. ``G`` must be positive definite (the caller adds a
@@ -27,14 +27,20 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from torchjd.linalg._kkt import kkt_residual
+from torchjd.linalg._kkt import feasible_kkt_residual
 from torchjd.linalg._low_rank import cholesky_solve
 
 _FULL_EXCHANGES = 3  # non-improving full exchanges allowed before a single pivot
 _MASKED_MAX_M = 32  # up to this size, masked full-size systems beat compacted blocks
+_ONE_GROUP_MAX_M = 64  # up to this size, the compacted blocks are padded to one width
+# Least-norm mode: masked systems also for few rows, up to this k m³ (4 rows at m = 64).
+_MASKED_BUDGET = 2**20
 _DUAL_THRESHOLD = 1e-3  # of tol: conflicts that pivoting still corrects
 _PRIMAL_THRESHOLD = 1e-3  # of tol: how far below its bound a weight may fall (then clamped)
-_REFINEMENTS = 6  # iterated-refinement steps of the least-norm mode
+_REFINEMENTS = 6  # iterated-refinement steps of the least-norm mode, at most
+# The refinement stops once its steps are below this fraction of max|v| (and every row meets the
+# tolerance): the weights of all _REFINEMENTS steps to about that precision.
+_SETTLED = 1e-7
 # Smallest squared pivot of the Jacobi-scaled Cholesky factor of G (a bound on its conditioning)
 # for which faces are solved through G⁻¹.
 _INVERSE_MIN_PIVOT = {torch.float64: 1e-7, torch.float32: 1e-3}
@@ -64,10 +70,61 @@ def principal_pivoting(
 
     ``face_solver`` (``(U, active) ↦ (V, G V)``) replaces the default face solves.
     """
+    if G_exact is not None and face_solver is None:
+        X, converged, _ = least_norm_pivoting(G, U, active, row_scale, tol, max_iters, G_exact)
+        return X, converged
+    if G_exact is None and face_solver is None and U.shape[1] <= _MASKED_MAX_M:
+        return _masked_pivoting(G, U, active, row_scale, tol, max_iters)[:2]
+    X, converged, final_active = _pivoting(
+        G, U, active, row_scale, tol, max_iters, face_solver, G_exact is not None
+    )
+    if G_exact is not None:
+        X, _ = refine(G_exact, G, U, X, final_active, tol)
+    return X, converged
+
+
+def least_norm_pivoting(
+    G: Tensor,
+    U: Tensor,
+    active: Tensor,
+    row_scale: Tensor,
+    tol: float,
+    max_iters: int,
+    G_exact: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`principal_pivoting` with ``G_exact``, which also returns the KKT residual of each
+    row for ``G_exact`` (:func:`~torchjd.linalg._kkt.kkt_residual`). Up to :data:`_MASKED_MAX_M`,
+    and for few rows (``k m³`` up to :data:`_MASKED_BUDGET`: the rows that other methods leave),
+    with the masked full-size face systems of :func:`_masked_pivoting` (few operations per
+    step)."""
     k, m = U.shape
-    if G_exact is None and face_solver is None and m <= _MASKED_MAX_M:
-        return _masked_pivoting(G, U, active, row_scale, tol, max_iters)
-    U_all = U
+    masked = m <= _MASKED_MAX_M or k * m**3 <= _MASKED_BUDGET
+    if masked:
+        X, converged, final_active = _masked_pivoting(G, U, active, row_scale, tol, max_iters)
+    else:
+        X, converged, final_active = _pivoting(
+            G, U, active, row_scale, tol, max_iters, None, least_norm=True
+        )
+    X, residual = refine(G_exact, G, U, X, final_active, tol, masked)
+    return X, converged, residual
+
+
+def _pivoting(
+    G: Tensor,
+    U: Tensor,
+    active: Tensor,
+    row_scale: Tensor,
+    tol: float,
+    max_iters: int,
+    face_solver: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None,
+    least_norm: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loop of :func:`principal_pivoting` on compacted faces; also returns each row's last
+    active set. With ``least_norm`` (a barely regularised ``G``), no face is solved through
+    ``G⁻¹``, the rows done leave the batch at once, and so do, unconverged, the rows left to
+    single pivots with more infeasible indices than steps left (they wander, on degenerate
+    problems: the caller's fallback gets them sooner)."""
+    k, m = U.shape
     X = U.clone()
     final_active = active.clone()
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
@@ -77,10 +134,11 @@ def principal_pivoting(
     tries = torch.full((k,), _FULL_EXCHANGES, device=U.device)
     # Default mode (well-conditioned G), beyond the sizes where masked systems are cheap: faces
     # with few active indices are solved through G⁻¹.
-    inverse = _LazyInverse(G) if G_exact is None and m > _MASKED_MAX_M else None
-    for _ in range(max_iters):
+    inverse = _LazyInverse(G) if not least_norm and m > _MASKED_MAX_M else None
+    bordered = bordered_scaled(G) if face_solver is None and m > _MASKED_MAX_M else None
+    for step in range(max_iters):
         if face_solver is None:
-            V = solve_on_faces(G, U, active, inverse)
+            V = solve_on_faces(G, U, active, inverse, bordered)
             GV = V @ G
         else:
             V, GV = face_solver(U, active)
@@ -98,25 +156,28 @@ def principal_pivoting(
         inexact = ~(torch.where(active, 0.0, relative_gradient.abs()).amax(dim=1) <= tol)
         done = (count == 0) | inexact
         converged[rows] = (count == 0) & ~inexact
+        if least_norm:
+            # Least-norm mode: a row left to single pivots (its count has stopped falling) with
+            # more infeasible indices than steps left stops (a wandering row, for the interior
+            # point), unconverged.
+            done |= (tries < 0) & (count > max_iters - 1 - step)
         n_done = int(done.sum())
         if n_done == len(rows):
             break
 
         active, best, tries = exchange(active, infeasible, count, best, tries)
         # Compact when it halves the work; in the least-norm mode, as soon as a row is done.
-        if 2 * n_done >= len(rows) or (n_done > 0 and G_exact is not None):
+        if 2 * n_done >= len(rows) or (n_done > 0 and least_norm):
             keep = ~done
             rows, U, active, u_scale, best, tries = (
                 t[keep] for t in (rows, U, active, u_scale, best, tries)
             )
-    if G_exact is not None:
-        X = _refine(G_exact, G, U_all, X, final_active)
-    return X, converged
+    return X, converged, final_active
 
 
 def _masked_pivoting(
     G: Tensor, U: Tensor, active: Tensor, row_scale: Tensor, tol: float, max_iters: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     r""":func:`principal_pivoting` of the default mode up to :data:`_MASKED_MAX_M`, with few
     operations per step: it works in the Jacobi-scaled variables ``z = S⁻¹ v`` of
     ``Ĝ = S G S``, ``S = diag(G)^{-1/2}`` (scaled once), so that each face system is the full-size
@@ -140,6 +201,7 @@ def _masked_pivoting(
     state = torch.stack([U / s, s / u_scale, -1 / (s * row_scale * u_scale)])
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
+    final_active = torch.empty_like(active)
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
     rows = torch.arange(k, device=U.device)
     positions = torch.arange(1, m + 1, device=U.device)
@@ -167,6 +229,7 @@ def _masked_pivoting(
         n_done = int(done.sum())
         if n_done > 0 or step == max_iters - 1:  # the rows done leave with their last face
             Z_all[rows] = Z
+            final_active[rows] = active
             converged[rows] = solved & exact
         if n_done == len(rows) or step == max_iters - 1:
             break
@@ -181,7 +244,7 @@ def _masked_pivoting(
             rows, active, state = rows[keep], active[keep], state[:, keep]
             best, tries = best[keep], tries[keep]
     X = s * Z_all
-    return X, converged
+    return X, converged, final_active
 
 
 def exchange(
@@ -201,38 +264,72 @@ def exchange(
     return active ^ flips, best, tries
 
 
-def _refine(G_exact: Tensor, G: Tensor, U: Tensor, V: Tensor, active: Tensor) -> Tensor:
-    """Iterated refinement of each row's face solution towards ``G_exact``; kept where it lowers
-    the KKT residual for ``G_exact``."""
+def refine(
+    G_exact: Tensor,
+    G: Tensor,
+    U: Tensor,
+    V: Tensor,
+    active: Tensor,
+    tol: float,
+    masked: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Iterated refinement of each row's face solution towards ``G_exact`` (iterated Tikhonov
+    regularisation), :math:`v_F \leftarrow v_F - G_{FF}^{-1} (G_{\text{exact}} v)_F`, for at most
+    :data:`_REFINEMENTS` steps: it stops once every step is below :data:`_SETTLED` ``max|v|`` and
+    every row meets ``tol`` on ``G_exact`` (on nearly singular faces the refinement moves on after
+    the tolerance is met: towards the least-norm weights). Returns the rows (``v ≥ u``), refined
+    where that meets ``tol`` or lowers their KKT residual for ``G_exact``, and that residual. (A
+    finite ``G_exact``: the residuals are those of feasible rows.) ``masked``: as in
+    :func:`face_solver`."""
     free = ~active
-    solve = face_solver(G, active)
+    solve = face_solver(G, active, masked=masked)
+    V = torch.maximum(V, U)
+    gradient_V = gradient = V @ G_exact
     refined = V
+    after = None
     for _ in range(_REFINEMENTS):
-        residual = torch.where(free, -(refined @ G_exact), 0.0)
-        refined = refined + solve(residual)
+        step = solve(torch.where(free, -gradient, 0.0))
+        refined = refined + step
+        gradient = refined @ G_exact
+        settled = step.abs().amax(dim=1) <= _SETTLED * refined.abs().amax(dim=1)
+        # The residuals only once every row has settled (a few operations fewer per step). On
+        # the clamped rows: a tiny clamp can move the gradient of a tiny row by much, relatively.
+        if bool(settled.all()):
+            clamped = torch.maximum(refined, U)
+            after = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact)
+            if bool((after <= tol).all()):
+                return clamped, after
+            after = None
     refined = torch.maximum(refined, U)
-    before = kkt_residual(G_exact, U, torch.maximum(V, U), V @ G_exact)
-    after = kkt_residual(G_exact, U, refined, refined @ G_exact)
-    return torch.where((after <= before).unsqueeze(1), refined, V)
+    if after is None:
+        after = feasible_kkt_residual(G_exact, U, refined, refined @ G_exact)
+    before = feasible_kkt_residual(G_exact, U, V, gradient_V)
+    better = (after <= tol) | (after <= before)
+    return torch.where(better.unsqueeze(1), refined, V), torch.where(better, after, before)
 
 
 def solve_on_faces(
-    G: Tensor, U: Tensor, active: Tensor, inverse: "_LazyInverse | None" = None
+    G: Tensor,
+    U: Tensor,
+    active: Tensor,
+    inverse: "_LazyInverse | None" = None,
+    bordered: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """For each row, ``v_A = u_A`` and ``G_FF v_F = −G_FA u_A`` on its free set ``F = ¬A``.
 
     With ``inverse`` (of a well-conditioned ``G``), rows with fewer active than free indices are
-    solved through ``G⁻¹`` (:func:`_face_solve_by_inverse`): ``|A|³`` work instead of ``|F|³``."""
+    solved through ``G⁻¹`` (:func:`_face_solve_by_inverse`): ``|A|³`` work instead of ``|F|³``.
+    ``bordered``: :func:`bordered_scaled` ``(G)``, when computed once for many calls."""
     V_A = torch.where(active, U, 0.0)
     rhs = -(V_A @ G)
     n_active = active.sum(dim=1)
     by_inverse = (4 * n_active <= active.shape[1]) & (n_active <= _INVERSE_MAX_ACTIVE)
     scaled_inverse = inverse.value if inverse is not None and bool(by_inverse.any()) else None
     if scaled_inverse is None:
-        return V_A + face_solve(G, active, rhs)
+        return V_A + face_solver(G, active, bordered)(rhs)
     if bool(by_inverse.all()):
         return V_A + _face_solve_by_inverse(scaled_inverse, active, rhs)
-    X = face_solve(G, active, rhs)
+    X = face_solver(G, active, bordered)(rhs)
     rows = by_inverse.nonzero().squeeze(1)
     X[rows] = _face_solve_by_inverse(scaled_inverse, active[rows], rhs[rows])
     return V_A + X
@@ -303,15 +400,21 @@ def face_solve(G: Tensor, active: Tensor, rhs: Tensor) -> Tensor:
     return face_solver(G, active)(rhs)
 
 
-def face_solver(G: Tensor, active: Tensor) -> Callable[[Tensor], Tensor]:
+def face_solver(
+    G: Tensor,
+    active: Tensor,
+    bordered: tuple[Tensor, Tensor] | None = None,
+    masked: bool | None = None,
+) -> Callable[[Tensor], Tensor]:
     """:func:`face_solve` for several right-hand sides on the same faces: the faces are factorised
-    once."""
+    once, as masked full-size systems (by default up to :data:`_MASKED_MAX_M`) or compacted from
+    ``bordered`` (:func:`bordered_scaled` ``(G)``, computed here when not given)."""
     free = ~active
-    if G.shape[0] <= _MASKED_MAX_M:
+    if G.shape[0] <= _MASKED_MAX_M if masked is None else masked:
         eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         factor = _spd_factor(torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye))
         return lambda rhs: torch.where(free, _spd_solve(factor, torch.where(free, rhs, 0.0)), 0.0)
-    groups = _compacted_factors(G, active)
+    groups = _compacted_factors(active, bordered_scaled(G) if bordered is None else bordered)
 
     def solve(rhs: Tensor) -> Tensor:
         x = torch.zeros_like(rhs)
@@ -337,24 +440,40 @@ def _spd_solve(factor: tuple[Tensor, Tensor], b: Tensor) -> Tensor:
     return scale * cholesky_solve(L, scale * b)
 
 
-def _compacted_factors(
-    G: Tensor, active: Tensor
-) -> list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]]:
-    """Rows grouped by the size of their free set (up to the next power of two); each group
-    factorises its compacted ``|F| × |F|`` blocks in one batch.
-
-    The Jacobi scaling of a block is the restriction of that of ``G``, so the blocks are gathered
-    from the scaled ``G``, bordered by an identity that pads each block (one ``take``)."""
-    free = ~active
-    sizes = free.sum(dim=1)
-    order = torch.argsort(sizes)
-    # Each row's free columns first, in increasing order (a stable sort of ``active``).
-    columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)
-    m = G.shape[0]
+def bordered_scaled(G: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s, B)``: the Jacobi scaling ``s = diag(G)^{-1/2}`` (``1`` where ``G_jj ≤ 0``) and
+    ``B = diag(S G S, I)``, from which :func:`_compacted_factors` gathers its blocks."""
     diagonal = G.diagonal()
     s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 1.0)
-    bordered = torch.block_diag(s.unsqueeze(1) * G * s.unsqueeze(0), torch.eye(m).to(G))
-    padding = torch.arange(m, 2 * m, device=G.device)
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return s, torch.block_diag(s.unsqueeze(1) * G * s.unsqueeze(0), eye)
+
+
+def _compacted_factors(
+    active: Tensor, bordered: tuple[Tensor, Tensor]
+) -> list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]]:
+    """Rows grouped by the size of their free set (up to the next power of two; one group up to
+    :data:`_ONE_GROUP_MAX_M`, where the few operations of each group cost more than the padding);
+    each group factorises its compacted ``|F| × |F|`` blocks in one batch.
+
+    The Jacobi scaling of a block is the restriction of that of ``G``, so the blocks are gathered
+    from the scaled ``G``, bordered by an identity that pads each block (one ``take`` from
+    ``bordered``, :func:`bordered_scaled` ``(G)``)."""
+    s, scaled = bordered
+    free = ~active
+    sizes = free.sum(dim=1)
+    m = active.shape[1]
+    one_group = m <= _ONE_GROUP_MAX_M
+    order = None if one_group else torch.argsort(sizes)
+    # Each row's free columns first, in increasing order (a stable sort of ``active``).
+    columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)
+    padding = torch.arange(m, 2 * m, device=active.device)
+    if one_group:
+        width = int(sizes.amax())
+        if width == 0:
+            return []
+        group = torch.arange(active.shape[0], device=active.device).unsqueeze(1)
+        return [_compacted_group(group, columns[:, :width], free, padding, s, scaled)]
     sorted_sizes = sizes[order].tolist()
     groups = []
     start = 0
@@ -366,14 +485,22 @@ def _compacted_factors(
         stop = start
         while stop < len(sorted_sizes) and sorted_sizes[stop] <= width:
             stop += 1
-        width = sorted_sizes[stop - 1]
         group = order[start:stop].unsqueeze(1)
-        cols = columns[group.squeeze(1), :width]
-        mask = free[group, cols]  # False on the padding
-        index = torch.where(mask, cols, padding[:width])
-        L, _ = torch.linalg.cholesky_ex(
-            torch.take(bordered, index.unsqueeze(2) * 2 * m + index.unsqueeze(1))
-        )
-        groups.append((group, cols, mask, (L, torch.where(mask, s[cols], 1.0))))
+        cols = columns[group.squeeze(1), : sorted_sizes[stop - 1]]
+        groups.append(_compacted_group(group, cols, free, padding, s, scaled))
         start = stop
     return groups
+
+
+def _compacted_group(
+    group: Tensor, cols: Tensor, free: Tensor, padding: Tensor, s: Tensor, scaled: Tensor
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """The Cholesky factors of the compacted blocks of the rows ``group`` (``[g, 1]``), whose
+    free columns come first in ``cols`` (``[g, width]``), padded by the identity."""
+    m = free.shape[1]
+    mask = free[group, cols]  # False on the padding
+    index = torch.where(mask, cols, padding[: cols.shape[1]])
+    L, _ = torch.linalg.cholesky_ex(
+        torch.take(scaled, index.unsqueeze(2) * 2 * m + index.unsqueeze(1))
+    )
+    return group, cols, mask, (L, torch.where(mask, s[cols], 1.0))
