@@ -19,6 +19,15 @@ def mlp() -> nn.Sequential:
 def test_upper_output_gradients_are_freed_before_the_lower_ones_are_computed():
     model = mlp()
     engine = Engine(model, batch_dim=0)
+    x = torch.randn(5, 3)
+    assert _upper_alive_at_lower(model, lambda: engine.compute_gramian(model(x).squeeze(1))) == [
+        False
+    ]
+
+
+def _upper_alive_at_lower(model: nn.Sequential, step) -> list[bool]:
+    """Whether the gradient w.r.t. the output of ``model[4]`` (the upper layer) is still alive when
+    each gradient w.r.t. the output of ``model[0]`` is computed, during ``step()``."""
     # forward hooks registered after the engine's: their tensor hooks run after the engine's
     upper: list[weakref.ref] = []
     alive_at_lower: list[bool] = []
@@ -29,11 +38,13 @@ def test_upper_output_gradients_are_freed_before_the_lower_ones_are_computed():
     def on_lower(module, inputs, out):
         out.register_hook(lambda g: alive_at_lower.append(upper[0]() is not None))
 
-    model[4].register_forward_hook(on_upper)
-    model[0].register_forward_hook(on_lower)
-    losses = model(torch.randn(5, 3)).squeeze(1)
-    engine.compute_gramian(losses)
-    assert alive_at_lower == [False]
+    handles = [model[4].register_forward_hook(on_upper), model[0].register_forward_hook(on_lower)]
+    try:
+        step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return alive_at_lower
 
 
 def test_hooks_after_the_engines_see_the_real_gradients():
@@ -109,3 +120,33 @@ def test_upper_attention_layer_streams_and_stays_exact(monkeypatch):
     assert_gramian_exact([model], lambda: model(x).squeeze(1), 0)
     assert layers[1].self_attn in streams[0].done
     assert layers[0].self_attn not in streams[0].done  # its input projection is the lowest
+
+
+def test_rules_stream_under_a_budget_and_the_budget_goes_to_the_upper_layers():
+    # With max_kept_bytes > 0, the rules still run during the Gramian's backward pass: the upper
+    # layer's output gradients (not kept) are freed before the lower layer's are computed; the
+    # budget goes to the layers as the pass reaches them.
+    model = mlp().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    # model[4] keeps its per-sample gradients [5, 2] and output sums [5, 1] (120 bytes), model[2]
+    # its output gradients [1, 5, 2] (80 bytes): in the order of the calls, a budget of 120 would
+    # go to model[2]
+    for budget, kept_top in [(1, False), (120, True)]:
+        reached: set[int] = set()
+        handles = [p.register_hook(_marker(reached, p)) for p in model.parameters()]
+        with Engine(model, batch_dim=0) as engine:
+            losses = lambda: model(x).squeeze(1)  # noqa: E731
+            step = lambda: engine.backward(losses(), UPGradWeighting(), max_kept_bytes=budget)  # noqa: B023, E731
+            alive_at_lower = _upper_alive_at_lower(model, step)
+        for handle in handles:
+            handle.remove()
+        if not kept_top:  # (model[0]'s hook runs again in the second backward pass)
+            assert not alive_at_lower[0]
+        # the parameters of the layers not kept get their gradients from the second backward
+        second_pass = model[:3].parameters() if kept_top else model.parameters()
+        assert reached == {id(p) for p in second_pass}
+        model.zero_grad(set_to_none=True)
+
+
+def _marker(reached: set[int], param: Tensor):
+    return lambda grad: reached.add(id(param))

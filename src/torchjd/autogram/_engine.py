@@ -234,7 +234,10 @@ class Engine:
         :param max_kept_bytes: The most memory that the output gradients kept from the Gramian
             pass to the weighted gradients may take (each layer's is about its output's size
             times the number of objectives per sample); the layers that do not fit go through
-            the second backward pass. None: no limit. 0: the two-pass step.
+            the second backward pass. With one objective per sample, the budget goes to the
+            layers as the Gramian's backward pass reaches them (the upper layers first), and the
+            output gradients of the others are freed as soon as their block is computed. None:
+            no limit. 0: the two-pass step.
         :returns: The weights :math:`w`, as returned by ``weighting``.
 
         Clears what the engine recorded during the forward pass, even when it raises.
@@ -318,8 +321,10 @@ class Engine:
         self, output: Tensor, kept_bytes: int | None = 0, fused: bool = False
     ) -> tuple[Tensor, dict[nn.Module, list[ModuleCall]], int | None, FusionPlan | None]:
         """The Gramian, the batch dimension, the calls whose output gradients are kept for
-        the fused step: those of modules whose rule has ``weighted_gradients``, in order, while
-        their total size stays within ``kept_bytes`` (None: no limit) (the others' are released
+        the fused step: those of modules whose rule has ``weighted_gradients``, in the order in
+        which the rules run (the streamed ones during the backward pass, from the top, then the
+        others in the order of the calls), while their total size stays within ``kept_bytes``
+        (None: no limit) (the others' are released
         as soon as their block is computed), and for the fused step, its plan.
 
         The graph is kept, except for a fused step that needs no second backward pass (every
@@ -329,7 +334,7 @@ class Engine:
 
         With one objective per sample, the rules that need only the recorded tensors run during
         the backward pass, as soon as their module's output gradients exist (see
-        ``_streaming.py``), unless a budget ``kept_bytes`` > 0 applies."""
+        ``_streaming.py``)."""
         if not isinstance(output, Tensor):
             raise TypeError(f"Expected `output` to be a Tensor, got {type(output).__name__}.")
         batch_dim = self._normalized_batch_dim(output)
@@ -374,7 +379,7 @@ class Engine:
             else:
                 _release(module_calls)
 
-        streamed = self._streamed(calls, R, kept_bytes) if output.grad_fn is not None else {}
+        streamed = self._streamed(calls, R) if output.grad_fn is not None else {}
         requested = self._requested_edges(output, calls, streamed)
         if streamed:
             self._stream = GramianStream(streamed, requested[1], run_rule)
@@ -400,12 +405,12 @@ class Engine:
         return _to_row_major(G.to(output.dtype), shape, batch_dim), kept, batch_dim, plan
 
     def _streamed(
-        self, calls: dict[nn.Module, list[ModuleCall]], R: int, kept_bytes: int | None
+        self, calls: dict[nn.Module, list[ModuleCall]], R: int
     ) -> dict[nn.Module, list[ModuleCall]]:
         """The modules whose rule runs during the backward pass (see ``_streaming.py``): one
-        objective per sample, no budget to share in order, a rule that needs only the recorded
-        tensors, every call's outputs hooked."""
-        if R != 1 or kept_bytes not in (None, 0) or self._exchange_calls is not None:
+        objective per sample, a rule that needs only the recorded tensors, every call's outputs
+        hooked. A budget ``kept_bytes`` goes to the streamed rules first, as they run."""
+        if R != 1 or self._exchange_calls is not None:
             return {}
         streamed = {}
         for module, module_calls in calls.items():

@@ -238,11 +238,16 @@ def _weight_gramian(
         G = Gamma.new_zeros(B * R, B * R)
         for start in range(0, d_out, step):
             block = Gamma[..., start : start + step]
-            if R == 1:
+            if P == 1 and R == 1:  # 3-d operands: no copy of the transposed inputs
+                J = torch.bmm(X[0].mT, block[0, :, 0]).reshape(1, B, -1)
+            elif R == 1:
                 J = (X.mT @ block[:, :, 0]).reshape(P, B, -1)
             else:
                 J = (X.unsqueeze(2).mT @ block).reshape(P, B * R, -1)
-            G += J[0] @ J[0].T if P == 1 else (J @ J.mT).sum(dim=0)
+            if P == 1:
+                G.addmm_(J[0], J[0].T)
+            else:
+                G += (J @ J.mT).sum(dim=0)
         return G, (J if keep_jacobian else None)
     # K: x_it · x_ju, L: γ_irt · γ_jsu, for the samples i of a block against all samples j.
     X_all = X.flatten(1, 2)  # [P, B T, d_in]
