@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from tests.autogram._helpers import assert_gramian_exact
+from tests.autogram.test_fused import assert_fused_exact, leaves_of
 from torchjd.aggregation import UPGradWeighting
 from torchjd.autogram import Engine, _streaming
 
@@ -109,14 +110,7 @@ def test_upper_attention_layer_streams_and_stays_exact(monkeypatch):
     ]
     model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 8, 1)).double()
     x = torch.randn(3, 4, 8, dtype=torch.float64)
-    streams: list[_streaming.GramianStream] = []
-    init = _streaming.GramianStream.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        streams.append(self)
-
-    monkeypatch.setattr(_streaming.GramianStream, "__init__", spy)
+    streams = _spy_streams(monkeypatch)
     assert_gramian_exact([model], lambda: model(x).squeeze(1), 0)
     assert layers[1].self_attn in streams[0].done
     assert layers[0].self_attn not in streams[0].done  # its input projection is the lowest
@@ -150,3 +144,74 @@ def test_rules_stream_under_a_budget_and_the_budget_goes_to_the_upper_layers():
 
 def _marker(reached: set[int], param: Tensor):
     return lambda grad: reached.add(id(param))
+
+
+def _two_objectives(model: nn.Sequential, x: Tensor) -> Tensor:
+    """``[B, 2]``: two objectives per sample."""
+    y = model(x)
+    return torch.cat([y, y.pow(2)], dim=1)
+
+
+def test_several_objectives_per_sample_stream_too():
+    # The backward pass is vectorised over the objectives; the hooks take every objective's
+    # gradients at once, and the upper layer's are freed before the lower layer's are computed.
+    model = mlp()
+    engine = Engine(model, batch_dim=0)
+    x = torch.randn(5, 3)
+    step = lambda: engine.compute_gramian(_two_objectives(model, x))  # noqa: E731
+    assert _upper_alive_at_lower(model, step) == [False]
+
+
+def test_several_objectives_per_sample_stream_exactly(monkeypatch):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(4 * 8, 3)).double()
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    streams = _spy_streams(monkeypatch)
+    assert_gramian_exact([model], lambda: model(x).pow(2), 0)
+    assert {layer.linear1, layer.linear2, layer.norm1, layer.norm2} <= streams[0].done
+
+
+class _Unbatchable(torch.autograd.Function):
+    """The identity, whose backward pass refuses to be vectorised (as an operation without a
+    batching rule does)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        if torch._C._functorch.is_legacy_batchedtensor(grad):
+            raise RuntimeError("no batching rule")
+        return grad
+
+
+def test_several_objectives_when_the_vectorised_pass_fails(monkeypatch):
+    # The rules of the upper layers ran before the pass failed: their work is undone, and the
+    # pass runs again, one objective at a time, without the stream.
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 1)
+    ).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    streams = _spy_streams(monkeypatch)
+
+    def forward() -> Tensor:
+        h = _Unbatchable.apply(model[:2](x))
+        return _two_objectives(model[2:], h)
+
+    assert_gramian_exact([model], forward, 0)
+    assert streams[0].done >= {model[4], model[3]}  # they had run: undone
+    assert_fused_exact([model], forward, 0, leaves_of([model]), max_kept_bytes=200)
+
+
+def _spy_streams(monkeypatch) -> list[_streaming.GramianStream]:
+    streams: list[_streaming.GramianStream] = []
+    init = _streaming.GramianStream.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        streams.append(self)
+
+    monkeypatch.setattr(_streaming.GramianStream, "__init__", spy)
+    return streams
