@@ -240,10 +240,10 @@ class Engine:
         :param max_kept_bytes: The most memory that the output gradients kept from the Gramian
             pass to the weighted gradients may take (each layer's is about its output's size
             times the number of objectives per sample); the layers that do not fit go through
-            the second backward pass. With one objective per sample, the budget goes to the
-            layers as the Gramian's backward pass reaches them (the upper layers first), and the
-            output gradients of the others are freed as soon as their block is computed. None:
-            no limit. 0: the two-pass step.
+            the second backward pass. The budget goes to the layers as the Gramian's backward
+            pass reaches them (the upper layers first), and the output gradients of the others
+            are freed as soon as their block is computed. None: no limit. 0: the two-pass
+            step.
         :returns: The weights :math:`w`, as returned by ``weighting``.
 
         Clears what the engine recorded during the forward pass, even when it raises.
