@@ -151,7 +151,7 @@ def _weighted_rows(
     module: nn.Linear, J: Tensor, sums: Tensor | None, W: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
     weight_grad, bias_grad = weighted_jacobian(J, sums, W)
-    grads = [(module.weight, weight_grad.reshape(module.in_features, -1).T.contiguous())]
+    grads = [(module.weight, weight_grad.reshape(module.weight.shape))]
     if bias_grad is not None:
         grads.append((module.bias, bias_grad))
     return grads  # type: ignore[return-value]
@@ -206,7 +206,7 @@ def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> 
 def weight_gramian_and_jacobian(X: Tensor, Gamma: Tensor) -> tuple[Tensor, Tensor | None]:
     r""":func:`weight_gramian`, and the per-objective gradients (formed whole) when they are the
     cheaper path and :func:`keeps_jacobian` keeps them, else None: ``[P, B R, d_in d_out]``, each
-    row a transposed weight gradient :math:`X_i^\top \Gamma_{ir}`."""
+    row a weight gradient :math:`\Gamma_{ir}^\top X_i` (flattened)."""
     P, B, R, T, d_out = Gamma.shape
     size = Gamma.element_size()
     if per_objective_is_cheaper(B, R, T, X.shape[-1], d_out) and keeps_jacobian(
@@ -232,18 +232,15 @@ def _weight_gramian(
     X = X.to(Gamma.dtype)
     size = Gamma.element_size()
     if per_objective_is_cheaper(B, R, T, d_in, d_out):
-        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block, each formed
-        # transposed (X_i^T Γ_ir: the output features vary fastest, the faster product).
+        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block: one product
+        # per sample for all its objectives at once, [Γ_i1 ... Γ_iR]^T X_i.
         step = d_out if keep_jacobian else max(1, chunk_bytes // (P * B * R * d_in * size))
         G = Gamma.new_zeros(B * R, B * R)
+        inputs = X.reshape(P * B, T, d_in)
         for start in range(0, d_out, step):
-            block = Gamma[..., start : start + step]
-            if P == 1 and R == 1:  # 3-d operands: no copy of the transposed inputs
-                J = torch.bmm(X[0].mT, block[0, :, 0]).reshape(1, B, -1)
-            elif R == 1:
-                J = (X.mT @ block[:, :, 0]).reshape(P, B, -1)
-            else:
-                J = (X.unsqueeze(2).mT @ block).reshape(P, B * R, -1)
+            block = Gamma[..., start : start + step]  # [P, B, R, T, s]
+            grads = block.transpose(2, 3).reshape(P * B, T, -1)  # [P B, T, R s]
+            J = torch.bmm(grads.mT, inputs).reshape(P, B * R, -1)  # rows (i, r): [s, d_in]
             if P == 1:
                 G.addmm_(J[0], J[0].T)
             else:
