@@ -16,7 +16,9 @@ library differs), and the fused IWRM step of this library (``Engine.backward(los
 the Linear and convolution gradients formed from what the Gramian pass recorded, a second backward
 only for the other parameters; its phases are timed by a wrapper around the weighting). Models:
 an MLP 784-512-512-10 (batch 64 and 256), a CNN on 3x32x32 (batch 64), and a two-layer
-Transformer encoder (d_model 128, 4 heads, seq 32, batch 32).
+Transformer encoder (d_model 128, 4 heads, seq 32, batch 32). ``mlp64x4``, ``cnn64x4`` and
+``transformer32x4`` (named with ``--only``) have four objectives per sample (the cross-entropy for
+four shifted targets), so ``m = 4 B``.
 
 One torch thread by default: on a shared machine, thread hand-offs dominate otherwise; there,
 ``--clock cpu`` (the process's CPU time instead of the elapsed time) also steadies the figures.
