@@ -29,7 +29,7 @@ import os
 import sys
 import weakref
 
-from autogram_step import CONFIGS, run_worker, setup
+from autogram_step import CONFIGS, DEFAULT_CONFIGS, run_worker, setup
 
 PHASES = ("forward", "gramian", "weighting", "backward")
 MODES = (("IWRM", "iwrm"), ("fused", "fused"))
@@ -102,7 +102,7 @@ def worker(kind: str, batch: int, mode: str) -> dict:
         elif mode == "fused":
             engine.backward(losses, timed_weighting)
         else:
-            losses.backward(timed_weighting(engine.compute_gramian(losses)))
+            losses.backward(timed_weighting(engine.compute_gramian(losses)).reshape(losses.shape))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mark("backward")
@@ -126,7 +126,7 @@ def run(python: str, name: str, mode: str, extra_path: str = "") -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--only", nargs="*", default=DEFAULT_CONFIGS)
     parser.add_argument(
         "--reference-python", default=os.environ.get("TORCHJD_REFERENCE_PYTHON", "")
     )
@@ -142,7 +142,7 @@ def main() -> None:
         kind, batch, mode = args.worker
         print(json.dumps(worker(kind, int(batch), mode)))
         return
-    header = f"{'config':<14}{'step':<12}{'act KiB':>10}{'peak KiB':>10}{'extra':>9}{'/ act':>7}"
+    header = f"{'config':<16}{'step':<12}{'act KiB':>10}{'peak KiB':>10}{'extra':>9}{'/ act':>7}"
     header += "".join(f"{phase:>10}" for phase in ("fwd", "gram", "weight", "bwd+opt"))
     print(header)
     variants = [("ERM", sys.executable, "erm", "")]
@@ -164,7 +164,7 @@ def main() -> None:
             extra = result["peak"] - erm["peak"] if erm else float("nan")
             activations = erm["activations"] if erm else float("nan")
             print(
-                f"{name:<14}{label:<12}{result['activations']:>10.0f}{result['peak']:>10.0f}"
+                f"{name:<16}{label:<12}{result['activations']:>10.0f}{result['peak']:>10.0f}"
                 f"{extra:>9.0f}{extra / activations:>7.2f}"
                 + "".join(f"{result[phase]:>10.0f}" for phase in PHASES),
                 flush=True,

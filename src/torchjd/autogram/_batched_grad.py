@@ -8,12 +8,17 @@ import torch
 from torch import Tensor
 
 
+class NotVectorized(RuntimeError):
+    """The vectorised backward pass failed (an operation of the graph has no batching rule)."""
+
+
 def batched_grad(
     outputs: Sequence[Any],
     inputs: Sequence[Any],
     cotangents: Sequence[Tensor],
     *,
     retain_graph: bool = True,
+    vectorized_only: bool = False,
 ) -> tuple[Tensor | None, ...]:
     """Gradients of ``outputs`` w.r.t. ``inputs`` for each of the ``K`` cotangents.
 
@@ -25,7 +30,8 @@ def batched_grad(
     The graph is kept, except with ``retain_graph=False`` and one cotangent (``K = 1``): then the
     pass frees each node's saved tensors once it has run, as a plain backward pass does. With
     several, it is kept regardless (a vectorised pass that fails midway must leave the graph whole
-    for the passes one by one).
+    for the passes one by one). With ``vectorized_only``, a failed vectorised pass raises
+    :class:`NotVectorized` instead of running the passes one by one.
     """
     num = cotangents[0].shape[0]
     if num == 1:
@@ -48,8 +54,10 @@ def batched_grad(
                 allow_unused=True,
                 is_grads_batched=True,
             )
-    except RuntimeError:
-        pass  # an operation without a batching rule (e.g. some RNN kernels): one pass each
+    except RuntimeError as error:
+        # an operation without a batching rule (e.g. some RNN kernels): one pass each
+        if vectorized_only:
+            raise NotVectorized(str(error)) from error
     columns = [
         torch.autograd.grad(
             outputs, inputs, [c[k] for c in cotangents], retain_graph=True, allow_unused=True

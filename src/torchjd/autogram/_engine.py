@@ -13,12 +13,17 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
-from torchjd.autogram._batched_grad import batched_grad
+from torchjd.autogram._batched_grad import NotVectorized, batched_grad
 from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
 from torchjd.autogram._module_call import ModuleCall, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
-from torchjd.autogram._streaming import GramianStream, lowest_edges, register_grad_hooks
+from torchjd.autogram._streaming import (
+    GramianStream,
+    lowest_edges,
+    register_grad_hooks,
+    streams_several_objectives,
+)
 
 
 class Engine:
@@ -58,11 +63,12 @@ class Engine:
     come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
     re-runs of activation checkpointing).
 
-    With one objective per sample, the blocks of ``Linear`` layers, convolutions, ``Embedding``,
-    normalisation layers and ``MultiheadAttention`` are computed during the backward pass
-    itself, from hooks on the recorded outputs, as soon as their gradients are known, so that
-    each layer's output gradients are freed before the pass reaches the layers below (a hook of
-    yours registered on such an output after the engine's still receives the gradient).
+    The blocks of ``Linear`` layers, convolutions, ``Embedding``, normalisation layers and
+    ``MultiheadAttention`` are computed during the backward pass itself, from hooks on the
+    recorded outputs, as soon as their gradients are known, so that each layer's output
+    gradients are freed before the pass reaches the layers below (a hook of yours registered on
+    such an output after the engine's still receives the gradient). With several objectives per
+    sample, the pass is vectorised over them, and each hook receives all of them at once.
 
     For a linear model, the gradient of the output for sample :math:`i` is :math:`(x_i, 1)`, so
     :math:`G = X X^\top + 1`:
@@ -234,7 +240,10 @@ class Engine:
         :param max_kept_bytes: The most memory that the output gradients kept from the Gramian
             pass to the weighted gradients may take (each layer's is about its output's size
             times the number of objectives per sample); the layers that do not fit go through
-            the second backward pass. None: no limit. 0: the two-pass step.
+            the second backward pass. The budget goes to the layers as the Gramian's backward
+            pass reaches them (the upper layers first), and the output gradients of the others
+            are freed as soon as their block is computed. None: no limit. 0: the two-pass
+            step.
         :returns: The weights :math:`w`, as returned by ``weighting``.
 
         Clears what the engine recorded during the forward pass, even when it raises.
@@ -318,8 +327,10 @@ class Engine:
         self, output: Tensor, kept_bytes: int | None = 0, fused: bool = False
     ) -> tuple[Tensor, dict[nn.Module, list[ModuleCall]], int | None, FusionPlan | None]:
         """The Gramian, the batch dimension, the calls whose output gradients are kept for
-        the fused step: those of modules whose rule has ``weighted_gradients``, in order, while
-        their total size stays within ``kept_bytes`` (None: no limit) (the others' are released
+        the fused step: those of modules whose rule has ``weighted_gradients``, in the order in
+        which the rules run (the streamed ones during the backward pass, from the top, then the
+        others in the order of the calls), while their total size stays within ``kept_bytes``
+        (None: no limit) (the others' are released
         as soon as their block is computed), and for the fused step, its plan.
 
         The graph is kept, except for a fused step that needs no second backward pass (every
@@ -327,9 +338,8 @@ class Engine:
         one objective per sample: the backward pass then frees it as it goes, as a plain
         backward pass does, instead of holding the activations until ``output`` is dropped.
 
-        With one objective per sample, the rules that need only the recorded tensors run during
-        the backward pass, as soon as their module's output gradients exist (see
-        ``_streaming.py``), unless a budget ``kept_bytes`` > 0 applies."""
+        The rules that need only the recorded tensors run during the backward pass, as soon as
+        their module's output gradients exist (see ``_streaming.py``)."""
         if not isinstance(output, Tensor):
             raise TypeError(f"Expected `output` to be a Tensor, got {type(output).__name__}.")
         batch_dim = self._normalized_batch_dim(output)
@@ -374,17 +384,27 @@ class Engine:
             else:
                 _release(module_calls)
 
-        streamed = self._streamed(calls, R, kept_bytes) if output.grad_fn is not None else {}
-        requested = self._requested_edges(output, calls, streamed)
-        if streamed:
-            self._stream = GramianStream(streamed, requested[1], run_rule)
+        streamed = self._streamed(calls, R) if output.grad_fn is not None else {}
         cotangents = [_cotangents(output, batch_dim, R)]
         retain_graph = plan is None or not plan.complete
+        saved = {id(c): dict(c.saved) for cs in streamed.values() for c in cs}
         try:
-            grads = batched_grad([output], requested[0], cotangents, retain_graph=retain_graph)
-        finally:
-            stream, self._stream = self._stream, None
-        self._store_grads(calls, streamed, requested[1], iter(grads))
+            grads, stream, requested = self._gramian_pass(
+                output, calls, streamed, cotangents, retain_graph, run_rule
+            )
+        except NotVectorized:  # R > 1 and an operation without a batching rule: no stream
+            for module_calls in streamed.values():  # undo what the rules that ran did
+                for call in module_calls:
+                    call.saved = saved[id(call)]
+            blocks.clear()
+            kept.clear()
+            budget = kept_bytes
+            streamed = {}
+            grads, stream, requested = self._gramian_pass(
+                output, calls, streamed, cotangents, retain_graph, run_rule
+            )
+        del saved
+        self._store_grads(calls, streamed, requested, iter(grads))
         del grads  # the calls alone hold the output gradients, so that releasing them frees them
         self._check_all_calls_reached(calls, set() if stream is None else stream.reached)
         shape = output.shape
@@ -399,13 +419,42 @@ class Engine:
             G = G + blocks[module]
         return _to_row_major(G.to(output.dtype), shape, batch_dim), kept, batch_dim, plan
 
+    def _gramian_pass(
+        self,
+        output: Tensor,
+        calls: dict[nn.Module, list[ModuleCall]],
+        streamed: dict[nn.Module, list[ModuleCall]],
+        cotangents: list[Tensor],
+        retain_graph: bool,
+        run_rule: Callable[[nn.Module, list[ModuleCall]], None],
+    ) -> tuple[tuple[Tensor | None, ...], GramianStream | None, set[tuple[int, int]]]:
+        """The backward pass of the Gramian, with the ``streamed`` rules running during it: the
+        gradients it returns, its stream (None without streamed rules) and the keys of the lowest
+        streamed edges (see :meth:`_requested_edges`). With streamed rules and several objectives
+        per sample, raises ``NotVectorized`` when the vectorised pass fails."""
+        requested, lowest = self._requested_edges(output, calls, streamed)
+        R = cotangents[0].shape[0]
+        if streamed:
+            self._stream = GramianStream(streamed, lowest, run_rule, R)
+        try:
+            grads = batched_grad(
+                [output],
+                requested,
+                cotangents,
+                retain_graph=retain_graph,
+                vectorized_only=bool(streamed) and R > 1,
+            )
+        finally:
+            stream, self._stream = self._stream, None
+        return grads, stream, lowest
+
     def _streamed(
-        self, calls: dict[nn.Module, list[ModuleCall]], R: int, kept_bytes: int | None
+        self, calls: dict[nn.Module, list[ModuleCall]], R: int
     ) -> dict[nn.Module, list[ModuleCall]]:
         """The modules whose rule runs during the backward pass (see ``_streaming.py``): one
-        objective per sample, no budget to share in order, a rule that needs only the recorded
-        tensors, every call's outputs hooked."""
-        if R != 1 or kept_bytes not in (None, 0) or self._exchange_calls is not None:
+        objective per sample, a rule that needs only the recorded tensors, every call's outputs
+        hooked. A budget ``kept_bytes`` goes to the streamed rules first, as they run."""
+        if (R != 1 and not streams_several_objectives()) or self._exchange_calls is not None:
             return {}
         streamed = {}
         for module, module_calls in calls.items():

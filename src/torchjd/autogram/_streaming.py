@@ -3,11 +3,11 @@ r"""Rules run during the Gramian's backward pass, as soon as their module's outp
 A backward pass that returns the gradients w.r.t. every hooked call's output holds them all at
 its end: about the activations' size again, on top of the graph. Instead, the engine registers a
 hook on each recorded output (and on the nodes of the points inside a call whose gradients its
-rule wants); during the Gramian's backward pass (one objective per sample), the hook of a module
-whose rule needs nothing but the recorded tensors (its ``pure(module, calls)``) stores the
-gradient in the call, and once every output of every call of the module has its
-gradient, the rule gives the module's block :math:`J_\ell J_\ell^\top` and the gradients are
-released (or kept for the fused step), while the pass goes on to the layers below.
+rule wants); during the Gramian's backward pass, the hook of a module whose rule needs nothing
+but the recorded tensors (its ``pure(module, calls)``) stores the gradient in the call, and once
+every output of every call of the module has its gradient, the rule gives the module's block
+:math:`J_\ell J_\ell^\top` and the gradients are released (or kept for the fused step), while
+the pass goes on to the layers below.
 
 The backward pass is asked (``inputs=``) only for the gradients that it must return: those of the
 other calls, and of the lowest streamed outputs, with no other recorded output below them in the
@@ -16,12 +16,19 @@ output above a requested one lies on the way to it, so autograd computes its gra
 its hook. A lowest output is not on the way to any requested gradient: its hook hands autograd a
 stand-in (zero, expanded) to return in place of the gradient (unless other hooks of the tensor
 follow ours: they would receive the stand-in).
+
+With :math:`R > 1` objectives per sample, the pass is vectorised over the objectives (a
+``vmap`` of the backward pass): a hook receives one objective's gradient as a batched tensor, and
+takes the gradients of all :math:`R` objectives, ``[R, *shape]``, from the batched tensor's
+storage. If the vectorised pass fails (an operation without a batching rule), the engine undoes
+what the rules did and runs the pass again without the stream (see ``Engine._compute_gramian``).
 """
 
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -34,6 +41,7 @@ class GramianStream:
     :param modules: The calls of each module whose rule runs during the pass.
     :param lowest: The ``(call, output index)`` pairs whose gradients the pass returns.
     :param run: Runs the rule of a module (given its calls), once they all have their gradients.
+    :param R: The number of objectives per sample (of the vectorised pass when > 1).
     """
 
     def __init__(
@@ -41,9 +49,11 @@ class GramianStream:
         modules: dict[nn.Module, list[ModuleCall]],
         lowest: set[tuple[int, int]],
         run: Callable[[nn.Module, list[ModuleCall]], None],
+        R: int = 1,
     ) -> None:
         self.lowest = lowest
         self.run = run
+        self.R = R
         self.module_of = {id(call): module for module, calls in modules.items() for call in calls}
         self.missing = {
             module: sum(len(call.edges) + len(call.inner_edges) for call in calls)
@@ -65,16 +75,31 @@ class GramianStream:
         module = self.module_of.get(id(call))
         if module is None:
             return None
+        grads = grad.unsqueeze(0) if self.R == 1 else all_objectives(grad, self.R)
         if k < len(call.edges):
-            call.grad_outputs[k] = grad.unsqueeze(0)  # R = 1
+            call.grad_outputs[k] = grads
         else:
-            call.inner_grads[k - len(call.edges)] = grad.unsqueeze(0)
+            call.inner_grads[k - len(call.edges)] = grads
         self.reached.add(id(call))
         self.missing[module] -= 1
         if self.missing[module] == 0:
             self.run(module, self.calls[module])
             self.done.add(module)
         return shape_only(grad) if last and (id(call), k) in self.lowest else None
+
+
+def all_objectives(grad: Tensor, R: int) -> Tensor:
+    """The gradients ``[R, *shape]`` of every objective, from the gradient that a hook receives
+    during the backward pass vectorised over the ``R`` objectives (batched at the innermost
+    level of ``vmap``)."""
+    level = torch._C._vmapmode_increment_nesting()  # one above the current level
+    torch._C._vmapmode_decrement_nesting()
+    return torch._remove_batch_dim(grad, level - 1, R, 0)  # type: ignore[attr-defined]
+
+
+def streams_several_objectives() -> bool:
+    """Whether this torch lets the hooks take the gradients of every objective (see above)."""
+    return hasattr(torch, "_remove_batch_dim") and hasattr(torch._C, "_vmapmode_increment_nesting")
 
 
 def lowest_edges(root: Any, edges: Sequence[tuple[Any, Any]]) -> set[Any]:

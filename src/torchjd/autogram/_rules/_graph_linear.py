@@ -162,7 +162,7 @@ def graph_linear_weighted_gradients(
         if k in kept:
             flat, summed = weighted_jacobian(*kept[k], W)
             weight_grad, bias_grad = (
-                flat.reshape(-1, first.d_out).T.contiguous(),
+                flat.reshape(first.d_out, -1),
                 0 if summed is None else summed,
             )
         for call, found in zip(calls, linears, strict=True):

@@ -151,7 +151,7 @@ def _weighted_rows(
     module: nn.Linear, J: Tensor, sums: Tensor | None, W: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
     weight_grad, bias_grad = weighted_jacobian(J, sums, W)
-    grads = [(module.weight, weight_grad.reshape(module.in_features, -1).T.contiguous())]
+    grads = [(module.weight, weight_grad.reshape(module.weight.shape))]
     if bias_grad is not None:
         grads.append((module.bias, bias_grad))
     return grads  # type: ignore[return-value]
@@ -206,7 +206,7 @@ def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> 
 def weight_gramian_and_jacobian(X: Tensor, Gamma: Tensor) -> tuple[Tensor, Tensor | None]:
     r""":func:`weight_gramian`, and the per-objective gradients (formed whole) when they are the
     cheaper path and :func:`keeps_jacobian` keeps them, else None: ``[P, B R, d_in d_out]``, each
-    row a transposed weight gradient :math:`X_i^\top \Gamma_{ir}`."""
+    row a weight gradient :math:`\Gamma_{ir}^\top X_i` (flattened)."""
     P, B, R, T, d_out = Gamma.shape
     size = Gamma.element_size()
     if per_objective_is_cheaper(B, R, T, X.shape[-1], d_out) and keeps_jacobian(
@@ -232,17 +232,19 @@ def _weight_gramian(
     X = X.to(Gamma.dtype)
     size = Gamma.element_size()
     if per_objective_is_cheaper(B, R, T, d_in, d_out):
-        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block, each formed
-        # transposed (X_i^T Γ_ir: the output features vary fastest, the faster product).
+        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block: one product
+        # per sample for all its objectives at once, [Γ_i1 ... Γ_iR]^T X_i.
         step = d_out if keep_jacobian else max(1, chunk_bytes // (P * B * R * d_in * size))
         G = Gamma.new_zeros(B * R, B * R)
+        inputs = X.reshape(P * B, T, d_in)
         for start in range(0, d_out, step):
-            block = Gamma[..., start : start + step]
-            if R == 1:
-                J = (X.mT @ block[:, :, 0]).reshape(P, B, -1)
+            block = Gamma[..., start : start + step]  # [P, B, R, T, s]
+            grads = block.transpose(2, 3).reshape(P * B, T, -1)  # [P B, T, R s]
+            J = torch.bmm(grads.mT, inputs).reshape(P, B * R, -1)  # rows (i, r): [s, d_in]
+            if P == 1:
+                G.addmm_(J[0], J[0].T)
             else:
-                J = (X.unsqueeze(2).mT @ block).reshape(P, B * R, -1)
-            G += J[0] @ J[0].T if P == 1 else (J @ J.mT).sum(dim=0)
+                G += (J @ J.mT).sum(dim=0)
         return G, (J if keep_jacobian else None)
     # K: x_it · x_ju, L: γ_irt · γ_jsu, for the samples i of a block against all samples j.
     X_all = X.flatten(1, 2)  # [P, B T, d_in]
