@@ -53,51 +53,61 @@ def small_pivoting(
     (:func:`~torchjd.linalg._kkt.kkt_residual`) is at most ``tol``. Rows come back with
     ``v ≥ u`` exactly, in float64. None when ``G`` has a non-positive diagonal entry or is too
     ill-conditioned for ``H`` to be accurate (a pivot below :data:`_MIN_PIVOT`)."""
-    k, m = U.shape
-    problem = ScaledProblem(G, U, tol)
-    G, U, G_hat, U_hat = problem.G, problem.U, problem.G_hat, problem.U_hat
+    return scaled_small_pivoting(ScaledProblem(G, U, tol), active, max_steps)
+
+
+def scaled_small_pivoting(
+    problem: "ScaledProblem", active: Tensor, max_steps: int
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`small_pivoting` on a prepared problem. Two host synchronisations per step: whether
+    some index is infeasible and, if so, the count of rows done with the widths of the next
+    step's faces (read together)."""
+    G_hat, U_hat = problem.G_hat, problem.U_hat
+    k, m = U_hat.shape
     L, info = torch.linalg.cholesky_ex(G_hat)
-    # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation)
-    if not bool(L.diagonal().amin() >= _MIN_PIVOT) or bool(info):
-        return None
     faces = _Faces(G_hat, L)
-    primal_bound, dual_bound = problem.primal_bound, problem.dual_bound
+    # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation)
+    usable = (L.diagonal().amin() >= _MIN_PIVOT) & (info == 0)
+    usable, *widths = torch.stack([usable, *faces.widths(active)]).tolist()
+    if not usable:
+        return None
+    # z_j below its bound on the free set, (Ĝ z)_j below its bound on the active set: infeasible
+    # (a NaN passes, and fails the final check).
+    lower, dual_bound = U_hat - problem.primal_bound, problem.dual_bound
+    positions = torch.arange(1, m + 1, device=G_hat.device)
     rows = slice(None)  # the rows still in the batch, once some have left
     for step in range(max_steps):
-        Z, gradient = faces.solve(U_hat, active)
-        feasible = torch.where(active, gradient >= dual_bound, U_hat - Z <= primal_bound)
-        infeasible = ~feasible  # NaN counts as infeasible
+        Z, gradient = faces.solve(U_hat, active, widths)
+        infeasible = torch.where(active, gradient < dual_bound, torch.lt(Z, lower))
+        if step == max_steps - 1 or not bool(infeasible.any()):
+            break
         count = infeasible.sum(dim=1)
-        done = count == 0
         # The exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`: all infeasible
         # indices while their count falls below its best, else (after _FULL_EXCHANGES steps
         # without progress) only the largest.
         if step == 0:
             best, stalled = count, torch.zeros_like(count)
-            n_done, n_single = int(done.sum()), 0
         else:
             stalled = (stalled + 1) * (count >= best)
             best = torch.minimum(count, best)
-            n_done, n_single = torch.stack([done.sum(), (stalled > _FULL_EXCHANGES).sum()]).tolist()
-        if n_done == len(count) or step == max_steps - 1:
-            break
-        if n_single > 0:
-            positions = torch.arange(1, m + 1, device=G.device)
+        if step > _FULL_EXCHANGES:  # before, no row can have stalled that long
             largest = (infeasible * positions).amax(dim=1, keepdim=True)
             single = (stalled > _FULL_EXCHANGES).unsqueeze(1)
             infeasible = infeasible & (~single | (positions == largest))
         active = active ^ infeasible
+        done = count == 0
+        n_done, *widths = torch.stack([done.sum(), *faces.widths(active)]).tolist()
         # The rows done leave with their last face when they are half the batch (below
-        # _COMPACT_MIN_M, a batch costs about the same whatever its size).
+        # _COMPACT_MIN_M, a batch costs about the same whatever its size); the widths of the
+        # others are at most those computed on all.
         if 2 * n_done >= len(count) and m > _COMPACT_MIN_M:
             if isinstance(rows, slice):
-                rows, Z_all = torch.arange(k, device=G.device), torch.empty_like(U)
+                rows, Z_all = torch.arange(k, device=G_hat.device), torch.empty_like(U_hat)
             Z_all[rows] = Z
             keep = (~done).nonzero().squeeze(1)
-            rows, active, U_hat, best, stalled = (
-                t[keep] for t in (rows, active, U_hat, best, stalled)
+            rows, active, U_hat, lower, dual_bound, best, stalled = (
+                t[keep] for t in (rows, active, U_hat, lower, dual_bound, best, stalled)
             )
-            primal_bound, dual_bound = primal_bound[keep], dual_bound[keep]
     if isinstance(rows, slice):
         Z_all = Z
     else:
@@ -129,11 +139,34 @@ class ScaledProblem:
         bound = (_PRIMAL_THRESHOLD * tol) * self.u_scale
         self.primal_bound, self.dual_bound = bound / self.s, bound * -self.c
 
+    @classmethod
+    def unit_rows(cls, G: Tensor, tol: float) -> "ScaledProblem":
+        """The ``m`` problems ``u = e_i`` on a float64 ``G`` (UPGrad's, up to their scale ``p_i``:
+        ``v(p_i e_i) = p_i v(e_i)``): ``max|u| = 1``, ``û = diag(√G_jj)``, and fewer operations
+        than the general case."""
+        problem = cls.__new__(cls)
+        problem.G, problem.U, problem.tol, problem.u_scale = G, None, tol, None
+        diagonal = G.diagonal()
+        root = diagonal.sqrt()
+        problem.s = root.reciprocal()
+        problem.G_hat = problem.s.unsqueeze(1) * G * problem.s
+        problem.U_hat = torch.diag(root)
+        problem.c = diagonal.amax().sqrt()
+        problem.primal_bound = (_PRIMAL_THRESHOLD * tol) * root
+        problem.dual_bound = (-_PRIMAL_THRESHOLD * tol * problem.c).expand(G.shape[0], 1)
+        return problem
+
     def solution(self, Z: Tensor) -> tuple[Tensor, Tensor]:
         """The rows ``v = S z`` (clamped to ``v ≥ u``) and which are solved: their KKT residual on
         ``G`` (as :func:`~torchjd.linalg._kkt.kkt_residual` measures it) is at most ``tol``. A
         face solution whose gradient does not vanish on its free set (rounding on an
         ill-conditioned face) fails the complementarity term."""
+        if self.U is None:  # unit rows, in the scaled variables: (G v)_j s_j = (Ĝ z)_j
+            Z = torch.maximum(Z, self.U_hat)
+            gradient = Z @ self.G_hat
+            excess = (Z - self.U_hat) * self.s
+            residual = torch.maximum(-gradient, gradient.abs() * excess)
+            return self.s * Z, residual.amax(dim=1) <= self.tol * self.c
         X = torch.maximum(self.s * Z, self.U)
         relative_gradient = (X @ self.G) * (self.s / self.c) / self.u_scale
         excess = (X - self.U) / self.u_scale
@@ -170,23 +203,31 @@ class _Faces:
     def mixed_blocks(self) -> Tensor:
         return torch.block_diag(self.H, self.G_hat, _eye(self.H))
 
-    def solve(self, U_hat: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
-        """The face solutions ``z`` of the rows and their gradients ``Ĝ z`` (for the dual side,
-        the multipliers ``μ``: ``Ĝ z = μ`` up to rounding, which the caller's final check on
-        ``G`` bounds)."""
+    def widths(self, active: Tensor) -> list[Tensor]:
+        """The widths that :meth:`solve` needs (0-d tensors, read on the host together with other
+        numbers): the most active and the most free indices of a row and, from
+        :data:`_MIXED_MIN_M` on, the widest of the rows' smaller sides."""
         m = self.m
-        n_active = active.sum(dim=1, keepdim=True)
+        n_active = active.sum(dim=1)
         low, high = torch.aminmax(n_active)
         widths = [high, m - low]
-        if m >= _MIXED_MIN_M:  # the widest of the rows' smaller sides
+        if m >= _MIXED_MIN_M:
             widths.append(torch.minimum(n_active, m - n_active).amax())
-        most_active, most_free, *narrowest = torch.stack(widths).tolist()
+        return widths
+
+    def solve(self, U_hat: Tensor, active: Tensor, widths: list[int]) -> tuple[Tensor, Tensor]:
+        """The face solutions ``z`` of the rows and their gradients ``Ĝ z`` (for the dual side,
+        the multipliers ``μ``: ``Ĝ z = μ`` up to rounding, which the caller's final check on
+        ``G`` bounds), given :meth:`widths` (or upper bounds on them)."""
+        m = self.m
+        most_active, most_free, *narrowest = widths
         width = min(most_active, most_free)
         U_active = U_hat * active
         if width == 0:  # no active index in any row (then z = 0), or no free index (z = û)
             return U_active, U_active @ self.G_hat
         if narrowest and narrowest[0] < _MIXED_GAIN * width:
-            return self._mixed(U_hat, active, U_active, 2 * n_active <= m, narrowest[0])
+            dual = 2 * active.sum(dim=1, keepdim=True) <= m
+            return self._mixed(U_hat, active, U_active, dual, narrowest[0])
         dual = most_active <= most_free
         side = active if dual else ~active
         blocks = self.dual_blocks if dual else self.primal_blocks
@@ -218,7 +259,9 @@ class _Faces:
         offset = (
             index if isinstance(dual, int) else torch.where(dual & (index < m), index, index + m)
         )
-        factor, _ = torch.linalg.cholesky_ex(blocks[offset.unsqueeze(2), offset.unsqueeze(1)])
+        # (a flat take is cheaper than two-dimensional indexing)
+        flat = offset.unsqueeze(2) * blocks.shape[1] + offset.unsqueeze(1)
+        factor, _ = torch.linalg.cholesky_ex(blocks.take(flat))
         b = torch.nn.functional.pad(rhs, (0, m)).gather(1, index)
         x = cholesky_solve(factor, b)
         return rhs.new_zeros(rhs.shape[0], 2 * m).scatter_(1, index, x)[:, :m]

@@ -41,9 +41,13 @@ def tableau_pivoting(G: Tensor, U: Tensor, tol: float, max_steps: int) -> tuple[
     docstring), and which rows are solved: their KKT residual on ``G``
     (:func:`~torchjd.linalg._kkt.kkt_residual`) is at most ``tol``. Rows come back with ``v ≥ u``
     exactly. ``G`` must have a positive diagonal (else no row is solved)."""
-    k, m = U.shape
-    problem = ScaledProblem(G, U, tol)
+    return scaled_tableau_pivoting(ScaledProblem(G, U, tol), max_steps)
+
+
+def scaled_tableau_pivoting(problem: ScaledProblem, max_steps: int) -> tuple[Tensor, Tensor]:
+    """:func:`tableau_pivoting` on a prepared problem."""
     G_hat, U_hat = problem.G_hat, problem.U_hat
+    k, m = U_hat.shape
     q = U_hat @ G_hat
     # The transform on F = {q ≤ 0}, from the masked full-size system [Ĝ_FF, 0; 0, I].
     free = q <= 0
