@@ -127,8 +127,9 @@ class TorchProjector(DualConeProjector):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(norm_eps={self.norm_eps!r}, reg_eps={self.reg_eps!r})"
 
-    def _summed_projections(self, p: Tensor, G: Tensor) -> Tensor:
-        """``self(torch.diag(p), G).sum(dim=0)`` for a preference ``p ≥ 0`` (UPGrad's weights).
+    def _summed_projections(self, p: Tensor | None, G: Tensor) -> Tensor:
+        """``self(torch.diag(p), G).sum(dim=0)`` for a preference ``p ≥ 0`` (UPGrad's weights;
+        None: the mean, ``p = 1 / m``).
 
         In the default mode up to ``m = 64`` (float32 and float64), the ``m`` problems are
         solved as those of the unit vectors, ``v(p_i e_i) = p_i v(e_i)``, with fewer operations
@@ -142,6 +143,8 @@ class TorchProjector(DualConeProjector):
             or type(self).__call__ not in _SUMMABLE
             or getattr(self, "backend", "torch") != "torch"
         ):
+            if p is None:
+                p = torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
             return self(torch.diag(p), G).sum(dim=0)
         G = normalized(G, self.norm_eps)  # a new tensor: regularised in place
         G.diagonal().add_(self.reg_eps)
@@ -152,7 +155,8 @@ class TorchProjector(DualConeProjector):
             rows = (~solved).nonzero().squeeze(1)
             eye = torch.eye(m, dtype=G.dtype, device=G.device)
             X[rows] = _solve(G, eye[rows], tol, _MAX_ITERS, False).to(X.dtype)
-        return (p.to(X.dtype) @ X).to(G.dtype)
+        weights = X.sum(dim=0) / m if p is None else p.to(X.dtype) @ X
+        return weights.to(G.dtype)
 
 
 class QuadprogProjector(TorchProjector):

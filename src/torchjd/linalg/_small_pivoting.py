@@ -43,6 +43,9 @@ _COMPACT_MIN_M = 16  # beyond, the rows done leave the batch once they are half 
 # more than the few operations it adds).
 _MIXED_MIN_M = 33
 _MIXED_GAIN = 0.9
+# Up to this width, the blocks are solved by one batched LU solve (fewer operations than a
+# Cholesky factorisation and two triangular solves, and as fast); beyond, by Cholesky.
+_LU_MAX_WIDTH = 12
 
 
 def small_pivoting(
@@ -74,7 +77,6 @@ def scaled_small_pivoting(
     # z_j below its bound on the free set, (Ĝ z)_j below its bound on the active set: infeasible
     # (a NaN passes, and fails the final check).
     lower, dual_bound = U_hat - problem.primal_bound, problem.dual_bound
-    positions = torch.arange(1, m + 1, device=G_hat.device)
     rows = slice(None)  # the rows still in the batch, once some have left
     for step in range(max_steps):
         Z, gradient = faces.solve(U_hat, active, widths)
@@ -86,11 +88,12 @@ def scaled_small_pivoting(
         # indices while their count falls below its best, else (after _FULL_EXCHANGES steps
         # without progress) only the largest.
         if step == 0:
-            best, stalled = count, torch.zeros_like(count)
-        else:
-            stalled = (stalled + 1) * (count >= best)
+            best, stalled = count, None
+        else:  # (a bool tensor after the first step, where no row has stalled before)
+            stalled = count >= best if stalled is None else (stalled + 1) * (count >= best)
             best = torch.minimum(count, best)
         if step > _FULL_EXCHANGES:  # before, no row can have stalled that long
+            positions = torch.arange(1, m + 1, device=G_hat.device)
             largest = (infeasible * positions).amax(dim=1, keepdim=True)
             single = (stalled > _FULL_EXCHANGES).unsqueeze(1)
             infeasible = infeasible & (~single | (positions == largest))
@@ -105,9 +108,10 @@ def scaled_small_pivoting(
                 rows, Z_all = torch.arange(k, device=G_hat.device), torch.empty_like(U_hat)
             Z_all[rows] = Z
             keep = (~done).nonzero().squeeze(1)
-            rows, active, U_hat, lower, dual_bound, best, stalled = (
-                t[keep] for t in (rows, active, U_hat, lower, dual_bound, best, stalled)
+            rows, active, U_hat, lower, dual_bound, best = (
+                t[keep] for t in (rows, active, U_hat, lower, dual_bound, best)
             )
+            stalled = None if stalled is None else stalled[keep]
     if isinstance(rows, slice):
         Z_all = Z
     else:
@@ -147,9 +151,10 @@ class ScaledProblem:
         problem = cls.__new__(cls)
         problem.G, problem.U, problem.tol, problem.u_scale = G, None, tol, None
         diagonal = G.diagonal()
-        root = diagonal.sqrt()
-        problem.s = root.reciprocal()
-        problem.G_hat = problem.s.unsqueeze(1) * G * problem.s
+        # S⁻¹ = diag(√G_jj): v = z / √G_jj, so that v_i ≥ 1 exactly where z_i ≥ û_i = √G_ii
+        # (division is monotonic).
+        problem.root = root = diagonal.sqrt()
+        problem.G_hat = G / (root.unsqueeze(1) * root)
         problem.U_hat = torch.diag(root)
         problem.c = diagonal.amax().sqrt()
         problem.primal_bound = (_PRIMAL_THRESHOLD * tol) * root
@@ -164,9 +169,9 @@ class ScaledProblem:
         if self.U is None:  # unit rows, in the scaled variables: (G v)_j s_j = (Ĝ z)_j
             Z = torch.maximum(Z, self.U_hat)
             gradient = Z @ self.G_hat
-            excess = (Z - self.U_hat) * self.s
+            excess = (Z - self.U_hat) / self.root
             residual = torch.maximum(-gradient, gradient.abs() * excess)
-            return self.s * Z, residual.amax(dim=1) <= self.tol * self.c
+            return Z / self.root, residual.amax(dim=1) <= self.tol * self.c
         X = torch.maximum(self.s * Z, self.U)
         relative_gradient = (X @ self.G) * (self.s / self.c) / self.u_scale
         excess = (X - self.U) / self.u_scale
@@ -185,7 +190,6 @@ class _Faces:
     def __init__(self, G_hat: Tensor, L: Tensor) -> None:
         m = G_hat.shape[0]
         self.G_hat, self.L, self.m = G_hat, L, m
-        self.padding = torch.arange(m, 2 * m, device=G_hat.device)
 
     @cached_property
     def H(self) -> Tensor:
@@ -204,13 +208,13 @@ class _Faces:
         return torch.block_diag(self.H, self.G_hat, _eye(self.H))
 
     def widths(self, active: Tensor) -> list[Tensor]:
-        """The widths that :meth:`solve` needs (0-d tensors, read on the host together with other
-        numbers): the most active and the most free indices of a row and, from
+        """What :meth:`solve` needs to know of the faces (0-d tensors, read on the host together
+        with other numbers): the most and the fewest active indices of a row and, from
         :data:`_MIXED_MIN_M` on, the widest of the rows' smaller sides."""
         m = self.m
         n_active = active.sum(dim=1)
         low, high = torch.aminmax(n_active)
-        widths = [high, m - low]
+        widths = [high, low]  # the caller's solve takes m − low
         if m >= _MIXED_MIN_M:
             widths.append(torch.minimum(n_active, m - n_active).amax())
         return widths
@@ -220,22 +224,21 @@ class _Faces:
         the multipliers ``μ``: ``Ĝ z = μ`` up to rounding, which the caller's final check on
         ``G`` bounds), given :meth:`widths` (or upper bounds on them)."""
         m = self.m
-        most_active, most_free, *narrowest = widths
+        most_active, fewest_active, *narrowest = widths
+        most_free = m - fewest_active
         width = min(most_active, most_free)
-        U_active = U_hat * active
         if width == 0:  # no active index in any row (then z = 0), or no free index (z = û)
+            U_active = U_hat * active
             return U_active, U_active @ self.G_hat
         if narrowest and narrowest[0] < _MIXED_GAIN * width:
             dual = 2 * active.sum(dim=1, keepdim=True) <= m
-            return self._mixed(U_hat, active, U_active, dual, narrowest[0])
-        dual = most_active <= most_free
-        side = active if dual else ~active
-        blocks = self.dual_blocks if dual else self.primal_blocks
-        rhs = U_hat if dual else (U_active @ self.G_hat).neg_()
-        solution = self._solve_blocks(blocks, side, rhs, width, 0)
-        if dual:  # μ on A: z = H μ, and z_A = û_A exactly
+            return self._mixed(U_hat, active, U_hat * active, dual, narrowest[0])
+        if most_active <= most_free:  # dual: μ on A, z = H μ, and z_A = û_A exactly
+            solution = self._solve_blocks(self.dual_blocks, active, U_hat, width, 0)
             return torch.where(active, U_hat, solution @ self.H), solution
-        Z = U_active + solution
+        U_active = U_hat * active
+        rhs = (U_active @ self.G_hat).neg_()
+        Z = U_active + self._solve_blocks(self.primal_blocks, ~active, rhs, width, 0)
         return Z, Z @ self.G_hat
 
     def _mixed(
@@ -254,16 +257,20 @@ class _Faces:
         ``B_SS`` of ``blocks`` padded by its trailing identity; with a ``dual`` mask, the rows
         where it is False take their blocks ``m`` further (``Ĝ`` in ``diag(H, Ĝ, I)``)."""
         m = self.m
-        index = torch.topk(side.to(rhs.dtype), width, dim=1, sorted=False).indices
-        index = torch.where(side.gather(1, index), index, self.padding[:width])
+        # The side's indices, then padding ones (m and beyond): scores 1 and 1/2.
+        scores = torch.nn.functional.pad(side.to(rhs.dtype), (0, m), value=0.5)
+        index = torch.topk(scores, width, dim=1, sorted=False).indices
         offset = (
             index if isinstance(dual, int) else torch.where(dual & (index < m), index, index + m)
         )
         # (a flat take is cheaper than two-dimensional indexing)
         flat = offset.unsqueeze(2) * blocks.shape[1] + offset.unsqueeze(1)
-        factor, _ = torch.linalg.cholesky_ex(blocks.take(flat))
+        B = blocks.take(flat)
         b = torch.nn.functional.pad(rhs, (0, m)).gather(1, index)
-        x = cholesky_solve(factor, b)
+        if width <= _LU_MAX_WIDTH:  # one operation
+            x = torch.linalg.solve_ex(B, b)[0]
+        else:
+            x = cholesky_solve(torch.linalg.cholesky_ex(B)[0], b)
         return rhs.new_zeros(rhs.shape[0], 2 * m).scatter_(1, index, x)[:, :m]
 
 
