@@ -72,8 +72,8 @@ def scaled_tableau_pivoting(problem: ScaledProblem, max_steps: int) -> tuple[Ten
         # Each row's most negative basic variable beyond its bound (Bard's rule), if any (a NaN
         # row pivots on nothing, and fails the final check).
         excess = q - torch.where(free, primal_bound, dual_bound)
-        pivot = excess.argmin(dim=1, keepdim=True)
-        pivoting = excess.gather(1, pivot) < 0
+        least, pivot = excess.min(dim=1, keepdim=True)
+        pivoting = least < 0
         if not bool(pivoting.any()):
             break
         column, row = M[batch, :, pivot.squeeze(1)], M[batch, pivot.squeeze(1), :]
@@ -82,7 +82,7 @@ def scaled_tableau_pivoting(problem: ScaledProblem, max_steps: int) -> tuple[Ten
         # M − c (M_{j:} − e_j)ᵀ with c = (M_{:j} + e_j) / p is the transform, M'_jj included;
         # c = 0 in the rows that do not pivot.
         c = (column + e_float) / torch.where(pivoting, column.gather(1, pivot), torch.inf)
-        M = M - c.unsqueeze(2) * (row - e_float).unsqueeze(1)
-        q = q - c * q.gather(1, pivot)
+        M = torch.baddbmm(M, c.unsqueeze(2), (row - e_float).unsqueeze(1), alpha=-1)
+        q = torch.addcmul(q, c, q.gather(1, pivot), value=-1)
         free = free ^ e
     return problem.solution(U_hat + torch.where(free, q, 0.0))
