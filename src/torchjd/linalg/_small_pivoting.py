@@ -258,15 +258,13 @@ class _Faces:
         where it is False take their blocks ``m`` further (``Ĝ`` in ``diag(H, Ĝ, I)``)."""
         m = self.m
         # The side's indices, then padding ones (m and beyond): scores 1 and 1/2.
-        scores = torch.nn.functional.pad(side.to(rhs.dtype), (0, m), value=0.5)
+        scores = torch.constant_pad_nd(side.to(rhs.dtype), (0, m), 0.5)
         index = torch.topk(scores, width, dim=1, sorted=False).indices
         offset = (
             index if isinstance(dual, int) else torch.where(dual & (index < m), index, index + m)
         )
-        # (a flat take is cheaper than two-dimensional indexing)
-        flat = offset.unsqueeze(2) * blocks.shape[1] + offset.unsqueeze(1)
-        B = blocks.take(flat)
-        b = torch.nn.functional.pad(rhs, (0, m)).gather(1, index)
+        B = blocks[offset.unsqueeze(2), offset.unsqueeze(1)]
+        b = torch.constant_pad_nd(rhs, (0, m)).gather(1, index)
         if width <= _LU_MAX_WIDTH:  # one operation
             x = torch.linalg.solve_ex(B, b)[0]
         else:
