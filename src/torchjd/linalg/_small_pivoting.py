@@ -14,16 +14,23 @@ multiplier :math:`\mu` supported on ``A``. Each step solves every row on the sid
 widest system the smaller (``|A| × |A|`` from ``H`` or ``|F| × |F|`` from ``Ĝ``: the free side
 when the rows share a strong common direction and few conflict, the active side when each row
 agrees with few others, as the per-sample losses of a classifier with those of their class), all
-rows at once, as one batched Cholesky factorisation of blocks indexed from
-``diag(H, I)`` or ``diag(Ĝ, I)`` (the identity pads the blocks to a common width). The guess is
+rows at once, as one batched factorisation of blocks indexed from ``diag(H, I)`` or
+``diag(Ĝ, I)`` (the identity pads the blocks to a common width; LU up to width
+:data:`_LU_MAX_WIDTH`, where one batched solve costs fewer operations, else Cholesky). The guess is
 right when ``z_F ≥ û_F`` and ``(Ĝ z)_A ≥ 0``; otherwise the infeasible indices change side, all
 at once while their number falls, else (after three steps without progress) only the largest:
 Júdice & Pires (1994), the exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`.
 
-A step is a fixed few dozen operations whatever the rows do: rows whose guess is right keep their
-face (their solution does not change), and leave the batch only when they are half of it and the
-batch is large enough for its size to matter. The answer of every row is checked once, at the
-end, on ``G`` itself (its KKT residual, as :func:`~torchjd.linalg._kkt.kkt_residual` measures it).
+A step is a fixed two to three dozen operations whatever the rows do, and two host
+synchronisations (whether an index is infeasible; the widths of the next faces with the count of
+rows done): rows whose guess is right keep their face (their solution does not change), and leave
+the batch only when they are half of it and the batch is large enough for its size to matter. The
+answer of every row is checked once, at the end, on ``G`` itself (its KKT residual, as
+:func:`~torchjd.linalg._kkt.kkt_residual` measures it).
+
+UPGrad's problems are those of the unit vectors up to their scale
+(:meth:`ScaledProblem.unit_rows`: ``û = diag(√G_jj)``, ``max|u| = 1``, one bound for the
+gradients of all rows, and the check done in the scaled variables).
 """
 
 from functools import cached_property
@@ -66,13 +73,15 @@ def scaled_small_pivoting(
     some index is infeasible and, if so, the count of rows done with the widths of the next
     step's faces (read together)."""
     G_hat, U_hat = problem.G_hat, problem.U_hat
-    k, m = U_hat.shape
+    m = U_hat.shape[1]
     L, info = torch.linalg.cholesky_ex(G_hat)
     faces = _Faces(G_hat, L)
-    # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation)
-    usable = (L.diagonal().amin() >= _MIN_PIVOT) & (info == 0)
-    usable, *widths = torch.stack([usable, *faces.widths(active)]).tolist()
-    if not usable:
+    # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation;
+    # the numbers are read as floats, together)
+    pivot, failed, *widths = torch.stack(
+        [L.diagonal().amin(), info.to(G_hat.dtype), *faces.widths(active)]
+    ).tolist()
+    if not (pivot >= _MIN_PIVOT and failed == 0):
         return None
     # z_j below its bound on the free set, (Ĝ z)_j below its bound on the active set: infeasible
     # (a NaN passes, and fails the final check).
@@ -99,18 +108,20 @@ def scaled_small_pivoting(
             infeasible = infeasible & (~single | (positions == largest))
         active = active ^ infeasible
         done = count == 0
-        n_done, *widths = torch.stack([done.sum(), *faces.widths(active)]).tolist()
+        n_done, *widths = torch.stack([done.sum(dtype=G_hat.dtype), *faces.widths(active)]).tolist()
         # The rows done leave with their last face when they are half the batch (below
         # _COMPACT_MIN_M, a batch costs about the same whatever its size); the widths of the
         # others are at most those computed on all.
         if 2 * n_done >= len(count) and m > _COMPACT_MIN_M:
-            if isinstance(rows, slice):
-                rows, Z_all = torch.arange(k, device=G_hat.device), torch.empty_like(U_hat)
-            Z_all[rows] = Z
-            keep = (~done).nonzero().squeeze(1)
-            rows, active, U_hat, lower, dual_bound, best = (
-                t[keep] for t in (rows, active, U_hat, lower, dual_bound, best)
-            )
+            keep = count.nonzero().squeeze(1)
+            if isinstance(rows, slice):  # (Z is a new tensor at each step)
+                rows, Z_all = keep, Z
+            else:
+                Z_all[rows] = Z
+                rows = rows[keep]
+            active, U_hat, lower, best = (t[keep] for t in (active, U_hat, lower, best))
+            if dual_bound.shape[0] > 1:  # (one bound for all rows: nothing to select)
+                dual_bound = dual_bound[keep]
             stalled = None if stalled is None else stalled[keep]
     if isinstance(rows, slice):
         Z_all = Z
@@ -158,7 +169,7 @@ class ScaledProblem:
         problem.U_hat = torch.diag(root)
         problem.c = diagonal.amax().sqrt()
         problem.primal_bound = (_PRIMAL_THRESHOLD * tol) * root
-        problem.dual_bound = (-_PRIMAL_THRESHOLD * tol * problem.c).expand(G.shape[0], 1)
+        problem.dual_bound = (-_PRIMAL_THRESHOLD * tol * problem.c).reshape(1, 1)
         return problem
 
     def solution(self, Z: Tensor) -> tuple[Tensor, Tensor]:
@@ -212,19 +223,19 @@ class _Faces:
         with other numbers): the most and the fewest active indices of a row and, from
         :data:`_MIXED_MIN_M` on, the widest of the rows' smaller sides."""
         m = self.m
-        n_active = active.sum(dim=1)
+        n_active = active.sum(dim=1, dtype=self.G_hat.dtype)  # (read with float numbers)
         low, high = torch.aminmax(n_active)
         widths = [high, low]  # the caller's solve takes m − low
         if m >= _MIXED_MIN_M:
             widths.append(torch.minimum(n_active, m - n_active).amax())
         return widths
 
-    def solve(self, U_hat: Tensor, active: Tensor, widths: list[int]) -> tuple[Tensor, Tensor]:
+    def solve(self, U_hat: Tensor, active: Tensor, widths: list[float]) -> tuple[Tensor, Tensor]:
         """The face solutions ``z`` of the rows and their gradients ``Ĝ z`` (for the dual side,
         the multipliers ``μ``: ``Ĝ z = μ`` up to rounding, which the caller's final check on
         ``G`` bounds), given :meth:`widths` (or upper bounds on them)."""
         m = self.m
-        most_active, fewest_active, *narrowest = widths
+        most_active, fewest_active, *narrowest = (int(width) for width in widths)
         most_free = m - fewest_active
         width = min(most_active, most_free)
         if width == 0:  # no active index in any row (then z = 0), or no free index (z = û)
