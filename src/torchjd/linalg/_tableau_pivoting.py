@@ -82,7 +82,7 @@ def scaled_tableau_pivoting(problem: ScaledProblem, max_steps: int) -> tuple[Ten
         # M − c (M_{j:} − e_j)ᵀ with c = (M_{:j} + e_j) / p is the transform, M'_jj included;
         # c = 0 in the rows that do not pivot.
         c = (column + e_float) / torch.where(pivoting, column.gather(1, pivot), torch.inf)
-        M = torch.baddbmm(M, c.unsqueeze(2), (row - e_float).unsqueeze(1), alpha=-1)
+        M = torch.addcmul(M, c.unsqueeze(2), (row - e_float).unsqueeze(1), value=-1)
         q = torch.addcmul(q, c, q.gather(1, pivot), value=-1)
         free = free ^ e
     return problem.solution(U_hat + torch.where(free, q, 0.0))
