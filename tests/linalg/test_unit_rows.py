@@ -149,3 +149,22 @@ def test_quadprog_projector_backends(backend: str):
     weights = UPGradWeighting(projector=QuadprogProjector(reg_eps=1e-5, backend=backend))(J @ J.T)
     expected = upgrad_weights(J.numpy(), reg_eps=1e-5)
     np.testing.assert_allclose(weights.numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_weights_are_normal_tensors_usable_by_autograd():
+    """The solve runs in inference mode; its weights come out as a normal tensor, which autograd
+    can save (here, in a product with a tensor that requires grad)."""
+    J = make("normal", 30, 20)
+    weights = UPGradWeighting()(J @ J.T)
+    assert not weights.is_inference()
+    x = torch.ones(30, dtype=torch.float64, requires_grad=True)
+    (weights * x * x).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * weights)
+
+
+def test_a_gramian_that_requires_grad_keeps_its_graph():
+    J = make("normal", 30, 20)
+    G = (J @ J.T).requires_grad_()
+    weights = UPGradWeighting()(G)
+    assert weights.grad_fn is not None
+    torch.testing.assert_close(weights.detach(), UPGradWeighting()(G.detach()))
