@@ -168,3 +168,17 @@ def test_a_gramian_that_requires_grad_keeps_its_graph():
     weights = UPGradWeighting()(G)
     assert weights.grad_fn is not None
     torch.testing.assert_close(weights.detach(), UPGradWeighting()(G.detach()))
+
+
+@pytest.mark.parametrize("reg_eps", [1e-4, 0.0])
+def test_projector_rows_are_normal_tensors(reg_eps: float):
+    """The projector solves in inference mode too (default and exact mode, small and large
+    problems); its rows come out as normal tensors, distinct from the input."""
+    for m in (5, 40, 70):
+        J = make("normal", m, 20)
+        U = torch.eye(m, dtype=torch.float64)
+        V = TorchProjector(norm_eps=reg_eps, reg_eps=reg_eps)(U, J @ J.T)
+        assert not V.is_inference()
+        assert V.data_ptr() != U.data_ptr()
+        x = torch.ones(m, dtype=torch.float64, requires_grad=True)
+        (V.sum(dim=0) * x * x).sum().backward()
