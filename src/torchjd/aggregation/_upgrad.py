@@ -17,7 +17,7 @@ from torch import Tensor
 
 from torchjd.aggregation._bases import GramianWeightedAggregator
 from torchjd.aggregation._pref_vector import ProjectionWeighting
-from torchjd.linalg import DualConeProjector, PSDMatrix
+from torchjd.linalg import DualConeProjector, PSDMatrix, TorchProjector
 
 
 class UPGradWeighting(ProjectionWeighting):
@@ -42,8 +42,10 @@ class UPGradWeighting(ProjectionWeighting):
         super().__init__(pref_vector, projector)
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
-        U = torch.diag(self.preference(gramian))
-        return self.projector(U, gramian).sum(dim=0)
+        if isinstance(self.projector, TorchProjector):  # the same, in fewer operations
+            p = None if self.pref_vector is None else self.preference(gramian)
+            return self.projector._summed_projections(p, gramian)
+        return self.projector(torch.diag(self.preference(gramian)), gramian).sum(dim=0)
 
 
 class UPGrad(GramianWeightedAggregator):

@@ -14,16 +14,23 @@ multiplier :math:`\mu` supported on ``A``. Each step solves every row on the sid
 widest system the smaller (``|A| × |A|`` from ``H`` or ``|F| × |F|`` from ``Ĝ``: the free side
 when the rows share a strong common direction and few conflict, the active side when each row
 agrees with few others, as the per-sample losses of a classifier with those of their class), all
-rows at once, as one batched Cholesky factorisation of blocks indexed from
-``diag(H, I)`` or ``diag(Ĝ, I)`` (the identity pads the blocks to a common width). The guess is
+rows at once, as one batched factorisation of blocks indexed from ``diag(H, I)`` or
+``diag(Ĝ, I)`` (the identity pads the blocks to a common width; LU up to width
+:data:`_LU_MAX_WIDTH`, where one batched solve costs fewer operations, else Cholesky). The guess is
 right when ``z_F ≥ û_F`` and ``(Ĝ z)_A ≥ 0``; otherwise the infeasible indices change side, all
 at once while their number falls, else (after three steps without progress) only the largest:
 Júdice & Pires (1994), the exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`.
 
-A step is a fixed few dozen operations whatever the rows do: rows whose guess is right keep their
-face (their solution does not change), and leave the batch only when they are half of it and the
-batch is large enough for its size to matter. The answer of every row is checked once, at the
-end, on ``G`` itself (its KKT residual, as :func:`~torchjd.linalg._kkt.kkt_residual` measures it).
+A step is a fixed two to three dozen operations whatever the rows do, and two host
+synchronisations (whether an index is infeasible; the widths of the next faces with the count of
+rows done): rows whose guess is right keep their face (their solution does not change), and leave
+the batch only when they are half of it and the batch is large enough for its size to matter. The
+answer of every row is checked once, at the end, on ``G`` itself (its KKT residual, as
+:func:`~torchjd.linalg._kkt.kkt_residual` measures it).
+
+UPGrad's problems are those of the unit vectors up to their scale
+(:meth:`ScaledProblem.unit_rows`: ``û = diag(√G_jj)``, ``max|u| = 1``, one bound for the
+gradients of all rows, and the check done in the scaled variables).
 """
 
 from functools import cached_property
@@ -43,6 +50,9 @@ _COMPACT_MIN_M = 16  # beyond, the rows done leave the batch once they are half 
 # more than the few operations it adds).
 _MIXED_MIN_M = 33
 _MIXED_GAIN = 0.9
+# Up to this width, the blocks are solved by one batched LU solve (fewer operations than a
+# Cholesky factorisation and two triangular solves, and as fast); beyond, by Cholesky.
+_LU_MAX_WIDTH = 12
 
 
 def small_pivoting(
@@ -53,51 +63,66 @@ def small_pivoting(
     (:func:`~torchjd.linalg._kkt.kkt_residual`) is at most ``tol``. Rows come back with
     ``v ≥ u`` exactly, in float64. None when ``G`` has a non-positive diagonal entry or is too
     ill-conditioned for ``H`` to be accurate (a pivot below :data:`_MIN_PIVOT`)."""
-    k, m = U.shape
-    problem = ScaledProblem(G, U, tol)
-    G, U, G_hat, U_hat = problem.G, problem.U, problem.G_hat, problem.U_hat
+    return scaled_small_pivoting(ScaledProblem(G, U, tol), active, max_steps)
+
+
+def scaled_small_pivoting(
+    problem: "ScaledProblem", active: Tensor, max_steps: int
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`small_pivoting` on a prepared problem. Two host synchronisations per step: whether
+    some index is infeasible and, if so, the count of rows done with the widths of the next
+    step's faces (read together)."""
+    G_hat, U_hat = problem.G_hat, problem.U_hat
+    m = U_hat.shape[1]
     L, info = torch.linalg.cholesky_ex(G_hat)
-    # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation)
-    if not bool(L.diagonal().amin() >= _MIN_PIVOT) or bool(info):
-        return None
     faces = _Faces(G_hat, L)
-    primal_bound, dual_bound = problem.primal_bound, problem.dual_bound
+    # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation;
+    # the numbers are read as floats, together)
+    pivot, failed, *widths = torch.stack(
+        [L.diagonal().amin(), info.to(G_hat.dtype), *faces.widths(active)]
+    ).tolist()
+    if not (pivot >= _MIN_PIVOT and failed == 0):
+        return None
+    # z_j below its bound on the free set, (Ĝ z)_j below its bound on the active set: infeasible
+    # (a NaN passes, and fails the final check).
+    lower, dual_bound = U_hat - problem.primal_bound, problem.dual_bound
     rows = slice(None)  # the rows still in the batch, once some have left
     for step in range(max_steps):
-        Z, gradient = faces.solve(U_hat, active)
-        feasible = torch.where(active, gradient >= dual_bound, U_hat - Z <= primal_bound)
-        infeasible = ~feasible  # NaN counts as infeasible
+        Z, gradient = faces.solve(U_hat, active, widths)
+        infeasible = torch.where(active, gradient < dual_bound, torch.lt(Z, lower))
+        if step == max_steps - 1 or not bool(infeasible.any()):
+            break
         count = infeasible.sum(dim=1)
-        done = count == 0
         # The exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`: all infeasible
         # indices while their count falls below its best, else (after _FULL_EXCHANGES steps
         # without progress) only the largest.
         if step == 0:
-            best, stalled = count, torch.zeros_like(count)
-            n_done, n_single = int(done.sum()), 0
-        else:
-            stalled = (stalled + 1) * (count >= best)
+            best, stalled = count, None
+        else:  # (a bool tensor after the first step, where no row has stalled before)
+            stalled = count >= best if stalled is None else (stalled + 1) * (count >= best)
             best = torch.minimum(count, best)
-            n_done, n_single = torch.stack([done.sum(), (stalled > _FULL_EXCHANGES).sum()]).tolist()
-        if n_done == len(count) or step == max_steps - 1:
-            break
-        if n_single > 0:
-            positions = torch.arange(1, m + 1, device=G.device)
+        if step > _FULL_EXCHANGES:  # before, no row can have stalled that long
+            positions = torch.arange(1, m + 1, device=G_hat.device)
             largest = (infeasible * positions).amax(dim=1, keepdim=True)
             single = (stalled > _FULL_EXCHANGES).unsqueeze(1)
             infeasible = infeasible & (~single | (positions == largest))
         active = active ^ infeasible
+        done = count == 0
+        n_done, *widths = torch.stack([done.sum(dtype=G_hat.dtype), *faces.widths(active)]).tolist()
         # The rows done leave with their last face when they are half the batch (below
-        # _COMPACT_MIN_M, a batch costs about the same whatever its size).
+        # _COMPACT_MIN_M, a batch costs about the same whatever its size); the widths of the
+        # others are at most those computed on all.
         if 2 * n_done >= len(count) and m > _COMPACT_MIN_M:
-            if isinstance(rows, slice):
-                rows, Z_all = torch.arange(k, device=G.device), torch.empty_like(U)
-            Z_all[rows] = Z
-            keep = (~done).nonzero().squeeze(1)
-            rows, active, U_hat, best, stalled = (
-                t[keep] for t in (rows, active, U_hat, best, stalled)
-            )
-            primal_bound, dual_bound = primal_bound[keep], dual_bound[keep]
+            keep = count.nonzero().squeeze(1)
+            if isinstance(rows, slice):  # (Z is a new tensor at each step)
+                rows, Z_all = keep, Z
+            else:
+                Z_all[rows] = Z
+                rows = rows[keep]
+            active, U_hat, lower, best = (t[keep] for t in (active, U_hat, lower, best))
+            if dual_bound.shape[0] > 1:  # (one bound for all rows: nothing to select)
+                dual_bound = dual_bound[keep]
+            stalled = None if stalled is None else stalled[keep]
     if isinstance(rows, slice):
         Z_all = Z
     else:
@@ -129,11 +154,35 @@ class ScaledProblem:
         bound = (_PRIMAL_THRESHOLD * tol) * self.u_scale
         self.primal_bound, self.dual_bound = bound / self.s, bound * -self.c
 
+    @classmethod
+    def unit_rows(cls, G: Tensor, tol: float) -> "ScaledProblem":
+        """The ``m`` problems ``u = e_i`` on a float64 ``G`` (UPGrad's, up to their scale ``p_i``:
+        ``v(p_i e_i) = p_i v(e_i)``): ``max|u| = 1``, ``û = diag(√G_jj)``, and fewer operations
+        than the general case."""
+        problem = cls.__new__(cls)
+        problem.G, problem.U, problem.tol, problem.u_scale = G, None, tol, None
+        diagonal = G.diagonal()
+        # S⁻¹ = diag(√G_jj): v = z / √G_jj, so that v_i ≥ 1 exactly where z_i ≥ û_i = √G_ii
+        # (division is monotonic).
+        problem.root = root = diagonal.sqrt()
+        problem.G_hat = G / (root.unsqueeze(1) * root)
+        problem.U_hat = torch.diag(root)
+        problem.c = diagonal.amax().sqrt()
+        problem.primal_bound = (_PRIMAL_THRESHOLD * tol) * root
+        problem.dual_bound = (-_PRIMAL_THRESHOLD * tol * problem.c).reshape(1, 1)
+        return problem
+
     def solution(self, Z: Tensor) -> tuple[Tensor, Tensor]:
         """The rows ``v = S z`` (clamped to ``v ≥ u``) and which are solved: their KKT residual on
         ``G`` (as :func:`~torchjd.linalg._kkt.kkt_residual` measures it) is at most ``tol``. A
         face solution whose gradient does not vanish on its free set (rounding on an
         ill-conditioned face) fails the complementarity term."""
+        if self.U is None:  # unit rows, in the scaled variables: (G v)_j s_j = (Ĝ z)_j
+            Z = torch.maximum(Z, self.U_hat)
+            gradient = Z @ self.G_hat
+            excess = (Z - self.U_hat) / self.root
+            residual = torch.maximum(-gradient, gradient.abs() * excess)
+            return Z / self.root, residual.amax(dim=1) <= self.tol * self.c
         X = torch.maximum(self.s * Z, self.U)
         relative_gradient = (X @ self.G) * (self.s / self.c) / self.u_scale
         excess = (X - self.U) / self.u_scale
@@ -152,7 +201,6 @@ class _Faces:
     def __init__(self, G_hat: Tensor, L: Tensor) -> None:
         m = G_hat.shape[0]
         self.G_hat, self.L, self.m = G_hat, L, m
-        self.padding = torch.arange(m, 2 * m, device=G_hat.device)
 
     @cached_property
     def H(self) -> Tensor:
@@ -170,31 +218,38 @@ class _Faces:
     def mixed_blocks(self) -> Tensor:
         return torch.block_diag(self.H, self.G_hat, _eye(self.H))
 
-    def solve(self, U_hat: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    def widths(self, active: Tensor) -> list[Tensor]:
+        """What :meth:`solve` needs to know of the faces (0-d tensors, read on the host together
+        with other numbers): the most and the fewest active indices of a row and, from
+        :data:`_MIXED_MIN_M` on, the widest of the rows' smaller sides."""
+        m = self.m
+        n_active = active.sum(dim=1, dtype=self.G_hat.dtype)  # (read with float numbers)
+        low, high = torch.aminmax(n_active)
+        widths = [high, low]  # the caller's solve takes m − low
+        if m >= _MIXED_MIN_M:
+            widths.append(torch.minimum(n_active, m - n_active).amax())
+        return widths
+
+    def solve(self, U_hat: Tensor, active: Tensor, widths: list[float]) -> tuple[Tensor, Tensor]:
         """The face solutions ``z`` of the rows and their gradients ``Ĝ z`` (for the dual side,
         the multipliers ``μ``: ``Ĝ z = μ`` up to rounding, which the caller's final check on
-        ``G`` bounds)."""
+        ``G`` bounds), given :meth:`widths` (or upper bounds on them)."""
         m = self.m
-        n_active = active.sum(dim=1, keepdim=True)
-        low, high = torch.aminmax(n_active)
-        widths = [high, m - low]
-        if m >= _MIXED_MIN_M:  # the widest of the rows' smaller sides
-            widths.append(torch.minimum(n_active, m - n_active).amax())
-        most_active, most_free, *narrowest = torch.stack(widths).tolist()
+        most_active, fewest_active, *narrowest = (int(width) for width in widths)
+        most_free = m - fewest_active
         width = min(most_active, most_free)
-        U_active = U_hat * active
         if width == 0:  # no active index in any row (then z = 0), or no free index (z = û)
+            U_active = U_hat * active
             return U_active, U_active @ self.G_hat
         if narrowest and narrowest[0] < _MIXED_GAIN * width:
-            return self._mixed(U_hat, active, U_active, 2 * n_active <= m, narrowest[0])
-        dual = most_active <= most_free
-        side = active if dual else ~active
-        blocks = self.dual_blocks if dual else self.primal_blocks
-        rhs = U_hat if dual else (U_active @ self.G_hat).neg_()
-        solution = self._solve_blocks(blocks, side, rhs, width, 0)
-        if dual:  # μ on A: z = H μ, and z_A = û_A exactly
+            dual = 2 * active.sum(dim=1, keepdim=True) <= m
+            return self._mixed(U_hat, active, U_hat * active, dual, narrowest[0])
+        if most_active <= most_free:  # dual: μ on A, z = H μ, and z_A = û_A exactly
+            solution = self._solve_blocks(self.dual_blocks, active, U_hat, width, 0)
             return torch.where(active, U_hat, solution @ self.H), solution
-        Z = U_active + solution
+        U_active = U_hat * active
+        rhs = (U_active @ self.G_hat).neg_()
+        Z = U_active + self._solve_blocks(self.primal_blocks, ~active, rhs, width, 0)
         return Z, Z @ self.G_hat
 
     def _mixed(
@@ -213,14 +268,18 @@ class _Faces:
         ``B_SS`` of ``blocks`` padded by its trailing identity; with a ``dual`` mask, the rows
         where it is False take their blocks ``m`` further (``Ĝ`` in ``diag(H, Ĝ, I)``)."""
         m = self.m
-        index = torch.topk(side.to(rhs.dtype), width, dim=1, sorted=False).indices
-        index = torch.where(side.gather(1, index), index, self.padding[:width])
+        # The side's indices, then padding ones (m and beyond): scores 1 and 1/2.
+        scores = torch.constant_pad_nd(side.to(rhs.dtype), (0, m), 0.5)
+        index = torch.topk(scores, width, dim=1, sorted=False).indices
         offset = (
             index if isinstance(dual, int) else torch.where(dual & (index < m), index, index + m)
         )
-        factor, _ = torch.linalg.cholesky_ex(blocks[offset.unsqueeze(2), offset.unsqueeze(1)])
-        b = torch.nn.functional.pad(rhs, (0, m)).gather(1, index)
-        x = cholesky_solve(factor, b)
+        B = blocks[offset.unsqueeze(2), offset.unsqueeze(1)]
+        b = torch.constant_pad_nd(rhs, (0, m)).gather(1, index)
+        if width <= _LU_MAX_WIDTH:  # one operation
+            x = torch.linalg.solve_ex(B, b)[0]
+        else:
+            x = cholesky_solve(torch.linalg.cholesky_ex(B)[0], b)
         return rhs.new_zeros(rhs.shape[0], 2 * m).scatter_(1, index, x)[:, :m]
 
 

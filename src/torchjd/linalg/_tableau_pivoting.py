@@ -41,9 +41,13 @@ def tableau_pivoting(G: Tensor, U: Tensor, tol: float, max_steps: int) -> tuple[
     docstring), and which rows are solved: their KKT residual on ``G``
     (:func:`~torchjd.linalg._kkt.kkt_residual`) is at most ``tol``. Rows come back with ``v ≥ u``
     exactly. ``G`` must have a positive diagonal (else no row is solved)."""
-    k, m = U.shape
-    problem = ScaledProblem(G, U, tol)
+    return scaled_tableau_pivoting(ScaledProblem(G, U, tol), max_steps)
+
+
+def scaled_tableau_pivoting(problem: ScaledProblem, max_steps: int) -> tuple[Tensor, Tensor]:
+    """:func:`tableau_pivoting` on a prepared problem."""
     G_hat, U_hat = problem.G_hat, problem.U_hat
+    k, m = U_hat.shape
     q = U_hat @ G_hat
     # The transform on F = {q ≤ 0}, from the masked full-size system [Ĝ_FF, 0; 0, I].
     free = q <= 0
@@ -68,8 +72,8 @@ def tableau_pivoting(G: Tensor, U: Tensor, tol: float, max_steps: int) -> tuple[
         # Each row's most negative basic variable beyond its bound (Bard's rule), if any (a NaN
         # row pivots on nothing, and fails the final check).
         excess = q - torch.where(free, primal_bound, dual_bound)
-        pivot = excess.argmin(dim=1, keepdim=True)
-        pivoting = excess.gather(1, pivot) < 0
+        least, pivot = excess.min(dim=1, keepdim=True)
+        pivoting = least < 0
         if not bool(pivoting.any()):
             break
         column, row = M[batch, :, pivot.squeeze(1)], M[batch, pivot.squeeze(1), :]
@@ -78,7 +82,7 @@ def tableau_pivoting(G: Tensor, U: Tensor, tol: float, max_steps: int) -> tuple[
         # M − c (M_{j:} − e_j)ᵀ with c = (M_{:j} + e_j) / p is the transform, M'_jj included;
         # c = 0 in the rows that do not pivot.
         c = (column + e_float) / torch.where(pivoting, column.gather(1, pivot), torch.inf)
-        M = M - c.unsqueeze(2) * (row - e_float).unsqueeze(1)
-        q = q - c * q.gather(1, pivot)
+        M = torch.addcmul(M, c.unsqueeze(2), (row - e_float).unsqueeze(1), value=-1)
+        q = torch.addcmul(q, c, q.gather(1, pivot), value=-1)
         free = free ^ e
     return problem.solution(U_hat + torch.where(free, q, 0.0))
