@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
 from torchjd.autogram._batched_grad import NotVectorized, batched_grad
 from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
-from torchjd.autogram._module_call import ModuleCall, shape_only
+from torchjd.autogram._module_call import ModuleCall, direct_parameters, flat_leaves, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
 from torchjd.autogram._streaming import (
@@ -23,6 +23,7 @@ from torchjd.autogram._streaming import (
     lowest_edges,
     register_grad_hooks,
     streams_several_objectives,
+    walk_graph,
 )
 
 
@@ -151,7 +152,7 @@ class Engine:
 
     def _trainable(self, module: nn.Module) -> bool:
         covers_children = self._rules[module][1]
-        return any(p.requires_grad for p in module.parameters(recurse=covers_children))
+        return any(p.requires_grad for p in direct_parameters(module, covers_children))
 
     def _save_rng_state(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not self._recording or not torch.is_grad_enabled():
@@ -167,7 +168,7 @@ class Engine:
             return
         stack = self._rng_states.get(module)
         rng_state = stack.pop() if stack else None
-        leaves = tree_leaves(output)
+        leaves = flat_leaves(output)
         indices = [
             k
             for k, leaf in enumerate(leaves)
@@ -362,7 +363,15 @@ class Engine:
             for module, module_calls in calls.items():
                 for call in module_calls:
                     _resolve_batch_dims(module, call, batch_dim, B)
-        plan = FusionPlan(output, calls, self._rules) if fused else None
+        streamed = self._streamed(calls, R) if output.grad_fn is not None else {}
+        below: dict[Any, bool] = {}
+        leaves = None
+        if fused or streamed:  # one walk of the graph for both
+            nodes = {
+                e.node for cs in calls.values() for c in cs for e in (*c.edges, *c.inner_edges)
+            }
+            leaves, below = walk_graph(output.grad_fn, nodes)
+        plan = FusionPlan(output, calls, self._rules, leaves) if fused else None
         if plan is not None and not (kept_bytes is None and R == 1):
             plan.complete = False  # modules may be left out, or the graph is kept anyway
         kept: dict[nn.Module, list[ModuleCall]] = {}
@@ -384,13 +393,12 @@ class Engine:
             else:
                 _release(module_calls)
 
-        streamed = self._streamed(calls, R) if output.grad_fn is not None else {}
         cotangents = [_cotangents(output, batch_dim, R)]
         retain_graph = plan is None or not plan.complete
         saved = {id(c): dict(c.saved) for cs in streamed.values() for c in cs}
         try:
             grads, stream, requested = self._gramian_pass(
-                output, calls, streamed, cotangents, retain_graph, run_rule
+                output, calls, streamed, cotangents, retain_graph, run_rule, below
             )
         except NotVectorized:  # R > 1 and an operation without a batching rule: no stream
             for module_calls in streamed.values():  # undo what the rules that ran did
@@ -401,7 +409,7 @@ class Engine:
             budget = kept_bytes
             streamed = {}
             grads, stream, requested = self._gramian_pass(
-                output, calls, streamed, cotangents, retain_graph, run_rule
+                output, calls, streamed, cotangents, retain_graph, run_rule, below
             )
         del saved
         self._store_grads(calls, streamed, requested, iter(grads))
@@ -427,12 +435,14 @@ class Engine:
         cotangents: list[Tensor],
         retain_graph: bool,
         run_rule: Callable[[nn.Module, list[ModuleCall]], None],
+        below: dict[Any, bool],
     ) -> tuple[tuple[Tensor | None, ...], GramianStream | None, set[tuple[int, int]]]:
         """The backward pass of the Gramian, with the ``streamed`` rules running during it: the
         gradients it returns, its stream (None without streamed rules) and the keys of the lowest
         streamed edges (see :meth:`_requested_edges`). With streamed rules and several objectives
-        per sample, raises ``NotVectorized`` when the vectorised pass fails."""
-        requested, lowest = self._requested_edges(output, calls, streamed)
+        per sample, raises ``NotVectorized`` when the vectorised pass fails. ``below``: the
+        graph walk's (see ``walk_graph``) for the recorded edges, when ``streamed``."""
+        requested, lowest = self._requested_edges(output, calls, streamed, below)
         R = cotangents[0].shape[0]
         if streamed:
             self._stream = GramianStream(streamed, lowest, run_rule, R)
@@ -471,6 +481,7 @@ class Engine:
         output: Tensor,
         calls: dict[nn.Module, list[ModuleCall]],
         streamed: dict[nn.Module, list[ModuleCall]],
+        below: dict[Any, bool],
     ) -> tuple[list[Any], set[tuple[int, int]]]:
         """The gradient edges that the backward pass returns, and among them, the keys
         ``(id(call), k)`` of the lowest streamed ones (``k`` indexes the call's outputs, then its
@@ -484,7 +495,7 @@ class Engine:
             for c in cs
             for k, edge in enumerate([*c.edges, *c.inner_edges])
         ]
-        lowest = lowest_edges(output.grad_fn, keyed)
+        lowest = lowest_edges(output.grad_fn, keyed, below)
         inside = {id(c) for cs in streamed.values() for c in cs}
         requested = [edge for key, edge in keyed if key[0] not in inside or key in lowest]
         return requested, {key for key in lowest if key[0] in inside}

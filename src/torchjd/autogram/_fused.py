@@ -22,9 +22,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
-from torchjd.autogram._module_call import ModuleCall
+from torchjd.autogram._module_call import ModuleCall, direct_parameters, flat_leaves
 
 
 class FusionPlan:
@@ -35,6 +34,7 @@ class FusionPlan:
     :param losses: The objectives.
     :param calls: The calls of each hooked module with trainable parameters.
     :param rules: Each module's rule, and whether it covers the module's children.
+    :param leaves: :func:`graph_leaves` of ``losses``, if already known.
     """
 
     def __init__(
@@ -42,8 +42,9 @@ class FusionPlan:
         losses: Tensor,
         calls: Mapping[nn.Module, Sequence[ModuleCall]],
         rules: Mapping[nn.Module, tuple[Any, bool]],
+        leaves: dict[int, tuple[Tensor, int]] | None = None,
     ) -> None:
-        self.leaves = graph_leaves(losses)
+        self.leaves = graph_leaves(losses) if leaves is None else leaves
         self.inside: dict[nn.Module, dict[int, int]] = {}
         uncovered = dict(self.leaves)
         for module, module_calls in calls.items():
@@ -53,7 +54,7 @@ class FusionPlan:
             self.inside[module] = total_uses([call_uses(call) for call in module_calls])
             fuses = getattr(rule, "fuses", None)
             if fuses is not None and fuses(module, module_calls):
-                for param in module.parameters(recurse=covers_children):
+                for param in direct_parameters(module, covers_children):
                     if param.requires_grad and self.accepts(module, param):
                         uncovered.pop(id(param), None)
         self.complete = not uncovered
@@ -102,7 +103,7 @@ def call_graph(call: ModuleCall) -> Iterator[Any]:
 
 
 def _input_nodes(call: ModuleCall) -> set[Any]:
-    inputs = tree_leaves((call.args, call.kwargs))
+    inputs = [*flat_leaves(call.args), *flat_leaves(call.kwargs)]
     return {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
 
 
