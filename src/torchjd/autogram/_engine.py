@@ -299,7 +299,8 @@ class Engine:
                 f"Expected `weighting` to return a vector of {losses.numel()} weights (one per "
                 f"element of `losses`), got {shape}."
             )
-        w = weights.detach().to(losses.dtype)
+        w = weights.detach()
+        w = w if w.dtype == losses.dtype else w.to(losses.dtype)
         W = per_sample_weights(w, losses, batch_dim)
         leaves = dict(plan.leaves)
         fused: list[tuple[Tensor, Tensor]] = []
@@ -656,6 +657,8 @@ def _resolve_batch_dims(module: nn.Module, call: ModuleCall, batch_dim: int, B: 
 
 def _cotangents(output: Tensor, batch_dim: int | None, R: int) -> Tensor:
     """``[R, *output.shape]``: the r-th objective of every sample at once (all of them if None)."""
+    if R == 1:
+        return output.new_ones(()).expand(1, *output.shape)
     eye = torch.eye(R, dtype=output.dtype, device=output.device)
     if batch_dim is None:
         return eye.reshape(R, *output.shape)

@@ -81,6 +81,8 @@ def per_sample_weights(weights: Tensor, losses: Tensor, batch_dim: int | None) -
     """The weights (row-major over ``losses``) as ``[B, R]``: sample, objective of the sample."""
     if batch_dim is None:
         return weights.reshape(1, -1)
+    if batch_dim == 0:
+        return weights.reshape(losses.shape[0], -1)
     shaped = weights.reshape(losses.shape).movedim(batch_dim, 0)
     return shaped.reshape(shaped.shape[0], -1)
 
@@ -132,7 +134,8 @@ def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int
 
 def accumulate(param: Tensor, grad: Tensor) -> None:
     """Adds ``grad`` to ``param.grad`` as autograd does."""
-    grad = grad.to(param.dtype)
+    if grad.dtype != param.dtype:
+        grad = grad.to(param.dtype)
     if param.grad is None:
         param.grad = grad
     else:
