@@ -105,6 +105,7 @@ class Engine:
         self._handles: list[RemovableHandle] = []
         self._recording = True
         self._stream: GramianStream | None = None  # while a streamed backward pass runs
+        self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # see _stand_in
         self._this = weakref.ref(self)
         # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
         # every rank and returns their number
@@ -180,7 +181,7 @@ class Engine:
         call = ModuleCall(
             args=args,
             kwargs=kwargs,
-            outputs=[shape_only(t) for t in outputs],
+            outputs=[self._stand_in(t) for t in outputs],
             output_batch_dims=[None] * len(outputs),  # resolved by compute_gramian
             batch_dim=None,
             output_leaf_indices=indices,
@@ -194,6 +195,14 @@ class Engine:
         if getattr(self._rules[module][0], "pure", None) is not None:
             call.grad_hooks = register_grad_hooks(self._this, call, outputs)  # see _streaming.py
         self._calls.setdefault(module, []).append(call)
+
+    def _stand_in(self, tensor: Tensor) -> Tensor:
+        """:func:`shape_only` of ``tensor``, expanded from a zero kept for its dtype and device."""
+        key = (tensor.dtype, tensor.device)
+        zero = self._zeros.get(key)
+        if zero is None:
+            zero = self._zeros[key] = shape_only(tensor, ())
+        return zero.expand(tensor.shape)
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
         r"""The Gramian ``[m, m]`` of the Jacobian of ``output`` w.r.t. the modules' parameters.
@@ -631,7 +640,9 @@ def _kept_bytes(call: ModuleCall) -> int:
 
 def _resolve_batch_dims(module: nn.Module, call: ModuleCall, batch_dim: int, B: int) -> None:
     """Where each output of ``module`` holds the samples (see the Engine's ``batch_dim``)."""
-    batch_first = getattr(module, "batch_first", None)
+    batch_first = module.__dict__.get("batch_first")  # without nn.Module's slow __getattr__
+    if batch_first is None and hasattr(type(module), "batch_first"):  # a property
+        batch_first = module.batch_first
     dims: list[int | None] = []
     for k, t in zip(call.output_leaf_indices, call.outputs, strict=True):
         if isinstance(batch_first, bool):
