@@ -21,6 +21,7 @@ run, and the pass that gives the output gradients frees the graph as it goes (se
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from torchjd.autogram._module_call import ModuleCall, direct_parameters, flat_leaves
@@ -122,13 +123,21 @@ def _nodes(roots: list[Any], stops: set[Any]) -> Iterator[Any]:
 
 
 def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int]]:
+    accumulate_grad = torch._C._functions.AccumulateGrad
     leaves: dict[int, tuple[Tensor, int]] = {}
-    for node in _nodes(roots, stops):
+    seen: set[Any] = set(stops)
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
         for next_node, _ in node.next_functions:
-            leaf = getattr(next_node, "variable", None)  # an AccumulateGrad node
-            if isinstance(leaf, Tensor):
-                uses = leaves.get(id(leaf), (leaf, 0))[1]
-                leaves[id(leaf)] = (leaf, uses + 1)
+            if type(next_node) is accumulate_grad:  # the node of a leaf: nothing below
+                leaf = next_node.variable
+                leaves[id(leaf)] = (leaf, leaves.get(id(leaf), (leaf, 0))[1] + 1)
+            elif next_node is not None:
+                stack.append(next_node)
     return leaves
 
 
