@@ -155,3 +155,39 @@ def test_user_forward_hook_added_between_steps() -> None:
             )
             if handle is not None:
                 handle.remove()
+
+
+class DictOut(nn.Module):
+    """Takes its input as a keyword, returns a dict: the recorded call's pytrees are not flat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, *, x: Tensor) -> dict[str, Tensor]:
+        return {"out": self.linear(x) * self.scale, "aux": x.sum(dim=1)}
+
+
+def test_keyword_inputs_dict_outputs_and_aliased_parameter() -> None:
+    """A module called with keywords and returning a dict, and a Linear whose weight is also
+    registered under a second name: the Gramian and the fused gradients stay exact."""
+    torch.manual_seed(3)
+    model = DictOut()
+    model.linear.alias = model.linear.weight  # the same Parameter under two names
+    x = torch.randn(6, 5)
+    with Engine(model, batch_dim=0) as engine:
+        for _ in range(2):
+            losses = model(x=x)["out"].pow(2).sum(dim=1)
+            G = engine.compute_gramian(losses)
+            torch.testing.assert_close(
+                G, brute_force_gramian(losses, trainable(model)), rtol=1e-10, atol=1e-12
+            )
+            model.zero_grad(set_to_none=True)
+            weights = engine.backward(model(x=x)["out"].pow(2).sum(dim=1), UPGradWeighting())
+            got = _gradients(model)
+            model.zero_grad(set_to_none=True)
+            reference = model(x=x)["out"].pow(2).sum(dim=1)
+            engine.compute_gramian(reference)  # consumes the record; the graph is kept
+            reference.backward(weights)
+            _assert_same(got, _gradients(model))
