@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
@@ -187,7 +187,7 @@ class Engine:
             output_leaf_indices=indices,
             rng_state=rng_state,
             training=module.training,
-            edges=[get_gradient_edge(t) for t in outputs],
+            edges=[_gradient_edge(t) for t in outputs],
         )
         inner_edges = getattr(self._rules[module][0], "inner_edges", None)
         if inner_edges is not None:
@@ -615,6 +615,16 @@ def _call_alive(engine: "weakref.ref[Engine]", method: str, *args: Any) -> None:
     alive = engine()
     if alive is not None:
         getattr(alive, method)(*args)
+
+
+def _gradient_edge(tensor: Tensor) -> GradientEdge:
+    """``get_gradient_edge(tensor)``, without its checks for the output of a built-in operation
+    (a leaf's edge is its gradient accumulator's; a custom ``autograd.Function``'s node needs the
+    ownership token that keeps its graph alive)."""
+    node = tensor.grad_fn
+    if node is None or isinstance(node, torch._C._FunctionBase):
+        return get_gradient_edge(tensor)
+    return GradientEdge(node, tensor.output_nr)
 
 
 def _uses_recomputation(rule: Rule) -> bool:
