@@ -197,7 +197,10 @@ class Engine:
         self._calls.setdefault(module, []).append(call)
 
     def _stand_in(self, tensor: Tensor) -> Tensor:
-        """:func:`shape_only` of ``tensor``, expanded from a zero kept for its dtype and device."""
+        """:func:`shape_only` of ``tensor``, expanded from a zero kept for its dtype and device
+        (for a plain tensor: a subclass, e.g. a ``DTensor``, gets its own)."""
+        if type(tensor) is not Tensor and type(tensor) is not nn.Parameter:
+            return shape_only(tensor)
         key = (tensor.dtype, tensor.device)
         zero = self._zeros.get(key)
         if zero is None:
