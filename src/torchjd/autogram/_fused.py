@@ -125,19 +125,11 @@ def _nodes(roots: list[Any], stops: set[Any]) -> Iterator[Any]:
 def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int]]:
     accumulate_grad = torch._C._functions.AccumulateGrad
     leaves: dict[int, tuple[Tensor, int]] = {}
-    seen: set[Any] = set(stops)
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    for node in _nodes(roots, stops):
         for next_node, _ in node.next_functions:
-            if type(next_node) is accumulate_grad:  # the node of a leaf: nothing below
+            if type(next_node) is accumulate_grad:  # the node of a leaf
                 leaf = next_node.variable
                 leaves[id(leaf)] = (leaf, leaves.get(id(leaf), (leaf, 0))[1] + 1)
-            elif next_node is not None:
-                stack.append(next_node)
     return leaves
 
 
