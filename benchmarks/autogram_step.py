@@ -16,7 +16,8 @@ library differs), and the fused IWRM step of this library (``Engine.backward(los
 the Linear and convolution gradients formed from what the Gramian pass recorded, a second backward
 only for the other parameters; its phases are timed by a wrapper around the weighting). Models:
 an MLP 784-512-512-10 (batch 64 and 256), a CNN on 3x32x32 (batch 64), and a two-layer
-Transformer encoder (d_model 128, 4 heads, seq 32, batch 32). ``mlp64x4``, ``cnn64x4`` and
+Transformer encoder (d_model 128, 4 heads, seq 32, batch 32), and a tiny MLP 10-32-10 (batch 16),
+where the engine's fixed cost per step is nearly everything. ``mlp64x4``, ``cnn64x4`` and
 ``transformer32x4`` (named with ``--only``) have four objectives per sample (the cross-entropy for
 four shifted targets), so ``m = 4 B``.
 
@@ -49,6 +50,7 @@ CONFIGS = {
     "mlp256": ("mlp", 256),
     "cnn64": ("cnn", 64),
     "transformer32": ("transformer", 32),
+    "tiny16": ("tiny", 16),
     # four objectives per sample (``--only`` names them; not run by default)
     "mlp64x4": ("mlp+4", 64),
     "cnn64x4": ("cnn+4", 64),
@@ -63,7 +65,10 @@ def build(kind: str, batch: int):
 
     torch.manual_seed(0)
     kind = kind.split("+")[0]
-    if kind == "mlp":
+    if kind == "tiny":  # where the engine's fixed cost per step is everything
+        model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 10))
+        x = torch.randn(batch, 10)
+    elif kind == "mlp":
         model = nn.Sequential(
             nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
         )

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
 from torchjd.autogram._batched_grad import NotVectorized, batched_grad
 from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
-from torchjd.autogram._module_call import ModuleCall, shape_only
+from torchjd.autogram._module_call import ModuleCall, direct_parameters, flat_leaves, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
 from torchjd.autogram._streaming import (
@@ -23,6 +23,7 @@ from torchjd.autogram._streaming import (
     lowest_edges,
     register_grad_hooks,
     streams_several_objectives,
+    walk_graph,
 )
 
 
@@ -104,6 +105,7 @@ class Engine:
         self._handles: list[RemovableHandle] = []
         self._recording = True
         self._stream: GramianStream | None = None  # while a streamed backward pass runs
+        self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # see _stand_in
         self._this = weakref.ref(self)
         # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
         # every rank and returns their number
@@ -151,7 +153,7 @@ class Engine:
 
     def _trainable(self, module: nn.Module) -> bool:
         covers_children = self._rules[module][1]
-        return any(p.requires_grad for p in module.parameters(recurse=covers_children))
+        return any(p.requires_grad for p in direct_parameters(module, covers_children))
 
     def _save_rng_state(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not self._recording or not torch.is_grad_enabled():
@@ -167,7 +169,7 @@ class Engine:
             return
         stack = self._rng_states.get(module)
         rng_state = stack.pop() if stack else None
-        leaves = tree_leaves(output)
+        leaves = flat_leaves(output)
         indices = [
             k
             for k, leaf in enumerate(leaves)
@@ -179,13 +181,13 @@ class Engine:
         call = ModuleCall(
             args=args,
             kwargs=kwargs,
-            outputs=[shape_only(t) for t in outputs],
+            outputs=[self._stand_in(t) for t in outputs],
             output_batch_dims=[None] * len(outputs),  # resolved by compute_gramian
             batch_dim=None,
             output_leaf_indices=indices,
             rng_state=rng_state,
             training=module.training,
-            edges=[get_gradient_edge(t) for t in outputs],
+            edges=[_gradient_edge(t) for t in outputs],
         )
         inner_edges = getattr(self._rules[module][0], "inner_edges", None)
         if inner_edges is not None:
@@ -193,6 +195,17 @@ class Engine:
         if getattr(self._rules[module][0], "pure", None) is not None:
             call.grad_hooks = register_grad_hooks(self._this, call, outputs)  # see _streaming.py
         self._calls.setdefault(module, []).append(call)
+
+    def _stand_in(self, tensor: Tensor) -> Tensor:
+        """:func:`shape_only` of ``tensor``, expanded from a zero kept for its dtype and device
+        (for a plain tensor: a subclass, e.g. a ``DTensor``, gets its own)."""
+        if type(tensor) is not Tensor and type(tensor) is not nn.Parameter:
+            return shape_only(tensor)
+        key = (tensor.dtype, tensor.device)
+        zero = self._zeros.get(key)
+        if zero is None:
+            zero = self._zeros[key] = shape_only(tensor, ())
+        return zero.expand(tensor.shape)
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
         r"""The Gramian ``[m, m]`` of the Jacobian of ``output`` w.r.t. the modules' parameters.
@@ -298,7 +311,8 @@ class Engine:
                 f"Expected `weighting` to return a vector of {losses.numel()} weights (one per "
                 f"element of `losses`), got {shape}."
             )
-        w = weights.detach().to(losses.dtype)
+        w = weights.detach()
+        w = w if w.dtype == losses.dtype else w.to(losses.dtype)
         W = per_sample_weights(w, losses, batch_dim)
         leaves = dict(plan.leaves)
         fused: list[tuple[Tensor, Tensor]] = []
@@ -362,7 +376,15 @@ class Engine:
             for module, module_calls in calls.items():
                 for call in module_calls:
                     _resolve_batch_dims(module, call, batch_dim, B)
-        plan = FusionPlan(output, calls, self._rules) if fused else None
+        streamed = self._streamed(calls, R) if output.grad_fn is not None else {}
+        below: dict[Any, bool] = {}
+        leaves = None
+        if fused or streamed:  # one walk of the graph for both
+            nodes = {
+                e.node for cs in calls.values() for c in cs for e in (*c.edges, *c.inner_edges)
+            }
+            leaves, below = walk_graph(output.grad_fn, nodes)
+        plan = FusionPlan(output, calls, self._rules, leaves) if fused else None
         if plan is not None and not (kept_bytes is None and R == 1):
             plan.complete = False  # modules may be left out, or the graph is kept anyway
         kept: dict[nn.Module, list[ModuleCall]] = {}
@@ -384,13 +406,12 @@ class Engine:
             else:
                 _release(module_calls)
 
-        streamed = self._streamed(calls, R) if output.grad_fn is not None else {}
         cotangents = [_cotangents(output, batch_dim, R)]
         retain_graph = plan is None or not plan.complete
         saved = {id(c): dict(c.saved) for cs in streamed.values() for c in cs}
         try:
             grads, stream, requested = self._gramian_pass(
-                output, calls, streamed, cotangents, retain_graph, run_rule
+                output, calls, streamed, cotangents, retain_graph, run_rule, below
             )
         except NotVectorized:  # R > 1 and an operation without a batching rule: no stream
             for module_calls in streamed.values():  # undo what the rules that ran did
@@ -401,7 +422,7 @@ class Engine:
             budget = kept_bytes
             streamed = {}
             grads, stream, requested = self._gramian_pass(
-                output, calls, streamed, cotangents, retain_graph, run_rule
+                output, calls, streamed, cotangents, retain_graph, run_rule, below
             )
         del saved
         self._store_grads(calls, streamed, requested, iter(grads))
@@ -427,12 +448,14 @@ class Engine:
         cotangents: list[Tensor],
         retain_graph: bool,
         run_rule: Callable[[nn.Module, list[ModuleCall]], None],
+        below: dict[Any, bool],
     ) -> tuple[tuple[Tensor | None, ...], GramianStream | None, set[tuple[int, int]]]:
         """The backward pass of the Gramian, with the ``streamed`` rules running during it: the
         gradients it returns, its stream (None without streamed rules) and the keys of the lowest
         streamed edges (see :meth:`_requested_edges`). With streamed rules and several objectives
-        per sample, raises ``NotVectorized`` when the vectorised pass fails."""
-        requested, lowest = self._requested_edges(output, calls, streamed)
+        per sample, raises ``NotVectorized`` when the vectorised pass fails. ``below``: the
+        graph walk's (see ``walk_graph``) for the recorded edges, when ``streamed``."""
+        requested, lowest = self._requested_edges(output, calls, streamed, below)
         R = cotangents[0].shape[0]
         if streamed:
             self._stream = GramianStream(streamed, lowest, run_rule, R)
@@ -471,6 +494,7 @@ class Engine:
         output: Tensor,
         calls: dict[nn.Module, list[ModuleCall]],
         streamed: dict[nn.Module, list[ModuleCall]],
+        below: dict[Any, bool],
     ) -> tuple[list[Any], set[tuple[int, int]]]:
         """The gradient edges that the backward pass returns, and among them, the keys
         ``(id(call), k)`` of the lowest streamed ones (``k`` indexes the call's outputs, then its
@@ -484,7 +508,7 @@ class Engine:
             for c in cs
             for k, edge in enumerate([*c.edges, *c.inner_edges])
         ]
-        lowest = lowest_edges(output.grad_fn, keyed)
+        lowest = lowest_edges(output.grad_fn, keyed, below)
         inside = {id(c) for cs in streamed.values() for c in cs}
         requested = [edge for key, edge in keyed if key[0] not in inside or key in lowest]
         return requested, {key for key in lowest if key[0] in inside}
@@ -596,6 +620,16 @@ def _call_alive(engine: "weakref.ref[Engine]", method: str, *args: Any) -> None:
         getattr(alive, method)(*args)
 
 
+def _gradient_edge(tensor: Tensor) -> GradientEdge:
+    """``get_gradient_edge(tensor)``, without its checks for the output of a built-in operation
+    (a leaf's edge is its gradient accumulator's; a custom ``autograd.Function``'s node needs the
+    ownership token that keeps its graph alive)."""
+    node = tensor.grad_fn
+    if node is None or isinstance(node, torch._C._FunctionBase):
+        return get_gradient_edge(tensor)
+    return GradientEdge(node, tensor.output_nr)
+
+
 def _uses_recomputation(rule: Rule) -> bool:
     return getattr(rule, "recomputes_forward", False)
 
@@ -619,7 +653,9 @@ def _kept_bytes(call: ModuleCall) -> int:
 
 def _resolve_batch_dims(module: nn.Module, call: ModuleCall, batch_dim: int, B: int) -> None:
     """Where each output of ``module`` holds the samples (see the Engine's ``batch_dim``)."""
-    batch_first = getattr(module, "batch_first", None)
+    batch_first = module.__dict__.get("batch_first")  # without nn.Module's slow __getattr__
+    if batch_first is None and hasattr(type(module), "batch_first"):  # a property
+        batch_first = module.batch_first
     dims: list[int | None] = []
     for k, t in zip(call.output_leaf_indices, call.outputs, strict=True):
         if isinstance(batch_first, bool):
@@ -645,6 +681,8 @@ def _resolve_batch_dims(module: nn.Module, call: ModuleCall, batch_dim: int, B: 
 
 def _cotangents(output: Tensor, batch_dim: int | None, R: int) -> Tensor:
     """``[R, *output.shape]``: the r-th objective of every sample at once (all of them if None)."""
+    if R == 1:
+        return output.new_ones(()).expand(1, *output.shape)
     eye = torch.eye(R, dtype=output.dtype, device=output.device)
     if batch_dim is None:
         return eye.reshape(R, *output.shape)

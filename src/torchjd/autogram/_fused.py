@@ -21,10 +21,10 @@ run, and the pass that gives the output gradients frees the graph as it goes (se
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
-from torchjd.autogram._module_call import ModuleCall
+from torchjd.autogram._module_call import ModuleCall, direct_parameters, flat_leaves
 
 
 class FusionPlan:
@@ -35,6 +35,7 @@ class FusionPlan:
     :param losses: The objectives.
     :param calls: The calls of each hooked module with trainable parameters.
     :param rules: Each module's rule, and whether it covers the module's children.
+    :param leaves: :func:`graph_leaves` of ``losses``, if already known.
     """
 
     def __init__(
@@ -42,8 +43,9 @@ class FusionPlan:
         losses: Tensor,
         calls: Mapping[nn.Module, Sequence[ModuleCall]],
         rules: Mapping[nn.Module, tuple[Any, bool]],
+        leaves: dict[int, tuple[Tensor, int]] | None = None,
     ) -> None:
-        self.leaves = graph_leaves(losses)
+        self.leaves = graph_leaves(losses) if leaves is None else leaves
         self.inside: dict[nn.Module, dict[int, int]] = {}
         uncovered = dict(self.leaves)
         for module, module_calls in calls.items():
@@ -53,7 +55,7 @@ class FusionPlan:
             self.inside[module] = total_uses([call_uses(call) for call in module_calls])
             fuses = getattr(rule, "fuses", None)
             if fuses is not None and fuses(module, module_calls):
-                for param in module.parameters(recurse=covers_children):
+                for param in direct_parameters(module, covers_children):
                     if param.requires_grad and self.accepts(module, param):
                         uncovered.pop(id(param), None)
         self.complete = not uncovered
@@ -80,6 +82,8 @@ def per_sample_weights(weights: Tensor, losses: Tensor, batch_dim: int | None) -
     """The weights (row-major over ``losses``) as ``[B, R]``: sample, objective of the sample."""
     if batch_dim is None:
         return weights.reshape(1, -1)
+    if batch_dim == 0:
+        return weights.reshape(losses.shape[0], -1)
     shaped = weights.reshape(losses.shape).movedim(batch_dim, 0)
     return shaped.reshape(shaped.shape[0], -1)
 
@@ -102,7 +106,7 @@ def call_graph(call: ModuleCall) -> Iterator[Any]:
 
 
 def _input_nodes(call: ModuleCall) -> set[Any]:
-    inputs = tree_leaves((call.args, call.kwargs))
+    inputs = [*flat_leaves(call.args), *flat_leaves(call.kwargs)]
     return {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
 
 
@@ -119,19 +123,20 @@ def _nodes(roots: list[Any], stops: set[Any]) -> Iterator[Any]:
 
 
 def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int]]:
+    accumulate_grad = torch._C._functions.AccumulateGrad
     leaves: dict[int, tuple[Tensor, int]] = {}
     for node in _nodes(roots, stops):
         for next_node, _ in node.next_functions:
-            leaf = getattr(next_node, "variable", None)  # an AccumulateGrad node
-            if isinstance(leaf, Tensor):
-                uses = leaves.get(id(leaf), (leaf, 0))[1]
-                leaves[id(leaf)] = (leaf, uses + 1)
+            if type(next_node) is accumulate_grad:  # the node of a leaf
+                leaf = next_node.variable
+                leaves[id(leaf)] = (leaf, leaves.get(id(leaf), (leaf, 0))[1] + 1)
     return leaves
 
 
 def accumulate(param: Tensor, grad: Tensor) -> None:
     """Adds ``grad`` to ``param.grad`` as autograd does."""
-    grad = grad.to(param.dtype)
+    if grad.dtype != param.dtype:
+        grad = grad.to(param.dtype)
     if param.grad is None:
         param.grad = grad
     else:

@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 
 @dataclass
@@ -140,6 +141,28 @@ def masked_cotangents(gamma: Tensor, batch_dim: int | None, num_samples: int) ->
     eye = torch.eye(num_samples, dtype=gamma.dtype, device=gamma.device)
     masked = gamma.unsqueeze(0) * eye.reshape(num_samples, *shape)
     return masked.reshape(num_samples * gamma.shape[0], *gamma.shape[1:])
+
+
+def flat_leaves(tree: Any) -> list[Any]:
+    """``torch.utils._pytree.tree_leaves(tree)``, without its per-node dispatch for the common
+    cases (a tensor; a tuple or list of tensors; an empty dict)."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)) and all(isinstance(t, Tensor) for t in tree):
+        return list(tree)
+    if isinstance(tree, dict) and not tree:
+        return []
+    return tree_leaves(tree)
+
+
+def direct_parameters(module: nn.Module, recurse: bool) -> list[Tensor]:
+    """``list(module.parameters(recurse))``, without the generators for ``recurse=False``."""
+    if recurse:
+        return list(module.parameters())
+    params = [p for p in module._parameters.values() if p is not None]
+    if len({id(p) for p in params}) < len(params):  # one parameter under two names
+        return list(module.parameters(recurse=False))
+    return params
 
 
 def shape_only(tensor: Tensor, shape: tuple[int, ...] | torch.Size | None = None) -> Tensor:

@@ -102,33 +102,48 @@ def streams_several_objectives() -> bool:
     return hasattr(torch, "_remove_batch_dim") and hasattr(torch._C, "_vmapmode_increment_nesting")
 
 
-def lowest_edges(root: Any, edges: Sequence[tuple[Any, Any]]) -> set[Any]:
+def lowest_edges(
+    root: Any, edges: Sequence[tuple[Any, Any]], below: dict[Any, bool] | None = None
+) -> set[Any]:
     """The keys of ``edges`` (pairs of a key and a gradient edge) whose node has no other edge's
-    node below it in the graph from ``root``."""
-    nodes = {edge.node for _, edge in edges}
-    below = _edge_nodes_below(root, nodes)
+    node below it in the graph from ``root`` (``below``: :func:`walk_graph`'s, for the nodes of
+    ``edges``, if already known)."""
+    if below is None:
+        below = walk_graph(root, {edge.node for _, edge in edges})[1]
     return {key for key, edge in edges if not below.get(edge.node, False)}
 
 
-def _edge_nodes_below(root: Any, nodes: set[Any]) -> dict[Any, bool]:
-    """For each node of the graph from ``root``, whether one of ``nodes`` lies strictly below it
-    (iterative post-order: graphs can be deeper than Python's recursion limit)."""
+def walk_graph(root: Any, nodes: set[Any]) -> tuple[dict[int, tuple[Tensor, int]], dict[Any, bool]]:
+    """One walk of the graph from ``root``: the leaf tensors whose ``.grad`` a backward pass from
+    ``root`` fills, by id, each with the number of graph edges that reach it (its uses), and for
+    each node, whether one of ``nodes`` lies strictly below it (iterative post-order: graphs can
+    be deeper than Python's recursion limit)."""
+    leaves: dict[int, tuple[Tensor, int]] = {}
     below: dict[Any, bool] = {}
-    stack: list[tuple[Any, Iterator[Any]]] = [(root, _children(root))]
+    if root is None:
+        return leaves, below
+    accumulate_grad = torch._C._functions.AccumulateGrad
+    stack: list[tuple[Any, Iterator[Any]]] = [(root, iter(root.next_functions))]
     while stack:
         node, children = stack[-1]
         child = next(children, None)
-        if child is None:
-            stack.pop()
-            below[node] = any(c in nodes or below[c] for c in _children(node))
-        elif child not in below:
-            below[child] = False  # visited (its own value is set when it is left)
-            stack.append((child, _children(child)))
-    return below
-
-
-def _children(node: Any) -> Iterator[Any]:
-    return (child for child, _ in node.next_functions if child is not None)
+        if child is not None:
+            child = child[0]
+            if child is not None and child not in below:
+                below[child] = False  # visited (its own value is set when it is left)
+                stack.append((child, iter(child.next_functions)))
+            continue
+        stack.pop()
+        reaches = False
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            reaches = reaches or child in nodes or below[child]
+            if type(child) is accumulate_grad:
+                leaf = child.variable
+                leaves[id(leaf)] = (leaf, leaves.get(id(leaf), (leaf, 0))[1] + 1)
+        below[node] = reaches
+    return leaves, below
 
 
 def register_grad_hooks(

@@ -53,6 +53,13 @@ from torchjd.autogram._module_call import (
 
 def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     assert isinstance(module, nn.Linear)
+    with_bias = module.bias is not None and module.bias.requires_grad
+    single = _one_position_call(calls)
+    if single is not None and module.weight.requires_grad:  # [B, d_in] inputs, the usual MLP
+        x, gamma = single
+        R, B, d_out = gamma.shape
+        if _one_position_fits(B, R, x.shape[1], d_out, gamma.element_size()):
+            return one_position_gramian(x, gamma.movedim(0, 1), with_bias)
     X = cat([positions(samples_first(c.args[0], c.batch_dim), 1) for c in calls], dim=1)
     Gamma = cat(
         [positions(samples_objectives_first(c.grad_output(), c.batch_dim), 2) for c in calls],
@@ -60,8 +67,12 @@ def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     )  # [B, R, T, d_out]
     G: Tensor | int = 0
     J: Tensor | None = None
-    with_bias = module.bias is not None and module.bias.requires_grad
-    if module.weight.requires_grad and _one_position_fits(X, Gamma):
+    B, R, T, d_out = Gamma.shape
+    if (
+        module.weight.requires_grad
+        and T == 1
+        and _one_position_fits(B, R, X.shape[-1], d_out, Gamma.element_size())
+    ):
         return one_position_gramian(X[:, 0], Gamma[:, :, 0], with_bias)
     if module.weight.requires_grad:
         # Per-objective gradients formed whole (when the cheaper path and not much larger than
@@ -87,7 +98,7 @@ def one_position_gramian(X: Tensor, Gamma: Tensor, with_bias: bool) -> Tensor:
     :param Gamma: Output gradients ``[B, R, d_out]``. Returns ``[B R, B R]``.
     """
     B, R, _ = Gamma.shape
-    K = self_gram(X.to(Gamma.dtype))
+    K = self_gram(X if X.dtype == Gamma.dtype else X.to(Gamma.dtype))
     if with_bias:
         K += 1.0
     L = self_gram(Gamma.reshape(B * R, -1))
@@ -114,14 +125,23 @@ def self_gram(A: Tensor) -> Tensor:
 _HALVES_MIN_ROWS = 128
 
 
-def _one_position_fits(X: Tensor, Gamma: Tensor) -> bool:
-    """One position per sample, the closed form the cheaper path, and ``[B R, B R]`` within
-    :data:`CHUNK_BYTES` (beyond, :func:`weight_gramian` forms it by blocks)."""
-    B, R, T, d_out = Gamma.shape
-    size = (B * R) ** 2 * Gamma.element_size()
-    return (
-        T == 1 and size <= CHUNK_BYTES and not per_objective_is_cheaper(B, R, T, X.shape[-1], d_out)
-    )
+def _one_position_fits(B: int, R: int, d_in: int, d_out: int, element_size: int) -> bool:
+    """With one position per sample: the closed form the cheaper path, and ``[B R, B R]``
+    within :data:`CHUNK_BYTES` (beyond, :func:`weight_gramian` forms it by blocks)."""
+    size = (B * R) ** 2 * element_size
+    return size <= CHUNK_BYTES and not per_objective_is_cheaper(B, R, 1, d_in, d_out)
+
+
+def _one_position_call(calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor] | None:
+    """The input ``[B, d_in]`` and output gradients ``[R, B, d_out]`` of a module called once
+    on a matrix of samples (the common case, taken without reshaping), or None."""
+    if len(calls) != 1:
+        return None
+    call = calls[0]
+    x, gamma = call.args[0], call.grad_outputs[0] if call.grad_outputs else None
+    if gamma is None or x.dim() != 2 or call.batch_dim != 0 or len(call.grad_outputs) != 1:
+        return None
+    return x, gamma
 
 
 def linear_weighted_gradients(
@@ -135,13 +155,20 @@ def linear_weighted_gradients(
     d_in, d_out = module.in_features, module.out_features
     if "jacobian" in calls[0].saved:
         return _weighted_rows(module, *calls[0].saved["jacobian"], W)
-    X = cat([c.args[0].reshape(-1, d_in) for c in calls], dim=0)
-    Gamma = cat(
-        [c.weighted_grad_output(W).reshape(-1, d_out) for c in calls], dim=0
-    )  # [positions, d_out]
+    single = _one_position_call(calls)
+    if single is not None and W.shape[1] == 1:  # one objective per sample: Γ̄ = w ⊙ Γ
+        X, gamma = single
+        Gamma = (gamma[0] if gamma.dtype == W.dtype else gamma[0].to(W.dtype)) * W
+    else:
+        X = cat([c.args[0].reshape(-1, d_in) for c in calls], dim=0)
+        Gamma = cat(
+            [c.weighted_grad_output(W).reshape(-1, d_out) for c in calls], dim=0
+        )  # [positions, d_out]
     grads = []
     if module.weight.requires_grad:
-        grads.append((module.weight, Gamma.T @ X.to(Gamma.dtype)))
+        grads.append(
+            (module.weight, Gamma.T @ (X if X.dtype == Gamma.dtype else X.to(Gamma.dtype)))
+        )
     if module.bias is not None and module.bias.requires_grad:
         grads.append((module.bias, Gamma.sum(dim=0)))
     return grads
