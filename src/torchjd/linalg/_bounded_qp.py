@@ -125,8 +125,9 @@ from torchjd.linalg._principal_pivoting import (
 )
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._small_pivoting import small_pivoting
-from torchjd.linalg._spanning import zero_update_weights
+from torchjd.linalg._spanning import range_factor, zero_update_weights
 from torchjd.linalg._tableau_pivoting import TABLEAU_MAX_M, tableau_pivoting
+from torchjd.linalg._unique_face import unique_optimum_rows
 from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
@@ -352,7 +353,19 @@ def _least_norm_route(
     (up to ``m = 32`` in float64, :func:`_refined_least_norm` first)."""
     m = G.shape[0]
     if m > _SPANNING_MIN_M:
-        spanning = zero_update_weights(G_exact.double(), U.double(), tol, G.dtype)
+        G64, U64 = G_exact.double(), U.double()
+        factor = range_factor(G64, G.dtype)
+        spanning = None if factor is None else zero_update_weights(G64, U64, tol, G.dtype, factor)
+        if spanning is None and factor is not None and factor[0].shape[1] <= m / _LOW_RANK_FRACTION:
+            # A large null space, no positive span: the optima are often unique (see
+            # _unique_face), then found on G itself.
+            X, certified = unique_optimum_rows(G64, U64, tol)
+            X = X.to(G.dtype)
+            if bool(certified.all()):
+                return X
+            left = (~certified).nonzero().squeeze(1)
+            X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
+            return X
         if spanning is not None:
             V, converged = spanning
             V = V.to(G.dtype)
