@@ -349,8 +349,11 @@ def _least_norm_route(
     """The least-norm mode's solve of the conflicted rows (``G``: the Tikhonov-regularised
     ``G_exact``). When the rows of ``J`` positively span a subspace (every update is zero:
     :mod:`torchjd.linalg._spanning`), the least-norm weights come from a Newton method in the
-    range of ``G``; the rows it leaves, and every row otherwise, from pivoting and its fallbacks
-    (up to ``m = 32`` in float64, :func:`_refined_least_norm` first)."""
+    range of ``G``. When they do not and ``rank(G) ≤ 2m / 3`` (many more rows than columns), the
+    optima are often unique and are found on ``G`` itself, each row kept when certified
+    (:mod:`torchjd.linalg._unique_face`). The rows left, and every row otherwise, come from
+    pivoting and its fallbacks (up to ``m = 32`` in float64, :func:`_refined_least_norm`
+    first)."""
     m = G.shape[0]
     if m > _SPANNING_MIN_M:
         G64, U64 = G_exact.double(), U.double()
