@@ -32,7 +32,7 @@ def test_certified_rows_are_the_least_energy_optima(m: int, duplicates: int, see
     J = tall_jacobian(m, m // 2, duplicates, seed)
     G = J @ J.T
     U = torch.eye(m, dtype=torch.float64)
-    X, certified = unique_optimum_rows(G, U, 1e-9)
+    X, certified, _ = unique_optimum_rows(G, U, 1e-9, m // 2)
     assert (X >= U).all()
     for u, x, ok in zip(U.numpy(), X.numpy(), certified.tolist(), strict=True):
         if not ok:

@@ -28,7 +28,7 @@ from torchjd.linalg._admm import warm_admm
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._principal_pivoting import principal_pivoting
 
-_GUESS_TOL = 1e-5  # KKT residual at which ADMM's active set is trusted as a guess
+_GUESS_TOL = 1e-5  # KKT residual at which ADMM's (float32) active set is trusted as a guess
 _GUESS_ITERS = 400
 _PIVOTS = 3
 _STRICT = 1e-6
@@ -36,18 +36,38 @@ _MIN_PIVOT = 1e-6
 _CHUNK_ENTRIES = 2**24  # of the [k, |P|, |P|] face factorisations of the certificate (128 MiB)
 
 
-def unique_optimum_rows(G: Tensor, U: Tensor, tol: float) -> tuple[Tensor, Tensor]:
-    """Rows ``argmin_{v ≥ u} vᵀ G v`` (``G`` and ``U`` in float64, ``G`` singular) and which of
-    them are certified unique optima (see the module docstring)."""
-    Z, _, _ = warm_admm(G, U, max(tol, _GUESS_TOL), _GUESS_ITERS)
-    X, converged = principal_pivoting(G, U, Z <= U, row_scales(G), tol, _PIVOTS)
-    X = torch.where(X.isfinite(), torch.maximum(X, U), U)  # singular faces: NaN rows
-    GX = X @ G
-    certified = converged & (kkt_residual(G, U, X, GX) <= tol)
-    rows = certified.nonzero().squeeze(1)
-    if rows.numel() > 0:
-        certified[rows] = unique_optimum(G, U[rows], X[rows], GX[rows])
-    return X, certified
+def unique_optimum_rows(
+    G: Tensor, U: Tensor, tol: float, rank: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows ``argmin_{v ≥ u} vᵀ G v`` (``G`` and ``U`` in float64, ``G`` singular of rank
+    ``rank``), which of them are certified unique optima (see the module docstring; the others
+    are ``u`` or an approximation), and which are degenerate (their guessed face has more free
+    indices than ``rank``).
+
+    ADMM's guess runs in float32 (half the cost of its products; its tolerance is far above the
+    rounding of ``G`` there). A row whose guessed face has more free indices than ``rank`` cannot
+    be a unique optimum (``G_PP`` is singular: rows that positively span part of the space) and
+    is not pivoted."""
+    Z, _, _ = warm_admm(G.float(), U.float(), _GUESS_TOL, _GUESS_ITERS)
+    guess = Z.double() <= U
+    X = U.clone()
+    certified = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
+    degenerate = (~guess).sum(dim=1) > rank
+    rows = (~degenerate).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return X, certified, degenerate
+    U_rows = U[rows]
+    X_rows, converged = principal_pivoting(G, U_rows, guess[rows], row_scales(G), tol, _PIVOTS)
+    # Singular faces (a wrong guess) can give NaN rows.
+    X_rows = torch.where(X_rows.isfinite(), torch.maximum(X_rows, U_rows), U_rows)
+    GX = X_rows @ G
+    converged &= kkt_residual(G, U_rows, X_rows, GX) <= tol
+    X[rows] = X_rows
+    done = converged.nonzero().squeeze(1)
+    if done.numel() > 0:
+        converged[done] = unique_optimum(G, U_rows[done], X_rows[done], GX[done])
+    certified[rows] = converged
+    return X, certified, degenerate
 
 
 def unique_optimum(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
