@@ -362,16 +362,13 @@ def _least_norm_route(
         if spanning is None and factor is not None and factor[0].shape[1] <= m / _LOW_RANK_FRACTION:
             # A large null space, no positive span: the optima are often unique (see
             # _unique_face), then found on G itself.
-            X, certified, degenerate = unique_optimum_rows(G64, U64, tol, factor[0].shape[1])
+            X, certified = unique_optimum_rows(G64, U64, tol, factor[0].shape[1])
             X = X.to(G.dtype)
-            # Degenerate rows (faces wider than the rank: pivoting wanders on them) go to the
-            # interior point at once.
-            left = (degenerate & ~certified).nonzero().squeeze(1)
+            # The rows left go to the interior point at once: on these Gramians, pivoting on the
+            # Tikhonov-regularised faces (about as wide as the rank) wanders.
+            left = (~certified).nonzero().squeeze(1)
             if left.numel() > 0:
                 X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
-            left = (~degenerate & ~certified).nonzero().squeeze(1)
-            if left.numel() > 0:
-                X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
             return X
         if spanning is not None:
             V, converged = spanning

@@ -36,13 +36,10 @@ _MIN_PIVOT = 1e-6
 _CHUNK_ENTRIES = 2**24  # of the [k, |P|, |P|] face factorisations of the certificate (128 MiB)
 
 
-def unique_optimum_rows(
-    G: Tensor, U: Tensor, tol: float, rank: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def unique_optimum_rows(G: Tensor, U: Tensor, tol: float, rank: int) -> tuple[Tensor, Tensor]:
     """Rows ``argmin_{v ≥ u} vᵀ G v`` (``G`` and ``U`` in float64, ``G`` singular of rank
-    ``rank``), which of them are certified unique optima (see the module docstring; the others
-    are ``u`` or an approximation), and which are degenerate (their guessed face has more free
-    indices than ``rank``).
+    ``rank``) and which of them are certified unique optima (see the module docstring); the
+    others are ``u`` or an approximation.
 
     ADMM's guess runs in float32 (half the cost of its products; its tolerance is far above the
     rounding of ``G`` there). A row whose guessed face has more free indices than ``rank`` cannot
@@ -52,10 +49,9 @@ def unique_optimum_rows(
     guess = Z.double() <= U
     X = U.clone()
     certified = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
-    degenerate = (~guess).sum(dim=1) > rank
-    rows = (~degenerate).nonzero().squeeze(1)
+    rows = ((~guess).sum(dim=1) <= rank).nonzero().squeeze(1)
     if rows.numel() == 0:
-        return X, certified, degenerate
+        return X, certified
     U_rows = U[rows]
     X_rows, converged = principal_pivoting(G, U_rows, guess[rows], row_scales(G), tol, _PIVOTS)
     # Singular faces (a wrong guess) can give NaN rows.
@@ -67,7 +63,7 @@ def unique_optimum_rows(
     if done.numel() > 0:
         converged[done] = unique_optimum(G, U_rows[done], X_rows[done], GX[done])
     certified[rows] = converged
-    return X, certified, degenerate
+    return X, certified
 
 
 def unique_optimum(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
