@@ -70,21 +70,19 @@ def test_independent_free_rows_are_unique():
 
 def test_tall_gramian_takes_the_unique_route(monkeypatch):
     """A tall Jacobian (rank m / 2, no positive span) beyond the spanning threshold: the rows are
-    certified unique (few reach the interior point; none the Tikhonov pivoting); each is optimal
-    on G."""
+    certified unique (few reach the Tikhonov pivoting route); each is optimal on G."""
     m = 80
     J = tall_jacobian(m, m // 2, 0, 3)
     G = J @ J.T
     U = torch.eye(m, dtype=torch.float64)
     calls = []
-    route = _bounded_qp._least_norm_fallback
+    route = _bounded_qp._pivoting_route
 
     def counted(G: torch.Tensor, G_exact: torch.Tensor, U: torch.Tensor, *args):  # type: ignore[no-untyped-def]
         calls.append(U.shape[0])
         return route(G, G_exact, U, *args)
 
-    monkeypatch.setattr(_bounded_qp, "_least_norm_fallback", counted)
-    monkeypatch.setattr(_bounded_qp, "_pivoting_route", None)  # never reached
+    monkeypatch.setattr(_bounded_qp, "_pivoting_route", counted)
     V = solve_lower_bounded_qp(G, U, least_norm=True)
     assert kkt_residual(G, U, V, V @ G).max() <= 1e-9
     assert sum(calls) <= m // 4

@@ -364,11 +364,9 @@ def _least_norm_route(
             # _unique_face), then found on G itself.
             X, certified = unique_optimum_rows(G64, U64, tol, factor[0].shape[1])
             X = X.to(G.dtype)
-            # The rows left go to the interior point at once: on these Gramians, pivoting on the
-            # Tikhonov-regularised faces (about as wide as the rank) wanders.
             left = (~certified).nonzero().squeeze(1)
             if left.numel() > 0:
-                X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
+                X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
             return X
         if spanning is not None:
             V, converged = spanning

@@ -42,10 +42,12 @@ def unique_optimum_rows(G: Tensor, U: Tensor, tol: float, rank: int) -> tuple[Te
     others are ``u`` or an approximation.
 
     ADMM's guess runs in float32 (half the cost of its products; its tolerance is far above the
-    rounding of ``G`` there). A row whose guessed face has more free indices than ``rank`` cannot
-    be a unique optimum (``G_PP`` is singular: rows that positively span part of the space) and
-    is not pivoted."""
-    Z, _, _ = warm_admm(G.float(), U.float(), _GUESS_TOL, _GUESS_ITERS)
+    rounding of ``G`` there), on the Jacobi-scaled problem (row norms spread over decades). A row
+    whose guessed face has more free indices than ``rank`` cannot be a unique optimum (``G_PP``
+    is singular: rows that positively span part of the space) and is not pivoted."""
+    diagonal = G.diagonal()
+    scale = torch.where(diagonal > 0, diagonal, 1.0).rsqrt().float()
+    Z, _, _ = warm_admm(G.float(), U.float(), _GUESS_TOL, _GUESS_ITERS, scale=scale)
     guess = Z.double() <= U
     X = U.clone()
     certified = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
