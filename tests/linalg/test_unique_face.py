@@ -86,3 +86,18 @@ def test_tall_gramian_takes_the_unique_route(monkeypatch):
     V = solve_lower_bounded_qp(G, U, least_norm=True)
     assert kkt_residual(G, U, V, V @ G).max() <= 1e-9
     assert sum(calls) <= m // 4
+
+
+def test_near_duplicate_rows_meet_the_tolerance_on_g():
+    """Beyond m = 64, near-duplicate rows (G barely nonsingular): the rows that the interior point
+    and its Tikhonov polish left just short of the tolerance are finished on the faces of G."""
+    m = 72
+    g = torch.Generator().manual_seed(m)
+    J = torch.randn(m, 4 * m, generator=g, dtype=torch.float64)
+    J[: m // 8] = J[m // 8 : m // 4] + 1e-6 * torch.randn(m // 8, 4 * m, generator=g, dtype=J.dtype)
+    G = J @ J.T
+    U = torch.eye(m, dtype=torch.float64)
+    V = solve_lower_bounded_qp(G, U, least_norm=True)
+    G = (G + G.T) / 2
+    assert (V >= U).all()
+    assert kkt_residual(G, U, V, V @ G).max() <= 1e-9

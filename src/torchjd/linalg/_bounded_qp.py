@@ -628,13 +628,17 @@ def _interior_point_then_polish(
     residual = kkt_residual(G_exact, U, V, V @ G_exact)
     # The active set is read off the interior solution at several thresholds (its weights are
     # biased by the Tikhonov term, more so when they are large); each row keeps its best polish.
-    for threshold in _ACTIVE_THRESHOLDS:
+    # Last, from the best rows' own active sets, the faces of G_exact itself: near-duplicate rows
+    # (G barely nonsingular, its optimum unique) can leave the Tikhonov solution just short of
+    # tol; a singular face gives a NaN row, which is never kept.
+    polishes = [(G, threshold, G_exact) for threshold in _ACTIVE_THRESHOLDS]
+    for G_face, threshold, G_refined in [*polishes, (G_exact, 0.0, None)]:
         rows = (~(residual <= tol)).nonzero().squeeze(1)
         if rows.numel() == 0:
             break
         U_left, V_left = U[rows], V[rows]
         active = V_left - U_left <= threshold * U_left.abs().amax(dim=1, keepdim=True)
-        X, _ = principal_pivoting(G, U_left, active, row_scales(G), tol, 20, G_exact)
+        X, _ = principal_pivoting(G_face, U_left, active, row_scales(G_face), tol, 20, G_refined)
         X = torch.maximum(X, U_left)
         # Kept where it is closer to optimal for G_exact, even unconverged on G (the refinement
         # of its last faces removes the Tikhonov bias).
