@@ -82,7 +82,11 @@ which case every optimal update is zero and the least-norm weights of each row,
 ``argmin {Σ_j G_jj v_j² : v ≥ u, Jᵀv = 0}``, come from a semismooth Newton method in the range of
 ``G`` (:mod:`torchjd.linalg._spanning`: one eigendecomposition of the Jacobi-scaled ``G``, then
 ``r × r`` systems per row, ``r = rank(G)``, instead of faces of hundreds of indices); a row is
-accepted when its KKT residual on ``G`` meets the tolerance. Otherwise, and for the rows it leaves,
+accepted when its KKT residual on ``G`` meets the tolerance. When they do not and
+``rank(G) ≤ 2m / 3`` (many more rows than columns), each row's optimum is often unique: ADMM (in
+float32, Jacobi-scaled) and a few pivots on the faces of ``G`` itself find it, and a row is
+accepted when it meets the tolerance with strict complementarity and a nonsingular ``G_PP`` on
+its free indices (:mod:`torchjd.linalg._unique_face`). Otherwise, and for the rows they leave,
 every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
 the unit-norm rows); face solutions are then refined towards the exact ``G`` (iterated Tikhonov
