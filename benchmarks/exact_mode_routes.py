@@ -7,12 +7,14 @@ Usage::
 For each family of Jacobians and each size ``m``, it times ``UPGrad()`` (the default projector)
 and the exact mode ``TorchProjector(norm_eps=0.0, reg_eps=0.0)`` three ways: as it is (a
 nonsingular Gramian goes through the default mode's machinery on ``G`` itself, rows that
-positively span a subspace through ``_spanning``), without the spanning route (``no span``: the
-exact mode before it), and forced onto its least-norm pivoting route (``pivoting``: every Gramian
+positively span a subspace through ``_spanning``, other Gramians of rank at most ``2m / 3``
+through ``_unique_face``), without the spanning route (``no span``; such Gramians then take the
+unique-face route), and forced onto its least-norm pivoting route (``pivoting``: every Gramian
 before the nonsingular fast path; skipped with ``--skip-pivoting``). Columns: the default's median
 time per call, the median of the per-matrix ratios exact / default, how many of the Gramians took
-the nonsingular fast path and the spanning route (a call where no row conflicts takes neither),
-and the worst conflict of the exact mode, ``min_i J_i · d / (‖J_i‖ · max_j ‖J_j‖)``.
+the nonsingular fast path, the spanning route and the unique-face route (a call where no row
+conflicts takes none), and the worst conflict of the exact mode,
+``min_i J_i · d / (‖J_i‖ · max_j ‖J_j‖)``.
 """
 
 import argparse
@@ -77,9 +79,10 @@ def main() -> None:
 
     default = UPGrad()
     exact = UPGrad(projector=TorchProjector(norm_eps=0.0, reg_eps=0.0))
-    counts = {"fast": 0, "span": 0}
+    counts = {"fast": 0, "span": 0, "uniq": 0}
     nonsingular = _bounded_qp._nonsingular
     spanning = _spanning.zero_update_weights
+    unique = _bounded_qp.unique_optimum_rows
 
     def counted_nonsingular(G: torch.Tensor) -> bool:
         result = nonsingular(G)
@@ -91,11 +94,15 @@ def main() -> None:
         counts["span"] += result is not None
         return result
 
+    def counted_unique(*args: object) -> object:
+        counts["uniq"] += 1
+        return unique(*args)  # type: ignore[arg-type]
+
     routes = ("after", "no span") if args.skip_pivoting else ("after", "no span", "pivoting")
     header = (
         f"{'family':>14} {'m':>5} {'dtype':>8} | {'default ms':>10} | "
         + " ".join(f"{name:>8}" for name in routes)
-        + f" | {'fast':>5} {'span':>5} | {'worst conflict':>14}"
+        + f" | {'fast':>5} {'span':>5} {'uniq':>5} | {'worst conflict':>14}"
     )
     print(header)
     print("-" * len(header))
@@ -106,7 +113,7 @@ def main() -> None:
                 g = torch.Generator().manual_seed(args.seed + m)
                 times: dict[str, list[float]] = {name: [] for name in ("default", *routes)}
                 worst = 0.0
-                counts.update(fast=0, span=0)
+                counts.update(fast=0, span=0, uniq=0)
                 for _ in range(args.count):
                     J = make(m, g).to(dtype)
                     times["default"].append(timed(default, J)[0])
@@ -118,6 +125,7 @@ def main() -> None:
                     with (
                         mock.patch.object(_bounded_qp, "_nonsingular", counted_nonsingular),
                         mock.patch.object(_bounded_qp, "zero_update_weights", counted_spanning),
+                        mock.patch.object(_bounded_qp, "unique_optimum_rows", counted_unique),
                     ):
                         elapsed, d = timed(exact, J)
                     times["after"].append(elapsed)
@@ -133,6 +141,7 @@ def main() -> None:
                     f"{statistics.median(times['default']) * 1e3:>10.2f} | "
                     + " ".join(f"{ratio[name]:>7.2f}x" for name in routes)
                     + f" | {counts['fast']:>2}/{args.count:<2} {counts['span']:>2}/{args.count:<2}"
+                    + f" {counts['uniq']:>2}/{args.count:<2}"
                     + f" | {worst:>14.1e}",
                     flush=True,
                 )

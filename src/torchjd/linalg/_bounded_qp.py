@@ -88,7 +88,11 @@ which case every optimal update is zero and the least-norm weights of each row,
 ``argmin {Σ_j G_jj v_j² : v ≥ u, Jᵀv = 0}``, come from a semismooth Newton method in the range of
 ``G`` (:mod:`torchjd.linalg._spanning`: one eigendecomposition of the Jacobi-scaled ``G``, then
 ``r × r`` systems per row, ``r = rank(G)``, instead of faces of hundreds of indices); a row is
-accepted when its KKT residual on ``G`` meets the tolerance. Otherwise, and for the rows it leaves,
+accepted when its KKT residual on ``G`` meets the tolerance. When they do not and
+``rank(G) ≤ 2m / 3`` (many more rows than columns), each row's optimum is often unique: ADMM (in
+float32, Jacobi-scaled) and a few pivots on the faces of ``G`` itself find it, and a row is
+accepted when it meets the tolerance with strict complementarity and a nonsingular ``G_PP`` on
+its free indices (:mod:`torchjd.linalg._unique_face`). Otherwise, and for the rows they leave,
 every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ``, whose optimum
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
 the unit-norm rows); face solutions are then refined towards the exact ``G`` (iterated Tikhonov
@@ -130,12 +134,13 @@ from torchjd.linalg._principal_pivoting import (
 )
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._small_pivoting import ScaledProblem, scaled_small_pivoting, small_pivoting
-from torchjd.linalg._spanning import zero_update_weights
+from torchjd.linalg._spanning import range_factor, zero_update_weights
 from torchjd.linalg._tableau_pivoting import (
     TABLEAU_MAX_M,
     scaled_tableau_pivoting,
     tableau_pivoting,
 )
+from torchjd.linalg._unique_face import unique_optimum_rows
 from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
@@ -375,11 +380,24 @@ def _least_norm_route(
     """The least-norm mode's solve of the conflicted rows (``G``: the Tikhonov-regularised
     ``G_exact``). When the rows of ``J`` positively span a subspace (every update is zero:
     :mod:`torchjd.linalg._spanning`), the least-norm weights come from a Newton method in the
-    range of ``G``; the rows it leaves, and every row otherwise, from pivoting and its fallbacks
-    (up to ``m = 32`` in float64, :func:`_refined_least_norm` first)."""
+    range of ``G``. When they do not and ``rank(G) ≤ 2m / 3`` (many more rows than columns), the
+    optima are often unique and are found on ``G`` itself, each row kept when certified
+    (:mod:`torchjd.linalg._unique_face`). The rows left, and every row otherwise, come from
+    pivoting and its fallbacks (up to ``m = 64``, :func:`_refined_least_norm` first)."""
     m = G.shape[0]
     if m > _SPANNING_MIN_M:
-        spanning = zero_update_weights(G_exact.double(), U.double(), tol, G.dtype)
+        G64, U64 = G_exact.double(), U.double()
+        factor = range_factor(G64, G.dtype)
+        spanning = None if factor is None else zero_update_weights(G64, U64, tol, G.dtype, factor)
+        if spanning is None and factor is not None and factor[0].shape[1] <= m / _LOW_RANK_FRACTION:
+            # A large null space, no positive span: the optima are often unique (see
+            # _unique_face), then found on G itself.
+            X, certified = unique_optimum_rows(G64, U64, tol, factor[0].shape[1])
+            X = X.to(G.dtype)
+            left = (~certified).nonzero().squeeze(1)
+            if left.numel() > 0:
+                X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
+            return X
         if spanning is not None:
             V, converged = spanning
             V = V.to(G.dtype)
@@ -643,13 +661,17 @@ def _interior_point_then_polish(
     residual = kkt_residual(G_exact, U, V, V @ G_exact)
     # The active set is read off the interior solution at several thresholds (its weights are
     # biased by the Tikhonov term, more so when they are large); each row keeps its best polish.
-    for threshold in _ACTIVE_THRESHOLDS:
+    # Last, from the best rows' own active sets, the faces of G_exact itself: near-duplicate rows
+    # (G barely nonsingular, its optimum unique) can leave the Tikhonov solution just short of
+    # tol; a singular face gives a NaN row, which is never kept.
+    polishes = [(G, threshold, G_exact) for threshold in _ACTIVE_THRESHOLDS]
+    for G_face, threshold, G_refined in [*polishes, (G_exact, 0.0, None)]:
         rows = (~(residual <= tol)).nonzero().squeeze(1)
         if rows.numel() == 0:
             break
         U_left, V_left = U[rows], V[rows]
         active = V_left - U_left <= threshold * U_left.abs().amax(dim=1, keepdim=True)
-        X, _ = principal_pivoting(G, U_left, active, row_scales(G), tol, 20, G_exact)
+        X, _ = principal_pivoting(G_face, U_left, active, row_scales(G_face), tol, 20, G_refined)
         X = torch.maximum(X, U_left)
         # Kept where it is closer to optimal for G_exact, even unconverged on G (the refinement
         # of its last faces removes the Tikhonov bias).

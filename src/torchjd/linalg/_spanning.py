@@ -54,21 +54,35 @@ _CHORD_RATE = 0.1  # a row keeps its factorisation while its residual falls this
 _FACTOR_ENTRIES = 2**24
 
 
-def zero_update_weights(
-    G: Tensor, U: Tensor, tol: float, dtype: torch.dtype
-) -> tuple[Tensor, Tensor] | None:
-    """Rows of least-norm optimal weights when the rows of ``J`` positively span a subspace (the
-    optimal update of every row is zero), and which rows converged; None when they do not (or
-    ``G`` has full rank), in which case nothing else has been solved. ``G`` and ``U`` are in
-    float64; ``dtype``, that of the caller's ``G``, sets the threshold of its rank."""
+def range_factor(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """``(ℓ, √W)``: the factor ``ℓ ℓᵀ = W^{-1/2} G W^{-1/2}`` (``m × r``, see the module
+    docstring) and the square roots of the weights ``W``; None when ``G`` (float64) has full rank
+    for the rounding of a Gramian computed in ``dtype``."""
     m = G.shape[0]
     diagonal = G.diagonal()
     weights = torch.where(diagonal > 0, diagonal, 1e-6 * diagonal.amax())
     sqrt_weights = weights.sqrt()
     # The factor of the Jacobi-scaled G: as accurate for the rows of small norm as for the others.
     ell = low_rank_factor(G / (sqrt_weights.unsqueeze(1) * sqrt_weights), m - 1, dtype)
-    if ell is None:
+    return None if ell is None else (ell, sqrt_weights)
+
+
+def zero_update_weights(
+    G: Tensor,
+    U: Tensor,
+    tol: float,
+    dtype: torch.dtype,
+    factor: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor] | None:
+    """Rows of least-norm optimal weights when the rows of ``J`` positively span a subspace (the
+    optimal update of every row is zero), and which rows converged; None when they do not (or
+    ``G`` has full rank), in which case nothing else has been solved. ``G`` and ``U`` are in
+    float64; ``dtype``, that of the caller's ``G``, sets the threshold of its rank; ``factor``,
+    :func:`range_factor` when the caller has it."""
+    factor = factor or range_factor(G, dtype)
+    if factor is None:
         return None
+    ell, sqrt_weights = factor
     ones = torch.ones_like(U[:1])
     margin = _RESIDUAL[dtype]
     _, spanning = null_space_projection(ell, sqrt_weights, ones, tol, margin, feasibility=True)

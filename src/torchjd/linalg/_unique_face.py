@@ -1,0 +1,98 @@
+r"""Exact mode on a singular ``G`` whose rows' optima are nevertheless unique.
+
+When ``G = J Jᵀ`` has a large null space (many more rows than columns) but the rows of ``J``
+do not positively span a subspace, each row's update ``d = Jᵀv`` is unique and so, in general,
+is ``v`` itself: the optimal weights are the ``v ≥ u`` with ``Jᵀv = d`` and ``v_j = u_j``
+wherever ``J_j · d > 0``; when that holds for every index at its bound (strict complementarity)
+and the free rows ``J_P`` (``P = {j : v_j > u_j}``) are linearly independent, i.e. ``G_PP`` is
+nonsingular, any other optimum ``v'`` has ``G_PP (v' − v)_P = 0``, so ``v' = v``. The
+least-norm requirement of the exact mode is then void, and the Tikhonov regularisation of the
+general route (whose faces, solved through the interior point, cost minutes at ``m = 1024``) is
+not needed: ADMM on ``G`` itself (its linear step ``2G + ρI`` is nonsingular whatever ``G``) to
+a loose tolerance gives the active set, and principal pivoting on ``G``'s faces, which are
+nonsingular near the optimum, finishes it in a step or two.
+
+:func:`unique_optimum_rows` returns the rows it can certify: pivoting converged, the KKT
+residual on ``G`` meets the tolerance, every index at its bound has ``(Gv)_j`` at least
+:data:`_STRICT` ``· s_j max|u|`` (``s_j = ‖J_j‖ max_l ‖J_l‖``, the scale of
+:func:`~torchjd.linalg._kkt.kkt_residual`), and the Jacobi-scaled ``G_PP`` has every squared
+Cholesky pivot at least :data:`_MIN_PIVOT` (the test of a nonsingular ``G`` in the exact mode,
+restricted to the face). The others (several optima, as near-duplicate rows give, or a wrong
+face) are left to the general route.
+"""
+
+import torch
+from torch import Tensor
+
+from torchjd.linalg._admm import warm_admm
+from torchjd.linalg._kkt import kkt_residual, row_scales
+from torchjd.linalg._principal_pivoting import principal_pivoting
+
+_GUESS_TOL = 1e-5  # KKT residual at which ADMM's (float32) active set is trusted as a guess
+_GUESS_ITERS = 400
+_PIVOTS = 3
+_STRICT = 1e-6
+_MIN_PIVOT = 1e-6
+_CHUNK_ENTRIES = 2**24  # of the [k, |P|, |P|] face factorisations of the certificate (128 MiB)
+
+
+def unique_optimum_rows(G: Tensor, U: Tensor, tol: float, rank: int) -> tuple[Tensor, Tensor]:
+    """Rows ``argmin_{v ≥ u} vᵀ G v`` (``G`` and ``U`` in float64, ``G`` singular of rank
+    ``rank``) and which of them are certified unique optima (see the module docstring); the
+    others are ``u`` or an approximation.
+
+    ADMM's guess runs in float32 (half the cost of its products; its tolerance is far above the
+    rounding of ``G`` there), on the Jacobi-scaled problem (row norms spread over decades). A row
+    whose guessed face has more free indices than ``rank`` cannot be a unique optimum (``G_PP``
+    is singular: rows that positively span part of the space) and is not pivoted."""
+    diagonal = G.diagonal()
+    scale = torch.where(diagonal > 0, diagonal, 1.0).rsqrt().float()
+    Z, _, _ = warm_admm(G.float(), U.float(), _GUESS_TOL, _GUESS_ITERS, scale=scale)
+    guess = Z.double() <= U
+    X = U.clone()
+    certified = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
+    rows = ((~guess).sum(dim=1) <= rank).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return X, certified
+    U_rows = U[rows]
+    X_rows, converged = principal_pivoting(G, U_rows, guess[rows], row_scales(G), tol, _PIVOTS)
+    # Singular faces (a wrong guess) can give NaN rows.
+    X_rows = torch.where(X_rows.isfinite(), torch.maximum(X_rows, U_rows), U_rows)
+    GX = X_rows @ G
+    converged &= kkt_residual(G, U_rows, X_rows, GX) <= tol
+    X[rows] = X_rows
+    done = converged.nonzero().squeeze(1)
+    if done.numel() > 0:
+        converged[done] = unique_optimum(G, U_rows[done], X_rows[done], GX[done])
+    certified[rows] = converged
+    return X, certified
+
+
+def unique_optimum(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
+    """Whether each optimal row ``v`` of ``V`` is the only optimum: strict complementarity on the
+    indices at their bound, and ``G_PP`` nonsingular on the free indices ``P``."""
+    m = G.shape[0]
+    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    free = V > U
+    strict = (free | (_STRICT * row_scales(G) * u_scale <= GV)).all(dim=1)
+    diagonal = G.diagonal()
+    s = torch.where(diagonal > 0, diagonal, torch.inf).rsqrt()
+    S = s.unsqueeze(1) * G * s.unsqueeze(0)  # unit diagonal (zero rows: a zero one, never free)
+    width = max(1, int(free.sum(dim=1).amax()))
+    # Each row's free indices first (a stable sort), padded with an index of an identity block.
+    index = torch.argsort(free.to(torch.uint8), dim=1, descending=True, stable=True)[:, :width]
+    index = torch.where(free.gather(1, index), index, m)
+    padded = torch.zeros(m + 1, m + 1, dtype=G.dtype, device=G.device)
+    padded[:m, :m] = S
+    padded[m, m] = 1.0
+    nonsingular = []
+    for rows in index.split(max(1, _CHUNK_ENTRIES // width**2)):
+        faces = padded[rows.unsqueeze(2), rows.unsqueeze(1)]
+        # Padding indices repeat m: keep one unit on the diagonal, nothing off it.
+        pad = rows == m
+        faces = torch.where(pad.unsqueeze(2) | pad.unsqueeze(1), 0.0, faces)
+        faces = faces + torch.diag_embed(pad.to(G.dtype))
+        L, info = torch.linalg.cholesky_ex(faces)
+        pivots = L.diagonal(dim1=1, dim2=2) ** 2
+        nonsingular.append((info == 0) & (pivots.amin(dim=1) >= _MIN_PIVOT))
+    return strict & torch.cat(nonsingular)
