@@ -133,7 +133,7 @@ from torchjd.linalg._principal_pivoting import (
     scaled_cholesky,
 )
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
-from torchjd.linalg._small_pivoting import ScaledProblem, scaled_small_pivoting, small_pivoting
+from torchjd.linalg._small_pivoting import UnitRows, scaled_small_pivoting, small_pivoting
 from torchjd.linalg._spanning import range_factor, zero_update_weights
 from torchjd.linalg._tableau_pivoting import (
     TABLEAU_MAX_M,
@@ -278,14 +278,14 @@ def _small_unit_route(G: Tensor, tol: float) -> tuple[Tensor, Tensor]:
     """:func:`_small_default_route` on the rows of the identity, ``v(e_i)`` for every ``i``
     (UPGrad's problems up to their scale: ``v(p_i e_i) = p_i v(e_i)`` for ``p_i ≥ 0``), in
     float64, with fewer operations: the Jacobi-scaled problem is built from ``û = diag(√G_jj)``
-    (:meth:`~torchjd.linalg._small_pivoting.ScaledProblem.unit_rows`), and the initial active
+    (:class:`~torchjd.linalg._small_pivoting.UnitRows`), and the initial active
     set of row ``i`` is ``{j : G_ij > 0}``. Returns the rows (float64, ``[m, m]``) and which
     are solved."""
     m = G.shape[0]
     G = G.double()
     if m <= _ENUMERATION_MAX_M:
         return _small_default_route(G, torch.eye(m, dtype=G.dtype, device=G.device), tol)
-    problem = ScaledProblem.unit_rows(G, tol)
+    problem = UnitRows(G, tol)
     if m <= TABLEAU_MAX_M:
         return scaled_tableau_pivoting(problem, 3 * m + 10)
     result = scaled_small_pivoting(problem, problem.G_hat > 0, 3 * m + 10)

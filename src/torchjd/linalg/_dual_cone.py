@@ -1,6 +1,7 @@
 r"""Projection onto the dual cone of the rows of a matrix, in its dual (weight-space) form."""
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -118,13 +119,7 @@ class TorchProjector(DualConeProjector):
 
     def __call__(self, U: Tensor, G: PSDMatrix) -> Tensor:
         _check_shapes(U, G)
-        if U.requires_grad or G.requires_grad:
-            return self._project(U, G)
-        # Inference mode skips the autograd bookkeeping of each operation (about a tenth of the
-        # time of a small problem); the rows come out as a normal tensor.
-        with torch.inference_mode():
-            V = self._project(U, G)
-        return V.clone()
+        return _untracked(lambda: self._project(U, G), U, G)
 
     def _project(self, U: Tensor, G: Tensor) -> Tensor:
         # Not symmetrised here: the solver does it.
@@ -155,13 +150,7 @@ class TorchProjector(DualConeProjector):
             if p is None:
                 p = torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
             return self(torch.diag(p), G).sum(dim=0)
-        if G.requires_grad or (p is not None and p.requires_grad):
-            return self._summed_unit_rows(p, G)
-        # Inference mode skips the autograd bookkeeping of each operation (about a tenth of the
-        # time at these sizes); the weights come out as a normal tensor.
-        with torch.inference_mode():
-            weights = self._summed_unit_rows(p, G)
-        return weights.clone()
+        return _untracked(lambda: self._summed_unit_rows(p, G), G, p)
 
     def _summed_unit_rows(self, p: Tensor | None, G: Tensor) -> Tensor:
         """:meth:`_summed_projections` through the problems of the unit vectors."""
@@ -273,6 +262,17 @@ def _check_shapes(U: Tensor, G: Tensor) -> None:
             f"`U` must have shape [m] or [k, m] with m = {G.shape[0]} (the size of `G`). "
             f"Found shape {tuple(U.shape)}."
         )
+
+
+def _untracked(compute: Callable[[], Tensor], *inputs: Tensor | None) -> Tensor:
+    """``compute()``, in inference mode when no input requires grad: that skips the autograd
+    bookkeeping of each operation (about a tenth of the time of a small problem). The result
+    comes out as a normal tensor."""
+    if any(t is not None and t.requires_grad for t in inputs):
+        return compute()
+    with torch.inference_mode():
+        result = compute()
+    return result.clone()
 
 
 _MAX_ITERS = 10_000  # those of solve_lower_bounded_qp

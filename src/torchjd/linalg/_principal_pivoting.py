@@ -68,18 +68,17 @@ def principal_pivoting(
     for ``G_exact`` by iterated refinement, ``v_F ← v_F − G_FF⁻¹ (G_exact v)_F``: the
     regularisation's bias goes, the (scaled) null-space component of ``v`` stays.
 
-    ``face_solver`` (``(U, active) ↦ (V, G V)``) replaces the default face solves.
+    ``face_solver`` (``(U, active) ↦ (V, G V)``, without ``G_exact``) replaces the default face
+    solves.
     """
-    if G_exact is not None and face_solver is None:
+    if G_exact is not None:
+        if face_solver is not None:
+            raise ValueError("Expected `face_solver` to be None when `G_exact` is given.")
         X, converged, _ = least_norm_pivoting(G, U, active, row_scale, tol, max_iters, G_exact)
         return X, converged
-    if G_exact is None and face_solver is None and U.shape[1] <= _MASKED_MAX_M:
+    if face_solver is None and U.shape[1] <= _MASKED_MAX_M:
         return _masked_pivoting(G, U, active, row_scale, tol, max_iters)[:2]
-    X, converged, final_active = _pivoting(
-        G, U, active, row_scale, tol, max_iters, face_solver, G_exact is not None
-    )
-    if G_exact is not None:
-        X, _ = refine(G_exact, G, U, X, final_active, tol)
+    X, converged, _ = _pivoting(G, U, active, row_scale, tol, max_iters, face_solver, False)
     return X, converged
 
 
@@ -271,7 +270,7 @@ def refine(
     V: Tensor,
     active: Tensor,
     tol: float,
-    masked: bool | None = None,
+    masked: bool,
 ) -> tuple[Tensor, Tensor]:
     r"""Iterated refinement of each row's face solution towards ``G_exact`` (iterated Tikhonov
     regularisation), :math:`v_F \leftarrow v_F - G_{FF}^{-1} (G_{\text{exact}} v)_F`, for at most
@@ -279,8 +278,8 @@ def refine(
     every row meets ``tol`` on ``G_exact`` (on nearly singular faces the refinement moves on after
     the tolerance is met: towards the least-norm weights). Returns the rows (``v ≥ u``), refined
     where that meets ``tol`` or lowers their KKT residual for ``G_exact``, and that residual. (A
-    finite ``G_exact``: the residuals are those of feasible rows.) ``masked``: as in
-    :func:`face_solver`."""
+    finite ``G_exact``: the residuals are those of feasible rows.) ``masked``: whether the faces
+    are solved as masked full-size systems (see :func:`face_solver`)."""
     free = ~active
     solve = face_solver(G, active, masked=masked)
     V = torch.maximum(V, U)
@@ -395,19 +394,15 @@ def _face_solve_by_inverse(
     return torch.where(free, s * y, 0.0)
 
 
-def face_solve(G: Tensor, active: Tensor, rhs: Tensor) -> Tensor:
-    """``x`` with ``x_A = 0`` and ``G_FF x_F = rhs_F``, for each row and its free set ``F = ¬A``."""
-    return face_solver(G, active)(rhs)
-
-
 def face_solver(
     G: Tensor,
     active: Tensor,
     bordered: tuple[Tensor, Tensor] | None = None,
     masked: bool | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """:func:`face_solve` for several right-hand sides on the same faces: the faces are factorised
-    once, as masked full-size systems (by default up to :data:`_MASKED_MAX_M`) or compacted from
+    """The solve of ``x`` with ``x_A = 0`` and ``G_FF x_F = rhs_F``, for each row and its free set
+    ``F = ¬A``, for several right-hand sides on the same faces: the faces are factorised once,
+    as masked full-size systems (by default up to :data:`_MASKED_MAX_M`) or compacted from
     ``bordered`` (:func:`bordered_scaled` ``(G)``, computed here when not given)."""
     free = ~active
     if G.shape[0] <= _MASKED_MAX_M if masked is None else masked:
@@ -497,10 +492,15 @@ def _compacted_group(
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
     """The Cholesky factors of the compacted blocks of the rows ``group`` (``[g, 1]``), whose
     free columns come first in ``cols`` (``[g, width]``), padded by the identity."""
-    m = free.shape[1]
     mask = free[group, cols]  # False on the padding
     index = torch.where(mask, cols, padding[: cols.shape[1]])
-    L, _ = torch.linalg.cholesky_ex(
-        torch.take(scaled, index.unsqueeze(2) * 2 * m + index.unsqueeze(1))
-    )
+    L, _ = torch.linalg.cholesky_ex(compacted_blocks(scaled, index))
     return group, cols, mask, (L, torch.where(mask, s[cols], 1.0))
+
+
+def compacted_blocks(bordered: Tensor, index: Tensor) -> Tensor:
+    """The blocks ``B[index_i, index_i]`` (``[g, width, width]``) of ``B`` = ``bordered`` for the
+    rows ``index_i`` of ``index`` (``[g, width]``), in one ``take``: with ``B`` from
+    :func:`bordered_scaled`, indices ``m`` and beyond pad the blocks with the identity."""
+    n = bordered.shape[0]
+    return torch.take(bordered, index.unsqueeze(2) * n + index.unsqueeze(1))

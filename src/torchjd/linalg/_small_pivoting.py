@@ -29,7 +29,7 @@ answer of every row is checked once, at the end, on ``G`` itself (its KKT residu
 :func:`~torchjd.linalg._kkt.kkt_residual` measures it).
 
 UPGrad's problems are those of the unit vectors up to their scale
-(:meth:`ScaledProblem.unit_rows`: ``û = diag(√G_jj)``, ``max|u| = 1``, one bound for the
+(:class:`UnitRows`: ``û = diag(√G_jj)``, ``max|u| = 1``, one bound for the
 gradients of all rows, and the check done in the scaled variables).
 """
 
@@ -154,40 +154,44 @@ class ScaledProblem:
         bound = (_PRIMAL_THRESHOLD * tol) * self.u_scale
         self.primal_bound, self.dual_bound = bound / self.s, bound * -self.c
 
-    @classmethod
-    def unit_rows(cls, G: Tensor, tol: float) -> "ScaledProblem":
-        """The ``m`` problems ``u = e_i`` on a float64 ``G`` (UPGrad's, up to their scale ``p_i``:
-        ``v(p_i e_i) = p_i v(e_i)``): ``max|u| = 1``, ``û = diag(√G_jj)``, and fewer operations
-        than the general case."""
-        problem = cls.__new__(cls)
-        problem.G, problem.U, problem.tol, problem.u_scale = G, None, tol, None
-        diagonal = G.diagonal()
-        # S⁻¹ = diag(√G_jj): v = z / √G_jj, so that v_i ≥ 1 exactly where z_i ≥ û_i = √G_ii
-        # (division is monotonic).
-        problem.root = root = diagonal.sqrt()
-        problem.G_hat = G / (root.unsqueeze(1) * root)
-        problem.U_hat = torch.diag(root)
-        problem.c = diagonal.amax().sqrt()
-        problem.primal_bound = (_PRIMAL_THRESHOLD * tol) * root
-        problem.dual_bound = (-_PRIMAL_THRESHOLD * tol * problem.c).reshape(1, 1)
-        return problem
-
     def solution(self, Z: Tensor) -> tuple[Tensor, Tensor]:
         """The rows ``v = S z`` (clamped to ``v ≥ u``) and which are solved: their KKT residual on
         ``G`` (as :func:`~torchjd.linalg._kkt.kkt_residual` measures it) is at most ``tol``. A
         face solution whose gradient does not vanish on its free set (rounding on an
         ill-conditioned face) fails the complementarity term."""
-        if self.U is None:  # unit rows, in the scaled variables: (G v)_j s_j = (Ĝ z)_j
-            Z = torch.maximum(Z, self.U_hat)
-            gradient = Z @ self.G_hat
-            excess = (Z - self.U_hat) / self.root
-            residual = torch.maximum(-gradient, gradient.abs() * excess)
-            return Z / self.root, residual.amax(dim=1) <= self.tol * self.c
         X = torch.maximum(self.s * Z, self.U)
         relative_gradient = (X @ self.G) * (self.s / self.c) / self.u_scale
         excess = (X - self.U) / self.u_scale
         residual = torch.maximum(-relative_gradient, relative_gradient.abs() * excess)
         return X, residual.amax(dim=1) <= self.tol
+
+
+class UnitRows(ScaledProblem):
+    """The ``m`` problems ``u = e_i`` on a float64 ``G`` (UPGrad's, up to their scale ``p_i``:
+    ``v(p_i e_i) = p_i v(e_i)``), with fewer operations than the general case: ``max|u| = 1``,
+    ``û = diag(√G_jj)``, one bound for the gradients of all rows, and the final check in the
+    scaled variables."""
+
+    def __init__(self, G: Tensor, tol: float) -> None:
+        self.G, self.tol = G, tol
+        diagonal = G.diagonal()
+        # S⁻¹ = diag(√G_jj): v = z / √G_jj, so that v_i ≥ 1 exactly where z_i ≥ û_i = √G_ii
+        # (division is monotonic).
+        self.root = root = diagonal.sqrt()
+        self.G_hat = G / (root.unsqueeze(1) * root)
+        self.U_hat = torch.diag(root)
+        self.c = diagonal.amax().sqrt()
+        self.primal_bound = (_PRIMAL_THRESHOLD * tol) * root
+        self.dual_bound = (-_PRIMAL_THRESHOLD * tol * self.c).reshape(1, 1)
+
+    def solution(self, Z: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`ScaledProblem.solution`, checked in the scaled variables:
+        ``(G v)_j / s_j = (Ĝ z)_j``."""
+        Z = torch.maximum(Z, self.U_hat)
+        gradient = Z @ self.G_hat
+        excess = (Z - self.U_hat) / self.root
+        residual = torch.maximum(-gradient, gradient.abs() * excess)
+        return Z / self.root, residual.amax(dim=1) <= self.tol * self.c
 
 
 class _Faces:

@@ -26,7 +26,11 @@ from torch import Tensor
 
 from torchjd.linalg._admm import warm_admm
 from torchjd.linalg._kkt import kkt_residual, row_scales
-from torchjd.linalg._principal_pivoting import principal_pivoting
+from torchjd.linalg._principal_pivoting import (
+    bordered_scaled,
+    compacted_blocks,
+    principal_pivoting,
+)
 
 _GUESS_TOL = 1e-5  # KKT residual at which ADMM's (float32) active set is trusted as a guess
 _GUESS_ITERS = 400
@@ -75,24 +79,16 @@ def unique_optimum(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
     free = V > U
     strict = (free | (_STRICT * row_scales(G) * u_scale <= GV)).all(dim=1)
-    diagonal = G.diagonal()
-    s = torch.where(diagonal > 0, diagonal, torch.inf).rsqrt()
-    S = s.unsqueeze(1) * G * s.unsqueeze(0)  # unit diagonal (zero rows: a zero one, never free)
+    # diag(S G S, I): unit diagonal, a zero one on zero rows (never free)
+    _, bordered = bordered_scaled(G)
     width = max(1, int(free.sum(dim=1).amax()))
-    # Each row's free indices first (a stable sort), padded with an index of an identity block.
+    # Each row's free indices first (a stable sort), padded by indices of the identity block.
     index = torch.argsort(free.to(torch.uint8), dim=1, descending=True, stable=True)[:, :width]
-    index = torch.where(free.gather(1, index), index, m)
-    padded = torch.zeros(m + 1, m + 1, dtype=G.dtype, device=G.device)
-    padded[:m, :m] = S
-    padded[m, m] = 1.0
+    padding = torch.arange(m, m + width, device=G.device)
+    index = torch.where(free.gather(1, index), index, padding)
     nonsingular = []
     for rows in index.split(max(1, _CHUNK_ENTRIES // width**2)):
-        faces = padded[rows.unsqueeze(2), rows.unsqueeze(1)]
-        # Padding indices repeat m: keep one unit on the diagonal, nothing off it.
-        pad = rows == m
-        faces = torch.where(pad.unsqueeze(2) | pad.unsqueeze(1), 0.0, faces)
-        faces = faces + torch.diag_embed(pad.to(G.dtype))
-        L, info = torch.linalg.cholesky_ex(faces)
+        L, info = torch.linalg.cholesky_ex(compacted_blocks(bordered, rows))
         pivots = L.diagonal(dim1=1, dim2=2) ** 2
         nonsingular.append((info == 0) & (pivots.amin(dim=1) >= _MIN_PIVOT))
     return strict & torch.cat(nonsingular)
