@@ -279,11 +279,9 @@ class _Faces:
         offset = (
             index if isinstance(dual, int) else torch.where(dual & (index < m), index, index + m)
         )
-        # Rows of the blocks, then their columns (two contiguous gathers: several times faster than
-        # one two-dimensional index from width 16 on).
-        k = offset.shape[0]
-        B = blocks.index_select(0, offset.flatten()).view(k, width, blocks.shape[1])
-        B = B.gather(2, offset.unsqueeze(1).expand(k, width, width))
+        # One gather from the flattened blocks (one and a half to two times faster than a
+        # two-dimensional index, with no larger intermediate).
+        B = blocks.view(-1).take(offset.unsqueeze(2) * blocks.shape[1] + offset.unsqueeze(1))
         b = torch.constant_pad_nd(rhs, (0, m)).gather(1, index)
         if width <= _LU_MAX_WIDTH:  # one operation
             x = torch.linalg.solve_ex(B, b)[0]
