@@ -22,11 +22,12 @@ at once while their number falls, else (after three steps without progress) only
 Júdice & Pires (1994), the exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`.
 
 A step is a fixed two to three dozen operations whatever the rows do, and two host
-synchronisations (whether an index is infeasible; the widths of the next faces with the count of
-rows done): rows whose guess is right keep their face (their solution does not change), and leave
-the batch only when they are half of it and the batch is large enough for its size to matter. The
-answer of every row is checked once, at the end, on ``G`` itself (its KKT residual, as
-:func:`~torchjd.linalg._kkt.kkt_residual` measures it).
+synchronisations (whether an index is infeasible; each row's count of infeasible indices and size
+of its next active set, read together, from which the host takes the widths of the next faces and
+the count of rows done): rows whose guess is right keep their face (their solution does not
+change), and leave the batch only when they are half of it and the batch is large enough for its
+size to matter. The answer of every row is checked once, at the end, on ``G`` itself (its KKT
+residual, as :func:`~torchjd.linalg._kkt.kkt_residual` measures it).
 
 UPGrad's problems are those of the unit vectors up to their scale
 (:class:`UnitRows`: ``û = diag(√G_jj)``, ``max|u| = 1``, one bound for the
@@ -70,8 +71,9 @@ def scaled_small_pivoting(
     problem: "ScaledProblem", active: Tensor, max_steps: int
 ) -> tuple[Tensor, Tensor] | None:
     """:func:`small_pivoting` on a prepared problem. Two host synchronisations per step: whether
-    some index is infeasible and, if so, the count of rows done with the widths of the next
-    step's faces (read together)."""
+    some index is infeasible and, if so, each row's count of infeasible indices and the size of its
+    next active set (read together: the host takes the count of rows done and the widths of the
+    next faces from them)."""
     G_hat, U_hat = problem.G_hat, problem.U_hat
     m = U_hat.shape[1]
     L, info = torch.linalg.cholesky_ex(G_hat)
