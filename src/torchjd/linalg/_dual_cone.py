@@ -10,6 +10,8 @@ from torch import Tensor
 from torchjd.linalg._bounded_qp import (
     _DIRECT_MAX_M,
     DEFAULT_TOL,
+    LEAST_NORM_TOL,
+    _exact_unit_route,
     _small_unit_route,
     _solve,
     solve_lower_bounded_qp,
@@ -138,8 +140,12 @@ class TorchProjector(DualConeProjector):
         In the default mode up to ``m = 64`` (float32 and float64), the ``m`` problems are
         solved as those of the unit vectors, ``v(p_i e_i) = p_i v(e_i)``, with fewer operations
         (:func:`~torchjd.linalg._bounded_qp._small_unit_route`); the Gramian is normalised and
-        regularised as by :meth:`__call__`, and the rows left take the general route."""
+        regularised as by :meth:`__call__`, and the rows left take the general route. In the
+        exact mode up to ``m = 64``, the general route's own steps run on the unit vectors,
+        without its tests of a diagonal ``U`` (:meth:`_summed_exact_unit_rows`)."""
         m = G.shape[0]
+        if self.reg_eps == 0.0 and m <= _DIRECT_MAX_M and self._summable(G):
+            return _untracked(lambda: self._summed_exact_unit_rows(p, G), G, p)
         if (
             self.reg_eps == 0.0
             or m > _DIRECT_MAX_M
@@ -151,6 +157,28 @@ class TorchProjector(DualConeProjector):
                 p = torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
             return self(torch.diag(p), G).sum(dim=0)
         return _untracked(lambda: self._summed_unit_rows(p, G), G, p)
+
+    def _summable(self, G: Tensor) -> bool:
+        """Whether :meth:`_summed_projections` may solve the problems of the unit vectors."""
+        return (
+            G.dtype in DEFAULT_TOL
+            and type(self).__call__ in _SUMMABLE
+            and getattr(self, "backend", "torch") == "torch"
+        )
+
+    def _summed_exact_unit_rows(self, p: Tensor | None, G: Tensor) -> Tensor:
+        """:meth:`_summed_projections` in the exact mode up to ``m = 64``, through the
+        least-norm weights of the unit vectors
+        (:func:`~torchjd.linalg._bounded_qp._exact_unit_route`)."""
+        m = G.shape[0]
+        G = symmetrized(normalized(G, self.norm_eps))
+        tol = LEAST_NORM_TOL[G.dtype]
+        if bool(G.isfinite().all()):
+            X = _exact_unit_route(G, tol, _MAX_ITERS)
+        else:  # NaN rows, from the general route
+            eye = torch.eye(m, dtype=G.dtype, device=G.device)
+            X = _solve(G, eye, tol, _MAX_ITERS, True)
+        return X.mean(dim=0) if p is None else p.to(X.dtype) @ X
 
     def _summed_unit_rows(self, p: Tensor | None, G: Tensor) -> Tensor:
         """:meth:`_summed_projections` through the problems of the unit vectors."""

@@ -267,7 +267,7 @@ def refine(
     G_exact: Tensor,
     G: Tensor,
     U: Tensor,
-    V: Tensor,
+    V: Tensor | None,
     active: Tensor,
     tol: float,
     masked: bool,
@@ -279,9 +279,13 @@ def refine(
     the tolerance is met: towards the least-norm weights). Returns the rows (``v ≥ u``), refined
     where that meets ``tol`` or lowers their KKT residual for ``G_exact``, and that residual. (A
     finite ``G_exact``: the residuals are those of feasible rows.) ``masked``: whether the faces
-    are solved as masked full-size systems (see :func:`face_solver`)."""
+    are solved as masked full-size systems (see :func:`face_solver`). ``V`` None: the face
+    solutions of ``G`` on ``active`` are computed first (with the factors of the refinement)."""
     free = ~active
     solve = face_solver(G, active, masked=masked)
+    if V is None:
+        V_A = torch.where(active, U, 0.0)
+        V = V_A + solve(-(V_A @ G))
     V = torch.maximum(V, U)
     gradient_V = gradient = V @ G_exact
     refined = V
