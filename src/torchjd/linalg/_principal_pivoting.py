@@ -197,7 +197,8 @@ def _masked_pivoting(
     # Per row: S⁻¹ u, and the weights of the violations relative to max|u| (primal) and to
     # row_scale_j · max|u| (dual, negated), in z; one tensor, so that the rows done leave in one
     # index.
-    state = torch.stack([U / s, s / u_scale, -1 / (s * row_scale * u_scale)])
+    U_hat = U / s
+    state = torch.stack([U_hat, -U_hat, s / u_scale, -1 / (s * row_scale * u_scale)])
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
     final_active = torch.empty_like(active)
@@ -207,14 +208,14 @@ def _masked_pivoting(
     # Per row: the fewest infeasible indices so far, and the full exchanges left without progress.
     best, tries = torch.tensor([[m + 1], [_FULL_EXCHANGES]], device=U.device).repeat(1, k)
     for step in range(max_iters):
-        U_hat, primal_weight, dual_weight = state
+        U_hat, minus_U_hat, primal_weight, dual_weight = state
         a = active.to(G.dtype)
         f = 1 - a
         # K = [Ĝ_FF, 0; 0, I]: two products, cheaper than torch.where on [k, m, m] booleans.
         K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
         K.diagonal(dim1=1, dim2=2).add_(a)
         L, _ = torch.linalg.cholesky_ex(K)
-        x = cholesky_solve(L, ((U_hat * a) @ G_hat).neg_())
+        x = cholesky_solve(L, (minus_U_hat * a) @ G_hat)
         Z = torch.where(active, U_hat, x)
         conflict = (Z @ G_hat) * dual_weight  # −(Gv)_j / (row_scale_j · max|u|)
         violation = torch.where(active, conflict, (U_hat - Z) * primal_weight)
@@ -233,11 +234,14 @@ def _masked_pivoting(
         if n_done == len(rows) or step == max_iters - 1:
             break
         # The exchange of :func:`exchange`: all infeasible indices while their count falls,
-        # else only the largest.
+        # else only the largest (never before step _FULL_EXCHANGES + 1: tries is still ≥ 0).
         tries = torch.where(count < best, _FULL_EXCHANGES, tries - 1)
         best = torch.minimum(count, best)
-        largest = (infeasible * positions).amax(dim=1, keepdim=True)
-        active = active ^ (infeasible & ((tries >= 0).unsqueeze(1) | (positions == largest)))
+        if step <= _FULL_EXCHANGES:
+            active = active ^ infeasible
+        else:
+            largest = (infeasible * positions).amax(dim=1, keepdim=True)
+            active = active ^ (infeasible & ((tries >= 0).unsqueeze(1) | (positions == largest)))
         if n_done > 0:
             keep = (~done).nonzero().squeeze(1)
             rows, active, state = rows[keep], active[keep], state[:, keep]
@@ -267,7 +271,7 @@ def refine(
     G_exact: Tensor,
     G: Tensor,
     U: Tensor,
-    V: Tensor | None,
+    V: Tensor,
     active: Tensor,
     tol: float,
     masked: bool,
@@ -279,13 +283,9 @@ def refine(
     the tolerance is met: towards the least-norm weights). Returns the rows (``v ≥ u``), refined
     where that meets ``tol`` or lowers their KKT residual for ``G_exact``, and that residual. (A
     finite ``G_exact``: the residuals are those of feasible rows.) ``masked``: whether the faces
-    are solved as masked full-size systems (see :func:`face_solver`). ``V`` None: the face
-    solutions of ``G`` on ``active`` are computed first (with the factors of the refinement)."""
+    are solved as masked full-size systems (see :func:`face_solver`)."""
     free = ~active
     solve = face_solver(G, active, masked=masked)
-    if V is None:
-        V_A = torch.where(active, U, 0.0)
-        V = V_A + solve(-(V_A @ G))
     V = torch.maximum(V, U)
     gradient_V = gradient = V @ G_exact
     refined = V
