@@ -284,17 +284,17 @@ def refine(
     where that meets ``tol`` or lowers their KKT residual for ``G_exact``, and that residual. (A
     finite ``G_exact``: the residuals are those of feasible rows.) ``masked``: whether the faces
     are solved as masked full-size systems (see :func:`face_solver`)."""
-    free = ~active
     solve = face_solver(G, active, masked=masked)
     V = torch.maximum(V, U)
     gradient_V = gradient = V @ G_exact
     refined = V
     after = None
     for _ in range(_REFINEMENTS):
-        step = solve(torch.where(free, -gradient, 0.0))
-        refined = refined + step
+        step = solve(gradient)  # (the solve keeps the free indices of its right-hand side)
+        refined = refined - step
         gradient = refined @ G_exact
-        settled = step.abs().amax(dim=1) <= _SETTLED * refined.abs().amax(dim=1)
+        norm = torch.linalg.vector_norm
+        settled = norm(step, math.inf, dim=1) <= _SETTLED * norm(refined, math.inf, dim=1)
         # The residuals only once every row has settled (a few operations fewer per step). On
         # the clamped rows: a tiny clamp can move the gradient of a tiny row by much, relatively.
         if bool(settled.all()):
