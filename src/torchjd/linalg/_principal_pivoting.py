@@ -98,13 +98,16 @@ def least_norm_pivoting(
     step)."""
     k, m = U.shape
     masked = m <= _MASKED_MAX_M or k * m**3 <= _MASKED_BUDGET
+    factor = None
     if masked:
-        X, converged, final_active = _masked_pivoting(G, U, active, row_scale, tol, max_iters)
+        X, converged, final_active, factor = _masked_pivoting(
+            G, U, active, row_scale, tol, max_iters, keep_factors=True
+        )
     else:
         X, converged, final_active = _pivoting(
             G, U, active, row_scale, tol, max_iters, None, least_norm=True
         )
-    X, residual = refine(G_exact, G, U, X, final_active, tol, masked)
+    X, residual = refine(G_exact, G, U, X, final_active, tol, masked, factor)
     return X, converged, residual
 
 
@@ -175,8 +178,14 @@ def _pivoting(
 
 
 def _masked_pivoting(
-    G: Tensor, U: Tensor, active: Tensor, row_scale: Tensor, tol: float, max_iters: int
-) -> tuple[Tensor, Tensor, Tensor]:
+    G: Tensor,
+    U: Tensor,
+    active: Tensor,
+    row_scale: Tensor,
+    tol: float,
+    max_iters: int,
+    keep_factors: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     r""":func:`principal_pivoting` of the default mode up to :data:`_MASKED_MAX_M`, with few
     operations per step: it works in the Jacobi-scaled variables ``z = S⁻¹ v`` of
     ``Ĝ = S G S``, ``S = diag(G)^{-1/2}`` (scaled once), so that each face system is the full-size
@@ -188,7 +197,10 @@ def _masked_pivoting(
 
     where ``z_A`` is ``S⁻¹ u`` on ``A`` and zero on ``F``. The two feasibility tests
     (``(Gv)_A ≥ 0`` and ``v_F ≥ u_F``, same threshold) are one masked violation; the rows done
-    leave the batch, their last face solution kept."""
+    leave the batch, their last face solution kept. Returns the rows, which converged, their last
+    active sets and, with ``keep_factors``, ``(L, s)``: the Cholesky factors of their last ``K``
+    and the scaling (those of :func:`face_solver` on these faces, for the least-norm
+    refinement), else None."""
     k, m = U.shape
     diagonal = G.diagonal()
     s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 1.0)
@@ -202,6 +214,8 @@ def _masked_pivoting(
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
     final_active = torch.empty_like(active)
+    # (column-major, as cholesky_ex returns them: the triangular solves then round the same way)
+    L_all = U.new_empty(k, m, m).mT if keep_factors else None
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
     rows = torch.arange(k, device=U.device)
     positions = torch.arange(1, m + 1, device=U.device)
@@ -231,6 +245,8 @@ def _masked_pivoting(
             Z_all[rows] = Z
             final_active[rows] = active
             converged[rows] = solved & exact
+            if L_all is not None:
+                L_all[rows] = L
         if n_done == len(rows) or step == max_iters - 1:
             break
         # The exchange of :func:`exchange`: all infeasible indices while their count falls,
@@ -247,7 +263,7 @@ def _masked_pivoting(
             rows, active, state = rows[keep], active[keep], state[:, keep]
             best, tries = best[keep], tries[keep]
     X = s * Z_all
-    return X, converged, final_active
+    return X, converged, final_active, None if L_all is None else (L_all, s)
 
 
 def exchange(
@@ -275,6 +291,7 @@ def refine(
     active: Tensor,
     tol: float,
     masked: bool,
+    factor: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Iterated refinement of each row's face solution towards ``G_exact`` (iterated Tikhonov
     regularisation), :math:`v_F \leftarrow v_F - G_{FF}^{-1} (G_{\text{exact}} v)_F`, for at most
@@ -283,8 +300,9 @@ def refine(
     the tolerance is met: towards the least-norm weights). Returns the rows (``v ≥ u``), refined
     where that meets ``tol`` or lowers their KKT residual for ``G_exact``, and that residual. (A
     finite ``G_exact``: the residuals are those of feasible rows.) ``masked``: whether the faces
-    are solved as masked full-size systems (see :func:`face_solver`)."""
-    solve = face_solver(G, active, masked=masked)
+    are solved as masked full-size systems (see :func:`face_solver`), whose factors ``factor``
+    gives when already computed (by :func:`_masked_pivoting`)."""
+    solve = face_solver(G, active, masked=masked, factor=factor)
     V = torch.maximum(V, U)
     gradient_V = gradient = V @ G_exact
     refined = V
@@ -403,15 +421,20 @@ def face_solver(
     active: Tensor,
     bordered: tuple[Tensor, Tensor] | None = None,
     masked: bool | None = None,
+    factor: tuple[Tensor, Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """The solve of ``x`` with ``x_A = 0`` and ``G_FF x_F = rhs_F``, for each row and its free set
     ``F = ¬A``, for several right-hand sides on the same faces: the faces are factorised once,
     as masked full-size systems (by default up to :data:`_MASKED_MAX_M`) or compacted from
-    ``bordered`` (:func:`bordered_scaled` ``(G)``, computed here when not given)."""
+    ``bordered`` (:func:`bordered_scaled` ``(G)``, computed here when not given). ``factor``:
+    the factors of the masked systems when already computed (the Cholesky factors ``L`` of the
+    Jacobi-scaled systems and the scaling ``s = diag(G)^{-1/2}``, which may differ from the
+    systems' own on the active indices, where the right-hand side and the solution are zero)."""
     free = ~active
     if G.shape[0] <= _MASKED_MAX_M if masked is None else masked:
-        eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-        factor = _spd_factor(torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye))
+        if factor is None:
+            eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+            factor = _spd_factor(torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye))
         return lambda rhs: torch.where(free, _spd_solve(factor, torch.where(free, rhs, 0.0)), 0.0)
     groups = _compacted_factors(active, bordered_scaled(G) if bordered is None else bordered)
 
