@@ -128,7 +128,7 @@ from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import (
     _MASKED_MAX_M,
-    least_norm_pivoting,
+    least_norm_pivoting_steps,
     principal_pivoting,
     scaled_cholesky,
 )
@@ -450,28 +450,30 @@ def _refined_least_norm(
     then refined towards ``G_exact`` until it settles
     (:func:`~torchjd.linalg._principal_pivoting.least_norm_pivoting`). The rows where pivoting
     fails (it wanders on degenerate problems) go to the interior point at once, which is where
-    the general route, repeating the same first pivots, would send them. Returns the rows
-    (``v ≥ u``) and which are final: those whose KKT residual on ``G_exact`` meets ``tol``, and
-    those of the interior point."""
+    the general route (:func:`_pivoting_route`), repeating the same first pivots, would send
+    them; so do the rows whose refined face misses ``tol`` on ``G_exact`` (float64) after more
+    steps than the general route's :data:`_LEAST_NORM_PIVOTS`, while those found within them
+    are kept as they are: the general route would find the same face and refinement again.
+    Returns the rows (``v ≥ u``) and which are final (all)."""
     m = G.shape[0]
     G64, G_exact64, U64 = G.double(), G_exact.double(), U.double()
     # Masked steps are cheap: as many as the default mode takes; compacted ones, the general
     # route's few.
     steps = 3 * m + 10 if m <= _MASKED_MAX_M else _LEAST_NORM_PIVOTS
-    X, found, residual = least_norm_pivoting(
+    X, found, residual, finished = least_norm_pivoting_steps(
         G64, U64, GU > 0, row_scales(G64), tol, steps, G_exact64
     )
-    final = residual <= tol
-    if G.dtype != torch.float64:
-        # The rounding of a float32 G can keep a row above tol whatever its weights: the general
-        # route, repeating these pivots, would return the same refined face.
-        final |= found
+    # The rows that the general route, repeating these pivots for at most _LEAST_NORM_PIVOTS
+    # steps, would find again (the rounding of a float32 G can keep a row above tol whatever
+    # its weights: in float32, every row found).
+    within = found
+    if G.dtype == torch.float64 and finished is not None and steps > _LEAST_NORM_PIVOTS:
+        within = found & (finished < _LEAST_NORM_PIVOTS)
+    left = (~((residual <= tol) & found | within)).nonzero().squeeze(1)
     X = X.to(G.dtype)
-    if not bool(found.all()):
-        left = (~found).nonzero().squeeze(1)
+    if left.numel() > 0:
         X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
-        final[left] = True
-    return X, final
+    return X, torch.ones_like(found)
 
 
 def _pivoting_route(

@@ -96,19 +96,35 @@ def least_norm_pivoting(
     and for few rows (``k m³`` up to :data:`_MASKED_BUDGET`: the rows that other methods leave),
     with the masked full-size face systems of :func:`_masked_pivoting` (few operations per
     step)."""
+    return least_norm_pivoting_steps(G, U, active, row_scale, tol, max_iters, G_exact)[:3]
+
+
+def least_norm_pivoting_steps(
+    G: Tensor,
+    U: Tensor,
+    active: Tensor,
+    row_scale: Tensor,
+    tol: float,
+    max_iters: int,
+    G_exact: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`least_norm_pivoting`, which also returns the step (from 0) at which each row left
+    pivoting when its faces were masked systems, else None. (Each row's steps do not depend on
+    the other rows of the batch, nor on ``max_iters`` beyond them.)"""
     k, m = U.shape
     masked = m <= _MASKED_MAX_M or k * m**3 <= _MASKED_BUDGET
-    factor = None
+    factor = finished = None
     if masked:
-        X, converged, final_active, factor = _masked_pivoting(
+        X, converged, final_active, kept = _masked_pivoting(
             G, U, active, row_scale, tol, max_iters, keep_factors=True
         )
+        factor, finished = kept if kept is not None else (None, None)
     else:
         X, converged, final_active = _pivoting(
             G, U, active, row_scale, tol, max_iters, None, least_norm=True
         )
     X, residual = refine(G_exact, G, U, X, final_active, tol, masked, factor)
-    return X, converged, residual
+    return X, converged, residual, finished
 
 
 def _pivoting(
@@ -185,7 +201,7 @@ def _masked_pivoting(
     tol: float,
     max_iters: int,
     keep_factors: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[Tensor, Tensor], Tensor] | None]:
     r""":func:`principal_pivoting` of the default mode up to :data:`_MASKED_MAX_M`, with few
     operations per step: it works in the Jacobi-scaled variables ``z = S⁻¹ v`` of
     ``Ĝ = S G S``, ``S = diag(G)^{-1/2}`` (scaled once), so that each face system is the full-size
@@ -198,9 +214,9 @@ def _masked_pivoting(
     where ``z_A`` is ``S⁻¹ u`` on ``A`` and zero on ``F``. The two feasibility tests
     (``(Gv)_A ≥ 0`` and ``v_F ≥ u_F``, same threshold) are one masked violation; the rows done
     leave the batch, their last face solution kept. Returns the rows, which converged, their last
-    active sets and, with ``keep_factors``, ``(L, s)``: the Cholesky factors of their last ``K``
-    and the scaling (those of :func:`face_solver` on these faces, for the least-norm
-    refinement), else None."""
+    active sets and, with ``keep_factors``, ``((L, s), steps)``: the Cholesky factors of their
+    last ``K`` and the scaling (those of :func:`face_solver` on these faces, for the least-norm
+    refinement), and the step (from 0) at which each row left; else None."""
     k, m = U.shape
     diagonal = G.diagonal()
     s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 1.0)
@@ -216,6 +232,7 @@ def _masked_pivoting(
     final_active = torch.empty_like(active)
     # (column-major, as cholesky_ex returns them: the triangular solves then round the same way)
     L_all = U.new_empty(k, m, m).mT if keep_factors else None
+    finished = torch.full((k,), max_iters, device=U.device)
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
     rows = torch.arange(k, device=U.device)
     positions = torch.arange(1, m + 1, device=U.device)
@@ -247,6 +264,7 @@ def _masked_pivoting(
             converged[rows] = solved & exact
             if L_all is not None:
                 L_all[rows] = L
+                finished[rows] = step
         if n_done == len(rows) or step == max_iters - 1:
             break
         # The exchange of :func:`exchange`: all infeasible indices while their count falls,
@@ -263,7 +281,7 @@ def _masked_pivoting(
             rows, active, state = rows[keep], active[keep], state[:, keep]
             best, tries = best[keep], tries[keep]
     X = s * Z_all
-    return X, converged, final_active, None if L_all is None else (L_all, s)
+    return X, converged, final_active, None if L_all is None else ((L_all, s), finished)
 
 
 def exchange(
