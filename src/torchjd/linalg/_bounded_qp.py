@@ -101,18 +101,22 @@ below ``10⁻⁷ max|v|`` (most rows need one or two of its six steps). Up to ``
 (also for a float32 ``G``: its values, solved once), pivoting (up to ``m = 32`` with masked
 full-size face systems, a few operations per step) first finds the optimal face of
 ``tikhonov(G)`` from the one-step guess (:func:`_refined_least_norm`); the rows it cannot solve
-go to the interior point below at once, and those that miss the tolerance on ``G`` take the
-route that follows. Up to ``m = 64``, pivoting gets a few steps from the one-step guess; beyond,
-from the active set of ADMM on a better-conditioned Gramian (that of the default mode; from
-``m = 512``, ``G + 10⁻⁶ tr(G) I`` in float32, with the rows pivoted in chunks:
+go to the interior point below at once, and so do those that miss the tolerance on ``G`` after
+more pivots than the route that follows allows (it would repeat the same pivots: the others
+keep their refined face). UPGrad's problems (``U = diag(p)``) are solved as those of the unit
+vectors, whose least-norm weights scale with ``p_i`` (:func:`_exact_unit_route`, called by
+``TorchProjector._summed_projections``). The route that follows: up to ``m = 64`` (the rows that the
+default mode's machinery leaves on a nonsingular ``G``), pivoting gets a few steps from the one-step
+guess; beyond, from the active set of ADMM on a better-conditioned Gramian (that of the default
+mode; from ``m = 512``, ``G + 10⁻⁶ tr(G) I`` in float32, with the rows pivoted in chunks:
 :mod:`torchjd.linalg._warm_start`); in float64, a row is accepted only when its KKT residual on
 ``G`` itself meets the tolerance. Rows it has not solved by then (it can wander on degenerate
-problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_point`), in
-float64, whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ 2m / 3``
-(:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the
-tolerance, reading the active set off the interior solution at several thresholds. Each face costs
-``O(|F|³)`` per row: at ``m = 1024``, with faces of a few hundred indices, a call that does not
-take the spanning route takes from tens of seconds to minutes on one thread. The default
+problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_point`), in float64,
+whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ 2m / 3``
+(:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the tolerance,
+reading the active set off the interior solution at several thresholds. Each face costs ``O(|F|³)``
+per row: at ``m = 1024``, with faces of a few hundred indices, a call that does not take the
+spanning route takes from tens of seconds to minutes on one thread. The default
 tolerance is then ``1e-9`` in float64.
 """
 
