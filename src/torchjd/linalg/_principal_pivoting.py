@@ -361,9 +361,11 @@ def solve_on_faces(
     ``bordered``: :func:`bordered_scaled` ``(G)``, when computed once for many calls."""
     V_A = torch.where(active, U, 0.0)
     rhs = -(V_A @ G)
+    if inverse is None:
+        return V_A + face_solver(G, active, bordered)(rhs)
     n_active = active.sum(dim=1)
     by_inverse = (4 * n_active <= active.shape[1]) & (n_active <= _INVERSE_MAX_ACTIVE)
-    scaled_inverse = inverse.value if inverse is not None and bool(by_inverse.any()) else None
+    scaled_inverse = inverse.value if bool(by_inverse.any()) else None
     if scaled_inverse is None:
         return V_A + face_solver(G, active, bordered)(rhs)
     if bool(by_inverse.all()):
