@@ -83,20 +83,28 @@ def test_per_objective_gramian(name, batch_dim, blocks, R, looped, per_objective
 
 @pytest.mark.parametrize("looped", [False, True])
 @pytest.mark.parametrize("R", [0, 3])
+@pytest.mark.parametrize("blocks", [2, "channels"])
 @pytest.mark.parametrize("name", ["conv2d_groups", "conv2d_strides", "conv3d_replicate"])
-def test_blocks_of_output_channels(name, R, looped, per_objective_path, monkeypatch):
-    """Per-objective gradients over the bound: formed one output channel (of each group) at a
-    time, their Gramians summed; the fused step then uses the convolution's own kernel."""
+def test_blocks_of_output_channels(name, blocks, R, looped, per_objective_path, monkeypatch):
+    """Per-objective gradients over the bound: formed by blocks of output channels (of each
+    group) of equal sizes (two blocks, or one channel each), their Gramians summed; the fused
+    step then uses the convolution's own kernel."""
     force_loop(monkeypatch, looped)
     monkeypatch.setattr(conv_module, "_jacobian_fits", lambda *args: False)
-    monkeypatch.setattr(conv_module, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv_module, "keeps_jacobian", lambda *args: False)
     conv = CONVS[name]().double()
-    x = torch.randn(4, conv.in_channels, *[6] * len(conv.kernel_size), dtype=torch.float64)
+    B, out_channels = 4, conv.out_channels // conv.groups
+    jacobian_bytes = B * max(R, 1) * conv.weight.numel() * 8
+    monkeypatch.setattr(
+        conv_module, "CHUNK_BYTES", 1 if blocks == "channels" else jacobian_bytes // 2
+    )
+    x = torch.randn(B, conv.in_channels, *[6] * len(conv.kernel_size), dtype=torch.float64)
     assert_gramian_exact([conv], lambda: objectives(conv, x, R), 0)
     assert_fused_exact([conv], lambda: objectives(conv, x, R), 0, leaves_of([conv]))
-    out_channels = range(conv.out_channels // conv.groups)
-    assert {channels.start for _, channels in per_objective_path} == set(out_channels)
-    assert all(channels.stop - channels.start == 1 for _, channels in per_objective_path)
+    size = 1 if blocks == "channels" else -(-out_channels // 2)
+    starts = {channels.start for _, channels in per_objective_path}
+    assert starts == set(range(0, out_channels, size))
+    assert all(channels.stop - channels.start == size for _, channels in per_objective_path)
     assert all(taken == looped for taken, _ in per_objective_path)
 
 

@@ -25,9 +25,10 @@ image, the offsets :math:`a` of the first kernel dimension are not unfolded: wit
     \qquad G = \sum_a J^{(a)} {J^{(a)}}^\top,
 
 so that the patches copy the input :math:`\prod_{k > 1} k` times instead of :math:`\prod_k k`
-times. When :math:`J` would exceed both ``CHUNK_BYTES`` and the output gradients, it is formed by
-blocks of output channels (each block's Gramian summed). Otherwise (few positions), the closed form
-of ``_linear.py`` runs on the patches.
+times. When :math:`J` is not kept for the fused step (see below) and would exceed both
+``CHUNK_BYTES`` and the output gradients, it is formed by blocks of output channels of about
+``CHUNK_BYTES`` each (their Gramians summed). Otherwise (few positions), the closed form of
+``_linear.py`` runs on the patches.
 
 For the fused step, the gradient of the weighted objectives is :math:`\sum_{ir} w_{ir} J_{ir}`
 when :math:`J` was formed whole and kept (in place of the output gradients, see ``KEEP_RATIO`` in
@@ -86,14 +87,16 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     size = grads[0].element_size()
     jacobian_bytes = B * R * module.weight.numel() * size
     gamma_bytes = sum(gamma.numel() for gamma in grads) * size
-    if _jacobian_fits(jacobian_bytes, gamma_bytes):
+    keep = keeps_jacobian(jacobian_bytes, gamma_bytes)
+    if keep or _jacobian_fits(jacobian_bytes, gamma_bytes):
         J = _per_objective_jacobian(module, calls, grads, looped, slice(None))
-        if keeps_jacobian(jacobian_bytes, gamma_bytes):  # for the fused step, in place of Γ
+        if keep:  # for the fused step, in place of Γ
             calls[0].saved["jacobian"] = (J, sums)
             for call in calls:
                 call.grad_outputs = [None] * len(call.grad_outputs)
         return G + _objectives_gram(J, B)
-    step = max(1, CHUNK_BYTES * d_out // jacobian_bytes)  # output channels (of each group)
+    blocks = -(-jacobian_bytes // CHUNK_BYTES)
+    step = -(-d_out // blocks)  # output channels (of each group), in blocks of equal sizes
     for start in range(0, d_out, step):
         channels = slice(start, start + step)
         G = G + _objectives_gram(_per_objective_jacobian(module, calls, grads, looped, channels), B)
@@ -152,8 +155,8 @@ conv_rule.pure = lambda module, calls: True  # type: ignore[attr-defined]
 
 
 def _jacobian_fits(jacobian_bytes: int, gamma_bytes: int) -> bool:
-    """Whether the per-objective gradients are formed whole: when no larger than the output
-    gradients or than ``CHUNK_BYTES``."""
+    """Whether the per-objective gradients are formed whole though not kept: when no larger than
+    the output gradients or than ``CHUNK_BYTES``."""
     return jacobian_bytes <= max(CHUNK_BYTES, gamma_bytes)
 
 
