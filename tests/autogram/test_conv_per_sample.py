@@ -164,3 +164,17 @@ def test_unbatched_input_per_objective(looped, monkeypatch):
     conv = nn.Conv1d(2, 3, 3).double()
     x = torch.randn(2, 9, dtype=torch.float64)
     assert_gramian_exact([conv], lambda: conv(x).pow(2).sum(), None)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])
+def test_kept_jacobian_larger_than_output_gradients(chunk_bytes, per_objective_path, monkeypatch):
+    """Per-objective gradients 1.5 times the size of the output gradients (kept for the fused
+    step): formed whole when within the output gradients plus ``CHUNK_BYTES``, else by blocks."""
+    monkeypatch.setattr(conv_module, "CHUNK_BYTES", chunk_bytes)
+    conv = nn.Conv2d(2, 3, 3).double()  # 3 x 4 output positions: J / Γ = 2 * 9 / 12
+    x = torch.randn(4, 2, 5, 6, dtype=torch.float64)
+    forward = lambda: conv(x).pow(2).flatten(1).sum(1)  # noqa: E731
+    assert_gramian_exact([conv], forward, 0)
+    assert_fused_exact([conv], forward, 0, leaves_of([conv]))
+    whole = chunk_bytes > 1
+    assert all((channels == slice(None)) == whole for _, channels in per_objective_path)

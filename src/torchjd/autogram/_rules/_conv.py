@@ -25,9 +25,9 @@ image, the offsets :math:`a` of the first kernel dimension are not unfolded: wit
     \qquad G = \sum_a J^{(a)} {J^{(a)}}^\top,
 
 so that the patches copy the input :math:`\prod_{k > 1} k` times instead of :math:`\prod_k k`
-times. When :math:`J` is not kept for the fused step (see below) and would exceed both
-``CHUNK_BYTES`` and the output gradients, it is formed by blocks of output channels of about
-``CHUNK_BYTES`` each (their Gramians summed). Otherwise (few positions), the closed form of
+times. When :math:`J` would exceed both ``CHUNK_BYTES`` and the output gradients (their sum,
+when it is kept for the fused step: see below), it is formed by blocks of output channels of
+about ``CHUNK_BYTES`` each (their Gramians summed). Otherwise (few positions), the closed form of
 ``_linear.py`` runs on the patches.
 
 For the fused step, the gradient of the weighted objectives is :math:`\sum_{ir} w_{ir} J_{ir}`
@@ -88,7 +88,7 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     jacobian_bytes = B * R * module.weight.numel() * size
     gamma_bytes = sum(gamma.numel() for gamma in grads) * size
     keep = keeps_jacobian(jacobian_bytes, gamma_bytes)
-    if keep or _jacobian_fits(jacobian_bytes, gamma_bytes):
+    if _jacobian_fits(jacobian_bytes, gamma_bytes, keep):
         J = _per_objective_jacobian(module, calls, grads, looped, slice(None))
         if keep:  # for the fused step, in place of Γ
             calls[0].saved["jacobian"] = (J, sums)
@@ -154,10 +154,12 @@ conv_rule.fuses = lambda module, calls: True  # type: ignore[attr-defined]
 conv_rule.pure = lambda module, calls: True  # type: ignore[attr-defined]
 
 
-def _jacobian_fits(jacobian_bytes: int, gamma_bytes: int) -> bool:
-    """Whether the per-objective gradients are formed whole though not kept: when no larger than
-    the output gradients or than ``CHUNK_BYTES``."""
-    return jacobian_bytes <= max(CHUNK_BYTES, gamma_bytes)
+def _jacobian_fits(jacobian_bytes: int, gamma_bytes: int, keep: bool) -> bool:
+    """Whether the per-objective gradients are formed whole: when no larger than the output
+    gradients or than ``CHUNK_BYTES``, or, when kept in place of the output gradients, than both
+    together (the blocks would take about as much memory)."""
+    bound = gamma_bytes + CHUNK_BYTES if keep else max(CHUNK_BYTES, gamma_bytes)
+    return jacobian_bytes <= bound
 
 
 def _loops_first_offsets(module: Conv, calls: Sequence[ModuleCall]) -> bool:
