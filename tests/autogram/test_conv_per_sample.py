@@ -44,6 +44,7 @@ CONVS = {
     "conv2d_groups": lambda: nn.Conv2d(4, 6, (2, 3), groups=2, padding=(1, 0)),
     "conv2d_strides": lambda: nn.Conv2d(2, 3, (3, 2), stride=(3, 1), dilation=(2, 1), padding=2),
     "conv2d_same_reflect": lambda: nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"),
+    "conv2d_same_even": lambda: nn.Conv2d(3, 2, (4, 2), padding="same", dilation=(1, 2)),
     "conv2d_circular_no_bias": lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular",
                                                  bias=False),
     "conv3d_replicate": lambda: nn.Conv3d(2, 3, 2, stride=(2, 1, 1), padding=1,
@@ -58,6 +59,7 @@ def objectives(conv: nn.Module, x: Tensor, R: int) -> Tensor:
     return stacked[:, 0] if R == 0 else stacked[:, :R]
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("looped", [False, True])
 @pytest.mark.parametrize("R", [0, 2])
 @pytest.mark.parametrize("blocks", [False, True])
@@ -178,3 +180,15 @@ def test_kept_jacobian_larger_than_output_gradients(chunk_bytes, per_objective_p
     assert_fused_exact([conv], forward, 0, leaves_of([conv]))
     whole = chunk_bytes > 1
     assert all((channels == slice(None)) == whole for _, channels in per_objective_path)
+
+
+@pytest.mark.parametrize("looped", [False, True])
+def test_channels_last(looped, per_objective_path, monkeypatch):
+    """Inputs and output gradients laid out channels last (strided positions)."""
+    force_loop(monkeypatch, looped)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double().to(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 6, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    forward = lambda: objectives(conv, x, 2)  # noqa: E731
+    assert_gramian_exact([conv], forward, 0)
+    assert_fused_exact([conv], forward, 0, leaves_of([conv]))
+    assert all(taken == looped for taken, _ in per_objective_path)
