@@ -198,7 +198,8 @@ def _per_objective_jacobian(
         x = _samples_first(call.args[0], call.batch_dim, len(kernel))
         T_1 = call.outputs[0].shape[-len(kernel)]  # output positions along the first dimension
         S = module.stride[0] if looped else 1
-        step = max(1, PATCH_BYTES // (g * width * S * T * gamma.element_size()))
+        blocks = -(-g * width * S * T * gamma.element_size() * B // PATCH_BYTES)
+        step = -(-B // blocks)  # samples, in blocks of equal sizes
         for first in range(0, B, step):
             X = _patch_matrix(module, _pad_images(module, x[first : first + step]), looped)
             X = X.to(gamma.dtype)  # [b g, width, S, positions]
