@@ -22,7 +22,7 @@ def per_objective_path(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, slic
     per_objective_jacobian = conv_module._per_objective_jacobian
 
     def spy(*args: object) -> Tensor:
-        used.append((args[-2], args[-1]))  # type: ignore[arg-type]
+        used.append((args[3], args[4]))  # type: ignore[arg-type]
         return per_objective_jacobian(*args)  # type: ignore[arg-type]
 
     def fail(*args: object) -> None:
