@@ -301,7 +301,7 @@ def _patch_matrix(module: Conv, x: Tensor, looped: bool) -> Tensor:
     return x.permute(order).reshape(B * module.groups, width, S, -1)
 
 
-def _padded(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+def _padded(module: Conv, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """``x`` and the zero padding for ``convolution_backward``: other padding modes (and string
     paddings) applied to ``x`` beforehand."""
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
@@ -311,7 +311,7 @@ def _padded(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> tuple[Tenso
     return x, _padding_tuple(module)
 
 
-def _pad_amounts(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
+def _pad_amounts(module: Conv) -> list[int]:
     """``F.pad`` amounts (last spatial dimension first), as the module pads its input."""
     amounts: list[int] = []
     for k, dilation, padding in zip(
@@ -328,13 +328,13 @@ def _pad_amounts(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
     return amounts
 
 
-def _padding_tuple(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[int, ...]:
+def _padding_tuple(module: Conv) -> tuple[int, ...]:
     if isinstance(module.padding, str):
         return (0,) * len(module.kernel_size)
     return tuple(module.padding)
 
 
-def _pad_mode(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> str:
+def _pad_mode(module: Conv) -> str:
     return "constant" if module.padding_mode == "zeros" else module.padding_mode
 
 
