@@ -89,18 +89,22 @@ def test_self_gram(rows):
 
 @pytest.mark.parametrize("min_features", [1, 3])
 @pytest.mark.parametrize(
-    "shape", [(1, 3, 1, 4, 2, 7), (2, 3, 2, 3, 2, 5)], ids=["one_objective", "groups_R2"]
+    ("shape", "chunk_bytes"),
+    [((1, 3, 1, 4, 2, 7), None), ((2, 3, 1, 3, 2, 5), None), ((2, 3, 2, 3, 2, 5), 100)],
+    ids=["one_objective", "groups", "groups_R2_chunks"],
 )
-def test_blocks_in_one_buffer(monkeypatch, shape, min_features):
+def test_blocks_in_one_buffer(monkeypatch, shape, chunk_bytes, min_features):
     """Per-objective gradients formed by blocks of features in one reused buffer (the last block
-    narrower), each block's Gramian taken right away: the same Gramian as formed whole."""
+    narrower), each block's Gramian taken right away: the same Gramian as formed whole. With one
+    objective per sample, blocks of about BLOCK_BYTES; with several, of at most chunk_bytes."""
     monkeypatch.setattr(linear_module, "BLOCK_BYTES", 1)
     monkeypatch.setattr(linear_module, "MIN_BLOCK_FEATURES", min_features)
     monkeypatch.setattr(linear_module, "per_objective_is_cheaper", lambda *args: True)
     P, B, R, T, d_in, d_out = shape
     X = torch.randn(P, B, T, d_in, dtype=torch.float64)
     Gamma = torch.randn(P, B, R, T, d_out, dtype=torch.float64)
-    torch.testing.assert_close(weight_gramian(X, Gamma), reference(X, Gamma), rtol=1e-10, atol=0)
+    G = weight_gramian(X, Gamma, chunk_bytes)
+    torch.testing.assert_close(G, reference(X, Gamma), rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,9 @@ and the layer is narrow, forming the per-objective gradients :math:`\Gamma_{ir}^
 cheaper: each call picks the cheaper of the two by counting flops, and forms its intermediates
 (per-objective gradients, or the products :math:`x_{it} \cdot x_{ju}` and
 :math:`\gamma_{irt} \cdot \gamma_{jsu}`) block by block, so that none exceeds ``CHUNK_BYTES``
-(long sequences, large images). Per-objective gradients that are not kept for the fused step
-are formed by blocks of about ``BLOCK_BYTES`` in one reused buffer, each block's Gramian taken
-right away. The calls of a module are
+(long sequences, large images). With one objective per sample, per-objective gradients that
+are not kept for the fused step are formed by blocks of about ``BLOCK_BYTES`` in one reused
+buffer, each block's Gramian taken right away. The calls of a module are
 concatenated along the positions, which accounts for the cross terms between calls. Convolutions
 reuse this kernel with one block per group (see ``_conv.py``).
 
@@ -209,9 +209,10 @@ gradients of a block of output features, or the closed form's products for a blo
 
 BLOCK_BYTES = 1 << 20
 """About the size of the blocks of per-objective gradients that the Gramian forms at once when it
-does not keep them: each block's Gramian is taken right after it is formed, while it is in the
-cache, and every block reuses one buffer. Fresh memory is costly (a page fault per page on its
-first use), and per-objective gradients formed whole are often the largest tensor of the pass."""
+does not keep them (one objective per sample): each block's Gramian is taken right after it is
+formed, while it is in the cache, and every block reuses one buffer. Fresh memory is costly (a
+page fault per page on its first use), and per-objective gradients formed whole are often the
+largest tensor of the pass."""
 
 MIN_BLOCK_FEATURES = 16
 """The fewest output features per block (narrower blocks make small, inefficient products)."""
@@ -281,9 +282,16 @@ def _weight_gramian(
     if per_objective_is_cheaper(B, R, T, d_in, d_out):
         # The rows Γ_ir^T X_i of the Jacobian, block of output features by block: one product
         # per sample for all its objectives at once, [Γ_i1 ... Γ_iR]^T X_i. Unless kept, the
-        # blocks are formed in one buffer of about BLOCK_BYTES, used right away (see above).
+        # blocks are formed in one buffer of about BLOCK_BYTES, used right away (see above),
+        # with one objective per sample: with several, each block's Γ is transposed into a copy
+        # and narrow blocks make that copy and the per-sample products slow (CHUNK_BYTES then).
         feature_bytes = P * B * R * d_in * size  # one output feature's part of the rows
-        step = d_out if keep_jacobian else block_features(d_out, feature_bytes, chunk_bytes)
+        if keep_jacobian:
+            step = d_out
+        elif R == 1:
+            step = block_features(d_out, feature_bytes, chunk_bytes)
+        else:
+            step = max(1, min(d_out, chunk_bytes // feature_bytes))
         G = Gamma.new_zeros(B * R, B * R)
         inputs = X.reshape(P * B, T, d_in)
         buffer = None if step == d_out else Gamma.new_empty(step * feature_bytes // size)
