@@ -164,7 +164,7 @@ class TorchProjector(DualConeProjector):
             rows = (~solved).nonzero().squeeze(1)
             eye = torch.eye(m, dtype=G.dtype, device=G.device)
             X[rows] = _solve(G, eye[rows], tol, _MAX_ITERS, False).to(X.dtype)
-        weights = X.sum(dim=0) / m if p is None else p.to(X.dtype) @ X
+        weights = X.mean(dim=0) if p is None else p.to(X.dtype) @ X
         return weights.to(G.dtype)
 
 

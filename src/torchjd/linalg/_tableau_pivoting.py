@@ -51,19 +51,17 @@ def scaled_tableau_pivoting(problem: ScaledProblem, max_steps: int) -> tuple[Ten
     q = U_hat @ G_hat
     # The transform on F = {q ≤ 0}, from the masked full-size system [Ĝ_FF, 0; 0, I].
     free = q <= 0
-    f = free.to(G_hat.dtype)
-    mask = f.unsqueeze(2) * f.unsqueeze(1)
-    K = G_hat * mask
-    K.diagonal(dim1=1, dim2=2).add_(1 - f)
-    L, _ = torch.linalg.cholesky_ex(K)
+    mask = free.unsqueeze(2) & free.unsqueeze(1)
     eye = torch.eye(m, dtype=G_hat.dtype, device=G_hat.device)
-    P = torch.cholesky_solve(eye.expand(k, m, m), L) * mask  # Ĝ_FF⁻¹, zero elsewhere
+    L, _ = torch.linalg.cholesky_ex(torch.where(mask, G_hat, eye))
+    # (cholesky_solve: cholesky_inverse checks its input, a host synchronisation)
+    P = torch.where(mask, torch.cholesky_solve(eye.expand(k, m, m), L), 0.0)  # Ĝ_FF⁻¹ on F
     # With T = Ĝ_FF⁻¹ Ĝ_F: (zero rows on A; T_FF = I), the four blocks of the transform are those
     # of P − T + Tᵀ + Ĝ − Ĝ T, and its values q − Ĝ y − y with y = Ĝ_FF⁻¹ q_F (zero on A).
     T = P @ G_hat
     M = P - T + T.mT + G_hat - G_hat @ T
-    y = (P * q.unsqueeze(1)).sum(dim=2)
-    q = q - y @ G_hat - y
+    y = (P @ q.unsqueeze(2)).squeeze(2)
+    q = torch.addmm(q - y, y, G_hat, alpha=-1)
     # Infeasible: x_j = z_j − û_j or y_j = (Ĝ z)_j below its bound (see ScaledProblem).
     primal_bound, dual_bound = -problem.primal_bound, problem.dual_bound
     batch = torch.arange(k, device=G_hat.device)
