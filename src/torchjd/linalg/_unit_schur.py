@@ -1,0 +1,180 @@
+r"""UPGrad's problems beyond ``m = 64``: the unit vectors' problems, faces solved through ``G⁻¹``.
+
+UPGrad with preference ``p ≥ 0`` solves the ``m`` problems ``min_{v ≥ p_i e_i} vᵀ G v``; as
+``v(p_i e_i) = p_i v(e_i)``, these are the problems of the unit vectors, scaled. In the
+Jacobi-scaled variables ``z = v / s`` (``s = diag(G)^{-1/2}``, ``Ĝ = S G S`` of unit diagonal,
+``H = Ĝ⁻¹``), on a face with active set ``A ∋ i``, the multipliers ``μ = Ĝ z`` (zero off ``A``)
+of the problem of ``e_i`` solve (see :mod:`torchjd.linalg._schur_pivoting`)
+
+.. math::
+
+    H_{AA}\, \mu_A = (e_i)_A / s_i, \qquad v = S H \mu, \qquad G v = S^{-1} \mu :
+
+``μ_A`` is the column of ``i`` in ``H_AA⁻¹``, over ``s_i``. The initial guess of row ``i`` is
+``A_i = {j : G_ij > 0}`` (the rows that agree with row ``i``): in a per-sample Gramian at
+initialisation, the samples of its class, so that the rows of a class share their face. Each
+distinct face is then inverted once (``|A| × |A|``, a few dozen indices) and gives the
+multipliers of all its rows; the weights of every row are one ``[m, m] × [m, m]`` product. A
+Gramian of ``256`` rows (ten classes) needs two steps, the second on a few rows.
+
+The cost is that of ``H`` (one Cholesky factorisation and its inverse), one product per step and
+one more that checks every row on ``G`` itself; :func:`unit_schur_pivoting` declines (None) when
+a row's initial face has many active indices (its ``|A|³`` systems would cost more than ADMM's
+shared products) or when ``G`` is too ill-conditioned for ``H`` in its dtype.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+from torchjd.linalg._kkt import row_scales
+from torchjd.linalg._low_rank import cholesky_solve
+from torchjd.linalg._principal_pivoting import (
+    _DUAL_THRESHOLD,
+    _FULL_EXCHANGES,
+    _PRIMAL_THRESHOLD,
+    exchange,
+    scaled_inverse,
+)
+from torchjd.linalg._schur_pivoting import _DISTINCT_MAX_FRACTION, _MIN_PIVOT, distinct_faces
+
+
+def unit_schur_pivoting(
+    G: Tensor, tol: float, max_steps: int, max_size: int, budget: float
+) -> tuple[Tensor, Tensor] | None:
+    """The rows ``v(e_i) = argmin_{v ≥ e_i} vᵀ G v`` (``[m, m]``, ``v ≥ e_i`` exactly) and which
+    of them converged (KKT residual on ``G`` below ``tol``), by block principal pivoting from
+    ``A_i = {j : G_ij > 0}`` with faces solved through ``G⁻¹`` (see the module docstring).
+
+    None when an initial face has more than ``max_size`` active indices, when the distinct initial
+    faces cost more than ``budget · m³`` (``Σ |A|³``), or when ``G`` is too ill-conditioned for
+    ``G⁻¹`` in its dtype. Rows whose face outgrows ``max_size``, and rows still infeasible after
+    ``max_steps`` face solves, stop, unconverged."""
+    m = G.shape[0]
+    eye = torch.eye(m, dtype=G.dtype, device=G.device)
+    # Rows without conflict (G_ij ≥ 0 for every j) are solved by v = e_i.
+    conflicted = (G.amin(dim=1) < 0).nonzero().squeeze(1)
+    every_row = conflicted.numel() == m
+    if conflicted.numel() == 0:
+        return eye, torch.ones(m, dtype=torch.bool, device=G.device)
+    active = (G if every_row else G.index_select(0, conflicted)) > 0
+    if bool(active.sum(dim=1, dtype=torch.int32).amax() > max_size):
+        return None
+    faces, inverse = distinct_faces(active)
+    if float(faces.sum(dim=1).double().pow(3).sum()) > budget * m**3:
+        return None
+    factor = scaled_inverse(G, _MIN_PIVOT[G.dtype])
+    if factor is None:
+        return None
+    s, H = factor
+    HS = H * s  # v = μ (H S)
+    # Thresholds of principal pivoting (u_scale = 1): on A, (G v)_j = μ_j / s_j against
+    # -_DUAL_THRESHOLD tol √(G_jj max_l G_ll), that is μ_j against a constant.
+    dual_bound = -_DUAL_THRESHOLD * tol * math.sqrt(float(G.diagonal().amax()))
+    primal_bound = -_PRIMAL_THRESHOLD * tol
+    X = None if every_row else eye.clone()
+    rows = conflicted
+    best = torch.full((rows.numel(),), m + 1, device=G.device)
+    tries = torch.full((rows.numel(),), _FULL_EXCHANGES, device=G.device)
+    for step in range(max_steps):
+        k = rows.numel()
+        if step > 0:
+            if _DISTINCT_MAX_FRACTION * k >= m:
+                faces, inverse = distinct_faces(active)
+            else:
+                faces, inverse = active, torch.arange(k, device=G.device)
+        V, mu_A, index = _face_solutions(H, HS, s, faces, inverse, rows)
+        if X is None:
+            X = V
+        else:
+            X[rows] = V
+        # Infeasible: a multiplier below its bound on A (compact: μ is zero off A), or a weight
+        # below its bound on F (v_i against 1, the others against 0).
+        diagonal = (torch.arange(k, device=G.device), rows)
+        V.index_put_(diagonal, torch.tensor(-1.0, dtype=V.dtype), accumulate=True)
+        primal = (primal_bound > V) & ~active
+        V.index_put_(diagonal, torch.tensor(1.0, dtype=V.dtype), accumulate=True)
+        dual = mu_A < dual_bound
+        count = primal.sum(dim=1) + dual.sum(dim=1)
+        left = (count > 0).nonzero().squeeze(1)
+        if left.numel() == 0:
+            break
+        if left.numel() < k:
+            rows, active, primal, dual, index, count, best, tries = (
+                t.index_select(0, left)
+                for t in (rows, active, primal, dual, index, count, best, tries)
+            )
+        infeasible = primal | torch.zeros_like(primal).scatter_(1, index, dual)
+        active, best, tries = exchange(active, infeasible, count, best, tries)
+        fits = (active.sum(dim=1) <= max_size).nonzero().squeeze(1)
+        if fits.numel() == 0:
+            break
+        if fits.numel() < rows.numel():  # faces too large: left unconverged
+            rows, active, best, tries = (
+                t.index_select(0, fits) for t in (rows, active, best, tries)
+            )
+    if every_row:
+        X_rows = torch.maximum(X, eye)
+    else:
+        X_rows = torch.maximum(X.index_select(0, conflicted), eye.index_select(0, conflicted))
+    residual = _unit_residual(G, X_rows, X_rows @ G, conflicted)
+    if every_row:
+        return X_rows, residual <= tol
+    X[conflicted] = X_rows
+    converged = torch.ones(m, dtype=torch.bool, device=G.device)
+    converged[conflicted] = residual <= tol
+    return X, converged
+
+
+def _face_solutions(
+    H: Tensor, HS: Tensor, s: Tensor, faces: Tensor, inverse: Tensor, units: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The weights ``v`` (``[k, m]``) of the problems of the unit vectors ``units`` (``[k]``) on
+    their faces ``faces[inverse]``, with ``μ_A = H_AA⁻¹ (e_i)_A / s_i`` (``[k, w]``, zero on the
+    padding) and the indices ``[k, w]`` where these multipliers lie (each face's active indices,
+    padded with inactive ones).
+
+    When the distinct faces are few, each is inverted once, and ``W_f = H_AA⁻¹ (H S)_A:`` gives
+    the weights of every row of face ``f`` (a row of ``W_f`` over ``s_i``): ``Σ_f |A|² m``
+    products instead of the ``k m²`` of ``μ (H S)``."""
+    k = units.shape[0]
+    m = faces.shape[1]
+    width = int(faces.sum(dim=1).amax())
+    if width == 0:
+        zeros = torch.zeros(k, 1, dtype=H.dtype, device=H.device)
+        return zeros.expand(k, m).clone(), zeros, torch.zeros_like(zeros, dtype=torch.long)
+    idx = torch.topk(faces.to(torch.uint8), width, dim=1, sorted=False).indices
+    mask = faces.gather(1, idx)
+    eye = torch.eye(width, dtype=H.dtype, device=H.device)
+    blocks = torch.take(H, idx.unsqueeze(2) * m + idx.unsqueeze(1))
+    blocks = torch.where(mask.unsqueeze(2) & mask.unsqueeze(1), blocks, eye)
+    L, _ = torch.linalg.cholesky_ex(blocks)
+    index = idx.index_select(0, inverse)
+    # The unit's position in its face (none when it is free: zero multipliers and weights).
+    hit = (index == units.unsqueeze(1)) & mask.index_select(0, inverse)
+    weight = hit.any(dim=1) / s.index_select(0, units)
+    if _DISTINCT_MAX_FRACTION * faces.shape[0] <= k:
+        K = torch.cholesky_inverse(L)  # [f, w, w], symmetric
+        W = K @ HS.index_select(0, idx.flatten()).view(*idx.shape, m)  # [f, w, m]
+        at = inverse * width + hit.to(torch.uint8).argmax(dim=1)
+        mu_A = K.reshape(-1, width).index_select(0, at) * weight.unsqueeze(1)
+        V = W.reshape(-1, m).index_select(0, at) * weight.unsqueeze(1)
+        return V, mu_A, index
+    mu_A = cholesky_solve(L.index_select(0, inverse), hit * weight.unsqueeze(1))
+    M = torch.zeros(k, m, dtype=H.dtype, device=H.device).scatter_(1, index, mu_A)
+    return M @ HS, mu_A, index
+
+
+def _unit_residual(G: Tensor, X: Tensor, GX: Tensor, units: Tensor) -> Tensor:
+    """:func:`~torchjd.linalg._kkt.feasible_kkt_residual` of the rows ``X`` (``v ≥ e_i``) of the
+    unit vectors ``units`` (``max|u| = 1``), in fewer operations."""
+    relative_gradient = GX / row_scales(G)
+    slack = X.clone()
+    slack.index_put_(
+        (torch.arange(units.numel(), device=G.device), units),
+        torch.tensor(-1.0, dtype=X.dtype),
+        accumulate=True,
+    )
+    complementarity = slack.mul_(relative_gradient.abs())
+    return torch.maximum(relative_gradient.neg_(), complementarity).amax(dim=1)
