@@ -87,9 +87,9 @@ def test_several_steps_and_distinct_faces(monkeypatch: pytest.MonkeyPatch):
     sizes = []
     face_solutions = unit_schur_module._face_solutions
 
-    def spy(H, HS, s, faces, inverse, units):
+    def spy(HS, s, faces, inverse, units):
         sizes.append((faces.shape[0], units.shape[0]))
-        return face_solutions(H, HS, s, faces, inverse, units)
+        return face_solutions(HS, s, faces, inverse, units)
 
     monkeypatch.setattr(unit_schur_module, "_face_solutions", spy)
     G = per_sample_gramian(200, 8, 0.1, 0)
@@ -165,9 +165,13 @@ def test_weighting_with_grad_and_non_finite_gramians_take_the_general_route():
     assert G.grad.isfinite().all()
     p = torch.full((80,), 1 / 80, dtype=torch.float64)
     torch.testing.assert_close(weights.detach(), general_weights(G.detach(), p))
-    G_nan = G.detach().clone()
-    G_nan[3, 5] = torch.nan
-    assert UPGradWeighting()(G_nan).isnan().any()
+    for value in (torch.nan, torch.inf):
+        G_bad = G.detach().clone()
+        G_bad[3, 5] = G_bad[5, 3] = value
+        assert UPGradWeighting()(G_bad).isnan().any()
+        G_bad = G.detach().clone()
+        G_bad[3, 3] = value
+        assert UPGradWeighting()(G_bad).isnan().all()
 
 
 def test_unit_route_satisfies_the_tolerance_on_every_row():

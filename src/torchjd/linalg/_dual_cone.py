@@ -161,7 +161,8 @@ class TorchProjector(DualConeProjector):
         when their faces are cheap (:func:`~torchjd.linalg._bounded_qp._large_unit_route`), else
         by the general route on the rows ``p_i e_i``."""
         m = G.shape[0]
-        G = symmetrized(regularized(normalized(G, self.norm_eps), self.reg_eps))
+        G = normalized(symmetrized(G), self.norm_eps)  # a new tensor: regularised in place
+        G.diagonal().add_(self.reg_eps)
         tol = DEFAULT_TOL[G.dtype]
         X = _large_unit_route(G, tol, _MAX_ITERS)
         if p is None:

@@ -47,11 +47,14 @@ def unit_schur_pivoting(
     of them converged (KKT residual on ``G`` below ``tol``), by block principal pivoting from
     ``A_i = {j : G_ij > 0}`` with faces solved through ``G⁻¹`` (see the module docstring).
 
-    None when an initial face has more than ``max_size`` active indices, when the distinct initial
-    faces cost more than ``budget · m³`` (``Σ |A|³``), or when ``G`` is too ill-conditioned for
-    ``G⁻¹`` in its dtype. Rows whose face outgrows ``max_size``, and rows still infeasible after
-    ``max_steps`` face solves, stop, unconverged."""
+    None when ``G`` has a non-finite entry, when an initial face has more than ``max_size``
+    active indices, when the distinct initial faces cost more than ``budget · m³``
+    (``Σ |A|³``), or when ``G`` is too ill-conditioned for ``G⁻¹`` in its dtype. Rows whose face
+    outgrows ``max_size``, and rows still infeasible after ``max_steps`` face solves, stop,
+    unconverged."""
     m = G.shape[0]
+    if not bool(G.sum().isfinite()):
+        return None  # non-finite entries: the general route's NaN rows
     eye = torch.eye(m, dtype=G.dtype, device=G.device)
     # Rows without conflict (G_ij ≥ 0 for every j) are solved by v = e_i.
     conflicted = (G.amin(dim=1) < 0).nonzero().squeeze(1)
@@ -68,7 +71,7 @@ def unit_schur_pivoting(
     if factor is None:
         return None
     s, H = factor
-    HS = H * s  # v = μ (H S)
+    HS = H.mul_(s)  # v = μ (H S)
     # Thresholds of principal pivoting (u_scale = 1): on A, (G v)_j = μ_j / s_j against
     # -_DUAL_THRESHOLD tol √(G_jj max_l G_ll), that is μ_j against a constant.
     dual_bound = -_DUAL_THRESHOLD * tol * math.sqrt(float(G.diagonal().amax()))
@@ -84,27 +87,25 @@ def unit_schur_pivoting(
                 faces, inverse = distinct_faces(active)
             else:
                 faces, inverse = active, torch.arange(k, device=G.device)
-        V, mu_A, index = _face_solutions(H, HS, s, faces, inverse, rows)
+        V, mu_A, idx = _face_solutions(HS, s, faces, inverse, rows)
         if X is None:
             X = V
         else:
             X[rows] = V
         # Infeasible: a multiplier below its bound on A (compact: μ is zero off A), or a weight
-        # below its bound on F (v_i against 1, the others against 0).
-        diagonal = (torch.arange(k, device=G.device), rows)
-        V.index_put_(diagonal, torch.tensor(-1.0, dtype=V.dtype), accumulate=True)
+        # below zero on F. (Index i stays in A: on every face, μ_i = vᵀ G v > 0.)
         primal = (primal_bound > V) & ~active
-        V.index_put_(diagonal, torch.tensor(1.0, dtype=V.dtype), accumulate=True)
         dual = mu_A < dual_bound
-        count = primal.sum(dim=1) + dual.sum(dim=1)
+        count = primal.sum(dim=1, dtype=torch.int32) + dual.sum(dim=1, dtype=torch.int32)
         left = (count > 0).nonzero().squeeze(1)
         if left.numel() == 0:
             break
         if left.numel() < k:
-            rows, active, primal, dual, index, count, best, tries = (
+            rows, active, primal, dual, inverse, count, best, tries = (
                 t.index_select(0, left)
-                for t in (rows, active, primal, dual, index, count, best, tries)
+                for t in (rows, active, primal, dual, inverse, count, best, tries)
             )
+        index = idx.index_select(0, inverse)
         infeasible = primal | torch.zeros_like(primal).scatter_(1, index, dual)
         active, best, tries = exchange(active, infeasible, count, best, tries)
         fits = (active.sum(dim=1) <= max_size).nonzero().squeeze(1)
@@ -114,67 +115,57 @@ def unit_schur_pivoting(
             rows, active, best, tries = (
                 t.index_select(0, fits) for t in (rows, active, best, tries)
             )
-    if every_row:
-        X_rows = torch.maximum(X, eye)
-    else:
-        X_rows = torch.maximum(X.index_select(0, conflicted), eye.index_select(0, conflicted))
-    residual = _unit_residual(G, X_rows, X_rows @ G, conflicted)
-    if every_row:
-        return X_rows, residual <= tol
-    X[conflicted] = X_rows
-    converged = torch.ones(m, dtype=torch.bool, device=G.device)
-    converged[conflicted] = residual <= tol
-    return X, converged
+    # v ≥ e_i exactly: v_i = 1 on every face (i ∈ A), and v ≥ 0 elsewhere. The face solutions
+    # came from G⁻¹: each row is checked on G itself.
+    X = X.clamp_min_(0.0)
+    X.diagonal().fill_(1.0)
+    return X, _unit_residual(G, X) <= tol
 
 
 def _face_solutions(
-    H: Tensor, HS: Tensor, s: Tensor, faces: Tensor, inverse: Tensor, units: Tensor
+    HS: Tensor, s: Tensor, faces: Tensor, inverse: Tensor, units: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The weights ``v`` (``[k, m]``) of the problems of the unit vectors ``units`` (``[k]``) on
-    their faces ``faces[inverse]``, with ``μ_A = H_AA⁻¹ (e_i)_A / s_i`` (``[k, w]``, zero on the
-    padding) and the indices ``[k, w]`` where these multipliers lie (each face's active indices,
-    padded with inactive ones).
+    their faces ``faces[inverse]`` (each holding its unit), the multipliers ``μ_A = H_AA⁻¹ (e_i)_A
+    / s_i`` (``[k, w]``, zero on the padding), and the indices where they lie, per face
+    (``[f, w]``: each face's active indices, padded with inactive ones).
 
-    When the distinct faces are few, each is inverted once, and ``W_f = H_AA⁻¹ (H S)_A:`` gives
-    the weights of every row of face ``f`` (a row of ``W_f`` over ``s_i``): ``Σ_f |A|² m``
+    When the distinct faces are few, each is inverted once, and ``W_f = H_AA⁻¹ (H S)_A:`` (its
+    rows over ``s`` of their index) gives the weights of every row of face ``f``: ``Σ_f |A|² m``
     products instead of the ``k m²`` of ``μ (H S)``."""
     k = units.shape[0]
-    m = faces.shape[1]
+    f, m = faces.shape
     width = int(faces.sum(dim=1).amax())
-    if width == 0:
-        zeros = torch.zeros(k, 1, dtype=H.dtype, device=H.device)
-        return zeros.expand(k, m).clone(), zeros, torch.zeros_like(zeros, dtype=torch.long)
     idx = torch.topk(faces.to(torch.uint8), width, dim=1, sorted=False).indices
     mask = faces.gather(1, idx)
-    eye = torch.eye(width, dtype=H.dtype, device=H.device)
-    blocks = torch.take(H, idx.unsqueeze(2) * m + idx.unsqueeze(1))
+    s_A = s.index_select(0, idx.flatten()).view(f, width)
+    # H_AA = (H S)_AA / s_A, padded with the identity.
+    blocks = torch.take(HS, idx.unsqueeze(2) * m + idx.unsqueeze(1)) / s_A.unsqueeze(1)
+    eye = torch.eye(width, dtype=HS.dtype, device=HS.device)
     blocks = torch.where(mask.unsqueeze(2) & mask.unsqueeze(1), blocks, eye)
     L, _ = torch.linalg.cholesky_ex(blocks)
+    # Each unit's position in its face.
+    positions = torch.arange(width, device=HS.device).expand(f, width)
+    position = torch.zeros_like(faces, dtype=torch.long).scatter_(1, idx, positions)
+    at = position.view(-1).index_select(0, inverse * m + units)
+    if _DISTINCT_MAX_FRACTION * f <= k:
+        K = torch.cholesky_inverse(L) / s_A.unsqueeze(2)  # row p over s at its index
+        W = K @ HS.index_select(0, idx.flatten()).view(f, width, m)  # [f, w, m]
+        at = at + inverse * width
+        mu_A = K.reshape(-1, width).index_select(0, at)
+        return W.reshape(-1, m).index_select(0, at), mu_A, idx
+    b = torch.zeros(k, width, dtype=HS.dtype, device=HS.device)
+    b.scatter_(1, at.unsqueeze(1), s.index_select(0, units).reciprocal().unsqueeze(1))
+    mu_A = cholesky_solve(L.index_select(0, inverse), b)
     index = idx.index_select(0, inverse)
-    # The unit's position in its face (none when it is free: zero multipliers and weights).
-    hit = (index == units.unsqueeze(1)) & mask.index_select(0, inverse)
-    weight = hit.any(dim=1) / s.index_select(0, units)
-    if _DISTINCT_MAX_FRACTION * faces.shape[0] <= k:
-        K = torch.cholesky_inverse(L)  # [f, w, w], symmetric
-        W = K @ HS.index_select(0, idx.flatten()).view(*idx.shape, m)  # [f, w, m]
-        at = inverse * width + hit.to(torch.uint8).argmax(dim=1)
-        mu_A = K.reshape(-1, width).index_select(0, at) * weight.unsqueeze(1)
-        V = W.reshape(-1, m).index_select(0, at) * weight.unsqueeze(1)
-        return V, mu_A, index
-    mu_A = cholesky_solve(L.index_select(0, inverse), hit * weight.unsqueeze(1))
-    M = torch.zeros(k, m, dtype=H.dtype, device=H.device).scatter_(1, index, mu_A)
-    return M @ HS, mu_A, index
+    M = torch.zeros(k, m, dtype=HS.dtype, device=HS.device).scatter_(1, index, mu_A)
+    return M @ HS, mu_A, idx
 
 
-def _unit_residual(G: Tensor, X: Tensor, GX: Tensor, units: Tensor) -> Tensor:
-    """:func:`~torchjd.linalg._kkt.feasible_kkt_residual` of the rows ``X`` (``v ≥ e_i``) of the
-    unit vectors ``units`` (``max|u| = 1``), in fewer operations."""
-    relative_gradient = GX / row_scales(G)
-    slack = X.clone()
-    slack.index_put_(
-        (torch.arange(units.numel(), device=G.device), units),
-        torch.tensor(-1.0, dtype=X.dtype),
-        accumulate=True,
-    )
-    complementarity = slack.mul_(relative_gradient.abs())
+def _unit_residual(G: Tensor, X: Tensor) -> Tensor:
+    """:func:`~torchjd.linalg._kkt.feasible_kkt_residual` of the rows ``v(e_i)`` (``X``, with
+    ``v ≥ e_i`` and ``v_i = 1``; ``max|u| = 1``), in fewer operations."""
+    relative_gradient = (X @ G).div_(row_scales(G))
+    complementarity = relative_gradient.abs().mul_(X)  # |(G v)_j| (v_j − u_j)
+    complementarity.diagonal().zero_()
     return torch.maximum(relative_gradient.neg_(), complementarity).amax(dim=1)
