@@ -18,7 +18,7 @@ from torchjd.linalg import TorchProjector
 from torchjd.linalg._bounded_qp import _SCHUR_PIVOTS, _UNIT_BUDGET, DEFAULT_TOL
 from torchjd.linalg._gramian import normalized, regularized, symmetrized
 from torchjd.linalg._kkt import kkt_residual
-from torchjd.linalg._unit_schur import unit_schur_pivoting
+from torchjd.linalg._unit_schur import _spd_inverse, unit_schur_pivoting
 
 
 def per_sample_gramian(m: int, n_classes: int, noise: float, seed: int) -> torch.Tensor:
@@ -185,3 +185,18 @@ def test_unit_route_satisfies_the_tolerance_on_every_row():
     residual = kkt_residual(G_regularised, torch.eye(150), X, X @ G_regularised)
     assert (residual[solved] <= DEFAULT_TOL[torch.float32]).all()
     torch.testing.assert_close(weights, general_weights(G, p), rtol=0, atol=2e-3 * weights.max())
+
+
+@pytest.mark.parametrize("m", [100, 300, 600])
+def test_block_inverse_and_pivots(m: int):
+    """The recursive block inverse against LAPACK's, with the least squared pivot of the Cholesky
+    factor; NaN for a matrix that is not positive definite."""
+    g = torch.Generator().manual_seed(m)
+    J = torch.randn(m, 2 * m, generator=g, dtype=torch.float64)
+    A = J @ J.T / (2 * m) + 1e-3 * torch.eye(m, dtype=torch.float64)
+    inverse, pivot = _spd_inverse(A)
+    torch.testing.assert_close(inverse, torch.linalg.inv(A), rtol=1e-9, atol=1e-9)
+    L = torch.linalg.cholesky(A)
+    torch.testing.assert_close(pivot, L.diagonal().amin() ** 2)
+    A[m - 1, m - 1] = -1.0
+    assert _spd_inverse(A)[1].isnan()

