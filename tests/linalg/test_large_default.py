@@ -105,9 +105,12 @@ def test_rows_without_conflict_are_the_unit_vectors():
     """No row conflicts with another (``G ≥ 0`` entrywise): ``v(e_i) = e_i``, without a
     factorisation."""
     J = torch.rand(80, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    X, solved = solve(regularised(J))
+    G = regularised(J)
+    X, solved = solve(G)
     assert solved.all()
     assert torch.equal(X, torch.eye(80, dtype=torch.float64))
+    G[0, 1] = G[1, 0] = torch.nan
+    assert solve(G) is None  # the general route's NaN rows
 
 
 def test_declines_costly_faces_and_ill_conditioned_gramians():

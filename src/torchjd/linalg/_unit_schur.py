@@ -54,13 +54,15 @@ def unit_schur_pivoting(
     outgrows ``max_size``, and rows still infeasible after ``max_steps`` face solves, stop,
     unconverged."""
     m = G.shape[0]
-    if not bool(G.sum().isfinite()):
-        return None  # non-finite entries: the general route's NaN rows
-    eye = torch.eye(m, dtype=G.dtype, device=G.device)
-    # Rows without conflict (G_ij ≥ 0 for every j) are solved by v = e_i.
+    # Rows without conflict (G_ij ≥ 0 for every j) are solved by v = e_i. Non-finite entries are
+    # left to the general route (its NaN rows): here, or (the factorisation of a symmetric G
+    # spreads them to a pivot) by the conditioning test below.
     conflicted = (G.amin(dim=1) < 0).nonzero().squeeze(1)
     every_row = conflicted.numel() == m
+    eye = None if every_row else torch.eye(m, dtype=G.dtype, device=G.device)
     if conflicted.numel() == 0:
+        if not bool(G.sum().isfinite()):
+            return None
         return eye, torch.ones(m, dtype=torch.bool, device=G.device)
     active = (G if every_row else G.index_select(0, conflicted)) > 0
     if bool(active.sum(dim=1, dtype=torch.int32).amax() > max_size):
@@ -78,7 +80,7 @@ def unit_schur_pivoting(
     # -_DUAL_THRESHOLD tol √(G_jj max_l G_ll), that is μ_j against a constant.
     dual_bound = -_DUAL_THRESHOLD * tol * math.sqrt(float(G.diagonal().amax()))
     primal_bound = -_PRIMAL_THRESHOLD * tol
-    X = None if every_row else eye.clone()
+    X = eye  # None when every row pivots: then the first face solutions
     rows = conflicted
     best = torch.full((rows.numel(),), m + 1, device=G.device)
     tries = torch.full((rows.numel(),), _FULL_EXCHANGES, device=G.device)
@@ -183,11 +185,13 @@ def _face_solutions(
     position = torch.zeros_like(faces, dtype=torch.long).scatter_(1, idx, positions)
     at = position.view(-1).index_select(0, inverse * m + units)
     if _DISTINCT_MAX_FRACTION * f <= k:
-        K = torch.cholesky_inverse(L) / s_A.unsqueeze(2)  # row p over s at its index
+        # Row p over s at its index (from the row-major view of the symmetric inverse: a
+        # contiguous result, for the batched product).
+        K = torch.cholesky_inverse(L).mT / s_A.unsqueeze(2)
         W = K @ HS.index_select(0, idx.flatten()).view(f, width, m)  # [f, w, m]
         at = at + inverse * width
-        mu_A = K.reshape(-1, width).index_select(0, at)
-        return W.reshape(-1, m).index_select(0, at), mu_A, idx
+        mu_A = K.view(-1, width).index_select(0, at)
+        return W.view(-1, m).index_select(0, at), mu_A, idx
     b = torch.zeros(k, width, dtype=HS.dtype, device=HS.device)
     b.scatter_(1, at.unsqueeze(1), s.index_select(0, units).reciprocal().unsqueeze(1))
     mu_A = cholesky_solve(L.index_select(0, inverse), b)
