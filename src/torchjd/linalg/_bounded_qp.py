@@ -32,7 +32,12 @@ UPGrad's problems (``U = diag(p)``, ``p ≥ 0``) are solved as those of the unit
 ``v(p_i e_i) = p_i v(e_i)``, whose scaled problem needs fewer operations
 (:func:`_small_unit_route`, called by ``TorchProjector._summed_projections``): the weights of a
 per-sample Gramian of 64 rows at initialisation (one step: the guess is right) take about 80
-operations, against about 110 for the general rows.
+operations, against about 110 for the general rows. Beyond ``m = 64``, the unit vectors'
+problems are solved through ``G⁻¹`` when their initial faces ``{j : G_ij > 0}`` are small (at
+most ``m / 4`` active indices) and shared (few distinct ones: per-sample Gramians whose rows share
+the face of their class), with one small inverse per distinct face
+(:func:`_large_unit_route`, :mod:`torchjd.linalg._unit_schur`); otherwise, and for the rows it
+leaves, by the general route.
 
 General route (larger problems, the exact mode, and the rows left above):
 

@@ -139,7 +139,10 @@ class TorchProjector(DualConeProjector):
         In the default mode up to ``m = 64`` (float32 and float64), the ``m`` problems are
         solved as those of the unit vectors, ``v(p_i e_i) = p_i v(e_i)``, with fewer operations
         (:func:`~torchjd.linalg._bounded_qp._small_unit_route`); the Gramian is normalised and
-        regularised as by :meth:`__call__`, and the rows left take the general route."""
+        regularised as by :meth:`__call__`, and the rows left take the general route. Beyond,
+        also when their faces are cheap through ``G⁻¹``
+        (:func:`~torchjd.linalg._bounded_qp._large_unit_route`), unless ``G`` or ``p``
+        requires grad."""
         m = G.shape[0]
         large = m > _DIRECT_MAX_M
         if (

@@ -13,14 +13,21 @@ of the problem of ``e_i`` solve (see :mod:`torchjd.linalg._schur_pivoting`)
 ``μ_A`` is the column of ``i`` in ``H_AA⁻¹``, over ``s_i``. The initial guess of row ``i`` is
 ``A_i = {j : G_ij > 0}`` (the rows that agree with row ``i``): in a per-sample Gramian at
 initialisation, the samples of its class, so that the rows of a class share their face. Each
-distinct face is then inverted once (``|A| × |A|``, a few dozen indices) and gives the
-multipliers of all its rows; the weights of every row are one ``[m, m] × [m, m]`` product. A
-Gramian of ``256`` rows (ten classes) needs two steps, the second on a few rows.
+distinct face is then inverted once (``|A| × |A|``, a few dozen indices), and the rows of
+``W = H_AA⁻¹ (H S)_{A:}`` (each over ``s`` of its index) are the weights of the face's rows:
+``Σ_faces |A|² m`` products for all rows instead of ``m³``. The rows whose guess was wrong (a few)
+pivot on, each on its own face (:func:`~torchjd.linalg._principal_pivoting.exchange`). A
+per-sample Gramian of an MLP at 256 rows (ten classes, twelve distinct faces) needs two steps,
+the second on ten rows.
 
-The cost is that of ``H`` (one Cholesky factorisation and its inverse), one product per step and
-one more that checks every row on ``G`` itself; :func:`unit_schur_pivoting` declines (None) when
-a row's initial face has many active indices (its ``|A|³`` systems would cost more than ADMM's
-shared products) or when ``G`` is too ill-conditioned for ``H`` in its dtype.
+The cost is that of ``H`` (one Cholesky factorisation and its inverse: :func:`_spd_inverse`),
+the faces' small batched factorisations, and one ``[m, m] × [m, m]`` product that checks every
+row on ``G`` itself: at 256 rows in float32 on one CPU thread, about 3.5 ms, against about 4.7 ms
+for the general route of the rows ``p_i e_i`` (pivoting from the same guess, with one more
+product and more operations on ``[m, m]`` tensors). :func:`unit_schur_pivoting` declines (None)
+when a row's initial face has many active indices, or the distinct faces are many (their small
+systems would cost more than the general route), or when ``G`` is too ill-conditioned for ``H``
+in its dtype.
 """
 
 import math
@@ -78,7 +85,7 @@ def unit_schur_pivoting(
     HS = H.mul_(s)  # v = μ (H S)
     # Thresholds of principal pivoting (u_scale = 1): on A, (G v)_j = μ_j / s_j against
     # -_DUAL_THRESHOLD tol √(G_jj max_l G_ll), that is μ_j against a constant.
-    dual_bound = -_DUAL_THRESHOLD * tol * math.sqrt(float(G.diagonal().amax()))
+    dual_bound = -_DUAL_THRESHOLD * tol * math.sqrt(float(diagonal.amax()))
     primal_bound = -_PRIMAL_THRESHOLD * tol
     X = eye  # None when every row pivots: then the first face solutions
     rows = conflicted
