@@ -15,7 +15,7 @@ from tests.linalg.test_schur_pivoting import last_layer, regularised
 from tests.reference.dual_cone import kkt_violation, with_quadprog
 from torchjd.aggregation import UPGradWeighting
 from torchjd.linalg import TorchProjector
-from torchjd.linalg._bounded_qp import _SCHUR_PIVOTS, _UNIT_BUDGET, DEFAULT_TOL
+from torchjd.linalg._bounded_qp import _SCHUR_PIVOTS, _UNIT_BUDGET, DEFAULT_TOL, _large_unit_route
 from torchjd.linalg._gramian import normalized, regularized, symmetrized
 from torchjd.linalg._kkt import kkt_residual
 from torchjd.linalg._unit_schur import _spd_inverse, unit_schur_pivoting
@@ -203,3 +203,19 @@ def test_block_inverse_and_pivots(m: int):
     torch.testing.assert_close(pivot, L.diagonal().amin() ** 2)
     A[m - 1, m - 1] = -1.0
     assert _spd_inverse(A)[1].isnan()
+
+
+def test_rows_left_by_the_route_take_the_general_route(monkeypatch: pytest.MonkeyPatch):
+    """When the rows left after the first step have faces too costly (here: any), they stop,
+    unconverged, and the weighting solves them by the general route; beyond 512 rows, the route
+    is not tried."""
+    monkeypatch.setattr(unit_schur_module, "_LATER_BUDGET", 0.0)
+    G = per_sample_gramian(200, 8, 0.1, 0)
+    X, solved = solve(G)
+    assert not solved.all()
+    assert solved.any()
+    assert_unit_rows_optimal(G, X, solved)
+    X = _large_unit_route(G, DEFAULT_TOL[torch.float64], 10_000)
+    assert X is not None
+    assert_unit_rows_optimal(G, X, torch.ones(200, dtype=torch.bool))
+    assert _large_unit_route(torch.eye(513, dtype=torch.float64), 1e-7, 10_000) is None

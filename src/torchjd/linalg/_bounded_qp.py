@@ -36,8 +36,8 @@ operations, against about 110 for the general rows. Beyond ``m = 64``, the unit 
 problems are solved through ``G⁻¹`` when their initial faces ``{j : G_ij > 0}`` are small (at
 most ``m / 4`` active indices) and shared (few distinct ones: per-sample Gramians whose rows share
 the face of their class), with one small inverse per distinct face
-(:func:`_large_unit_route`, :mod:`torchjd.linalg._unit_schur`); otherwise, and for the rows it
-leaves, by the general route.
+(:func:`_large_unit_route`, :mod:`torchjd.linalg._unit_schur`, up to ``m = 512``); otherwise, and
+for the rows it leaves, by the general route.
 
 General route (larger problems, the exact mode, and the rows left above):
 
@@ -169,6 +169,10 @@ _SCHUR_PIVOTS = 8
 # initial faces is at most this many m³ (each distinct face costs a few small batched operations;
 # beyond, ADMM in float32, or pivoting on every row's face in float64, costs less).
 _UNIT_BUDGET = {torch.float32: 0.25, torch.float64: 0.1}
+# Beyond this size, the general route: at 1,024 rows of an MLP's per-sample Gramian, the initial
+# faces (about 120 indices) are wrong for every row, and the unit route's G⁻¹ and first step are
+# spent for nothing.
+_UNIT_MAX_M = 512
 # In float64 from this size on, ADMM starts from a float32 ADMM solution to _WARM_START_TOL (at
 # most _WARM_START_ITERS iterations): its products cost half as much.
 _WARM_START_MIN_M = 256
@@ -312,6 +316,8 @@ def _large_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor | None:
     whose rows share the face of their class); the rows it leaves take the general route. None
     when it declines: the caller then takes the general route with every row."""
     m = G.shape[0]
+    if m > _UNIT_MAX_M:
+        return None
     result = unit_schur_pivoting(G, tol, _SCHUR_PIVOTS, m // 4, _UNIT_BUDGET[G.dtype])
     if result is None:
         return None
