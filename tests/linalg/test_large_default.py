@@ -18,6 +18,7 @@ from torchjd.linalg import TorchProjector
 from torchjd.linalg._bounded_qp import _SCHUR_PIVOTS, _UNIT_BUDGET, DEFAULT_TOL, _large_unit_route
 from torchjd.linalg._gramian import normalized, regularized, symmetrized
 from torchjd.linalg._kkt import kkt_residual
+from torchjd.linalg._schur_pivoting import distinct_faces
 from torchjd.linalg._unit_schur import _spd_inverse, unit_schur_pivoting
 
 
@@ -219,3 +220,26 @@ def test_rows_left_by_the_route_take_the_general_route(monkeypatch: pytest.Monke
     assert X is not None
     assert_unit_rows_optimal(G, X, torch.ones(200, dtype=torch.bool))
     assert _large_unit_route(torch.eye(513, dtype=torch.float64), 1e-7, 10_000) is None
+
+
+def test_face_solutions_shared_and_per_row_agree():
+    """The weights and multipliers of the unit vectors' problems on their faces are the same
+    whether each distinct face is inverted once or each row solves its own (shared faces among
+    fewer than four rows each, or every row its own)."""
+    G = per_sample_gramian(100, 8, 0.3, 2)
+    s = G.diagonal().rsqrt()
+    H, _ = _spd_inverse(s.unsqueeze(1) * G * s.unsqueeze(0))
+    HS = H * s
+    active = G > 0
+    for units in (torch.arange(100), torch.arange(12)):
+        faces, inverse = distinct_faces(active[units])
+        assert faces.shape[0] < units.shape[0]
+        V, mu_A, idx = unit_schur_module._face_solutions(HS, s, faces, inverse, units)
+        own = torch.arange(units.shape[0])
+        V_own, mu_own, idx_own = unit_schur_module._face_solutions(HS, s, active[units], own, units)
+        torch.testing.assert_close(V, V_own)
+        M = torch.zeros(len(units), 100, dtype=G.dtype).scatter_(1, idx[inverse], mu_A)
+        M_own = torch.zeros(len(units), 100, dtype=G.dtype).scatter_(1, idx_own, mu_own)
+        torch.testing.assert_close(M, M_own)
+        # On its face, v_A = e_i and G v = μ / s (zero on the free indices).
+        torch.testing.assert_close(V @ G, M / s, atol=1e-12, rtol=0)

@@ -103,7 +103,8 @@ def unit_schur_pivoting(
                 faces, inverse = distinct_faces(active)
             else:
                 faces, inverse = active, torch.arange(k, device=G.device)
-            if _face_cost(faces) > _LATER_BUDGET * budget * m**3:
+            later_budget = _LATER_BUDGET * budget * m**3
+            if k * max_size**3 > later_budget and _face_cost(faces) > later_budget:
                 break  # the rows left have too many distinct faces: left unconverged
         V, mu_A, idx = _face_solutions(HS, s, faces, inverse, rows)
         if X is None:
@@ -213,8 +214,10 @@ def _face_solutions(
         return W.view(-1, m).index_select(0, at), mu_A, idx
     b = torch.zeros(k, width, dtype=HS.dtype, device=HS.device)
     b.scatter_(1, at.unsqueeze(1), s.index_select(0, units).reciprocal().unsqueeze(1))
-    mu_A = cholesky_solve(L.index_select(0, inverse), b)
-    index = idx.index_select(0, inverse)
+    index = idx
+    if f < k:  # else each row has its own face (inverse = arange(k))
+        L, index = L.index_select(0, inverse), idx.index_select(0, inverse)
+    mu_A = cholesky_solve(L, b)
     M = torch.zeros(k, m, dtype=HS.dtype, device=HS.device).scatter_(1, index, mu_A)
     return M @ HS, mu_A, idx
 
