@@ -22,7 +22,7 @@ the second on ten rows.
 
 The cost is that of ``H`` (one Cholesky factorisation and its inverse: :func:`_spd_inverse`),
 the faces' small batched factorisations, and one ``[m, m] × [m, m]`` product that checks every
-row on ``G`` itself: at 256 rows in float32 on one CPU thread, about 3.5 ms, against about 4.7 ms
+row on ``G`` itself: at 256 rows in float32 on one CPU thread, about 3.5 ms, against about 5 ms
 for the general route of the rows ``p_i e_i`` (pivoting from the same guess, with one more
 product and more operations on ``[m, m]`` tensors). :func:`unit_schur_pivoting` declines (None)
 when a row's initial face has many active indices, or the distinct faces are many (their small
