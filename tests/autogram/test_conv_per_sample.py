@@ -1,9 +1,12 @@
-"""Convolutions through their per-sample weight gradients (from the patches of blocks of samples,
-or the samples as the groups of one convolution without patches): exact against brute force
-(float64, 1e-10) for every option, whole or by blocks, and in the fused step."""
+"""Convolutions through their per-objective weight gradients (batched products on the patches of
+blocks of samples; the first kernel dimension unfolded or looped over; whole or by blocks of
+output channels): exact against brute force (float64, 1e-10) for every option, and in the fused
+step."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import torchjd.autogram._rules._conv as conv_module
@@ -12,106 +15,125 @@ from tests.autogram.test_fused import assert_fused_exact, leaves_of
 
 
 @pytest.fixture
-def per_sample_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the uses of the per-sample path, and forbids the patches."""
-    used: list[int] = []
-    per_sample_gramian = conv_module._per_sample_gramian
-
-    def spy(*args: object) -> Tensor:
-        used.append(1)
-        return per_sample_gramian(*args)  # type: ignore[arg-type]
-
-    def fail(*args: object) -> None:
-        raise AssertionError("patches formed")
-
-    monkeypatch.setattr(conv_module, "_per_sample_gramian", spy)
-    monkeypatch.setattr(conv_module, "_patches", fail)
-    monkeypatch.setattr(conv_module, "_padded_patches", fail)
-    return used
-
-
-CONVS = {
-    "conv1d_stride_dilation": lambda: nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding=1),
-    "conv2d_groups": lambda: nn.Conv2d(4, 6, (2, 3), groups=2, padding=(1, 0)),
-    "conv2d_same_reflect": lambda: nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"),
-    "conv2d_circular_no_bias": lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular",
-                                                 bias=False),
-    "conv3d_replicate": lambda: nn.Conv3d(2, 3, 2, padding=1, padding_mode="replicate"),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("blocks", [False, True])
-@pytest.mark.parametrize("batch_dim", [0, None])
-@pytest.mark.parametrize("name", list(CONVS))
-def test_gramian(name, batch_dim, blocks, per_sample_path, monkeypatch):
-    """Per-sample gradients over the bound: the samples as groups of a convolution, whole or
-    one output channel at a time."""
-    monkeypatch.setattr(conv_module, "_jacobian_fits", lambda *args: False)
-    if blocks:
-        monkeypatch.setattr(conv_module, "CHUNK_BYTES", 1)
-    conv = CONVS[name]()
-    n = len(conv.kernel_size)
-    x = torch.randn(3, conv.in_channels, *[7] * n)
-
-    def forward() -> Tensor:
-        y = conv(x).sin()
-        return (y + conv(x.flip(-1)).cos()).flatten(1).sum(1)  # two calls
-
-    if batch_dim is None:
-        forward_none = lambda: forward().sum()  # noqa: E731  one objective
-        assert_gramian_exact([conv], forward_none, None)
-    else:
-        assert_gramian_exact([conv], forward, 0)
-        assert_fused_exact([conv], forward, 0, leaves_of([conv]))
-    assert per_sample_path
-
-
-@pytest.fixture
-def per_objective_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the uses of the per-objective path (patches of blocks of samples), and forbids the
-    other two (the samples as groups of a convolution; the closed form)."""
-    used: list[int] = []
+def per_objective_path(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, slice]]:
+    """Records whether each use of the per-objective path looped over the first kernel
+    dimension, and its output channels; forbids the closed form."""
+    used: list[tuple[bool, slice]] = []
     per_objective_jacobian = conv_module._per_objective_jacobian
 
     def spy(*args: object) -> Tensor:
-        used.append(1)
+        used.append((args[3], args[4]))  # type: ignore[arg-type]
         return per_objective_jacobian(*args)  # type: ignore[arg-type]
 
     def fail(*args: object) -> None:
-        raise AssertionError("another path taken")
+        raise AssertionError("closed form taken")
 
     monkeypatch.setattr(conv_module, "_per_objective_jacobian", spy)
-    monkeypatch.setattr(conv_module, "_per_sample_gramian", fail)
     monkeypatch.setattr(conv_module, "weight_gramian", fail)
     monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
     return used
 
 
-@pytest.mark.parametrize("objectives", [1, 2])
+def force_loop(monkeypatch: pytest.MonkeyPatch, looped: bool) -> None:
+    """Makes the rule loop over the first kernel dimension's offsets (where it can), or never."""
+    monkeypatch.setattr(conv_module, "LOOP_MIN_WIDTH", 0 if looped else 1 << 30)
+
+
+CONVS = {
+    "conv1d_stride_dilation": lambda: nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding=1),
+    "conv2d_groups": lambda: nn.Conv2d(4, 6, (2, 3), groups=2, padding=(1, 0)),
+    "conv2d_strides": lambda: nn.Conv2d(2, 3, (3, 2), stride=(3, 1), dilation=(2, 1), padding=2),
+    "conv2d_same_reflect": lambda: nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"),
+    "conv2d_same_even": lambda: nn.Conv2d(3, 2, (4, 2), padding="same", dilation=(1, 2)),
+    "conv2d_circular_no_bias": lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular",
+                                                 bias=False),
+    "conv3d_replicate": lambda: nn.Conv3d(2, 3, 2, stride=(2, 1, 1), padding=1,
+                                          padding_mode="replicate"),
+}  # fmt: skip
+
+
+def objectives(conv: nn.Module, x: Tensor, R: int) -> Tensor:
+    """``[B, R]`` objectives (or ``[B]`` when ``R = 0``) of two calls of ``conv``."""
+    y = (conv(x).sin() + conv(x.flip(-1)).cos()).flatten(1)
+    stacked = torch.stack([y.sum(1), y.pow(2).sum(1), y[:, ::2].exp().sum(1)], dim=1)
+    return stacked[:, 0] if R == 0 else stacked[:, :R]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("looped", [False, True])
+@pytest.mark.parametrize("R", [0, 2])
 @pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("batch_dim", [0, None])
 @pytest.mark.parametrize("name", list(CONVS))
-def test_per_objective_gramian(
-    name, batch_dim, blocks, objectives, per_objective_path, monkeypatch
-):
+def test_per_objective_gramian(name, batch_dim, blocks, R, looped, per_objective_path, monkeypatch):
     """The per-objective gradients formed whole, from the patches of all the samples at once or
-    of one sample at a time; two calls; one or two objectives per sample."""
+    of one sample at a time, the first kernel dimension unfolded or looped over; two calls; one
+    or two objectives per sample."""
+    force_loop(monkeypatch, looped)
     if blocks:
         monkeypatch.setattr(conv_module, "PATCH_BYTES", 1)
-    conv = CONVS[name]()
-    n = len(conv.kernel_size)
-    x = torch.randn(3, conv.in_channels, *[6] * n)
-
-    def forward() -> Tensor:
-        y = (conv(x).sin() + conv(x.flip(-1)).cos()).flatten(1)  # two calls
-        return torch.stack([y.sum(1), y.pow(2).sum(1)], dim=1)[:, :objectives]
-
-    if batch_dim is None:
-        assert_gramian_exact([conv], lambda: forward().sum(0), None)
+    conv = CONVS[name]().double()
+    x = torch.randn(3, conv.in_channels, *[7] * len(conv.kernel_size), dtype=torch.float64)
+    if batch_dim is None:  # several images for one sample: never looped
+        assert_gramian_exact([conv], lambda: objectives(conv, x, max(R, 1)).sum(0), None)
     else:
+        assert_gramian_exact([conv], lambda: objectives(conv, x, R), 0)
+        assert_fused_exact([conv], lambda: objectives(conv, x, R), 0, leaves_of([conv]))
+    assert per_objective_path
+    assert all(taken == (looped and batch_dim == 0) for taken, _ in per_objective_path)
+
+
+@pytest.mark.parametrize("looped", [False, True])
+@pytest.mark.parametrize("R", [0, 3])
+@pytest.mark.parametrize("blocks", [2, "channels"])
+@pytest.mark.parametrize("name", ["conv2d_groups", "conv2d_strides", "conv3d_replicate"])
+def test_blocks_of_output_channels(name, blocks, R, looped, per_objective_path, monkeypatch):
+    """Per-objective gradients over the bound: formed by blocks of output channels (of each
+    group) of equal sizes (two blocks, or one channel each), their Gramians summed; the fused
+    step then uses the convolution's own kernel."""
+    force_loop(monkeypatch, looped)
+    monkeypatch.setattr(conv_module, "_jacobian_fits", lambda *args: False)
+    monkeypatch.setattr(conv_module, "keeps_jacobian", lambda *args: False)
+    conv = CONVS[name]().double()
+    B, out_channels = 4, conv.out_channels // conv.groups
+    jacobian_bytes = B * max(R, 1) * conv.weight.numel() * 8
+    monkeypatch.setattr(
+        conv_module, "CHUNK_BYTES", 1 if blocks == "channels" else jacobian_bytes // 2
+    )
+    x = torch.randn(B, conv.in_channels, *[6] * len(conv.kernel_size), dtype=torch.float64)
+    assert_gramian_exact([conv], lambda: objectives(conv, x, R), 0)
+    assert_fused_exact([conv], lambda: objectives(conv, x, R), 0, leaves_of([conv]))
+    size = 1 if blocks == "channels" else -(-out_channels // 2)
+    starts = {channels.start for _, channels in per_objective_path}
+    assert starts == set(range(0, out_channels, size))
+    assert all(channels.stop - channels.start == size for _, channels in per_objective_path)
+    assert all(taken == looped for taken, _ in per_objective_path)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    dim=st.integers(1, 3),
+    groups=st.sampled_from([1, 2]),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 3),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    R=st.integers(0, 2),
+    batch=st.integers(1, 3),
+)
+def test_looped_random_shapes(dim, groups, kernel, stride, padding, dilation, R, batch):
+    """The first kernel dimension looped over (with the phases of its stride) on random
+    configurations, one or several objectives per sample."""
+    conv_type = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dim - 1]
+    conv = conv_type(2, 4, kernel, stride, padding, dilation, groups).double()
+    size = (kernel - 1) * dilation + 1 + 2 * stride
+    x = torch.randn(batch, 2, *[size] * dim, dtype=torch.float64)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        force_loop(monkeypatch, True)
+        monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
+        forward = lambda: objectives(conv, x, R)  # noqa: E731
         assert_gramian_exact([conv], forward, 0)
         assert_fused_exact([conv], forward, 0, leaves_of([conv]))
-    assert per_objective_path
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -119,22 +141,54 @@ def test_fused_step_weights_the_kept_per_objective_gradients(keep, per_objective
     """The fused step forms the weighted gradient from the kept per-objective gradients (when
     kept), else from the output gradients with the convolution's own kernel."""
     used: list[int] = []
-    weighted_jacobian = conv_module.weighted_jacobian
+    backward = torch.ops.aten.convolution_backward
 
-    def spy(*args: object) -> tuple[Tensor, Tensor | None]:
-        used.append(1)
-        return weighted_jacobian(*args)  # type: ignore[arg-type]
+    class Spy:
+        def __getattr__(self, name: str) -> object:
+            if name == "convolution_backward":
+                used.append(1)
+                return backward
+            return getattr(torch.ops.aten, name)
 
-    monkeypatch.setattr(conv_module, "weighted_jacobian", spy)
+    monkeypatch.setattr(conv_module.torch.ops, "aten", Spy())
     monkeypatch.setattr(conv_module, "keeps_jacobian", lambda *args: keep)
-    conv = nn.Conv2d(3, 4, 3, groups=1, padding=1)
-    x = torch.randn(5, 3, 6, 6)
+    conv = nn.Conv2d(3, 4, 3, groups=1, padding=1).double()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
     assert_fused_exact([conv], lambda: conv(x).pow(2).flatten(1).sum(1), 0, leaves_of([conv]))
-    assert bool(used) == keep
+    assert bool(used) != keep
 
 
-def test_unbatched_input_per_objective():
+@pytest.mark.parametrize("looped", [False, True])
+def test_unbatched_input_per_objective(looped, monkeypatch):
     """An unbatched input (no batch dimension of its own) with batch_dim=None."""
-    conv = nn.Conv1d(2, 3, 3)
-    x = torch.randn(2, 9)
+    force_loop(monkeypatch, looped)
+    monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
+    conv = nn.Conv1d(2, 3, 3).double()
+    x = torch.randn(2, 9, dtype=torch.float64)
     assert_gramian_exact([conv], lambda: conv(x).pow(2).sum(), None)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])
+def test_kept_jacobian_larger_than_output_gradients(chunk_bytes, per_objective_path, monkeypatch):
+    """Per-objective gradients 1.5 times the size of the output gradients (kept for the fused
+    step): formed whole when within the output gradients plus ``CHUNK_BYTES``, else by blocks."""
+    monkeypatch.setattr(conv_module, "CHUNK_BYTES", chunk_bytes)
+    conv = nn.Conv2d(2, 3, 3).double()  # 3 x 4 output positions: J / Γ = 2 * 9 / 12
+    x = torch.randn(4, 2, 5, 6, dtype=torch.float64)
+    forward = lambda: conv(x).pow(2).flatten(1).sum(1)  # noqa: E731
+    assert_gramian_exact([conv], forward, 0)
+    assert_fused_exact([conv], forward, 0, leaves_of([conv]))
+    whole = chunk_bytes > 1
+    assert all((channels == slice(None)) == whole for _, channels in per_objective_path)
+
+
+@pytest.mark.parametrize("looped", [False, True])
+def test_channels_last(looped, per_objective_path, monkeypatch):
+    """Inputs and output gradients laid out channels last (strided positions)."""
+    force_loop(monkeypatch, looped)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double().to(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 6, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    forward = lambda: objectives(conv, x, 2)  # noqa: E731
+    assert_gramian_exact([conv], forward, 0)
+    assert_fused_exact([conv], forward, 0, leaves_of([conv]))
+    assert all(taken == looped for taken, _ in per_objective_path)

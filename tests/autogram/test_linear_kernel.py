@@ -5,7 +5,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torchjd.autogram._rules._linear import one_position_gramian, self_gram, weight_gramian
+import torchjd.autogram._rules._linear as linear_module
+from torchjd.autogram._rules._linear import (
+    block_features,
+    one_position_gramian,
+    self_gram,
+    weight_gramian,
+)
 
 
 def reference(X: torch.Tensor, Gamma: torch.Tensor) -> torch.Tensor:
@@ -79,3 +85,33 @@ def test_one_position_gramian(B, R, d_in, d_out, with_bias):
 def test_self_gram(rows):
     A = torch.randn(rows, 6, dtype=torch.float64)
     torch.testing.assert_close(self_gram(A), A @ A.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("min_features", [1, 3])
+@pytest.mark.parametrize(
+    ("shape", "chunk_bytes"),
+    [((1, 3, 1, 4, 2, 7), None), ((2, 3, 1, 3, 2, 5), None), ((2, 3, 2, 3, 2, 5), 100)],
+    ids=["one_objective", "groups", "groups_R2_chunks"],
+)
+def test_blocks_in_one_buffer(monkeypatch, shape, chunk_bytes, min_features):
+    """Per-objective gradients formed by blocks of features in one reused buffer (the last block
+    narrower), each block's Gramian taken right away: the same Gramian as formed whole. With one
+    objective per sample, blocks of about BLOCK_BYTES; with several, of at most chunk_bytes."""
+    monkeypatch.setattr(linear_module, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(linear_module, "MIN_BLOCK_FEATURES", min_features)
+    monkeypatch.setattr(linear_module, "per_objective_is_cheaper", lambda *args: True)
+    P, B, R, T, d_in, d_out = shape
+    X = torch.randn(P, B, T, d_in, dtype=torch.float64)
+    Gamma = torch.randn(P, B, R, T, d_out, dtype=torch.float64)
+    G = weight_gramian(X, Gamma, chunk_bytes)
+    torch.testing.assert_close(G, reference(X, Gamma), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("d_out", "feature_bytes", "chunk_bytes", "expected"),
+    [(384, 1 << 14, 1 << 24, 64), (10, 1 << 14, 1 << 24, 10), (384, 1 << 17, 1 << 24, 16),
+     (384, 1 << 17, 1 << 18, 2), (384, 1 << 17, 1, 1)],
+)  # fmt: skip
+def test_block_features(d_out, feature_bytes, chunk_bytes, expected):
+    """About BLOCK_BYTES per block, at least MIN_BLOCK_FEATURES features, within chunk_bytes."""
+    assert block_features(d_out, feature_bytes, chunk_bytes) == expected

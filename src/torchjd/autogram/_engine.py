@@ -341,7 +341,8 @@ class Engine:
         self, output: Tensor, kept_bytes: int | None = 0, fused: bool = False
     ) -> tuple[Tensor, dict[nn.Module, list[ModuleCall]], int | None, FusionPlan | None]:
         """The Gramian, the batch dimension, the calls whose output gradients are kept for
-        the fused step: those of modules whose rule has ``weighted_gradients``, in the order in
+        the fused step (none unless ``fused``): those of modules whose rule has
+        ``weighted_gradients``, in the order in
         which the rules run (the streamed ones during the backward pass, from the top, then the
         others in the order of the calls), while their total size stays within ``kept_bytes``
         (None: no limit) (the others' are released
@@ -397,11 +398,11 @@ class Engine:
             with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
                 blocks[module] = rule(module, module_calls)
             fits = budget is None  # no limit: the sizes are not needed
-            if not fits and _fusable(rule):
+            if not fits and fused and _fusable(rule):  # compute_gramian keeps nothing
                 size = sum(_kept_bytes(call) for call in module_calls)
                 fits = size <= budget  # type: ignore[operator]
                 budget -= size if fits else 0  # type: ignore[operator]
-            if _fusable(rule) and fits:
+            if fused and _fusable(rule) and fits:
                 kept[module] = module_calls
             else:
                 _release(module_calls)

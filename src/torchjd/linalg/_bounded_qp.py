@@ -32,7 +32,12 @@ UPGrad's problems (``U = diag(p)``, ``p ≥ 0``) are solved as those of the unit
 ``v(p_i e_i) = p_i v(e_i)``, whose scaled problem needs fewer operations
 (:func:`_small_unit_route`, called by ``TorchProjector._summed_projections``): the weights of a
 per-sample Gramian of 64 rows at initialisation (one step: the guess is right) take about 80
-operations, against about 110 for the general rows.
+operations, against about 110 for the general rows. Beyond ``m = 64``, the unit vectors'
+problems are solved through ``G⁻¹`` when their initial faces ``{j : G_ij > 0}`` are small (at
+most ``m / 4`` active indices) and shared (few distinct ones: per-sample Gramians whose rows share
+the face of their class), with one small inverse per distinct face
+(:func:`_large_unit_route`, :mod:`torchjd.linalg._unit_schur`, up to ``m = 512``); otherwise, and
+for the rows it leaves, by the general route.
 
 General route (larger problems, the exact mode, and the rows left above):
 
@@ -145,6 +150,7 @@ from torchjd.linalg._tableau_pivoting import (
     tableau_pivoting,
 )
 from torchjd.linalg._unique_face import unique_optimum_rows
+from torchjd.linalg._unit_schur import unit_schur_pivoting
 from torchjd.linalg._warm_start import warm_started_pivoting
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
@@ -163,6 +169,14 @@ _SCHUR_BUDGET = {torch.float32: 0.05, torch.float64: 1.0}
 # Gramians at initialisation: about a tenth).
 _LOPSIDED = 0.2
 _SCHUR_PIVOTS = 8
+# UPGrad's unit-vector problems beyond _DIRECT_MAX_M go through G⁻¹ when Σ |A|³ over the distinct
+# initial faces is at most this many m³ (each distinct face costs a few small batched operations;
+# beyond, ADMM in float32, or pivoting on every row's face in float64, costs less).
+_UNIT_BUDGET = {torch.float32: 0.25, torch.float64: 0.1}
+# Beyond this size, the general route: at 1,024 rows of an MLP's per-sample Gramian, the initial
+# faces (about 120 indices) are wrong for every row, and the unit route's G⁻¹ and first step are
+# spent for nothing.
+_UNIT_MAX_M = 512
 # In float64 from this size on, ADMM starts from a float32 ADMM solution to _WARM_START_TOL (at
 # most _WARM_START_ITERS iterations): its products cost half as much.
 _WARM_START_MIN_M = 256
@@ -319,6 +333,26 @@ def _exact_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor:
     else:
         V = _least_norm_route(G_regularised, G, U, GU, tol, max_iters)
     X[rows] = torch.maximum(V, U)
+    return X
+
+
+def _large_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor | None:
+    """The rows ``v(e_i)`` (``[m, m]``) for ``m > 64`` in the default mode (UPGrad's problems up
+    to their scale), when the initial faces ``{j : G_ij > 0}`` of the conflicted rows are cheap
+    through ``G⁻¹`` (:func:`~torchjd.linalg._unit_schur.unit_schur_pivoting`: per-sample Gramians
+    whose rows share the face of their class); the rows it leaves take the general route. None
+    when it declines: the caller then takes the general route with every row."""
+    m = G.shape[0]
+    if m > _UNIT_MAX_M:
+        return None
+    result = unit_schur_pivoting(G, tol, _SCHUR_PIVOTS, m // 4, _UNIT_BUDGET[G.dtype])
+    if result is None:
+        return None
+    X, solved = result
+    if not bool(solved.all()):
+        rows = (~solved).nonzero().squeeze(1)
+        eye = torch.eye(m, dtype=G.dtype, device=G.device)
+        X[rows] = _solve(G, eye[rows], tol, max_iters, False)
     return X
 
 

@@ -242,10 +242,12 @@ def distinct_faces(active: Tensor) -> tuple[Tensor, Tensor]:
     k, m = active.shape
     codes = torch.arange(m, dtype=torch.float64, device=active.device)
     codes = codes.mul_(_GOLDEN).frac_().add_(1)
-    keys, inverse = torch.unique(active.to(torch.float64) @ codes, return_inverse=True)
+    # (Booleans through uint8: a faster conversion; index_select: a faster gather of rows.)
+    keys = active.to(torch.uint8).to(torch.float64) @ codes
+    keys, inverse = torch.unique(keys, return_inverse=True)
     rows = torch.arange(k, device=active.device)
     representative = torch.empty(keys.shape[0], dtype=torch.long, device=active.device)
-    faces = active[representative.scatter_(0, inverse, rows)]
-    if keys.shape[0] == k or not torch.equal(faces[inverse], active):
+    faces = active.index_select(0, representative.scatter_(0, inverse, rows))
+    if keys.shape[0] == k or not torch.equal(faces.index_select(0, inverse), active):
         return active, rows
     return faces, inverse

@@ -10,12 +10,24 @@ the output gradients :math:`\Gamma_{ir}` of its :math:`C_{out}/g` channels at th
               + \Big(\sum_t \gamma_{irt}\Big) \cdot \Big(\sum_u \gamma_{jsu}\Big),
 
 summed over the calls. When forming the per-objective gradients
-:math:`J_{ir} = \sum_p {\Gamma^p_{ir}}^\top X^p_i` takes fewer flops than the closed form (many
-positions: see ``_linear.py``), the rule forms them from the patches of a block of samples at a
-time (at most ``PATCH_BYTES`` of patches), and :math:`G = J J^\top`; when :math:`J` would exceed
-both ``CHUNK_BYTES`` and the output gradients and there is one objective per sample, it forms them
-by blocks of output channels with the convolution's own kernel instead (the samples as the groups
-of one convolution), so that no patches are formed. Otherwise (few positions), the closed form of
+:math:`J_{ir} = \sum_p {\Gamma^p_{ir}} X^p_i` takes fewer flops than the closed form (many
+positions: see ``_linear.py``), the rule forms them and :math:`G = J J^\top`: one batched product
+(the samples and groups as the batch) per objective of a sample, on a block of samples at a time
+(at most ``PATCH_BYTES`` of patches each). When the patches are wide enough
+(:math:`C_{in}/g \cdot \prod_{k > 1} k` at least ``LOOP_MIN_WIDTH``) and each sample has one
+image, the offsets :math:`a` of the first kernel dimension are not unfolded: with
+:math:`X^{(a)}_i` the patches of the other kernel dimensions at the rows :math:`a d_1 + t s_1`
+(a slice of one copy of the input, split by the stride's phases),
+
+.. math::
+
+    J^{(a)}_{ir} = \sum_p \Gamma^p_{ir} X^{p,(a)}_i,
+    \qquad G = \sum_a J^{(a)} {J^{(a)}}^\top,
+
+so that the patches copy the input :math:`\prod_{k > 1} k` times instead of :math:`\prod_k k`
+times. When :math:`J` would exceed both ``CHUNK_BYTES`` and the output gradients (their sum,
+when it is kept for the fused step: see below), it is formed by blocks of output channels of
+about ``CHUNK_BYTES`` each (their Gramians summed). Otherwise (few positions), the closed form of
 ``_linear.py`` runs on the patches.
 
 For the fused step, the gradient of the weighted objectives is :math:`\sum_{ir} w_{ir} J_{ir}`
@@ -36,47 +48,59 @@ from torchjd.autogram._rules._linear import (
     CHUNK_BYTES,
     keeps_jacobian,
     per_objective_is_cheaper,
+    self_gram,
     weight_gramian,
-    weighted_jacobian,
 )
+
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 PATCH_BYTES = 1 << 21
 """The most memory that the patches of one block of samples take on the per-objective path (small
 blocks stay in cache, and reuse the allocator's memory from block to block)."""
 
+LOOP_MIN_WIDTH = 32
+r"""The narrowest patches (:math:`C_{in}/g \cdot \prod_{k > 1} k` columns) for which the rule
+loops over the offsets of the first kernel dimension instead of unfolding it: narrower, the
+products are too thin to run at full speed (a first layer on 3 channels), and unfolding everything
+is faster."""
+
 
 def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
-    assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
-    n = len(module.kernel_size)
-    g = module.groups
-    gammas = [_output_grads(c, n, g) for c in calls]
-    Gamma = cat(gammas, dim=3)  # [g, B, R, T, C_out/g]
-    _, B, R, T, d_out = Gamma.shape
-    d_in = module.weight[0].numel()
+    assert isinstance(module, Conv)
+    n, g = len(module.kernel_size), module.groups
+    grads = [_grads(c, n, g) for c in calls]  # each [R, B, g, C_out/g, T]
+    R, B = grads[0].shape[:2]
     sums = None
     if module.bias is not None and module.bias.requires_grad:
-        sums = Gamma.sum(dim=3).permute(1, 2, 0, 3).reshape(B, R, -1)  # [B, R, C_out]
+        total = sum(gamma.sum(dim=4) for gamma in grads)  # [R, B, g, C_out/g]
+        sums = total.permute(1, 0, 2, 3).reshape(B, R, -1)  # type: ignore[union-attr]
     G: Tensor | int = 0 if sums is None else gram(sums)
     if not module.weight.requires_grad:
         return G  # type: ignore[return-value]
-    size = Gamma.element_size()
+    T = sum(gamma.shape[4] for gamma in grads)
+    d_in, d_out = module.weight[0].numel(), module.out_channels // g
     if not per_objective_is_cheaper(B, R, T, d_in, d_out):  # the closed form
-        X = cat([_patches(module, _samples_first(c.args[0], c.batch_dim, n)) for c in calls], 2)
+        Gamma = cat([gamma.permute(2, 1, 0, 4, 3) for gamma in grads], dim=3)
+        X = cat([_patches(module, c) for c in calls], dim=2)  # [g, B, T, d_in]
         return G + weight_gramian(X, Gamma)
+    looped = _loops_first_offsets(module, calls)
+    size = grads[0].element_size()
     jacobian_bytes = B * R * module.weight.numel() * size
-    gamma_bytes = Gamma.numel() * size
-    if _jacobian_fits(jacobian_bytes, gamma_bytes):
-        positions = [c.shape[3] for c in gammas]
-        J = _per_objective_jacobian(module, calls, Gamma, positions)  # [B R, weight.numel()]
-        if keeps_jacobian(jacobian_bytes, gamma_bytes):  # for the fused step, in place of Γ
+    gamma_bytes = sum(gamma.numel() for gamma in grads) * size
+    keep = keeps_jacobian(jacobian_bytes, gamma_bytes)
+    if _jacobian_fits(jacobian_bytes, gamma_bytes, keep):
+        J = _per_objective_jacobian(module, calls, grads, looped, slice(None))
+        if keep:  # for the fused step, in place of Γ
             calls[0].saved["jacobian"] = (J, sums)
             for call in calls:
                 call.grad_outputs = [None] * len(call.grad_outputs)
-        return G + J @ J.T
-    if R == 1 and _batched(calls, n):
-        return G + _per_sample_gramian(module, calls)
-    X = cat([_patches(module, _samples_first(c.args[0], c.batch_dim, n)) for c in calls], 2)
-    return G + weight_gramian(X, Gamma)
+        return G + _objectives_gram(J, B)
+    blocks = -(-jacobian_bytes // CHUNK_BYTES)
+    step = -(-d_out // blocks)  # output channels (of each group), in blocks of equal sizes
+    for start in range(0, d_out, step):
+        channels = slice(start, start + step)
+        G = G + _objectives_gram(_per_objective_jacobian(module, calls, grads, looped, channels), B)
+    return G  # type: ignore[return-value]
 
 
 def conv_weighted_gradients(
@@ -86,13 +110,19 @@ def conv_weighted_gradients(
 
     :param W: The weights ``[B, R]`` of the objectives.
     """
-    assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    assert isinstance(module, Conv)
     if "jacobian" in calls[0].saved:
-        J, sums = calls[0].saved["jacobian"]
-        weight_grad, bias_grad = weighted_jacobian(J, sums, W)  # [g, C_in/g prod(kernel), C_out/g]
-        weight_grad = weight_grad.reshape(module.groups, module.weight[0].numel(), -1)
-        pairs = [(module.weight, weight_grad.mT.contiguous().reshape(module.weight.shape))]
-        return pairs if bias_grad is None else [*pairs, (module.bias, bias_grad)]
+        J, sums = calls[0].saved["jacobian"]  # [K, R B, g C_in/g prod(kernel[K > 1:]) C_out/g]
+        K, (C_out, C_in_g) = J.shape[0], module.weight.shape[:2]
+        weight_grad = W.T.reshape(-1).to(J.dtype) @ J  # [K, g width C_out/g]
+        kernel = module.kernel_size[1:] if K > 1 else module.kernel_size
+        g = module.groups
+        weight_grad = weight_grad.reshape(K, g, C_in_g, *kernel, C_out // g).movedim(-1, 2)
+        weight_grad = weight_grad.reshape(K, C_out, C_in_g, *kernel).movedim(0, 2)
+        pairs = [(module.weight, weight_grad.reshape(module.weight.shape).contiguous())]
+        if sums is None:
+            return pairs
+        return [*pairs, (module.bias, torch.einsum("ir,ird->d", W.to(sums.dtype), sums))]
     n = len(module.kernel_size)
     weight_grad: Tensor | None = None
     bias_grad: Tensor | None = None
@@ -124,84 +154,100 @@ conv_rule.fuses = lambda module, calls: True  # type: ignore[attr-defined]
 conv_rule.pure = lambda module, calls: True  # type: ignore[attr-defined]
 
 
-def _jacobian_fits(jacobian_bytes: int, gamma_bytes: int) -> bool:
+def _jacobian_fits(jacobian_bytes: int, gamma_bytes: int, keep: bool) -> bool:
     """Whether the per-objective gradients are formed whole: when no larger than the output
-    gradients or than ``CHUNK_BYTES``."""
-    return jacobian_bytes <= max(CHUNK_BYTES, gamma_bytes)
+    gradients or than ``CHUNK_BYTES``, or, when kept in place of the output gradients, than both
+    together (the blocks would take about as much memory)."""
+    bound = gamma_bytes + CHUNK_BYTES if keep else max(CHUNK_BYTES, gamma_bytes)
+    return jacobian_bytes <= bound
+
+
+def _loops_first_offsets(module: Conv, calls: Sequence[ModuleCall]) -> bool:
+    """Whether :func:`_per_objective_jacobian` loops over the offsets of the first kernel
+    dimension (patches at least ``LOOP_MIN_WIDTH`` wide without it, one image per sample)."""
+    width = module.in_channels // module.groups * _prod(module.kernel_size[1:])
+    n = len(module.kernel_size)
+    one_image = all(
+        c.batch_dim is not None or c.args[0].dim() == n + 1 or c.args[0].shape[0] == 1
+        for c in calls
+    )
+    return module.kernel_size[0] > 1 and width >= LOOP_MIN_WIDTH and one_image
 
 
 def _per_objective_jacobian(
-    module: nn.Conv1d | nn.Conv2d | nn.Conv3d,
-    calls: Sequence[ModuleCall],
-    Gamma: Tensor,
-    positions: list[int],
+    module: Conv, calls: Sequence[ModuleCall], grads: list[Tensor], looped: bool, channels: slice
 ) -> Tensor:
-    r"""The per-objective weight gradients :math:`J_{ir} = \sum_p {\Gamma^p_{ir}}^\top X^p_i`
-    ``[B R, g C_in/g prod(kernel) C_out/g]`` (each group's block transposed: the faster
-    product), summed over the calls, from the patches of a block of samples at a time (at most
-    ``PATCH_BYTES`` each).
+    r"""The per-objective weight gradients :math:`J_{ir}` for the output ``channels`` (of each
+    group), summed over the calls, as ``[K, R B, g width c]`` (rows :math:`(r, i)`; ``width =
+    C_in/g prod(kernel[K > 1:])``, ``c`` channels): :math:`K = k_1` blocks :math:`J^{(a)}` when
+    ``looped`` (see the module's docstring), else one block. One batched product per block,
+    objective of a sample, and block of samples (at most ``PATCH_BYTES`` of patches), the patches
+    on the left (faster for narrow patches).
 
-    :param Gamma: The output gradients of the calls ``[g, B, R, T, C_out/g]``, concatenated along
-        the positions.
-    :param positions: The number of positions of each call in ``Gamma``.
+    :param grads: The output gradients of the calls, each ``[R, B, g, C_out/g, T]``.
     """
-    n, g = len(module.kernel_size), module.groups
-    _, B, R, _, d_out = Gamma.shape
-    d_in = module.weight[0].numel()
-    J: Tensor | None = None
-    start = 0  # where the positions of the call start in Gamma
-    for call, T in zip(calls, positions, strict=True):
-        x = _pad_images(module, _samples_first(call.args[0], call.batch_dim, n))
-        J_call = Gamma.new_empty(B, R, g, d_in, d_out)
-        step = max(1, PATCH_BYTES // (T * d_in * g * Gamma.element_size()))
+    g, kernel = module.groups, module.kernel_size
+    K = kernel[0] if looped else 1
+    width = module.in_channels // g * _prod(kernel[1:] if looped else kernel)
+    J = None
+    for call, gamma in zip(calls, grads, strict=True):
+        gamma = gamma[:, :, :, channels]
+        R, B, _, c, T = gamma.shape
+        if J is None:
+            J = gamma.new_empty(K, R, B, g, width, c)
+        x = _samples_first(call.args[0], call.batch_dim, len(kernel))
+        T_1 = call.outputs[0].shape[-len(kernel)]  # output positions along the first dimension
+        S = module.stride[0] if looped else 1
+        blocks = -(-g * width * S * T * gamma.element_size() * B // PATCH_BYTES)
+        step = -(-B // blocks)  # samples, in blocks of equal sizes
         for first in range(0, B, step):
-            X = _padded_patches(module, x[first : first + step]).to(Gamma.dtype)  # [g, b, T, d_in]
-            gamma = Gamma[:, first : first + step, :, start : start + T]  # [g, b, R, T, d_out]
-            if R == 1 and g == 1:  # straight into J (a contiguous block)
-                torch.matmul(X[0].mT, gamma[0, :, 0], out=J_call[first : first + step, 0, 0])
-            else:  # [g, b, R, d_in, d_out] -> [b, R, g, d_in, d_out]
-                rows = X.unsqueeze(2).mT @ gamma
-                J_call[first : first + step] = rows.permute(1, 2, 0, 3, 4)
-        J = J_call if J is None else J + J_call
-        start += T
+            X = _patch_matrix(module, _pad_images(module, x[first : first + step]), looped)
+            X = X.to(gamma.dtype)  # [b g, width, S, positions]
+            for a in range(K):
+                X_a = _offset_columns(module, X, a, T_1, T) if looped else X[:, :, 0]
+                for r in range(R):
+                    rows = gamma[r, first : first + step].reshape(-1, c, T)  # [b g, c, T]
+                    out = J[a, r, first : first + step].view(-1, width, c)
+                    if call is calls[0]:
+                        torch.bmm(X_a, rows.mT, out=out)
+                    else:
+                        out.baddbmm_(X_a, rows.mT)
     assert J is not None
-    return J.reshape(B * R, -1)
+    return J.reshape(K, J.shape[1] * J.shape[2], -1)
 
 
-def _batched(calls: Sequence[ModuleCall], n: int) -> bool:
-    return all(c.args[0].dim() == n + 2 and c.batch_dim in (0, None) for c in calls)
+def _objectives_gram(J: Tensor, B: int) -> Tensor:
+    r""":math:`\sum_a J^{(a)} {J^{(a)}}^\top` of blocks ``[K, R B, *]`` with rows :math:`(r, i)`,
+    as ``[B R, B R]`` (rows :math:`(i, r)`)."""
+    G = self_gram(J[0])
+    for block in J[1:]:
+        G += self_gram(block)
+    R = J.shape[1] // B
+    if R == 1:
+        return G
+    return G.reshape(R, B, R, B).permute(1, 0, 3, 2).reshape(B * R, B * R)
 
 
-def _per_sample_gramian(
-    module: nn.Conv1d | nn.Conv2d | nn.Conv3d, calls: Sequence[ModuleCall]
-) -> Tensor:
-    r""":math:`J J^\top` of the per-sample weight gradients (one objective per sample), each
-    the convolution's own weight gradient for that sample: the samples become groups of one
-    convolution (``convolution_backward`` with ``B g`` groups), so that no patches are formed.
-    Output channels go by blocks (at most ``CHUNK_BYTES`` of gradients each) when ``g = 1``."""
-    n, g = len(module.kernel_size), module.groups
-    C_out = module.out_channels
-    shape = module.weight.shape[1:]
-    x0, gamma0 = calls[0].args[0], calls[0].grad_output()[0]
-    S = 1 if calls[0].batch_dim is None else x0.shape[0]
-    row_bytes = S * module.weight[0].numel() * gamma0.element_size()
-    step = max(1, CHUNK_BYTES // row_bytes) if g == 1 else C_out
-    G = gamma0.new_zeros(S, S)
-    for start in range(0, C_out, step):
-        c = min(step, C_out - start)
-        J: Tensor | int = 0
-        for call in calls:
-            gamma = call.grad_output()[0, :, start : start + c]
-            x, padding = _padded(module, call.args[0].to(gamma.dtype))
-            if S > 1:
-                x, gamma = x.reshape(1, -1, *x.shape[2:]), gamma.reshape(1, -1, *gamma.shape[2:])
-            _, per_sample, _ = torch.ops.aten.convolution_backward(
-                gamma, x, gamma.new_zeros(S * c, *shape), None, module.stride, padding,
-                module.dilation, False, [0] * n, S * g, [False, True, False],
-            )  # fmt: skip
-            J = J + per_sample.reshape(S, -1)
-        G += J @ J.T  # type: ignore[union-attr]
-    return G
+def _offset_columns(module: Conv, X: Tensor, a: int, T_1: int, T: int) -> Tensor:
+    """The patches ``[b g, width, T]`` (a view of ``X``) of the offset ``a`` of the first kernel
+    dimension: the rows :math:`a d_1 + t s_1` (:math:`t < T_1`), in phase :math:`a d_1 \\bmod s_1`
+    of the stride."""
+    row, S = a * module.dilation[0], X.shape[2]
+    start = row // S * (T // T_1)  # the positions of the other dimensions at each row
+    return X[:, :, row % S, start : start + T]
+
+
+def _grads(call: ModuleCall, n: int, g: int) -> Tensor:
+    """``[R, B, g, C_out/g, T]`` (a view when each sample has one image) from the output gradients
+    ``[R, (N,) C_out, *positions]``."""
+    gamma = call.grad_output()
+    if gamma.dim() == n + 2:  # an unbatched input
+        gamma = gamma.unsqueeze(1)
+    R, N, C_out = gamma.shape[:3]
+    gamma = gamma.reshape(R, N, g, C_out // g, -1)
+    if call.batch_dim is None:  # one sample: its N images along the positions
+        return gamma.permute(0, 2, 3, 1, 4).reshape(R, 1, g, C_out // g, -1)
+    return gamma
 
 
 def _samples_first(x: Tensor, batch_dim: int | None, n: int) -> Tensor:
@@ -211,48 +257,51 @@ def _samples_first(x: Tensor, batch_dim: int | None, n: int) -> Tensor:
     return x.unsqueeze(0) if batch_dim is None else x.unsqueeze(1)
 
 
-def _patches(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+def _patches(module: Conv, call: ModuleCall) -> Tensor:
     """``[g, B, T, C_in/g * prod(kernel)]`` (a transposed view): the patches that each output
-    position sees, from the images ``x`` ``[B, N', C, *spatial]``."""
-    return _padded_patches(module, _pad_images(module, x))
+    position of ``call`` sees."""
+    x = _samples_first(call.args[0], call.batch_dim, len(module.kernel_size))
+    X = _patch_matrix(module, _pad_images(module, x), looped=False)  # [B g, d_in, 1, T]
+    return X.reshape(x.shape[0], module.groups, X.shape[1], -1).permute(1, 0, 3, 2)
 
 
-def _pad_images(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+def _pad_images(module: Conv, x: Tensor) -> Tensor:
     """The images ``[B, N', C, *spatial]``, padded as the module pads them."""
     padded = F.pad(x.flatten(0, 1), _pad_amounts(module), mode=_pad_mode(module))
     return padded.reshape(*x.shape[:3], *padded.shape[2:])
 
 
-def _padded_patches(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
-    """:func:`_patches` of images that are already padded."""
+def _patch_matrix(module: Conv, x: Tensor, looped: bool) -> Tensor:
+    """``[B g, width, S, positions]`` (one copy) from padded images ``x`` ``[B, N', C, *spatial]``:
+    the patches that each output position sees, ``width = C_in/g * prod(kernel)`` and ``S = 1``
+    unless ``looped`` (one image per sample): then the first kernel dimension is not unfolded,
+    ``width = C_in/g * prod(kernel[1:])``, and the padded rows of the first spatial dimension are
+    split into the ``S`` phases of its stride (the positions: the rows of a phase, then the output
+    positions of the other dimensions)."""
     B, N, C = x.shape[:3]
-    x = x.flatten(0, 1)
     n = len(module.kernel_size)
-    for s, (k, stride, dilation) in enumerate(
-        zip(module.kernel_size, module.stride, module.dilation, strict=True)
-    ):
-        x = x.unfold(2 + s, (k - 1) * dilation + 1, stride)[..., ::dilation]
-    # [B N', C, *positions, *kernel] -> [B, g, C/g * kernel, N' * positions], one copy
-    x = x.reshape(B, N, C, *x.shape[2:])
-    order = [0, 2, *range(3 + n, 3 + 2 * n), 1, *range(3, 3 + n)]
-    g = module.groups
-    x = x.permute(order).reshape(B, g, C // g * _prod(module.kernel_size), -1)
-    return x.permute(1, 0, 3, 2)
+    x = x.flatten(0, 1)
+    if looped:
+        S = module.stride[0]
+        extra = -x.shape[2] % S  # rows of zeros, never read, so that the phases have equal rows
+        if extra:
+            x = F.pad(x, [0, 0] * (n - 1) + [0, extra])
+        x = x.unflatten(2, (-1, S)).transpose(2, 3)  # [B N', C, S, rows, *spatial[1:]]
+    lead = 2 + looped
+    for s in range(int(looped), n):
+        k, stride, dilation = module.kernel_size[s], module.stride[s], module.dilation[s]
+        x = x.unfold(lead + s, (k - 1) * dilation + 1, stride)[..., ::dilation]
+    # [B N', C, (S,) *positions, *kernel] -> [B, C, *kernel, (S,) N', *positions]: one copy
+    x = x.reshape(B, N, *x.shape[1:])
+    positions = list(range(3 + looped, 3 + looped + n))
+    kernel = list(range(3 + looped + n, x.dim()))
+    order = [0, 2, *kernel, *([3] if looped else []), 1, *positions]
+    width = C // module.groups * _prod([x.shape[k] for k in kernel])
+    S = module.stride[0] if looped else 1
+    return x.permute(order).reshape(B * module.groups, width, S, -1)
 
 
-def _output_grads(call: ModuleCall, n: int, g: int) -> Tensor:
-    """``[g, B, R, T, C_out/g]`` (a view when possible) from ``[R, (N,) C_out, *positions]``."""
-    gamma = call.grad_output()
-    if gamma.dim() == n + 2:  # an unbatched input
-        gamma = gamma.unsqueeze(1)
-    # [R, B, N', C_out, L]
-    gamma = gamma.unsqueeze(1) if call.batch_dim is None else gamma.unsqueeze(2)
-    R, B, N, C_out = gamma.shape[:4]
-    gamma = gamma.reshape(R, B, N, g, C_out // g, -1)
-    return gamma.permute(3, 1, 0, 2, 5, 4).reshape(g, B, R, -1, C_out // g)
-
-
-def _padded(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+def _padded(module: Conv, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """``x`` and the zero padding for ``convolution_backward``: other padding modes (and string
     paddings) applied to ``x`` beforehand."""
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
@@ -262,7 +311,7 @@ def _padded(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> tuple[Tenso
     return x, _padding_tuple(module)
 
 
-def _pad_amounts(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
+def _pad_amounts(module: Conv) -> list[int]:
     """``F.pad`` amounts (last spatial dimension first), as the module pads its input."""
     amounts: list[int] = []
     for k, dilation, padding in zip(
@@ -279,13 +328,13 @@ def _pad_amounts(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
     return amounts
 
 
-def _padding_tuple(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[int, ...]:
+def _padding_tuple(module: Conv) -> tuple[int, ...]:
     if isinstance(module.padding, str):
         return (0,) * len(module.kernel_size)
     return tuple(module.padding)
 
 
-def _pad_mode(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> str:
+def _pad_mode(module: Conv) -> str:
     return "constant" if module.padding_mode == "zeros" else module.padding_mode
 
 

@@ -16,7 +16,9 @@ and the layer is narrow, forming the per-objective gradients :math:`\Gamma_{ir}^
 cheaper: each call picks the cheaper of the two by counting flops, and forms its intermediates
 (per-objective gradients, or the products :math:`x_{it} \cdot x_{ju}` and
 :math:`\gamma_{irt} \cdot \gamma_{jsu}`) block by block, so that none exceeds ``CHUNK_BYTES``
-(long sequences, large images). The calls of a module are
+(long sequences, large images). With one objective per sample, per-objective gradients that
+are not kept for the fused step are formed by blocks of about ``BLOCK_BYTES`` in one reused
+buffer, each block's Gramian taken right away. The calls of a module are
 concatenated along the positions, which accounts for the cross terms between calls. Convolutions
 reuse this kernel with one block per group (see ``_conv.py``).
 
@@ -205,6 +207,17 @@ CHUNK_BYTES = 1 << 24
 gradients of a block of output features, or the closed form's products for a block of samples)."""
 
 
+BLOCK_BYTES = 1 << 20
+"""About the size of the blocks of per-objective gradients that the Gramian forms at once when it
+does not keep them (one objective per sample): each block's Gramian is taken right after it is
+formed, while it is in the cache, and every block reuses one buffer. Fresh memory is costly (a
+page fault per page on its first use), and per-objective gradients formed whole are often the
+largest tensor of the pass."""
+
+MIN_BLOCK_FEATURES = 16
+"""The fewest output features per block (narrower blocks make small, inefficient products)."""
+
+
 KEEP_RATIO = 2
 """The fused step keeps a layer's per-objective gradients (when the Gramian formed them whole) in
 place of its output gradients when they are at most this many times larger: weighting them then
@@ -243,6 +256,14 @@ def weight_gramian_and_jacobian(X: Tensor, Gamma: Tensor) -> tuple[Tensor, Tenso
     return weight_gramian(X, Gamma), None
 
 
+def block_features(d_out: int, feature_bytes: int, chunk_bytes: int) -> int:
+    """The number of output features whose per-objective gradients are formed at once: about
+    ``BLOCK_BYTES`` of them (at least ``MIN_BLOCK_FEATURES`` features), at most ``chunk_bytes``
+    (at least one feature)."""
+    step = max(BLOCK_BYTES // feature_bytes, MIN_BLOCK_FEATURES)
+    return max(1, min(step, chunk_bytes // feature_bytes, d_out))
+
+
 def per_objective_is_cheaper(B: int, R: int, T: int, d_in: int, d_out: int) -> bool:
     """Whether forming the per-objective gradients (then their Gramian) takes fewer flops than
     the closed form, for ``B`` samples, ``R`` objectives each, ``T`` positions."""
@@ -260,14 +281,27 @@ def _weight_gramian(
     size = Gamma.element_size()
     if per_objective_is_cheaper(B, R, T, d_in, d_out):
         # The rows Γ_ir^T X_i of the Jacobian, block of output features by block: one product
-        # per sample for all its objectives at once, [Γ_i1 ... Γ_iR]^T X_i.
-        step = d_out if keep_jacobian else max(1, chunk_bytes // (P * B * R * d_in * size))
+        # per sample for all its objectives at once, [Γ_i1 ... Γ_iR]^T X_i. Unless kept, the
+        # blocks are formed in one buffer of about BLOCK_BYTES, used right away (see above),
+        # with one objective per sample: with several, each block's Γ is transposed into a copy
+        # and narrow blocks make that copy and the per-sample products slow (CHUNK_BYTES then).
+        feature_bytes = P * B * R * d_in * size  # one output feature's part of the rows
+        if keep_jacobian:
+            step = d_out
+        elif R == 1:
+            step = block_features(d_out, feature_bytes, chunk_bytes)
+        else:
+            step = max(1, min(d_out, chunk_bytes // feature_bytes))
         G = Gamma.new_zeros(B * R, B * R)
         inputs = X.reshape(P * B, T, d_in)
+        buffer = None if step == d_out else Gamma.new_empty(step * feature_bytes // size)
         for start in range(0, d_out, step):
             block = Gamma[..., start : start + step]  # [P, B, R, T, s]
             grads = block.transpose(2, 3).reshape(P * B, T, -1)  # [P B, T, R s]
-            J = torch.bmm(grads.mT, inputs).reshape(P, B * R, -1)  # rows (i, r): [s, d_in]
+            out = None
+            if buffer is not None:
+                out = buffer[: block.shape[-1] * feature_bytes // size].view(P * B, -1, d_in)
+            J = torch.bmm(grads.mT, inputs, out=out).reshape(P, B * R, -1)  # rows (i, r)
             if P == 1:
                 G.addmm_(J[0], J[0].T)
             else:
