@@ -137,7 +137,7 @@ from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._low_rank import low_rank_factor
 from torchjd.linalg._principal_pivoting import (
     _MASKED_MAX_M,
-    least_norm_pivoting_steps,
+    least_norm_pivoting,
     principal_pivoting,
     scaled_cholesky,
 )
@@ -498,7 +498,7 @@ def _refined_least_norm(
     # Masked steps are cheap: as many as the default mode takes; compacted ones, the general
     # route's few.
     steps = 3 * m + 10 if m <= _MASKED_MAX_M else _LEAST_NORM_PIVOTS
-    X, found, residual, finished = least_norm_pivoting_steps(
+    X, found, residual, finished = least_norm_pivoting(
         G64, U64, GU > 0, row_scales(G64), tol, steps, G_exact64
     )
     # The rows that the general route, repeating these pivots for at most _LEAST_NORM_PIVOTS

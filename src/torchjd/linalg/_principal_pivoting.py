@@ -74,7 +74,7 @@ def principal_pivoting(
     if G_exact is not None:
         if face_solver is not None:
             raise ValueError("Expected `face_solver` to be None when `G_exact` is given.")
-        X, converged, _ = least_norm_pivoting(G, U, active, row_scale, tol, max_iters, G_exact)
+        X, converged, *_ = least_norm_pivoting(G, U, active, row_scale, tol, max_iters, G_exact)
         return X, converged
     if face_solver is None and U.shape[1] <= _MASKED_MAX_M:
         return _masked_pivoting(G, U, active, row_scale, tol, max_iters)[:2]
@@ -90,27 +90,14 @@ def least_norm_pivoting(
     tol: float,
     max_iters: int,
     G_exact: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`principal_pivoting` with ``G_exact``, which also returns the KKT residual of each
-    row for ``G_exact`` (:func:`~torchjd.linalg._kkt.kkt_residual`). Up to :data:`_MASKED_MAX_M`,
-    and for few rows (``k m³`` up to :data:`_MASKED_BUDGET`: the rows that other methods leave),
-    with the masked full-size face systems of :func:`_masked_pivoting` (few operations per
-    step)."""
-    return least_norm_pivoting_steps(G, U, active, row_scale, tol, max_iters, G_exact)[:3]
-
-
-def least_norm_pivoting_steps(
-    G: Tensor,
-    U: Tensor,
-    active: Tensor,
-    row_scale: Tensor,
-    tol: float,
-    max_iters: int,
-    G_exact: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`least_norm_pivoting`, which also returns the step (from 0) at which each row left
-    pivoting when its faces were masked systems, else None. (Each row's steps do not depend on
-    the other rows of the batch, nor on ``max_iters`` beyond them.)"""
+    """:func:`principal_pivoting` with ``G_exact``, which also returns the KKT residual of each
+    row for ``G_exact`` (:func:`~torchjd.linalg._kkt.kkt_residual`) and, when the faces were
+    masked systems, the step (from 0) at which each row left pivoting, else None (each row's
+    steps depend neither on the other rows of the batch, nor on ``max_iters`` beyond them). Up to
+    :data:`_MASKED_MAX_M`, and for few rows (``k m³`` up to :data:`_MASKED_BUDGET`: the rows that
+    other methods leave), with the masked full-size face systems of :func:`_masked_pivoting` (few
+    operations per step)."""
     k, m = U.shape
     masked = m <= _MASKED_MAX_M or k * m**3 <= _MASKED_BUDGET
     factor = finished = None
