@@ -224,7 +224,10 @@ def test_few_rows_at_64_masked_as_compacted(family: str, monkeypatch: pytest.Mon
 
     def solve() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scales = _bounded_qp.row_scales(G)
-        return _principal_pivoting.least_norm_pivoting(G, U, U @ G > 0, scales, 1e-9, 15, G_exact)
+        X, converged, residual, _ = _principal_pivoting.least_norm_pivoting(
+            G, U, U @ G > 0, scales, 1e-9, 15, G_exact
+        )
+        return X, converged, residual
 
     X, converged, residual = solve()
     assert converged.any()
@@ -258,7 +261,7 @@ def test_wandering_rows_leave_pivoting_early(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(_principal_pivoting, "solve_on_faces", counting)
     scales = _bounded_qp.row_scales(G)
     pivoting = _principal_pivoting.least_norm_pivoting
-    _, converged, _ = pivoting(G, U, U @ G > 0, scales, 1e-9, 15, G_exact)
+    _, converged, *_ = pivoting(G, U, U @ G > 0, scales, 1e-9, 15, G_exact)
     unsolved = int((~converged).sum())
     assert unsolved >= m // 2
     assert batch_sizes[-1] <= unsolved // 4

@@ -106,18 +106,22 @@ below ``10⁻⁷ max|v|`` (most rows need one or two of its six steps). Up to ``
 (also for a float32 ``G``: its values, solved once), pivoting (up to ``m = 32`` with masked
 full-size face systems, a few operations per step) first finds the optimal face of
 ``tikhonov(G)`` from the one-step guess (:func:`_refined_least_norm`); the rows it cannot solve
-go to the interior point below at once, and those that miss the tolerance on ``G`` take the
-route that follows. Up to ``m = 64``, pivoting gets a few steps from the one-step guess; beyond,
-from the active set of ADMM on a better-conditioned Gramian (that of the default mode; from
-``m = 512``, ``G + 10⁻⁶ tr(G) I`` in float32, with the rows pivoted in chunks:
+go to the interior point below at once, and so do those that miss the tolerance on ``G`` after
+more pivots than the route that follows allows (it would repeat the same pivots: the others
+keep their refined face). UPGrad's problems (``U = diag(p)``) are solved as those of the unit
+vectors, whose least-norm weights scale with ``p_i`` (:func:`_exact_unit_route`, called by
+``TorchProjector._summed_projections``). The route that follows: up to ``m = 64`` (the rows that the
+default mode's machinery leaves on a nonsingular ``G``), pivoting gets a few steps from the one-step
+guess; beyond, from the active set of ADMM on a better-conditioned Gramian (that of the default
+mode; from ``m = 512``, ``G + 10⁻⁶ tr(G) I`` in float32, with the rows pivoted in chunks:
 :mod:`torchjd.linalg._warm_start`); in float64, a row is accepted only when its KKT residual on
 ``G`` itself meets the tolerance. Rows it has not solved by then (it can wander on degenerate
-problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_point`), in
-float64, whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ 2m / 3``
-(:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the
-tolerance, reading the active set off the interior solution at several thresholds. Each face costs
-``O(|F|³)`` per row: at ``m = 1024``, with faces of a few hundred indices, a call that does not
-take the spanning route takes from tens of seconds to minutes on one thread. The default
+problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_point`), in float64,
+whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ 2m / 3``
+(:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the tolerance,
+reading the active set off the interior solution at several thresholds. Each face costs ``O(|F|³)``
+per row: at ``m = 1024``, with faces of a few hundred indices, a call that does not take the
+spanning route takes from tens of seconds to minutes on one thread. The default
 tolerance is then ``1e-9`` in float64.
 """
 
@@ -309,6 +313,29 @@ def _small_unit_route(G: Tensor, tol: float) -> tuple[Tensor, Tensor]:
     return result
 
 
+def _exact_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor:
+    """Exact mode (``least_norm``), ``m ≤ 64``: the rows of :func:`_solve` for the unit vectors,
+    ``v(e_i)`` for every ``i`` (UPGrad's problems up to their scale: the least-norm weights of
+    ``p_i e_i`` are ``p_i v(e_i)``, as the constraints, the objective and the least-norm tie-break
+    all scale with ``p_i``), the same routes on the same numbers, with fewer operations: no test
+    of a diagonal ``U``, ``G u = G_{i:}``, no test of non-finite entries (``G`` must be finite:
+    the caller checks it). ``G``: symmetric, in the working dtype. Returns the rows (``[m, m]``,
+    ``v ≥ u``) in that dtype."""
+    m = G.shape[0]
+    X = torch.eye(m, dtype=G.dtype, device=G.device)
+    G_regularised = tikhonov(G)
+    rows = (G_regularised.amin(dim=1) < 0).nonzero().squeeze(1)  # the conflicted rows
+    if rows.numel() == 0:
+        return X
+    U, GU = X[rows], G_regularised[rows]
+    if _nonsingular(G):
+        V = _nonsingular_route(G, U, GU, tol, max_iters)
+    else:
+        V = _least_norm_route(G_regularised, G, U, GU, tol, max_iters)
+    X[rows] = torch.maximum(V, U)
+    return X
+
+
 def _large_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor | None:
     """The rows ``v(e_i)`` (``[m, m]``) for ``m > 64`` in the default mode (UPGrad's problems up
     to their scale), when the initial faces ``{j : G_ij > 0}`` of the conflicted rows are cheap
@@ -461,28 +488,30 @@ def _refined_least_norm(
     then refined towards ``G_exact`` until it settles
     (:func:`~torchjd.linalg._principal_pivoting.least_norm_pivoting`). The rows where pivoting
     fails (it wanders on degenerate problems) go to the interior point at once, which is where
-    the general route, repeating the same first pivots, would send them. Returns the rows
-    (``v ≥ u``) and which are final: those whose KKT residual on ``G_exact`` meets ``tol``, and
-    those of the interior point."""
+    the general route (:func:`_pivoting_route`), repeating the same first pivots, would send
+    them; so do the rows whose refined face misses ``tol`` on ``G_exact`` (float64) after more
+    steps than the general route's :data:`_LEAST_NORM_PIVOTS`, while those found within them
+    are kept as they are: the general route would find the same face and refinement again.
+    Returns the rows (``v ≥ u``) and which are final (all)."""
     m = G.shape[0]
     G64, G_exact64, U64 = G.double(), G_exact.double(), U.double()
     # Masked steps are cheap: as many as the default mode takes; compacted ones, the general
     # route's few.
     steps = 3 * m + 10 if m <= _MASKED_MAX_M else _LEAST_NORM_PIVOTS
-    X, found, residual = least_norm_pivoting(
+    X, found, residual, finished = least_norm_pivoting(
         G64, U64, GU > 0, row_scales(G64), tol, steps, G_exact64
     )
-    final = residual <= tol
-    if G.dtype != torch.float64:
-        # The rounding of a float32 G can keep a row above tol whatever its weights: the general
-        # route, repeating these pivots, would return the same refined face.
-        final |= found
+    # The rows that the general route, repeating these pivots for at most _LEAST_NORM_PIVOTS
+    # steps, would find again (the rounding of a float32 G can keep a row above tol whatever
+    # its weights: in float32, every row found).
+    within = found
+    if G.dtype == torch.float64 and finished is not None and steps > _LEAST_NORM_PIVOTS:
+        within = found & (finished < _LEAST_NORM_PIVOTS)
+    left = (~((residual <= tol) & found | within)).nonzero().squeeze(1)
     X = X.to(G.dtype)
-    if not bool(found.all()):
-        left = (~found).nonzero().squeeze(1)
+    if left.numel() > 0:
         X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
-        final[left] = True
-    return X, final
+    return X, torch.ones_like(found)
 
 
 def _pivoting_route(

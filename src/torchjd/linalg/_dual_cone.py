@@ -10,6 +10,8 @@ from torch import Tensor
 from torchjd.linalg._bounded_qp import (
     _DIRECT_MAX_M,
     DEFAULT_TOL,
+    LEAST_NORM_TOL,
+    _exact_unit_route,
     _large_unit_route,
     _small_unit_route,
     _solve,
@@ -76,12 +78,14 @@ class TorchProjector(DualConeProjector):
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
     float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
     spread over six decades (which the default's regularisation hides). A singular or nearly
-    singular one costs more: median ratio about 1.9x to 2.4x up to 64 rows; when many more rows
-    than the rank positively span a subspace (low-rank Gramians), 1.3x (float64) to 4x (float32)
-    at 256 rows and 2x at 1,024 rows; otherwise, at 256 rows, 11x to 26x on the hard Jacobians of
-    ``benchmarks/non_conflict.py`` (mostly singular), where the default is fast (20-120 ms a
-    call) and the exact mode takes up to about 3 s; at 1,024 rows, tens of seconds to 15
-    minutes a call when there are many more rows than columns (see below).
+    singular one costs more: median ratio about 1.8x (float64) to 2.1x (float32) at 16 rows and
+    2.4x to 2.6x at 64 rows (``benchmarks/non_conflict.py``, 100 hard Jacobians per dtype and
+    size, one thread); when many more rows than the rank positively span a subspace (low-rank
+    Gramians), 1.3x (float64) to 4x (float32) at 256 rows and 2x at 1,024 rows; otherwise, at
+    256 rows, 11x to 26x on the hard Jacobians of ``benchmarks/non_conflict.py`` (mostly
+    singular), where the default is fast (20-120 ms a call) and the exact mode takes up to about
+    3 s; at 1,024 rows, tens of seconds to 15 minutes a call when there are many more rows than
+    columns (see below).
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
     solved exactly, all at once, in float64: by trying every active set up to ``m = 8``, then by
@@ -142,14 +146,16 @@ class TorchProjector(DualConeProjector):
         regularised as by :meth:`__call__`, and the rows left take the general route. Beyond,
         also when their faces are cheap through ``G⁻¹``
         (:func:`~torchjd.linalg._bounded_qp._large_unit_route`), unless ``G`` or ``p``
-        requires grad."""
+        requires grad. In the exact mode up to ``m = 64``, the general route's own steps run on
+        the unit vectors, without its tests of a diagonal ``U``
+        (:meth:`_summed_exact_unit_rows`)."""
         m = G.shape[0]
+        if self.reg_eps == 0.0 and m <= _DIRECT_MAX_M and self._summable(G):
+            return _untracked(lambda: self._summed_exact_unit_rows(p, G), G, p)
         large = m > _DIRECT_MAX_M
         if (
             self.reg_eps == 0.0
-            or G.dtype not in DEFAULT_TOL
-            or type(self).__call__ not in _SUMMABLE
-            or getattr(self, "backend", "torch") != "torch"
+            or not self._summable(G)
             or (large and (G.requires_grad or (p is not None and p.requires_grad)))
         ):
             if p is None:
@@ -158,6 +164,28 @@ class TorchProjector(DualConeProjector):
         if large:
             return _untracked(lambda: self._summed_large_unit_rows(p, G), G, p)
         return _untracked(lambda: self._summed_unit_rows(p, G), G, p)
+
+    def _summable(self, G: Tensor) -> bool:
+        """Whether :meth:`_summed_projections` may solve the problems of the unit vectors."""
+        return (
+            G.dtype in DEFAULT_TOL
+            and type(self).__call__ in _SUMMABLE
+            and getattr(self, "backend", "torch") == "torch"
+        )
+
+    def _summed_exact_unit_rows(self, p: Tensor | None, G: Tensor) -> Tensor:
+        """:meth:`_summed_projections` in the exact mode up to ``m = 64``, through the
+        least-norm weights of the unit vectors
+        (:func:`~torchjd.linalg._bounded_qp._exact_unit_route`)."""
+        m = G.shape[0]
+        G = symmetrized(normalized(G, self.norm_eps))
+        tol = LEAST_NORM_TOL[G.dtype]
+        if bool(G.isfinite().all()):
+            X = _exact_unit_route(G, tol, _MAX_ITERS)
+        else:  # NaN rows, from the general route
+            eye = torch.eye(m, dtype=G.dtype, device=G.device)
+            X = _solve(G, eye, tol, _MAX_ITERS, True)
+        return X.mean(dim=0) if p is None else p.to(X.dtype) @ X
 
     def _summed_large_unit_rows(self, p: Tensor | None, G: Tensor) -> Tensor:
         """:meth:`_summed_projections` beyond ``m = 64``: through the problems of the unit vectors

@@ -74,7 +74,7 @@ def principal_pivoting(
     if G_exact is not None:
         if face_solver is not None:
             raise ValueError("Expected `face_solver` to be None when `G_exact` is given.")
-        X, converged, _ = least_norm_pivoting(G, U, active, row_scale, tol, max_iters, G_exact)
+        X, converged, *_ = least_norm_pivoting(G, U, active, row_scale, tol, max_iters, G_exact)
         return X, converged
     if face_solver is None and U.shape[1] <= _MASKED_MAX_M:
         return _masked_pivoting(G, U, active, row_scale, tol, max_iters)[:2]
@@ -90,22 +90,28 @@ def least_norm_pivoting(
     tol: float,
     max_iters: int,
     G_exact: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """:func:`principal_pivoting` with ``G_exact``, which also returns the KKT residual of each
-    row for ``G_exact`` (:func:`~torchjd.linalg._kkt.kkt_residual`). Up to :data:`_MASKED_MAX_M`,
-    and for few rows (``k m³`` up to :data:`_MASKED_BUDGET`: the rows that other methods leave),
-    with the masked full-size face systems of :func:`_masked_pivoting` (few operations per
-    step)."""
+    row for ``G_exact`` (:func:`~torchjd.linalg._kkt.kkt_residual`) and, when the faces were
+    masked systems, the step (from 0) at which each row left pivoting, else None (each row's
+    steps depend neither on the other rows of the batch, nor on ``max_iters`` beyond them). Up to
+    :data:`_MASKED_MAX_M`, and for few rows (``k m³`` up to :data:`_MASKED_BUDGET`: the rows that
+    other methods leave), with the masked full-size face systems of :func:`_masked_pivoting` (few
+    operations per step)."""
     k, m = U.shape
     masked = m <= _MASKED_MAX_M or k * m**3 <= _MASKED_BUDGET
+    factor = finished = None
     if masked:
-        X, converged, final_active = _masked_pivoting(G, U, active, row_scale, tol, max_iters)
+        X, converged, final_active, kept = _masked_pivoting(
+            G, U, active, row_scale, tol, max_iters, keep_factors=True
+        )
+        factor, finished = kept if kept is not None else (None, None)
     else:
         X, converged, final_active = _pivoting(
             G, U, active, row_scale, tol, max_iters, None, least_norm=True
         )
-    X, residual = refine(G_exact, G, U, X, final_active, tol, masked)
-    return X, converged, residual
+    X, residual = refine(G_exact, G, U, X, final_active, tol, masked, factor)
+    return X, converged, residual, finished
 
 
 def _pivoting(
@@ -175,8 +181,14 @@ def _pivoting(
 
 
 def _masked_pivoting(
-    G: Tensor, U: Tensor, active: Tensor, row_scale: Tensor, tol: float, max_iters: int
-) -> tuple[Tensor, Tensor, Tensor]:
+    G: Tensor,
+    U: Tensor,
+    active: Tensor,
+    row_scale: Tensor,
+    tol: float,
+    max_iters: int,
+    keep_factors: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[Tensor, Tensor], Tensor] | None]:
     r""":func:`principal_pivoting` of the default mode up to :data:`_MASKED_MAX_M`, with few
     operations per step: it works in the Jacobi-scaled variables ``z = S⁻¹ v`` of
     ``Ĝ = S G S``, ``S = diag(G)^{-1/2}`` (scaled once), so that each face system is the full-size
@@ -188,7 +200,10 @@ def _masked_pivoting(
 
     where ``z_A`` is ``S⁻¹ u`` on ``A`` and zero on ``F``. The two feasibility tests
     (``(Gv)_A ≥ 0`` and ``v_F ≥ u_F``, same threshold) are one masked violation; the rows done
-    leave the batch, their last face solution kept."""
+    leave the batch, their last face solution kept. Returns the rows, which converged, their last
+    active sets and, with ``keep_factors``, ``((L, s), steps)``: the Cholesky factors of their
+    last ``K`` and the scaling (those of :func:`face_solver` on these faces, for the least-norm
+    refinement), and the step (from 0) at which each row left; else None."""
     k, m = U.shape
     diagonal = G.diagonal()
     s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 1.0)
@@ -197,24 +212,28 @@ def _masked_pivoting(
     # Per row: S⁻¹ u, and the weights of the violations relative to max|u| (primal) and to
     # row_scale_j · max|u| (dual, negated), in z; one tensor, so that the rows done leave in one
     # index.
-    state = torch.stack([U / s, s / u_scale, -1 / (s * row_scale * u_scale)])
+    U_hat = U / s
+    state = torch.stack([U_hat, -U_hat, s / u_scale, -1 / (s * row_scale * u_scale)])
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
     final_active = torch.empty_like(active)
+    # (column-major, as cholesky_ex returns them: the triangular solves then round the same way)
+    L_all = U.new_empty(k, m, m).mT if keep_factors else None
+    finished = torch.full((k,), max_iters, device=U.device)
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
     rows = torch.arange(k, device=U.device)
     positions = torch.arange(1, m + 1, device=U.device)
     # Per row: the fewest infeasible indices so far, and the full exchanges left without progress.
     best, tries = torch.tensor([[m + 1], [_FULL_EXCHANGES]], device=U.device).repeat(1, k)
     for step in range(max_iters):
-        U_hat, primal_weight, dual_weight = state
+        U_hat, minus_U_hat, primal_weight, dual_weight = state
         a = active.to(G.dtype)
         f = 1 - a
         # K = [Ĝ_FF, 0; 0, I]: two products, cheaper than torch.where on [k, m, m] booleans.
         K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
         K.diagonal(dim1=1, dim2=2).add_(a)
         L, _ = torch.linalg.cholesky_ex(K)
-        x = cholesky_solve(L, ((U_hat * a) @ G_hat).neg_())
+        x = cholesky_solve(L, (minus_U_hat * a) @ G_hat)
         Z = torch.where(active, U_hat, x)
         conflict = (Z @ G_hat) * dual_weight  # −(Gv)_j / (row_scale_j · max|u|)
         violation = torch.where(active, conflict, (U_hat - Z) * primal_weight)
@@ -230,20 +249,26 @@ def _masked_pivoting(
             Z_all[rows] = Z
             final_active[rows] = active
             converged[rows] = solved & exact
+            if L_all is not None:
+                L_all[rows] = L
+                finished[rows] = step
         if n_done == len(rows) or step == max_iters - 1:
             break
         # The exchange of :func:`exchange`: all infeasible indices while their count falls,
-        # else only the largest.
+        # else only the largest (never before step _FULL_EXCHANGES + 1: tries is still ≥ 0).
         tries = torch.where(count < best, _FULL_EXCHANGES, tries - 1)
         best = torch.minimum(count, best)
-        largest = (infeasible * positions).amax(dim=1, keepdim=True)
-        active = active ^ (infeasible & ((tries >= 0).unsqueeze(1) | (positions == largest)))
+        if step <= _FULL_EXCHANGES:
+            active = active ^ infeasible
+        else:
+            largest = (infeasible * positions).amax(dim=1, keepdim=True)
+            active = active ^ (infeasible & ((tries >= 0).unsqueeze(1) | (positions == largest)))
         if n_done > 0:
             keep = (~done).nonzero().squeeze(1)
             rows, active, state = rows[keep], active[keep], state[:, keep]
             best, tries = best[keep], tries[keep]
     X = s * Z_all
-    return X, converged, final_active
+    return X, converged, final_active, None if L_all is None else ((L_all, s), finished)
 
 
 def exchange(
@@ -271,6 +296,7 @@ def refine(
     active: Tensor,
     tol: float,
     masked: bool,
+    factor: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Iterated refinement of each row's face solution towards ``G_exact`` (iterated Tikhonov
     regularisation), :math:`v_F \leftarrow v_F - G_{FF}^{-1} (G_{\text{exact}} v)_F`, for at most
@@ -279,18 +305,19 @@ def refine(
     the tolerance is met: towards the least-norm weights). Returns the rows (``v ≥ u``), refined
     where that meets ``tol`` or lowers their KKT residual for ``G_exact``, and that residual. (A
     finite ``G_exact``: the residuals are those of feasible rows.) ``masked``: whether the faces
-    are solved as masked full-size systems (see :func:`face_solver`)."""
-    free = ~active
-    solve = face_solver(G, active, masked=masked)
+    are solved as masked full-size systems (see :func:`face_solver`), whose factors ``factor``
+    gives when already computed (by :func:`_masked_pivoting`)."""
+    solve = face_solver(G, active, masked=masked, factor=factor)
     V = torch.maximum(V, U)
     gradient_V = gradient = V @ G_exact
     refined = V
     after = None
     for _ in range(_REFINEMENTS):
-        step = solve(torch.where(free, -gradient, 0.0))
-        refined = refined + step
+        step = solve(gradient)  # (the solve keeps the free indices of its right-hand side)
+        refined = refined - step
         gradient = refined @ G_exact
-        settled = step.abs().amax(dim=1) <= _SETTLED * refined.abs().amax(dim=1)
+        norm = torch.linalg.vector_norm
+        settled = norm(step, math.inf, dim=1) <= _SETTLED * norm(refined, math.inf, dim=1)
         # The residuals only once every row has settled (a few operations fewer per step). On
         # the clamped rows: a tiny clamp can move the gradient of a tiny row by much, relatively.
         if bool(settled.all()):
@@ -321,9 +348,11 @@ def solve_on_faces(
     ``bordered``: :func:`bordered_scaled` ``(G)``, when computed once for many calls."""
     V_A = torch.where(active, U, 0.0)
     rhs = -(V_A @ G)
+    if inverse is None:
+        return V_A + face_solver(G, active, bordered)(rhs)
     n_active = active.sum(dim=1)
     by_inverse = (4 * n_active <= active.shape[1]) & (n_active <= _INVERSE_MAX_ACTIVE)
-    scaled_inverse = inverse.value if inverse is not None and bool(by_inverse.any()) else None
+    scaled_inverse = inverse.value if bool(by_inverse.any()) else None
     if scaled_inverse is None:
         return V_A + face_solver(G, active, bordered)(rhs)
     if bool(by_inverse.all()):
@@ -399,15 +428,20 @@ def face_solver(
     active: Tensor,
     bordered: tuple[Tensor, Tensor] | None = None,
     masked: bool | None = None,
+    factor: tuple[Tensor, Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """The solve of ``x`` with ``x_A = 0`` and ``G_FF x_F = rhs_F``, for each row and its free set
     ``F = ¬A``, for several right-hand sides on the same faces: the faces are factorised once,
     as masked full-size systems (by default up to :data:`_MASKED_MAX_M`) or compacted from
-    ``bordered`` (:func:`bordered_scaled` ``(G)``, computed here when not given)."""
+    ``bordered`` (:func:`bordered_scaled` ``(G)``, computed here when not given). ``factor``:
+    the factors of the masked systems when already computed (the Cholesky factors ``L`` of the
+    Jacobi-scaled systems and the scaling ``s = diag(G)^{-1/2}``, which may differ from the
+    systems' own on the active indices, where the right-hand side and the solution are zero)."""
     free = ~active
     if G.shape[0] <= _MASKED_MAX_M if masked is None else masked:
-        eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-        factor = _spd_factor(torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye))
+        if factor is None:
+            eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+            factor = _spd_factor(torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye))
         return lambda rhs: torch.where(free, _spd_solve(factor, torch.where(free, rhs, 0.0)), 0.0)
     groups = _compacted_factors(active, bordered_scaled(G) if bordered is None else bordered)
 
