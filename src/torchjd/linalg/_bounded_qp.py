@@ -314,26 +314,13 @@ def _small_unit_route(G: Tensor, tol: float) -> tuple[Tensor, Tensor]:
 
 
 def _exact_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor:
-    """Exact mode (``least_norm``), ``m ≤ 64``: the rows of :func:`_solve` for the unit vectors,
-    ``v(e_i)`` for every ``i`` (UPGrad's problems up to their scale: the least-norm weights of
-    ``p_i e_i`` are ``p_i v(e_i)``, as the constraints, the objective and the least-norm tie-break
-    all scale with ``p_i``), the same routes on the same numbers, with fewer operations: no test
-    of a diagonal ``U``, ``G u = G_{i:}``, no test of non-finite entries (``G`` must be finite:
-    the caller checks it). ``G``: symmetric, in the working dtype. Returns the rows (``[m, m]``,
-    ``v ≥ u``) in that dtype."""
-    m = G.shape[0]
-    X = torch.eye(m, dtype=G.dtype, device=G.device)
-    G_regularised = tikhonov(G)
-    rows = (G_regularised.amin(dim=1) < 0).nonzero().squeeze(1)  # the conflicted rows
-    if rows.numel() == 0:
-        return X
-    U, GU = X[rows], G_regularised[rows]
-    if _nonsingular(G):
-        V = _nonsingular_route(G, U, GU, tol, max_iters)
-    else:
-        V = _least_norm_route(G_regularised, G, U, GU, tol, max_iters)
-    X[rows] = torch.maximum(V, U)
-    return X
+    """Exact mode (``least_norm``): the rows of :func:`_solve` for the unit vectors, ``v(e_i)``
+    for every ``i`` (UPGrad's problems up to their scale: the least-norm weights of ``p_i e_i``
+    are ``p_i v(e_i)``, as the constraints, the objective and the least-norm tie-break all scale
+    with ``p_i``). ``G``: symmetric, in the working dtype. Returns the rows (``[m, m]``,
+    ``v ≥ u``; NaN rows where not finite) in that dtype."""
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return _solve(G, eye, tol, max_iters, True)
 
 
 def _large_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor | None:

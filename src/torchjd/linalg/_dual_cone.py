@@ -177,14 +177,8 @@ class TorchProjector(DualConeProjector):
         """:meth:`_summed_projections` in the exact mode up to ``m = 64``, through the
         least-norm weights of the unit vectors
         (:func:`~torchjd.linalg._bounded_qp._exact_unit_route`)."""
-        m = G.shape[0]
         G = symmetrized(normalized(G, self.norm_eps))
-        tol = LEAST_NORM_TOL[G.dtype]
-        if bool(G.isfinite().all()):
-            X = _exact_unit_route(G, tol, _MAX_ITERS)
-        else:  # NaN rows, from the general route
-            eye = torch.eye(m, dtype=G.dtype, device=G.device)
-            X = _solve(G, eye, tol, _MAX_ITERS, True)
+        X = _exact_unit_route(G, LEAST_NORM_TOL[G.dtype], _MAX_ITERS)
         return X.mean(dim=0) if p is None else p.to(X.dtype) @ X
 
     def _summed_large_unit_rows(self, p: Tensor | None, G: Tensor) -> Tensor:
