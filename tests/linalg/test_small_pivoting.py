@@ -15,7 +15,7 @@ from tests.reference.dual_cone import kkt_violation, with_quadprog
 from tests.reference.matrices import make
 from torchjd.linalg import TorchProjector
 from torchjd.linalg._bounded_qp import solve_lower_bounded_qp
-from torchjd.linalg._small_pivoting import small_pivoting
+from torchjd.linalg._small_pivoting import _Faces, small_pivoting
 from torchjd.linalg._tableau_pivoting import TABLEAU_MAX_M, tableau_pivoting
 
 
@@ -103,6 +103,20 @@ def test_stopped_early_rows_say_so():
     for u, x, ok in zip(U.numpy(), X.numpy(), converged.tolist(), strict=True):
         if ok:
             assert kkt_violation(G.numpy(), u, x) <= 1e-7
+
+
+@given(m=st.integers(1, 64), data=st.data())
+def test_face_widths_match_their_definition(m: int, data: st.DataObject):
+    """The widths that size the face solves, against their definition: the most and the fewest
+    active indices of a row and (from ``m = 33``) the widest of the rows' smaller sides,
+    ``max_i min(s_i, m − s_i)``."""
+    sizes = data.draw(st.lists(st.integers(0, m), min_size=1, max_size=80))
+    n_active = [float(size) for size in sizes]
+    faces = _Faces(torch.eye(m, dtype=torch.float64), torch.eye(m, dtype=torch.float64))
+    expected = [max(sizes), min(sizes)]
+    if m >= 33:
+        expected.append(max(min(size, m - size) for size in sizes))
+    assert faces.widths(n_active) == expected
 
 
 def test_refuses_ill_conditioned_and_non_finite_gramians():

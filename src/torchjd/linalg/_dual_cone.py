@@ -163,7 +163,7 @@ class TorchProjector(DualConeProjector):
             return self(torch.diag(p), G).sum(dim=0)
         if large:
             return _untracked(lambda: self._summed_large_unit_rows(p, G), G, p)
-        return _untracked(lambda: self._summed_unit_rows(p, G), G, p)
+        return _untracked(lambda: self._summed_unit_rows(p, G), G, p, dtype=G.dtype)
 
     def _summable(self, G: Tensor) -> bool:
         """Whether :meth:`_summed_projections` may solve the problems of the unit vectors."""
@@ -199,7 +199,8 @@ class TorchProjector(DualConeProjector):
         return p @ X
 
     def _summed_unit_rows(self, p: Tensor | None, G: Tensor) -> Tensor:
-        """:meth:`_summed_projections` through the problems of the unit vectors."""
+        """:meth:`_summed_projections` through the problems of the unit vectors, in float64 (the
+        caller converts)."""
         m = G.shape[0]
         G = normalized(G, self.norm_eps)  # a new tensor: regularised in place
         G.diagonal().add_(self.reg_eps)
@@ -210,8 +211,7 @@ class TorchProjector(DualConeProjector):
             rows = (~solved).nonzero().squeeze(1)
             eye = torch.eye(m, dtype=G.dtype, device=G.device)
             X[rows] = _solve(G, eye[rows], tol, _MAX_ITERS, False).to(X.dtype)
-        weights = X.mean(dim=0) if p is None else p.to(X.dtype) @ X
-        return weights.to(G.dtype)
+        return X.mean(dim=0) if p is None else p.to(X.dtype) @ X
 
 
 class QuadprogProjector(TorchProjector):
@@ -310,15 +310,18 @@ def _check_shapes(U: Tensor, G: Tensor) -> None:
         )
 
 
-def _untracked(compute: Callable[[], Tensor], *inputs: Tensor | None) -> Tensor:
-    """``compute()``, in inference mode when no input requires grad: that skips the autograd
-    bookkeeping of each operation (about a tenth of the time of a small problem). The result
-    comes out as a normal tensor."""
+def _untracked(
+    compute: Callable[[], Tensor], *inputs: Tensor | None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``compute()`` (converted to ``dtype`` if given), in inference mode when no input requires
+    grad: that skips the autograd bookkeeping of each operation (about a tenth of the time of a
+    small problem). The result comes out as a normal tensor (one copy, the conversion's)."""
     if any(t is not None and t.requires_grad for t in inputs):
-        return compute()
+        result = compute()
+        return result if dtype is None else result.to(dtype)
     with torch.inference_mode():
         result = compute()
-    return result.clone()
+    return result.to(result.dtype if dtype is None else dtype, copy=True)
 
 
 _MAX_ITERS = 10_000  # those of solve_lower_bounded_qp

@@ -34,6 +34,7 @@ UPGrad's problems are those of the unit vectors up to their scale
 gradients of all rows, and the check done in the scaled variables).
 """
 
+from bisect import bisect_right
 from functools import cached_property
 
 import torch
@@ -182,9 +183,9 @@ class UnitRows(ScaledProblem):
         # S⁻¹ = diag(√G_jj): v = z / √G_jj, so that v_i ≥ 1 exactly where z_i ≥ û_i = √G_ii
         # (division is monotonic).
         self.root = root = diagonal.sqrt()
-        self.G_hat = G / (root.unsqueeze(1) * root)
+        self.G_hat = G / torch.outer(root, root)
         self.U_hat = torch.diag(root)
-        self.c = diagonal.amax().sqrt()
+        self.c = root.amax()  # √(max_l G_ll): the square root is monotonic and correctly rounded
         self.primal_bound = (_PRIMAL_THRESHOLD * tol) * root
         self.dual_bound = (-_PRIMAL_THRESHOLD * tol * self.c).reshape(1, 1)
 
@@ -232,10 +233,16 @@ class _Faces:
         active indices of a row and, from :data:`_MIXED_MIN_M` on, the widest of the rows'
         smaller sides."""
         m = self.m
-        widths = [int(max(n_active)), int(min(n_active))]  # the caller's solve takes m − low
-        if m >= _MIXED_MIN_M:
-            widths.append(int(max(min(size, m - size) for size in n_active)))
-        return widths
+        most, fewest = int(max(n_active)), int(min(n_active))  # the caller's solve takes m − low
+        if m < _MIXED_MIN_M:
+            return [most, fewest]
+        # max_i min(s_i, m − s_i): the largest size at most m / 2, or m minus the smallest at
+        # least m / 2 (builtins over the sorted sizes: no Python loop over the rows)
+        sizes = sorted(n_active)
+        k = bisect_right(sizes, m / 2)
+        below = sizes[k - 1] if k > 0 else 0.0
+        above = m - sizes[k] if k < len(sizes) else 0.0
+        return [most, fewest, int(max(below, above))]
 
     def solve(self, U_hat: Tensor, active: Tensor, widths: list[int]) -> tuple[Tensor, Tensor]:
         """The face solutions ``z`` of the rows and their gradients ``Ĝ z`` (for the dual side,
@@ -283,7 +290,8 @@ class _Faces:
         )
         # One gather from the flattened blocks (one and a half to two times faster than a
         # two-dimensional index, with no larger intermediate).
-        B = blocks.view(-1).take(offset.unsqueeze(2) * blocks.shape[1] + offset.unsqueeze(1))
+        flat = torch.add(offset.unsqueeze(1), offset.unsqueeze(2), alpha=blocks.shape[1])
+        B = blocks.view(-1).take(flat)
         b = torch.constant_pad_nd(rhs, (0, m)).gather(1, index)
         if width <= _LU_MAX_WIDTH:  # one operation
             x = torch.linalg.solve_ex(B, b)[0]
