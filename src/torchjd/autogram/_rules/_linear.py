@@ -280,33 +280,7 @@ def _weight_gramian(
     X = X.to(Gamma.dtype)
     size = Gamma.element_size()
     if per_objective_is_cheaper(B, R, T, d_in, d_out):
-        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block: one product
-        # per sample for all its objectives at once, [Γ_i1 ... Γ_iR]^T X_i. Unless kept, the
-        # blocks are formed in one buffer of about BLOCK_BYTES, used right away (see above),
-        # with one objective per sample: with several, each block's Γ is transposed into a copy
-        # and narrow blocks make that copy and the per-sample products slow (CHUNK_BYTES then).
-        feature_bytes = P * B * R * d_in * size  # one output feature's part of the rows
-        if keep_jacobian:
-            step = d_out
-        elif R == 1:
-            step = block_features(d_out, feature_bytes, chunk_bytes)
-        else:
-            step = max(1, min(d_out, chunk_bytes // feature_bytes))
-        G = Gamma.new_zeros(B * R, B * R)
-        inputs = X.reshape(P * B, T, d_in)
-        buffer = None if step == d_out else Gamma.new_empty(step * feature_bytes // size)
-        for start in range(0, d_out, step):
-            block = Gamma[..., start : start + step]  # [P, B, R, T, s]
-            grads = block.transpose(2, 3).reshape(P * B, T, -1)  # [P B, T, R s]
-            out = None
-            if buffer is not None:
-                out = buffer[: block.shape[-1] * feature_bytes // size].view(P * B, -1, d_in)
-            J = torch.bmm(grads.mT, inputs, out=out).reshape(P, B * R, -1)  # rows (i, r)
-            if P == 1:
-                G.addmm_(J[0], J[0].T)
-            else:
-                G += (J @ J.mT).sum(dim=0)
-        return G, (J if keep_jacobian else None)
+        return _per_objective_gramian(X, Gamma, chunk_bytes, keep_jacobian)
     # K: x_it · x_ju, L: γ_irt · γ_jsu, for the samples i of a block against all samples j.
     X_all = X.flatten(1, 2)  # [P, B T, d_in]
     Gamma_all = Gamma.flatten(1, 3)  # [P, B R T, d_out]
@@ -323,3 +297,51 @@ def _weight_gramian(
             block = torch.einsum("pitju,pirtjsu->irjs", K, L)
         rows.append(block.reshape(b * R, B * R))
     return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
+
+
+def _per_objective_gramian(
+    X: Tensor, Gamma: Tensor, chunk_bytes: int, keep_jacobian: bool
+) -> tuple[Tensor, Tensor | None]:
+    r"""The rows :math:`\Gamma_{ir}^\top X_i` of the Jacobian, block of output features by block,
+    and their Gramian: one product per sample for all its objectives at once,
+    :math:`[\Gamma_{i1} \dots \Gamma_{iR}]^\top X_i`. Unless kept, the blocks are formed in one
+    buffer of about ``BLOCK_BYTES``, used right away (see above), with one objective per sample:
+    with several, each block's :math:`\Gamma` is transposed into a copy and narrow blocks make
+    that copy and the per-sample products slow (``CHUNK_BYTES`` then)."""
+    P, B, R, T, d_out = Gamma.shape
+    d_in = X.shape[-1]
+    feature_bytes = P * B * R * d_in * Gamma.element_size()  # one output feature's part of the rows
+    if keep_jacobian:
+        step = d_out
+    elif R == 1:
+        step = block_features(d_out, feature_bytes, chunk_bytes)
+    else:
+        step = max(1, min(d_out, chunk_bytes // feature_bytes))
+    inputs = X.reshape(P * B, T, d_in)
+    if step == d_out:  # one block, formed whole
+        grads = Gamma.transpose(2, 3).reshape(P * B, T, R * d_out)  # [P B, T, R d_out]
+        J = torch.bmm(grads.mT, inputs).reshape(P, B * R, -1)  # rows (i, r)
+        G = J[0] @ J[0].T if P == 1 else (J @ J.mT).sum(dim=0)
+        return G, (J if keep_jacobian else None)
+    G = Gamma.new_zeros(B * R, B * R)
+    buffer = Gamma.new_empty(P * B * R * step * d_in)
+    whole_block = buffer.view(P * B, R * step, d_in)
+    # With one objective per sample on one block of inputs, every block's Γ_i^T is a slice of
+    # one view (few operations per block: they are many and small).
+    transposed = Gamma[0, :, 0].mT if P == 1 and R == 1 else None  # [B, d_out, T]
+    for start in range(0, d_out, step):
+        s = min(step, d_out - start)
+        if transposed is not None:
+            grads_T = transposed[:, start : start + s]
+        else:
+            block = Gamma[..., start : start + s]  # [P, B, R, T, s]
+            grads_T = block.transpose(2, 3).reshape(P * B, T, R * s).mT  # [P B, R s, T]
+        out = whole_block if s == step else buffer[: P * B * R * s * d_in].view(P * B, -1, d_in)
+        J = torch.bmm(grads_T, inputs, out=out)
+        if P == 1:
+            rows = J.view(B * R, -1)  # rows (i, r)
+            G.addmm_(rows, rows.T)
+        else:
+            rows = J.view(P, B * R, -1)
+            G += (rows @ rows.mT).sum(dim=0)
+    return G, None
