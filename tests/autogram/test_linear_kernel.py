@@ -123,6 +123,21 @@ def test_blocks_of_strided_rows(monkeypatch, min_features):
     torch.testing.assert_close(G, reference(X, Gamma), rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize(("B", "R"), [(43, 3), (64, 2), (130, 1)])
+def test_blocks_of_many_rows(monkeypatch, B, R):
+    """Blocks of at least 128 rows (sample, objective): each block's Gramian from three of the
+    four blocks of its halves of rows, the fourth mirrored at the end; with several objectives,
+    the products of a block one per objective, the rows reordered at the end."""
+    monkeypatch.setattr(linear_module, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(linear_module, "MIN_BLOCK_FEATURES", 2)
+    monkeypatch.setattr(linear_module, "per_objective_is_cheaper", lambda *args: True)
+    T, d_in, d_out = 2, 2, 5
+    X = torch.randn(1, B, T, d_in, dtype=torch.float64)
+    Gamma = torch.randn(1, B, R, T, d_out, dtype=torch.float64)
+    G = weight_gramian(X, Gamma)
+    torch.testing.assert_close(G, reference(X, Gamma), rtol=1e-10, atol=0)
+
+
 @pytest.mark.parametrize(
     ("d_out", "feature_bytes", "chunk_bytes", "expected"),
     [(384, 1 << 14, 1 << 24, 64), (10, 1 << 14, 1 << 24, 10), (384, 1 << 17, 1 << 24, 16),
