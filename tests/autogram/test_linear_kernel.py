@@ -107,6 +107,37 @@ def test_blocks_in_one_buffer(monkeypatch, shape, chunk_bytes, min_features):
     torch.testing.assert_close(G, reference(X, Gamma), rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("min_features", [1, 3])
+def test_blocks_of_strided_rows(monkeypatch, min_features):
+    """Rows of samples and positions interleaved (sequence-first inputs, as the projections of
+    an attention): every block of one objective per sample is a slice of one strided view."""
+    monkeypatch.setattr(linear_module, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(linear_module, "MIN_BLOCK_FEATURES", min_features)
+    monkeypatch.setattr(linear_module, "per_objective_is_cheaper", lambda *args: True)
+    B, T, d_in, d_out = 3, 4, 2, 7
+    X = torch.randn(T, B, d_in, dtype=torch.float64).transpose(0, 1).unsqueeze(0)
+    Gamma = torch.randn(T, 1, B, d_out, dtype=torch.float64).permute(2, 1, 0, 3).unsqueeze(0)
+    assert not X.is_contiguous()
+    assert not Gamma.is_contiguous()
+    G = weight_gramian(X, Gamma)
+    torch.testing.assert_close(G, reference(X, Gamma), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(("B", "R"), [(43, 3), (64, 2), (130, 1)])
+def test_blocks_of_many_rows(monkeypatch, B, R):
+    """Blocks of at least 128 rows (sample, objective): each block's Gramian from three of the
+    four blocks of its halves of rows, the fourth mirrored at the end; with several objectives,
+    the products of a block one per objective, the rows reordered at the end."""
+    monkeypatch.setattr(linear_module, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(linear_module, "MIN_BLOCK_FEATURES", 2)
+    monkeypatch.setattr(linear_module, "per_objective_is_cheaper", lambda *args: True)
+    T, d_in, d_out = 2, 2, 5
+    X = torch.randn(1, B, T, d_in, dtype=torch.float64)
+    Gamma = torch.randn(1, B, R, T, d_out, dtype=torch.float64)
+    G = weight_gramian(X, Gamma)
+    torch.testing.assert_close(G, reference(X, Gamma), rtol=1e-10, atol=0)
+
+
 @pytest.mark.parametrize(
     ("d_out", "feature_bytes", "chunk_bytes", "expected"),
     [(384, 1 << 14, 1 << 24, 64), (10, 1 << 14, 1 << 24, 10), (384, 1 << 17, 1 << 24, 16),

@@ -16,9 +16,10 @@ and the layer is narrow, forming the per-objective gradients :math:`\Gamma_{ir}^
 cheaper: each call picks the cheaper of the two by counting flops, and forms its intermediates
 (per-objective gradients, or the products :math:`x_{it} \cdot x_{ju}` and
 :math:`\gamma_{irt} \cdot \gamma_{jsu}`) block by block, so that none exceeds ``CHUNK_BYTES``
-(long sequences, large images). With one objective per sample, per-objective gradients that
-are not kept for the fused step are formed by blocks of about ``BLOCK_BYTES`` in one reused
-buffer, each block's Gramian taken right away. The calls of a module are
+(long sequences, large images). Per-objective gradients that are not kept for the fused step
+are formed by blocks of about ``BLOCK_BYTES`` in one reused buffer (for a convolution's groups,
+with one objective per sample), each block's Gramian taken right away (from 128 rows on, three
+quarters of it: see :func:`self_gram`). The calls of a module are
 concatenated along the positions, which accounts for the cross terms between calls. Convolutions
 reuse this kernel with one block per group (see ``_conv.py``).
 
@@ -109,19 +110,35 @@ def one_position_gramian(X: Tensor, Gamma: Tensor, with_bias: bool) -> Tensor:
     return (K.reshape(B, 1, B, 1) * L.reshape(B, R, B, R)).reshape(B * R, B * R)
 
 
+def add_self_gram(G: Tensor, A: Tensor) -> None:
+    """Adds ``A Aᵀ`` to ``G``; from :data:`_HALVES_MIN_ROWS` rows on, only the three blocks of the
+    two halves of the rows that :func:`complete_self_gram` needs (see :func:`self_gram`)."""
+    if A.shape[0] < _HALVES_MIN_ROWS:
+        G.addmm_(A, A.T)
+        return
+    n = A.shape[0] // 2
+    top, bottom = A[:n], A[n:]
+    G[:n, :n].addmm_(top, top.T)
+    G[n:, n:].addmm_(bottom, bottom.T)
+    G[:n, n:].addmm_(top, bottom.T)
+
+
+def complete_self_gram(G: Tensor) -> Tensor:
+    """``G`` after :func:`add_self_gram`: its fourth block, the transpose of one of the others."""
+    if G.shape[0] >= _HALVES_MIN_ROWS:
+        n = G.shape[0] // 2
+        G[n:, :n] = G[:n, n:].T
+    return G
+
+
 def self_gram(A: Tensor) -> Tensor:
     """``A Aᵀ``; from :data:`_HALVES_MIN_ROWS` rows on, as three blocks of the two halves of the
     rows (the fourth is the transpose of one): a quarter fewer flops."""
-    n = A.shape[0] // 2
-    if n < _HALVES_MIN_ROWS // 2:
+    if A.shape[0] < _HALVES_MIN_ROWS:
         return A @ A.T
-    top, bottom = A[:n], A[n:]
-    out = A.new_empty(A.shape[0], A.shape[0])
-    torch.mm(top, top.T, out=out[:n, :n])
-    torch.mm(bottom, bottom.T, out=out[n:, n:])
-    torch.mm(top, bottom.T, out=out[:n, n:])
-    out[n:, :n] = out[:n, n:].T
-    return out
+    G = A.new_zeros(A.shape[0], A.shape[0])
+    add_self_gram(G, A)
+    return complete_self_gram(G)
 
 
 _HALVES_MIN_ROWS = 128
@@ -209,7 +226,7 @@ gradients of a block of output features, or the closed form's products for a blo
 
 BLOCK_BYTES = 1 << 20
 """About the size of the blocks of per-objective gradients that the Gramian forms at once when it
-does not keep them (one objective per sample): each block's Gramian is taken right after it is
+does not keep them (see above): each block's Gramian is taken right after it is
 formed, while it is in the cache, and every block reuses one buffer. Fresh memory is costly (a
 page fault per page on its first use), and per-objective gradients formed whole are often the
 largest tensor of the pass."""
@@ -280,33 +297,7 @@ def _weight_gramian(
     X = X.to(Gamma.dtype)
     size = Gamma.element_size()
     if per_objective_is_cheaper(B, R, T, d_in, d_out):
-        # The rows Γ_ir^T X_i of the Jacobian, block of output features by block: one product
-        # per sample for all its objectives at once, [Γ_i1 ... Γ_iR]^T X_i. Unless kept, the
-        # blocks are formed in one buffer of about BLOCK_BYTES, used right away (see above),
-        # with one objective per sample: with several, each block's Γ is transposed into a copy
-        # and narrow blocks make that copy and the per-sample products slow (CHUNK_BYTES then).
-        feature_bytes = P * B * R * d_in * size  # one output feature's part of the rows
-        if keep_jacobian:
-            step = d_out
-        elif R == 1:
-            step = block_features(d_out, feature_bytes, chunk_bytes)
-        else:
-            step = max(1, min(d_out, chunk_bytes // feature_bytes))
-        G = Gamma.new_zeros(B * R, B * R)
-        inputs = X.reshape(P * B, T, d_in)
-        buffer = None if step == d_out else Gamma.new_empty(step * feature_bytes // size)
-        for start in range(0, d_out, step):
-            block = Gamma[..., start : start + step]  # [P, B, R, T, s]
-            grads = block.transpose(2, 3).reshape(P * B, T, -1)  # [P B, T, R s]
-            out = None
-            if buffer is not None:
-                out = buffer[: block.shape[-1] * feature_bytes // size].view(P * B, -1, d_in)
-            J = torch.bmm(grads.mT, inputs, out=out).reshape(P, B * R, -1)  # rows (i, r)
-            if P == 1:
-                G.addmm_(J[0], J[0].T)
-            else:
-                G += (J @ J.mT).sum(dim=0)
-        return G, (J if keep_jacobian else None)
+        return _per_objective_gramian(X, Gamma, chunk_bytes, keep_jacobian)
     # K: x_it · x_ju, L: γ_irt · γ_jsu, for the samples i of a block against all samples j.
     X_all = X.flatten(1, 2)  # [P, B T, d_in]
     Gamma_all = Gamma.flatten(1, 3)  # [P, B R T, d_out]
@@ -323,3 +314,54 @@ def _weight_gramian(
             block = torch.einsum("pitju,pirtjsu->irjs", K, L)
         rows.append(block.reshape(b * R, B * R))
     return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
+
+
+def _per_objective_gramian(
+    X: Tensor, Gamma: Tensor, chunk_bytes: int, keep_jacobian: bool
+) -> tuple[Tensor, Tensor | None]:
+    r"""The rows :math:`\Gamma_{ir}^\top X_i` of the Jacobian, block of output features by block,
+    and their Gramian. Unless kept, the blocks are formed in one buffer of about ``BLOCK_BYTES``,
+    used right away (see above). On one block of inputs (``P = 1``), the products of a block are
+    one per sample and objective, :math:`\Gamma_{ir}^\top X_i`, each from a slice of one view of
+    :math:`\Gamma` (no copy), the rows ordered by objective then sample until the end; with
+    several (groups of a convolution), one per sample for all its objectives at once,
+    :math:`[\Gamma_{i1} \dots \Gamma_{iR}]^\top X_i`, from a transposed copy of each block's
+    :math:`\Gamma` (blocks of ``CHUNK_BYTES`` with several objectives: narrow blocks make that
+    copy slow)."""
+    P, B, R, T, d_out = Gamma.shape
+    d_in = X.shape[-1]
+    feature_bytes = P * B * R * d_in * Gamma.element_size()  # one output feature's part of the rows
+    if keep_jacobian:
+        step = d_out
+    elif R == 1 or P == 1:
+        step = block_features(d_out, feature_bytes, chunk_bytes)
+    else:
+        step = max(1, min(d_out, chunk_bytes // feature_bytes))
+    inputs = X.reshape(P * B, T, d_in)
+    if step == d_out:  # one block, formed whole
+        grads = Gamma.transpose(2, 3).reshape(P * B, T, R * d_out)  # [P B, T, R d_out]
+        J = torch.bmm(grads.mT, inputs).reshape(P, B * R, -1)  # rows (i, r)
+        G = self_gram(J[0]) if P == 1 else (J @ J.mT).sum(dim=0)
+        return G, (J if keep_jacobian else None)
+    G = Gamma.new_zeros(B * R, B * R)
+    buffer = Gamma.new_empty(P * B * R * step * d_in)
+    if P == 1:
+        transposed = Gamma[0].mT  # [B, R, d_out, T]
+        for start in range(0, d_out, step):
+            s = min(step, d_out - start)
+            out = buffer[: R * B * s * d_in].view(R, B, s, d_in)
+            for r in range(R):
+                torch.bmm(transposed[:, r, start : start + s], inputs, out=out[r])
+            add_self_gram(G, out.view(R * B, -1))  # rows (r, i)
+        G = complete_self_gram(G)
+        if R == 1:
+            return G, None
+        return G.view(R, B, R, B).permute(1, 0, 3, 2).reshape(B * R, B * R), None
+    for start in range(0, d_out, step):
+        s = min(step, d_out - start)
+        block = Gamma[..., start : start + s]  # [P, B, R, T, s]
+        grads = block.transpose(2, 3).reshape(P * B, T, R * s)  # [P B, T, R s]
+        out = buffer[: P * B * R * s * d_in].view(P * B, -1, d_in)
+        rows = torch.bmm(grads.mT, inputs, out=out).view(P, B * R, -1)  # rows (i, r)
+        G += (rows @ rows.mT).sum(dim=0)
+    return G, None
