@@ -192,3 +192,41 @@ def test_channels_last(looped, per_objective_path, monkeypatch):
     assert_gramian_exact([conv], forward, 0)
     assert_fused_exact([conv], forward, 0, leaves_of([conv]))
     assert all(taken == looped for taken, _ in per_objective_path)
+
+
+@pytest.mark.parametrize("frozen", ["none", "weight", "bias"])
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("channel_blocks", [False, True])
+@pytest.mark.parametrize("R", [0, 2])
+@pytest.mark.parametrize("name", ["conv1d_stride_dilation", "conv2d_groups", "conv3d_replicate"])
+def test_bias_in_the_patches(name, R, channel_blocks, keep, frozen, monkeypatch):
+    """Without the loop over the first kernel dimension, the bias's per-objective gradients are
+    one more row of the per-objective gradients (the patches get a row of ones): exact for the
+    Gramian and the fused step, with groups, by blocks of output channels, kept or not, and with
+    the weight or the bias frozen."""
+    force_loop(monkeypatch, False)
+    monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
+    monkeypatch.setattr(conv_module, "keeps_jacobian", lambda *args: keep)
+    if channel_blocks:
+        monkeypatch.setattr(conv_module, "_jacobian_fits", lambda *args: False)
+        monkeypatch.setattr(conv_module, "CHUNK_BYTES", 1)
+    ones: list[bool] = []
+    per_objective_jacobian = conv_module._per_objective_jacobian
+
+    def spy(*args: object) -> Tensor:
+        ones.append(bool(args[5]))
+        return per_objective_jacobian(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(conv_module, "_per_objective_jacobian", spy)
+    conv = CONVS[name]().double()
+    if frozen != "none":
+        getattr(conv, frozen).requires_grad_(False)
+    x = torch.randn(3, conv.in_channels, *[6] * len(conv.kernel_size), dtype=torch.float64)
+    for forward in (
+        lambda: objectives(conv, x, R),  # two calls
+        lambda: conv(x).pow(2).flatten(1).sum(1),  # one call, one objective per sample
+    ):
+        assert_gramian_exact([conv], forward, 0)
+        assert_fused_exact([conv], forward, 0, leaves_of([conv]))
+    assert ones == ([] if frozen == "weight" else [frozen == "none"] * len(ones))
+    assert frozen == "weight" or ones

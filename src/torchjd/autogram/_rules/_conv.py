@@ -25,16 +25,19 @@ image, the offsets :math:`a` of the first kernel dimension are not unfolded: wit
     \qquad G = \sum_a J^{(a)} {J^{(a)}}^\top,
 
 so that the patches copy the input :math:`\prod_{k > 1} k` times instead of :math:`\prod_k k`
-times. When :math:`J` would exceed both ``CHUNK_BYTES`` and the output gradients (their sum,
-when it is kept for the fused step: see below), it is formed by blocks of output channels of
-about ``CHUNK_BYTES`` each (their Gramians summed). Otherwise (few positions), the closed form of
+times. Unfolded whole, the patches get one more column, of ones, whose entries of
+:math:`J_{ir}` are the bias's per-objective gradients :math:`\sum_t \gamma_{irt}` (no pass of
+their own over the output gradients; :math:`J J^\top` then holds the bias's block). When
+:math:`J` would exceed both ``CHUNK_BYTES`` and the output gradients (their sum, when it is kept
+for the fused step: see below), it is formed by blocks of output channels of about
+``CHUNK_BYTES`` each (their Gramians summed). Otherwise (few positions), the closed form of
 ``_linear.py`` runs on the patches.
 
 For the fused step, the gradient of the weighted objectives is :math:`\sum_{ir} w_{ir} J_{ir}`
-when :math:`J` was formed whole and kept (in place of the output gradients, see ``KEEP_RATIO`` in
-``_linear.py``), else the convolution's own weight gradient (``convolution_backward``) for the
-weighted output gradient :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` and the recorded
-(padded) input.
+(the bias's too, when in :math:`J`) when :math:`J` was formed whole and kept (in place of the
+output gradients, see ``KEEP_RATIO`` in ``_linear.py``), else the convolution's own weight
+gradient (``convolution_backward``) for the weighted output gradient
+:math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` and the recorded (padded) input.
 """
 
 from collections.abc import Sequence
@@ -70,28 +73,31 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     n, g = len(module.kernel_size), module.groups
     grads = [_grads(c, n, g) for c in calls]  # each [R, B, g, C_out/g, T]
     R, B = grads[0].shape[:2]
+    T = sum(gamma.shape[4] for gamma in grads)
+    d_in, d_out = module.weight[0].numel(), module.out_channels // g
+    per_objective = module.weight.requires_grad and per_objective_is_cheaper(B, R, T, d_in, d_out)
+    looped = per_objective and _loops_first_offsets(module, calls)
+    with_bias = module.bias is not None and module.bias.requires_grad
+    folded = with_bias and per_objective and not looped  # the bias in J (a row of ones in X)
     sums = None
-    if module.bias is not None and module.bias.requires_grad:
+    if with_bias and not folded:
         total = sum(gamma.sum(dim=4) for gamma in grads)  # [R, B, g, C_out/g]
         sums = total.permute(1, 0, 2, 3).reshape(B, R, -1)  # type: ignore[union-attr]
     G: Tensor | int = 0 if sums is None else gram(sums)
     if not module.weight.requires_grad:
         return G  # type: ignore[return-value]
-    T = sum(gamma.shape[4] for gamma in grads)
-    d_in, d_out = module.weight[0].numel(), module.out_channels // g
-    if not per_objective_is_cheaper(B, R, T, d_in, d_out):  # the closed form
+    if not per_objective:  # the closed form
         Gamma = cat([gamma.permute(2, 1, 0, 4, 3) for gamma in grads], dim=3)
         X = cat([_patches(module, c) for c in calls], dim=2)  # [g, B, T, d_in]
         return G + weight_gramian(X, Gamma)
-    looped = _loops_first_offsets(module, calls)
     size = grads[0].element_size()
     jacobian_bytes = B * R * module.weight.numel() * size
     gamma_bytes = sum(gamma.numel() for gamma in grads) * size
     keep = keeps_jacobian(jacobian_bytes, gamma_bytes)
     if _jacobian_fits(jacobian_bytes, gamma_bytes, keep):
-        J = _per_objective_jacobian(module, calls, grads, looped, slice(None))
+        J = _per_objective_jacobian(module, calls, grads, looped, slice(None), folded)
         if keep:  # for the fused step, in place of Γ
-            calls[0].saved["jacobian"] = (J, sums)
+            calls[0].saved["jacobian"] = (J, sums, folded)
             for call in calls:
                 call.grad_outputs = [None] * len(call.grad_outputs)
         return G + _objectives_gram(J, B)
@@ -99,7 +105,8 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     step = -(-d_out // blocks)  # output channels (of each group), in blocks of equal sizes
     for start in range(0, d_out, step):
         channels = slice(start, start + step)
-        G = G + _objectives_gram(_per_objective_jacobian(module, calls, grads, looped, channels), B)
+        J = _per_objective_jacobian(module, calls, grads, looped, channels, folded)
+        G = G + _objectives_gram(J, B)
     return G  # type: ignore[return-value]
 
 
@@ -112,14 +119,18 @@ def conv_weighted_gradients(
     """
     assert isinstance(module, Conv)
     if "jacobian" in calls[0].saved:
-        J, sums = calls[0].saved["jacobian"]  # [K, R B, g C_in/g prod(kernel[K > 1:]) C_out/g]
+        # J: [K, R B, g (width + folded) C_out/g], width = C_in/g prod(kernel[K > 1:])
+        J, sums, folded = calls[0].saved["jacobian"]
         K, (C_out, C_in_g) = J.shape[0], module.weight.shape[:2]
-        weight_grad = W.T.reshape(-1).to(J.dtype) @ J  # [K, g width C_out/g]
-        kernel = module.kernel_size[1:] if K > 1 else module.kernel_size
         g = module.groups
+        grad = (W.T.reshape(-1).to(J.dtype) @ J).reshape(K, g, -1, C_out // g)
+        kernel = module.kernel_size[1:] if K > 1 else module.kernel_size
+        weight_grad = grad[:, :, :-1] if folded else grad
         weight_grad = weight_grad.reshape(K, g, C_in_g, *kernel, C_out // g).movedim(-1, 2)
         weight_grad = weight_grad.reshape(K, C_out, C_in_g, *kernel).movedim(0, 2)
         pairs = [(module.weight, weight_grad.reshape(module.weight.shape).contiguous())]
+        if folded:  # the row of ones: the sums of the output gradients
+            return [*pairs, (module.bias, grad[0, :, -1].reshape(C_out))]
         if sums is None:
             return pairs
         return [*pairs, (module.bias, torch.einsum("ir,ird->d", W.to(sums.dtype), sums))]
@@ -175,7 +186,12 @@ def _loops_first_offsets(module: Conv, calls: Sequence[ModuleCall]) -> bool:
 
 
 def _per_objective_jacobian(
-    module: Conv, calls: Sequence[ModuleCall], grads: list[Tensor], looped: bool, channels: slice
+    module: Conv,
+    calls: Sequence[ModuleCall],
+    grads: list[Tensor],
+    looped: bool,
+    channels: slice,
+    ones: bool = False,
 ) -> Tensor:
     r"""The per-objective weight gradients :math:`J_{ir}` for the output ``channels`` (of each
     group), summed over the calls, as ``[K, R B, g width c]`` (rows :math:`(r, i)`; ``width =
@@ -185,10 +201,13 @@ def _per_objective_jacobian(
     on the left (faster for narrow patches).
 
     :param grads: The output gradients of the calls, each ``[R, B, g, C_out/g, T]``.
+    :param ones: Not when ``looped``: the patches get one more row, of ones, so that ``width``
+        has one more entry, the bias's per-objective gradients :math:`\sum_t \gamma_{irt}`
+        (without a pass of their own over the output gradients).
     """
     g, kernel = module.groups, module.kernel_size
     K = kernel[0] if looped else 1
-    width = module.in_channels // g * _prod(kernel[1:] if looped else kernel)
+    width = module.in_channels // g * _prod(kernel[1:] if looped else kernel) + ones
     J = None
     for call, gamma in zip(calls, grads, strict=True):
         gamma = gamma[:, :, :, channels]
@@ -201,7 +220,7 @@ def _per_objective_jacobian(
         blocks = -(-g * width * S * T * gamma.element_size() * B // PATCH_BYTES)
         step = -(-B // blocks)  # samples, in blocks of equal sizes
         for first in range(0, B, step):
-            X = _patch_matrix(module, _pad_images(module, x[first : first + step]), looped)
+            X = _patch_matrix(module, _pad_images(module, x[first : first + step]), looped, ones)
             X = X.to(gamma.dtype)  # [b g, width, S, positions]
             for a in range(K):
                 X_a = _offset_columns(module, X, a, T_1, T) if looped else X[:, :, 0]
@@ -271,13 +290,14 @@ def _pad_images(module: Conv, x: Tensor) -> Tensor:
     return padded.reshape(*x.shape[:3], *padded.shape[2:])
 
 
-def _patch_matrix(module: Conv, x: Tensor, looped: bool) -> Tensor:
+def _patch_matrix(module: Conv, x: Tensor, looped: bool, ones: bool = False) -> Tensor:
     """``[B g, width, S, positions]`` (one copy) from padded images ``x`` ``[B, N', C, *spatial]``:
     the patches that each output position sees, ``width = C_in/g * prod(kernel)`` and ``S = 1``
     unless ``looped`` (one image per sample): then the first kernel dimension is not unfolded,
     ``width = C_in/g * prod(kernel[1:])``, and the padded rows of the first spatial dimension are
     split into the ``S`` phases of its stride (the positions: the rows of a phase, then the output
-    positions of the other dimensions)."""
+    positions of the other dimensions). With ``ones`` (not ``looped``), one more row, of ones:
+    ``[B g, width + 1, 1, positions]``."""
     B, N, C = x.shape[:3]
     n = len(module.kernel_size)
     x = x.flatten(0, 1)
@@ -298,7 +318,16 @@ def _patch_matrix(module: Conv, x: Tensor, looped: bool) -> Tensor:
     order = [0, 2, *kernel, *([3] if looped else []), 1, *positions]
     width = C // module.groups * _prod([x.shape[k] for k in kernel])
     S = module.stride[0] if looped else 1
-    return x.permute(order).reshape(B * module.groups, width, S, -1)
+    if not ones:
+        return x.permute(order).reshape(B * module.groups, width, S, -1)
+    # one copy, into a buffer with a last row of ones
+    x = x.permute(order)  # [B, C, *kernel, N', *positions]
+    kernel_shape, rest = x.shape[2 : 2 + n], x.shape[2 + n :]
+    X = x.new_empty(B * module.groups, width + 1, 1, _prod(rest))
+    patches = X[:, :width, 0].view(B, module.groups, -1, *kernel_shape, *rest)
+    patches.copy_(x.reshape(patches.shape))
+    X[:, width].fill_(1)
+    return X
 
 
 def _padded(module: Conv, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
