@@ -173,16 +173,22 @@ def test_refinement_stops_once_settled(m: int, monkeypatch: pytest.MonkeyPatch):
     _, converged = solve(U)
     U = U[converged]
     assert U.shape[0] >= m // 2
-    # Solves per factorisation: the refinement's is the last one.
+    # Solves per factorisation: the refinement's is the last one (masked faces; compacted ones
+    # reuse the pivoting's factors).
     solves: list[list[int]] = []
-    original_face_solver = _principal_pivoting.face_solver
 
-    def counting_face_solver(G, active, *args, **kwargs):
-        solve, count = original_face_solver(G, active, *args, **kwargs), []
-        solves.append(count)
-        return lambda rhs: count.append(1) or solve(rhs)
+    def counting(name: str) -> None:
+        original = getattr(_principal_pivoting, name)
 
-    monkeypatch.setattr(_principal_pivoting, "face_solver", counting_face_solver)
+        def counting_face_solver(*args, **kwargs):
+            solve, count = original(*args, **kwargs), []
+            solves.append(count)
+            return lambda rhs: count.append(1) or solve(rhs)
+
+        monkeypatch.setattr(_principal_pivoting, name, counting_face_solver)
+
+    counting("face_solver")
+    counting("_kept_face_solver")
     X, _ = solve(U)
     assert len(solves[-1]) < _principal_pivoting._REFINEMENTS
     assert (kkt_residual(G_exact, U, X, X @ G_exact) <= tol).all()
@@ -252,13 +258,13 @@ def test_wandering_rows_leave_pivoting_early(monkeypatch: pytest.MonkeyPatch):
     G = _bounded_qp.tikhonov(G_exact)
     U = torch.eye(m, dtype=torch.float64)
     batch_sizes = []
-    original = _principal_pivoting.solve_on_faces
+    original = _principal_pivoting.compacted_blocks  # once per step, on the rows left
 
-    def counting(G, U, *args):
-        batch_sizes.append(U.shape[0])
-        return original(G, U, *args)
+    def counting(bordered, index):
+        batch_sizes.append(index.shape[0])
+        return original(bordered, index)
 
-    monkeypatch.setattr(_principal_pivoting, "solve_on_faces", counting)
+    monkeypatch.setattr(_principal_pivoting, "compacted_blocks", counting)
     scales = _bounded_qp.row_scales(G)
     pivoting = _principal_pivoting.least_norm_pivoting
     _, converged, *_ = pivoting(G, U, U @ G > 0, scales, 1e-9, 15, G_exact)

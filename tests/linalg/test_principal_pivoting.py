@@ -1,13 +1,21 @@
 """Block principal pivoting (:mod:`torchjd.linalg._principal_pivoting`) against quadprog; its
-few-operations masked loop (default mode, ``m ≤ 32``) against its general loop."""
+few-operations masked loop (default mode, ``m ≤ 32``) against its general loop, and its compacted
+variant (least-norm mode, ``32 < m ≤ 64``) against both."""
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.reference.dual_cone import kkt_violation, with_quadprog
 from tests.reference.matrices import make
 from torchjd.linalg._kkt import row_scales
-from torchjd.linalg._principal_pivoting import principal_pivoting, solve_on_faces
+from torchjd.linalg._principal_pivoting import (
+    _masked_pivoting,
+    face_solver,
+    principal_pivoting,
+    solve_on_faces,
+)
 
 
 def low_rank_gramian(m: int, seed: int) -> torch.Tensor:
@@ -31,20 +39,24 @@ def problems(m: int) -> torch.Tensor:
     return torch.cat([torch.eye(m, dtype=torch.float64) / m, torch.randn(4, m, generator=g)])
 
 
+def assert_matches_quadprog(G: torch.Tensor, U: torch.Tensor, X: torch.Tensor) -> None:
+    """Each row of ``X`` meets the KKT conditions and is quadprog's optimum (in the G-norm)."""
+    expected = with_quadprog(G.numpy(), U.numpy())
+    for u, x in zip(U.numpy(), X.numpy(), strict=True):
+        assert kkt_violation(G.numpy(), u, x) <= 1e-6
+    error = X - torch.from_numpy(expected)
+    g_norm_error = torch.einsum("ki,ij,kj->k", error, G, error).clamp_min(0).sqrt()
+    g_norm = torch.einsum("ki,ij,kj->k", X, G, X).sqrt()
+    assert (g_norm_error <= 1e-6 * g_norm).all()
+
+
 @pytest.mark.parametrize("m", [9, 16, 25, 32])
 def test_masked_loop_matches_quadprog(m: int):
     for G in gramians(m):
         U = problems(m)
         X, converged = principal_pivoting(G, U, U @ G > 0, row_scales(G), 1e-7, 3 * m + 10)
         assert converged.all()
-        X = torch.maximum(X, U)
-        expected = with_quadprog(G.numpy(), U.numpy())
-        for u, x in zip(U.numpy(), X.numpy(), strict=True):
-            assert kkt_violation(G.numpy(), u, x) <= 1e-6
-        error = X - torch.from_numpy(expected)
-        g_norm_error = torch.einsum("ki,ij,kj->k", error, G, error).clamp_min(0).sqrt()
-        g_norm = torch.einsum("ki,ij,kj->k", X, G, X).sqrt()
-        assert (g_norm_error <= 1e-6 * g_norm).all()
+        assert_matches_quadprog(G, U, torch.maximum(X, U))
 
 
 @pytest.mark.parametrize("m", [12, 32])
@@ -74,3 +86,38 @@ def test_masked_loop_stops_unconverged_rows_on_non_finite_gramians():
     U = problems(10)
     _, converged = principal_pivoting(G, U, U @ G > 0, row_scales(G), 1e-7, 40)
     assert not converged.any()
+
+
+@pytest.mark.parametrize("m", [9, 33, 48])
+def test_compacted_loop_matches_quadprog(m: int):
+    """The least-norm mode's compacted loop (``Ĝ_FF`` gathered per row) ends at quadprog's
+    optimum, on positive-definite Gramians."""
+    for G in gramians(m):
+        U = problems(m)
+        X, converged, _, _ = _masked_pivoting(
+            G, U, U @ G > 0, row_scales(G), 1e-7, 3 * m + 10, compacted=True
+        )
+        assert converged.all()
+        assert_matches_quadprog(G, U, torch.maximum(X, U))
+
+
+@given(m=st.integers(2, 40), seed=st.integers(0, 2**16), max_iters=st.sampled_from([1, 3, 200]))
+def test_compacted_loop_agrees_with_masked_loop(m: int, seed: int, max_iters: int):
+    """Same exchanges, same faces: the compacted loop ends at the masked loop's answers, active
+    sets and convergence flags, also when stopped early; the face solve it keeps (its last
+    factors) is that of freshly factorised faces."""
+    G = low_rank_gramian(m, seed)
+    U = torch.randn(m + 3, m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    active = U @ G > 0
+    scales = row_scales(G)
+    X, converged, final, kept = _masked_pivoting(
+        G, U, active, scales, 1e-7, max_iters, keep_factors=True, compacted=True
+    )
+    X_ref, converged_ref, final_ref, _ = _masked_pivoting(G, U, active, scales, 1e-7, max_iters)
+    assert torch.equal(converged, converged_ref)
+    assert torch.equal(final, final_ref)
+    torch.testing.assert_close(X, X_ref, rtol=1e-9, atol=1e-12)
+    assert kept is not None
+    rhs = torch.randn(U.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=G.dtype)
+    expected = face_solver(G, final, masked=True)(rhs)
+    torch.testing.assert_close(kept[0](rhs), expected, rtol=1e-9, atol=1e-9)
