@@ -78,14 +78,14 @@ class TorchProjector(DualConeProjector):
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
     float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
     spread over six decades (which the default's regularisation hides). A singular or nearly
-    singular one costs more: median ratio about 1.8x (float64) to 2.1x (float32) at 16 rows and
-    2.4x to 2.6x at 64 rows (``benchmarks/non_conflict.py``, 100 hard Jacobians per dtype and
-    size, one thread); when many more rows than the rank positively span a subspace (low-rank
-    Gramians), 1.3x (float64) to 4x (float32) at 256 rows and 2x at 1,024 rows; otherwise, at
-    256 rows, 11x to 26x on the hard Jacobians of ``benchmarks/non_conflict.py`` (mostly
-    singular), where the default is fast (20-120 ms a call) and the exact mode takes up to about
-    3 s; at 1,024 rows, tens of seconds to 15 minutes a call when there are many more rows than
-    columns (see below).
+    singular one costs more: median ratio about 1.8x (float64) to 2.1x (float32) at 16 rows and 2.0x
+    (float64) to 2.3x (float32) at 64 rows (``benchmarks/non_conflict.py``, 100 hard Jacobians per
+    dtype and size, one thread); when many more rows than the rank positively span a subspace
+    (low-rank Gramians), 1.3x (float64) to 4x (float32) at 256 rows and 2x at 1,024 rows; otherwise,
+    at 256 rows, 11x to 26x on the hard Jacobians of ``benchmarks/non_conflict.py`` (mostly
+    singular), where the default is fast (20-120 ms a call) and the exact mode takes up to
+    about 3 s; at 1,024 rows, tens of seconds to 15 minutes a call when there are many more rows
+    than columns (see below).
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
     solved exactly, all at once, in float64: by trying every active set up to ``m = 8``, then by
