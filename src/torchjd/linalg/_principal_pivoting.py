@@ -106,8 +106,8 @@ def least_norm_pivoting(
         X, converged, final_active, kept = _masked_pivoting(
             G, U, active, row_scale, tol, max_iters, keep_factors=True, compacted=not masked
         )
-        solve, finished = kept if kept is not None else (None, None)
-        if not masked:
+        solve, finished = kept
+        if not masked:  # (compacted: wandering rows stop early, their steps depend on max_iters)
             finished = None
     else:
         X, converged, final_active = _pivoting(
@@ -217,9 +217,7 @@ def _masked_pivoting(
     caller's fallback gets them sooner). One host synchronisation per step: the count of rows
     done and the width of the next faces, read together."""
     k, m = U.shape
-    diagonal = G.diagonal()
-    s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 1.0)
-    G_hat = s.unsqueeze(1) * G * s.unsqueeze(0)
+    s, G_hat = jacobi_scaled(G)
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
     # Per row: S⁻¹ u, and the weights of the violations relative to max|u| (primal) and to
     # row_scale_j · max|u| (dual, negated), in z; one tensor, so that the rows done leave in one
@@ -231,14 +229,14 @@ def _masked_pivoting(
     final_active = torch.empty_like(active)
     # (column-major, as cholesky_ex returns them: the triangular solves then round the same way)
     L_all = U.new_empty(k, m, m).mT if keep_factors and not compacted else None
-    kept: list[tuple[Tensor, Tensor, Tensor]] = []  # compacted: (rows, L, columns) of the rows done
+    kept: list[tuple[Tensor, Tensor]] = []  # compacted: (rows, L) of the rows done at each step
     finished = torch.full((k,), max_iters, device=U.device)
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
     rows = torch.arange(k, device=U.device)
     positions = torch.arange(1, m + 1, device=U.device)
     compacted &= k > 0  # (no row: nothing to gather)
     if compacted:
-        bordered = torch.block_diag(G_hat, torch.eye(m, dtype=G.dtype, device=G.device))
+        bordered = _bordered(G_hat)
         width = int((~active).sum(dim=1).amax())
     # Per row: the fewest infeasible indices so far, and the full exchanges left without progress.
     best, tries = torch.tensor([[m + 1], [_FULL_EXCHANGES]], device=U.device).repeat(1, k)
@@ -296,7 +294,7 @@ def _masked_pivoting(
                 L_all[rows] = L
             elif keep_factors:
                 leaving = done.nonzero().squeeze(1) if step < max_iters - 1 else slice(None)
-                kept.append((rows[leaving], L[leaving], columns[leaving]))
+                kept.append((rows[leaving], L[leaving]))
         if n_done == len(rows) or step == max_iters - 1:
             break
         active = next_active
@@ -317,26 +315,25 @@ def _masked_pivoting(
 
 
 def _kept_face_solver(
-    kept: list[tuple[Tensor, Tensor, Tensor]], active: Tensor, s: Tensor
+    kept: list[tuple[Tensor, Tensor]], active: Tensor, s: Tensor
 ) -> Callable[[Tensor], Tensor]:
     """The face solve of :func:`face_solver` from the compacted factors that
-    :func:`_masked_pivoting` kept (``(rows, L, columns)`` of the rows that left at each step, ``L``
-    the Cholesky factors of the Jacobi-scaled blocks), padded by the identity to one width."""
+    :func:`_masked_pivoting` kept (``(rows, L)`` of the rows that left at each step, ``L`` the
+    Cholesky factors of the Jacobi-scaled blocks on each row's free indices first, then padded by
+    the identity), padded by the identity to the widest factor."""
     k = active.shape[0]
-    width = max((L.shape[1] for _, L, _ in kept), default=0)
+    width = max((L.shape[1] for _, L in kept), default=0)
     L_all = torch.eye(width, dtype=s.dtype, device=s.device).repeat(k, 1, 1)
-    columns = torch.zeros(k, width, dtype=torch.long, device=s.device)
-    for rows, L, cols in kept:
+    for rows, L in kept:
         L_all[rows, : L.shape[1], : L.shape[1]] = L
-        columns[rows, : L.shape[1]] = cols
-    mask = ~active.gather(1, columns)
-    # Padding columns are active indices (the first free ones come first): masked out.
-    mask &= torch.arange(width, device=s.device) < (~active).sum(dim=1, keepdim=True)
-    scale = torch.where(mask, s[columns], 0.0)
+    # The columns of the steps' blocks: each row's free indices first (a stable sort), which its
+    # last active set gives again; the padding (active indices) is masked out.
+    columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)[:, :width]
+    scale = torch.where(active.gather(1, columns), 0.0, s[columns])
 
     def solve(rhs: Tensor) -> Tensor:
         x = scale * cholesky_solve(L_all, scale * rhs.gather(1, columns))
-        return torch.zeros_like(rhs).scatter_add(1, columns, x)
+        return torch.zeros_like(rhs).scatter_(1, columns, x)
 
     return solve
 
@@ -451,9 +448,8 @@ def scaled_cholesky(G: Tensor, min_pivot: float) -> tuple[Tensor, Tensor] | None
     """``(s, L)`` with ``L Lᵀ = S G S``, ``S = diag(G)^{-1/2}`` (``s_j = 1`` where ``G_jj ≤ 0``);
     None when the factorisation fails or a squared pivot of ``L`` is below ``min_pivot`` (which
     bounds the smallest eigenvalue of ``S G S`` from above: zero and near-duplicate rows fail)."""
-    diagonal = G.diagonal()
-    s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny), 1.0).rsqrt()
-    L, info = torch.linalg.cholesky_ex(s.unsqueeze(1) * G * s.unsqueeze(0))
+    s, G_hat = jacobi_scaled(G)
+    L, info = torch.linalg.cholesky_ex(G_hat)
     pivot = L.diagonal().amin() ** 2
     if not bool((info == 0) & (pivot >= min_pivot)):
         return None
@@ -543,10 +539,22 @@ def _spd_solve(factor: tuple[Tensor, Tensor], b: Tensor) -> Tensor:
 def bordered_scaled(G: Tensor) -> tuple[Tensor, Tensor]:
     """``(s, B)``: the Jacobi scaling ``s = diag(G)^{-1/2}`` (``1`` where ``G_jj ≤ 0``) and
     ``B = diag(S G S, I)``, from which :func:`_compacted_factors` gathers its blocks."""
+    s, G_hat = jacobi_scaled(G)
+    return s, _bordered(G_hat)
+
+
+def jacobi_scaled(G: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s, S G S)``: the Jacobi scaling ``s = diag(G)^{-1/2}`` (``1`` where ``G_jj ≤ 0``) and
+    the scaled ``G``."""
     diagonal = G.diagonal()
     s = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(G.dtype).tiny).rsqrt(), 1.0)
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    return s, torch.block_diag(s.unsqueeze(1) * G * s.unsqueeze(0), eye)
+    return s, s.unsqueeze(1) * G * s.unsqueeze(0)
+
+
+def _bordered(G_hat: Tensor) -> Tensor:
+    """``diag(Ĝ, I)``: indices ``m`` and beyond pad gathered blocks with the identity."""
+    eye = torch.eye(G_hat.shape[0], dtype=G_hat.dtype, device=G_hat.device)
+    return torch.block_diag(G_hat, eye)
 
 
 def _compacted_factors(
