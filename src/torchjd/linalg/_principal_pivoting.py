@@ -20,7 +20,6 @@ tiny Tikhonov term to a singular one); a face solution that does not zero the gr
 set (a numerically singular face) stops its row, unconverged.
 """
 
-import math
 from collections.abc import Callable
 from functools import cached_property
 
@@ -246,8 +245,8 @@ def _masked_pivoting(
         f = 1 - a
         rhs = (minus_U_hat * a) @ G_hat
         if compacted:
-            # Each row's free indices first (a stable sort), padded by the identity block.
-            columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)[:, :width]
+            # Each row's free indices first, padded by the identity block.
+            columns = free_first(active)[:, :width]
             mask = ~active.gather(1, columns)
             index = torch.where(mask, columns, positions[:width] + (m - 1))
             L, _ = torch.linalg.cholesky_ex(compacted_blocks(bordered, index))
@@ -265,7 +264,7 @@ def _masked_pivoting(
         count = infeasible.sum(dim=1)
         # A face solution whose gradient is not zero on its free set cannot be trusted (a
         # numerically singular face): its row stops, unconverged.
-        exact = torch.linalg.vector_norm(conflict * f, math.inf, dim=1) <= tol
+        exact = (conflict * f).abs().amax(dim=1) <= tol  # (NaN: not exact)
         solved = count == 0
         done = solved | ~exact
         if compacted:
@@ -326,9 +325,9 @@ def _kept_face_solver(
     L_all = torch.eye(width, dtype=s.dtype, device=s.device).repeat(k, 1, 1)
     for rows, L in kept:
         L_all[rows, : L.shape[1], : L.shape[1]] = L
-    # The columns of the steps' blocks: each row's free indices first (a stable sort), which its
-    # last active set gives again; the padding (active indices) is masked out.
-    columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)[:, :width]
+    # The columns of the steps' blocks: each row's free indices first (:func:`free_first`), which
+    # its last active set gives again; the padding (active indices) is masked out.
+    columns = free_first(active)[:, :width]
     scale = torch.where(active.gather(1, columns), 0.0, s[columns])
 
     def solve(rhs: Tensor) -> Tensor:
@@ -336,6 +335,18 @@ def _kept_face_solver(
         return torch.zeros_like(rhs).scatter_(1, columns, x)
 
     return solve
+
+
+def free_first(active: Tensor) -> Tensor:
+    """Each row's indices (``[k, m]``), its free ones (``¬active``) first, both parts in increasing
+    order: the stable argsort of ``active``, from a cumulative sum (a few times cheaper)."""
+    free = ~active
+    free_before = free.cumsum(dim=1)  # free indices up to and including j
+    positions = torch.arange(active.shape[1], device=active.device)
+    # A free j goes to free_before_j − 1; an active j after every free index, to
+    # n_free + (j − free_before_j).
+    target = torch.where(free, free_before - 1, free_before[:, -1:] + positions - free_before)
+    return torch.empty_like(target).scatter_(1, target, positions.expand_as(target))
 
 
 def exchange(
@@ -384,8 +395,8 @@ def refine(
         step = solve(gradient)  # (the solve keeps the free indices of its right-hand side)
         refined = refined - step
         gradient = refined @ G_exact
-        norm = torch.linalg.vector_norm
-        settled = norm(step, math.inf, dim=1) <= _SETTLED * norm(refined, math.inf, dim=1)
+        # (∞-norms as amax of abs: a few times cheaper than vector_norm on small rows)
+        settled = step.abs().amax(dim=1) <= _SETTLED * refined.abs().amax(dim=1)
         # The residuals only once every row has settled (a few operations fewer per step). On
         # the clamped rows: a tiny clamp can move the gradient of a tiny row by much, relatively.
         if bool(settled.all()):
@@ -477,8 +488,8 @@ def _face_solve_by_inverse(
     y = (s * torch.where(free, rhs, 0.0)) @ H
     width = int(active.sum(dim=1).amax())
     if width > 0:
-        # Each row's active indices first (a stable sort), padded with free ones.
-        idx = torch.argsort(free.to(torch.uint8), dim=1, stable=True)[:, :width]
+        # Each row's active indices first (:func:`free_first` of ``free``), padded with free ones.
+        idx = free_first(free)[:, :width]
         mask = active.gather(1, idx)
         pair = mask.unsqueeze(2) & mask.unsqueeze(1)
         eye = torch.eye(width, dtype=H.dtype, device=H.device)
@@ -573,8 +584,8 @@ def _compacted_factors(
     m = active.shape[1]
     one_group = m <= _ONE_GROUP_MAX_M
     order = None if one_group else torch.argsort(sizes)
-    # Each row's free columns first, in increasing order (a stable sort of ``active``).
-    columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)
+    # Each row's free columns first, in increasing order (:func:`free_first`).
+    columns = free_first(active)
     padding = torch.arange(m, 2 * m, device=active.device)
     if one_group:
         width = int(sizes.amax())
