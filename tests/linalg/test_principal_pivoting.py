@@ -4,7 +4,7 @@ variant (least-norm mode, ``32 < m ≤ 64``) against both."""
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.reference.dual_cone import kkt_violation, with_quadprog
@@ -13,6 +13,7 @@ from torchjd.linalg._kkt import row_scales
 from torchjd.linalg._principal_pivoting import (
     _masked_pivoting,
     face_solver,
+    free_first,
     principal_pivoting,
     solve_on_faces,
 )
@@ -121,3 +122,19 @@ def test_compacted_loop_agrees_with_masked_loop(m: int, seed: int, max_iters: in
     rhs = torch.randn(U.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=G.dtype)
     expected = face_solver(G, final, masked=True)(rhs)
     torch.testing.assert_close(kept[0](rhs), expected, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=50)
+@given(
+    k=st.integers(1, 5),
+    m=st.integers(1, 70),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 1000),
+)
+def test_free_first_is_the_stable_argsort_of_active(k: int, m: int, density: float, seed: int):
+    """Each row's free indices first, then its active ones, both in increasing order: a stable
+    sort of ``active`` (the reference)."""
+    g = torch.Generator().manual_seed(seed)
+    active = torch.rand(k, m, generator=g) < density
+    expected = torch.argsort(active.to(torch.uint8), dim=1, stable=True)
+    assert torch.equal(free_first(active), expected)
