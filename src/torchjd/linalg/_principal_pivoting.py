@@ -624,7 +624,13 @@ def _compacted_group(
 
 def compacted_blocks(bordered: Tensor, index: Tensor) -> Tensor:
     """The blocks ``B[index_i, index_i]`` (``[g, width, width]``) of ``B`` = ``bordered`` for the
-    rows ``index_i`` of ``index`` (``[g, width]``), in one ``take``: with ``B`` from
-    :func:`bordered_scaled`, indices ``m`` and beyond pad the blocks with the identity."""
+    rows ``index_i`` of ``index`` (``[g, width]``): with ``B`` from :func:`bordered_scaled`, indices
+    ``m`` and beyond pad the blocks with the identity. When ``B`` is at most four times as wide as
+    the blocks, the rows ``B[index_i]``, then their entries (a third faster than one ``take``
+    with ``[g, width, width]`` flat indices); else one ``take``."""
+    g, width = index.shape
     n = bordered.shape[0]
+    if n <= 4 * width:
+        rows = bordered.index_select(0, index.reshape(-1)).view(g, width, n)
+        return rows.gather(2, index.unsqueeze(1).expand(g, width, width))
     return torch.take(bordered, index.unsqueeze(2) * n + index.unsqueeze(1))
