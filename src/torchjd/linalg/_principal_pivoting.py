@@ -226,8 +226,8 @@ def _masked_pivoting(
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
     final_active = torch.empty_like(active)
-    # (column-major, as cholesky_ex returns them: the triangular solves then round the same way)
-    L_all = U.new_empty(k, m, m).mT if keep_factors and not compacted else None
+    # (row-major, as upper_cholesky returns them: the triangular solves then round the same way)
+    L_all = U.new_empty(k, m, m) if keep_factors and not compacted else None
     kept: list[tuple[Tensor, Tensor]] = []  # compacted: (rows, L) of the rows done at each step
     finished = torch.full((k,), max_iters, device=U.device)
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
@@ -249,14 +249,14 @@ def _masked_pivoting(
             columns = free_first(active)[:, :width]
             mask = ~active.gather(1, columns)
             index = torch.where(mask, columns, positions[:width] + (m - 1))
-            L, _ = torch.linalg.cholesky_ex(compacted_blocks(bordered, index))
+            L = upper_cholesky(compacted_blocks(bordered, index))
             x = cholesky_solve(L, torch.where(mask, rhs.gather(1, columns), 0.0))
             Z = (U_hat * a).scatter_add(1, columns, torch.where(mask, x, 0.0))
         else:
             # K = [Ĝ_FF, 0; 0, I]: two products, cheaper than torch.where on [k, m, m] booleans.
             K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
             K.diagonal(dim1=1, dim2=2).add_(a)
-            L, _ = torch.linalg.cholesky_ex(K)
+            L = upper_cholesky(K)
             Z = torch.where(active, U_hat, cholesky_solve(L, rhs))
         conflict = (Z @ G_hat) * dual_weight  # −(Gv)_j / (row_scale_j · max|u|)
         violation = torch.where(active, conflict, (U_hat - Z) * primal_weight)
@@ -335,6 +335,13 @@ def _kept_face_solver(
         return torch.zeros_like(rhs).scatter_(1, columns, x)
 
     return solve
+
+
+def upper_cholesky(K: Tensor) -> Tensor:
+    """The lower Cholesky factors ``L`` of the batch ``K`` (``L Lᵀ = K``, from its upper triangle;
+    failures ignored, as by ``cholesky_ex``), as the transpose of the upper factor: on one CPU
+    thread, ``cholesky_ex(K, upper=True)`` takes about 15% less time than the lower factor."""
+    return torch.linalg.cholesky_ex(K, upper=True)[0].mT
 
 
 def free_first(active: Tensor) -> Tensor:
@@ -538,7 +545,7 @@ def _spd_factor(K: Tensor) -> tuple[Tensor, Tensor]:
     rows of very different norms equally accurate, and the scaling."""
     diagonal = K.diagonal(dim1=1, dim2=2)
     scale = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(K.dtype).tiny).rsqrt(), 1.0)
-    L, _ = torch.linalg.cholesky_ex(scale.unsqueeze(2) * K * scale.unsqueeze(1))
+    L = upper_cholesky(scale.unsqueeze(2) * K * scale.unsqueeze(1))
     return L, scale
 
 
