@@ -2,9 +2,10 @@
 few-operations masked loop (default mode, ``m ≤ 32``) against its general loop, and its compacted
 variant (least-norm mode, ``32 < m ≤ 64``) against both."""
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.reference.dual_cone import kkt_violation, with_quadprog
@@ -13,8 +14,10 @@ from torchjd.linalg._kkt import row_scales
 from torchjd.linalg._principal_pivoting import (
     _masked_pivoting,
     face_solver,
+    free_first,
     principal_pivoting,
     solve_on_faces,
+    upper_cholesky,
 )
 
 
@@ -121,3 +124,36 @@ def test_compacted_loop_agrees_with_masked_loop(m: int, seed: int, max_iters: in
     rhs = torch.randn(U.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=G.dtype)
     expected = face_solver(G, final, masked=True)(rhs)
     torch.testing.assert_close(kept[0](rhs), expected, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=50)
+@given(
+    k=st.integers(1, 5),
+    m=st.integers(1, 70),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 1000),
+)
+def test_free_first_is_the_stable_argsort_of_active(k: int, m: int, density: float, seed: int):
+    """Each row's free indices first, then its active ones, both in increasing order: a stable
+    sort of ``active`` (the reference)."""
+    g = torch.Generator().manual_seed(seed)
+    active = torch.rand(k, m, generator=g) < density
+    expected = torch.argsort(active.to(torch.uint8), dim=1, stable=True)
+    assert torch.equal(free_first(active), expected)
+
+
+@settings(max_examples=30)
+@given(k=st.integers(1, 4), n=st.integers(1, 40), log_conditioning=st.floats(0, 10))
+def test_upper_cholesky_is_the_lower_factor(k: int, n: int, log_conditioning: float):
+    """The transposed upper factor is lower-triangular, reproduces ``K`` and is the factor that
+    numpy computes (the reference), on positive definite batches up to ``κ = 10¹⁰``."""
+    g = torch.Generator().manual_seed(k * 1000 + n)
+    Q, _ = torch.linalg.qr(torch.randn(k, n, n, generator=g, dtype=torch.float64))
+    eigenvalues = torch.logspace(0, -log_conditioning, n, dtype=torch.float64)
+    K = (Q * eigenvalues) @ Q.mT
+    K = (K + K.mT) / 2
+    L = upper_cholesky(K)
+    assert torch.equal(L, L.tril())
+    assert torch.allclose(L @ L.mT, K, rtol=0, atol=1e-12)
+    expected = torch.from_numpy(np.linalg.cholesky(K.numpy()))
+    assert torch.allclose(L, expected, rtol=0, atol=1e-9 * 10 ** (log_conditioning / 2))

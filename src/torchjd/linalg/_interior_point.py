@@ -27,6 +27,7 @@ from torch import Tensor
 
 from torchjd.linalg._kkt import row_scales
 from torchjd.linalg._low_rank import cholesky_solve, woodbury_solver
+from torchjd.linalg._principal_pivoting import upper_cholesky
 
 _STEP_BACK = 0.99
 
@@ -89,7 +90,7 @@ def _factorise(P: Tensor, d: Tensor) -> Callable[[Tensor], Tensor]:
     s = (P.diagonal() + d).rsqrt()
     K = s.unsqueeze(2) * P * s.unsqueeze(1)
     K.diagonal(dim1=1, dim2=2).fill_(1.0)
-    L, _ = torch.linalg.cholesky_ex(K)
+    L = upper_cholesky(K)
     return lambda b: s * cholesky_solve(L, s * b)
 
 

@@ -20,7 +20,6 @@ tiny Tikhonov term to a singular one); a face solution that does not zero the gr
 set (a numerically singular face) stops its row, unconverged.
 """
 
-import math
 from collections.abc import Callable
 from functools import cached_property
 
@@ -227,8 +226,8 @@ def _masked_pivoting(
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
     final_active = torch.empty_like(active)
-    # (column-major, as cholesky_ex returns them: the triangular solves then round the same way)
-    L_all = U.new_empty(k, m, m).mT if keep_factors and not compacted else None
+    # (row-major, as upper_cholesky returns them: the triangular solves then round the same way)
+    L_all = U.new_empty(k, m, m) if keep_factors and not compacted else None
     kept: list[tuple[Tensor, Tensor]] = []  # compacted: (rows, L) of the rows done at each step
     finished = torch.full((k,), max_iters, device=U.device)
     converged = torch.zeros(k, dtype=torch.bool, device=U.device)
@@ -246,18 +245,18 @@ def _masked_pivoting(
         f = 1 - a
         rhs = (minus_U_hat * a) @ G_hat
         if compacted:
-            # Each row's free indices first (a stable sort), padded by the identity block.
-            columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)[:, :width]
+            # Each row's free indices first, padded by the identity block.
+            columns = free_first(active)[:, :width]
             mask = ~active.gather(1, columns)
             index = torch.where(mask, columns, positions[:width] + (m - 1))
-            L, _ = torch.linalg.cholesky_ex(compacted_blocks(bordered, index))
+            L = upper_cholesky(compacted_blocks(bordered, index))
             x = cholesky_solve(L, torch.where(mask, rhs.gather(1, columns), 0.0))
             Z = (U_hat * a).scatter_add(1, columns, torch.where(mask, x, 0.0))
         else:
             # K = [Ĝ_FF, 0; 0, I]: two products, cheaper than torch.where on [k, m, m] booleans.
             K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
             K.diagonal(dim1=1, dim2=2).add_(a)
-            L, _ = torch.linalg.cholesky_ex(K)
+            L = upper_cholesky(K)
             Z = torch.where(active, U_hat, cholesky_solve(L, rhs))
         conflict = (Z @ G_hat) * dual_weight  # −(Gv)_j / (row_scale_j · max|u|)
         violation = torch.where(active, conflict, (U_hat - Z) * primal_weight)
@@ -265,7 +264,7 @@ def _masked_pivoting(
         count = infeasible.sum(dim=1)
         # A face solution whose gradient is not zero on its free set cannot be trusted (a
         # numerically singular face): its row stops, unconverged.
-        exact = torch.linalg.vector_norm(conflict * f, math.inf, dim=1) <= tol
+        exact = (conflict * f).abs().amax(dim=1) <= tol  # (NaN: not exact)
         solved = count == 0
         done = solved | ~exact
         if compacted:
@@ -326,9 +325,9 @@ def _kept_face_solver(
     L_all = torch.eye(width, dtype=s.dtype, device=s.device).repeat(k, 1, 1)
     for rows, L in kept:
         L_all[rows, : L.shape[1], : L.shape[1]] = L
-    # The columns of the steps' blocks: each row's free indices first (a stable sort), which its
-    # last active set gives again; the padding (active indices) is masked out.
-    columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)[:, :width]
+    # The columns of the steps' blocks: each row's free indices first (:func:`free_first`), which
+    # its last active set gives again; the padding (active indices) is masked out.
+    columns = free_first(active)[:, :width]
     scale = torch.where(active.gather(1, columns), 0.0, s[columns])
 
     def solve(rhs: Tensor) -> Tensor:
@@ -336,6 +335,25 @@ def _kept_face_solver(
         return torch.zeros_like(rhs).scatter_(1, columns, x)
 
     return solve
+
+
+def upper_cholesky(K: Tensor) -> Tensor:
+    """The lower Cholesky factors ``L`` of the batch ``K`` (``L Lᵀ = K``, from its upper triangle;
+    failures ignored, as by ``cholesky_ex``), as the transpose of the upper factor: on one CPU
+    thread, ``cholesky_ex(K, upper=True)`` takes about 15% less time than the lower factor."""
+    return torch.linalg.cholesky_ex(K, upper=True)[0].mT
+
+
+def free_first(active: Tensor) -> Tensor:
+    """Each row's indices (``[k, m]``), its free ones (``¬active``) first, both parts in increasing
+    order: the stable argsort of ``active``, from a cumulative sum (a few times cheaper)."""
+    free = ~active
+    free_before = free.cumsum(dim=1)  # free indices up to and including j
+    positions = torch.arange(active.shape[1], device=active.device)
+    # A free j goes to free_before_j − 1; an active j after every free index, to
+    # n_free + (j − free_before_j).
+    target = torch.where(free, free_before - 1, free_before[:, -1:] + positions - free_before)
+    return torch.empty_like(target).scatter_(1, target, positions.expand_as(target))
 
 
 def exchange(
@@ -384,8 +402,8 @@ def refine(
         step = solve(gradient)  # (the solve keeps the free indices of its right-hand side)
         refined = refined - step
         gradient = refined @ G_exact
-        norm = torch.linalg.vector_norm
-        settled = norm(step, math.inf, dim=1) <= _SETTLED * norm(refined, math.inf, dim=1)
+        # (∞-norms as amax of abs: a few times cheaper than vector_norm on small rows)
+        settled = step.abs().amax(dim=1) <= _SETTLED * refined.abs().amax(dim=1)
         # The residuals only once every row has settled (a few operations fewer per step). On
         # the clamped rows: a tiny clamp can move the gradient of a tiny row by much, relatively.
         if bool(settled.all()):
@@ -477,8 +495,8 @@ def _face_solve_by_inverse(
     y = (s * torch.where(free, rhs, 0.0)) @ H
     width = int(active.sum(dim=1).amax())
     if width > 0:
-        # Each row's active indices first (a stable sort), padded with free ones.
-        idx = torch.argsort(free.to(torch.uint8), dim=1, stable=True)[:, :width]
+        # Each row's active indices first (:func:`free_first` of ``free``), padded with free ones.
+        idx = free_first(free)[:, :width]
         mask = active.gather(1, idx)
         pair = mask.unsqueeze(2) & mask.unsqueeze(1)
         eye = torch.eye(width, dtype=H.dtype, device=H.device)
@@ -527,7 +545,7 @@ def _spd_factor(K: Tensor) -> tuple[Tensor, Tensor]:
     rows of very different norms equally accurate, and the scaling."""
     diagonal = K.diagonal(dim1=1, dim2=2)
     scale = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(K.dtype).tiny).rsqrt(), 1.0)
-    L, _ = torch.linalg.cholesky_ex(scale.unsqueeze(2) * K * scale.unsqueeze(1))
+    L = upper_cholesky(scale.unsqueeze(2) * K * scale.unsqueeze(1))
     return L, scale
 
 
@@ -573,8 +591,8 @@ def _compacted_factors(
     m = active.shape[1]
     one_group = m <= _ONE_GROUP_MAX_M
     order = None if one_group else torch.argsort(sizes)
-    # Each row's free columns first, in increasing order (a stable sort of ``active``).
-    columns = torch.argsort(active.to(torch.uint8), dim=1, stable=True)
+    # Each row's free columns first, in increasing order (:func:`free_first`).
+    columns = free_first(active)
     padding = torch.arange(m, 2 * m, device=active.device)
     if one_group:
         width = int(sizes.amax())
@@ -613,7 +631,13 @@ def _compacted_group(
 
 def compacted_blocks(bordered: Tensor, index: Tensor) -> Tensor:
     """The blocks ``B[index_i, index_i]`` (``[g, width, width]``) of ``B`` = ``bordered`` for the
-    rows ``index_i`` of ``index`` (``[g, width]``), in one ``take``: with ``B`` from
-    :func:`bordered_scaled`, indices ``m`` and beyond pad the blocks with the identity."""
+    rows ``index_i`` of ``index`` (``[g, width]``): with ``B`` from :func:`bordered_scaled`, indices
+    ``m`` and beyond pad the blocks with the identity. When ``B`` is at most four times as wide as
+    the blocks, the rows ``B[index_i]``, then their entries (a third faster than one ``take``
+    with ``[g, width, width]`` flat indices); else one ``take``."""
+    g, width = index.shape
     n = bordered.shape[0]
+    if n <= 4 * width:
+        rows = bordered.index_select(0, index.reshape(-1)).view(g, width, n)
+        return rows.gather(2, index.unsqueeze(1).expand(g, width, width))
     return torch.take(bordered, index.unsqueeze(2) * n + index.unsqueeze(1))
