@@ -230,3 +230,44 @@ def test_long_sequences_keep_the_per_objective_gradients(
     assert_gramian_exact([module], forward, 0)
     assert_fused_exact([module], forward, 0, leaves_of([module]))
     assert len(used) == 2  # the in-projection and the out-projection
+
+
+@pytest.mark.parametrize("objectives", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocks_of_rows_in_a_transformer_layer(
+    objectives: int, dtype: torch.dtype, no_rerun: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Transformer encoder layer with 64 objectives (64 samples, or 16 samples with 4 each):
+    the per-objective gradients of its projections and linear layers formed by blocks of a few
+    features, the Gramian of each block by blocks of rows; the Gramian equals brute force, and
+    the fused step the two-pass step."""
+    import torchjd.autogram._rules._linear as linear_module
+
+    monkeypatch.setattr(linear_module, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(linear_module, "MIN_BLOCK_FEATURES", 3)
+    monkeypatch.setattr(linear_module, "PARTS_MIN_PRODUCT", 0)
+    monkeypatch.setattr(linear_module, "per_objective_is_cheaper", lambda *args: True)
+    parts_used: list[int] = []
+    gram_parts = linear_module.gram_parts
+
+    def spy(rows: int, columns: int) -> list[tuple[int, int]]:
+        parts = gram_parts(rows, columns)
+        parts_used.append(len(parts))
+        return parts
+
+    monkeypatch.setattr(linear_module, "gram_parts", spy)
+    torch.set_default_dtype(dtype)
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+    x = torch.randn(64 // objectives, 3, 8)
+
+    def forward() -> Tensor:
+        y = layer(torch.tanh(x))
+        return torch.stack(
+            [y[:, k].pow(2).mean(dim=1) for k in range(3)] + [y.mean(dim=(1, 2))], 1
+        )[:, :objectives]
+
+    assert_gramian_exact([layer], forward, 0, rtol=1e-10 if dtype == torch.float64 else 1e-5)
+    assert max(parts_used) == 4  # 64 rows: 4 blocks of 16
+    if dtype == torch.float64:
+        assert_fused_exact([layer], forward, 0, leaves_of([layer]))

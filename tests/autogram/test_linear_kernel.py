@@ -1,5 +1,7 @@
 """The Linear kernel on both paths (closed form, per-objective gradients) vs brute force."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 import torchjd.autogram._rules._linear as linear_module
 from torchjd.autogram._rules._linear import (
     block_features,
+    gram_parts,
     one_position_gramian,
     self_gram,
     weight_gramian,
@@ -81,10 +84,29 @@ def test_one_position_gramian(B, R, d_in, d_out, with_bias):
     torch.testing.assert_close(G, J @ J.T, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 127, 128, 131])
-def test_self_gram(rows):
+@pytest.mark.parametrize("rows", [1, 5, 63, 64, 96, 100, 127, 128, 131, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_self_gram(monkeypatch, rows, dtype):
+    """By blocks of rows (every size from 64 rows on), the same as one product."""
+    monkeypatch.setattr(linear_module, "PARTS_MIN_PRODUCT", 0)
     A = torch.randn(rows, 6, dtype=torch.float64)
-    torch.testing.assert_close(self_gram(A), A @ A.T, rtol=1e-12, atol=1e-12)
+    G = self_gram(A.to(dtype))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(G.double(), A @ A.T, rtol=tolerance, atol=tolerance)
+
+
+@given(rows=st.integers(1, 600), columns=st.integers(1, 1 << 16))
+def test_gram_parts(rows, columns):
+    """Consecutive blocks that cover the rows, at most 8, of multiples of 16 rows but the last,
+    one block for small products."""
+    parts = gram_parts(rows, columns)
+    assert parts[0][0] == 0
+    assert parts[-1][1] == rows
+    assert all(stop == start for (_, stop), (start, _) in itertools.pairwise(parts))
+    assert len(parts) <= 8
+    assert all(stop - start >= 16 and (stop - start) % 16 == 0 for start, stop in parts[:-1])
+    if rows * rows * columns < linear_module.PARTS_MIN_PRODUCT:
+        assert parts == [(0, rows)]
 
 
 @pytest.mark.parametrize("min_features", [1, 3])
@@ -123,19 +145,23 @@ def test_blocks_of_strided_rows(monkeypatch, min_features):
     torch.testing.assert_close(G, reference(X, Gamma), rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize(("B", "R"), [(43, 3), (64, 2), (130, 1)])
-def test_blocks_of_many_rows(monkeypatch, B, R):
-    """Blocks of at least 128 rows (sample, objective): each block's Gramian from three of the
-    four blocks of its halves of rows, the fourth mirrored at the end; with several objectives,
-    the products of a block one per objective, the rows reordered at the end."""
+@pytest.mark.parametrize(("B", "R"), [(43, 3), (64, 2), (130, 1), (32, 4), (33, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocks_of_many_rows(monkeypatch, B, R, dtype):
+    """Blocks of at least 64 rows (sample, objective): each block's Gramian from its blocks of
+    rows on and above the diagonal, the others mirrored at the end (the last block of features
+    narrower, with the same blocks of rows); with several objectives, the products of a block
+    one per objective, the rows reordered at the end."""
     monkeypatch.setattr(linear_module, "BLOCK_BYTES", 1)
     monkeypatch.setattr(linear_module, "MIN_BLOCK_FEATURES", 2)
+    monkeypatch.setattr(linear_module, "PARTS_MIN_PRODUCT", 0)
     monkeypatch.setattr(linear_module, "per_objective_is_cheaper", lambda *args: True)
     T, d_in, d_out = 2, 2, 5
     X = torch.randn(1, B, T, d_in, dtype=torch.float64)
     Gamma = torch.randn(1, B, R, T, d_out, dtype=torch.float64)
-    G = weight_gramian(X, Gamma)
-    torch.testing.assert_close(G, reference(X, Gamma), rtol=1e-10, atol=0)
+    G = weight_gramian(X.to(dtype), Gamma.to(dtype))
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(G.double(), reference(X, Gamma), rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize(
@@ -146,3 +172,14 @@ def test_blocks_of_many_rows(monkeypatch, B, R):
 def test_block_features(d_out, feature_bytes, chunk_bytes, expected):
     """About BLOCK_BYTES per block, at least MIN_BLOCK_FEATURES features, within chunk_bytes."""
     assert block_features(d_out, feature_bytes, chunk_bytes) == expected
+
+
+@pytest.mark.parametrize(
+    ("feature_bytes", "chunk_bytes", "objectives", "expected"),
+    [(1 << 16, 1 << 24, 4, 64), (1 << 17, 1 << 24, 4, 32), (1 << 16, 1 << 20, 4, 16),
+     (1 << 14, 1 << 24, 2, 128)],
+)  # fmt: skip
+def test_block_features_per_objective(feature_bytes, chunk_bytes, objectives, expected):
+    """About BLOCK_BYTES per objective of a sample: with R objectives each, the features of one
+    objective's block, within chunk_bytes."""
+    assert block_features(384, feature_bytes, chunk_bytes, objectives) == expected

@@ -18,10 +18,10 @@ cheaper: each call picks the cheaper of the two by counting flops, and forms its
 :math:`\gamma_{irt} \cdot \gamma_{jsu}`) block by block, so that none exceeds ``CHUNK_BYTES``
 (long sequences, large images). Per-objective gradients that are not kept for the fused step
 are formed by blocks of about ``BLOCK_BYTES`` in one reused buffer (for a convolution's groups,
-with one objective per sample), each block's Gramian taken right away (from 128 rows on, three
-quarters of it: see :func:`self_gram`). The calls of a module are
-concatenated along the positions, which accounts for the cross terms between calls. Convolutions
-reuse this kernel with one block per group (see ``_conv.py``).
+with one objective per sample), each block's Gramian taken right away (from 64 rows on, by
+blocks of rows, only those on and above the diagonal: see :func:`gram_parts`). The calls of a
+module are concatenated along the positions, which accounts for the cross terms between calls.
+Convolutions reuse this kernel with one block per group (see ``_conv.py``).
 
 For the fused step (:meth:`~torchjd.autogram.Engine.backward`), the gradient of the weighted
 objectives :math:`\sum_{ir} w_{ir} \ell_{ir}` comes from the same recorded quantities, without a
@@ -110,38 +110,55 @@ def one_position_gramian(X: Tensor, Gamma: Tensor, with_bias: bool) -> Tensor:
     return (K.reshape(B, 1, B, 1) * L.reshape(B, R, B, R)).reshape(B * R, B * R)
 
 
-def add_self_gram(G: Tensor, A: Tensor) -> None:
-    """Adds ``A Aᵀ`` to ``G``; from :data:`_HALVES_MIN_ROWS` rows on, only the three blocks of the
-    two halves of the rows that :func:`complete_self_gram` needs (see :func:`self_gram`)."""
-    if A.shape[0] < _HALVES_MIN_ROWS:
-        G.addmm_(A, A.T)
-        return
-    n = A.shape[0] // 2
-    top, bottom = A[:n], A[n:]
-    G[:n, :n].addmm_(top, top.T)
-    G[n:, n:].addmm_(bottom, bottom.T)
-    G[:n, n:].addmm_(top, bottom.T)
+def gram_parts(rows: int, columns: int) -> list[tuple[int, int]]:
+    """The blocks of rows ``[start, stop)`` by which :func:`add_self_gram` forms ``A Aᵀ`` for
+    ``A`` of ``rows x columns``: one block, or from :data:`PARTS_MIN_ROWS` rows on and when the
+    product is large enough (:data:`PARTS_MIN_PRODUCT` multiply-adds) for the flops saved to
+    outweigh the extra calls, 4 blocks (8 from 256 rows on) of at least 16 rows, multiples of 16
+    (the kernels' tiles) but the last."""
+    if rows < PARTS_MIN_ROWS or rows * rows * columns < PARTS_MIN_PRODUCT:
+        return [(0, rows)]
+    parts = min(rows // 16, 4 if rows < 256 else 8)
+    size = -(-rows // parts)
+    size = -(-size // 16) * 16
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
-def complete_self_gram(G: Tensor) -> Tensor:
-    """``G`` after :func:`add_self_gram`: its fourth block, the transpose of one of the others."""
-    if G.shape[0] >= _HALVES_MIN_ROWS:
-        n = G.shape[0] // 2
-        G[n:, :n] = G[:n, n:].T
+def add_self_gram(G: Tensor, A: Tensor, parts: list[tuple[int, int]]) -> None:
+    """Adds ``A Aᵀ`` to ``G``: for blocks of rows ``parts`` (see :func:`gram_parts`), the rows of
+    each block against those from the block on (one product per block), which
+    :func:`complete_self_gram` mirrors (with ``p`` blocks, :math:`(p + 1) / 2p` of the flops)."""
+    for start, stop in parts:
+        G[start:stop, start:].addmm_(A[start:stop], A[start:].T)
+
+
+def complete_self_gram(G: Tensor, parts: list[tuple[int, int]]) -> Tensor:
+    """``G`` after :func:`add_self_gram` with ``parts``: below the diagonal blocks, the transpose
+    of what is above."""
+    for start, stop in parts[:-1]:
+        G[stop:, start:stop] = G[start:stop, stop:].T
     return G
 
 
 def self_gram(A: Tensor) -> Tensor:
-    """``A Aᵀ``; from :data:`_HALVES_MIN_ROWS` rows on, as three blocks of the two halves of the
-    rows (the fourth is the transpose of one): a quarter fewer flops."""
-    if A.shape[0] < _HALVES_MIN_ROWS:
+    """``A Aᵀ``, by blocks of rows when large enough (see :func:`gram_parts`)."""
+    parts = gram_parts(*A.shape)
+    if len(parts) == 1:
         return A @ A.T
     G = A.new_zeros(A.shape[0], A.shape[0])
-    add_self_gram(G, A)
-    return complete_self_gram(G)
+    add_self_gram(G, A, parts)
+    return complete_self_gram(G, parts)
 
 
-_HALVES_MIN_ROWS = 128
+PARTS_MIN_ROWS = 64
+"""The fewest rows whose Gramian :func:`self_gram` forms by blocks of rows. On one CPU thread
+(float32, 4096 to 16384 columns), 128 rows: 4 blocks of 32 take 8-11 % less time than 3 blocks
+of the halves of the rows, 25-35 % less than one product; 64 rows: 4 blocks of 16 take 15-25 %
+less time than one product."""
+
+PARTS_MIN_PRODUCT = 1 << 23
+"""The fewest multiply-adds (``rows² x columns``) of a Gramian formed by blocks of rows (below,
+each block's call costs more than the flops it saves)."""
 
 
 def _one_position_fits(B: int, R: int, d_in: int, d_out: int, element_size: int) -> bool:
@@ -229,7 +246,11 @@ BLOCK_BYTES = 1 << 20
 does not keep them (see above): each block's Gramian is taken right after it is
 formed, while it is in the cache, and every block reuses one buffer. Fresh memory is costly (a
 page fault per page on its first use), and per-objective gradients formed whole are often the
-largest tensor of the pass."""
+largest tensor of the pass. Per objective of a sample: the products, one per objective, have as
+many features with several objectives as with one (on one CPU thread, the layers of a
+Transformer encoder with 32 samples, 32 positions and 4 objectives each: 64 features of 128
+inputs, 6 % less time than 16; with one objective, blocks of 4 MiB, faster alone, cost more in
+the Gramian pass than they save: fresh pages)."""
 
 MIN_BLOCK_FEATURES = 16
 """The fewest output features per block (narrower blocks make small, inefficient products)."""
@@ -273,11 +294,11 @@ def weight_gramian_and_jacobian(X: Tensor, Gamma: Tensor) -> tuple[Tensor, Tenso
     return weight_gramian(X, Gamma), None
 
 
-def block_features(d_out: int, feature_bytes: int, chunk_bytes: int) -> int:
+def block_features(d_out: int, feature_bytes: int, chunk_bytes: int, objectives: int = 1) -> int:
     """The number of output features whose per-objective gradients are formed at once: about
-    ``BLOCK_BYTES`` of them (at least ``MIN_BLOCK_FEATURES`` features), at most ``chunk_bytes``
-    (at least one feature)."""
-    step = max(BLOCK_BYTES // feature_bytes, MIN_BLOCK_FEATURES)
+    ``BLOCK_BYTES`` of them per objective of a sample (``objectives`` each; at least
+    ``MIN_BLOCK_FEATURES`` features), at most ``chunk_bytes`` (at least one feature)."""
+    step = max(BLOCK_BYTES * objectives // feature_bytes, MIN_BLOCK_FEATURES)
     return max(1, min(step, chunk_bytes // feature_bytes, d_out))
 
 
@@ -334,11 +355,11 @@ def _per_objective_gramian(
     if keep_jacobian:
         step = d_out
     elif R == 1 or P == 1:
-        step = block_features(d_out, feature_bytes, chunk_bytes)
+        step = block_features(d_out, feature_bytes, chunk_bytes, R)
     else:
         step = max(1, min(d_out, chunk_bytes // feature_bytes))
     inputs = X.reshape(P * B, T, d_in)
-    if step == d_out:  # one block, formed whole
+    if keep_jacobian or (step == d_out and P > 1):  # one block, formed whole
         grads = Gamma.transpose(2, 3).reshape(P * B, T, R * d_out)  # [P B, T, R d_out]
         J = torch.bmm(grads.mT, inputs).reshape(P, B * R, -1)  # rows (i, r)
         G = self_gram(J[0]) if P == 1 else (J @ J.mT).sum(dim=0)
@@ -347,13 +368,14 @@ def _per_objective_gramian(
     buffer = Gamma.new_empty(P * B * R * step * d_in)
     if P == 1:
         transposed = Gamma[0].mT  # [B, R, d_out, T]
+        parts = gram_parts(R * B, step * d_in)  # the same for every block (the last one too)
         for start in range(0, d_out, step):
             s = min(step, d_out - start)
             out = buffer[: R * B * s * d_in].view(R, B, s, d_in)
             for r in range(R):
                 torch.bmm(transposed[:, r, start : start + s], inputs, out=out[r])
-            add_self_gram(G, out.view(R * B, -1))  # rows (r, i)
-        G = complete_self_gram(G)
+            add_self_gram(G, out.view(R * B, -1), parts)  # rows (r, i)
+        G = complete_self_gram(G, parts)
         if R == 1:
             return G, None
         return G.view(R, B, R, B).permute(1, 0, 3, 2).reshape(B * R, B * R), None
