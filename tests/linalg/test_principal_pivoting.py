@@ -10,12 +10,14 @@ from hypothesis import strategies as st
 
 from tests.reference.dual_cone import kkt_violation, with_quadprog
 from tests.reference.matrices import make
-from torchjd.linalg._kkt import row_scales
+from torchjd.linalg._kkt import feasible_kkt_residual, row_scales
 from torchjd.linalg._principal_pivoting import (
+    _REFINEMENTS,
     _masked_pivoting,
     face_solver,
     free_first,
     principal_pivoting,
+    refine,
     solve_on_faces,
     upper_cholesky,
 )
@@ -157,3 +159,47 @@ def test_upper_cholesky_is_the_lower_factor(k: int, n: int, log_conditioning: fl
     assert torch.allclose(L @ L.mT, K, rtol=0, atol=1e-12)
     expected = torch.from_numpy(np.linalg.cholesky(K.numpy()))
     assert torch.allclose(L, expected, rtol=0, atol=1e-9 * 10 ** (log_conditioning / 2))
+
+
+@pytest.mark.parametrize("m", [7, 16, 30])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rounded_refinement_keeps_each_rows_least_residual_iterate(m: int, seed: int):
+    """``refine(rounded=True)`` on the values of a singular float32 Gramian (whose rounding makes
+    it slightly indefinite), against the iterates of the refinement computed row by row with
+    ``numpy.linalg.solve``: each row is one of its clamped iterates (the face solution included),
+    with its residual, no worse than the face solution's nor the first step's."""
+    g = torch.Generator().manual_seed(seed)
+    rank = max(1, m // 2)
+    J = torch.randn(m, rank, generator=g, dtype=torch.float64)
+    J = (J @ torch.randn(rank, 2 * m, generator=g, dtype=torch.float64)).float()
+    G_exact = (J @ J.T).double()
+    G = G_exact + 1e-5 * torch.diag(G_exact.diagonal())  # the float32 Tikhonov term
+    U = torch.eye(m, dtype=torch.float64)
+    tol = 2e-5
+    V, _, active, _ = _masked_pivoting(G, U, U @ G > 0, row_scales(G), tol, 3 * m + 10)
+    X, residual = refine(G_exact, G, U, V, active, tol, masked=True, rounded=True)
+
+    # The reference iterates, v ← v − P_F G_FF⁻¹ (G_exact v)_F, and their clamped candidates.
+    G_np, G_exact_np = G.numpy(), G_exact.numpy()
+    candidates = []
+    refined = np.maximum(V.numpy(), U.numpy())
+    for step in range(_REFINEMENTS + 1):
+        if step > 0:
+            gradient = refined @ G_exact_np
+            for i in range(m):
+                free = ~active[i].numpy()
+                refined[i, free] -= np.linalg.solve(G_np[np.ix_(free, free)], gradient[i, free])
+        candidates.append(np.maximum(refined, U.numpy()))
+    candidates_t = torch.from_numpy(np.stack(candidates))  # [steps + 1, m, m]
+    residuals = torch.stack(
+        [feasible_kkt_residual(G_exact, U, C, C @ G_exact) for C in candidates_t]
+    )
+    assert bool((X >= U).all())
+    torch.testing.assert_close(residual, feasible_kkt_residual(G_exact, U, X, X @ G_exact))
+    # Each row is one of its candidates, up to the rounding of the solves (which the drift along
+    # the near-null space of G_exact, about 10⁻⁷ / 10⁻⁵ per step, carries over).
+    distance = (candidates_t - X).abs().amax(dim=2) / X.abs().amax(dim=1)
+    assert bool((distance.amin(dim=0) <= 1e-4).all())
+    # Never worse than the face solution or its first refinement step.
+    bound = torch.minimum(residuals[0], residuals[1])
+    assert bool((residual <= bound * (1 + 1e-3) + 1e-10).all())

@@ -102,7 +102,11 @@ every method runs on :func:`tikhonov` ``(G) = G + σ diag(G)`` with a tiny ``σ`
 tends, as ``σ → 0``, to the optimal weights of least ``Σ_j G_jj v_j²`` (the least-norm weights of
 the unit-norm rows); face solutions are then refined towards the exact ``G`` (iterated Tikhonov
 regularisation), until every row meets the tolerance on ``G`` and the refinement's steps fall
-below ``10⁻⁷ max|v|`` (most rows need one or two of its six steps). Up to ``m = 64``, in float64
+below ``10⁻⁷ max|v|`` (most rows need one or two of its six steps); up to ``m = 64``, for a
+float32 ``G``, whose rounding is far below its Tikhonov term (the steps along its numerical null
+space then neither shrink nor lead anywhere), each row keeps its iterate of least KKT residual on
+``G``, until every row meets the tolerance or no row short of it improves. Up to ``m = 64``, in
+float64
 (also for a float32 ``G``: its values, solved once), pivoting (up to ``m = 32`` with masked
 full-size face systems, a few operations per step) first finds the optimal face of
 ``tikhonov(G)`` from the one-step guess (:func:`_refined_least_norm`); the rows it cannot solve
@@ -473,7 +477,8 @@ def _refined_least_norm(
     pivoting (up to ``m = 32`` with masked full-size face systems: a few operations per step)
     finds the optimal face of the regularised ``G`` from the one-step guess, whose solution is
     then refined towards ``G_exact`` until it settles
-    (:func:`~torchjd.linalg._principal_pivoting.least_norm_pivoting`). The rows where pivoting
+    (:func:`~torchjd.linalg._principal_pivoting.least_norm_pivoting`; for a float32 ``G``, each
+    row's iterate of least residual). The rows where pivoting
     fails (it wanders on degenerate problems) go to the interior point at once, which is where
     the general route (:func:`_pivoting_route`), repeating the same first pivots, would send
     them; so do the rows whose refined face misses ``tol`` on ``G_exact`` (float64) after more
@@ -486,7 +491,7 @@ def _refined_least_norm(
     # route's few.
     steps = 3 * m + 10 if m <= _MASKED_MAX_M else _LEAST_NORM_PIVOTS
     X, found, residual, finished = least_norm_pivoting(
-        G64, U64, GU > 0, row_scales(G64), tol, steps, G_exact64
+        G64, U64, GU > 0, row_scales(G64), tol, steps, G_exact64, G.dtype == torch.float32
     )
     # The rows that the general route, repeating these pivots for at most _LEAST_NORM_PIVOTS
     # steps, would find again (the rounding of a float32 G can keep a row above tol whatever

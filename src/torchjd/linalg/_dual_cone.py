@@ -78,8 +78,8 @@ class TorchProjector(DualConeProjector):
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
     float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
     spread over six decades (which the default's regularisation hides). A singular or nearly
-    singular one costs more: median ratio about 1.8x (float64) to 2.1x (float32) at 16 rows and 1.9x
-    (float64) to 2.0x (float32) at 64 rows (``benchmarks/non_conflict.py``, 100 hard Jacobians per
+    singular one costs more: median ratio about 1.8x (float64 and float32) at 16 rows and 1.9x
+    (float64 and float32) at 64 rows (``benchmarks/non_conflict.py``, 100 hard Jacobians per
     dtype and size, one thread); when many more rows than the rank positively span a subspace
     (low-rank Gramians), 1.3x (float64) to 4x (float32) at 256 rows and 2x at 1,024 rows; otherwise,
     at 256 rows, 11x to 26x on the hard Jacobians of ``benchmarks/non_conflict.py`` (mostly

@@ -89,6 +89,7 @@ def least_norm_pivoting(
     tol: float,
     max_iters: int,
     G_exact: Tensor,
+    rounded: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """:func:`principal_pivoting` with ``G_exact``, which also returns the KKT residual of each
     row for ``G_exact`` (:func:`~torchjd.linalg._kkt.kkt_residual`) and, when the faces were
@@ -98,7 +99,7 @@ def least_norm_pivoting(
     other methods leave), with the masked full-size face systems of :func:`_masked_pivoting` (few
     operations per step); else, up to :data:`_ONE_GROUP_MAX_M`, with its compacted variant (the
     same few operations per step, on ``|F| × |F|`` blocks), whose last factors the refinement
-    reuses."""
+    reuses. ``rounded``: ``G_exact`` holds the values of a float32 Gramian (see :func:`refine`)."""
     k, m = U.shape
     masked = m <= _MASKED_MAX_M or k * m**3 <= _MASKED_BUDGET
     if masked or m <= _ONE_GROUP_MAX_M:
@@ -113,7 +114,7 @@ def least_norm_pivoting(
             G, U, active, row_scale, tol, max_iters, None, least_norm=True
         )
         solve = finished = None
-    X, residual = refine(G_exact, G, U, X, final_active, tol, masked, solve)
+    X, residual = refine(G_exact, G, U, X, final_active, tol, masked, solve, rounded)
     return X, converged, residual, finished
 
 
@@ -382,6 +383,7 @@ def refine(
     tol: float,
     masked: bool,
     solve: Callable[[Tensor], Tensor] | None = None,
+    rounded: bool = False,
 ) -> tuple[Tensor, Tensor]:
     r"""Iterated refinement of each row's face solution towards ``G_exact`` (iterated Tikhonov
     regularisation), :math:`v_F \leftarrow v_F - G_{FF}^{-1} (G_{\text{exact}} v)_F`, for at most
@@ -391,11 +393,21 @@ def refine(
     where that meets ``tol`` or lowers their KKT residual for ``G_exact``, and that residual. (A
     finite ``G_exact``: the residuals are those of feasible rows.) ``masked``: whether the faces
     are solved as masked full-size systems (see :func:`face_solver`); ``solve``: their solve
-    when already factorised (by :func:`_masked_pivoting`)."""
+    when already factorised (by :func:`_masked_pivoting`).
+
+    ``rounded``: ``G_exact`` holds the values of a float32 Gramian, whose rounding (about
+    ``10⁻⁷ max_j G_jj``, of either sign) is far below the float32 Tikhonov term: along its
+    numerical null space the steps neither shrink nor lead to the least-norm weights (they drift
+    by about the rounding over the Tikhonov term per step, diverging where the rounding made
+    ``G_exact`` indefinite). Each row then keeps, of its face solution and its refined iterates,
+    the one of least KKT residual (the earliest among equals), and the refinement stops once every
+    row meets ``tol`` or no row short of it has improved."""
     if solve is None:
         solve = face_solver(G, active, masked=masked)
     V = torch.maximum(V, U)
     gradient_V = gradient = V @ G_exact
+    if rounded:
+        return _refine_rounded(G_exact, U, V, gradient_V, tol, solve)
     refined = V
     after = None
     for _ in range(_REFINEMENTS):
@@ -418,6 +430,34 @@ def refine(
     before = feasible_kkt_residual(G_exact, U, V, gradient_V)
     better = (after <= tol) | (after <= before)
     return torch.where(better.unsqueeze(1), refined, V), torch.where(better, after, before)
+
+
+def _refine_rounded(
+    G_exact: Tensor,
+    U: Tensor,
+    V: Tensor,
+    gradient: Tensor,
+    tol: float,
+    solve: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """:func:`refine` with ``rounded``, from the clamped face solutions ``V`` and their gradient
+    ``V G_exact``: each row's iterate of least KKT residual, and that residual."""
+    best = V
+    best_residual = feasible_kkt_residual(G_exact, U, V, gradient)
+    refined = V
+    for _ in range(_REFINEMENTS):
+        refined = refined - solve(gradient)
+        # On the clamped rows: a tiny clamp can move the gradient of a tiny row by much.
+        clamped = torch.maximum(refined, U)
+        gradient = refined @ G_exact
+        residual = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact)
+        improved = residual < best_residual
+        best = torch.where(improved.unsqueeze(1), clamped, best)
+        best_residual = torch.where(improved, residual, best_residual)
+        # On, while some row short of tol (NaN: short) has improved.
+        if not bool((improved & ~(best_residual <= tol)).any()):
+            break
+    return best, best_residual
 
 
 def solve_on_faces(
