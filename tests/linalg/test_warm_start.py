@@ -4,6 +4,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.reference.matrices import make
 from torchjd.linalg import _warm_start
@@ -51,3 +53,64 @@ def test_meets_the_tolerance_at_260_rows(dtype: torch.dtype):
     tol = 1e-9 if dtype == torch.float64 else 2e-5
     assert (V >= U).all()
     assert kkt_residual(G.double(), U.double(), V.double(), V.double() @ G.double()).max() <= tol
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=30),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_batches_split_off_the_wide_faces(sizes: list[int], seed: int):
+    """The batches partition the rows; when there are two, the second holds exactly the rows whose
+    guessed face (free indices) is wider than ``_WIDE`` times the median."""
+    m = 40
+    g = torch.Generator().manual_seed(seed)
+    free = torch.rand(len(sizes), m, generator=g).argsort(dim=1) < torch.tensor(sizes).unsqueeze(1)
+    batches = _warm_start._batches(~free)
+    rows = torch.cat(batches)
+    assert sorted(rows.tolist()) == list(range(len(sizes)))
+    widths = torch.tensor(sizes, dtype=torch.float64)
+    wide = widths > _warm_start._WIDE * widths.median()
+    if len(batches) == 2:
+        assert wide[batches[1]].all()
+        assert not wide[batches[0]].any()
+    else:
+        assert len(batches) == 1
+        assert wide.all() or not wide.any()
+
+
+@pytest.mark.usefixtures("large_settings")
+@pytest.mark.parametrize("family", ["rank_deficient", "duplicate_rows", "opposite_rows"])
+def test_wide_guesses_match_the_interior_point(family: str, monkeypatch: pytest.MonkeyPatch):
+    """Rows whose guess frees every index (pivoted in their own batch) that pivoting solves end at
+    the same updates as the interior point, and meet the tolerance on ``G``."""
+    m = 72
+    J = make(family, m, 30, seed=7)
+    G = J @ J.T
+    admm = _warm_start.admm
+
+    def wide_guess(G: torch.Tensor, U: torch.Tensor, tol: float, max_iters: int):
+        Z, converged = admm(G, U, tol, max_iters)
+        Z[::5] = U[::5] + 1.0  # every index free
+        return Z, converged
+
+    batches = []
+
+    def spied_batches(active: torch.Tensor) -> list[torch.Tensor]:
+        batches.append(_warm_start._batches.__wrapped__(active))
+        return batches[-1]
+
+    spied_batches.__wrapped__ = _warm_start._batches  # type: ignore[attr-defined]
+    monkeypatch.setattr(_warm_start, "admm", wide_guess)
+    monkeypatch.setattr(_warm_start, "_batches", spied_batches)
+    U = torch.eye(m, dtype=torch.float64)
+    V, converged = _warm_start.warm_started_pivoting(tikhonov(G), G, U, 1e-9, 10_000)
+    assert any(len(b) == 2 for b in batches)
+    assert converged[::5].any()
+    assert (V >= U).all()
+    assert kkt_residual(G, U, V, V @ G)[converged].max() <= 1e-9
+    reference = _least_norm_fallback(tikhonov(G), G, U, 1e-10)
+    scale = J.norm(dim=1).max()
+    torch.testing.assert_close(
+        V[converged] @ J / scale, reference[converged] @ J / scale, rtol=0, atol=1e-7
+    )

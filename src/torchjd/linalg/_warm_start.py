@@ -36,12 +36,13 @@ from torchjd.linalg._principal_pivoting import principal_pivoting
 
 _REGULARISATION = 1e-4  # ε, relative to the trace: the default mode's
 _TOL = 1e-4  # KKT residual at which ADMM's active set is trusted as a guess
-_PIVOTS = 10
+_PIVOTS = 25
 _FLOAT32_MIN_M = 512
 _LARGE_REGULARISATION = 1e-6
 _LARGE_TOL = 1e-5
 _LARGE_ITERS = 500
 _CHUNK_ENTRIES = 2**26
+_WIDE = 1.2
 
 
 def warm_started_pivoting(
@@ -60,17 +61,29 @@ def warm_started_pivoting(
     bounds = U.to(dtype)
     Z, _ = admm(G_regularised.to(dtype), bounds, max(tol, guess_tol), max_iters)
     active = bounds >= Z  # at their lower bound
-    chunk = max(1, _CHUNK_ENTRIES // m**2)
     scales = row_scales(G)
-    solved = [
-        principal_pivoting(G, rows, guess, scales, tol, _PIVOTS, G_exact)
-        for rows, guess in zip(U.split(chunk), active.split(chunk), strict=True)
-    ]
-    X = torch.maximum(torch.cat([X for X, _ in solved]), U)
-    converged = torch.cat([converged for _, converged in solved])
+    X = torch.empty_like(U)
+    converged = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
+    for rows in _batches(active):
+        for chunk in rows.split(max(1, _CHUNK_ENTRIES // m**2)):
+            X[chunk], converged[chunk] = principal_pivoting(
+                G, U[chunk], active[chunk], scales, tol, _PIVOTS, G_exact
+            )
+    X = torch.maximum(X, U)
     # Pivoting converges on the Tikhonov Gramian; its refinement towards G_exact can fall short
     # (opposite rows): in float64, such rows are left to the fallback too. (In float32, the
     # rounding of G is of the order of the Tikhonov term: the check would only cost time.)
     if G.dtype == torch.float64:
         converged &= kkt_residual(G_exact, U, X, X @ G_exact) <= tol
     return X, converged
+
+
+def _batches(active: Tensor) -> list[Tensor]:
+    """The rows, split in two batches when some guessed faces are much wider than the others: the
+    compacted face systems of a batch are padded to the widest of their size class."""
+    sizes = (~active).sum(dim=1)
+    wide = sizes > _WIDE * sizes.double().median()
+    n_wide = int(wide.sum())
+    if n_wide == 0 or n_wide == sizes.numel():
+        return [torch.arange(sizes.numel(), device=active.device)]
+    return [(~wide).nonzero().squeeze(1), wide.nonzero().squeeze(1)]
