@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.reference.dual_cone import brute_force
 from tests.reference.matrices import make
 from torchjd.linalg import _warm_start
 from torchjd.linalg._bounded_qp import _least_norm_fallback, solve_lower_bounded_qp, tikhonov
@@ -20,12 +21,17 @@ def large_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_warm_start, "_CHUNK_ENTRIES", 16 * 72**2)
 
 
-@pytest.mark.usefixtures("large_settings")
+@pytest.mark.parametrize("guess", ["large", "scaled"])
 @pytest.mark.parametrize(
     "family", ["normal", "rank_deficient", "duplicate_rows", "opposite_rows", "mixed_row_norms"]
 )
 @pytest.mark.parametrize("n", [9, 36, 90])
-def test_matches_the_interior_point(family: str, n: int):
+def test_matches_the_interior_point(
+    guess: str, family: str, n: int, request: pytest.FixtureRequest
+):
+    """With either guess: that of ``m ≥ 512`` (brought down to ``m = 72``) or the scaled one."""
+    if guess == "large":
+        request.getfixturevalue("large_settings")
     m = 72
     J = make(family, m, n, seed=m + n)
     G = J @ J.T
@@ -114,3 +120,25 @@ def test_wide_guesses_match_the_interior_point(family: str, monkeypatch: pytest.
     torch.testing.assert_close(
         V[converged] @ J / scale, reference[converged] @ J / scale, rtol=0, atol=1e-7
     )
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(4, 8), spread=st.floats(0.0, 3.0), seed=st.integers(0, 2**16))
+def test_scaled_guess_is_the_active_set_of_its_problem(m: int, spread: float, seed: int):
+    """On a well-conditioned ``G`` (rows of norms over ``spread`` decades), the guess labels every
+    index whose scaled weight is clearly away from the threshold as the optimum of the guess's
+    problem ``min_{v ≥ u} vᵀ (G + σ diag(G)) v`` (a brute force over the faces) does."""
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(m, 2 * m, generator=g, dtype=torch.float64)
+    J = J * 10 ** (spread * torch.rand(m, 1, generator=g, dtype=torch.float64))
+    G = J @ J.T
+    U = torch.eye(m, dtype=torch.float64)
+    active = _warm_start._scaled_guess(G, U, 300)
+    root = G.diagonal().sqrt()
+    G_guess = (G + _warm_start._GUESS_SIGMA * torch.diag(G.diagonal())).numpy()
+    threshold = _warm_start._GUESS_ACTIVE
+    for u, guessed in zip(U, active, strict=True):
+        v = torch.from_numpy(brute_force(G_guess, u.numpy()))
+        scaled = (v - u) * root / (u * root).abs().max()
+        clear = (scaled < threshold / 2) | (scaled > 2 * threshold)
+        assert torch.equal(guessed[clear], (scaled < threshold)[clear])
