@@ -2,14 +2,16 @@
 against an independent reference (a brute force over the faces: a unique optimum is the one it
 finds), and the certificate refusing optima that are not unique."""
 
+from unittest import mock
+
 import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.reference.dual_cone import brute_force_singular
-from torchjd.linalg import _bounded_qp
-from torchjd.linalg._bounded_qp import solve_lower_bounded_qp
+from torchjd.linalg import _bounded_qp, _unique_face
+from torchjd.linalg._bounded_qp import _least_norm_fallback, solve_lower_bounded_qp, tikhonov
 from torchjd.linalg._kkt import kkt_residual
 from torchjd.linalg._unique_face import unique_optimum, unique_optimum_rows
 
@@ -101,3 +103,53 @@ def test_near_duplicate_rows_meet_the_tolerance_on_g():
     G = (G + G.T) / 2
     assert (V >= U).all()
     assert kkt_residual(G, U, V, V @ G).max() <= 1e-9
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 80), residue=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_probe_runs_the_rest_only_after_a_certified_row(k: int, residue: int, seed: int):
+    """With a stand-in certificate (rows whose unit index is ``residue`` mod 7): the probe's rows
+    go first; the others run only when some probe row is certified, and each row lands in place."""
+    m = 80
+    order = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
+    U = torch.eye(m, dtype=torch.float64)[order[:k]]
+    calls = []
+
+    def stand_in(G: torch.Tensor, U: torch.Tensor, tol: float, rank: int):
+        calls.append(U.shape[0])
+        index = U.argmax(dim=1)
+        return U + index.unsqueeze(1).double(), index % 7 == residue
+
+    with mock.patch.object(_unique_face, "certified_rows", stand_in):
+        X, certified = unique_optimum_rows(torch.eye(m, dtype=torch.float64), U, 1e-9, m)
+    index = U.argmax(dim=1)
+    expected = index % 7 == residue
+    solved = U + index.unsqueeze(1).double()
+    probe_rows = _unique_face._PROBE_ROWS
+    if calls == [probe_rows] and k > 2 * probe_rows:
+        # No probe row certified: the others are left as they were.
+        done = (X != U).any(dim=1)
+        assert int(done.sum()) == probe_rows
+        assert not expected[done].any()
+        assert not certified.any()
+        torch.testing.assert_close(X[done], solved[done])
+        torch.testing.assert_close(X[~done], U[~done])
+        return
+    assert calls == ([k] if k <= 2 * probe_rows else [probe_rows, k - probe_rows])
+    assert torch.equal(certified, expected)
+    torch.testing.assert_close(X, solved)
+
+
+def test_probed_rows_match_the_interior_point():
+    """Beyond the probe's size (48 rows of rank 24, a few duplicates), every certified row is the
+    unique optimum: the interior point (an independent method) finds the same weights."""
+    m = 48
+    J = tall_jacobian(m, m // 2, 3, 11)
+    G = J @ J.T
+    U = torch.eye(m, dtype=torch.float64)
+    X, certified = unique_optimum_rows(G, U, 1e-9, m // 2)
+    assert certified.sum() >= 5
+    assert (X >= U).all()
+    assert kkt_residual(G, U[certified], X[certified], X[certified] @ G).max() <= 1e-9
+    reference = _least_norm_fallback(tikhonov(G), G, U[certified], 1e-10)
+    torch.testing.assert_close(X[certified], reference, rtol=0, atol=1e-6)

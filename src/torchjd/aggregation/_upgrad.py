@@ -70,8 +70,8 @@ class UPGrad(GramianWeightedAggregator):
     ``benchmarks/exact_mode_routes.py``; up to 3.6x in float64 and 7x in float32 when the row
     norms spread over six decades); a singular or nearly singular one at about 1.7x to 1.9x up
     to 64 rows; when many more rows than the rank positively span a subspace (low-rank
-    Gramians), 1.3x (float64) to 2.5x (float32) at 256 rows and about 2x at 1,024; otherwise 11x
-    to 26x at 256 rows (up to about 3 s a call), and tens of seconds to 15 minutes a call at
+    Gramians), 1.3x (float64) to 2.5x (float32) at 256 rows and about 2x at 1,024; otherwise 9x
+    to 13x at 256 rows (up to about 2 s a call), and tens of seconds to 15 minutes a call at
     1,024 rows. See
     :class:`~torchjd.linalg.TorchProjector` for the choice of weights when they are not unique.
 

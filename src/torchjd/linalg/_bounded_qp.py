@@ -116,14 +116,15 @@ keep their refined face). UPGrad's problems (``U = diag(p)``) are solved as thos
 vectors, whose least-norm weights scale with ``p_i`` (:func:`_exact_unit_route`, called by
 ``TorchProjector._summed_projections``). The route that follows: up to ``m = 64`` (the rows that the
 default mode's machinery leaves on a nonsingular ``G``), pivoting gets a few steps from the one-step
-guess; beyond, from the active set of ADMM on a better-conditioned Gramian (that of the default
-mode; from ``m = 512``, ``G + 10⁻⁶ tr(G) I`` in float32, with the rows pivoted in chunks:
-:mod:`torchjd.linalg._warm_start`); in float64, a row is accepted only when its KKT residual on
-``G`` itself meets the tolerance. Rows it has not solved by then (it can wander on degenerate
-problems) go to a batched interior-point method (:mod:`torchjd.linalg._interior_point`), in float64,
-whose Newton systems are solved by the Woodbury identity when ``rank(G) ≤ 2m / 3``
-(:mod:`torchjd.linalg._low_rank`); pivoting then finishes the rows it leaves short of the tolerance,
-reading the active set off the interior solution at several thresholds. Each face costs ``O(|F|³)``
+guess; beyond, from the active set of ADMM on a better-conditioned Gramian (``G + 10⁻⁴ diag(G)``,
+Jacobi-scaled, in float32, its small weights taken as active; from ``m = 512``,
+``G + 10⁻⁶ tr(G) I`` in float32; the rows pivoted in chunks: :mod:`torchjd.linalg._warm_start`);
+in float64, a row is accepted only when its KKT residual on ``G`` itself meets the tolerance.
+Rows it has not solved by then (it can wander on degenerate problems) go to a batched
+interior-point method (:mod:`torchjd.linalg._interior_point`), in float64, whose Newton systems
+are solved by the Woodbury identity when ``rank(G) ≤ 2m / 3`` (:mod:`torchjd.linalg._low_rank`);
+pivoting then finishes the rows it leaves short of the tolerance, reading the active set off the
+interior solution at several thresholds. Each face costs ``O(|F|³)``
 per row: at ``m = 1024``, with faces of a few hundred indices, a call that does not take the
 spanning route takes from tens of seconds to minutes on one thread. The default
 tolerance is then ``1e-9`` in float64.

@@ -82,9 +82,10 @@ class TorchProjector(DualConeProjector):
     (float64 and float32) at 64 rows (``benchmarks/non_conflict.py``, 100 hard Jacobians per
     dtype and size, one thread); when many more rows than the rank positively span a subspace
     (low-rank Gramians), 1.3x (float64) to 4x (float32) at 256 rows and 2x at 1,024 rows; otherwise,
-    at 256 rows, 11x to 26x on the hard Jacobians of ``benchmarks/non_conflict.py`` (mostly
-    singular), where the default is fast (20-120 ms a call) and the exact mode takes up to
-    about 3 s; at 1,024 rows, tens of seconds to 15 minutes a call when there are many more rows
+    at 256 rows, 9x (float64) to 13x (float32) the default's total time on the hard Jacobians of
+    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.7x and 7x), where the
+    default is fast (10-25 ms a call on average) and the exact mode takes up to about 2 s; at
+    1,024 rows, tens of seconds to 15 minutes a call when there are many more rows
     than columns (see below).
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
@@ -94,8 +95,9 @@ class TorchProjector(DualConeProjector):
     faces, as in per-sample Gramians at initialisation, whose rows share the face of their
     class), and otherwise by ADMM followed by an exact active-set polish when its cost is small
     (see ``torchjd/linalg/_bounded_qp.py``). In the exact mode, beyond ``m = 64``, pivoting
-    starts from the active set that ADMM finds with a small regularisation (the defaults'; from
-    ``m = 512``, :math:`10^{-6} \operatorname{tr}(G)`, in float32); the rows it leaves
+    starts from the active set that ADMM finds with a small regularisation (``10⁻⁴ diag(G)``,
+    Jacobi-scaled, in float32; from ``m = 512``, :math:`10^{-6} \operatorname{tr}(G)`, in
+    float32); the rows it leaves
     (degenerate problems) go to a float64 interior-point method, whose Newton systems use the
     Woodbury identity when ``rank(G) ≤ 2m / 3``. Before that, when the rows positively span a
     subspace, every update is zero and the least-norm weights come from a Newton method in the

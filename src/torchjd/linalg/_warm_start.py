@@ -1,47 +1,51 @@
 r"""Exact mode beyond ``m = 64``: principal pivoting warm-started by ADMM on a regularised Gramian.
 
 In the least-norm (exact) mode, the solver works on :func:`~torchjd.linalg._bounded_qp.tikhonov`
-``(G) = G + σ diag(G)`` with a tiny ``σ``: ADMM converges slowly on it (its condition number is
-about ``1/σ`` on the null space of ``G``). The active set of the solution barely depends on the
-regularisation, though, so it is first guessed by a few hundred ADMM iterations on the well
-conditioned
+``(G) = G + σ W`` (``W = diag(G)``, with a small weight on zero rows) with a tiny ``σ``: ADMM
+converges slowly on it (its condition number is about ``1/σ`` on the null space of ``G``). Its
+active set is first guessed by ADMM on the same Gramian with a much larger ``σ``
+(:data:`_GUESS_SIGMA`), Jacobi-scaled (``W^{-1/2} G W^{-1/2} + σ I``: unit diagonal, well
+conditioned), in float32 (half the cost of each ``[k, m] × [m, m]`` product), to a loose
+tolerance, for at most :data:`_GUESS_ITERS` iterations. Its solution spreads tiny weights over
+many indices (as the least-norm weights do), so an index is guessed active when its scaled weight
+``√W_j (v_j − u_j)`` is at most :data:`_GUESS_ACTIVE` ``· max_l √W_l |u_l|`` rather than exactly
+zero. Principal pivoting on the Tikhonov Gramian, with its iterated refinement towards the exact
+``G``, then corrects the indices where the guess is wrong. Rows it does not solve in
+:data:`_PIVOTS` exchanges are returned unconverged, for the caller's slower fallback, and so are,
+in float64, those whose KKT residual on ``G`` itself misses the tolerance. On the hard Jacobians
+of ``benchmarks/non_conflict.py`` at ``m = 256``, against a guess by ADMM on the default mode's
+``G + 10⁻⁴ tr(G) I`` (whose uniform ridge suppresses the weights of small rows, and whose exact
+zeros miss the tiny weights): half the face factorisations (wrong indices per row at the first
+exchange from about 50 to about 25), and a sixth of the rows left to the interior point.
 
-.. math::
-
-    G_\epsilon = G + \epsilon \operatorname{tr}(G)\, I, \qquad \epsilon = 10^{-4},
-
-(the Gramian of the default mode), to a loose tolerance. Principal pivoting on the Tikhonov
-Gramian, with its iterated refinement towards the exact ``G``, then corrects the few indices where
-the guess is wrong, in a few exchanges. Rows it does not solve in :data:`_PIVOTS` exchanges are
-returned unconverged, for the caller's slower fallback, and so are, in float64, those whose KKT
-residual on ``G`` itself misses the tolerance.
-
-From :data:`_FLOAT32_MIN_M` rows on, the guess is computed in float32 (half the cost of each
-``[k, m] × [m, m]`` product), with a much smaller ``ε`` (:data:`_LARGE_REGULARISATION`) and a
-tighter tolerance, for at most :data:`_LARGE_ITERS` iterations: there, each exchange of
-pivoting costs a factorisation of ``|F| × |F|`` faces for every row, and the better guess saves
-most of them (at ``m = 512``, from 10 to 2 exchanges; some Gramians of rank ``m / 2`` went from
-minutes in the interior-point fallback to seconds). ADMM's penalty keeps its linear step
-well-conditioned in float32 whatever ``ε``. The rows are pivoted in chunks of at most
-:data:`_CHUNK_ENTRIES` ``/ m²`` rows, which bounds the memory of their face factorisations
-(``k |F|²`` entries, about ``m³ / 4`` at ``m = 1024``) and keeps them in faster memory.
+From :data:`_FLOAT32_MIN_M` rows on, the guess is ADMM on ``G + ε tr(G) I`` (``ε``:
+:data:`_LARGE_REGULARISATION`) in float32, to a tighter tolerance, for at most
+:data:`_LARGE_ITERS` iterations, its exact zeros taken as the active set (at ``m = 512``, from 10
+to 2 exchanges against the default mode's ``ε = 10⁻⁴``; the scaled guess above is not measured
+there). The rows are pivoted in chunks of at most :data:`_CHUNK_ENTRIES` ``/ m²`` rows, which
+bounds the memory of their face factorisations (``k |F|²`` entries, about ``m³ / 4`` at
+``m = 1024``) and keeps them in faster memory; rows whose guessed face is much wider than the
+others' go in their own batches (the compacted face systems are padded to the widest).
 """
 
 import torch
 from torch import Tensor
 
-from torchjd.linalg._admm import admm
+from torchjd.linalg._admm import admm, warm_admm
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._principal_pivoting import principal_pivoting
 
-_REGULARISATION = 1e-4  # ε, relative to the trace: the default mode's
-_TOL = 1e-4  # KKT residual at which ADMM's active set is trusted as a guess
-_PIVOTS = 10
+_GUESS_SIGMA = 1e-4  # relative to W: the guess's Tikhonov term
+_GUESS_TOL = 1e-3  # KKT residual at which ADMM stops
+_GUESS_ITERS = 300
+_GUESS_ACTIVE = 1e-2  # scaled weights up to this fraction of the largest scaled bound: active
+_PIVOTS = 25
 _FLOAT32_MIN_M = 512
 _LARGE_REGULARISATION = 1e-6
 _LARGE_TOL = 1e-5
 _LARGE_ITERS = 500
 _CHUNK_ENTRIES = 2**26
+_WIDE = 1.2
 
 
 def warm_started_pivoting(
@@ -50,27 +54,50 @@ def warm_started_pivoting(
     """Rows ``argmin_{v ≥ u} vᵀ G v`` (``G``: the Tikhonov-regularised ``G_exact``, refined
     towards it), and which rows converged."""
     m = G.shape[0]
-    eye = torch.eye(m, dtype=G.dtype, device=G.device)
     if m >= _FLOAT32_MIN_M:
-        dtype, epsilon, guess_tol = torch.float32, _LARGE_REGULARISATION, _LARGE_TOL
-        max_iters = min(max_iters, _LARGE_ITERS)
+        eye = torch.eye(m, dtype=G.dtype, device=G.device)
+        G_regularised = G_exact + _LARGE_REGULARISATION * G_exact.diagonal().sum() * eye
+        bounds = U.float()
+        iters = min(max_iters, _LARGE_ITERS)
+        Z, _ = admm(G_regularised.float(), bounds, max(tol, _LARGE_TOL), iters)
+        active = bounds >= Z  # at their lower bound
     else:
-        dtype, epsilon, guess_tol = G.dtype, _REGULARISATION, _TOL
-    G_regularised = G_exact + epsilon * G_exact.diagonal().sum() * eye
-    bounds = U.to(dtype)
-    Z, _ = admm(G_regularised.to(dtype), bounds, max(tol, guess_tol), max_iters)
-    active = bounds >= Z  # at their lower bound
-    chunk = max(1, _CHUNK_ENTRIES // m**2)
+        active = _scaled_guess(G_exact, U, min(max_iters, _GUESS_ITERS))
     scales = row_scales(G)
-    solved = [
-        principal_pivoting(G, rows, guess, scales, tol, _PIVOTS, G_exact)
-        for rows, guess in zip(U.split(chunk), active.split(chunk), strict=True)
-    ]
-    X = torch.maximum(torch.cat([X for X, _ in solved]), U)
-    converged = torch.cat([converged for _, converged in solved])
+    X = torch.empty_like(U)
+    converged = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
+    for rows in _batches(active):
+        for chunk in rows.split(max(1, _CHUNK_ENTRIES // m**2)):
+            X[chunk], converged[chunk] = principal_pivoting(
+                G, U[chunk], active[chunk], scales, tol, _PIVOTS, G_exact
+            )
+    X = torch.maximum(X, U)
     # Pivoting converges on the Tikhonov Gramian; its refinement towards G_exact can fall short
     # (opposite rows): in float64, such rows are left to the fallback too. (In float32, the
     # rounding of G is of the order of the Tikhonov term: the check would only cost time.)
     if G.dtype == torch.float64:
         converged &= kkt_residual(G_exact, U, X, X @ G_exact) <= tol
     return X, converged
+
+
+def _scaled_guess(G_exact: Tensor, U: Tensor, max_iters: int) -> Tensor:
+    """The guessed active sets of the rows (see the module docstring): ADMM on the Jacobi-scaled
+    ``G_exact + σ W``, in float32, then the indices whose scaled weights are small."""
+    diagonal = G_exact.diagonal()
+    root = torch.where(diagonal > 0, diagonal, 1e-6 * diagonal.amax()).sqrt()
+    G_guess = G_exact + _GUESS_SIGMA * torch.diag(root**2)
+    Z, _, _ = warm_admm(G_guess.float(), U.float(), _GUESS_TOL, max_iters, scale=1 / root.float())
+    scaled = (Z.to(U.dtype) - U) * root
+    bound = (U * root).abs().amax(dim=1, keepdim=True)
+    return ~(scaled > _GUESS_ACTIVE * bound)  # NaN (ADMM failed): active
+
+
+def _batches(active: Tensor) -> list[Tensor]:
+    """The rows, split in two batches when some guessed faces are much wider than the others: the
+    compacted face systems of a batch are padded to the widest of their size class."""
+    sizes = (~active).sum(dim=1)
+    wide = sizes > _WIDE * sizes.double().median()
+    n_wide = int(wide.sum())
+    if n_wide == 0 or n_wide == sizes.numel():
+        return [torch.arange(sizes.numel(), device=active.device)]
+    return [(~wide).nonzero().squeeze(1), wide.nonzero().squeeze(1)]
