@@ -295,16 +295,21 @@ def grouped_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("R", [0, 2])
 @pytest.mark.parametrize("batch_dim", [0, None])
 @pytest.mark.parametrize("name", list(CONVS))
-def test_grouped_per_objective_gradients(name, batch_dim, R, keep, grouped_path, monkeypatch):
+def test_grouped_per_objective_gradients(
+    name, batch_dim, R, keep, blocks, grouped_path, monkeypatch
+):
     """The per-objective gradients from one grouped convolution per objective of a sample (strides,
     dilations, groups, padding modes, 1 to 3 dimensions; several images per sample without batch
-    dimension; two calls; one or two objectives per sample): exact, and in the fused step, from
-    the kept gradients or from the output gradients."""
+    dimension; two calls; one or two objectives per sample; all the samples at once or one at a
+    time): exact, and in the fused step, from the kept gradients or from the output gradients."""
     monkeypatch.setattr(conv_module, "keeps_jacobian", lambda *args: keep)
+    if blocks:
+        monkeypatch.setattr(conv_module, "GROUPED_BYTES", 1)
     conv = CONVS[name]().double()
     x = torch.randn(3, conv.in_channels, *[6] * len(conv.kernel_size), dtype=torch.float64)
     if batch_dim is None:  # the three images make one sample

@@ -74,6 +74,11 @@ gradients come from one grouped convolution's weight gradient (see :func:`_group
 rather than from products on the patches, on the CPU with oneDNN: there its convolution kernels
 run faster than the products; narrower (a first layer on 3 channels), they do not."""
 
+GROUPED_BYTES = 1 << 21
+"""About the most memory that one block of samples of :func:`_grouped_jacobian` takes (inputs,
+output gradients and weight gradients; whole, oneDNN's buffers for the kernel take fresh memory at
+each step, a page fault per page)."""
+
 HALVES_MIN_ROWS = 64
 """The fewest rows of per-objective gradients whose Gramian is formed from halves of the rows (see
 :func:`_blocks_gram`): fewer, the smaller products run slower than the saved quarter gains."""
@@ -230,7 +235,9 @@ def _grouped_jacobian(module: Conv, calls: Sequence[ModuleCall]) -> Tensor:
     for each objective of a sample, the weight gradient of one convolution with a group per
     sample and group of the module, the samples side by side along the channels (the images of
     a sample along its batch dimension), from the output gradients of that objective
-    (``convolution_backward``; no patches formed)."""
+    (``convolution_backward``; no patches formed). On blocks of samples of about
+    ``GROUPED_BYTES`` (inputs, output gradients and weight gradients) each: the kernel's own
+    buffers then stay small, and reuse the allocator's memory from block to block."""
     n, g = len(module.kernel_size), module.groups
     J: Tensor | None = None
     for call in calls:
@@ -240,20 +247,30 @@ def _grouped_jacobian(module: Conv, calls: Sequence[ModuleCall]) -> Tensor:
         # [R, B, N', C_out, *positions]: the samples, then the images of each sample
         gamma = gamma.unsqueeze(1) if call.batch_dim is None else gamma.unsqueeze(2)
         R, B, N = gamma.shape[:3]
+        if J is None:
+            J = gamma.new_empty(R, B, module.weight.numel())
         x = _samples_first(call.args[0], call.batch_dim, n)  # [B, N', C_in, *spatial]
-        x = x.transpose(0, 1).reshape(N, -1, *x.shape[3:]).to(gamma.dtype)
-        x, padding = _padded(module, x)
-        weight = shape_only(gamma, (B * module.out_channels, *module.weight.shape[1:]))
-        rows = []
-        for r in range(R):
-            grad_output = gamma[r].transpose(0, 1).reshape(N, -1, *gamma.shape[4:])
-            _, grad, _ = torch.ops.aten.convolution_backward(
-                grad_output, x, weight, None, module.stride, padding, module.dilation, False,
-                [0] * n, B * g, [False, True, False],
-            )  # fmt: skip
-            rows.append(grad.reshape(B, -1))
-        J_call = rows[0].unsqueeze(0) if R == 1 else torch.stack(rows)
-        J = J_call if J is None else J + J_call
+        sample_bytes = (x[0].numel() + gamma[0, 0].numel() + J.shape[2]) * gamma.element_size()
+        blocks = -(-B * sample_bytes // GROUPED_BYTES)
+        step = -(-B // blocks)  # samples, in blocks of equal sizes
+        for first in range(0, B, step):
+            block = x[first : first + step]
+            b = block.shape[0]
+            block = block.transpose(0, 1).reshape(N, -1, *x.shape[3:]).to(gamma.dtype)
+            block, padding = _padded(module, block)
+            weight = shape_only(gamma, (b * module.out_channels, *module.weight.shape[1:]))
+            for r in range(R):
+                grad_output = gamma[r, first : first + b].transpose(0, 1)
+                _, grad, _ = torch.ops.aten.convolution_backward(
+                    grad_output.reshape(N, -1, *gamma.shape[4:]), block, weight, None,
+                    module.stride, padding, module.dilation, False, [0] * n, b * g,
+                    [False, True, False],
+                )  # fmt: skip
+                rows = J[r, first : first + b]
+                if call is calls[0]:
+                    rows.copy_(grad.reshape(b, -1))
+                else:
+                    rows.add_(grad.reshape(b, -1))
     assert J is not None
     return J.reshape(1, J.shape[0] * J.shape[1], -1)
 
