@@ -348,11 +348,24 @@ def test_grouped_not_by_blocks_of_output_channels(grouped_path, monkeypatch):
     assert not grouped_path
 
 
+FLOAT32_CONVS = {
+    "conv1d": lambda dtype: nn.Conv1d(8, 6, 9, stride=2, padding=2, dtype=dtype),
+    "conv2d": lambda dtype: nn.Conv2d(8, 6, 3, stride=(1, 2), padding=1, dtype=dtype),
+    "conv2d_groups_reflect": lambda dtype: nn.Conv2d(
+        16, 6, 3, groups=2, padding=1, padding_mode="reflect", dtype=dtype
+    ),
+    "conv3d": lambda dtype: nn.Conv3d(4, 3, (2, 3, 3), padding=(0, 1, 1), dtype=dtype),
+}
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("R", [0, 3])
-def test_grouped_float32_against_float64(R, monkeypatch):
-    """In float32 on the CPU (the oneDNN kernel), the grouped path is taken for wide patches; its
-    Gramian and fused gradients agree with float64 brute force (float32 precision)."""
+@pytest.mark.parametrize("name", list(FLOAT32_CONVS))
+def test_grouped_float32_against_float64(name, R, channels_last, monkeypatch):
+    """In float32 on the CPU (the oneDNN kernel), the grouped path is taken for wide patches (1 to
+    3 dimensions, groups, inputs channels last); its Gramian and fused gradients agree with
+    float64 brute force (float32 precision)."""
     taken: list[bool] = []
     grouped_jacobian = conv_module._grouped_jacobian
 
@@ -362,11 +375,13 @@ def test_grouped_float32_against_float64(R, monkeypatch):
 
     monkeypatch.setattr(conv_module, "_grouped_jacobian", spy)
     monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
-    conv = nn.Conv2d(8, 6, 3, stride=(1, 2), padding=1, dtype=torch.float32)
+    conv = FLOAT32_CONVS[name](torch.float32)
     assert conv.weight[0].numel() >= conv_module.GROUPED_MIN_WIDTH
-    x = torch.randn(5, 8, 7, 9, dtype=torch.float32)
+    x = torch.randn(5, conv.in_channels, *[7] * len(conv.kernel_size), dtype=torch.float32)
+    if channels_last and x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
     forward = lambda model, x: objectives(model, x, R)  # noqa: E731
-    reference = nn.Conv2d(8, 6, 3, stride=(1, 2), padding=1).double()
+    reference = FLOAT32_CONVS[name](torch.float64)
     reference.load_state_dict(conv.state_dict())
     G_ref = assert_gramian_exact([reference], lambda: forward(reference, x.double()), 0)
     with Engine(conv, batch_dim=0) as engine:
