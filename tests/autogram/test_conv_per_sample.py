@@ -234,10 +234,11 @@ def test_bias_in_the_patches(name, R, channel_blocks, keep, frozen, monkeypatch)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (1, 5, 4), (3, 7, 2), (2, 8, 5), (3, 2, 1)])
-def test_blocks_gram_from_halves(shape, monkeypatch):
-    """The Gramian of blocks of per-objective gradients from halves of the rows (odd row counts,
-    one block or several, one row) equals the sum of the blocks' Gramians, and is symmetric."""
-    monkeypatch.setattr(conv_module, "HALVES_MIN_ROWS", 1)
+def test_blocks_gram_by_triangle(shape, monkeypatch):
+    """The Gramian of blocks of per-objective gradients from its lower triangle by blocks of rows
+    (one row each: row counts not multiples of 8; one block or several, one row) equals the sum
+    of the blocks' Gramians, and is symmetric."""
+    monkeypatch.setattr(conv_module, "TRIANGLE_MIN_ROWS", 1)
     J = torch.randn(shape, dtype=torch.float64)
     expected = sum(block @ block.T for block in J)
     G = conv_module._blocks_gram(J)
@@ -247,12 +248,12 @@ def test_blocks_gram_from_halves(shape, monkeypatch):
 
 @pytest.mark.parametrize("looped", [False, True])
 @pytest.mark.parametrize("R", [0, 2])
-@pytest.mark.parametrize("halves", [False, True])
-def test_gramian_from_halves_of_the_rows(halves, R, looped, per_objective_path, monkeypatch):
-    """The per-objective path with the Gramian from halves of the rows (5 samples: odd halves)
-    or whole, looped or not: exact, in the fused step too."""
+@pytest.mark.parametrize("triangle", [False, True])
+def test_gramian_by_triangle(triangle, R, looped, per_objective_path, monkeypatch):
+    """The per-objective path with the Gramian by its lower triangle (5 or 10 rows: blocks of one
+    row) or whole, looped or not: exact, in the fused step too."""
     force_loop(monkeypatch, looped)
-    monkeypatch.setattr(conv_module, "HALVES_MIN_ROWS", 2 if halves else 1 << 30)
+    monkeypatch.setattr(conv_module, "TRIANGLE_MIN_ROWS", 2 if triangle else 1 << 30)
     blocks_gram = conv_module._blocks_gram
     rows: list[int] = []
 

@@ -39,7 +39,7 @@ side along the channels (``[1, B C_in, *spatial]``), a convolution with one grou
 group of the module has, as its weight gradient for the output gradients of objective :math:`r`,
 the per-sample weight gradients :math:`J_{ir}` (``[B C_out, C_in/g, *kernel]``); there, oneDNN's
 kernel for it runs about twice as fast as the batched products. :math:`G = J J^\top` is formed
-from halves of the rows from ``HALVES_MIN_ROWS`` rows on (three quarters of the products).
+by its lower triangle from ``TRIANGLE_MIN_ROWS`` rows on (about half of the products).
 
 For the fused step, the gradient of the weighted objectives is :math:`\sum_{ir} w_{ir} J_{ir}`
 (the bias's too, when in :math:`J`) when :math:`J` was formed whole and kept (in place of the
@@ -79,9 +79,9 @@ GROUPED_BYTES = 1 << 21
 output gradients and weight gradients; whole, oneDNN's buffers for the kernel take fresh memory at
 each step, a page fault per page)."""
 
-HALVES_MIN_ROWS = 64
-"""The fewest rows of per-objective gradients whose Gramian is formed from halves of the rows (see
-:func:`_blocks_gram`): fewer, the smaller products run slower than the saved quarter gains."""
+TRIANGLE_MIN_ROWS = 64
+"""The fewest rows of per-objective gradients whose Gramian is formed by triangle (see
+:func:`_blocks_gram`): fewer, the smaller products run slower than the saved half gains."""
 
 LOOP_MIN_WIDTH = 32
 r"""The narrowest patches (:math:`C_{in}/g \cdot \prod_{k > 1} k` columns) for which the rule
@@ -337,22 +337,24 @@ def _objectives_gram(J: Tensor, B: int) -> Tensor:
 
 def _blocks_gram(J: Tensor) -> Tensor:
     r""":math:`\sum_a J^{(a)} {J^{(a)}}^\top` of blocks ``[K, n, *]``. From
-    ``HALVES_MIN_ROWS`` rows on, three quarters of the products: the top half of the rows against
-    all of them, and the bottom half against itself (one batched product over the blocks each);
-    the last quarter is the transpose of one of the others."""
+    ``TRIANGLE_MIN_ROWS`` rows on, its lower triangle by blocks of rows (of ``n / 8`` rows, at
+    least ``TRIANGLE_MIN_ROWS / 4``): each block of rows against itself and the rows above it (one
+    batched product over the blocks :math:`a` each; about half of the products); the upper
+    triangle is the transpose of the lower one."""
     n = J.shape[1]
-    if n < HALVES_MIN_ROWS:
+    if n < TRIANGLE_MIN_ROWS:
         G = J[0] @ J[0].T
         for block in J[1:]:
             G.addmm_(block, block.T)
         return G
-    h = n // 2
-    top, bottom = J[:, :h], J[:, h:]
-    upper, lower = torch.bmm(top, J.mT), torch.bmm(bottom, bottom.mT)
+    step = max(n // 8, TRIANGLE_MIN_ROWS // 4, 1)
     G = J.new_empty(n, n)
-    G[:h] = upper[0] if J.shape[0] == 1 else upper.sum(dim=0)
-    G[h:, h:] = lower[0] if J.shape[0] == 1 else lower.sum(dim=0)
-    G[h:, :h] = G[:h, h:].T
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        rows = torch.bmm(J[:, start:end], J[:, :end].mT)  # [K, rows, end]
+        G[start:end, :end] = rows[0] if J.shape[0] == 1 else rows.sum(dim=0)
+    for start in range(step, n, step):
+        G[:start, start : start + step] = G[start : start + step, :start].T
     return G
 
 
