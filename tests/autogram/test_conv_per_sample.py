@@ -239,6 +239,7 @@ def test_blocks_gram_by_triangle(shape, monkeypatch):
     (one row each: row counts not multiples of 8; one block or several, one row) equals the sum
     of the blocks' Gramians, and is symmetric."""
     monkeypatch.setattr(conv_module, "TRIANGLE_MIN_ROWS", 1)
+    monkeypatch.setattr(conv_module, "TRIANGLE_MIN_COLUMNS", 0)
     J = torch.randn(shape, dtype=torch.float64)
     expected = sum(block @ block.T for block in J)
     G = conv_module._blocks_gram(J)
@@ -254,6 +255,7 @@ def test_gramian_by_triangle(triangle, R, looped, per_objective_path, monkeypatc
     row) or whole, looped or not: exact, in the fused step too."""
     force_loop(monkeypatch, looped)
     monkeypatch.setattr(conv_module, "TRIANGLE_MIN_ROWS", 2 if triangle else 1 << 30)
+    monkeypatch.setattr(conv_module, "TRIANGLE_MIN_COLUMNS", 0)
     blocks_gram = conv_module._blocks_gram
     rows: list[int] = []
 

@@ -39,7 +39,7 @@ side along the channels (``[1, B C_in, *spatial]``), a convolution with one grou
 group of the module has, as its weight gradient for the output gradients of objective :math:`r`,
 the per-sample weight gradients :math:`J_{ir}` (``[B C_out, C_in/g, *kernel]``); there, oneDNN's
 kernel for it runs about twice as fast as the batched products. :math:`G = J J^\top` is formed
-by its lower triangle from ``TRIANGLE_MIN_ROWS`` rows on (about half of the products).
+by its lower triangle when large enough (about half of the products: see :func:`_blocks_gram`).
 
 For the fused step, the gradient of the weighted objectives is :math:`\sum_{ir} w_{ir} J_{ir}`
 (the bias's too, when in :math:`J`) when :math:`J` was formed whole and kept (in place of the
@@ -82,6 +82,10 @@ each step, a page fault per page)."""
 TRIANGLE_MIN_ROWS = 64
 """The fewest rows of per-objective gradients whose Gramian is formed by triangle (see
 :func:`_blocks_gram`): fewer, the smaller products run slower than the saved half gains."""
+
+TRIANGLE_MIN_COLUMNS = 2048
+"""The fewest columns (over all blocks) of per-objective gradients whose Gramian is formed by
+triangle: fewer, the thin products run slower than the saved half gains."""
 
 LOOP_MIN_WIDTH = 32
 r"""The narrowest patches (:math:`C_{in}/g \cdot \prod_{k > 1} k` columns) for which the rule
@@ -337,12 +341,12 @@ def _objectives_gram(J: Tensor, B: int) -> Tensor:
 
 def _blocks_gram(J: Tensor) -> Tensor:
     r""":math:`\sum_a J^{(a)} {J^{(a)}}^\top` of blocks ``[K, n, *]``. From
-    ``TRIANGLE_MIN_ROWS`` rows on, its lower triangle by blocks of rows (of ``n / 8`` rows, at
-    least ``TRIANGLE_MIN_ROWS / 4``): each block of rows against itself and the rows above it (one
-    batched product over the blocks :math:`a` each; about half of the products); the upper
-    triangle is the transpose of the lower one."""
-    n = J.shape[1]
-    if n < TRIANGLE_MIN_ROWS:
+    ``TRIANGLE_MIN_ROWS`` rows and ``TRIANGLE_MIN_COLUMNS`` columns on, its lower triangle by
+    blocks of rows (of ``n / 8`` rows, at least ``TRIANGLE_MIN_ROWS / 4``): each block of rows
+    against itself and the rows above it (one batched product over the blocks :math:`a` each;
+    about half of the products); the upper triangle is the transpose of the lower one."""
+    K, n = J.shape[:2]
+    if n < TRIANGLE_MIN_ROWS or K * J.shape[2] < TRIANGLE_MIN_COLUMNS:
         G = J[0] @ J[0].T
         for block in J[1:]:
             G.addmm_(block, block.T)
@@ -352,7 +356,7 @@ def _blocks_gram(J: Tensor) -> Tensor:
     for start in range(0, n, step):
         end = min(start + step, n)
         rows = torch.bmm(J[:, start:end], J[:, :end].mT)  # [K, rows, end]
-        G[start:end, :end] = rows[0] if J.shape[0] == 1 else rows.sum(dim=0)
+        G[start:end, :end] = rows[0] if K == 1 else rows.sum(dim=0)
     for start in range(step, n, step):
         G[:start, start : start + step] = G[start : start + step, :start].T
     return G
