@@ -12,6 +12,7 @@ from torch import Tensor, nn
 import torchjd.autogram._rules._conv as conv_module
 from tests.autogram._helpers import assert_gramian_exact
 from tests.autogram.test_fused import assert_fused_exact, leaves_of
+from torchjd.autogram import Engine
 
 
 @pytest.fixture
@@ -230,3 +231,171 @@ def test_bias_in_the_patches(name, R, channel_blocks, keep, frozen, monkeypatch)
         assert_fused_exact([conv], forward, 0, leaves_of([conv]))
     assert ones == ([] if frozen == "weight" else [frozen == "none"] * len(ones))
     assert frozen == "weight" or ones
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 5, 4), (3, 7, 2), (2, 8, 5), (3, 2, 1)])
+def test_blocks_gram_by_triangle(shape, monkeypatch):
+    """The Gramian of blocks of per-objective gradients from its lower triangle by blocks of rows
+    (one row each: row counts not multiples of 8; one block or several, one row) equals the sum
+    of the blocks' Gramians, and is symmetric."""
+    monkeypatch.setattr(conv_module, "TRIANGLE_MIN_ROWS", 1)
+    monkeypatch.setattr(conv_module, "TRIANGLE_MIN_COLUMNS", 0)
+    J = torch.randn(shape, dtype=torch.float64)
+    expected = sum(block @ block.T for block in J)
+    G = conv_module._blocks_gram(J)
+    torch.testing.assert_close(G, expected, rtol=1e-10, atol=1e-10)
+    assert torch.equal(G, G.T)
+
+
+@pytest.mark.parametrize("looped", [False, True])
+@pytest.mark.parametrize("R", [0, 2])
+@pytest.mark.parametrize("triangle", [False, True])
+def test_gramian_by_triangle(triangle, R, looped, per_objective_path, monkeypatch):
+    """The per-objective path with the Gramian by its lower triangle (5 or 10 rows: blocks of one
+    row) or whole, looped or not: exact, in the fused step too."""
+    force_loop(monkeypatch, looped)
+    monkeypatch.setattr(conv_module, "TRIANGLE_MIN_ROWS", 2 if triangle else 1 << 30)
+    monkeypatch.setattr(conv_module, "TRIANGLE_MIN_COLUMNS", 0)
+    blocks_gram = conv_module._blocks_gram
+    rows: list[int] = []
+
+    def spy(J: Tensor) -> Tensor:
+        rows.append(J.shape[1])
+        return blocks_gram(J)
+
+    monkeypatch.setattr(conv_module, "_blocks_gram", spy)
+    conv = CONVS["conv2d_groups"]().double()
+    x = torch.randn(5, conv.in_channels, 6, 6, dtype=torch.float64)
+    assert_gramian_exact([conv], lambda: objectives(conv, x, R), 0)
+    assert_fused_exact([conv], lambda: objectives(conv, x, R), 0, leaves_of([conv]))
+    assert rows
+    assert all(n == 5 * max(R, 1) for n in rows)
+
+
+@pytest.fixture
+def grouped_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Forces the per-objective gradients from grouped convolutions (in float64 too: the native
+    kernel) where they are formed whole, and records the number of rows of each; forbids the
+    products on the patches unless by blocks of output channels."""
+    used: list[int] = []
+    grouped_jacobian = conv_module._grouped_jacobian
+    per_objective_jacobian = conv_module._per_objective_jacobian
+
+    def spy(*args: object) -> Tensor:
+        J = grouped_jacobian(*args)  # type: ignore[arg-type]
+        used.append(J.shape[1])
+        return J
+
+    def blocks_only(*args: object) -> Tensor:
+        assert args[4] != slice(None), "products on the whole patches taken"
+        return per_objective_jacobian(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(conv_module, "_grouped_is_faster", lambda *args: True)
+    monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
+    monkeypatch.setattr(conv_module, "_grouped_jacobian", spy)
+    monkeypatch.setattr(conv_module, "_per_objective_jacobian", blocks_only)
+    return used
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("blocks", [False, True])
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("R", [0, 2])
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_grouped_per_objective_gradients(
+    name, batch_dim, R, keep, blocks, grouped_path, monkeypatch
+):
+    """The per-objective gradients from one grouped convolution per objective of a sample (strides,
+    dilations, groups, padding modes, 1 to 3 dimensions; several images per sample without batch
+    dimension; two calls; one or two objectives per sample; all the samples at once or one at a
+    time): exact, and in the fused step, from the kept gradients or from the output gradients."""
+    monkeypatch.setattr(conv_module, "keeps_jacobian", lambda *args: keep)
+    if blocks:
+        monkeypatch.setattr(conv_module, "GROUPED_BYTES", 1)
+    conv = CONVS[name]().double()
+    x = torch.randn(3, conv.in_channels, *[6] * len(conv.kernel_size), dtype=torch.float64)
+    if batch_dim is None:  # the three images make one sample
+        forward = lambda: objectives(conv, x, max(R, 1)).sum(0)  # noqa: E731
+    else:
+        forward = lambda: objectives(conv, x, R)  # noqa: E731
+    assert_gramian_exact([conv], forward, batch_dim)
+    assert_fused_exact([conv], forward, batch_dim, leaves_of([conv]))
+    m = max(R, 1) * (1 if batch_dim is None else 3)
+    assert grouped_path
+    assert all(rows == m for rows in grouped_path)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_grouped_frozen_parameter_and_unbatched_input(frozen, grouped_path):
+    """An unbatched input (without batch dimension), and a frozen weight or bias."""
+    conv = nn.Conv1d(2, 3, 3, padding=1).double()
+    getattr(conv, frozen).requires_grad_(False)
+    x = torch.randn(2, 9, dtype=torch.float64)
+    assert_gramian_exact([conv], lambda: conv(x).pow(2).sum(), None)
+    X = torch.randn(4, 2, 9, dtype=torch.float64)
+    forward = lambda: conv(X).pow(2).sum(dim=(1, 2))  # noqa: E731
+    assert_gramian_exact([conv], forward, 0)
+    assert_fused_exact([conv], forward, 0, leaves_of([conv]))
+    assert bool(grouped_path) == (frozen == "bias")
+
+
+def test_grouped_not_by_blocks_of_output_channels(grouped_path, monkeypatch):
+    """Per-objective gradients over the bound: formed by blocks of output channels on the
+    patches, not from grouped convolutions."""
+    monkeypatch.setattr(conv_module, "_jacobian_fits", lambda *args: False)
+    monkeypatch.setattr(conv_module, "CHUNK_BYTES", 1)
+    conv = CONVS["conv2d_groups"]().double()
+    x = torch.randn(3, conv.in_channels, 6, 6, dtype=torch.float64)
+    assert_gramian_exact([conv], lambda: objectives(conv, x, 2), 0)
+    assert not grouped_path
+
+
+FLOAT32_CONVS = {
+    "conv1d": lambda dtype: nn.Conv1d(8, 6, 9, stride=2, padding=2, dtype=dtype),
+    "conv2d": lambda dtype: nn.Conv2d(8, 6, 3, stride=(1, 2), padding=1, dtype=dtype),
+    "conv2d_groups_reflect": lambda dtype: nn.Conv2d(
+        16, 6, 3, groups=2, padding=1, padding_mode="reflect", dtype=dtype
+    ),
+    "conv3d": lambda dtype: nn.Conv3d(4, 3, (2, 3, 3), padding=(0, 1, 1), dtype=dtype),
+}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("R", [0, 3])
+@pytest.mark.parametrize("name", list(FLOAT32_CONVS))
+def test_grouped_float32_against_float64(name, R, channels_last, monkeypatch):
+    """In float32 on the CPU (the oneDNN kernel), the grouped path is taken for wide patches (1 to
+    3 dimensions, groups, inputs channels last); its Gramian and fused gradients agree with
+    float64 brute force (float32 precision)."""
+    taken: list[bool] = []
+    grouped_jacobian = conv_module._grouped_jacobian
+
+    def spy(*args: object) -> Tensor:
+        taken.append(True)
+        return grouped_jacobian(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(conv_module, "_grouped_jacobian", spy)
+    monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
+    conv = FLOAT32_CONVS[name](torch.float32)
+    assert conv.weight[0].numel() >= conv_module.GROUPED_MIN_WIDTH
+    x = torch.randn(5, conv.in_channels, *[7] * len(conv.kernel_size), dtype=torch.float32)
+    if channels_last and x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+    forward = lambda model, x: objectives(model, x, R)  # noqa: E731
+    reference = FLOAT32_CONVS[name](torch.float64)
+    reference.load_state_dict(conv.state_dict())
+    G_ref = assert_gramian_exact([reference], lambda: forward(reference, x.double()), 0)
+    with Engine(conv, batch_dim=0) as engine:
+        G = engine.compute_gramian(forward(conv, x))
+    assert taken
+    torch.testing.assert_close(G.double(), G_ref, rtol=1e-4, atol=1e-4 * G_ref.abs().max())
+    weights = torch.rand(G.shape[0], dtype=torch.float32)
+    with Engine(conv, batch_dim=0) as engine:
+        engine.backward(forward(conv, x), lambda _: weights)
+    fused = [p.grad for p in conv.parameters()]
+    conv.zero_grad()
+    forward(conv, x).reshape(-1).backward(weights)
+    for g, g_ref in zip(fused, [p.grad for p in conv.parameters()], strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4 * g_ref.abs().max())

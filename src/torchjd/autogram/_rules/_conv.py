@@ -33,6 +33,14 @@ for the fused step: see below), it is formed by blocks of output channels of abo
 ``CHUNK_BYTES`` each (their Gramians summed). Otherwise (few positions), the closed form of
 ``_linear.py`` runs on the patches.
 
+On the CPU with oneDNN, in float32, for patches at least ``GROUPED_MIN_WIDTH`` wide, :math:`J`
+formed whole comes instead from convolution kernels, without patches: placing the samples side by
+side along the channels (``[1, B C_in, *spatial]``), a convolution with one group per sample and
+group of the module has, as its weight gradient for the output gradients of objective :math:`r`,
+the per-sample weight gradients :math:`J_{ir}` (``[B C_out, C_in/g, *kernel]``); there, oneDNN's
+kernel for it runs about twice as fast as the batched products. :math:`G = J J^\top` is formed
+by its lower triangle when large enough (about half of the products: see :func:`_blocks_gram`).
+
 For the fused step, the gradient of the weighted objectives is :math:`\sum_{ir} w_{ir} J_{ir}`
 (the bias's too, when in :math:`J`) when :math:`J` was formed whole and kept (in place of the
 output gradients, see ``KEEP_RATIO`` in ``_linear.py``), else the convolution's own weight
@@ -46,12 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchjd.autogram._module_call import ModuleCall, cat, gram
+from torchjd.autogram._module_call import ModuleCall, cat, gram, shape_only
 from torchjd.autogram._rules._linear import (
     CHUNK_BYTES,
     keeps_jacobian,
     per_objective_is_cheaper,
-    self_gram,
     weight_gramian,
 )
 
@@ -60,6 +67,25 @@ Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 PATCH_BYTES = 1 << 21
 """The most memory that the patches of one block of samples take on the per-objective path (small
 blocks stay in cache, and reuse the allocator's memory from block to block)."""
+
+GROUPED_MIN_WIDTH = 64
+r"""The narrowest patches (:math:`C_{in}/g \cdot \prod_k k` columns) for which the per-objective
+gradients come from one grouped convolution's weight gradient (see :func:`_grouped_jacobian`)
+rather than from products on the patches, on the CPU with oneDNN: there its convolution kernels
+run faster than the products; narrower (a first layer on 3 channels), they do not."""
+
+GROUPED_BYTES = 1 << 21
+"""About the most memory that one block of samples of :func:`_grouped_jacobian` takes (inputs,
+output gradients and weight gradients; whole, oneDNN's buffers for the kernel take fresh memory at
+each step, a page fault per page)."""
+
+TRIANGLE_MIN_ROWS = 64
+"""The fewest rows of per-objective gradients whose Gramian is formed by triangle (see
+:func:`_blocks_gram`): fewer, the smaller products run slower than the saved half gains."""
+
+TRIANGLE_MIN_COLUMNS = 2048
+"""The fewest columns (over all blocks) of per-objective gradients whose Gramian is formed by
+triangle: fewer, the thin products run slower than the saved half gains."""
 
 LOOP_MIN_WIDTH = 32
 r"""The narrowest patches (:math:`C_{in}/g \cdot \prod_{k > 1} k` columns) for which the rule
@@ -77,8 +103,14 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     d_in, d_out = module.weight[0].numel(), module.out_channels // g
     per_objective = module.weight.requires_grad and per_objective_is_cheaper(B, R, T, d_in, d_out)
     looped = per_objective and _loops_first_offsets(module, calls)
+    size = grads[0].element_size()
+    jacobian_bytes = B * R * module.weight.numel() * size
+    gamma_bytes = sum(gamma.numel() for gamma in grads) * size
+    keep = keeps_jacobian(jacobian_bytes, gamma_bytes)
+    whole = _jacobian_fits(jacobian_bytes, gamma_bytes, keep)
+    grouped = per_objective and whole and _grouped_is_faster(module, grads[0])
     with_bias = module.bias is not None and module.bias.requires_grad
-    folded = with_bias and per_objective and not looped  # the bias in J (a row of ones in X)
+    folded = with_bias and per_objective and not (looped or grouped)  # the bias in J (ones in X)
     sums = None
     if with_bias and not folded:
         total = sum(gamma.sum(dim=4) for gamma in grads)  # [R, B, g, C_out/g]
@@ -90,14 +122,13 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         Gamma = cat([gamma.permute(2, 1, 0, 4, 3) for gamma in grads], dim=3)
         X = cat([_patches(module, c) for c in calls], dim=2)  # [g, B, T, d_in]
         return G + weight_gramian(X, Gamma)
-    size = grads[0].element_size()
-    jacobian_bytes = B * R * module.weight.numel() * size
-    gamma_bytes = sum(gamma.numel() for gamma in grads) * size
-    keep = keeps_jacobian(jacobian_bytes, gamma_bytes)
-    if _jacobian_fits(jacobian_bytes, gamma_bytes, keep):
-        J = _per_objective_jacobian(module, calls, grads, looped, slice(None), folded)
+    if whole:
+        if grouped:
+            J = _grouped_jacobian(module, calls)
+        else:
+            J = _per_objective_jacobian(module, calls, grads, looped, slice(None), folded)
         if keep:  # for the fused step, in place of Γ
-            calls[0].saved["jacobian"] = (J, sums, folded)
+            calls[0].saved["jacobian"] = (J, sums, folded, grouped)
             for call in calls:
                 call.grad_outputs = [None] * len(call.grad_outputs)
         return G + _objectives_gram(J, B)
@@ -119,16 +150,21 @@ def conv_weighted_gradients(
     """
     assert isinstance(module, Conv)
     if "jacobian" in calls[0].saved:
-        # J: [K, R B, g (width + folded) C_out/g], width = C_in/g prod(kernel[K > 1:])
-        J, sums, folded = calls[0].saved["jacobian"]
+        # J: [K, R B, g (width + folded) C_out/g], width = C_in/g prod(kernel[K > 1:]); when
+        # grouped, [1, R B, C_out C_in/g prod(kernel)] (the weight's layout)
+        J, sums, folded, grouped = calls[0].saved["jacobian"]
         K, (C_out, C_in_g) = J.shape[0], module.weight.shape[:2]
         g = module.groups
-        grad = (W.T.reshape(-1).to(J.dtype) @ J).reshape(K, g, -1, C_out // g)
-        kernel = module.kernel_size[1:] if K > 1 else module.kernel_size
-        weight_grad = grad[:, :, :-1] if folded else grad
-        weight_grad = weight_grad.reshape(K, g, C_in_g, *kernel, C_out // g).movedim(-1, 2)
-        weight_grad = weight_grad.reshape(K, C_out, C_in_g, *kernel).movedim(0, 2)
-        pairs = [(module.weight, weight_grad.reshape(module.weight.shape).contiguous())]
+        grad = W.T.reshape(-1).to(J.dtype) @ J
+        if grouped:
+            pairs = [(module.weight, grad.reshape(module.weight.shape))]
+        else:
+            grad = grad.reshape(K, g, -1, C_out // g)
+            kernel = module.kernel_size[1:] if K > 1 else module.kernel_size
+            weight_grad = grad[:, :, :-1] if folded else grad
+            weight_grad = weight_grad.reshape(K, g, C_in_g, *kernel, C_out // g).movedim(-1, 2)
+            weight_grad = weight_grad.reshape(K, C_out, C_in_g, *kernel).movedim(0, 2)
+            pairs = [(module.weight, weight_grad.reshape(module.weight.shape).contiguous())]
         if folded:  # the row of ones: the sums of the output gradients
             return [*pairs, (module.bias, grad[0, :, -1].reshape(C_out))]
         if sums is None:
@@ -185,6 +221,64 @@ def _loops_first_offsets(module: Conv, calls: Sequence[ModuleCall]) -> bool:
     return module.kernel_size[0] > 1 and width >= LOOP_MIN_WIDTH and one_image
 
 
+def _grouped_is_faster(module: Conv, gamma: Tensor) -> bool:
+    """Whether :func:`_grouped_jacobian` is the faster way to the per-objective gradients: on the
+    CPU with oneDNN, in float32, for patches at least ``GROUPED_MIN_WIDTH`` wide."""
+    return (
+        gamma.device.type == "cpu"
+        and gamma.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and module.weight[0].numel() >= GROUPED_MIN_WIDTH
+    )
+
+
+def _grouped_jacobian(module: Conv, calls: Sequence[ModuleCall]) -> Tensor:
+    r"""The per-objective weight gradients :math:`J_{ir}`, summed over the calls, as
+    ``[1, R B, C_out C_in/g prod(kernel)]`` (rows :math:`(r, i)`, each in the weight's layout):
+    for each objective of a sample, the weight gradient of one convolution with a group per
+    sample and group of the module, the samples side by side along the channels (the images of
+    a sample along its batch dimension), from the output gradients of that objective
+    (``convolution_backward``; no patches formed). On blocks of samples of about
+    ``GROUPED_BYTES`` (inputs, output gradients and weight gradients) each: the kernel's own
+    buffers then stay small, and reuse the allocator's memory from block to block."""
+    n, g = len(module.kernel_size), module.groups
+    J: Tensor | None = None
+    for call in calls:
+        gamma = call.grad_output()  # [R, (N,) C_out, *positions]
+        if gamma.dim() == n + 2:  # an unbatched input
+            gamma = gamma.unsqueeze(1)
+        # [R, B, N', C_out, *positions]: the samples, then the images of each sample
+        gamma = gamma.unsqueeze(1) if call.batch_dim is None else gamma.unsqueeze(2)
+        R, B, N = gamma.shape[:3]
+        if J is None:
+            J = gamma.new_empty(R, B, module.weight.numel())
+        x = _samples_first(call.args[0], call.batch_dim, n)  # [B, N', C_in, *spatial]
+        sample_bytes = (x[0].numel() + gamma[0, 0].numel() + J.shape[2]) * gamma.element_size()
+        blocks = -(-B * sample_bytes // GROUPED_BYTES)
+        step = -(-B // blocks)  # samples, in blocks of equal sizes
+        for first in range(0, B, step):
+            block = x[first : first + step]
+            b = block.shape[0]
+            block = block.transpose(0, 1).reshape(N, -1, *x.shape[3:]).to(gamma.dtype)
+            block, padding = _padded(module, block)
+            weight = shape_only(gamma, (b * module.out_channels, *module.weight.shape[1:]))
+            for r in range(R):
+                grad_output = gamma[r, first : first + b].transpose(0, 1)
+                _, grad, _ = torch.ops.aten.convolution_backward(
+                    grad_output.reshape(N, -1, *gamma.shape[4:]), block, weight, None,
+                    module.stride, padding, module.dilation, False, [0] * n, b * g,
+                    [False, True, False],
+                )  # fmt: skip
+                rows = J[r, first : first + b]
+                if call is calls[0]:
+                    rows.copy_(grad.reshape(b, -1))
+                else:
+                    rows.add_(grad.reshape(b, -1))
+    assert J is not None
+    return J.reshape(1, J.shape[0] * J.shape[1], -1)
+
+
 def _per_objective_jacobian(
     module: Conv,
     calls: Sequence[ModuleCall],
@@ -238,13 +332,34 @@ def _per_objective_jacobian(
 def _objectives_gram(J: Tensor, B: int) -> Tensor:
     r""":math:`\sum_a J^{(a)} {J^{(a)}}^\top` of blocks ``[K, R B, *]`` with rows :math:`(r, i)`,
     as ``[B R, B R]`` (rows :math:`(i, r)`)."""
-    G = self_gram(J[0])
-    for block in J[1:]:
-        G += self_gram(block)
+    G = _blocks_gram(J)
     R = J.shape[1] // B
     if R == 1:
         return G
     return G.reshape(R, B, R, B).permute(1, 0, 3, 2).reshape(B * R, B * R)
+
+
+def _blocks_gram(J: Tensor) -> Tensor:
+    r""":math:`\sum_a J^{(a)} {J^{(a)}}^\top` of blocks ``[K, n, *]``. From
+    ``TRIANGLE_MIN_ROWS`` rows and ``TRIANGLE_MIN_COLUMNS`` columns on, its lower triangle by
+    blocks of rows (of ``n / 8`` rows, at least ``TRIANGLE_MIN_ROWS / 4``): each block of rows
+    against itself and the rows above it (one batched product over the blocks :math:`a` each;
+    about half of the products); the upper triangle is the transpose of the lower one."""
+    K, n = J.shape[:2]
+    if n < TRIANGLE_MIN_ROWS or K * J.shape[2] < TRIANGLE_MIN_COLUMNS:
+        G = J[0] @ J[0].T
+        for block in J[1:]:
+            G.addmm_(block, block.T)
+        return G
+    step = max(n // 8, TRIANGLE_MIN_ROWS // 4, 1)
+    G = J.new_empty(n, n)
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        rows = torch.bmm(J[:, start:end], J[:, :end].mT)  # [K, rows, end]
+        G[start:end, :end] = rows[0] if K == 1 else rows.sum(dim=0)
+    for start in range(step, n, step):
+        G[:start, start : start + step] = G[start : start + step, :start].T
+    return G
 
 
 def _offset_columns(module: Conv, X: Tensor, a: int, T_1: int, T: int) -> Tensor:
