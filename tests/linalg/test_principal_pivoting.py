@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from tests.reference.dual_cone import kkt_violation, with_quadprog
 from tests.reference.matrices import make
+from torchjd.linalg import _principal_pivoting
 from torchjd.linalg._kkt import feasible_kkt_residual, row_scales
 from torchjd.linalg._principal_pivoting import (
     _REFINEMENTS,
     _masked_pivoting,
+    _pivoting,
     face_solver,
     free_first,
     principal_pivoting,
@@ -126,6 +128,32 @@ def test_compacted_loop_agrees_with_masked_loop(m: int, seed: int, max_iters: in
     rhs = torch.randn(U.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=G.dtype)
     expected = face_solver(G, final, masked=True)(rhs)
     torch.testing.assert_close(kept[0](rhs), expected, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(33, 48), seed=st.integers(0, 2**16), max_iters=st.sampled_from([1, 3, 200]))
+def test_grouped_loop_keeps_the_factors_of_its_last_faces(m: int, seed: int, max_iters: int):
+    """The least-norm mode's grouped loop (:func:`_pivoting`, faces grouped by size: beyond
+    ``_ONE_GROUP_MAX_M``, lowered here) keeps each row's factors of its last face, also when
+    stopped early: their solve is that of freshly factorised faces, compacted and masked (the
+    reference)."""
+    G = low_rank_gramian(m, seed)
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(m + 3, m, generator=g, dtype=torch.float64)
+    active = U @ G > 0
+    active[0] = True  # a row without free index
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_principal_pivoting, "_ONE_GROUP_MAX_M", 8)
+        _, _, final, solve = _pivoting(
+            G, U, active, row_scales(G), 1e-7, max_iters, None, least_norm=True
+        )
+        assert solve is not None
+        rhs = torch.randn(U.shape, generator=g, dtype=G.dtype)
+        compacted = face_solver(G, final, masked=False)(rhs)
+    assert torch.equal(solve(rhs)[final], torch.zeros_like(rhs[final]))
+    torch.testing.assert_close(solve(rhs), compacted, rtol=1e-10, atol=1e-10)
+    masked = face_solver(G, final, masked=True)(rhs)
+    torch.testing.assert_close(solve(rhs), masked, rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=50)

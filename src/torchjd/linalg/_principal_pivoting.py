@@ -77,7 +77,7 @@ def principal_pivoting(
         return X, converged
     if face_solver is None and U.shape[1] <= _MASKED_MAX_M:
         return _masked_pivoting(G, U, active, row_scale, tol, max_iters)[:2]
-    X, converged, _ = _pivoting(G, U, active, row_scale, tol, max_iters, face_solver, False)
+    X, converged, *_ = _pivoting(G, U, active, row_scale, tol, max_iters, face_solver, False)
     return X, converged
 
 
@@ -98,8 +98,9 @@ def least_norm_pivoting(
     :data:`_MASKED_MAX_M`, and for few rows (``k m³`` up to :data:`_MASKED_BUDGET`: the rows that
     other methods leave), with the masked full-size face systems of :func:`_masked_pivoting` (few
     operations per step); else, up to :data:`_ONE_GROUP_MAX_M`, with its compacted variant (the
-    same few operations per step, on ``|F| × |F|`` blocks), whose last factors the refinement
-    reuses. ``rounded``: ``G_exact`` holds the values of a float32 Gramian (see :func:`refine`)."""
+    same few operations per step, on ``|F| × |F|`` blocks); else with :func:`_pivoting`. The
+    refinement reuses the last factors of the compacted faces. ``rounded``: ``G_exact`` holds
+    the values of a float32 Gramian (see :func:`refine`)."""
     k, m = U.shape
     masked = m <= _MASKED_MAX_M or k * m**3 <= _MASKED_BUDGET
     if masked or m <= _ONE_GROUP_MAX_M:
@@ -110,10 +111,10 @@ def least_norm_pivoting(
         if not masked:  # (compacted: wandering rows stop early, their steps depend on max_iters)
             finished = None
     else:
-        X, converged, final_active = _pivoting(
+        X, converged, final_active, solve = _pivoting(
             G, U, active, row_scale, tol, max_iters, None, least_norm=True
         )
-        solve = finished = None
+        finished = None
     X, residual = refine(G_exact, G, U, X, final_active, tol, masked, solve, rounded)
     return X, converged, residual, finished
 
@@ -127,12 +128,14 @@ def _pivoting(
     max_iters: int,
     face_solver: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None,
     least_norm: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Callable[[Tensor], Tensor] | None]:
     """The loop of :func:`principal_pivoting` on compacted faces; also returns each row's last
     active set. With ``least_norm`` (a barely regularised ``G``), no face is solved through
     ``G⁻¹``, the rows done leave the batch at once, and so do, unconverged, the rows left to
     single pivots with more infeasible indices than steps left (they wander, on degenerate
-    problems: the caller's fallback gets them sooner)."""
+    problems: the caller's fallback gets them sooner); beyond :data:`_MASKED_MAX_M`, the rows
+    keep the factors of their last faces, whose solve (that of :func:`face_solver`) it also
+    returns (else None)."""
     k, m = U.shape
     X = U.clone()
     final_active = active.clone()
@@ -145,8 +148,15 @@ def _pivoting(
     # with few active indices are solved through G⁻¹.
     inverse = _LazyInverse(G) if not least_norm and m > _MASKED_MAX_M else None
     bordered = bordered_scaled(G) if face_solver is None and m > _MASKED_MAX_M else None
+    # (rows, L) of the rows that left at each step, per group of faces
+    kept: list[tuple[Tensor, Tensor]] | None = [] if least_norm and bordered is not None else None
     for step in range(max_iters):
-        if face_solver is None:
+        if kept is not None:  # (the solve of solve_on_faces, its factors kept)
+            V_A = torch.where(active, U, 0.0)
+            groups = _compacted_factors(active, bordered)
+            V = V_A + _grouped_solve(groups)(-(V_A @ G))
+            GV = V @ G
+        elif face_solver is None:
             V = solve_on_faces(G, U, active, inverse, bordered)
             GV = V @ G
         else:
@@ -170,7 +180,23 @@ def _pivoting(
             # more infeasible indices than steps left stops (a wandering row, for the interior
             # point), unconverged.
             done |= (tries < 0) & (count > max_iters - 1 - step)
-        n_done = int(done.sum())
+        if kept is None:
+            n_done = int(done.sum())
+        else:
+            # One host synchronisation: the rows done, and how many in each group.
+            counts = torch.stack([done.sum(), *(done[group].sum() for group, *_ in groups)])
+            n_done, *leaving = counts.tolist()
+        last = step == max_iters - 1
+        if kept is not None and (n_done > 0 or last):  # the rows leaving keep their factors
+            for (group, _, _, (L, _)), n_leaving in zip(groups, leaving, strict=True):
+                group = group.squeeze(1)
+                if last:
+                    kept.append((rows[group], L))
+                elif n_leaving > 0:
+                    # The positions of its rows done (first in a stable sort: no sync).
+                    order = torch.argsort((~done[group]).to(torch.uint8), stable=True)
+                    chosen = order[:n_leaving]
+                    kept.append((rows[group[chosen]], L[chosen]))
         if n_done == len(rows):
             break
 
@@ -181,7 +207,9 @@ def _pivoting(
             rows, U, active, u_scale, best, tries = (
                 t[keep] for t in (rows, U, active, u_scale, best, tries)
             )
-    return X, converged, final_active
+    if kept is None:
+        return X, converged, final_active, None
+    return X, converged, final_active, _kept_grouped_solver(kept, final_active, bordered[0])
 
 
 def _masked_pivoting(
@@ -336,6 +364,37 @@ def _kept_face_solver(
         return torch.zeros_like(rhs).scatter_(1, columns, x)
 
     return solve
+
+
+def _kept_grouped_solver(
+    kept: list[tuple[Tensor, Tensor]], active: Tensor, s: Tensor
+) -> Callable[[Tensor], Tensor]:
+    """The face solve of :func:`face_solver` from the factors that :func:`_pivoting` kept
+    (``(rows, L)`` of each group of rows that left at each step, ``L`` the Cholesky factors of the
+    Jacobi-scaled blocks on each row's free indices first, then padded by the identity): the
+    factors of widths up to the same power of two stacked, padded by the identity to the widest."""
+    by_size: dict[int, list[tuple[Tensor, Tensor]]] = {}
+    for rows, L in kept:
+        by_size.setdefault((L.shape[1] - 1).bit_length(), []).append((rows, L))
+    free = ~active
+    groups = []
+    for entries in by_size.values():
+        width = max(L.shape[1] for _, L in entries)
+        group = torch.cat([rows for rows, _ in entries]).unsqueeze(1)
+        if len(entries) == 1:
+            L_all = entries[0][1]
+        else:
+            L_all = torch.eye(width, dtype=s.dtype, device=s.device).repeat(len(group), 1, 1)
+            start = 0
+            for _, L in entries:
+                L_all[start : start + L.shape[0], : L.shape[1], : L.shape[1]] = L
+                start += L.shape[0]
+        # Each row's free indices first (:func:`free_first`), which its last active set gives
+        # again; the padding (active indices) is masked out.
+        cols = free_first(active[group.squeeze(1)])[:, :width]
+        mask = free[group, cols]
+        groups.append((group, cols, mask, (L_all, torch.where(mask, s[cols], 1.0))))
+    return _grouped_solve(groups)
 
 
 def upper_cholesky(K: Tensor) -> Tensor:
@@ -568,7 +627,16 @@ def face_solver(
             eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
             factor = _spd_factor(torch.where(free.unsqueeze(2) & free.unsqueeze(1), G, eye))
         return lambda rhs: torch.where(free, _spd_solve(factor, torch.where(free, rhs, 0.0)), 0.0)
-    groups = _compacted_factors(active, bordered_scaled(G) if bordered is None else bordered)
+    return _grouped_solve(
+        _compacted_factors(active, bordered_scaled(G) if bordered is None else bordered)
+    )
+
+
+def _grouped_solve(
+    groups: list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]],
+) -> Callable[[Tensor], Tensor]:
+    """The solve of :func:`face_solver` from the factors of its groups of compacted faces
+    (:func:`_compacted_factors`)."""
 
     def solve(rhs: Tensor) -> Tensor:
         x = torch.zeros_like(rhs)
