@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from tests.reference.matrices import make
+from torchjd.linalg import _low_rank
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual
-from torchjd.linalg._low_rank import low_rank_factor, woodbury_solver
+from torchjd.linalg._low_rank import low_rank_factor, woodbury_solvers
 
 
 @pytest.mark.parametrize(("m", "rank"), [(6, 2), (20, 5), (40, 39)])
@@ -23,16 +24,23 @@ def test_low_rank_factor_refuses_a_rank_above_the_bound():
     assert low_rank_factor(A @ A.T, max_rank=5) is None
 
 
-@pytest.mark.parametrize("log_spread", [0.0, 8.0])
-def test_woodbury_solver_matches_a_dense_solve(log_spread: float):
-    g = torch.Generator().manual_seed(0)
-    m, r, k = 12, 4, 5
+@pytest.mark.parametrize("products", [True, False])
+@pytest.mark.parametrize(("m", "r", "log_spread"), [(12, 4, 0.0), (12, 4, 8.0), (30, 20, 8.0)])
+def test_woodbury_solver_matches_a_dense_solve(
+    m: int, r: int, log_spread: float, products: bool, monkeypatch: pytest.MonkeyPatch
+):
+    # Both ways of forming the capacitance matrices: from the products l_j l_jᵀ formed once, and
+    # (beyond their memory budget) by a batch of matrix products.
+    if not products:
+        monkeypatch.setattr(_low_rank, "_PRODUCTS_ENTRIES", m * r * (r + 1) // 2 - 1)
+    g = torch.Generator().manual_seed(m)
+    k = 5
     L = torch.randn(m, r, generator=g, dtype=torch.float64)
     delta = 10 ** (log_spread * (torch.rand(k, m, generator=g, dtype=torch.float64) - 0.5))
     b = torch.randn(k, m, generator=g, dtype=torch.float64)
     K = torch.diag_embed(delta) + 2 * L @ L.T
     expected = torch.linalg.solve(K, b.unsqueeze(2)).squeeze(2)
-    torch.testing.assert_close(woodbury_solver(L, delta)(b), expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(woodbury_solvers(L)(delta)(b), expected, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("family", ["rank_deficient", "duplicate_rows", "mixed_row_norms"])

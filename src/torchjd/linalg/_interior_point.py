@@ -21,12 +21,13 @@ set from it and finishes on the exact face.
 """
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from torchjd.linalg._kkt import row_scales
-from torchjd.linalg._low_rank import cholesky_solve, woodbury_solver
+from torchjd.linalg._low_rank import cholesky_solve, woodbury_solvers
 from torchjd.linalg._principal_pivoting import upper_cholesky
 
 _STEP_BACK = 0.99
@@ -53,6 +54,9 @@ def interior_point(
     V = U.clone()
     rows = torch.arange(U.shape[0], device=U.device)
     m = U.shape[1]
+    # Solvers of each row's (P + diag(shift + z/x)) Δx = b.
+    solvers = partial(_factorise, P) if low_rank is None else woodbury_solvers(low_rank[0])
+    shift = 0.0 if low_rank is None else 2 * low_rank[1]
     for _ in range(max_iters):
         r_d = (U + x) @ P - z
         mu = (x * z).sum(dim=1, keepdim=True) / m
@@ -64,19 +68,16 @@ def interior_point(
             if not bool(keep.any()):
                 return V
             rows, U, x, z, r_d, mu, u_scale = (t[keep] for t in (rows, U, x, z, r_d, mu, u_scale))
-        if low_rank is None:
-            factor = _factorise(P, z / x)
-        else:
-            factor = woodbury_solver(low_rank[0], 2 * low_rank[1] + z / x)
+        factor = solvers(shift + z / x)
         # Predictor: the affine-scaling direction.
         dx_aff, dz_aff = _direction(factor, x, z, r_d, -x * z)
-        alpha_aff = torch.minimum(_max_step(x, dx_aff), _max_step(z, dz_aff)).clamp_max(1.0)
+        alpha_aff = 1 / _longest_step_inverse(x, z, dx_aff, dz_aff).clamp_min(1.0)
         mu_aff = ((x + alpha_aff * dx_aff) * (z + alpha_aff * dz_aff)).sum(1, keepdim=True) / m
         sigma = (mu_aff / mu).clamp(0, 1) ** 3
         # Corrector: centring and the second-order term.
         r_c = -x * z - dx_aff * dz_aff + sigma * mu
         dx, dz = _direction(factor, x, z, r_d, r_c)
-        alpha = (_STEP_BACK * torch.minimum(_max_step(x, dx), _max_step(z, dz))).clamp_max(1.0)
+        alpha = _STEP_BACK / _longest_step_inverse(x, z, dx, dz).clamp_min(_STEP_BACK)
         x = x + alpha * dx
         z = z + alpha * dz
     V[rows] = U + x
@@ -103,7 +104,8 @@ def _direction(
     return dx, dz
 
 
-def _max_step(value: Tensor, direction: Tensor) -> Tensor:
-    """Largest ``α ∈ (0, ∞]`` keeping ``value + α direction ≥ 0``, per row."""
-    ratios = torch.where(direction < 0, -value / direction, torch.inf)
-    return ratios.amin(dim=1, keepdim=True)
+def _longest_step_inverse(x: Tensor, z: Tensor, dx: Tensor, dz: Tensor) -> Tensor:
+    """``1 / α`` for the largest ``α`` keeping ``x + α dx ≥ 0`` and ``z + α dz ≥ 0`` (``x, z > 0``),
+    per row: ``max_j (−dx_j / x_j, −dz_j / z_j)``, clamped at zero by the caller (no bound
+    then)."""
+    return -torch.minimum((dx / x).amin(dim=1, keepdim=True), (dz / z).amin(dim=1, keepdim=True))

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 _RANK_TOL = {torch.float64: 1e-13, torch.float32: 1e-6}
+_PRODUCTS_ENTRIES = 2**22  # of the products l_j l_jᵀ (32 MiB in float64)
 
 
 def low_rank_factor(G: Tensor, max_rank: int, dtype: torch.dtype | None = None) -> Tensor | None:
@@ -38,16 +39,53 @@ def low_rank_factor(G: Tensor, max_rank: int, dtype: torch.dtype | None = None) 
     return vectors[:, keep] * eigenvalues[keep].sqrt()
 
 
-def woodbury_solver(L: Tensor, delta: Tensor) -> Callable[[Tensor], Tensor]:
-    """Solver of ``(diag(δ) + 2 L Lᵀ) x = b`` for each row's ``δ`` (``[k, m]``, positive)."""
-    inverse = 1 / delta
+def woodbury_solvers(L: Tensor) -> Callable[[Tensor], Callable[[Tensor], Tensor]]:
+    """``δ ↦`` solver of ``(diag(δ) + 2 L Lᵀ) x = b`` for each row's ``δ`` (``[k, m]``, positive).
+
+    ``C`` is symmetric and its Cholesky factorisation reads one triangle: when the products
+    ``l_j l_jᵀ`` of the rows of ``L`` (their upper triangles, ``m · r(r+1)/2`` entries) fit in
+    :data:`_PRODUCTS_ENTRIES`, they are formed once, and the upper triangle of every row's
+    ``Lᵀ Δ⁻¹ L`` comes from one matrix product ``[1/δ_j]_j [l_j l_jᵀ]_j`` (``[k, m]`` by
+    ``[m, r(r+1)/2]``): half the multiplications of the batch ``(Δ^{-1/2} L)ᵀ (Δ^{-1/2} L)``, in
+    one large product rather than ``k`` small ones (at ``m = 256``, ``r = 142``, ``k = 70``, a
+    third less time per factorisation, one thread). Beyond that memory, the batch."""
+    m, r = L.shape
+    if m * r * (r + 1) // 2 > _PRODUCTS_ENTRIES:
+        return lambda delta: _solver(L, 1 / delta, _batched_capacitance)
+    upper = torch.triu_indices(r, r, device=L.device)
+    products = L[:, upper[0]] * L[:, upper[1]]  # [m, r(r+1)/2]
+    positions = upper[0] * r + upper[1]
+    squares = L * L
+
+    def capacitance(L: Tensor, inverse: Tensor) -> tuple[Tensor, Tensor]:
+        entries = inverse @ products
+        C = entries.new_zeros(entries.shape[0], r * r).index_copy_(1, positions, entries)
+        s = (inverse @ squares + 0.5).rsqrt()
+        C = C.view(-1, r, r) * s.unsqueeze(2) * s.unsqueeze(1)
+        C.diagonal(dim1=1, dim2=2).fill_(1.0)
+        return C, s
+
+    return lambda delta: _solver(L, 1 / delta, capacitance)
+
+
+def _batched_capacitance(L: Tensor, inverse: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's Jacobi-scaled ``C = ½ I + Lᵀ Δ⁻¹ L`` (unit diagonal) and its scaling ``s``."""
     X = L * inverse.sqrt().unsqueeze(2)  # Δ^{-1/2} L, [k, m, r]
     half = 0.5 * torch.eye(L.shape[1], dtype=L.dtype, device=L.device)
     C = torch.baddbmm(half, X.mT, X)
     s = C.diagonal(dim1=1, dim2=2).rsqrt()
     C = s.unsqueeze(2) * C * s.unsqueeze(1)
     C.diagonal(dim1=1, dim2=2).fill_(1.0)
-    factor, _ = torch.linalg.cholesky_ex(C)
+    return C, s
+
+
+def _solver(
+    L: Tensor, inverse: Tensor, capacitance: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+) -> Callable[[Tensor], Tensor]:
+    """The Woodbury solve, ``inverse = Δ⁻¹``, with ``C`` and ``s`` from ``capacitance`` (``C`` is
+    read from its upper triangle)."""
+    C, s = capacitance(L, inverse)
+    factor = torch.linalg.cholesky_ex(C, upper=True)[0].mT
 
     def solve(b: Tensor) -> Tensor:
         y = inverse * b
