@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.reference.dual_cone import least_energy_optimum
-from torchjd.linalg import _spanning
+from torchjd.linalg import _bounded_qp, _spanning
 from torchjd.linalg._bounded_qp import solve_lower_bounded_qp
 from torchjd.linalg._kkt import kkt_residual
 from torchjd.linalg._spanning import _RIDGE, _newton_factor, zero_update_weights
@@ -84,6 +84,29 @@ def test_exact_mode_beyond_64_rows(dtype: torch.dtype):
     assert kkt_residual(G64, U64, V64, V64 @ G64).max() <= tol
     if dtype == torch.float64:
         assert_least_energy(J, U[:10], V[:10])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_rows_of_spread_norms_keep_their_zero_update(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+):
+    """In float32, with row norms over six decades (the small rows get weights 10⁵ times their
+    bound), the rounding of ``G`` alone puts the Newton weights above the tolerance on ``G``; they
+    are kept (no row goes to the pivoting route), and their update barely conflicts with any row
+    (in float64, from the float32 rows: 40 times less than the pivoting route's answer)."""
+    J = spanning_jacobian(100, 10, 30, 6.0, seed).float()
+    G, U = J @ J.T, torch.eye(100)
+
+    def no_pivoting(*args: object) -> None:
+        raise AssertionError("rows left to the pivoting route")
+
+    monkeypatch.setattr(_bounded_qp, "_pivoting_route", no_pivoting)
+    V = solve_lower_bounded_qp(G, U, least_norm=True)
+    assert (V >= U).all()
+    J64 = J.double()
+    norms = J64.norm(dim=1)
+    conflicts = (J64 @ (J64.T @ V.double().T)) / (norms * norms.max()).clamp_min(1e-300)[:, None]
+    assert conflicts.min() >= -5e-7
 
 
 @pytest.mark.parametrize("fraction_free", [0.2, 0.8])

@@ -93,7 +93,9 @@ which case every optimal update is zero and the least-norm weights of each row,
 ``argmin {Σ_j G_jj v_j² : v ≥ u, Jᵀv = 0}``, come from a semismooth Newton method in the range of
 ``G`` (:mod:`torchjd.linalg._spanning`: one eigendecomposition of the Jacobi-scaled ``G``, then
 ``r × r`` systems per row, ``r = rank(G)``, instead of faces of hundreds of indices); a row is
-accepted when its KKT residual on ``G`` meets the tolerance. When they do not and
+accepted when its KKT residual on ``G`` meets the tolerance (in float32, on the range of ``G``:
+the rounding of a float32 ``G`` times the large weights of small rows can exceed it on ``G``
+itself, where the pivoting route does worse still). When they do not and
 ``rank(G) ≤ 2m / 3`` (many more rows than columns), each row's optimum is often unique: ADMM (in
 float32, Jacobi-scaled) and a few pivots on the faces of ``G`` itself find it, and a row is
 accepted when it meets the tolerance with strict complementarity and a nonsingular ``G_PP`` on
@@ -454,7 +456,12 @@ def _least_norm_route(
         if spanning is not None:
             V, converged = spanning
             V = V.to(G.dtype)
-            converged &= kkt_residual(G_exact, U, V, V @ G_exact) <= tol
+            # In float32, Newton's own check (on the range of G, in float64) stands: the
+            # rounding of a float32 G has no low rank, and its product with the large weights of
+            # small rows can exceed tol on G itself, where pivoting (unchecked in float32) does
+            # worse still.
+            if G.dtype == torch.float64:
+                converged &= kkt_residual(G_exact, U, V, V @ G_exact) <= tol
             if bool(converged.all()):
                 return V
             left = (~converged).nonzero().squeeze(1)
