@@ -83,7 +83,7 @@ class TorchProjector(DualConeProjector):
     dtype and size, one thread); when many more rows than the rank positively span a subspace
     (low-rank Gramians), 1.3x (float64) to 4x (float32) at 256 rows and 2x at 1,024 rows; otherwise,
     at 256 rows, 9x (float64) to 13x (float32) the default's total time on the hard Jacobians of
-    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.7x and 7x), where the
+    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.7x and 3x), where the
     default is fast (10-25 ms a call on average) and the exact mode takes up to about 2 s; at
     1,024 rows, tens of seconds to 15 minutes a call when there are many more rows
     than columns (see below).
