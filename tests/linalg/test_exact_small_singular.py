@@ -188,7 +188,7 @@ def test_refinement_stops_once_settled(m: int, monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(_principal_pivoting, name, counting_face_solver)
 
     counting("face_solver")
-    counting("_kept_face_solver")
+    counting("_kept_grouped_solver")
     X, _ = solve(U)
     assert len(solves[-1]) < _principal_pivoting._REFINEMENTS
     assert (kkt_residual(G_exact, U, X, X @ G_exact) <= tol).all()

@@ -193,9 +193,8 @@ def _pivoting(
                 if last:
                     kept.append((rows[group], L))
                 elif n_leaving > 0:
-                    # The positions of its rows done (first in a stable sort: no sync).
-                    order = torch.argsort((~done[group]).to(torch.uint8), stable=True)
-                    chosen = order[:n_leaving]
+                    # The positions of its rows done, first (:func:`free_first`: no sync).
+                    chosen = free_first(~done[group].unsqueeze(0))[0, :n_leaving]
                     kept.append((rows[group[chosen]], L[chosen]))
         if n_done == len(rows):
             break
@@ -338,57 +337,41 @@ def _masked_pivoting(
     if L_all is not None:
         solve = face_solver(G, final_active, masked=True, factor=(L_all, s))
     else:
-        solve = _kept_face_solver(kept, final_active, s)
+        solve = _kept_grouped_solver(kept, final_active, s, one_group=True)
     return X, converged, final_active, (solve, finished)
 
 
-def _kept_face_solver(
-    kept: list[tuple[Tensor, Tensor]], active: Tensor, s: Tensor
-) -> Callable[[Tensor], Tensor]:
-    """The face solve of :func:`face_solver` from the compacted factors that
-    :func:`_masked_pivoting` kept (``(rows, L)`` of the rows that left at each step, ``L`` the
-    Cholesky factors of the Jacobi-scaled blocks on each row's free indices first, then padded by
-    the identity), padded by the identity to the widest factor."""
-    k = active.shape[0]
-    width = max((L.shape[1] for _, L in kept), default=0)
-    L_all = torch.eye(width, dtype=s.dtype, device=s.device).repeat(k, 1, 1)
-    for rows, L in kept:
-        L_all[rows, : L.shape[1], : L.shape[1]] = L
-    # The columns of the steps' blocks: each row's free indices first (:func:`free_first`), which
-    # its last active set gives again; the padding (active indices) is masked out.
-    columns = free_first(active)[:, :width]
-    scale = torch.where(active.gather(1, columns), 0.0, s[columns])
-
-    def solve(rhs: Tensor) -> Tensor:
-        x = scale * cholesky_solve(L_all, scale * rhs.gather(1, columns))
-        return torch.zeros_like(rhs).scatter_(1, columns, x)
-
-    return solve
-
-
 def _kept_grouped_solver(
-    kept: list[tuple[Tensor, Tensor]], active: Tensor, s: Tensor
+    kept: list[tuple[Tensor, Tensor]], active: Tensor, s: Tensor, one_group: bool = False
 ) -> Callable[[Tensor], Tensor]:
-    """The face solve of :func:`face_solver` from the factors that :func:`_pivoting` kept
-    (``(rows, L)`` of each group of rows that left at each step, ``L`` the Cholesky factors of the
-    Jacobi-scaled blocks on each row's free indices first, then padded by the identity): the
-    factors of widths up to the same power of two stacked, padded by the identity to the widest."""
+    """The face solve of :func:`face_solver` from the factors that :func:`_pivoting` or the
+    compacted :func:`_masked_pivoting` kept (``(rows, L)`` of the rows that left at each step,
+    ``L`` the Cholesky factors of the Jacobi-scaled blocks on each row's free indices first, then
+    padded by the identity): the factors of widths up to the same power of two (all of them, with
+    ``one_group``) stacked, padded by the identity to the widest."""
     by_size: dict[int, list[tuple[Tensor, Tensor]]] = {}
     for rows, L in kept:
-        by_size.setdefault((L.shape[1] - 1).bit_length(), []).append((rows, L))
+        key = 0 if one_group else (L.shape[1] - 1).bit_length()
+        by_size.setdefault(key, []).append((rows, L))
     free = ~active
     groups = []
     for entries in by_size.values():
         width = max(L.shape[1] for _, L in entries)
-        group = torch.cat([rows for rows, _ in entries]).unsqueeze(1)
-        if len(entries) == 1:
+        group = torch.cat([rows for rows, _ in entries])
+        if len(entries) == 1 and not one_group:
             L_all = entries[0][1]
         else:
+            # With one_group, every row is kept once, each factor at its row's position (the
+            # batched triangular solves round by position); else in the order kept.
             L_all = torch.eye(width, dtype=s.dtype, device=s.device).repeat(len(group), 1, 1)
             start = 0
-            for _, L in entries:
-                L_all[start : start + L.shape[0], : L.shape[1], : L.shape[1]] = L
+            for rows, L in entries:
+                place = rows if one_group else slice(start, start + L.shape[0])
+                L_all[place, : L.shape[1], : L.shape[1]] = L
                 start += L.shape[0]
+            if one_group:
+                group = torch.arange(len(group), device=group.device)
+        group = group.unsqueeze(1)
         # Each row's free indices first (:func:`free_first`), which its last active set gives
         # again; the padding (active indices) is masked out.
         cols = free_first(active[group.squeeze(1)])[:, :width]
