@@ -94,8 +94,8 @@ def test_fallback_against_brute_force(family: str, n: int, seed: int):
     # active sets, a KKT point on G itself whose update is the projection; against quadprog,
     # weights near those of least Σ_j ‖J_j‖² v_j² among the optimal ones (the update fixed):
     # within 10⁻³ max|v| (rows that meet the tolerance straight from the interior point keep
-    # its weights, whose error along the null space is about its tolerance over the Tikhonov
-    # term; 6·10⁻⁴ at most here, 2·10⁻³ with the interior point's former start and tolerance).
+    # its weights, whose error along the null space grows with its tolerance over the Tikhonov
+    # term; 3·10⁻⁴ at most here, 10⁻³ with the interior point's former start and tolerance).
     m = 8
     J = make(family, m, n, seed=seed)
     J = J / (J * J).sum().sqrt()
