@@ -1,10 +1,19 @@
 """The interior point against quadprog, and its step length against a brute-force one."""
 
+import numpy as np
 import pytest
 import torch
 
-from tests.reference.dual_cone import with_quadprog
+from tests.reference.dual_cone import (
+    brute_force_singular,
+    kkt_violation,
+    least_energy_optimum,
+    with_quadprog,
+)
+from tests.reference.matrices import make
+from torchjd.linalg._bounded_qp import LEAST_NORM_TOL, _least_norm_fallback, tikhonov
 from torchjd.linalg._interior_point import _longest_step_inverse, interior_point
+from torchjd.linalg._kkt import kkt_residual
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -50,3 +59,55 @@ def test_interior_point_step_reaches_the_boundary(seed: int):
     alpha = (1 / inverse[1:]).unsqueeze(1)
     assert (x[1:] + alpha * dx[1:] >= -1e-12).all()
     assert (z[1:] + alpha * dz[1:] >= -1e-12).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_interior_point_on_rows_of_spread_norms(seed: int):
+    # Row norms spread over six decades (G_jj over twelve): each multiplier starts at its own
+    # row's scale, and the rows agree with quadprog (on the Jacobi-scaled problem, which it
+    # solves accurately), relative to each row's max|u|, within 14 steps (a start at the largest
+    # row's scale needs up to 19 on these).
+    g = torch.Generator().manual_seed(seed)
+    m = 12
+    J = torch.randn(m, 2 * m, generator=g, dtype=torch.float64)
+    log_norms = 6 * torch.rand(m, 1, generator=g, dtype=torch.float64) - 3
+    J = J / J.norm(dim=1, keepdim=True) * 10**log_norms
+    G = J @ J.T
+    U = torch.randn(5, m, generator=g, dtype=torch.float64)
+    V = interior_point(G, U, 1e-12, max_iters=14)
+    s = G.diagonal().rsqrt()
+    scaled = with_quadprog((s.unsqueeze(1) * G * s).numpy(), (U / s).numpy())
+    expected = s * torch.from_numpy(scaled)
+    u_scale = U.abs().amax(dim=1, keepdim=True)
+    assert (V >= U).all()
+    torch.testing.assert_close(V / u_scale, expected / u_scale, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "family", ["rank_deficient", "duplicate_rows", "opposite_rows", "zero_row"]
+)
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("seed", [0, 2])
+def test_fallback_against_brute_force(family: str, n: int, seed: int):
+    # The interior point and its polish (the route of the rows that pivoting leaves), on the
+    # unit vectors of a singular Gramian (8 rows, rank ≤ 4): against the enumeration of the
+    # active sets, a KKT point on G itself whose update is the projection; against quadprog,
+    # weights near those of least Σ_j ‖J_j‖² v_j² among the optimal ones (the update fixed):
+    # within 10⁻³ max|v| (rows that meet the tolerance straight from the interior point keep
+    # its weights, whose error along the null space grows with its tolerance over the Tikhonov
+    # term; 3·10⁻⁴ at most here, 10⁻³ with the interior point's former start and tolerance).
+    m = 8
+    J = make(family, m, n, seed=seed)
+    J = J / (J * J).sum().sqrt()
+    G = J @ J.T
+    U = torch.eye(m, dtype=torch.float64)
+    tol = LEAST_NORM_TOL[torch.float64]
+    V = _least_norm_fallback(tikhonov(G), G, U, tol)
+    assert (V >= U).all()
+    assert (kkt_residual(G, U, V, V @ G) <= tol).all()
+    for u, v in zip(U.numpy(), V.numpy(), strict=True):
+        optimum = brute_force_singular(G.numpy(), u)
+        assert kkt_violation(G.numpy(), u, v) <= 1e-8
+        np.testing.assert_allclose(J.T.numpy() @ v, J.T.numpy() @ optimum, atol=1e-7)
+        expected = least_energy_optimum(J.numpy(), u, optimum)
+        np.testing.assert_allclose(v, expected, atol=1e-3 * max(1.0, np.abs(expected).max()))

@@ -196,7 +196,15 @@ _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
 _LOW_RANK_FRACTION = 1.5  # Woodbury solves in the interior point when rank(G) ≤ 2m / 3
 _CHUNK_ENTRIES = 2**25  # of the interior point's [k, m, m] or [k, r, m] tensors (256 MiB)
-_ACTIVE_THRESHOLDS = (1e-6, 1e-9, 1e-4)  # relative to max|u|: weights at their bound
+# Of tol: the interior point's own tolerance (10⁻¹³ of each row's scale in float64; at 10⁻¹⁵
+# its rounding stalls some rows for all its steps). The faces read off a more accurate interior
+# solution are more often right, and its weights closer to the least-norm ones: at 10⁻³ tol, as
+# many steps in all and more rows left short of tol.
+_INTERIOR_TOL = 1e-4
+# Relative to max|u|: weights at their bound, in the order tried. The loosest first: on the rows
+# that reach the interior point in benchmarks/non_conflict.py (m = 64, float64), it gives 92% of
+# those it leaves short of tol their face, against 82% for 10⁻⁶.
+_ACTIVE_THRESHOLDS = (1e-4, 1e-6, 1e-9)
 # Exact mode: the least squared pivot of the Jacobi-scaled Cholesky factor of G for which G counts
 # as nonsingular (its optimum unique and well determined): far above the rounding of a Gramian
 # computed in the dtype and above the least-norm mode's Tikhonov term.
@@ -586,7 +594,8 @@ def _least_norm_fallback(G: Tensor, G_exact: Tensor, U: Tensor, tol: float) -> T
     G64, G_exact64 = G.double(), G_exact.double()
     L = low_rank_factor(G_exact64, int(m / _LOW_RANK_FRACTION))
     low_rank = None if L is None else (L, (G64 - G_exact64).diagonal())
-    return _interior_point_then_polish(G64, U.double(), tol, G_exact64, low_rank).to(U.dtype)
+    V = _interior_point_then_polish(G64, U.double(), tol, G_exact64, low_rank, G.dtype)
+    return V.to(U.dtype)
 
 
 def _admm_then_polish(
@@ -709,17 +718,20 @@ def _interior_point_then_polish(
     tol: float,
     G_exact: Tensor,
     low_rank: tuple[Tensor, Tensor] | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """For rows where pivoting wandered: the interior-point method, then, on the rows where it
     does not meet ``tol`` for ``G_exact``, pivoting (with the least-norm refinement) from the active
     set it identifies; its answer is kept where pivoting does not conclude. With ``low_rank``,
     ``(L, t)`` with ``G ≈ L Lᵀ + diag(t)``, its Newton systems are solved by the Woodbury identity.
-    The rows go through it in chunks that bound its ``[k, m, m]`` (or ``[k, r, m]``) tensors."""
+    The rows go through it in chunks that bound its ``[k, m, m]`` (or ``[k, r, m]``) tensors.
+    ``dtype``: that of the Gramian whose values ``G_exact`` holds; the active sets are not read
+    at thresholds below its resolution (in float32, no row differs there)."""
     m = G.shape[0]
     width = m if low_rank is None else low_rank[0].shape[1]
     chunk = max(1, _CHUNK_ENTRIES // (m * width))
     V = torch.cat(
-        [interior_point(G, rows, 1e-3 * tol, low_rank=low_rank) for rows in U.split(chunk)]
+        [interior_point(G, rows, _INTERIOR_TOL * tol, low_rank=low_rank) for rows in U.split(chunk)]
     )
     residual = kkt_residual(G_exact, U, V, V @ G_exact)
     # The active set is read off the interior solution at several thresholds (its weights are
@@ -727,7 +739,8 @@ def _interior_point_then_polish(
     # Last, from the best rows' own active sets, the faces of G_exact itself: near-duplicate rows
     # (G barely nonsingular, its optimum unique) can leave the Tikhonov solution just short of
     # tol; a singular face gives a NaN row, which is never kept.
-    polishes = [(G, threshold, G_exact) for threshold in _ACTIVE_THRESHOLDS]
+    eps = torch.finfo(dtype).eps
+    polishes = [(G, threshold, G_exact) for threshold in _ACTIVE_THRESHOLDS if threshold >= eps]
     for G_face, threshold, G_refined in [*polishes, (G_exact, 0.0, None)]:
         rows = (~(residual <= tol)).nonzero().squeeze(1)
         if rows.numel() == 0:

@@ -31,6 +31,8 @@ from torchjd.linalg._low_rank import cholesky_solve, woodbury_solvers
 from torchjd.linalg._principal_pivoting import upper_cholesky
 
 _STEP_BACK = 0.99
+# Of each row's gradient scale, the multipliers' start (see interior_point).
+_DUAL_START = 0.1
 
 
 def interior_point(
@@ -44,42 +46,52 @@ def interior_point(
     residual and a complementarity below ``tol``, each entry ``j`` relative to its row's scale
     ``‖J_j‖ max_k ‖J_k‖ · max|u|`` (so that rows of small norm are as accurate as the others).
 
+    It starts from ``x = max|u|`` and ``z_j = `` :data:`_DUAL_START` ``‖J_j‖ max_k ‖J_k‖ ·
+    max|u|``, each multiplier at the scale of its own row's gradient: with row norms spread
+    over decades, a start at the largest row's scale leaves the small rows' multipliers far too
+    large, and the first steps go to bringing them down.
+
     With ``low_rank = (L, t)``, ``G ≈ L Lᵀ + diag(t)`` and the Newton systems are solved by the
     Woodbury identity (:mod:`torchjd.linalg._low_rank`)."""
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
     row_scale = row_scales(G)
     P = 2 * G
+    m = U.shape[1]
     x = torch.ones_like(U) * u_scale
-    z = torch.ones_like(U) * G.diagonal().amax() * u_scale
+    z = _DUAL_START * row_scale * u_scale
+    dual_tol = tol * row_scale * u_scale  # of each entry of the gradient residual
+    complementarity_tol = dual_tol * u_scale
     V = U.clone()
     rows = torch.arange(U.shape[0], device=U.device)
-    m = U.shape[1]
     # Solvers of each row's (P + diag(shift + z/x)) Δx = b.
     solvers = partial(_factorise, P) if low_rank is None else woodbury_solvers(low_rank[0])
     shift = 0.0 if low_rank is None else 2 * low_rank[1]
     for _ in range(max_iters):
-        r_d = (U + x) @ P - z
-        mu = (x * z).sum(dim=1, keepdim=True) / m
-        scale = row_scale * u_scale
-        converged = ((r_d.abs() <= tol * scale) & (x * z <= tol * scale * u_scale)).all(dim=1)
+        r_d = torch.addmm(z, U + x, P, beta=-1)  # (u + x) P − z
+        xz = x * z
+        converged = ((r_d.abs() <= dual_tol) & (xz <= complementarity_tol)).all(dim=1)
         if bool(converged.any()):  # converged rows leave the batch
             V[rows[converged]] = U[converged] + x[converged]
             keep = ~converged
             if not bool(keep.any()):
                 return V
-            rows, U, x, z, r_d, mu, u_scale = (t[keep] for t in (rows, U, x, z, r_d, mu, u_scale))
+            rows, U, x, z, r_d, xz, dual_tol, complementarity_tol = (
+                t[keep] for t in (rows, U, x, z, r_d, xz, dual_tol, complementarity_tol)
+            )
         factor = solvers(shift + z / x)
         # Predictor: the affine-scaling direction.
-        dx_aff, dz_aff = _direction(factor, x, z, r_d, -x * z)
+        dx_aff, dz_aff = _direction(factor, x, z, r_d, -xz)
         alpha_aff = 1 / _longest_step_inverse(x, z, dx_aff, dz_aff).clamp_min(1.0)
-        mu_aff = ((x + alpha_aff * dx_aff) * (z + alpha_aff * dz_aff)).sum(1, keepdim=True) / m
-        sigma = (mu_aff / mu).clamp(0, 1) ** 3
+        # Mehrotra's centring σ = (μ_aff / μ)³ and the target σμ (sums: m μ).
+        xz_sum = xz.sum(dim=1, keepdim=True)
+        xz_aff = torch.addcmul(x, alpha_aff, dx_aff) * torch.addcmul(z, alpha_aff, dz_aff)
+        sigma = (xz_aff.sum(dim=1, keepdim=True) / xz_sum).clamp(0, 1) ** 3
         # Corrector: centring and the second-order term.
-        r_c = -x * z - dx_aff * dz_aff + sigma * mu
+        r_c = torch.addcmul(sigma * (xz_sum / m) - xz, dx_aff, dz_aff, value=-1)
         dx, dz = _direction(factor, x, z, r_d, r_c)
         alpha = _STEP_BACK / _longest_step_inverse(x, z, dx, dz).clamp_min(_STEP_BACK)
-        x = x + alpha * dx
-        z = z + alpha * dz
+        x = torch.addcmul(x, alpha, dx)
+        z = torch.addcmul(z, alpha, dz)
     V[rows] = U + x
     return V
 
@@ -99,8 +111,8 @@ def _direction(
     solve: Callable[[Tensor], Tensor], x: Tensor, z: Tensor, r_d: Tensor, r_c: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Newton direction for ``P Δx − Δz = −r_d`` and ``Z Δx + X Δz = r_c``."""
-    dx = solve(-r_d + r_c / x)
-    dz = (r_c - z * dx) / x
+    dx = solve(r_c / x - r_d)
+    dz = torch.addcmul(r_c, z, dx, value=-1) / x
     return dx, dz
 
 
