@@ -11,7 +11,13 @@ from tests.reference.dual_cone import least_energy_optimum
 from torchjd.linalg import _bounded_qp, _spanning
 from torchjd.linalg._bounded_qp import solve_lower_bounded_qp
 from torchjd.linalg._kkt import kkt_residual
-from torchjd.linalg._spanning import _RIDGE, _newton_factor, zero_update_weights
+from torchjd.linalg._spanning import (
+    _RIDGE,
+    _newton_factor,
+    _pair_products,
+    _updated_solve,
+    zero_update_weights,
+)
 
 
 def spanning_jacobian(m: int, rank: int, n: int, log_spread: float, seed: int) -> torch.Tensor:
@@ -109,17 +115,54 @@ def test_float32_rows_of_spread_norms_keep_their_zero_update(
     assert conflicts.min() >= -5e-7
 
 
-@pytest.mark.parametrize("fraction_free", [0.2, 0.8])
-def test_newton_factor_against_a_dense_product(fraction_free: float):
-    """Both sides of the formation (``ℓ_Fᵀℓ_F`` gathered, or ``ℓᵀℓ − ℓ_Aᵀℓ_A``) against the
-    masked dense product."""
+@pytest.mark.parametrize("formation", ["gathered", "products", "chunks"])
+@pytest.mark.parametrize("fraction_free", [0.3, 0.5, 0.9])
+def test_newton_factor_against_a_dense_product(
+    monkeypatch: pytest.MonkeyPatch, fraction_free: float, formation: str
+):
+    """The factors (``ℓ_Fᵀ ℓ_F`` gathered on the smaller side, from the products of the columns
+    of ``ℓ`` formed once, or from those formed by blocks of rows of the triangle, of at most 12
+    columns) against the masked dense product."""
     g = torch.Generator().manual_seed(0)
     m, r, k = 30, 6, 5
+    if formation == "chunks":
+        monkeypatch.setattr(_spanning, "_FACTOR_ENTRIES", 12 * m)
+        monkeypatch.setattr(_spanning, "_FORMED_PRODUCTS_ROWS", 1)
     ell = torch.randn(m, r, generator=g, dtype=torch.float64)
     free = torch.rand(k, m, generator=g) < fraction_free
-    factor = _newton_factor(ell, ell.T @ ell, free)
+    free[:, :r] = True  # ℓ_Fᵀ ℓ_F well conditioned
+    products = _pair_products(ell) if formation == "products" else None
+    factor = _newton_factor(ell, free, products)
     expected = (ell.T * free.unsqueeze(1)) @ ell + _RIDGE[torch.float64] * m * torch.eye(r)
     torch.testing.assert_close(factor @ factor.mT, expected, rtol=1e-12, atol=1e-12)
+    assert (factor.triu(1) == 0).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(r=st.integers(1, 8), changes=st.integers(0, 12), seed=st.integers(0, 2**16))
+def test_updated_solve_against_a_dense_solve(r: int, changes: int, seed: int):
+    """The Woodbury update of a factorisation made on another free set (indices joining and
+    leaving it, as many per row as drawn, none for some rows) against a solve with the dense
+    ``ℓ_Fᵀ ℓ_F + ρ I``; rows whose update is singular come back non-finite, the others exact."""
+    g = torch.Generator().manual_seed(seed)
+    m, k = 24, 6
+    ell = torch.randn(m, r, generator=g, dtype=torch.float64)
+    factored_free = torch.rand(k, m, generator=g) < 0.7
+    flips = torch.rand(k, m, generator=g).argsort(dim=1)[:, :changes]
+    free = factored_free.clone()
+    free[1:].scatter_(1, flips[1:], ~factored_free[1:].gather(1, flips[1:]))
+    inverses = torch.cholesky_inverse(_newton_factor(ell, factored_free))
+    gradient = torch.randn(k, r, generator=g, dtype=torch.float64)
+    direction = _updated_solve(ell, inverses, factored_free, free, gradient)
+    ridge = _RIDGE[torch.float64] * m * torch.eye(r, dtype=torch.float64)
+    M = (ell.T * free.unsqueeze(1)) @ ell + ridge
+    expected = torch.linalg.solve(M, gradient.unsqueeze(2)).squeeze(2)
+    finite = torch.isfinite(direction).all(dim=1)
+    assert finite[0]
+    # Accurate to the conditioning of the new system (the ridge makes it at most ~1e13).
+    scale = torch.linalg.cond(M).unsqueeze(1) * expected.abs().amax(dim=1, keepdim=True)
+    error = (direction - expected).abs()[finite]
+    assert (error <= 1e-14 * scale[finite] + 1e-12).all()
 
 
 def test_rows_in_chunks_match_one_batch(monkeypatch: pytest.MonkeyPatch):
@@ -134,3 +177,56 @@ def test_rows_in_chunks_match_one_batch(monkeypatch: pytest.MonkeyPatch):
     assert converged.all()
     assert kkt_residual(G, U, V, V @ G).max() <= 1e-9
     assert_least_energy(J, U, V)
+
+
+_SHAPES = {"rank": st.integers(1, 6), "ratio": st.floats(1.5, 3.5), "shift": st.floats(0.0, 0.6)}
+
+
+@settings(max_examples=15, deadline=None)
+@given(**_SHAPES, seed=st.integers(0, 2**16))
+def test_spanning_decision_against_linprog(rank: int, ratio: float, shift: float, seed: int):
+    """Whether the route answers (the rows positively span a subspace) against a linear program:
+    some ``w ≥ 1`` with ``Jᵀ w = 0`` (HiGHS, through scipy). Gaussian rows, a few times more than
+    their rank (spanning with a probability near one half), some shifted along a common direction
+    (spanning less often); the route must answer exactly for those that span, with KKT on ``G``,
+    and stop (None) for the others, by the certificate ``ℓ y ≤ 0`` or otherwise."""
+    from scipy.optimize import linprog
+
+    m = max(rank + 2, int(ratio * rank))
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(m, rank, generator=g, dtype=torch.float64)
+    J[:, 0] += shift
+    J = J @ torch.randn(rank, rank + 3, generator=g, dtype=torch.float64)
+    G = J @ J.T
+    J_np = J.numpy()
+    program = linprog(np.zeros(m), A_eq=J_np.T, b_eq=np.zeros(J_np.shape[1]), bounds=(1, None))
+    U = torch.eye(m, dtype=torch.float64)
+    result = zero_update_weights(G, U, 1e-9, torch.float64)
+    assert (result is not None) == (program.status == 0)
+    if result is not None:
+        V, converged = result
+        assert (V >= U).all()
+        assert kkt_residual(G, U[converged], V[converged], V[converged] @ G).max() <= 1e-9
+
+
+def test_infeasible_unit_row_stops_at_the_certificate(monkeypatch: pytest.MonkeyPatch):
+    """Rows in an open half-space (no positive span), of low rank: the ``u = 1`` problem stops
+    within a few Newton steps, at an iterate with ``ℓ y ≤ 0``, instead of running all of them."""
+    g = torch.Generator().manual_seed(3)
+    J = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    J[:, 0] = J[:, 0].abs() + 0.5
+    J = J @ torch.randn(4, 9, generator=g, dtype=torch.float64)
+    steps = []
+    line_search = _spanning._line_search
+
+    def counted(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        steps.append(args[1].shape[0])
+        return line_search(*args)
+
+    monkeypatch.setattr(_spanning, "_line_search", counted)
+    assert (
+        zero_update_weights(J @ J.T, torch.eye(40, dtype=torch.float64), 1e-9, torch.float64)
+        is None
+    )
+    newton_steps = len(steps) - _spanning._FEASIBILITY_SHARED_STEPS
+    assert newton_steps < _spanning._NEWTON_STEPS

@@ -31,7 +31,9 @@ for the least-norm problem given the constraint, whose residual ``ℓᵀ z`` is 
 
 The cone is a subspace exactly when some ``w > 0`` has ``Jᵀ w = 0``, that is when the problem of
 ``u = 1`` is feasible: :func:`zero_update_weights` solves that one row first (a few ``r × r``
-systems), and the others only when it converges.
+systems), and the others only when it converges. It stops as soon as an iterate certifies the
+opposite: ``ℓ y ≤ 0`` and ``ℓ y ≠ 0`` (then ``zᵀ ℓ y < 0`` for every ``z > 0``, and no such
+``z`` has ``ℓᵀ z = 0``), along which the dual of an infeasible problem grows without bound.
 """
 
 import torch
@@ -40,17 +42,30 @@ from torch import Tensor
 from torchjd.linalg._low_rank import cholesky_solve, low_rank_factor
 
 _SHARED_STEPS = 20  # quasi-Newton steps on the shared ℓᵀℓ before the exact ones
+_FEASIBILITY_SHARED_STEPS = 10  # for the single row u = 1 (its Newton steps cost little more)
 _NEWTON_STEPS = 25
-_FLOAT32_STEPS = 5  # Newton steps whose systems are factorised in float32
+_FLOAT32_STEPS = 5  # Newton steps whose systems are inverted in float32
 _ARMIJO = 1e-4
 _HALVINGS = 30
+# Of q, the rounding that Armijo's condition allows for (float32 rows stop at their rounding).
+_SLACK = {torch.float64: 1e-13, torch.float32: 1e-6}
 # Of m, on the diagonal of the Newton systems (singular when |F| < r).
 _RIDGE = {torch.float64: 1e-13, torch.float32: 1e-6}
 # Of tol, by the dtype of the caller's G: the target of the KKT residual on G, whose error is that
 # of ℓᵀz = 0 (a float32 Gramian's rounding, about 10⁻⁷, sets a floor near 10⁻² tol).
 _RESIDUAL = {torch.float64: 1e-2, torch.float32: 1e-1}
-_CHORD_RATE = 0.1  # a row keeps its factorisation while its residual falls this much a step
-# Of the [k, r, r] factorisations kept, and of the [k, |F|, r] blocks that form them: 128 MiB.
+_CHORD_RATE = 0.1  # a row keeps its float32 inverse while its residual falls this much a step
+# A row's inverse is updated (Woodbury) while at most this fraction of r indices changed side
+# since it was made (and at least _MIN_UPDATE), and made again beyond.
+_UPDATE_FRACTION = 0.5
+_MIN_UPDATE = 8
+_CERTIFICATE = 1e-9  # of max|ℓy|: ℓy ≤ 0 up to this, no positive span
+_PRODUCTS_ROWS = 32  # the products of the columns of ℓ are kept for inversions of more rows
+# Without them, inversions of fewer rows gather each row's ℓ_F (forming the products, m r² / 2
+# entries, costs more than the halved matrix products save).
+_FORMED_PRODUCTS_ROWS = 128
+# Of the [k, r, r] factors and inverses kept, of the [k, |F|, r] gathered rows and of the
+# [m, r(r+1)/2] products of the columns of ℓ that form them: 128 MiB in float64.
 _FACTOR_ENTRIES = 2**24
 
 
@@ -110,13 +125,17 @@ def null_space_projection(
     ``u``, whose update is not zero: with ``feasibility``, the dual part is ``|ℓ_j · ℓᵀz|``,
     which holds only when ``ℓᵀz ≈ 0``.)
 
-    The first :data:`_SHARED_STEPS` steps, in float32, replace ``ℓ_Fᵀ ℓ_F`` by
-    ``(|F| / m) ℓᵀℓ``, factorised once for all rows: they bring the free sets close to the
-    optimal ones for the cost of a few products. The Newton steps that follow keep each row's
-    factorisation while its residual falls at least tenfold a step (a chord method: a step then
-    costs a few products), and factorise again otherwise: in float32 (half the cost) for the
-    first :data:`_FLOAT32_STEPS` steps, then in float64. The rows go through it in chunks that
-    bound the memory of their factorisations."""
+    The first :data:`_SHARED_STEPS` steps (:data:`_FEASIBILITY_SHARED_STEPS` with
+    ``feasibility``), in float32, replace ``ℓ_Fᵀ ℓ_F`` by ``(|F| / m) ℓᵀℓ``, inverted once for
+    all rows: they bring the free sets close to the optimal ones for the cost of a few products.
+    The Newton steps that follow factorise each row's ``ℓ_Fᵀ ℓ_F`` once (:func:`_newton_factor`)
+    and, once its free set moves, invert the factor and, while few indices changed side since
+    it was made (at most :data:`_UPDATE_FRACTION` of ``r``), solve the next systems by the
+    Woodbury identity on those indices (:func:`_updated_solve`: a step then costs a few
+    products, several times faster than batched triangular solves), factorising again beyond:
+    in float32 (half the cost) for the first :data:`_FLOAT32_STEPS` steps, then in float64 for
+    the rows whose residual no longer falls tenfold a step. The rows go through it in chunks
+    that bound the memory of their factors."""
     r = ell.shape[1]
     chunk = max(1, _FACTOR_ENTRIES // r**2)
     solved = [
@@ -129,126 +148,235 @@ def _project(
     ell: Tensor, sqrt_weights: Tensor, U: Tensor, tol: float, margin: float, feasibility: bool
 ) -> tuple[Tensor, Tensor]:
     """:func:`null_space_projection` of one chunk of rows."""
-    k = U.shape[0]
+    k, m = U.shape
     r = ell.shape[1]
     B = U * sqrt_weights
-    Y = _shared_steps(ell.float(), B.float()).to(U.dtype)
+    steps = _FEASIBILITY_SHARED_STEPS if feasibility else _SHARED_STEPS
+    Y = _shared_steps(ell.float(), B.float(), steps).to(U.dtype)
     V = U.clone()
     converged = torch.zeros(k, dtype=torch.bool, device=B.device)
     rows = torch.arange(k, device=B.device)
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
     dual_scale = sqrt_weights.amax() * u_scale
     ell32 = ell.float()
-    gram = ell.T @ ell
-    # Per row: its factorisation (in float32 while those steps last; kept in place, slot[i] for
-    # the i-th row left, and compacted when half of them are done), the free set it was made on,
-    # whether in float64, and the last residual (NaN: factorise at the first step).
-    factors = torch.zeros(k, r, r, dtype=torch.float32, device=U.device)
-    slot = torch.arange(k, device=U.device)
+    width = max(_MIN_UPDATE, int(_UPDATE_FRACTION * r))
+    products: dict[torch.dtype, Tensor | None] = {}  # of the columns of ℓ, by dtype
+    # Per row: the inverse of its Newton system (in float32 while those steps last), the free
+    # set it was made on and whether in float64; the free set of the last step and whether that
+    # step was exact (float64, inverse made in float64); whether to invert again (at the first
+    # step, or after an update through a singular system) and the last residual.
+    systems = torch.empty(k, r, r, dtype=torch.float32, device=U.device)
+    inverted = torch.zeros(k, dtype=torch.bool, device=U.device)
+    any_inverted = False
     factored_free = torch.zeros_like(B, dtype=torch.bool)
+    step_free = torch.zeros_like(B, dtype=torch.bool)
     exact = torch.zeros(k, dtype=torch.bool, device=U.device)
+    precise = torch.zeros(k, dtype=torch.bool, device=U.device)
+    renew = torch.ones(k, dtype=torch.bool, device=U.device)
     last = torch.full((k,), torch.nan, dtype=U.dtype, device=U.device)
+    C = Y @ ell.T
     for step in range(_NEWTON_STEPS):
-        C = Y @ ell.T
         Z = torch.maximum(B, C)
         gradient = Z @ ell
         V_rows = torch.maximum(U, C / sqrt_weights)
         relative = (gradient @ ell.T) / dual_scale
-        complementarity = relative.abs() * (V_rows - U) / u_scale
-        dual = relative.abs() if feasibility else -relative
+        magnitude = relative.abs()
+        complementarity = magnitude * (V_rows - U) / u_scale
+        dual = magnitude if feasibility else -relative
         worst = torch.maximum(dual, complementarity).amax(dim=1)
         free = C > B
-        floor = (worst <= tol) & exact & (free == factored_free).all(dim=1)
+        floor = (worst <= tol) & exact & (free == step_free).all(dim=1)
         done = (worst <= margin * tol) | floor
         V[rows] = V_rows
         converged[rows] = done
+        if feasibility:
+            # ℓ y ≤ 0 (up to rounding) and ≠ 0: no z > 0 has ℓᵀ z = 0 (the problem has no solution;
+            # its dual grows without bound along y).
+            size = C.abs().amax(dim=1)
+            done = done | ((C.amax(dim=1) <= _CERTIFICATE * size) & (size > 0))
         if bool(done.all()):
             break
         keep = (~done).nonzero().squeeze(1)
         rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free, worst = (
             t[keep] for t in (rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free, worst)
         )
-        slot, factored_free, exact, last = (t[keep] for t in (slot, factored_free, exact, last))
-        if 2 * slot.numel() <= factors.shape[0]:
-            factors, slot = factors[slot], torch.arange(slot.numel(), device=U.device)
+        systems, inverted, factored_free, renew, precise, last = (
+            t[keep] for t in (systems, inverted, factored_free, renew, precise, last)
+        )
         if step == _FLOAT32_STEPS:
-            factors = factors.to(U.dtype)
-        stale = (~(worst <= _CHORD_RATE * last)).nonzero().squeeze(1)
+            systems = systems.to(U.dtype)
+        in_float64 = systems.dtype == torch.float64
+        changes = (free != factored_free).sum(dim=1)
+        # A float32 inverse that no longer brings the residual down tenfold a step is replaced by
+        # a float64 one once those steps are over.
+        slow = ~(worst <= _CHORD_RATE * last) & ~precise & in_float64
+        stale = (renew | (changes > width) | slow).nonzero().squeeze(1)
+        source = ell if in_float64 else ell32
         if stale.numel() > 0:
-            source = ell32 if step < _FLOAT32_STEPS else ell
-            factors[slot[stale]] = _newton_factor(source, gram.to(source.dtype), free[stale])
+            if stale.numel() >= _PRODUCTS_ROWS and source.dtype not in products:
+                fits = m * r * (r + 1) // 2 <= _FACTOR_ENTRIES
+                products[source.dtype] = _pair_products(source) if fits else None
+            factor = _newton_factor(source, free[stale], products.get(source.dtype))
+            if stale.numel() == systems.shape[0]:
+                systems = factor.to(systems.dtype)
+            else:
+                systems[stale] = factor
             factored_free[stale] = free[stale]
-            exact[stale] = step >= _FLOAT32_STEPS
+            precise[stale], inverted[stale], changes[stale] = in_float64, False, 0
+        # A factor is inverted once its row's free set moves (rows that converge on the free set
+        # of their factor never pay for it).
+        invert = (~inverted & (changes > 0)).nonzero().squeeze(1)
+        if invert.numel() > 0:
+            systems[invert] = torch.cholesky_inverse(systems[invert])
+            inverted[invert], any_inverted = True, True
         last = worst
-        rhs = torch.zeros(factors.shape[:2], dtype=factors.dtype, device=U.device)
-        rhs[slot] = gradient.to(factors.dtype)
-        direction = -cholesky_solve(factors, rhs)[slot]
-        Y = _line_search(ell, B, Y, C, Z, gradient, direction.to(U.dtype))
+        g = gradient.to(systems.dtype)
+        direction = cholesky_solve(systems, g)
+        if any_inverted:
+            updated = _updated_solve(source, systems, factored_free, free, g)
+            direction = torch.where(inverted.unsqueeze(1), updated, direction)
+        # An update through a singular capacitance: factorise those rows again at the next step.
+        renew = ~torch.isfinite(direction).all(dim=1)
+        direction = torch.where(renew.unsqueeze(1), 0.0, direction).to(U.dtype)
+        step_free, exact = free, precise & ~renew
+        Y, C = _line_search(ell, B, Y, C, Z, gradient, -direction)
     return V, converged
 
 
-def _shared_steps(ell: Tensor, B: Tensor) -> Tensor:
-    """:data:`_SHARED_STEPS` steps from ``y = 0`` with ``(|F| / m) ℓᵀℓ`` in place of
-    ``ℓ_Fᵀ ℓ_F``."""
+def _shared_steps(ell: Tensor, B: Tensor, steps: int) -> Tensor:
+    """``steps`` steps from ``y = 0`` with ``(|F| / m) ℓᵀℓ`` in place of ``ℓ_Fᵀ ℓ_F``."""
     k, m = B.shape
     r = ell.shape[1]
     eye = torch.eye(r, dtype=ell.dtype, device=ell.device)
-    shared = torch.linalg.cholesky(ell.T @ ell + _RIDGE[ell.dtype] * m * eye)
+    inverse = torch.cholesky_inverse(
+        torch.linalg.cholesky(ell.T @ ell + _RIDGE[ell.dtype] * m * eye)
+    )
     Y = torch.zeros(k, r, dtype=B.dtype, device=B.device)
     C = torch.zeros_like(B)
-    for _ in range(_SHARED_STEPS):
+    for step in range(steps):
         Z = torch.maximum(B, C)
         gradient = Z @ ell
-        n_free = (C > B).sum(dim=1, keepdim=True).clamp_min(1)
-        direction = -torch.cholesky_solve(gradient.T, shared).T * (m / n_free)
-        Y = _line_search(ell, B, Y, C, Z, gradient, direction)
-        C = Y @ ell.T
+        # (At y = 0 no index is free for a bound u ≥ 0: the first step takes them all.)
+        n_free = (C > B).sum(dim=1, keepdim=True).clamp_min(1) if step > 0 else m
+        direction = (gradient @ inverse) * (-m / n_free)
+        Y, C = _line_search(ell, B, Y, C, Z, gradient, direction)
     return Y
 
 
-def _newton_factor(ell: Tensor, gram: Tensor, free: Tensor) -> Tensor:
-    """Each row's Cholesky factor of ``ℓ_Fᵀ ℓ_F + ρ I`` (``gram``: ``ℓᵀℓ``), formed from the
-    smaller side: ``ℓ_Fᵀ ℓ_F``, or ``ℓᵀℓ − ℓ_Aᵀ ℓ_A`` when fewer indices are active, from each
-    row's indices gathered (``O(min(|F|, |A|) r²)`` per row)."""
+def _pair_products(ell: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+    """``[ℓ_{ja} ℓ_{jb}]_{j, (a, b)}`` for ``start ≤ a < stop`` and ``a ≤ b``: those rows of the
+    upper triangle in row-major order (``m × Σ_a (r − a)``; all of it by default)."""
+    stop = ell.shape[1] if stop is None else stop
+    return torch.cat([ell[:, a : a + 1] * ell[:, a:] for a in range(start, stop)], dim=1)
+
+
+def _newton_factor(ell: Tensor, free: Tensor, products: Tensor | None = None) -> Tensor:
+    """Each row's lower Cholesky factor of ``ℓ_Fᵀ ℓ_F + ρ I``. With
+    ``products`` (:func:`_pair_products`), or for at least :data:`_FORMED_PRODUCTS_ROWS` rows, the
+    (lower) triangles of all rows come from one matrix product
+    ``[1_{j ∈ F}]_{row, j} [ℓ_{ja} ℓ_{jb}]_{j, a ≤ b}`` (the products formed here by rows of the
+    triangle when not given, each block within :data:`_FACTOR_ENTRIES`); for fewer rows, from
+    each row's indices gathered on the smaller side, ``ℓ_Fᵀ ℓ_F`` or ``ℓᵀℓ − ℓ_Aᵀ ℓ_A``
+    (``O(min(|F|, |A|) r²)`` per row, without forming the products)."""
     m, r = ell.shape
+    k = free.shape[0]
+    indicator = free.to(ell.dtype)
+    if products is None and k < _FORMED_PRODUCTS_ROWS:
+        M = _gathered_systems(ell, free)
+    else:
+        upper = torch.triu_indices(r, r, device=ell.device)
+        positions = upper[1] * r + upper[0]  # (a, b) of the upper triangle at (b, a)
+        M = ell.new_zeros(k, r * r)
+        if products is not None:
+            M.index_copy_(1, positions, indicator @ products)
+        budget = max(r, _FACTOR_ENTRIES // max(m, k))  # columns of products at once
+        start = r if products is not None else 0
+        while start < r:
+            stop, width = start + 1, r - start
+            while stop < r and width + r - stop <= budget:
+                stop, width = stop + 1, width + r - stop
+            offset = start * r - start * (start - 1) // 2  # entries in the rows before start
+            at = positions[offset : offset + width]
+            M.index_copy_(1, at, indicator @ _pair_products(ell, start, stop))
+            start = stop
+        M = M.view(k, r, r)  # its lower triangle
+    M.diagonal(dim1=1, dim2=2).add_(_RIDGE[ell.dtype] * m)
+    return torch.linalg.cholesky_ex(M)[0]
+
+
+def _gathered_systems(ell: Tensor, free: Tensor) -> Tensor:
+    """Each row's ``ℓ_Fᵀ ℓ_F`` from the rows of ``ℓ`` on the smaller side of ``F``, gathered (zero
+    rows as padding), by batches within :data:`_FACTOR_ENTRIES`."""
+    r = ell.shape[1]
     by_free = 2 * int(free.sum()) <= free.numel()
     side = free if by_free else ~free
-    ridge = _RIDGE[ell.dtype] * m * torch.eye(r, dtype=ell.dtype, device=ell.device)
-    base = ridge if by_free else gram + ridge
     width = max(1, int(side.sum(dim=1).amax()))
-    # Each row's indices of the side first (a stable sort), padded with a zero row of ℓ.
-    index = torch.argsort(side.to(torch.uint8), dim=1, descending=True, stable=True)[:, :width]
-    index = torch.where(side.gather(1, index), index, m)
-    padded = torch.cat([ell, torch.zeros_like(ell[:1])])
-    factors = []
-    for rows in index.split(max(1, _FACTOR_ENTRIES // (width * r))):  # bounds the [k, |F|, r]
-        X = padded.index_select(0, rows.flatten()).view(*rows.shape, r)
-        M = torch.baddbmm(base, X.mT, X, alpha=1.0 if by_free else -1.0)
-        factors.append(torch.linalg.cholesky_ex(M)[0])
-    return torch.cat(factors)
+    index = torch.topk(side.to(torch.uint8), width, dim=1, sorted=False).indices
+    valid = side.gather(1, index).to(ell.dtype).unsqueeze(2)
+    systems = []
+    for rows, weights in zip(
+        index.split(max(1, _FACTOR_ENTRIES // (width * r))),
+        valid.split(max(1, _FACTOR_ENTRIES // (width * r))),
+        strict=True,
+    ):
+        X = ell.index_select(0, rows.flatten()).view(*rows.shape, r) * weights
+        systems.append(X.mT @ X)
+    M = torch.cat(systems)
+    return M if by_free else ell.T @ ell - M
+
+
+def _updated_solve(
+    ell: Tensor, inverses: Tensor, factored_free: Tensor, free: Tensor, gradient: Tensor
+) -> Tensor:
+    """Each row's ``(ℓ_Fᵀ ℓ_F + ρ I)⁻¹ g`` from its ``inverses`` of ``M = ℓ_Eᵀ ℓ_E + ρ I`` (on the
+    free sets ``E`` they were made on), by the Woodbury identity on the indices that changed
+    side: with ``X`` their rows of ``ℓ`` and ``S`` the signs (``+1`` joined ``F``, ``−1`` left it),
+
+    .. math::
+
+        (M + X^\top S X)^{-1} = M^{-1} - M^{-1} X^\top (S + X M^{-1} X^\top)^{-1} X M^{-1},
+
+    products with ``M⁻¹`` of ``1 + |E Δ F|`` columns and a ``|E Δ F|``-square system per row
+    instead of a new factorisation. Non-finite rows where the square system is singular."""
+    changed = free != factored_free
+    width = int(changed.sum(dim=1).amax())
+    if width == 0:
+        return (inverses @ gradient.unsqueeze(2)).squeeze(2)
+    index = torch.topk(changed.to(torch.uint8), width, dim=1, sorted=False).indices
+    valid = changed.gather(1, index)
+    sign = torch.where(valid & ~free.gather(1, index), -1.0, 1.0).to(ell.dtype)
+    X = ell.index_select(0, index.flatten()).view(*index.shape, -1) * valid.unsqueeze(2)
+    solved = inverses @ torch.cat([gradient.unsqueeze(2), X.mT], dim=2)
+    p, A = solved[:, :, 0], solved[:, :, 1:]
+    capacitance = torch.diag_embed(sign) + X @ A
+    w = torch.linalg.solve_ex(capacitance, (X @ p.unsqueeze(2)))[0]
+    return p - (A @ w).squeeze(2)
 
 
 def _dual(B: Tensor, C: Tensor) -> Tensor:
     """``q(y)`` of each row from ``C = ℓ y``."""
     Z = torch.maximum(B, C)
-    return (0.5 * Z - C).mul(Z).sum(dim=1)
+    return Z.mul(0.5).sub_(C).mul_(Z).sum(dim=1)
 
 
 def _line_search(
     ell: Tensor, B: Tensor, Y: Tensor, C: Tensor, Z: Tensor, gradient: Tensor, direction: Tensor
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """``y + α Δy`` with the largest ``α = 2^{-i}`` meeting Armijo's condition on ``q`` (up to its
-    rounding); rows that meet it for none take the last one."""
-    q = _dual(B, C)
+    rounding; rows that meet it for none take the last one), and ``C + α ℓ Δy`` (``C = ℓ y``,
+    ``Z = max(B, C)``)."""
+    half = 0.5 * Z
+    q = (half - C).mul_(Z).sum(dim=1)
     slope = -(gradient * direction).sum(dim=1)  # ≥ 0: an ascent direction
-    slack = 1e-13 * (0.5 * Z * Z).sum(dim=1)
+    slack = _SLACK[Z.dtype] * (half * Z).sum(dim=1)
     alpha = torch.ones_like(q)
     pending = torch.ones_like(q, dtype=torch.bool)
     direction_C = direction @ ell.T
     for _ in range(_HALVINGS):
-        trial = _dual(B, C + alpha.unsqueeze(1) * direction_C)
+        trial = _dual(B, torch.addcmul(C, alpha.unsqueeze(1), direction_C))
         pending = pending & ~(trial >= q + _ARMIJO * alpha * slope - slack)
         if not bool(pending.any()):
             break
         alpha = torch.where(pending, alpha / 2, alpha)
-    return Y + alpha.unsqueeze(1) * direction
+    alpha = alpha.unsqueeze(1)
+    return torch.addcmul(Y, alpha, direction), torch.addcmul(C, alpha, direction_C)
