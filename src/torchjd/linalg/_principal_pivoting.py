@@ -251,7 +251,7 @@ def _masked_pivoting(
     # row_scale_j · max|u| (dual, negated), in z; one tensor, so that the rows done leave in one
     # index.
     U_hat = U / s
-    state = torch.stack([U_hat, -U_hat, s / u_scale, -1 / (s * row_scale * u_scale)])
+    state = torch.stack([U_hat, -U_hat, s / u_scale, -(s * row_scale * u_scale).reciprocal()])
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
     final_active = torch.empty_like(active)
@@ -269,11 +269,11 @@ def _masked_pivoting(
         slots = positions - 1
         padding = positions + (m - 1)  # (the identity block of bordered)
     # Per row: the fewest infeasible indices so far, and the full exchanges left without progress.
-    best, tries = torch.tensor([[m + 1], [_FULL_EXCHANGES]], device=U.device).repeat(1, k)
+    best, tries = torch.tensor([[m + 1], [_FULL_EXCHANGES]], device=U.device).repeat(1, k).unbind()
     for step in range(max_iters):
-        U_hat, minus_U_hat, primal_weight, dual_weight = state
+        U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
         a = active.to(G.dtype)
-        f = 1 - a
+        f = (~active).to(G.dtype)  # (no Tensor.__rsub__)
         rhs = (minus_U_hat * a) @ G_hat
         if compacted:
             # Each row's free indices first, in increasing order, then 0 (the active indices go
