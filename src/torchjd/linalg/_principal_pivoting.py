@@ -241,8 +241,9 @@ def _masked_pivoting(
     as a compacted block (each row's free indices first, padded by the identity to the widest
     free set of the batch), ``|F|³`` work instead of ``m³``; rows left to single pivots with more
     infeasible indices than steps left stop, unconverged (they wander on degenerate problems: the
-    caller's fallback gets them sooner). One host synchronisation per step: the count of rows
-    done and the width of the next faces, read together."""
+    caller's fallback gets them sooner). One host synchronisation per step: the size of each
+    row's next free set (−1 for the rows done), from which the count of rows done and the width of
+    the next faces follow."""
     k, m = U.shape
     s, G_hat = jacobi_scaled(G)
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
@@ -250,7 +251,7 @@ def _masked_pivoting(
     # row_scale_j · max|u| (dual, negated), in z; one tensor, so that the rows done leave in one
     # index.
     U_hat = U / s
-    state = torch.stack([U_hat, -U_hat, s / u_scale, -1 / (s * row_scale * u_scale)])
+    state = torch.stack([U_hat, -U_hat, s / u_scale, -(s * row_scale * u_scale).reciprocal()])
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
     final_active = torch.empty_like(active)
@@ -265,19 +266,27 @@ def _masked_pivoting(
     if compacted:
         bordered = _bordered(G_hat)
         width = int((~active).sum(dim=1).amax())
+        slots = positions - 1
+        padding = positions + (m - 1)  # (the identity block of bordered)
     # Per row: the fewest infeasible indices so far, and the full exchanges left without progress.
-    best, tries = torch.tensor([[m + 1], [_FULL_EXCHANGES]], device=U.device).repeat(1, k)
+    best, tries = torch.tensor([[m + 1], [_FULL_EXCHANGES]], device=U.device).repeat(1, k).unbind()
     for step in range(max_iters):
-        U_hat, minus_U_hat, primal_weight, dual_weight = state
+        U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
         a = active.to(G.dtype)
-        f = 1 - a
+        f = (~active).to(G.dtype)  # (no Tensor.__rsub__)
         rhs = (minus_U_hat * a) @ G_hat
         if compacted:
-            # Each row's free indices first, padded by the identity block.
-            columns = free_first(active)[:, :width]
-            mask = ~active.gather(1, columns)
-            index = torch.where(mask, columns, positions[:width] + (m - 1))
-            L = upper_cholesky(compacted_blocks(bordered, index))
+            # Each row's free indices first, in increasing order, then 0 (the active indices go
+            # to slot m, dropped), padded by the identity block.
+            free = ~active
+            free_before = free.cumsum(dim=1)  # free indices up to and including j
+            target = torch.where(free, free_before - 1, m)
+            columns = torch.zeros(len(rows), m + 1, dtype=target.dtype, device=U.device)
+            columns = columns.scatter_(1, target, slots.expand_as(target))[:, :width]
+            mask = slots[:width] < free_before[:, -1:]
+            index = torch.where(mask, columns, padding[:width])
+            # (indices up to m + width: fewer columns to copy)
+            L = upper_cholesky(compacted_blocks(bordered[: m + width, : m + width], index))
             x = cholesky_solve(L, torch.where(mask, rhs.gather(1, columns), 0.0))
             Z = (U_hat * a).scatter_add(1, columns, torch.where(mask, x, 0.0))
         else:
@@ -307,9 +316,9 @@ def _masked_pivoting(
             largest = (infeasible * positions).amax(dim=1, keepdim=True)
             single = infeasible & ((tries >= 0).unsqueeze(1) | (positions == largest))
             next_active = active ^ single
-        if compacted:
-            next_width = torch.where(done, 0, (~next_active).sum(dim=1)).amax()
-            n_done, next_width = torch.stack([done.sum(), next_width]).tolist()
+        if compacted:  # the next free sets' sizes, -1 for the rows done
+            sizes = torch.where(done, -1, (~next_active).sum(dim=1)).tolist()
+            n_done, next_width = sizes.count(-1), max(sizes)
         else:
             n_done = int(done.sum())
         if n_done > 0 or step == max_iters - 1:  # the rows done leave with their last face
