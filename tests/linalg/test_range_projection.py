@@ -163,15 +163,9 @@ def test_probe_without_success_leaves_every_row(monkeypatch: pytest.MonkeyPatch)
     assert calls == [_range_projection._PROBE_ROWS]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_exact_mode_takes_the_range_route(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype):
-    """Beyond ``m = 64`` (the size threshold lowered), the rows that warm-started pivoting leaves
-    (here: all) are solved in the range of ``G``, none left to the interior point: KKT on ``G``
-    (float64) and the least-energy weights."""
-    m = 80
-    J = degenerate_jacobian(m, 8, 20, seed=7)
-    G = (J @ J.T).to(dtype)
-    U = torch.eye(m, dtype=dtype)
+def range_route_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The range route from ``m = 65`` on, warm-started pivoting converging on no row, and no row
+    allowed to reach the interior point."""
 
     def nothing_converged(G: torch.Tensor, G_exact: torch.Tensor, U: torch.Tensor, *args: object):
         return U.clone(), torch.zeros(U.shape[0], dtype=torch.bool)
@@ -182,6 +176,18 @@ def test_exact_mode_takes_the_range_route(monkeypatch: pytest.MonkeyPatch, dtype
     monkeypatch.setattr(_bounded_qp, "_RANGE_MIN_M", 65)
     monkeypatch.setattr(_bounded_qp, "warm_started_pivoting", nothing_converged)
     monkeypatch.setattr(_bounded_qp, "_least_norm_fallback", no_fallback)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_exact_mode_takes_the_range_route(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype):
+    """Beyond ``m = 64`` (the size threshold lowered), the rows are solved in the range of ``G``
+    first, none left to pivoting and the interior point: KKT on ``G`` (float64), the least-energy
+    weights, and (float32) no conflict beyond the float32 guarantee."""
+    m = 80
+    J = degenerate_jacobian(m, 8, 20, seed=7)
+    G = (J @ J.T).to(dtype)
+    U = torch.eye(m, dtype=dtype)
+    range_route_only(monkeypatch)
     V = solve_lower_bounded_qp(G, U, least_norm=True)
     assert (V >= U).all()
     if dtype == torch.float64:
@@ -208,16 +214,8 @@ def test_rows_left_by_the_spanning_route_take_the_range_route(monkeypatch: pytes
     def unconverged(G: torch.Tensor, U: torch.Tensor, *args: object, **kwargs: object):
         return U.clone(), torch.zeros(U.shape[0], dtype=torch.bool)
 
-    def nothing_converged(G: torch.Tensor, G_exact: torch.Tensor, U: torch.Tensor, *args: object):
-        return U.clone(), torch.zeros(U.shape[0], dtype=torch.bool)
-
-    def no_fallback(*args: object) -> None:
-        raise AssertionError("rows left to the interior point")
-
-    monkeypatch.setattr(_bounded_qp, "_RANGE_MIN_M", 65)
+    range_route_only(monkeypatch)
     monkeypatch.setattr(_bounded_qp, "zero_update_weights", unconverged)
-    monkeypatch.setattr(_bounded_qp, "warm_started_pivoting", nothing_converged)
-    monkeypatch.setattr(_bounded_qp, "_least_norm_fallback", no_fallback)
     V = solve_lower_bounded_qp(G, U, least_norm=True)
     assert (V >= U).all()
     assert kkt_residual(G, U, V, V @ G).max() <= 1e-9
