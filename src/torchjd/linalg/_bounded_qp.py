@@ -148,6 +148,7 @@ from torchjd.linalg._principal_pivoting import (
     principal_pivoting,
     scaled_cholesky,
 )
+from torchjd.linalg._range_projection import range_projection_rows
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._small_pivoting import UnitRows, scaled_small_pivoting, small_pivoting
 from torchjd.linalg._spanning import range_factor, zero_update_weights
@@ -211,6 +212,10 @@ _ACTIVE_THRESHOLDS = (1e-4, 1e-6, 1e-9)
 # From this size on, the least-norm route first tests whether the rows of J positively span a
 # subspace (one eigendecomposition of G and a Newton solve of one row).
 _SPANNING_MIN_M = 64
+# From this size on, the exact mode's rows on a singular G are solved in the range of G first, and
+# those that warm-started pivoting leaves there before the interior point (whose O(m r²) steps per
+# row cost far more; at m = 256, about as much as the range route).
+_RANGE_MIN_M = 512
 _NONSINGULAR_MIN_PIVOT = {torch.float64: 1e-6, torch.float32: 1e-3}
 _FAST_FLOAT32_ITERS = 200  # of ADMM on a nonsingular G in float32, before float64 takes over
 _FLOAT32_MAX_SPREAD = 1e4  # of diag(G) (row norms over two decades): beyond, float64 at once
@@ -452,12 +457,19 @@ def _least_norm_route(
         G64, U64 = G_exact.double(), U.double()
         factor = range_factor(G64, G.dtype)
         spanning = None if factor is None else zero_update_weights(G64, U64, tol, G.dtype, factor)
-        if spanning is None and factor is not None and factor[0].shape[1] <= m / _LOW_RANK_FRACTION:
-            # A large null space, no positive span: the optima are often unique (see
-            # _unique_face), then found on G itself.
-            X, certified = unique_optimum_rows(G64, U64, tol, factor[0].shape[1])
+        if spanning is None and factor is not None:
+            # No positive span: from m = 512 on, the update in the range of G and its
+            # least-norm weights (_range_projection); then, with a large null space, the optima
+            # are often unique (see _unique_face), then found on G itself.
+            rank = factor[0].shape[1]
+            X, solved = U64.clone(), torch.zeros_like(GU[:, 0], dtype=torch.bool)
+            if m >= _RANGE_MIN_M:
+                X, solved = range_projection_rows(G64, U64, tol, factor, G.dtype)
+            left = (~solved).nonzero().squeeze(1)
+            if left.numel() > 0 and rank <= m / _LOW_RANK_FRACTION:
+                X[left], solved[left] = unique_optimum_rows(G64, U64[left], tol, rank)
             X = X.to(G.dtype)
-            left = (~certified).nonzero().squeeze(1)
+            left = (~solved).nonzero().squeeze(1)
             if left.numel() > 0:
                 X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
             return X
@@ -473,7 +485,7 @@ def _least_norm_route(
             if bool(converged.all()):
                 return V
             left = (~converged).nonzero().squeeze(1)
-            V[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
+            V[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters, factor)
             return V
     if m <= _DIRECT_MAX_M:
         X, solved = _refined_least_norm(G, G_exact, U, GU, tol)
@@ -523,10 +535,18 @@ def _refined_least_norm(
 
 
 def _pivoting_route(
-    G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int
+    G: Tensor,
+    G_exact: Tensor,
+    U: Tensor,
+    GU: Tensor,
+    tol: float,
+    max_iters: int,
+    factor: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """The least-norm mode's pivoting: from the one-step guess up to ``m = 64``, else warm-started
-    by ADMM (:mod:`torchjd.linalg._warm_start`); the rows it leaves go to the interior point."""
+    by ADMM (:mod:`torchjd.linalg._warm_start`), the rows it leaves then solved in the range of
+    ``G`` when ``factor`` (:func:`~torchjd.linalg._spanning.range_factor` of ``G_exact``) is
+    given (:mod:`torchjd.linalg._range_projection`); the rows left go to the interior point."""
     m = G.shape[0]
     if m <= _DIRECT_MAX_M:
         G64 = G.double()
@@ -536,6 +556,12 @@ def _pivoting_route(
         X = X.to(G.dtype)
     else:
         X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
+        left = (~converged).nonzero().squeeze(1)
+        if factor is not None and m >= _RANGE_MIN_M and left.numel() > 0:
+            X_left, converged[left] = range_projection_rows(
+                G_exact.double(), U[left].double(), tol, factor, G.dtype
+            )
+            X[left] = X_left.to(G.dtype)
     if not converged.all():
         left = (~converged).nonzero().squeeze(1)
         X[left] = _least_norm_fallback(G, G_exact, U[left], tol)

@@ -1,0 +1,372 @@
+r"""Exact mode on a singular ``G``: the update in the range of ``G``, then the least-norm weights.
+
+With the factor ``ℓ ℓᵀ = W^{-1/2} G W^{-1/2}`` of :func:`~torchjd.linalg._spanning.range_factor`
+(``ℓ``: ``m × r``, ``r = rank(G)``, unit rows; ``W``: the weights of
+:func:`~torchjd.linalg._bounded_qp.tikhonov`), write ``G = L Lᵀ`` with ``L = √W ℓ``. The
+update ``d = Jᵀv`` of a row ``u`` is unique; in the coordinates ``y = Lᵀv`` of the range it is the
+projection
+
+.. math::
+
+    y^\star = \operatorname*{argmin}_{\ell y \ge 0} \tfrac12 \|y - a\|^2,
+    \qquad a = L^\top u = \ell^\top b, \; b = \sqrt W \odot u,
+
+of ``Lᵀu`` onto the dual cone (``r`` variables, ``m`` constraints, strongly convex). It is solved
+by the dual active-set method of Goldfarb and Idnani (1983), batched over the rows: from the
+unconstrained ``y = a``, each step adds the most violated constraint, dropping active ones whose
+multipliers would turn negative; the active normals stay linearly independent (a constraint whose
+normal is in their span only moves the multipliers). Each row keeps ``ℓ_Aᵀ = Q_1 R`` (``Q_1``:
+``r × |A|`` orthonormal columns, ``R`` triangular): a constraint is added by two Gram-Schmidt
+passes (``O(r |A|)``), and the factors are formed again from the active normals when one is
+dropped. The answer is refined once from the final active set (``y = (I − Q_1 Q_1ᵀ) a``). The
+method takes about ``|A|`` steps of ``O(m r)`` each (the most violated constraint); a row that
+needs more than ``r / 2 + 30`` steps (large active sets, many drops: at ``m = 1024``, rank 351,
+over 500 steps with hundreds of drops, as slow as the interior point) is left to the caller, and
+when there are more than ``2 ·`` :data:`_PROBE_ROWS` rows, that many, spread out, go first, the
+others only when some probe row is accepted.
+
+The optimal weights are then the ``v ≥ u`` with ``Lᵀv = y*`` and ``v_j = u_j`` off the tight set
+``T = {j : ℓ_j · y* ≈ 0}``; with ``z = √W ⊙ v``, the least-norm ones (least
+:math:`\sum_j W_j v_j^2`, the exact mode's tie-break) solve
+
+.. math::
+
+    \min_z \tfrac12 \|z\|^2 \quad \text{s.t.} \quad \ell^\top z = y^\star, \;
+    z_j = b_j \ (j \notin T), \; z_j \ge b_j \ (j \in T),
+
+whose dual in ``λ ∈ ℝ^r`` is unconstrained and concave,
+``q(λ) = Σ_{j ∈ T} (½ z_j − (ℓλ)_j) z_j + λ · y*`` with ``z_j = max(b_j, (ℓλ)_j)`` on ``T``,
+``∇q = y* − ℓᵀz``: a semismooth Newton method with an Armijo line search, ``r × r`` systems
+``ℓ_Fᵀ ℓ_F`` on the free set ``F = {j ∈ T : (ℓλ)_j > b_j}`` (as in
+:mod:`torchjd.linalg._spanning`, whose problem is that of ``y* = 0``), started from the
+multipliers of the active-set method (``ℓ_A λ = z_A``: optimal at once when ``T = A``, the
+optimum then unique). A row is accepted when its KKT residual meets the tolerance (see
+:func:`range_projection_rows`); the others are left to the caller. Rows whose weights are
+thousands of times their bounds (near positive spans) can miss the tolerance by the rounding of
+``ℓᵀz`` alone, and are left too.
+
+On the hard Jacobians of ``benchmarks/non_conflict.py`` at ``m = 1024`` (a float32 Gramian of
+rank 203 without positive span), the 657 rows that the unique-optimum route leaves take about 11 ms
+each here (every row accepted; about 100 steps), against about 170 ms each for the interior point
+of the general route.
+"""
+
+import torch
+from torch import Tensor
+
+from torchjd.linalg._kkt import kkt_residual
+from torchjd.linalg._low_rank import cholesky_solve
+from torchjd.linalg._spanning import _newton_factor
+
+_STEPS = (0.5, 30)  # at most r / 2 + 30 steps of the active-set method (see range_projection_rows)
+_DEPENDENT = 1e-9  # a normal within this relative distance of the active ones' span is in it
+# Relative to ‖a‖ (the rows of ℓ have unit norm), whatever the dtype (the factor is in float64):
+_VIOLATION = 1e-12  # a violated constraint of the active-set method
+_TIGHT = 1e-10  # a tight constraint of the optimal update
+_NEWTON_STEPS = 30
+_NEWTON_TARGET = 1e-1  # of tol: the KKT residual (on the range of G) at which Newton stops
+_ARMIJO = 1e-4
+_HALVINGS = 30
+_PROBE_ROWS = 16
+_GROWTH = 16  # columns added to the state when an active set outgrows it
+_CHUNK_ENTRIES = 2**24  # bounds the [k, r, |A|] state of a chunk of rows (128 MiB)
+
+
+def range_projection_rows(
+    G: Tensor, U: Tensor, tol: float, factor: tuple[Tensor, Tensor], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Rows ``argmin_{v ≥ u} vᵀ G v`` of least :math:`\\sum_j W_j v_j^2` (``G``, ``U`` in float64;
+    ``factor``: :func:`~torchjd.linalg._spanning.range_factor` of ``G``; ``dtype``: that of the
+    caller's ``G``), and which rows are accepted: KKT residual at most ``tol`` on ``G`` itself in
+    float64, and on its range ``L Lᵀ`` in float32 (as :mod:`torchjd.linalg._spanning` does: the
+    rounding of a float32 ``G`` has no low rank, and its product with the large weights of small
+    rows can exceed ``tol`` on ``G`` itself). The other rows are ``u`` or an approximation."""
+    k = U.shape[0]
+    if k <= 2 * _PROBE_ROWS:
+        return _chunks(G, U, tol, factor, dtype)
+    probe = torch.zeros(k, dtype=torch.bool, device=U.device)
+    probe[torch.linspace(0, k - 1, _PROBE_ROWS, device=U.device).long()] = True
+    X = U.clone()
+    found = torch.zeros(k, dtype=torch.bool, device=U.device)
+    X[probe], found[probe] = _chunks(G, U[probe], tol, factor, dtype)
+    if bool(found.any()):
+        X[~probe], found[~probe] = _chunks(G, U[~probe], tol, factor, dtype)
+    return X, found
+
+
+def _chunks(
+    G: Tensor, U: Tensor, tol: float, factor: tuple[Tensor, Tensor], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """:func:`range_projection_rows` without the probe, in chunks of rows."""
+    ell, sqrt_weights = factor
+    r = ell.shape[1]
+    chunk = max(1, _CHUNK_ENTRIES // r**2)
+    on_G = G if dtype == torch.float64 else None
+    solved = [_rows(on_G, ell, sqrt_weights, rows, tol) for rows in U.split(chunk)]
+    return torch.cat([X for X, _ in solved]), torch.cat([ok for _, ok in solved])
+
+
+def _rows(
+    G: Tensor | None, ell: Tensor, sqrt_weights: Tensor, U: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`range_projection_rows` of one chunk of rows (checked on ``G`` unless None)."""
+    B = U * sqrt_weights
+    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
+    dual_scale = (sqrt_weights.amax() * u_scale).squeeze(1)
+    a_norm = (B @ ell).norm(dim=1)
+    Y, lam, found = dual_active_set(ell, B, _VIOLATION * a_norm)
+    X = U.clone()
+    rows = found.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return X, found
+    Y, lam, B, U_rows = Y[rows], lam[rows], B[rows], U[rows]
+    slack = Y @ ell.T
+    tight = slack <= _TIGHT * a_norm[rows].unsqueeze(1)
+    Z, residual = _least_norm(
+        ell, sqrt_weights, B, Y, tight, lam, tol * dual_scale[rows], u_scale[rows]
+    )
+    V = torch.maximum(U_rows, Z / sqrt_weights)
+    if G is not None:
+        residual = kkt_residual(G, U_rows, V, V @ G) / tol
+    found[rows] = residual <= 1.0
+    X[rows] = V
+    return X, found
+
+
+def dual_active_set(
+    ell: Tensor, B: Tensor, eps: Tensor, max_steps: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Goldfarb and Idnani's method for ``y* = argmin_y ‖y − a‖ s.t. ℓ y ≥ 0`` for each row
+    ``a = ℓᵀb`` (``b``: a row of ``B``), a constraint counting as violated below ``−eps`` (per
+    row). Returns ``(Y, Λ, found)``: the projections (refined from the final active set ``A``),
+    the multipliers ``λ`` with ``ℓ_A λ = b_A + μ_A`` (``μ_A``: those of the active constraints,
+    ``y* − a = ℓ_Aᵀ μ_A``), and which rows finished.
+
+    Each row keeps ``Q_1`` (``r × w``, orthonormal columns, zero beyond its ``q`` active
+    constraints) and ``R`` (``w × w``, upper-triangular, identity beyond ``q``) with
+    ``ℓ_Aᵀ = Q_1 R``; ``w`` grows with the largest active set. Finished rows are frozen, and
+    leave the batch once they are half of it."""
+    k = B.shape[0]
+    m, r = ell.shape
+    if max_steps is None:
+        max_steps = int(_STEPS[0] * r) + _STEPS[1]
+    padded = torch.cat([ell, torch.zeros_like(ell[:1])])
+    padded_B = torch.cat([B, torch.zeros_like(B[:, :1])], dim=1)
+    norms = padded.norm(dim=1)
+    A = B @ ell
+    dtype, device = B.dtype, B.device
+    Y_out, lam_out = A.clone(), torch.zeros_like(A)
+    found = torch.zeros(k, dtype=torch.bool, device=device)
+    width = 0
+    rows = torch.arange(k, device=device)
+    Y = A.clone()
+    Q = torch.zeros(k, r, width, dtype=dtype, device=device)
+    R = torch.zeros(k, width, width, dtype=dtype, device=device)
+    slots = torch.zeros(k, width, dtype=torch.long, device=device)
+    mu = torch.zeros(k, width, dtype=dtype, device=device)
+    q = torch.zeros(k, dtype=torch.long, device=device)
+    pending = torch.full((k,), -1, dtype=torch.long, device=device)
+    mu_pending = torch.zeros(k, dtype=dtype, device=device)
+    live = torch.ones(k, dtype=torch.bool, device=device)
+    success = torch.zeros(k, dtype=torch.bool, device=device)
+
+    def leave(sel: Tensor) -> None:
+        """Writes the outputs of the rows ``sel`` of the batch."""
+        out = rows[sel]
+        Y_out[out], lam_out[out] = _refined(
+            A[out], padded_B[out], Q[sel], R[sel], slots[sel], q[sel]
+        )
+        found[out] = success[sel]
+
+    for _ in range(max_steps):
+        choose = (live & (pending < 0)).nonzero().squeeze(1)
+        if choose.numel() > 0:
+            worst, index = (Y[choose] @ ell.T).min(dim=1)
+            done = worst >= -eps[rows[choose]]
+            pending[choose] = torch.where(done, -1, index)
+            success[choose] = done
+            live[choose] = ~done
+        if not bool(live.any()):
+            break
+        if int(q.amax()) >= width:
+            Q, R, slots, mu, width = _grow(Q, R, slots, mu, m)
+        index = torch.where(live, pending, m)
+        n = padded[index]
+        d1 = (Q.mT @ n.unsqueeze(2)).squeeze(2)
+        z = n - (Q @ d1.unsqueeze(2)).squeeze(2)
+        again = (Q.mT @ z.unsqueeze(2)).squeeze(2)  # a second Gram-Schmidt pass
+        z = z - (Q @ again.unsqueeze(2)).squeeze(2)
+        d1 = d1 + again
+        rvec = torch.linalg.solve_triangular(R, d1.unsqueeze(2), upper=True).squeeze(2)
+        zz = (z * z).sum(dim=1)
+        independent = live & (zz > (_DEPENDENT * norms[index]) ** 2)
+        full_step = torch.where(independent, -(n * Y).sum(dim=1) / zz, torch.inf)
+        inside = torch.arange(width, device=device) < q.unsqueeze(1)
+        ratios = torch.where(inside & (rvec > 0), mu / rvec, torch.inf)
+        partial_step, drop = ratios.min(dim=1)
+        t = torch.minimum(full_step, partial_step)
+        # No step (rounding: a cone is never infeasible): the row fails.
+        live &= t < torch.inf
+        t = torch.where(live, t, 0.0)
+        Y = Y + torch.where(independent & live, t, 0.0).unsqueeze(1) * z
+        mu = torch.where(inside, mu - t.unsqueeze(1) * rvec, 0.0)
+        mu_pending = mu_pending + t
+        add = (live & (full_step <= t)).nonzero().squeeze(1)
+        if add.numel() > 0:
+            at = q[add]
+            norm = zz[add].sqrt()
+            Q[add, :, at] = z[add] / norm.unsqueeze(1)
+            column = torch.where(inside[add], d1[add], 0.0)
+            column[torch.arange(add.numel(), device=device), at] = norm
+            R[add, :, at] = column
+            slots[add, at] = pending[add]
+            mu[add, at] = mu_pending[add]
+            q[add] += 1
+            pending[add] = -1
+            mu_pending[add] = 0.0
+        removed = (live & (full_step > t)).nonzero().squeeze(1)
+        if removed.numel() > 0:
+            slots[removed], mu[removed] = _remove(slots[removed], mu[removed], drop[removed], m)
+            q[removed] -= 1
+            Q[removed], R[removed] = _factor(padded, slots[removed], q[removed])
+        frozen = ~live
+        if 2 * int(frozen.sum()) >= live.numel():
+            leave(frozen.nonzero().squeeze(1))
+            keep = live.nonzero().squeeze(1)
+            rows, Y, Q, R, slots, mu, q, pending, mu_pending, live, success = (
+                x[keep] for x in (rows, Y, Q, R, slots, mu, q, pending, mu_pending, live, success)
+            )
+            if keep.numel() == 0:
+                break
+    success &= ~live  # out of steps: the rows left are not found
+    leave(torch.arange(rows.numel(), device=device))
+    return Y_out, lam_out, found
+
+
+def _grow(
+    Q: Tensor, R: Tensor, slots: Tensor, mu: Tensor, m: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """The state with room for :data:`_GROWTH` more active constraints (at most ``r``)."""
+    k, r, width = Q.shape
+    new = min(r, width + _GROWTH)
+    extra = new - width
+    Q = torch.cat([Q, Q.new_zeros(k, r, extra)], dim=2)
+    grown = torch.eye(new, dtype=R.dtype, device=R.device).repeat(k, 1, 1)
+    grown[:, :width, :width] = R
+    slots = torch.cat([slots, slots.new_full((k, extra), m)], dim=1)
+    mu = torch.cat([mu, mu.new_zeros(k, extra)], dim=1)
+    return Q, grown, slots, mu, new
+
+
+def _refined(
+    A: Tensor, padded_B: Tensor, Q: Tensor, R: Tensor, slots: Tensor, q: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The projection ``y = (I − Q_1 Q_1ᵀ) a`` of each row (two Gram-Schmidt passes) and the
+    multipliers ``λ = Q_1 R^{-T} (b_A + μ_A)``, ``μ_A = R^{-1} Q_1ᵀ (y − a)`` (clamped at 0)."""
+    first = (Q.mT @ A.unsqueeze(2)).squeeze(2)
+    Y = A - (Q @ first.unsqueeze(2)).squeeze(2)
+    second = (Q.mT @ Y.unsqueeze(2)).squeeze(2)
+    Y = Y - (Q @ second.unsqueeze(2)).squeeze(2)
+    inside = torch.arange(Q.shape[2], device=Q.device) < q.unsqueeze(1)
+    mu = torch.linalg.solve_triangular(R, -(first + second).unsqueeze(2), upper=True).squeeze(2)
+    z_active = torch.where(inside, padded_B.gather(1, slots) + mu.clamp_min(0), 0.0)
+    w = torch.linalg.solve_triangular(R.mT, z_active.unsqueeze(2), upper=False)
+    return Y, (Q @ w).squeeze(2)
+
+
+def _remove(slots: Tensor, mu: Tensor, drop: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The active constraints and multipliers without position ``drop`` (the later ones moved
+    up by one)."""
+    width = slots.shape[1]
+    position = torch.arange(width, device=slots.device)
+    source = torch.where(position < drop.unsqueeze(1), position, position + 1).clamp_max(width - 1)
+    last = position == width - 1
+    slots = torch.where(last, m, slots.gather(1, source))
+    mu = torch.where(last, 0.0, mu.gather(1, source))
+    return slots, mu
+
+
+def _factor(padded: Tensor, slots: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """``Q_1`` (zero beyond ``q``) and ``R`` (identity beyond ``q``) of the active normals
+    ``ℓ_Aᵀ`` (zero columns beyond ``q``)."""
+    width = slots.shape[1]
+    Q, R = torch.linalg.qr(padded[slots].mT)  # [k, r, w], [k, w, w]
+    inside = torch.arange(width, device=slots.device) < q.unsqueeze(1)
+    block = inside.unsqueeze(2) & inside.unsqueeze(1)
+    eye = torch.eye(width, dtype=R.dtype, device=R.device)
+    return torch.where(inside.unsqueeze(1), Q, 0.0), torch.where(block, R, eye)
+
+
+def _least_norm(
+    ell: Tensor,
+    sqrt_weights: Tensor,
+    B: Tensor,
+    Y: Tensor,
+    tight: Tensor,
+    lam: Tensor,
+    target: Tensor,
+    u_scale: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The least-norm ``z`` of each row (see the module docstring) by semismooth Newton from
+    ``λ = lam``, and its KKT residual on the range of ``G`` relative to ``target`` (the
+    tolerance times ``√W_max max|u|``); rows that do not reach :data:`_NEWTON_TARGET` keep their
+    last iterate."""
+    gram = ell.T @ ell
+    out = torch.empty_like(B)
+    residual = torch.empty_like(target)
+    rows = torch.arange(B.shape[0], device=B.device)
+    for _ in range(_NEWTON_STEPS):
+        C = lam @ ell.T
+        Z = torch.where(tight, torch.maximum(B, C), B)
+        out[rows] = Z
+        gradient = Y - Z @ ell
+        # The KKT residual on the range of G, times √W_max max|u| (target: tol times it):
+        # (G v)_j = √W_j ℓ_j · ℓᵀz, and v_j − u_j = (z_j − b_j) / √W_j.
+        dual = (Z @ ell) @ ell.T
+        complementarity = dual.abs() * (Z - B) / (sqrt_weights * u_scale)
+        worst = torch.maximum(-dual, complementarity).amax(dim=1)
+        residual[rows] = worst / target
+        keep = (~(worst <= _NEWTON_TARGET * target)).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            break
+        rows, B, Y, tight, lam, C, Z, gradient, target, u_scale = (
+            x[keep] for x in (rows, B, Y, tight, lam, C, Z, gradient, target, u_scale)
+        )
+        free = tight & (C > B)
+        direction = cholesky_solve(_newton_factor(ell, gram, free), gradient)
+        lam = _line_search(ell, B, Y, tight, lam, C, gradient, direction)
+    return out, residual
+
+
+def _dual(B: Tensor, Y: Tensor, tight: Tensor, lam: Tensor, C: Tensor) -> Tensor:
+    """``q(λ)`` of each row (see the module docstring), from ``C = ℓ λ``."""
+    Z = torch.maximum(B, C)
+    return torch.where(tight, (0.5 * Z - C) * Z, -C * B).sum(dim=1) + (lam * Y).sum(dim=1)
+
+
+def _line_search(
+    ell: Tensor,
+    B: Tensor,
+    Y: Tensor,
+    tight: Tensor,
+    lam: Tensor,
+    C: Tensor,
+    gradient: Tensor,
+    direction: Tensor,
+) -> Tensor:
+    """``λ + α Δλ`` with the largest ``α = 2^{-i}`` meeting Armijo's condition on ``q`` (up to
+    its rounding); rows that meet it for none take the last one."""
+    q = _dual(B, Y, tight, lam, C)
+    slope = (gradient * direction).sum(dim=1)  # ≥ 0: an ascent direction
+    slack = 1e-13 * q.abs()
+    alpha = torch.ones_like(q)
+    pending = torch.ones_like(q, dtype=torch.bool)
+    direction_C = direction @ ell.T
+    for _ in range(_HALVINGS):
+        step = alpha.unsqueeze(1)
+        trial = _dual(B, Y, tight, lam + step * direction, C + step * direction_C)
+        pending = pending & ~(trial >= q + _ARMIJO * alpha * slope - slack)
+        if not bool(pending.any()):
+            break
+        alpha = torch.where(pending, alpha / 2, alpha)
+    return lam + alpha.unsqueeze(1) * direction
