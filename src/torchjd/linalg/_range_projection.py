@@ -311,7 +311,6 @@ def _least_norm(
     ``λ = lam``, and its KKT residual on the range of ``G`` relative to ``target`` (the
     tolerance times ``√W_max max|u|``); rows that do not reach :data:`_NEWTON_TARGET` keep their
     last iterate."""
-    gram = ell.T @ ell
     out = torch.empty_like(B)
     residual = torch.empty_like(target)
     rows = torch.arange(B.shape[0], device=B.device)
@@ -333,7 +332,7 @@ def _least_norm(
             x[keep] for x in (rows, B, Y, tight, lam, C, Z, gradient, target, u_scale)
         )
         free = tight & (C > B)
-        direction = cholesky_solve(_newton_factor(ell, gram, free), gradient)
+        direction = cholesky_solve(_newton_factor(ell, free), gradient)
         lam = _line_search(ell, B, Y, tight, lam, C, gradient, direction)
     return out, residual
 
