@@ -127,8 +127,13 @@ interior-point method (:mod:`torchjd.linalg._interior_point`), in float64, whose
 are solved by the Woodbury identity when ``rank(G) ≤ 2m / 3`` (:mod:`torchjd.linalg._low_rank`);
 pivoting then finishes the rows it leaves short of the tolerance, reading the active set off the
 interior solution at several thresholds. Each face costs ``O(|F|³)``
-per row: at ``m = 1024``, with faces of a few hundred indices, a call that does not take the
-spanning route takes from tens of seconds to minutes on one thread. The default
+per row: at ``m = 1024``, with faces of a few hundred indices, a call whose rows reach this
+route takes minutes on one thread. From ``m = 512``, before the unique-face route, the rows of a
+singular ``G`` without positive span are first solved in the range of ``G``
+(:mod:`torchjd.linalg._range_projection`: a dual active-set method for the update, then a
+Newton method for its least-norm weights), which takes seconds when the optimal active sets are
+small; so are, before the interior point, the rows that pivoting leaves after the spanning
+route. The default
 tolerance is then ``1e-9`` in float64.
 """
 

@@ -78,15 +78,17 @@ class TorchProjector(DualConeProjector):
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
     float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
     spread over six decades (which the default's regularisation hides). A singular or nearly
-    singular one costs more: median ratio about 1.8x (float64 and float32) at 16 rows and 1.9x
-    (float64 and float32) at 64 rows (``benchmarks/non_conflict.py``, 100 hard Jacobians per
-    dtype and size, one thread); when many more rows than the rank positively span a subspace
-    (low-rank Gramians), 1.3x (float64) to 4x (float32) at 256 rows and 2x at 1,024 rows; otherwise,
-    at 256 rows, 9x (float64) to 13x (float32) the default's total time on the hard Jacobians of
-    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.7x and 3x), where the
-    default is fast (10-25 ms a call on average) and the exact mode takes up to about 2 s; at
-    1,024 rows, tens of seconds to 15 minutes a call when there are many more rows
-    than columns (see below).
+    singular one costs more: median ratio about 1.8x (float64 and float32) at 16 and 64 rows
+    (``benchmarks/non_conflict.py``, 100 hard Jacobians per dtype and size, one thread; in total
+    time 1.9x to 2.0x at 16 rows and 2.7x to 2.9x at 64 rows, as about a third of the singular
+    Gramians at 64 rows send some rows to a slower interior-point method); when many more rows
+    than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x
+    (float32) at 256 rows and 2.7x to 3.5x at 1,024 rows; otherwise, at 256 rows, 8x (float64)
+    to 12x (float32) the default's total time on the hard Jacobians of
+    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.5x and 2.1x), where the
+    default is fast (10-25 ms a call on average) and the exact mode takes up to about 1.4 s; at
+    1,024 rows, seconds to minutes a call when there are many more rows than columns (see
+    below).
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
     solved exactly, all at once, in float64: by trying every active set up to ``m = 8``, then by
@@ -101,9 +103,13 @@ class TorchProjector(DualConeProjector):
     (degenerate problems) go to a float64 interior-point method, whose Newton systems use the
     Woodbury identity when ``rank(G) ≤ 2m / 3``. Before that, when the rows positively span a
     subspace, every update is zero and the least-norm weights come from a Newton method in the
-    range of ``G`` (``rank(G)``-sized systems per row). Each row's faces cost
-    :math:`O(|F|^3)`: on three hard Jacobians of 1,024 rows (faces of 250 to 400 indices), 51 s,
-    83 s and 8 min against 2-3 s for the defaults (at 512 rows, 5 to 15 s). The KKT
+    range of ``G`` (``rank(G)``-sized systems per row); from ``m = 512``, when they do not, each
+    row's update is first found in the range of ``G`` (the dual active-set method of Goldfarb and
+    Idnani in ``rank(G)`` variables), then its least-norm weights by a Newton method on the
+    constraints it meets, and only the rows whose active sets are too large for it (hundreds of
+    indices) go on to pivoting and the interior point. Each row's faces there cost
+    :math:`O(|F|^3)`: on three hard Jacobians of 1,024 rows (more rows than columns; ranks 203,
+    226 and 351), 6 s, 2 min and 7 min against 0.4-1.6 s for the defaults. The KKT
     residual of each row, each row's conflict measured relative to its norm, is below ``1e-7`` in
     float64 and ``2e-5`` in float32; in exact mode, below ``1e-9`` in float64 on most Gramians, but
     on some degenerate ones (4 of 40 hard Jacobians of 64 rows) a few rows keep a larger
