@@ -153,7 +153,7 @@ from torchjd.linalg._principal_pivoting import (
     principal_pivoting,
     scaled_cholesky,
 )
-from torchjd.linalg._range_projection import range_projection_rows
+from torchjd.linalg._range_projection import least_energy_rows, range_projection_rows
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._small_pivoting import UnitRows, scaled_small_pivoting, small_pivoting
 from torchjd.linalg._spanning import range_factor, zero_update_weights
@@ -569,7 +569,7 @@ def _pivoting_route(
             X[left] = X_left.to(G.dtype)
     if not converged.all():
         left = (~converged).nonzero().squeeze(1)
-        X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
+        X[left] = _least_norm_fallback(G, G_exact, U[left], tol, factor)
     return X
 
 
@@ -618,14 +618,28 @@ def tikhonov(G: Tensor) -> Tensor:
     return G + torch.diag(TIKHONOV[G.dtype] * weights)
 
 
-def _least_norm_fallback(G: Tensor, G_exact: Tensor, U: Tensor, tol: float) -> Tensor:
+def _least_norm_fallback(
+    G: Tensor,
+    G_exact: Tensor,
+    U: Tensor,
+    tol: float,
+    factor: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """The rows that pivoting left, in the least-norm mode: the interior point in float64, with
-    Woodbury solves when ``rank(G_exact) ≤ 2m / 3``."""
+    Woodbury solves when ``rank(G_exact) ≤ 2m / 3``. On a singular ``G_exact``, its weights
+    (those of the Tikhonov term's limit, only approached) are then replaced by the least-norm
+    ones of the same update (:func:`~torchjd.linalg._range_projection.least_energy_rows`, from
+    ``factor``, :func:`~torchjd.linalg._spanning.range_factor` of ``G_exact``, formed here when
+    not given) where these meet ``tol`` on ``G_exact`` and are lighter."""
     m = G.shape[0]
     G64, G_exact64 = G.double(), G_exact.double()
     L = low_rank_factor(G_exact64, int(m / _LOW_RANK_FRACTION))
     low_rank = None if L is None else (L, (G64 - G_exact64).diagonal())
-    V = _interior_point_then_polish(G64, U.double(), tol, G_exact64, low_rank, G.dtype)
+    U64 = U.double()
+    V = _interior_point_then_polish(G64, U64, tol, G_exact64, low_rank, G.dtype)
+    factor = factor or range_factor(G_exact64, G.dtype)
+    if factor is not None:
+        V = least_energy_rows(G_exact64, U64, V, tol, factor)
     return V.to(U.dtype)
 
 

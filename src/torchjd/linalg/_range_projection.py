@@ -45,6 +45,10 @@ optimum then unique). A row is accepted when its KKT residual meets the toleranc
 thousands of times their bounds (near positive spans) can miss the tolerance by the rounding of
 ``ℓᵀz`` alone, and are left too.
 
+The same Newton method gives :func:`least_energy_rows`: the least-norm weights of rows already
+optimal (the interior point's, which only approach those of least norm as its Tikhonov term
+vanishes), from the update and tight set of each row.
+
 On the hard Jacobians of ``benchmarks/non_conflict.py`` at ``m = 1024`` (a float32 Gramian of
 rank 203 without positive span), the 657 rows that the unique-optimum route leaves take about 11 ms
 each here (every row accepted; about 100 steps), against about 170 ms each for the interior point
@@ -64,6 +68,9 @@ _DEPENDENT = 1e-9  # a normal within this relative distance of the active ones' 
 _VIOLATION = 1e-12  # a violated constraint of the active-set method
 _TIGHT = 1e-10  # a tight constraint of the optimal update
 _NEWTON_STEPS = 30
+# least_energy_rows: a row stops when a step on an unchanged free set does not reduce its
+# residual by this factor (the rounding of its Newton system).
+_STALL = 0.5
 _NEWTON_TARGET = 1e-1  # of tol: the KKT residual (on the range of G) at which Newton stops
 _ARMIJO = 1e-4
 _HALVINGS = 30
@@ -306,14 +313,17 @@ def _least_norm(
     lam: Tensor,
     target: Tensor,
     u_scale: Tensor,
+    stall: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The least-norm ``z`` of each row (see the module docstring) by semismooth Newton from
     ``λ = lam``, and its KKT residual on the range of ``G`` relative to ``target`` (the
     tolerance times ``√W_max max|u|``); rows that do not reach :data:`_NEWTON_TARGET` keep their
-    last iterate."""
+    last iterate. With ``stall``, a row also stops when a step on an unchanged free set does not
+    reduce its residual by that factor."""
     out = torch.empty_like(B)
-    residual = torch.empty_like(target)
+    residual = torch.full_like(target, torch.inf)
     rows = torch.arange(B.shape[0], device=B.device)
+    previous = torch.zeros_like(tight)
     for _ in range(_NEWTON_STEPS):
         C = lam @ ell.T
         Z = torch.where(tight, torch.maximum(B, C), B)
@@ -324,14 +334,21 @@ def _least_norm(
         dual = (Z @ ell) @ ell.T
         complementarity = dual.abs() * (Z - B) / (sqrt_weights * u_scale)
         worst = torch.maximum(-dual, complementarity).amax(dim=1)
+        progress = ~(worst <= _NEWTON_TARGET * target)
+        free = tight & (C > B)
+        if stall is not None:
+            # A full step on an unchanged free set solves its system: a residual that does not
+            # fall by the factor stall is that system's rounding.
+            settled = (free == previous).all(dim=1)
+            progress &= ~(settled & (worst / target > stall * residual[rows]))
+            previous = free
         residual[rows] = worst / target
-        keep = (~(worst <= _NEWTON_TARGET * target)).nonzero().squeeze(1)
+        keep = progress.nonzero().squeeze(1)
         if keep.numel() == 0:
             break
-        rows, B, Y, tight, lam, C, Z, gradient, target, u_scale = (
-            x[keep] for x in (rows, B, Y, tight, lam, C, Z, gradient, target, u_scale)
+        rows, B, Y, tight, lam, C, free, gradient, target, u_scale, previous = (
+            x[keep] for x in (rows, B, Y, tight, lam, C, free, gradient, target, u_scale, previous)
         )
-        free = tight & (C > B)
         direction = cholesky_solve(_newton_factor(ell, free), gradient)
         lam = _line_search(ell, B, Y, tight, lam, C, gradient, direction)
     return out, residual
@@ -369,3 +386,47 @@ def _line_search(
             break
         alpha = torch.where(pending, alpha / 2, alpha)
     return lam + alpha.unsqueeze(1) * direction
+
+
+def least_energy_rows(
+    G: Tensor, U: Tensor, V: Tensor, tol: float, factor: tuple[Tensor, Tensor]
+) -> Tensor:
+    """Optimal rows ``V`` (``G``, ``U``, ``V`` in float64, ``factor``:
+    :func:`~torchjd.linalg._spanning.range_factor` of ``G``), each replaced by the least-norm
+    weights of its update (see the module docstring) where these meet ``tol`` on ``G`` and have
+    a lower :math:`\\sum_j W_j v_j^2`; the rows that miss ``tol`` are kept as they are. The tight
+    set of a row: ``(Gv)_j`` at most ``tol`` relative to the row's scale (as
+    :func:`~torchjd.linalg._kkt.kkt_residual` reads it); its update: that of ``v`` with the
+    weights off ``T`` at their bounds (a feasible point, so that Newton's dual is bounded),
+    Newton starting from the least-squares multipliers of the free weights (``ℓ_F λ ≈ z_F``)."""
+    r = factor[0].shape[1]
+    rows = (kkt_residual(G, U, V, V @ G) <= tol).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return V
+    chunk = max(1, _CHUNK_ENTRIES // max(r * r, G.shape[0]))
+    V = V.clone()
+    for part in rows.split(chunk):
+        V[part] = _least_energy(G, U[part], V[part], tol, factor)
+    return V
+
+
+def _least_energy(
+    G: Tensor, U: Tensor, V: Tensor, tol: float, factor: tuple[Tensor, Tensor]
+) -> Tensor:
+    """:func:`least_energy_rows` of one chunk of rows, all meeting ``tol``."""
+    ell, sqrt_weights = factor
+    B, Z = U * sqrt_weights, V * sqrt_weights
+    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
+    dual_scale = (sqrt_weights.amax() * u_scale).squeeze(1)
+    # ℓ_j · ℓᵀz = (G v)_j / √W_j; relative to the row's scale, (G v)_j / (s_j max|u|).
+    tight = (Z @ ell) @ ell.T <= tol * dual_scale.unsqueeze(1)
+    Z = torch.where(tight, Z, B)
+    free = tight & (Z > B)
+    lam = cholesky_solve(_newton_factor(ell, free), torch.where(free, Z, 0.0) @ ell)
+    target = tol * dual_scale
+    Z_new, _ = _least_norm(ell, sqrt_weights, B, Z @ ell, tight, lam, target, u_scale, _STALL)
+    V_new = torch.maximum(U, Z_new / sqrt_weights)
+    weights = sqrt_weights * sqrt_weights
+    lighter = (weights * V_new * V_new).sum(dim=1) < (weights * V * V).sum(dim=1)
+    better = lighter & (kkt_residual(G, U, V_new, V_new @ G) <= tol)
+    return torch.where(better.unsqueeze(1), V_new, V)
