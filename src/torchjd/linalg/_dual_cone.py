@@ -72,9 +72,9 @@ class TorchProjector(DualConeProjector):
     gradient is small (zero rows keep :math:`v_j = u_j`). Logged weights are then well defined,
     to the solver's tolerance: on the hard Jacobians of ``benchmarks/non_conflict.py`` at 64 rows,
     against an independent solution (quadprog, update fixed), the degenerate rows that reach its
-    interior-point fallback (about one in ten) have :math:`\sum_j G_{jj} v_j^2` within ``1e-3`` (relative) of the
-    least on all but 5 of 675 in float64 (at worst 6% above) and 14 of 635 in float32 (at worst
-    39% above).
+    interior-point fallback (about one in ten) have :math:`\sum_j G_{jj} v_j^2` within ``1e-3``
+    (relative) of the least on all but 5 of 675 in float64 (at worst 6% above) and 14 of 635 in
+    float32 (at worst 39% above).
     Its cost depends on the Gramian. A nonsingular one (every squared pivot of the Cholesky
     factor of the Jacobi-scaled Gramian at least ``1e-6`` in float64, ``1e-3`` in float32: fewer
     rows than columns, no near-duplicate or zero rows) has unique optimal weights, and is solved by
