@@ -90,8 +90,8 @@ class TorchProjector(DualConeProjector):
     brought to the least-norm ones); when many more rows
     than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x
     (float32) at 256 rows and 2.7x to 3.5x at 1,024 rows; otherwise, at 256 rows, 8x (float64)
-    to 12x (float32) the default's total time on the hard Jacobians of
-    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.5x and 2.1x), where the
+    to 13x (float32) the default's total time on the hard Jacobians of
+    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.6x and 2.2x), where the
     default is fast (10-25 ms a call on average) and the exact mode takes up to about 1.4 s; at
     1,024 rows, seconds to minutes a call when there are many more rows than columns (see
     below).
