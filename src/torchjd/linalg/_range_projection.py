@@ -36,7 +36,7 @@ The optimal weights are then the ``v ≥ u`` with ``Lᵀv = y*`` and ``v_j = u_j
 
 whose dual in ``λ ∈ ℝ^r`` is unconstrained and concave,
 ``q(λ) = Σ_{j ∈ T} (½ z_j − (ℓλ)_j) z_j + λ · y*`` with ``z_j = max(b_j, (ℓλ)_j)`` on ``T``,
-``∇q = y* − ℓᵀz``: a semismooth Newton method with an Armijo line search, ``r × r`` systems
+``∇q = y* − ℓᵀz``: a semismooth Newton method with an exact line search, ``r × r`` systems
 ``ℓ_Fᵀ ℓ_F`` on the free set ``F = {j ∈ T : (ℓλ)_j > b_j}`` (as in
 :mod:`torchjd.linalg._spanning`, whose problem is that of ``y* = 0``), started from the
 multipliers of the active-set method (``ℓ_A λ = z_A``: optimal at once when ``T = A``, the
@@ -72,8 +72,6 @@ _NEWTON_STEPS = 30
 # residual by this factor (the rounding of its Newton system).
 _STALL = 0.5
 _NEWTON_TARGET = 1e-1  # of tol: the KKT residual (on the range of G) at which Newton stops
-_ARMIJO = 1e-4
-_HALVINGS = 30
 _PROBE_ROWS = 16
 _GROWTH = 16  # columns added to the state when an active set outgrows it
 _CHUNK_ENTRIES = 2**24  # bounds the [k, r, |A|] state of a chunk of rows (128 MiB)
@@ -350,41 +348,52 @@ def _least_norm(
             x[keep] for x in (rows, B, Y, tight, lam, C, free, gradient, target, u_scale, previous)
         )
         direction = cholesky_solve(_newton_factor(ell, free), gradient)
-        lam = _line_search(ell, B, Y, tight, lam, C, gradient, direction)
+        lam = _line_search(ell, B, tight, lam, C, gradient, direction)
     return out, residual
-
-
-def _dual(B: Tensor, Y: Tensor, tight: Tensor, lam: Tensor, C: Tensor) -> Tensor:
-    """``q(λ)`` of each row (see the module docstring), from ``C = ℓ λ``."""
-    Z = torch.maximum(B, C)
-    return torch.where(tight, (0.5 * Z - C) * Z, -C * B).sum(dim=1) + (lam * Y).sum(dim=1)
 
 
 def _line_search(
     ell: Tensor,
     B: Tensor,
-    Y: Tensor,
     tight: Tensor,
     lam: Tensor,
     C: Tensor,
     gradient: Tensor,
     direction: Tensor,
 ) -> Tensor:
-    """``λ + α Δλ`` with the largest ``α = 2^{-i}`` meeting Armijo's condition on ``q`` (up to
-    its rounding); rows that meet it for none take the last one."""
-    q = _dual(B, Y, tight, lam, C)
-    slope = (gradient * direction).sum(dim=1)  # ≥ 0: an ascent direction
-    slack = 1e-13 * q.abs()
-    alpha = torch.ones_like(q)
-    pending = torch.ones_like(q, dtype=torch.bool)
-    direction_C = direction @ ell.T
-    for _ in range(_HALVINGS):
-        step = alpha.unsqueeze(1)
-        trial = _dual(B, Y, tight, lam + step * direction, C + step * direction_C)
-        pending = pending & ~(trial >= q + _ARMIJO * alpha * slope - slack)
-        if not bool(pending.any()):
-            break
-        alpha = torch.where(pending, alpha / 2, alpha)
+    """``λ + α Δλ`` with ``α`` the maximiser of ``φ(α) = q(λ + α Δλ)`` on ``[0, 1]``, exactly.
+
+    With ``g = ℓλ − b`` and ``e = ℓ Δλ`` (``e_j = 0`` off ``T``), ``φ`` is concave and piecewise
+    quadratic: ``φ'(α) = φ'(0) − Σ_j (max(0, g_j + α e_j) − max(0, g_j)) e_j``, piecewise linear
+    and non-increasing, its slope falling by ``e_j²`` where ``g_j + α e_j`` turns positive
+    (``α = −g_j / e_j``) and rising by ``e_j²`` where it turns negative. Each row takes the root
+    of ``φ'`` between its sorted breakpoints in ``(0, 1)``, or ``α = 1`` where ``φ'(1) ≥ 0``.
+    A row with ``φ'(0) ≤ 0`` (no ascent, rounding) takes ``α = 0``."""
+    slope = (gradient * direction).sum(dim=1)  # φ'(0)
+    E = torch.where(tight, direction @ ell.T, 0.0)
+    gap = C - B
+    curvature = E * E
+    # Curvature of -φ at 0+: the terms positive at 0 or entering there.
+    start = torch.where((gap > 0.0) | ((gap == 0.0) & (E > 0.0)), curvature, 0.0).sum(dim=1)
+    crossing = gap * E < 0.0
+    points = torch.where(crossing, -gap / torch.where(crossing, E, 1.0), 1.0).clamp_max(1.0)
+    jump = torch.where(crossing & (points < 1.0), torch.where(gap < 0.0, 1.0, -1.0), 0.0)
+    points, order = points.sort(dim=1)
+    jump = (jump * curvature).gather(1, order)
+    zero = torch.zeros_like(slope).unsqueeze(1)
+    knots = torch.cat([zero, points, zero + 1.0], dim=1)  # [k, m + 2]
+    # -φ' has slope bends[:, i] on [knots[:, i], knots[:, i + 1]].
+    bends = (start.unsqueeze(1) + torch.cat([zero, jump.cumsum(dim=1)], dim=1)).clamp_min(0.0)
+    rise = bends * knots.diff(dim=1)
+    fall = rise.cumsum(dim=1)  # φ'(0) − φ'(knots[:, i + 1])
+    segment = (fall < slope.unsqueeze(1)).sum(dim=1, keepdim=True).clamp_max(fall.shape[1] - 1)
+    left = knots.gather(1, segment).squeeze(1)
+    before = (fall - rise).gather(1, segment).squeeze(1)
+    bend = bends.gather(1, segment).squeeze(1)
+    root = left + (slope - before) / torch.where(bend > 0.0, bend, 1.0)
+    right = knots.gather(1, segment + 1).squeeze(1)
+    root = torch.where(bend > 0.0, torch.minimum(torch.maximum(root, left), right), right)
+    alpha = torch.where(slope > 0.0, root, 0.0)
     return lam + alpha.unsqueeze(1) * direction
 
 
