@@ -73,8 +73,8 @@ class TorchProjector(DualConeProjector):
     to the solver's tolerance: on the hard Jacobians of ``benchmarks/non_conflict.py`` at 64 rows,
     against an independent solution (quadprog, update fixed), the degenerate rows that reach its
     interior-point fallback (about one in ten) have :math:`\sum_j G_{jj} v_j^2` within ``1e-3``
-    (relative) of the least on all but 5 of 675 in float64 (at worst 6% above) and 14 of 635 in
-    float32 (at worst 39% above).
+    (relative) of the least on all but 1 of 675 in float64 (at worst 0.3% above) and 8 of 635 in
+    float32 (at worst 1.1% above).
     Its cost depends on the Gramian. A nonsingular one (every squared pivot of the Cholesky
     factor of the Jacobi-scaled Gramian at least ``1e-6`` in float64, ``1e-3`` in float32: fewer
     rows than columns, no near-duplicate or zero rows) has unique optimal weights, and is solved by
@@ -85,14 +85,14 @@ class TorchProjector(DualConeProjector):
     spread over six decades (which the default's regularisation hides). A singular or nearly
     singular one costs more: median ratio about 1.8x (float64 and float32) at 16 and 64 rows
     (``benchmarks/non_conflict.py``, 100 hard Jacobians per dtype and size, one thread; in total
-    time 1.9x to 2.1x at 16 rows and 3.0x to 3.7x at 64 rows, as about a third of the singular
+    time 1.9x to 2.1x at 16 rows and 3.0x to 3.4x at 64 rows, as about a third of the singular
     Gramians at 64 rows send some rows to a slower interior-point method, whose weights are then
     brought to the least-norm ones); when many more rows
     than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x
     (float32) at 256 rows and 2.7x to 3.5x at 1,024 rows; otherwise, at 256 rows, 8x (float64)
-    to 13x (float32) the default's total time on the hard Jacobians of
+    to 14x (float32) the default's total time on the hard Jacobians of
     ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.6x and 2.2x), where the
-    default is fast (10-25 ms a call on average) and the exact mode takes up to about 1.4 s; at
+    default is fast (10-25 ms a call on average) and the exact mode takes up to about 1.6 s; at
     1,024 rows, seconds to minutes a call when there are many more rows than columns (see
     below).
 
