@@ -11,10 +11,10 @@ from tests.reference.dual_cone import least_energy_optimum
 from torchjd.linalg import _bounded_qp, _spanning
 from torchjd.linalg._bounded_qp import solve_lower_bounded_qp
 from torchjd.linalg._kkt import kkt_residual
+from torchjd.linalg._low_rank import pair_products
 from torchjd.linalg._spanning import (
     _RIDGE,
     _newton_factor,
-    _pair_products,
     _updated_solve,
     zero_update_weights,
 )
@@ -131,7 +131,7 @@ def test_newton_factor_against_a_dense_product(
     ell = torch.randn(m, r, generator=g, dtype=torch.float64)
     free = torch.rand(k, m, generator=g) < fraction_free
     free[:, :r] = True  # ℓ_Fᵀ ℓ_F well conditioned
-    products = _pair_products(ell) if formation == "products" else None
+    products = pair_products(ell) if formation == "products" else None
     factor = _newton_factor(ell, free, products)
     expected = (ell.T * free.unsqueeze(1)) @ ell + _RIDGE[torch.float64] * m * torch.eye(r)
     torch.testing.assert_close(factor @ factor.mT, expected, rtol=1e-12, atol=1e-12)

@@ -53,7 +53,7 @@ def woodbury_solvers(L: Tensor) -> Callable[[Tensor], Callable[[Tensor], Tensor]
     if m * r * (r + 1) // 2 > _PRODUCTS_ENTRIES:
         return lambda delta: _solver(L, 1 / delta, _batched_capacitance)
     upper = torch.triu_indices(r, r, device=L.device)
-    products = L[:, upper[0]] * L[:, upper[1]]  # [m, r(r+1)/2]
+    products = pair_products(L)  # [m, r(r+1)/2]
     positions = upper[0] * r + upper[1]
     squares = L * L
 
@@ -66,6 +66,15 @@ def woodbury_solvers(L: Tensor) -> Callable[[Tensor], Callable[[Tensor], Tensor]
         return C, s
 
     return lambda delta: _solver(L, 1 / delta, capacitance)
+
+
+def pair_products(L: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+    """``[L_{ja} L_{jb}]_{j, (a, b)}`` for ``start ≤ a < stop`` and ``a ≤ b``: those rows of the
+    upper triangle of each ``l_j l_jᵀ`` in row-major order (the order of ``torch.triu_indices``;
+    ``m × Σ_a (r − a)``; all of it by default), from which ``Σ_j w_j l_j l_jᵀ`` of any weights is
+    one matrix product."""
+    stop = L.shape[1] if stop is None else stop
+    return torch.cat([L[:, a : a + 1] * L[:, a:] for a in range(start, stop)], dim=1)
 
 
 def _batched_capacitance(L: Tensor, inverse: Tensor) -> tuple[Tensor, Tensor]:

@@ -39,7 +39,7 @@ opposite: ``ℓ y ≤ 0`` and ``ℓ y ≠ 0`` (then ``zᵀ ℓ y < 0`` for every
 import torch
 from torch import Tensor
 
-from torchjd.linalg._low_rank import cholesky_solve, low_rank_factor
+from torchjd.linalg._low_rank import cholesky_solve, low_rank_factor, pair_products
 
 _SHARED_STEPS = 20  # quasi-Newton steps on the shared ℓᵀℓ before the exact ones
 _FEASIBILITY_SHARED_STEPS = 10  # for the single row u = 1 (its Newton steps cost little more)
@@ -215,7 +215,7 @@ def _project(
         if stale.numel() > 0:
             if stale.numel() >= _PRODUCTS_ROWS and source.dtype not in products:
                 fits = m * r * (r + 1) // 2 <= _FACTOR_ENTRIES
-                products[source.dtype] = _pair_products(source) if fits else None
+                products[source.dtype] = pair_products(source) if fits else None
             factor = _newton_factor(source, free[stale], products.get(source.dtype))
             if stale.numel() == systems.shape[0]:
                 systems = factor.to(systems.dtype)
@@ -263,17 +263,10 @@ def _shared_steps(ell: Tensor, B: Tensor, steps: int) -> Tensor:
     return Y
 
 
-def _pair_products(ell: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
-    """``[ℓ_{ja} ℓ_{jb}]_{j, (a, b)}`` for ``start ≤ a < stop`` and ``a ≤ b``: those rows of the
-    upper triangle in row-major order (``m × Σ_a (r − a)``; all of it by default)."""
-    stop = ell.shape[1] if stop is None else stop
-    return torch.cat([ell[:, a : a + 1] * ell[:, a:] for a in range(start, stop)], dim=1)
-
-
 def _newton_factor(ell: Tensor, free: Tensor, products: Tensor | None = None) -> Tensor:
-    """Each row's lower Cholesky factor of ``ℓ_Fᵀ ℓ_F + ρ I``. With
-    ``products`` (:func:`_pair_products`), or for at least :data:`_FORMED_PRODUCTS_ROWS` rows, the
-    (lower) triangles of all rows come from one matrix product
+    """Each row's lower Cholesky factor of ``ℓ_Fᵀ ℓ_F + ρ I``. With ``products``
+    (:func:`~torchjd.linalg._low_rank.pair_products`), or for at least
+    :data:`_FORMED_PRODUCTS_ROWS` rows, the (lower) triangles of all rows come from one product
     ``[1_{j ∈ F}]_{row, j} [ℓ_{ja} ℓ_{jb}]_{j, a ≤ b}`` (the products formed here by rows of the
     triangle when not given, each block within :data:`_FACTOR_ENTRIES`); for fewer rows, from
     each row's indices gathered on the smaller side, ``ℓ_Fᵀ ℓ_F`` or ``ℓᵀℓ − ℓ_Aᵀ ℓ_A``
@@ -297,7 +290,7 @@ def _newton_factor(ell: Tensor, free: Tensor, products: Tensor | None = None) ->
                 stop, width = stop + 1, width + r - stop
             offset = start * r - start * (start - 1) // 2  # entries in the rows before start
             at = positions[offset : offset + width]
-            M.index_copy_(1, at, indicator @ _pair_products(ell, start, stop))
+            M.index_copy_(1, at, indicator @ pair_products(ell, start, stop))
             start = stop
         M = M.view(k, r, r)  # its lower triangle
     M.diagonal(dim1=1, dim2=2).add_(_RIDGE[ell.dtype] * m)
