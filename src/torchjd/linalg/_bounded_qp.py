@@ -138,6 +138,7 @@ tolerance is then ``1e-9`` in float64.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -224,6 +225,16 @@ _RANGE_MIN_M = 512
 _NONSINGULAR_MIN_PIVOT = {torch.float64: 1e-6, torch.float32: 1e-3}
 _FAST_FLOAT32_ITERS = 200  # of ADMM on a nonsingular G in float32, before float64 takes over
 _FLOAT32_MAX_SPREAD = 1e4  # of diag(G) (row norms over two decades): beyond, float64 at once
+
+
+RangeFactor = Callable[[], tuple[Tensor, Tensor] | None]
+"""A function returning :func:`~torchjd.linalg._spanning.range_factor` of ``G_exact`` (None when
+``G_exact`` has full rank) as the least-norm route formed it once (see :func:`_formed`)."""
+
+
+def _formed(factor: tuple[Tensor, Tensor] | None) -> RangeFactor:
+    """The range factor already formed, as a :data:`RangeFactor`."""
+    return lambda: factor
 
 
 def solve_lower_bounded_qp(
@@ -458,9 +469,11 @@ def _least_norm_route(
     (:mod:`torchjd.linalg._unique_face`). The rows left, and every row otherwise, come from
     pivoting and its fallbacks (up to ``m = 64``, :func:`_refined_least_norm` first)."""
     m = G.shape[0]
+    known = None  # beyond m = 64, the range factor, also for the interior point's polish
     if m > _SPANNING_MIN_M:
         G64, U64 = G_exact.double(), U.double()
         factor = range_factor(G64, G.dtype)
+        known = _formed(factor)
         spanning = None if factor is None else zero_update_weights(G64, U64, tol, G.dtype, factor)
         if spanning is None and factor is not None:
             # No positive span: from m = 512 on, the update in the range of G and its
@@ -476,7 +489,7 @@ def _least_norm_route(
             X = X.to(G.dtype)
             left = (~solved).nonzero().squeeze(1)
             if left.numel() > 0:
-                X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
+                X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters, known)
             return X
         if spanning is not None:
             V, converged = spanning
@@ -490,7 +503,9 @@ def _least_norm_route(
             if bool(converged.all()):
                 return V
             left = (~converged).nonzero().squeeze(1)
-            V[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters, factor)
+            V[left] = _pivoting_route(
+                G, G_exact, U[left], GU[left], tol, max_iters, known, range_retry=True
+            )
             return V
     if m <= _DIRECT_MAX_M:
         X, solved = _refined_least_norm(G, G_exact, U, GU, tol)
@@ -499,7 +514,7 @@ def _least_norm_route(
         left = (~solved).nonzero().squeeze(1)
         X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
         return X
-    return _pivoting_route(G, G_exact, U, GU, tol, max_iters)
+    return _pivoting_route(G, G_exact, U, GU, tol, max_iters, known)
 
 
 def _refined_least_norm(
@@ -546,12 +561,14 @@ def _pivoting_route(
     GU: Tensor,
     tol: float,
     max_iters: int,
-    factor: tuple[Tensor, Tensor] | None = None,
+    factor: RangeFactor | None = None,
+    range_retry: bool = False,
 ) -> Tensor:
     """The least-norm mode's pivoting: from the one-step guess up to ``m = 64``, else warm-started
     by ADMM (:mod:`torchjd.linalg._warm_start`), the rows it leaves then solved in the range of
-    ``G`` when ``factor`` (:func:`~torchjd.linalg._spanning.range_factor` of ``G_exact``) is
-    given (:mod:`torchjd.linalg._range_projection`); the rows left go to the interior point."""
+    ``G`` with ``range_retry`` (from ``m = 512``; ``factor`` then returns the range factor:
+    :mod:`torchjd.linalg._range_projection`); the rows left go to the interior point
+    (:func:`_least_norm_fallback`, given ``factor``)."""
     m = G.shape[0]
     if m <= _DIRECT_MAX_M:
         G64 = G.double()
@@ -562,9 +579,10 @@ def _pivoting_route(
     else:
         X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
         left = (~converged).nonzero().squeeze(1)
-        if factor is not None and m >= _RANGE_MIN_M and left.numel() > 0:
+        formed = factor() if range_retry and factor is not None else None
+        if formed is not None and m >= _RANGE_MIN_M and left.numel() > 0:
             X_left, converged[left] = range_projection_rows(
-                G_exact.double(), U[left].double(), tol, factor, G.dtype
+                G_exact.double(), U[left].double(), tol, formed, G.dtype
             )
             X[left] = X_left.to(G.dtype)
     if not converged.all():
@@ -623,23 +641,23 @@ def _least_norm_fallback(
     G_exact: Tensor,
     U: Tensor,
     tol: float,
-    factor: tuple[Tensor, Tensor] | None = None,
+    factor: RangeFactor | None = None,
 ) -> Tensor:
     """The rows that pivoting left, in the least-norm mode: the interior point in float64, with
     Woodbury solves when ``rank(G_exact) ≤ 2m / 3``. On a singular ``G_exact``, its weights
     (those of the Tikhonov term's limit, only approached) are then replaced by the least-norm
     ones of the same update (:func:`~torchjd.linalg._range_projection.least_energy_rows`, from
-    ``factor``, :func:`~torchjd.linalg._spanning.range_factor` of ``G_exact``, formed here when
-    not given) where these meet ``tol`` on ``G_exact`` and are lighter."""
+    the range factor that ``factor`` returns, formed here when not given) where these meet
+    ``tol`` on ``G_exact`` and are lighter."""
     m = G.shape[0]
     G64, G_exact64 = G.double(), G_exact.double()
     L = low_rank_factor(G_exact64, int(m / _LOW_RANK_FRACTION))
     low_rank = None if L is None else (L, (G64 - G_exact64).diagonal())
     U64 = U.double()
     V = _interior_point_then_polish(G64, U64, tol, G_exact64, low_rank, G.dtype)
-    factor = factor or range_factor(G_exact64, G.dtype)
-    if factor is not None:
-        V = least_energy_rows(G_exact64, U64, V, tol, factor)
+    formed = range_factor(G_exact64, G.dtype) if factor is None else factor()
+    if formed is not None:
+        V = least_energy_rows(G_exact64, U64, V, tol, formed)
     return V.to(U.dtype)
 
 
