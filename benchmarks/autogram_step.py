@@ -30,10 +30,11 @@ building the model and the data (MiB).
 With ``--interleave``, one process per configuration runs the ERM, IWRM and fused steps one after
 the other (each on its own copy of the model), round after round: the ratios to the ERM step of the
 same round are much steadier on a shared machine than those of separate runs. Columns: the median
-step and phases over the rounds, and the median of the rounds' ratios. ``--baseline`` names a
-folder holding another version's ``torchjd`` package (``git archive REV src | tar -x -C DIR``, then
-``DIR/src``): its workers alternate with this version's, ``--repeats`` times each, for before/after
-figures from one run.
+step and phases over the rounds, the median of the rounds' ratios, and the median number of minor
+page faults of a step (memory that the allocator returned to the system and takes back, a
+microsecond or two each). ``--baseline`` names a folder holding another version's ``torchjd``
+package (``git archive REV src | tar -x -C DIR``, then ``DIR/src``): its workers alternate with
+this version's, ``--repeats`` times each, for before/after figures from one run.
 """
 
 import argparse
@@ -191,14 +192,17 @@ def interleaved_worker(kind: str, batch: int, steps: int, threads: int, clock: s
     now = time.process_time if clock == "cpu" else time.perf_counter
     states = {mode: setup(kind, batch, mode) for mode in MODES}
     rounds: dict[str, list[list[float]]] = {mode: [] for mode in MODES}
+    faults: dict[str, list[int]] = {mode: [] for mode in MODES}
     for _ in range(steps + 2):
         for mode in MODES:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             rounds[mode].append(one_step(*states[mode], mode, now))
+            faults[mode].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     result = {}
     for mode in MODES:
         kept = rounds[mode][2:]
         ratios = [sum(d) / sum(e) for d, e in zip(kept, rounds["erm"][2:], strict=True)]
-        result[mode] = {"phases": kept, "ratios": ratios}
+        result[mode] = {"phases": kept, "ratios": ratios, "faults": faults[mode][2:]}
     return result
 
 
@@ -217,7 +221,7 @@ def interleaved(
         versions.insert(0, ("base", baseline))
     print(
         f"{'config':<16}{'version':<8}{'step':<7}{'ms':>8}{'xERM':>7}{'fwd':>8}{'gram':>8}"
-        f"{'weight':>8}{'bwd+opt':>9}"
+        f"{'weight':>8}{'bwd+opt':>9}{'faults':>8}"
     )
     for name in names:
         kind, batch = CONFIGS[name]
@@ -232,10 +236,10 @@ def interleaved(
                     continue
                 for mode in MODES:
                     entry = merged.setdefault(label, {}).setdefault(
-                        mode, {"phases": [], "ratios": []}
+                        mode, {"phases": [], "ratios": [], "faults": []}
                     )
-                    entry["phases"] += r[mode]["phases"]
-                    entry["ratios"] += r[mode]["ratios"]
+                    for key in entry:
+                        entry[key] += r[mode][key]
         for label, _ in versions:
             for mode in MODES:
                 entry = merged.get(label, {}).get(mode)
@@ -249,7 +253,8 @@ def interleaved(
                     f"{statistics.median(entry['ratios']):>7.2f}"
                     + "".join(
                         f"{value:>{w}.1f}" for value, w in zip(phases, (8, 8, 8, 9), strict=True)
-                    ),
+                    )
+                    + f"{statistics.median(entry['faults']):>8.0f}",
                     flush=True,
                 )
 

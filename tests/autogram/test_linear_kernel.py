@@ -84,10 +84,10 @@ def test_one_position_gramian(B, R, d_in, d_out, with_bias):
     torch.testing.assert_close(G, J @ J.T, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 63, 64, 96, 100, 127, 128, 131, 200])
+@pytest.mark.parametrize("rows", [1, 5, 31, 32, 40, 48, 63, 64, 96, 100, 127, 128, 131, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_self_gram(monkeypatch, rows, dtype):
-    """By blocks of rows (every size from 64 rows on), the same as one product."""
+    """By blocks of rows (every size from 32 rows on), the same as one product."""
     monkeypatch.setattr(linear_module, "PARTS_MIN_PRODUCT", 0)
     A = torch.randn(rows, 6, dtype=torch.float64)
     G = self_gram(A.to(dtype))
@@ -107,6 +107,8 @@ def test_gram_parts(rows, columns):
     assert all(stop - start >= 16 and (stop - start) % 16 == 0 for start, stop in parts[:-1])
     if rows * rows * columns < linear_module.PARTS_MIN_PRODUCT:
         assert parts == [(0, rows)]
+    else:  # blocks from PARTS_MIN_ROWS rows on
+        assert (len(parts) > 1) == (rows >= linear_module.PARTS_MIN_ROWS)
 
 
 @pytest.mark.parametrize("min_features", [1, 3])

@@ -25,6 +25,7 @@ from torchjd.autogram._streaming import (
     streams_several_objectives,
     walk_graph,
 )
+from torchjd.autogram._workspace import Workspaces
 
 
 class Engine:
@@ -62,7 +63,10 @@ class Engine:
     stay until :meth:`close` (or the end of a ``with`` block, or the engine's deletion). Forward
     passes run with grad enabled are recorded until the next :meth:`compute_gramian`, which must
     come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
-    re-runs of activation checkpointing).
+    re-runs of activation checkpointing). On the CPU, the engine also keeps the largest
+    intermediates of some rules (the per-objective gradients of a convolution, when formed whole)
+    in buffers reused from step to step, one per module, rather than taking fresh memory at
+    every step; they are freed with the hooks.
 
     The blocks of ``Linear`` layers, convolutions, ``Embedding``, normalisation layers and
     ``MultiheadAttention`` are computed during the backward pass itself, from hooks on the
@@ -106,6 +110,7 @@ class Engine:
         self._recording = True
         self._stream: GramianStream | None = None  # while a streamed backward pass runs
         self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # see _stand_in
+        self._workspaces = Workspaces()  # the rules' buffers kept from step to step (CPU)
         self._this = weakref.ref(self)
         # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
         # every rank and returns their number
@@ -217,7 +222,8 @@ class Engine:
         Clears what the engine recorded during the forward pass, even when it raises.
         """
         try:
-            return self._compute_gramian(output)[0]
+            with self._workspaces.active():
+                return self._compute_gramian(output)[0]
         finally:
             self._clear()
 
@@ -284,7 +290,8 @@ class Engine:
                 f"{max_kept_bytes!r}."
             )
         try:
-            return self._backward(losses, weighting, max_kept_bytes)
+            with self._workspaces.active():
+                return self._backward(losses, weighting, max_kept_bytes)
         finally:
             self._clear()
 
@@ -593,11 +600,13 @@ class Engine:
             )
 
     def close(self) -> None:
-        """Removes the engine's hooks: the modules behave as if the engine never existed."""
+        """Removes the engine's hooks: the modules behave as if the engine never existed. Frees
+        the buffers that the engine kept from step to step."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._clear()
+        self._workspaces.clear()
 
     def __enter__(self) -> "Engine":
         return self

@@ -61,6 +61,7 @@ from torchjd.autogram._rules._linear import (
     per_objective_is_cheaper,
     weight_gramian,
 )
+from torchjd.autogram._workspace import empty
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -251,8 +252,8 @@ def _grouped_jacobian(module: Conv, calls: Sequence[ModuleCall]) -> Tensor:
         # [R, B, N', C_out, *positions]: the samples, then the images of each sample
         gamma = gamma.unsqueeze(1) if call.batch_dim is None else gamma.unsqueeze(2)
         R, B, N = gamma.shape[:3]
-        if J is None:
-            J = gamma.new_empty(R, B, module.weight.numel())
+        if J is None:  # kept from step to step (see _workspace.py): every row is written
+            J = empty(module, "grouped_jacobian", (R, B, module.weight.numel()), gamma)
         x = _samples_first(call.args[0], call.batch_dim, n)  # [B, N', C_in, *spatial]
         sample_bytes = (x[0].numel() + gamma[0, 0].numel() + J.shape[2]) * gamma.element_size()
         blocks = -(-B * sample_bytes // GROUPED_BYTES)
