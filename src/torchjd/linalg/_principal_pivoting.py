@@ -26,7 +26,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from torchjd.linalg._kkt import feasible_kkt_residual
+from torchjd.linalg._kkt import feasible_kkt_residual, kkt_scales
 from torchjd.linalg._low_rank import cholesky_solve
 
 _FULL_EXCHANGES = 3  # non-improving full exchanges allowed before a single pivot
@@ -268,12 +268,13 @@ def _masked_pivoting(
         width = int((~active).sum(dim=1).amax())
         slots = positions - 1
         padding = positions + (m - 1)  # (the identity block of bordered)
-    # Per row: the fewest infeasible indices so far, and the full exchanges left without progress.
-    best, tries = torch.tensor([[m + 1], [_FULL_EXCHANGES]], device=U.device).repeat(1, k).unbind()
+    # Per row: the most feasible indices so far (the fewest infeasible ones) and the full
+    # exchanges left without progress; both set from step 0 on (where every row makes progress).
+    most = tries = positions
     for step in range(max_iters):
         U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
         a = active.to(G.dtype)
-        f = (~active).to(G.dtype)  # (no Tensor.__rsub__)
+        f = torch.rsub(a, 1)  # 1 − a (no Tensor.__rsub__)
         rhs = (minus_U_hat * a) @ G_hat
         if compacted:
             # Each row's free indices first, in increasing order, then 0 (the active indices go
@@ -297,25 +298,28 @@ def _masked_pivoting(
             Z = torch.where(active, U_hat, cholesky_solve(L, rhs))
         conflict = (Z @ G_hat) * dual_weight  # −(Gv)_j / (row_scale_j · max|u|)
         violation = torch.where(active, conflict, (U_hat - Z) * primal_weight)
-        infeasible = ~(violation <= threshold)  # NaN counts as infeasible
-        count = infeasible.sum(dim=1)
+        feasible = violation <= threshold  # NaN counts as infeasible
+        n_feasible = feasible.sum(dim=1)
         # A face solution whose gradient is not zero on its free set cannot be trusted (a
         # numerically singular face): its row stops, unconverged.
         exact = (conflict * f).abs().amax(dim=1) <= tol  # (NaN: not exact)
-        solved = count == 0
-        done = solved | ~exact
-        if compacted:
-            done |= (tries < 0) & (count > max_iters - 1 - step)
+        solved = n_feasible == m
+        done = solved >= exact  # (booleans: solved or not exact)
+        if compacted and step > _FULL_EXCHANGES + 1:  # (before, tries is still ≥ 0)
+            done |= (tries < 0) & (n_feasible < m - (max_iters - 1 - step))
         # The exchange of :func:`exchange`: all infeasible indices while their count falls,
         # else only the largest (never before step _FULL_EXCHANGES + 1: tries is still ≥ 0).
-        tries = torch.where(count < best, _FULL_EXCHANGES, tries - 1)
-        best = torch.minimum(count, best)
-        if step <= _FULL_EXCHANGES:
-            next_active = active ^ infeasible
+        if step == 0:  # (every row makes progress)
+            most, tries = n_feasible, _FULL_EXCHANGES
         else:
-            largest = (infeasible * positions).amax(dim=1, keepdim=True)
-            single = infeasible & ((tries >= 0).unsqueeze(1) | (positions == largest))
-            next_active = active ^ single
+            tries = torch.where(n_feasible > most, _FULL_EXCHANGES, tries - 1)
+            most = torch.maximum(n_feasible, most)
+        if step <= _FULL_EXCHANGES:
+            next_active = active == feasible  # (booleans: active xor infeasible)
+        else:
+            largest = torch.where(feasible, 0, positions).amax(dim=1, keepdim=True)
+            flip = (tries >= 0).unsqueeze(1) | (positions == largest)
+            next_active = active ^ (flip > feasible)  # (booleans: flip and infeasible)
         if compacted:  # the next free sets' sizes, -1 for the rows done
             sizes = torch.where(done, -1, (~next_active).sum(dim=1)).tolist()
             n_done, next_width = sizes.count(-1), max(sizes)
@@ -338,8 +342,9 @@ def _masked_pivoting(
             width = next_width
         if n_done > 0:
             keep = (~done).nonzero().squeeze(1)
-            rows, active, state = rows[keep], active[keep], state[:, keep]
-            best, tries = best[keep], tries[keep]
+            rows, active, state, most = rows[keep], active[keep], state[:, keep], most[keep]
+            if step > 0:
+                tries = tries[keep]
     X = s * Z_all
     if not keep_factors:
         return X, converged, final_active, None
@@ -457,8 +462,9 @@ def refine(
         solve = face_solver(G, active, masked=masked)
     V = torch.maximum(V, U)
     gradient_V = gradient = V @ G_exact
+    scales = kkt_scales(G_exact, U)  # (for every residual below)
     if rounded:
-        return _refine_rounded(G_exact, U, V, gradient_V, tol, solve)
+        return _refine_rounded(G_exact, U, V, gradient_V, tol, solve, scales)
     refined = V
     after = None
     for _ in range(_REFINEMENTS):
@@ -471,14 +477,14 @@ def refine(
         # the clamped rows: a tiny clamp can move the gradient of a tiny row by much, relatively.
         if bool(settled.all()):
             clamped = torch.maximum(refined, U)
-            after = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact)
+            after = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact, scales)
             if bool((after <= tol).all()):
                 return clamped, after
             after = None
     refined = torch.maximum(refined, U)
     if after is None:
-        after = feasible_kkt_residual(G_exact, U, refined, refined @ G_exact)
-    before = feasible_kkt_residual(G_exact, U, V, gradient_V)
+        after = feasible_kkt_residual(G_exact, U, refined, refined @ G_exact, scales)
+    before = feasible_kkt_residual(G_exact, U, V, gradient_V, scales)
     better = (after <= tol) | (after <= before)
     return torch.where(better.unsqueeze(1), refined, V), torch.where(better, after, before)
 
@@ -490,18 +496,20 @@ def _refine_rounded(
     gradient: Tensor,
     tol: float,
     solve: Callable[[Tensor], Tensor],
+    scales: tuple[Tensor, Tensor],
 ) -> tuple[Tensor, Tensor]:
     """:func:`refine` with ``rounded``, from the clamped face solutions ``V`` and their gradient
-    ``V G_exact``: each row's iterate of least KKT residual, and that residual."""
+    ``V G_exact``: each row's iterate of least KKT residual, and that residual (``scales``:
+    :func:`~torchjd.linalg._kkt.kkt_scales` ``(G_exact, U)``)."""
     best = V
-    best_residual = feasible_kkt_residual(G_exact, U, V, gradient)
+    best_residual = feasible_kkt_residual(G_exact, U, V, gradient, scales)
     refined = V
     for _ in range(_REFINEMENTS):
         refined = refined - solve(gradient)
         # On the clamped rows: a tiny clamp can move the gradient of a tiny row by much.
         clamped = torch.maximum(refined, U)
         gradient = refined @ G_exact
-        residual = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact)
+        residual = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact, scales)
         improved = residual < best_residual
         best = torch.where(improved.unsqueeze(1), clamped, best)
         best_residual = torch.where(improved, residual, best_residual)
