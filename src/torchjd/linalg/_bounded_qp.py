@@ -281,7 +281,7 @@ def _solve(G: Tensor, U: Tensor, tol: float, max_iters: int, least_norm: bool) -
     GU = _times(U, G)
     # Rows with a non-finite entry (in G, u or G u) have a NaN sum once scaled by zero: cheaper
     # than boolean reductions.
-    non_finite = ((G * 0).sum() + (U * 0).sum(dim=1) + (GU * 0).sum(dim=1)).isnan()
+    non_finite = ((G * 0).sum() + (U * 0 + GU * 0).sum(dim=1)).isnan()
     conflicted = (GU.amin(dim=1) < 0) & ~non_finite
     rows = conflicted.nonzero().squeeze(1)
     V = U  # the rows without conflict (NaN where not finite); built only when some row is one

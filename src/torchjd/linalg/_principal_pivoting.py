@@ -268,11 +268,14 @@ def _masked_pivoting(
         width = int((~active).sum(dim=1).amax())
         slots = positions - 1
         padding = positions + (m - 1)  # (the identity block of bordered)
-    # Per row: the most feasible indices so far (the fewest infeasible ones) and the full
-    # exchanges left without progress; both set from step 0 on (where every row makes progress).
-    most = tries = positions
+    # Per row: the most feasible indices so far (the fewest infeasible ones) and the last step
+    # that raised it (that of :func:`exchange`'s full exchanges left without progress,
+    # ``tries = _FULL_EXCHANGES − (step − improved)``); both set at step 0 (where every row
+    # makes progress).
+    most = improved = positions
+    n_rows = k
+    U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
     for step in range(max_iters):
-        U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
         a = active.to(G.dtype)
         f = torch.rsub(a, 1)  # 1 − a (no Tensor.__rsub__)
         rhs = (minus_U_hat * a) @ G_hat
@@ -305,21 +308,25 @@ def _masked_pivoting(
         exact = (conflict * f).abs().amax(dim=1) <= tol  # (NaN: not exact)
         solved = n_feasible == m
         done = solved >= exact  # (booleans: solved or not exact)
-        if compacted and step > _FULL_EXCHANGES + 1:  # (before, tries is still ≥ 0)
-            done |= (tries < 0) & (n_feasible < m - (max_iters - 1 - step))
+        if compacted and step > _FULL_EXCHANGES + 1:  # (the last step's tries < 0)
+            stalled = improved < step - 1 - _FULL_EXCHANGES
+            done |= stalled & (n_feasible < m - (max_iters - 1 - step))
         # The exchange of :func:`exchange`: all infeasible indices while their count falls,
         # else only the largest (never before step _FULL_EXCHANGES + 1: tries is still ≥ 0).
         if step == 0:  # (every row makes progress)
-            most, tries = n_feasible, _FULL_EXCHANGES
+            most, improved = n_feasible, 0
         else:
-            tries = torch.where(n_feasible > most, _FULL_EXCHANGES, tries - 1)
+            improved = torch.where(n_feasible > most, step, improved)
             most = torch.maximum(n_feasible, most)
         if step <= _FULL_EXCHANGES:
             next_active = active == feasible  # (booleans: active xor infeasible)
         else:
-            largest = torch.where(feasible, 0, positions).amax(dim=1, keepdim=True)
-            flip = (tries >= 0).unsqueeze(1) | (positions == largest)
-            next_active = active ^ (flip > feasible)  # (booleans: flip and infeasible)
+            # Infeasible indices by position from 1 (0: feasible); the rows left to single pivots
+            # flip their largest, the others all (every row not done has one).
+            ranked = torch.where(feasible, 0, positions)
+            largest = ranked.amax(dim=1, keepdim=True)
+            full = (improved >= step - _FULL_EXCHANGES).unsqueeze(1)
+            next_active = active ^ (ranked >= torch.where(full, 1, largest))
         if compacted:  # the next free sets' sizes, -1 for the rows done
             sizes = torch.where(done, -1, (~next_active).sum(dim=1)).tolist()
             n_done, next_width = sizes.count(-1), max(sizes)
@@ -335,16 +342,18 @@ def _masked_pivoting(
             elif keep_factors:
                 leaving = done.nonzero().squeeze(1) if step < max_iters - 1 else slice(None)
                 kept.append((rows[leaving], L[leaving]))
-        if n_done == len(rows) or step == max_iters - 1:
+        if n_done == n_rows or step == max_iters - 1:
             break
+        n_rows -= n_done
         active = next_active
         if compacted:
             width = next_width
         if n_done > 0:
             keep = (~done).nonzero().squeeze(1)
             rows, active, state, most = rows[keep], active[keep], state[:, keep], most[keep]
+            U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()
             if step > 0:
-                tries = tries[keep]
+                improved = improved[keep]
     X = s * Z_all
     if not keep_factors:
         return X, converged, final_active, None
@@ -513,8 +522,9 @@ def _refine_rounded(
         improved = residual < best_residual
         best = torch.where(improved.unsqueeze(1), clamped, best)
         best_residual = torch.where(improved, residual, best_residual)
-        # On, while some row short of tol (NaN: short) has improved.
-        if not bool((improved & ~(best_residual <= tol)).any()):
+        # On, while some row short of tol has improved (to a residual that is not NaN, which
+        # the comparison with tol then tells; 0 for the other rows).
+        if not bool(torch.where(improved, residual, 0.0).amax() > tol):
             break
     return best, best_residual
 
