@@ -297,8 +297,12 @@ def _masked_pivoting(
             # K = [Ĝ_FF, 0; 0, I]: two products, cheaper than torch.where on [k, m, m] booleans.
             K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
             K.diagonal(dim1=1, dim2=2).add_(a)
-            L = upper_cholesky(K)
-            Z = torch.where(active, U_hat, cholesky_solve(L, rhs))
+            # (upper_cholesky and cholesky_solve, inlined: fewer calls per step)
+            R = torch.linalg.cholesky_ex(K, upper=True)[0]
+            L = R.mT
+            y = torch.linalg.solve_triangular(L, rhs.unsqueeze(2), upper=False)
+            x = torch.linalg.solve_triangular(R, y, upper=True).squeeze(2)
+            Z = torch.where(active, U_hat, x)
         conflict = (Z @ G_hat) * dual_weight  # −(Gv)_j / (row_scale_j · max|u|)
         violation = torch.where(active, conflict, (U_hat - Z) * primal_weight)
         feasible = violation <= threshold  # NaN counts as infeasible
@@ -349,7 +353,7 @@ def _masked_pivoting(
         if compacted:
             width = next_width
         if n_done > 0:
-            keep = (~done).nonzero().squeeze(1)
+            (keep,) = (~done).nonzero(as_tuple=True)
             rows, active, state, most = rows[keep], active[keep], state[:, keep], most[keep]
             U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()
             if step > 0:
@@ -577,8 +581,8 @@ def scaled_cholesky(G: Tensor, min_pivot: float) -> tuple[Tensor, Tensor] | None
     bounds the smallest eigenvalue of ``S G S`` from above: zero and near-duplicate rows fail)."""
     s, G_hat = jacobi_scaled(G)
     L, info = torch.linalg.cholesky_ex(G_hat)
-    pivot = L.diagonal().amin() ** 2
-    if not bool((info == 0) & (pivot >= min_pivot)):
+    # (the pivots only when the factorisation succeeded)
+    if int(info) != 0 or not bool(L.diagonal().amin() ** 2 >= min_pivot):
         return None
     return s, L
 
