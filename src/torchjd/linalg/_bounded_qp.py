@@ -544,10 +544,12 @@ def _refined_least_norm(
     # The rows that the general route, repeating these pivots for at most _LEAST_NORM_PIVOTS
     # steps, would find again (the rounding of a float32 G can keep a row above tol whatever
     # its weights: in float32, every row found).
-    within = found
+    # Kept: the rows found within them, or found and meeting tol (without a limit on the steps
+    # within which they count, every row found).
+    kept = found
     if G.dtype == torch.float64 and finished is not None and steps > _LEAST_NORM_PIVOTS:
-        within = found & (finished < _LEAST_NORM_PIVOTS)
-    left = (~((residual <= tol) & found | within)).nonzero().squeeze(1)
+        kept = found & ((residual <= tol) | (finished < _LEAST_NORM_PIVOTS))
+    (left,) = (~kept).nonzero(as_tuple=True)
     X = X.to(G.dtype)
     if left.numel() > 0:
         X[left] = _least_norm_fallback(G, G_exact, U[left], tol)

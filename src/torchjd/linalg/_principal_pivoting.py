@@ -483,7 +483,6 @@ def refine(
     for _ in range(_REFINEMENTS):
         step = solve(gradient)  # (the solve keeps the free indices of its right-hand side)
         refined = refined - step
-        gradient = refined @ G_exact
         # (∞-norms as amax of abs: a few times cheaper than vector_norm on small rows)
         settled = step.abs().amax(dim=1) <= _SETTLED * refined.abs().amax(dim=1)
         # The residuals only once every row has settled (a few operations fewer per step). On
@@ -494,6 +493,7 @@ def refine(
             if bool((after <= tol).all()):
                 return clamped, after
             after = None
+        gradient = refined @ G_exact  # (for the next step)
     refined = torch.maximum(refined, U)
     if after is None:
         after = feasible_kkt_residual(G_exact, U, refined, refined @ G_exact, scales)
@@ -521,7 +521,6 @@ def _refine_rounded(
         refined = refined - solve(gradient)
         # On the clamped rows: a tiny clamp can move the gradient of a tiny row by much.
         clamped = torch.maximum(refined, U)
-        gradient = refined @ G_exact
         residual = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact, scales)
         improved = residual < best_residual
         best = torch.where(improved.unsqueeze(1), clamped, best)
@@ -530,6 +529,7 @@ def _refine_rounded(
         # the comparison with tol then tells; 0 for the other rows).
         if not bool(torch.where(improved, residual, 0.0).amax() > tol):
             break
+        gradient = refined @ G_exact  # (for the next step)
     return best, best_residual
 
 
