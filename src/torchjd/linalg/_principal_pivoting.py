@@ -269,9 +269,9 @@ def _masked_pivoting(
         slots = positions - 1
         padding = positions + (m - 1)  # (the identity block of bordered)
     # Per row: the most feasible indices so far (the fewest infeasible ones) and the last step
-    # that raised it (that of :func:`exchange`'s full exchanges left without progress,
-    # ``tries = _FULL_EXCHANGES − (step − improved)``); both set at step 0 (where every row
-    # makes progress).
+    # that raised it (:func:`exchange`'s full exchanges left without progress are
+    # ``tries = _FULL_EXCHANGES − (step − improved)``); both set at step 0, where every row
+    # makes progress (placeholders until then).
     most = improved = positions
     n_rows = k
     U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
