@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tests.reference.dual_cone import kkt_violation, with_quadprog
 from tests.reference.matrices import make
 from torchjd.linalg import _principal_pivoting
-from torchjd.linalg._kkt import feasible_kkt_residual, row_scales
+from torchjd.linalg._kkt import feasible_kkt_residual, kkt_residual, kkt_scales, row_scales
 from torchjd.linalg._principal_pivoting import (
     _REFINEMENTS,
     _masked_pivoting,
@@ -231,3 +231,24 @@ def test_rounded_refinement_keeps_each_rows_least_residual_iterate(m: int, seed:
     # Never worse than the face solution or its first refinement step.
     bound = torch.minimum(residuals[0], residuals[1])
     assert bool((residual <= bound * (1 + 1e-3) + 1e-10).all())
+
+
+@settings(max_examples=30)
+@given(m=st.integers(1, 12), k=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_feasible_kkt_residual_with_shared_scales(m: int, k: int, seed: int):
+    """:func:`feasible_kkt_residual` given :func:`kkt_scales` (computed once, as the refinement
+    does) is the residual computed without them, and :func:`kkt_residual` on feasible rows (rows
+    of very different norms, a zero row of ``G``)."""
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(m, m + 2, generator=g, dtype=torch.float64)
+    J = J * 10 ** (4 * torch.rand(m, 1, generator=g, dtype=torch.float64) - 2)
+    J[0] = 0.0
+    G = J @ J.T
+    U = torch.randn(k, m, generator=g, dtype=torch.float64)
+    V = U + torch.rand(k, m, generator=g, dtype=torch.float64) * (
+        torch.rand(k, m, generator=g) < 0.5
+    )
+    scales = kkt_scales(G, U)
+    shared = feasible_kkt_residual(G, U, V, V @ G, scales)
+    assert torch.equal(shared, feasible_kkt_residual(G, U, V, V @ G))
+    torch.testing.assert_close(shared, kkt_residual(G, U, V, V @ G), rtol=1e-12, atol=0)

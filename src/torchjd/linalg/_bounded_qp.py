@@ -281,7 +281,7 @@ def _solve(G: Tensor, U: Tensor, tol: float, max_iters: int, least_norm: bool) -
     GU = _times(U, G)
     # Rows with a non-finite entry (in G, u or G u) have a NaN sum once scaled by zero: cheaper
     # than boolean reductions.
-    non_finite = ((G * 0).sum() + (U * 0).sum(dim=1) + (GU * 0).sum(dim=1)).isnan()
+    non_finite = ((G * 0).sum() + (U * 0 + GU * 0).sum(dim=1)).isnan()
     conflicted = (GU.amin(dim=1) < 0) & ~non_finite
     rows = conflicted.nonzero().squeeze(1)
     V = U  # the rows without conflict (NaN where not finite); built only when some row is one
@@ -544,10 +544,12 @@ def _refined_least_norm(
     # The rows that the general route, repeating these pivots for at most _LEAST_NORM_PIVOTS
     # steps, would find again (the rounding of a float32 G can keep a row above tol whatever
     # its weights: in float32, every row found).
-    within = found
+    # Kept: the rows found within them, or found and meeting tol (without a limit on the steps
+    # within which they count, every row found).
+    kept = found
     if G.dtype == torch.float64 and finished is not None and steps > _LEAST_NORM_PIVOTS:
-        within = found & (finished < _LEAST_NORM_PIVOTS)
-    left = (~((residual <= tol) & found | within)).nonzero().squeeze(1)
+        kept = found & ((residual <= tol) | (finished < _LEAST_NORM_PIVOTS))
+    (left,) = (~kept).nonzero(as_tuple=True)
     X = X.to(G.dtype)
     if left.numel() > 0:
         X[left] = _least_norm_fallback(G, G_exact, U[left], tol)

@@ -29,10 +29,20 @@ def kkt_residual(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
     return torch.where(not_finite, torch.nan, residual)
 
 
-def feasible_kkt_residual(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
+def feasible_kkt_residual(
+    G: Tensor, U: Tensor, V: Tensor, GV: Tensor, scales: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """:func:`kkt_residual` of rows known to be feasible (``v ≥ u``) for a finite ``G``: the
-    largest of dual infeasibility and complementarity, in fewer operations. NaN rows stay NaN."""
-    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
-    relative_gradient = GV / (row_scales(G) * u_scale)
+    largest of dual infeasibility and complementarity, in fewer operations. NaN rows stay NaN.
+    ``scales``: :func:`kkt_scales` ``(G, U)``, when computed once for several calls."""
+    u_scale, gradient_scale = kkt_scales(G, U) if scales is None else scales
+    relative_gradient = GV / gradient_scale
     complementarity = relative_gradient.abs() * ((V - U) / u_scale)
     return torch.maximum(-relative_gradient, complementarity).amax(dim=1)
+
+
+def kkt_scales(G: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
+    """The scales of :func:`feasible_kkt_residual`: ``max|u|`` of each row (``[k, 1]``) and that
+    of its gradient, ``s_j · max|u|`` (``[k, m]``, ``s`` from :func:`row_scales`)."""
+    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    return u_scale, row_scales(G) * u_scale

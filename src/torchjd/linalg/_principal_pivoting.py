@@ -26,7 +26,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from torchjd.linalg._kkt import feasible_kkt_residual
+from torchjd.linalg._kkt import feasible_kkt_residual, kkt_scales
 from torchjd.linalg._low_rank import cholesky_solve
 
 _FULL_EXCHANGES = 3  # non-improving full exchanges allowed before a single pivot
@@ -268,12 +268,16 @@ def _masked_pivoting(
         width = int((~active).sum(dim=1).amax())
         slots = positions - 1
         padding = positions + (m - 1)  # (the identity block of bordered)
-    # Per row: the fewest infeasible indices so far, and the full exchanges left without progress.
-    best, tries = torch.tensor([[m + 1], [_FULL_EXCHANGES]], device=U.device).repeat(1, k).unbind()
+    # Per row: the most feasible indices so far (the fewest infeasible ones) and the last step
+    # that raised it (:func:`exchange`'s full exchanges left without progress are
+    # ``tries = _FULL_EXCHANGES − (step − improved)``); both set at step 0, where every row
+    # makes progress (placeholders until then).
+    most = improved = positions
+    n_rows = k
+    U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
     for step in range(max_iters):
-        U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
         a = active.to(G.dtype)
-        f = (~active).to(G.dtype)  # (no Tensor.__rsub__)
+        f = torch.rsub(a, 1)  # 1 − a (no Tensor.__rsub__)
         rhs = (minus_U_hat * a) @ G_hat
         if compacted:
             # Each row's free indices first, in increasing order, then 0 (the active indices go
@@ -293,29 +297,40 @@ def _masked_pivoting(
             # K = [Ĝ_FF, 0; 0, I]: two products, cheaper than torch.where on [k, m, m] booleans.
             K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
             K.diagonal(dim1=1, dim2=2).add_(a)
-            L = upper_cholesky(K)
-            Z = torch.where(active, U_hat, cholesky_solve(L, rhs))
+            # (upper_cholesky and cholesky_solve, inlined: fewer calls per step)
+            R = torch.linalg.cholesky_ex(K, upper=True)[0]
+            L = R.mT
+            y = torch.linalg.solve_triangular(L, rhs.unsqueeze(2), upper=False)
+            x = torch.linalg.solve_triangular(R, y, upper=True).squeeze(2)
+            Z = torch.where(active, U_hat, x)
         conflict = (Z @ G_hat) * dual_weight  # −(Gv)_j / (row_scale_j · max|u|)
         violation = torch.where(active, conflict, (U_hat - Z) * primal_weight)
-        infeasible = ~(violation <= threshold)  # NaN counts as infeasible
-        count = infeasible.sum(dim=1)
+        feasible = violation <= threshold  # NaN counts as infeasible
+        n_feasible = feasible.sum(dim=1)
         # A face solution whose gradient is not zero on its free set cannot be trusted (a
         # numerically singular face): its row stops, unconverged.
         exact = (conflict * f).abs().amax(dim=1) <= tol  # (NaN: not exact)
-        solved = count == 0
-        done = solved | ~exact
-        if compacted:
-            done |= (tries < 0) & (count > max_iters - 1 - step)
+        solved = n_feasible == m
+        done = solved >= exact  # (booleans: solved or not exact)
+        if compacted and step > _FULL_EXCHANGES + 1:  # (the last step's tries < 0)
+            stalled = improved < step - 1 - _FULL_EXCHANGES
+            done |= stalled & (n_feasible < m - (max_iters - 1 - step))
         # The exchange of :func:`exchange`: all infeasible indices while their count falls,
         # else only the largest (never before step _FULL_EXCHANGES + 1: tries is still ≥ 0).
-        tries = torch.where(count < best, _FULL_EXCHANGES, tries - 1)
-        best = torch.minimum(count, best)
-        if step <= _FULL_EXCHANGES:
-            next_active = active ^ infeasible
+        if step == 0:  # (every row makes progress)
+            most, improved = n_feasible, 0
         else:
-            largest = (infeasible * positions).amax(dim=1, keepdim=True)
-            single = infeasible & ((tries >= 0).unsqueeze(1) | (positions == largest))
-            next_active = active ^ single
+            improved = torch.where(n_feasible > most, step, improved)
+            most = torch.maximum(n_feasible, most)
+        if step <= _FULL_EXCHANGES:
+            next_active = active == feasible  # (booleans: active xor infeasible)
+        else:
+            # Infeasible indices by position from 1 (0: feasible); the rows left to single pivots
+            # flip their largest, the others all (every row not done has one).
+            ranked = torch.where(feasible, 0, positions)
+            largest = ranked.amax(dim=1, keepdim=True)
+            full = (improved >= step - _FULL_EXCHANGES).unsqueeze(1)
+            next_active = active ^ (ranked >= torch.where(full, 1, largest))
         if compacted:  # the next free sets' sizes, -1 for the rows done
             sizes = torch.where(done, -1, (~next_active).sum(dim=1)).tolist()
             n_done, next_width = sizes.count(-1), max(sizes)
@@ -331,15 +346,18 @@ def _masked_pivoting(
             elif keep_factors:
                 leaving = done.nonzero().squeeze(1) if step < max_iters - 1 else slice(None)
                 kept.append((rows[leaving], L[leaving]))
-        if n_done == len(rows) or step == max_iters - 1:
+        if n_done == n_rows or step == max_iters - 1:
             break
+        n_rows -= n_done
         active = next_active
         if compacted:
             width = next_width
         if n_done > 0:
-            keep = (~done).nonzero().squeeze(1)
-            rows, active, state = rows[keep], active[keep], state[:, keep]
-            best, tries = best[keep], tries[keep]
+            (keep,) = (~done).nonzero(as_tuple=True)
+            rows, active, state, most = rows[keep], active[keep], state[:, keep], most[keep]
+            U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()
+            if step > 0:
+                improved = improved[keep]
     X = s * Z_all
     if not keep_factors:
         return X, converged, final_active, None
@@ -457,28 +475,29 @@ def refine(
         solve = face_solver(G, active, masked=masked)
     V = torch.maximum(V, U)
     gradient_V = gradient = V @ G_exact
+    scales = kkt_scales(G_exact, U)  # (for every residual below)
     if rounded:
-        return _refine_rounded(G_exact, U, V, gradient_V, tol, solve)
+        return _refine_rounded(G_exact, U, V, gradient_V, tol, solve, scales)
     refined = V
     after = None
     for _ in range(_REFINEMENTS):
         step = solve(gradient)  # (the solve keeps the free indices of its right-hand side)
         refined = refined - step
-        gradient = refined @ G_exact
         # (∞-norms as amax of abs: a few times cheaper than vector_norm on small rows)
         settled = step.abs().amax(dim=1) <= _SETTLED * refined.abs().amax(dim=1)
         # The residuals only once every row has settled (a few operations fewer per step). On
         # the clamped rows: a tiny clamp can move the gradient of a tiny row by much, relatively.
         if bool(settled.all()):
             clamped = torch.maximum(refined, U)
-            after = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact)
+            after = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact, scales)
             if bool((after <= tol).all()):
                 return clamped, after
             after = None
+        gradient = refined @ G_exact  # (for the next step)
     refined = torch.maximum(refined, U)
     if after is None:
-        after = feasible_kkt_residual(G_exact, U, refined, refined @ G_exact)
-    before = feasible_kkt_residual(G_exact, U, V, gradient_V)
+        after = feasible_kkt_residual(G_exact, U, refined, refined @ G_exact, scales)
+    before = feasible_kkt_residual(G_exact, U, V, gradient_V, scales)
     better = (after <= tol) | (after <= before)
     return torch.where(better.unsqueeze(1), refined, V), torch.where(better, after, before)
 
@@ -490,24 +509,27 @@ def _refine_rounded(
     gradient: Tensor,
     tol: float,
     solve: Callable[[Tensor], Tensor],
+    scales: tuple[Tensor, Tensor],
 ) -> tuple[Tensor, Tensor]:
     """:func:`refine` with ``rounded``, from the clamped face solutions ``V`` and their gradient
-    ``V G_exact``: each row's iterate of least KKT residual, and that residual."""
+    ``V G_exact``: each row's iterate of least KKT residual, and that residual (``scales``:
+    :func:`~torchjd.linalg._kkt.kkt_scales` ``(G_exact, U)``)."""
     best = V
-    best_residual = feasible_kkt_residual(G_exact, U, V, gradient)
+    best_residual = feasible_kkt_residual(G_exact, U, V, gradient, scales)
     refined = V
     for _ in range(_REFINEMENTS):
         refined = refined - solve(gradient)
         # On the clamped rows: a tiny clamp can move the gradient of a tiny row by much.
         clamped = torch.maximum(refined, U)
-        gradient = refined @ G_exact
-        residual = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact)
+        residual = feasible_kkt_residual(G_exact, U, clamped, clamped @ G_exact, scales)
         improved = residual < best_residual
         best = torch.where(improved.unsqueeze(1), clamped, best)
         best_residual = torch.where(improved, residual, best_residual)
-        # On, while some row short of tol (NaN: short) has improved.
-        if not bool((improved & ~(best_residual <= tol)).any()):
+        # On, while some row short of tol has improved (to a residual that is not NaN, which
+        # the comparison with tol then tells; 0 for the other rows).
+        if not bool(torch.where(improved, residual, 0.0).amax() > tol):
             break
+        gradient = refined @ G_exact  # (for the next step)
     return best, best_residual
 
 
@@ -559,8 +581,8 @@ def scaled_cholesky(G: Tensor, min_pivot: float) -> tuple[Tensor, Tensor] | None
     bounds the smallest eigenvalue of ``S G S`` from above: zero and near-duplicate rows fail)."""
     s, G_hat = jacobi_scaled(G)
     L, info = torch.linalg.cholesky_ex(G_hat)
-    pivot = L.diagonal().amin() ** 2
-    if not bool((info == 0) & (pivot >= min_pivot)):
+    # (the pivots only when the factorisation succeeded)
+    if int(info) != 0 or not bool(L.diagonal().amin() ** 2 >= min_pivot):
         return None
     return s, L
 
