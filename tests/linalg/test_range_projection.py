@@ -143,7 +143,8 @@ def test_small_state_chunks_and_probe(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_probe_without_success_leaves_every_row(monkeypatch: pytest.MonkeyPatch):
-    """When no probe row is found (here: no step allowed), the other rows are not tried."""
+    """When no probe row is found (here: no step allowed, cold or warm-started), the other rows are
+    not tried."""
     m = 70
     J = degenerate_jacobian(m, 6, 15, seed=6)
     G = J @ J.T
@@ -156,11 +157,12 @@ def test_probe_without_success_leaves_every_row(monkeypatch: pytest.MonkeyPatch)
         return rows(*args)
 
     monkeypatch.setattr(_range_projection, "_STEPS", (0, 0))
+    monkeypatch.setattr(_range_projection, "_WARM_STEPS", (0, 0))
     monkeypatch.setattr(_range_projection, "_rows", counted)
     V, found = range_projection_rows(G, U, 1e-9, range_factor(G, torch.float64), torch.float64)
     assert not found.any()
     assert torch.equal(V, U)
-    assert calls == [_range_projection._PROBE_ROWS]
+    assert calls == [_range_projection._PROBE_ROWS] * 2
 
 
 def range_route_only(monkeypatch: pytest.MonkeyPatch) -> None:
