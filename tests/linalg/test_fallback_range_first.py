@@ -30,18 +30,21 @@ def test_fallback_rows_optimal_and_of_least_energy(rank: int, seed: int):
     G = J @ J.T
     U = problem_rows(m, seed)
     accepted = []
-    route = bounded_qp.range_projection_rows
+    probe, route = bounded_qp._range_chunks, bounded_qp.range_projection_rows
 
-    def spy(*args):
-        X, found = route(*args)
-        accepted.append(int(found.sum()))
-        return X, found
+    def spying(solve):
+        def spy(*args):
+            X, found = solve(*args)
+            accepted.append(int(found.sum()))
+            return X, found
 
-    bounded_qp.range_projection_rows = spy
+        return spy
+
+    bounded_qp._range_chunks, bounded_qp.range_projection_rows = spying(probe), spying(route)
     try:
         V = _least_norm_fallback(tikhonov(G), G, U, TOL)
     finally:
-        bounded_qp.range_projection_rows = route
+        bounded_qp._range_chunks, bounded_qp.range_projection_rows = probe, route
     assert sum(accepted) > 0
     assert_optimal_of_least_energy(J, U, V)
 
@@ -53,18 +56,22 @@ def test_probe_rejected_leaves_the_other_rows():
     G = J @ J.T
     U = torch.eye(72, dtype=torch.float64)
     calls = []
-    route = bounded_qp.range_projection_rows
+    probe, route = bounded_qp._range_chunks, bounded_qp.range_projection_rows
 
     def rejecting(G: torch.Tensor, U: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(U.shape[0])
-        X, found = route(G, U, *args)
+        X, found = probe(G, U, *args)
         return X, found & (torch.arange(U.shape[0]) < 7)  # 7 of 16 probe rows
 
-    bounded_qp.range_projection_rows = rejecting
+    def counting(G: torch.Tensor, U: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(U.shape[0])
+        return route(G, U, *args)
+
+    bounded_qp._range_chunks, bounded_qp.range_projection_rows = rejecting, counting
     try:
         X, found = _range_rows_first(G, U, TOL, range_factor(G, torch.float64), torch.float64)
     finally:
-        bounded_qp.range_projection_rows = route
+        bounded_qp._range_chunks, bounded_qp.range_projection_rows = probe, route
     assert calls == [bounded_qp._RANGE_PROBE_ROWS]
     assert int(found.sum()) <= 7
     others = torch.ones(72, dtype=torch.bool)

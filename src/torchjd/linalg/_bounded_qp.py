@@ -154,6 +154,7 @@ from torchjd.linalg._principal_pivoting import (
     principal_pivoting,
     scaled_cholesky,
 )
+from torchjd.linalg._range_projection import _chunks as _range_chunks
 from torchjd.linalg._range_projection import least_energy_rows, range_projection_rows
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._small_pivoting import UnitRows, scaled_small_pivoting, small_pivoting
@@ -658,11 +659,12 @@ def _least_norm_fallback(
     the rows of a float64 ``G`` first go to the range route
     (:func:`~torchjd.linalg._range_projection.range_projection_rows`, through
     :func:`_range_rows_first`), the interior point taking those it leaves. On the rows that reach
-    this fallback in ``benchmarks/non_conflict.py`` at ``m = 256`` (seed 0: 304 float64 rows;
-    seed 1: 616), 0.81 and 0.99 of the time, and 9 rows above ``tol`` on ``G_exact`` instead of
-    71 (seed 1: the same 97), none heavier by more than 10⁻³. Not in float32, where its weights
-    are heavier than those of the interior point and its polish (by 3.5% in the median on 155
-    rows of one call), nor up to ``m = 64``, where it takes 1.6 times as long."""
+    this fallback at ``m = 256`` (float64; ``non_conflict.hard_jacobian``'s stream from seed 0,
+    304 rows; seed 1, 616; the benchmark's, 111), 0.80, 1.02 and 0.95 of the time, and 9 rows
+    above ``tol`` on ``G_exact`` instead of 71, the same 97, and 68 instead of 80; none heavier
+    than before by more than 10⁻⁴. Not in float32, where its weights are heavier than those of
+    the interior point and its polish (by 3.5% in the median on 155 rows of one call), nor up to
+    ``m = 64``, where it takes 1.6 times as long."""
     m = G.shape[0]
     G64, G_exact64, U64 = G.double(), G_exact.double(), U.double()
     formed = range_factor(G_exact64, G.dtype) if factor is None else factor()
@@ -684,14 +686,15 @@ def _range_rows_first(
 ) -> tuple[Tensor, Tensor]:
     """:func:`~torchjd.linalg._range_projection.range_projection_rows` of the rows ``U`` (float64),
     and which it accepts, when it accepts at least :data:`_RANGE_PROBE_SHARE` of
-    :data:`_RANGE_PROBE_ROWS` of them, spread out, tried first; else those only (the others
-    ``u``, not accepted). (At ``m = 256``, on a call where it accepts a third of the rows, it
-    takes as long as the interior point on all of them.)"""
+    :data:`_RANGE_PROBE_ROWS` of them, spread out, tried first (by its cold method alone, without
+    the warm start of rows with large active sets: on a call where they fail, cheaper); else
+    those only (the others ``u``, not accepted). (At ``m = 256``, on a call where it accepts a
+    third of the rows, it takes as long as the interior point on all of them.)"""
     k = U.shape[0]
     probe = torch.zeros(k, dtype=torch.bool, device=U.device)
     probe[torch.linspace(0, k - 1, min(k, _RANGE_PROBE_ROWS), device=U.device).long()] = True
     X, found = U.clone(), torch.zeros_like(probe)
-    X[probe], found[probe] = range_projection_rows(G, U[probe], tol, factor, dtype)
+    X[probe], found[probe] = _range_chunks(G, U[probe], tol, factor, dtype)
     if int(found.sum()) >= _RANGE_PROBE_SHARE * int(probe.sum()) and not bool(probe.all()):
         X[~probe], found[~probe] = range_projection_rows(G, U[~probe], tol, factor, dtype)
     return X, found
