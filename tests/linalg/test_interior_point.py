@@ -12,7 +12,7 @@ from tests.reference.dual_cone import (
 )
 from tests.reference.matrices import make
 from torchjd.linalg._bounded_qp import LEAST_NORM_TOL, _least_norm_fallback, tikhonov
-from torchjd.linalg._interior_point import _longest_step_inverse, interior_point
+from torchjd.linalg._interior_point import _factorise, _longest_step_inverse, interior_point
 from torchjd.linalg._kkt import kkt_residual
 
 
@@ -59,6 +59,26 @@ def test_interior_point_step_reaches_the_boundary(seed: int):
     alpha = (1 / inverse[1:]).unsqueeze(1)
     assert (x[1:] + alpha * dx[1:] >= -1e-12).all()
     assert (z[1:] + alpha * dz[1:] >= -1e-12).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_factorise_solves_each_rows_shifted_system(seed: int):
+    # Each row's (P + diag(d)) x = b, P singular (rank 3) and d over nine decades (as z / x near
+    # the solution), against torch.linalg.solve on the unscaled systems; P is left as it was
+    # (the Jacobi-scaled copy is formed in place).
+    g = torch.Generator().manual_seed(seed)
+    m, k = 9, 6
+    J = torch.randn(m, 3, generator=g, dtype=torch.float64)
+    P = 2 * J @ J.T
+    before = P.clone()
+    d = 10 ** (9 * torch.rand(k, m, generator=g, dtype=torch.float64) - 3)
+    b = torch.randn(k, m, generator=g, dtype=torch.float64)
+    x = _factorise(P, d)(b)
+    expected = torch.linalg.solve(P + torch.diag_embed(d), b)
+    assert torch.equal(P, before)
+    residual = ((P + torch.diag_embed(d)) @ x.unsqueeze(2)).squeeze(2) - b
+    assert (residual.norm(dim=1) <= 1e-10 * b.norm(dim=1)).all()
+    torch.testing.assert_close(x, expected, rtol=1e-8, atol=0)
 
 
 @pytest.mark.parametrize("seed", range(4))
