@@ -30,21 +30,18 @@ def test_fallback_rows_optimal_and_of_least_energy(rank: int, seed: int):
     G = J @ J.T
     U = problem_rows(m, seed)
     accepted = []
-    probe, route = bounded_qp._range_chunks, bounded_qp.range_projection_rows
+    route = bounded_qp.range_projection_rows
 
-    def spying(solve):
-        def spy(*args):
-            X, found = solve(*args)
-            accepted.append(int(found.sum()))
-            return X, found
+    def spy(*args, **kwargs):
+        X, found = route(*args, **kwargs)
+        accepted.append(int(found.sum()))
+        return X, found
 
-        return spy
-
-    bounded_qp._range_chunks, bounded_qp.range_projection_rows = spying(probe), spying(route)
+    bounded_qp.range_projection_rows = spy
     try:
         V = _least_norm_fallback(tikhonov(G), G, U, TOL)
     finally:
-        bounded_qp._range_chunks, bounded_qp.range_projection_rows = probe, route
+        bounded_qp.range_projection_rows = route
     assert sum(accepted) > 0
     assert_optimal_of_least_energy(J, U, V)
 
@@ -56,23 +53,21 @@ def test_probe_rejected_leaves_the_other_rows():
     G = J @ J.T
     U = torch.eye(72, dtype=torch.float64)
     calls = []
-    probe, route = bounded_qp._range_chunks, bounded_qp.range_projection_rows
+    route = bounded_qp.range_projection_rows
 
-    def rejecting(G: torch.Tensor, U: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
-        calls.append(U.shape[0])
-        X, found = probe(G, U, *args)
+    def rejecting(
+        G: torch.Tensor, U: torch.Tensor, *args, warm: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append((U.shape[0], warm))
+        X, found = route(G, U, *args, warm=warm)
         return X, found & (torch.arange(U.shape[0]) < 7)  # 7 of 16 probe rows
 
-    def counting(G: torch.Tensor, U: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
-        calls.append(U.shape[0])
-        return route(G, U, *args)
-
-    bounded_qp._range_chunks, bounded_qp.range_projection_rows = rejecting, counting
+    bounded_qp.range_projection_rows = rejecting
     try:
         X, found = _range_rows_first(G, U, TOL, range_factor(G, torch.float64), torch.float64)
     finally:
-        bounded_qp._range_chunks, bounded_qp.range_projection_rows = probe, route
-    assert calls == [bounded_qp._RANGE_PROBE_ROWS]
+        bounded_qp.range_projection_rows = route
+    assert calls == [(bounded_qp._RANGE_PROBE_ROWS, False)]  # the probe, cold, only
     assert int(found.sum()) <= 7
     others = torch.ones(72, dtype=torch.bool)
     others[torch.linspace(0, 71, bounded_qp._RANGE_PROBE_ROWS).long()] = False

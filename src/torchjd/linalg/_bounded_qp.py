@@ -154,7 +154,6 @@ from torchjd.linalg._principal_pivoting import (
     principal_pivoting,
     scaled_cholesky,
 )
-from torchjd.linalg._range_projection import _chunks as _range_chunks
 from torchjd.linalg._range_projection import least_energy_rows, range_projection_rows
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._small_pivoting import UnitRows, scaled_small_pivoting, small_pivoting
@@ -696,7 +695,7 @@ def _range_rows_first(
     probe = torch.zeros(k, dtype=torch.bool, device=U.device)
     probe[torch.linspace(0, k - 1, min(k, _RANGE_PROBE_ROWS), device=U.device).long()] = True
     X, found = U.clone(), torch.zeros_like(probe)
-    X[probe], found[probe] = _range_chunks(G, U[probe], tol, factor, dtype)
+    X[probe], found[probe] = range_projection_rows(G, U[probe], tol, factor, dtype, warm=False)
     if int(found.sum()) >= _RANGE_PROBE_SHARE * int(probe.sum()) and not bool(probe.all()):
         X[~probe], found[~probe] = range_projection_rows(G, U[~probe], tol, factor, dtype)
     return X, found

@@ -102,19 +102,26 @@ _WARM_STEPS = (0.25, 30)
 
 
 def range_projection_rows(
-    G: Tensor, U: Tensor, tol: float, factor: tuple[Tensor, Tensor], dtype: torch.dtype
+    G: Tensor,
+    U: Tensor,
+    tol: float,
+    factor: tuple[Tensor, Tensor],
+    dtype: torch.dtype,
+    warm: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Rows ``argmin_{v ≥ u} vᵀ G v`` of least :math:`\\sum_j W_j v_j^2` (``G``, ``U`` in float64;
     ``factor``: :func:`~torchjd.linalg._spanning.range_factor` of ``G``; ``dtype``: that of the
     caller's ``G``), and which rows are accepted: KKT residual at most ``tol`` on ``G`` itself in
     float64, and on its range ``L Lᵀ`` in float32 (as :mod:`torchjd.linalg._spanning` does: the
     rounding of a float32 ``G`` has no low rank, and its product with the large weights of small
-    rows can exceed ``tol`` on ``G`` itself). The other rows are ``u`` or an approximation."""
+    rows can exceed ``tol`` on ``G`` itself). The other rows are ``u`` or an approximation.
+    ``warm``: whether the rows that the cold method leaves (all of the probe's) are tried again,
+    warm-started (see the module docstring); without it, only the cold method runs."""
     k = U.shape[0]
-    if k <= 2 * _PROBE_ROWS:
+    if k <= 2 * _PROBE_ROWS or not warm:
         X, found = _chunks(G, U, tol, factor, dtype)
         left = (~found).nonzero().squeeze(1)
-        if left.numel() > 0:
+        if left.numel() > 0 and warm:
             X[left], found[left] = _chunks(G, U[left], tol, factor, dtype, warm=True)
         return X, found
     probe = torch.zeros(k, dtype=torch.bool, device=U.device)
