@@ -495,11 +495,12 @@ def _downdate(
         rotation = torch.stack([c, s, -s, c], dim=1).view(k, 2, 2)
         R[:, j : j + 2, j:] = rotation @ R[:, j : j + 2, j:]
         Q[:, :, j : j + 2] = Q[:, :, j : j + 2] @ rotation.mT
-    R = R.triu()  # (the zeroed subdiagonal, but for rounding)
+    R.diagonal(offset=-1, dim1=1, dim2=2).zero_()  # (the zeroed subdiagonal, but for rounding)
+    Q[torch.arange(k, device=Q.device), :, q - 1] = 0.0
     inside = position < (q - 1).unsqueeze(1)
     block = inside.unsqueeze(2) & inside.unsqueeze(1)
     eye = torch.eye(width, dtype=R.dtype, device=R.device)
-    return torch.where(inside.unsqueeze(1), Q, 0.0), torch.where(block, R, eye)
+    return Q, torch.where(block, R, eye)
 
 
 def _factor(padded: Tensor, slots: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
