@@ -41,7 +41,8 @@ def optimal_weights(J: np.ndarray, u: np.ndarray) -> np.ndarray:
 def assert_least_energy(J: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> None:
     """Each row of ``V`` has the least ``Σ_j ‖J_j‖² v_j²`` among the ``v ≥ u`` with its update (the
     update's optimality is checked apart: KKT on ``G``, and NNLS below): quadprog's answer where
-    it concludes (its own degeneracy can stop it), else none lighter by scipy's SLSQP from ``v``."""
+    it concludes (its own degeneracy can stop it), else no feasible point of scipy's SLSQP (from
+    ``v``) lighter."""
     J_np = J.numpy()
     weights = (J_np * J_np).sum(axis=1)
     weights = np.where(weights > 0, weights, 1e-6 * weights.max())
@@ -59,7 +60,10 @@ def assert_least_energy(J: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> No
                 method="SLSQP",
                 options={"ftol": 1e-14, "maxiter": 500},
             )
-            assert (weights * v * v).sum() <= (weights * result.x**2).sum() * (1 + 1e-7) + 1e-12
+            # (SLSQP can stop early on an infeasible point, lighter than any feasible one.)
+            feasible = np.abs(J_np.T @ result.x - update).max() <= 1e-9 * np.abs(update).max()
+            if feasible and (result.x >= u - 1e-12).all():
+                assert (weights * v * v).sum() <= (weights * result.x**2).sum() * (1 + 1e-7) + 1e-12
             continue
         np.testing.assert_allclose(v, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 

@@ -17,8 +17,8 @@ unconstrained ``y = a``, each step adds the most violated constraint, dropping a
 multipliers would turn negative; the active normals stay linearly independent (a constraint whose
 normal is in their span only moves the multipliers). Each row keeps ``ℓ_Aᵀ = Q_1 R`` (``Q_1``:
 ``r × |A|`` orthonormal columns, ``R`` triangular): a constraint is added by two Gram-Schmidt
-passes (``O(r |A|)``), and the factors are formed again from the active normals when one is
-dropped. The answer is refined once from the final active set (``y = (I − Q_1 Q_1ᵀ) a``). The
+passes (``O(r |A|)``), and dropped by Givens rotations (``O((r + |A|) |A|)``, :func:`_downdate`).
+The answer is refined once from the final active set (``y = (I − Q_1 Q_1ᵀ) a``). The
 method takes about ``|A|`` steps of ``O(m r)`` each (the most violated constraint); a row that
 needs more than ``r / 2 + 30`` steps (large active sets, many drops: at ``m = 1024``, rank 351,
 over 500 steps with hundreds of drops, as slow as the interior point) is left to the caller, and
@@ -99,6 +99,10 @@ _START_ROUNDS = 8
 # it (the pivots of exactly dependent normals are the square root of the rounding, about 1e-8).
 _START_DEPENDENT = 1e-6
 _WARM_STEPS = (0.25, 30)
+# A drop downdates the factors of its k rows (r × w) when k r w² is at least this many times the
+# positions of its loop of rotations (each about as costly as that many entries of a QR), else
+# forms them again.
+_ROTATION_COST = 400_000
 
 
 def range_projection_rows(
@@ -297,8 +301,10 @@ def dual_active_set(
         removed = (live & (full_step > t)).nonzero().squeeze(1)
         if removed.numel() > 0:
             slots[removed], mu[removed] = _remove(slots[removed], mu[removed], drop[removed], m)
+            Q[removed], R[removed] = _drop(
+                padded, Q[removed], R[removed], slots[removed], drop[removed], q[removed]
+            )
             q[removed] -= 1
-            Q[removed], R[removed] = _factor(padded, slots[removed], q[removed])
         frozen = ~live
         if 2 * int(frozen.sum()) >= live.numel():
             leave(frozen.nonzero().squeeze(1))
@@ -448,6 +454,53 @@ def _remove(slots: Tensor, mu: Tensor, drop: Tensor, m: int) -> tuple[Tensor, Te
     slots = torch.where(last, m, slots.gather(1, source))
     mu = torch.where(last, 0.0, mu.gather(1, source))
     return slots, mu
+
+
+def _drop(
+    padded: Tensor, Q: Tensor, R: Tensor, slots: Tensor, drop: Tensor, q: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The factors of each row's ``q`` active normals without the one at position ``drop``
+    (``slots``: the remaining ones): downdated (:func:`_downdate`) or, when its loop over the
+    positions ``drop, …, q − 2`` of the rows would cost more (few rows, narrow factors), formed
+    again (:func:`_factor`)."""
+    k, r, width = Q.shape
+    first, last = torch.stack([drop.min(), q.max() - 2]).tolist()
+    if k * r * width**2 < _ROTATION_COST * (last - first + 1):
+        return _factor(padded, slots, q - 1)
+    return _downdate(Q, R, drop, q, (first, last))
+
+
+def _downdate(
+    Q: Tensor, R: Tensor, drop: Tensor, q: Tensor, span: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """The factors ``ℓ_Aᵀ = Q_1 R`` of each row's ``q`` active normals without the one at position
+    ``drop`` (Goldfarb and Idnani's downdate): without its column, ``R`` is upper Hessenberg from
+    column ``drop`` on; Givens rotations of rows ``j`` and ``j + 1`` of ``R`` (and of columns ``j``
+    and ``j + 1`` of ``Q_1``) zero its subdiagonal for ``j = drop, …, q − 2``, the rotated last
+    column of ``Q_1`` then leaving (``O((r + |A|) |A|)`` a row, against ``O(r |A|²)`` for a new
+    factorisation; ``span``: the least ``drop`` and the largest ``q − 2``)."""
+    k, width = drop.shape[0], R.shape[2]
+    position = torch.arange(width, device=R.device)
+    source = torch.where(position < drop.unsqueeze(1), position, position + 1).clamp_max(width - 1)
+    R = R.gather(2, source.unsqueeze(1).expand(k, width, width))
+    first, last = span
+    steps = torch.arange(first, last + 1, device=R.device)
+    rotated = (steps >= drop.unsqueeze(1)) & (steps <= (q - 2).unsqueeze(1))
+    for i, j in enumerate(range(first, last + 1)):
+        a, b = R[:, j, j], R[:, j + 1, j]
+        norm = torch.hypot(a, b)
+        on = rotated[:, i] & (norm > 0)
+        c = torch.where(on, a / norm, 1.0)
+        s = torch.where(on, b / norm, 0.0)
+        rotation = torch.stack([c, s, -s, c], dim=1).view(k, 2, 2)
+        R[:, j : j + 2, j:] = rotation @ R[:, j : j + 2, j:]
+        Q[:, :, j : j + 2] = Q[:, :, j : j + 2] @ rotation.mT
+    R.diagonal(offset=-1, dim1=1, dim2=2).zero_()  # (the zeroed subdiagonal, but for rounding)
+    Q[torch.arange(k, device=Q.device), :, q - 1] = 0.0
+    inside = position < (q - 1).unsqueeze(1)
+    block = inside.unsqueeze(2) & inside.unsqueeze(1)
+    eye = torch.eye(width, dtype=R.dtype, device=R.device)
+    return Q, torch.where(block, R, eye)
 
 
 def _factor(padded: Tensor, slots: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
