@@ -86,6 +86,13 @@ _NEWTON_STEPS = 30
 # least_energy_rows: a row stops when a step on an unchanged free set does not reduce its
 # residual by this factor (the rounding of its Newton system).
 _STALL = 0.5
+# least_energy_rows: on the diagonal of the Newton systems of free sets of fewer than r indices
+# (singular: unridged, the step along their null space, 1 / ridge longer than the rest, meets a
+# breakpoint at once, and the row gains one index a step, as float32 Gramians' rows do for most
+# of their 30 steps), from a row's first step shorter than _SHORT_STEP of the Newton step, while
+# its free set changes. The rows of ℓ have unit norm.
+_DEFICIENT_RIDGE = 1e-2
+_SHORT_STEP = 1e-3
 _NEWTON_TARGET = 1e-1  # of tol: the KKT residual (on the range of G) at which Newton stops
 _PROBE_ROWS = 16
 _GROWTH = 16  # columns added to the state when an active set outgrows it
@@ -528,16 +535,22 @@ def _least_norm(
     """The least-norm ``z`` of each row (see the module docstring) by semismooth Newton from
     ``λ = lam``, and its KKT residual on the range of ``G`` relative to ``target`` (the
     tolerance times ``√W_max max|u|``); rows that do not reach :data:`_NEWTON_TARGET` keep their
-    last iterate. With ``stall``, a row also stops when a step on an unchanged free set does not
-    reduce its residual by that factor."""
-    out = torch.empty_like(B)
+    last iterate. With ``stall`` (:func:`least_energy_rows`), a row also stops when a step on
+    an unchanged free set does not reduce its residual by that factor, the systems of free sets
+    of fewer than ``r`` indices get :data:`_DEFICIENT_RIDGE` on their diagonal (see there), and
+    each row keeps its iterate of least residual (and returns that residual)."""
+    out = B.clone()
     residual = torch.full_like(target, torch.inf)
+    best = torch.full_like(target, torch.inf)
     rows = torch.arange(B.shape[0], device=B.device)
     previous = torch.zeros_like(tight)
+    short = torch.zeros_like(target, dtype=torch.bool)
+    r = ell.shape[1]
     for _ in range(_NEWTON_STEPS):
         C = lam @ ell.T
         Z = torch.where(tight, torch.maximum(B, C), B)
-        out[rows] = Z
+        if stall is None:
+            out[rows] = Z
         gradient = Y - Z @ ell
         # The KKT residual on the range of G, times √W_max max|u| (target: tol times it):
         # (G v)_j = √W_j ℓ_j · ℓᵀz, and v_j − u_j = (z_j − b_j) / √W_j.
@@ -546,22 +559,47 @@ def _least_norm(
         worst = torch.maximum(-dual, complementarity).amax(dim=1)
         progress = ~(worst <= _NEWTON_TARGET * target)
         free = tight & (C > B)
+        ridged = short  # used with stall only
         if stall is not None:
             # A full step on an unchanged free set solves its system: a residual that does not
             # fall by the factor stall is that system's rounding.
             settled = (free == previous).all(dim=1)
             progress &= ~(settled & (worst / target > stall * residual[rows]))
             previous = free
+            lower = worst / target < best[rows]
+            out[rows] = torch.where(lower.unsqueeze(1), Z, out[rows])
+            best[rows] = torch.where(lower, worst / target, best[rows])
+            ridged = (free.sum(dim=1) < r) & short & ~settled
         residual[rows] = worst / target
         keep = progress.nonzero().squeeze(1)
         if keep.numel() == 0:
             break
-        rows, B, Y, tight, lam, C, free, gradient, target, u_scale, previous = (
-            x[keep] for x in (rows, B, Y, tight, lam, C, free, gradient, target, u_scale, previous)
+        state = (
+            rows,
+            B,
+            Y,
+            tight,
+            lam,
+            C,
+            free,
+            gradient,
+            target,
+            u_scale,
+            previous,
+            short,
+            ridged,
         )
-        direction = cholesky_solve(_newton_factor(ell, free), gradient)
-        lam = _line_search(ell, B, tight, lam, C, gradient, direction)
-    return out, residual
+        rows, B, Y, tight, lam, C, free, gradient, target, u_scale, previous, short, ridged = (
+            x[keep] for x in state
+        )
+        ridge = None if stall is None else torch.where(ridged, _DEFICIENT_RIDGE, 0.0).to(ell.dtype)
+        direction = cholesky_solve(_newton_factor(ell, free, ridge=ridge), gradient)
+        step = _line_search(ell, B, tight, lam, C, gradient, direction)
+        if stall is not None:
+            taken = ((step - lam) * direction).sum(dim=1)  # α ‖Δλ‖²
+            short |= taken < _SHORT_STEP * (direction * direction).sum(dim=1)
+        lam = step
+    return out, (residual if stall is None else best)
 
 
 def _line_search(

@@ -263,14 +263,17 @@ def _shared_steps(ell: Tensor, B: Tensor, steps: int) -> Tensor:
     return Y
 
 
-def _newton_factor(ell: Tensor, free: Tensor, products: Tensor | None = None) -> Tensor:
+def _newton_factor(
+    ell: Tensor, free: Tensor, products: Tensor | None = None, *, ridge: Tensor | None = None
+) -> Tensor:
     """Each row's lower Cholesky factor of ``ℓ_Fᵀ ℓ_F + ρ I``. With ``products``
     (:func:`~torchjd.linalg._low_rank.pair_products`), or for at least
     :data:`_FORMED_PRODUCTS_ROWS` rows, the (lower) triangles of all rows come from one product
     ``[1_{j ∈ F}]_{row, j} [ℓ_{ja} ℓ_{jb}]_{j, a ≤ b}`` (the products formed here by rows of the
     triangle when not given, each block within :data:`_FACTOR_ENTRIES`); for fewer rows, from
     each row's indices gathered on the smaller side, ``ℓ_Fᵀ ℓ_F`` or ``ℓᵀℓ − ℓ_Aᵀ ℓ_A``
-    (``O(min(|F|, |A|) r²)`` per row, without forming the products)."""
+    (``O(min(|F|, |A|) r²)`` per row, without forming the products). With ``ridge`` (one value a
+    row), each row's system also gets that value on its diagonal."""
     m, r = ell.shape
     k = free.shape[0]
     indicator = free.to(ell.dtype)
@@ -294,6 +297,8 @@ def _newton_factor(ell: Tensor, free: Tensor, products: Tensor | None = None) ->
             start = stop
         M = M.view(k, r, r)  # its lower triangle
     M.diagonal(dim1=1, dim2=2).add_(_RIDGE[ell.dtype] * m)
+    if ridge is not None:
+        M.diagonal(dim1=1, dim2=2).add_(ridge.unsqueeze(1))
     return torch.linalg.cholesky_ex(M)[0]
 
 
