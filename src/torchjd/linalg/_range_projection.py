@@ -118,6 +118,7 @@ def range_projection_rows(
     tol: float,
     factor: tuple[Tensor, Tensor],
     dtype: torch.dtype,
+    *,
     warm: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Rows ``argmin_{v ≥ u} vᵀ G v`` of least :math:`\\sum_j W_j v_j^2` (``G``, ``U`` in float64;
