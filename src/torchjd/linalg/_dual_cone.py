@@ -83,16 +83,16 @@ class TorchProjector(DualConeProjector):
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
     float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
     spread over six decades (which the default's regularisation hides). A singular or nearly
-    singular one costs more: median ratio about 1.8x (float64 and float32) at 16 and 64 rows
+    singular one costs more: median ratio 1.5x to 1.9x (float64 and float32) at 16 and 64 rows
     (``benchmarks/non_conflict.py``, 100 hard Jacobians per dtype and size, one thread; in total
-    time 1.9x to 2.1x at 16 rows and 3.0x to 3.4x at 64 rows, as about a third of the singular
+    time 1.7x to 1.9x at 16 rows and 2.9x to 3.4x at 64 rows, as about a third of the singular
     Gramians at 64 rows send some rows to a slower interior-point method, whose weights are then
     brought to the least-norm ones); when many more rows
     than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x
     (float32) at 256 rows and 2.7x to 3.5x at 1,024 rows; otherwise, at 256 rows, 8x (float64)
-    to 14x (float32) the default's total time on the hard Jacobians of
+    to 13x (float32) the default's total time on the hard Jacobians of
     ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.6x and 2.2x), where the
-    default is fast (10-25 ms a call on average) and the exact mode takes up to about 1.6 s; at
+    default is fast (10-25 ms a call on average) and the exact mode takes up to about 1.5 s; at
     1,024 rows, seconds to minutes a call when there are many more rows than columns (see
     below).
 
@@ -111,11 +111,12 @@ class TorchProjector(DualConeProjector):
     subspace, every update is zero and the least-norm weights come from a Newton method in the
     range of ``G`` (``rank(G)``-sized systems per row); from ``m = 512``, when they do not, each
     row's update is first found in the range of ``G`` (the dual active-set method of Goldfarb and
-    Idnani in ``rank(G)`` variables), then its least-norm weights by a Newton method on the
-    constraints it meets, and only the rows whose active sets are too large for it (hundreds of
-    indices) go on to pivoting and the interior point. Each row's faces there cost
+    Idnani in ``rank(G)`` variables; warm-started from an ADMM guess of the active set when its
+    first rows fail, as they do when the active sets hold hundreds of indices), then its
+    least-norm weights by a Newton method on the constraints it meets, and only the rows it
+    leaves go on to pivoting and the interior point. Each row's faces there cost
     :math:`O(|F|^3)`: on three hard Jacobians of 1,024 rows (more rows than columns; ranks 203,
-    226 and 351), 6 s, 2 min and 7 min against 0.4-1.6 s for the defaults. The KKT
+    226 and 351), 6 s, 15 s and 6 min against 0.3-1.6 s for the defaults. The KKT
     residual of each row, each row's conflict measured relative to its norm, is below ``1e-7`` in
     float64 and ``2e-5`` in float32; in exact mode, below ``1e-9`` in float64 on most Gramians, but
     on some degenerate ones (4 of 40 hard Jacobians of 64 rows) a few rows keep a larger
