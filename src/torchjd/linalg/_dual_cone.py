@@ -116,7 +116,7 @@ class TorchProjector(DualConeProjector):
     least-norm weights by a Newton method on the constraints it meets, and only the rows it
     leaves go on to pivoting and the interior point. Each row's faces there cost
     :math:`O(|F|^3)`: on three hard Jacobians of 1,024 rows (more rows than columns; ranks 203,
-    226 and 351), 6 s, 15 s and 6 min against 0.3-1.6 s for the defaults. The KKT
+    226 and 351), 6 s, 11 s and 6 min against 0.3-1.6 s for the defaults. The KKT
     residual of each row, each row's conflict measured relative to its norm, is below ``1e-7`` in
     float64 and ``2e-5`` in float32; in exact mode, below ``1e-9`` in float64 on most Gramians, but
     on some degenerate ones (4 of 40 hard Jacobians of 64 rows) a few rows keep a larger

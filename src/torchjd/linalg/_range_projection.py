@@ -35,8 +35,9 @@ the guessed face, the first that reaches zero leaving; one ``|A| × |A|`` Choles
 ``ℓ_A ℓ_Aᵀ`` per round); the method then needs about as many steps as the guess has wrong indices
 (at most ``r / 4 + 30``). On the hard Jacobian of seed 1 (#4) at ``m = 1024`` (float64, rank
 226, optimal active sets of 221 to 225 indices, 450 to 520 cold steps with 210 to 300 drops), a
-start of about 223 indices finds every row in at most 40 steps; the 1024 rows take about 18 s
-here, where the interior point took about 100 s. On degenerate float32 Gramians whose projections
+start of about 223 indices finds every row in at most 40 steps; the exact mode's call takes
+about 11 s here (with drops by rotations and over-relaxed ADMM), where the interior point took
+about 100 s. On degenerate float32 Gramians whose projections
 are nearly zero (seed 0, #1: guesses of more than ``r`` near-dependent indices), the start stays
 infeasible and the rows are left, as before (the probe's warm start costs about 2 s there).
 
