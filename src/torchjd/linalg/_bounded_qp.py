@@ -154,6 +154,7 @@ from torchjd.linalg._principal_pivoting import (
     principal_pivoting,
     scaled_cholesky,
 )
+from torchjd.linalg._probe import probe_first
 from torchjd.linalg._range_projection import least_energy_rows, range_projection_rows
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._small_pivoting import UnitRows, scaled_small_pivoting, small_pivoting
@@ -691,14 +692,13 @@ def _range_rows_first(
     the warm start of rows with large active sets: on a call where they fail, cheaper); else
     those only (the others ``u``, not accepted). (At ``m = 256``, on a call where it accepts a
     third of the rows, it takes as long as the interior point on all of them.)"""
-    k = U.shape[0]
-    probe = torch.zeros(k, dtype=torch.bool, device=U.device)
-    probe[torch.linspace(0, k - 1, min(k, _RANGE_PROBE_ROWS), device=U.device).long()] = True
-    X, found = U.clone(), torch.zeros_like(probe)
-    X[probe], found[probe] = range_projection_rows(G, U[probe], tol, factor, dtype, warm=False)
-    if int(found.sum()) >= _RANGE_PROBE_SHARE * int(probe.sum()) and not bool(probe.all()):
-        X[~probe], found[~probe] = range_projection_rows(G, U[~probe], tol, factor, dtype)
-    return X, found
+    return probe_first(
+        U,
+        _RANGE_PROBE_ROWS,
+        lambda rows: range_projection_rows(G, rows, tol, factor, dtype, warm=False),
+        lambda rows: range_projection_rows(G, rows, tol, factor, dtype),
+        enough=math.ceil(_RANGE_PROBE_SHARE * _RANGE_PROBE_ROWS),
+    )
 
 
 def _admm_then_polish(

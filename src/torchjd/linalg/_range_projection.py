@@ -76,6 +76,7 @@ from torch import Tensor
 
 from torchjd.linalg._kkt import kkt_residual
 from torchjd.linalg._low_rank import cholesky_solve
+from torchjd.linalg._probe import probe_first
 from torchjd.linalg._spanning import _newton_factor
 
 _STEPS = (0.5, 30)  # at most r / 2 + 30 steps of the active-set method (see range_projection_rows)
@@ -133,43 +134,34 @@ def range_projection_rows(
     rows can exceed ``tol`` on ``G`` itself). The other rows are ``u`` or an approximation.
     ``warm``: whether the rows that the cold method leaves (all of the probe's) are tried again,
     warm-started (see the module docstring); without it, only the cold method runs."""
+    ell, sqrt_weights = factor
+    chunk = max(1, _CHUNK_ENTRIES // ell.shape[1] ** 2)
+    on_G = G if dtype == torch.float64 else None
+
+    def solve(rows: Tensor, warm_started: bool = False) -> tuple[Tensor, Tensor]:
+        """The rows ``rows`` of ``U``, in chunks (``warm_started``: see :func:`warm_start`)."""
+        solved = [
+            _rows(on_G, ell, sqrt_weights, part, tol, warm_started) for part in rows.split(chunk)
+        ]
+        return torch.cat([X for X, _ in solved]), torch.cat([ok for _, ok in solved])
+
     k = U.shape[0]
     if k <= 2 * _PROBE_ROWS or not warm:
-        X, found = _chunks(G, U, tol, factor, dtype)
+        X, found = solve(U)
         left = (~found).nonzero().squeeze(1)
         if left.numel() > 0 and warm:
-            X[left], found[left] = _chunks(G, U[left], tol, factor, dtype, warm=True)
+            X[left], found[left] = solve(U[left], True)
         return X, found
-    probe = torch.zeros(k, dtype=torch.bool, device=U.device)
-    probe[torch.linspace(0, k - 1, _PROBE_ROWS, device=U.device).long()] = True
-    X = U.clone()
-    found = torch.zeros(k, dtype=torch.bool, device=U.device)
-    X[probe], found[probe] = _chunks(G, U[probe], tol, factor, dtype)
-    warm = not bool(found.any())
-    if warm:
-        # Large active sets: the probe again, warm-started; the other rows only if it succeeds.
-        X[probe], found[probe] = _chunks(G, U[probe], tol, factor, dtype, warm=True)
-    if bool(found.any()):
-        X[~probe], found[~probe] = _chunks(G, U[~probe], tol, factor, dtype, warm=warm)
-    return X, found
+    cold = True  # whether the cold method found some probe row
 
+    def solve_probe(rows: Tensor) -> tuple[Tensor, Tensor]:
+        nonlocal cold
+        X, found = solve(rows)
+        cold = bool(found.any())
+        # Found by none (large active sets): the probe again, warm-started.
+        return (X, found) if cold else solve(rows, True)
 
-def _chunks(
-    G: Tensor,
-    U: Tensor,
-    tol: float,
-    factor: tuple[Tensor, Tensor],
-    dtype: torch.dtype,
-    warm: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """:func:`range_projection_rows` without the probe, in chunks of rows (``warm``: the active-set
-    method warm-started, see :func:`warm_start`)."""
-    ell, sqrt_weights = factor
-    r = ell.shape[1]
-    chunk = max(1, _CHUNK_ENTRIES // r**2)
-    on_G = G if dtype == torch.float64 else None
-    solved = [_rows(on_G, ell, sqrt_weights, rows, tol, warm) for rows in U.split(chunk)]
-    return torch.cat([X for X, _ in solved]), torch.cat([ok for _, ok in solved])
+    return probe_first(U, _PROBE_ROWS, solve_probe, lambda rows: solve(rows, not cold))
 
 
 def _rows(
@@ -458,13 +450,19 @@ def _projection(A: Tensor, Q: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
     return Y, mu
 
 
+def _without(drop: Tensor, width: int) -> Tensor:
+    """For each row, the positions ``0, …, width − 1`` once the one at ``drop`` is removed: the
+    position each entry comes from (the later ones moved up by one, the last repeated)."""
+    position = torch.arange(width, device=drop.device)
+    return torch.where(position < drop.unsqueeze(1), position, position + 1).clamp_max(width - 1)
+
+
 def _remove(slots: Tensor, mu: Tensor, drop: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """The active constraints and multipliers without position ``drop`` (the later ones moved
     up by one)."""
     width = slots.shape[1]
-    position = torch.arange(width, device=slots.device)
-    source = torch.where(position < drop.unsqueeze(1), position, position + 1).clamp_max(width - 1)
-    last = position == width - 1
+    source = _without(drop, width)
+    last = torch.arange(width, device=slots.device) == width - 1
     slots = torch.where(last, m, slots.gather(1, source))
     mu = torch.where(last, 0.0, mu.gather(1, source))
     return slots, mu
@@ -495,7 +493,7 @@ def _downdate(
     factorisation; ``span``: the least ``drop`` and the largest ``q − 2``)."""
     k, width = drop.shape[0], R.shape[2]
     position = torch.arange(width, device=R.device)
-    source = torch.where(position < drop.unsqueeze(1), position, position + 1).clamp_max(width - 1)
+    source = _without(drop, width)
     R = R.gather(2, source.unsqueeze(1).expand(k, width, width))
     first, last = span
     steps = torch.arange(first, last + 1, device=R.device)

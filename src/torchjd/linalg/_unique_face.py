@@ -35,6 +35,7 @@ from torchjd.linalg._principal_pivoting import (
     compacted_blocks,
     principal_pivoting,
 )
+from torchjd.linalg._probe import probe_first
 
 _GUESS_TOL = 1e-5  # KKT residual at which ADMM's (float32) active set is trusted as a guess
 _GUESS_ITERS = 400
@@ -53,14 +54,11 @@ def unique_optimum_rows(G: Tensor, U: Tensor, tol: float, rank: int) -> tuple[Te
     k = U.shape[0]
     if k <= 2 * _PROBE_ROWS:
         return certified_rows(G, U, tol, rank)
-    probe = torch.zeros(k, dtype=torch.bool, device=U.device)
-    probe[torch.linspace(0, k - 1, _PROBE_ROWS, device=U.device).long()] = True
-    X = U.clone()
-    certified = torch.zeros(k, dtype=torch.bool, device=U.device)
-    X[probe], certified[probe] = certified_rows(G, U[probe], tol, rank)
-    if bool(certified.any()):
-        X[~probe], certified[~probe] = certified_rows(G, U[~probe], tol, rank)
-    return X, certified
+
+    def certify(rows: Tensor) -> tuple[Tensor, Tensor]:
+        return certified_rows(G, rows, tol, rank)
+
+    return probe_first(U, _PROBE_ROWS, certify, certify)
 
 
 def certified_rows(G: Tensor, U: Tensor, tol: float, rank: int) -> tuple[Tensor, Tensor]:
