@@ -251,7 +251,10 @@ def _masked_pivoting(
     # row_scale_j · max|u| (dual, negated), in z; one tensor, so that the rows done leave in one
     # index.
     U_hat = U / s
-    state = torch.stack([U_hat, -U_hat, s / u_scale, -(s * row_scale * u_scale).reciprocal()])
+    state = torch.stack([U_hat, s / u_scale, -(s * row_scale * u_scale).reciprocal()])
+    # The right-hand sides −Ĝ z_A as (z_A) (−Ĝ): the same products, negated (no negated copy of
+    # z_A a step).
+    minus_G_hat = -G_hat
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
     final_active = torch.empty_like(active)
@@ -274,11 +277,12 @@ def _masked_pivoting(
     # makes progress (placeholders until then).
     most = improved = positions
     n_rows = k
-    U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
+    U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
     for step in range(max_iters):
         a = active.to(G.dtype)
         f = torch.rsub(a, 1)  # 1 − a (no Tensor.__rsub__)
-        rhs = (minus_U_hat * a) @ G_hat
+        Z_A = U_hat * a
+        rhs = Z_A @ minus_G_hat
         if compacted:
             # Each row's free indices first, in increasing order, then 0 (the active indices go
             # to slot m, dropped), padded by the identity block.
@@ -292,7 +296,7 @@ def _masked_pivoting(
             # (indices up to m + width: fewer columns to copy)
             L = upper_cholesky(compacted_blocks(bordered[: m + width, : m + width], index))
             x = cholesky_solve(L, torch.where(mask, rhs.gather(1, columns), 0.0))
-            Z = (U_hat * a).scatter_add(1, columns, torch.where(mask, x, 0.0))
+            Z = Z_A.scatter_add(1, columns, torch.where(mask, x, 0.0))
         else:
             # K = [Ĝ_FF, 0; 0, I]: two products, cheaper than torch.where on [k, m, m] booleans.
             K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
@@ -360,7 +364,7 @@ def _masked_pivoting(
             (keep,) = (~done).nonzero(as_tuple=True)
             rows, active, most = (t.index_select(0, keep) for t in (rows, active, most))
             state = state.index_select(1, keep)
-            U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()
+            U_hat, primal_weight, dual_weight = state.unbind()
             if step > 0:
                 improved = improved.index_select(0, keep)
     X = s * Z_all
@@ -395,7 +399,8 @@ def _kept_grouped_solver(
         else:
             # With one_group, every row is kept once, each factor at its row's position (the
             # batched triangular solves round by position); else in the order kept.
-            L_all = torch.eye(width, dtype=s.dtype, device=s.device).repeat(len(group), 1, 1)
+            eye = torch.eye(width, dtype=s.dtype, device=s.device)
+            L_all = eye.expand(len(group), width, width).clone()  # (twice as fast as repeat)
             start = 0
             for rows, L in entries:
                 place = rows if one_group else slice(start, start + L.shape[0])
