@@ -183,7 +183,8 @@ def _pivoting(
         if kept is None:
             n_done = int(done.sum())
         else:
-            # One host synchronisation: the rows done, and how many in each group.
+            # One host synchronisation: the rows done, and how many in each group (beyond
+            # _ONE_GROUP_MAX_M, where kept is used: groups of rows, never None).
             counts = torch.stack([done.sum(), *(done[group].sum() for group, *_ in groups)])
             n_done, *leaving = counts.tolist()
         last = step == max_iters - 1
