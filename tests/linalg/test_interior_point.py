@@ -12,7 +12,7 @@ from tests.reference.dual_cone import (
 )
 from tests.reference.matrices import make
 from torchjd.linalg._bounded_qp import LEAST_NORM_TOL, _least_norm_fallback, tikhonov
-from torchjd.linalg._interior_point import _factorise, _longest_step_inverse, interior_point
+from torchjd.linalg._interior_point import _factorise, _most_negative_ratio, interior_point
 from torchjd.linalg._kkt import kkt_residual
 
 
@@ -43,14 +43,14 @@ def test_interior_point_matches_quadprog(seed: int, low_rank: bool):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_interior_point_step_reaches_the_boundary(seed: int):
-    # The longest step (its inverse) against a brute-force one, entry by entry: x + α dx ≥ 0 and
-    # z + α dz ≥ 0 hold at α = 1 / inverse, with equality at one entry, and no bound (inverse
-    # ≤ 0) when no direction decreases.
+    # The longest step (its inverse, −_most_negative_ratio) against a brute-force one, entry by
+    # entry: x + α dx ≥ 0 and z + α dz ≥ 0 hold at α = 1 / inverse, with equality at one entry,
+    # and no bound (inverse ≤ 0) when no direction decreases.
     g = torch.Generator().manual_seed(seed)
     x, z = torch.rand(2, 6, 8, generator=g, dtype=torch.float64) + 1e-3
     dx, dz = torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
     dx[0], dz[0] = dx[0].abs(), dz[0].abs()  # a row without bound
-    inverse = _longest_step_inverse(x, z, dx, dz).squeeze(1)
+    inverse = -_most_negative_ratio(x, z, dx, dz).squeeze(1)
     ratios = torch.cat([-x / dx, -z / dz], dim=1)
     decreasing = torch.cat([dx, dz], dim=1) < 0
     expected = torch.where(decreasing, ratios, torch.inf).amin(dim=1)

@@ -67,21 +67,25 @@ def interior_point(
     solvers = partial(_factorise, P) if low_rank is None else woodbury_solvers(low_rank[0])
     shift = 0.0 if low_rank is None else 2 * low_rank[1]
     for _ in range(max_iters):
-        r_d = torch.addmm(z, U + x, P, beta=-1)  # (u + x) P − z
+        v = U + x
+        r_d = torch.addmm(z, v, P, beta=-1)  # v P − z
         xz = x * z
         converged = ((r_d.abs() <= dual_tol) & (xz <= complementarity_tol)).all(dim=1)
-        if bool(converged.any()):  # converged rows leave the batch
-            V[rows[converged]] = U[converged] + x[converged]
-            keep = ~converged
-            if not bool(keep.any()):
+        n_converged = int(converged.sum())  # (one host synchronisation a step)
+        if n_converged > 0:  # converged rows leave the batch
+            if n_converged == len(rows):
+                V[rows] = v
                 return V
+            (done,) = converged.nonzero(as_tuple=True)
+            V[rows[done]] = v[done]
+            (keep,) = (~converged).nonzero(as_tuple=True)
             rows, U, x, z, r_d, xz, dual_tol, complementarity_tol = (
                 t[keep] for t in (rows, U, x, z, r_d, xz, dual_tol, complementarity_tol)
             )
         factor = solvers(shift + z / x)
         # Predictor: the affine-scaling direction.
         dx_aff, dz_aff = _direction(factor, x, z, r_d, -xz)
-        alpha_aff = 1 / _longest_step_inverse(x, z, dx_aff, dz_aff).clamp_min(1.0)
+        alpha_aff = -1 / _most_negative_ratio(x, z, dx_aff, dz_aff).clamp_max(-1.0)
         # Mehrotra's centring σ = (μ_aff / μ)³ and the target σμ (sums: m μ).
         xz_sum = xz.sum(dim=1, keepdim=True)
         xz_aff = torch.addcmul(x, alpha_aff, dx_aff) * torch.addcmul(z, alpha_aff, dz_aff)
@@ -89,7 +93,7 @@ def interior_point(
         # Corrector: centring and the second-order term.
         r_c = torch.addcmul(sigma * (xz_sum / m) - xz, dx_aff, dz_aff, value=-1)
         dx, dz = _direction(factor, x, z, r_d, r_c)
-        alpha = _STEP_BACK / _longest_step_inverse(x, z, dx, dz).clamp_min(_STEP_BACK)
+        alpha = -_STEP_BACK / _most_negative_ratio(x, z, dx, dz).clamp_max(-_STEP_BACK)
         x = torch.addcmul(x, alpha, dx)
         z = torch.addcmul(z, alpha, dz)
     V[rows] = U + x
@@ -118,8 +122,8 @@ def _direction(
     return dx, dz
 
 
-def _longest_step_inverse(x: Tensor, z: Tensor, dx: Tensor, dz: Tensor) -> Tensor:
-    """``1 / α`` for the largest ``α`` keeping ``x + α dx ≥ 0`` and ``z + α dz ≥ 0`` (``x, z > 0``),
-    per row: ``max_j (−dx_j / x_j, −dz_j / z_j)``, clamped at zero by the caller (no bound
-    then)."""
-    return -torch.minimum((dx / x).amin(dim=1, keepdim=True), (dz / z).amin(dim=1, keepdim=True))
+def _most_negative_ratio(x: Tensor, z: Tensor, dx: Tensor, dz: Tensor) -> Tensor:
+    """``−1 / α`` for the largest ``α`` keeping ``x + α dx ≥ 0`` and ``z + α dz ≥ 0``
+    (``x, z > 0``), per row: ``min_j (dx_j / x_j, dz_j / z_j)``, clamped by the caller at zero
+    (no bound then) or below."""
+    return torch.minimum((dx / x).amin(dim=1, keepdim=True), (dz / z).amin(dim=1, keepdim=True))

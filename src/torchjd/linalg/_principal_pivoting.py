@@ -183,7 +183,8 @@ def _pivoting(
         if kept is None:
             n_done = int(done.sum())
         else:
-            # One host synchronisation: the rows done, and how many in each group.
+            # One host synchronisation: the rows done, and how many in each group (beyond
+            # _ONE_GROUP_MAX_M, where kept is used: groups of rows, never None).
             counts = torch.stack([done.sum(), *(done[group].sum() for group, *_ in groups)])
             n_done, *leaving = counts.tolist()
         last = step == max_iters - 1
@@ -251,7 +252,10 @@ def _masked_pivoting(
     # row_scale_j · max|u| (dual, negated), in z; one tensor, so that the rows done leave in one
     # index.
     U_hat = U / s
-    state = torch.stack([U_hat, -U_hat, s / u_scale, -(s * row_scale * u_scale).reciprocal()])
+    state = torch.stack([U_hat, s / u_scale, -(s * row_scale * u_scale).reciprocal()])
+    # The right-hand sides −Ĝ z_A as (z_A) (−Ĝ): the same products, negated (no negated copy of
+    # z_A a step).
+    minus_G_hat = -G_hat
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
     final_active = torch.empty_like(active)
@@ -274,11 +278,12 @@ def _masked_pivoting(
     # makes progress (placeholders until then).
     most = improved = positions
     n_rows = k
-    U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
+    U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
     for step in range(max_iters):
         a = active.to(G.dtype)
         f = torch.rsub(a, 1)  # 1 − a (no Tensor.__rsub__)
-        rhs = (minus_U_hat * a) @ G_hat
+        Z_A = U_hat * a
+        rhs = Z_A @ minus_G_hat
         if compacted:
             # Each row's free indices first, in increasing order, then 0 (the active indices go
             # to slot m, dropped), padded by the identity block.
@@ -292,7 +297,7 @@ def _masked_pivoting(
             # (indices up to m + width: fewer columns to copy)
             L = upper_cholesky(compacted_blocks(bordered[: m + width, : m + width], index))
             x = cholesky_solve(L, torch.where(mask, rhs.gather(1, columns), 0.0))
-            Z = (U_hat * a).scatter_add(1, columns, torch.where(mask, x, 0.0))
+            Z = Z_A.scatter_add(1, columns, torch.where(mask, x, 0.0))
         else:
             # K = [Ĝ_FF, 0; 0, I]: two products, cheaper than torch.where on [k, m, m] booleans.
             K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
@@ -337,15 +342,19 @@ def _masked_pivoting(
         else:
             n_done = int(done.sum())
         if n_done > 0 or step == max_iters - 1:  # the rows done leave with their last face
-            Z_all[rows] = Z
-            final_active[rows] = active
-            converged[rows] = solved & exact
-            finished[rows] = step
+            # (index_copy_ rather than indexing: a few times cheaper on these small tensors)
+            Z_all.index_copy_(0, rows, Z)
+            final_active.index_copy_(0, rows, active)
+            converged.index_copy_(0, rows, solved & exact)
+            finished.index_fill_(0, rows, step)
             if L_all is not None:
-                L_all[rows] = L
+                L_all.index_copy_(0, rows, L)
             elif keep_factors:
-                leaving = done.nonzero().squeeze(1) if step < max_iters - 1 else slice(None)
-                kept.append((rows[leaving], L[leaving]))
+                if step < max_iters - 1:
+                    (leaving,) = done.nonzero(as_tuple=True)
+                    kept.append((rows.index_select(0, leaving), L[leaving]))
+                else:
+                    kept.append((rows, L))
         if n_done == n_rows or step == max_iters - 1:
             break
         n_rows -= n_done
@@ -354,10 +363,11 @@ def _masked_pivoting(
             width = next_width
         if n_done > 0:
             (keep,) = (~done).nonzero(as_tuple=True)
-            rows, active, state, most = rows[keep], active[keep], state[:, keep], most[keep]
-            U_hat, minus_U_hat, primal_weight, dual_weight = state.unbind()
+            rows, active, most = (t.index_select(0, keep) for t in (rows, active, most))
+            state = state.index_select(1, keep)
+            U_hat, primal_weight, dual_weight = state.unbind()
             if step > 0:
-                improved = improved[keep]
+                improved = improved.index_select(0, keep)
     X = s * Z_all
     if not keep_factors:
         return X, converged, final_active, None
@@ -390,17 +400,21 @@ def _kept_grouped_solver(
         else:
             # With one_group, every row is kept once, each factor at its row's position (the
             # batched triangular solves round by position); else in the order kept.
-            L_all = torch.eye(width, dtype=s.dtype, device=s.device).repeat(len(group), 1, 1)
+            eye = torch.eye(width, dtype=s.dtype, device=s.device)
+            L_all = eye.expand(len(group), width, width).clone()  # (twice as fast as repeat)
             start = 0
             for rows, L in entries:
                 place = rows if one_group else slice(start, start + L.shape[0])
                 L_all[place, : L.shape[1], : L.shape[1]] = L
                 start += L.shape[0]
-            if one_group:
-                group = torch.arange(len(group), device=group.device)
-        group = group.unsqueeze(1)
         # Each row's free indices first (:func:`free_first`), which its last active set gives
         # again; the padding (active indices) is masked out.
+        if one_group:  # (every row, in order)
+            cols = free_first(active)[:, :width]
+            mask = free.gather(1, cols)
+            groups.append((None, cols, mask, (L_all, torch.where(mask, s[cols], 1.0))))
+            continue
+        group = group.unsqueeze(1)
         cols = free_first(active[group.squeeze(1)])[:, :width]
         mask = free[group, cols]
         groups.append((group, cols, mask, (L_all, torch.where(mask, s[cols], 1.0))))
@@ -647,14 +661,19 @@ def face_solver(
 
 
 def _grouped_solve(
-    groups: list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]],
+    groups: list[tuple[Tensor | None, Tensor, Tensor, tuple[Tensor, Tensor]]],
 ) -> Callable[[Tensor], Tensor]:
     """The solve of :func:`face_solver` from the factors of its groups of compacted faces
-    (:func:`_compacted_factors`)."""
+    (:func:`_compacted_factors`; a group None: every row, in order, whose entries are then
+    gathered and scattered, a few times cheaper than indexed)."""
 
     def solve(rhs: Tensor) -> Tensor:
         x = torch.zeros_like(rhs)
         for group, cols, mask, factor in groups:
+            if group is None:
+                b = torch.where(mask, rhs.gather(1, cols), 0.0)
+                x.scatter_(1, cols, torch.where(mask, _spd_solve(factor, b), 0.0))
+                continue
             b = torch.where(mask, rhs[group, cols], 0.0)
             x[group, cols] = torch.where(mask, _spd_solve(factor, b), 0.0)
         return x
@@ -699,7 +718,7 @@ def _bordered(G_hat: Tensor) -> Tensor:
 
 def _compacted_factors(
     active: Tensor, bordered: tuple[Tensor, Tensor]
-) -> list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]]:
+) -> list[tuple[Tensor | None, Tensor, Tensor, tuple[Tensor, Tensor]]]:
     """Rows grouped by the size of their free set (up to the next power of two; one group up to
     :data:`_ONE_GROUP_MAX_M`, where the few operations of each group cost more than the padding);
     each group factorises its compacted ``|F| × |F|`` blocks in one batch.
@@ -720,8 +739,7 @@ def _compacted_factors(
         width = int(sizes.amax())
         if width == 0:
             return []
-        group = torch.arange(active.shape[0], device=active.device).unsqueeze(1)
-        return [_compacted_group(group, columns[:, :width], free, padding, s, scaled)]
+        return [_compacted_group(None, columns[:, :width], free, padding, s, scaled)]
     sorted_sizes = sizes[order].tolist()
     groups = []
     start = 0
@@ -741,11 +759,12 @@ def _compacted_factors(
 
 
 def _compacted_group(
-    group: Tensor, cols: Tensor, free: Tensor, padding: Tensor, s: Tensor, scaled: Tensor
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """The Cholesky factors of the compacted blocks of the rows ``group`` (``[g, 1]``), whose
-    free columns come first in ``cols`` (``[g, width]``), padded by the identity."""
-    mask = free[group, cols]  # False on the padding
+    group: Tensor | None, cols: Tensor, free: Tensor, padding: Tensor, s: Tensor, scaled: Tensor
+) -> tuple[Tensor | None, Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """The Cholesky factors of the compacted blocks of the rows ``group`` (``[g, 1]``; None: every
+    row, in order), whose free columns come first in ``cols`` (``[g, width]``), padded by the
+    identity."""
+    mask = free.gather(1, cols) if group is None else free[group, cols]  # False on the padding
     index = torch.where(mask, cols, padding[: cols.shape[1]])
     L, _ = torch.linalg.cholesky_ex(compacted_blocks(scaled, index))
     return group, cols, mask, (L, torch.where(mask, s[cols], 1.0))

@@ -544,59 +544,69 @@ def _least_norm(
     an unchanged free set does not reduce its residual by that factor, the systems of free sets
     of fewer than ``r`` indices get :data:`_DEFICIENT_RIDGE` on their diagonal (see there), and
     each row keeps its iterate of least residual (and returns that residual)."""
-    out = B.clone()
-    residual = torch.full_like(target, torch.inf)
-    best = torch.full_like(target, torch.inf)
-    rows = torch.arange(B.shape[0], device=B.device)
+    # The batch's last iterates (with stall, those of least residual), last residuals and least
+    # residuals, written back to the rows' own (out, residual, best) when some rows leave, and
+    # at the end: no copy a step.
+    last = B.clone()
+    last_residual = torch.full_like(target, torch.inf)
+    least = torch.full_like(target, torch.inf)
+    out, residual, best = last, last_residual, least
+    rows = None  # every row, until some leave (then their indices)
     previous = torch.zeros_like(tight)
     short = torch.zeros_like(target, dtype=torch.bool)
     r = ell.shape[1]
+    scale = sqrt_weights * u_scale  # of the complementarity
     for _ in range(_NEWTON_STEPS):
         C = lam @ ell.T
         Z = torch.where(tight, torch.maximum(B, C), B)
-        if stall is None:
-            out[rows] = Z
-        gradient = Y - Z @ ell
+        update = Z @ ell
+        gradient = Y - update
         # The KKT residual on the range of G, times √W_max max|u| (target: tol times it):
         # (G v)_j = √W_j ℓ_j · ℓᵀz, and v_j − u_j = (z_j − b_j) / √W_j.
-        dual = (Z @ ell) @ ell.T
-        complementarity = dual.abs() * (Z - B) / (sqrt_weights * u_scale)
+        dual = update @ ell.T
+        complementarity = dual.abs() * (Z - B) / scale
         worst = torch.maximum(-dual, complementarity).amax(dim=1)
         progress = ~(worst <= _NEWTON_TARGET * target)
         free = tight & (C > B)
+        relative = worst / target
         ridged = short  # used with stall only
-        if stall is not None:
+        if stall is None:
+            last = Z
+        else:
             # A full step on an unchanged free set solves its system: a residual that does not
             # fall by the factor stall is that system's rounding.
             settled = (free == previous).all(dim=1)
-            progress &= ~(settled & (worst / target > stall * residual[rows]))
+            progress &= ~(settled & (relative > stall * last_residual))
             previous = free
-            lower = worst / target < best[rows]
-            out[rows] = torch.where(lower.unsqueeze(1), Z, out[rows])
-            best[rows] = torch.where(lower, worst / target, best[rows])
+            lower = relative < least
+            last = torch.where(lower.unsqueeze(1), Z, last)
+            least = torch.where(lower, relative, least)
             ridged = (free.sum(dim=1) < r) & short & ~settled
-        residual[rows] = worst / target
+        last_residual = relative
         keep = progress.nonzero().squeeze(1)
         if keep.numel() == 0:
             break
-        state = (
-            rows,
-            B,
-            Y,
-            tight,
-            lam,
-            C,
-            free,
-            gradient,
-            target,
-            u_scale,
-            previous,
-            short,
-            ridged,
-        )
-        rows, B, Y, tight, lam, C, free, gradient, target, u_scale, previous, short, ridged = (
-            x[keep] for x in state
-        )
+        if keep.numel() < B.shape[0]:  # (else every row stays: no copy)
+            rows = _write_back(rows, (out, residual, best), (last, last_residual, least))
+            state = (
+                rows,
+                B,
+                Y,
+                tight,
+                lam,
+                C,
+                free,
+                gradient,
+                target,
+                scale,
+                previous,
+                short,
+                ridged,
+            )
+            rows, B, Y, tight, lam, C, free, gradient, target, scale, previous, short, ridged = (
+                x[keep] for x in state
+            )
+            last, last_residual, least = (x[keep] for x in (last, last_residual, least))
         ridge = None if stall is None else torch.where(ridged, _DEFICIENT_RIDGE, 0.0).to(ell.dtype)
         direction = cholesky_solve(_newton_factor(ell, free, ridge=ridge), gradient)
         step = _line_search(ell, B, tight, lam, C, gradient, direction)
@@ -604,7 +614,24 @@ def _least_norm(
             taken = ((step - lam) * direction).sum(dim=1)  # α ‖Δλ‖²
             short |= taken < _SHORT_STEP * (direction * direction).sum(dim=1)
         lam = step
+    if rows is None:  # (no row left before the end: the batch's own)
+        out, residual, best = last, last_residual, least
+    else:
+        _write_back(rows, (out, residual, best), (last, last_residual, least))
     return out, (residual if stall is None else best)
+
+
+def _write_back(
+    rows: Tensor | None, targets: tuple[Tensor, ...], values: tuple[Tensor, ...]
+) -> Tensor:
+    """Writes each of ``values`` (the batch's) into its ``targets`` at ``rows`` (every row when
+    None, then replaced by their indices), in place; returns ``rows``."""
+    if rows is None:
+        rows = torch.arange(values[0].shape[0], device=values[0].device)
+    for target, value in zip(targets, values, strict=True):
+        if target is not value:
+            target[rows] = value
+    return rows
 
 
 def _line_search(

@@ -319,7 +319,7 @@ def _gathered_systems(ell: Tensor, free: Tensor) -> Tensor:
     ):
         X = ell.index_select(0, rows.flatten()).view(*rows.shape, r) * weights
         systems.append(X.mT @ X)
-    M = torch.cat(systems)
+    M = systems[0] if len(systems) == 1 else torch.cat(systems)  # (one chunk: no copy)
     return M if by_free else ell.T @ ell - M
 
 
