@@ -62,7 +62,7 @@ def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     assert isinstance(module, nn.MultiheadAttention)
     linears = _recorded_projections(calls)
     if linears is not None:
-        return graph_linear_gramian(calls, linears, _recorded_bias_of(calls))
+        return graph_linear_gramian(calls, linears, _recorded_bias_of(calls), module)
     refuse_sharded(module, module.parameters())  # every path below re-runs the module
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     if any(module.dropout > 0 and call.training for call in calls):

@@ -12,8 +12,9 @@ call's ``inner_edges``), is :math:`\Gamma`, and the map's weight gradient is
 The search accepts a graph only when it can account for every use of the parameters: each
 parameter's rows are covered exactly once by the found maps, and no other node reaches them.
 
-As for ``Linear`` layers, a map whose per-objective gradients are formed whole (see ``KEEP_RATIO``
-in ``_linear.py``) keeps them for the fused step in place of :math:`\Gamma`.
+As for ``Linear`` layers, a map whose per-objective gradients are formed whole (see
+:func:`~torchjd.autogram._rules._linear.linear_keeps_jacobian`) keeps them for the fused step in
+place of :math:`\Gamma`.
 """
 
 import itertools
@@ -119,13 +120,18 @@ BiasOf = Callable[[GraphLinear], tuple[Tensor | None, int]]
 
 
 def graph_linear_gramian(
-    calls: Sequence[ModuleCall], linears: list[list[GraphLinear]], bias_of: BiasOf
+    calls: Sequence[ModuleCall],
+    linears: list[list[GraphLinear]],
+    bias_of: BiasOf,
+    owner: object = None,
 ) -> Tensor:
     r"""The Gramian of the maps' weights (and biases): the sum of their ``Linear`` blocks, each
     map's calls concatenated along the positions.
 
     :param linears: For each call, its maps (the same weights and rows for every call), whose
         inputs' rows are (position, sample) pairs, the samples varying fastest.
+    :param owner: The module whose engine buffers hold the kept per-objective gradients (one per
+        map) from step to step; None: new tensors.
     """
     G: Tensor | int = 0
     pairs = list(zip(calls, linears, strict=True))
@@ -135,10 +141,10 @@ def graph_linear_gramian(
         Gamma = cat([_grads_by_sample(c, k, found[k]) for c, found in pairs], dim=2)
         bias, _ = bias_of(first)
         sums = Gamma.sum(dim=2) if bias is not None and bias.requires_grad else None
-        G_w, J = weight_gramian_and_jacobian(X.unsqueeze(0), Gamma.unsqueeze(0))
+        G_w, J = weight_gramian_and_jacobian(X, Gamma, owner, f"jacobian {k}")
         G = G + G_w if sums is None else G + G_w + gram(sums)
         if J is not None:  # kept for the fused step in place of Γ (see _linear.py)
-            kept[k] = (J[0], sums)
+            kept[k] = (J, sums)
             for call in calls:
                 call.inner_grads[k] = None
     calls[0].saved["jacobians"] = kept

@@ -33,10 +33,20 @@ second backward pass: with the weighted output gradient
     \nabla_W = \sum_i \bar\Gamma_i^\top X_i, \qquad \nabla_b = \sum_i \sum_t \bar\gamma_{it}.
 
 When a layer's per-objective gradients :math:`J_{ir} = \Gamma_{ir}^\top X_i` are the Gramian's
-cheaper path and at most ``KEEP_RATIO`` times larger than :math:`\Gamma`, the rule forms them
-whole and keeps them (with :math:`\sum_t \gamma_{irt}`) in place of :math:`\Gamma`, and
-:math:`\nabla_W = \sum_{ir} w_{ir} J_{ir}` costs :math:`B R\, d_{out} d_{in}` instead of
-:math:`B T\, d_{out} d_{in}`.
+cheaper path and not much larger than :math:`\Gamma` (see :func:`linear_keeps_jacobian`), the
+rule forms them whole, one product per objective of the samples from a view of :math:`\Gamma`,
+takes their Gramian, and keeps them (with :math:`\sum_t \gamma_{irt}`) in place of
+:math:`\Gamma`: :math:`\nabla_W = \sum_{ir} w_{ir} J_{ir}` then reads :math:`B R\, d_{out} d_{in}`
+numbers instead of a product of :math:`B T\, d_{out} d_{in}` multiply-adds. On the CPU they are
+formed in a buffer that the engine keeps from step to step (see ``_workspace.py``): fresh memory
+would cost a page fault per page at every step. The cost: their memory (at most
+``SMALL_KEEP_RATIO`` times that of :math:`\Gamma`, or ``KEEP_RATIO`` times beyond
+``CHUNK_BYTES``), held between steps too (on one CPU thread, the Transformer encoder of
+``benchmarks/autogram_step.py``, 2 layers with 32 samples of 32 positions: 32 MiB in place of
+7 MiB of output gradients, and a fused step about 10 % faster, 1.74 times the ERM step instead of
+1.98; with 4 objectives per sample, 80 MiB).
+With ``max_kept_bytes`` (see :meth:`~torchjd.autogram.Engine.backward`), those that do not fit
+are released once their Gramian is taken, as output gradients are.
 """
 
 from collections.abc import Sequence
@@ -52,6 +62,7 @@ from torchjd.autogram._module_call import (
     samples_first,
     samples_objectives_first,
 )
+from torchjd.autogram._workspace import empty
 
 
 def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
@@ -80,12 +91,12 @@ def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     if module.weight.requires_grad:
         # Per-objective gradients formed whole (when the cheaper path and not much larger than
         # Γ): kept for the fused step instead of Γ.
-        G, J = weight_gramian_and_jacobian(X.unsqueeze(0), Gamma.unsqueeze(0))
+        G, J = weight_gramian_and_jacobian(X, Gamma, module)
     sums = Gamma.sum(dim=2) if with_bias else None
     if sums is not None:
         G = G + gram(sums)
     if J is not None:
-        calls[0].saved["jacobian"] = (J[0], sums)
+        calls[0].saved["jacobian"] = (J, sums)
         for call in calls:  # what the fused step needs is kept: release Γ
             call.grad_outputs = [None] * len(call.grad_outputs)
     return G  # type: ignore[return-value]
@@ -224,10 +235,11 @@ def _weighted_rows(
 
 def weighted_jacobian(J: Tensor, sums: Tensor | None, W: Tensor) -> tuple[Tensor, Tensor | None]:
     r""":math:`\sum_{ir} w_{ir} J_{ir}` ``[P]`` from the per-objective gradients ``J``
-    ``[B R, P]`` (flattened in any order, kept in the result), and
+    ``[R, B, P]`` (flattened in any order, kept in the result), and
     :math:`\sum_{ir} w_{ir} \sum_t \gamma_{irt}` from the sums ``[B, R, d_out]``
     (None when None), for the weights ``W`` ``[B, R]``."""
-    weight_grad = W.reshape(-1).to(J.dtype) @ J
+    R, B, P = J.shape
+    weight_grad = W.T.reshape(-1).to(J.dtype) @ J.reshape(R * B, P)
     if sums is None:
         return weight_grad, None
     return weight_grad, torch.einsum("ir,ird->d", W.to(sums.dtype), sums)
@@ -261,13 +273,31 @@ MIN_BLOCK_FEATURES = 16
 KEEP_RATIO = 2
 """The fused step keeps a layer's per-objective gradients (when the Gramian formed them whole) in
 place of its output gradients when they are at most this many times larger: weighting them then
-costs :math:`B R` rows instead of a product over all positions."""
+costs :math:`B R` rows instead of a product over all positions. For Linear layers, see also
+``SMALL_KEEP_RATIO``."""
+
+SMALL_KEEP_RATIO = 8
+"""A Linear layer's per-objective gradients of at most ``CHUNK_BYTES`` are kept when at most this
+many times larger than its output gradients: :math:`d_{in} / T` up to 8, as in a Transformer's
+layers with 32 to 64 positions, whose fused step spends, in place of one product over all
+positions per layer, a read of the kept rows (on one CPU thread, with 32 samples of 32 positions
+and 128 to 256 features, 0.06 to 0.2 ms instead of 0.7 ms per layer; forming them whole takes no
+longer than by blocks). Larger ones, only up to ``KEEP_RATIO`` (their memory matters more: with 4
+objectives per sample, keeping the 24 MiB of a 128 to 384 projection made the step slower)."""
 
 
 def keeps_jacobian(jacobian_bytes: int, gamma_bytes: int) -> bool:
     """Whether per-objective gradients of ``jacobian_bytes`` are kept for the fused step in place
     of output gradients of ``gamma_bytes``."""
     return jacobian_bytes <= KEEP_RATIO * gamma_bytes
+
+
+def linear_keeps_jacobian(jacobian_bytes: int, gamma_bytes: int) -> bool:
+    """Whether a Linear layer's per-objective gradients of ``jacobian_bytes`` are kept for the
+    fused step in place of output gradients of ``gamma_bytes``: up to ``SMALL_KEEP_RATIO`` times
+    larger when within ``CHUNK_BYTES``, else up to ``KEEP_RATIO`` times."""
+    ratio = SMALL_KEEP_RATIO if jacobian_bytes <= CHUNK_BYTES else KEEP_RATIO
+    return jacobian_bytes <= ratio * gamma_bytes
 
 
 def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> Tensor:
@@ -280,20 +310,39 @@ def weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int | None = None) -> 
         of samples at a time (at least one feature or sample each). None: ``CHUNK_BYTES``.
     :returns: ``[B R, B R]``.
     """
-    return _weight_gramian(X, Gamma, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)[0]
+    return _weight_gramian(X, Gamma, CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
 
 
-def weight_gramian_and_jacobian(X: Tensor, Gamma: Tensor) -> tuple[Tensor, Tensor | None]:
-    r""":func:`weight_gramian`, and the per-objective gradients (formed whole) when they are the
-    cheaper path and :func:`keeps_jacobian` keeps them, else None: ``[P, B R, d_in d_out]``, each
-    row a weight gradient :math:`\Gamma_{ir}^\top X_i` (flattened)."""
-    P, B, R, T, d_out = Gamma.shape
+def weight_gramian_and_jacobian(
+    X: Tensor, Gamma: Tensor, owner: object = None, role: str = "jacobian"
+) -> tuple[Tensor, Tensor | None]:
+    r""":func:`weight_gramian` for one block of inputs, and the per-objective gradients when they
+    are the cheaper path and :func:`linear_keeps_jacobian` keeps them, else None.
+
+    :param X: Inputs ``[B, T, d_in]``.
+    :param Gamma: Output gradients ``[B, R, T, d_out]``.
+    :param owner: With ``role``, names the engine's buffer (see ``_workspace.py``) in which the
+        kept per-objective gradients are formed, from step to step. None: a new tensor.
+    :returns: ``[B R, B R]``, and ``[R, B, d_out d_in]``: the weight gradient
+        :math:`\Gamma_{ir}^\top X_i` (flattened) of each objective ``r`` of each sample ``i``.
+    """
+    B, R, T, d_out = Gamma.shape
+    d_in = X.shape[-1]
     size = Gamma.element_size()
-    if per_objective_is_cheaper(B, R, T, X.shape[-1], d_out) and keeps_jacobian(
-        P * B * R * d_out * X.shape[-1] * size, Gamma.numel() * size
+    if not (
+        per_objective_is_cheaper(B, R, T, d_in, d_out)
+        and linear_keeps_jacobian(B * R * d_out * d_in * size, Gamma.numel() * size)
     ):
-        return _weight_gramian(X, Gamma, CHUNK_BYTES, keep_jacobian=True)
-    return weight_gramian(X, Gamma), None
+        return weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0)), None
+    shape = (R, B, d_out, d_in)
+    J = Gamma.new_empty(shape) if owner is None else empty(owner, role, shape, Gamma)
+    X = X.to(Gamma.dtype)
+    for r in range(R):  # each from a view of Γ: no copy
+        torch.bmm(Gamma[:, r].mT, X, out=J[r])
+    G = self_gram(J.view(R * B, -1))  # rows (r, i)
+    if R > 1:
+        G = G.view(R, B, R, B).permute(1, 0, 3, 2).reshape(B * R, B * R)
+    return G, J.view(R, B, -1)
 
 
 def block_features(d_out: int, feature_bytes: int, chunk_bytes: int, objectives: int = 1) -> int:
@@ -312,15 +361,13 @@ def per_objective_is_cheaper(B: int, R: int, T: int, d_in: int, d_out: int) -> b
     return per_objective_flops < closed_form_flops
 
 
-def _weight_gramian(
-    X: Tensor, Gamma: Tensor, chunk_bytes: int, keep_jacobian: bool = False
-) -> tuple[Tensor, Tensor | None]:
+def _weight_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int) -> Tensor:
     P, B, R, T, d_out = Gamma.shape
     d_in = X.shape[-1]
     X = X.to(Gamma.dtype)
     size = Gamma.element_size()
     if per_objective_is_cheaper(B, R, T, d_in, d_out):
-        return _per_objective_gramian(X, Gamma, chunk_bytes, keep_jacobian)
+        return _per_objective_gramian(X, Gamma, chunk_bytes)
     # K: x_it · x_ju, L: γ_irt · γ_jsu, for the samples i of a block against all samples j.
     X_all = X.flatten(1, 2)  # [P, B T, d_in]
     Gamma_all = Gamma.flatten(1, 3)  # [P, B R T, d_out]
@@ -336,14 +383,12 @@ def _weight_gramian(
             K, L = K.reshape(P, b, T, B, T), L.reshape(P, b, R, T, B, R, T)
             block = torch.einsum("pitju,pirtjsu->irjs", K, L)
         rows.append(block.reshape(b * R, B * R))
-    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
-def _per_objective_gramian(
-    X: Tensor, Gamma: Tensor, chunk_bytes: int, keep_jacobian: bool
-) -> tuple[Tensor, Tensor | None]:
+def _per_objective_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int) -> Tensor:
     r"""The rows :math:`\Gamma_{ir}^\top X_i` of the Jacobian, block of output features by block,
-    and their Gramian. Unless kept, the blocks are formed in one buffer of about ``BLOCK_BYTES``,
+    and their Gramian. The blocks are formed in one buffer of about ``BLOCK_BYTES``,
     used right away (see above). On one block of inputs (``P = 1``), the products of a block are
     one per sample and objective, :math:`\Gamma_{ir}^\top X_i`, each from a slice of one view of
     :math:`\Gamma` (no copy), the rows ordered by objective then sample until the end; with
@@ -354,18 +399,15 @@ def _per_objective_gramian(
     P, B, R, T, d_out = Gamma.shape
     d_in = X.shape[-1]
     feature_bytes = P * B * R * d_in * Gamma.element_size()  # one output feature's part of the rows
-    if keep_jacobian:
-        step = d_out
-    elif R == 1 or P == 1:
+    if R == 1 or P == 1:
         step = block_features(d_out, feature_bytes, chunk_bytes, R)
     else:
         step = max(1, min(d_out, chunk_bytes // feature_bytes))
     inputs = X.reshape(P * B, T, d_in)
-    if keep_jacobian or (step == d_out and P > 1):  # one block, formed whole
+    if step == d_out and P > 1:  # one block, formed whole
         grads = Gamma.transpose(2, 3).reshape(P * B, T, R * d_out)  # [P B, T, R d_out]
         J = torch.bmm(grads.mT, inputs).reshape(P, B * R, -1)  # rows (i, r)
-        G = self_gram(J[0]) if P == 1 else (J @ J.mT).sum(dim=0)
-        return G, (J if keep_jacobian else None)
+        return (J @ J.mT).sum(dim=0)
     G = Gamma.new_zeros(B * R, B * R)
     buffer = Gamma.new_empty(P * B * R * step * d_in)
     if P == 1:
@@ -379,8 +421,8 @@ def _per_objective_gramian(
             add_self_gram(G, out.view(R * B, -1), parts)  # rows (r, i)
         G = complete_self_gram(G, parts)
         if R == 1:
-            return G, None
-        return G.view(R, B, R, B).permute(1, 0, 3, 2).reshape(B * R, B * R), None
+            return G
+        return G.view(R, B, R, B).permute(1, 0, 3, 2).reshape(B * R, B * R)
     for start in range(0, d_out, step):
         s = min(step, d_out - start)
         block = Gamma[..., start : start + s]  # [P, B, R, T, s]
@@ -388,4 +430,4 @@ def _per_objective_gramian(
         out = buffer[: P * B * R * s * d_in].view(P * B, -1, d_in)
         rows = torch.bmm(grads.mT, inputs, out=out).view(P, B * R, -1)  # rows (i, r)
         G += (rows @ rows.mT).sum(dim=0)
-    return G, None
+    return G
