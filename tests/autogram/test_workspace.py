@@ -113,7 +113,7 @@ def test_empty_outside_a_step_or_the_cpu_allocates():
     a, b = empty("m", "r", (2, 3), like), empty("m", "r", (2, 3), like)
     assert a.data_ptr() != b.data_ptr()
     workspaces = Workspaces()
-    with workspaces.active():
+    with workspaces.active(fused=True):
         first = empty("m", "r", (2, 3), like)
         assert empty("m", "r", (2, 3), like) is first
         other_role = empty("m", "s", (2, 3), like)

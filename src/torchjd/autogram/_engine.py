@@ -222,7 +222,7 @@ class Engine:
         Clears what the engine recorded during the forward pass, even when it raises.
         """
         try:
-            with self._workspaces.active():
+            with self._workspaces.active(fused=False):
                 return self._compute_gramian(output)[0]
         finally:
             self._clear()
@@ -258,11 +258,12 @@ class Engine:
             :class:`~torchjd.aggregation.UPGradWeighting`.
         :param max_kept_bytes: The most memory that the output gradients kept from the Gramian
             pass to the weighted gradients may take (each layer's is about its output's size
-            times the number of objectives per sample); the layers that do not fit go through
-            the second backward pass. The budget goes to the layers as the Gramian's backward
-            pass reaches them (the upper layers first), and the output gradients of the others
-            are freed as soon as their block is computed. None: no limit. 0: the two-pass
-            step.
+            times the number of objectives per sample; up to 8 times more for a small Linear
+            layer with several positions per sample, whose per-objective gradients are kept
+            instead); the layers that do not fit go through the second backward pass. The
+            budget goes to the layers as the Gramian's backward pass reaches them (the upper
+            layers first), and the output gradients of the others are freed as soon as their
+            block is computed. None: no limit. 0: the two-pass step.
         :returns: The weights :math:`w`, as returned by ``weighting``.
 
         Clears what the engine recorded during the forward pass, even when it raises.
@@ -290,7 +291,7 @@ class Engine:
                 f"{max_kept_bytes!r}."
             )
         try:
-            with self._workspaces.active():
+            with self._workspaces.active(fused=True):
                 return self._backward(losses, weighting, max_kept_bytes)
         finally:
             self._clear()

@@ -51,16 +51,26 @@ class Workspaces:
         return len(self._buffers)
 
     @contextmanager
-    def active(self) -> Iterator[None]:
-        """Makes :func:`empty` hand out these buffers (on the CPU) within the block."""
+    def active(self, fused: bool) -> Iterator[None]:
+        """Makes :func:`empty` hand out these buffers (on the CPU) within the block, a step that
+        is fused (:meth:`~torchjd.autogram.Engine.backward`) or not (see :func:`fusing`)."""
         token = _ACTIVE.set(self)
+        fusing_token = _FUSING.set(fused)
         try:
             yield
         finally:
+            _FUSING.reset(fusing_token)
             _ACTIVE.reset(token)
 
 
 _ACTIVE: ContextVar[Workspaces | None] = ContextVar("torchjd_autogram_workspaces", default=None)
+_FUSING: ContextVar[bool] = ContextVar("torchjd_autogram_fusing", default=True)
+
+
+def fusing() -> bool:
+    """Whether the step that runs is a fused one, whose rules may keep what its weighted
+    gradients need (True outside an engine's step: a rule called directly keeps it)."""
+    return _FUSING.get()
 
 
 def empty(owner: Any, role: str, shape: Sequence[int], like: Tensor) -> Tensor:

@@ -62,7 +62,7 @@ from torchjd.autogram._module_call import (
     samples_first,
     samples_objectives_first,
 )
-from torchjd.autogram._workspace import empty
+from torchjd.autogram._workspace import empty, fusing
 
 
 def linear_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
@@ -317,7 +317,8 @@ def weight_gramian_and_jacobian(
     X: Tensor, Gamma: Tensor, owner: object = None, role: str = "jacobian"
 ) -> tuple[Tensor, Tensor | None]:
     r""":func:`weight_gramian` for one block of inputs, and the per-objective gradients when they
-    are the cheaper path and :func:`linear_keeps_jacobian` keeps them, else None.
+    are the cheaper path and :func:`linear_keeps_jacobian` keeps them in a fused step (see
+    ``_workspace.fusing``), else None.
 
     :param X: Inputs ``[B, T, d_in]``.
     :param Gamma: Output gradients ``[B, R, T, d_out]``.
@@ -330,7 +331,8 @@ def weight_gramian_and_jacobian(
     d_in = X.shape[-1]
     size = Gamma.element_size()
     if not (
-        per_objective_is_cheaper(B, R, T, d_in, d_out)
+        fusing()
+        and per_objective_is_cheaper(B, R, T, d_in, d_out)
         and linear_keeps_jacobian(B * R * d_out * d_in * size, Gamma.numel() * size)
     ):
         return weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0)), None
