@@ -207,3 +207,25 @@ def test_rules_run_without_grad_during_and_after_the_pass():
     G = assert_gramian_exact([offset, linear], lambda: linear(offset(x)).square().sum(dim=1), 0)
     assert not G.requires_grad
     assert modes == [False, False]
+
+
+def test_sum_of_blocks_is_a_new_tensor_equal_to_the_sum_from_zeros():
+    torch.manual_seed(0)
+    output = torch.randn(4)
+    square = [torch.randn(4, 4) for _ in range(3)]
+    others = [  # another dtype, a transposed view, a block that broadcasts
+        [square[0], square[1].float()],
+        [square[0], square[1].T],
+        [square[0], torch.randn(4)],
+    ]
+    for blocks in [square[:1], square[:2], square, *others]:
+        expected = torch.zeros(4, 4)
+        for block in blocks:
+            expected = expected + block
+        G = engine_module._sum_blocks(blocks, output, 4)
+        assert torch.equal(G, expected.to(output.dtype))
+        assert G.dtype == output.dtype
+        assert G.is_contiguous()
+        assert all(G.data_ptr() != block.data_ptr() for block in blocks)
+        G.add_(1.0)  # the blocks are left as they were
+        assert not any(torch.equal(G, block) for block in blocks if block.shape == G.shape)
