@@ -13,7 +13,7 @@ from tests.autogram._helpers import assert_gramian_exact
 from tests.reference.jacobians import brute_force_gramian
 from torchjd.aggregation import UPGradWeighting
 from torchjd.autogram import Engine, register_rule
-from torchjd.autogram._fused import calls_uses
+from torchjd.autogram._fused import call_graph, calls_uses
 from torchjd.autogram._streaming import walk_graph
 
 ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
@@ -95,12 +95,16 @@ class TwiceLinear(nn.Module):
         return torch.tanh(x @ self.weight.T) @ self.weight.T
 
 
-def region_uses(call) -> dict[int, int]:
-    """The uses of each leaf inside a call: edges from the nodes reachable from its outputs but
-    not from its inputs (the nodes below its inputs were all created before it)."""
+def region(call) -> set:
+    """The nodes of a call: reachable from its outputs but not from its inputs (the nodes below
+    its inputs were all created before it)."""
     inputs = [t.grad_fn for t in call.args if isinstance(t, Tensor) and t.grad_fn is not None]
-    inside = reachable([edge.node for edge in call.edges]) - reachable(inputs)
-    return leaf_edges(inside)
+    return reachable([edge.node for edge in call.edges]) - reachable(inputs)
+
+
+def region_uses(call) -> dict[int, int]:
+    """The uses of each leaf inside a call: edges from its nodes."""
+    return leaf_edges(region(call))
 
 
 def test_uses_inside_the_calls_match_the_reference():
@@ -118,6 +122,16 @@ def test_uses_inside_the_calls_match_the_reference():
             total: dict[int, int] = {}
             for call in calls:
                 assert calls_uses([call]) == region_uses(call)
+                nodes = list(call_graph(call))
+                assert len(nodes) == len(set(nodes))
+                operations = {node for node in region(call) if type(node) is not ACCUMULATE_GRAD}
+                leaves = {  # a leaf's node may also lie below the inputs: it is the call's too
+                    child
+                    for node in operations
+                    for child, _ in node.next_functions
+                    if type(child) is ACCUMULATE_GRAD
+                }
+                assert set(nodes) == operations | leaves
                 for key, count in region_uses(call).items():
                     total[key] = total.get(key, 0) + count
             assert calls_uses(calls) == total

@@ -109,7 +109,7 @@ def calls_uses(calls: Sequence[ModuleCall]) -> dict[int, int]:
 
 def call_graph(call: ModuleCall) -> Iterator[Any]:
     """The autograd nodes of the call, each once: from its outputs down to its inputs."""
-    return _nodes([edge.node for edge in call.edges], _input_nodes(call))
+    return iter(_nodes([edge.node for edge in call.edges], _input_nodes(call)))
 
 
 def _input_nodes(call: ModuleCall) -> set[Any]:
@@ -117,16 +117,22 @@ def _input_nodes(call: ModuleCall) -> set[Any]:
     return {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
 
 
-def _nodes(roots: list[Any], stops: set[Any]) -> Iterator[Any]:
+def _nodes(roots: list[Any], stops: set[Any]) -> list[Any]:
+    """The nodes reachable from ``roots`` without going through ``stops``, each once, depth
+    first."""
     seen: set[Any] = set(stops)
     stack = list(roots)
+    nodes = []
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        yield node
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        nodes.append(node)
+        for next_node, _ in node.next_functions:  # those already seen are not pushed
+            if next_node is not None and next_node not in seen:
+                stack.append(next_node)
+    return nodes
 
 
 def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int]]:
