@@ -109,7 +109,8 @@ class Engine:
         self._handles: list[RemovableHandle] = []
         self._recording = True
         self._stream: GramianStream | None = None  # while a streamed backward pass runs
-        self._stand_ins: dict[tuple[torch.dtype, torch.device, torch.Size], Tensor] = {}
+        self._stand_ins: dict[tuple[torch.dtype, torch.device, torch.layout, torch.Size], Tensor]
+        self._stand_ins = {}  # see _stand_in
         self._workspaces = Workspaces()  # the rules' buffers kept from step to step (CPU)
         self._this = weakref.ref(self)
         # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
@@ -209,13 +210,13 @@ class Engine:
         self._calls.setdefault(module, []).append(call)
 
     def _stand_in(self, tensor: Tensor) -> Tensor:
-        """:func:`shape_only` of ``tensor``, kept from step to step for its dtype, device and
-        shape (for a plain tensor: a subclass, e.g. a ``DTensor``, gets its own). At most
+        """:func:`shape_only` of ``tensor``, kept from step to step for its dtype, device, layout
+        and shape (for a plain tensor: a subclass, e.g. a ``DTensor``, gets its own). At most
         ``_MAX_STAND_INS`` are kept (all forgotten when one more is needed: shapes that change
         at every step do not accumulate)."""
         if type(tensor) is not Tensor and type(tensor) is not nn.Parameter:
             return shape_only(tensor)
-        key = (tensor.dtype, tensor.device, tensor.shape)
+        key = (tensor.dtype, tensor.device, tensor.layout, tensor.shape)
         stand_in = self._stand_ins.get(key)
         if stand_in is None:
             if len(self._stand_ins) >= _MAX_STAND_INS:

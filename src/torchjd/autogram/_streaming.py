@@ -90,9 +90,15 @@ class GramianStream:
             self.done.add(module)
         if handle is None or (id(call), k) not in self.lowest or not _is_last(handle):
             return None
-        # the call's stand-in for the output has the gradient's shape, dtype and device (with
-        # one objective: the gradient is not batched)
-        return call.outputs[k] if self.R == 1 else shape_only(grad)
+        stand_in = call.outputs[k]  # kept by the engine for the output, with its metadata
+        if (
+            self.R == 1  # the gradient is not batched
+            and type(grad) is Tensor
+            and grad.dtype == stand_in.dtype
+            and grad.shape == stand_in.shape
+        ):
+            return stand_in
+        return shape_only(grad)
 
 
 def all_objectives(grad: Tensor, R: int) -> Tensor:
