@@ -27,6 +27,10 @@ from torchjd.autogram._streaming import (
 )
 from torchjd.autogram._workspace import Workspaces
 
+_StandInKey = tuple[torch.dtype, torch.device, torch.layout, torch.Size]
+"""What a stand-in (see ``Engine._stand_in``) keeps of a tensor: its dtype, device, layout and
+shape."""
+
 
 class Engine:
     r"""Computes the Gramian :math:`G = J J^\top` of the Jacobian :math:`J` of a tensor of
@@ -109,8 +113,7 @@ class Engine:
         self._handles: list[RemovableHandle] = []
         self._recording = True
         self._stream: GramianStream | None = None  # while a streamed backward pass runs
-        self._stand_ins: dict[tuple[torch.dtype, torch.device, torch.layout, torch.Size], Tensor]
-        self._stand_ins = {}  # see _stand_in
+        self._stand_ins: dict[_StandInKey, Tensor] = {}  # see _stand_in
         self._workspaces = Workspaces()  # the rules' buffers kept from step to step (CPU)
         self._this = weakref.ref(self)
         # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
