@@ -167,8 +167,10 @@ def test_stand_ins_follow_shapes_and_dtypes_and_stay_bounded(monkeypatch):
             tolerance = 1e-10 if dtype == torch.float64 else 1e-5
             assert (G - expected).abs().max() <= tolerance * expected.abs().max()
             assert len(engine._stand_ins) <= 3
+            assert len(engine._zeros) == (1 if step < 5 else 2)  # one zero per dtype, expanded
         engine.close()
         assert not engine._stand_ins
+        assert not engine._zeros
 
 
 def test_one_module_on_two_branches_of_equal_shapes_in_the_fused_step():

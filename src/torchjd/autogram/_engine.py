@@ -114,6 +114,7 @@ class Engine:
         self._recording = True
         self._stream: GramianStream | None = None  # while a streamed backward pass runs
         self._stand_ins: dict[_StandInKey, Tensor] = {}  # see _stand_in
+        self._zeros: dict[tuple[torch.dtype, torch.device, torch.layout], Tensor] = {}
         self._workspaces = Workspaces()  # the rules' buffers kept from step to step (CPU)
         self._this = weakref.ref(self)
         # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
@@ -214,17 +215,21 @@ class Engine:
 
     def _stand_in(self, tensor: Tensor) -> Tensor:
         """:func:`shape_only` of ``tensor``, kept from step to step for its dtype, device, layout
-        and shape (for a plain tensor: a subclass, e.g. a ``DTensor``, gets its own). At most
-        ``_MAX_STAND_INS`` are kept (all forgotten when one more is needed: shapes that change
-        at every step do not accumulate)."""
+        and shape (for a plain tensor: a subclass, e.g. a ``DTensor``, gets its own), expanded
+        from a zero kept for its dtype, device and layout. At most ``_MAX_STAND_INS`` are kept
+        (all forgotten when one more is needed: shapes that change at every step do not
+        accumulate)."""
         if type(tensor) is not Tensor and type(tensor) is not nn.Parameter:
             return shape_only(tensor)
         key = (tensor.dtype, tensor.device, tensor.layout, tensor.shape)
         stand_in = self._stand_ins.get(key)
         if stand_in is None:
+            zero = self._zeros.get(key[:3])
+            if zero is None:
+                zero = self._zeros[key[:3]] = shape_only(tensor, ())
             if len(self._stand_ins) >= _MAX_STAND_INS:
                 self._stand_ins.clear()
-            stand_in = self._stand_ins[key] = shape_only(tensor)
+            stand_in = self._stand_ins[key] = zero.expand(tensor.shape)
         return stand_in
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
@@ -625,6 +630,7 @@ class Engine:
         self._clear()
         self._workspaces.clear()
         self._stand_ins.clear()
+        self._zeros.clear()
 
     def __enter__(self) -> "Engine":
         return self
