@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
 from torchjd.autogram._batched_grad import NotVectorized, batched_grad
 from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
-from torchjd.autogram._module_call import ModuleCall, direct_parameters, flat_leaves, shape_only
+from torchjd.autogram._module_call import ModuleCall, flat_leaves, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
 from torchjd.autogram._streaming import (
@@ -26,6 +26,10 @@ from torchjd.autogram._streaming import (
     walk_graph,
 )
 from torchjd.autogram._workspace import Workspaces
+
+_StandInKey = tuple[torch.dtype, torch.device, torch.layout, torch.Size]
+"""What a stand-in (see ``Engine._stand_in``) keeps of a tensor: its dtype, device, layout and
+shape."""
 
 
 class Engine:
@@ -109,7 +113,8 @@ class Engine:
         self._handles: list[RemovableHandle] = []
         self._recording = True
         self._stream: GramianStream | None = None  # while a streamed backward pass runs
-        self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # see _stand_in
+        self._stand_ins: dict[_StandInKey, Tensor] = {}  # see _stand_in
+        self._zeros: dict[tuple[torch.dtype, torch.device, torch.layout], Tensor] = {}
         self._workspaces = Workspaces()  # the rules' buffers kept from step to step (CPU)
         self._this = weakref.ref(self)
         # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
@@ -157,8 +162,9 @@ class Engine:
                     )
 
     def _trainable(self, module: nn.Module) -> bool:
-        covers_children = self._rules[module][1]
-        return any(p.requires_grad for p in direct_parameters(module, covers_children))
+        if self._rules[module][1]:  # covers its children
+            return any(p.requires_grad for p in module.parameters())
+        return any(p is not None and p.requires_grad for p in module._parameters.values())
 
     def _save_rng_state(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not self._recording or not torch.is_grad_enabled():
@@ -174,15 +180,21 @@ class Engine:
             return
         stack = self._rng_states.get(module)
         rng_state = stack.pop() if stack else None
-        leaves = flat_leaves(output)
-        indices = [
-            k
-            for k, leaf in enumerate(leaves)
-            if isinstance(leaf, Tensor) and leaf.requires_grad and leaf.is_floating_point()
-        ]
-        if not indices:
-            return
-        outputs = [leaves[k] for k in indices]
+        if isinstance(output, Tensor):  # the usual case: one tensor
+            if not (output.requires_grad and output.is_floating_point()):
+                return
+            outputs, indices = [output], [0]
+        else:
+            leaves = flat_leaves(output)
+            indices = [
+                k
+                for k, leaf in enumerate(leaves)
+                if isinstance(leaf, Tensor) and leaf.requires_grad and leaf.is_floating_point()
+            ]
+            if not indices:
+                return
+            outputs = [leaves[k] for k in indices]
+        rule = self._rules[module][0]
         call = ModuleCall(
             args=args,
             kwargs=kwargs,
@@ -194,23 +206,31 @@ class Engine:
             training=module.training,
             edges=[_gradient_edge(t) for t in outputs],
         )
-        inner_edges = getattr(self._rules[module][0], "inner_edges", None)
+        inner_edges = getattr(rule, "inner_edges", None)
         if inner_edges is not None:
             call.inner_edges = inner_edges(module, call)
-        if getattr(self._rules[module][0], "pure", None) is not None:
+        if getattr(rule, "pure", None) is not None:
             call.grad_hooks = register_grad_hooks(self._this, call, outputs)  # see _streaming.py
         self._calls.setdefault(module, []).append(call)
 
     def _stand_in(self, tensor: Tensor) -> Tensor:
-        """:func:`shape_only` of ``tensor``, expanded from a zero kept for its dtype and device
-        (for a plain tensor: a subclass, e.g. a ``DTensor``, gets its own)."""
+        """:func:`shape_only` of ``tensor``, kept from step to step for its dtype, device, layout
+        and shape (for a plain tensor: a subclass, e.g. a ``DTensor``, gets its own), expanded
+        from a zero kept for its dtype, device and layout. At most ``_MAX_STAND_INS`` are kept
+        (all forgotten when one more is needed: shapes that change at every step do not
+        accumulate)."""
         if type(tensor) is not Tensor and type(tensor) is not nn.Parameter:
             return shape_only(tensor)
-        key = (tensor.dtype, tensor.device)
-        zero = self._zeros.get(key)
-        if zero is None:
-            zero = self._zeros[key] = shape_only(tensor, ())
-        return zero.expand(tensor.shape)
+        key = (tensor.dtype, tensor.device, tensor.layout, tensor.shape)
+        stand_in = self._stand_ins.get(key)
+        if stand_in is None:
+            zero = self._zeros.get(key[:3])
+            if zero is None:
+                zero = self._zeros[key[:3]] = shape_only(tensor, ())
+            if len(self._stand_ins) >= _MAX_STAND_INS:
+                self._stand_ins.clear()
+            stand_in = self._stand_ins[key] = zero.expand(tensor.shape)
+        return stand_in
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
         r"""The Gramian ``[m, m]`` of the Jacobian of ``output`` w.r.t. the modules' parameters.
@@ -383,8 +403,7 @@ class Engine:
             return output.new_zeros(0, 0), {}, batch_dim, plan
         if batch_dim is not None:
             for module, module_calls in calls.items():
-                for call in module_calls:
-                    _resolve_batch_dims(module, call, batch_dim, B)
+                _resolve_batch_dims(module, module_calls, batch_dim, B)
         streamed = self._streamed(calls, R) if output.grad_fn is not None else {}
         below: dict[Any, bool] = {}
         leaves = None
@@ -403,7 +422,10 @@ class Engine:
         def run_rule(module: nn.Module, module_calls: list[ModuleCall]) -> None:
             nonlocal budget
             rule = self._rules[module][0]
-            with torch.no_grad():  # the Gramian is a statistic: no graph back to the activations
+            if torch.is_grad_enabled():  # not within the backward pass (which disables it)
+                with torch.no_grad():  # the Gramian is a statistic: no graph to the activations
+                    blocks[module] = rule(module, module_calls)
+            else:
                 blocks[module] = rule(module, module_calls)
             fits = budget is None  # no limit: the sizes are not needed
             if not fits and fused and _fusable(rule):  # compute_gramian keeps nothing
@@ -417,7 +439,9 @@ class Engine:
 
         cotangents = [_cotangents(output, batch_dim, R)]
         retain_graph = plan is None or not plan.complete
-        saved = {id(c): dict(c.saved) for cs in streamed.values() for c in cs}
+        # what the streamed rules find in `saved`, for a pass that fails midway (only a
+        # vectorised one can: R > 1)
+        saved = {id(c): dict(c.saved) for cs in streamed.values() for c in cs} if R > 1 else {}
         try:
             grads, stream, requested = self._gramian_pass(
                 output, calls, streamed, cotangents, retain_graph, run_rule, below
@@ -444,10 +468,8 @@ class Engine:
         for module, module_calls in calls.items():
             if stream is None or module not in stream.done:
                 run_rule(module, module_calls)
-        G = output.new_zeros(B * R, B * R)
-        for module in calls:  # in the order of the calls, however the rules ran: the same sums
-            G = G + blocks[module]
-        return _to_row_major(G.to(output.dtype), shape, batch_dim), kept, batch_dim, plan
+        G = _sum_blocks([blocks[module] for module in calls], output, B * R)
+        return _to_row_major(G, shape, batch_dim), kept, batch_dim, plan
 
     def _gramian_pass(
         self,
@@ -608,6 +630,8 @@ class Engine:
         self._handles.clear()
         self._clear()
         self._workspaces.clear()
+        self._stand_ins.clear()
+        self._zeros.clear()
 
     def __enter__(self) -> "Engine":
         return self
@@ -623,6 +647,10 @@ class Engine:
     def __repr__(self) -> str:
         names = ", ".join(type(m).__name__ for m in self._modules)
         return f"Engine({names}, batch_dim={self._batch_dim})"
+
+
+_MAX_STAND_INS = 256
+"""The most stand-ins (see ``Engine._stand_in``) that an engine keeps."""
 
 
 def _call_alive(engine: "weakref.ref[Engine]", method: str, *args: Any) -> None:
@@ -662,32 +690,56 @@ def _kept_bytes(call: ModuleCall) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
-def _resolve_batch_dims(module: nn.Module, call: ModuleCall, batch_dim: int, B: int) -> None:
-    """Where each output of ``module`` holds the samples (see the Engine's ``batch_dim``)."""
+def _resolve_batch_dims(module: nn.Module, calls: list[ModuleCall], batch_dim: int, B: int) -> None:
+    """Where each output of the ``calls`` of ``module`` holds the samples (see the Engine's
+    ``batch_dim``)."""
     batch_first = module.__dict__.get("batch_first")  # without nn.Module's slow __getattr__
     if batch_first is None and hasattr(type(module), "batch_first"):  # a property
         batch_first = module.batch_first
-    dims: list[int | None] = []
-    for k, t in zip(call.output_leaf_indices, call.outputs, strict=True):
-        if isinstance(batch_first, bool):
-            # RNN hidden states are [layers, batch, hidden]; attention weights are [batch, ...].
-            other = 1 if isinstance(module, nn.RNNBase) else 0
-            dim = (0 if batch_first else 1) if k == 0 else other
-        elif -t.dim() <= batch_dim < t.dim() and t.shape[batch_dim] == B:
-            dim = batch_dim % t.dim()
-        else:
-            candidates = [d for d in range(t.dim()) if t.shape[d] == B]
-            dim = candidates[0] if len(candidates) == 1 else -1
-        if not 0 <= dim < t.dim() or t.shape[dim] != B:
-            raise ValueError(
-                f"An output of the hooked module {module} has shape {tuple(t.shape)}, in which "
-                f"the engine cannot find the batch dimension (of size {B}, the size of `output` "
-                "along `batch_dim`). Use batch_dim=None for models whose modules do not keep the "
-                "samples along one dimension."
-            )
-        dims.append(dim)
-    call.output_batch_dims = dims
-    call.batch_dim = dims[0]
+    for call in calls:
+        dims: list[int | None] = []
+        for k, t in zip(call.output_leaf_indices, call.outputs, strict=True):
+            shape = t.shape
+            n = len(shape)
+            if isinstance(batch_first, bool):
+                # RNN hidden states are [layers, batch, hidden]; attention weights are [batch, ...]
+                other = 1 if isinstance(module, nn.RNNBase) else 0
+                dim = (0 if batch_first else 1) if k == 0 else other
+            elif -n <= batch_dim < n and shape[batch_dim] == B:
+                dim = batch_dim % n
+            else:
+                candidates = [d for d in range(n) if shape[d] == B]
+                dim = candidates[0] if len(candidates) == 1 else -1
+            if not 0 <= dim < n or shape[dim] != B:
+                raise ValueError(
+                    f"An output of the hooked module {module} has shape {tuple(shape)}, in which "
+                    f"the engine cannot find the batch dimension (of size {B}, the size of "
+                    "`output` along `batch_dim`). Use batch_dim=None for models whose modules do "
+                    "not keep the samples along one dimension."
+                )
+            dims.append(dim)
+        call.output_batch_dims = dims
+        call.batch_dim = dims[0]
+
+
+def _sum_blocks(blocks: list[Tensor], output: Tensor, size: int) -> Tensor:
+    """The sum of the rules' blocks, in their order, as a new contiguous ``[size, size]`` tensor
+    of the dtype of ``output``: from zeros of that dtype, or, when every block is a contiguous
+    tensor of that shape and dtype (the same values: zero plus a block is the block), from the
+    first two."""
+    if any(
+        b.shape != (size, size) or b.dtype != output.dtype or not b.is_contiguous() for b in blocks
+    ):
+        G = output.new_zeros(size, size)
+        for block in blocks:
+            G = G + block
+        return G.to(output.dtype)
+    if len(blocks) == 1:
+        return blocks[0].clone()
+    G = blocks[0] + blocks[1]
+    for block in blocks[2:]:
+        G.add_(block)  # G is new: in place
+    return G
 
 
 def _cotangents(output: Tensor, batch_dim: int | None, R: int) -> Tensor:

@@ -52,7 +52,7 @@ class FusionPlan:
             rule, covers_children = rules[module]
             if getattr(rule, "weighted_gradients", None) is None:
                 continue
-            self.inside[module] = total_uses([call_uses(call) for call in module_calls])
+            self.inside[module] = calls_uses(module_calls)
             fuses = getattr(rule, "fuses", None)
             if fuses is not None and fuses(module, module_calls):
                 for param in direct_parameters(module, covers_children):
@@ -67,15 +67,6 @@ class FusionPlan:
         engine's modules (a parameter tied across the engine's boundary)."""
         uses = self.leaves.get(id(param))
         return uses is not None and uses[1] == self.inside.get(module, {}).get(id(param))
-
-
-def total_uses(per_call: list[dict[int, tuple[Tensor, int]]]) -> dict[int, int]:
-    """The uses of each leaf (by id) summed over calls."""
-    total: dict[int, int] = {}
-    for uses in per_call:
-        for key, (_, count) in uses.items():
-            total[key] = total.get(key, 0) + count
-    return total
 
 
 def per_sample_weights(weights: Tensor, losses: Tensor, batch_dim: int | None) -> Tensor:
@@ -94,15 +85,31 @@ def graph_leaves(root: Tensor) -> dict[int, tuple[Tensor, int]]:
     return _leaf_uses([root.grad_fn], set())
 
 
-def call_uses(call: ModuleCall) -> dict[int, tuple[Tensor, int]]:
-    """The uses of each leaf tensor inside the call: in the graph from the call's outputs down to
-    its inputs."""
-    return _leaf_uses([edge.node for edge in call.edges], _input_nodes(call))
+def calls_uses(calls: Sequence[ModuleCall]) -> dict[int, int]:
+    """The uses of each leaf tensor (by id) inside the calls, summed over them: the graph edges
+    that reach it from the nodes of a call (from its outputs down to its inputs)."""
+    accumulate_grad = torch._C._functions.AccumulateGrad
+    uses: dict[int, int] = {}
+    for call in calls:
+        seen = _input_nodes(call)
+        stack = [edge.node for edge in call.edges]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for next_node, _ in node.next_functions:
+                if type(next_node) is accumulate_grad:  # the node of a leaf
+                    key = id(next_node.variable)
+                    uses[key] = uses.get(key, 0) + 1
+                elif next_node is not None and next_node not in seen:
+                    stack.append(next_node)
+    return uses
 
 
 def call_graph(call: ModuleCall) -> Iterator[Any]:
     """The autograd nodes of the call, each once: from its outputs down to its inputs."""
-    return _nodes([edge.node for edge in call.edges], _input_nodes(call))
+    return iter(_nodes([edge.node for edge in call.edges], _input_nodes(call)))
 
 
 def _input_nodes(call: ModuleCall) -> set[Any]:
@@ -110,16 +117,22 @@ def _input_nodes(call: ModuleCall) -> set[Any]:
     return {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
 
 
-def _nodes(roots: list[Any], stops: set[Any]) -> Iterator[Any]:
+def _nodes(roots: list[Any], stops: set[Any]) -> list[Any]:
+    """The nodes reachable from ``roots`` without going through ``stops``, each once, depth
+    first."""
     seen: set[Any] = set(stops)
     stack = list(roots)
+    nodes = []
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        yield node
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        nodes.append(node)
+        for next_node, _ in node.next_functions:  # those already seen are not pushed
+            if next_node is not None and next_node not in seen:
+                stack.append(next_node)
+    return nodes
 
 
 def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int]]:

@@ -67,11 +67,14 @@ class GramianStream:
                 call.grad_outputs = [None] * len(call.edges)
                 call.inner_grads = [None] * len(call.inner_edges)
 
-    def receive(self, call: ModuleCall, k: int, grad: Tensor, last: bool) -> Tensor | None:
+    def receive(
+        self, call: ModuleCall, k: int, grad: Tensor, handle: RemovableHandle | None
+    ) -> Tensor | None:
         """Stores the gradient w.r.t. output ``k`` of ``call``; runs the module's rule when it was
         the last one missing. Returns what autograd keeps in place of the gradient (None: the
         gradient itself): a stand-in for a lowest output, when no other hook of the tensor
-        follows (``last``), since they would receive it."""
+        follows the one of ``handle`` (None: not a hook of the tensor), since they would receive
+        it."""
         module = self.module_of.get(id(call))
         if module is None:
             return None
@@ -85,7 +88,17 @@ class GramianStream:
         if self.missing[module] == 0:
             self.run(module, self.calls[module])
             self.done.add(module)
-        return shape_only(grad) if last and (id(call), k) in self.lowest else None
+        if handle is None or (id(call), k) not in self.lowest or not _is_last(handle):
+            return None
+        stand_in = call.outputs[k]  # kept by the engine for the output, with its metadata
+        if (
+            self.R == 1  # the gradient is not batched
+            and type(grad) is Tensor
+            and grad.dtype == stand_in.dtype
+            and grad.shape == stand_in.shape
+        ):
+            return stand_in
+        return shape_only(grad)
 
 
 def all_objectives(grad: Tensor, R: int) -> Tensor:
@@ -123,26 +136,31 @@ def walk_graph(root: Any, nodes: set[Any]) -> tuple[dict[int, tuple[Tensor, int]
     if root is None:
         return leaves, below
     accumulate_grad = torch._C._functions.AccumulateGrad
-    stack: list[tuple[Any, Iterator[Any]]] = [(root, iter(root.next_functions))]
+    # each node with its edges (read once: each read builds a new tuple) and where it stands in
+    # them; a leaf's node has no edges: it is not entered
+    edges = root.next_functions
+    stack: list[tuple[Any, Any, Iterator[Any]]] = [(root, edges, iter(edges))]
     while stack:
-        node, children = stack[-1]
-        child = next(children, None)
-        if child is not None:
-            child = child[0]
-            if child is not None and child not in below:
-                below[child] = False  # visited (its own value is set when it is left)
-                stack.append((child, iter(child.next_functions)))
-            continue
-        stack.pop()
-        reaches = False
-        for child, _ in node.next_functions:
-            if child is None:
+        node, edges, children = stack[-1]
+        for child, _ in children:
+            if child is None or child in below:
                 continue
-            reaches = reaches or child in nodes or below[child]
-            if type(child) is accumulate_grad:
-                leaf = child.variable
-                leaves[id(leaf)] = (leaf, leaves.get(id(leaf), (leaf, 0))[1] + 1)
-        below[node] = reaches
+            below[child] = False  # visited (its own value is set when it is left)
+            if type(child) is not accumulate_grad:
+                child_edges = child.next_functions
+                stack.append((child, child_edges, iter(child_edges)))
+                break
+        else:
+            stack.pop()
+            reaches = False
+            for child, _ in edges:
+                if child is None:
+                    continue
+                reaches = reaches or child in nodes or below[child]
+                if type(child) is accumulate_grad:
+                    leaf = child.variable
+                    leaves[id(leaf)] = (leaf, leaves.get(id(leaf), (leaf, 0))[1] + 1)
+            below[node] = reaches
     return leaves, below
 
 
@@ -156,17 +174,17 @@ def register_grad_hooks(
     call_ref = weakref.ref(call)
     handles: list[RemovableHandle] = []
 
-    def receive(k: int, grad: Tensor | None, last: bool) -> Tensor | None:
+    def receive(k: int, grad: Tensor | None, handle: RemovableHandle | None) -> Tensor | None:
         alive, recorded = engine(), call_ref()
         stream = None if alive is None else alive._stream
         if stream is None or recorded is None or grad is None:
             return None
-        return stream.receive(recorded, k, grad, last)
+        return stream.receive(recorded, k, grad, handle)
 
     for k, output in enumerate(outputs):
 
         def hook(grad: Tensor, k: int = k) -> Tensor | None:
-            return receive(k, grad, _is_last(handles[k]))
+            return receive(k, grad, handles[k])
 
         handles.append(output.register_hook(hook))
     for j, edge in enumerate(call.inner_edges):
@@ -174,7 +192,7 @@ def register_grad_hooks(
         def pre_hook(
             grad_outputs: Any, k: int = len(outputs) + j, nr: int = edge.output_nr
         ) -> None:
-            receive(k, grad_outputs[nr], False)
+            receive(k, grad_outputs[nr], None)
 
         handles.append(edge.node.register_prehook(pre_hook))
     return handles
