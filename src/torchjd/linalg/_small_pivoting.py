@@ -62,7 +62,9 @@ _MIXED_GAIN = 0.9
 _LU_MAX_WIDTH = 12
 # UPGrad's problems (the unit vectors'): up to _DENSE_MAX_M, dense steps only, at most
 # _DENSE_MAX_STEPS of them (unit_dense_pivoting: two on the per-sample Gramians of a small
-# classifier at 16 rows, where block steps or single pivots take three); beyond, the rows left
+# classifier at 16 rows, where single pivots take three; within six on 93 of the 100 hard
+# Jacobians of 16 rows of benchmarks/non_conflict.py, the others then take single pivots on the
+# tableau); beyond, the rows left
 # after the first step take dense steps when their count times m³ is at most _DENSE_BUDGET (two
 # rows at m = 64, where a [k, m, m] factorisation costs about as much as the gathers of a block
 # step), at most _DENSE_STEPS of them (unit_small_pivoting).
@@ -204,7 +206,8 @@ def unit_small_pivoting(problem: "UnitRows", max_steps: int) -> tuple[Tensor, Te
             Z[rows] = Z_rows
             return problem.solution(Z)
         active = active.index_put((rows,), face)
-        return _pivoting(problem, faces, active, _sizes(active).tolist(), max_steps)
+        steps_left = max(max_steps - 1 - _DENSE_STEPS, 1)
+        return _pivoting(problem, faces, active, _sizes(active).tolist(), steps_left)
     return _pivoting(problem, faces, active, n_active, max_steps, (Z, gradient))
 
 
@@ -218,12 +221,12 @@ def unit_dense_pivoting(problem: "UnitRows", max_steps: int) -> tuple[Tensor, Te
     takes another route. One host synchronisation per step."""
     G_hat, U_hat = problem.G_hat, problem.U_hat
     L, info = torch.linalg.cholesky_ex(G_hat)
-    # (read with the first step's outcome: one host synchronisation per step)
-    refused = ~(L.diagonal().amin() >= _MIN_PIVOT) | (info != 0)
+    # (read with the first step's outcome: one host synchronisation per step; a NaN pivot fails)
+    factored = L.diagonal().amin() * (info == 0) >= _MIN_PIVOT
     H = torch.cholesky_inverse(L)
     lower = U_hat - problem.primal_bound
     Z, face, steps = _dense_steps(
-        H, U_hat, (G_hat > 0) | (H < 0), lower, problem.dual_bound, max_steps, refused
+        H, U_hat, (G_hat > 0) | (H < 0), lower, problem.dual_bound, max_steps, factored
     )
     return None if face is not None or steps is None else problem.solution(Z)
 
@@ -235,7 +238,7 @@ def _dense_steps(
     lower: Tensor,
     dual_bound: Tensor,
     max_steps: int,
-    refused: Tensor | None = None,
+    factored: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, int | None]:
     """Block principal pivoting of the rows of ``U_hat`` (``[k, m]``, each ``û_i e_i``) from the
     guess ``active``, every face solved on the dual side at full size: the systems
@@ -245,7 +248,7 @@ def _dense_steps(
     ``dual_bound`` on ``A``, ``z_j`` below ``lower`` on ``F``); the infeasible indices change
     side, all at once, for at most ``max_steps`` steps. Returns the last face solutions, the next
     faces (None when every row was feasible) and the count of steps taken (None when
-    ``refused``, a boolean tensor read with the first step's outcome, is True)."""
+    ``factored``, a boolean tensor read with the first step's outcome, is False)."""
     m = H.shape[0]
     eye = torch.eye(m, dtype=H.dtype, device=H.device)
     face = active
@@ -257,9 +260,9 @@ def _dense_steps(
         mu = torch.cholesky_solve((U_hat * face).unsqueeze(2), L).squeeze(2)
         Z = torch.where(face, U_hat, mu @ H)
         infeasible = torch.where(face, mu < dual_bound, torch.lt(Z, lower))
-        if step == 0 and refused is not None:
-            stop, left = torch.stack((refused, infeasible.any())).tolist()
-            if stop:
+        if step == 0 and factored is not None:
+            fit, left = torch.stack((factored, infeasible.any())).tolist()
+            if not fit:
                 return Z, face, None
         else:
             left = bool(infeasible.any())
