@@ -322,9 +322,11 @@ class UnitRows(ScaledProblem):
         self.root = root = diagonal.sqrt()
         self.G_hat = G / torch.outer(root, root)
         self.U_hat = torch.diag(root)
-        self.c = root.amax()  # √(max_l G_ll): the square root is monotonic and correctly rounded
+        # tol √(max_l G_ll) (the square root is monotonic and correctly rounded): the bound of the
+        # final check on the scaled gradients, and a fraction of it that of pivoting (shape [1]).
+        self.threshold = tol * root.amax(0, keepdim=True)
         self.primal_bound = (_PRIMAL_THRESHOLD * tol) * root
-        self.dual_bound = (-_PRIMAL_THRESHOLD * tol * self.c).reshape(1, 1)
+        self.dual_bound = self.threshold * -_PRIMAL_THRESHOLD
 
     def solution(self, Z: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`ScaledProblem.solution`, checked in the scaled variables:
@@ -333,7 +335,7 @@ class UnitRows(ScaledProblem):
         gradient = Z @ self.G_hat
         excess = (Z - self.U_hat) / self.root
         residual = torch.maximum(-gradient, gradient.abs() * excess)
-        return Z / self.root, residual.amax(dim=1) <= self.tol * self.c
+        return Z / self.root, residual.amax(dim=1) <= self.threshold
 
 
 class _Faces:
