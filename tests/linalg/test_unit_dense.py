@@ -16,6 +16,7 @@ from tests.linalg.test_small_pivoting import gramians, random_problem, regularis
 from tests.linalg.test_unit_rows import assert_unit_rows_optimal
 from tests.reference.aggregators import upgrad_weights
 from torchjd.aggregation import UPGradWeighting
+from torchjd.linalg import TorchProjector
 from torchjd.linalg._bounded_qp import _small_unit_route
 from torchjd.linalg._small_pivoting import (
     UnitRows,
@@ -294,3 +295,21 @@ def test_upgrad_weights_of_classifier_gramians(m: int, dtype: torch.dtype):
         atol = 1e-6 if dtype == torch.float64 else 1e-4
         scale = np.abs(expected).max()
         np.testing.assert_allclose(weights.double().numpy() / scale, expected / scale, atol=atol)
+
+
+@pytest.mark.parametrize("m", [16, 32])
+def test_weights_of_a_gramian_that_requires_grad_differentiate_as_the_general_path(m: int):
+    """Through the dense steps (``m ≤ 24``) or the sharper guess, the weights keep their graph, and
+    their gradient is that of the projector's general path on the rows ``p_i e_i`` (single pivots
+    on the tableau, block pivoting)."""
+    J = classifier_jacobian(m, 0)
+    p = torch.linspace(0.5, 1.0, m, dtype=torch.float64)
+    gradients = []
+    for weights_of in (
+        lambda G: UPGradWeighting(p)(G),
+        lambda G: TorchProjector()(torch.diag(p), G).sum(dim=0),
+    ):
+        G = (J @ J.T).requires_grad_()
+        (weights_of(G) * torch.arange(m, dtype=torch.float64)).sum().backward()
+        gradients.append(G.grad)
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=0, atol=1e-9)
