@@ -241,7 +241,8 @@ def _dense_steps(
     factored: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, int | None]:
     """Block principal pivoting of the rows of ``U_hat`` (``[k, m]``, each ``û_i e_i``) from the
-    guess ``active``, every face solved on the dual side at full size: the systems
+    guess ``active`` (which holds each row's own index), every face solved on the dual side at
+    full size: the systems
     ``H_AA μ_A = û_A``, padded by the identity to ``m × m`` (``[k, m, m]``: one batched Cholesky
     factorisation, no gathers and no widths read on the host), then ``z = H μ`` with
     ``z_A = û_A``. An index is infeasible as in :func:`scaled_small_pivoting` (``μ_j`` below
@@ -251,13 +252,16 @@ def _dense_steps(
     ``factored``, a boolean tensor read with the first step's outcome, is False)."""
     m = H.shape[0]
     eye = torch.eye(m, dtype=H.dtype, device=H.device)
+    # û_A = û: each row's face holds its own index, from the guess on (μ_i = zᵀ Ĝ z / û_i > 0
+    # keeps it there), and û is zero elsewhere.
+    rhs = U_hat.unsqueeze(2)
     face = active
     for step in range(max_steps):
         blocks = torch.where(face.unsqueeze(2) & face.unsqueeze(1), H, eye)
         # (one right-hand side per system: torch.cholesky_solve is as fast as two triangular
         # solves at these sizes, in one operation)
         L = torch.linalg.cholesky_ex(blocks)[0]
-        mu = torch.cholesky_solve((U_hat * face).unsqueeze(2), L).squeeze(2)
+        mu = torch.cholesky_solve(rhs, L).squeeze(2)
         Z = torch.where(face, U_hat, mu @ H)
         infeasible = torch.where(face, mu < dual_bound, torch.lt(Z, lower))
         if step == 0 and factored is not None:
