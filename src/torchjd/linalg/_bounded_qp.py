@@ -157,7 +157,14 @@ from torchjd.linalg._principal_pivoting import (
 from torchjd.linalg._probe import probe_first
 from torchjd.linalg._range_projection import least_energy_rows, range_projection_rows
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
-from torchjd.linalg._small_pivoting import UnitRows, scaled_small_pivoting, small_pivoting
+from torchjd.linalg._small_pivoting import (
+    _DENSE_MAX_M,
+    _DENSE_MAX_STEPS,
+    UnitRows,
+    small_pivoting,
+    unit_dense_pivoting,
+    unit_small_pivoting,
+)
 from torchjd.linalg._spanning import range_factor, zero_update_weights
 from torchjd.linalg._tableau_pivoting import (
     TABLEAU_MAX_M,
@@ -337,17 +344,23 @@ def _small_unit_route(G: Tensor, tol: float) -> tuple[Tensor, Tensor]:
     """:func:`_small_default_route` on the rows of the identity, ``v(e_i)`` for every ``i``
     (UPGrad's problems up to their scale: ``v(p_i e_i) = p_i v(e_i)`` for ``p_i ≥ 0``), in
     float64, with fewer operations: the Jacobi-scaled problem is built from ``û = diag(√G_jj)``
-    (:class:`~torchjd.linalg._small_pivoting.UnitRows`), and the initial active
-    set of row ``i`` is ``{j : G_ij > 0}``. Returns the rows (float64, ``[m, m]``) and which
-    are solved."""
+    (:class:`~torchjd.linalg._small_pivoting.UnitRows`), and solved by dense steps up to
+    ``m = 24`` (:func:`~torchjd.linalg._small_pivoting.unit_dense_pivoting`; single pivots on
+    the tableau when it declines), else by
+    :func:`~torchjd.linalg._small_pivoting.unit_small_pivoting` (block pivoting from the initial
+    active set ``{j : G_ij > 0}``, sharpened when these faces are small). Returns the rows
+    (float64, ``[m, m]``) and which are solved."""
     m = G.shape[0]
     G = G.double()
     if m <= _ENUMERATION_MAX_M:
         return _small_default_route(G, torch.eye(m, dtype=G.dtype, device=G.device), tol)
     problem = UnitRows(G, tol)
-    if m <= TABLEAU_MAX_M:
-        return scaled_tableau_pivoting(problem, 3 * m + 10)
-    result = scaled_small_pivoting(problem, problem.G_hat > 0, 3 * m + 10)
+    if m <= _DENSE_MAX_M:
+        result = unit_dense_pivoting(problem, _DENSE_MAX_STEPS)
+        if result is None:  # ill-conditioned, or not converged: single pivots on the tableau
+            return scaled_tableau_pivoting(problem, 3 * m + 10)
+        return result
+    result = unit_small_pivoting(problem, 3 * m + 10)
     if result is None:
         eye = torch.eye(m, dtype=G.dtype, device=G.device)
         return eye, torch.zeros(m, dtype=torch.bool, device=G.device)

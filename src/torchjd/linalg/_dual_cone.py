@@ -222,9 +222,10 @@ class TorchProjector(DualConeProjector):
         """:meth:`_summed_projections` through the problems of the unit vectors, in float64 (the
         caller converts)."""
         m = G.shape[0]
-        G = normalized(G, self.norm_eps)  # a new tensor: regularised in place
+        # (G + Gᵀ) / tr(G + Gᵀ): the symmetrised G normalised, in one pass fewer; its trace is
+        # twice that of G. A new tensor: regularised in place.
+        G = normalized(G + G.T, 2.0 * self.norm_eps)
         G.diagonal().add_(self.reg_eps)
-        G = symmetrized(G)
         tol = DEFAULT_TOL[G.dtype]
         X, solved = _small_unit_route(G, tol)
         if not bool(solved.all()):

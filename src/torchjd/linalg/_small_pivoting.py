@@ -31,7 +31,12 @@ residual, as :func:`~torchjd.linalg._kkt.kkt_residual` measures it).
 
 UPGrad's problems are those of the unit vectors up to their scale
 (:class:`UnitRows`: ``û = diag(√G_jj)``, ``max|u| = 1``, one bound for the
-gradients of all rows, and the check done in the scaled variables).
+gradients of all rows, and the check done in the scaled variables). Their steps cost a fixed
+number of operations, about 3 µs each on one CPU thread at these sizes, which is what a call
+costs: :func:`unit_dense_pivoting` (``m ≤ 24``) solves every face at full size from ``H``
+(``[m, m, m]``, no gathers, no widths read on the host: about fifteen operations a step), and
+:func:`unit_small_pivoting` (``m > 24``) starts from a sharper guess when the faces are small and
+finishes the few rows left after its first step the same way.
 """
 
 from bisect import bisect_right
@@ -55,6 +60,21 @@ _MIXED_GAIN = 0.9
 # Up to this width, the blocks are solved by one batched LU solve (fewer operations than a
 # Cholesky factorisation and two triangular solves, and as fast); beyond, by Cholesky.
 _LU_MAX_WIDTH = 12
+# UPGrad's problems (the unit vectors'): up to _DENSE_MAX_M, dense steps only, at most
+# _DENSE_MAX_STEPS of them (unit_dense_pivoting: two on the per-sample Gramians of a small
+# classifier at 16 rows, where single pivots take three; within six on 93 of the 100 hard
+# Jacobians of 16 rows of benchmarks/non_conflict.py, the others then take single pivots on the
+# tableau); beyond, the rows left
+# after the first step take dense steps when their count times m³ is at most _DENSE_BUDGET (two
+# rows at m = 64, where a [k, m, m] factorisation costs about as much as the gathers of a block
+# step), at most _DENSE_STEPS of them (unit_small_pivoting).
+_DENSE_MAX_M = 24
+_DENSE_MAX_STEPS = 6
+_DENSE_BUDGET = 2 * 64**3
+_DENSE_STEPS = 3
+# unit_small_pivoting refines its guess with H when no row's face {j : G_ij > 0} holds more than
+# this fraction of the indices (per-sample Gramians: the rows of a class)
+_SMALL_FACES = 1 / 3
 
 
 def small_pivoting(
@@ -75,24 +95,32 @@ def scaled_small_pivoting(
     some index is infeasible and, if so, each row's count of infeasible indices and the size of its
     next active set (read together: the host takes the count of rows done and the widths of the
     next faces from them)."""
+    L, info = torch.linalg.cholesky_ex(problem.G_hat)
+    n_active = _conditioned(L, info, active)
+    if n_active is None:
+        return None
+    return _pivoting(problem, _Faces(problem.G_hat, L), active, n_active, max_steps)
+
+
+def _pivoting(
+    problem: "ScaledProblem",
+    faces: "_Faces",
+    active: Tensor,
+    n_active: list[float],
+    max_steps: int,
+    first: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The steps of :func:`scaled_small_pivoting` from ``active``, whose sizes are ``n_active``
+    (``first``: the face solutions of ``active`` and their gradients, when already computed)."""
     G_hat, U_hat = problem.G_hat, problem.U_hat
     m = U_hat.shape[1]
-    L, info = torch.linalg.cholesky_ex(G_hat)
-    faces = _Faces(G_hat, L)
-    # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation;
-    # the numbers are read as floats, together with the sizes of the active sets)
-    pivot, failed, *n_active = torch.cat(
-        [L.diagonal().amin(0, keepdim=True), info.to(G_hat.dtype).reshape(1), _sizes(active)]
-    ).tolist()
-    if not (pivot >= _MIN_PIVOT and failed == 0):
-        return None
     widths = faces.widths(n_active)
     # z_j below its bound on the free set, (Ĝ z)_j below its bound on the active set: infeasible
     # (a NaN passes, and fails the final check).
     lower, dual_bound = U_hat - problem.primal_bound, problem.dual_bound
     rows = slice(None)  # the rows still in the batch, once some have left
     for step in range(max_steps):
-        Z, gradient = faces.solve(U_hat, active, widths)
+        Z, gradient = faces.solve(U_hat, active, widths) if step or first is None else first
         infeasible = torch.where(active, gradient < dual_bound, torch.lt(Z, lower))
         if step == max_steps - 1 or not bool(infeasible.any()):
             break
@@ -133,6 +161,119 @@ def scaled_small_pivoting(
     else:
         Z_all[rows] = Z
     return problem.solution(Z_all)
+
+
+def unit_small_pivoting(problem: "UnitRows", max_steps: int) -> tuple[Tensor, Tensor] | None:
+    """:func:`scaled_small_pivoting` on the problems of the unit vectors (``m > 24``), with a
+    sharper guess and cheaper later steps when few rows are left.
+
+    The guess of row ``i`` is ``{j : Ĝ_ij > 0}`` (the indices that agree with ``i``: on the face
+    of all indices, their multipliers are those of ``v = e_i``, ``μ = Ĝ û ≥ 0``); when no such
+    face holds more than :data:`_SMALL_FACES` of the indices, only ``i`` and those of its indices
+    that the face ``{i}`` pushes below zero (``z = H_{:i} û_i / H_ii``: ``H_ij < 0``) are kept:
+    on the per-sample Gramians of a small transformer at 32 rows, right at once for every row,
+    where the plain guess is wrong for 25. The first step solves every row on the smaller side of
+    its face (:meth:`_Faces.solve`); the rows still infeasible take dense steps
+    (:func:`_dense_steps`) when they are few (:data:`_DENSE_BUDGET`), for at most
+    :data:`_DENSE_STEPS` steps; otherwise, and after these, every row continues with
+    :func:`scaled_small_pivoting`'s steps (with its safeguard against cycling). None as
+    :func:`scaled_small_pivoting`."""
+    G_hat, U_hat = problem.G_hat, problem.U_hat
+    m = G_hat.shape[0]
+    L, info = torch.linalg.cholesky_ex(G_hat)
+    faces = _Faces(G_hat, L)
+    H = faces.H
+    plain = G_hat > 0
+    refined = plain & (H < 0)
+    refined.diagonal().fill_(True)
+    sizes = _conditioned(L, info, torch.cat([plain, refined]))  # (both read at once)
+    if sizes is None:
+        return None
+    if max(sizes[:m]) <= _SMALL_FACES * m:
+        active, n_active = refined, sizes[m:]
+    else:
+        active, n_active = plain, sizes[:m]
+    lower, dual_bound = U_hat - problem.primal_bound, problem.dual_bound
+    Z, gradient = faces.solve(U_hat, active, faces.widths(n_active))
+    infeasible = torch.where(active, gradient < dual_bound, torch.lt(Z, lower))
+    rows = infeasible.any(dim=1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return problem.solution(Z)
+    if rows.numel() * m**3 <= _DENSE_BUDGET:
+        face = (active ^ infeasible)[rows]
+        Z_rows, face, _ = _dense_steps(H, U_hat[rows], face, lower[rows], dual_bound, _DENSE_STEPS)
+        if face is None:
+            Z[rows] = Z_rows
+            return problem.solution(Z)
+        active = active.index_put((rows,), face)
+        steps_left = max(max_steps - 1 - _DENSE_STEPS, 1)
+        return _pivoting(problem, faces, active, _sizes(active).tolist(), steps_left)
+    return _pivoting(problem, faces, active, n_active, max_steps, (Z, gradient))
+
+
+def unit_dense_pivoting(problem: "UnitRows", max_steps: int) -> tuple[Tensor, Tensor] | None:
+    """The problems of the unit vectors for small ``m`` (up to :data:`_DENSE_MAX_M`), by dense
+    steps (:func:`_dense_steps`, about fifteen operations each) from the guess
+    ``{j : Ĝ_ij > 0 or H_ij < 0}``: the indices that agree with ``i``, and those that its own
+    face ``{i}`` pushes below zero (``z = H_{:i} û_i / H_ii``). None when ``Ĝ`` is too
+    ill-conditioned for ``H`` (a pivot of its Cholesky factor below :data:`_MIN_PIVOT`) or some
+    row is still infeasible after ``max_steps`` steps (full exchanges can cycle): the caller then
+    takes another route. One host synchronisation per step."""
+    G_hat, U_hat = problem.G_hat, problem.U_hat
+    L, info = torch.linalg.cholesky_ex(G_hat)
+    # (read with the first step's outcome: one host synchronisation per step; a NaN pivot fails)
+    factored = L.diagonal().amin() * (info == 0) >= _MIN_PIVOT
+    H = torch.cholesky_inverse(L)
+    lower = U_hat - problem.primal_bound
+    Z, face, steps = _dense_steps(
+        H, U_hat, (G_hat > 0) | (H < 0), lower, problem.dual_bound, max_steps, factored
+    )
+    return None if face is not None or steps is None else problem.solution(Z)
+
+
+def _dense_steps(
+    H: Tensor,
+    U_hat: Tensor,
+    active: Tensor,
+    lower: Tensor,
+    dual_bound: Tensor,
+    max_steps: int,
+    factored: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, int | None]:
+    """Block principal pivoting of the rows of ``U_hat`` (``[k, m]``, each ``û_i e_i``) from the
+    guess ``active`` (which holds each row's own index), every face solved on the dual side at
+    full size: the systems
+    ``H_AA μ_A = û_A``, padded by the identity to ``m × m`` (``[k, m, m]``: one batched Cholesky
+    factorisation, no gathers and no widths read on the host), then ``z = H μ`` with
+    ``z_A = û_A``. An index is infeasible as in :func:`scaled_small_pivoting` (``μ_j`` below
+    ``dual_bound`` on ``A``, ``z_j`` below ``lower`` on ``F``); the infeasible indices change
+    side, all at once, for at most ``max_steps`` steps. Returns the last face solutions, the next
+    faces (None when every row was feasible) and the count of steps taken (None when
+    ``factored``, a boolean tensor read with the first step's outcome, is False)."""
+    m = H.shape[0]
+    eye = torch.eye(m, dtype=H.dtype, device=H.device)
+    # û_A = û: each row's face holds its own index, from the guess on (μ_i = zᵀ Ĝ z / û_i > 0
+    # keeps it there), and û is zero elsewhere.
+    rhs = U_hat.unsqueeze(2)
+    face = active
+    for step in range(max_steps):
+        blocks = torch.where(face.unsqueeze(2) & face.unsqueeze(1), H, eye)
+        # (one right-hand side per system: torch.cholesky_solve is as fast as two triangular
+        # solves at these sizes, in one operation)
+        L = torch.linalg.cholesky_ex(blocks)[0]
+        mu = torch.cholesky_solve(rhs, L).squeeze(2)
+        Z = torch.where(face, U_hat, mu @ H)
+        infeasible = torch.where(face, mu < dual_bound, torch.lt(Z, lower))
+        if step == 0 and factored is not None:
+            fit, left = torch.stack((factored, infeasible.any())).tolist()
+            if not fit:
+                return Z, face, None
+        else:
+            left = bool(infeasible.any())
+        if not left:
+            return Z, None, step + 1
+        face = face ^ infeasible
+    return Z, face, max_steps
 
 
 class ScaledProblem:
@@ -185,9 +326,11 @@ class UnitRows(ScaledProblem):
         self.root = root = diagonal.sqrt()
         self.G_hat = G / torch.outer(root, root)
         self.U_hat = torch.diag(root)
-        self.c = root.amax()  # √(max_l G_ll): the square root is monotonic and correctly rounded
+        # tol √(max_l G_ll) (the square root is monotonic and correctly rounded): the bound of the
+        # final check on the scaled gradients, and a fraction of it that of pivoting (shape [1]).
+        self.threshold = tol * root.amax(0, keepdim=True)
         self.primal_bound = (_PRIMAL_THRESHOLD * tol) * root
-        self.dual_bound = (-_PRIMAL_THRESHOLD * tol * self.c).reshape(1, 1)
+        self.dual_bound = self.threshold * -_PRIMAL_THRESHOLD
 
     def solution(self, Z: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`ScaledProblem.solution`, checked in the scaled variables:
@@ -196,7 +339,7 @@ class UnitRows(ScaledProblem):
         gradient = Z @ self.G_hat
         excess = (Z - self.U_hat) / self.root
         residual = torch.maximum(-gradient, gradient.abs() * excess)
-        return Z / self.root, residual.amax(dim=1) <= self.tol * self.c
+        return Z / self.root, residual.amax(dim=1) <= self.threshold
 
 
 class _Faces:
@@ -208,8 +351,7 @@ class _Faces:
     masking."""
 
     def __init__(self, G_hat: Tensor, L: Tensor) -> None:
-        m = G_hat.shape[0]
-        self.G_hat, self.L, self.m = G_hat, L, m
+        self.G_hat, self.L, self.m = G_hat, L, G_hat.shape[0]
 
     @cached_property
     def H(self) -> Tensor:
@@ -298,6 +440,20 @@ class _Faces:
         else:
             x = cholesky_solve(torch.linalg.cholesky_ex(B)[0], b)
         return rhs.new_zeros(rhs.shape[0], 2 * m).scatter_(1, index, x)[:, :m]
+
+
+def _conditioned(L: Tensor, info: Tensor, active: Tensor) -> list[float] | None:
+    """The sizes of the rows' active sets, read on the host together with the outcome of the
+    factorisation ``L`` of ``Ĝ`` (one synchronisation); None when it failed or a pivot is below
+    :data:`_MIN_PIVOT`."""
+    # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation;
+    # the numbers are read as floats, together with the sizes of the active sets)
+    pivot, failed, *n_active = torch.cat(
+        [L.diagonal().amin(0, keepdim=True), info.to(L.dtype).reshape(1), _sizes(active)]
+    ).tolist()
+    if not (pivot >= _MIN_PIVOT and failed == 0):
+        return None
+    return n_active
 
 
 def _sizes(active: Tensor) -> Tensor:
