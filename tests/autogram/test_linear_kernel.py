@@ -14,7 +14,9 @@ from torchjd.autogram._rules._linear import (
     one_position_gramian,
     self_gram,
     weight_gramian,
+    weight_gramian_and_jacobian,
 )
+from torchjd.autogram._workspace import Workspaces
 
 
 def reference(X: torch.Tensor, Gamma: torch.Tensor) -> torch.Tensor:
@@ -145,6 +147,33 @@ def test_blocks_of_strided_rows(monkeypatch, min_features):
     assert not Gamma.is_contiguous()
     G = weight_gramian(X, Gamma)
     torch.testing.assert_close(G, reference(X, Gamma), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("R", [1, 2])
+def test_interleaved_positions_made_adjacent(monkeypatch, R):
+    """Positions of a sample ``B`` rows apart (the projections of an attention), in a step that
+    keeps nothing: the products read a copy whose positions are adjacent rows, and the Gramian
+    is exact."""
+    monkeypatch.setattr(linear_module, "per_objective_is_cheaper", lambda *args: True)
+    seen = []
+
+    def spy(X, Gamma, chunk_bytes=None):
+        seen.append((X, Gamma))
+        return weight_gramian(X, Gamma, chunk_bytes)
+
+    monkeypatch.setattr(linear_module, "weight_gramian", spy)
+    B, T, d_in, d_out = 3, 4, 2, 5
+    X = torch.randn(T, B, d_in, dtype=torch.float64).transpose(0, 1)
+    Gamma = torch.randn(R, T, B, d_out, dtype=torch.float64).permute(2, 0, 1, 3)
+    with Workspaces().active(fused=False):
+        G, J = weight_gramian_and_jacobian(X, Gamma)
+    assert J is None
+    [(X_used, Gamma_used)] = seen
+    assert X_used.stride(-2) == d_in
+    assert Gamma_used.stride(-2) == d_out
+    torch.testing.assert_close(X_used[0], X)
+    torch.testing.assert_close(Gamma_used[0], Gamma)
+    torch.testing.assert_close(G, reference(X.unsqueeze(0), Gamma.unsqueeze(0)), rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize(("B", "R"), [(43, 3), (64, 2), (130, 1), (32, 4), (33, 2)])
