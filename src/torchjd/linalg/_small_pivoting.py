@@ -64,12 +64,14 @@ _LU_MAX_WIDTH = 12
 # _DENSE_MAX_STEPS of them (unit_dense_pivoting: two on the per-sample Gramians of a small
 # classifier at 16 rows, where single pivots take three; within six on 93 of the 100 hard
 # Jacobians of 16 rows of benchmarks/non_conflict.py, the others then take single pivots on the
-# tableau); beyond, the rows left
+# tableau; the low-rank Gramians of benchmarks/upgrad_weighting.py, whose count of infeasible
+# indices falls by about a third a step, take seven to ten: with at most six, twice the time of
+# single pivots alone at 16 rows, with ten about the same); beyond, the rows left
 # after the first step take dense steps when their count times m³ is at most _DENSE_BUDGET (two
 # rows at m = 64, where a [k, m, m] factorisation costs about as much as the gathers of a block
 # step), at most _DENSE_STEPS of them (unit_small_pivoting).
 _DENSE_MAX_M = 24
-_DENSE_MAX_STEPS = 6
+_DENSE_MAX_STEPS = 10
 _DENSE_BUDGET = 2 * 64**3
 _DENSE_STEPS = 3
 # unit_small_pivoting refines its guess with H when no row's face {j : G_ij > 0} holds more than
