@@ -39,6 +39,25 @@ def low_rank_factor(G: Tensor, max_rank: int, dtype: torch.dtype | None = None) 
     return vectors[:, keep] * eigenvalues[keep].sqrt()
 
 
+def woodbury_factor(
+    G: Tensor, max_rank: int, dtype: torch.dtype, scaled: tuple[Tensor, Tensor] | None
+) -> Tensor | None:
+    """``L`` with ``G ≈ L Lᵀ`` for the interior point's Woodbury solves (``G`` in float64;
+    ``dtype``: that of the Gramian whose values it holds), or None when its rank exceeds
+    ``max_rank``. For a float32 Gramian with ``scaled`` (``(ℓ, √W)``, the factor of its
+    Jacobi-scaled form, ``ℓ ℓᵀ ≈ W^{-1/2} G W^{-1/2}``, of
+    :func:`~torchjd.linalg._spanning.range_factor`), ``L = √W ⊙ ℓ``: its rank is read at the
+    rounding of float32 relative to each pair of rows' norms, where :func:`low_rank_factor` of
+    ``G`` itself keeps, at the float64 threshold, eigenvalues of that rounding (on the hard
+    Jacobian of seed 0, #1, of ``benchmarks/non_conflict.py`` at ``m = 1024``: rank 441 against
+    351, and ``r²`` in the cost of each Newton step), and, at the float32 threshold, drops the
+    rows of small norm. Otherwise :func:`low_rank_factor` of ``G`` (float64 threshold)."""
+    if dtype == torch.float32 and scaled is not None:
+        ell, sqrt_weights = scaled
+        return None if ell.shape[1] > max_rank else sqrt_weights.unsqueeze(1) * ell
+    return low_rank_factor(G, max_rank)
+
+
 def woodbury_solvers(L: Tensor) -> Callable[[Tensor], Callable[[Tensor], Tensor]]:
     """``δ ↦`` solver of ``(diag(δ) + 2 L Lᵀ) x = b`` for each row's ``δ`` (``[k, m]``, positive).
 
