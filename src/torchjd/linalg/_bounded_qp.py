@@ -147,7 +147,7 @@ from torchjd.linalg._admm import Warm, warm_admm
 from torchjd.linalg._enumeration import enumerate_active_sets
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
-from torchjd.linalg._low_rank import low_rank_factor
+from torchjd.linalg._low_rank import woodbury_factor
 from torchjd.linalg._principal_pivoting import (
     _MASKED_MAX_M,
     least_norm_pivoting,
@@ -679,7 +679,11 @@ def _least_norm_fallback(
     above ``tol`` on ``G_exact`` instead of 71, the same 97, and 68 instead of 80; none heavier
     than before by more than 10⁻⁴. Not in float32, where its weights are heavier than those of
     the interior point and its polish (by 3.5% in the median on 155 rows of one call), nor up to
-    ``m = 64``, where it takes 1.6 times as long."""
+    ``m = 64``, where it takes 1.6 times as long. The interior point's Woodbury factor of a
+    float32 ``G`` is that of its range, read at float32 rounding
+    (:func:`~torchjd.linalg._low_rank.woodbury_factor`: on the float32 Jacobian of seed 0, #1, of
+    ``benchmarks/non_conflict.py`` at ``m = 1024``, rank 351 instead of 441, 361 s -> 287 s a
+    call)."""
     m = G.shape[0]
     G64, G_exact64, U64 = G.double(), G_exact.double(), U.double()
     formed = range_factor(G_exact64, G.dtype) if factor is None else factor()
@@ -688,7 +692,7 @@ def _least_norm_fallback(
         V, found = _range_rows_first(G_exact64, U64, tol, formed, G.dtype)
         left = (~found).nonzero().squeeze(1)
     if left.numel() > 0:
-        L = low_rank_factor(G_exact64, int(m / _LOW_RANK_FRACTION))
+        L = woodbury_factor(G_exact64, int(m / _LOW_RANK_FRACTION), G.dtype, formed)
         low_rank = None if L is None else (L, (G64 - G_exact64).diagonal())
         V[left] = _interior_point_then_polish(G64, U64[left], tol, G_exact64, low_rank, G.dtype)
     if formed is not None:
