@@ -184,17 +184,14 @@ def unit_small_pivoting(problem: "UnitRows", max_steps: int) -> tuple[Tensor, Te
     m = G_hat.shape[0]
     L, info = torch.linalg.cholesky_ex(G_hat)
     faces = _Faces(G_hat, L)
-    H = faces.H
-    plain = G_hat > 0
-    refined = plain & (H < 0)
-    refined.diagonal().fill_(True)
-    sizes = _conditioned(L, info, torch.cat([plain, refined]))  # (both read at once)
-    if sizes is None:
+    active = G_hat > 0
+    n_active = _conditioned(L, info, active)
+    if n_active is None:
         return None
-    if max(sizes[:m]) <= _SMALL_FACES * m:
-        active, n_active = refined, sizes[m:]
-    else:
-        active, n_active = plain, sizes[:m]
+    if max(n_active) <= _SMALL_FACES * m:  # H only then (a large face may never need it)
+        active = active & (faces.H < 0)
+        active.diagonal().fill_(True)
+        n_active = _sizes(active).tolist()
     lower, dual_bound = U_hat - problem.primal_bound, problem.dual_bound
     Z, gradient = faces.solve(U_hat, active, faces.widths(n_active))
     infeasible = torch.where(active, gradient < dual_bound, torch.lt(Z, lower))
@@ -203,7 +200,9 @@ def unit_small_pivoting(problem: "UnitRows", max_steps: int) -> tuple[Tensor, Te
         return problem.solution(Z)
     if rows.numel() * m**3 <= _DENSE_BUDGET:
         face = (active ^ infeasible)[rows]
-        Z_rows, face, _ = _dense_steps(H, U_hat[rows], face, lower[rows], dual_bound, _DENSE_STEPS)
+        Z_rows, face, _ = _dense_steps(
+            faces.H, U_hat[rows], face, lower[rows], dual_bound, _DENSE_STEPS
+        )
         if face is None:
             Z[rows] = Z_rows
             return problem.solution(Z)
