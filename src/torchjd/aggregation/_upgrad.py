@@ -71,7 +71,7 @@ class UPGrad(GramianWeightedAggregator):
     norms spread over six decades); a singular or nearly singular one at about 1.4x to 2.1x up
     to 64 rows (median; 2.1x to 3.2x in total time); when many more rows than the rank
     positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x (float32) at 256
-    rows and 2.7x to 3.5x at 1,024; otherwise 8x to 13x at 256 rows (up to about 1.5 s a call),
+    rows and 2.7x to 3.5x at 1,024; otherwise 8x to 13x at 256 rows (up to about 5 s a call),
     and seconds to minutes a call at 1,024 rows. See
     :class:`~torchjd.linalg.TorchProjector` for the choice of weights when they are not unique.
 

@@ -91,9 +91,10 @@ class TorchProjector(DualConeProjector):
     brought to the least-norm ones); when many more rows
     than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x
     (float32) at 256 rows and 2.7x to 3.5x at 1,024 rows; otherwise, at 256 rows, 8x (float64)
-    to 13x (float32) the default's total time on the hard Jacobians of
-    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.6x and 2.2x), where the
-    default is fast (10-25 ms a call on average) and the exact mode takes up to about 1.5 s; at
+    to 13x (float32) the default's total time on 40 hard Jacobians of
+    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.6x and 2.1x), 12.5x and
+    12.8x on 100 (medians 3.6x and 5.7x), where the default is fast (10-40 ms a call on average)
+    and the exact mode takes up to about 5 s; at
     1,024 rows, seconds to minutes a call when there are many more rows than columns (see
     below).
 
@@ -117,7 +118,7 @@ class TorchProjector(DualConeProjector):
     least-norm weights by a Newton method on the constraints it meets, and only the rows it
     leaves go on to pivoting and the interior point. Each row's faces there cost
     :math:`O(|F|^3)`: on three hard Jacobians of 1,024 rows (more rows than columns; ranks 203,
-    226 and 351), 6 s, 11 s and 6 min against 0.3-1.6 s for the defaults. The KKT
+    226 and 351), 6 s, 11 s and 5 min against 0.3-1.6 s for the defaults. The KKT
     residual of each row, each row's conflict measured relative to its norm, is below ``1e-7`` in
     float64 and ``2e-5`` in float32; in exact mode, below ``1e-9`` in float64 on most Gramians, but
     on some degenerate ones (4 of 40 hard Jacobians of 64 rows) a few rows keep a larger
