@@ -2,6 +2,7 @@ r"""The autogram engine: the Gramian of the Jacobian of a vector of losses, with
 
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -422,10 +423,9 @@ class Engine:
         def run_rule(module: nn.Module, module_calls: list[ModuleCall]) -> None:
             nonlocal budget
             rule = self._rules[module][0]
-            if torch.is_grad_enabled():  # not within the backward pass (which disables it)
-                with torch.no_grad():  # the Gramian is a statistic: no graph to the activations
-                    blocks[module] = rule(module, module_calls)
-            else:
+            # The Gramian is a statistic: no graph to the activations (within the backward pass,
+            # which disables it, no context needed).
+            with torch.no_grad() if torch.is_grad_enabled() else nullcontext():
                 blocks[module] = rule(module, module_calls)
             fits = budget is None  # no limit: the sizes are not needed
             if not fits and fused and _fusable(rule):  # compute_gramian keeps nothing
@@ -725,8 +725,8 @@ def _resolve_batch_dims(module: nn.Module, calls: list[ModuleCall], batch_dim: i
 def _sum_blocks(blocks: list[Tensor], output: Tensor, size: int) -> Tensor:
     """The sum of the rules' blocks, in their order, as a new contiguous ``[size, size]`` tensor
     of the dtype of ``output``: from zeros of that dtype, or, when every block is a contiguous
-    tensor of that shape and dtype (the same values: zero plus a block is the block), from the
-    first two."""
+    tensor of that shape and dtype (the same values: zero plus a block is the block), from a
+    copy of the first."""
     if any(
         b.shape != (size, size) or b.dtype != output.dtype or not b.is_contiguous() for b in blocks
     ):
@@ -734,11 +734,9 @@ def _sum_blocks(blocks: list[Tensor], output: Tensor, size: int) -> Tensor:
         for block in blocks:
             G = G + block
         return G.to(output.dtype)
-    if len(blocks) == 1:
-        return blocks[0].clone()
-    G = blocks[0] + blocks[1]
-    for block in blocks[2:]:
-        G.add_(block)  # G is new: in place
+    G = blocks[0].clone()
+    for block in blocks[1:]:
+        G.add_(block)
     return G
 
 

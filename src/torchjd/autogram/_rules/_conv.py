@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torchjd.autogram._module_call import ModuleCall, cat, gram, shape_only
 from torchjd.autogram._rules._linear import (
     CHUNK_BYTES,
+    by_sample,
     keeps_jacobian,
     per_objective_is_cheaper,
     weight_gramian,
@@ -333,11 +334,7 @@ def _per_objective_jacobian(
 def _objectives_gram(J: Tensor, B: int) -> Tensor:
     r""":math:`\sum_a J^{(a)} {J^{(a)}}^\top` of blocks ``[K, R B, *]`` with rows :math:`(r, i)`,
     as ``[B R, B R]`` (rows :math:`(i, r)`)."""
-    G = _blocks_gram(J)
-    R = J.shape[1] // B
-    if R == 1:
-        return G
-    return G.reshape(R, B, R, B).permute(1, 0, 3, 2).reshape(B * R, B * R)
+    return by_sample(_blocks_gram(J), J.shape[1] // B)
 
 
 def _blocks_gram(J: Tensor) -> Tensor:

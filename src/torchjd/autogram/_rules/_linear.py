@@ -342,10 +342,16 @@ def weight_gramian_and_jacobian(
     X = X.to(Gamma.dtype)
     for r in range(R):  # each from a view of Γ: no copy
         torch.bmm(Gamma[:, r].mT, X, out=J[r])
-    G = self_gram(J.view(R * B, -1))  # rows (r, i)
-    if R > 1:
-        G = G.view(R, B, R, B).permute(1, 0, 3, 2).reshape(B * R, B * R)
-    return G, J.view(R, B, -1)
+    return by_sample(self_gram(J.view(R * B, -1)), R), J.view(R, B, -1)
+
+
+def by_sample(G: Tensor, R: int) -> Tensor:
+    """A Gramian ``[R B, R B]`` whose rows are ordered by objective then sample, ``(r, i)``,
+    reordered by sample then objective, ``(i, r)`` (the engine's order)."""
+    if R == 1:
+        return G
+    B = G.shape[0] // R
+    return G.reshape(R, B, R, B).permute(1, 0, 3, 2).reshape(B * R, B * R)
 
 
 def _adjacent_positions(tensor: Tensor) -> Tensor:
@@ -435,10 +441,7 @@ def _per_objective_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int) -> Tensor
             for r in range(R):
                 torch.bmm(transposed[:, r, start : start + s], inputs, out=out[r])
             add_self_gram(G, out.view(R * B, -1), parts)  # rows (r, i)
-        G = complete_self_gram(G, parts)
-        if R == 1:
-            return G
-        return G.view(R, B, R, B).permute(1, 0, 3, 2).reshape(B * R, B * R)
+        return by_sample(complete_self_gram(G, parts), R)
     for start in range(0, d_out, step):
         s = min(step, d_out - start)
         block = Gamma[..., start : start + s]  # [P, B, R, T, s]
