@@ -139,8 +139,7 @@ def test_singular_gramians_meet_the_kkt_conditions(family: str, m: int):
 def test_masked_loop_flags_match_the_general_loop(m: int, rank: int, max_iters: int, seed: int):
     """On a barely regularised singular ``G`` (the exact mode's), the masked loop that keeps its
     factors flags the same rows converged as the general loop, also when stopped early; converged
-    rows meet the tolerance on that ``G``, and each row's step count is below ``max_iters``
-    exactly when it stopped before the last step."""
+    rows meet the KKT conditions on that ``G``, and no row's step count exceeds the last step."""
     g = torch.Generator().manual_seed(seed)
     J = torch.randn(m, min(rank, m), generator=g, dtype=torch.float64)
     J = J @ torch.randn(J.shape[1], 2 * m, generator=g, dtype=torch.float64)
