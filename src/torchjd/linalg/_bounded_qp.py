@@ -81,10 +81,10 @@ void: when every squared pivot of the Cholesky factor of the Jacobi-scaled ``S G
 (``S = diag(G)^{-1/2}``) is at least :data:`_NONSINGULAR_MIN_PIVOT` (``10⁻⁶`` in float64,
 ``10⁻³`` in float32: far from singular, near-duplicate and zero rows excluded), the default mode's
 route above runs on ``G`` itself (neither normalised nor regularised) with this mode's tolerance
-(up to ``m = 64``, its batched small routes first),
-and each row is accepted when its KKT residual on ``G`` meets it (:func:`_nonsingular_route`; in
-float32, ADMM stops early and the rows it leaves run again in float64). The rows that fail,
-and every singular ``G``, take the route below.
+(up to ``m = 64``, its batched small routes first; for UPGrad's unit vectors, those of
+:func:`_small_unit_route`), and each row is accepted when its KKT residual on ``G`` meets it
+(:func:`_nonsingular_route`; in float32, ADMM stops early and the rows it leaves run again in
+float64). The rows that fail, and every singular ``G``, take the route below.
 
 When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v`` is not. Beyond
 ``m = 64`` (:data:`_SPANNING_MIN_M`), the route first tests whether the rows of ``J`` positively
@@ -372,9 +372,39 @@ def _exact_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor:
     for every ``i`` (UPGrad's problems up to their scale: the least-norm weights of ``p_i e_i``
     are ``p_i v(e_i)``, as the constraints, the objective and the least-norm tie-break all scale
     with ``p_i``). ``G``: symmetric, in the working dtype. Returns the rows (``[m, m]``,
-    ``v ≥ u``; NaN rows where not finite) in that dtype."""
+    ``v ≥ u``; NaN rows where not finite) in that dtype.
+
+    On a nonsingular ``G``, the default mode's batched route of the unit vectors
+    (:func:`_small_unit_route`, fewer operations than the general rows' route) runs on ``G``
+    itself with this mode's tolerance; the rows it leaves take :func:`_nonsingular_route`."""
     eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    return _solve(G, eye, tol, max_iters, True)
+    G_exact, G = G, tikhonov(G)
+    # The steps of _solve, with fewer operations on the unit vectors: u G = G_i (its row), and
+    # a row has a non-finite entry in G, u or u G exactly when G has one (every row NaN).
+    if not bool(G.isfinite().all()):
+        return torch.full_like(G, torch.nan)
+    (rows,) = (G.amin(dim=1) < 0).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return eye
+    every_row = rows.numel() == G.shape[0]
+    U, GU = (eye, G) if every_row else (eye[rows], G[rows])
+    if _nonsingular(G_exact):
+        # One optimum per row: the default mode's batched route of the unit vectors, on G itself
+        # with this mode's tolerance (its rows are checked on G); the rows it leaves, as by
+        # _solve.
+        X, solved = _small_unit_route(G_exact, tol)
+        X, solved = (X, solved) if every_row else (X[rows], solved[rows])
+        X = X.to(G.dtype)
+        (left,) = (~solved).nonzero(as_tuple=True)
+        if left.numel() > 0:
+            X[left] = _nonsingular_route(G_exact, U[left], GU[left], tol, max_iters)
+    else:
+        X = _least_norm_route(G, G_exact, U, GU, tol, max_iters)
+    X = torch.maximum(X, U)
+    if every_row:
+        return X
+    eye[rows] = X
+    return eye
 
 
 def _large_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor | None:

@@ -225,7 +225,7 @@ def _masked_pivoting(
     r""":func:`principal_pivoting` of the default mode up to :data:`_MASKED_MAX_M`, with few
     operations per step: it works in the Jacobi-scaled variables ``z = S⁻¹ v`` of
     ``Ĝ = S G S``, ``S = diag(G)^{-1/2}`` (scaled once), so that each face system is the full-size
-    ``K = [Ĝ_FF, 0; 0, I]`` (a masked product) and its right-hand side needs no mask:
+    ``K = [Ĝ_FF, 0; 0, I]`` (one ``torch.where``) and its right-hand side needs no mask:
 
     .. math::
 
@@ -256,6 +256,8 @@ def _masked_pivoting(
     # The right-hand sides −Ĝ z_A as (z_A) (−Ĝ): the same products, negated (no negated copy of
     # z_A a step).
     minus_G_hat = -G_hat
+    zero = G.new_zeros(())
+    eye = torch.eye(m, dtype=G.dtype, device=G.device)
     threshold = _PRIMAL_THRESHOLD * tol
     Z_all = torch.empty_like(U)
     final_active = torch.empty_like(active)
@@ -280,14 +282,12 @@ def _masked_pivoting(
     n_rows = k
     U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
     for step in range(max_iters):
-        a = active.to(G.dtype)
-        f = torch.rsub(a, 1)  # 1 − a (no Tensor.__rsub__)
-        Z_A = U_hat * a
+        free = ~active
+        Z_A = torch.where(active, U_hat, zero)
         rhs = Z_A @ minus_G_hat
         if compacted:
             # Each row's free indices first, in increasing order, then 0 (the active indices go
             # to slot m, dropped), padded by the identity block.
-            free = ~active
             free_before = free.cumsum(dim=1)  # free indices up to and including j
             target = torch.where(free, free_before - 1, m)
             columns = torch.zeros(len(rows), m + 1, dtype=target.dtype, device=U.device)
@@ -299,9 +299,8 @@ def _masked_pivoting(
             x = cholesky_solve(L, torch.where(mask, rhs.gather(1, columns), 0.0))
             Z = Z_A.scatter_add(1, columns, torch.where(mask, x, 0.0))
         else:
-            # K = [Ĝ_FF, 0; 0, I]: two products, cheaper than torch.where on [k, m, m] booleans.
-            K = G_hat * (f.unsqueeze(2) * f.unsqueeze(1))
-            K.diagonal(dim1=1, dim2=2).add_(a)
+            # K = [Ĝ_FF, 0; 0, I]
+            K = torch.where(free.unsqueeze(2) & free.unsqueeze(1), G_hat, eye)
             # (upper_cholesky and cholesky_solve, inlined: fewer calls per step)
             R = torch.linalg.cholesky_ex(K, upper=True)[0]
             L = R.mT
@@ -314,7 +313,7 @@ def _masked_pivoting(
         n_feasible = feasible.sum(dim=1)
         # A face solution whose gradient is not zero on its free set cannot be trusted (a
         # numerically singular face): its row stops, unconverged.
-        exact = (conflict * f).abs().amax(dim=1) <= tol  # (NaN: not exact)
+        exact = torch.where(active, zero, conflict).abs().amax(dim=1) <= tol  # (NaN: not exact)
         solved = n_feasible == m
         done = solved >= exact  # (booleans: solved or not exact)
         if compacted and step > _FULL_EXCHANGES + 1:  # (the last step's tries < 0)
@@ -339,14 +338,20 @@ def _masked_pivoting(
         if compacted:  # the next free sets' sizes, -1 for the rows done
             sizes = torch.where(done, -1, (~next_active).sum(dim=1)).tolist()
             n_done, next_width = sizes.count(-1), max(sizes)
-        else:
-            n_done = int(done.sum())
+            keep = None
+        else:  # (the rows kept, also needed when some are done: one synchronisation)
+            (keep,) = (~done).nonzero(as_tuple=True)
+            n_done = n_rows - len(keep)
         if n_done > 0 or step == max_iters - 1:  # the rows done leave with their last face
             # (index_copy_ rather than indexing: a few times cheaper on these small tensors)
             Z_all.index_copy_(0, rows, Z)
             final_active.index_copy_(0, rows, active)
-            converged.index_copy_(0, rows, solved & exact)
-            finished.index_fill_(0, rows, step)
+            # Before the last step, a row done (solved or not exact) of the masked systems is
+            # solved when its face is exact (compacted, stalled rows are done too).
+            exact_done = not compacted and step < max_iters - 1
+            converged.index_copy_(0, rows, exact if exact_done else solved & exact)
+            if keep_factors:
+                finished.index_fill_(0, rows, step)
             if L_all is not None:
                 L_all.index_copy_(0, rows, L)
             elif keep_factors:
@@ -362,7 +367,8 @@ def _masked_pivoting(
         if compacted:
             width = next_width
         if n_done > 0:
-            (keep,) = (~done).nonzero(as_tuple=True)
+            if keep is None:
+                (keep,) = (~done).nonzero(as_tuple=True)
             rows, active, most = (t.index_select(0, keep) for t in (rows, active, most))
             state = state.index_select(1, keep)
             U_hat, primal_weight, dual_weight = state.unbind()
