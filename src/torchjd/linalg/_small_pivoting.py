@@ -63,11 +63,11 @@ _MIXED_GAIN = 0.9
 _LU_MAX_WIDTH = 12
 # UPGrad's problems (the unit vectors'): up to _DENSE_MAX_M, dense steps only, at most
 # _DENSE_MAX_STEPS of them (unit_dense_pivoting: two on the per-sample Gramians of a small
-# classifier at 16 rows, where single pivots take three; within six on 93 of the 100 hard
-# Jacobians of 16 rows of benchmarks/non_conflict.py, the others then take single pivots on the
-# tableau; the low-rank Gramians of benchmarks/upgrad_weighting.py, whose count of infeasible
-# indices falls by about a third a step, take seven to ten: with at most six, twice the time of
-# single pivots alone at 16 rows, with ten about the same); beyond, the rows left
+# classifier at 16 rows, where single pivots take three; within five on 96 of the 100 hard
+# Jacobians of 16 rows of benchmarks/non_conflict.py, within nine on all, and at most 23 at 20
+# and 24 rows; the low-rank Gramians of benchmarks/upgrad_weighting.py, where full exchanges
+# cycle until the safeguard of _dense_steps ends it, 6 to 23 steps on 29 of 30 at 16 to 24
+# rows, the last one then taking single pivots on the tableau); beyond, the rows left
 # after the first step take dense steps when their count times m³ is at most _DENSE_BUDGET (two
 # rows at m = 64, where a [k, m, m] factorisation costs about as much as the gathers of a block
 # step), at most _DENSE_STEPS of them (unit_small_pivoting).
