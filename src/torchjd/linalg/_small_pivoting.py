@@ -64,10 +64,10 @@ _LU_MAX_WIDTH = 12
 # UPGrad's problems (the unit vectors'): up to _DENSE_MAX_M, dense steps only, at most
 # _DENSE_MAX_STEPS of them (unit_dense_pivoting: two on the per-sample Gramians of a small
 # classifier at 16 rows, where single pivots take three; within five on 96 of the 100 hard
-# Jacobians of 16 rows of benchmarks/non_conflict.py, within nine on all, and at most 23 at 20
+# Jacobians of 16 rows of benchmarks/non_conflict.py, within nine on all, and at most 27 at 20
 # and 24 rows; the low-rank Gramians of benchmarks/upgrad_weighting.py, where full exchanges
-# cycle until the safeguard of _dense_steps ends it, 6 to 23 steps on 29 of 30 at 16 to 24
-# rows, the last one then taking single pivots on the tableau); beyond, the rows left
+# cycle until the safeguard of _dense_steps ends it, 6 to 25 steps on 30 at 16 to 24 rows;
+# single pivots on the tableau when out of steps); beyond, the rows left
 # after the first step take dense steps when their count times m³ is at most _DENSE_BUDGET (two
 # rows at m = 64, where a [k, m, m] factorisation costs about as much as the gathers of a block
 # step), at most _DENSE_STEPS of them (unit_small_pivoting).
@@ -251,11 +251,12 @@ def _dense_steps(
     ``dual_bound``, one bound for all rows, on ``A``; ``z_j`` below ``lower`` on ``F``); the
     infeasible indices change side, all at once, for at most ``max_steps`` steps. Full exchanges
     can cycle (as on the low-rank Gramians of ``benchmarks/upgrad_weighting.py`` from
-    ``m = 16``): when more than :data:`_FULL_EXCHANGES` + 2 steps are allowed, once the total
-    count of infeasible indices has not fallen below its best for more than
-    :data:`_FULL_EXCHANGES` steps, each row exchanges only its largest infeasible index from then
-    on (Murty's rule, which ends on these positive definite problems), and the rows done leave
-    the batch once they are half of it (beyond :data:`_COMPACT_MIN_M` rows). Returns the last
+    ``m = 16``): when more than :data:`_DENSE_STEPS` steps are allowed (the rows left by
+    :func:`unit_small_pivoting` go on to block pivoting, with its own safeguard), once the total
+    count of infeasible indices of a step (from the second on) is not below that of every earlier
+    one, each row exchanges only its largest infeasible index from then on (Murty's rule, which
+    ends on these positive definite problems), and the rows done leave the batch once they are
+    half of it (beyond :data:`_COMPACT_MIN_M` rows). Returns the last
     face solutions, the next faces (None when every row was feasible) and the count of steps
     taken (None when ``factored``, a boolean tensor read with the first step's outcome, is
     False)."""
@@ -263,11 +264,11 @@ def _dense_steps(
     eye = torch.eye(m, dtype=H.dtype, device=H.device)
     face = active
     # Each row's count of infeasible indices, read on the host in place of whether some index is
-    # infeasible (the same synchronisation), only where the safeguard can act.
-    guarded = max_steps > _FULL_EXCHANGES + 2
+    # infeasible (the same synchronisation), only where the safeguard acts.
+    guarded = max_steps > _DENSE_STEPS
     # The rows still in the batch once some have left, and the solutions and faces of all rows.
     rows = Z_all = face_all = None
-    best, stalled, single = math.inf, 0, False
+    best, single = math.inf, False
     for step in range(max_steps):
         blocks = torch.where(face.unsqueeze(2) & face.unsqueeze(1), H, eye)
         # (one right-hand side per system: torch.cholesky_solve is as fast as two triangular
@@ -290,14 +291,14 @@ def _dense_steps(
         if not left:
             return _merged(Z_all, rows, Z), None, step + 1
         if guarded and step > 0:
-            # Once the total count of infeasible indices has not fallen below its best for more
-            # than _FULL_EXCHANGES steps, each row exchanges only its largest infeasible index (from
-            # then on: Murty's rule, which ends).
+            # Once the total count of infeasible indices has not fallen below its best, each row
+            # exchanges only its largest infeasible index (from then on: Murty's rule, which
+            # ends). In all, fewer steps than after one to three non-improving full exchanges on
+            # the low-rank Gramians and the hard Jacobians of 16 to 24 rows (see _DENSE_MAX_STEPS).
             total = sum(counts)
-            stalled = 0 if total < best else stalled + 1
+            single = single or total >= best
             best = min(total, best)
-            if stalled > _FULL_EXCHANGES or single:
-                single = True
+            if single:
                 positions = torch.arange(1, m + 1, device=H.device)
                 largest = (infeasible * positions).amax(dim=1, keepdim=True)
                 infeasible = infeasible & (positions == largest)
