@@ -256,10 +256,9 @@ def _dense_steps(
     count of infeasible indices of a step (from the second on) is not below that of every earlier
     one, each row exchanges only its largest infeasible index from then on (Murty's rule, which
     ends on these positive definite problems), and the rows done leave the batch once they are
-    half of it (beyond :data:`_COMPACT_MIN_M` rows). Returns the last
-    face solutions, the next faces (None when every row was feasible) and the count of steps
-    taken (None when ``factored``, a boolean tensor read with the first step's outcome, is
-    False)."""
+    half of it (beyond :data:`_COMPACT_MIN_M` rows). Returns the last face solutions, the next
+    faces (None when every row was feasible) and the count of steps taken (None when
+    ``factored``, a boolean tensor read with the first step's outcome, is False)."""
     m = H.shape[0]
     eye = torch.eye(m, dtype=H.dtype, device=H.device)
     face = active
