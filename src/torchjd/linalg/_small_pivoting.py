@@ -39,6 +39,7 @@ costs: :func:`unit_dense_pivoting` (``m ≤ 24``) solves every face at full size
 finishes the few rows left after its first step the same way.
 """
 
+import math
 from bisect import bisect_right
 from functools import cached_property
 
@@ -62,16 +63,16 @@ _MIXED_GAIN = 0.9
 _LU_MAX_WIDTH = 12
 # UPGrad's problems (the unit vectors'): up to _DENSE_MAX_M, dense steps only, at most
 # _DENSE_MAX_STEPS of them (unit_dense_pivoting: two on the per-sample Gramians of a small
-# classifier at 16 rows, where single pivots take three; within six on 93 of the 100 hard
-# Jacobians of 16 rows of benchmarks/non_conflict.py, the others then take single pivots on the
-# tableau; the low-rank Gramians of benchmarks/upgrad_weighting.py, whose count of infeasible
-# indices falls by about a third a step, take seven to ten: with at most six, twice the time of
-# single pivots alone at 16 rows, with ten about the same); beyond, the rows left
+# classifier at 16 rows, where single pivots take three; within five on 96 of the 100 hard
+# Jacobians of 16 rows of benchmarks/non_conflict.py, within nine on all, and at most 27 at 20
+# and 24 rows; the low-rank Gramians of benchmarks/upgrad_weighting.py, where full exchanges
+# cycle until the safeguard of _dense_steps ends it, 6 to 25 steps on 30 at 16 to 24 rows;
+# single pivots on the tableau when out of steps); beyond, the rows left
 # after the first step take dense steps when their count times m³ is at most _DENSE_BUDGET (two
 # rows at m = 64, where a [k, m, m] factorisation costs about as much as the gathers of a block
 # step), at most _DENSE_STEPS of them (unit_small_pivoting).
 _DENSE_MAX_M = 24
-_DENSE_MAX_STEPS = 10
+_DENSE_MAX_STEPS = 30
 _DENSE_BUDGET = 2 * 64**3
 _DENSE_STEPS = 3
 # unit_small_pivoting refines its guess with H when no row's face {j : G_ij > 0} holds more than
@@ -247,34 +248,79 @@ def _dense_steps(
     ``H_AA μ_A = û_A``, padded by the identity to ``m × m`` (``[k, m, m]``: one batched Cholesky
     factorisation, no gathers and no widths read on the host), then ``z = H μ`` with
     ``z_A = û_A``. An index is infeasible as in :func:`scaled_small_pivoting` (``μ_j`` below
-    ``dual_bound`` on ``A``, ``z_j`` below ``lower`` on ``F``); the infeasible indices change
-    side, all at once, for at most ``max_steps`` steps. Returns the last face solutions, the next
+    ``dual_bound``, one bound for all rows, on ``A``; ``z_j`` below ``lower`` on ``F``); the
+    infeasible indices change side, all at once, for at most ``max_steps`` steps. Full exchanges
+    can cycle (as on the low-rank Gramians of ``benchmarks/upgrad_weighting.py`` from
+    ``m = 16``): when more than :data:`_DENSE_STEPS` steps are allowed (the rows left by
+    :func:`unit_small_pivoting` go on to block pivoting, with its own safeguard), once the total
+    count of infeasible indices of a step (from the second on) is not below that of every earlier
+    one, each row exchanges only its largest infeasible index from then on (Murty's rule, which
+    ends on these positive definite problems), and the rows done leave the batch once they are
+    half of it (beyond :data:`_COMPACT_MIN_M` rows). Returns the last face solutions, the next
     faces (None when every row was feasible) and the count of steps taken (None when
     ``factored``, a boolean tensor read with the first step's outcome, is False)."""
     m = H.shape[0]
     eye = torch.eye(m, dtype=H.dtype, device=H.device)
-    # û_A = û: each row's face holds its own index, from the guess on (μ_i = zᵀ Ĝ z / û_i > 0
-    # keeps it there), and û is zero elsewhere.
-    rhs = U_hat.unsqueeze(2)
     face = active
+    # Each row's count of infeasible indices, read on the host in place of whether some index is
+    # infeasible (the same synchronisation), only where the safeguard acts.
+    guarded = max_steps > _DENSE_STEPS
+    # The rows still in the batch once some have left, and the solutions and faces of all rows.
+    rows = Z_all = face_all = None
+    best, single = math.inf, False
     for step in range(max_steps):
         blocks = torch.where(face.unsqueeze(2) & face.unsqueeze(1), H, eye)
         # (one right-hand side per system: torch.cholesky_solve is as fast as two triangular
-        # solves at these sizes, in one operation)
+        # solves at these sizes, in one operation; û_A = û: each row's face holds its own index,
+        # from the guess on (μ_i = zᵀ Ĝ z / û_i > 0 keeps it there), and û is zero elsewhere)
         L = torch.linalg.cholesky_ex(blocks)[0]
-        mu = torch.cholesky_solve(rhs, L).squeeze(2)
+        mu = torch.cholesky_solve(U_hat.unsqueeze(2), L).squeeze(2)
         Z = torch.where(face, U_hat, mu @ H)
         infeasible = torch.where(face, mu < dual_bound, torch.lt(Z, lower))
         if step == 0 and factored is not None:
             fit, left = torch.stack((factored, infeasible.any())).tolist()
             if not fit:
                 return Z, face, None
-        else:
+        elif step == 0 or not guarded:
             left = bool(infeasible.any())
+        else:
+            count = infeasible.sum(dim=1)
+            counts = count.tolist()
+            left = len(counts) - counts.count(0)
         if not left:
-            return Z, None, step + 1
+            return _merged(Z_all, rows, Z), None, step + 1
+        if guarded and step > 0:
+            # Once the total count of infeasible indices has not fallen below its best, each row
+            # exchanges only its largest infeasible index (from then on: Murty's rule, which
+            # ends). In all, fewer steps than after one to three non-improving full exchanges on
+            # the low-rank Gramians and the hard Jacobians of 16 to 24 rows (see _DENSE_MAX_STEPS).
+            total = sum(counts)
+            single = single or total >= best
+            best = min(total, best)
+            if single:
+                positions = torch.arange(1, m + 1, device=H.device)
+                largest = (infeasible * positions).amax(dim=1, keepdim=True)
+                infeasible = infeasible & (positions == largest)
+            if 2 * left <= len(counts) and len(counts) > _COMPACT_MIN_M:
+                keep = count.nonzero().squeeze(1)
+                if rows is None:  # (Z and face are new tensors at each step)
+                    rows, Z_all, face_all = keep, Z, face
+                else:
+                    Z_all[rows], face_all[rows] = Z, face
+                    rows = rows[keep]
+                Z, face, infeasible, U_hat, lower = (
+                    t[keep] for t in (Z, face, infeasible, U_hat, lower)
+                )
         face = face ^ infeasible
-    return Z, face, max_steps
+    return _merged(Z_all, rows, Z), _merged(face_all, rows, face), max_steps
+
+
+def _merged(whole: Tensor | None, rows: Tensor | None, part: Tensor) -> Tensor:
+    """``whole`` with ``part`` written in its ``rows`` (``part`` itself before any row left)."""
+    if whole is None or rows is None:
+        return part
+    whole[rows] = part
+    return whole
 
 
 class ScaledProblem:
