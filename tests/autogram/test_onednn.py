@@ -3,8 +3,9 @@ float32 precision, exactly symmetric (one block or several, one block of rows or
 accumulating form with ``_linear``'s blocks of rows; chosen only for float32 CPU tensors from
 ``MIN_ELEMENTS`` elements per block, never in float64, nor when oneDNN is off or its linear layer
 missing or wrong (torch's products then); and taken by the Linear rules (one position, positions
-by blocks of features, kept per-objective gradients, blocks of a convolution's groups), which
-agree with float64 brute force."""
+by blocks of features, kept per-objective gradients, blocks of a convolution's groups), by
+``_module_call.gram`` and by an attention's per-sample Gramian, which agree with float64 brute
+force."""
 
 import pytest
 import torch
@@ -13,10 +14,12 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import torchjd.autogram._onednn as onednn
+import torchjd.autogram._rules._attention as attention_module
 import torchjd.autogram._rules._linear as linear_module
 from tests.autogram._helpers import assert_gramian_exact
 from torchjd.aggregation import MeanWeighting
 from torchjd.autogram import Engine
+from torchjd.autogram._module_call import gram
 
 pytestmark = pytest.mark.skipif(onednn.onednn_linear() is None, reason="needs oneDNN's linear")
 
@@ -259,3 +262,43 @@ def test_weight_gramian_with_onednn(P, B, R, T, d_out, chunk, seed):
     expected = (J @ J.mT).sum(dim=0)
     scale = expected.abs().max()
     assert (G.double() - expected).abs().max() <= 1e-5 * scale
+
+
+def test_module_call_gram_with_onednn(onednn_calls):
+    """``_module_call.gram`` of per-objective gradients ``[B, R, *param]`` in float32 by oneDNN
+    (all ``B R`` rows at once) equals float64's; in float64, torch's product."""
+    per_objective = torch.randn(5, 2, 3, 4, dtype=torch.float64)
+    expected = gram(per_objective)
+    assert not onednn_calls
+    G = gram(per_objective.float())
+    assert onednn_calls
+    assert onednn_calls[0][1] == 12
+    assert_gram_close(G, per_objective.float().reshape(1, 10, 12))
+    torch.testing.assert_close(G.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+def test_attention_per_sample_gramian_with_onednn(onednn_calls, monkeypatch):
+    """An attention with learnt key and value biases (the Gramian of its per-sample Jacobians) in
+    float32 by oneDNN agrees with float64 brute force."""
+    used: list[int] = []
+    per_sample = attention_module._per_sample_gramian
+
+    def spy(*args: object) -> Tensor:
+        used.append(1)
+        return per_sample(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(attention_module, "_per_sample_gramian", spy)
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(6, 2, add_bias_kv=True, batch_first=True, dtype=torch.float64)
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+    forward = lambda m, x: m(x, x, x)[0].sum(dim=(1, 2))  # noqa: E731
+    G_ref = assert_gramian_exact([reference], lambda: forward(reference, x), 0)
+    assert used
+    assert not onednn_calls
+    module = nn.MultiheadAttention(6, 2, add_bias_kv=True, batch_first=True, dtype=torch.float32)
+    module.load_state_dict(reference.state_dict())
+    with Engine(module, batch_dim=0) as engine:
+        G = engine.compute_gramian(forward(module, x.float()))
+    assert len(used) == 2
+    assert onednn_calls
+    torch.testing.assert_close(G.double(), G_ref, rtol=1e-4, atol=1e-4 * G_ref.abs().max())
