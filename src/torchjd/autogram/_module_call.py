@@ -7,6 +7,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from torchjd.autogram import _onednn as onednn
+
 
 @dataclass
 class ModuleCall:
@@ -127,7 +129,7 @@ def cat(tensors: list[Tensor], dim: int) -> Tensor:
 def gram(per_objective: Tensor) -> Tensor:
     """:math:`J J^\\top` of per-objective gradients ``[B, R, *param]`` as ``[B R, B R]``."""
     J = per_objective.reshape(per_objective.shape[0] * per_objective.shape[1], -1)
-    return J @ J.T
+    return onednn.gram(J)
 
 
 def masked_cotangents(gamma: Tensor, batch_dim: int | None, num_samples: int) -> Tensor:

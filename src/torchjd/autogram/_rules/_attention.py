@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
+from torchjd.autogram import _onednn as onednn
 from torchjd.autogram._batched_grad import batched_grad
 from torchjd.autogram._module_call import (
     ModuleCall,
@@ -340,7 +341,7 @@ def _per_sample_gramian(
         rows = per_sample_jacobian(module, call, params, _in_dims(module, call))
         J = rows if J is None else J + rows
     assert J is not None
-    return J @ J.T
+    return onednn.gram(J)
 
 
 def _in_dims(module: nn.MultiheadAttention, call: ModuleCall) -> tuple[Any, Any]:

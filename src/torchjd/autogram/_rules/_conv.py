@@ -50,14 +50,14 @@ gradient (``convolution_backward``) for the weighted output gradient
 :math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}` and the recorded (padded) input.
 """
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchjd.autogram._module_call import ModuleCall, cat, gram, shape_only
+from torchjd.autogram._onednn import mirror_lower, onednn_blocks_gram, onednn_gram_is_faster
 from torchjd.autogram._rules._linear import (
     CHUNK_BYTES,
     by_sample,
@@ -91,18 +91,6 @@ TRIANGLE_MIN_ROWS = 64
 TRIANGLE_MIN_COLUMNS = 2048
 """The fewest columns (over all blocks) of per-objective gradients whose Gramian is formed by
 triangle: fewer, the thin products run slower than the saved half gains."""
-
-ONEDNN_MIN_ELEMENTS = 1 << 17
-"""The fewest elements of a block of per-objective gradients (in float32, on the CPU) whose Gramian
-oneDNN's matrix product takes (see :func:`_onednn_gram`): fewer, its fixed costs exceed what it
-saves (in the training steps of ``benchmarks/autogram_step.py``, on one thread of an AMD EPYC,
-``[64, 896]`` blocks: 0.37 ms instead of 0.17; ``[64, 18432]``: 1.1 ms instead of 1.7 by
-triangle)."""
-
-ONEDNN_TRIANGLE_ROWS = 32
-"""The fewest rows of each block of rows of :func:`_onednn_gram`'s lower triangle (a quarter of
-the rows from 128 rows on; on one thread of an AMD EPYC, 64 rows of 18432 columns: 0.66 ms instead
-of 0.72 whole; 256 rows of 4608 columns, by blocks of 64: 2.0 ms instead of 2.3 by 32)."""
 
 LOOP_MIN_WIDTH = 32
 r"""The narrowest patches (:math:`C_{in}/g \cdot \prod_{k > 1} k` columns) for which the rule
@@ -354,15 +342,15 @@ def _objectives_gram(J: Tensor, B: int) -> Tensor:
 
 def _blocks_gram(J: Tensor) -> Tensor:
     r""":math:`\sum_a J^{(a)} {J^{(a)}}^\top` of blocks ``[K, n, *]``. In float32 on the CPU with
-    oneDNN, from ``ONEDNN_MIN_ELEMENTS`` elements per block on, by oneDNN's matrix products (see
-    :func:`_onednn_gram`). Else, from ``TRIANGLE_MIN_ROWS`` rows and ``TRIANGLE_MIN_COLUMNS``
+    oneDNN, from ``_onednn.MIN_ELEMENTS`` elements per block on, by oneDNN's matrix products (see
+    ``_onednn.py``). Else, from ``TRIANGLE_MIN_ROWS`` rows and ``TRIANGLE_MIN_COLUMNS``
     columns on, its lower triangle by blocks of rows (of ``n / 8`` rows, at least
     ``TRIANGLE_MIN_ROWS / 4``): each block of rows against itself and the rows above it (one
     batched product over the blocks :math:`a` each; about half of the products); the upper
     triangle is the transpose of the lower one."""
     K, n = J.shape[:2]
-    if _onednn_gram_is_faster(J):
-        return _onednn_gram(J)
+    if onednn_gram_is_faster(J):
+        return onednn_blocks_gram(J)
     if n < TRIANGLE_MIN_ROWS or K * J.shape[2] < TRIANGLE_MIN_COLUMNS:
         G = J[0] @ J[0].T
         for block in J[1:]:
@@ -374,76 +362,8 @@ def _blocks_gram(J: Tensor) -> Tensor:
         end = min(start + step, n)
         rows = torch.bmm(J[:, start:end], J[:, :end].mT)  # [K, rows, end]
         G[start:end, :end] = rows[0] if K == 1 else rows.sum(dim=0)
-    _mirror_lower(G, step)
+    mirror_lower(G, step)
     return G
-
-
-def _onednn_gram_is_faster(J: Tensor) -> bool:
-    """Whether :func:`_onednn_gram` takes the Gramian of the blocks ``J``: in float32 on the CPU
-    with oneDNN, from ``ONEDNN_MIN_ELEMENTS`` elements per block on."""
-    return (
-        J.device.type == "cpu"
-        and J.dtype == torch.float32
-        and J[0].numel() >= ONEDNN_MIN_ELEMENTS
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and _onednn_linear() is not None
-    )
-
-
-@functools.cache
-def _onednn_linear() -> Callable[..., Tensor] | None:
-    """oneDNN's linear layer on dense float32 tensors (``x w^T``, without bias), where this build of
-    torch has it and it gives the product (checked once, on a small product); else None."""
-    linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-    if linear is None or not torch.backends.mkldnn.is_available():
-        return None
-    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    w = torch.arange(12, dtype=torch.float32).reshape(4, 3) - 5
-    try:
-        with torch.no_grad():
-            product = linear(x, w, None, "none", [], "")
-    except (RuntimeError, TypeError):
-        return None
-    if not (isinstance(product, Tensor) and torch.equal(product, x @ w.T)):
-        return None
-    return lambda x, w: linear(x, w, None, "none", [], "")
-
-
-def _onednn_gram(J: Tensor) -> Tensor:
-    r""":math:`\sum_a J^{(a)} {J^{(a)}}^\top` of blocks ``[K, n, *]`` by oneDNN's matrix product
-    (its linear layer :math:`x w^\top`, the blocks as both): its lower triangle by blocks of a
-    quarter of the rows (at least ``ONEDNN_TRIANGLE_ROWS``), each against itself and the rows
-    above it; the upper triangle is the transpose of the lower one. On the CPU, oneDNN's kernels
-    use the widest vector instructions of any x86 processor, where the products of the BLAS may
-    not."""
-    linear = _onednn_linear()
-    assert linear is not None
-    n = J.shape[1]
-    step = max(ONEDNN_TRIANGLE_ROWS, -(-n // 4), 1)
-    G = J.new_empty(n, n)
-    for start in range(0, n, step):
-        end = min(start + step, n)
-        rows = G[start:end, :end]
-        for a, block in enumerate(J):
-            product = linear(block[start:end], block[:end])
-            if a == 0:
-                rows.copy_(product)
-            else:
-                rows.add_(product)
-    _mirror_lower(G, step)
-    return G
-
-
-def _mirror_lower(G: Tensor, step: int) -> None:
-    """Makes ``G`` symmetric from its lower triangle by blocks of ``step`` rows (each block of
-    rows written up to its diagonal block included), in place."""
-    n = G.shape[0]
-    for start in range(0, n, step):
-        end = min(start + step, n)
-        diagonal = G[start:end, start:end]
-        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)  # exactly symmetric
-        G[:start, start:end] = G[start:end, :start].T
 
 
 def _offset_columns(module: Conv, X: Tensor, a: int, T_1: int, T: int) -> Tensor:

@@ -62,6 +62,12 @@ from torchjd.autogram._module_call import (
     samples_first,
     samples_objectives_first,
 )
+from torchjd.autogram._onednn import (
+    blocks_gram,
+    onednn_add_self_gram,
+    onednn_gram,
+    onednn_gram_is_faster,
+)
 from torchjd.autogram._workspace import empty, fusing
 
 
@@ -152,7 +158,10 @@ def complete_self_gram(G: Tensor, parts: list[tuple[int, int]]) -> Tensor:
 
 
 def self_gram(A: Tensor) -> Tensor:
-    """``A Aᵀ``, by blocks of rows when large enough (see :func:`gram_parts`)."""
+    """``A Aᵀ``, by blocks of rows when large enough (see :func:`gram_parts`); by oneDNN where
+    faster (see ``_onednn.py``)."""
+    if onednn_gram_is_faster(A):
+        return onednn_gram(A)
     parts = gram_parts(*A.shape)
     if len(parts) == 1:
         return A @ A.T
@@ -429,7 +438,7 @@ def _per_objective_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int) -> Tensor
     if step == d_out and P > 1:  # one block, formed whole
         grads = Gamma.transpose(2, 3).reshape(P * B, T, R * d_out)  # [P B, T, R d_out]
         J = torch.bmm(grads.mT, inputs).reshape(P, B * R, -1)  # rows (i, r)
-        return (J @ J.mT).sum(dim=0)
+        return blocks_gram(J)
     G = Gamma.new_zeros(B * R, B * R)
     buffer = Gamma.new_empty(P * B * R * step * d_in)
     if P == 1:
@@ -440,7 +449,8 @@ def _per_objective_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int) -> Tensor
             out = buffer[: R * B * s * d_in].view(R, B, s, d_in)
             for r in range(R):
                 torch.bmm(transposed[:, r, start : start + s], inputs, out=out[r])
-            add_self_gram(G, out.view(R * B, -1), parts)  # rows (r, i)
+            A = out.view(R * B, -1)  # rows (r, i)
+            (onednn_add_self_gram if onednn_gram_is_faster(A) else add_self_gram)(G, A, parts)
         return by_sample(complete_self_gram(G, parts), R)
     for start in range(0, d_out, step):
         s = min(step, d_out - start)
@@ -448,5 +458,5 @@ def _per_objective_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int) -> Tensor
         grads = block.transpose(2, 3).reshape(P * B, T, R * s)  # [P B, T, R s]
         out = buffer[: P * B * R * s * d_in].view(P * B, -1, d_in)
         rows = torch.bmm(grads.mT, inputs, out=out).view(P, B * R, -1)  # rows (i, r)
-        G += (rows @ rows.mT).sum(dim=0)
+        G += blocks_gram(rows)
     return G

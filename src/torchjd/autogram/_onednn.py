@@ -1,0 +1,148 @@
+r"""Gramians :math:`J J^\top` of per-objective gradients (one row per objective) by oneDNN's
+matrix product, in float32 on the CPU.
+
+On one thread of an AMD EPYC, the BLAS's float32 product (MKL's ``sgemm``) runs without the
+processor's widest vector instructions, at about 100 GFLOP/s; oneDNN's linear layer
+(:math:`x w^\top`, here with the same matrix as both) takes them, at 200 to 230 GFLOP/s: the
+Gramian of ``[32, 49152]`` (the per-objective gradients of a Transformer's ``128 x 384`` map with
+32 samples), 0.63 ms instead of 1.25. Its fixed costs are higher: small matrices stay with the
+BLAS (see ``MIN_ELEMENTS``). Never in float64 nor on other devices (the BLAS's products there).
+
+:func:`gram` and :func:`blocks_gram` choose (oneDNN, or ``A Aᵀ`` and ``Σ_a J_a J_aᵀ`` by torch);
+:func:`onednn_gram` and :func:`onednn_blocks_gram` take oneDNN's product, for callers that
+choose by :func:`onednn_gram_is_faster` themselves. The Gramians by oneDNN are formed by their
+lower triangle by blocks of rows, then mirrored: exactly symmetric. :func:`onednn_add_self_gram`
+accumulates in the form of ``_linear.add_self_gram`` (``_linear.complete_self_gram`` mirrors).
+"""
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+MIN_ELEMENTS = 1 << 17
+"""The fewest elements of a block of per-objective gradients (in float32, on the CPU) whose
+Gramian oneDNN's matrix product takes: fewer, its fixed costs exceed what it saves (in the
+training steps of ``benchmarks/autogram_step.py``, on one thread of an AMD EPYC, ``[64, 896]``
+blocks of a convolution: 0.37 ms instead of 0.17; ``[64, 18432]``: 1.1 ms instead of 1.7 by
+triangle; mlp64's ``[64, 512]`` and ``[64, 784]`` factors, with a bound of ``2^14``: its Gramian
+phase 1.5 ms instead of 1.0; a Transformer's ``[32, 8192]`` blocks, 0.13 ms instead of 0.17)."""
+
+TRIANGLE_ROWS = 32
+"""The fewest rows of each block of rows of the lower triangle of :func:`onednn_blocks_gram` (a
+quarter of the rows from 128 rows on; on one thread of an AMD EPYC, 64 rows of 18432 columns:
+0.66 ms instead of 0.72 whole; 256 rows of 4608 columns, by blocks of 64: 2.0 ms instead of 2.3
+by 32)."""
+
+WHOLE_MAX_ROWS = 64
+"""The most rows whose Gramian :func:`onednn_add_self_gram` adds by one product (all rows against
+all): on one thread of an AMD EPYC, 32 rows of 8192 columns, 0.10 ms instead of 0.12 by two
+blocks of rows; 64 rows of 4096, 0.17 ms instead of 0.21 by four; 128 rows of 8192, 1.1 ms
+instead of 0.94 by four."""
+
+
+@functools.cache
+def onednn_linear() -> Callable[[Tensor, Tensor], Tensor] | None:
+    """oneDNN's linear layer on dense float32 tensors (``x w^T``, without bias), where this build of
+    torch has it and it gives the product (checked once, on a small product); else None."""
+    linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if linear is None or not torch.backends.mkldnn.is_available():
+        return None
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    w = torch.arange(12, dtype=torch.float32).reshape(4, 3) - 5
+    try:
+        with torch.no_grad():
+            product = linear(x, w, None, "none", [], "")
+    except (RuntimeError, TypeError):
+        return None
+    if not (isinstance(product, Tensor) and torch.equal(product, x @ w.T)):
+        return None
+    return lambda x, w: linear(x, w, None, "none", [], "")
+
+
+def _checked_linear() -> Callable[[Tensor, Tensor], Tensor]:
+    linear = onednn_linear()
+    if linear is None:
+        raise RuntimeError("oneDNN's linear layer is not available in this build of torch.")
+    return linear
+
+
+def onednn_gram_is_faster(J: Tensor) -> bool:
+    """Whether oneDNN's product takes the Gramian of ``J``, a matrix ``[n, *]`` or blocks
+    ``[K, n, *]``: in float32 on the CPU with oneDNN, from ``MIN_ELEMENTS`` elements per block
+    on."""
+    block_elements = J.numel() if J.dim() == 2 else J[0].numel()
+    return (
+        J.device.type == "cpu"
+        and J.dtype == torch.float32
+        and block_elements >= MIN_ELEMENTS
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and onednn_linear() is not None
+    )
+
+
+def gram(A: Tensor) -> Tensor:
+    """``A Aᵀ`` of a matrix ``A`` ``[n, *]``: by oneDNN where :func:`onednn_gram_is_faster`, else
+    by torch's product."""
+    return onednn_gram(A) if onednn_gram_is_faster(A) else A @ A.T
+
+
+def blocks_gram(J: Tensor) -> Tensor:
+    """:math:`\\sum_a J_a J_a^\\top` of blocks ``J`` ``[K, n, *]``: by oneDNN where
+    :func:`onednn_gram_is_faster`, else by torch's batched product."""
+    return onednn_blocks_gram(J) if onednn_gram_is_faster(J) else (J @ J.mT).sum(dim=0)
+
+
+def onednn_gram(A: Tensor) -> Tensor:
+    """``A Aᵀ`` of a matrix ``A`` ``[n, *]`` by oneDNN's product (see
+    :func:`onednn_blocks_gram`)."""
+    return onednn_blocks_gram(A.unsqueeze(0))
+
+
+def onednn_blocks_gram(J: Tensor) -> Tensor:
+    r""":math:`\sum_a J_a J_a^\top` of blocks ``J`` ``[K, n, *]`` by oneDNN's matrix product (its
+    linear layer :math:`x w^\top`, the blocks as both): its lower triangle by blocks of a quarter
+    of the rows (at least ``TRIANGLE_ROWS``), each against itself and the rows above it; the
+    upper triangle is the transpose of the lower one (exactly symmetric)."""
+    linear = _checked_linear()
+    J = J.flatten(2)
+    n = J.shape[1]
+    step = max(TRIANGLE_ROWS, -(-n // 4), 1)
+    G = J.new_empty(n, n)
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        rows = G[start:end, :end]
+        for a, block in enumerate(J):
+            product = linear(block[start:end], block[:end])
+            if a == 0:
+                rows.copy_(product)
+            else:
+                rows.add_(product)
+    mirror_lower(G, step)
+    return G
+
+
+def onednn_add_self_gram(G: Tensor, A: Tensor, parts: list[tuple[int, int]]) -> None:
+    """Adds ``A Aᵀ`` to ``G`` by oneDNN's product, where ``G``'s upper triangle by blocks of rows
+    ``parts`` is what counts (as for ``_linear.add_self_gram``, which ``_linear.complete_self_gram``
+    mirrors): up to ``WHOLE_MAX_ROWS`` rows, by one product of all rows (fewer calls), else each
+    block of rows against the rows from the block on."""
+    linear = _checked_linear()
+    if A.shape[0] <= WHOLE_MAX_ROWS:
+        G.add_(linear(A, A))
+        return
+    for start, stop in parts:
+        G[start:stop, start:].add_(linear(A[start:stop], A[start:]))
+
+
+def mirror_lower(G: Tensor, step: int) -> None:
+    """Makes ``G`` symmetric from its lower triangle by blocks of ``step`` rows (each block of
+    rows written up to its diagonal block included), in place."""
+    n = G.shape[0]
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        diagonal = G[start:end, start:end]
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)  # exactly symmetric
+        G[:start, start:end] = G[start:end, :start].T
