@@ -87,12 +87,17 @@ def test_route_taken(routes: dict[str, int], family: str, m: int, dtype: torch.d
     nonsingular = family in WELL_CONDITIONED
     J = (WELL_CONDITIONED if nonsingular else SINGULAR)[family](m, m).to(dtype)
     d = UPGrad(projector=exact())(J)
+    # (singular float32 up to m = 16: the faces of the regularised G from the unit route first,
+    # the rows it leaves by the least-norm route)
+    rounded = not nonsingular and dtype == torch.float32 and m <= 16
     if m <= 64:
-        assert routes["_small_unit_route"] == int(nonsingular)
+        assert routes["_small_unit_route"] == int(nonsingular or rounded)
         assert routes["_nonsingular_route"] <= int(nonsingular)
     else:
         assert routes["_nonsingular_route"] == int(nonsingular)
-    if not nonsingular:
+    if rounded:
+        assert routes["_least_norm_route"] <= 1
+    elif not nonsingular:
         assert routes["_least_norm_route"] == 1
     assert worst_conflict(J, d) >= -NON_CONFLICT[dtype]
 
