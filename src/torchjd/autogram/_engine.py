@@ -26,7 +26,7 @@ from torchjd.autogram._streaming import (
     streams_several_objectives,
     walk_graph,
 )
-from torchjd.autogram._workspace import Workspaces
+from torchjd.autogram._workspace import Workspaces, raise_heap_thresholds
 
 _StandInKey = tuple[torch.dtype, torch.device, torch.layout, torch.Size]
 """What a stand-in (see ``Engine._stand_in``) keeps of a tensor: its dtype, device, layout and
@@ -71,7 +71,10 @@ class Engine:
     re-runs of activation checkpointing). On the CPU, the engine also keeps the largest
     intermediates of some rules (the per-objective gradients of a convolution, when formed whole)
     in buffers reused from step to step, one per module, rather than taking fresh memory at
-    every step; they are freed with the hooks.
+    every step; they are freed with the hooks. The first engine of a process allocates and frees
+    (without touching it) a CPU block of 16 MiB, which makes glibc's ``malloc`` keep up to 32 MiB
+    of free memory at the top of its heap instead of giving it back to the system and taking it
+    again, a page fault per page, at every layer of the Gramian's backward pass.
 
     The blocks of ``Linear`` layers, convolutions, ``Embedding``, normalisation layers and
     ``MultiheadAttention`` are computed during the backward pass itself, from hooks on the
@@ -117,6 +120,7 @@ class Engine:
         self._stand_ins: dict[_StandInKey, Tensor] = {}  # see _stand_in
         self._zeros: dict[tuple[torch.dtype, torch.device, torch.layout], Tensor] = {}
         self._workspaces = Workspaces()  # the rules' buffers kept from step to step (CPU)
+        raise_heap_thresholds()  # fewer page faults in the Gramian's pass (see _workspace.py)
         self._this = weakref.ref(self)
         # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
         # every rank and returns their number
