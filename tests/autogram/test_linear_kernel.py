@@ -152,8 +152,8 @@ def test_blocks_of_strided_rows(monkeypatch, min_features):
 @pytest.mark.parametrize("R", [1, 2])
 def test_interleaved_positions_made_adjacent(monkeypatch, R):
     """Positions of a sample ``B`` rows apart (the projections of an attention), in a step that
-    keeps nothing: the products read a copy whose positions are adjacent rows, and the Gramian
-    is exact."""
+    keeps nothing: the products read a copy of the inputs whose positions are adjacent rows (the
+    output gradients as they are), and the Gramian is exact."""
     monkeypatch.setattr(linear_module, "per_objective_is_cheaper", lambda *args: True)
     seen = []
 
@@ -170,7 +170,8 @@ def test_interleaved_positions_made_adjacent(monkeypatch, R):
     assert J is None
     [(X_used, Gamma_used)] = seen
     assert X_used.stride(-2) == d_in
-    assert Gamma_used.stride(-2) == d_out
+    assert Gamma_used.data_ptr() == Gamma.data_ptr()
+    assert Gamma_used.stride(-2) == B * d_out
     torch.testing.assert_close(X_used[0], X)
     torch.testing.assert_close(Gamma_used[0], Gamma)
     torch.testing.assert_close(G, reference(X.unsqueeze(0), Gamma.unsqueeze(0)), rtol=1e-10, atol=0)

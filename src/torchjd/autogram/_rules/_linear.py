@@ -61,6 +61,7 @@ from torchjd.autogram._module_call import (
     positions,
     samples_first,
     samples_objectives_first,
+    shape_only,
 )
 from torchjd.autogram._onednn import (
     blocks_gram,
@@ -275,6 +276,14 @@ Transformer encoder with 32 samples, 32 positions and 4 objectives each: 64 feat
 inputs, 6 % less time than 16; with one objective, blocks of 4 MiB, faster alone, cost more in
 the Gramian pass than they save: fresh pages)."""
 
+ONEDNN_BLOCK_BYTES = 2 << 20
+"""In place of ``BLOCK_BYTES`` (for one block of inputs), about the size of the blocks of
+per-objective gradients whose Gramians come from oneDNN (see ``_onednn.py``): fewer, larger
+products (the first one after other work is the slowest). On one CPU thread, the Gramian of the
+Transformer of ``benchmarks/autogram_step.py`` (blocks of 64 to 128 features of 128 to 256
+inputs, 32 samples) 0.3-1.2 ms shorter (of 23-27) than with blocks of 1 MiB; 3 MiB gained
+nothing."""
+
 MIN_BLOCK_FEATURES = 16
 """The fewest output features per block (narrower blocks make small, inefficient products)."""
 
@@ -344,7 +353,7 @@ def weight_gramian_and_jacobian(
         and per_objective_is_cheaper(B, R, T, d_in, d_out)
         and linear_keeps_jacobian(B * R * d_out * d_in * size, Gamma.numel() * size)
     ):
-        X, Gamma = _adjacent_positions(X), _adjacent_positions(Gamma)
+        X = _adjacent_positions(X)  # Γ as it is: see _adjacent_positions
         return weight_gramian(X.unsqueeze(0), Gamma.unsqueeze(0)), None
     shape = (R, B, d_out, d_in)
     J = Gamma.new_empty(shape) if owner is None else empty(owner, role, shape, Gamma)
@@ -365,22 +374,33 @@ def by_sample(G: Tensor, R: int) -> Tensor:
 
 def _adjacent_positions(tensor: Tensor) -> Tensor:
     """``tensor`` ``[..., T, d]``, copied (contiguous) when the positions of a sample are not
-    adjacent rows: the rows of the inputs and output gradients of a map found in an attention's
-    graph (see ``_graph_linear.py``) are ``[T B, d]``, a sample's positions ``B`` rows apart
-    (with 32 samples of 128 features, 16 KiB apart, which the products read slowly). The
-    per-objective gradients that are kept are formed from the views (written to memory, their
-    formation gains nothing from the copy). On one CPU thread, 32 samples of 32 positions: the
-    Gramian of a Transformer encoder layer's attention 3 % faster, the copy included."""
+    adjacent rows: the rows of the inputs of a map found in an attention's graph (see
+    ``_graph_linear.py``) are ``[T B, d]``, a sample's positions ``B`` rows apart (with 32 samples
+    of 128 features, 16 KiB apart, which the products read slowly). The per-objective gradients
+    that are kept are formed from the views (written to memory, their formation gains nothing
+    from the copy). The output gradients are not copied: with the blocks' Gramians from oneDNN
+    (see ``_onednn.py``), the Gramian of ``benchmarks/autogram_step.py``'s Transformer took as
+    long or 0.2-0.4 ms less (of 27) without that copy, whose 1.5 MiB (the gradients of an
+    attention's input projection) made the peak of the Gramian's pass with blocks of
+    ``ONEDNN_BLOCK_BYTES``."""
     if tensor.shape[-2] > 1 and tensor.stride(-2) != tensor.shape[-1]:
         return tensor.contiguous()
     return tensor
 
 
-def block_features(d_out: int, feature_bytes: int, chunk_bytes: int, objectives: int = 1) -> int:
+def block_features(
+    d_out: int,
+    feature_bytes: int,
+    chunk_bytes: int,
+    objectives: int = 1,
+    block_bytes: int | None = None,
+) -> int:
     """The number of output features whose per-objective gradients are formed at once: about
-    ``BLOCK_BYTES`` of them per objective of a sample (``objectives`` each; at least
-    ``MIN_BLOCK_FEATURES`` features), at most ``chunk_bytes`` (at least one feature)."""
-    step = max(BLOCK_BYTES * objectives // feature_bytes, MIN_BLOCK_FEATURES)
+    ``block_bytes`` (None: ``BLOCK_BYTES``) of them per objective of a sample (``objectives``
+    each; at least ``MIN_BLOCK_FEATURES`` features), at most ``chunk_bytes`` (at least one
+    feature)."""
+    block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes
+    step = max(block_bytes * objectives // feature_bytes, MIN_BLOCK_FEATURES)
     return max(1, min(step, chunk_bytes // feature_bytes, d_out))
 
 
@@ -432,6 +452,10 @@ def _per_objective_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int) -> Tensor
     feature_bytes = P * B * R * d_in * Gamma.element_size()  # one output feature's part of the rows
     if R == 1 or P == 1:
         step = block_features(d_out, feature_bytes, chunk_bytes, R)
+        if P == 1:  # wider blocks where their Gramians come from oneDNN
+            wide = block_features(d_out, feature_bytes, chunk_bytes, R, ONEDNN_BLOCK_BYTES)
+            if onednn_gram_is_faster(shape_only(Gamma, (R * B, wide * d_in))):
+                step = wide
     else:
         step = max(1, min(d_out, chunk_bytes // feature_bytes))
     inputs = X.reshape(P * B, T, d_in)
