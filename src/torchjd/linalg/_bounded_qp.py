@@ -210,6 +210,12 @@ _SCHUR_MIN_M = 33  # below, the masked full-size face systems are cheaper
 _ENUMERATION_MAX_M = 8  # up to this size, every active set is tried at once (2^m of them)
 _LEAST_NORM_ADMM_ITERS = 2_000  # then pivoting takes over the rows left
 _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then go to interior point
+# From m = 33 to 64 (compacted faces), when pivoting solves no row of the batch by this step (from
+# 0), the whole batch goes to the interior point at once: in benchmarks/non_conflict.py at m = 64,
+# such batches leave most of their rows to it after all _LEAST_NORM_PIVOTS steps (64 of 64, 60 of
+# 64), and its batches that solve rows start by step 4 (one run: exact mode 7.35 -> 6.61 ms a call
+# in float64, 7.24 -> 6.77 in float32).
+_LEAST_NORM_GIVE_UP = 4
 _LOW_RANK_FRACTION = 1.5  # Woodbury solves in the interior point when rank(G) ≤ 2m / 3
 _CHUNK_ENTRIES = 2**25  # of the interior point's [k, m, m] or [k, r, m] tensors (256 MiB)
 # Of tol: the interior point's own tolerance (10⁻¹³ of each row's scale in float64; at 10⁻¹⁵
@@ -613,11 +619,12 @@ def _refined_least_norm(
     finds the optimal face of the regularised ``G`` from the one-step guess, whose solution is
     then refined towards ``G_exact`` until it settles
     (:func:`~torchjd.linalg._principal_pivoting.least_norm_pivoting`; for a float32 ``G``, each
-    row's iterate of least residual). The rows where pivoting
-    fails (it wanders on degenerate problems) go to the interior point at once, which is where
-    the general route (:func:`_pivoting_route`), repeating the same first pivots, would send
-    them; so do the rows whose refined face misses ``tol`` on ``G_exact`` (float64) after more
-    steps than the general route's :data:`_LEAST_NORM_PIVOTS`, while those found within them
+    row's iterate of least residual). The rows where pivoting fails (it wanders on degenerate
+    problems; from ``m = 33``, every row of a batch where it solves none by step
+    :data:`_LEAST_NORM_GIVE_UP`) go to the interior point at once, which is where the general
+    route (:func:`_pivoting_route`), repeating the same first pivots, would send them; so do
+    the rows whose refined face misses ``tol`` on ``G_exact`` (float64) after more steps than
+    the general route's :data:`_LEAST_NORM_PIVOTS`, while those found within them
     are kept as they are: the general route would find the same face and refinement again.
     Returns the rows (``v ≥ u``) and which are final (all)."""
     m = G.shape[0]
@@ -626,7 +633,15 @@ def _refined_least_norm(
     # route's few.
     steps = 3 * m + 10 if m <= _MASKED_MAX_M else _LEAST_NORM_PIVOTS
     X, found, residual, finished = least_norm_pivoting(
-        G64, U64, GU > 0, row_scales(G64), tol, steps, G_exact64, G.dtype == torch.float32
+        G64,
+        U64,
+        GU > 0,
+        row_scales(G64),
+        tol,
+        steps,
+        G_exact64,
+        G.dtype == torch.float32,
+        _LEAST_NORM_GIVE_UP,
     )
     # The rows that the general route, repeating these pivots for at most _LEAST_NORM_PIVOTS
     # steps, would find again (the rounding of a float32 G can keep a row above tol whatever

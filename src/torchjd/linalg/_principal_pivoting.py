@@ -90,6 +90,7 @@ def least_norm_pivoting(
     max_iters: int,
     G_exact: Tensor,
     rounded: bool = False,
+    give_up: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """:func:`principal_pivoting` with ``G_exact``, which also returns the KKT residual of each
     row for ``G_exact`` (:func:`~torchjd.linalg._kkt.kkt_residual`) and, when the faces were
@@ -100,12 +101,21 @@ def least_norm_pivoting(
     operations per step); else, up to :data:`_ONE_GROUP_MAX_M`, with its compacted variant (the
     same few operations per step, on ``|F| × |F|`` blocks); else with :func:`_pivoting`. The
     refinement reuses the last factors of the compacted faces. ``rounded``: ``G_exact`` holds
-    the values of a float32 Gramian (see :func:`refine`)."""
+    the values of a float32 Gramian (see :func:`refine`). ``give_up``: that of
+    :func:`_masked_pivoting` (compacted faces only)."""
     k, m = U.shape
     masked = m <= _MASKED_MAX_M or k * m**3 <= _MASKED_BUDGET
     if masked or m <= _ONE_GROUP_MAX_M:
         X, converged, final_active, kept = _masked_pivoting(
-            G, U, active, row_scale, tol, max_iters, keep_factors=True, compacted=not masked
+            G,
+            U,
+            active,
+            row_scale,
+            tol,
+            max_iters,
+            keep_factors=True,
+            compacted=not masked,
+            give_up=give_up,
         )
         solve, finished = kept
         if not masked:  # (compacted: wandering rows stop early, their steps depend on max_iters)
@@ -221,6 +231,7 @@ def _masked_pivoting(
     max_iters: int,
     keep_factors: bool = False,
     compacted: bool = False,
+    give_up: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Callable[[Tensor], Tensor], Tensor] | None]:
     r""":func:`principal_pivoting` of the default mode up to :data:`_MASKED_MAX_M`, with few
     operations per step: it works in the Jacobi-scaled variables ``z = S⁻¹ v`` of
@@ -244,7 +255,9 @@ def _masked_pivoting(
     infeasible indices than steps left stop, unconverged (they wander on degenerate problems: the
     caller's fallback gets them sooner). One host synchronisation per step: the size of each
     row's next free set (−1 for the rows done), from which the count of rows done and the width of
-    the next faces follow."""
+    the next faces follow. With ``give_up`` (compacted), when no row is solved by that step (from
+    0; up to it, −2 for the rows solved), every row stops there, unconverged: the whole batch is
+    degenerate, and the caller's fallback takes it at once."""
     k, m = U.shape
     s, G_hat = jacobi_scaled(G)
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
@@ -280,6 +293,7 @@ def _masked_pivoting(
     # makes progress (placeholders until then).
     most = improved = positions
     n_rows = k
+    n_solved = 0  # compacted, with give_up: the rows solved so far (up to that step)
     U_hat, primal_weight, dual_weight = state.unbind()  # (no Tensor.__iter__)
     for step in range(max_iters):
         free = ~active
@@ -335,10 +349,16 @@ def _masked_pivoting(
             largest = ranked.amax(dim=1, keepdim=True)
             full = (improved >= step - _FULL_EXCHANGES).unsqueeze(1)
             next_active = active ^ (ranked >= torch.where(full, 1, largest))
-        if compacted:  # the next free sets' sizes, -1 for the rows done
-            sizes = torch.where(done, -1, (~next_active).sum(dim=1)).tolist()
-            n_done, next_width = sizes.count(-1), max(sizes)
+        if compacted:  # the next free sets' sizes, -1 for the rows done (-2: solved, to give_up)
+            counted = give_up is not None and step <= give_up
+            ending = torch.where(solved & exact, -2, -1) if counted else -1
+            sizes = torch.where(done, ending, (~next_active).sum(dim=1)).tolist()
+            solved_now = sizes.count(-2)
+            n_solved += solved_now
+            n_done, next_width = solved_now + sizes.count(-1), max(sizes)
             keep = None
+            if step == give_up and n_solved == 0 and n_done < n_rows:
+                done, n_done = torch.ones_like(done), n_rows
         else:  # (the rows kept, also needed when some are done: one synchronisation)
             (keep,) = (~done).nonzero(as_tuple=True)
             n_done = n_rows - len(keep)
