@@ -83,10 +83,9 @@ class TorchProjector(DualConeProjector):
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
     float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
     spread over six decades (which the default's regularisation hides). A singular or nearly
-    singular one costs more: median ratio 1.4x to 2.1x (float64 and float32) at 16 and 64 rows
+    singular one costs more: median ratio 1.4x to 1.9x (float64 and float32) at 16 and 64 rows
     (``benchmarks/non_conflict.py``, 100 hard Jacobians per dtype and size, one thread; in total
-    time 2.1x to 2.3x at 16 rows, where the default's own dense steps are a quarter faster than
-    the exact mode's pivoting, and 2.7x to 3.2x at 64 rows, as about a third of the singular
+    time 1.8x to 1.9x at 16 rows, and 2.5x to 2.7x at 64 rows, as about a third of the singular
     Gramians at 64 rows send some rows to a slower interior-point method, whose weights are then
     brought to the least-norm ones); when many more rows
     than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x
