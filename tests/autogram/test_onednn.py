@@ -302,3 +302,25 @@ def test_attention_per_sample_gramian_with_onednn(onednn_calls, monkeypatch):
     assert len(used) == 2
     assert onednn_calls
     torch.testing.assert_close(G.double(), G_ref, rtol=1e-4, atol=1e-4 * G_ref.abs().max())
+
+
+def test_probe_on_the_cpu_under_another_default_device():
+    """The probe answers for the CPU's products whatever the default device."""
+    with torch.device("meta"):
+        linear = onednn.onednn_linear.__wrapped__()
+    assert linear is not None
+    x = torch.randn(4, 6, dtype=torch.float32)
+    torch.testing.assert_close(linear(x, x), x @ x.T)
+
+
+def test_no_blocks_give_zeros(monkeypatch):
+    """The Gramian of no blocks is zero (the empty sum), by oneDNN or not; the choice reads the
+    blocks' size from their shape."""
+    J = torch.empty(0, 4, 5, dtype=torch.float32)
+    assert torch.equal(onednn.onednn_blocks_gram(J), torch.zeros(4, 4))
+    monkeypatch.setattr(onednn, "MIN_ELEMENTS", 20)
+    assert onednn.onednn_gram_is_faster(J)
+    assert torch.equal(onednn.blocks_gram(J), torch.zeros(4, 4))
+    assert not onednn.onednn_takes(torch.float32, torch.device("meta"), 1 << 30)
+    assert onednn.onednn_takes(torch.float32, torch.device("cpu"), 20)
+    assert not onednn.onednn_takes(torch.float32, torch.device("cpu"), 19)

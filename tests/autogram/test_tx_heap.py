@@ -1,5 +1,6 @@
 """The probe that raises glibc's malloc thresholds (``_workspace.raise_heap_thresholds``)."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -30,7 +31,14 @@ print(counts[1])
 """
 
 
+_OWN_ALLOCATOR = any(
+    name in os.environ
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+)
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc thresholds")
+@pytest.mark.skipif(_OWN_ALLOCATOR, reason="thresholds pinned, or another allocator preloaded")
 def test_freed_block_kept():
     """After an engine's creation, a block of 4 MiB allocated after the free of one of 6 MiB is
     served from pages already mapped (in a fresh process without the probe, glibc gives the 6 MiB
@@ -55,3 +63,23 @@ def test_probe_once_per_process(monkeypatch):
     Engine(torch.nn.Linear(2, 1), batch_dim=0)
     Engine(torch.nn.Linear(2, 1), batch_dim=0)
     assert sizes.count(workspace_module.HEAP_PROBE_BYTES) == 1
+
+
+def test_probe_on_the_cpu_untouched(monkeypatch):
+    """The probe's block is a CPU one under another default device, and is not filled when
+    deterministic algorithms are on (the setting is restored)."""
+    monkeypatch.setattr(workspace_module, "_heap_raised", False)
+    calls: list[tuple[str, bool]] = []
+    empty = torch.empty
+
+    def spy(*args, **kwargs):
+        fill = torch.utils.deterministic.fill_uninitialized_memory
+        calls.append((str(kwargs.get("device")), fill))
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", spy)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    with torch.device("meta"):
+        workspace_module.raise_heap_thresholds()
+    assert calls == [("cpu", False)]
+    assert torch.utils.deterministic.fill_uninitialized_memory

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import torchjd.linalg._bounded_qp as bounded_qp
+import torchjd.linalg._small_pivoting as small_pivoting
 from tests.linalg.test_small_pivoting import regularised
 from tests.linalg.test_unit_rows import assert_unit_rows_optimal
 from torchjd.linalg._bounded_qp import _small_unit_route
@@ -96,3 +97,26 @@ def test_ws_out_of_steps_after_rows_left_gives_every_rows_faces(max_steps: int):
     X, solved = problem.solution(Z)
     assert solved.all()
     assert_unit_rows_optimal(G, X, solved)
+
+
+@pytest.mark.parametrize("m", [48, 64])
+@pytest.mark.parametrize("seed", range(2))
+def test_ws_rows_leave_the_batch_twice(m: int, seed: int, monkeypatch: pytest.MonkeyPatch):
+    """Beyond ``unit_dense_pivoting``'s 24 rows (the dense steps called directly), rows done can
+    leave the batch more than once: the solutions and faces come back in their rows' places, the
+    same as with the rows kept in the batch throughout."""
+    G = decaying_gramian(m, seed)
+    problem, H, lower, guess = dense_problem(G)
+    args = (H, problem.U_hat, guess, lower, problem.dual_bound, _DENSE_MAX_STEPS)
+    Z, face, steps = _dense_steps(*args)
+    monkeypatch.setattr(small_pivoting, "_COMPACT_MIN_M", 10 * m)  # no row leaves
+    Z_kept, face_kept, steps_kept = _dense_steps(*args)
+    assert steps == steps_kept
+    assert (face is None) == (face_kept is None)
+    if face is not None:
+        assert torch.equal(face, face_kept)
+    torch.testing.assert_close(Z, Z_kept, rtol=1e-12, atol=1e-12)
+    if face is None:
+        X, solved = problem.solution(Z)
+        assert solved.all()
+        assert_unit_rows_optimal(G, X, solved)

@@ -3,10 +3,11 @@ matrix product, in float32 on the CPU.
 
 On one thread of an AMD EPYC, the BLAS's float32 product (MKL's ``sgemm``) runs without the
 processor's widest vector instructions, at about 100 GFLOP/s; oneDNN's linear layer
-(:math:`x w^\top`, here with the same matrix as both) takes them, at 200 to 230 GFLOP/s: the
-Gramian of ``[32, 49152]`` (the per-objective gradients of a Transformer's ``128 x 384`` map with
-32 samples), 0.63 ms instead of 1.25. Its fixed costs are higher: small matrices stay with the
-BLAS (see ``MIN_ELEMENTS``). Never in float64 nor on other devices (the BLAS's products there).
+(:math:`x w^\top`, here with the same matrix as both) takes them, at up to 200 to 230 GFLOP/s
+on large products: the Gramian of ``[32, 49152]`` (the per-objective gradients of a
+Transformer's ``128 x 384`` map with 32 samples), 0.63 ms instead of 1.25 (160 GFLOP/s). Its
+fixed costs are higher: small matrices stay with the BLAS (see ``MIN_ELEMENTS``). Never in
+float64 nor on other devices (the BLAS's products there).
 
 :func:`gram` and :func:`blocks_gram` choose (oneDNN, or ``A Aᵀ`` and ``Σ_a J_a J_aᵀ`` by torch);
 :func:`onednn_gram` and :func:`onednn_blocks_gram` take oneDNN's product, for callers that
@@ -16,6 +17,7 @@ accumulates in the form of ``_linear.add_self_gram`` (``_linear.complete_self_gr
 """
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -49,14 +51,16 @@ def onednn_linear() -> Callable[[Tensor, Tensor], Tensor] | None:
     linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if linear is None or not torch.backends.mkldnn.is_available():
         return None
-    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    w = torch.arange(12, dtype=torch.float32).reshape(4, 3) - 5
+    # (on the CPU whatever the default device: the probe answers for the CPU's products)
+    x = torch.arange(6, dtype=torch.float32, device="cpu").reshape(2, 3)
+    w = torch.arange(12, dtype=torch.float32, device="cpu").reshape(4, 3) - 5
     try:
         with torch.no_grad():
             product = linear(x, w, None, "none", [], "")
+            right = isinstance(product, Tensor) and torch.equal(product, x @ w.T)
     except (RuntimeError, TypeError):
         return None
-    if not (isinstance(product, Tensor) and torch.equal(product, x @ w.T)):
+    if not right:
         return None
     return lambda x, w: linear(x, w, None, "none", [], "")
 
@@ -72,10 +76,16 @@ def onednn_gram_is_faster(J: Tensor) -> bool:
     """Whether oneDNN's product takes the Gramian of ``J``, a matrix ``[n, *]`` or blocks
     ``[K, n, *]``: in float32 on the CPU with oneDNN, from ``MIN_ELEMENTS`` elements per block
     on."""
-    block_elements = J.numel() if J.dim() == 2 else J[0].numel()
+    block_elements = J.numel() if J.dim() == 2 else math.prod(J.shape[1:])
+    return onednn_takes(J.dtype, J.device, block_elements)
+
+
+def onednn_takes(dtype: torch.dtype, device: torch.device, block_elements: int) -> bool:
+    """Whether oneDNN's product takes the Gramian of blocks of ``block_elements`` elements of
+    ``dtype`` on ``device`` (see :func:`onednn_gram_is_faster`), without a tensor to ask."""
     return (
-        J.device.type == "cpu"
-        and J.dtype == torch.float32
+        device.type == "cpu"
+        and dtype == torch.float32
         and block_elements >= MIN_ELEMENTS
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
@@ -109,6 +119,8 @@ def onednn_blocks_gram(J: Tensor) -> Tensor:
     linear = _checked_linear()
     J = J.flatten(2)
     n = J.shape[1]
+    if J.shape[0] == 0:  # no blocks: the empty sum
+        return J.new_zeros(n, n)
     step = max(TRIANGLE_ROWS, -(-n // 4), 1)
     G = J.new_empty(n, n)
     for start in range(0, n, step):

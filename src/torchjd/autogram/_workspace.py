@@ -109,4 +109,12 @@ def raise_heap_thresholds() -> None:
     if _heap_raised:
         return
     _heap_raised = True
-    torch.empty(HEAP_PROBE_BYTES, dtype=torch.uint8)  # freed right away: never touched
+    # freed right away, never touched (not even filled when deterministic algorithms are on), and
+    # on the CPU whatever the default device
+    deterministic = torch.utils.deterministic
+    fill = deterministic.fill_uninitialized_memory
+    deterministic.fill_uninitialized_memory = False
+    try:
+        torch.empty(HEAP_PROBE_BYTES, dtype=torch.uint8, device="cpu")
+    finally:
+        deterministic.fill_uninitialized_memory = fill

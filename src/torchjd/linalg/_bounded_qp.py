@@ -620,8 +620,8 @@ def _refined_least_norm(
     then refined towards ``G_exact`` until it settles
     (:func:`~torchjd.linalg._principal_pivoting.least_norm_pivoting`; for a float32 ``G``, each
     row's iterate of least residual). The rows where pivoting fails (it wanders on degenerate
-    problems; from ``m = 33``, every row of a batch where it solves none by step
-    :data:`_LEAST_NORM_GIVE_UP`) go to the interior point at once, which is where the general
+    problems; from ``m = 33``, every row of a batch of compacted faces where it solves none by
+    step :data:`_LEAST_NORM_GIVE_UP`) go to the interior point at once, which is where the general
     route (:func:`_pivoting_route`), repeating the same first pivots, would send them; so do
     the rows whose refined face misses ``tol`` on ``G_exact`` (float64) after more steps than
     the general route's :data:`_LEAST_NORM_PIVOTS`, while those found within them

@@ -61,13 +61,13 @@ from torchjd.autogram._module_call import (
     positions,
     samples_first,
     samples_objectives_first,
-    shape_only,
 )
 from torchjd.autogram._onednn import (
     blocks_gram,
     onednn_add_self_gram,
     onednn_gram,
     onednn_gram_is_faster,
+    onednn_takes,
 )
 from torchjd.autogram._workspace import empty, fusing
 
@@ -454,7 +454,7 @@ def _per_objective_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int) -> Tensor
         step = block_features(d_out, feature_bytes, chunk_bytes, R)
         if P == 1:  # wider blocks where their Gramians come from oneDNN
             wide = block_features(d_out, feature_bytes, chunk_bytes, R, ONEDNN_BLOCK_BYTES)
-            if onednn_gram_is_faster(shape_only(Gamma, (R * B, wide * d_in))):
+            if onednn_takes(Gamma.dtype, Gamma.device, R * B * wide * d_in):
                 step = wide
     else:
         step = max(1, min(d_out, chunk_bytes // feature_bytes))
