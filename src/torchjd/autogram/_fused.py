@@ -88,22 +88,10 @@ def graph_leaves(root: Tensor) -> dict[int, tuple[Tensor, int]]:
 def calls_uses(calls: Sequence[ModuleCall]) -> dict[int, int]:
     """The uses of each leaf tensor (by id) inside the calls, summed over them: the graph edges
     that reach it from the nodes of a call (from its outputs down to its inputs)."""
-    accumulate_grad = torch._C._functions.AccumulateGrad
     uses: dict[int, int] = {}
     for call in calls:
-        seen = _input_nodes(call)
-        stack = [edge.node for edge in call.edges]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            for next_node, _ in node.next_functions:
-                if type(next_node) is accumulate_grad:  # the node of a leaf
-                    key = id(next_node.variable)
-                    uses[key] = uses.get(key, 0) + 1
-                elif next_node is not None and next_node not in seen:
-                    stack.append(next_node)
+        for key, (_, count) in _leaf_uses([e.node for e in call.edges], _input_nodes(call)).items():
+            uses[key] = uses.get(key, 0) + count
     return uses
 
 

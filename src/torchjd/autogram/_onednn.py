@@ -121,17 +121,29 @@ def onednn_blocks_gram(J: Tensor) -> Tensor:
     n = J.shape[1]
     if J.shape[0] == 0:  # no blocks: the empty sum
         return J.new_zeros(n, n)
-    step = max(TRIANGLE_ROWS, -(-n // 4), 1)
-    G = J.new_empty(n, n)
-    for start in range(0, n, step):
-        end = min(start + step, n)
-        rows = G[start:end, :end]
+
+    def write(rows: Tensor, start: int, end: int) -> None:
         for a, block in enumerate(J):
             product = linear(block[start:end], block[:end])
             if a == 0:
                 rows.copy_(product)
             else:
                 rows.add_(product)
+
+    return lower_triangle_gram(J, max(TRIANGLE_ROWS, -(-n // 4), 1), write)
+
+
+def lower_triangle_gram(J: Tensor, step: int, write: Callable[[Tensor, int, int], None]) -> Tensor:
+    r""":math:`\sum_a J_a J_a^\top` of blocks ``J`` ``[K, n, *]`` by its lower triangle, by blocks
+    of ``step`` rows: ``write(rows, start, end)`` writes into ``rows`` (the rows ``start`` to
+    ``end`` of the Gramian, up to column ``end``) the products of those rows of the blocks with
+    their rows up to ``end``; the upper triangle is then the transpose of the lower one (see
+    :func:`mirror_lower`)."""
+    n = J.shape[1]
+    G = J.new_empty(n, n)
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        write(G[start:end, :end], start, end)
     mirror_lower(G, step)
     return G
 

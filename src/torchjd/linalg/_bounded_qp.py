@@ -396,18 +396,24 @@ def _exact_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor:
         return eye
     every_row = rows.numel() == G.shape[0]
     U, GU = (eye, G) if every_row else (eye[rows], G[rows])
+
+    def unit_route(G_route: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`_small_unit_route` on ``G_route``, for the conflicted rows."""
+        X, solved = _small_unit_route(G_route, tol)
+        return (X, solved) if every_row else (X[rows], solved[rows])
+
     if _nonsingular(G_exact):
         # One optimum per row: the default mode's batched route of the unit vectors, on G itself
         # with this mode's tolerance (its rows are checked on G); the rows it leaves, as by
         # _solve.
-        X, solved = _small_unit_route(G_exact, tol)
-        X, solved = (X, solved) if every_row else (X[rows], solved[rows])
+        X, solved = unit_route(G_exact)
         X = X.to(G.dtype)
         (left,) = (~solved).nonzero(as_tuple=True)
         if left.numel() > 0:
             X[left] = _nonsingular_route(G_exact, U[left], GU[left], tol, max_iters)
     elif G.dtype == torch.float32 and G.shape[0] <= _ROUNDED_UNIT_MAX_M:
-        X = _rounded_unit_least_norm(G, G_exact, U, GU, rows, every_row, tol, max_iters)
+        X64, solved = unit_route(G)
+        X = _rounded_unit_least_norm(G, G_exact, U, GU, X64, solved, tol, max_iters)
     else:
         X = _least_norm_route(G, G_exact, U, GU, tol, max_iters)
     X = torch.maximum(X, U)
@@ -422,17 +428,18 @@ def _rounded_unit_least_norm(
     G_exact: Tensor,
     U: Tensor,
     GU: Tensor,
-    rows: Tensor,
-    every_row: bool,
+    X64: Tensor,
+    solved: Tensor,
     tol: float,
     max_iters: int,
 ) -> Tensor:
     """:func:`_exact_unit_route` on a singular float32 ``G_exact`` up to
     :data:`_ROUNDED_UNIT_MAX_M`
-    (``G``: its Tikhonov regularisation; ``U``, ``GU``: the conflicted unit rows ``rows``, all
-    of them when ``every_row``): the faces of ``G`` come from the default mode's batched route of
-    the unit vectors (:func:`_small_unit_route`, in float64; the float32 Tikhonov term keeps
-    ``G`` well enough conditioned for it), each row's face solution is then refined towards
+    (``G``: its Tikhonov regularisation; ``U``, ``GU``: the conflicted unit rows): the faces of
+    ``G`` come from the default mode's batched route of the unit vectors (``X64``, ``solved``: its
+    rows and which it solved, :func:`_small_unit_route` of ``G``, in float64; the float32
+    Tikhonov term keeps ``G`` well enough conditioned for it), each row's face solution is then
+    refined towards
     ``G_exact`` as by :func:`_refined_least_norm` (which, in float32, also keeps every row whose
     face it found, whatever its residual on ``G_exact``); the rows whose face it did not find
     take :func:`_least_norm_route`. On the float32 Jacobians of
@@ -440,9 +447,6 @@ def _rounded_unit_least_norm(
     :func:`_refined_least_norm`, with weights that differ by float32 rounding (on 3 of the 50,
     each row's least-energy sum within 10⁻³ of that route's). (Not beyond: from
     ``m = 24`` on, rows of rank-deficient ``G`` came out up to 0.4% heavier, at ``m = 32`` 1.7%.)"""
-    X64, solved = _small_unit_route(G, tol)
-    if not every_row:
-        X64, solved = X64[rows], solved[rows]
     G64, U64 = G.double(), U.double()
     active = X64 <= U64
     X = refine(G_exact.double(), G64, U64, X64, active, tol, True, None, True)[0].to(G.dtype)

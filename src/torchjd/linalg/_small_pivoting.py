@@ -255,8 +255,8 @@ def _dense_steps(
     :func:`unit_small_pivoting` go on to block pivoting, with its own safeguard), once the total
     count of infeasible indices of a step (from the second on) is not below that of every earlier
     one, each row exchanges only its largest infeasible index from then on (Murty's rule, which
-    ends on these positive definite problems), and the rows done leave the batch once they are
-    half of it (beyond :data:`_COMPACT_MIN_M` rows). Returns the last face solutions, the next
+    ends on these positive definite problems), and the rows done leave the batch once, when they
+    are half of it (beyond :data:`_COMPACT_MIN_M` rows). Returns the last face solutions, the next
     faces (None when every row was feasible) and the count of steps taken (None when
     ``factored``, a boolean tensor read with the first step's outcome, is False)."""
     m = H.shape[0]
@@ -301,15 +301,13 @@ def _dense_steps(
                 positions = torch.arange(1, m + 1, device=H.device)
                 largest = (infeasible * positions).amax(dim=1, keepdim=True)
                 infeasible = infeasible & (positions == largest)
-            if 2 * left <= len(counts) and len(counts) > _COMPACT_MIN_M:
-                keep = count.nonzero().squeeze(1)
-                if rows is None:  # (Z and face are new tensors at each step)
-                    rows, Z_all, face_all = keep, Z, face
-                else:
-                    Z_all[rows], face_all[rows] = Z, face
-                    rows = rows[keep]
+            if rows is None and 2 * left <= len(counts) and len(counts) > _COMPACT_MIN_M:
+                # once (from at most 24 rows, at most 12 stay): Z and face are new tensors at
+                # each step, kept whole
+                rows = count.nonzero().squeeze(1)
+                Z_all, face_all = Z, face
                 Z, face, infeasible, U_hat, lower = (
-                    t[keep] for t in (Z, face, infeasible, U_hat, lower)
+                    t[rows] for t in (Z, face, infeasible, U_hat, lower)
                 )
         face = face ^ infeasible
     return _merged(Z_all, rows, Z), _merged(face_all, rows, face), max_steps

@@ -57,7 +57,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchjd.autogram._module_call import ModuleCall, cat, gram, shape_only
-from torchjd.autogram._onednn import mirror_lower, onednn_blocks_gram, onednn_gram_is_faster
+from torchjd.autogram._onednn import (
+    lower_triangle_gram,
+    onednn_blocks_gram,
+    onednn_gram_is_faster,
+)
 from torchjd.autogram._rules._linear import (
     CHUNK_BYTES,
     by_sample,
@@ -356,14 +360,12 @@ def _blocks_gram(J: Tensor) -> Tensor:
         for block in J[1:]:
             G.addmm_(block, block.T)
         return G
-    step = max(n // 8, TRIANGLE_MIN_ROWS // 4, 1)
-    G = J.new_empty(n, n)
-    for start in range(0, n, step):
-        end = min(start + step, n)
-        rows = torch.bmm(J[:, start:end], J[:, :end].mT)  # [K, rows, end]
-        G[start:end, :end] = rows[0] if K == 1 else rows.sum(dim=0)
-    mirror_lower(G, step)
-    return G
+
+    def write(rows: Tensor, start: int, end: int) -> None:
+        products = torch.bmm(J[:, start:end], J[:, :end].mT)  # [K, rows, end]
+        rows.copy_(products[0] if K == 1 else products.sum(dim=0))
+
+    return lower_triangle_gram(J, max(n // 8, TRIANGLE_MIN_ROWS // 4, 1), write)
 
 
 def _offset_columns(module: Conv, X: Tensor, a: int, T_1: int, T: int) -> Tensor:

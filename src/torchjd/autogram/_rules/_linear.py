@@ -145,7 +145,11 @@ def gram_parts(rows: int, columns: int) -> list[tuple[int, int]]:
 def add_self_gram(G: Tensor, A: Tensor, parts: list[tuple[int, int]]) -> None:
     """Adds ``A Aᵀ`` to ``G``: for blocks of rows ``parts`` (see :func:`gram_parts`), the rows of
     each block against those from the block on (one product per block), which
-    :func:`complete_self_gram` mirrors (with ``p`` blocks, :math:`(p + 1) / 2p` of the flops)."""
+    :func:`complete_self_gram` mirrors (with ``p`` blocks, :math:`(p + 1) / 2p` of the flops);
+    by oneDNN where faster (see ``_onednn.py``)."""
+    if onednn_gram_is_faster(A):
+        onednn_add_self_gram(G, A, parts)
+        return
     for start, stop in parts:
         G[start:stop, start:].addmm_(A[start:stop], A[start:].T)
 
@@ -473,8 +477,7 @@ def _per_objective_gramian(X: Tensor, Gamma: Tensor, chunk_bytes: int) -> Tensor
             out = buffer[: R * B * s * d_in].view(R, B, s, d_in)
             for r in range(R):
                 torch.bmm(transposed[:, r, start : start + s], inputs, out=out[r])
-            A = out.view(R * B, -1)  # rows (r, i)
-            (onednn_add_self_gram if onednn_gram_is_faster(A) else add_self_gram)(G, A, parts)
+            add_self_gram(G, out.view(R * B, -1), parts)  # rows (r, i)
         return by_sample(complete_self_gram(G, parts), R)
     for start in range(0, d_out, step):
         s = min(step, d_out - start)
