@@ -212,8 +212,8 @@ def linear_weighted_gradients(
     module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
     """The gradients of the weighted objectives w.r.t. the trainable parameters of ``module``
-    (the weight's :math:`\bar\Gamma^\top X` by ``_onednn.transposed_product``: oneDNN's product
-    in float32 on the CPU from a size on).
+    (the weight's by ``_onednn.transposed_product``: by oneDNN in float32 on the CPU from a size
+    on).
 
     :param W: The weights ``[B, R]`` of the objectives.
     """
