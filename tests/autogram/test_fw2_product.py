@@ -69,7 +69,7 @@ def test_transposed_product_against_float64(K, M, N, layout, monkeypatch):
 
 
 @needs_onednn
-def test_choice_rule():
+def test_choice_rule(monkeypatch):
     """float32 on the CPU from both bounds on; never in float64, below either bound, or with
     oneDNN off."""
     big = (64, 512, 784)
@@ -82,7 +82,8 @@ def test_choice_rule():
     bound = onednn.PRODUCT_MIN_MULTIPLY_ADDS
     assert onednn.product_takes(torch.float32, CPU, bound // (128 * 128), 128, 128)
     assert not onednn.product_takes(torch.float32, CPU, bound // (128 * 128) - 1, 128, 128)
-    with torch.backends.mkldnn.flags(enabled=False):
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.backends.mkldnn, "enabled", False)
         assert not onednn.product_takes(torch.float32, CPU, *big)
 
 
@@ -93,7 +94,8 @@ def test_torch_product_where_onednn_is_not_taken(monkeypatch):
     a, b = torch.randn(64, 10, dtype=F32), torch.randn(64, 512, dtype=F32)
     assert torch.equal(onednn.transposed_product(a, b), a.T @ b)
     a, b = a64.float(), b64.float()
-    with torch.backends.mkldnn.flags(enabled=False):
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.backends.mkldnn, "enabled", False)
         assert torch.equal(onednn.transposed_product(a, b), a.T @ b)
     monkeypatch.setattr(onednn, "onednn_transposed_linear", lambda: None)
     assert not onednn.product_takes(a.dtype, a.device, 64, 512, 784)
@@ -139,12 +141,15 @@ def _mlp(dtype: torch.dtype) -> nn.Sequential:
 
 @needs_onednn
 @pytest.mark.parametrize("objectives", [1, 2])
-def test_fused_linear_gradients_by_onednn(objectives, monkeypatch):
+@pytest.mark.parametrize("probe", ["right", "failed"])
+def test_fused_linear_gradients_by_onednn(objectives, probe, monkeypatch):
     """With the bounds at a size that the two first layers exceed and not the last: the fused
     step in float32 takes oneDNN's product for exactly those weights (one objective per sample,
-    or two: the weighted output gradients by their sum), and its ``.grad`` agree with the float64
-    two-pass step within float32 precision."""
+    or two: the weighted output gradients by their sum), none when the probe failed, and its
+    ``.grad`` agree with the float64 two-pass step within float32 precision."""
     monkeypatch.setattr(onednn, "PRODUCT_MIN_MULTIPLY_ADDS", 16 * 96 * 64)
+    if probe == "failed":
+        monkeypatch.setattr(onednn, "onednn_transposed_linear", lambda: None)
     taken: list[tuple[int, ...]] = []
     product = linear_module.transposed_product
 
@@ -168,7 +173,7 @@ def test_fused_linear_gradients_by_onednn(objectives, monkeypatch):
             else:
                 engine.backward(losses, weighting)
         grads[dtype] = [p.grad for p in model.parameters()]
-    assert sorted(taken) == [(128, 96), (128, 128)]
+    assert sorted(taken) == ([(128, 96), (128, 128)] if probe == "right" else [])
     for expected, got in zip(grads[torch.float64], grads[torch.float32], strict=True):
         assert got.dtype == torch.float32
         scale = expected.abs().max().clamp(min=1e-30)
