@@ -170,3 +170,66 @@ def mirror_lower(G: Tensor, step: int) -> None:
         diagonal = G[start:end, start:end]
         diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)  # exactly symmetric
         G[:start, start:end] = G[start:end, :start].T
+
+
+PRODUCT_MIN_MULTIPLY_ADDS = 1 << 21
+"""The fewest multiply-adds (``K M N``) of a product ``aᵀ b`` (``a`` ``[K, M]``, ``b``
+``[K, N]``) that :func:`transposed_product` gives to oneDNN: on one thread of an AMD EPYC, from
+``2^21`` on, 0.5 to 0.9 times the BLAS's time (mlp64's weighted gradients ``[512, 64] @
+[64, 784]``: 0.28 ms instead of 0.54; ``[512, 64] @ [64, 512]``: 0.18 instead of 0.37; cnn64's
+``[10, 64] @ [64, 4096]``: 0.08 instead of 0.11); below, about as fast, or up to 2 to 4 times
+slower (mlp64's ``[10, 64] @ [64, 512]``: 0.024 ms instead of 0.012)."""
+
+PRODUCT_MIN_OUTPUT = 1 << 13
+"""The fewest elements (``M N``) of a product that :func:`transposed_product` gives to oneDNN:
+with fewer outputs and many terms for each, the BLAS is as fast or faster (``[64, 512] @
+[512, 64]``: 1.3 times the BLAS's time by oneDNN; ``[16, 1024] @ [1024, 128]``: 1.1 times)."""
+
+
+@functools.cache
+def onednn_transposed_linear() -> Callable[[Tensor, Tensor], Tensor] | None:
+    """oneDNN's linear layer (see :func:`onednn_linear`) as the product ``aᵀ b`` of matrices
+    ``a`` ``[K, M]`` and ``b`` ``[K, N]`` (row-major, so that oneDNN reads both transposed,
+    without copies), where it gives that product on such views (checked once, on a small
+    product); else None."""
+    linear = onednn_linear()
+    if linear is None:
+        return None
+    a = torch.arange(15, dtype=torch.float32, device="cpu").reshape(5, 3) - 7
+    b = torch.arange(10, dtype=torch.float32, device="cpu").reshape(5, 2)
+    try:
+        with torch.no_grad():
+            product = linear(a.T, b.T)
+            right = isinstance(product, Tensor) and torch.equal(product, a.T @ b)
+    except (RuntimeError, TypeError):
+        return None
+    if not right:
+        return None
+    return lambda a, b: linear(a.T, b.T)
+
+
+def product_takes(dtype: torch.dtype, device: torch.device, K: int, M: int, N: int) -> bool:
+    """Whether :func:`transposed_product` gives a product of ``K`` terms per element, ``[M, N]``,
+    to oneDNN: in float32 on the CPU with oneDNN, from ``PRODUCT_MIN_MULTIPLY_ADDS``
+    multiply-adds and ``PRODUCT_MIN_OUTPUT`` elements on."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and K * M * N >= PRODUCT_MIN_MULTIPLY_ADDS
+        and M * N >= PRODUCT_MIN_OUTPUT
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and onednn_transposed_linear() is not None
+    )
+
+
+def transposed_product(a: Tensor, b: Tensor) -> Tensor:
+    """``aᵀ b`` ``[M, N]`` of matrices ``a`` ``[K, M]`` and ``b`` ``[K, N]`` of one dtype and
+    device (e.g. a Linear layer's weighted output gradients and its inputs, rows = positions:
+    its weight's gradient): by oneDNN where :func:`product_takes`, else by torch's product."""
+    (K, M), N = a.shape, b.shape[1]
+    if product_takes(a.dtype, a.device, K, M, N):
+        linear = onednn_transposed_linear()
+        assert linear is not None  # product_takes checked it
+        return linear(a.contiguous(), b.contiguous())  # (the layout that the probe checked)
+    return a.T @ b

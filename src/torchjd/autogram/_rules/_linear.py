@@ -68,6 +68,7 @@ from torchjd.autogram._onednn import (
     onednn_gram,
     onednn_gram_is_faster,
     onednn_takes,
+    transposed_product,
 )
 from torchjd.autogram._workspace import empty, fusing
 
@@ -210,7 +211,9 @@ def _one_position_call(calls: Sequence[ModuleCall]) -> tuple[Tensor, Tensor] | N
 def linear_weighted_gradients(
     module: nn.Module, calls: Sequence[ModuleCall], W: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
-    """The gradients of the weighted objectives w.r.t. the trainable parameters of ``module``.
+    """The gradients of the weighted objectives w.r.t. the trainable parameters of ``module``
+    (the weight's by ``_onednn.transposed_product``: by oneDNN in float32 on the CPU from a size
+    on).
 
     :param W: The weights ``[B, R]`` of the objectives.
     """
@@ -229,9 +232,8 @@ def linear_weighted_gradients(
         )  # [positions, d_out]
     grads = []
     if module.weight.requires_grad:
-        grads.append(
-            (module.weight, Gamma.T @ (X if X.dtype == Gamma.dtype else X.to(Gamma.dtype)))
-        )
+        X = X if X.dtype == Gamma.dtype else X.to(Gamma.dtype)
+        grads.append((module.weight, transposed_product(Gamma, X)))
     if module.bias is not None and module.bias.requires_grad:
         grads.append((module.bias, Gamma.sum(dim=0)))
     return grads
