@@ -95,7 +95,10 @@ which case every optimal update is zero and the least-norm weights of each row,
 ``r × r`` systems per row, ``r = rank(G)``, instead of faces of hundreds of indices); a row is
 accepted when its KKT residual on ``G`` meets the tolerance (in float32, on the range of ``G``:
 the rounding of a float32 ``G`` times the large weights of small rows can exceed it on ``G``
-itself, where the pivoting route does worse still). When they do not and
+itself, where the pivoting route does worse still). From ``m = 33`` to ``64``, so does a float64
+``G`` of rank at most ``m / 3`` (:func:`_small_zero_update_rows`; the problem of ``u = 1``, which
+tells whether they span, is solved in the same batch as the rows and stops it when they do not):
+on such ``G``, the pivoting route's weights can miss the least-norm ones. When they do not and
 ``rank(G) ≤ 2m / 3`` (many more rows than columns), each row's optimum is often unique: ADMM (in
 float32, Jacobi-scaled) and a few pivots on the faces of ``G`` itself find it, and a row is
 accepted when it meets the tolerance with strict complementarity and a nonsingular ``G_PP`` on
@@ -166,7 +169,12 @@ from torchjd.linalg._small_pivoting import (
     unit_dense_pivoting,
     unit_small_pivoting,
 )
-from torchjd.linalg._spanning import range_factor, zero_update_weights
+from torchjd.linalg._spanning import (
+    _RESIDUAL,
+    null_space_projection,
+    range_factor,
+    zero_update_weights,
+)
 from torchjd.linalg._tableau_pivoting import (
     TABLEAU_MAX_M,
     scaled_tableau_pivoting,
@@ -241,6 +249,12 @@ _SPANNING_MIN_M = 64
 # those that warm-started pivoting leaves there before the interior point (whose O(m r²) steps per
 # row cost far more; at m = 256, about as much as the range route).
 _RANGE_MIN_M = 512
+# Exact mode, from this size to m = 64: a singular float64 G of rank at most
+# m / _SMALL_SPANNING_RANK is first tested for a positive span (_small_zero_update_rows). (Below,
+# its rows are cheaper by pivoting; Gramians of higher rank seldom have one: none among those of
+# benchmarks/non_conflict.py at m = 64, seed 0.)
+_SMALL_SPANNING_MIN_M = 33
+_SMALL_SPANNING_RANK = 3.0
 _NONSINGULAR_MIN_PIVOT = {torch.float64: 1e-6, torch.float32: 1e-3}
 _FAST_FLOAT32_ITERS = 200  # of ADMM on a nonsingular G in float32, before float64 takes over
 _ROUNDED_UNIT_MAX_M = 16  # singular float32 G: faces from the unit route (_rounded_unit_least_norm)
@@ -605,13 +619,67 @@ def _least_norm_route(
             )
             return V
     if m <= _DIRECT_MAX_M:
-        X, solved = _refined_least_norm(G, G_exact, U, GU, tol)
+        factor = _small_spanning_factor(G_exact)
+        zero_update = None if factor is None else _small_zero_update_rows(G_exact, U, tol, factor)
+        if zero_update is None:
+            X, solved = _refined_least_norm(G, G_exact, U, GU, tol)
+        else:  # (the rows it leaves, by pivoting)
+            X, solved = zero_update
+            (rows,) = (~solved).nonzero(as_tuple=True)
+            if rows.numel() > 0:
+                X[rows], solved[rows] = _refined_least_norm(G, G_exact, U[rows], GU[rows], tol)
         if bool(solved.all()):
             return X
         left = (~solved).nonzero().squeeze(1)
         X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
         return X
     return _pivoting_route(G, G_exact, U, GU, tol, max_iters, known)
+
+
+def _small_spanning_factor(G: Tensor) -> tuple[Tensor, Tensor] | None:
+    """:func:`~torchjd.linalg._spanning.range_factor` of a float64 ``G`` (exact mode,
+    :data:`_SMALL_SPANNING_MIN_M` ``≤ m ≤ 64``) whose rows might positively span a subspace,
+    for :func:`_small_zero_update_rows`; None otherwise (another dtype or size, ``G`` of full rank,
+    or a nonzero row of ``G`` without a negative entry: ``J d ≥ 0`` for ``d = J_i``, which they
+    would not have were they to span)."""
+    if G.dtype != torch.float64 or G.shape[0] < _SMALL_SPANNING_MIN_M:
+        return None
+    if bool(((G.diagonal() > 0) & (G.amin(dim=1) >= 0)).any()):
+        return None
+    return range_factor(G, G.dtype)
+
+
+def _small_zero_update_rows(
+    G: Tensor, U: Tensor, tol: float, factor: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor] | None:
+    """Exact mode, :data:`_SMALL_SPANNING_MIN_M` ``≤ m ≤ 64``, a singular float64 ``G`` of rank at
+    most ``m /`` :data:`_SMALL_SPANNING_RANK` (``factor``: :func:`_small_spanning_factor`): when
+    the rows of ``J`` positively span a subspace (every optimal update zero), the least-norm
+    weights of each row from the Newton method of :mod:`torchjd.linalg._spanning` (in the range
+    of ``G``), each row accepted when its update is zero and its KKT residual on ``G`` meets
+    ``tol``; returns ``(X, accepted)`` (``X``: the rows, ``u`` where not accepted), or None when
+    the rows do not span (or the rank is higher).
+
+    The test: the problem of ``u = 1``, feasible exactly when they span, solved as the first row
+    of the same batch, which stops as soon as that row certifies that they do not (see
+    :func:`~torchjd.linalg._spanning.null_space_projection`). The weights of the pivoting route
+    (:func:`_refined_least_norm`) are not always those of least energy on such ``G``: on 18 of the
+    46 singular float64 Gramians of ``benchmarks/non_conflict.py``'s hard Jacobians at ``m = 64``
+    (seed 0), some rows missed the optimality conditions of the least-energy weights by up to 0.9
+    of their scale (a linear program, HiGHS); this route meets them on 16."""
+    m = G.shape[0]
+    ell, sqrt_weights = factor
+    if not 0 < ell.shape[1] <= m / _SMALL_SPANNING_RANK:
+        return None
+    rows = torch.cat([torch.ones_like(U[:1]), U])
+    V, converged = null_space_projection(
+        ell, sqrt_weights, rows, tol, _RESIDUAL[G.dtype], feasibility=True, sentinel=True
+    )
+    if not bool(converged[0]):
+        return None
+    V, converged = V[1:], converged[1:]
+    converged &= kkt_residual(G, U, V, V @ G) <= tol
+    return torch.where(converged.unsqueeze(1), V, U), converged
 
 
 def _refined_least_norm(

@@ -60,6 +60,10 @@ _CHORD_RATE = 0.1  # a row keeps its float32 inverse while its residual falls th
 _UPDATE_FRACTION = 0.5
 _MIN_UPDATE = 8
 _CERTIFICATE = 1e-9  # of max|ℓy|: ℓy ≤ 0 up to this, no positive span
+# A sentinel (see null_space_projection) not converged after this many Newton steps stops its batch
+# (at m = 64, the sentinels of positive spans converge within 11, those of the others certify
+# within 10 or run all _NEWTON_STEPS).
+_SENTINEL_STEPS = 12
 _PRODUCTS_ROWS = 32  # the products of the columns of ℓ are kept for inversions of more rows
 # Without them, inversions of fewer rows gather each row's ℓ_F (forming the products, m r² / 2
 # entries, costs more than the halved matrix products save).
@@ -113,6 +117,7 @@ def null_space_projection(
     tol: float,
     margin: float = _RESIDUAL[torch.float64],
     feasibility: bool = False,
+    sentinel: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Rows ``v = z / √W``, ``z = argmin {‖z‖ : ℓᵀ z = 0, z ≥ √W ⊙ u}`` for each row ``u`` of
     ``U`` (see the module docstring), and which rows converged. A row converges when the KKT
@@ -123,7 +128,11 @@ def null_space_projection(
     and complementarity ``|ℓ_j · ℓᵀz| |v_j − u_j| / (max_l √W_l · max|u|²)``. (When the rows do
     not positively span a subspace, Newton's iterates can meet these conditions at the optimum of
     ``u``, whose update is not zero: with ``feasibility``, the dual part is ``|ℓ_j · ℓᵀz|``,
-    which holds only when ``ℓᵀz ≈ 0``.)
+    which holds only when ``ℓᵀz ≈ 0``.) With ``sentinel`` (and ``feasibility``), the first row
+    of ``U`` is ``u = 1``, whose problem is feasible exactly when the rows of ``J`` positively
+    span a subspace: once an iterate of that row certifies that they do not (see
+    :func:`zero_update_weights`), or it has not converged within :data:`_SENTINEL_STEPS` Newton
+    steps, every row stops there, unconverged.
 
     The first :data:`_SHARED_STEPS` steps (:data:`_FEASIBILITY_SHARED_STEPS` with
     ``feasibility``), in float32, replace ``ℓ_Fᵀ ℓ_F`` by ``(|F| / m) ℓᵀℓ``, inverted once for
@@ -138,16 +147,26 @@ def null_space_projection(
     that bound the memory of their factors."""
     r = ell.shape[1]
     chunk = max(1, _FACTOR_ENTRIES // r**2)
-    solved = [
-        _project(ell, sqrt_weights, rows, tol, margin, feasibility) for rows in U.split(chunk)
-    ]
+    solved = []
+    for rows in U.split(chunk):
+        solved.append(_project(ell, sqrt_weights, rows, tol, margin, feasibility, sentinel))
+        if sentinel and not bool(solved[0][1][0]):  # (no positive span: the other rows too)
+            return U.clone(), torch.zeros_like(U[:, 0], dtype=torch.bool)
+        sentinel = False
     return torch.cat([V for V, _ in solved]), torch.cat([done for _, done in solved])
 
 
 def _project(
-    ell: Tensor, sqrt_weights: Tensor, U: Tensor, tol: float, margin: float, feasibility: bool
+    ell: Tensor,
+    sqrt_weights: Tensor,
+    U: Tensor,
+    tol: float,
+    margin: float,
+    feasibility: bool,
+    sentinel: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`null_space_projection` of one chunk of rows."""
+    """:func:`null_space_projection` of one chunk of rows (``sentinel``: its first row is that
+    of ``u = 1``)."""
     k, m = U.shape
     r = ell.shape[1]
     B = U * sqrt_weights
@@ -194,7 +213,13 @@ def _project(
             # its dual grows without bound along y).
             size = C.abs().amax(dim=1)
             done = done | ((C.amax(dim=1) <= _CERTIFICATE * size) & (size > 0))
-        if bool(done.all()):
+        if sentinel:
+            # The sentinel (while in the batch, its first row) certified: every row stops (one
+            # host synchronisation, as without it).
+            certified = (rows[0] == 0) & ~converged[0] & (done[0] | (step >= _SENTINEL_STEPS))
+            if bool(done.all() | certified):
+                break
+        elif bool(done.all()):
             break
         keep = (~done).nonzero().squeeze(1)
         rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free, worst = (
