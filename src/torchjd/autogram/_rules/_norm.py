@@ -48,7 +48,7 @@ def layer_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     J_w, J_b = [], []
     for call in calls:
         x = call.args[0]
-        statistics = call.saved.get("statistics")
+        statistics = call.saved.pop("statistics", None)  # not kept beyond its use
         if statistics is not None and statistics[0] is not x:  # the input was replaced since
             statistics = None  # (torchjd.distributed gathers every rank's samples)
         x_hat = _layer_normalised(module, x, None if statistics is None else statistics[1:])
