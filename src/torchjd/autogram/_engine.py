@@ -171,11 +171,18 @@ class Engine:
         return any(p.requires_grad for p in direct_parameters(module, covers_children))
 
     def _save_rng_state(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Before a call of a module whose rule may re-run it: the random state, for the re-run
+        to draw the same numbers (None when the rule's ``draws_random(module)`` says that the
+        call draws none)."""
         if not self._recording or not torch.is_grad_enabled():
             return
-        devices = {p.device for p in module.parameters() if p.device.type == "cuda"}
-        cuda = {d: torch.cuda.get_rng_state(d) for d in devices}
-        self._rng_states.setdefault(module, []).append((torch.get_rng_state(), cuda))
+        draws_random = getattr(self._rules[module][0], "draws_random", None)
+        state = None  # a call that draws no random numbers: nothing to replay
+        if draws_random is None or draws_random(module):
+            devices = {p.device for p in module.parameters() if p.device.type == "cuda"}
+            cuda = {d: torch.cuda.get_rng_state(d) for d in devices}
+            state = (torch.get_rng_state(), cuda)
+        self._rng_states.setdefault(module, []).append(state)
 
     def _record(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any

@@ -148,14 +148,36 @@ def masked_cotangents(gamma: Tensor, batch_dim: int | None, num_samples: int) ->
 
 def flat_leaves(tree: Any) -> list[Any]:
     """``torch.utils._pytree.tree_leaves(tree)``, without its per-node dispatch for the common
-    cases (a tensor; a tuple or list of tensors; an empty dict)."""
+    cases: a tensor; a plain tuple, list or dict of tensors and scalars (``None``, ``bool``,
+    ``int``, ``float``, ``str``: the arguments of a ``MultiheadAttention`` and its outputs, for
+    instance)."""
     if isinstance(tree, Tensor):
         return [tree]
-    if isinstance(tree, (tuple, list)) and all(isinstance(t, Tensor) for t in tree):
-        return list(tree)
-    if isinstance(tree, dict) and not tree:
-        return []
+    kind = type(tree)
+    if kind is tuple or kind is list:
+        items = tree
+    elif kind is dict:
+        items = tree.values()
+    else:
+        return tree_leaves(tree)
+    if all(isinstance(t, Tensor) or type(t) in _ATOMS for t in items):
+        return [t for t in items if t is not None or _NONE_IS_LEAF]
     return tree_leaves(tree)
+
+
+_NONE_IS_LEAF = tree_leaves([None]) == [None]
+"""Whether this torch's pytree takes ``None`` for a leaf (newer versions) or for an empty node."""
+
+_ATOMS = frozenset({type(None), bool, int, float, str})
+"""Types that ``tree_leaves`` takes for leaves (``None``: see ``_NONE_IS_LEAF``)."""
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved tensors are packed by hooks (activation checkpointing, offloading): a rule
+    that reads the tensors saved in a call's graph while recording could trigger the hooks' own
+    work, so it does not (it re-runs or recomputes instead)."""
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks is None or top_hooks(False) is not None
 
 
 def direct_parameters(module: nn.Module, recurse: bool) -> list[Tensor]:

@@ -46,6 +46,7 @@ from torchjd.autogram._module_call import (
     positions,
     samples_first,
     samples_objectives_first,
+    saved_tensor_hooks_active,
     weighted,
 )
 from torchjd.autogram._rules._generic import gramian_by_recomputation, refuse_sharded
@@ -172,7 +173,7 @@ def attention_inner_edges(module: nn.Module, call: ModuleCall) -> list[GradientE
         module.bias_k is not None
         or module.bias_v is not None
         or type(module).forward is not nn.MultiheadAttention.forward  # biases added elsewhere?
-        or _saved_tensor_hooks_active()
+        or saved_tensor_hooks_active()  # reading them could trigger the hooks' own work
     ):
         return []
     in_weights = (
@@ -194,13 +195,6 @@ def attention_inner_edges(module: nn.Module, call: ModuleCall) -> list[GradientE
     # a single sample.
     call.saved["batched"] = call.outputs[0].dim() == 3
     return [linear.edge for linear in linears]
-
-
-def _saved_tensor_hooks_active() -> bool:
-    """Whether saved tensors are packed by hooks (activation checkpointing, offloading): reading
-    them while recording could trigger the hooks' own work, so the rule re-runs instead."""
-    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top_hooks is None or top_hooks(False) is not None
 
 
 def _recorded_projections(calls: Sequence[ModuleCall]) -> list[list[GraphLinear]] | None:
@@ -364,6 +358,8 @@ def _detach(value: object) -> object:
 
 
 attention_rule.recomputes_forward = True  # type: ignore[attr-defined]
+# its forward draws random numbers for the dropout only: no random state to record without it
+attention_rule.draws_random = lambda module: module.training and module.dropout > 0  # type: ignore[attr-defined]
 attention_rule.inner_edges = attention_inner_edges  # type: ignore[attr-defined]
 attention_rule.weighted_gradients = attention_weighted_gradients  # type: ignore[attr-defined]
 # the re-running path may leave calls to autograd (attention weights that reach the objectives)

@@ -57,10 +57,13 @@ def find_graph_linears(call: ModuleCall, weights: list[Tensor]) -> list[GraphLin
     found: list[GraphLinear] = []
     chain: dict[Any, set[Any]] = {}  # node of a found weight path -> its parents on such paths
     for node in call_graph(call):
-        for child, _ in node.next_functions:
+        edges = node.next_functions
+        for child, _ in edges:
             if child is not None:
                 parents[child] = parents.get(child, 0) + 1
-        linear = _as_linear(node, owned)
+        if type(node).__name__ not in _PRODUCTS:  # most nodes (the call's own operations)
+            continue
+        linear = _as_linear(node, edges, owned)
         if linear is not None:
             found.append(linear[0])
             for parent, child in itertools.pairwise([node, *linear[1]]):
@@ -80,13 +83,15 @@ def find_graph_linears(call: ModuleCall, weights: list[Tensor]) -> list[GraphLin
     return found
 
 
-def _as_linear(node: Any, owned: dict[int, Tensor]) -> tuple[GraphLinear, list[Any]] | None:
-    """The linear map of a product node whose weight is owned, with the nodes of its weight's
-    path (transposition, split, accumulation), or None."""
+def _as_linear(
+    node: Any, edges: tuple[Any, ...], owned: dict[int, Tensor]
+) -> tuple[GraphLinear, list[Any]] | None:
+    """The linear map of a product node (whose ``next_functions`` are ``edges``) whose weight is
+    owned, with the nodes of its weight's path (transposition, split, accumulation), or None."""
     index = _PRODUCTS.get(type(node).__name__)
     if index is None:
         return None
-    transpose, _ = node.next_functions[index]
+    transpose, _ = edges[index]
     if type(transpose).__name__ != "TBackward0":
         return None
     source, output_nr = transpose.next_functions[0]

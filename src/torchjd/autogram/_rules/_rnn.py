@@ -260,5 +260,6 @@ def _cell(
 
 
 rnn_rule.recomputes_forward = True  # type: ignore[attr-defined]  (its fallback re-runs the module)
+rnn_rule.draws_random = lambda module: module.training and module.dropout > 0  # type: ignore[attr-defined]
 rnn_rule.weighted_gradients = rnn_weighted_gradients  # type: ignore[attr-defined]
 rnn_rule.fuses = lambda module, calls: not any(_unsupported(module, c) for c in calls)  # type: ignore[attr-defined]
