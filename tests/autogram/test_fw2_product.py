@@ -178,3 +178,56 @@ def test_fused_linear_gradients_by_onednn(objectives, probe, monkeypatch):
         assert got.dtype == torch.float32
         scale = expected.abs().max().clamp(min=1e-30)
         assert (got.double() - expected).abs().max() <= 1e-4 * scale
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(32, 2, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.attention(x, x, x, need_weights=False)[0].mean(dim=1))
+
+
+@needs_onednn
+@pytest.mark.parametrize("keep", [True, False])
+def test_fused_attention_projections_by_onednn(keep, monkeypatch):
+    """The projections of an attention found in its graph (``_graph_linear.py``), their output
+    gradients kept (not their per-objective gradients): with the bounds lowered, the fused step in
+    float32 forms their weighted gradients by oneDNN's product (none when the per-objective
+    gradients are kept), and its ``.grad`` agree with the float64 two-pass step."""
+    import torchjd.autogram._rules._graph_linear as graph_linear_module
+
+    monkeypatch.setattr(onednn, "PRODUCT_MIN_MULTIPLY_ADDS", 1)
+    monkeypatch.setattr(onednn, "PRODUCT_MIN_OUTPUT", 1)
+    if not keep:
+        monkeypatch.setattr(linear_module, "linear_keeps_jacobian", lambda *sizes: False)
+    taken: list[tuple[int, ...]] = []
+    product = graph_linear_module.transposed_product
+
+    def spy(a: Tensor, b: Tensor) -> Tensor:
+        if onednn.product_takes(a.dtype, a.device, a.shape[0], a.shape[1], b.shape[1]):
+            taken.append((a.shape[1], b.shape[1]))
+        return product(a, b)
+
+    monkeypatch.setattr(graph_linear_module, "transposed_product", spy)
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, 32, dtype=torch.float64)
+    weighting = UPGradWeighting()
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        torch.manual_seed(1)
+        model = _Attention().to(dtype)
+        with Engine(model, batch_dim=0) as engine:
+            losses = model(x.to(dtype))[:, :2] ** 2  # two objectives per sample
+            if dtype == torch.float64:
+                losses.backward(weighting(engine.compute_gramian(losses)).reshape(losses.shape))
+            else:
+                engine.backward(losses, weighting)
+        grads[dtype] = [p.grad for p in model.parameters()]
+    assert (len(taken) > 0) == (not keep)
+    assert all(shape[1] == 32 for shape in taken)
+    for expected, got in zip(grads[torch.float64], grads[torch.float32], strict=True):
+        scale = expected.abs().max().clamp(min=1e-30)
+        assert (got.double() - expected).abs().max() <= 1e-4 * scale

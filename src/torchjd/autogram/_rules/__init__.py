@@ -7,7 +7,8 @@ gradient (then the fused step may free the graph in its only backward pass);
 ``pure(module, calls)``, whether the rule needs nothing but the recorded tensors (then it may run
 during the Gramian's backward pass, see ``_streaming.py``); ``inner_edges(module, call)``, points
 inside the call's graph whose gradients it wants too; ``recomputes_forward``, whether it re-runs
-the module (the random state is then recorded).
+the module (the random state is then recorded, unless ``draws_random(module)`` says that the call
+draws no random numbers).
 """
 
 from torch import nn

@@ -27,6 +27,7 @@ from torch.autograd.graph import GradientEdge
 
 from torchjd.autogram._fused import call_graph
 from torchjd.autogram._module_call import ModuleCall, cat, gram, weighted
+from torchjd.autogram._onednn import transposed_product
 from torchjd.autogram._rules._linear import (
     weight_gramian_and_jacobian,
     weighted_jacobian,
@@ -181,7 +182,9 @@ def graph_linear_weighted_gradients(
             if gamma is None:
                 continue
             gamma_bar = _weighted_rows(call, gamma, W)  # [N, d_out]
-            weight_grad = weight_grad + gamma_bar.T @ found[k].X.to(gamma_bar.dtype)
+            weight_grad = weight_grad + transposed_product(
+                gamma_bar, found[k].X.to(gamma_bar.dtype)
+            )
             bias_grad = bias_grad + gamma_bar.sum(dim=0)
         if isinstance(weight_grad, int):
             weight_grad = first.weight.new_zeros(first.d_out, first.weight.shape[1])
