@@ -15,11 +15,15 @@ widest system the smaller (``|A| × |A|`` from ``H`` or ``|F| × |F|`` from ``Ĝ
 when the rows share a strong common direction and few conflict, the active side when each row
 agrees with few others, as the per-sample losses of a classifier with those of their class), all
 rows at once, as one batched factorisation of blocks indexed from ``diag(H, I)`` or
-``diag(Ĝ, I)`` (the identity pads the blocks to a common width; LU up to width
-:data:`_LU_MAX_WIDTH`, where one batched solve costs fewer operations, else Cholesky). The guess is
-right when ``z_F ≥ û_F`` and ``(Ĝ z)_A ≥ 0``; otherwise the infeasible indices change side, all
-at once while their number falls, else (after three steps without progress) only the largest:
-Júdice & Pires (1994), the exchange of :func:`~torchjd.linalg._principal_pivoting.exchange`.
+``diag(Ĝ, I)`` (the identity pads the blocks to a common width), by Cholesky and two triangular
+solves: the kernels that also make ``H = L⁻ᵀ L⁻¹`` from the factor ``L`` of ``Ĝ``, and no
+check of a factor read on the host (``torch.linalg.solve_ex`` and ``torch.cholesky_solve``
+make some). The blocks are principal submatrices of ``H`` or ``Ĝ``, as well conditioned as
+these; a failed factorisation would give a wrong face solution, which the final check refuses.
+The guess is right when ``z_F ≥ û_F`` and ``(Ĝ z)_A ≥ 0``; otherwise the infeasible indices
+change side, all at once while their number falls, else (after three steps without progress)
+only the largest: Júdice & Pires (1994), the exchange of
+:func:`~torchjd.linalg._principal_pivoting.exchange`.
 
 A step is a fixed two to three dozen operations whatever the rows do, and two host
 synchronisations (whether an index is infeasible; each row's count of infeasible indices and size
@@ -58,9 +62,6 @@ _COMPACT_MIN_M = 16  # beyond, the rows done leave the batch once they are half 
 # more than the few operations it adds).
 _MIXED_MIN_M = 33
 _MIXED_GAIN = 0.9
-# Up to this width, the blocks are solved by one batched LU solve (fewer operations than a
-# Cholesky factorisation and two triangular solves, and as fast); beyond, by Cholesky.
-_LU_MAX_WIDTH = 12
 # UPGrad's problems (the unit vectors'): up to _DENSE_MAX_M, dense steps only, at most
 # _DENSE_MAX_STEPS of them (unit_dense_pivoting: two on the per-sample Gramians of a small
 # classifier at 16 rows, where single pivots take three; within five on 96 of the 100 hard
@@ -185,12 +186,12 @@ def unit_small_pivoting(problem: "UnitRows", max_steps: int) -> tuple[Tensor, Te
     m = G_hat.shape[0]
     L, info = torch.linalg.cholesky_ex(G_hat)
     faces = _Faces(G_hat, L)
-    active = G_hat > 0
+    active = G_hat > 0.0  # (a float scalar: no conversion)
     n_active = _conditioned(L, info, active)
     if n_active is None:
         return None
     if max(n_active) <= _SMALL_FACES * m:  # H only then (a large face may never need it)
-        active = active & (faces.H < 0)
+        active = active & (faces.H < 0.0)
         active.diagonal().fill_(True)
         n_active = _sizes(active).tolist()
     lower, dual_bound = U_hat - problem.primal_bound, problem.dual_bound
@@ -202,7 +203,7 @@ def unit_small_pivoting(problem: "UnitRows", max_steps: int) -> tuple[Tensor, Te
     if rows.numel() * m**3 <= _DENSE_BUDGET:
         face = (active ^ infeasible)[rows]
         Z_rows, face, _ = _dense_steps(
-            faces.H, U_hat[rows], face, lower[rows], dual_bound, _DENSE_STEPS
+            faces.H, U_hat[rows], face, lower[rows], dual_bound, _DENSE_STEPS, None, faces.eye
         )
         if face is None:
             Z[rows] = Z_rows
@@ -228,7 +229,7 @@ def unit_dense_pivoting(problem: "UnitRows", max_steps: int) -> tuple[Tensor, Te
     H = torch.cholesky_inverse(L)
     lower = U_hat - problem.primal_bound
     Z, face, steps = _dense_steps(
-        H, U_hat, (G_hat > 0) | (H < 0), lower, problem.dual_bound, max_steps, factored
+        H, U_hat, (G_hat > 0.0) | (H < 0.0), lower, problem.dual_bound, max_steps, factored
     )
     return None if face is not None or steps is None else problem.solution(Z)
 
@@ -241,6 +242,7 @@ def _dense_steps(
     dual_bound: Tensor,
     max_steps: int,
     factored: Tensor | None = None,
+    eye: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, int | None]:
     """Block principal pivoting of the rows of ``U_hat`` (``[k, m]``, each ``û_i e_i``) from the
     guess ``active`` (which holds each row's own index), every face solved on the dual side at
@@ -258,9 +260,10 @@ def _dense_steps(
     ends on these positive definite problems), and the rows done leave the batch once, when they
     are half of it (beyond :data:`_COMPACT_MIN_M` rows). Returns the last face solutions, the next
     faces (None when every row was feasible) and the count of steps taken (None when
-    ``factored``, a boolean tensor read with the first step's outcome, is False)."""
+    ``factored``, a boolean tensor read with the first step's outcome, is False). ``eye``: the
+    identity of ``H``'s size, when already made."""
     m = H.shape[0]
-    eye = torch.eye(m, dtype=H.dtype, device=H.device)
+    eye = _eye(H) if eye is None else eye
     face = active
     # Each row's count of infeasible indices, read on the host in place of whether some index is
     # infeasible (the same synchronisation), only where the safeguard acts.
@@ -270,11 +273,11 @@ def _dense_steps(
     best, single = math.inf, False
     for step in range(max_steps):
         blocks = torch.where(face.unsqueeze(2) & face.unsqueeze(1), H, eye)
-        # (one right-hand side per system: torch.cholesky_solve is as fast as two triangular
-        # solves at these sizes, in one operation; û_A = û: each row's face holds its own index,
-        # from the guess on (μ_i = zᵀ Ĝ z / û_i > 0 keeps it there), and û is zero elsewhere)
+        # (two triangular solves: as fast as torch.cholesky_solve at these sizes, with no check
+        # read on the host; û_A = û: each row's face holds its own index, from the guess on
+        # (μ_i = zᵀ Ĝ z / û_i > 0 keeps it there), and û is zero elsewhere)
         L = torch.linalg.cholesky_ex(blocks)[0]
-        mu = torch.cholesky_solve(U_hat.unsqueeze(2), L).squeeze(2)
+        mu = cholesky_solve(L, U_hat)
         Z = torch.where(face, U_hat, mu @ H)
         infeasible = torch.where(face, mu < dual_bound, torch.lt(Z, lower))
         if step == 0 and factored is not None:
@@ -399,20 +402,27 @@ class _Faces:
         self.G_hat, self.L, self.m = G_hat, L, G_hat.shape[0]
 
     @cached_property
+    def eye(self) -> Tensor:
+        return _eye(self.G_hat)
+
+    @cached_property
     def H(self) -> Tensor:
-        return torch.cholesky_inverse(self.L)
+        # L⁻ᵀ L⁻¹ from one triangular solve and a product: the kernels of the face solves, and
+        # no check of the factor read on the host (torch.cholesky_inverse makes one)
+        inverse = torch.linalg.solve_triangular(self.L, self.eye, upper=False)
+        return inverse.mT @ inverse
 
     @cached_property
     def dual_blocks(self) -> Tensor:
-        return torch.block_diag(self.H, _eye(self.H))
+        return torch.block_diag(self.H, self.eye)
 
     @cached_property
     def primal_blocks(self) -> Tensor:
-        return torch.block_diag(self.G_hat, _eye(self.G_hat))
+        return torch.block_diag(self.G_hat, self.eye)
 
     @cached_property
     def mixed_blocks(self) -> Tensor:
-        return torch.block_diag(self.H, self.G_hat, _eye(self.H))
+        return torch.block_diag(self.H, self.G_hat, self.eye)
 
     def widths(self, n_active: list[float]) -> list[int]:
         """What :meth:`solve` needs to know of the faces, from the sizes of the rows' active sets
@@ -443,7 +453,7 @@ class _Faces:
             U_active = U_hat * active
             return U_active, U_active @ self.G_hat
         if narrowest and narrowest[0] < _MIXED_GAIN * width:
-            dual = 2 * active.sum(dim=1, keepdim=True) <= m
+            dual = active.sum(dim=1, keepdim=True) <= m // 2  # (2 |A| ≤ m)
             return self._mixed(U_hat, active, U_hat * active, dual, narrowest[0])
         if most_active <= most_free:  # dual: μ on A, z = H μ, and z_A = û_A exactly
             solution = self._solve_blocks(self.dual_blocks, active, U_hat, width, 0)
@@ -480,10 +490,7 @@ class _Faces:
         flat = torch.add(offset.unsqueeze(1), offset.unsqueeze(2), alpha=blocks.shape[1])
         B = blocks.view(-1).take(flat)
         b = torch.constant_pad_nd(rhs, (0, m)).gather(1, index)
-        if width <= _LU_MAX_WIDTH:  # one operation
-            x = torch.linalg.solve_ex(B, b)[0]
-        else:
-            x = cholesky_solve(torch.linalg.cholesky_ex(B)[0], b)
+        x = cholesky_solve(torch.linalg.cholesky_ex(B)[0], b)
         return rhs.new_zeros(rhs.shape[0], 2 * m).scatter_(1, index, x)[:, :m]
 
 
@@ -492,13 +499,12 @@ def _conditioned(L: Tensor, info: Tensor, active: Tensor) -> list[float] | None:
     factorisation ``L`` of ``Ĝ`` (one synchronisation); None when it failed or a pivot is below
     :data:`_MIN_PIVOT`."""
     # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation;
-    # the numbers are read as floats, together with the sizes of the active sets)
-    pivot, failed, *n_active = torch.cat(
-        [L.diagonal().amin(0, keepdim=True), info.to(L.dtype).reshape(1), _sizes(active)]
+    # the smallest pivot, zero when the factorisation failed, is read as a float together with
+    # the sizes of the active sets)
+    pivot, *n_active = torch.cat(
+        [L.diagonal().amin(0, keepdim=True) * (info == 0), _sizes(active)]
     ).tolist()
-    if not (pivot >= _MIN_PIVOT and failed == 0):
-        return None
-    return n_active
+    return n_active if pivot >= _MIN_PIVOT else None
 
 
 def _sizes(active: Tensor) -> Tensor:
