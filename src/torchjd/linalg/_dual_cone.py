@@ -74,7 +74,16 @@ class TorchProjector(DualConeProjector):
     against an independent solution (quadprog, update fixed), the degenerate rows that reach its
     interior-point fallback (about one in ten) have :math:`\sum_j G_{jj} v_j^2` within ``1e-3``
     (relative) of the least on all but 1 of 675 in float64 (at worst 0.3% above) and 8 of 635 in
-    float32 (at worst 1.1% above).
+    float32 (at worst 1.1% above). Up to 64 rows in float64, every row's weights are then brought
+    to the least-energy ones of its update (a Newton method in the range of ``G``): among the
+    singular Gramians of 100 hard Jacobians at 8, 16, 32 and 64 rows (about 90 each), those with
+    a unit row whose optimality conditions for the least energy (checked by a linear program,
+    relative to the row's largest term) miss ``1e-6`` went from 6, 19, 26 and 12 (up to 0.28,
+    1.0, 0.98 and 0.23) to 1, 2, 1 and 7 (up to 0.007, 0.01, 4e-5 and 0.21; at 64 rows, rows near
+    a positive span, or whose KKT residual misses the tolerance). Float32 weights are not
+    polished: the rounding of a float32 Gramian blurs its rank, and, read at a rank threshold of
+    ``1e-3`` of the largest singular value of ``J``, 37 to 56 of about 90 singular Gramians from
+    8 to 64 rows have a row off by more than ``1e-3``.
     Its cost depends on the Gramian. A nonsingular one (every squared pivot of the Cholesky
     factor of the Jacobi-scaled Gramian at least ``1e-6`` in float64, ``1e-3`` in float32: fewer
     rows than columns, no near-duplicate or zero rows) has unique optimal weights, and is solved by
@@ -83,11 +92,12 @@ class TorchProjector(DualConeProjector):
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
     float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
     spread over six decades (which the default's regularisation hides). A singular or nearly
-    singular one costs more: median ratio 1.4x to 1.9x (float64 and float32) at 16 and 64 rows
+    singular one costs more: median ratio 1.4x to 1.7x in float32 at 16 and 64 rows, 3.9x and
+    1.9x in float64, whose least-energy polish (above) costs about 0.6 ms and 1.4 ms a call
     (``benchmarks/non_conflict.py``, 100 hard Jacobians per dtype and size, one thread; in total
-    time 1.8x to 1.9x at 16 rows, and 2.5x to 2.7x at 64 rows, as about a third of the singular
-    Gramians at 64 rows send some rows to a slower interior-point method, whose weights are then
-    brought to the least-norm ones); when many more rows
+    time 1.8x (float32) and 3.6x (float64) at 16 rows, and 2.7x and 3.2x at 64 rows, as about a
+    third of the singular Gramians at 64 rows send some rows to a slower interior-point method,
+    whose weights are then brought to the least-norm ones); when many more rows
     than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x
     (float32) at 256 rows and 2.7x to 3.5x at 1,024 rows; otherwise, at 256 rows, 8x (float64)
     to 13x (float32) the default's total time on 40 hard Jacobians of

@@ -682,7 +682,13 @@ def _line_search(
 
 
 def least_energy_rows(
-    G: Tensor, U: Tensor, V: Tensor, tol: float, factor: tuple[Tensor, Tensor]
+    G: Tensor,
+    U: Tensor,
+    V: Tensor,
+    tol: float,
+    factor: tuple[Tensor, Tensor],
+    tight_tol: float | None = None,
+    newton_target: float = _NEWTON_TARGET,
 ) -> Tensor:
     """Optimal rows ``V`` (``G``, ``U``, ``V`` in float64, ``factor``:
     :func:`~torchjd.linalg._spanning.range_factor` of ``G``), each replaced by the least-norm
@@ -691,32 +697,39 @@ def least_energy_rows(
     set of a row: ``(Gv)_j`` at most ``tol`` relative to the row's scale (as
     :func:`~torchjd.linalg._kkt.kkt_residual` reads it); its update: that of ``v`` with the
     weights off ``T`` at their bounds (a feasible point, so that Newton's dual is bounded),
-    Newton starting from the least-squares multipliers of the free weights (``ℓ_F λ ≈ z_F``)."""
+    Newton starting from the least-squares multipliers of the free weights (``ℓ_F λ ≈ z_F``).
+    ``tight_tol``: the relative ``(Gv)_j`` of the tight set instead of ``tol`` (a larger one lets
+    the weights of nearly tight indices leave their bound); ``newton_target``: of ``tol``, the KKT
+    residual at which Newton stops (default :data:`_NEWTON_TARGET`; up to ``tol`` itself, rows
+    already of least energy, whose residual is often between the two, stop at once)."""
     r = factor[0].shape[1]
     rows = (kkt_residual(G, U, V, V @ G) <= tol).nonzero().squeeze(1)
     if rows.numel() == 0:
         return V
     chunk = max(1, _CHUNK_ENTRIES // max(r * r, G.shape[0]))
     V = V.clone()
+    tols = (tol, tol if tight_tol is None else tight_tol, newton_target / _NEWTON_TARGET)
     for part in rows.split(chunk):
-        V[part] = _least_energy(G, U[part], V[part], tol, factor)
+        V[part] = _least_energy(G, U[part], V[part], tols, factor)
     return V
 
 
 def _least_energy(
-    G: Tensor, U: Tensor, V: Tensor, tol: float, factor: tuple[Tensor, Tensor]
+    G: Tensor, U: Tensor, V: Tensor, tols: tuple[float, float, float], factor: tuple[Tensor, Tensor]
 ) -> Tensor:
-    """:func:`least_energy_rows` of one chunk of rows, all meeting ``tol``."""
+    """:func:`least_energy_rows` of one chunk of rows, all meeting ``tol``; ``tols``: ``tol``,
+    ``tight_tol`` and the target's factor on :data:`_NEWTON_TARGET`."""
+    tol, tight_tol, target_factor = tols
     ell, sqrt_weights = factor
     B, Z = U * sqrt_weights, V * sqrt_weights
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
     dual_scale = (sqrt_weights.amax() * u_scale).squeeze(1)
     # ℓ_j · ℓᵀz = (G v)_j / √W_j; relative to the row's scale, (G v)_j / (s_j max|u|).
-    tight = (Z @ ell) @ ell.T <= tol * dual_scale.unsqueeze(1)
+    tight = (Z @ ell) @ ell.T <= tight_tol * dual_scale.unsqueeze(1)
     Z = torch.where(tight, Z, B)
     free = tight & (Z > B)
     lam = cholesky_solve(_newton_factor(ell, free), torch.where(free, Z, 0.0) @ ell)
-    target = tol * dual_scale
+    target = tol * dual_scale * target_factor
     Z_new, _ = _least_norm(ell, sqrt_weights, B, Z @ ell, tight, lam, target, u_scale, _STALL)
     V_new = torch.maximum(U, Z_new / sqrt_weights)
     weights = sqrt_weights * sqrt_weights
