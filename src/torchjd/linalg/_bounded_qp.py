@@ -154,6 +154,7 @@ from torchjd.linalg._admm import Warm, warm_admm
 from torchjd.linalg._enumeration import enumerate_active_sets
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
+from torchjd.linalg._lawson_hanson import kkt_best, lawson_hanson_rows
 from torchjd.linalg._low_rank import woodbury_factor
 from torchjd.linalg._principal_pivoting import (
     _MASKED_MAX_M,
@@ -738,8 +739,10 @@ def _refined_least_norm(
     route (:func:`_pivoting_route`), repeating the same first pivots, would send them; so do
     the rows whose refined face misses ``tol`` on ``G_exact`` (float64) after more steps than
     the general route's :data:`_LEAST_NORM_PIVOTS`, while those found within them
-    are kept as they are: the general route would find the same face and refinement again.
-    Returns the rows (``v ≥ u``) and which are final (all)."""
+    are kept as they are: the general route would find the same face and refinement again
+    (those of a float64 ``G`` above ``tol`` on ``G_exact`` are then finished by
+    :func:`_last_resort`: on ``benchmarks/non_conflict.py``'s float64 stream at ``m = 64``, #84,
+    a row at 8·10⁻⁷). Returns the rows (``v ≥ u``) and which are final (all)."""
     m = G.shape[0]
     G64, G_exact64, U64 = G.double(), G_exact.double(), U.double()
     # Masked steps are cheap: as many as the default mode takes; compacted ones, the general
@@ -764,8 +767,14 @@ def _refined_least_norm(
     kept = found
     if G.dtype == torch.float64 and finished is not None and steps > _LEAST_NORM_PIVOTS:
         kept = found & ((residual <= tol) | (finished < _LEAST_NORM_PIVOTS))
-    (left,) = (~kept).nonzero(as_tuple=True)
     X = X.to(G.dtype)
+    if G.dtype == torch.float64:
+        # A float64 row kept above tol on G_exact (its face, optimal for G, refined short of
+        # G_exact's optimum) is finished on G_exact by the fallback's last resort.
+        (short,) = (kept & ~(residual <= tol)).nonzero(as_tuple=True)
+        if short.numel() > 0:
+            X[short] = _last_resort(G_exact64, U64[short], X[short], tol)
+    (left,) = (~kept).nonzero(as_tuple=True)
     if left.numel() > 0:
         X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
     return X, torch.ones_like(found)
@@ -865,7 +874,8 @@ def _least_norm_fallback(
     (those of the Tikhonov term's limit, only approached) are then replaced by the least-norm
     ones of the same update (:func:`~torchjd.linalg._range_projection.least_energy_rows`, from
     the range factor that ``factor`` returns, formed here when not given) where these meet
-    ``tol`` on ``G_exact`` and are lighter (also on the rows of the range route below).
+    ``tol`` on ``G_exact`` and are lighter (also on the rows of the range route below). Before
+    that, in float64, the rows still above ``tol`` on ``G_exact`` go to :func:`_last_resort`.
 
     Between ``m = 64`` and :data:`_RANGE_MIN_M` (from which the callers have tried it already),
     the rows of a float64 ``G`` first go to the range route
@@ -892,9 +902,30 @@ def _least_norm_fallback(
         L = woodbury_factor(G_exact64, int(m / _LOW_RANK_FRACTION), G.dtype, formed)
         low_rank = None if L is None else (L, (G64 - G_exact64).diagonal())
         V[left] = _interior_point_then_polish(G64, U64[left], tol, G_exact64, low_rank, G.dtype)
+    if G.dtype == torch.float64:
+        V = _last_resort(G_exact64, U64, V, tol)
     if formed is not None:
         V = least_energy_rows(G_exact64, U64, V, tol, formed)
     return V.to(U.dtype)
+
+
+def _last_resort(G: Tensor, U: Tensor, V: Tensor, tol: float) -> Tensor:
+    """Exact mode, float64: the rows of ``V`` above ``tol`` on ``G`` solved again by the
+    active-set method of Lawson and Hanson on ``G`` itself (:mod:`torchjd.linalg._lawson_hanson`,
+    from their free indices), each kept where closer to optimal (else the row of ``V``: where
+    the optimal weights are so large that rounding keeps every row above ``tol``, the best one
+    found). The Tikhonov term biases the other routes where the optimal weights are large
+    (near-duplicate rows: on the Jacobian #1 of ``benchmarks/non_conflict.py``'s float64 stream
+    at ``m = 64``, weights of norm 10⁵, rows left at 4·10⁻⁴ on ``G``; by this method,
+    2·10⁻¹¹)."""
+    V, residual = kkt_best(G, U, [V])
+    (rows,) = (~(residual <= tol)).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return V
+    m = G.shape[0]
+    X = lawson_hanson_rows(G, U[rows], V[rows], 3 * m + 10)
+    V[rows] = kkt_best(G, U[rows], [V[rows], X])[0]
+    return V
 
 
 def _range_rows_first(

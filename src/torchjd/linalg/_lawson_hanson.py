@@ -1,0 +1,114 @@
+r"""The active-set method of Lawson & Hanson (1974, *Solving Least Squares Problems*, ch. 23) for
+``min_{v ≥ u} vᵀ G v``, one row at a time: the exact mode's last resort for the rows that its other
+routes leave above the tolerance.
+
+With ``x = v − u ≥ 0`` and ``G = J Jᵀ``, the problem is the non-negative least-squares problem
+``min_{x ≥ 0} ‖Jᵀ x + Jᵀ u‖²``, written through ``G`` only. The method grows a passive set ``P``
+(the free indices) one index at a time, the one of most negative gradient ``(G v)_j``; on ``P``, the
+face system ``G_PP x_P = −(G u)_P`` (``x`` zero elsewhere); when its solution leaves ``x ≥ 0``,
+the step back to the boundary removes the indices it reaches. In exact arithmetic, the columns of
+``Jᵀ`` on ``P`` stay linearly independent (``G_PP`` nonsingular) and the method ends at an optimum
+after finitely many steps, whatever the rank of ``G``: unlike the Tikhonov-regularised routes, it
+is not biased on a singular ``G`` whose optimal weights are large (near-duplicate rows).
+
+Its steps are sequential (a few host synchronisations each): only for the few rows left.
+"""
+
+import torch
+from torch import Tensor
+
+from torchjd.linalg._kkt import kkt_residual, row_scales
+
+_FREE = 1e-6  # of the largest v_j − u_j of a row: its free indices for the start
+
+
+def lawson_hanson_rows(G: Tensor, U: Tensor, V: Tensor, max_steps: int) -> Tensor:
+    """Rows ``v ≥ u`` of ``min vᵀ G v`` (``G``: symmetric PSD, float64), one per row of ``U``,
+    after at most ``max_steps`` additions to the passive set each. Each starts from the free
+    indices of its row of ``V`` (an approximate solution, ``v ≥ u``; free: ``v_j − u_j`` above
+    :data:`_FREE` of its largest entry, as an interior point's solution is nowhere exactly on
+    its bounds), less those where the face solution is not positive; ``V = U``: the method's
+    own start, from no free index."""
+    if U.shape[0] == 0:
+        return U.clone()
+    X = V - U
+    free = X > _FREE * X.amax(dim=1, keepdim=True)  # noqa: SIM300
+    rows = [_lawson_hanson(G, u, f, max_steps) for u, f in zip(U, free, strict=True)]
+    return torch.stack(rows)
+
+
+def _lawson_hanson(G: Tensor, u: Tensor, passive: Tensor, max_steps: int) -> Tensor:
+    m = G.shape[0]
+    u_scale = u.abs().amax().clamp_min(torch.finfo(G.dtype).tiny)
+    # An index enters when its gradient is below this share of its scale (far below any
+    # tolerance of the callers; above rounding).
+    threshold = -1e-13 * row_scales(G) * u_scale
+    Gu = G @ u
+    x = torch.zeros_like(u)
+    # The start: the face solution of the given free indices, less those where it is not
+    # positive, until it is (a state of the method: x > 0 exactly on the passive set).
+    for _ in range(m):
+        if not bool(passive.any()):
+            break
+        (P,) = passive.nonzero(as_tuple=True)
+        solution = _face_solve(G[P][:, P], -Gu[P])
+        positive = solution > 0
+        if bool(positive.all()):
+            x[P] = solution
+            break
+        passive[P[~positive]] = False
+    for _ in range(max_steps):
+        gradient = Gu + G @ x
+        candidates = torch.where(passive, 0.0, gradient - threshold)
+        j = int(candidates.argmin())
+        if not bool(candidates[j] < 0):
+            break
+        passive[j] = True
+        for _ in range(m):  # each inner step frees at least one index
+            (P,) = passive.nonzero(as_tuple=True)
+            z = torch.zeros_like(x)
+            solution = _face_solve(G[P][:, P], -Gu[P])
+            if not bool(solution.isfinite().all()):
+                return u + x
+            z[P] = solution
+            if bool((solution > 0).all()):
+                x = z
+                break
+            # Step from x towards z up to the first index of P that reaches zero.
+            negative = passive & (z <= 0)
+            ratios = torch.where(negative, x / (x - z), torch.inf)
+            alpha = ratios.amin().clamp(0, 1)
+            x = (x + alpha * (z - x)).clamp_min(0)
+            passive &= ~(negative & (ratios <= alpha))
+            x = torch.where(passive, x, 0.0)
+            if not bool(passive.any()):
+                break
+    return u + x
+
+
+def _face_solve(A: Tensor, b: Tensor) -> Tensor:
+    """``A⁻¹ b`` by an LU factorisation with partial pivoting (backward stable: a small face
+    residual even where ``A`` is ill-conditioned); by least squares where ``A`` is singular."""
+    solution, info = torch.linalg.solve_ex(A, b)
+    if int(info) != 0:
+        return torch.linalg.lstsq(A, b.unsqueeze(1)).solution.squeeze(1)
+    return solution
+
+
+def kkt_best(G: Tensor, U: Tensor, candidates: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Of several candidate rows for each row of ``U``, the one of least
+    :func:`~torchjd.linalg._kkt.kkt_residual` on ``G`` (NaN never kept over a number), and its
+    residual."""
+    best, best_residual = None, None
+    for V in candidates:
+        V = torch.maximum(V, U)
+        residual = kkt_residual(G, U, V, V @ G).nan_to_num(torch.inf)
+        if best is None or best_residual is None:
+            best, best_residual = V, residual
+            continue
+        better = residual < best_residual
+        best = torch.where(better.unsqueeze(1), V, best)
+        best_residual = torch.where(better, residual, best_residual)
+    assert best is not None
+    assert best_residual is not None
+    return best, best_residual
