@@ -92,10 +92,11 @@ class TorchProjector(DualConeProjector):
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
     float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
     spread over six decades (which the default's regularisation hides). A singular or nearly
-    singular one costs more: median ratio 1.4x to 1.7x in float32 at 16 and 64 rows, 3.9x and
-    1.9x in float64, whose least-energy polish (above) costs about 0.6 ms and 1.4 ms a call
+    singular one costs more: median ratio 1.4x to 1.7x in float32 at 16 and 64 rows, 3.4x and
+    1.9x in float64, whose least-energy polish (above) costs about 0.5 ms and 1.4 ms a call
+    (less where every row's optimal weights are unique: it then checks them and stops)
     (``benchmarks/non_conflict.py``, 100 hard Jacobians per dtype and size, one thread; in total
-    time 1.8x (float32) and 3.6x (float64) at 16 rows, and 2.7x and 3.2x at 64 rows, as about a
+    time 1.8x (float32) and 3.4x (float64) at 16 rows, and 2.8x and 3.3x at 64 rows, as about a
     third of the singular Gramians at 64 rows send some rows to a slower interior-point method,
     whose weights are then brought to the least-norm ones); when many more rows
     than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x

@@ -76,7 +76,7 @@ of the general route.
 import torch
 from torch import Tensor
 
-from torchjd.linalg._kkt import kkt_residual
+from torchjd.linalg._kkt import feasible_kkt_residual, kkt_residual
 from torchjd.linalg._low_rank import cholesky_solve
 from torchjd.linalg._probe import probe_first
 from torchjd.linalg._spanning import _newton_factor
@@ -707,8 +707,10 @@ def least_energy_rows(
     if rows.numel() == 0:
         return V
     chunk = max(1, _CHUNK_ENTRIES // max(r * r, G.shape[0]))
-    V = V.clone()
     tols = (tol, tol if tight_tol is None else tight_tol, newton_target / _NEWTON_TARGET)
+    if rows.numel() == V.shape[0] <= chunk:  # every row, in one chunk: no copy
+        return _least_energy(G, U, V, tols, factor)
+    V = V.clone()
     for part in rows.split(chunk):
         V[part] = _least_energy(G, U[part], V[part], tols, factor)
     return V
@@ -734,5 +736,5 @@ def _least_energy(
     V_new = torch.maximum(U, Z_new / sqrt_weights)
     weights = sqrt_weights * sqrt_weights
     lighter = (weights * V_new * V_new).sum(dim=1) < (weights * V * V).sum(dim=1)
-    better = lighter & (kkt_residual(G, U, V_new, V_new @ G) <= tol)
+    better = lighter & (feasible_kkt_residual(G, U, V_new, V_new @ G) <= tol)  # (V_new ≥ U)
     return torch.where(better.unsqueeze(1), V_new, V)
