@@ -64,7 +64,11 @@ class TorchProjector(DualConeProjector):
     on any positive semi-definite Gramian, singular ones included (more rows than columns,
     duplicate, zero and opposite rows). Its update never conflicts: :math:`J_i \cdot d \ge -10^{-8}
     \|J_i\| \max_j \|J_j\|` in float64 (:math:`10^{-4}` in float32), whatever the scale of ``J``; a
-    zero Jacobian gives a zero update. The update :math:`J^\top v` is unique, but the weights are
+    zero Jacobian gives a zero update. In float64, every row meets the KKT tolerance ``1e-9``
+    (relative) where rounding allows it; where it does not (near-duplicate rows whose optimal
+    weights reach ``1e6``), the row of least KKT residual found is returned (rows left above the
+    tolerance by the other routes are finished by a Lawson-Hanson active-set method on ``G``
+    itself). The update :math:`J^\top v` is unique, but the weights are
     not when ``G`` is singular. Among the optimal weights, the projector returns those that
     minimise :math:`\sum_j \|v_j J_j\|^2 = \sum_j G_{jj} v_j^2`: the least-norm weights when the
     rows have equal norms (per-sample gradients often nearly do), and otherwise the least-norm
