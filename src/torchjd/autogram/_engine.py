@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
 from torchjd.autogram._batched_grad import NotVectorized, batched_grad
 from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
-from torchjd.autogram._module_call import ModuleCall, direct_parameters, flat_leaves, shape_only
+from torchjd.autogram._module_call import ModuleCall, flat_leaves, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
 from torchjd.autogram._streaming import (
@@ -131,6 +131,12 @@ class Engine:
             self._collect(module, seen)
         self._check_no_shared_parameters()
         self._batch_norms = [m for m in self._all_modules() if isinstance(m, _BatchNorm)]
+        # what _record reads of each module's rule (the rules are fixed at construction): its
+        # `inner_edges` function, and whether it has a `pure` one
+        self._recording_info: dict[nn.Module, tuple[Any, bool]] = {
+            module: (getattr(rule, "inner_edges", None), getattr(rule, "pure", None) is not None)
+            for module, (rule, _) in self._rules.items()
+        }
         # The hooks hold the engine weakly, so that deleting the engine removes them.
         this = weakref.ref(self)
         for module, (rule, _) in self._rules.items():
@@ -167,8 +173,12 @@ class Engine:
                     )
 
     def _trainable(self, module: nn.Module) -> bool:
-        covers_children = self._rules[module][1]
-        return any(p.requires_grad for p in direct_parameters(module, covers_children))
+        if self._rules[module][1]:  # covers its children
+            return any(p.requires_grad for p in module.parameters())
+        for param in module._parameters.values():  # a parameter under two names: same answer
+            if param is not None and param.requires_grad:
+                return True
+        return False
 
     def _save_rng_state(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Before a call of a module whose rule may re-run it: the random state, for the re-run
@@ -205,7 +215,7 @@ class Engine:
             if not indices:
                 return
             outputs = [leaves[k] for k in indices]
-        rule = self._rules[module][0]
+        inner_edges, pure = self._recording_info[module]
         call = ModuleCall(
             args=args,
             kwargs=kwargs,
@@ -217,12 +227,15 @@ class Engine:
             training=module.training,
             edges=[_gradient_edge(t) for t in outputs],
         )
-        inner_edges = getattr(rule, "inner_edges", None)
         if inner_edges is not None:
             call.inner_edges = inner_edges(module, call)
-        if getattr(rule, "pure", None) is not None:
+        if pure:
             call.grad_hooks = register_grad_hooks(self._this, call, outputs)  # see _streaming.py
-        self._calls.setdefault(module, []).append(call)
+        module_calls = self._calls.get(module)
+        if module_calls is None:
+            self._calls[module] = [call]
+        else:
+            module_calls.append(call)
 
     def _stand_in(self, tensor: Tensor) -> Tensor:
         """:func:`shape_only` of ``tensor``, kept from step to step for its dtype, device, layout
@@ -735,8 +748,8 @@ def _resolve_batch_dims(module: nn.Module, calls: list[ModuleCall], batch_dim: i
 def _sum_blocks(blocks: list[Tensor], output: Tensor, size: int) -> Tensor:
     """The sum of the rules' blocks, in their order, as a new contiguous ``[size, size]`` tensor
     of the dtype of ``output``: from zeros of that dtype, or, when every block is a contiguous
-    tensor of that shape and dtype (the same values: zero plus a block is the block), from a
-    copy of the first."""
+    tensor of that shape and dtype (the same values: zero plus a block is the block), from the
+    sum of the first two (a copy of the first when it is alone)."""
     if any(
         b.shape != (size, size) or b.dtype != output.dtype or not b.is_contiguous() for b in blocks
     ):
@@ -744,8 +757,8 @@ def _sum_blocks(blocks: list[Tensor], output: Tensor, size: int) -> Tensor:
         for block in blocks:
             G = G + block
         return G.to(output.dtype)
-    G = blocks[0].clone()
-    for block in blocks[1:]:
+    G = blocks[0].clone() if len(blocks) == 1 else blocks[0] + blocks[1]  # one op, not two
+    for block in blocks[2:]:
         G.add_(block)
     return G
 

@@ -88,10 +88,24 @@ def graph_leaves(root: Tensor) -> dict[int, tuple[Tensor, int]]:
 def calls_uses(calls: Sequence[ModuleCall]) -> dict[int, int]:
     """The uses of each leaf tensor (by id) inside the calls, summed over them: the graph edges
     that reach it from the nodes of a call (from its outputs down to its inputs)."""
+    accumulate_grad = torch._C._functions.AccumulateGrad
     uses: dict[int, int] = {}
     for call in calls:
-        for key, (_, count) in _leaf_uses([e.node for e in call.edges], _input_nodes(call)).items():
-            uses[key] = uses.get(key, 0) + count
+        # one walk of the call's nodes (each read of `next_functions` builds a new tuple), the
+        # leaves' nodes counted rather than entered
+        seen = _input_nodes(call)
+        stack = [edge.node for edge in call.edges]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for next_node, _ in node.next_functions:
+                if type(next_node) is accumulate_grad:
+                    key = id(next_node.variable)
+                    uses[key] = uses.get(key, 0) + 1
+                elif next_node is not None and next_node not in seen:
+                    stack.append(next_node)
     return uses
 
 
@@ -101,7 +115,11 @@ def call_graph(call: ModuleCall) -> Iterator[Any]:
 
 
 def _input_nodes(call: ModuleCall) -> set[Any]:
-    inputs = [*flat_leaves(call.args), *flat_leaves(call.kwargs)]
+    args = call.args
+    if not call.kwargs and type(args) is tuple and all(type(t) is Tensor for t in args):
+        inputs = args  # the usual case: tensors only
+    else:
+        inputs = [*flat_leaves(args), *flat_leaves(call.kwargs)]
     return {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
 
 

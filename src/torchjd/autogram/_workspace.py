@@ -14,8 +14,7 @@ A buffer is uninitialised and its contents belong to the current step only: a ru
 element before reading it, and nothing that outlives the step may be a view of it.
 """
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -51,17 +50,26 @@ class Workspaces:
     def __len__(self) -> int:
         return len(self._buffers)
 
-    @contextmanager
-    def active(self, fused: bool) -> Iterator[None]:
+    def active(self, fused: bool) -> "_Active":
         """Makes :func:`empty` hand out these buffers (on the CPU) within the block, a step that
         is fused (:meth:`~torchjd.autogram.Engine.backward`) or not (see :func:`fusing`)."""
-        token = _ACTIVE.set(self)
-        fusing_token = _FUSING.set(fused)
-        try:
-            yield
-        finally:
-            _FUSING.reset(fusing_token)
-            _ACTIVE.reset(token)
+        return _Active(self, fused)
+
+
+class _Active:
+    """The context of :meth:`Workspaces.active` (a class: cheaper than a generator's)."""
+
+    def __init__(self, workspaces: Workspaces, fused: bool) -> None:
+        self.workspaces = workspaces
+        self.fused = fused
+
+    def __enter__(self) -> None:
+        self.token = _ACTIVE.set(self.workspaces)
+        self.fusing_token = _FUSING.set(self.fused)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _FUSING.reset(self.fusing_token)
+        _ACTIVE.reset(self.token)
 
 
 _ACTIVE: ContextVar[Workspaces | None] = ContextVar("torchjd_autogram_workspaces", default=None)
