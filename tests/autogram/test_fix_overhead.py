@@ -1,19 +1,16 @@
 """The engine's cheaper per-step bookkeeping gives what the full one gives: the uses of the
 parameters inside the calls when inputs come by keyword or are parameters, the trainable modules
 read afresh at every step (parameters frozen, unfrozen or registered under two names between
-steps), and the backward pass's direct call of autograd, which defers to ``torch.autograd.grad``
-when a ``__torch_function__`` is active."""
+steps), and the Gramian's backward pass through ``torch.autograd.grad`` under an active
+``__torch_function__`` mode."""
 
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from tests.reference.jacobians import brute_force_gramian
 from torchjd.aggregation import MeanWeighting
 from torchjd.autogram import Engine
-from torchjd.autogram._batched_grad import _grad
 from torchjd.autogram._fused import calls_uses
 
 ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
@@ -156,19 +153,3 @@ def test_the_backward_pass_defers_to_an_active_torch_function_mode():
             G = engine.compute_gramian(losses)
     assert torch.autograd.grad in recorder.seen  # not bypassed
     assert torch.equal(G, expected)
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.integers(1, 4), st.integers(0, 2), st.booleans())
-def test_direct_backward_call_matches_torch_autograd_grad(width, unused, retain):
-    torch.manual_seed(width)
-    leaves = [torch.randn(width, 3, requires_grad=True) for _ in range(2 + unused)]
-    hidden = torch.tanh(leaves[0] @ leaves[1].T)
-    output = hidden.sum(dim=1) * leaves[0].sum()
-    cotangent = torch.randn(output.shape)
-    inputs = [*leaves, hidden]
-    expected = torch.autograd.grad(output, inputs, cotangent, retain_graph=True, allow_unused=True)
-    got = _grad([output], inputs, [cotangent], retain)
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected, strict=True):
-        assert (g is None and e is None) or torch.equal(g, e)

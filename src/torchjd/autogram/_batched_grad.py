@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.overrides import has_torch_function
 
 
 class NotVectorized(RuntimeError):
@@ -36,7 +35,13 @@ def batched_grad(
     """
     num = cotangents[0].shape[0]
     if num == 1:
-        grads = _grad(outputs, inputs, [c[0] for c in cotangents], retain_graph)
+        grads = torch.autograd.grad(
+            outputs,
+            inputs,
+            [c[0] for c in cotangents],
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
         return tuple(None if g is None else g.unsqueeze(0) for g in grads)
     try:
         with warnings.catch_warnings():
@@ -62,37 +67,4 @@ def batched_grad(
     return tuple(
         None if column[0] is None else torch.stack(list(column))
         for column in zip(*columns, strict=True)
-    )
-
-
-_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
-"""What ``torch.autograd.grad`` runs once it has checked and converted its arguments."""
-
-
-def _grad(
-    outputs: Sequence[Any], inputs: Sequence[Any], grads: list[Tensor], retain_graph: bool
-) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad(outputs, inputs, grads, retain_graph=retain_graph,
-    allow_unused=True)``, without the checks of its arguments (their types, the shapes and
-    dtypes of ``grads``, made by the engine to match) when they are plain tensors (and gradient
-    edges) and no ``__torch_function__`` (of a subclass, or a mode) is active: the same call of
-    autograd's engine, for a few microseconds less per step."""
-    tensors = tuple(t for t in (*outputs, *inputs, *grads) if isinstance(t, Tensor))
-    if (
-        _run_backward is None
-        or not inputs
-        or any(type(t) is not Tensor for t in (*outputs, *grads))
-        or has_torch_function(tensors)
-    ):
-        return torch.autograd.grad(
-            outputs, inputs, grads, retain_graph=retain_graph, allow_unused=True
-        )
-    return _run_backward(
-        tuple(outputs),
-        tuple(grads),
-        retain_graph,
-        False,
-        tuple(inputs),
-        True,
-        accumulate_grad=False,
     )
