@@ -18,6 +18,7 @@ run, and the pass that gives the output gradients frees the graph as it goes (se
 :class:`FusionPlan`).
 """
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -72,11 +73,9 @@ class FusionPlan:
 def per_sample_weights(weights: Tensor, losses: Tensor, batch_dim: int | None) -> Tensor:
     """The weights (row-major over ``losses``) as ``[B, R]``: sample, objective of the sample."""
     if batch_dim is None:
-        return weights.reshape(1, -1)
-    if batch_dim == 0:
-        return weights.reshape(losses.shape[0], -1)
+        return weights.reshape(1, losses.numel())
     shaped = weights.reshape(losses.shape).movedim(batch_dim, 0)
-    return shaped.reshape(shaped.shape[0], -1)
+    return shaped.reshape(shaped.shape[0], math.prod(shaped.shape[1:]))  # (no -1: empty batches)
 
 
 def graph_leaves(root: Tensor) -> dict[int, tuple[Tensor, int]]:

@@ -226,9 +226,11 @@ def product_takes(dtype: torch.dtype, device: torch.device, K: int, M: int, N: i
 def transposed_product(a: Tensor, b: Tensor) -> Tensor:
     """``aᵀ b`` ``[M, N]`` of matrices ``a`` ``[K, M]`` and ``b`` ``[K, N]`` of one dtype and
     device (e.g. a Linear layer's weighted output gradients and its inputs, rows = positions:
-    its weight's gradient): by oneDNN where :func:`product_takes`, else by torch's product."""
+    its weight's gradient): by oneDNN where :func:`product_takes`, else by torch's product (also
+    where autograd would record it: oneDNN's linear layer has no derivative)."""
     (K, M), N = a.shape, b.shape[1]
-    if product_takes(a.dtype, a.device, K, M, N):
+    differentiated = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if not differentiated and product_takes(a.dtype, a.device, K, M, N):
         linear = onednn_transposed_linear()
         assert linear is not None  # product_takes checked it
         return linear(a.contiguous(), b.contiguous())  # (the layout that the probe checked)

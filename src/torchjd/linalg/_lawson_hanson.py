@@ -76,7 +76,10 @@ def _lawson_hanson(G: Tensor, u: Tensor, passive: Tensor, max_steps: int) -> Ten
                 break
             # Step from x towards z up to the first index of P that reaches zero.
             negative = passive & (z <= 0)
-            ratios = torch.where(negative, x / (x - z), torch.inf)
+            # (x_j = z_j = 0: the index is at zero already, a step of zero; not 0 / 0)
+            ratios = torch.where(
+                negative & (x > z), x / (x - z), torch.where(negative, 0.0, torch.inf)
+            )
             alpha = ratios.amin().clamp(0, 1)
             x = (x + alpha * (z - x)).clamp_min(0)
             passive &= ~(negative & (ratios <= alpha))
