@@ -131,12 +131,6 @@ class Engine:
             self._collect(module, seen)
         self._check_no_shared_parameters()
         self._batch_norms = [m for m in self._all_modules() if isinstance(m, _BatchNorm)]
-        # what _record reads of each module's rule (the rules are fixed at construction): its
-        # `inner_edges` function, and whether it has a `pure` one
-        self._recording_info: dict[nn.Module, tuple[Any, bool]] = {
-            module: (getattr(rule, "inner_edges", None), getattr(rule, "pure", None) is not None)
-            for module, (rule, _) in self._rules.items()
-        }
         # The hooks hold the engine weakly, so that deleting the engine removes them.
         this = weakref.ref(self)
         for module, (rule, _) in self._rules.items():
@@ -175,10 +169,7 @@ class Engine:
     def _trainable(self, module: nn.Module) -> bool:
         if self._rules[module][1]:  # covers its children
             return any(p.requires_grad for p in module.parameters())
-        for param in module._parameters.values():  # a parameter under two names: same answer
-            if param is not None and param.requires_grad:
-                return True
-        return False
+        return any(p is not None and p.requires_grad for p in module._parameters.values())
 
     def _save_rng_state(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Before a call of a module whose rule may re-run it: the random state, for the re-run
@@ -215,7 +206,7 @@ class Engine:
             if not indices:
                 return
             outputs = [leaves[k] for k in indices]
-        inner_edges, pure = self._recording_info[module]
+        rule = self._rules[module][0]
         call = ModuleCall(
             args=args,
             kwargs=kwargs,
@@ -227,15 +218,12 @@ class Engine:
             training=module.training,
             edges=[_gradient_edge(t) for t in outputs],
         )
+        inner_edges = getattr(rule, "inner_edges", None)
         if inner_edges is not None:
             call.inner_edges = inner_edges(module, call)
-        if pure:
+        if getattr(rule, "pure", None) is not None:
             call.grad_hooks = register_grad_hooks(self._this, call, outputs)  # see _streaming.py
-        module_calls = self._calls.get(module)
-        if module_calls is None:
-            self._calls[module] = [call]
-        else:
-            module_calls.append(call)
+        self._calls.setdefault(module, []).append(call)
 
     def _stand_in(self, tensor: Tensor) -> Tensor:
         """:func:`shape_only` of ``tensor``, kept from step to step for its dtype, device, layout

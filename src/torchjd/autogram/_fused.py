@@ -114,11 +114,7 @@ def call_graph(call: ModuleCall) -> Iterator[Any]:
 
 
 def _input_nodes(call: ModuleCall) -> set[Any]:
-    args = call.args
-    if not call.kwargs and type(args) is tuple and all(type(t) is Tensor for t in args):
-        inputs = args  # the usual case: tensors only
-    else:
-        inputs = [*flat_leaves(args), *flat_leaves(call.kwargs)]
+    inputs = [*flat_leaves(call.args), *flat_leaves(call.kwargs)]
     return {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
 
 

@@ -1,5 +1,6 @@
 """What the engine records about one call of a hooked module, and what a rule reads from it."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +171,19 @@ _NONE_IS_LEAF = tree_leaves([None]) == [None]
 
 _ATOMS = frozenset({type(None), bool, int, float, str})
 """Types that ``tree_leaves`` takes for leaves (``None``: see ``_NONE_IS_LEAF``)."""
+
+
+def dropout_draws_random(*stock_forwards: Any) -> Callable[[nn.Module], bool]:
+    """A rule's ``draws_random(module)`` for modules whose only random numbers are their dropout's
+    (``module.dropout``, in training mode), given the ``forward`` functions of the stock classes:
+    a class that overrides them may draw its own, so its calls always record a random state."""
+
+    def draws_random(module: nn.Module) -> bool:
+        if type(module).forward not in stock_forwards:
+            return True
+        return module.training and module.dropout > 0
+
+    return draws_random
 
 
 def saved_tensor_hooks_active() -> bool:

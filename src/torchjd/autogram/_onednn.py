@@ -51,18 +51,28 @@ def onednn_linear() -> Callable[[Tensor, Tensor], Tensor] | None:
     linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if linear is None or not torch.backends.mkldnn.is_available():
         return None
-    # (on the CPU whatever the default device: the probe answers for the CPU's products)
-    x = torch.arange(6, dtype=torch.float32, device="cpu").reshape(2, 3)
-    w = torch.arange(12, dtype=torch.float32, device="cpu").reshape(4, 3) - 5
-    try:
-        with torch.no_grad():
-            product = linear(x, w, None, "none", [], "")
-            right = isinstance(product, Tensor) and torch.equal(product, x @ w.T)
-    except (RuntimeError, TypeError):
-        return None
-    if not right:
+    x, w = _probe_matrix(2, 3), _probe_matrix(4, 3)
+    if not _gives(lambda: linear(x, w, None, "none", [], ""), x @ w.T):
         return None
     return lambda x, w: linear(x, w, None, "none", [], "")
+
+
+def _probe_matrix(rows: int, columns: int) -> Tensor:
+    """A small float32 matrix of distinct integers, on the CPU whatever the default device (the
+    probes answer for the CPU's products)."""
+    return (
+        torch.arange(rows * columns, dtype=torch.float32, device="cpu").reshape(rows, columns) - 5
+    )
+
+
+def _gives(product: Callable[[], Tensor], expected: Tensor) -> bool:
+    """Whether ``product()`` runs and gives exactly ``expected`` (a probe)."""
+    try:
+        with torch.no_grad():
+            result = product()
+            return isinstance(result, Tensor) and torch.equal(result, expected)
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _checked_linear() -> Callable[[Tensor, Tensor], Tensor]:
@@ -84,12 +94,20 @@ def onednn_takes(dtype: torch.dtype, device: torch.device, block_elements: int) 
     """Whether oneDNN's product takes the Gramian of blocks of ``block_elements`` elements of
     ``dtype`` on ``device`` (see :func:`onednn_gram_is_faster`), without a tensor to ask."""
     return (
+        block_elements >= MIN_ELEMENTS
+        and _cpu_float32(dtype, device)
+        and onednn_linear() is not None
+    )
+
+
+def _cpu_float32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether products of ``dtype`` on ``device`` may go to oneDNN: float32 on the CPU, with
+    oneDNN available and enabled."""
+    return (
         device.type == "cpu"
         and dtype == torch.float32
-        and block_elements >= MIN_ELEMENTS
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
-        and onednn_linear() is not None
     )
 
 
@@ -195,15 +213,8 @@ def onednn_transposed_linear() -> Callable[[Tensor, Tensor], Tensor] | None:
     linear = onednn_linear()
     if linear is None:
         return None
-    a = torch.arange(15, dtype=torch.float32, device="cpu").reshape(5, 3) - 7
-    b = torch.arange(10, dtype=torch.float32, device="cpu").reshape(5, 2)
-    try:
-        with torch.no_grad():
-            product = linear(a.T, b.T)
-            right = isinstance(product, Tensor) and torch.equal(product, a.T @ b)
-    except (RuntimeError, TypeError):
-        return None
-    if not right:
+    a, b = _probe_matrix(5, 3), _probe_matrix(5, 2)
+    if not _gives(lambda: linear(a.T, b.T), a.T @ b):
         return None
     return lambda a, b: linear(a.T, b.T)
 
@@ -213,12 +224,9 @@ def product_takes(dtype: torch.dtype, device: torch.device, K: int, M: int, N: i
     to oneDNN: in float32 on the CPU with oneDNN, from ``PRODUCT_MIN_MULTIPLY_ADDS``
     multiply-adds and ``PRODUCT_MIN_OUTPUT`` elements on."""
     return (
-        device.type == "cpu"
-        and dtype == torch.float32
-        and K * M * N >= PRODUCT_MIN_MULTIPLY_ADDS
+        K * M * N >= PRODUCT_MIN_MULTIPLY_ADDS
         and M * N >= PRODUCT_MIN_OUTPUT
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
+        and _cpu_float32(dtype, device)
         and onednn_transposed_linear() is not None
     )
 

@@ -14,7 +14,8 @@ A buffer is uninitialised and its contents belong to the current step only: a ru
 element before reading it, and nothing that outlives the step may be a view of it.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -50,26 +51,17 @@ class Workspaces:
     def __len__(self) -> int:
         return len(self._buffers)
 
-    def active(self, fused: bool) -> "_Active":
+    @contextmanager
+    def active(self, fused: bool) -> Iterator[None]:
         """Makes :func:`empty` hand out these buffers (on the CPU) within the block, a step that
         is fused (:meth:`~torchjd.autogram.Engine.backward`) or not (see :func:`fusing`)."""
-        return _Active(self, fused)
-
-
-class _Active:
-    """The context of :meth:`Workspaces.active` (a class: cheaper than a generator's)."""
-
-    def __init__(self, workspaces: Workspaces, fused: bool) -> None:
-        self.workspaces = workspaces
-        self.fused = fused
-
-    def __enter__(self) -> None:
-        self.token = _ACTIVE.set(self.workspaces)
-        self.fusing_token = _FUSING.set(self.fused)
-
-    def __exit__(self, *exc_info: object) -> None:
-        _FUSING.reset(self.fusing_token)
-        _ACTIVE.reset(self.token)
+        token = _ACTIVE.set(self)
+        fusing_token = _FUSING.set(fused)
+        try:
+            yield
+        finally:
+            _FUSING.reset(fusing_token)
+            _ACTIVE.reset(token)
 
 
 _ACTIVE: ContextVar[Workspaces | None] = ContextVar("torchjd_autogram_workspaces", default=None)

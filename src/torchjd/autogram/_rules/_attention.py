@@ -42,6 +42,7 @@ from torchjd.autogram import _onednn as onednn
 from torchjd.autogram._batched_grad import batched_grad
 from torchjd.autogram._module_call import (
     ModuleCall,
+    dropout_draws_random,
     gram,
     positions,
     samples_first,
@@ -358,19 +359,7 @@ def _detach(value: object) -> object:
 
 
 attention_rule.recomputes_forward = True  # type: ignore[attr-defined]
-# its forward draws random numbers for the dropout only: no random state to record without it
-
-
-def attention_draws_random(module: nn.Module) -> bool:
-    """Whether a call of ``module`` may draw random numbers (its random state is then recorded for
-    a re-run): with dropout in training mode, or whenever its class overrides torch's forward
-    (which may draw its own)."""
-    if type(module).forward is not nn.MultiheadAttention.forward:
-        return True
-    return module.training and module.dropout > 0
-
-
-attention_rule.draws_random = attention_draws_random  # type: ignore[attr-defined]
+attention_rule.draws_random = dropout_draws_random(nn.MultiheadAttention.forward)  # type: ignore[attr-defined]
 attention_rule.inner_edges = attention_inner_edges  # type: ignore[attr-defined]
 attention_rule.weighted_gradients = attention_weighted_gradients  # type: ignore[attr-defined]
 # the re-running path may leave calls to autograd (attention weights that reach the objectives)

@@ -26,6 +26,7 @@ from torchjd.autogram._batched_grad import batched_grad
 from torchjd.autogram._module_call import (
     ModuleCall,
     cat,
+    dropout_draws_random,
     gram,
     positions,
     samples_first,
@@ -260,18 +261,6 @@ def _cell(
 
 
 rnn_rule.recomputes_forward = True  # type: ignore[attr-defined]  (its fallback re-runs the module)
-_STOCK_FORWARDS = (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
-
-
-def rnn_draws_random(module: nn.Module) -> bool:
-    """Whether a call of ``module`` may draw random numbers (its random state is then recorded for
-    a re-run): with dropout in training mode, or whenever its class overrides torch's forward
-    (which may draw its own)."""
-    if type(module).forward not in _STOCK_FORWARDS:
-        return True
-    return module.training and module.dropout > 0
-
-
-rnn_rule.draws_random = rnn_draws_random  # type: ignore[attr-defined]
+rnn_rule.draws_random = dropout_draws_random(nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)  # type: ignore[attr-defined]
 rnn_rule.weighted_gradients = rnn_weighted_gradients  # type: ignore[attr-defined]
 rnn_rule.fuses = lambda module, calls: not any(_unsupported(module, c) for c in calls)  # type: ignore[attr-defined]
