@@ -158,6 +158,8 @@ from torchjd.linalg._lawson_hanson import kkt_best, lawson_hanson_rows
 from torchjd.linalg._low_rank import woodbury_factor
 from torchjd.linalg._principal_pivoting import (
     _MASKED_MAX_M,
+    bordered_scaled,
+    compacted_blocks,
     least_norm_pivoting,
     principal_pivoting,
     refine,
@@ -496,8 +498,9 @@ def _unique_rows(G: Tensor, U: Tensor, X: Tensor) -> Tensor:
     weight off ``T`` at its bound, any other optimal ``v'`` (same update, so ``G v' = G v``, and,
     by complementarity, ``v'_j = u_j`` where ``(G v)_j > 0``) differs from ``v`` on ``T`` only,
     by a vector ``δ`` with ``G_TT δ = 0``: none but zero when ``G_TT`` is nonsingular. Checked by
-    one batched Cholesky factorisation of the rows' Jacobi-scaled blocks (the identity off
-    ``T``), every squared pivot at least :data:`_NONSINGULAR_MIN_PIVOT`. Indices of zero rows of
+    one batched Cholesky factorisation of the rows' Jacobi-scaled blocks
+    (:func:`~torchjd.linalg._principal_pivoting.compacted_blocks`, padded with the identity),
+    every squared pivot at least :data:`_NONSINGULAR_MIN_PIVOT`. Indices of zero rows of
     ``J`` (``G_jj = 0``), on which ``v`` has no effect, must have their weights at their bounds
     (as the polish sets them) and stay out of ``T``. Rows whose optimal face is a set of linearly
     independent rows of ``J``, with ``(G v)_j`` clearly positive elsewhere, qualify (tall
@@ -521,13 +524,10 @@ def _unique_rows(G: Tensor, U: Tensor, X: Tensor) -> Tensor:
         # G_TT is G without its zero rows, singular unless those were G's only singular part (a
         # row then left to the polish, which keeps it); the polish runs on every row.
         return torch.zeros_like(at_bound)
-    scaled = G / (sqrt_diagonal.unsqueeze(1) * sqrt_diagonal)
     order = torch.argsort((~tight).to(torch.uint8), dim=1, stable=True)[:, :width]
-    inside = torch.arange(width, device=G.device) < sizes.unsqueeze(1)
-    pairs = inside.unsqueeze(2) & inside.unsqueeze(1)
-    eye = torch.eye(width, dtype=G.dtype, device=G.device)
-    blocks = torch.where(pairs, scaled[order.unsqueeze(2), order.unsqueeze(1)], eye)
-    factor, info = torch.linalg.cholesky_ex(blocks)
+    slots = torch.arange(width, device=G.device)
+    index = torch.where(slots < sizes.unsqueeze(1), order, G.shape[0] + slots)  # pads: identity
+    factor, info = torch.linalg.cholesky_ex(compacted_blocks(bordered_scaled(G)[1], index))
     pivots = factor.diagonal(dim1=1, dim2=2)
     least_pivot = (pivots * pivots).amin(dim=1)
     return at_bound & (info == 0) & (least_pivot >= _NONSINGULAR_MIN_PIVOT[G.dtype])
