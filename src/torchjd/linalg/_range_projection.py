@@ -574,22 +574,22 @@ def _least_norm(
     scale = sqrt_weights * u_scale  # of the complementarity
     live = None  # the rows of the batch still stepping (None: all)
     settled = torch.zeros_like(target, dtype=torch.bool)
+    searched = False  # whether some step took the line search (short rows: only then)
     C, Z, update, gradient = _evaluate(ell, B, Y, tight, lam)
-    for step in range(_NEWTON_STEPS):
+    for iteration in range(_NEWTON_STEPS):
         # The KKT residual on the range of G, times √W_max max|u| (target: tol times it):
         # (G v)_j = √W_j ℓ_j · ℓᵀz, and v_j − u_j = (z_j − b_j) / √W_j.
         dual = update @ ell.T
         complementarity = dual.abs() * (Z - B) / scale
-        worst = torch.maximum(-dual, complementarity).amax(dim=1)
-        progress = ~(worst <= _NEWTON_TARGET * target)
+        relative = torch.maximum(-dual, complementarity).amax(dim=1) / target
+        progress = ~(relative <= _NEWTON_TARGET)
         free = tight & (C > B)
-        relative = worst / target
         if stall is None:
             last = Z
         else:
             # A full step on an unchanged free set solves its system: a residual that does not
             # fall by the factor stall is that system's rounding.
-            if step > 0:
+            if iteration > 0:
                 settled = (free == previous).all(dim=1)
                 progress &= ~(settled & (relative > stall * last_residual))
             previous = free
@@ -617,10 +617,10 @@ def _least_norm(
             state = (previous, short, settled, last, last_residual, least)
             previous, short, settled, last, last_residual, least = (x[keep] for x in state)
         ridge = None
-        if stall is not None:
+        if stall is not None and searched:
             ridged = (free.sum(dim=1) < r) & short & ~settled
             ridge = torch.where(ridged, _DEFICIENT_RIDGE, 0.0).to(ell.dtype)
-        if step == 0 and squares is None:
+        if iteration == 0 and squares is None:
             squares = _squares(ell)
         direction = cholesky_solve(
             _newton_factor(ell, free, ridge=ridge, squares=squares), gradient
@@ -637,6 +637,7 @@ def _least_norm(
             lam, (C, Z, update, gradient) = trial, evaluated
             continue
         step = _line_search(ell, B, tight, lam, C, gradient, direction)
+        searched = True
         if stall is not None:
             taken = ((step - lam) * direction).sum(dim=1)  # α ‖Δλ‖²
             short |= ~full & (taken < _SHORT_STEP * (direction * direction).sum(dim=1))
