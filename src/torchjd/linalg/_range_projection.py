@@ -54,7 +54,9 @@ The optimal weights are then the ``v ≥ u`` with ``Lᵀv = y*`` and ``v_j = u_j
 
 whose dual in ``λ ∈ ℝ^r`` is unconstrained and concave,
 ``q(λ) = Σ_{j ∈ T} (½ z_j − (ℓλ)_j) z_j + λ · y*`` with ``z_j = max(b_j, (ℓλ)_j)`` on ``T``,
-``∇q = y* − ℓᵀz``: a semismooth Newton method with an exact line search, ``r × r`` systems
+``∇q = y* − ℓᵀz``: a semismooth Newton method with an exact line search (skipped when the
+full step is its answer: the slope of ``q`` along the step still non-negative at its end, as it
+is once the free set settles), ``r × r`` systems
 ``ℓ_Fᵀ ℓ_F`` on the free set ``F = {j ∈ T : (ℓλ)_j > b_j}`` (as in
 :mod:`torchjd.linalg._spanning`, whose problem is that of ``y* = 0``), started from the
 multipliers of the active-set method (``ℓ_A λ = z_A``: optimal at once when ``T = A``, the
@@ -99,6 +101,10 @@ _DEFICIENT_RIDGE = 1e-2
 _SHORT_STEP = 1e-3
 _NEWTON_TARGET = 1e-1  # of tol: the KKT residual (on the range of G) at which Newton stops
 _PROBE_ROWS = 16
+_SMALL_BATCH = 2**12  # entries of B in _least_norm: rows that stop leave it only in bulk
+# Up to this many entries of the products of the columns of ℓ (m r²), the Newton systems of
+# _least_norm are one product with them.
+_SQUARES_ENTRIES = 2**15
 _GROWTH = 16  # columns added to the state when an active set outgrows it
 _CHUNK_ENTRIES = 2**24  # bounds the [k, r, |A|] state of a chunk of rows (128 MiB)
 # The warm start (see warm_start): ADMM's iterations, penalty and over-relaxation, the rounds that
@@ -538,6 +544,7 @@ def _least_norm(
     target: Tensor,
     u_scale: Tensor,
     stall: float | None = None,
+    squares: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The least-norm ``z`` of each row (see the module docstring) by semismooth Newton from
     ``λ = lam``, and its KKT residual on the range of ``G`` relative to ``target`` (the
@@ -545,7 +552,14 @@ def _least_norm(
     last iterate. With ``stall`` (:func:`least_energy_rows`), a row also stops when a step on
     an unchanged free set does not reduce its residual by that factor, the systems of free sets
     of fewer than ``r`` indices get :data:`_DEFICIENT_RIDGE` on their diagonal (see there), and
-    each row keeps its iterate of least residual (and returns that residual)."""
+    each row keeps its iterate of least residual (and returns that residual). ``squares``:
+    :func:`_squares` of ``ℓ`` when the caller has them (else formed at the first step).
+
+    Each step tries the full Newton step first, and runs the line search (for every row) only
+    when it is not the answer for some row. In a batch of at most :data:`_SMALL_BATCH` entries
+    (the exact mode's polish up to ``m = 64``, whose steps cost their few dozen operations, not
+    their entries), the rows that stop stay in it, with a zero step, until they are half of it:
+    one host read a step, no copies."""
     # The batch's last iterates (with stall, those of least residual), last residuals and least
     # residuals, written back to the rows' own (out, residual, best) when some rows leave, and
     # at the end: no copy a step.
@@ -558,69 +572,103 @@ def _least_norm(
     short = torch.zeros_like(target, dtype=torch.bool)
     r = ell.shape[1]
     scale = sqrt_weights * u_scale  # of the complementarity
-    for _ in range(_NEWTON_STEPS):
-        C = lam @ ell.T
-        Z = torch.where(tight, torch.maximum(B, C), B)
-        update = Z @ ell
-        gradient = Y - update
+    live = None  # the rows of the batch still stepping (None: all)
+    settled = torch.zeros_like(target, dtype=torch.bool)
+    searched = False  # whether some step took the line search (short rows: only then)
+    C, Z, update, gradient = _evaluate(ell, B, Y, tight, lam)
+    for iteration in range(_NEWTON_STEPS):
         # The KKT residual on the range of G, times √W_max max|u| (target: tol times it):
         # (G v)_j = √W_j ℓ_j · ℓᵀz, and v_j − u_j = (z_j − b_j) / √W_j.
         dual = update @ ell.T
         complementarity = dual.abs() * (Z - B) / scale
-        worst = torch.maximum(-dual, complementarity).amax(dim=1)
-        progress = ~(worst <= _NEWTON_TARGET * target)
+        relative = torch.maximum(-dual, complementarity).amax(dim=1) / target
+        progress = ~(relative <= _NEWTON_TARGET)
         free = tight & (C > B)
-        relative = worst / target
-        ridged = short  # used with stall only
         if stall is None:
             last = Z
         else:
             # A full step on an unchanged free set solves its system: a residual that does not
             # fall by the factor stall is that system's rounding.
-            settled = (free == previous).all(dim=1)
-            progress &= ~(settled & (relative > stall * last_residual))
+            if iteration > 0:
+                settled = (free == previous).all(dim=1)
+                progress &= ~(settled & (relative > stall * last_residual))
             previous = free
             lower = relative < least
             last = torch.where(lower.unsqueeze(1), Z, last)
             least = torch.where(lower, relative, least)
-            ridged = (free.sum(dim=1) < r) & short & ~settled
         last_residual = relative
-        keep = progress.nonzero().squeeze(1)
-        if keep.numel() == 0:
+        if live is not None:
+            progress &= live
+        stepping = int(progress.sum())
+        if stepping == 0:
             break
-        if keep.numel() < B.shape[0]:  # (else every row stays: no copy)
+        # Rows that stop leave the batch; in a small batch (whose steps cost their operations,
+        # not their entries), they stay, their multipliers fixed (every later value of theirs
+        # the same), until they are half of it.
+        live = progress if stepping < B.shape[0] else None
+        if 2 * stepping <= B.shape[0] or (live is not None and B.numel() > _SMALL_BATCH):
+            keep = progress.nonzero().squeeze(1)
+            live = None
             rows = _write_back(rows, (out, residual, best), (last, last_residual, least))
-            state = (
-                rows,
-                B,
-                Y,
-                tight,
-                lam,
-                C,
-                free,
-                gradient,
-                target,
-                scale,
-                previous,
-                short,
-                ridged,
-            )
-            rows, B, Y, tight, lam, C, free, gradient, target, scale, previous, short, ridged = (
+            state = (rows, B, Y, tight, lam, C, Z, update, free, gradient, target, scale)
+            rows, B, Y, tight, lam, C, Z, update, free, gradient, target, scale = (
                 x[keep] for x in state
             )
-            last, last_residual, least = (x[keep] for x in (last, last_residual, least))
-        ridge = None if stall is None else torch.where(ridged, _DEFICIENT_RIDGE, 0.0).to(ell.dtype)
-        direction = cholesky_solve(_newton_factor(ell, free, ridge=ridge), gradient)
+            state = (previous, short, settled, last, last_residual, least)
+            previous, short, settled, last, last_residual, least = (x[keep] for x in state)
+        ridge = None
+        if stall is not None and searched:
+            ridged = (free.sum(dim=1) < r) & short & ~settled
+            ridge = torch.where(ridged, _DEFICIENT_RIDGE, 0.0).to(ell.dtype)
+        if iteration == 0 and squares is None:
+            squares = _squares(ell)
+        direction = cholesky_solve(
+            _newton_factor(ell, free, ridge=ridge, squares=squares), gradient
+        )
+        if live is not None:
+            direction = torch.where(live.unsqueeze(1), direction, 0.0)
+        # The full step first: it maximises the dual along the direction (the line search's
+        # answer) where the slope there is still non-negative (and at the start, an ascent).
+        trial = lam + direction
+        evaluated = _evaluate(ell, B, Y, tight, trial)
+        slopes = (torch.stack([gradient, evaluated[3]]) * direction).sum(dim=2)
+        full = (slopes >= 0.0).all(dim=0)
+        if bool(full.all()):
+            lam, (C, Z, update, gradient) = trial, evaluated
+            continue
         step = _line_search(ell, B, tight, lam, C, gradient, direction)
+        searched = True
         if stall is not None:
             taken = ((step - lam) * direction).sum(dim=1)  # α ‖Δλ‖²
-            short |= taken < _SHORT_STEP * (direction * direction).sum(dim=1)
-        lam = step
+            short |= ~full & (taken < _SHORT_STEP * (direction * direction).sum(dim=1))
+        lam = torch.where(full.unsqueeze(1), trial, step)
+        C, Z, update, gradient = _evaluate(ell, B, Y, tight, lam)
     if rows is None:  # (no row left before the end: the batch's own)
         out, residual, best = last, last_residual, least
     else:
         _write_back(rows, (out, residual, best), (last, last_residual, least))
     return out, (residual if stall is None else best)
+
+
+def _evaluate(
+    ell: Tensor, B: Tensor, Y: Tensor, tight: Tensor, lam: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """At the multipliers ``lam`` of each row: ``C = ℓλ``, ``z = max(b, ℓλ)`` on ``T`` (``b``
+    off it), its update ``ℓᵀz`` and the gradient ``y* − ℓᵀz`` of the dual."""
+    C = lam @ ell.T
+    Z = torch.where(tight, torch.maximum(B, C), B)
+    update = Z @ ell
+    return C, Z, update, Y - update
+
+
+def _squares(ell: Tensor) -> Tensor | None:
+    """``[ℓ_{ja} ℓ_{jb}]_{j, (a, b)}`` (``m × r²``) when its ``m r²`` entries are at most
+    :data:`_SQUARES_ENTRIES` (the Newton systems of any free sets then one product, see
+    :func:`~torchjd.linalg._spanning._newton_factor`), else None."""
+    m, r = ell.shape
+    if m * r * r > _SQUARES_ENTRIES:
+        return None
+    return (ell.unsqueeze(2) * ell.unsqueeze(1)).view(m, r * r)
 
 
 def _write_back(
@@ -689,6 +737,8 @@ def least_energy_rows(
     factor: tuple[Tensor, Tensor],
     tight_tol: float | None = None,
     newton_target: float = _NEWTON_TARGET,
+    *,
+    optimal: bool = False,
 ) -> Tensor:
     """Optimal rows ``V`` (``G``, ``U``, ``V`` in float64, ``factor``:
     :func:`~torchjd.linalg._spanning.range_factor` of ``G``), each replaced by the least-norm
@@ -701,13 +751,17 @@ def least_energy_rows(
     ``tight_tol``: the relative ``(Gv)_j`` of the tight set instead of ``tol`` (a larger one lets
     the weights of nearly tight indices leave their bound); ``newton_target``: of ``tol``, the KKT
     residual at which Newton stops (default :data:`_NEWTON_TARGET`; up to ``tol`` itself, rows
-    already of least energy, whose residual is often between the two, stop at once)."""
+    already of least energy, whose residual is often between the two, stop at once).
+    ``optimal``: the rows are feasible and meet ``tol`` already (not checked again; a row that
+    does not is still only replaced by lighter weights that meet it)."""
     r = factor[0].shape[1]
+    chunk = max(1, _CHUNK_ENTRIES // max(r * r, G.shape[0]))
+    tols = (tol, tol if tight_tol is None else tight_tol, newton_target / _NEWTON_TARGET)
+    if optimal and V.shape[0] <= chunk:
+        return _least_energy(G, U, V, tols, factor)
     rows = (kkt_residual(G, U, V, V @ G) <= tol).nonzero().squeeze(1)
     if rows.numel() == 0:
         return V
-    chunk = max(1, _CHUNK_ENTRIES // max(r * r, G.shape[0]))
-    tols = (tol, tol if tight_tol is None else tight_tol, newton_target / _NEWTON_TARGET)
     if rows.numel() == V.shape[0] <= chunk:  # every row, in one chunk: no copy
         return _least_energy(G, U, V, tols, factor)
     V = V.clone()
@@ -730,11 +784,19 @@ def _least_energy(
     tight = (Z @ ell) @ ell.T <= tight_tol * dual_scale.unsqueeze(1)
     Z = torch.where(tight, Z, B)
     free = tight & (Z > B)
-    lam = cholesky_solve(_newton_factor(ell, free), torch.where(free, Z, 0.0) @ ell)
+    squares = _squares(ell)
+    lam = cholesky_solve(
+        _newton_factor(ell, free, squares=squares), torch.where(free, Z, 0.0) @ ell
+    )
     target = tol * dual_scale * target_factor
-    Z_new, _ = _least_norm(ell, sqrt_weights, B, Z @ ell, tight, lam, target, u_scale, _STALL)
+    Z_new, _ = _least_norm(
+        ell, sqrt_weights, B, Z @ ell, tight, lam, target, u_scale, _STALL, squares
+    )
     V_new = torch.maximum(U, Z_new / sqrt_weights)
     weights = sqrt_weights * sqrt_weights
     lighter = (weights * V_new * V_new).sum(dim=1) < (weights * V * V).sum(dim=1)
-    better = lighter & (feasible_kkt_residual(G, U, V_new, V_new @ G) <= tol)  # (V_new ≥ U)
+    # (V_new ≥ U; the scales of the KKT residual: max|u| and s_j max|u|, s_j = √(W_j W_max),
+    # as G's row scales where G_jj > 0, and for a zero row, whose (G v)_j is zero, any.)
+    scales = (u_scale, (sqrt_weights * sqrt_weights.amax()) * u_scale)
+    better = lighter & (feasible_kkt_residual(G, U, V_new, V_new @ G, scales) <= tol)
     return torch.where(better.unsqueeze(1), V_new, V)

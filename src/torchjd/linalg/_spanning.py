@@ -289,7 +289,12 @@ def _shared_steps(ell: Tensor, B: Tensor, steps: int) -> Tensor:
 
 
 def _newton_factor(
-    ell: Tensor, free: Tensor, products: Tensor | None = None, *, ridge: Tensor | None = None
+    ell: Tensor,
+    free: Tensor,
+    products: Tensor | None = None,
+    *,
+    ridge: Tensor | None = None,
+    squares: Tensor | None = None,
 ) -> Tensor:
     """Each row's lower Cholesky factor of ``ℓ_Fᵀ ℓ_F + ρ I``. With ``products``
     (:func:`~torchjd.linalg._low_rank.pair_products`), or for at least
@@ -298,11 +303,14 @@ def _newton_factor(
     triangle when not given, each block within :data:`_FACTOR_ENTRIES`); for fewer rows, from
     each row's indices gathered on the smaller side, ``ℓ_Fᵀ ℓ_F`` or ``ℓᵀℓ − ℓ_Aᵀ ℓ_A``
     (``O(min(|F|, |A|) r²)`` per row, without forming the products). With ``ridge`` (one value a
-    row), each row's system also gets that value on its diagonal."""
+    row), each row's system also gets that value on its diagonal. With ``squares`` (``m × r²``:
+    ``ℓ_{ja} ℓ_{jb}`` of every pair), the systems are one product with them."""
     m, r = ell.shape
     k = free.shape[0]
     indicator = free.to(ell.dtype)
-    if products is None and k < _FORMED_PRODUCTS_ROWS:
+    if squares is not None:
+        M = (indicator @ squares).view(k, r, r)
+    elif products is None and k < _FORMED_PRODUCTS_ROWS:
         M = _gathered_systems(ell, free)
     else:
         upper = torch.triu_indices(r, r, device=ell.device)
