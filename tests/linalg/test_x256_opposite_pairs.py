@@ -106,6 +106,9 @@ def test_non_conflict_float32(seed: int) -> None:
     J = J.float()
     G = J @ J.T
     U = torch.eye(m) / m
+    result = _paired_route((G + G.T) / 2, U, LEAST_NORM_TOL[torch.float32], 10_000)
+    assert result is not None
+    assert bool(result[1].all())  # the route is taken, every row accepted
     V = solve_lower_bounded_qp(G, U, least_norm=True)
     assert V.isfinite().all()
     assert (V >= U).all()
