@@ -87,6 +87,13 @@ route above runs on ``G`` itself (neither normalised nor regularised) with this 
 float64). The rows that fail, and every singular ``G``, take the route below.
 
 When ``G`` is singular, the image ``Jᵀv`` of the solutions is unique but ``v`` is not. Beyond
+``m = 64``, when the only singular part of ``G`` is zero rows and pairs of opposite rows
+(``J_a = −c J_b``), the rows are first solved on the Schur complement of the pairs' directions,
+nonsingular, by the route above, and each pair's weights then split by least norm in closed form
+(:func:`_paired_route`, :mod:`torchjd.linalg._opposite_pairs`); each row is accepted when its KKT
+residual on ``G`` meets the tolerance (in float32, whose rounding leaves the pairs only nearly
+opposite: when it conflicts with no row beyond the tolerance and meets it on the Schur
+complement). Beyond
 ``m = 64`` (:data:`_SPANNING_MIN_M`), the route first tests whether the rows of ``J`` positively
 span a subspace (their cone is a subspace: many more rows than the rank, pointing every way), in
 which case every optimal update is zero and the least-norm weights of each row,
@@ -156,6 +163,7 @@ from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales
 from torchjd.linalg._lawson_hanson import kkt_best, lawson_hanson_rows
 from torchjd.linalg._low_rank import woodbury_factor
+from torchjd.linalg._opposite_pairs import opposite_pairs
 from torchjd.linalg._principal_pivoting import (
     _MASKED_MAX_M,
     bordered_scaled,
@@ -275,6 +283,8 @@ _ROUNDED_UNIT_MAX_M = 16  # singular float32 G: faces from the unit route (_roun
 # call); 1, 2, 2, 10 with 1e-6 and 1.0.
 _POLISH_TIGHT = 1e-8
 _POLISH_TARGET = 1.0
+# _paired_route: rows of the reduced problem above this fraction of tol are polished by pivoting.
+_REDUCED_TOL = 1e-3
 _FLOAT32_MAX_SPREAD = 1e4  # of diag(G) (row norms over two decades): beyond, float64 at once
 
 
@@ -678,7 +688,27 @@ def _least_norm_route(
     G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int
 ) -> Tensor:
     """The least-norm mode's solve of the conflicted rows (``G``: the Tikhonov-regularised
-    ``G_exact``). When the rows of ``J`` positively span a subspace (every update is zero:
+    ``G_exact``): beyond ``m = 64``, :func:`_paired_route` first (zero rows and opposite pairs: at
+    ``m = 256``, on the hard Jacobians of ``benchmarks/non_conflict.py`` whose rank deficiency
+    comes from these alone, 0.1 to 0.3 of the time of the general route), then
+    :func:`_general_least_norm_route` for the rows it leaves, or every row when it declines."""
+    if G.shape[0] > _SPANNING_MIN_M:
+        paired = _paired_route(G_exact, U, tol, max_iters)
+        if paired is not None:
+            X, solved = paired
+            if bool(solved.all()):
+                return X
+            left = (~solved).nonzero().squeeze(1)
+            X[left] = _general_least_norm_route(G, G_exact, U[left], GU[left], tol, max_iters)
+            return X
+    return _general_least_norm_route(G, G_exact, U, GU, tol, max_iters)
+
+
+def _general_least_norm_route(
+    G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int
+) -> Tensor:
+    """The least-norm route without :func:`_paired_route`. When the rows of ``J`` positively span
+    a subspace (every update is zero:
     :mod:`torchjd.linalg._spanning`), the least-norm weights come from a Newton method in the
     range of ``G``. When they do not and ``rank(G) ≤ 2m / 3`` (many more rows than columns), the
     optima are often unique and are found on ``G`` itself, each row kept when certified
@@ -739,6 +769,63 @@ def _least_norm_route(
         X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
         return X
     return _pivoting_route(G, G_exact, U, GU, tol, max_iters, known)
+
+
+def _paired_route(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Tensor, Tensor] | None:
+    """Exact mode beyond ``m = 64``, a singular ``G`` whose only singular part is zero rows and
+    pairs of opposite rows (:mod:`torchjd.linalg._opposite_pairs`): the rows solved on the
+    reduced Gramian ``G̃`` (of the other rows) when it is nonsingular (:func:`_nonsingular`),
+    by :func:`_solve`, whose rows short of an exact face solution (the default route's ADMM rows,
+    within ``tol`` on ``G̃`` but, on its ill-conditioned directions, off its unique optimum by up
+    to a thousandth of their energy) are polished by pivoting from their active sets; then each
+    pair's weights split by least norm. All in float64 (also for a float32 ``G``: its values).
+    Returns the rows (in the dtype of ``G``) and which meet ``tol`` on ``G`` itself (the others:
+    the caller's route; in float32, which conflict with no row beyond ``tol`` on ``G`` and meet
+    it on ``G̃``: on the float32 hard Jacobians of ``benchmarks/non_conflict.py`` at ``m = 256``
+    with opposite pairs, a tenth of the rows exceed it on ``G`` by complementarity alone, by up
+    to ``6·10⁻³``, as those of the routes below do, by up to ``5·10⁻³``; their conflicts are
+    below ``2·10⁻⁷``, against up to ``7·10⁻⁶`` there), or None when ``G`` has no such structure
+    or ``G̃`` is singular
+    (its Jacobi-scaled Cholesky factor has a squared pivot below
+    :data:`_NONSINGULAR_MIN_PIVOT` of the dtype of ``G``)."""
+    G64 = G.double()
+    structure = opposite_pairs(G64, G.dtype)
+    if structure is None:
+        return None
+    G_rest = structure.reduced
+    U64 = U.double()
+    if structure.rest.numel() == 0:
+        V = structure.weights(U64, U64[:, structure.rest])
+        reduced_residual = torch.zeros_like(U64[:, 0])
+    else:
+        if scaled_cholesky(G_rest, _NONSINGULAR_MIN_PIVOT[G.dtype]) is None:
+            return None
+        U_rest = U64[:, structure.rest]
+        V_rest = torch.maximum(_solve(G_rest, U_rest, tol, max_iters, True), U_rest)
+        # The default route's ADMM rows meet tol on G̃, short of its exact face solution: polished.
+        reduced_residual = kkt_residual(G_rest, U_rest, V_rest, V_rest @ G_rest)
+        (rows,) = (~(reduced_residual <= _REDUCED_TOL * tol)).nonzero(as_tuple=True)
+        if rows.numel() > 0:
+            U_rows, V_rows = U_rest[rows], V_rest[rows]
+            X, polished = principal_pivoting(
+                G_rest, U_rows, V_rows <= U_rows, row_scales(G_rest), tol, _POLISH_STEPS
+            )
+            V_rest[rows] = torch.where(polished.unsqueeze(1), torch.maximum(X, U_rows), V_rows)
+            reduced_residual[rows] = kkt_residual(
+                G_rest, U_rows, V_rest[rows], V_rest[rows] @ G_rest
+            )
+        V = structure.weights(U64, V_rest)
+    GV = V @ G64
+    if G.dtype == torch.float64:
+        solved = kkt_residual(G64, U64, V, GV) <= tol
+    else:
+        # The pairs of a float32 G are opposite up to its rounding, which, times the large weights
+        # of some pairs, exceeds tol in the complementarity of their indices (as it does for the
+        # routes below); the rows are checked for conflicts on G and for optimality on G̃.
+        scales = row_scales(G64) * U64.abs().amax(dim=1, keepdim=True)
+        conflict = (-GV / scales).amax(dim=1)
+        solved = (conflict <= tol) & (reduced_residual <= tol)
+    return V.to(G.dtype), solved
 
 
 def _small_spanning_factor(G: Tensor) -> tuple[Tensor, Tensor] | None:
