@@ -68,11 +68,12 @@ class UPGrad(GramianWeightedAggregator):
     one (fewer rows than columns, no near-duplicate rows) is solved by the default's own method
     on the unregularised Gramian, at 1.0x to 1.7x the default's time (median, 16 to 1,024 rows,
     ``benchmarks/exact_mode_routes.py``; up to 3.6x in float64 and 7x in float32 when the row
-    norms spread over six decades); a singular or nearly singular one at about 1.4x to 1.9x up
-    to 64 rows (median; in total time 1.8x to 1.9x at 16 rows, 2.5x to 2.7x at 64); when many
+    norms spread over six decades); a singular or nearly singular one at about 1.5x to 3.0x up
+    to 64 rows (median; in total time 1.8x (float32) to 3.0x (float64) at 16 rows, 2.7x to 3.2x
+    at 64: float64 weights are brought to the least-norm ones); when many
     more rows than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to
-    1.2x (float32) at 256 rows and 2.7x to 3.5x at 1,024; otherwise 8x to 13x at 256 rows (up
-    to about 5 s a call), and seconds to minutes a call at 1,024 rows. See
+    1.2x (float32) at 256 rows and 2.7x to 3.5x at 1,024; otherwise 7x to 10x at 256 rows (up
+    to about 2.5 s a call), and seconds to minutes a call at 1,024 rows. See
     :class:`~torchjd.linalg.TorchProjector` for the choice of weights when they are not unique.
 
     :param pref_vector: The preference :math:`p \ge 0` (shape ``[m]``); the mean when None.

@@ -96,21 +96,21 @@ class TorchProjector(DualConeProjector):
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
     float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
     spread over six decades (which the default's regularisation hides). A singular or nearly
-    singular one costs more: median ratio 1.4x to 1.7x in float32 at 16 and 64 rows, 3.4x and
-    1.9x in float64, whose least-energy polish (above) costs about 0.5 ms and 1.4 ms a call
+    singular one costs more: median ratio 1.5x to 1.8x in float32 at 16 and 64 rows, 3.0x and
+    1.8x in float64, whose least-energy polish (above) costs about 0.3 ms and 1.2 ms a call
     (less where every row's optimal weights are unique: it then checks them and stops)
     (``benchmarks/non_conflict.py``, 100 hard Jacobians per dtype and size, one thread; in total
-    time 1.8x (float32) and 3.4x (float64) at 16 rows, and 2.8x and 3.3x at 64 rows, as about a
+    time 1.8x (float32) and 3.0x (float64) at 16 rows, and 2.7x and 3.2x at 64 rows, as about a
     third of the singular Gramians at 64 rows send some rows to a slower interior-point method,
     whose weights are then brought to the least-norm ones); when many more rows
     than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x
-    (float32) at 256 rows and 2.7x to 3.5x at 1,024 rows; otherwise, at 256 rows, 8x (float64)
-    to 13x (float32) the default's total time on 40 hard Jacobians of
-    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.6x and 2.1x), 12.5x and
-    12.8x on 100 (medians 3.6x and 5.7x), where the default is fast (10-40 ms a call on average)
-    and the exact mode takes up to about 5 s; at
+    (float32) at 256 rows and 2.7x to 3.5x at 1,024 rows; otherwise, at 256 rows, 7.3x (float64)
+    to 10.3x (float32) the default's total time on 40 hard Jacobians of
+    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.6x and 2.4x), where the
+    default is fast (14-34 ms a call on average) and the exact mode takes up to about 2.5 s; at
     1,024 rows, seconds to minutes a call when there are many more rows than columns (see
-    below).
+    below), except when the only singular part of ``G`` is zero rows and pairs of opposite rows
+    (about 2 s a call: see **Method**).
 
     **Method**: all ``k`` problems share the factorisation of ``G``. Up to ``m = 64`` they are
     solved exactly, all at once, in float64: by trying every active set up to ``m = 8``, then by
@@ -123,7 +123,13 @@ class TorchProjector(DualConeProjector):
     Jacobi-scaled, in float32; from ``m = 512``, :math:`10^{-6} \operatorname{tr}(G)`, in
     float32); the rows it leaves
     (degenerate problems) go to a float64 interior-point method, whose Newton systems use the
-    Woodbury identity when ``rank(G) ≤ 2m / 3``. Before that, when the rows positively span a
+    Woodbury identity when ``rank(G) ≤ 2m / 3``. Before that, when the only singular part of
+    ``G`` is zero rows and pairs of opposite rows (``J_a = −c J_b``, whose weights only matter
+    through ``v_b − c v_a``), the other rows are solved on the Schur complement that removes the
+    pairs' directions (nonsingular: the nonsingular route above, then an exact face polish) and
+    each pair's weights split by least norm in closed form; each row is kept only when it meets
+    the tolerance on ``G`` itself (at 256 rows, 3x to 10x faster on the Jacobians it takes; at
+    1,024 rows, about 2 s instead of 6.5 min). Before that, when the rows positively span a
     subspace, every update is zero and the least-norm weights come from a Newton method in the
     range of ``G`` (``rank(G)``-sized systems per row); from ``m = 512``, when they do not, each
     row's update is first found in the range of ``G`` (the dual active-set method of Goldfarb and
