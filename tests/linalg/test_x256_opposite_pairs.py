@@ -88,7 +88,8 @@ def test_update_and_least_norm_weights(seed: int, zeros: int) -> None:
     )
     assert (V >= U).all()
     assert (kkt_residual(G, U, V, V @ G) <= LEAST_NORM_TOL[torch.float64]).all()
-    assert torch.equal(V[:, zero], U[:, zero])  # zero rows at their bounds
+    # Zero rows at max(u_j, 0), as the other routes give them (any weight >= u_j is optimal).
+    assert torch.equal(V[:, zero], U[:, zero].clamp_min(0))
     J_np, G_np = J.numpy(), G.numpy()
     scale = float(J.norm(dim=1).max())
     for u, v in zip(U.numpy(), V.numpy(), strict=True):
@@ -152,3 +153,17 @@ def test_declines() -> None:
     G = J @ J.T
     assert opposite_pairs(G, torch.float64) is not None
     assert _paired_route(G, torch.eye(90, dtype=torch.float64), 1e-9, 10_000) is None
+
+
+def test_detection_symmetric_at_the_threshold() -> None:
+    # A G not bitwise symmetric whose pair (0, 1) is opposite within the threshold one way only:
+    # both rows must see each other, else row 0 would be in a pair and among the other rows.
+    J = torch.randn(4, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    G = J @ J.T
+    root = G.diagonal().sqrt()
+    G[0, 1] = -(1 - 0.5e-10) * root[0] * root[1]
+    G[1, 0] = -(1 - 2e-10) * root[0] * root[1]
+    structure = opposite_pairs(G, torch.float64)
+    if structure is not None:
+        rows = torch.cat([structure.a, structure.b, structure.rest]).sort().values
+        assert torch.equal(rows, torch.arange(4))

@@ -784,7 +784,9 @@ def _paired_route(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Ten
     it on ``G̃``: on the float32 hard Jacobians of ``benchmarks/non_conflict.py`` at ``m = 256``
     with opposite pairs, a tenth of the rows exceed it on ``G`` by complementarity alone, by up
     to ``6·10⁻³``, as those of the routes below do, by up to ``5·10⁻³``; their conflicts are
-    below ``2·10⁻⁷``, against up to ``7·10⁻⁶`` there), or None when ``G`` has no such structure
+    below ``2·10⁻⁷``, against up to ``7·10⁻⁶`` there; on pairs only nearly opposite or of very
+    unequal norms, the excess can reach ``5·10⁻²`` or more, the conflicts still within ``tol``),
+    or None when ``G`` has no such structure
     or ``G̃`` is singular
     (its Jacobi-scaled Cholesky factor has a squared pivot below
     :data:`_NONSINGULAR_MIN_PIVOT` of the dtype of ``G``)."""

@@ -73,21 +73,24 @@ class TorchProjector(DualConeProjector):
     minimise :math:`\sum_j \|v_j J_j\|^2 = \sum_j G_{jj} v_j^2`: the least-norm weights when the
     rows have equal norms (per-sample gradients often nearly do), and otherwise the least-norm
     weights of the rows normalised to unit norm, so that a row's weight is not inflated because its
-    gradient is small (zero rows keep :math:`v_j = u_j`). Logged weights are then well defined,
-    to the solver's tolerance: on the hard Jacobians of ``benchmarks/non_conflict.py`` at 64 rows,
-    against an independent solution (quadprog, update fixed), the degenerate rows that reach its
-    interior-point fallback (about one in ten) have :math:`\sum_j G_{jj} v_j^2` within ``1e-3``
-    (relative) of the least on all but 1 of 675 in float64 (at worst 0.3% above) and 8 of 635 in
-    float32 (at worst 1.1% above). Up to 64 rows in float64, every row's weights are then brought
-    to the least-energy ones of its update (a Newton method in the range of ``G``): among the
-    singular Gramians of 100 hard Jacobians at 8, 16, 32 and 64 rows (about 90 each), those with
+    gradient is small (zero rows get :math:`v_j = \max(u_j, 0)`). Logged weights are then well
+    defined, to the solver's tolerance: on the hard Jacobians of ``benchmarks/non_conflict.py`` at
+    64 rows, against an independent solution (quadprog, update fixed), the degenerate rows that
+    reach its interior-point fallback (about one in ten) have :math:`\sum_j G_{jj} v_j^2` within
+    ``1e-3`` (relative) of the least on all but 1 of 675 in float64 (at worst 0.3% above) and 8 of
+    635 in float32 (at worst 1.1% above). Up to 64 rows in float64, every row's weights are then
+    brought to the least-energy ones of its update (a Newton method in the range of ``G``): among
+    the singular Gramians of 100 hard Jacobians at 8, 16, 32 and 64 rows (about 90 each), those with
     a unit row whose optimality conditions for the least energy (checked by a linear program,
-    relative to the row's largest term) miss ``1e-6`` went from 6, 19, 26 and 12 (up to 0.28,
-    1.0, 0.98 and 0.23) to 1, 2, 1 and 7 (up to 0.007, 0.01, 4e-5 and 0.21; at 64 rows, rows near
-    a positive span, or whose KKT residual misses the tolerance). Float32 weights are not
-    polished: the rounding of a float32 Gramian blurs its rank, and, read at a rank threshold of
-    ``1e-3`` of the largest singular value of ``J``, 37 to 56 of about 90 singular Gramians from
-    8 to 64 rows have a row off by more than ``1e-3``.
+    relative to the row's largest term) miss ``1e-6`` went from 6, 19, 26 and 12 (up to 0.28, 1.0,
+    0.98 and 0.23) to 1, 2, 1 and 7 (up to 0.007, 0.01, 4e-5 and 0.21; at 64 rows, rows near a
+    positive span, or whose KKT residual misses the tolerance). Float32 weights are not polished:
+    the rounding of a float32 Gramian blurs its rank, and, read at a rank threshold of ``1e-3`` of
+    the largest singular value of ``J``, 37 to 56 of about 90 singular Gramians from 8 to 64 rows
+    have a row off by more than ``1e-3``. On degenerate rows the least energy is only defined up to
+    the KKT tolerance: updates that differ within it can have weights whose energies differ by a
+    factor of 20 (seen on 2 of 2,144 float64 calls from 8 to 64 rows), and which one is returned can
+    then depend on rounding (the order of a kernel's sums).
     Its cost depends on the Gramian. A nonsingular one (every squared pivot of the Cholesky
     factor of the Jacobi-scaled Gramian at least ``1e-6`` in float64, ``1e-3`` in float32: fewer
     rows than columns, no near-duplicate or zero rows) has unique optimal weights, and is solved by

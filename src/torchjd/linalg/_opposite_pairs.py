@@ -31,8 +31,9 @@ from torch import Tensor
 # 1 + cos(J_a, J_b) below which two rows count as opposite, and 1 − |cos| below which two rows
 # count as parallel (a tie between two rows of the same direction, or a row opposite to several:
 # not handled here). Far above the rounding of a Gramian computed in the dtype (two rows
-# J_a = −c J_b rounded separately), far below the angle between distinct rows of any Jacobian
-# whose reduced Gramian passes the caller's nonsingularity test.
+# J_a = −c J_b rounded separately). Rows only nearly opposite (1 + cos ~ 1e-9 to 1e-5 in float64)
+# pass it too: the pair's own deviation is never tested (the pair leaves the reduced Gramian), so
+# what guards the result is the caller's check of every row on G itself.
 _PARALLEL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -59,8 +60,10 @@ class OppositePairs:
     def weights(self, U: Tensor, V_rest: Tensor) -> Tensor:
         """The least-norm weights ``[k, m]`` of the rows ``U`` (float64) from the optimal weights
         ``V_rest`` (``[k, |rest|]``) of the reduced problem: each pair's ``w`` split as in the
-        module docstring, zero rows at their bounds."""
+        module docstring, zero rows at ``max(u_j, 0)`` (any weight ``≥ u_j`` is optimal for them;
+        the other routes give these)."""
         V = U.clone()
+        V[:, self.zero] = U[:, self.zero].clamp_min(0)
         V[:, self.rest] = V_rest
         w = -(V_rest @ self.coupling.T)  # [k, p]
         u_a, u_b = U[:, self.a], U[:, self.b]
@@ -79,12 +82,13 @@ def opposite_pairs(G: Tensor, dtype: torch.dtype) -> OppositePairs | None:
     diagonal = G.diagonal()
     zero = diagonal == 0  # (G = J Jᵀ: the row of G is then exactly zero)
     root = torch.where(zero, 1.0, diagonal).sqrt()
-    cosine = G / root.unsqueeze(1) / root.unsqueeze(0)
+    cosine = G / (root.unsqueeze(1) * root.unsqueeze(0))  # symmetric for a symmetric G
     nonzero = ~zero
     both = nonzero.unsqueeze(1) & nonzero.unsqueeze(0)
     tol = _PARALLEL[dtype]
     parallel = (cosine.abs() >= 1 - tol) & both
     parallel.fill_diagonal_(False)
+    parallel = parallel & parallel.T  # (G not bitwise symmetric: both rows must see each other)
     opposite = (cosine <= -1 + tol) & parallel
     partners = parallel.sum(dim=1)
     # One host read: the counts that decide.

@@ -559,7 +559,8 @@ def _least_norm(
     when it is not the answer for some row. In a batch of at most :data:`_SMALL_BATCH` entries
     (the exact mode's polish up to ``m = 64``, whose steps cost their few dozen operations, not
     their entries), the rows that stop stay in it, with a zero step, until they are half of it:
-    one host read a step, no copies."""
+    two host reads a step (the rows that stop, and whether the full step was the answer), no
+    copies."""
     # The batch's last iterates (with stall, those of least residual), last residuals and least
     # residuals, written back to the rows' own (out, residual, best) when some rows leave, and
     # at the end: no copy a step.
