@@ -135,7 +135,8 @@ default mode's machinery leaves on a nonsingular ``G``), pivoting gets a few ste
 guess; beyond, from the active set of ADMM on a better-conditioned Gramian (``G + 10⁻⁴ diag(G)``,
 Jacobi-scaled, in float32, its small weights taken as active; from ``m = 512``,
 ``G + 10⁻⁶ tr(G) I`` in float32; the rows pivoted in chunks: :mod:`torchjd.linalg._warm_start`);
-in float64, a row is accepted only when its KKT residual on ``G`` itself meets the tolerance.
+in float64, a row is accepted only when its KKT residual on ``G`` itself meets the tolerance;
+in float32, when it conflicts with no row of ``G`` beyond it.
 Rows it has not solved by then (it can wander on degenerate problems) go to a batched
 interior-point method (:mod:`torchjd.linalg._interior_point`), in float64, whose Newton systems
 are solved by the Woodbury identity when ``rank(G) ≤ 2m / 3`` (:mod:`torchjd.linalg._low_rank`);
@@ -160,8 +161,8 @@ from torch import Tensor
 from torchjd.linalg._admm import Warm, warm_admm
 from torchjd.linalg._enumeration import enumerate_active_sets
 from torchjd.linalg._interior_point import interior_point
-from torchjd.linalg._kkt import kkt_residual, row_scales
-from torchjd.linalg._lawson_hanson import kkt_best, lawson_hanson_rows
+from torchjd.linalg._kkt import kkt_residual, row_scales, worst_conflict
+from torchjd.linalg._lawson_hanson import kkt_best, lawson_hanson_rows, per_weight_residual
 from torchjd.linalg._low_rank import woodbury_factor
 from torchjd.linalg._opposite_pairs import opposite_pairs
 from torchjd.linalg._principal_pivoting import (
@@ -742,8 +743,8 @@ def _general_least_norm_route(
             V = V.to(G.dtype)
             # In float32, Newton's own check (on the range of G, in float64) stands: the
             # rounding of a float32 G has no low rank, and its product with the large weights of
-            # small rows can exceed tol on G itself, where pivoting (unchecked in float32) does
-            # worse still.
+            # small rows can exceed tol on G itself, where pivoting (checked in float32 for
+            # conflicts only) does worse still.
             if G.dtype == torch.float64:
                 converged &= kkt_residual(G_exact, U, V, V @ G_exact) <= tol
             if bool(converged.all()):
@@ -824,9 +825,7 @@ def _paired_route(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Ten
         # The pairs of a float32 G are opposite up to its rounding, which, times the large weights
         # of some pairs, exceeds tol in the complementarity of their indices (as it does for the
         # routes below); the rows are checked for conflicts on G and for optimality on G̃.
-        scales = row_scales(G64) * U64.abs().amax(dim=1, keepdim=True)
-        conflict = (-GV / scales).amax(dim=1)
-        solved = (conflict <= tol) & (reduced_residual <= tol)
+        solved = (worst_conflict(G64, U64, GV) <= tol) & (reduced_residual <= tol)
     return V.to(G.dtype), solved
 
 
@@ -1066,7 +1065,12 @@ def _last_resort(G: Tensor, U: Tensor, V: Tensor, tol: float) -> Tensor:
     active-set method of Lawson and Hanson on ``G`` itself (:mod:`torchjd.linalg._lawson_hanson`,
     from their free indices), each kept where closer to optimal (else the row of ``V``: where
     the optimal weights are so large that rounding keeps every row above ``tol``, the best one
-    found). The Tikhonov term biases the other routes where the optimal weights are large
+    found), compared per unit of weight
+    (:func:`~torchjd.linalg._lawson_hanson.per_weight_residual`: with pairs of rows of ``J``
+    opposite up to ``10⁻⁶``, its exact rows, of weights ``10⁸``, had a plain residual of
+    ``7·10⁻²`` from rounding alone, and the interior point's, of weights ``2·10⁴``, of
+    ``9·10⁻⁴``, with conflicts of ``−7.6·10⁻⁸`` and an update off by a fifth of ``max‖J_j‖``:
+    kept, before). The Tikhonov term biases the other routes where the optimal weights are large
     (near-duplicate rows: on the Jacobian #1 of ``benchmarks/non_conflict.py``'s float64 stream
     at ``m = 64``, weights of norm 10⁵, rows left at 4·10⁻⁴ on ``G``; by this method,
     2·10⁻¹¹)."""
@@ -1076,7 +1080,7 @@ def _last_resort(G: Tensor, U: Tensor, V: Tensor, tol: float) -> Tensor:
         return V
     m = G.shape[0]
     X = lawson_hanson_rows(G, U[rows], V[rows], 3 * m + 10)
-    V[rows] = kkt_best(G, U[rows], [V[rows], X])[0]
+    V[rows] = kkt_best(G, U[rows], [V[rows], X], per_weight=True)[0]
     return V
 
 
@@ -1234,6 +1238,10 @@ def _interior_point_then_polish(
         [interior_point(G, rows, _INTERIOR_TOL * tol, low_rank=low_rank) for rows in U.split(chunk)]
     )
     residual = kkt_residual(G_exact, U, V, V @ G_exact)
+    # Rows are polished while above tol on G_exact; of their candidates, each keeps the one of
+    # least residual per unit of weight (see per_weight_residual: where the optimal weights are
+    # large, rounding inflates the plain residual of the exact rows).
+    score = per_weight_residual(G_exact, U, V, V @ G_exact)
     # The active set is read off the interior solution at several thresholds (its weights are
     # biased by the Tikhonov term, more so when they are large); each row keeps its best polish.
     # Last, from the best rows' own active sets, the faces of G_exact itself: near-duplicate rows
@@ -1249,10 +1257,13 @@ def _interior_point_then_polish(
         active = V_left - U_left <= threshold * U_left.abs().amax(dim=1, keepdim=True)
         X, _ = principal_pivoting(G_face, U_left, active, row_scales(G_face), tol, 20, G_refined)
         X = torch.maximum(X, U_left)
-        # Kept where it is closer to optimal for G_exact, even unconverged on G (the refinement
-        # of its last faces removes the Tikhonov bias).
-        polished = kkt_residual(G_exact, U_left, X, X @ G_exact)
-        better = polished < residual[rows]
+        # Kept where it is closer to optimal for G_exact (per unit of weight), even unconverged
+        # on G (the refinement of its last faces removes the Tikhonov bias).
+        GX = X @ G_exact
+        polished = per_weight_residual(G_exact, U_left, X, GX).nan_to_num(torch.inf)
+        better = polished < score[rows].nan_to_num(torch.inf)
         V[rows] = torch.where(better.unsqueeze(1), X, V_left)
-        residual[rows] = torch.where(better, polished, residual[rows])
+        score[rows] = torch.where(better, polished, score[rows])
+        plain = kkt_residual(G_exact, U_left, X, GX)
+        residual[rows] = torch.where(better, plain, residual[rows])
     return V

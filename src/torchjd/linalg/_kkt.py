@@ -10,7 +10,7 @@ def row_scales(G: Tensor) -> Tensor:
     return (diagonal * diagonal.amax()).clamp_min(0).sqrt().clamp_min(torch.finfo(G.dtype).tiny)
 
 
-def kkt_residual(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
+def kkt_residual(G: Tensor, U: Tensor, V: Tensor, GV: Tensor, per_weight: bool = False) -> Tensor:
     """Relative KKT residual of each row of ``V`` for ``min vᵀGv s.t. v ≥ u``.
 
     The largest of: primal infeasibility ``(u_j − v_j)₊ / max|u|``; dual infeasibility
@@ -18,12 +18,19 @@ def kkt_residual(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
     with ``s`` from :func:`row_scales`. With ``G = J Jᵀ``, ``(Gv)_j = J_j · Jᵀv``: dual
     infeasibility is the conflict of the update with row ``j`` relative to that row's norm, so small
     rows are solved as precisely as large ones. NaN when an input is not finite.
+
+    With ``per_weight``, the complementarity is divided by ``max(1, max|v| / max|u|)``: per unit
+    of the row's weights, the scale at which rounding acts (that of ``(G v)_j`` is about
+    ``ε Σ_k |G_jk| |v_k|``), to compare candidate rows whose optimal weights are large.
     """
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
     primal = (U - V).clamp_min(0) / u_scale
     relative_gradient = GV / (row_scales(G) * u_scale)
     dual = (-relative_gradient).clamp_min(0)
     complementarity = relative_gradient.abs() * (V - U).abs() / u_scale
+    if per_weight:
+        weight_scale = (V.abs().amax(dim=1, keepdim=True) / u_scale).clamp_min(1)
+        complementarity = complementarity / weight_scale
     residual = torch.maximum(torch.maximum(primal, dual), complementarity).amax(dim=1)
     not_finite = ~(torch.isfinite(G).all() & torch.isfinite(V).all(dim=1))
     return torch.where(not_finite, torch.nan, residual)
@@ -46,3 +53,11 @@ def kkt_scales(G: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
     of its gradient, ``s_j · max|u|`` (``[k, m]``, ``s`` from :func:`row_scales`)."""
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
     return u_scale, row_scales(G) * u_scale
+
+
+def worst_conflict(G: Tensor, U: Tensor, GV: Tensor) -> Tensor:
+    """The dual infeasibility of :func:`kkt_residual` alone: each row's largest conflict
+    ``(−(Gv)_j)₊ / (s_j · max|u|)``, the largest negative inner product of the update ``Jᵀv``
+    with a row of ``J``, relative to that row's norm (zero when none is negative)."""
+    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    return (-GV / (row_scales(G) * u_scale)).amax(dim=1).clamp_min(0)

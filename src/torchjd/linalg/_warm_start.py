@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from torchjd.linalg._admm import admm, warm_admm
-from torchjd.linalg._kkt import kkt_residual, row_scales
+from torchjd.linalg._kkt import kkt_residual, row_scales, worst_conflict
 from torchjd.linalg._principal_pivoting import principal_pivoting
 
 _GUESS_SIGMA = 1e-4  # relative to W: the guess's Tikhonov term
@@ -73,10 +73,16 @@ def warm_started_pivoting(
             )
     X = torch.maximum(X, U)
     # Pivoting converges on the Tikhonov Gramian; its refinement towards G_exact can fall short
-    # (opposite rows): in float64, such rows are left to the fallback too. (In float32, the
-    # rounding of G is of the order of the Tikhonov term: the check would only cost time.)
+    # (opposite rows): in float64, such rows are left to the fallback too. In float32, whose
+    # rounding of G is of the order of the Tikhonov term, so are the rows that conflict with a
+    # row of G_exact beyond tol (read in float64: the rounding of a float32 product with large
+    # weights would exceed it). Where the optimal weights are large (pairs of rows of J opposite
+    # up to 10⁻³), the Tikhonov term's bias, ``σ G_jj v_j``, left conflicts of up to 10⁻³.
     if G.dtype == torch.float64:
         converged &= kkt_residual(G_exact, U, X, X @ G_exact) <= tol
+    else:
+        G64, X64 = G_exact.double(), X.double()
+        converged &= worst_conflict(G64, U.double(), X64 @ G64) <= tol
     return X, converged
 
 
