@@ -1066,9 +1066,11 @@ def _conflict_last_resort(G: Tensor, U: Tensor, V: Tensor, tol: float) -> Tensor
     """Exact mode, float32: the rows of ``V`` whose update still conflicts with a row of ``J``
     beyond ``tol`` on the float64 values ``G`` of the float32 Gramian
     (:func:`~torchjd.linalg._kkt.worst_conflict`) solved again by the active-set method of
-    Lawson and Hanson (:mod:`torchjd.linalg._lawson_hanson`), in float64, on ``G`` and on ``G``
-    with its negative eigenvalues set to zero (rounding leaves it slightly indefinite; zero rows
-    kept zero), each row keeping, of its candidates and its own, the one of least conflict bound:
+    Lawson and Hanson (:mod:`torchjd.linalg._lawson_hanson`), in float64, on ``G`` with its
+    negative eigenvalues set to zero (rounding leaves it slightly indefinite; zero rows kept
+    zero; on ``G`` itself as well, it fixed no more rows of the cases below, and on 2 of 50 hard
+    Jacobians of ``benchmarks/non_conflict.py`` at ``m = 64`` it took 170-250 ms a call instead
+    of 30-40), each row keeping, of the candidate and its own, the one of least conflict bound:
     its worst conflict on ``G`` plus the float32 rounding ``ε Σ_k |G_jk| |v_k|`` of each
     ``(G v)_j`` (a heavy row that ``G`` alone does not tell from optimal is not taken). The
     interior point runs on a Tikhonov-regularised ``G`` (:data:`TIKHONOV`: ``10⁻⁵`` in float32)
@@ -1076,10 +1078,10 @@ def _conflict_last_resort(G: Tensor, U: Tensor, V: Tensor, tol: float) -> Tensor
     ``J`` opposite up to ``3·10⁻³`` and ``6·10⁻³`` (``m = 96``, float32, 20 Jacobians of
     ``tests/linalg/test_near_opposite_pairs.py``'s family, 12 rows each), 11 had a row in
     conflict beyond ``10⁻⁴`` on the exact Gramian, down to ``−1.9·10⁻⁴``; after, none, the worst
-    ``−2.6·10⁻⁵`` (seeds 30 to 49 at ``2·10⁻³`` to ``10⁻²``: 17 of 80 before, down to
-    ``−2.3·10⁻⁴``; none after, the worst ``−4.3·10⁻⁵``). Either candidate can go wrong, which the
-    bound rejects: on the raw ``G``, weights of ``5·10⁷`` with conflicts of ``0.34``; on the
-    clipped one, whose zero rows were not kept zero, weights of ``10¹⁹`` on them."""
+    about ``−3·10⁻⁵`` (seeds 30 to 49 at ``2·10⁻³`` to ``10⁻²``: 17 of 80 before, down to
+    ``−2.3·10⁻⁴``; none after, the worst ``−4.3·10⁻⁵``). The candidate can go wrong, which the
+    bound rejects (on the raw ``G``: weights of ``5·10⁷`` with conflicts of ``0.34``; on the
+    clipped one when its zero rows were not kept zero: weights of ``10¹⁹`` on them)."""
     conflict = worst_conflict(G, U, V @ G)
     (rows,) = (conflict > tol).nonzero(as_tuple=True)
     if rows.numel() == 0:
@@ -1095,12 +1097,9 @@ def _conflict_last_resort(G: Tensor, U: Tensor, V: Tensor, tol: float) -> Tensor
         return worst_conflict(G, U_rows, X @ G - X.abs() @ rounding).nan_to_num(torch.inf)
 
     best_conflict = bound(best)
-    for G_solve in (G, G_psd):
-        X = torch.maximum(lawson_hanson_rows(G_solve, U_rows, V[rows], 3 * G.shape[0] + 10), U_rows)
-        candidate = bound(X)
-        better = candidate < best_conflict
-        best = torch.where(better.unsqueeze(1), X, best)
-        best_conflict = torch.where(better, candidate, best_conflict)
+    X = torch.maximum(lawson_hanson_rows(G_psd, U_rows, V[rows], 3 * G.shape[0] + 10), U_rows)
+    better = bound(X) < best_conflict
+    best = torch.where(better.unsqueeze(1), X, best)
     V[rows] = best
     return V
 
