@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
 from torchjd.autogram._batched_grad import NotVectorized, batched_grad
 from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
-from torchjd.autogram._module_call import ModuleCall, flat_leaves, shape_only
+from torchjd.autogram._module_call import ModuleCall, direct_parameters, flat_leaves, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule
 from torchjd.autogram._streaming import (
@@ -167,9 +167,8 @@ class Engine:
                     )
 
     def _trainable(self, module: nn.Module) -> bool:
-        if self._rules[module][1]:  # covers its children
-            return any(p.requires_grad for p in module.parameters())
-        return any(p is not None and p.requires_grad for p in module._parameters.values())
+        covers_children = self._rules[module][1]
+        return any(p.requires_grad for p in direct_parameters(module, covers_children))
 
     def _save_rng_state(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Before a call of a module whose rule may re-run it: the random state, for the re-run

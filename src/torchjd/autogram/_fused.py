@@ -87,24 +87,10 @@ def graph_leaves(root: Tensor) -> dict[int, tuple[Tensor, int]]:
 def calls_uses(calls: Sequence[ModuleCall]) -> dict[int, int]:
     """The uses of each leaf tensor (by id) inside the calls, summed over them: the graph edges
     that reach it from the nodes of a call (from its outputs down to its inputs)."""
-    accumulate_grad = torch._C._functions.AccumulateGrad
     uses: dict[int, int] = {}
     for call in calls:
-        # one walk of the call's nodes (each read of `next_functions` builds a new tuple), the
-        # leaves' nodes counted rather than entered
-        seen = _input_nodes(call)
-        stack = [edge.node for edge in call.edges]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            for next_node, _ in node.next_functions:
-                if type(next_node) is accumulate_grad:
-                    key = id(next_node.variable)
-                    uses[key] = uses.get(key, 0) + 1
-                elif next_node is not None and next_node not in seen:
-                    stack.append(next_node)
+        for key, (_, count) in _leaf_uses([e.node for e in call.edges], _input_nodes(call)).items():
+            uses[key] = uses.get(key, 0) + count
     return uses
 
 
@@ -118,9 +104,14 @@ def _input_nodes(call: ModuleCall) -> set[Any]:
     return {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
 
 
-def _nodes(roots: list[Any], stops: set[Any]) -> list[Any]:
+def _nodes(
+    roots: list[Any], stops: set[Any], leaves: dict[int, tuple[Tensor, int]] | None = None
+) -> list[Any]:
     """The nodes reachable from ``roots`` without going through ``stops``, each once, depth
-    first."""
+    first. With ``leaves``, the nodes of leaf tensors are not entered but counted in it (the
+    leaf by id, with its uses: the edges that reach it), in the same walk (each read of a node's
+    ``next_functions`` builds a new tuple)."""
+    accumulate_grad = torch._C._functions.AccumulateGrad
     seen: set[Any] = set(stops)
     stack = list(roots)
     nodes = []
@@ -131,19 +122,17 @@ def _nodes(roots: list[Any], stops: set[Any]) -> list[Any]:
         seen.add(node)
         nodes.append(node)
         for next_node, _ in node.next_functions:  # those already seen are not pushed
-            if next_node is not None and next_node not in seen:
+            if leaves is not None and type(next_node) is accumulate_grad:  # a leaf's node
+                leaf = next_node.variable
+                leaves[id(leaf)] = (leaf, leaves.get(id(leaf), (leaf, 0))[1] + 1)
+            elif next_node is not None and next_node not in seen:
                 stack.append(next_node)
     return nodes
 
 
 def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int]]:
-    accumulate_grad = torch._C._functions.AccumulateGrad
     leaves: dict[int, tuple[Tensor, int]] = {}
-    for node in _nodes(roots, stops):
-        for next_node, _ in node.next_functions:
-            if type(next_node) is accumulate_grad:  # the node of a leaf
-                leaf = next_node.variable
-                leaves[id(leaf)] = (leaf, leaves.get(id(leaf), (leaf, 0))[1] + 1)
+    _nodes(roots, stops, leaves)
     return leaves
 
 

@@ -152,6 +152,7 @@ route. The default
 tolerance is then ``1e-9`` in float64.
 """
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -162,7 +163,7 @@ from torchjd.linalg._admm import Warm, warm_admm
 from torchjd.linalg._enumeration import enumerate_active_sets
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales, worst_conflict
-from torchjd.linalg._lawson_hanson import kkt_best, lawson_hanson_rows, per_weight_residual
+from torchjd.linalg._lawson_hanson import kkt_best, lawson_hanson_rows
 from torchjd.linalg._low_rank import woodbury_factor
 from torchjd.linalg._opposite_pairs import opposite_pairs
 from torchjd.linalg._principal_pivoting import (
@@ -1090,17 +1091,13 @@ def _conflict_last_resort(G: Tensor, U: Tensor, V: Tensor, tol: float) -> Tensor
     G_psd = (Q * eigenvalues.clamp_min(0)) @ Q.T
     nonzero = G.diagonal() > 0
     G_psd = (G_psd + G_psd.T) / 2 * (nonzero.unsqueeze(1) & nonzero)
-    U_rows, best = U[rows], V[rows]
     rounding = torch.finfo(torch.float32).eps * G.abs()
 
-    def bound(X: Tensor) -> Tensor:
-        return worst_conflict(G, U_rows, X @ G - X.abs() @ rounding).nan_to_num(torch.inf)
+    def bound(G: Tensor, U: Tensor, X: Tensor, GX: Tensor) -> Tensor:
+        return worst_conflict(G, U, GX - X.abs() @ rounding)
 
-    best_conflict = bound(best)
-    X = torch.maximum(lawson_hanson_rows(G_psd, U_rows, V[rows], 3 * G.shape[0] + 10), U_rows)
-    better = bound(X) < best_conflict
-    best = torch.where(better.unsqueeze(1), X, best)
-    V[rows] = best
+    X = lawson_hanson_rows(G_psd, U[rows], V[rows], 3 * G.shape[0] + 10)
+    V[rows] = kkt_best(G, U[rows], [V[rows], X], score=bound)[0]
     return V
 
 
@@ -1110,7 +1107,7 @@ def _last_resort(G: Tensor, U: Tensor, V: Tensor, tol: float) -> Tensor:
     from their free indices), each kept where closer to optimal (else the row of ``V``: where
     the optimal weights are so large that rounding keeps every row above ``tol``, the best one
     found), compared per unit of weight
-    (:func:`~torchjd.linalg._lawson_hanson.per_weight_residual`: with pairs of rows of ``J``
+    (:func:`~torchjd.linalg._kkt.kkt_residual` with ``per_weight``: with pairs of rows of ``J``
     opposite up to ``10⁻⁶``, its exact rows, of weights ``10⁸``, had a plain residual of
     ``7·10⁻²`` from rounding alone, and the interior point's, of weights ``2·10⁴``, of
     ``9·10⁻⁴``, with conflicts of ``−7.6·10⁻⁸`` and an update off by a fifth of ``max‖J_j‖``:
@@ -1124,7 +1121,9 @@ def _last_resort(G: Tensor, U: Tensor, V: Tensor, tol: float) -> Tensor:
         return V
     m = G.shape[0]
     X = lawson_hanson_rows(G, U[rows], V[rows], 3 * m + 10)
-    V[rows] = kkt_best(G, U[rows], [V[rows], X], per_weight=True)[0]
+    V[rows] = kkt_best(G, U[rows], [V[rows], X], functools.partial(kkt_residual, per_weight=True))[
+        0
+    ]
     return V
 
 
@@ -1281,11 +1280,12 @@ def _interior_point_then_polish(
     V = torch.cat(
         [interior_point(G, rows, _INTERIOR_TOL * tol, low_rank=low_rank) for rows in U.split(chunk)]
     )
-    residual = kkt_residual(G_exact, U, V, V @ G_exact)
+    GV = V @ G_exact
+    residual = kkt_residual(G_exact, U, V, GV)
     # Rows are polished while above tol on G_exact; of their candidates, each keeps the one of
-    # least residual per unit of weight (see per_weight_residual: where the optimal weights are
+    # least residual per unit of weight (kkt_residual's per_weight: where the optimal weights are
     # large, rounding inflates the plain residual of the exact rows).
-    score = per_weight_residual(G_exact, U, V, V @ G_exact)
+    score = kkt_residual(G_exact, U, V, GV, per_weight=True)
     # The active set is read off the interior solution at several thresholds (its weights are
     # biased by the Tikhonov term, more so when they are large); each row keeps its best polish.
     # Last, from the best rows' own active sets, the faces of G_exact itself: near-duplicate rows
@@ -1304,7 +1304,7 @@ def _interior_point_then_polish(
         # Kept where it is closer to optimal for G_exact (per unit of weight), even unconverged
         # on G (the refinement of its last faces removes the Tikhonov bias).
         GX = X @ G_exact
-        polished = per_weight_residual(G_exact, U_left, X, GX).nan_to_num(torch.inf)
+        polished = kkt_residual(G_exact, U_left, X, GX, per_weight=True).nan_to_num(torch.inf)
         better = polished < score[rows].nan_to_num(torch.inf)
         V[rows] = torch.where(better.unsqueeze(1), X, V_left)
         score[rows] = torch.where(better, polished, score[rows])

@@ -23,9 +23,9 @@ def kkt_residual(G: Tensor, U: Tensor, V: Tensor, GV: Tensor, per_weight: bool =
     of the row's weights, the scale at which rounding acts (that of ``(G v)_j`` is about
     ``ε Σ_k |G_jk| |v_k|``), to compare candidate rows whose optimal weights are large.
     """
-    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    u_scale, scales = kkt_scales(G, U)
     primal = (U - V).clamp_min(0) / u_scale
-    relative_gradient = GV / (row_scales(G) * u_scale)
+    relative_gradient = GV / scales
     dual = (-relative_gradient).clamp_min(0)
     complementarity = relative_gradient.abs() * (V - U).abs() / u_scale
     if per_weight:
@@ -59,5 +59,4 @@ def worst_conflict(G: Tensor, U: Tensor, GV: Tensor) -> Tensor:
     """The dual infeasibility of :func:`kkt_residual` alone: each row's largest conflict
     ``(−(Gv)_j)₊ / (s_j · max|u|)``, the largest negative inner product of the update ``Jᵀv``
     with a row of ``J``, relative to that row's norm (zero when none is negative)."""
-    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
-    return (-GV / (row_scales(G) * u_scale)).amax(dim=1).clamp_min(0)
+    return (-GV / kkt_scales(G, U)[1]).amax(dim=1).clamp_min(0)

@@ -14,6 +14,8 @@ is not biased on a singular ``G`` whose optimal weights are large (near-duplicat
 Its steps are sequential (a few host synchronisations each): only for the few rows left.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -99,16 +101,18 @@ def _face_solve(A: Tensor, b: Tensor) -> Tensor:
 
 
 def kkt_best(
-    G: Tensor, U: Tensor, candidates: list[Tensor], per_weight: bool = False
+    G: Tensor,
+    U: Tensor,
+    candidates: list[Tensor],
+    score: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] = kkt_residual,
 ) -> tuple[Tensor, Tensor]:
-    """Of several candidate rows for each row of ``U``, the one of least
-    :func:`~torchjd.linalg._kkt.kkt_residual` on ``G`` (NaN never kept over a number), and its
-    residual; with ``per_weight``, of least :func:`per_weight_residual`."""
+    """Of several candidate rows for each row of ``U`` (each raised to ``U``), the one of least
+    ``score(G, U, V, V @ G)`` (by default :func:`~torchjd.linalg._kkt.kkt_residual` on ``G``; the
+    first candidate on ties; NaN never kept over a number), and its score."""
     best, best_residual = None, None
     for V in candidates:
         V = torch.maximum(V, U)
-        residual = (per_weight_residual if per_weight else kkt_residual)(G, U, V, V @ G)
-        residual = residual.nan_to_num(torch.inf)
+        residual = score(G, U, V, V @ G).nan_to_num(torch.inf)
         if best is None or best_residual is None:
             best, best_residual = V, residual
             continue
@@ -118,13 +122,3 @@ def kkt_best(
     assert best is not None
     assert best_residual is not None
     return best, best_residual
-
-
-def per_weight_residual(G: Tensor, U: Tensor, V: Tensor, GV: Tensor) -> Tensor:
-    """:func:`~torchjd.linalg._kkt.kkt_residual` with ``per_weight``: its complementarity per
-    unit of the row's weights. The plain complementarity of an exact row whose weights are
-    ``10⁸`` times its ``u`` (pairs of rows of ``J`` opposite up to ``10⁻⁶``) is at rounding level
-    only above ``1``, where its conflicts (the dual part, unchanged) are still at ``10⁻¹⁰``;
-    compared by the plain residual, a lighter row of the interior point (``10⁻³``) won, with
-    conflicts of ``10⁻⁷`` and an update off by a fifth of ``max‖J_j‖``."""
-    return kkt_residual(G, U, V, GV, per_weight=True)
