@@ -64,7 +64,7 @@ def test_same_weights_as_the_general_route(family: str, m: int, monkeypatch: pyt
     assert len(solved_rows) == 1
     assert solved_rows[0] > 0
 
-    def unsolved(G, G_exact, U, GU, tol):
+    def unsolved(G, G_exact, U, GU, tol, factor=None):
         return U.clone(), torch.zeros(U.shape[0], dtype=torch.bool)
 
     monkeypatch.setattr(_bounded_qp, "_refined_least_norm", unsolved)
@@ -86,8 +86,8 @@ def test_taken_up_to_64_rows_and_in_float32(m: int, dtype: torch.dtype, monkeypa
     original = _bounded_qp._refined_least_norm
     final_rows = []
 
-    def spy(G, G_exact, U, GU, tol):
-        X, final = original(G, G_exact, U, GU, tol)
+    def spy(G, G_exact, U, GU, tol, factor=None):
+        X, final = original(G, G_exact, U, GU, tol, factor)
         final_rows.append((int(final.sum()), U.shape[0]))
         return X, final
 

@@ -104,8 +104,9 @@ accepted when its KKT residual on ``G`` meets the tolerance (in float32, on the 
 the rounding of a float32 ``G`` times the large weights of small rows can exceed it on ``G``
 itself, where the pivoting route does worse still). From ``m = 33`` to ``64``, so does a float64
 ``G`` of rank at most ``m / 3`` (:func:`_small_zero_update_rows`; the problem of ``u = 1``, which
-tells whether they span, is solved in the same batch as the rows and stops it when they do not):
-on such ``G``, the pivoting route's weights can miss the least-norm ones. When they do not and
+tells whether they span, is solved in the same batch as the rows and stops it when they do not,
+unless a projection certifies it first, :func:`_certainly_pointed`): on such ``G``, the
+pivoting route's weights can miss the least-norm ones. When they do not and
 ``rank(G) ≤ 2m / 3`` (many more rows than columns), each row's optimum is often unique: ADMM (in
 float32, Jacobi-scaled) and a few pivots on the faces of ``G`` itself find it, and a row is
 accepted when it meets the tolerance with strict complementarity and a nonsingular ``G_PP`` on
@@ -272,6 +273,9 @@ _RANGE_MIN_M = 512
 # benchmarks/non_conflict.py at m = 64, seed 0.)
 _SMALL_SPANNING_MIN_M = 33
 _SMALL_SPANNING_RANK = 3.0
+# Of max|c|: the least entry of c, on the rows of nonzero norm, that _certainly_pointed takes as
+# positive (far above the rounding of its products).
+_POINTED_MARGIN = 1e-6
 _NONSINGULAR_MIN_PIVOT = {torch.float64: 1e-6, torch.float32: 1e-3}
 _FAST_FLOAT32_ITERS = 200  # of ADMM on a nonsingular G in float32, before float64 takes over
 _ROUNDED_UNIT_MAX_M = 16  # singular float32 G: faces from the unit route (_rounded_unit_least_norm)
@@ -361,8 +365,8 @@ def _solve(G: Tensor, U: Tensor, tol: float, max_iters: int, least_norm: bool) -
         if _nonsingular(G_exact):
             X = _nonsingular_route(G_exact, U, GU, tol, max_iters)
         else:
+            # (up to m = 64, with the least-energy polish: _small_least_norm_route)
             X = _least_norm_route(G, G_exact, U, GU, tol, max_iters)
-            X = _least_energy_polish(G_exact, U, torch.maximum(X, U), tol)
     else:
         X = _default_route(G, U, GU > 0, tol, max_iters)
     if isinstance(rows, slice):  # every row conflicted
@@ -459,9 +463,8 @@ def _exact_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor:
         if G.dtype == torch.float32 and G.shape[0] <= _ROUNDED_UNIT_MAX_M:
             X64, solved = unit_route(G)
             X = _rounded_unit_least_norm(G, G_exact, U, GU, X64, solved, tol, max_iters)
-        else:
+        else:  # (with the least-energy polish: _small_least_norm_route)
             X = _least_norm_route(G, G_exact, U, GU, tol, max_iters)
-        X = _least_energy_polish(G_exact, U, torch.maximum(X, U), tol)
     X = torch.maximum(X, U)
     if every_row:
         return X
@@ -469,12 +472,16 @@ def _exact_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor:
     return eye
 
 
-def _least_energy_polish(G: Tensor, U: Tensor, X: Tensor, tol: float) -> Tensor:
+def _least_energy_polish(
+    G: Tensor, U: Tensor, X: Tensor, tol: float, factor: RangeFactor | None = None
+) -> Tensor:
     r"""Exact mode, a singular float64 ``G`` up to ``m = 64``: the optimal rows ``X``
-    (``v ≥ u``) of the least-norm route, each replaced by the optimal weights of least
-    :math:`\sum_j G_{jj} v_j^2` with the same update where these meet ``tol`` on ``G`` and are
-    lighter (:func:`~torchjd.linalg._range_projection.least_energy_rows`; its tight set and Newton
-    target: :data:`_POLISH_TIGHT`, :data:`_POLISH_TARGET`). Unchanged otherwise: a float32 ``G``
+    (``v ≥ u``) of the least-norm route (at the end of :func:`_small_least_norm_route`, which
+    also takes the rows that the route of a nonsingular ``G`` leaves), each replaced by the
+    optimal weights of least :math:`\sum_j G_{jj} v_j^2` with the same update where these meet
+    ``tol`` on ``G`` and are lighter
+    (:func:`~torchjd.linalg._range_projection.least_energy_rows`; its tight set and Newton target:
+    :data:`_POLISH_TIGHT`, :data:`_POLISH_TARGET`). Unchanged otherwise: a float32 ``G``
     (whose rounding blurs its rank) and, beyond ``m = 64``, rows whose routes were not measured
     against the least-energy conditions.
 
@@ -494,13 +501,14 @@ def _least_energy_polish(G: Tensor, U: Tensor, X: Tensor, tol: float) -> Tensor:
     turn), 0.56 of the time of its first version at ``m = 16`` and 0.82 at ``m = 64``, with the
     same least-energy certificates (Gramians with a row above 10⁻⁶, among 100 Jacobians of
     ``hard_jacobian`` at ``m = 8, 16, 32, 64``: 1, 3, 1, 5 from seed ``m``, 0, 2, 1, 2 from seed
-    ``m + 1000``, before and after)."""
+    ``m + 1000``, before and after). ``factor``: the route's :data:`RangeFactor` of ``G``, when
+    it has one (the range factor is then formed once for both)."""
     if G.dtype != torch.float64 or G.shape[0] > _DIRECT_MAX_M:
         return X
     (rows,) = (~_unique_rows(G, U, X)).nonzero(as_tuple=True)
     if rows.numel() == 0:
         return X
-    factor = range_factor(G, G.dtype)
+    factor = range_factor(G, G.dtype) if factor is None else factor()
     if factor is None:
         return X
     if rows.numel() == X.shape[0]:
@@ -715,7 +723,7 @@ def _general_least_norm_route(
     range of ``G``. When they do not and ``rank(G) ≤ 2m / 3`` (many more rows than columns), the
     optima are often unique and are found on ``G`` itself, each row kept when certified
     (:mod:`torchjd.linalg._unique_face`). The rows left, and every row otherwise, come from
-    pivoting and its fallbacks (up to ``m = 64``, :func:`_refined_least_norm` first)."""
+    pivoting and its fallbacks (up to ``m = 64``, :func:`_small_least_norm_route`)."""
     m = G.shape[0]
     known = None  # beyond m = 64, the range factor, also for the interior point's polish
     if m > _SPANNING_MIN_M:
@@ -756,20 +764,7 @@ def _general_least_norm_route(
             )
             return V
     if m <= _DIRECT_MAX_M:
-        factor = _small_spanning_factor(G_exact)
-        zero_update = None if factor is None else _small_zero_update_rows(G_exact, U, tol, factor)
-        if zero_update is None:
-            X, solved = _refined_least_norm(G, G_exact, U, GU, tol)
-        else:  # (the rows it leaves, by pivoting)
-            X, solved = zero_update
-            (rows,) = (~solved).nonzero(as_tuple=True)
-            if rows.numel() > 0:
-                X[rows], solved[rows] = _refined_least_norm(G, G_exact, U[rows], GU[rows], tol)
-        if bool(solved.all()):
-            return X
-        left = (~solved).nonzero().squeeze(1)
-        X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters)
-        return X
+        return _small_least_norm_route(G, G_exact, U, GU, tol, max_iters)
     return _pivoting_route(G, G_exact, U, GU, tol, max_iters, known)
 
 
@@ -830,17 +825,51 @@ def _paired_route(G: Tensor, U: Tensor, tol: float, max_iters: int) -> tuple[Ten
     return V.to(G.dtype), solved
 
 
-def _small_spanning_factor(G: Tensor) -> tuple[Tensor, Tensor] | None:
-    """:func:`~torchjd.linalg._spanning.range_factor` of a float64 ``G`` (exact mode,
-    :data:`_SMALL_SPANNING_MIN_M` ``≤ m ≤ 64``) whose rows might positively span a subspace,
-    for :func:`_small_zero_update_rows`; None otherwise (another dtype or size, ``G`` of full rank,
-    or a nonzero row of ``G`` without a negative entry: ``J d ≥ 0`` for ``d = J_i``, which they
-    would not have were they to span)."""
+def _lazy_range_factor(G_exact: Tensor) -> RangeFactor:
+    """The :data:`RangeFactor` of ``G_exact`` (:func:`~torchjd.linalg._spanning.range_factor` of
+    its float64 values, its rank read at the rounding of its dtype), formed at its first call and
+    kept: the routes of one call up to ``m = 64`` (:func:`_small_spanning_factor`,
+    :func:`_least_norm_fallback`, :func:`_least_energy_polish`) share one eigendecomposition."""
+    return functools.cache(lambda: range_factor(G_exact.double(), G_exact.dtype))
+
+
+def _small_least_norm_route(
+    G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float, max_iters: int
+) -> Tensor:
+    """:func:`_general_least_norm_route` up to ``m = 64``: the zero-update route
+    (:func:`_small_zero_update_rows`) when the rows of ``J`` may positively span a subspace, else
+    :func:`_refined_least_norm`, then pivoting and its fallbacks for the rows left; last, the
+    least-energy polish of every row (:func:`_least_energy_polish`; ``v ≥ u``). The routes that
+    need the range factor of ``G_exact`` share one (:func:`_lazy_range_factor`): at ``m = 64``,
+    on the float64 hard Jacobians of ``benchmarks/non_conflict.py`` (seed 64), 34 factors instead
+    of 78 for the same rows."""
+    factor = _lazy_range_factor(G_exact)
+    formed = _small_spanning_factor(G_exact, factor)
+    zero_update = None if formed is None else _small_zero_update_rows(G_exact, U, tol, formed)
+    if zero_update is None:
+        X, solved = _refined_least_norm(G, G_exact, U, GU, tol, factor)
+    else:  # (the rows it leaves, by pivoting)
+        X, solved = zero_update
+        (rows,) = (~solved).nonzero(as_tuple=True)
+        if rows.numel() > 0:
+            X[rows], solved[rows] = _refined_least_norm(G, G_exact, U[rows], GU[rows], tol, factor)
+    if not bool(solved.all()):
+        left = (~solved).nonzero().squeeze(1)
+        X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters, factor)
+    return _least_energy_polish(G_exact, U, torch.maximum(X, U), tol, factor)
+
+
+def _small_spanning_factor(G: Tensor, factor: RangeFactor) -> tuple[Tensor, Tensor] | None:
+    """The range factor (``factor()``: :func:`~torchjd.linalg._spanning.range_factor`) of a
+    float64 ``G`` (exact mode, :data:`_SMALL_SPANNING_MIN_M` ``≤ m ≤ 64``) whose rows might
+    positively span a subspace, for :func:`_small_zero_update_rows`; None otherwise (another dtype
+    or size, ``G`` of full rank, or a nonzero row of ``G`` without a negative entry: ``J d ≥ 0``
+    for ``d = J_i``, which they would not have were they to span)."""
     if G.dtype != torch.float64 or G.shape[0] < _SMALL_SPANNING_MIN_M:
         return None
     if bool(((G.diagonal() > 0) & (G.amin(dim=1) >= 0)).any()):
         return None
-    return range_factor(G, G.dtype)
+    return factor()
 
 
 def _small_zero_update_rows(
@@ -854,8 +883,9 @@ def _small_zero_update_rows(
     ``tol``; returns ``(X, accepted)`` (``X``: the rows, ``u`` where not accepted), or None when
     the rows do not span (or the rank is higher).
 
-    The test: the problem of ``u = 1``, feasible exactly when they span, solved as the first row
-    of the same batch, which stops as soon as that row certifies that they do not (see
+    The test: first :func:`_certainly_pointed` (a projection: no batch when it certifies that they
+    do not span), then the problem of ``u = 1``, feasible exactly when they span, solved as the
+    first row of the same batch, which stops as soon as that row certifies that they do not (see
     :func:`~torchjd.linalg._spanning.null_space_projection`). The weights of the pivoting route
     (:func:`_refined_least_norm`) are not always those of least energy on such ``G``: on 18 of the
     46 singular float64 Gramians of ``benchmarks/non_conflict.py``'s hard Jacobians at ``m = 64``
@@ -863,7 +893,7 @@ def _small_zero_update_rows(
     of their scale (a linear program, HiGHS); this route meets them on 16."""
     m = G.shape[0]
     ell, sqrt_weights = factor
-    if not 0 < ell.shape[1] <= m / _SMALL_SPANNING_RANK:
+    if not 0 < ell.shape[1] <= m / _SMALL_SPANNING_RANK or _certainly_pointed(G, ell, sqrt_weights):
         return None
     rows = torch.cat([torch.ones_like(U[:1]), U])
     V, converged = null_space_projection(
@@ -876,8 +906,31 @@ def _small_zero_update_rows(
     return torch.where(converged.unsqueeze(1), V, U), converged
 
 
+def _certainly_pointed(G: Tensor, ell: Tensor, sqrt_weights: Tensor) -> bool:
+    r"""Whether a vector of the range of ``ℓ`` certifies that the rows of ``J`` (``G = J Jᵀ``) do
+    not positively span a subspace (``ℓ ℓᵀ = W^{-1/2} G W^{-1/2}``, ``√W``: ``sqrt_weights``,
+    positive; :func:`~torchjd.linalg._spanning.range_factor`): some ``c = ℓ y`` with ``c_j > 0``
+    on every index of nonzero norm (``G_jj > 0``; ``ℓ_j = 0`` elsewhere). Then ``J d = √W ⊙ c``
+    for ``d = Jᵀ W^{-1/2} ℓ (ℓᵀℓ)⁻¹ y``, positive on every nonzero row of ``J``, which rules out
+    any ``w`` positive on those rows with ``Jᵀ w = 0`` (``wᵀ J d > 0``: Gordan's alternative).
+    A sufficient condition only: ``c`` is the projection onto the range of ``ℓ`` of the all-ones
+    vector and of ``√W`` (the bound of the problem of ``u = 1`` in
+    :func:`_small_zero_update_rows`), with every entry above :data:`_POINTED_MARGIN` of its
+    largest (far above the rounding of the products). A few small products, where the batch's
+    sentinel takes ten float32 steps of every row or more (about 2 ms at ``m = 64``) to certify:
+    on the float64 hard Jacobians of ``benchmarks/non_conflict.py`` at ``m = 64`` (seeds 64 to
+    71, 400 of them), 146 reach the batch with a rank of at most ``m / 3``, 21 of them without a
+    positive span (a linear program), of which this certifies 18, and none of the 125 others."""
+    squares = (ell * ell).sum(dim=0)  # ℓᵀℓ is diagonal (scaled eigenvectors)
+    B = torch.stack([torch.ones_like(sqrt_weights), sqrt_weights], dim=1)
+    C = ell @ ((ell.T @ B) / squares.unsqueeze(1))
+    margin = _POINTED_MARGIN * C.abs().amax(dim=0)
+    positive = (margin < C) | (G.diagonal() <= 0).unsqueeze(1)
+    return bool(positive.all(dim=0).any())
+
+
 def _refined_least_norm(
-    G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float
+    G: Tensor, G_exact: Tensor, U: Tensor, GU: Tensor, tol: float, factor: RangeFactor | None = None
 ) -> tuple[Tensor, Tensor]:
     """The least-norm mode up to ``m = 64``, in float64 (also for a float32 ``G``: one solve of
     its values, rather than one in float32 and another for the rows that its rounding leaves):
@@ -894,7 +947,8 @@ def _refined_least_norm(
     are kept as they are: the general route would find the same face and refinement again
     (those of a float64 ``G`` above ``tol`` on ``G_exact`` are then finished by
     :func:`_last_resort`: on ``benchmarks/non_conflict.py``'s float64 stream at ``m = 64``, #84,
-    a row at 8·10⁻⁷). Returns the rows (``v ≥ u``) and which are final (all)."""
+    a row at 8·10⁻⁷). Returns the rows (``v ≥ u``) and which are final (all). ``factor``: the
+    :data:`RangeFactor` of ``G_exact``, for the fallback."""
     m = G.shape[0]
     G64, G_exact64, U64 = G.double(), G_exact.double(), U.double()
     # Masked steps are cheap: as many as the default mode takes; compacted ones, the general
@@ -928,7 +982,7 @@ def _refined_least_norm(
             X[short] = _last_resort(G_exact64, U64[short], X[short], tol)
     (left,) = (~kept).nonzero(as_tuple=True)
     if left.numel() > 0:
-        X[left] = _least_norm_fallback(G, G_exact, U[left], tol)
+        X[left] = _least_norm_fallback(G, G_exact, U[left], tol, factor)
     return X, torch.ones_like(found)
 
 
