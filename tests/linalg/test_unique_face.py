@@ -71,9 +71,11 @@ def test_independent_free_rows_are_unique():
 
 
 def test_tall_gramian_takes_the_unique_route(monkeypatch):
-    """A tall Jacobian (rank m / 2, no positive span) beyond the spanning threshold: the rows are
-    certified unique (few reach the Tikhonov pivoting route); each is optimal on G."""
+    """A tall Jacobian (rank m / 2, no positive span) beyond the spanning threshold, the route
+    enabled from this size (by default from m = 512): the rows are certified unique (few reach
+    the Tikhonov pivoting route); each is optimal on G."""
     m = 80
+    monkeypatch.setattr(_bounded_qp, "_UNIQUE_MIN_M", m)
     J = tall_jacobian(m, m // 2, 0, 3)
     G = J @ J.T
     U = torch.eye(m, dtype=torch.float64)

@@ -107,7 +107,8 @@ itself, where the pivoting route does worse still). From ``m = 33`` to ``64``, s
 tells whether they span, is solved in the same batch as the rows and stops it when they do not,
 unless a projection certifies it first, :func:`_certainly_pointed`): on such ``G``, the
 pivoting route's weights can miss the least-norm ones. When they do not and
-``rank(G) ≤ 2m / 3`` (many more rows than columns), each row's optimum is often unique: ADMM (in
+``rank(G) ≤ 2m / 3`` (many more rows than columns), each row's optimum is often unique (from
+``m = 512`` tried first, below only on the rows that the pivoting route below leaves): ADMM (in
 float32, Jacobi-scaled) and a few pivots on the faces of ``G`` itself find it, and a row is
 accepted when it meets the tolerance with strict complementarity and a nonsingular ``G_PP`` on
 its free indices (:mod:`torchjd.linalg._unique_face`). Otherwise, and for the rows they leave,
@@ -137,7 +138,12 @@ guess; beyond, from the active set of ADMM on a better-conditioned Gramian (``G 
 Jacobi-scaled, in float32, its small weights taken as active; from ``m = 512``,
 ``G + 10⁻⁶ tr(G) I`` in float32; the rows pivoted in chunks: :mod:`torchjd.linalg._warm_start`);
 in float64, a row is accepted only when its KKT residual on ``G`` itself meets the tolerance;
-in float32, when it conflicts with no row of ``G`` beyond it.
+in float32, when it conflicts with no row of ``G`` beyond it. Below ``m = 512``, the rows it
+leaves are pivoted again in float64 (:func:`_exact_faces`): in float64, on the faces of ``G``
+itself, from their last faces (where ``G`` has eigenvalues far below the Tikhonov term, as
+near-duplicate rows give, the refinement stalls short of the tolerance on a nearly right face),
+then their least-norm weights; in float32, on the float64 values of the Tikhonov Gramian (whose
+float32 face solves are too coarse for the signs that pivoting reads: rows wander).
 Rows it has not solved by then (it can wander on degenerate problems) go to a batched
 interior-point method (:mod:`torchjd.linalg._interior_point`), in float64, whose Newton systems
 are solved by the Woodbury identity when ``rank(G) ≤ 2m / 3`` (:mod:`torchjd.linalg._low_rank`);
@@ -200,7 +206,11 @@ from torchjd.linalg._tableau_pivoting import (
 )
 from torchjd.linalg._unique_face import unique_optimum_rows
 from torchjd.linalg._unit_schur import unit_schur_pivoting
-from torchjd.linalg._warm_start import warm_started_pivoting
+from torchjd.linalg._warm_start import (
+    exact_face_pivoting,
+    float64_pivoting,
+    warm_started_pivoting,
+)
 
 DEFAULT_TOL = {torch.float64: 1e-7, torch.float32: 2e-5}
 LEAST_NORM_TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
@@ -267,6 +277,13 @@ _SPANNING_MIN_M = 64
 # those that warm-started pivoting leaves there before the interior point (whose O(m r²) steps per
 # row cost far more; at m = 256, about as much as the range route).
 _RANGE_MIN_M = 512
+# From this size on, the rows of a singular G without positive span (rank at most 2m / 3) are first
+# solved on G itself where their optimum is unique (_unique_face). Below, warm-started pivoting on
+# all of them costs less than its float32 ADMM on a singular G, which then gets only the rows that
+# pivoting leaves: on the hard Jacobians of benchmarks/non_conflict.py at m = 256 that took it
+# first (two per dtype; half the rows certified), the calls took 0.4-0.6 of their time, with the
+# same weights (within 3·10⁻¹⁵ in energy).
+_UNIQUE_MIN_M = 512
 # Exact mode, from this size to m = 64: a singular float64 G of rank at most
 # m / _SMALL_SPANNING_RANK is first tested for a positive span (_small_zero_update_rows). (Below,
 # its rows are cheaper by pivoting; Gramians of higher rank seldom have one: none among those of
@@ -740,7 +757,7 @@ def _general_least_norm_route(
             if m >= _RANGE_MIN_M:
                 X, solved = range_projection_rows(G64, U64, tol, factor, G.dtype)
             left = (~solved).nonzero().squeeze(1)
-            if left.numel() > 0 and rank <= m / _LOW_RANK_FRACTION:
+            if left.numel() > 0 and rank <= m / _LOW_RANK_FRACTION and m >= _UNIQUE_MIN_M:
                 X[left], solved[left] = unique_optimum_rows(G64, U64[left], tol, rank)
             X = X.to(G.dtype)
             left = (~solved).nonzero().squeeze(1)
@@ -1011,6 +1028,21 @@ def _pivoting_route(
     else:
         X, converged = warm_started_pivoting(G, G_exact, U, tol, max_iters)
         left = (~converged).nonzero().squeeze(1)
+        if m < _RANGE_MIN_M and left.numel() > 0:
+            X_left, converged[left] = _exact_faces(G, G_exact, U[left], X[left], tol, factor)
+            X[left] = X_left
+            left = (~converged).nonzero().squeeze(1)
+            # Below _UNIQUE_MIN_M, the unique-face route comes after pivoting, for its rows left
+            # (not those of a positive span, never unique): a tall Jacobian of very low rank can
+            # leave it some (at m = 128, rank 32: 28 of 128 rows, 0.06 s of fallback, all unique).
+            ranked = None if range_retry or factor is None or m >= _UNIQUE_MIN_M else factor()
+            rank = m if ranked is None else ranked[0].shape[1]
+            if left.numel() > 0 and rank <= m / _LOW_RANK_FRACTION:
+                X_left, converged[left] = unique_optimum_rows(
+                    G_exact.double(), U[left].double(), tol, rank
+                )
+                X[left] = X_left.to(G.dtype)
+                left = (~converged).nonzero().squeeze(1)
         formed = factor() if range_retry and factor is not None else None
         if formed is not None and m >= _RANGE_MIN_M and left.numel() > 0:
             X_left, converged[left] = range_projection_rows(
@@ -1021,6 +1053,32 @@ def _pivoting_route(
         left = (~converged).nonzero().squeeze(1)
         X[left] = _least_norm_fallback(G, G_exact, U[left], tol, factor)
     return X
+
+
+def _exact_faces(
+    G: Tensor, G_exact: Tensor, U: Tensor, X: Tensor, tol: float, factor: RangeFactor | None
+) -> tuple[Tensor, Tensor]:
+    """Exact mode, ``64 < m < 512``: the rows ``X`` that warm-started pivoting left (``G``: the
+    Tikhonov regularisation of ``G_exact``) pivoted again, in float64: on the faces of ``G_exact``
+    itself (:func:`~torchjd.linalg._warm_start.exact_face_pivoting`) for a float64 ``G``; on ``G``
+    for a float32 one (:func:`~torchjd.linalg._warm_start.float64_pivoting`). In float64, the
+    rows solved are then replaced by the least-norm weights of their update where these are
+    lighter and meet ``tol`` (:func:`~torchjd.linalg._range_projection.least_energy_rows`, as by
+    :func:`_least_norm_fallback`, which the others take). Returns the rows (in the dtype of
+    ``G``) and which are solved: those that meet ``tol`` on ``G_exact`` (float64) or conflict
+    with no row of it beyond ``tol`` (float32)."""
+    G64 = G_exact.double()
+    if G.dtype != torch.float64:
+        # (Not polished: on the float32 call of float64_pivoting's docstring, the polish would
+        # cost 0.36 s for its 54 rows, and leave them up to 1.9·10⁻⁴ heavier in energy than the
+        # fallback's instead of 8.9·10⁻⁴; their conflicts are lower than the fallback's.)
+        return float64_pivoting(G, G64, U, X, tol)
+    X, solved = exact_face_pivoting(G64, U, X, tol)
+    formed = None if factor is None else factor()
+    (rows,) = solved.nonzero(as_tuple=True)
+    if formed is not None and rows.numel() > 0:
+        X[rows] = least_energy_rows(G64, U[rows], X[rows], tol, formed, optimal=True)
+    return X, solved
 
 
 def _times(U: Tensor, G: Tensor) -> Tensor:

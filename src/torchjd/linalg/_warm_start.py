@@ -26,6 +26,10 @@ there). The rows are pivoted in chunks of at most :data:`_CHUNK_ENTRIES` ``/ m²
 bounds the memory of their face factorisations (``k |F|²`` entries, about ``m³ / 4`` at
 ``m = 1024``) and keeps them in faster memory; rows whose guessed face is much wider than the
 others' go in their own batches (the compacted face systems are padded to the widest).
+
+The rows left can be pivoted again in float64 (the caller's choice): on the faces of ``G_exact``
+itself (:func:`exact_face_pivoting`, a float64 ``G``) or on the float64 values of a float32 ``G``
+(:func:`float64_pivoting`).
 """
 
 import torch
@@ -33,11 +37,14 @@ from torch import Tensor
 
 from torchjd.linalg._admm import admm, warm_admm
 from torchjd.linalg._kkt import kkt_residual, row_scales, worst_conflict
-from torchjd.linalg._principal_pivoting import principal_pivoting
+from torchjd.linalg._principal_pivoting import least_norm_pivoting, principal_pivoting
 
 _GUESS_SIGMA = 1e-4  # relative to W: the guess's Tikhonov term
 _GUESS_TOL = 1e-3  # KKT residual at which ADMM stops
-_GUESS_ITERS = 300
+# (At m = 256, on the 10 calls of benchmarks/non_conflict.py's hard Jacobians that reach it, the
+# guesses after 60, 100 and 300 iterations give pivoting the same work: the faces, read at
+# _GUESS_ACTIVE, settle early; the iterations after 60 took up to 45 ms a call.)
+_GUESS_ITERS = 60
 _GUESS_ACTIVE = 1e-2  # scaled weights up to this fraction of the largest scaled bound: active
 _PIVOTS = 25
 _FLOAT32_MIN_M = 512
@@ -46,6 +53,9 @@ _LARGE_TOL = 1e-5
 _LARGE_ITERS = 500
 _CHUNK_ENTRIES = 2**26
 _WIDE = 1.2
+# Of exact_face_pivoting: on the call of 97 rows of its docstring, with 4, 8, 15, 25 exchanges, 85,
+# 96, 96, 97 rows meet tol (the others: about 0.1 s a row in the fallback).
+_EXACT_PIVOTS = 25
 
 
 def warm_started_pivoting(
@@ -86,6 +96,30 @@ def warm_started_pivoting(
     return X, converged
 
 
+def float64_pivoting(
+    G: Tensor, G_exact: Tensor, U: Tensor, X: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """The float32 rows ``X`` that :func:`warm_started_pivoting` left, pivoted again in float64
+    on the values of the float32 ``G`` (the Tikhonov Gramian; ``G_exact``: the float64 values of
+    the Gramian it regularises), from their last faces, for :data:`_PIVOTS` exchanges, each row's
+    refinement keeping its iterate of least residual (``rounded``: see
+    :func:`~torchjd.linalg._principal_pivoting.refine`). Returns the rows (float32, ``v ≥ u``)
+    and which conflict with no row of ``G_exact`` beyond ``tol``.
+
+    In float32, the face systems of the Tikhonov Gramian (``σ = 10⁻⁵``) are solved to about
+    ``10⁻²`` of their solutions, far coarser than the tolerance at which pivoting reads their
+    signs: rows wander (on the float32 hard Jacobian #18 of ``benchmarks/non_conflict.py`` at
+    ``m = 256``, 54 of 256 rows after 25 exchanges, then 1.2 s of interior point and polish). In
+    float64, from their last faces, all 54 converge within the same exchanges (0.2 s)."""
+    G64, U64 = G.double(), U.double()
+    X64, converged, _, _ = least_norm_pivoting(
+        G64, U64, X.double() <= U64, row_scales(G64), tol, _PIVOTS, G_exact, rounded=True
+    )
+    X = torch.maximum(X64.to(U.dtype), U)
+    converged &= worst_conflict(G_exact, U64, X.double() @ G_exact) <= tol
+    return X, converged
+
+
 def _scaled_guess(G_exact: Tensor, U: Tensor, max_iters: int) -> Tensor:
     """The guessed active sets of the rows (see the module docstring): ADMM on the Jacobi-scaled
     ``G_exact + σ W``, in float32, then the indices whose scaled weights are small."""
@@ -107,3 +141,25 @@ def _batches(active: Tensor) -> list[Tensor]:
     if n_wide == 0 or n_wide == sizes.numel():
         return [torch.arange(sizes.numel(), device=active.device)]
     return [(~wide).nonzero().squeeze(1), wide.nonzero().squeeze(1)]
+
+
+def exact_face_pivoting(G_exact: Tensor, U: Tensor, X: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Rows ``X`` of :func:`warm_started_pivoting` that miss ``tol`` on a float64 ``G_exact``,
+    solved by principal pivoting on ``G_exact`` itself (no Tikhonov term), from each row's face
+    (``v_j = u_j``: active), for at most :data:`_EXACT_PIVOTS` exchanges. Returns the rows
+    (``v ≥ u``) and which meet ``tol`` on ``G_exact`` (a singular face gives an unconverged or
+    NaN row, never accepted).
+
+    The refinement towards ``G_exact`` of a face of the Tikhonov Gramian can stall short of
+    ``tol`` where ``G_exact`` has eigenvalues far below the Tikhonov term (near-duplicate rows of
+    ``J``: ``10⁻¹²`` of its largest); the face is then nearly right, and the exact faces next to
+    it are nonsingular. On the hard Jacobians of ``benchmarks/non_conflict.py`` at ``m = 256``
+    (float64), the rows that pivoting left to the interior point on two calls (97 and 14 rows,
+    up to ``2·10⁻⁴`` on ``G_exact``) all meet ``tol`` this way, the 97 within 25 exchanges."""
+    U64 = U.double()
+    X64, solved = principal_pivoting(
+        G_exact, U64, X.double() <= U64, row_scales(G_exact), tol, _EXACT_PIVOTS
+    )
+    X64 = torch.maximum(X64, U64)
+    solved &= kkt_residual(G_exact, U64, X64, X64 @ G_exact) <= tol
+    return X64, solved
