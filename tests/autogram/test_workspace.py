@@ -18,17 +18,18 @@ from torchjd.autogram._workspace import Workspaces, empty
 @pytest.fixture
 def grouped_path(monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
     """Forces the per-objective gradients of convolutions from grouped convolutions, formed whole
-    (the rule that takes its buffer from the engine), and records each."""
+    by blocks of samples (the rule that takes its buffer from the engine), and records each."""
     formed: list[Tensor] = []
     grouped_jacobian = conv_module._grouped_jacobian
 
-    def spy(*args: object) -> Tensor:
-        J = grouped_jacobian(*args)  # type: ignore[arg-type]
+    def spy(*args: object) -> tuple[Tensor, Tensor | None]:
+        J, sums = grouped_jacobian(*args)  # type: ignore[arg-type]
         formed.append(J)
-        return J
+        return J, sums
 
     monkeypatch.setattr(conv_module, "_grouped_is_faster", lambda *args: True)
     monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
+    monkeypatch.setattr(conv_module, "GROUPED_WHOLE_BYTES", 0)
     monkeypatch.setattr(conv_module, "_grouped_jacobian", spy)
     return formed
 

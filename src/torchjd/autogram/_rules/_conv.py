@@ -37,8 +37,9 @@ On the CPU with oneDNN, in float32, for patches at least ``GROUPED_MIN_WIDTH`` w
 formed whole comes instead from convolution kernels, without patches: placing the samples side by
 side along the channels (``[1, B C_in, *spatial]``), a convolution with one group per sample and
 group of the module has, as its weight gradient for the output gradients of objective :math:`r`,
-the per-sample weight gradients :math:`J_{ir}` (``[B C_out, C_in/g, *kernel]``); there, oneDNN's
-kernel for it runs about twice as fast as the batched products. :math:`G = J J^\top` is formed
+the per-sample weight gradients :math:`J_{ir}` (``[B C_out, C_in/g, *kernel]``), and as its bias
+gradient the bias's per-objective gradients; there, oneDNN's kernel for it runs about twice as
+fast as the batched products. :math:`G = J J^\top` is formed
 by its lower triangle when large enough (about half of the products: see :func:`_blocks_gram`);
 in float32 on the CPU with oneDNN, by oneDNN's matrix products (on one thread of an AMD EPYC, about
 twice as fast as those of the BLAS, which do not use its widest vector instructions there).
@@ -85,8 +86,18 @@ run faster than the products; narrower (a first layer on 3 channels), they do no
 
 GROUPED_BYTES = 1 << 21
 """About the most memory that one block of samples of :func:`_grouped_jacobian` takes (inputs,
-output gradients and weight gradients; whole, oneDNN's buffers for the kernel take fresh memory at
-each step, a page fault per page)."""
+output gradients and weight gradients), beyond ``GROUPED_WHOLE_BYTES`` or with several objectives
+per sample or calls (whole, oneDNN's buffers for large kernels take fresh memory at each step, a
+page fault per page)."""
+
+GROUPED_WHOLE_BYTES = 1 << 24
+"""The most memory (inputs, output gradients and weight gradients of all the samples) for which
+:func:`_grouped_jacobian`, with one call and one objective per sample, runs one convolution for
+all the samples and takes its weight gradient as the per-objective gradients (no copy into a
+buffer). On one CPU thread, cnn64's second layer of ``benchmarks/autogram_step.py`` (``[64, 32,
+16, 16]`` inputs, a 32 to 64 map, 11 MiB): 5.9 ms instead of 6.2-6.3 by blocks of
+``GROUPED_BYTES`` and 0.35-0.5 ms of copies, without page faults (the heap is kept: see
+``_workspace.raise_heap_thresholds``)."""
 
 TRIANGLE_MIN_ROWS = 64
 """The fewest rows of per-objective gradients whose Gramian is formed by triangle (see
@@ -121,7 +132,7 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     with_bias = module.bias is not None and module.bias.requires_grad
     folded = with_bias and per_objective and not (looped or grouped)  # the bias in J (ones in X)
     sums = None
-    if with_bias and not folded:
+    if with_bias and not folded and not grouped:  # grouped: from its kernels (see below)
         total = sum(gamma.sum(dim=4) for gamma in grads)  # [R, B, g, C_out/g]
         sums = total.permute(1, 0, 2, 3).reshape(B, R, -1)  # type: ignore[union-attr]
     G: Tensor | int = 0 if sums is None else gram(sums)
@@ -133,7 +144,8 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         return G + weight_gramian(X, Gamma)
     if whole:
         if grouped:
-            J = _grouped_jacobian(module, calls)
+            J, sums = _grouped_jacobian(module, calls, with_bias)
+            G = 0 if sums is None else gram(sums)
         else:
             J = _per_objective_jacobian(module, calls, grads, looped, slice(None), folded)
         if keep:  # for the fused step, in place of Γ
@@ -242,17 +254,27 @@ def _grouped_is_faster(module: Conv, gamma: Tensor) -> bool:
     )
 
 
-def _grouped_jacobian(module: Conv, calls: Sequence[ModuleCall]) -> Tensor:
+def _grouped_jacobian(
+    module: Conv, calls: Sequence[ModuleCall], with_bias: bool
+) -> tuple[Tensor, Tensor | None]:
     r"""The per-objective weight gradients :math:`J_{ir}`, summed over the calls, as
     ``[1, R B, C_out C_in/g prod(kernel)]`` (rows :math:`(r, i)`, each in the weight's layout):
     for each objective of a sample, the weight gradient of one convolution with a group per
     sample and group of the module, the samples side by side along the channels (the images of
     a sample along its batch dimension), from the output gradients of that objective
-    (``convolution_backward``; no patches formed). On blocks of samples of about
-    ``GROUPED_BYTES`` (inputs, output gradients and weight gradients) each: the kernel's own
-    buffers then stay small, and reuse the allocator's memory from block to block."""
+    (``convolution_backward``; no patches formed). With ``with_bias``, also the bias's
+    per-objective gradients :math:`\sum_t \gamma_{irt}` ``[B, R, C_out]``, as that
+    convolution's bias gradient (in the same pass over the output gradients), else None.
+
+    With one call and one objective per sample, when the inputs, output gradients and weight
+    gradients of all the samples take at most ``GROUPED_WHOLE_BYTES``, one convolution for all
+    the samples, whose weight gradient is :math:`J` itself (no copy). Else on blocks of samples of
+    about ``GROUPED_BYTES`` (inputs, output gradients and weight gradients) each, written into a
+    buffer kept from step to step: the kernel's own buffers then stay small, and reuse the
+    allocator's memory from block to block."""
     n, g = len(module.kernel_size), module.groups
     J: Tensor | None = None
+    sums: Tensor | None = None
     for call in calls:
         gamma = call.grad_output()  # [R, (N,) C_out, *positions]
         if gamma.dim() == n + 2:  # an unbatched input
@@ -260,12 +282,16 @@ def _grouped_jacobian(module: Conv, calls: Sequence[ModuleCall]) -> Tensor:
         # [R, B, N', C_out, *positions]: the samples, then the images of each sample
         gamma = gamma.unsqueeze(1) if call.batch_dim is None else gamma.unsqueeze(2)
         R, B, N = gamma.shape[:3]
-        if J is None:  # kept from step to step (see _workspace.py): every row is written
-            J = empty(module, "grouped_jacobian", (R, B, module.weight.numel()), gamma)
         x = _samples_first(call.args[0], call.batch_dim, n)  # [B, N', C_in, *spatial]
-        sample_bytes = (x[0].numel() + gamma[0, 0].numel() + J.shape[2]) * gamma.element_size()
-        blocks = -(-B * sample_bytes // GROUPED_BYTES)
+        size = gamma.element_size()
+        sample_bytes = (x[0].numel() + gamma[0, 0].numel() + module.weight.numel()) * size
+        whole = len(calls) == 1 and R == 1 and B * sample_bytes <= GROUPED_WHOLE_BYTES
+        blocks = 1 if whole else -(-B * sample_bytes // GROUPED_BYTES)
         step = -(-B // blocks)  # samples, in blocks of equal sizes
+        if J is None and not whole:  # kept from step to step (see _workspace.py): all written
+            J = empty(module, "grouped_jacobian", (R, B, module.weight.numel()), gamma)
+        if sums is None and with_bias and not whole:
+            sums = gamma.new_empty(B, R, module.out_channels)
         for first in range(0, B, step):
             block = x[first : first + step]
             b = block.shape[0]
@@ -274,18 +300,28 @@ def _grouped_jacobian(module: Conv, calls: Sequence[ModuleCall]) -> Tensor:
             weight = shape_only(gamma, (b * module.out_channels, *module.weight.shape[1:]))
             for r in range(R):
                 grad_output = gamma[r, first : first + b].transpose(0, 1)
-                _, grad, _ = torch.ops.aten.convolution_backward(
-                    grad_output.reshape(N, -1, *gamma.shape[4:]), block, weight, None,
-                    module.stride, padding, module.dilation, False, [0] * n, b * g,
-                    [False, True, False],
+                _, grad, bias_grad = torch.ops.aten.convolution_backward(
+                    grad_output.reshape(N, -1, *gamma.shape[4:]), block, weight,
+                    [b * module.out_channels] if with_bias else None, module.stride, padding,
+                    module.dilation, False, [0] * n, b * g, [False, True, with_bias],
                 )  # fmt: skip
+                if whole:  # J itself, and the sums
+                    J = grad.reshape(1, B, -1)
+                    sums = bias_grad.reshape(B, 1, -1) if with_bias else None
+                    continue
+                assert J is not None
                 rows = J[r, first : first + b]
+                sum_rows = None if sums is None else sums[first : first + b, r]
                 if call is calls[0]:
                     rows.copy_(grad.reshape(b, -1))
+                    if sum_rows is not None:
+                        sum_rows.copy_(bias_grad.reshape(b, -1))
                 else:
                     rows.add_(grad.reshape(b, -1))
+                    if sum_rows is not None:
+                        sum_rows.add_(bias_grad.reshape(b, -1))
     assert J is not None
-    return J.reshape(1, J.shape[0] * J.shape[1], -1)
+    return J.reshape(1, J.shape[0] * J.shape[1], -1), sums
 
 
 def _per_objective_jacobian(
