@@ -87,6 +87,33 @@ def test_reused_buffers_give_the_results_of_fresh_memory(fused, keep, grouped_pa
     assert all(J.shape[1] in (2, 4, 5) for J in grouped_path)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_reused_patch_buffers_give_the_results_of_fresh_memory(fused, monkeypatch):
+    """The patches of the per-objective path with the bias folded in (a row of ones), by blocks of
+    two samples (the last block smaller for odd batches): over steps of varying batch sizes,
+    bitwise the results of a new engine at each step; one buffer of patches per convolution, the
+    size of a block."""
+    monkeypatch.setattr(conv_module, "_grouped_is_faster", lambda *args: False)
+    monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
+    monkeypatch.setattr(conv_module, "LOOP_MIN_WIDTH", 1 << 30)
+    monkeypatch.setattr(conv_module, "PATCH_BYTES", 2 * 28 * 25 * 8)  # two samples of the first
+    model = _model()
+    engine = Engine(model, batch_dim=0)
+    for batch in [4, 5, 3, 4]:
+        x = torch.randn(batch, 3, 7, 7, dtype=torch.float64)
+        reference_model = _model()
+        reference_model.load_state_dict(model.state_dict())
+        with Engine(reference_model, batch_dim=0) as fresh:
+            expected = _step(fresh, reference_model, x, fused)
+        results = _step(engine, model, x, fused)
+        for result, reference in zip(results, expected, strict=True):
+            assert torch.equal(result, reference)
+        patches = [b for (_, role), b in engine._workspaces._buffers.items() if role == "patches"]
+        assert len(patches) == 2
+        assert patches[0].shape[0] == 2  # the first convolution: blocks of two samples
+        assert torch.all(patches[0][:, -1] == 1)  # the row of ones
+
+
 def test_buffers_freed_on_close_and_on_deletion(grouped_path):
     model = _model()
     x = torch.randn(3, 3, 7, 7, dtype=torch.float64)

@@ -32,16 +32,18 @@ triangle; mlp64's ``[64, 512]`` and ``[64, 784]`` factors, with a bound of ``2^1
 phase 1.5 ms instead of 1.0; a Transformer's ``[32, 8192]`` blocks, 0.13 ms instead of 0.17)."""
 
 TRIANGLE_ROWS = 32
-"""The fewest rows of each block of rows of the lower triangle of :func:`onednn_blocks_gram` (a
-quarter of the rows from 128 rows on; on one thread of an AMD EPYC, 64 rows of 18432 columns:
-0.66 ms instead of 0.72 whole; 256 rows of 4608 columns, by blocks of 64: 2.0 ms instead of 2.3
-by 32)."""
+"""The fewest rows of each block of rows of the lower triangle of :func:`onednn_blocks_gram`
+beyond ``WHOLE_MAX_ROWS`` rows (a quarter of the rows from 128 rows on; on one thread of an AMD
+EPYC, 256 rows of 4608 columns, by blocks of 64: 2.0 ms instead of 2.3 by 32)."""
 
 WHOLE_MAX_ROWS = 64
-"""The most rows whose Gramian :func:`onednn_add_self_gram` adds by one product (all rows against
-all): on one thread of an AMD EPYC, 32 rows of 8192 columns, 0.10 ms instead of 0.12 by two
-blocks of rows; 64 rows of 4096, 0.17 ms instead of 0.21 by four; 128 rows of 8192, 1.1 ms
-instead of 0.94 by four."""
+"""The most rows whose Gramian :func:`onednn_blocks_gram` forms, and :func:`onednn_add_self_gram`
+adds, by one product (all rows against all): on one thread of an AMD EPYC, 32 rows of 8192
+columns, 0.10 ms instead of 0.12 by two blocks of rows; 64 rows of 4096, 0.17 ms instead of 0.21
+by four; 128 rows of 8192, 1.1 ms instead of 0.94 by four. In the fused step of cnn64 in
+``benchmarks/autogram_step.py``, the Gramian of its second convolution's per-objective
+gradients (64 rows of 18432 columns, just formed: not in the nearest caches), 1.33 ms instead of
+1.64 by two blocks of 32 rows (each block of rows reads the rows above it again)."""
 
 
 @functools.cache
@@ -131,9 +133,10 @@ def onednn_gram(A: Tensor) -> Tensor:
 
 def onednn_blocks_gram(J: Tensor) -> Tensor:
     r""":math:`\sum_a J_a J_a^\top` of blocks ``J`` ``[K, n, *]`` by oneDNN's matrix product (its
-    linear layer :math:`x w^\top`, the blocks as both): its lower triangle by blocks of a quarter
-    of the rows (at least ``TRIANGLE_ROWS``), each against itself and the rows above it; the
-    upper triangle is the transpose of the lower one (exactly symmetric)."""
+    linear layer :math:`x w^\top`, the blocks as both): up to ``WHOLE_MAX_ROWS`` rows, by one
+    product per block; else its lower triangle by blocks of a quarter of the rows (at least
+    ``TRIANGLE_ROWS``), each against itself and the rows above it; the upper triangle is the
+    transpose of the lower one (exactly symmetric either way)."""
     linear = _checked_linear()
     J = J.flatten(2)
     n = J.shape[1]
@@ -148,7 +151,8 @@ def onednn_blocks_gram(J: Tensor) -> Tensor:
             else:
                 rows.add_(product)
 
-    return lower_triangle_gram(J, max(TRIANGLE_ROWS, -(-n // 4), 1), write)
+    step = n if n <= WHOLE_MAX_ROWS else max(TRIANGLE_ROWS, -(-n // 4))
+    return lower_triangle_gram(J, max(step, 1), write)
 
 
 def lower_triangle_gram(J: Tensor, step: int, write: Callable[[Tensor, int, int], None]) -> Tensor:
