@@ -198,14 +198,24 @@ PRODUCT_MIN_MULTIPLY_ADDS = 1 << 21
 """The fewest multiply-adds (``K M N``) of a product ``aᵀ b`` (``a`` ``[K, M]``, ``b``
 ``[K, N]``) that :func:`transposed_product` gives to oneDNN: on one thread of an AMD EPYC, from
 ``2^21`` on, 0.5 to 0.9 times the BLAS's time (mlp64's weighted gradients ``[512, 64] @
-[64, 784]``: 0.28 ms instead of 0.54; ``[512, 64] @ [64, 512]``: 0.18 instead of 0.37; cnn64's
-``[10, 64] @ [64, 4096]``: 0.08 instead of 0.11); below, about as fast, or up to 2 to 4 times
-slower (mlp64's ``[10, 64] @ [64, 512]``: 0.024 ms instead of 0.012)."""
+[64, 784]``: 0.28 ms instead of 0.54; ``[512, 64] @ [64, 512]``: 0.18 instead of 0.37; for
+cnn64's ``[10, 64] @ [64, 4096]``, see ``PRODUCT_MIN_LEFT``); below, about as fast, or up to 2 to
+4 times slower (mlp64's ``[10, 64] @ [64, 512]``: 0.024 ms instead of 0.012)."""
 
 PRODUCT_MIN_OUTPUT = 1 << 13
 """The fewest elements (``M N``) of a product that :func:`transposed_product` gives to oneDNN:
 with fewer outputs and many terms for each, the BLAS is as fast or faster (``[64, 512] @
 [512, 64]``: 1.3 times the BLAS's time by oneDNN; ``[16, 1024] @ [1024, 128]``: 1.1 times)."""
+
+PRODUCT_MIN_LEFT = 1 << 11
+"""The fewest elements (``K M``) of the left factor ``a`` of a product that
+:func:`transposed_product` gives to oneDNN, which reorders the right factor (``K N``) at each
+call: for few output rows and terms, the reorder costs more than its product saves. In the fused
+step of cnn64 in ``benchmarks/autogram_step.py``, its Linear layer's ``[10, 64] @ [64, 4096]``
+(factors no longer in the nearest caches) by the BLAS, 0.30 ms instead of 0.47; on one thread of
+an AMD EPYC, with factors out of the caches, ``[16, 64] @ [64, 4096]`` by the BLAS 0.30 ms
+(oneDNN 0.43), and by oneDNN ``[32, 64] @ [64, 4096]`` 0.36 ms (the BLAS 0.42) and ``[10, 256]
+@ [256, 4096]`` 0.66 ms (the BLAS 0.97)."""
 
 
 @functools.cache
@@ -226,10 +236,12 @@ def onednn_transposed_linear() -> Callable[[Tensor, Tensor], Tensor] | None:
 def product_takes(dtype: torch.dtype, device: torch.device, K: int, M: int, N: int) -> bool:
     """Whether :func:`transposed_product` gives a product of ``K`` terms per element, ``[M, N]``,
     to oneDNN: in float32 on the CPU with oneDNN, from ``PRODUCT_MIN_MULTIPLY_ADDS``
-    multiply-adds and ``PRODUCT_MIN_OUTPUT`` elements on."""
+    multiply-adds, ``PRODUCT_MIN_OUTPUT`` elements and ``PRODUCT_MIN_LEFT`` elements of ``a``
+    on."""
     return (
         K * M * N >= PRODUCT_MIN_MULTIPLY_ADDS
         and M * N >= PRODUCT_MIN_OUTPUT
+        and K * M >= PRODUCT_MIN_LEFT
         and _cpu_float32(dtype, device)
         and onednn_transposed_linear() is not None
     )
