@@ -11,8 +11,9 @@ float64 nor on other devices (the BLAS's products there).
 
 :func:`gram` and :func:`blocks_gram` choose (oneDNN, or ``A Aᵀ`` and ``Σ_a J_a J_aᵀ`` by torch);
 :func:`onednn_gram` and :func:`onednn_blocks_gram` take oneDNN's product, for callers that
-choose by :func:`onednn_gram_is_faster` themselves. The Gramians by oneDNN are formed by their
-lower triangle by blocks of rows, then mirrored: exactly symmetric. :func:`onednn_add_self_gram`
+choose by :func:`onednn_gram_is_faster` themselves. The Gramians by oneDNN are formed whole (up
+to ``WHOLE_MAX_ROWS`` rows) or by their lower triangle by blocks of rows, then mirrored: exactly
+symmetric. :func:`onednn_add_self_gram`
 accumulates in the form of ``_linear.add_self_gram`` (``_linear.complete_self_gram`` mirrors).
 """
 
@@ -142,6 +143,11 @@ def onednn_blocks_gram(J: Tensor) -> Tensor:
     n = J.shape[1]
     if J.shape[0] == 0:  # no blocks: the empty sum
         return J.new_zeros(n, n)
+    if n <= WHOLE_MAX_ROWS:  # few small operations (each costs microseconds)
+        G = linear(J[0], J[0])
+        for block in J[1:]:
+            G.add_(linear(block, block))
+        return G.tril() + G.tril(-1).T  # exactly symmetric
 
     def write(rows: Tensor, start: int, end: int) -> None:
         for a, block in enumerate(J):
@@ -151,8 +157,7 @@ def onednn_blocks_gram(J: Tensor) -> Tensor:
             else:
                 rows.add_(product)
 
-    step = n if n <= WHOLE_MAX_ROWS else max(TRIANGLE_ROWS, -(-n // 4))
-    return lower_triangle_gram(J, max(step, 1), write)
+    return lower_triangle_gram(J, max(TRIANGLE_ROWS, -(-n // 4), 1), write)
 
 
 def lower_triangle_gram(J: Tensor, step: int, write: Callable[[Tensor, int, int], None]) -> Tensor:
