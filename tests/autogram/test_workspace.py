@@ -57,6 +57,19 @@ def _step(engine: Engine, model: nn.Module, x: Tensor, fused: bool) -> list[Tens
     return [gramian, *(p.grad for p in model.parameters())]  # type: ignore[misc]
 
 
+def _assert_step_as_fresh(engine: Engine, model: nn.Module, batch: int, fused: bool) -> None:
+    """A step of ``engine`` on a batch of ``batch`` random inputs gives bitwise the results of a
+    new engine (fresh buffers) on a copy of ``model``."""
+    x = torch.randn(batch, 3, 7, 7, dtype=torch.float64)
+    reference_model = _model()
+    reference_model.load_state_dict(model.state_dict())
+    with Engine(reference_model, batch_dim=0) as fresh:
+        expected = _step(fresh, reference_model, x, fused)
+    results = _step(engine, model, x, fused)
+    for result, reference in zip(results, expected, strict=True):
+        assert torch.equal(result, reference)
+
+
 @pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
 def test_reused_buffers_give_the_results_of_fresh_memory(fused, keep, grouped_path, monkeypatch):
@@ -69,14 +82,7 @@ def test_reused_buffers_give_the_results_of_fresh_memory(fused, keep, grouped_pa
     engine = Engine(model, batch_dim=0)
     pointers = []
     for batch in [4, 4, 2, 5, 5, 4]:
-        x = torch.randn(batch, 3, 7, 7, dtype=torch.float64)
-        reference_model = _model()
-        reference_model.load_state_dict(model.state_dict())
-        with Engine(reference_model, batch_dim=0) as fresh:
-            expected = _step(fresh, reference_model, x, fused)
-        results = _step(engine, model, x, fused)
-        for result, reference in zip(results, expected, strict=True):
-            assert torch.equal(result, reference)
+        _assert_step_as_fresh(engine, model, batch, fused)
         buffers = list(engine._workspaces._buffers.values())
         assert len(buffers) == 2  # one per convolution, whatever the batch sizes before
         assert all(buffer.shape[1] == batch for buffer in buffers)
@@ -100,14 +106,7 @@ def test_reused_patch_buffers_give_the_results_of_fresh_memory(fused, monkeypatc
     model = _model()
     engine = Engine(model, batch_dim=0)
     for batch in [4, 5, 3, 4]:
-        x = torch.randn(batch, 3, 7, 7, dtype=torch.float64)
-        reference_model = _model()
-        reference_model.load_state_dict(model.state_dict())
-        with Engine(reference_model, batch_dim=0) as fresh:
-            expected = _step(fresh, reference_model, x, fused)
-        results = _step(engine, model, x, fused)
-        for result, reference in zip(results, expected, strict=True):
-            assert torch.equal(result, reference)
+        _assert_step_as_fresh(engine, model, batch, fused)
         patches = [b for (_, role), b in engine._workspaces._buffers.items() if role == "patches"]
         assert len(patches) == 2
         assert patches[0].shape[0] == 2  # the first convolution: blocks of two samples
