@@ -29,6 +29,7 @@ def onednn_gram(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
 
     monkeypatch.setattr(onednn, "MIN_ELEMENTS", 0)
     monkeypatch.setattr(onednn, "TRIANGLE_ROWS", 4)
+    monkeypatch.setattr(onednn, "WHOLE_MAX_ROWS", 0)
     monkeypatch.setattr(conv_module, "onednn_blocks_gram", spy)
     monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
     return used

@@ -281,10 +281,10 @@ def grouped_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     grouped_jacobian = conv_module._grouped_jacobian
     per_objective_jacobian = conv_module._per_objective_jacobian
 
-    def spy(*args: object) -> Tensor:
-        J = grouped_jacobian(*args)  # type: ignore[arg-type]
+    def spy(*args: object) -> tuple[Tensor, Tensor | None]:
+        J, sums = grouped_jacobian(*args)  # type: ignore[arg-type]
         used.append(J.shape[1])
-        return J
+        return J, sums
 
     def blocks_only(*args: object) -> Tensor:
         assert args[4] != slice(None), "products on the whole patches taken"
@@ -324,6 +324,40 @@ def test_grouped_per_objective_gradients(
     m = max(R, 1) * (1 if batch_dim is None else 3)
     assert grouped_path
     assert all(rows == m for rows in grouped_path)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("batch_dim", [0, None])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_grouped_one_call_one_objective(name, batch_dim, whole, grouped_path, monkeypatch):
+    """One call and one objective per sample: the per-objective gradients (and the bias's, from
+    the same kernel) from one grouped convolution for all the samples, its weight gradient taken
+    as they are (no buffer), or by blocks of one sample into the engine's buffer: exact, and in
+    the fused step."""
+    buffers: list[str] = []
+    empty = conv_module.empty
+
+    def spy(owner: object, role: str, *args: object) -> Tensor:
+        buffers.append(role)
+        return empty(owner, role, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(conv_module, "empty", spy)
+    monkeypatch.setattr(conv_module, "keeps_jacobian", lambda *args: True)
+    if not whole:
+        monkeypatch.setattr(conv_module, "GROUPED_WHOLE_BYTES", 0)
+        monkeypatch.setattr(conv_module, "GROUPED_BYTES", 1)
+    conv = CONVS[name]().double()
+    x = torch.randn(3, conv.in_channels, *[6] * len(conv.kernel_size), dtype=torch.float64)
+    if batch_dim is None:  # the three images make one sample
+        forward = lambda: conv(x).sin().sum()  # noqa: E731
+    else:
+        forward = lambda: conv(x).sin().flatten(1).sum(1)  # noqa: E731
+    assert_gramian_exact([conv], forward, batch_dim)
+    assert_fused_exact([conv], forward, batch_dim, leaves_of([conv]))
+    assert grouped_path
+    assert all(rows == (1 if batch_dim is None else 3) for rows in grouped_path)
+    assert bool(buffers) != whole
 
 
 @pytest.mark.parametrize("frozen", ["weight", "bias"])
@@ -372,7 +406,7 @@ def test_grouped_float32_against_float64(name, R, channels_last, monkeypatch):
     taken: list[bool] = []
     grouped_jacobian = conv_module._grouped_jacobian
 
-    def spy(*args: object) -> Tensor:
+    def spy(*args: object) -> tuple[Tensor, Tensor | None]:
         taken.append(True)
         return grouped_jacobian(*args)  # type: ignore[arg-type]
 

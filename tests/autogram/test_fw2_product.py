@@ -64,13 +64,14 @@ def test_transposed_product_against_float64(K, M, N, layout, monkeypatch):
     assert_product_close(onednn.transposed_product(a, b), a, b)
     monkeypatch.setattr(onednn, "PRODUCT_MIN_MULTIPLY_ADDS", 0)
     monkeypatch.setattr(onednn, "PRODUCT_MIN_OUTPUT", 0)
+    monkeypatch.setattr(onednn, "PRODUCT_MIN_LEFT", 0)
     assert onednn.product_takes(a.dtype, a.device, K, M, N)
     assert_product_close(onednn.transposed_product(a, b), a, b)
 
 
 @needs_onednn
 def test_choice_rule(monkeypatch):
-    """float32 on the CPU from both bounds on; never in float64, below either bound, or with
+    """float32 on the CPU from all bounds on; never in float64, below any bound, or with
     oneDNN off."""
     big = (64, 512, 784)
     assert onednn.product_takes(torch.float32, CPU, *big)
@@ -79,6 +80,9 @@ def test_choice_rule(monkeypatch):
     assert not onednn.product_takes(torch.float32, torch.device("meta"), *big)
     assert not onednn.product_takes(torch.float32, CPU, 64, 10, 512)  # few multiply-adds
     assert not onednn.product_takes(torch.float32, CPU, 1 << 12, 64, 64)  # few outputs
+    assert not onednn.product_takes(torch.float32, CPU, 64, 10, 4096)  # a small left factor
+    assert onednn.product_takes(torch.float32, CPU, 256, 10, 4096)
+    assert onednn.product_takes(torch.float32, CPU, 64, 32, 4096)
     bound = onednn.PRODUCT_MIN_MULTIPLY_ADDS
     assert onednn.product_takes(torch.float32, CPU, bound // (128 * 128), 128, 128)
     assert not onednn.product_takes(torch.float32, CPU, bound // (128 * 128) - 1, 128, 128)

@@ -53,10 +53,15 @@ def test_blocks_gram_against_float64(K, n, columns, seed):
     assert_gram_close(onednn.onednn_gram(J[0]), J[:1])
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 5), (1, 32, 7), (2, 33, 3), (1, 129, 40), (3, 200, 17)])
-def test_blocks_gram_rows_blocks(shape, monkeypatch):
-    """Blocks of rows of 32 or of a quarter of the rows (33, 50), or of 7 (row counts at and
-    around their multiples); blocks of several dimensions are flattened."""
+@pytest.mark.parametrize("whole_max_rows", [0, 64])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 5), (1, 32, 7), (2, 33, 3), (2, 64, 9), (1, 65, 6), (1, 129, 40), (3, 200, 17)]
+)
+def test_blocks_gram_rows_blocks(shape, whole_max_rows, monkeypatch):
+    """Up to ``WHOLE_MAX_ROWS`` rows (64, or none), one product per block; else blocks of rows of
+    32 or of a quarter of the rows (33, 50), or of 7 (row counts at and around their multiples);
+    blocks of several dimensions are flattened."""
+    monkeypatch.setattr(onednn, "WHOLE_MAX_ROWS", whole_max_rows)
     J = torch.randn(shape, dtype=torch.float32)
     assert_gram_close(onednn.onednn_blocks_gram(J), J)
     assert_gram_close(onednn.onednn_blocks_gram(J.reshape(*shape[:2], 1, shape[2])), J)

@@ -18,17 +18,18 @@ from torchjd.autogram._workspace import Workspaces, empty
 @pytest.fixture
 def grouped_path(monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
     """Forces the per-objective gradients of convolutions from grouped convolutions, formed whole
-    (the rule that takes its buffer from the engine), and records each."""
+    by blocks of samples (the rule that takes its buffer from the engine), and records each."""
     formed: list[Tensor] = []
     grouped_jacobian = conv_module._grouped_jacobian
 
-    def spy(*args: object) -> Tensor:
-        J = grouped_jacobian(*args)  # type: ignore[arg-type]
+    def spy(*args: object) -> tuple[Tensor, Tensor | None]:
+        J, sums = grouped_jacobian(*args)  # type: ignore[arg-type]
         formed.append(J)
-        return J
+        return J, sums
 
     monkeypatch.setattr(conv_module, "_grouped_is_faster", lambda *args: True)
     monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
+    monkeypatch.setattr(conv_module, "GROUPED_WHOLE_BYTES", 0)
     monkeypatch.setattr(conv_module, "_grouped_jacobian", spy)
     return formed
 
@@ -56,6 +57,19 @@ def _step(engine: Engine, model: nn.Module, x: Tensor, fused: bool) -> list[Tens
     return [gramian, *(p.grad for p in model.parameters())]  # type: ignore[misc]
 
 
+def _assert_step_as_fresh(engine: Engine, model: nn.Module, batch: int, fused: bool) -> None:
+    """A step of ``engine`` on a batch of ``batch`` random inputs gives bitwise the results of a
+    new engine (fresh buffers) on a copy of ``model``."""
+    x = torch.randn(batch, 3, 7, 7, dtype=torch.float64)
+    reference_model = _model()
+    reference_model.load_state_dict(model.state_dict())
+    with Engine(reference_model, batch_dim=0) as fresh:
+        expected = _step(fresh, reference_model, x, fused)
+    results = _step(engine, model, x, fused)
+    for result, reference in zip(results, expected, strict=True):
+        assert torch.equal(result, reference)
+
+
 @pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
 def test_reused_buffers_give_the_results_of_fresh_memory(fused, keep, grouped_path, monkeypatch):
@@ -68,14 +82,7 @@ def test_reused_buffers_give_the_results_of_fresh_memory(fused, keep, grouped_pa
     engine = Engine(model, batch_dim=0)
     pointers = []
     for batch in [4, 4, 2, 5, 5, 4]:
-        x = torch.randn(batch, 3, 7, 7, dtype=torch.float64)
-        reference_model = _model()
-        reference_model.load_state_dict(model.state_dict())
-        with Engine(reference_model, batch_dim=0) as fresh:
-            expected = _step(fresh, reference_model, x, fused)
-        results = _step(engine, model, x, fused)
-        for result, reference in zip(results, expected, strict=True):
-            assert torch.equal(result, reference)
+        _assert_step_as_fresh(engine, model, batch, fused)
         buffers = list(engine._workspaces._buffers.values())
         assert len(buffers) == 2  # one per convolution, whatever the batch sizes before
         assert all(buffer.shape[1] == batch for buffer in buffers)
@@ -84,6 +91,26 @@ def test_reused_buffers_give_the_results_of_fresh_memory(fused, keep, grouped_pa
     assert pointers[4] == pointers[3]
     assert grouped_path
     assert all(J.shape[1] in (2, 4, 5) for J in grouped_path)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_reused_patch_buffers_give_the_results_of_fresh_memory(fused, monkeypatch):
+    """The patches of the per-objective path with the bias folded in (a row of ones), by blocks of
+    two samples (the last block smaller for odd batches): over steps of varying batch sizes,
+    bitwise the results of a new engine at each step; one buffer of patches per convolution, the
+    size of a block."""
+    monkeypatch.setattr(conv_module, "_grouped_is_faster", lambda *args: False)
+    monkeypatch.setattr(conv_module, "per_objective_is_cheaper", lambda *args: True)
+    monkeypatch.setattr(conv_module, "LOOP_MIN_WIDTH", 1 << 30)
+    monkeypatch.setattr(conv_module, "PATCH_BYTES", 2 * 28 * 25 * 8)  # two samples of the first
+    model = _model()
+    engine = Engine(model, batch_dim=0)
+    for batch in [4, 5, 3, 4]:
+        _assert_step_as_fresh(engine, model, batch, fused)
+        patches = [b for (_, role), b in engine._workspaces._buffers.items() if role == "patches"]
+        assert len(patches) == 2
+        assert patches[0].shape[0] == 2  # the first convolution: blocks of two samples
+        assert torch.all(patches[0][:, -1] == 1)  # the row of ones
 
 
 def test_buffers_freed_on_close_and_on_deletion(grouped_path):

@@ -11,8 +11,9 @@ float64 nor on other devices (the BLAS's products there).
 
 :func:`gram` and :func:`blocks_gram` choose (oneDNN, or ``A Aᵀ`` and ``Σ_a J_a J_aᵀ`` by torch);
 :func:`onednn_gram` and :func:`onednn_blocks_gram` take oneDNN's product, for callers that
-choose by :func:`onednn_gram_is_faster` themselves. The Gramians by oneDNN are formed by their
-lower triangle by blocks of rows, then mirrored: exactly symmetric. :func:`onednn_add_self_gram`
+choose by :func:`onednn_gram_is_faster` themselves. The Gramians by oneDNN are formed whole (up
+to ``WHOLE_MAX_ROWS`` rows) or by their lower triangle by blocks of rows, then mirrored: exactly
+symmetric. :func:`onednn_add_self_gram`
 accumulates in the form of ``_linear.add_self_gram`` (``_linear.complete_self_gram`` mirrors).
 """
 
@@ -32,16 +33,18 @@ triangle; mlp64's ``[64, 512]`` and ``[64, 784]`` factors, with a bound of ``2^1
 phase 1.5 ms instead of 1.0; a Transformer's ``[32, 8192]`` blocks, 0.13 ms instead of 0.17)."""
 
 TRIANGLE_ROWS = 32
-"""The fewest rows of each block of rows of the lower triangle of :func:`onednn_blocks_gram` (a
-quarter of the rows from 128 rows on; on one thread of an AMD EPYC, 64 rows of 18432 columns:
-0.66 ms instead of 0.72 whole; 256 rows of 4608 columns, by blocks of 64: 2.0 ms instead of 2.3
-by 32)."""
+"""The fewest rows of each block of rows of the lower triangle of :func:`onednn_blocks_gram`
+beyond ``WHOLE_MAX_ROWS`` rows (a quarter of the rows from 128 rows on; on one thread of an AMD
+EPYC, 256 rows of 4608 columns, by blocks of 64: 2.0 ms instead of 2.3 by 32)."""
 
 WHOLE_MAX_ROWS = 64
-"""The most rows whose Gramian :func:`onednn_add_self_gram` adds by one product (all rows against
-all): on one thread of an AMD EPYC, 32 rows of 8192 columns, 0.10 ms instead of 0.12 by two
-blocks of rows; 64 rows of 4096, 0.17 ms instead of 0.21 by four; 128 rows of 8192, 1.1 ms
-instead of 0.94 by four."""
+"""The most rows whose Gramian :func:`onednn_blocks_gram` forms, and :func:`onednn_add_self_gram`
+adds, by one product (all rows against all): on one thread of an AMD EPYC, 32 rows of 8192
+columns, 0.10 ms instead of 0.12 by two blocks of rows; 64 rows of 4096, 0.17 ms instead of 0.21
+by four; 128 rows of 8192, 1.1 ms instead of 0.94 by four. In the fused step of cnn64 in
+``benchmarks/autogram_step.py``, the Gramian of its second convolution's per-objective
+gradients (64 rows of 18432 columns, just formed: not in the nearest caches), 1.33 ms instead of
+1.64 by two blocks of 32 rows (each block of rows reads the rows above it again)."""
 
 
 @functools.cache
@@ -131,14 +134,20 @@ def onednn_gram(A: Tensor) -> Tensor:
 
 def onednn_blocks_gram(J: Tensor) -> Tensor:
     r""":math:`\sum_a J_a J_a^\top` of blocks ``J`` ``[K, n, *]`` by oneDNN's matrix product (its
-    linear layer :math:`x w^\top`, the blocks as both): its lower triangle by blocks of a quarter
-    of the rows (at least ``TRIANGLE_ROWS``), each against itself and the rows above it; the
-    upper triangle is the transpose of the lower one (exactly symmetric)."""
+    linear layer :math:`x w^\top`, the blocks as both): up to ``WHOLE_MAX_ROWS`` rows, by one
+    product per block; else its lower triangle by blocks of a quarter of the rows (at least
+    ``TRIANGLE_ROWS``), each against itself and the rows above it; the upper triangle is the
+    transpose of the lower one (exactly symmetric either way)."""
     linear = _checked_linear()
     J = J.flatten(2)
     n = J.shape[1]
     if J.shape[0] == 0:  # no blocks: the empty sum
         return J.new_zeros(n, n)
+    if n <= WHOLE_MAX_ROWS:  # few small operations (each costs microseconds)
+        G = linear(J[0], J[0])
+        for block in J[1:]:
+            G.add_(linear(block, block))
+        return G.tril() + G.tril(-1).T  # exactly symmetric
 
     def write(rows: Tensor, start: int, end: int) -> None:
         for a, block in enumerate(J):
@@ -194,14 +203,24 @@ PRODUCT_MIN_MULTIPLY_ADDS = 1 << 21
 """The fewest multiply-adds (``K M N``) of a product ``aᵀ b`` (``a`` ``[K, M]``, ``b``
 ``[K, N]``) that :func:`transposed_product` gives to oneDNN: on one thread of an AMD EPYC, from
 ``2^21`` on, 0.5 to 0.9 times the BLAS's time (mlp64's weighted gradients ``[512, 64] @
-[64, 784]``: 0.28 ms instead of 0.54; ``[512, 64] @ [64, 512]``: 0.18 instead of 0.37; cnn64's
-``[10, 64] @ [64, 4096]``: 0.08 instead of 0.11); below, about as fast, or up to 2 to 4 times
-slower (mlp64's ``[10, 64] @ [64, 512]``: 0.024 ms instead of 0.012)."""
+[64, 784]``: 0.28 ms instead of 0.54; ``[512, 64] @ [64, 512]``: 0.18 instead of 0.37; for
+cnn64's ``[10, 64] @ [64, 4096]``, see ``PRODUCT_MIN_LEFT``); below, about as fast, or up to 2 to
+4 times slower (mlp64's ``[10, 64] @ [64, 512]``: 0.024 ms instead of 0.012)."""
 
 PRODUCT_MIN_OUTPUT = 1 << 13
 """The fewest elements (``M N``) of a product that :func:`transposed_product` gives to oneDNN:
 with fewer outputs and many terms for each, the BLAS is as fast or faster (``[64, 512] @
 [512, 64]``: 1.3 times the BLAS's time by oneDNN; ``[16, 1024] @ [1024, 128]``: 1.1 times)."""
+
+PRODUCT_MIN_LEFT = 1 << 11
+"""The fewest elements (``K M``) of the left factor ``a`` of a product that
+:func:`transposed_product` gives to oneDNN, which reorders the right factor (``K N``) at each
+call: for few output rows and terms, the reorder costs more than its product saves. In the fused
+step of cnn64 in ``benchmarks/autogram_step.py``, its Linear layer's ``[10, 64] @ [64, 4096]``
+(factors no longer in the nearest caches) by the BLAS, 0.30 ms instead of 0.47; on one thread of
+an AMD EPYC, with factors out of the caches, ``[16, 64] @ [64, 4096]`` by the BLAS 0.30 ms
+(oneDNN 0.43), and by oneDNN ``[32, 64] @ [64, 4096]`` 0.36 ms (the BLAS 0.42) and ``[10, 256]
+@ [256, 4096]`` 0.66 ms (the BLAS 0.97)."""
 
 
 @functools.cache
@@ -222,10 +241,12 @@ def onednn_transposed_linear() -> Callable[[Tensor, Tensor], Tensor] | None:
 def product_takes(dtype: torch.dtype, device: torch.device, K: int, M: int, N: int) -> bool:
     """Whether :func:`transposed_product` gives a product of ``K`` terms per element, ``[M, N]``,
     to oneDNN: in float32 on the CPU with oneDNN, from ``PRODUCT_MIN_MULTIPLY_ADDS``
-    multiply-adds and ``PRODUCT_MIN_OUTPUT`` elements on."""
+    multiply-adds, ``PRODUCT_MIN_OUTPUT`` elements and ``PRODUCT_MIN_LEFT`` elements of ``a``
+    on."""
     return (
         K * M * N >= PRODUCT_MIN_MULTIPLY_ADDS
         and M * N >= PRODUCT_MIN_OUTPUT
+        and K * M >= PRODUCT_MIN_LEFT
         and _cpu_float32(dtype, device)
         and onednn_transposed_linear() is not None
     )

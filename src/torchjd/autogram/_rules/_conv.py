@@ -37,8 +37,9 @@ On the CPU with oneDNN, in float32, for patches at least ``GROUPED_MIN_WIDTH`` w
 formed whole comes instead from convolution kernels, without patches: placing the samples side by
 side along the channels (``[1, B C_in, *spatial]``), a convolution with one group per sample and
 group of the module has, as its weight gradient for the output gradients of objective :math:`r`,
-the per-sample weight gradients :math:`J_{ir}` (``[B C_out, C_in/g, *kernel]``); there, oneDNN's
-kernel for it runs about twice as fast as the batched products. :math:`G = J J^\top` is formed
+the per-sample weight gradients :math:`J_{ir}` (``[B C_out, C_in/g, *kernel]``), and as its bias
+gradient the bias's per-objective gradients; there, oneDNN's kernel for it runs about twice as
+fast as the batched products. :math:`G = J J^\top` is formed
 by its lower triangle when large enough (about half of the products: see :func:`_blocks_gram`);
 in float32 on the CPU with oneDNN, by oneDNN's matrix products (on one thread of an AMD EPYC, about
 twice as fast as those of the BLAS, which do not use its widest vector instructions there).
@@ -85,8 +86,18 @@ run faster than the products; narrower (a first layer on 3 channels), they do no
 
 GROUPED_BYTES = 1 << 21
 """About the most memory that one block of samples of :func:`_grouped_jacobian` takes (inputs,
-output gradients and weight gradients; whole, oneDNN's buffers for the kernel take fresh memory at
-each step, a page fault per page)."""
+output gradients and weight gradients), beyond ``GROUPED_WHOLE_BYTES`` or with several objectives
+per sample or calls (whole, oneDNN's buffers for large kernels take fresh memory at each step, a
+page fault per page)."""
+
+GROUPED_WHOLE_BYTES = 1 << 24
+"""The most memory (inputs, output gradients and weight gradients of all the samples) for which
+:func:`_grouped_jacobian`, with one call and one objective per sample, runs one convolution for
+all the samples and takes its weight gradient as the per-objective gradients (no copy into a
+buffer). On one CPU thread, cnn64's second layer of ``benchmarks/autogram_step.py`` (``[64, 32,
+16, 16]`` inputs, a 32 to 64 map, 11 MiB): 5.9 ms instead of 6.2-6.3 by blocks of
+``GROUPED_BYTES`` and 0.35-0.5 ms of copies, without page faults (the heap is kept: see
+``_workspace.raise_heap_thresholds``)."""
 
 TRIANGLE_MIN_ROWS = 64
 """The fewest rows of per-objective gradients whose Gramian is formed by triangle (see
@@ -121,7 +132,7 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     with_bias = module.bias is not None and module.bias.requires_grad
     folded = with_bias and per_objective and not (looped or grouped)  # the bias in J (ones in X)
     sums = None
-    if with_bias and not folded:
+    if with_bias and not folded and not grouped:  # grouped: from its kernels (see below)
         total = sum(gamma.sum(dim=4) for gamma in grads)  # [R, B, g, C_out/g]
         sums = total.permute(1, 0, 2, 3).reshape(B, R, -1)  # type: ignore[union-attr]
     G: Tensor | int = 0 if sums is None else gram(sums)
@@ -133,7 +144,8 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         return G + weight_gramian(X, Gamma)
     if whole:
         if grouped:
-            J = _grouped_jacobian(module, calls)
+            J, sums = _grouped_jacobian(module, calls, with_bias)
+            G = 0 if sums is None else gram(sums)
         else:
             J = _per_objective_jacobian(module, calls, grads, looped, slice(None), folded)
         if keep:  # for the fused step, in place of Γ
@@ -164,7 +176,8 @@ def conv_weighted_gradients(
         J, sums, folded, grouped = calls[0].saved["jacobian"]
         K, (C_out, C_in_g) = J.shape[0], module.weight.shape[:2]
         g = module.groups
-        grad = W.T.reshape(-1).to(J.dtype) @ J
+        w = W.T.reshape(-1).to(J.dtype)
+        grad = (w @ J[0]).unsqueeze(0) if K == 1 else w @ J  # one block: a matrix's product
         if grouped:
             pairs = [(module.weight, grad.reshape(module.weight.shape))]
         else:
@@ -242,17 +255,27 @@ def _grouped_is_faster(module: Conv, gamma: Tensor) -> bool:
     )
 
 
-def _grouped_jacobian(module: Conv, calls: Sequence[ModuleCall]) -> Tensor:
+def _grouped_jacobian(
+    module: Conv, calls: Sequence[ModuleCall], with_bias: bool
+) -> tuple[Tensor, Tensor | None]:
     r"""The per-objective weight gradients :math:`J_{ir}`, summed over the calls, as
     ``[1, R B, C_out C_in/g prod(kernel)]`` (rows :math:`(r, i)`, each in the weight's layout):
     for each objective of a sample, the weight gradient of one convolution with a group per
     sample and group of the module, the samples side by side along the channels (the images of
     a sample along its batch dimension), from the output gradients of that objective
-    (``convolution_backward``; no patches formed). On blocks of samples of about
-    ``GROUPED_BYTES`` (inputs, output gradients and weight gradients) each: the kernel's own
-    buffers then stay small, and reuse the allocator's memory from block to block."""
+    (``convolution_backward``; no patches formed). With ``with_bias``, also the bias's
+    per-objective gradients :math:`\sum_t \gamma_{irt}` ``[B, R, C_out]``, as that
+    convolution's bias gradient (in the same pass over the output gradients), else None.
+
+    With one call and one objective per sample, when the inputs, output gradients and weight
+    gradients of all the samples take at most ``GROUPED_WHOLE_BYTES``, one convolution for all
+    the samples, whose weight gradient is :math:`J` itself (no copy). Else on blocks of samples of
+    about ``GROUPED_BYTES`` (inputs, output gradients and weight gradients) each, written into a
+    buffer kept from step to step: the kernel's own buffers then stay small, and reuse the
+    allocator's memory from block to block."""
     n, g = len(module.kernel_size), module.groups
     J: Tensor | None = None
+    sums: Tensor | None = None
     for call in calls:
         gamma = call.grad_output()  # [R, (N,) C_out, *positions]
         if gamma.dim() == n + 2:  # an unbatched input
@@ -260,12 +283,16 @@ def _grouped_jacobian(module: Conv, calls: Sequence[ModuleCall]) -> Tensor:
         # [R, B, N', C_out, *positions]: the samples, then the images of each sample
         gamma = gamma.unsqueeze(1) if call.batch_dim is None else gamma.unsqueeze(2)
         R, B, N = gamma.shape[:3]
-        if J is None:  # kept from step to step (see _workspace.py): every row is written
-            J = empty(module, "grouped_jacobian", (R, B, module.weight.numel()), gamma)
         x = _samples_first(call.args[0], call.batch_dim, n)  # [B, N', C_in, *spatial]
-        sample_bytes = (x[0].numel() + gamma[0, 0].numel() + J.shape[2]) * gamma.element_size()
-        blocks = -(-B * sample_bytes // GROUPED_BYTES)
+        size = gamma.element_size()
+        sample_bytes = (x[0].numel() + gamma[0, 0].numel() + module.weight.numel()) * size
+        whole = len(calls) == 1 and R == 1 and B * sample_bytes <= GROUPED_WHOLE_BYTES
+        blocks = 1 if whole else -(-B * sample_bytes // GROUPED_BYTES)
         step = -(-B // blocks)  # samples, in blocks of equal sizes
+        if J is None and not whole:  # kept from step to step (see _workspace.py): all written
+            J = empty(module, "grouped_jacobian", (R, B, module.weight.numel()), gamma)
+        if sums is None and with_bias and not whole:
+            sums = gamma.new_empty(B, R, module.out_channels)
         for first in range(0, B, step):
             block = x[first : first + step]
             b = block.shape[0]
@@ -274,18 +301,28 @@ def _grouped_jacobian(module: Conv, calls: Sequence[ModuleCall]) -> Tensor:
             weight = shape_only(gamma, (b * module.out_channels, *module.weight.shape[1:]))
             for r in range(R):
                 grad_output = gamma[r, first : first + b].transpose(0, 1)
-                _, grad, _ = torch.ops.aten.convolution_backward(
-                    grad_output.reshape(N, -1, *gamma.shape[4:]), block, weight, None,
-                    module.stride, padding, module.dilation, False, [0] * n, b * g,
-                    [False, True, False],
+                _, grad, bias_grad = torch.ops.aten.convolution_backward(
+                    grad_output.reshape(N, -1, *gamma.shape[4:]), block, weight,
+                    [b * module.out_channels] if with_bias else None, module.stride, padding,
+                    module.dilation, False, [0] * n, b * g, [False, True, with_bias],
                 )  # fmt: skip
+                if whole:  # J itself, and the sums
+                    J = grad.reshape(1, B, -1)
+                    sums = bias_grad.reshape(B, 1, -1) if with_bias else None
+                    continue
+                assert J is not None
                 rows = J[r, first : first + b]
+                sum_rows = None if sums is None else sums[first : first + b, r]
                 if call is calls[0]:
                     rows.copy_(grad.reshape(b, -1))
+                    if sum_rows is not None:
+                        sum_rows.copy_(bias_grad.reshape(b, -1))
                 else:
                     rows.add_(grad.reshape(b, -1))
+                    if sum_rows is not None:
+                        sum_rows.add_(bias_grad.reshape(b, -1))
     assert J is not None
-    return J.reshape(1, J.shape[0] * J.shape[1], -1)
+    return J.reshape(1, J.shape[0] * J.shape[1], -1), sums
 
 
 def _per_objective_jacobian(
@@ -323,7 +360,8 @@ def _per_objective_jacobian(
         blocks = -(-g * width * S * T * gamma.element_size() * B // PATCH_BYTES)
         step = -(-B // blocks)  # samples, in blocks of equal sizes
         for first in range(0, B, step):
-            X = _patch_matrix(module, _pad_images(module, x[first : first + step]), looped, ones)
+            padded = _pad_images(module, x[first : first + step])
+            X = _patch_matrix(module, padded, looped, ones, capacity=step)
             X = X.to(gamma.dtype)  # [b g, width, S, positions]
             for a in range(K):
                 X_a = _offset_columns(module, X, a, T_1, T) if looped else X[:, :, 0]
@@ -411,14 +449,19 @@ def _pad_images(module: Conv, x: Tensor) -> Tensor:
     return padded.reshape(*x.shape[:3], *padded.shape[2:])
 
 
-def _patch_matrix(module: Conv, x: Tensor, looped: bool, ones: bool = False) -> Tensor:
+def _patch_matrix(
+    module: Conv, x: Tensor, looped: bool, ones: bool = False, capacity: int = 0
+) -> Tensor:
     """``[B g, width, S, positions]`` (one copy) from padded images ``x`` ``[B, N', C, *spatial]``:
     the patches that each output position sees, ``width = C_in/g * prod(kernel)`` and ``S = 1``
     unless ``looped`` (one image per sample): then the first kernel dimension is not unfolded,
     ``width = C_in/g * prod(kernel[1:])``, and the padded rows of the first spatial dimension are
     split into the ``S`` phases of its stride (the positions: the rows of a phase, then the output
     positions of the other dimensions). With ``ones`` (not ``looped``), one more row, of ones:
-    ``[B g, width + 1, 1, positions]``."""
+    ``[B g, width + 1, 1, positions]``, in the engine's buffer (see ``_workspace.py``; sized for
+    ``capacity`` samples, or ``B`` if more, so that blocks of fewer samples reuse it): no fresh
+    memory for each block (on one CPU thread, the patches of cnn64's first convolution in
+    ``benchmarks/autogram_step.py``, 16 samples a block, 0.08 ms instead of 0.15)."""
     B, N, C = x.shape[:3]
     n = len(module.kernel_size)
     x = x.flatten(0, 1)
@@ -444,7 +487,8 @@ def _patch_matrix(module: Conv, x: Tensor, looped: bool, ones: bool = False) -> 
     # one copy, into a buffer with a last row of ones
     x = x.permute(order)  # [B, C, *kernel, N', *positions]
     kernel_shape, rest = x.shape[2 : 2 + n], x.shape[2 + n :]
-    X = x.new_empty(B * module.groups, width + 1, 1, _prod(rest))
+    shape = (max(B, capacity) * module.groups, width + 1, 1, _prod(rest))
+    X = empty(module, "patches", shape, x)[: B * module.groups]
     patches = X[:, :width, 0].view(B, module.groups, -1, *kernel_shape, *rest)
     patches.copy_(x.reshape(patches.shape))
     X[:, width].fill_(1)
