@@ -69,12 +69,13 @@ class Engine:
     passes run with grad enabled are recorded until the next :meth:`compute_gramian`, which must
     come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
     re-runs of activation checkpointing). On the CPU, the engine also keeps the largest
-    intermediates of some rules (the per-objective gradients of a convolution, when formed whole)
-    in buffers reused from step to step, one per module, rather than taking fresh memory at
-    every step; they are freed with the hooks. The first engine of a process allocates and frees
-    (without touching it) a CPU block of 16 MiB, which makes glibc's ``malloc`` keep up to 32 MiB
-    of free memory at the top of its heap instead of giving it back to the system and taking it
-    again, a page fault per page, at every layer of the Gramian's backward pass.
+    intermediates of some rules (a convolution's unfolded inputs, and its per-objective gradients
+    when formed by blocks of samples) in buffers reused from step to step, one per module, rather
+    than taking fresh memory at every step; they are freed with the hooks. The first engine of a
+    process allocates and frees (without touching it) a CPU block of 16 MiB, which makes glibc's
+    ``malloc`` keep up to 32 MiB of free memory at the top of its heap instead of giving it back to
+    the system and taking it again, a page fault per page, at every layer of the Gramian's backward
+    pass.
 
     The blocks of ``Linear`` layers, convolutions, ``Embedding``, normalisation layers and
     ``MultiheadAttention`` are computed during the backward pass itself, from hooks on the
