@@ -131,3 +131,45 @@ def test_compacted_blocks_in_chunks(width: int) -> None:
     assert g * width * min(2 * m, width) > _principal_pivoting._GATHER_ENTRIES  # chunked
     expected = B[index.unsqueeze(2), index.unsqueeze(1)]
     assert torch.equal(compacted_blocks(B, index), expected)
+
+
+@pytest.mark.parametrize("width", [100, 140])
+def test_compacted_blocks_of_a_tracked_matrix(width: int) -> None:
+    """A ``B`` that requires grad (UPGrad on a Jacobian that requires grad) gets the blocks of
+    plain indexing, with their gradient: the chunked gather into a buffer does not record one."""
+    m, g = 256, 64
+    generator = torch.Generator().manual_seed(width)
+    A = torch.randn(m, 300, generator=generator, dtype=torch.float64)
+    _, B = bordered_scaled(A @ A.T)
+    B = B.requires_grad_()
+    index = torch.stack([torch.randperm(m, generator=generator)[:width] for _ in range(g)])
+    blocks = compacted_blocks(B, index)
+    expected = B[index.unsqueeze(2), index.unsqueeze(1)]
+    assert torch.equal(blocks, expected)
+    weights = torch.randn(blocks.shape, generator=generator, dtype=torch.float64)
+    (gradient,) = torch.autograd.grad((blocks * weights).sum(), B)
+    (expected_gradient,) = torch.autograd.grad((expected * weights).sum(), B)
+    assert torch.allclose(gradient, expected_gradient, rtol=0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("draw", [7, 9])
+def test_upgrad_on_a_tracked_jacobian_at_256_rows(exact: bool, draw: int) -> None:
+    """UPGrad (default and exact mode) on a float32 Jacobian of 256 rows that requires grad (hard
+    Jacobians of ``benchmarks/non_conflict.py`` whose faces are gathered in chunks) gives the
+    update of the same Jacobian detached, and a finite gradient."""
+    from benchmarks.non_conflict import hard_jacobian
+
+    from torchjd.aggregation import UPGrad
+    from torchjd.linalg import TorchProjector
+
+    generator = torch.Generator().manual_seed(263)
+    for _ in range(draw + 1):
+        J = hard_jacobian(256, generator).float()
+    projector = TorchProjector(norm_eps=0.0, reg_eps=0.0) if exact else TorchProjector()
+    aggregator = UPGrad(projector=projector)
+    tracked = J.clone().requires_grad_()
+    update = aggregator(tracked)
+    assert torch.allclose(update.detach(), aggregator(J), rtol=1e-4, atol=1e-6)
+    (gradient,) = torch.autograd.grad(update.sum(), tracked)
+    assert torch.isfinite(gradient).all()

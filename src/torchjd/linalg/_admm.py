@@ -74,7 +74,7 @@ def warm_admm(
     out_multipliers = torch.zeros_like(U)
     converged = torch.zeros(U.shape[0], dtype=torch.bool, device=U.device)
     rows = torch.arange(U.shape[0], device=U.device)
-    trace = float(G.diagonal().sum())
+    trace = float(G.diagonal().sum().detach())
     rho = 2 * trace / m  # the mean eigenvalue of the Hessian 2G
     rho = warm.rho if warm is not None else rho if scale is None else _SCALED_RHO * rho
     rho_min = trace * math.sqrt(torch.finfo(G.dtype).eps)
@@ -110,7 +110,7 @@ def warm_admm(
             # Residual balancing: a relatively large primal residual asks for a larger penalty.
             primal = (V - Z).norm() / torch.maximum(V.norm(), Z.norm())
             dual = (Z - Z_previous).norm() / Y.norm()
-            ratio = float((primal / dual).sqrt())
+            ratio = float((primal / dual).sqrt().detach())
             if 0.0 < ratio < math.inf and (ratio > 5.0 or ratio < 0.2):
                 ratio = max(ratio, rho_min / rho)
                 rho *= ratio

@@ -814,7 +814,9 @@ def compacted_blocks(bordered: Tensor, index: Tensor) -> Tensor:
     # larger one is a fresh allocation each time, whose first touch of every page costs more than
     # the gather.
     chunk = max(1, _GATHER_ENTRIES // (width * (n if by_rows else width)))
-    if chunk >= g or bordered.device.type != "cpu":
+    # (Into a buffer only when untracked: an ``out=`` does not record the operation's gradient.)
+    tracked = bordered.requires_grad and torch.is_grad_enabled()
+    if chunk >= g or bordered.device.type != "cpu" or tracked:
         return _gathered(bordered, index, by_rows)
     blocks = torch.empty(g, width, width, dtype=bordered.dtype, device=bordered.device)
     for start in range(0, g, chunk):
