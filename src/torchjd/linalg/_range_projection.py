@@ -383,7 +383,6 @@ def _dual_feasible_start(
     padded_C = torch.nn.functional.pad(C, (0, 1))
     width = slots.shape[1]
     position = torch.arange(width, device=slots.device)
-    eye = torch.eye(width, dtype=gram.dtype, device=gram.device)
     rows = torch.arange(slots.shape[0], device=slots.device)  # those not yet dual feasible
     for round_ in range(_START_ROUNDS + 1):
         if rows.numel() == 0:
@@ -393,8 +392,10 @@ def _dual_feasible_start(
             break
         S, k_q, g = slots[rows], q[rows], guess[rows]
         inside = position < k_q.unsqueeze(1)
-        block = inside.unsqueeze(2) & inside.unsqueeze(1)
-        M = torch.where(block, padded[S.unsqueeze(2), S.unsqueeze(1)], eye)
+        # (The padding's row and column of padded are zero: ones on its diagonal, in place, are
+        # torch.where(block, M, I) at one pass less over M.)
+        M = padded[S.unsqueeze(2), S.unsqueeze(1)]
+        M.diagonal(dim1=1, dim2=2).masked_fill_(~inside, 1.0)
         L, info = torch.linalg.cholesky_ex(M)
         pivots = torch.where(inside, L.diagonal(dim1=1, dim2=2), 1.0)
         failed = (position >= info.unsqueeze(1) - 1) & (info > 0).unsqueeze(1)
