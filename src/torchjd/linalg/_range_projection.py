@@ -278,10 +278,10 @@ def dual_active_set(
             Q, R, slots, mu, width = _grow(Q, R, slots, mu, m)
         index = torch.where(live, pending, m)
         n = padded[index]
-        d1 = (Q.mT @ n.unsqueeze(2)).squeeze(2)
-        z = n - (Q @ d1.unsqueeze(2)).squeeze(2)
-        again = (Q.mT @ z.unsqueeze(2)).squeeze(2)  # a second Gram-Schmidt pass
-        z = z - (Q @ again.unsqueeze(2)).squeeze(2)
+        d1 = _transposed_product(Q, n)
+        z = n - _product(Q, d1)
+        again = _transposed_product(Q, z)  # a second Gram-Schmidt pass
+        z = z - _product(Q, again)
         d1 = d1 + again
         rvec = torch.linalg.solve_triangular(R, d1.unsqueeze(2), upper=True).squeeze(2)
         zz = (z * z).sum(dim=1)
@@ -383,7 +383,6 @@ def _dual_feasible_start(
     padded_C = torch.nn.functional.pad(C, (0, 1))
     width = slots.shape[1]
     position = torch.arange(width, device=slots.device)
-    eye = torch.eye(width, dtype=gram.dtype, device=gram.device)
     rows = torch.arange(slots.shape[0], device=slots.device)  # those not yet dual feasible
     for round_ in range(_START_ROUNDS + 1):
         if rows.numel() == 0:
@@ -393,8 +392,10 @@ def _dual_feasible_start(
             break
         S, k_q, g = slots[rows], q[rows], guess[rows]
         inside = position < k_q.unsqueeze(1)
-        block = inside.unsqueeze(2) & inside.unsqueeze(1)
-        M = torch.where(block, padded[S.unsqueeze(2), S.unsqueeze(1)], eye)
+        # (The padding's row and column of padded are zero: ones on its diagonal, in place, are
+        # torch.where(block, M, I) at one pass less over M.)
+        M = padded[S.unsqueeze(2), S.unsqueeze(1)]
+        M.diagonal(dim1=1, dim2=2).masked_fill_(~inside, 1.0)
         L, info = torch.linalg.cholesky_ex(M)
         pivots = torch.where(inside, L.diagonal(dim1=1, dim2=2), 1.0)
         failed = (position >= info.unsqueeze(1) - 1) & (info > 0).unsqueeze(1)
@@ -443,19 +444,33 @@ def _refined(
     inside = torch.arange(Q.shape[2], device=Q.device) < q.unsqueeze(1)
     z_active = torch.where(inside, padded_B.gather(1, slots) + mu.clamp_min(0), 0.0)
     w = torch.linalg.solve_triangular(R.mT, z_active.unsqueeze(2), upper=False)
-    return Y, (Q @ w).squeeze(2)
+    return Y, _product(Q, w.squeeze(2))
 
 
 def _projection(A: Tensor, Q: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
     """The projection ``y = (I − Q_1 Q_1ᵀ) a`` of each row (two Gram-Schmidt passes) and the
     multipliers ``μ_A = R^{-1} Q_1ᵀ (y − a)`` of its active constraints (zero columns of ``Q_1``
     beyond them: zero multipliers there)."""
-    first = (Q.mT @ A.unsqueeze(2)).squeeze(2)
-    Y = A - (Q @ first.unsqueeze(2)).squeeze(2)
-    second = (Q.mT @ Y.unsqueeze(2)).squeeze(2)
-    Y = Y - (Q @ second.unsqueeze(2)).squeeze(2)
+    first = _transposed_product(Q, A)
+    Y = A - _product(Q, first)
+    second = _transposed_product(Q, Y)
+    Y = Y - _product(Q, second)
     mu = torch.linalg.solve_triangular(R, -(first + second).unsqueeze(2), upper=True).squeeze(2)
     return Y, mu
+
+
+def _product(Q: Tensor, x: Tensor) -> Tensor:
+    """``Q x`` for each row (``Q``: ``[k, r, w]``, ``x``: ``[k, w]``), as the row vector ``xᵀ Qᵀ``:
+    on one CPU thread, at ``k = 221``, ``r = 275``, ``w = 267`` (float64), about 9 ms against 15
+    ms for the batched ``Q @ x``."""
+    return (x.unsqueeze(1) @ Q.mT).squeeze(1)
+
+
+def _transposed_product(Q: Tensor, x: Tensor) -> Tensor:
+    """``Qᵀ x`` for each row (``Q``: ``[k, r, w]``, ``x``: ``[k, r]``), as the row vector
+    ``xᵀ Q``, which reads ``Q`` in its own order: on one CPU thread, at ``k = 221``, ``r = 275``,
+    ``w = 267`` (float64), about 5 to 10 ms against 33 ms for the batched ``Qᵀ @ x``."""
+    return (x.unsqueeze(1) @ Q).squeeze(1)
 
 
 def _without(drop: Tensor, width: int) -> Tensor:
@@ -530,8 +545,11 @@ def _factor(padded: Tensor, slots: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     Q, R = torch.linalg.qr(padded[slots].mT)  # [k, r, w], [k, w, w]
     inside = torch.arange(width, device=slots.device) < q.unsqueeze(1)
     block = inside.unsqueeze(2) & inside.unsqueeze(1)
-    eye = torch.eye(width, dtype=R.dtype, device=R.device)
-    return torch.where(inside.unsqueeze(1), Q, 0.0), torch.where(block, R, eye)
+    # (In place, on the fresh factors: on one CPU thread, about 0.1 s less than two torch.where on
+    # the [221, 275, 251] start of a call at m = 512.)
+    Q.masked_fill_(~inside.unsqueeze(1), 0.0)
+    R.masked_fill_(~block, 0.0).diagonal(dim1=1, dim2=2).masked_fill_(~inside, 1.0)
+    return Q, R
 
 
 def _least_norm(
