@@ -72,8 +72,9 @@ class UPGrad(GramianWeightedAggregator):
     to 64 rows (median; in total time 1.8x (float32) to 3.0x (float64) at 16 rows, 2.7x to 3.2x
     at 64: float64 weights are brought to the least-norm ones); when many
     more rows than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to
-    1.2x (float32) at 256 rows and 2.7x to 3.5x at 1,024; otherwise 7x to 10x at 256 rows (up
-    to about 2.5 s a call), and seconds to minutes a call at 1,024 rows. See
+    1.2x (float32) at 256 rows and 2.7x to 3.5x at 1,024; otherwise 2.4x to 4.1x at 128 rows,
+    3.2x to 5.6x at 256 (up to about 0.6 s a call), and seconds to minutes a call from 512 rows.
+    See
     :class:`~torchjd.linalg.TorchProjector` for the choice of weights when they are not unique.
 
     :param pref_vector: The preference :math:`p \ge 0` (shape ``[m]``); the mean when None.

@@ -107,10 +107,11 @@ class TorchProjector(DualConeProjector):
     third of the singular Gramians at 64 rows send some rows to a slower interior-point method,
     whose weights are then brought to the least-norm ones); when many more rows
     than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x
-    (float32) at 256 rows and 2.7x to 3.5x at 1,024 rows; otherwise, at 256 rows, 7.3x (float64)
-    to 10.3x (float32) the default's total time on 40 hard Jacobians of
-    ``benchmarks/non_conflict.py`` (mostly singular; median per matrix 1.6x and 2.4x), where the
-    default is fast (14-34 ms a call on average) and the exact mode takes up to about 2.5 s; at
+    (float32) at 256 rows and 2.7x to 3.5x at 1,024 rows; otherwise, at 128 rows, 2.4x (float64)
+    to 4.1x (float32) the default's total time on 40 hard Jacobians of
+    ``benchmarks/non_conflict.py`` (mostly singular), and at 256 rows 3.2x and 5.6x (median per
+    matrix 1.6x and 1.7x), where the default is fast (15-35 ms a call on average) and the exact
+    mode takes up to about 0.6 s; at 512 rows, 17x and 31x on 8 of them (seconds a call); at
     1,024 rows, seconds to minutes a call when there are many more rows than columns (see
     below), except when the only singular part of ``G`` is zero rows and pairs of opposite rows
     (about 2 s a call: see **Method**).
@@ -124,31 +125,31 @@ class TorchProjector(DualConeProjector):
     (see ``torchjd/linalg/_bounded_qp.py``). In the exact mode, beyond ``m = 64``, pivoting
     starts from the active set that ADMM finds with a small regularisation (``10⁻⁴ diag(G)``,
     Jacobi-scaled, in float32; from ``m = 512``, :math:`10^{-6} \operatorname{tr}(G)`, in
-    float32); the rows it leaves
-    (degenerate problems) go to a float64 interior-point method, whose Newton systems use the
-    Woodbury identity when ``rank(G) ≤ 2m / 3``. Before that, when the only singular part of
-    ``G`` is zero rows and pairs of opposite rows (``J_a = −c J_b``, whose weights only matter
-    through ``v_b − c v_a``), the other rows are solved on the Schur complement that removes the
-    pairs' directions (nonsingular: the nonsingular route above, then an exact face polish) and
-    each pair's weights split by least norm in closed form; each row is kept only when it meets
-    the tolerance on ``G`` itself (at 256 rows, 3x to 10x faster on the Jacobians it takes; at
-    1,024 rows, about 2 s instead of 6.5 min). Before that, when the rows positively span a
-    subspace, every update is zero and the least-norm weights come from a Newton method in the
-    range of ``G`` (``rank(G)``-sized systems per row); from ``m = 512``, when they do not, each
-    row's update is first found in the range of ``G`` (the dual active-set method of Goldfarb and
-    Idnani in ``rank(G)`` variables; warm-started from an ADMM guess of the active set when its
-    first rows fail, as they do when the active sets hold hundreds of indices), then its
-    least-norm weights by a Newton method on the constraints it meets, and only the rows it
-    leaves go on to pivoting and the interior point. Each row's faces there cost
-    :math:`O(|F|^3)`: on three hard Jacobians of 1,024 rows (more rows than columns; ranks 203,
-    226 and 351), 6 s, 11 s and 5 min against 0.3-1.6 s for the defaults. The KKT
+    float32); below ``m = 512``, the rows it leaves are pivoted again in float64 from their last
+    faces (on ``G`` itself for a float64 ``G``); those still left (degenerate problems) go to a
+    float64 interior-point method, whose Newton systems use the Woodbury identity when
+    ``rank(G) ≤ 2m / 3``. Before that, when the only singular part of ``G`` is zero rows and pairs
+    of opposite rows (``J_a = −c J_b``, whose weights only matter through ``v_b − c v_a``), the
+    other rows are solved on the Schur complement that removes the pairs' directions (nonsingular:
+    the nonsingular route above, then an exact face polish) and each pair's weights split by least
+    norm in closed form; each row is kept only when it meets the tolerance on ``G`` itself (at 256
+    rows, 3x to 10x faster on the Jacobians it takes; at 1,024 rows, about 2 s instead of 6.5 min).
+    Before that, when the rows positively span a subspace, every update is zero and the least-norm
+    weights come from a Newton method in the range of ``G`` (``rank(G)``-sized systems per row);
+    from ``m = 512``, when they do not, each row's update is first found in the range of ``G`` (the
+    dual active-set method of Goldfarb and Idnani in ``rank(G)`` variables; warm-started from an
+    ADMM guess of the active set when its first rows fail, as they do when the active sets hold
+    hundreds of indices), then its least-norm weights by a Newton method on the constraints it
+    meets, and only the rows it leaves go on to pivoting and the interior point. Each row's faces
+    there cost :math:`O(|F|^3)`: on three hard Jacobians of 1,024 rows (more rows than columns;
+    ranks 203, 226 and 351), 6 s, 11 s and 5 min against 0.3-1.6 s for the defaults. The KKT
     residual of each row, each row's conflict measured relative to its norm, is below ``1e-7`` in
     float64 and ``2e-5`` in float32; in exact mode, below ``1e-9`` in float64 on most Gramians, but
     on some degenerate ones (4 of 40 hard Jacobians of 64 rows) a few rows keep a larger
-    complementarity term (up to ``2e-4``, also seen at 256 rows), where large weights sit on
-    indices whose gradient is nearly zero: their conflict still meets the bound above, and their
-    objective :math:`v^\top G v` is within ``3e-7`` (relative) of an independent non-negative least
-    squares solution.
+    complementarity term (up to ``2e-4``, also seen at 256 rows), where large weights sit on indices
+    whose gradient is nearly zero: their conflict still meets the bound above, and their objective
+    :math:`v^\top G v` is within ``3e-7`` (relative) of an independent non-negative least squares
+    solution.
 
     :param norm_eps: Trace below which the Gramian is treated as zero. Must be non-negative.
     :param reg_eps: Multiple of the identity added to the normalised Gramian. Must be non-negative;
