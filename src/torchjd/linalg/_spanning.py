@@ -222,12 +222,13 @@ def _project(
         elif bool(done.all()):
             break
         keep = (~done).nonzero().squeeze(1)
-        rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free, worst = (
-            t[keep] for t in (rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free, worst)
-        )
-        systems, inverted, factored_free, renew, precise, last = (
-            t[keep] for t in (systems, inverted, factored_free, renew, precise, last)
-        )
+        if keep.numel() < rows.numel():  # (no copies while every row goes on)
+            rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free, worst = (
+                t[keep] for t in (rows, B, U, Y, C, Z, gradient, u_scale, dual_scale, free, worst)
+            )
+            systems, inverted, factored_free, renew, precise, last = (
+                t[keep] for t in (systems, inverted, factored_free, renew, precise, last)
+            )
         if step == _FLOAT32_STEPS:
             systems = systems.to(U.dtype)
         in_float64 = systems.dtype == torch.float64
@@ -251,7 +252,10 @@ def _project(
         # A factor is inverted once its row's free set moves (rows that converge on the free set
         # of their factor never pay for it).
         invert = (~inverted & (changes > 0)).nonzero().squeeze(1)
-        if invert.numel() > 0:
+        if invert.numel() == systems.shape[0]:  # (without gathering them)
+            systems = torch.cholesky_inverse(systems)
+            inverted[invert], any_inverted = True, True
+        elif invert.numel() > 0:
             systems[invert] = torch.cholesky_inverse(systems[invert])
             inverted[invert], any_inverted = True, True
         last = worst
@@ -350,7 +354,7 @@ def _gathered_systems(ell: Tensor, free: Tensor) -> Tensor:
         valid.split(max(1, _FACTOR_ENTRIES // (width * r))),
         strict=True,
     ):
-        X = ell.index_select(0, rows.flatten()).view(*rows.shape, r) * weights
+        X = ell.index_select(0, rows.flatten()).view(*rows.shape, r).mul_(weights)
         systems.append(X.mT @ X)
     M = systems[0] if len(systems) == 1 else torch.cat(systems)  # (one chunk: no copy)
     return M if by_free else ell.T @ ell - M
@@ -376,7 +380,7 @@ def _updated_solve(
     index = torch.topk(changed.to(torch.uint8), width, dim=1, sorted=False).indices
     valid = changed.gather(1, index)
     sign = torch.where(valid & ~free.gather(1, index), -1.0, 1.0).to(ell.dtype)
-    X = ell.index_select(0, index.flatten()).view(*index.shape, -1) * valid.unsqueeze(2)
+    X = ell.index_select(0, index.flatten()).view(*index.shape, -1).mul_(valid.unsqueeze(2))
     solved = inverses @ torch.cat([gradient.unsqueeze(2), X.mT], dim=2)
     p, A = solved[:, :, 0], solved[:, :, 1:]
     capacitance = torch.diag_embed(sign) + X @ A
