@@ -313,7 +313,8 @@ _FLOAT32_MAX_SPREAD = 1e4  # of diag(G) (row norms over two decades): beyond, fl
 
 RangeFactor = Callable[[], tuple[Tensor, Tensor] | None]
 """A function returning :func:`~torchjd.linalg._spanning.range_factor` of ``G_exact`` (None when
-``G_exact`` has full rank) as the least-norm route formed it once (see :func:`_formed`)."""
+``G_exact`` has full rank), formed once for the whole route: already formed (:func:`_formed`),
+or at its first call (:func:`_lazy_range_factor`)."""
 
 
 def _formed(factor: tuple[Tensor, Tensor] | None) -> RangeFactor:
@@ -1035,9 +1036,10 @@ def _pivoting_route(
             # Below _UNIQUE_MIN_M, the unique-face route comes after pivoting, for its rows left
             # (not those of a positive span, never unique): a tall Jacobian of very low rank can
             # leave it some (at m = 128, rank 32: 28 of 128 rows, 0.06 s of fallback, all unique).
-            ranked = None if range_retry or factor is None or m >= _UNIQUE_MIN_M else factor()
+            unique = left.numel() > 0 and m < _UNIQUE_MIN_M and not range_retry
+            ranked = factor() if unique and factor is not None else None
             rank = m if ranked is None else ranked[0].shape[1]
-            if left.numel() > 0 and rank <= m / _LOW_RANK_FRACTION:
+            if rank <= m / _LOW_RANK_FRACTION:
                 X_left, converged[left] = unique_optimum_rows(
                     G_exact.double(), U[left].double(), tol, rank
                 )
@@ -1233,9 +1235,8 @@ def _last_resort(G: Tensor, U: Tensor, V: Tensor, tol: float) -> Tensor:
         return V
     m = G.shape[0]
     X = lawson_hanson_rows(G, U[rows], V[rows], 3 * m + 10)
-    V[rows] = kkt_best(G, U[rows], [V[rows], X], functools.partial(kkt_residual, per_weight=True))[
-        0
-    ]
+    per_weight = functools.partial(kkt_residual, per_weight=True)
+    V[rows] = kkt_best(G, U[rows], [V[rows], X], per_weight)[0]
     return V
 
 

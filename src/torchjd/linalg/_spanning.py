@@ -252,11 +252,11 @@ def _project(
         # A factor is inverted once its row's free set moves (rows that converge on the free set
         # of their factor never pay for it).
         invert = (~inverted & (changes > 0)).nonzero().squeeze(1)
-        if invert.numel() == systems.shape[0]:  # (without gathering them)
-            systems = torch.cholesky_inverse(systems)
-            inverted[invert], any_inverted = True, True
-        elif invert.numel() > 0:
-            systems[invert] = torch.cholesky_inverse(systems[invert])
+        if invert.numel() > 0:
+            if invert.numel() == systems.shape[0]:  # (without gathering them)
+                systems = torch.cholesky_inverse(systems)
+            else:
+                systems[invert] = torch.cholesky_inverse(systems[invert])
             inverted[invert], any_inverted = True, True
         last = worst
         g = gradient.to(systems.dtype)

@@ -145,7 +145,8 @@ def conv_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     if whole:
         if grouped:
             J, sums = _grouped_jacobian(module, calls, with_bias)
-            G = 0 if sums is None else gram(sums)
+            if sums is not None:  # (G was 0: no sums before)
+                G = gram(sums)
         else:
             J = _per_objective_jacobian(module, calls, grads, looped, slice(None), folded)
         if keep:  # for the fused step, in place of Γ
@@ -311,16 +312,11 @@ def _grouped_jacobian(
                     sums = bias_grad.reshape(B, 1, -1) if with_bias else None
                     continue
                 assert J is not None
-                rows = J[r, first : first + b]
-                sum_rows = None if sums is None else sums[first : first + b, r]
-                if call is calls[0]:
-                    rows.copy_(grad.reshape(b, -1))
-                    if sum_rows is not None:
-                        sum_rows.copy_(bias_grad.reshape(b, -1))
-                else:
-                    rows.add_(grad.reshape(b, -1))
-                    if sum_rows is not None:
-                        sum_rows.add_(bias_grad.reshape(b, -1))
+                targets = [(J[r, first : first + b], grad)]
+                if sums is not None:
+                    targets.append((sums[first : first + b, r], bias_grad))
+                for target, value in targets:  # the first call's written, the others' added
+                    (target.copy_ if call is calls[0] else target.add_)(value.reshape(b, -1))
     assert J is not None
     return J.reshape(1, J.shape[0] * J.shape[1], -1), sums
 
