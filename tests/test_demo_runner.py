@@ -1,5 +1,8 @@
 """The measurements of the demo's runner, on a method whose behaviour is known."""
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,42 @@ def test_peak_memory_sees_a_tensor_allocated_and_freed(monkeypatch: pytest.Monke
     big = torch.ones(16 * 2**20)  # 64 MiB, touched
     del big
     assert meter.peak_mib() >= 60
+
+
+_HEAP_CACHED_BEFORE_START = textwrap.dedent(
+    """
+    import ctypes, ctypes.util, torch
+    import torchjd._demo._memory as memory
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: up to 32 MiB on the heap
+    libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: the heap keeps up to 1 GiB it does not use
+    kept = [torch.ones(30 * 2**18) for _ in range(4)]  # 4 x 30 MiB
+    del kept  # 120 MiB free and resident in the heap
+    memory._map_large_allocations = lambda: None
+    meter = memory.PeakMemory(torch.device("cpu"))
+    meter.start()
+    big = torch.ones(16 * 2**20)  # 64 MiB: fits in the free 120 MiB
+    del big
+    print(meter.peak_mib())
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_peak_memory_sees_a_tensor_that_reuses_memory_freed_before_the_start():
+    """Memory the heap cached before ``start()`` is given back, so reusing it counts.
+
+    In a fresh process: the state of the heap is the point, and changing glibc's threshold here
+    would change it for the rest of the tests.
+    """
+    run = subprocess.run(
+        [sys.executable, "-c", _HEAP_CACHED_BEFORE_START],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert float(run.stdout.split()[-1]) >= 60
 
 
 @pytest.mark.parametrize("name", sorted(_aggregator_classes()))
