@@ -360,6 +360,56 @@ def test_grouped_one_call_one_objective(name, batch_dim, whole, grouped_path, mo
     assert bool(buffers) != whole
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("R", [0, 2])
+def test_grouped_weight_never_read(R, whole, dtype, grouped_path, monkeypatch):
+    """The weight that the grouped convolutions receive is contiguous (the kernel copies one that
+    is not) and its values are never read: filled with NaN, the Gramian and the fused step's
+    gradients are still exact (float64; float32, the oneDNN kernel where available, against
+    float64)."""
+    shapes: list[tuple[int, ...]] = []
+    unread_weight = conv_module._unread_weight
+
+    def nan_weight(like: Tensor, shape: tuple[int, ...]) -> Tensor:
+        weight = unread_weight(like, shape)
+        assert weight.is_contiguous()
+        assert weight.shape == shape
+        assert weight.dtype == like.dtype
+        shapes.append(shape)
+        return weight.fill_(torch.nan)
+
+    monkeypatch.setattr(conv_module, "_unread_weight", nan_weight)
+    monkeypatch.setattr(conv_module, "keeps_jacobian", lambda *args: True)
+    if not whole:
+        monkeypatch.setattr(conv_module, "GROUPED_WHOLE_BYTES", 0)
+        monkeypatch.setattr(conv_module, "GROUPED_BYTES", 1)
+    conv = nn.Conv2d(4, 6, (2, 3), groups=2, padding=(1, 0), dtype=dtype)
+    reference = nn.Conv2d(4, 6, (2, 3), groups=2, padding=(1, 0), dtype=torch.float64)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(3, 4, 5, 6, dtype=dtype)
+    forward = lambda model, x: objectives(model, x, R)  # noqa: E731
+    G_ref = assert_gramian_exact([reference], lambda: forward(reference, x.double()), 0)
+    with Engine(conv, batch_dim=0) as engine:
+        G = engine.compute_gramian(forward(conv, x))
+    assert grouped_path
+    assert shapes
+    assert all(shape[1:] == conv.weight.shape[1:] for shape in shapes)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(
+        G.double(), G_ref, rtol=tolerance, atol=tolerance * G_ref.abs().max()
+    )
+    weights = torch.rand(G.shape[0], dtype=torch.float64)
+    with Engine(conv, batch_dim=0) as engine:
+        engine.backward(forward(conv, x), lambda _: weights.to(dtype))
+    forward(reference, x.double()).reshape(-1).backward(weights)
+    for p, p_ref in zip(conv.parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None
+        assert p_ref.grad is not None
+        scale = tolerance * p_ref.grad.abs().max()
+        torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=tolerance, atol=scale)
+
+
 @pytest.mark.parametrize("frozen", ["weight", "bias"])
 def test_grouped_frozen_parameter_and_unbatched_input(frozen, grouped_path):
     """An unbatched input (without batch dimension), and a frozen weight or bias."""
