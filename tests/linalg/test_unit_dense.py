@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import torchjd.linalg._bounded_qp as bounded_qp
 import torchjd.linalg._small_pivoting as small_pivoting_module
 from tests.linalg.test_small_pivoting import gramians, random_problem, regularised
+from tests.linalg.test_unit_groups import brute_force_groups
 from tests.linalg.test_unit_rows import assert_unit_rows_optimal
 from tests.reference.aggregators import upgrad_weights
 from torchjd.aggregation import UPGradWeighting
@@ -145,15 +146,27 @@ def sharper_guess(G: torch.Tensor) -> torch.Tensor:
 
 
 def first_guesses(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
-    """The active sets of each first face solve, from now on."""
+    """The active sets of each face solve by blocks, from now on; a face solve at once, on faces
+    that partition the indices, is recorded as the guess it was grouped from (its groups
+    checked against brute force)."""
     guesses = []
     solve = small_pivoting_module._Faces.solve
+    groups = small_pivoting_module._groups
 
     def spy(self, U_hat, active, widths):
         guesses.append(active.clone())
         return solve(self, U_hat, active, widths)
 
+    def spy_groups(active):
+        result = groups(active)
+        expected, partition = brute_force_groups(active.numpy())
+        assert np.array_equal(result[0].numpy(), expected)
+        if partition:
+            guesses.append(active.clone())
+        return result
+
     monkeypatch.setattr(small_pivoting_module._Faces, "solve", spy)
+    monkeypatch.setattr(small_pivoting_module, "_groups", spy_groups)
     return guesses
 
 
