@@ -170,15 +170,15 @@ def attention_inner_edges(module: nn.Module, call: ModuleCall) -> list[GradientE
     """At recording time: the outputs of the call's four projections in its graph (see above),
     or none when the graph is not the expected one."""
     assert isinstance(module, nn.MultiheadAttention)
-    params = module._parameters  # without nn.Module's slow __getattr__ (this runs at every call)
-    out_params = module.out_proj._parameters
     if (
-        params.get("bias_k") is not None
-        or params.get("bias_v") is not None
+        module.bias_k is not None
+        or module.bias_v is not None
         or type(module).forward is not nn.MultiheadAttention.forward  # biases added elsewhere?
         or saved_tensor_hooks_active()  # reading them could trigger the hooks' own work
     ):
         return []
+    params = module._parameters  # without nn.Module's slow __getattr__ (this runs at every call)
+    out_params = module.out_proj._parameters
     names = ("in_proj_weight",) if module._qkv_same_embed_dim else _SEPARATE_WEIGHTS
     in_weights = [params.get(name) for name in names]
     out_weight = out_params.get("weight")
