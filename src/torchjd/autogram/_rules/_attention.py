@@ -177,13 +177,13 @@ def attention_inner_edges(module: nn.Module, call: ModuleCall) -> list[GradientE
         or saved_tensor_hooks_active()  # reading them could trigger the hooks' own work
     ):
         return []
-    in_weights = (
-        [module.in_proj_weight]
-        if module._qkv_same_embed_dim
-        else [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
-    )
+    params = module._parameters  # without nn.Module's slow __getattr__ (this runs at every call)
+    out_params = module.out_proj._parameters
+    names = ("in_proj_weight",) if module._qkv_same_embed_dim else _SEPARATE_WEIGHTS
+    in_weights = [params.get(name) for name in names]
+    out_weight = out_params.get("weight")
     try:
-        linears = find_graph_linears(call, [*in_weights, module.out_proj.weight])
+        linears = find_graph_linears(call, [*in_weights, out_weight])  # type: ignore[list-item]
     except (AttributeError, RuntimeError, TypeError, IndexError):  # another torch's graph
         linears = None
     if linears is None:
@@ -191,11 +191,24 @@ def attention_inner_edges(module: nn.Module, call: ModuleCall) -> list[GradientE
     call.saved["projections_in_graph"] = linears
     # each projection's bias, found now: by the time the rule runs, FSDP2 has replaced the
     # module's parameters (those of the forward pass) by their shards
-    call.saved["biases"] = {id(linear): _bias_of(module, linear) for linear in linears}
+    in_bias, out_bias = params.get("in_proj_bias"), out_params.get("bias")
+    biases: dict[int, tuple[Tensor | None, int]] = {}
+    for linear in linears:
+        if linear.weight is out_weight:
+            biases[id(linear)] = (out_bias, 0)
+        elif len(in_weights) == 1:  # packed: the rows of the weight are those of the bias
+            biases[id(linear)] = (in_bias, linear.row)
+        else:
+            index = next(k for k, w in enumerate(in_weights) if w is linear.weight)
+            biases[id(linear)] = (in_bias, index * module.embed_dim)
+    call.saved["biases"] = biases
     # The projections' rows are (position, sample) pairs for batched inputs; unbatched ones are
     # a single sample.
     call.saved["batched"] = call.outputs[0].dim() == 3
     return [linear.edge for linear in linears]
+
+
+_SEPARATE_WEIGHTS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 def _recorded_projections(calls: Sequence[ModuleCall]) -> list[list[GraphLinear]] | None:
@@ -217,16 +230,6 @@ def _recorded_bias_of(
     """The bias of each projection of the first call (whose projections the rules are given)."""
     biases = calls[0].saved["biases"]
     return lambda linear: biases[id(linear)]
-
-
-def _bias_of(module: nn.MultiheadAttention, linear: GraphLinear) -> tuple[Tensor | None, int]:
-    if linear.weight is module.out_proj.weight:
-        return module.out_proj.bias, 0
-    if linear.weight is module.in_proj_weight:
-        return module.in_proj_bias, linear.row
-    separate = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
-    index = next(k for k, w in enumerate(separate) if w is linear.weight)
-    return module.in_proj_bias, index * module.embed_dim
 
 
 def _arguments(module: nn.MultiheadAttention, call: ModuleCall) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from torchjd.autogram._fused import call_graph
+from torchjd.autogram._fused import _input_nodes as input_nodes
 from torchjd.autogram._module_call import ModuleCall, cat, gram, weighted
 from torchjd.autogram._onednn import transposed_product
 from torchjd.autogram._rules._linear import (
@@ -47,35 +47,53 @@ class GraphLinear:
 
 _PRODUCTS = {"AddmmBackward0": 2, "MmBackward0": 1}  # the index of W^T among the node's inputs
 _SPLITS = {"SplitBackward0", "SplitWithSizesBackward0"}
+_PATH = {"TBackward0", "AccumulateGrad", *_SPLITS}  # the nodes that a weight's path may hold
 
 
 def find_graph_linears(call: ModuleCall, weights: list[Tensor]) -> list[GraphLinear] | None:
     """The linear maps of the call whose weights are (blocks of rows of) ``weights``, sorted by
     weight and row, or None when the graph holds other uses of ``weights`` or leaves rows of one
-    uncovered."""
+    uncovered.
+
+    One walk of the call's nodes (from its outputs down to its inputs, each once), which counts
+    the graph edges into the nodes that a weight's path may hold (transpositions, splits, leaves'
+    accumulators), the only counts that the checks read."""
     owned = {id(w): w for w in weights}
-    parents: dict[Any, int] = {}  # the number of graph edges into each visited node
+    uses: dict[Any, int] = {}  # the number of graph edges into each node of _PATH kind
     found: list[GraphLinear] = []
     chain: dict[Any, set[Any]] = {}  # node of a found weight path -> its parents on such paths
-    for node in call_graph(call):
+    seen = input_nodes(call)  # the walk stops there
+    stack = [edge.node for edge in call.edges]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
         edges = node.next_functions
         for child, _ in edges:
-            if child is not None:
-                parents[child] = parents.get(child, 0) + 1
-        if type(node).__name__ not in _PRODUCTS:  # most nodes (the call's own operations)
+            if child is None:
+                continue
+            if type(child).__name__ in _PATH:
+                uses[child] = uses.get(child, 0) + 1
+            if child not in seen:
+                stack.append(child)
+        index = _PRODUCTS.get(type(node).__name__)
+        if index is None:  # most nodes (the call's own operations)
             continue
-        linear = _as_linear(node, edges, owned)
+        linear = _as_linear(node, index, edges, owned)
         if linear is not None:
             found.append(linear[0])
             for parent, child in itertools.pairwise([node, *linear[1]]):
                 chain.setdefault(child, set()).add(parent)
-    for node in parents:
-        leaf = getattr(node, "variable", None)
-        if isinstance(leaf, Tensor) and id(leaf) in owned and node not in chain:
+    for node in uses:
+        if node in chain or type(node).__name__ != "AccumulateGrad":
+            continue
+        if id(node.variable) in owned:
             return None  # a use of a weight that is not one of the found maps
-    if any(parents.get(node) != len(users) for node, users in chain.items()):
+    if any(uses.get(node) != len(users) for node, users in chain.items()):
         return None  # a transposed or split weight used elsewhere too
-    found.sort(key=lambda f: ([id(w) for w in weights].index(id(f.weight)), f.row))
+    order = {id(w): k for k, w in enumerate(weights)}
+    found.sort(key=lambda f: (order[id(f.weight)], f.row))
     for w in weights:
         rows = [(f.row, f.d_out) for f in found if f.weight is w]
         starts = [0] + [row + d for row, d in rows]
@@ -85,13 +103,11 @@ def find_graph_linears(call: ModuleCall, weights: list[Tensor]) -> list[GraphLin
 
 
 def _as_linear(
-    node: Any, edges: tuple[Any, ...], owned: dict[int, Tensor]
+    node: Any, index: int, edges: tuple[Any, ...], owned: dict[int, Tensor]
 ) -> tuple[GraphLinear, list[Any]] | None:
-    """The linear map of a product node (whose ``next_functions`` are ``edges``) whose weight is
-    owned, with the nodes of its weight's path (transposition, split, accumulation), or None."""
-    index = _PRODUCTS.get(type(node).__name__)
-    if index is None:
-        return None
+    """The linear map of a product node (whose ``next_functions`` are ``edges``, ``W^T`` at
+    ``index``) whose weight is owned, with the nodes of its weight's path (transposition, split,
+    accumulation), or None."""
     transpose, _ = edges[index]
     if type(transpose).__name__ != "TBackward0":
         return None

@@ -54,7 +54,11 @@ def layer_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         x_hat = _layer_normalised(module, x, None if statistics is None else statistics[1:])
         gamma = call.grad_output()
         k = len(shape)
-        J_w.append(_sum_positions((gamma * x_hat).flatten(-k), call.batch_dim, -1))
+        if gamma.shape[0] == 1 and gamma.shape[1:] == x_hat.shape and gamma.dtype == x_hat.dtype:
+            product = x_hat.mul_(gamma[0]).unsqueeze(0)  # in place: x_hat is a new tensor
+        else:
+            product = gamma * x_hat
+        J_w.append(_sum_positions(product.flatten(-k), call.batch_dim, -1))
         J_b.append(_sum_positions(gamma.flatten(-k), call.batch_dim, -1))
     return _affine_gramian(module, calls, J_w, J_b)
 
@@ -109,6 +113,7 @@ def layer_norm_weighted_gradients(
 def _layer_normalised(
     module: nn.LayerNorm | nn.RMSNorm, x: Tensor, statistics: tuple[Tensor, Tensor] | None
 ) -> Tensor:
+    """The normalised ``x`` (without the affine parameters), as a new tensor."""
     if statistics is not None:  # those of the forward pass (see layer_norm_statistics)
         mean, rstd = statistics
         return (x - mean).mul_(rstd)
