@@ -46,14 +46,15 @@ def _lawson_hanson(G: Tensor, u: Tensor, passive: Tensor, max_steps: int) -> Ten
     # tolerance of the callers; above rounding).
     threshold = -1e-13 * row_scales(G) * u_scale
     Gu = G @ u
+    minus_Gu = -Gu  # (the face systems' right-hand sides, gathered)
     x = torch.zeros_like(u)
     # The start: the face solution of the given free indices, less those where it is not
     # positive, until it is (a state of the method: x > 0 exactly on the passive set).
     for _ in range(m):
-        if not bool(passive.any()):
-            break
         (P,) = passive.nonzero(as_tuple=True)
-        solution = _face_solve(G[P][:, P], -Gu[P])
+        if P.numel() == 0:
+            break
+        solution = _face_solve(_block(G, P), minus_Gu.index_select(0, P))
         positive = solution > 0
         if bool(positive.all()):
             x[P] = solution
@@ -68,11 +69,12 @@ def _lawson_hanson(G: Tensor, u: Tensor, passive: Tensor, max_steps: int) -> Ten
         passive[j] = True
         for _ in range(m):  # each inner step frees at least one index
             (P,) = passive.nonzero(as_tuple=True)
-            z = torch.zeros_like(x)
-            solution = _face_solve(G[P][:, P], -Gu[P])
+            if P.numel() == 0:  # (every index left the passive set at the last step back)
+                break
+            solution = _face_solve(_block(G, P), minus_Gu.index_select(0, P))
             if not bool(solution.isfinite().all()):
                 return u + x
-            z[P] = solution
+            z = torch.zeros_like(x).index_copy_(0, P, solution)
             if bool((solution > 0).all()):
                 x = z
                 break
@@ -86,9 +88,12 @@ def _lawson_hanson(G: Tensor, u: Tensor, passive: Tensor, max_steps: int) -> Ten
             x = (x + alpha * (z - x)).clamp_min(0)
             passive &= ~(negative & (ratios <= alpha))
             x = torch.where(passive, x, 0.0)
-            if not bool(passive.any()):
-                break
     return u + x
+
+
+def _block(G: Tensor, P: Tensor) -> Tensor:
+    """``G[P][:, P]``, by two ``index_select`` (a few times cheaper than indexing)."""
+    return G.index_select(0, P).index_select(1, P)
 
 
 def _face_solve(A: Tensor, b: Tensor) -> Tensor:
