@@ -1,7 +1,8 @@
-"""The active-set method of :mod:`torchjd.linalg._lawson_hanson` against the enumeration of every
-active set, on small singular Gramians, from starts that free every index (its step back can then
-empty the passive set) or none: the update ``Jᵀv`` of each row is the projection's (unique, where
-the weights are not), and its KKT conditions hold on ``G``."""
+"""The active-set method of :mod:`torchjd.linalg._lawson_hanson`: against the enumeration of every
+active set, on small singular Gramians, from starts that free every index or none (the update
+``Jᵀv`` of each row is the projection's, unique where the weights are not, and its KKT conditions
+hold on ``G``); and its stop at a fixed point of its steps, where rounding makes a step back of
+zero remove the index just added."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from tests.reference.dual_cone import brute_force_singular, kkt_violation
 from tests.reference.matrices import make
+from torchjd.linalg import _lawson_hanson
 from torchjd.linalg._lawson_hanson import lawson_hanson_rows
 
 
@@ -40,3 +42,39 @@ def test_against_enumeration(family: str, seed: int, start: str):
         optimum = brute_force_singular(G_np, u)
         assert kkt_violation(G_np, u, x) <= 1e-9
         np.testing.assert_allclose(J_np.T @ x, J_np.T @ optimum, atol=1e-8)
+
+
+def test_fixed_point_ends_the_steps(monkeypatch: pytest.MonkeyPatch):
+    """A step whose step back of zero removes the index it added leaves the state it started
+    from (forced here: the face solve puts a negative weight on that index whenever it is free,
+    as rounding does on near-duplicate rows whose optimal weights are large). The method stops
+    there, with the rows (bit for bit) of its full count of steps, which repeat that step."""
+    J = make("normal", 8, 3, seed=0)
+    G = J @ J.T
+    U = -torch.ones(1, 8, dtype=torch.float64)
+    U[0, 0] = 1.0
+    faces = []
+    block, face_solve = _lawson_hanson._block, _lawson_hanson._face_solve
+
+    def recorded(G: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+        faces.append(P.clone())
+        return block(G, P)
+
+    monkeypatch.setattr(_lawson_hanson, "_block", recorded)
+    lawson_hanson_rows(G, U, U, 3 * 8 + 10)
+    assert len(faces) >= 2  # (two indices entered, one at a time)
+    assert len(faces[1]) == 2
+    k = int(faces[1][~torch.isin(faces[1], faces[0])][0])  # the second to enter
+
+    def forced(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(faces[-1] == k, -1.0, face_solve(A, b))
+
+    monkeypatch.setattr(_lawson_hanson, "_face_solve", forced)
+    faces.clear()
+    X = lawson_hanson_rows(G, U, U, 3 * 8 + 10)
+    with_fixed_point = len(faces)
+    faces.clear()
+    monkeypatch.setattr(torch, "equal", lambda a, b: False)  # (no state is ever found again)
+    X_all_steps = lawson_hanson_rows(G, U, U, 3 * 8 + 10)
+    assert bool((X_all_steps == X).all())
+    assert with_fixed_point <= 4 < 3 * 8 <= len(faces)
