@@ -6,9 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 from tests.reference.dual_cone import least_energy_optimum
-from torchjd.linalg import _bounded_qp, _spanning
+from torchjd.aggregation import UPGradWeighting
+from torchjd.linalg import TorchProjector, _bounded_qp, _spanning
 from torchjd.linalg._bounded_qp import solve_lower_bounded_qp
 from torchjd.linalg._kkt import kkt_residual
 from torchjd.linalg._low_rank import pair_products
@@ -230,3 +232,38 @@ def test_infeasible_unit_row_stops_at_the_certificate(monkeypatch: pytest.Monkey
     )
     newton_steps = len(steps) - _spanning._FEASIBILITY_SHARED_STEPS
     assert newton_steps < _spanning._NEWTON_STEPS
+
+
+def _class_jacobian(t: Tensor, seed: int) -> Tensor:
+    """40 rows on 5 class means that positively span a 4-dimensional subspace (every update is
+    zero), the classes scaled by ``1 + t s_k``: they still span it, with weights that move with
+    ``t``; row norms over a decade."""
+    g = torch.Generator().manual_seed(seed)
+    m = 40
+    means = torch.randn(5, 3 * m, generator=g, dtype=torch.float64)
+    means = means - means.mean(dim=0)
+    classes = torch.randperm(m, generator=g) % 5
+    scales = 10 ** (torch.rand(m, 1, generator=g, dtype=torch.float64) - 0.5)
+    s = torch.randn(5, 1, generator=g, dtype=torch.float64)
+    return (means * (1 + t * s))[classes] * scales
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_weighting_differentiates_through_spanning_rows(seed: int):
+    """A tracked Gramian whose rows positively span a subspace: the Newton steps' factors are
+    replaced out of place (an earlier solve saved them for the backward pass, which raised on
+    seeds 0 and 1), and the gradient of the weights matches a central difference."""
+    weighting = UPGradWeighting(projector=TorchProjector(norm_eps=0.0, reg_eps=0.0))
+    c = torch.randn(40, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
+
+    def objective(t: Tensor) -> Tensor:
+        J = _class_jacobian(t, seed)
+        return c @ weighting(J @ J.T)
+
+    t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    objective(t).backward()
+    h = torch.tensor(1e-6, dtype=torch.float64)
+    with torch.no_grad():
+        difference = (objective(h) - objective(-h)) / (2 * h)
+    assert t.grad is not None
+    torch.testing.assert_close(t.grad, difference, rtol=1e-6, atol=1e-9)

@@ -246,7 +246,7 @@ def _project(
             if stale.numel() == systems.shape[0]:
                 systems = factor.to(systems.dtype)
             else:
-                systems[stale] = factor
+                systems = _put_rows(systems, stale, factor)
             factored_free[stale] = free[stale]
             precise[stale], inverted[stale], changes[stale] = in_float64, False, 0
         # A factor is inverted once its row's free set moves (rows that converge on the free set
@@ -256,7 +256,7 @@ def _project(
             if invert.numel() == systems.shape[0]:  # (without gathering them)
                 systems = torch.cholesky_inverse(systems)
             else:
-                systems[invert] = torch.cholesky_inverse(systems[invert])
+                systems = _put_rows(systems, invert, torch.cholesky_inverse(systems[invert]))
             inverted[invert], any_inverted = True, True
         last = worst
         g = gradient.to(systems.dtype)
@@ -270,6 +270,15 @@ def _project(
         step_free, exact = free, precise & ~renew
         Y, C = _line_search(ell, B, Y, C, Z, gradient, -direction)
     return V, converged
+
+
+def _put_rows(systems: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+    """``systems`` with ``values`` in ``rows``: in place, except under autograd (a tracked
+    Gramian), where an earlier step's solve may have saved ``systems`` for the backward pass."""
+    if torch.is_grad_enabled():
+        return systems.index_put((rows,), values.to(systems.dtype))
+    systems[rows] = values
+    return systems
 
 
 def _shared_steps(ell: Tensor, B: Tensor, steps: int) -> Tensor:
