@@ -271,3 +271,23 @@ def test_blocks_of_rows_in_a_transformer_layer(
     assert max(parts_used) == 4  # 64 rows: 4 blocks of 16
     if dtype == torch.float64:
         assert_fused_exact([layer], forward, 0, leaves_of([layer]))
+
+
+@pytest.mark.parametrize("tie", ["k_proj_weight", "out_proj"])
+def test_tied_projection_weights(tie: str) -> None:
+    """One tensor as two projections' weights (separate projections: ``vdim`` differs): its
+    per-sample gradient sums both uses, so the Gramian holds their cross terms (the
+    per-projection Gramians missed them: 6e-4 relative error)."""
+    torch.manual_seed(0)
+    mha = _mha(batch_first=True, vdim=3)
+    if tie == "k_proj_weight":
+        mha.k_proj_weight = mha.q_proj_weight
+    else:
+        mha.out_proj.weight = mha.q_proj_weight
+    x, v = torch.randn(B, T, E), torch.randn(B, T, 3)
+
+    def forward() -> Tensor:
+        return _head(mha(x, x, v))
+
+    assert_gramian_exact([mha], forward, 0)
+    assert_fused_exact([mha], forward, 0, leaves_of([mha]))

@@ -18,7 +18,7 @@ from torchjd.autogram._batched_grad import NotVectorized, batched_grad
 from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
 from torchjd.autogram._module_call import ModuleCall, direct_parameters, flat_leaves, shape_only
 from torchjd.autogram._registry import Rule, find_rule
-from torchjd.autogram._rules._generic import generic_rule
+from torchjd.autogram._rules._generic import generic_rule, generic_subtree_rule
 from torchjd.autogram._streaming import (
     GramianStream,
     lowest_edges,
@@ -64,7 +64,10 @@ class Engine:
         ``MultiheadAttention``) hold them at 0 or 1 accordingly. With None, no assumption is made
         (always correct, slower: one backward pass per objective, vectorised).
 
-    Parameters used by two hooked modules (tied weights) are not supported. The engine's hooks
+    Parameters used by two hooked modules (tied weights) are not supported. A module holding one
+    tensor under two of its own names (``rnn.weight_hh_l0 = rnn.weight_ih_l0``, say) is: its
+    Gramian comes from the generic rule (re-running the module), as the closed forms treat its
+    parameters as distinct; tie them before creating the engine. The engine's hooks
     stay until :meth:`close` (or the end of a ``with`` block, or the engine's deletion). Forward
     passes run with grad enabled are recorded until the next :meth:`compute_gramian`, which must
     come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
@@ -148,10 +151,13 @@ class Engine:
         entry = find_rule(module)
         if entry is not None and entry.covers_children:
             if any(True for _ in module.parameters()):
-                self._rules[module] = (entry.rule, True)
+                tied = _holds_tied_parameters(module, recurse=True)
+                self._rules[module] = (generic_subtree_rule if tied else entry.rule, True)
             return
         if any(True for _ in module.parameters(recurse=False)):
-            self._rules[module] = (generic_rule if entry is None else entry.rule, False)
+            tied = _holds_tied_parameters(module, recurse=False)
+            rule = generic_rule if entry is None or tied else entry.rule
+            self._rules[module] = (rule, False)
         for child in module.children():
             self._collect(child, seen)
 
@@ -770,3 +776,10 @@ def _to_row_major(G: Tensor, shape: torch.Size, batch_dim: int | None) -> Tensor
     index = torch.arange(shape.numel(), device=G.device).reshape(shape)
     inverse = torch.argsort(index.movedim(batch_dim, 0).reshape(-1))
     return G[inverse][:, inverse]
+
+
+def _holds_tied_parameters(module: nn.Module, recurse: bool) -> bool:
+    """Whether ``module`` holds one parameter under two names (among its direct parameters, or
+    all of its parameters with ``recurse``)."""
+    named = list(module.named_parameters(recurse=recurse, remove_duplicate=False))
+    return len({id(p) for _, p in named}) < len(named)

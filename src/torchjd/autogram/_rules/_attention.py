@@ -70,7 +70,7 @@ def attention_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     if any(module.dropout > 0 and call.training for call in calls):
         return gramian_by_recomputation(module, calls, list(params.values()))
-    if module.bias_k is not None or module.bias_v is not None:
+    if module.bias_k is not None or module.bias_v is not None or _tied(module):
         if any(_has_per_head_mask(module, call) for call in calls):
             return gramian_by_recomputation(module, calls, list(params.values()))
         return _per_sample_gramian(module, calls, params)
@@ -129,6 +129,7 @@ def attention_weighted_gradients(
     if (
         module.bias_k is not None
         or module.bias_v is not None
+        or _tied(module)
         or any(module.dropout > 0 and call.training for call in calls)
         or any(call.output_leaf_indices[0] != 0 for call in calls)
         or any(g is not None for call in calls for g in call.grad_outputs[1:])
@@ -257,6 +258,14 @@ def _weights(module: nn.MultiheadAttention) -> list[Tensor]:
         module.v_proj_weight,
         module.out_proj.weight,
     ]
+
+
+def _tied(module: nn.MultiheadAttention) -> bool:
+    """Whether one tensor serves as two of the projections' weights (``k_proj_weight =
+    q_proj_weight``, for instance): its per-sample gradient is then the sum of both uses, whose
+    cross terms the per-projection Gramians miss (the rows are formed per sample instead)."""
+    weights = _weights(module)
+    return len({id(w) for w in weights}) < len(weights)
 
 
 def _rerun(
