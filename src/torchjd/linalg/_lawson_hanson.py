@@ -113,10 +113,14 @@ def _block(G: Tensor, P: Tensor) -> Tensor:
 
 def _face_solve(A: Tensor, b: Tensor) -> Tensor:
     """``A⁻¹ b`` by an LU factorisation with partial pivoting (backward stable: a small face
-    residual even where ``A`` is ill-conditioned); by least squares where ``A`` is singular."""
+    residual even where ``A`` is ill-conditioned); by least squares where ``A`` is singular (the
+    least-norm solution, from an SVD: the CPU's default driver, ``gelsy``, gave wrong and
+    irreproducible solutions on singular faces in torch 2.13)."""
     solution, info = torch.linalg.solve_ex(A, b)
     if int(info) != 0:
-        return torch.linalg.lstsq(A, b.unsqueeze(1)).solution.squeeze(1)
+        if A.device.type == "cpu":
+            return torch.linalg.lstsq(A, b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        return torch.linalg.pinv(A) @ b  # (CUDA's only driver, gels, needs a full rank)
     return solution
 
 
