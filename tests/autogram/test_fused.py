@@ -53,7 +53,13 @@ def assert_fused_exact(
         weights = step(engine_modules, forward, batch_dim, weighting, **kw)
         results.append((weights, [None if t.grad is None else t.grad.clone() for t in leaves]))
     (w_ref, grads_ref), (w, grads) = results
-    torch.testing.assert_close(w, w_ref, rtol=0, atol=0)
+    # Not bit for bit: where the fused step keeps a layer's per-objective gradients, it forms that
+    # layer's Gramian as J Jᵀ, the two-pass step from the inputs and output gradients, which round
+    # differently (the attention of test_kept_jacobians: 1e-16 apart under MKL_CBWR=COMPATIBLE);
+    # float64 weights of a wrong Gramian or of a wrong weighting are far beyond 1e-10.
+    assert w.shape == w_ref.shape
+    assert w.dtype == w_ref.dtype
+    assert (w - w_ref).abs().max() <= 1e-10 * w_ref.abs().max().clamp(min=1e-30), (w, w_ref)
     assert any(g is not None for g in grads_ref)
     for k, (g, g_ref) in enumerate(zip(grads, grads_ref, strict=True)):
         assert (g is None) == (g_ref is None), f"leaf {k}: {g is None=} {g_ref is None=}"
