@@ -47,7 +47,7 @@ def test_step_maximises_the_dual_on_the_segment(m: int, r: int, k: int, scale: f
     slope = (gradient * direction).sum(dim=1, keepdim=True)
     direction = torch.where(slope < 0, -direction, direction)  # an ascent direction
 
-    new = _line_search(ell, B, tight, lam, C, gradient, direction)
+    new = _line_search(ell, B, tight, lam, C, (gradient * direction).sum(dim=1), direction)
     alpha = ((new - lam) * direction).sum(dim=1) / (direction * direction).sum(dim=1)
     assert torch.allclose(new, lam + alpha.unsqueeze(1) * direction, rtol=1e-12, atol=1e-12)
     assert bool(((alpha >= -1e-12) & (alpha <= 1 + 1e-12)).all())

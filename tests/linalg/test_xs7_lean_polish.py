@@ -163,5 +163,6 @@ def test_full_step_is_the_line_search_answer(m: int, r: int, seed: int):
     C, _, _, gradient = _range_projection._evaluate(ell, B, Y, tight, lam)
     end = _range_projection._evaluate(ell, B, Y, tight, lam + direction)[3]
     full = ((gradient * direction).sum(dim=1) > 0) & ((end * direction).sum(dim=1) >= 0)
-    step = _range_projection._line_search(ell, B, tight, lam, C, gradient, direction)
+    slope = (gradient * direction).sum(dim=1)
+    step = _range_projection._line_search(ell, B, tight, lam, C, slope, direction)
     torch.testing.assert_close(step[full], (lam + direction)[full], rtol=1e-12, atol=1e-12)

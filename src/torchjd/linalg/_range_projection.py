@@ -655,7 +655,7 @@ def _least_norm(
         if bool(full.all()):
             lam, (C, Z, update, gradient) = trial, evaluated
             continue
-        step = _line_search(ell, B, tight, lam, C, gradient, direction)
+        step = _line_search(ell, B, tight, lam, C, slopes[0], direction)
         searched = True
         if stall is not None:
             taken = ((step - lam) * direction).sum(dim=1)  # α ‖Δλ‖²
@@ -709,10 +709,11 @@ def _line_search(
     tight: Tensor,
     lam: Tensor,
     C: Tensor,
-    gradient: Tensor,
+    slope: Tensor,
     direction: Tensor,
 ) -> Tensor:
-    """``λ + α Δλ`` with ``α`` the maximiser of ``φ(α) = q(λ + α Δλ)`` on ``[0, 1]``, exactly.
+    """``λ + α Δλ`` with ``α`` the maximiser of ``φ(α) = q(λ + α Δλ)`` on ``[0, 1]``, exactly
+    (``slope``: ``φ'(0) = ∇q · Δλ``, as the caller has it).
 
     With ``g = ℓλ − b`` and ``e = ℓ Δλ`` (``e_j = 0`` off ``T``), ``φ`` is concave and piecewise
     quadratic: ``φ'(α) = φ'(0) − Σ_j (max(0, g_j + α e_j) − max(0, g_j)) e_j``, piecewise linear
@@ -720,19 +721,23 @@ def _line_search(
     (``α = −g_j / e_j``) and rising by ``e_j²`` where it turns negative. Each row takes the root
     of ``φ'`` between its sorted breakpoints in ``(0, 1)``, or ``α = 1`` where ``φ'(1) ≥ 0``.
     A row with ``φ'(0) ≤ 0`` (no ascent, rounding) takes ``α = 0``."""
-    slope = (gradient * direction).sum(dim=1)  # φ'(0)
-    E = torch.where(tight, direction @ ell.T, 0.0)
+    # (The constants as tensors of the rows' dtype: a Python scalar is wrapped in a tensor at
+    # each operation.)
+    zeros = torch.zeros_like(slope)
+    ones = zeros + 1.0
+    zero, one = zeros.unsqueeze(1), ones.unsqueeze(1)
+    E = torch.where(tight, direction @ ell.T, zero)
     gap = C - B
     curvature = E * E
-    # Curvature of -φ at 0+: the terms positive at 0 or entering there.
-    start = torch.where((gap > 0.0) | ((gap == 0.0) & (E > 0.0)), curvature, 0.0).sum(dim=1)
+    # Curvature of -φ at 0+: the terms positive at 0 or entering there (g_j > 0, or g_j = 0 and
+    # e_j > 0: the sign of g_j, or of e_j where g_j is zero).
+    start = torch.where(torch.where(gap == 0.0, E, gap) > 0.0, curvature, zero).sum(dim=1)
     crossing = gap * E < 0.0
-    points = torch.where(crossing, -gap / torch.where(crossing, E, 1.0), 1.0).clamp_max(1.0)
-    jump = torch.where(crossing & (points < 1.0), torch.where(gap < 0.0, 1.0, -1.0), 0.0)
+    points = torch.where(crossing, -gap / torch.where(crossing, E, one), one).clamp_max(1.0)
+    jump = torch.where(crossing & (points < 1.0), torch.where(gap < 0.0, one, -one), zero)
     points, order = points.sort(dim=1)
     jump = (jump * curvature).gather(1, order)
-    zero = torch.zeros_like(slope).unsqueeze(1)
-    knots = torch.cat([zero, points, zero + 1.0], dim=1)  # [k, m + 2]
+    knots = torch.cat([zero, points, one], dim=1)  # [k, m + 2]
     # -φ' has slope bends[:, i] on [knots[:, i], knots[:, i + 1]].
     bends = (start.unsqueeze(1) + torch.cat([zero, jump.cumsum(dim=1)], dim=1)).clamp_min(0.0)
     rise = bends * knots.diff(dim=1)
@@ -741,10 +746,11 @@ def _line_search(
     left = knots.gather(1, segment).squeeze(1)
     before = (fall - rise).gather(1, segment).squeeze(1)
     bend = bends.gather(1, segment).squeeze(1)
-    root = left + (slope - before) / torch.where(bend > 0.0, bend, 1.0)
     right = knots.gather(1, segment + 1).squeeze(1)
-    root = torch.where(bend > 0.0, torch.minimum(torch.maximum(root, left), right), right)
-    alpha = torch.where(slope > 0.0, root, 0.0)
+    bent = bend > 0.0
+    root = left + (slope - before) / torch.where(bent, bend, ones)
+    root = torch.where(bent, torch.minimum(torch.maximum(root, left), right), right)
+    alpha = torch.where(slope > 0.0, root, zeros)
     return lam + alpha.unsqueeze(1) * direction
 
 
