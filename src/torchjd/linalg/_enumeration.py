@@ -57,12 +57,14 @@ def _active_sets(
     m: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``2^m`` active sets as rows of a boolean ``[2^m, m]``, the same as ``[2^m, m, 1]`` and
-    ``[2^m, 1, m]``, and the identity ``[m, m]``."""
-    bits = torch.arange(m, device=device)
-    active = (torch.arange(2**m, device=device).unsqueeze(1) >> bits) & 1 == 1
-    return (
-        active,
-        active.unsqueeze(2),
-        active.unsqueeze(1),
-        torch.eye(m, dtype=dtype, device=device),
-    )
+    ``[2^m, 1, m]``, and the identity ``[m, m]``. Normal tensors, also when first made in
+    inference mode (an untracked call): a later tracked call saves them for its backward."""
+    with torch.inference_mode(False):
+        bits = torch.arange(m, device=device)
+        active = (torch.arange(2**m, device=device).unsqueeze(1) >> bits) & 1 == 1
+        return (
+            active,
+            active.unsqueeze(2),
+            active.unsqueeze(1),
+            torch.eye(m, dtype=dtype, device=device),
+        )
