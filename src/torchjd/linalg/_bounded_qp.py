@@ -1161,7 +1161,10 @@ def _least_norm_fallback(
     G64, G_exact64, U64 = G.double(), G_exact.double(), U.double()
     formed = range_factor(G_exact64, G.dtype) if factor is None else factor()
     V, left = U64.clone(), torch.arange(U.shape[0], device=U.device)
-    if formed is not None and G.dtype == torch.float64 and _SPANNING_MIN_M < m < _RANGE_MIN_M:
+    # (Not under autograd, a tracked G: the range route updates its factors in place.)
+    tracked = G_exact.requires_grad and torch.is_grad_enabled()
+    range_route = _SPANNING_MIN_M < m < _RANGE_MIN_M and not tracked
+    if formed is not None and G.dtype == torch.float64 and range_route:
         V, found = _range_rows_first(G_exact64, U64, tol, formed, G.dtype)
         left = (~found).nonzero().squeeze(1)
     if left.numel() > 0:

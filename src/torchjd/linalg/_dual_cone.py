@@ -176,7 +176,12 @@ class TorchProjector(DualConeProjector):
         # Not symmetrised here: the solver does it.
         G = regularized(normalized(G, self.norm_eps), self.reg_eps)
         rows = U.unsqueeze(0) if U.ndim == 1 else U
-        V = solve_lower_bounded_qp(G, rows, least_norm=self.reg_eps == 0.0)
+        if self.reg_eps == 0.0 and _attachable(G, rows):
+            with torch.inference_mode():
+                V = solve_lower_bounded_qp(G.detach(), rows.detach(), least_norm=True)
+            V = _face_attached(symmetrized(G), rows, V.clone())
+        else:
+            V = solve_lower_bounded_qp(G, rows, least_norm=self.reg_eps == 0.0)
         return V.squeeze(0) if U.ndim == 1 else V
 
     def __repr__(self) -> str:
@@ -224,7 +229,13 @@ class TorchProjector(DualConeProjector):
         least-norm weights of the unit vectors
         (:func:`~torchjd.linalg._bounded_qp._exact_unit_route`)."""
         G = symmetrized(normalized(G, self.norm_eps))
-        X = _exact_unit_route(G, LEAST_NORM_TOL[G.dtype], _MAX_ITERS)
+        eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        if _attachable(G, eye):
+            with torch.inference_mode():
+                X = _exact_unit_route(G.detach(), LEAST_NORM_TOL[G.dtype], _MAX_ITERS)
+            X = _face_attached(G, eye, X.clone())
+        else:
+            X = _exact_unit_route(G, LEAST_NORM_TOL[G.dtype], _MAX_ITERS)
         return X.mean(dim=0) if p is None else p.to(X.dtype) @ X
 
     def _summed_large_unit_rows(self, p: Tensor | None, G: Tensor) -> Tensor:
@@ -363,15 +374,74 @@ def _untracked(
     """``compute()`` (converted to ``dtype`` if given), in inference mode when no input requires
     grad: that skips the autograd bookkeeping of each operation (about a tenth of the time of a
     small problem). The result comes out as a normal tensor (one copy, the conversion's)."""
-    if any(t is not None and t.requires_grad for t in inputs):
+    tracked = [t for t in inputs if t is not None and t.requires_grad]
+    if tracked:
         result = compute()
+        if not result.requires_grad and torch.is_grad_enabled():
+            # A route that found the weights constant (no conflict, a zero Gramian) built them
+            # without the graph: attached, with a zero gradient (the mask never takes the sums).
+            no = torch.zeros((), dtype=torch.bool, device=result.device)
+            for t in tracked:
+                result = torch.where(no, t.sum().to(result.dtype), result)
         return result if dtype is None else result.to(dtype)
     with torch.inference_mode():
         result = compute()
     return result.to(result.dtype if dtype is None else dtype, copy=True)
 
 
+def _attachable(G: Tensor, U: Tensor) -> bool:
+    """Whether the exact mode's rows for ``U`` on ``G`` are solved untracked, then attached to the
+    graph by :func:`_face_attached` (under autograd, ``G`` or ``U`` requiring grad)."""
+    return (
+        torch.is_grad_enabled() and (G.requires_grad or U.requires_grad) and G.dtype in DEFAULT_TOL
+    )
+
+
+def _face_attached(G: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    r"""The exact mode's optimal rows ``V`` for the rows ``U`` on a symmetric ``G`` (solved
+    untracked), with their values, in the graph of ``G`` and ``U`` by the derivative of each row's
+    final face: with the free set :math:`F = \{j : v_j > u_j\}` and :math:`A` the others
+    (:math:`v_A = u_A`), :math:`v_F` is the solution of :math:`G_{FF} v_F = -G_{FA} u_A` of least
+    :math:`\sum_{j \in F} G_{jj} v_j^2`, :math:`v_F = S (S G_{FF} S)^+ S (-G_{FA} u_A)` with
+    :math:`S = \operatorname{diag}(G)^{-1/2}` (``1`` where :math:`G_{jj} = 0`). The pseudo-inverse
+    is taken on the range of :math:`S G_{FF} S` (eigenvalues above
+    :data:`_FACE_RANK_TOL` of the largest), its basis held constant: the
+    derivative along perturbations that keep that range (``J + t J R`` for ``G = J Jᵀ``: zero,
+    duplicate and opposite rows stay so), where the weights are differentiable; across ranks they
+    are not. Backpropagating through the solver's own steps instead gave NaN (failed factors of
+    discarded rows) or gradients off by orders of magnitude (nearly singular faces)."""
+    # (In float64: the rounding of float32 blurs the range; the rank is read at that of G's dtype.)
+    rank_tol = _FACE_RANK_TOL[G.dtype]
+    dtype = torch.float64
+    G, U, X = G.to(dtype), U.to(dtype), V.to(dtype)
+    free = (X > U).to(dtype)
+    diagonal = G.diagonal()
+    tiny = torch.finfo(dtype).tiny
+    s = torch.where(diagonal > 0, diagonal.clamp_min(tiny), 1.0).rsqrt()
+    M = (s.unsqueeze(1) * G * s) * (free.unsqueeze(2) * free.unsqueeze(1))
+    with torch.no_grad():
+        values, Q = torch.linalg.eigh(M)
+        keep = values > rank_tol * values.amax(dim=1, keepdim=True).clamp_min(tiny)
+    # (S G_FF S)⁺ = B (Bᵀ S G_FF S B)⁻¹ Bᵀ for any basis B of its range: B = S G_FF S Q Λ⁻¹
+    # (Q, Λ: its kept eigenpairs, held constant; B = Q in value) turns with the range, so the
+    # derivative is that of the pseudo-inverse where the rank stays.
+    inverse = torch.where(keep, 1.0 / torch.where(keep, values, 1.0), 0.0)
+    B = (M @ Q) * inverse.unsqueeze(1)
+    both = keep.unsqueeze(2) & keep.unsqueeze(1)
+    eye = torch.eye(G.shape[0], dtype=dtype, device=G.device)
+    K = torch.where(both, B.mT @ M @ B, eye)
+    fixed = U * (1.0 - free)
+    rhs = -(fixed @ G) * s * free
+    c = torch.linalg.solve(K, (rhs.unsqueeze(1) @ B).squeeze(1) * keep) * keep
+    face = fixed + s * free * (B @ c.unsqueeze(2)).squeeze(2)
+    return (X + (face - face.detach())).to(V.dtype)
+
+
 _MAX_ITERS = 10_000  # those of solve_lower_bounded_qp
+# _face_attached: eigenvalues of the Jacobi-scaled face below this fraction of its largest are of
+# its null space (at 10⁻¹³, the float64 rounding of G = J Jᵀ left some in the range: directional
+# derivatives off by orders of magnitude on 9 of 200 hard Jacobians from m = 8 to 64).
+_FACE_RANK_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # The __call__ methods under which TorchProjector._summed_projections may solve the problems of
 # the unit vectors itself (a subclass with its own __call__ gets it called).
 _SUMMABLE = (TorchProjector.__call__, QuadprogProjector.__call__)

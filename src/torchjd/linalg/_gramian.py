@@ -23,7 +23,12 @@ def normalized(G: Tensor, norm_eps: float) -> Tensor:
     trace = G.diagonal().sum()
     # One pass over G: below norm_eps, the divisor is infinite (a division by False), which gives
     # the zero matrix; a NaN trace stays NaN.
-    return G / (trace.clamp_min(torch.finfo(G.dtype).tiny) / (trace >= norm_eps))
+    clamped, kept = trace.clamp_min(torch.finfo(G.dtype).tiny), trace >= norm_eps
+    if G.requires_grad and torch.is_grad_enabled():
+        # The same values, but the infinite divisor is a constant: the gradient of the division by
+        # False (0 / 0) would be NaN where the zero matrix's is zero.
+        return G / torch.where(kept, clamped, clamped.detach() / kept)
+    return G / (clamped / kept)
 
 
 def regularized(G: Tensor, reg_eps: float) -> Tensor:

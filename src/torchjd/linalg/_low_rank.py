@@ -32,11 +32,39 @@ def low_rank_factor(G: Tensor, max_rank: int, dtype: torch.dtype | None = None) 
     """``L`` with ``G ≈ L Lᵀ`` (the eigenpairs above :data:`_RANK_TOL` of the largest, for the
     rounding of a Gramian computed in ``dtype``, by default that of ``G``), or None when the rank
     exceeds ``max_rank``."""
-    eigenvalues, vectors = torch.linalg.eigh(G)
+    if G.requires_grad and torch.is_grad_enabled():
+        eigenvalues, vectors = _TrackedEigh.apply(G)
+    else:
+        eigenvalues, vectors = torch.linalg.eigh(G)
     keep = eigenvalues > _RANK_TOL[dtype or G.dtype] * eigenvalues[-1]
     if int(keep.sum()) > max_rank:
         return None
     return vectors[:, keep] * eigenvalues[keep].sqrt()
+
+
+class _TrackedEigh(torch.autograd.Function):
+    """``torch.linalg.eigh`` of a symmetric matrix whose backward leaves out the pairs of equal
+    eigenvalues (``1 / (λ_j − λ_i)`` with ``λ_i = λ_j``, which make torch's own backward NaN, as
+    in the exact zeros of a Gramian with zero rows). That is the gradient of any function of the
+    eigenpairs that depends on an eigenspace of equal eigenvalues only through the whole space
+    (the factor of the range kept by :func:`low_rank_factor`, whose dropped eigenvectors it does
+    not use)."""
+
+    @staticmethod
+    def forward(ctx, G: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        eigenvalues, vectors = torch.linalg.eigh(G)
+        ctx.save_for_backward(eigenvalues, vectors)
+        return eigenvalues, vectors
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor, grad_vectors: Tensor) -> Tensor:  # noqa: ANN001
+        eigenvalues, vectors = ctx.saved_tensors
+        inner = vectors.mT @ grad_vectors
+        inner = (inner - inner.mT) / 2
+        gaps = eigenvalues.unsqueeze(0) - eigenvalues.unsqueeze(1)  # λ_j − λ_i
+        inner = torch.where(gaps != 0, inner / torch.where(gaps != 0, gaps, 1.0), 0.0)
+        inner = inner + torch.diag(grad_values)
+        return vectors @ inner @ vectors.mT
 
 
 def woodbury_factor(

@@ -723,13 +723,36 @@ def _spd_factor(K: Tensor) -> tuple[Tensor, Tensor]:
     rows of very different norms equally accurate, and the scaling."""
     diagonal = K.diagonal(dim1=1, dim2=2)
     scale = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(K.dtype).tiny).rsqrt(), 1.0)
-    L = upper_cholesky(scale.unsqueeze(2) * K * scale.unsqueeze(1))
-    return L, scale
+    return _tracked_factor(upper_cholesky, scale.unsqueeze(2) * K * scale.unsqueeze(1)), scale
+
+
+def _tracked_factor(factorise: Callable[[Tensor], Tensor], K: Tensor) -> Tensor:
+    """``factorise(K)``: the Cholesky factors of the batch ``K`` (``[k, n, n]``). Under autograd,
+    the same values, but the blocks whose factor fails (a zero pivot) are factorised as the
+    identity in the graph: the backward of their factor and solves is NaN, even where their rows
+    are discarded (a zero gradient)."""
+    if not (K.requires_grad and torch.is_grad_enabled()):
+        return factorise(K)
+    L = factorise(K.detach())
+    ok = _factored(L).view(-1, 1, 1)
+    eye = torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
+    return torch.where(ok, factorise(torch.where(ok, K, eye)), L)
+
+
+def _factored(L: Tensor) -> Tensor:
+    """Which of the Cholesky factors ``L`` (``[k, n, n]``) have every pivot positive."""
+    return (L.diagonal(dim1=1, dim2=2) > 0).all(dim=1)
 
 
 def _spd_solve(factor: tuple[Tensor, Tensor], b: Tensor) -> Tensor:
     L, scale = factor
-    return scale * cholesky_solve(L, scale * b)
+    if not (L.requires_grad and torch.is_grad_enabled()):
+        return scale * cholesky_solve(L, scale * b)
+    # (as _spd_factor: the failed faces' solves, out of the graph)
+    ok = _factored(L).unsqueeze(1)
+    eye = torch.eye(L.shape[1], dtype=L.dtype, device=L.device)
+    tracked = scale * cholesky_solve(torch.where(ok.unsqueeze(2), L, eye), scale * b)
+    return torch.where(ok, tracked, (scale * cholesky_solve(L, scale * b)).detach())
 
 
 def bordered_scaled(G: Tensor) -> tuple[Tensor, Tensor]:
@@ -803,8 +826,13 @@ def _compacted_group(
     identity."""
     mask = _at(free, group, cols)  # False on the padding
     index = torch.where(mask, cols, padding[: cols.shape[1]])
-    L, _ = torch.linalg.cholesky_ex(compacted_blocks(scaled, index))
+    L = _tracked_factor(_lower_cholesky, compacted_blocks(scaled, index))
     return group, cols, mask, (L, torch.where(mask, s[cols], 1.0))
+
+
+def _lower_cholesky(K: Tensor) -> Tensor:
+    """The lower Cholesky factors of the batch ``K`` (failures ignored, as by ``cholesky_ex``)."""
+    return torch.linalg.cholesky_ex(K)[0]
 
 
 def compacted_blocks(bordered: Tensor, index: Tensor) -> Tensor:

@@ -263,7 +263,9 @@ def _project(
         direction = cholesky_solve(systems, g)
         if any_inverted:
             updated = _updated_solve(source, systems, factored_free, free, g)
-            direction = torch.where(inverted.unsqueeze(1), updated, direction)
+            # (under autograd, a copy of the mask: where saves it, and inverted changes in place)
+            mask = inverted.clone() if torch.is_grad_enabled() else inverted
+            direction = torch.where(mask.unsqueeze(1), updated, direction)
         # An update through a singular capacitance: factorise those rows again at the next step.
         renew = ~torch.isfinite(direction).all(dim=1)
         direction = torch.where(renew.unsqueeze(1), 0.0, direction).to(U.dtype)
