@@ -29,8 +29,9 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 MEMORY_NOTE = (
     "peak memory: the peak during the steps (evaluations excluded); on CPU, of the resident set "
     "size (Linux VmHWM, reset before each epoch) above its value at the start of the epoch, with "
-    "allocations of 64 KiB or more mapped one by one so that freed tensors are not cached; on "
-    "CUDA, of torch.cuda.memory_allocated above its value at the start of the epoch"
+    "allocations of 64 KiB or more mapped one by one and the heap's free memory given back at "
+    "the start, so that freed tensors are not cached; on CUDA, of torch.cuda.memory_allocated "
+    "above its value at the start of the epoch"
 )
 
 
