@@ -162,3 +162,39 @@ def test_tracked_call_after_an_untracked_one():
     J = torch.randn(6, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     weighting(J @ J.T)
     _check_gradient(weighting, J)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_projector_gradient_for_general_rows(seed: int):
+    """Rows ``U`` other than UPGrad's (random signs): the solver leaves some active entries an ulp
+    above ``u_j``; read as free, their face was the wrong one and the gradient was off (by up to
+    185% on easy nonsingular Gramians). Directional derivative against a central difference."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = 6, 15
+    J = torch.randn(m, n, generator=g, dtype=torch.float64)
+    J += 0.5 * torch.randn(1, n, generator=g, dtype=torch.float64)  # rows in conflict or not
+    U = torch.randn(3, m, generator=g, dtype=torch.float64)
+    D = torch.randn(m, n, generator=g, dtype=torch.float64)
+    projector = TorchProjector(norm_eps=0.0, reg_eps=0.0)
+    t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    V = projector(U, (J + t * D) @ (J + t * D).T)
+    derivative = torch.stack([torch.autograd.grad(v, t, retain_graph=True)[0] for v in V.flatten()])
+    h = 1e-6
+    with torch.no_grad():
+        plus = projector(U, (J + h * D) @ (J + h * D).T)
+        minus = projector(U, (J - h * D) @ (J - h * D).T)
+    torch.testing.assert_close(
+        derivative, ((plus - minus) / (2 * h)).flatten(), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_non_finite_gramian_gives_nan_weights_in_the_graph():
+    """A NaN in ``J``: NaN weights, as untracked, in the graph (the face's eigh raised)."""
+    J = torch.randn(4, 6, dtype=torch.float64)
+    J[0, 0] = torch.nan
+    J.requires_grad_()
+    w = _exact()(J @ J.T)
+    assert w.requires_grad
+    assert bool(w.isnan().all())
+    w.sum().backward()
+    assert J.grad is not None
