@@ -89,50 +89,58 @@ def calls_uses(calls: Sequence[ModuleCall]) -> dict[int, int]:
     that reach it from the nodes of a call (from its outputs down to its inputs)."""
     uses: dict[int, int] = {}
     for call in calls:
-        for key, (_, count) in _leaf_uses([e.node for e in call.edges], _input_nodes(call)).items():
+        for key, (_, count) in _leaf_uses([e.node for e in call.edges], input_nodes(call)).items():
             uses[key] = uses.get(key, 0) + count
     return uses
 
 
 def call_graph(call: ModuleCall) -> Iterator[Any]:
     """The autograd nodes of the call, each once: from its outputs down to its inputs."""
-    return iter(_nodes([edge.node for edge in call.edges], _input_nodes(call)))
+    return (node for node, _ in call_walk(call))
 
 
-def _input_nodes(call: ModuleCall) -> set[Any]:
-    inputs = [*flat_leaves(call.args), *flat_leaves(call.kwargs)]
-    return {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
-
-
-def _nodes(
-    roots: list[Any], stops: set[Any], leaves: dict[int, tuple[Tensor, int]] | None = None
-) -> list[Any]:
-    """The nodes reachable from ``roots`` without going through ``stops``, each once, depth
-    first. With ``leaves``, the nodes of leaf tensors are not entered but counted in it (the
-    leaf by id, with its uses: the edges that reach it), in the same walk (each read of a node's
-    ``next_functions`` builds a new tuple)."""
-    accumulate_grad = torch._C._functions.AccumulateGrad
-    seen: set[Any] = set(stops)
-    stack = list(roots)
-    nodes = []
+def call_walk(call: ModuleCall) -> Iterator[tuple[Any, tuple[Any, ...]]]:
+    """The nodes of :func:`call_graph`, depth first, each with its ``next_functions`` (read once:
+    each read builds a new tuple)."""
+    seen = input_nodes(call)  # the walk stops there
+    stack = [edge.node for edge in call.edges]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        nodes.append(node)
+        edges = node.next_functions
+        yield node, edges
+        for child, _ in edges:  # those already seen are not pushed
+            if child is not None and child not in seen:
+                stack.append(child)
+
+
+def input_nodes(call: ModuleCall) -> set[Any]:
+    """The nodes of the call's inputs (where the graph of the call ends)."""
+    inputs = [*flat_leaves(call.args), *flat_leaves(call.kwargs)]
+    return {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
+
+
+def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int]]:
+    """The leaf tensors reached from ``roots`` without going through ``stops``, by id, each with
+    its uses (the edges that reach it), in one depth-first walk that does not enter the leaves'
+    nodes."""
+    accumulate_grad = torch._C._functions.AccumulateGrad
+    leaves: dict[int, tuple[Tensor, int]] = {}
+    seen: set[Any] = set(stops)
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
         for next_node, _ in node.next_functions:  # those already seen are not pushed
-            if leaves is not None and type(next_node) is accumulate_grad:  # a leaf's node
+            if type(next_node) is accumulate_grad:  # a leaf's node
                 leaf = next_node.variable
                 leaves[id(leaf)] = (leaf, leaves.get(id(leaf), (leaf, 0))[1] + 1)
             elif next_node is not None and next_node not in seen:
                 stack.append(next_node)
-    return nodes
-
-
-def _leaf_uses(roots: list[Any], stops: set[Any]) -> dict[int, tuple[Tensor, int]]:
-    leaves: dict[int, tuple[Tensor, int]] = {}
-    _nodes(roots, stops, leaves)
     return leaves
 
 

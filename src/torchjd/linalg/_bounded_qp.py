@@ -167,6 +167,7 @@ import torch
 from torch import Tensor
 
 from torchjd.linalg._admm import Warm, warm_admm
+from torchjd.linalg._autograd import tracked
 from torchjd.linalg._enumeration import enumerate_active_sets
 from torchjd.linalg._interior_point import interior_point
 from torchjd.linalg._kkt import kkt_residual, row_scales, worst_conflict
@@ -1162,8 +1163,7 @@ def _least_norm_fallback(
     formed = range_factor(G_exact64, G.dtype) if factor is None else factor()
     V, left = U64.clone(), torch.arange(U.shape[0], device=U.device)
     # (Not under autograd, a tracked G: the range route updates its factors in place.)
-    tracked = G_exact.requires_grad and torch.is_grad_enabled()
-    range_route = _SPANNING_MIN_M < m < _RANGE_MIN_M and not tracked
+    range_route = _SPANNING_MIN_M < m < _RANGE_MIN_M and not tracked(G_exact)
     if formed is not None and G.dtype == torch.float64 and range_route:
         V, found = _range_rows_first(G_exact64, U64, tol, formed, G.dtype)
         left = (~found).nonzero().squeeze(1)

@@ -2,11 +2,13 @@ r"""Projection onto the dual cone of the rows of a matrix, in its dual (weight-s
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from torchjd.linalg._autograd import tracked
 from torchjd.linalg._bounded_qp import (
     _DIRECT_MAX_M,
     DEFAULT_TOL,
@@ -184,12 +186,10 @@ class TorchProjector(DualConeProjector):
         # Not symmetrised here: the solver does it.
         G = regularized(normalized(G, self.norm_eps), self.reg_eps)
         rows = U.unsqueeze(0) if U.ndim == 1 else U
-        if self.reg_eps == 0.0 and _attachable(G, rows):
-            with torch.inference_mode():
-                V = solve_lower_bounded_qp(G.detach(), rows.detach(), least_norm=True)
-            V = _face_attached(symmetrized(G), rows, V.clone())
+        if self.reg_eps == 0.0:
+            V = _exact_rows(partial(solve_lower_bounded_qp, least_norm=True), G, rows)
         else:
-            V = solve_lower_bounded_qp(G, rows, least_norm=self.reg_eps == 0.0)
+            V = solve_lower_bounded_qp(G, rows, least_norm=False)
         return V.squeeze(0) if U.ndim == 1 else V
 
     def __repr__(self) -> str:
@@ -238,12 +238,11 @@ class TorchProjector(DualConeProjector):
         (:func:`~torchjd.linalg._bounded_qp._exact_unit_route`)."""
         G = symmetrized(normalized(G, self.norm_eps))
         eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-        if _attachable(G, eye):
-            with torch.inference_mode():
-                X = _exact_unit_route(G.detach(), LEAST_NORM_TOL[G.dtype], _MAX_ITERS)
-            X = _face_attached(G, eye, X.clone())
-        else:
-            X = _exact_unit_route(G, LEAST_NORM_TOL[G.dtype], _MAX_ITERS)
+
+        def unit_route(G: Tensor, _: Tensor) -> Tensor:  # (U: the identity)
+            return _exact_unit_route(G, LEAST_NORM_TOL[G.dtype], _MAX_ITERS)
+
+        X = _exact_rows(unit_route, G, eye)
         return X.mean(dim=0) if p is None else p.to(X.dtype) @ X
 
     def _summed_large_unit_rows(self, p: Tensor | None, G: Tensor) -> Tensor:
@@ -382,14 +381,14 @@ def _untracked(
     """``compute()`` (converted to ``dtype`` if given), in inference mode when no input requires
     grad: that skips the autograd bookkeeping of each operation (about a tenth of the time of a
     small problem). The result comes out as a normal tensor (one copy, the conversion's)."""
-    tracked = [t for t in inputs if t is not None and t.requires_grad]
-    if tracked:
+    requiring = [t for t in inputs if t is not None and t.requires_grad]
+    if requiring:
         result = compute()
         if not result.requires_grad and torch.is_grad_enabled():
             # A route that found the weights constant (no conflict, a zero Gramian) built them
             # without the graph: attached, with a zero gradient (the mask never takes the sums).
             no = torch.zeros((), dtype=torch.bool, device=result.device)
-            for t in tracked:
+            for t in requiring:
                 result = torch.where(no, t.sum().to(result.dtype), result)
         return result if dtype is None else result.to(dtype)
     with torch.inference_mode():
@@ -397,12 +396,15 @@ def _untracked(
     return result.to(result.dtype if dtype is None else dtype, copy=True)
 
 
-def _attachable(G: Tensor, U: Tensor) -> bool:
-    """Whether the exact mode's rows for ``U`` on ``G`` are solved untracked, then attached to the
-    graph by :func:`_face_attached` (under autograd, ``G`` or ``U`` requiring grad)."""
-    return (
-        torch.is_grad_enabled() and (G.requires_grad or U.requires_grad) and G.dtype in DEFAULT_TOL
-    )
+def _exact_rows(solve: Callable[[Tensor, Tensor], Tensor], G: Tensor, U: Tensor) -> Tensor:
+    """``solve(G, U)``: the exact mode's optimal rows for ``U`` on ``G``. Under autograd (``G`` or
+    ``U`` requiring grad, in float32 or float64), solved untracked, then attached to the graph by
+    :func:`_face_attached` (on the symmetrised ``G``)."""
+    if not (tracked(G, U) and G.dtype in DEFAULT_TOL):
+        return solve(G, U)
+    with torch.inference_mode():
+        V = solve(G.detach(), U.detach())
+    return _face_attached(symmetrized(G), U, V.clone())
 
 
 def _face_attached(G: Tensor, U: Tensor, V: Tensor) -> Tensor:

@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor
 
+from torchjd.linalg._autograd import tracked
+
 
 def gramian(matrix: Tensor) -> Tensor:
     """``J Jᵀ`` for a matrix ``J`` of shape ``[m, n]``, made exactly symmetric."""
@@ -24,7 +26,7 @@ def normalized(G: Tensor, norm_eps: float) -> Tensor:
     # One pass over G: below norm_eps, the divisor is infinite (a division by False), which gives
     # the zero matrix; a NaN trace stays NaN.
     clamped, kept = trace.clamp_min(torch.finfo(G.dtype).tiny), trace >= norm_eps
-    if G.requires_grad and torch.is_grad_enabled():
+    if tracked(G):
         # The same values, but the infinite divisor is a constant: the gradient of the division by
         # False (0 / 0) would be NaN where the zero matrix's is zero.
         return G / torch.where(kept, clamped, clamped.detach() / kept)

@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from torchjd.linalg._autograd import tracked
+
 _RANK_TOL = {torch.float64: 1e-13, torch.float32: 1e-6}
 _PRODUCTS_ENTRIES = 2**22  # of the products l_j l_jᵀ (32 MiB in float64)
 
@@ -32,7 +34,7 @@ def low_rank_factor(G: Tensor, max_rank: int, dtype: torch.dtype | None = None) 
     """``L`` with ``G ≈ L Lᵀ`` (the eigenpairs above :data:`_RANK_TOL` of the largest, for the
     rounding of a Gramian computed in ``dtype``, by default that of ``G``), or None when the rank
     exceeds ``max_rank``."""
-    if G.requires_grad and torch.is_grad_enabled():
+    if tracked(G):
         eigenvalues, vectors = _TrackedEigh.apply(G)
     else:
         eigenvalues, vectors = torch.linalg.eigh(G)

@@ -26,6 +26,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from torchjd.linalg._autograd import tracked
 from torchjd.linalg._kkt import feasible_kkt_residual, kkt_scales
 from torchjd.linalg._low_rank import cholesky_solve
 
@@ -731,7 +732,7 @@ def _tracked_factor(factorise: Callable[[Tensor], Tensor], K: Tensor) -> Tensor:
     the same values, but the blocks whose factor fails (a zero pivot) are factorised as the
     identity in the graph: the backward of their factor and solves is NaN, even where their rows
     are discarded (a zero gradient)."""
-    if not (K.requires_grad and torch.is_grad_enabled()):
+    if not tracked(K):
         return factorise(K)
     L = factorise(K.detach())
     ok = _factored(L).view(-1, 1, 1)
@@ -746,13 +747,13 @@ def _factored(L: Tensor) -> Tensor:
 
 def _spd_solve(factor: tuple[Tensor, Tensor], b: Tensor) -> Tensor:
     L, scale = factor
-    if not (L.requires_grad and torch.is_grad_enabled()):
+    if not tracked(L):
         return scale * cholesky_solve(L, scale * b)
     # (as _spd_factor: the failed faces' solves, out of the graph)
     ok = _factored(L).unsqueeze(1)
     eye = torch.eye(L.shape[1], dtype=L.dtype, device=L.device)
-    tracked = scale * cholesky_solve(torch.where(ok.unsqueeze(2), L, eye), scale * b)
-    return torch.where(ok, tracked, (scale * cholesky_solve(L, scale * b)).detach())
+    solved = scale * cholesky_solve(torch.where(ok.unsqueeze(2), L, eye), scale * b)
+    return torch.where(ok, solved, (scale * cholesky_solve(L, scale * b)).detach())
 
 
 def bordered_scaled(G: Tensor) -> tuple[Tensor, Tensor]:
@@ -851,8 +852,7 @@ def compacted_blocks(bordered: Tensor, index: Tensor) -> Tensor:
     # the gather.
     chunk = max(1, _GATHER_ENTRIES // (width * (n if by_rows else width)))
     # (Into a buffer only when untracked: an ``out=`` does not record the operation's gradient.)
-    tracked = bordered.requires_grad and torch.is_grad_enabled()
-    if chunk >= g or bordered.device.type != "cpu" or tracked:
+    if chunk >= g or bordered.device.type != "cpu" or tracked(bordered):
         return _gathered(bordered, index, by_rows)
     blocks = torch.empty(g, width, width, dtype=bordered.dtype, device=bordered.device)
     for start in range(0, g, chunk):

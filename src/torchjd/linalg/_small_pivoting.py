@@ -427,9 +427,13 @@ class _Faces:
 
     @cached_property
     def H(self) -> Tensor:
-        # L⁻ᵀ L⁻¹ from one triangular solve and a product: the kernels of the face solves, and
-        # no check of the factor read on the host (torch.cholesky_inverse makes one)
-        inverse = torch.linalg.solve_triangular(self.L, self.eye, upper=False)
+        return self._inverse(self.L)
+
+    def _inverse(self, L: Tensor) -> Tensor:
+        """``L⁻ᵀ L⁻¹`` for a lower Cholesky factor ``L``, from one triangular solve and a product:
+        the kernels of the face solves, and no check of the factor read on the host
+        (``torch.cholesky_inverse`` makes one)."""
+        inverse = torch.linalg.solve_triangular(L, self.eye, upper=False)
         return inverse.mT @ inverse
 
     @cached_property
@@ -451,10 +455,7 @@ class _Faces:
         blocks' inverses: ``μ`` (row ``i``) ``= û_i M⁻¹ e_i``, from one ``m × m``
         factorisation."""
         M = torch.where(groups, self.H, 0.0)
-        inverse_factor = torch.linalg.solve_triangular(
-            torch.linalg.cholesky_ex(M)[0], self.eye, upper=False
-        )
-        mu = U_hat.diagonal().unsqueeze(1) * (inverse_factor.mT @ inverse_factor)
+        mu = U_hat.diagonal().unsqueeze(1) * self._inverse(torch.linalg.cholesky_ex(M)[0])
         return torch.where(groups, U_hat, mu @ self.H), mu
 
     def widths(self, n_active: list[float]) -> list[int]:

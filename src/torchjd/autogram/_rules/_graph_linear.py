@@ -25,7 +25,7 @@ from typing import Any
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from torchjd.autogram._fused import _input_nodes as input_nodes
+from torchjd.autogram._fused import call_walk
 from torchjd.autogram._module_call import ModuleCall, cat, gram, weighted
 from torchjd.autogram._onednn import transposed_product
 from torchjd.autogram._rules._linear import (
@@ -62,21 +62,10 @@ def find_graph_linears(call: ModuleCall, weights: list[Tensor]) -> list[GraphLin
     uses: dict[Any, int] = {}  # the number of graph edges into each node of _PATH kind
     found: list[GraphLinear] = []
     chain: dict[Any, set[Any]] = {}  # node of a found weight path -> its parents on such paths
-    seen = input_nodes(call)  # the walk stops there
-    stack = [edge.node for edge in call.edges]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        edges = node.next_functions
+    for node, edges in call_walk(call):
         for child, _ in edges:
-            if child is None:
-                continue
             if type(child).__name__ in _PATH:
                 uses[child] = uses.get(child, 0) + 1
-            if child not in seen:
-                stack.append(child)
         index = _PRODUCTS.get(type(node).__name__)
         if index is None:  # most nodes (the call's own operations)
             continue
