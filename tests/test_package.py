@@ -1,5 +1,7 @@
 """The public surface: names, version, typing marker."""
 
+import subprocess
+import sys
 from importlib import resources
 
 import torchjd
@@ -99,3 +101,28 @@ def test_distributed_names():
         "sharded_jac_to_grad",
     }
     assert expected <= set(torchjd.distributed.__all__)
+
+
+def test_subpackages_are_attributes_of_a_plain_import():
+    """``import torchjd`` alone gives ``torchjd.autojac`` and the other subpackages (as the
+    published package does for some of them), each imported on first use; a fresh interpreter,
+    since this file's imports already made them attributes."""
+    code = """
+import sys
+import torchjd
+names = ["aggregation", "autogram", "autojac", "distributed", "linalg", "scalarization"]
+assert not any(f"torchjd.{n}" in sys.modules for n in names), "imported eagerly"
+assert set(names) <= set(dir(torchjd))
+assert callable(torchjd.autojac.backward) and callable(torchjd.autogram.Engine)
+assert torchjd.aggregation.UPGrad.__module__.startswith("torchjd.aggregation")
+for n in names:
+    assert getattr(torchjd, n) is sys.modules[f"torchjd.{n}"]
+try:
+    torchjd.not_a_subpackage
+except AttributeError as error:
+    assert "not_a_subpackage" in str(error)
+else:
+    raise AssertionError("no AttributeError")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
