@@ -173,3 +173,17 @@ def test_layers_that_vmap_cannot_batch_work_with_chunks_of_one():
     assert not hasattr(w, "jac")
     backward(y, parallel_chunk_size=1)
     torch.testing.assert_close(w.jac, 2 * torch.eye(3, dtype=torch.float64))
+
+
+def test_no_inputs_fills_nothing():
+    """As the published ``backward``: with ``inputs=[]`` nothing is filled (the tensors are still
+    checked), and the graph can still be used."""
+    w = _w()
+    y = (w**2).sum()
+    backward(y, inputs=[], retain_graph=True)
+    assert not hasattr(w, "jac")
+    assert w.grad is None
+    backward(y)
+    torch.testing.assert_close(w.jac, 2 * w.detach().unsqueeze(0))
+    with pytest.raises(ValueError, match=r"`tensors\[0\]` does not require grad"):
+        backward(torch.ones(2), inputs=[])

@@ -66,7 +66,6 @@ def test_single_tensor_input_returns_a_tuple():
     ("call", "match"),
     [
         (lambda x: jac([], [x]), "`outputs` must contain at least one tensor"),
-        (lambda x: jac(x.sum(), []), "`inputs` must contain at least one tensor"),
         (lambda x: jac(x.sum(), [torch.ones(1)]), r"`inputs\[0\]` must require grad"),
         (lambda x: jac(torch.ones(2), [x]), r"`outputs\[0\]` does not require grad"),
         (
@@ -80,3 +79,12 @@ def test_bad_input_is_refused(call, match: str):
     x = torch.randn(2, dtype=torch.float64, requires_grad=True)
     with pytest.raises((ValueError, TypeError), match=match):
         call(x)
+
+
+def test_no_inputs_gives_an_empty_tuple():
+    """As the published ``jac``: the Jacobians with respect to no input are none (the outputs are
+    still checked)."""
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert jac((x**2).sum(), []) == ()
+    with pytest.raises(ValueError, match=r"`outputs\[0\]` does not require grad"):
+        jac(torch.ones(2), [])

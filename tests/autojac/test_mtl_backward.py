@@ -144,3 +144,17 @@ def test_a_parameter_listed_by_two_tasks_gets_the_sum_of_their_gradients():
     mtl_backward([loss1, loss2], features=features, tasks_params=[[common], [common]])
     torch.testing.assert_close(common.grad, expected)
     assert not hasattr(common, "jac")
+
+
+def test_no_shared_params_trains_the_heads_only():
+    """As the published ``mtl_backward``: with ``shared_params=[]`` the task parameters get their
+    gradients and no ``.jac`` is filled."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    heads = [torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    features = x @ w
+    mtl_backward([(features @ h).sum() for h in heads], features=features, shared_params=[])
+    assert not hasattr(w, "jac")
+    assert w.grad is None
+    for h in heads:
+        torch.testing.assert_close(h.grad, features.detach().sum(dim=0))

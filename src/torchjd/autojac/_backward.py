@@ -45,7 +45,7 @@ def backward(
     :param jac_tensors: The initial Jacobians, one per tensor, of shape ``[k, *tensor.shape]``
         (the same ``k`` for all). The identity (``k = m``) when None.
     :param inputs: The leaf tensors whose ``.jac`` to fill. Every leaf that requires grad in the
-        graph of ``tensors`` when None.
+        graph of ``tensors`` when None. None of them when empty (then nothing is done).
     :param retain_graph: Keep the graph, to differentiate through it again.
     :param parallel_chunk_size: How many rows to backpropagate at once with :func:`torch.vmap`:
         all of them when None; ``1`` uses no vmap at all (for layers that vmap cannot batch, such
@@ -89,11 +89,12 @@ def backward(
     if inputs is None:
         leaves = leaves_of(outputs)
     else:
-        leaves = as_tensors(inputs, "inputs")
+        leaves = as_tensors(inputs, "inputs", may_be_empty=True)  # none: nothing to fill
         check_leaves(leaves, "inputs")
         check_distinct(leaves, "inputs")
     check_existing_jacs(leaves, k, "inputs")
-
+    if not leaves:
+        return
     jacobians = backpropagate(
         outputs, rows, k, leaves, retain_graph=retain_graph, chunk_size=chunk_size
     )

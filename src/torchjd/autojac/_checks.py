@@ -6,8 +6,9 @@ from collections.abc import Iterable, Sequence
 from torch import Tensor
 
 
-def as_tensors(value: object, name: str) -> list[Tensor]:
-    """``value`` as a non-empty list of tensors (one tensor, or a sequence or iterable of them)."""
+def as_tensors(value: object, name: str, *, may_be_empty: bool = False) -> list[Tensor]:
+    """``value`` as a list of tensors (one tensor, or a sequence or iterable of them), non-empty
+    unless ``may_be_empty``."""
     if isinstance(value, Tensor):
         return [value]
     if not isinstance(value, Iterable) or isinstance(value, (str, bytes)):
@@ -22,7 +23,7 @@ def as_tensors(value: object, name: str) -> list[Tensor]:
                 f"`{name}` must contain only tensors. Found `{name}[{i}]` of type "
                 f"{type(tensor).__name__}."
             )
-    if not tensors:
+    if not tensors and not may_be_empty:
         raise ValueError(f"`{name}` must contain at least one tensor. Found an empty sequence.")
     return tensors
 

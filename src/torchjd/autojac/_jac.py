@@ -33,7 +33,7 @@ def jac(
 
     :param outputs: The tensor or tensors to differentiate (``m`` objectives: all their elements).
     :param inputs: The tensor or tensors (leaves or not) to differentiate with respect to. Those on
-        which no output depends get a Jacobian of zeros.
+        which no output depends get a Jacobian of zeros. None: an empty tuple.
     :param jac_outputs: The initial Jacobians, one per output, of shape ``[k, *output.shape]``
         (the same ``k`` for all). The identity (``k = m``) when None.
     :param retain_graph: Keep the graph, to differentiate through it again.
@@ -53,7 +53,7 @@ def jac(
     """
     ys = as_tensors(outputs, "outputs")
     check_differentiable(ys, "outputs")
-    xs = as_tensors(inputs, "inputs")
+    xs = as_tensors(inputs, "inputs", may_be_empty=True)
     for i, x in enumerate(xs):
         if not x.requires_grad:
             raise ValueError(
@@ -62,4 +62,6 @@ def jac(
             )
     chunk_size = check_chunk_size(parallel_chunk_size)
     rows, k = initial_rows(ys, jac_outputs, "jac_outputs", "outputs")
+    if not xs:
+        return ()
     return tuple(backpropagate(ys, rows, k, xs, retain_graph=retain_graph, chunk_size=chunk_size))

@@ -54,7 +54,7 @@ def mtl_backward(
     :param tasks_params: One iterable of parameters per task, which receive ``.grad``. When None,
         the leaves of each loss's graph above the features (excluding the shared parameters).
     :param shared_params: The parameters that receive ``.jac``. When None, the leaves of the
-        graph of the features.
+        graph of the features. When empty, none (only the task parameters receive ``.grad``).
     :param retain_graph: Keep the graph, to differentiate through it again.
     :param parallel_chunk_size: How many rows to backpropagate at once with :func:`torch.vmap`:
         all of them when None; ``1`` uses no vmap at all.
@@ -98,7 +98,7 @@ def mtl_backward(
     if shared_params is None:
         shared = leaves_of(feats)
     else:
-        shared = as_tensors(shared_params, "shared_params")
+        shared = as_tensors(shared_params, "shared_params", may_be_empty=True)
         check_leaves(shared, "shared_params")
         check_distinct(shared, "shared_params")
     per_task = _task_params(tasks_params, losses, feats, shared)
@@ -106,6 +106,9 @@ def mtl_backward(
     check_existing_jacs(shared, m, "shared_params")
 
     jac_features, task_params, task_grads = _backpropagate_heads(losses, scales, feats, per_task)
+    if not shared:  # only the heads are trained
+        accumulate_grads(task_params, task_grads)
+        return
     jac_shared = backpropagate(
         feats,
         sliced_rows(jac_features),
