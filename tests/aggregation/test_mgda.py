@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.data.published_mgda import CASES
 from tests.reference.aggregators import min_norm_in_hull
 from tests.reference.matrices import make
 from torchjd.aggregation import MGDA, MGDAWeighting
@@ -19,10 +20,10 @@ def frank_wolfe_by_hand(G: np.ndarray, epsilon: float, max_iters: int) -> np.nda
         a, b, c = w @ Gw, Gw[t], G[t, t]
         denominator = a - 2 * b + c
         gamma = 0.0 if denominator <= 0 else min(max((a - b) / denominator, 0.0), 1.0)
-        if gamma < epsilon:
-            break
         w = (1 - gamma) * w
         w[t] += gamma
+        if gamma < epsilon:  # the last step, taken (as the published library does)
+            break
     return w
 
 
@@ -81,3 +82,10 @@ def test_repr():
     assert repr(MGDA()) == "MGDA(epsilon=0.001, max_iters=100)"
     assert repr(MGDAWeighting(0.1, 3)) == "MGDAWeighting(epsilon=0.1, max_iters=3)"
     assert str(MGDA()) == "MGDA"
+
+
+@pytest.mark.parametrize(("J", "expected"), CASES)
+def test_agrees_with_the_published_library(J: list[list[int]], expected: list[float]):
+    """The published MGDA takes the step whose size falls below ``epsilon``, then stops."""
+    G = torch.tensor(J, dtype=torch.float64) @ torch.tensor(J, dtype=torch.float64).T
+    np.testing.assert_allclose(MGDAWeighting()(G).numpy(), expected, rtol=0, atol=1e-12)

@@ -16,8 +16,8 @@ Frank-Wolfe starts from :math:`w = \mathbf 1 / m`; each step moves towards the v
     \gamma = \operatorname{clip}_{[0, 1]}
     \frac{w^\top G w - (G w)_t}{w^\top G w - 2 (G w)_t + G_{tt}},
 
-and stops when :math:`\gamma < \epsilon` (the step is then not taken) or after ``max_iters``
-steps.
+and stops after a step with :math:`\gamma < \epsilon` (that step is taken, as in the published
+library) or after ``max_iters`` steps.
 """
 
 from typing import Any
@@ -63,10 +63,10 @@ class MGDAWeighting(GramianWeighting):
             Gw_t = Gw[t]
             denominator = wGw - 2 * Gw_t + G[t, t]  # = |Jᵀw − g_t|² ≥ 0
             gamma = ((wGw - Gw_t) / denominator).nan_to_num(0.0).clamp(0.0, 1.0)
-            running = running & (gamma >= self.epsilon)
-            gamma = torch.where(running, gamma, 0.0)
-            w = (1 - gamma) * w
-            w[t] += gamma
+            step_size = torch.where(running, gamma, 0.0)
+            w = (1 - step_size) * w
+            w[t] += step_size
+            running = running & (gamma >= self.epsilon)  # a step below epsilon is the last
             if step % _CHECK_EVERY == 0 and not bool(running):
                 break
         return w
