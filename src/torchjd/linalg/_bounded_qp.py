@@ -251,7 +251,9 @@ _LEAST_NORM_PIVOTS = 15  # degenerate rows that pivoting has not solved by then 
 # 0), the whole batch goes to the interior point at once: in benchmarks/non_conflict.py at m = 64,
 # such batches leave most of their rows to it after all _LEAST_NORM_PIVOTS steps (64 of 64, 60 of
 # 64), and its batches that solve rows start by step 4 (one run: exact mode 7.35 -> 6.61 ms a call
-# in float64, 7.24 -> 6.77 in float32).
+# in float64, 7.24 -> 6.77 in float32). (Not told apart sooner by their infeasible indices at step
+# 0: 5 to 26 a row on average, against 2 to 23 in the batches that solve rows, a seventh of
+# which start at step 3 or 4; seeds 0, 1, 2 and 5000.)
 _LEAST_NORM_GIVE_UP = 4
 _LOW_RANK_FRACTION = 1.5  # Woodbury solves in the interior point when rank(G) ≤ 2m / 3
 _CHUNK_ENTRIES = 2**25  # of the interior point's [k, m, m] or [k, r, m] tensors (256 MiB)
@@ -288,7 +290,8 @@ _UNIQUE_MIN_M = 512
 # Exact mode, from this size to m = 64: a singular float64 G of rank at most
 # m / _SMALL_SPANNING_RANK is first tested for a positive span (_small_zero_update_rows). (Below,
 # its rows are cheaper by pivoting; Gramians of higher rank seldom have one: none among those of
-# benchmarks/non_conflict.py at m = 64, seed 0.)
+# benchmarks/non_conflict.py at m = 64, seed 0. From m = 9, its float64 calls at m = 16 took 1.36
+# times as long. In float32 at m = 64, 0.96 times, but with rows up to 1.5 times heavier.)
 _SMALL_SPANNING_MIN_M = 33
 _SMALL_SPANNING_RANK = 3.0
 # Of max|c|: the least entry of c, on the rows of nonzero norm, that _certainly_pointed takes as
@@ -479,6 +482,12 @@ def _exact_unit_route(G: Tensor, tol: float, max_iters: int) -> Tensor:
         if left.numel() > 0:
             X[left] = _nonsingular_route(G_exact, U[left], GU[left], tol, max_iters)
     else:
+        # (Float64 takes the least-norm route: pivoting on the faces of tikhonov(G), then the
+        # polish, twice the operations of the float32 route below at m = 16. The unit route
+        # declines tikhonov(G) there (σ = 10⁻⁸: too ill-conditioned for H), and its tableau steps
+        # took 1.95 times as long; the faces of its solve of G + 10⁻⁵ diag(G), refined on
+        # tikhonov(G) or as the start of pivoting, 0.99 to 1.04 times (12 of 41 calls had rows on
+        # another face). benchmarks/non_conflict.py, float64, m = 16, seed 0.)
         if G.dtype == torch.float32 and G.shape[0] <= _ROUNDED_UNIT_MAX_M:
             X64, solved = unit_route(G)
             X = _rounded_unit_least_norm(G, G_exact, U, GU, X64, solved, tol, max_iters)
@@ -1176,6 +1185,9 @@ def _least_norm_fallback(
     else:
         V = _conflict_last_resort(G_exact64, U64, V, tol)
     if formed is not None:
+        # (Also where _least_energy_polish follows, float64 up to m = 64: without this one, it
+        # left 175 rows of benchmarks/non_conflict.py's at m = 64 (seed 0) heavier, by up to
+        # 3.6·10⁻³; in float32, where none follows, rows came out up to 2·10³ times heavier.)
         V = least_energy_rows(G_exact64, U64, V, tol, formed)
     return V.to(U.dtype)
 
