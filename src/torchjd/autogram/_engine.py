@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
 from torchjd.autogram._batched_grad import NotVectorized, batched_grad
 from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
-from torchjd.autogram._module_call import ModuleCall, direct_parameters, flat_leaves, shape_only
+from torchjd.autogram._module_call import ModuleCall, flat_leaves, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule, generic_subtree_rule
 from torchjd.autogram._streaming import (
@@ -123,6 +123,7 @@ class Engine:
         self._stream: GramianStream | None = None  # while a streamed backward pass runs
         self._stand_ins: dict[_StandInKey, Tensor] = {}  # see _stand_in
         self._zeros: dict[tuple[torch.dtype, torch.device, torch.layout], Tensor] = {}
+        self._ones: dict[tuple[torch.dtype, torch.device, torch.layout], Tensor] = {}
         self._workspaces = Workspaces()  # the rules' buffers kept from step to step (CPU)
         raise_heap_thresholds()  # fewer page faults in the Gramian's pass (see _workspace.py)
         self._this = weakref.ref(self)
@@ -174,8 +175,13 @@ class Engine:
                     )
 
     def _trainable(self, module: nn.Module) -> bool:
-        covers_children = self._rules[module][1]
-        return any(p.requires_grad for p in direct_parameters(module, covers_children))
+        """Whether a parameter of ``module`` (or of its descendants, when its rule covers them)
+        requires grad, read afresh at every step (from ``_parameters``: no generators)."""
+        for owner in module.modules() if self._rules[module][1] else (module,):
+            for param in owner._parameters.values():
+                if param is not None and param.requires_grad:
+                    return True
+        return False
 
     def _save_rng_state(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Before a call of a module whose rule may re-run it: the random state, for the re-run
@@ -249,6 +255,18 @@ class Engine:
                 self._stand_ins.clear()
             stand_in = self._stand_ins[key] = zero.expand(tensor.shape)
         return stand_in
+
+    def _ones_cotangent(self, output: Tensor) -> Tensor:
+        """``_cotangents(output, batch_dim, 1)``, ones ``[1, *output.shape]``, expanded from a one
+        kept from step to step for the dtype, device and layout of ``output`` (a plain tensor's,
+        outside inference mode; made afresh if anything wrote to it)."""
+        if type(output) is not Tensor or torch.is_inference_mode_enabled():
+            return _cotangents(output, None, 1)
+        key = (output.dtype, output.device, output.layout)
+        one = self._ones.get(key)
+        if one is None or one._version != 0:
+            one = self._ones[key] = output.new_ones(())
+        return one.expand(1, *output.shape)
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
         r"""The Gramian ``[m, m]`` of the Jacobian of ``output`` w.r.t. the modules' parameters.
@@ -454,7 +472,7 @@ class Engine:
             else:
                 _release(module_calls)
 
-        cotangents = [_cotangents(output, batch_dim, R)]
+        cotangents = [self._ones_cotangent(output) if R == 1 else _cotangents(output, batch_dim, R)]
         retain_graph = plan is None or not plan.complete
         # what the streamed rules find in `saved`, for a pass that fails midway (only a
         # vectorised one can: R > 1)
@@ -649,6 +667,7 @@ class Engine:
         self._workspaces.clear()
         self._stand_ins.clear()
         self._zeros.clear()
+        self._ones.clear()
 
     def __enter__(self) -> "Engine":
         return self

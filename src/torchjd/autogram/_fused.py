@@ -74,6 +74,8 @@ def per_sample_weights(weights: Tensor, losses: Tensor, batch_dim: int | None) -
     """The weights (row-major over ``losses``) as ``[B, R]``: sample, objective of the sample."""
     if batch_dim is None:
         return weights.reshape(1, losses.numel())
+    if losses.dim() == 1:  # one objective per sample (without movedim's operation)
+        return weights.reshape(losses.shape[0], 1)
     shaped = weights.reshape(losses.shape).movedim(batch_dim, 0)
     return shaped.reshape(shaped.shape[0], math.prod(shaped.shape[1:]))  # (no -1: empty batches)
 

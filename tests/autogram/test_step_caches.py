@@ -1,0 +1,129 @@
+"""What the engine keeps or reads afresh from step to step to spend less per step: the one from
+which the cotangent of a Gramian pass with one objective per sample is expanded (renewed when
+something wrote to it, one per dtype, freed by ``close``), the trainable modules read afresh for a
+rule that covers a module's descendants, and the weights of the fused step per sample."""
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from tests.reference.jacobians import brute_force_gramian
+from torchjd.aggregation import MeanWeighting
+from torchjd.autogram import Engine
+from torchjd.autogram._fused import per_sample_weights
+
+
+def _assert_close(G: Tensor, expected: Tensor) -> None:
+    tolerance = 1e-10 if G.dtype == torch.float64 else 1e-5
+    assert (G - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_the_kept_one_is_renewed_after_a_hook_writes_to_the_cotangent():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, dtype=torch.float64)
+    x = torch.randn(1, 3, dtype=torch.float64)  # one sample, one objective: a 1-element cotangent
+    reference = copy.deepcopy(model)  # not hooked
+    expected = brute_force_gramian(reference(x).squeeze(1), list(reference.parameters()))
+    with Engine(model, batch_dim=0) as engine:
+        losses = model(x).squeeze(1)
+        losses.register_hook(lambda grad: grad.mul_(2.0))  # writes to the cotangent it receives
+        G = engine.compute_gramian(losses)
+        _assert_close(G, 4.0 * expected)  # the doubled cotangent, twice in J J^T
+        (one,) = engine._ones.values()
+        assert one._version != 0  # written to: not used again
+        for _ in range(2):
+            G = engine.compute_gramian(model(x).squeeze(1))
+            _assert_close(G, expected)
+            (renewed,) = engine._ones.values()
+            assert renewed is not one
+            assert renewed._version == 0
+            assert renewed.item() == 1.0
+
+
+def test_one_kept_per_dtype_and_freed_on_close():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    with Engine(model, batch_dim=0) as engine:
+        kept = None
+        for step, (batch, dtype) in enumerate(
+            [(5, torch.float32), (2, torch.float32), (5, torch.float64), (3, torch.float32)]
+        ):
+            model.to(dtype)
+            x = torch.randn(batch, 4, dtype=dtype)
+            losses = model(x).squeeze(1)
+            G = engine.compute_gramian(losses)
+            _assert_close(G, brute_force_gramian(losses, list(model.parameters())))
+            assert len(engine._ones) == (1 if step < 2 else 2)  # shapes share the one of a dtype
+            if step == 0:
+                kept = engine._ones[(torch.float32, x.device, torch.strided)]
+            assert engine._ones[(torch.float32, x.device, torch.strided)] is kept
+        engine.close()
+        assert not engine._ones
+
+
+def test_several_objectives_per_sample_keep_no_one():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with Engine(model, batch_dim=0) as engine:
+        losses = model(x)  # [4, 2]: two objectives per sample
+        G = engine.compute_gramian(losses)
+        _assert_close(G, brute_force_gramian(losses, list(model.parameters())))
+        assert not engine._ones
+
+
+def test_a_covering_rule_reads_the_descendants_flags_at_every_step():
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(4, 2, batch_first=True, dtype=torch.float64)
+    head = nn.Linear(4, 1, dtype=torch.float64)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+
+    def losses() -> Tensor:
+        return head(attention(x, x, x, need_weights=False)[0].mean(dim=1)).squeeze(1)
+
+    with Engine(attention, head, batch_dim=0) as engine:
+        assert engine._rules[attention][1]  # its rule covers its child, out_proj
+        # only the child trainable, then nothing of the attention, then all of it
+        for trainable in ([attention.out_proj.weight], [], list(attention.parameters())):
+            for param in attention.parameters():
+                param.requires_grad_(any(param is p for p in trainable))
+            output = losses()
+            G = engine.compute_gramian(output)
+            params = [*trainable, *head.parameters()]
+            _assert_close(G, brute_force_gramian(output, params))
+        head.requires_grad_(False)
+        attention.requires_grad_(False)
+        with pytest.raises(ValueError, match="trainable parameters"):
+            engine.compute_gramian(losses())
+        attention.out_proj.bias.requires_grad_(True)  # one parameter of the child: traced again
+        output = losses()
+        G = engine.compute_gramian(output)
+        _assert_close(G, brute_force_gramian(output, [attention.out_proj.bias]))
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (6,)])
+def test_per_sample_weights_of_one_objective_per_sample(shape: tuple[int, ...]):
+    weights = torch.arange(float(shape[0]))
+    W = per_sample_weights(weights, torch.zeros(shape), 0)
+    general = weights.reshape(shape).movedim(0, 0).reshape(shape[0], 1)
+    assert W.shape == general.shape == (shape[0], 1)
+    assert W.stride() == general.stride()
+    assert torch.equal(W, general)
+    assert W.data_ptr() == weights.data_ptr()  # a view, as before
+
+
+def test_fused_step_with_one_objective_per_sample_matches_the_two_pass_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    reference = copy.deepcopy(model)  # not hooked
+    with Engine(model, batch_dim=0) as engine:
+        for step in range(3):  # the kept one, reused
+            model.zero_grad()
+            reference.zero_grad()
+            weights = engine.backward(model(x[step:]).squeeze(1), MeanWeighting())
+            reference(x[step:]).squeeze(1).backward(weights)
+            for got, expected in zip(model.parameters(), reference.parameters(), strict=True):
+                assert torch.allclose(got.grad, expected.grad, rtol=1e-12, atol=1e-14)
