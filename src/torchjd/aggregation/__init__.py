@@ -3,6 +3,15 @@ r"""Aggregators (matrix ``[m, n]`` → vector ``[n]``) and weightings (statistic
 A weighting of the Gramian ``G = J Jᵀ`` turns into an aggregator with
 :class:`GramianWeightedAggregator`; the aggregator of each method is built this way. With the
 autogram engine, use the weighting directly on the Gramian that the engine computes.
+
+The hyperparameters of the methods (the arguments of their constructors, e.g.
+``UPGrad().pref_vector``, ``CAGrad(c=0.5).c``, ``NashMTL(n_tasks=2).max_norm``) are properties
+that can be read and set. A value set is checked as by the constructor (an invalid one raises the
+same exception and changes nothing) and is used from the next call on; an aggregator built on a
+weighting reads and sets the weighting's own (one value, no copy). Setting a hyperparameter of a
+stateful method (:class:`~torchjd.Stateful`) keeps its state, as in the published library (call
+``reset()`` to start afresh), except that setting another ``n_tasks`` of :class:`NashMTL` resets
+it (its weights have one entry per task).
 """
 
 from torchjd.aggregation._aligned_mtl import AlignedMTL, AlignedMTLWeighting

@@ -14,18 +14,34 @@ so that the rows of :math:`B J` are orthogonal with squared norm :math:`\sigma`.
 (``"median"``, the lower one for an even count) or their mean (``"rmse"``).
 """
 
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting, vector_suffix
-from torchjd.aggregation._checks import check_length, check_vector
+from torchjd._properties import hyperparameter
+from torchjd.aggregation._bases import (
+    GramianWeightedAggregator,
+    GramianWeighting,
+    of_weighting,
+    vector_suffix,
+)
+from torchjd.aggregation._checks import check_length, check_optional_vector
 from torchjd.aggregation._non_finite import finite_stand_in, nan_unless
 from torchjd.linalg import PSDMatrix
 
 ScaleMode = Literal["min", "median", "rmse"]
 _SCALE_MODES = ("min", "median", "rmse")
+
+
+def _check_scale_mode(scale_mode: object, name: str) -> ScaleMode:
+    if scale_mode not in _SCALE_MODES:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(map(repr, _SCALE_MODES))}. "
+            f"Found {name}={scale_mode!r}."
+        )
+    return scale_mode  # type: ignore[return-value]
 
 
 class AlignedMTLWeighting(GramianWeighting):
@@ -44,28 +60,35 @@ class AlignedMTLWeighting(GramianWeighting):
     tensor([0.5591, 0.4083])
     """
 
-    pref_vector: Tensor | None
+    pref_vector = hyperparameter(
+        "pref_vector",
+        Tensor | None,
+        partial(check_optional_vector, non_negative=False),
+        "The preference vector ``[m]`` (a detached copy of the one set), or None for the mean.",
+    )
+    scale_mode = hyperparameter(
+        "scale_mode",
+        ScaleMode,
+        _check_scale_mode,
+        "How :math:`\\sigma` is taken from the positive eigenvalues: ``'min'``, ``'median'`` or "
+        "``'rmse'``.",
+    )
 
     def __init__(self, pref_vector: Tensor | None = None, scale_mode: ScaleMode = "min") -> None:
         super().__init__()
-        if pref_vector is not None:
-            pref_vector = check_vector(pref_vector, "pref_vector", non_negative=False)
-        self.register_buffer("pref_vector", pref_vector, persistent=False)
-        if scale_mode not in _SCALE_MODES:
-            raise ValueError(
-                f"`scale_mode` must be one of {', '.join(map(repr, _SCALE_MODES))}. "
-                f"Found scale_mode={scale_mode!r}."
-            )
+        self.register_buffer("_pref_vector", None, persistent=False)
+        self.pref_vector = pref_vector
         self.scale_mode = scale_mode
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         G, finite = finite_stand_in(gramian)
         m = G.shape[0]
-        if self.pref_vector is None:
+        pref_vector = self.pref_vector
+        if pref_vector is None:
             p = torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
         else:
-            check_length(self.pref_vector, "pref_vector", m, "matrix")
-            p = self.pref_vector.to(dtype=G.dtype, device=G.device)
+            check_length(pref_vector, "pref_vector", m, "matrix")
+            p = pref_vector.to(dtype=G.dtype, device=G.device)
         eigenvalues, V = torch.linalg.eigh(G)
         tolerance = m * torch.finfo(G.dtype).eps * eigenvalues[-1].clamp_min(0.0)
         positive = eigenvalues > tolerance
@@ -109,3 +132,6 @@ class AlignedMTL(GramianWeightedAggregator):
 
     def __init__(self, pref_vector: Tensor | None = None, scale_mode: ScaleMode = "min") -> None:
         super().__init__(AlignedMTLWeighting(pref_vector, scale_mode))
+
+    pref_vector = of_weighting(AlignedMTLWeighting.pref_vector)
+    scale_mode = of_weighting(AlignedMTLWeighting.scale_mode)

@@ -8,10 +8,12 @@ rows: :math:`A(J) = w^\top J` with :math:`w = W(J)`, and most weightings only lo
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from operator import methodcaller
 from typing import Any, Generic, TypeVar
 
 from torch import Tensor, nn
 
+from torchjd._properties import forwarded
 from torchjd.aggregation._checks import check_gramian, check_matrix, vector_str
 from torchjd.linalg._gramian import gramian
 from torchjd.linalg._matrix import Matrix, PSDMatrix
@@ -28,6 +30,9 @@ class Weighting(nn.Module, ABC, Generic[_T]):
     and implement :meth:`forward`. Calling a weighting checks its input, then runs
     :meth:`forward` (forward hooks run as on any :class:`torch.nn.Module`).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
 
     @abstractmethod
     def forward(self, stat: _T, /) -> Tensor:
@@ -110,6 +115,9 @@ class Aggregator(nn.Module, ABC):
     :meth:`forward` (forward hooks run as on any :class:`torch.nn.Module`).
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+
     @abstractmethod
     def forward(self, matrix: Matrix, /) -> Tensor:
         """The aggregation ``[n]`` of ``matrix``."""
@@ -179,6 +187,12 @@ class GramianWeightedAggregator(WeightedAggregator):
 
     def _inner_weighting(self) -> Weighting[Any]:
         return self.gramian_weighting
+
+
+def of_weighting(target: property) -> property:
+    """The property ``target`` of the weighting that a :class:`WeightedAggregator` wraps, read and
+    set through the aggregator (the weighting holds the value)."""
+    return forwarded(target, methodcaller("_inner_weighting"))
 
 
 def _call_str(name: str, params: dict[str, Any]) -> str:

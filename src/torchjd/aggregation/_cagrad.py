@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
+from torchjd._properties import hyperparameter
+from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting, of_weighting
 from torchjd.aggregation._checks import check_non_negative_float
 from torchjd.aggregation._non_finite import finite_stand_in, nan_unless
 from torchjd.linalg import PSDMatrix
@@ -63,10 +64,20 @@ class CAGradWeighting(GramianWeighting):
     tensor([0.7041, 0.5000])
     """
 
+    c = hyperparameter(
+        "c", float, check_non_negative_float, r"The radius :math:`c \ge 0` of the ball (relative)."
+    )
+    norm_eps = hyperparameter(
+        "norm_eps",
+        float,
+        check_non_negative_float,
+        r"The weights are zero when :math:`\operatorname{tr}(G)` is below it (non-negative).",
+    )
+
     def __init__(self, c: float, norm_eps: float = 0.0001) -> None:
         super().__init__()
-        self.c = check_non_negative_float(c, "c")
-        self.norm_eps = check_non_negative_float(norm_eps, "norm_eps")
+        self.c = c
+        self.norm_eps = norm_eps
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         stand_in, finite = finite_stand_in(gramian)
@@ -165,3 +176,6 @@ class CAGrad(GramianWeightedAggregator):
 
     def __init__(self, c: float, norm_eps: float = 0.0001) -> None:
         super().__init__(CAGradWeighting(c, norm_eps))
+
+    c = of_weighting(CAGradWeighting.c)
+    norm_eps = of_weighting(CAGradWeighting.norm_eps)

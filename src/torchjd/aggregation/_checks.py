@@ -84,32 +84,41 @@ def check_length(vector: Tensor, name: str, m: int, input_name: str) -> None:
         )
 
 
+# The range is checked before the type: a number out of range raises ValueError, as in the
+# published library (which refuses only those), and a number of the wrong type TypeError.
+
+
 def check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, (int, float)) and not value > 0:  # a range error first, whatever type
+        raise ValueError(f"`{name}` must be positive. Found {name}={value}.")
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"`{name}` must be an int. Found {value!r} of type {type(value).__name__}.")
-    if value <= 0:
-        raise ValueError(f"`{name}` must be positive. Found {name}={value}.")
     return value
 
 
 def check_positive_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"`{name}` must be a float. Found {value!r} of type {type(value).__name__}."
-        )
-    if not value > 0:  # also refuses NaN
+    if isinstance(value, (int, float)) and not value > 0:  # also refuses NaN
         raise ValueError(f"`{name}` must be positive. Found {name}={value!r}.")
-    return float(value)
+    return _float(value, name)
 
 
 def check_non_negative_float(value: object, name: str) -> float:
+    if isinstance(value, (int, float)) and not value >= 0:  # also refuses NaN
+        raise ValueError(f"`{name}` must be non-negative. Found {name}={value!r}.")
+    return _float(value, name)
+
+
+def _float(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"`{name}` must be a float. Found {value!r} of type {type(value).__name__}."
         )
-    if not value >= 0:  # also refuses NaN
-        raise ValueError(f"`{name}` must be non-negative. Found {name}={value!r}.")
     return float(value)
+
+
+def check_optional_vector(value: object, name: str, *, non_negative: bool) -> Tensor | None:
+    """None, or a vector accepted by :func:`check_vector` (a detached copy of it)."""
+    return None if value is None else check_vector(value, name, non_negative=non_negative)
 
 
 def check_tracked_shape(tracked: Tensor, matrix: Tensor) -> None:

@@ -14,13 +14,15 @@ where :math:`U^{+}` is the pseudo-inverse of the matrix of unit rows (the least-
 :math:`U v = p`). It is not a weighting of the Gramian: it needs the rows themselves.
 """
 
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from torchjd._properties import hyperparameter
 from torchjd.aggregation._bases import Aggregator, _call_str, vector_suffix
-from torchjd.aggregation._checks import check_length, check_vector
+from torchjd.aggregation._checks import check_length, check_optional_vector
 from torchjd.aggregation._non_finite import finite_stand_in, nan_unless
 from torchjd.linalg import Matrix
 
@@ -37,22 +39,27 @@ class ConFIG(Aggregator):
     tensor([0.1588, 2.0706, 2.0706])
     """
 
-    pref_vector: Tensor | None
+    pref_vector = hyperparameter(
+        "pref_vector",
+        Tensor | None,
+        partial(check_optional_vector, non_negative=False),
+        "The targets ``p`` ``[m]`` (a detached copy of the vector set), or None for ones.",
+    )
 
     def __init__(self, pref_vector: Tensor | None = None) -> None:
         super().__init__()
-        if pref_vector is not None:
-            pref_vector = check_vector(pref_vector, "pref_vector", non_negative=False)
-        self.register_buffer("pref_vector", pref_vector, persistent=False)
+        self.register_buffer("_pref_vector", None, persistent=False)
+        self.pref_vector = pref_vector
 
     def forward(self, matrix: Matrix, /) -> Tensor:
         J, finite = finite_stand_in(matrix)
         m = J.shape[0]
-        if self.pref_vector is None:
+        pref_vector = self.pref_vector
+        if pref_vector is None:
             p = torch.ones(m, dtype=J.dtype, device=J.device)
         else:
-            check_length(self.pref_vector, "pref_vector", m, "matrix")
-            p = self.pref_vector.to(dtype=J.dtype, device=J.device)
+            check_length(pref_vector, "pref_vector", m, "matrix")
+            p = pref_vector.to(dtype=J.dtype, device=J.device)
         norms = J.norm(dim=1, keepdim=True)
         U = J / norms.where(norms > 0, 1.0)
         v = torch.linalg.pinv(U) @ p

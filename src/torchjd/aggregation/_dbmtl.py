@@ -20,10 +20,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchjd._properties import hyperparameter
 from torchjd._stateful import Stateful
 from torchjd.aggregation._bases import Aggregator, _call_str
 from torchjd.aggregation._checks import check_non_negative_float, check_tracked_shape
 from torchjd.linalg import Matrix
+
+
+def _check_beta(value: object, name: str) -> float:
+    beta = check_non_negative_float(value, name)
+    if beta >= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1). Found {name}={value!r}.")
+    return beta
 
 
 class DBMTL(Aggregator, Stateful):
@@ -46,12 +54,20 @@ class DBMTL(Aggregator, Stateful):
     tensor([2., 2.])
     """
 
+    beta = hyperparameter(
+        "beta", float, _check_beta, r"The averaging factor :math:`\beta \in [0, 1)`."
+    )
+    beta_sigma = hyperparameter(
+        "beta_sigma",
+        float,
+        check_non_negative_float,
+        r"The decay exponent :math:`\sigma_\beta \ge 0` of :math:`\beta_t`.",
+    )
+
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0) -> None:
         super().__init__()
-        self.beta = check_non_negative_float(beta, "beta")
-        if self.beta >= 1.0:
-            raise ValueError(f"`beta` must be in [0, 1). Found beta={beta!r}.")
-        self.beta_sigma = check_non_negative_float(beta_sigma, "beta_sigma")
+        self.beta = beta
+        self.beta_sigma = beta_sigma
         self.reset()
 
     def reset(self) -> None:

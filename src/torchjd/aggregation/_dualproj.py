@@ -9,7 +9,7 @@ cone (Quinton & Rey, 2024, arXiv 2406.16232, §4, inspired by Lopez-Paz & Ranzat
 
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator
+from torchjd.aggregation._bases import GramianWeightedAggregator, of_weighting
 from torchjd.aggregation._pref_vector import ProjectionWeighting
 from torchjd.linalg import DualConeProjector, PSDMatrix
 
@@ -27,6 +27,9 @@ class DualProjWeighting(ProjectionWeighting):
     >>> DualProjWeighting()(J @ J.T)
     tensor([0.6109, 0.5000])
     """
+
+    pref_vector = ProjectionWeighting.pref_vector  # (its own attribute, as published)
+    projector = ProjectionWeighting.projector
 
     def __init__(
         self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None
@@ -64,3 +67,6 @@ class DualProj(GramianWeightedAggregator):
         self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None
     ) -> None:
         super().__init__(DualProjWeighting(pref_vector, projector))
+
+    pref_vector = of_weighting(ProjectionWeighting.pref_vector)
+    projector = of_weighting(ProjectionWeighting.projector)

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from torchjd import Stateful
-from torchjd.aggregation._bases import WeightedAggregator, Weighting
+from torchjd._properties import hyperparameter
+from torchjd.aggregation._bases import WeightedAggregator, Weighting, of_weighting
 from torchjd.aggregation._checks import check_positive_float
 from torchjd.aggregation._parameters import check_non_negative_int
 from torchjd.linalg import Matrix
@@ -51,10 +52,23 @@ class ExcessMTLWeighting(Weighting[Matrix], Stateful):
     tensor([0.1192, 0.8808])
     """
 
+    robust_step_size = hyperparameter(
+        "robust_step_size",
+        float,
+        check_positive_float,
+        r"The step size :math:`\eta > 0` of the weights (the state is kept when it is set).",
+    )
+    n_warmup_steps = hyperparameter(
+        "n_warmup_steps",
+        int,
+        check_non_negative_int,
+        "The number of first calls with uniform weights (the state is kept when it is set).",
+    )
+
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
         super().__init__()
-        self.robust_step_size = check_positive_float(robust_step_size, "robust_step_size")
-        self.n_warmup_steps = check_non_negative_int(n_warmup_steps, "n_warmup_steps")
+        self.robust_step_size = robust_step_size
+        self.n_warmup_steps = n_warmup_steps
         self.reset()
 
     def reset(self) -> None:
@@ -80,7 +94,9 @@ class ExcessMTLWeighting(Weighting[Matrix], Stateful):
             self.warmup_total = previous + excess_risks
             return self.weights.clone()
         if self.baseline is None:
-            if self.warmup_total is None:  # no warm-up: this call's risks, used as they are
+            # No warm-up (also when n_warmup_steps was set to 0 during it): this call's risks, used
+            # as they are.
+            if self.warmup_total is None or self.n_warmup_steps == 0:
                 self.baseline, relative = excess_risks, excess_risks
             else:
                 self.baseline = self.warmup_total / self.n_warmup_steps
@@ -93,6 +109,9 @@ class ExcessMTLWeighting(Weighting[Matrix], Stateful):
 
     def _params(self) -> dict[str, Any]:
         return {"robust_step_size": self.robust_step_size, "n_warmup_steps": self.n_warmup_steps}
+
+    def __str__(self) -> str:
+        return repr(self)
 
 
 class ExcessMTL(WeightedAggregator, Stateful):
@@ -111,6 +130,9 @@ class ExcessMTL(WeightedAggregator, Stateful):
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
         super().__init__(ExcessMTLWeighting(robust_step_size, n_warmup_steps))
+
+    robust_step_size = of_weighting(ExcessMTLWeighting.robust_step_size)
+    n_warmup_steps = of_weighting(ExcessMTLWeighting.n_warmup_steps)
 
     def reset(self) -> None:
         self.weighting.reset()  # type: ignore[operator]

@@ -18,12 +18,17 @@ from typing import Any
 
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
+from torchjd._properties import hyperparameter
+from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting, of_weighting
 from torchjd.aggregation._checks import check_positive_float, check_positive_int
 from torchjd.linalg import PSDMatrix
 from torchjd.linalg._power_equation import solve_power_equation
 
 _DEFAULT_MAX_ITERS = 100
+
+
+def _check_max_iters(max_iters: object, name: str) -> int | None:
+    return None if max_iters is None else check_positive_int(max_iters, name)
 
 
 class FairGradWeighting(GramianWeighting):
@@ -40,10 +45,20 @@ class FairGradWeighting(GramianWeighting):
     tensor([0.5914, 0.4071])
     """
 
+    alpha = hyperparameter(
+        "alpha", float, check_positive_float, r"The fairness :math:`\alpha > 0`."
+    )
+    max_iters = hyperparameter(
+        "max_iters",
+        int | None,
+        _check_max_iters,
+        "The largest number of Newton steps (positive); 100 when None.",
+    )
+
     def __init__(self, alpha: float, max_iters: int | None = None) -> None:
         super().__init__()
-        self.alpha = check_positive_float(alpha, "alpha")
-        self.max_iters = None if max_iters is None else check_positive_int(max_iters, "max_iters")
+        self.alpha = alpha
+        self.max_iters = max_iters
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         max_iters = _DEFAULT_MAX_ITERS if self.max_iters is None else self.max_iters
@@ -69,5 +84,8 @@ class FairGrad(GramianWeightedAggregator):
     def __init__(self, alpha: float, max_iters: int | None = None) -> None:
         super().__init__(FairGradWeighting(alpha, max_iters))
 
+    alpha = of_weighting(FairGradWeighting.alpha)
+    max_iters = of_weighting(FairGradWeighting.max_iters)
+
     def __str__(self) -> str:
-        return f"{self.gramian_weighting.alpha}-FairGrad"  # type: ignore[union-attr]
+        return f"{self.alpha}-FairGrad"

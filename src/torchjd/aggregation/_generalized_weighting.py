@@ -22,6 +22,9 @@ class GeneralizedWeighting(nn.Module, ABC):
     :class:`Flattening` turns any :class:`Weighting` of the Gramian into one.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+
     @abstractmethod
     def forward(self, generalized_gramian: Tensor, /) -> Tensor:
         r"""Weights :math:`[m_1, \dots, m_k]` computed from the generalized Gramian."""

@@ -20,18 +20,26 @@ for the leak :math:`\ell` (zero by default). A column of zeros has :math:`P_k = 
 """
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from torchjd._properties import hyperparameter
 from torchjd.aggregation._bases import Aggregator, _call_str, vector_suffix
-from torchjd.aggregation._checks import check_length, check_vector
+from torchjd.aggregation._checks import check_length, check_optional_vector
 from torchjd.linalg import Matrix
 
 
 def _identity(P: Tensor) -> Tensor:
     return P
+
+
+def _check_f(f: object, name: str) -> Callable[[Tensor], Tensor]:
+    if not callable(f):
+        raise TypeError(f"`{name}` must be callable (a function of a tensor). Found {f!r}.")
+    return f
 
 
 class GradDrop(Aggregator):
@@ -51,26 +59,35 @@ class GradDrop(Aggregator):
     tensor([6., 2., 2.])
     """
 
-    leak: Tensor | None
+    f = hyperparameter(
+        "f",
+        Callable[[Tensor], Tensor],
+        _check_f,
+        "The increasing function applied to the purity ``P`` ``[n]``.",
+    )
+    leak = hyperparameter(
+        "leak",
+        Tensor | None,
+        partial(check_optional_vector, non_negative=False),
+        r"The leak :math:`\ell` ``[m]`` (a detached copy of the vector set), or None for no leak.",
+    )
 
     def __init__(
         self, f: Callable[[Tensor], Tensor] = _identity, leak: Tensor | None = None
     ) -> None:
         super().__init__()
-        if not callable(f):
-            raise TypeError(f"`f` must be callable (a function of a tensor). Found {f!r}.")
         self.f = f
-        if leak is not None:
-            leak = check_vector(leak, "leak", non_negative=False)
-        self.register_buffer("leak", leak, persistent=False)
+        self.register_buffer("_leak", None, persistent=False)
+        self.leak = leak
 
     def forward(self, matrix: Matrix, /) -> Tensor:
         J = matrix
-        if self.leak is None:
+        leak = self.leak
+        if leak is None:
             leak = torch.zeros(J.shape[0], dtype=J.dtype, device=J.device)
         else:
-            check_length(self.leak, "leak", J.shape[0], "matrix")
-            leak = self.leak.to(dtype=J.dtype, device=J.device)
+            check_length(leak, "leak", J.shape[0], "matrix")
+            leak = leak.to(dtype=J.dtype, device=J.device)
         total_abs = J.abs().sum(dim=0)
         P = 0.5 * (1 + J.sum(dim=0) / total_abs.where(total_abs > 0, 1.0))
         U = torch.rand(J.shape[1], dtype=J.dtype, device=J.device)

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchjd._properties import hyperparameter
 from torchjd._stateful import Stateful
-from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
+from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting, of_weighting
 from torchjd.aggregation._checks import check_non_negative_float, check_positive_float
 from torchjd.linalg import PSDMatrix
 
@@ -54,10 +55,17 @@ class GradNormWeighting(GramianWeighting, Stateful):
     tensor([0.8421, 1.1579])
     """
 
+    alpha = hyperparameter(
+        "alpha", float, check_non_negative_float, r"The asymmetry :math:`\alpha \ge 0`."
+    )
+    lr = hyperparameter(
+        "lr", float, check_positive_float, "The step size (positive) of the weights."
+    )
+
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__()
-        self.alpha = check_non_negative_float(alpha, "alpha")
-        self.lr = check_positive_float(lr, "lr")
+        self.alpha = alpha
+        self.lr = lr
         self.reset()
 
     def reset(self) -> None:
@@ -130,6 +138,9 @@ class GradNorm(GramianWeightedAggregator, Stateful):
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__(GradNormWeighting(alpha=alpha, lr=lr))
+
+    alpha = of_weighting(GradNormWeighting.alpha)
+    lr = of_weighting(GradNormWeighting.lr)
 
     def record_losses(self, losses: Tensor) -> None:
         """Gives the losses of the current step (see :meth:`GradNormWeighting.record_losses`)."""

@@ -30,9 +30,10 @@ import torch
 from torch import Tensor
 
 from torchjd import Stateful
-from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
+from torchjd._properties import hyperparameter
+from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting, of_weighting
 from torchjd.aggregation._checks import check_non_negative_float
-from torchjd.aggregation._parameters import check_float_in
+from torchjd.aggregation._parameters import check_unit_interval
 from torchjd.linalg import PSDMatrix
 
 
@@ -55,11 +56,21 @@ class GradVacWeighting(GramianWeighting, Stateful):
     """
 
     phi_hat: Tensor | None
+    beta = hyperparameter(
+        "beta",
+        float,
+        check_unit_interval,
+        r"The rate :math:`\beta \in [0, 1]` of the moving average (the targets are kept when it "
+        "is set).",
+    )
+    eps = hyperparameter(
+        "eps", float, check_non_negative_float, r"The :math:`\epsilon \ge 0` of the denominators."
+    )
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-08) -> None:
         super().__init__()
-        self.beta = check_float_in(beta, "beta", 0.0, 1.0, low_open=False, high_open=False)
-        self.eps = check_non_negative_float(eps, "eps")
+        self.beta = beta
+        self.eps = eps
         self.register_buffer("phi_hat", None)
 
     def reset(self) -> None:
@@ -77,6 +88,7 @@ class GradVacWeighting(GramianWeighting, Stateful):
         ):
             phi_hat = torch.zeros_like(G)
         phi_hat = phi_hat.clone()
+        beta, eps = self.beta, self.eps
         order = torch.rand(m, m, device=G.device).argsort(dim=1)
         tasks = torch.arange(m, device=G.device)
         norms = G.diagonal().clamp_min(0.0).sqrt()
@@ -86,17 +98,17 @@ class GradVacWeighting(GramianWeighting, Stateful):
             others = j != tasks
             dots = (W * G[j]).sum(dim=1)  # g_i^PC · g_j
             norms_pc = ((W @ G) * W).sum(dim=1).clamp_min(0.0).sqrt()  # ‖g_i^PC‖
-            phi = dots / (norms_pc * norms[j] + self.eps)
+            phi = dots / (norms_pc * norms[j] + eps)
             target = phi_hat[tasks, j]
             root, root_target = (
                 (1 - phi**2).clamp_min(0.0).sqrt(),
                 (1 - target**2).clamp_min(0.0).sqrt(),
             )
             coefficient = (
-                norms_pc * (target * root - phi * root_target) / (norms[j] * root_target + self.eps)
+                norms_pc * (target * root - phi * root_target) / (norms[j] * root_target + eps)
             )
             W[tasks, j] += torch.where(others & (phi < target), coefficient, 0.0)
-            updated = (1 - self.beta) * target + self.beta * phi
+            updated = (1 - beta) * target + beta * phi
             phi_hat[tasks, j] = torch.where(others, updated, target)
         self.phi_hat = phi_hat
         return W.sum(dim=0)
@@ -120,6 +132,9 @@ class GradVac(GramianWeightedAggregator, Stateful):
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-08) -> None:
         super().__init__(GradVacWeighting(beta, eps))
+
+    beta = of_weighting(GradVacWeighting.beta)
+    eps = of_weighting(GradVacWeighting.eps)
 
     def reset(self) -> None:
         self.gramian_weighting.reset()  # type: ignore[operator]

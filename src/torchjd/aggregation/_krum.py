@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
+from torchjd._properties import hyperparameter
+from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting, of_weighting
 from torchjd.aggregation._checks import check_positive_int
 from torchjd.aggregation._parameters import check_non_negative_int
 from torchjd.linalg import PSDMatrix
@@ -39,10 +40,20 @@ class KrumWeighting(GramianWeighting):
     tensor([0.5000, 0.5000, 0.0000, 0.0000])
     """
 
+    n_byzantine = hyperparameter(
+        "n_byzantine",
+        int,
+        check_non_negative_int,
+        "The number ``f ≥ 0`` of rows that may be adversarial.",
+    )
+    n_selected = hyperparameter(
+        "n_selected", int, check_positive_int, "The number of rows averaged (positive)."
+    )
+
     def __init__(self, n_byzantine: int, n_selected: int = 1) -> None:
         super().__init__()
-        self.n_byzantine = check_non_negative_int(n_byzantine, "n_byzantine")
-        self.n_selected = check_positive_int(n_selected, "n_selected")
+        self.n_byzantine = n_byzantine
+        self.n_selected = n_selected
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         G = gramian
@@ -90,3 +101,6 @@ class Krum(GramianWeightedAggregator):
 
     def __init__(self, n_byzantine: int, n_selected: int = 1) -> None:
         super().__init__(KrumWeighting(n_byzantine, n_selected))
+
+    n_byzantine = of_weighting(KrumWeighting.n_byzantine)
+    n_selected = of_weighting(KrumWeighting.n_selected)

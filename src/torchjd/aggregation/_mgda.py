@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
+from torchjd._properties import hyperparameter
+from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting, of_weighting
 from torchjd.aggregation._checks import check_positive_float, check_positive_int
 from torchjd.linalg import PSDMatrix
 
@@ -46,16 +47,27 @@ class MGDAWeighting(GramianWeighting):
     tensor([0.6000, 0.4000])
     """
 
+    epsilon = hyperparameter(
+        "epsilon",
+        float,
+        check_positive_float,
+        r"The step size :math:`\gamma` below which the iterations stop (positive).",
+    )
+    max_iters = hyperparameter(
+        "max_iters", int, check_positive_int, "The largest number of Frank-Wolfe steps (positive)."
+    )
+
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:
         super().__init__()
-        self.epsilon = check_positive_float(epsilon, "epsilon")
-        self.max_iters = check_positive_int(max_iters, "max_iters")
+        self.epsilon = epsilon
+        self.max_iters = max_iters
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         G = gramian
         m = G.shape[0]
         w = torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
         running = torch.ones((), dtype=torch.bool, device=G.device)
+        epsilon = self.epsilon
         for step in range(1, self.max_iters + 1):
             Gw = G @ w
             t = torch.argmin(Gw)
@@ -66,7 +78,7 @@ class MGDAWeighting(GramianWeighting):
             step_size = torch.where(running, gamma, 0.0)
             w = (1 - step_size) * w
             w[t] += step_size
-            running = running & (gamma >= self.epsilon)  # a step below epsilon is the last
+            running = running & (gamma >= epsilon)  # a step below epsilon is the last
             if step % _CHECK_EVERY == 0 and not bool(running):
                 break
         return w
@@ -90,3 +102,6 @@ class MGDA(GramianWeightedAggregator):
 
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:
         super().__init__(MGDAWeighting(epsilon, max_iters))
+
+    epsilon = of_weighting(MGDAWeighting.epsilon)
+    max_iters = of_weighting(MGDAWeighting.max_iters)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchjd._properties import hyperparameter
 from torchjd._stateful import Stateful
 from torchjd.aggregation._bases import Aggregator, _call_str
 from torchjd.aggregation._checks import (
@@ -31,6 +32,13 @@ from torchjd.aggregation._checks import (
 )
 from torchjd.linalg import Matrix
 from torchjd.linalg._simplex import project_onto_simplex
+
+
+def _check_beta(value: object, name: str) -> float:
+    beta = check_positive_float(value, name)
+    if beta > 1.0:
+        raise ValueError(f"`{name}` must be in (0, 1]. Found {name}={value!r}.")
+    return beta
 
 
 class MoCo(Aggregator, Stateful):
@@ -55,6 +63,34 @@ class MoCo(Aggregator, Stateful):
     tensor([0.5750, 0.8500])
     """
 
+    beta = hyperparameter(
+        "beta", float, _check_beta, r"The tracking rate :math:`\beta \in (0, 1]` of :math:`Y`."
+    )
+    beta_sigma = hyperparameter(
+        "beta_sigma",
+        float,
+        check_non_negative_float,
+        r"The decay exponent :math:`\sigma_\beta \ge 0` of :math:`\beta_t`.",
+    )
+    gamma = hyperparameter(
+        "gamma",
+        float,
+        check_positive_float,
+        r"The step size :math:`\gamma > 0` of :math:`\lambda`.",
+    )
+    gamma_sigma = hyperparameter(
+        "gamma_sigma",
+        float,
+        check_non_negative_float,
+        r"The decay exponent :math:`\sigma_\gamma \ge 0` of :math:`\gamma_t`.",
+    )
+    rho = hyperparameter(
+        "rho",
+        float,
+        check_non_negative_float,
+        r"The regularisation :math:`\rho \ge 0` of :math:`\lambda`.",
+    )
+
     def __init__(
         self,
         beta: float = 0.5,
@@ -64,13 +100,11 @@ class MoCo(Aggregator, Stateful):
         rho: float = 0.0,
     ) -> None:
         super().__init__()
-        self.beta = check_positive_float(beta, "beta")
-        if self.beta > 1.0:
-            raise ValueError(f"`beta` must be in (0, 1]. Found beta={beta!r}.")
-        self.beta_sigma = check_non_negative_float(beta_sigma, "beta_sigma")
-        self.gamma = check_positive_float(gamma, "gamma")
-        self.gamma_sigma = check_non_negative_float(gamma_sigma, "gamma_sigma")
-        self.rho = check_non_negative_float(rho, "rho")
+        self.beta = beta
+        self.beta_sigma = beta_sigma
+        self.gamma = gamma
+        self.gamma_sigma = gamma_sigma
+        self.rho = rho
         self.reset()
 
     def reset(self) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from torchjd import Stateful
+from torchjd._properties import hyperparameter
 from torchjd.aggregation._bases import Weighting
 from torchjd.aggregation._checks import check_non_negative_float, check_positive_float
 from torchjd.aggregation._parameters import check_square
@@ -42,11 +43,20 @@ class MoDoWeighting(Weighting[Matrix], Stateful):
     """
 
     lambda_: Tensor | None
+    gamma = hyperparameter(
+        "gamma",
+        float,
+        check_positive_float,
+        r"The step size :math:`\gamma > 0` (:math:`\lambda` is kept when it is set).",
+    )
+    rho = hyperparameter(
+        "rho", float, check_non_negative_float, r"The regularisation :math:`\rho \ge 0`."
+    )
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.1) -> None:
         super().__init__()
-        self.gamma = check_positive_float(gamma, "gamma")
-        self.rho = check_non_negative_float(rho, "rho")
+        self.gamma = gamma
+        self.rho = rho
         self.register_buffer("lambda_", None, persistent=False)
 
     def reset(self) -> None:

@@ -22,23 +22,50 @@ from typing import Any
 from torch import Tensor
 
 from torchjd import Stateful
-from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
+from torchjd._properties import hyperparameter
+from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting, of_weighting
 from torchjd.aggregation._checks import check_non_negative_float, check_positive_int
 from torchjd.linalg import PSDMatrix
 from torchjd.linalg._power_equation import solve_power_equation
 
 
 class _NashMTLWeighting(GramianWeighting, Stateful):
+    max_norm = hyperparameter(
+        "max_norm", float, check_non_negative_float, "The largest norm of the output; 0: no clip."
+    )
+    update_weights_every = hyperparameter(
+        "update_weights_every",
+        int,
+        check_positive_int,
+        "The weights are recomputed once every that many calls (the count goes on when it is set).",
+    )
+    optim_niter = hyperparameter(
+        "optim_niter", int, check_positive_int, "The largest number of Newton steps of the solver."
+    )
+
     def __init__(
         self, n_tasks: int, max_norm: float, update_weights_every: int, optim_niter: int
     ) -> None:
         super().__init__()
-        self.n_tasks = check_positive_int(n_tasks, "n_tasks")
-        self.max_norm = check_non_negative_float(max_norm, "max_norm")
-        self.update_weights_every = check_positive_int(update_weights_every, "update_weights_every")
-        self.optim_niter = check_positive_int(optim_niter, "optim_niter")
         self.step = 0
         self.alpha: Tensor | None = None
+        self.n_tasks = n_tasks
+        self.max_norm = max_norm
+        self.update_weights_every = update_weights_every
+        self.optim_niter = optim_niter
+
+    @property
+    def n_tasks(self) -> int:
+        """The number of rows of the matrices (positive). Setting another number resets the state:
+        the weights kept have one entry per task."""
+        return self._n_tasks
+
+    @n_tasks.setter
+    def n_tasks(self, value: int) -> None:
+        n_tasks = check_positive_int(value, "n_tasks")
+        if n_tasks != getattr(self, "_n_tasks", n_tasks):
+            self.reset()
+        self._n_tasks = n_tasks
 
     def reset(self) -> None:
         self.step = 0
@@ -48,7 +75,7 @@ class _NashMTLWeighting(GramianWeighting, Stateful):
         G = gramian
         if G.shape[0] != self.n_tasks:
             raise ValueError(
-                f"NashMTL was built with `n_tasks={self.n_tasks}`, so the matrix must have "
+                f"NashMTL has `n_tasks={self.n_tasks}`, so the matrix must have "
                 f"{self.n_tasks} rows. Found {G.shape[0]} rows."
             )
         if self.alpha is None or self.step % self.update_weights_every == 0:
@@ -92,6 +119,11 @@ class NashMTL(GramianWeightedAggregator, Stateful):
         optim_niter: int = 20,
     ) -> None:
         super().__init__(_NashMTLWeighting(n_tasks, max_norm, update_weights_every, optim_niter))
+
+    n_tasks = of_weighting(_NashMTLWeighting.n_tasks)
+    max_norm = of_weighting(_NashMTLWeighting.max_norm)
+    update_weights_every = of_weighting(_NashMTLWeighting.update_weights_every)
+    optim_niter = of_weighting(_NashMTLWeighting.optim_niter)
 
     def reset(self) -> None:
         self.gramian_weighting.reset()  # type: ignore[operator]

@@ -33,11 +33,21 @@ import torch
 from torch import Tensor
 
 from torchjd import Stateful
-from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting
+from torchjd._properties import hyperparameter
+from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting, of_weighting
 from torchjd.aggregation._checks import check_length, check_non_negative_float, check_vector
-from torchjd.aggregation._parameters import check_float_in
+from torchjd.aggregation._parameters import check_unit_interval, check_unit_interval_open_above
 from torchjd.linalg import PSDMatrix
 from torchjd.linalg._bounded_qp import TIKHONOV, solve_lower_bounded_qp, tikhonov
+
+
+def _check_tau(tau: object, name: str) -> float | Tensor:
+    if isinstance(tau, Tensor):
+        tau = check_vector(tau, name, non_negative=True)
+        if bool((tau > 1).any()):
+            raise ValueError(f"`{name}` must have entries in [0, 1]. Found {tau}.")
+        return tau
+    return check_unit_interval(tau, name)
 
 
 class PCDWeighting(GramianWeighting, Stateful):
@@ -57,19 +67,28 @@ class PCDWeighting(GramianWeighting, Stateful):
     tensor([1.1547, 0.9856])
     """
 
-    tau: Tensor | float
+    tau = hyperparameter(
+        "tau",
+        float | Tensor,
+        _check_tau,
+        r"The fraction :math:`\tau \in [0, 1]`: a float, or a vector of ``m − 1`` entries (a "
+        "detached copy of the one set).",
+    )
+    beta = hyperparameter(
+        "beta",
+        float,
+        check_unit_interval_open_above,
+        r"The decay :math:`\beta \in [0, 1)` of the moving average (kept when it is set).",
+    )
+    eps = hyperparameter(
+        "eps", float, check_non_negative_float, r"The :math:`\epsilon \ge 0` added to the average."
+    )
 
     def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-08) -> None:
         super().__init__()
-        if isinstance(tau, Tensor):
-            tau = check_vector(tau, "tau", non_negative=True)
-            if bool((tau > 1).any()):
-                raise ValueError(f"`tau` must have entries in [0, 1]. Found {tau}.")
-        else:
-            tau = check_float_in(tau, "tau", 0.0, 1.0, low_open=False, high_open=False)
         self.tau = tau
-        self.beta = check_float_in(beta, "beta", 0.0, 1.0, low_open=False, high_open=True)
-        self.eps = check_non_negative_float(eps, "eps")
+        self.beta = beta
+        self.eps = eps
         self.reset()
 
     def reset(self) -> None:
@@ -121,6 +140,9 @@ class PCDWeighting(GramianWeighting, Stateful):
     def _params(self) -> dict[str, Any]:
         return {"tau": self.tau, "beta": self.beta, "eps": self.eps}
 
+    def __str__(self) -> str:
+        return repr(self)
+
 
 class PCD(GramianWeightedAggregator, Stateful):
     r"""The PCD aggregator (Varam et al., 2026): the closest direction to the (normalised) first
@@ -139,6 +161,10 @@ class PCD(GramianWeightedAggregator, Stateful):
 
     def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-08) -> None:
         super().__init__(PCDWeighting(tau, beta, eps))
+
+    tau = of_weighting(PCDWeighting.tau)
+    beta = of_weighting(PCDWeighting.beta)
+    eps = of_weighting(PCDWeighting.eps)
 
     def reset(self) -> None:
         self.gramian_weighting.reset()  # type: ignore[operator]

@@ -24,23 +24,25 @@ projected steps of SGD with momentum (the buffer starts at zero at each call), f
     b \leftarrow \mu b + (A w + \lambda A \tilde w), \qquad w \leftarrow \Pi_{\Delta_m}(w - \eta b).
 """
 
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchjd import Stateful
+from torchjd._properties import hyperparameter
 from torchjd.aggregation._bases import Weighting
 from torchjd.aggregation._checks import (
     check_length,
     check_non_negative_float,
+    check_optional_vector,
     check_positive_float,
     check_positive_int,
-    check_vector,
 )
 from torchjd.aggregation._parameters import (
-    check_float_in,
     check_square,
+    check_unit_interval_open_above,
 )
 from torchjd.linalg import Matrix
 from torchjd.linalg._simplex import project_onto_simplex
@@ -63,8 +65,32 @@ class SDMGradWeighting(Weighting[Matrix], Stateful):
     tensor([0.1154, 0.8846])
     """
 
-    pref_vector: Tensor | None
     w: Tensor | None
+    lr = hyperparameter(
+        "lr", float, check_positive_float, r"The step size :math:`\eta > 0` of the inner SGD."
+    )
+    momentum = hyperparameter(
+        "momentum",
+        float,
+        check_unit_interval_open_above,
+        r"The momentum :math:`\mu \in [0, 1)` of the inner SGD.",
+    )
+    n_iter = hyperparameter(
+        "n_iter", int, check_positive_int, "The number of inner steps per call (positive)."
+    )
+    lambda_ = hyperparameter(
+        "lambda_",
+        float,
+        check_non_negative_float,
+        r"The pull :math:`\lambda \ge 0` towards the preferred direction.",
+    )
+    pref_vector = hyperparameter(
+        "pref_vector",
+        Tensor | None,
+        partial(check_optional_vector, non_negative=False),
+        r"The preference :math:`\tilde w` ``[m]`` (a detached copy of the one set), or None for "
+        r"the mean. :math:`w` is kept when a hyperparameter is set.",
+    )
 
     def __init__(
         self,
@@ -75,15 +101,12 @@ class SDMGradWeighting(Weighting[Matrix], Stateful):
         pref_vector: Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.lr = check_positive_float(lr, "lr")
-        self.momentum = check_float_in(
-            momentum, "momentum", 0.0, 1.0, low_open=False, high_open=True
-        )
-        self.n_iter = check_positive_int(n_iter, "n_iter")
-        self.lambda_ = check_non_negative_float(lambda_, "lambda_")
-        if pref_vector is not None:
-            pref_vector = check_vector(pref_vector, "pref_vector", non_negative=False)
-        self.register_buffer("pref_vector", pref_vector, persistent=False)
+        self.lr = lr
+        self.momentum = momentum
+        self.n_iter = n_iter
+        self.lambda_ = lambda_
+        self.register_buffer("_pref_vector", None, persistent=False)
+        self.pref_vector = pref_vector
         self.register_buffer("w", None, persistent=False)
 
     def reset(self) -> None:
@@ -95,24 +118,26 @@ class SDMGradWeighting(Weighting[Matrix], Stateful):
     def forward(self, matrix: Matrix, /) -> Tensor:
         A = matrix
         m = A.shape[0]
-        if self.pref_vector is None:
+        pref_vector = self.pref_vector
+        if pref_vector is None:
             pref = torch.full((m,), 1.0 / m, dtype=A.dtype, device=A.device)
         else:
-            check_length(self.pref_vector, "pref_vector", m, "matrix")
-            pref = self.pref_vector.to(dtype=A.dtype, device=A.device)
+            check_length(pref_vector, "pref_vector", m, "matrix")
+            pref = pref_vector.to(dtype=A.dtype, device=A.device)
         s = A.diagonal().clamp_min(0.0).sqrt().mean()
         A = A / torch.where(s > 0, s, 1.0) ** 2
         w = self.w
         if w is None or w.shape[0] != m:
             w = torch.full((m,), 1.0 / m, dtype=A.dtype, device=A.device)
         w = w.to(dtype=A.dtype, device=A.device)
-        pull = self.lambda_ * (A @ pref)
+        lr, momentum, lambda_ = self.lr, self.momentum, self.lambda_
+        pull = lambda_ * (A @ pref)
         buffer = torch.zeros_like(w)
         for _ in range(self.n_iter):
-            buffer = self.momentum * buffer + (A @ w + pull)
-            w = project_onto_simplex(w - self.lr * buffer)
+            buffer = momentum * buffer + (A @ w + pull)
+            w = project_onto_simplex(w - lr * buffer)
         self.w = w.detach()
-        return (w + self.lambda_ * pref) / (1 + self.lambda_)
+        return (w + lambda_ * pref) / (1 + lambda_)
 
     def _params(self) -> dict[str, Any]:
         return {

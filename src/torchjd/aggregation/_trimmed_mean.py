@@ -14,6 +14,7 @@ not a weighting: each column has its own kept rows.
 
 from torch import Tensor
 
+from torchjd._properties import hyperparameter
 from torchjd.aggregation._bases import Aggregator
 from torchjd.aggregation._parameters import check_non_negative_int
 from torchjd.linalg import Matrix
@@ -31,9 +32,16 @@ class TrimmedMean(Aggregator):
     tensor([2., 1.])
     """
 
+    trim_number = hyperparameter(
+        "trim_number",
+        int,
+        check_non_negative_int,
+        "The number ``t ≥ 0`` of entries dropped at each end of each column.",
+    )
+
     def __init__(self, trim_number: int) -> None:
         super().__init__()
-        self.trim_number = check_non_negative_int(trim_number, "trim_number")
+        self.trim_number = trim_number
 
     def forward(self, matrix: Matrix, /) -> Tensor:
         m, t = matrix.shape[0], self.trim_number

@@ -15,7 +15,7 @@ So the weights are :math:`w = \sum_i v(p_i e_i)`, and :math:`w \ge p`.
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator
+from torchjd.aggregation._bases import GramianWeightedAggregator, of_weighting
 from torchjd.aggregation._pref_vector import ProjectionWeighting
 from torchjd.linalg import DualConeProjector, PSDMatrix, TorchProjector
 
@@ -35,6 +35,9 @@ class UPGradWeighting(ProjectionWeighting):
     >>> UPGradWeighting()(J @ J.T)
     tensor([1.1109, 0.7894])
     """
+
+    pref_vector = ProjectionWeighting.pref_vector  # (its own attribute, as published)
+    projector = ProjectionWeighting.projector
 
     def __init__(
         self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None
@@ -95,3 +98,6 @@ class UPGrad(GramianWeightedAggregator):
         self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None
     ) -> None:
         super().__init__(UPGradWeighting(pref_vector, projector))
+
+    pref_vector = of_weighting(ProjectionWeighting.pref_vector)
+    projector = of_weighting(ProjectionWeighting.projector)

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from torchjd._properties import hyperparameter
 from torchjd.linalg._autograd import tracked
 from torchjd.linalg._bounded_qp import (
     _DIRECT_MAX_M,
@@ -174,9 +175,22 @@ class TorchProjector(DualConeProjector):
     tensor([0.5000, 0.2895])
     """
 
+    norm_eps = hyperparameter(
+        "norm_eps",
+        float,
+        lambda value, name: _non_negative(value, name),
+        "Trace below which the Gramian is treated as zero (non-negative).",
+    )
+    reg_eps = hyperparameter(
+        "reg_eps",
+        float,
+        lambda value, name: _non_negative(value, name),
+        "Multiple of the identity added to the normalised Gramian (non-negative).",
+    )
+
     def __init__(self, *, norm_eps: float = 0.0001, reg_eps: float = 0.0001) -> None:
-        self.norm_eps = _non_negative(norm_eps, "norm_eps")
-        self.reg_eps = _non_negative(reg_eps, "reg_eps")
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
 
     def __call__(self, U: Tensor, G: PSDMatrix) -> Tensor:
         _check_shapes(U, G)
@@ -304,6 +318,9 @@ class QuadprogProjector(TorchProjector):
     >>> UPGrad(projector=QuadprogProjector(reg_eps=1e-5))(torch.tensor([[-4.0, 1.0], [6.0, 1.0]]))
     tensor([0.1590, 1.9873])
     """
+
+    norm_eps = TorchProjector.norm_eps  # (its own attributes, as published)
+    reg_eps = TorchProjector.reg_eps
 
     def __init__(
         self,

@@ -22,6 +22,9 @@ class Scalarizer(nn.Module, ABC):
     tensor(3., grad_fn=<MeanBackward0>)
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+
     @abstractmethod
     def forward(self, values: Tensor, /) -> Tensor:
         """The scalar (0-dim tensor) that combines ``values``."""

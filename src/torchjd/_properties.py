@@ -1,0 +1,52 @@
+"""Hyperparameters exposed as properties that can be read and set.
+
+A hyperparameter's value is kept in a private attribute (``_name``) and set only through its
+check, the one that the constructor uses too (the constructor assigns through the property): a
+value that the constructor refuses is refused by the setter with the same exception, before
+anything is stored, so that an invalid assignment leaves the object unchanged.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+
+def hyperparameter(name: str, kind: object, check: Callable[[Any, str], Any], doc: str) -> property:
+    """The property ``name``, of type ``kind``, stored as ``check(value, name)`` in ``_name``.
+
+    ``check`` raises (an exception whose message names ``name``) on an invalid value and returns
+    the value to store otherwise.
+    """
+    attribute = f"_{name}"
+
+    def fget(self: Any) -> Any:
+        return getattr(self, attribute)
+
+    def fset(self: Any, value: Any) -> None:
+        setattr(self, attribute, check(value, name))
+
+    fget.__name__ = fset.__name__ = name
+    fget.__annotations__ = {"return": kind}
+    fset.__annotations__ = {"value": kind, "return": None}
+    return property(fget, fset, doc=doc)
+
+
+def forwarded(target: property, owner: Callable[[Any], Any]) -> property:
+    """The property ``target`` of the object ``owner(self)``, read and set through ``self``.
+
+    The value lives only in that object (an aggregator forwards to the weighting that it wraps),
+    so the two can never disagree.
+    """
+    get, set_ = target.fget, target.fset
+    assert get is not None
+    assert set_ is not None
+
+    def fget(self: Any) -> Any:
+        return get(owner(self))
+
+    def fset(self: Any, value: Any) -> None:
+        set_(owner(self), value)
+
+    fget.__name__ = fset.__name__ = get.__name__
+    fget.__annotations__ = dict(get.__annotations__)
+    fset.__annotations__ = dict(set_.__annotations__)
+    return property(fget, fset, doc=target.__doc__)
