@@ -9,6 +9,8 @@ anything is stored, so that an invalid assignment leaves the object unchanged.
 from collections.abc import Callable
 from typing import Any
 
+from torch import nn
+
 
 def hyperparameter(name: str, kind: object, check: Callable[[Any, str], Any], doc: str) -> property:
     """The property ``name``, of type ``kind``, stored as ``check(value, name)`` in ``_name``.
@@ -50,3 +52,13 @@ def forwarded(target: property, owner: Callable[[Any], Any]) -> property:
     fget.__annotations__ = dict(get.__annotations__)
     fset.__annotations__ = dict(set_.__annotations__)
     return property(fget, fset, doc=target.__doc__)
+
+
+def set_module_attribute(module: nn.Module, name: str, value: Any) -> None:
+    """:meth:`torch.nn.Module.__setattr__`, except that a property of the module's class receives
+    every value, a :class:`torch.nn.Parameter` included (which ``nn.Module`` would try to register
+    under the property's name)."""
+    if isinstance(getattr(type(module), name, None), property):
+        object.__setattr__(module, name, value)
+    else:
+        nn.Module.__setattr__(module, name, value)

@@ -342,6 +342,32 @@ def test_an_invalid_set_raises_as_the_constructor_and_changes_nothing(
     assert_same(outputs(obj, stats[2:]), outputs(twin, stats[2:]))
 
 
+@pytest.mark.parametrize(
+    ("name", "prop"),
+    [
+        ("UPGrad", "pref_vector"),
+        ("DualProjWeighting", "pref_vector"),
+        ("AlignedMTL", "pref_vector"),
+        ("ConFIG", "pref_vector"),
+        ("GradDrop", "leak"),
+        ("PCD", "tau"),
+        ("SDMGradWeighting", "pref_vector"),
+    ],
+)
+def test_a_parameter_is_set_as_the_constructor_takes_it(name: str, prop: str):
+    """As a detached copy (``nn.Module`` alone would try to register it under the same name)."""
+    value = torch.nn.Parameter(P[1:] if prop == "tau" else P.clone())
+    obj = build(name)
+    setattr(obj, prop, value)
+    stored = getattr(obj, prop)
+    assert type(stored) is Tensor
+    assert not stored.requires_grad
+    assert torch.equal(stored, value)
+    assert list(obj.parameters()) == []
+    stats = inputs(name, 2)
+    assert_same(outputs(obj, stats), outputs(build(name, **{prop: value}), stats))
+
+
 STATEFUL = [
     (name, prop, value) for name, prop, value in VALUES if issubclass(CLASSES[name][0], Stateful)
 ]

@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from torch import Tensor, nn
 
-from torchjd._properties import forwarded
+from torchjd._properties import forwarded, set_module_attribute
 from torchjd.aggregation._checks import check_gramian, check_matrix, vector_str
 from torchjd.linalg._gramian import gramian
 from torchjd.linalg._matrix import Matrix, PSDMatrix
@@ -33,6 +33,9 @@ class Weighting(nn.Module, ABC, Generic[_T]):
 
     def __init__(self) -> None:
         super().__init__()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        set_module_attribute(self, name, value)
 
     @abstractmethod
     def forward(self, stat: _T, /) -> Tensor:
@@ -117,6 +120,9 @@ class Aggregator(nn.Module, ABC):
 
     def __init__(self) -> None:
         super().__init__()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        set_module_attribute(self, name, value)
 
     @abstractmethod
     def forward(self, matrix: Matrix, /) -> Tensor:

@@ -45,10 +45,11 @@ class UPGradWeighting(ProjectionWeighting):
         super().__init__(pref_vector, projector)
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
-        if isinstance(self.projector, TorchProjector):  # the same, in fewer operations
+        projector = self.projector
+        if isinstance(projector, TorchProjector):  # the same, in fewer operations
             p = None if self.pref_vector is None else self.preference(gramian)
-            return self.projector._summed_projections(p, gramian)
-        return self.projector(torch.diag(self.preference(gramian)), gramian).sum(dim=0)
+            return projector._summed_projections(p, gramian)
+        return projector(torch.diag(self.preference(gramian)), gramian).sum(dim=0)
 
 
 class UPGrad(GramianWeightedAggregator):
