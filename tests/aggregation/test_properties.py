@@ -70,6 +70,7 @@ CLASSES: dict[str, tuple[type, dict[str, Any], str]] = {
     "MoCo": (agg.MoCo, {}, "matrix"),
     "GradNorm": (agg.GradNorm, {"lr": 0.05}, "matrix"),
     "GradNormWeighting": (agg.GradNormWeighting, {}, "gramian"),
+    "CRMOGMWeighting": (agg.CRMOGMWeighting, {"weighting": agg.UPGradWeighting()}, "gramian"),
 }
 
 # class name, property, a value other than the one of CLASSES (or the default)
@@ -142,6 +143,8 @@ VALUES: list[tuple[str, str, Any]] = [
     ("GradNorm", "lr", 0.5),
     ("GradNormWeighting", "alpha", 0.0),
     ("GradNormWeighting", "lr", 1.0),
+    ("CRMOGMWeighting", "alpha", 0.2),
+    ("CRMOGMWeighting", "initial_weights", -P),
 ]
 
 NAMES = sorted({(name, prop) for name, prop, _ in VALUES})
@@ -225,6 +228,8 @@ INVALID: list[tuple[str, str, Any, type[Exception], str]] = [
     ("GradNorm", "lr", 0.0, ValueError, "must be positive"),
     ("GradNormWeighting", "alpha", True, TypeError, _NOT_FLOAT),
     ("GradNormWeighting", "lr", None, TypeError, _NOT_FLOAT),
+    ("CRMOGMWeighting", "alpha", 1.5, ValueError, r"must be in \[0.0, 1.0\]"),
+    ("CRMOGMWeighting", "initial_weights", torch.ones(2, 2), ValueError, "must be a vector"),
 ]
 
 

@@ -13,14 +13,16 @@ where :math:`\lambda_0` is ``initial_weights``, or :math:`\hat\lambda_1` when No
 first output is :math:`\hat\lambda_1`).
 """
 
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from torch import Tensor
 
 from torchjd import Stateful
+from torchjd._properties import hyperparameter
 from torchjd.aggregation._bases import Weighting
-from torchjd.aggregation._checks import check_length, check_vector
-from torchjd.aggregation._parameters import check_float_in
+from torchjd.aggregation._checks import check_length, check_optional_vector
+from torchjd.aggregation._parameters import check_unit_interval
 
 _T = TypeVar("_T", contravariant=True)
 
@@ -46,8 +48,20 @@ class CRMOGMWeighting(Weighting[_T], Stateful, Generic[_T]):
     tensor([0.8055, 0.6447, 0.0000])
     """
 
-    initial_weights: Tensor | None
     weights: Tensor | None
+    alpha = hyperparameter(
+        "alpha",
+        float,
+        check_unit_interval,
+        r"The weight :math:`\alpha \in [0, 1]` of the previous weights in the average.",
+    )
+    initial_weights = hyperparameter(
+        "initial_weights",
+        Tensor | None,
+        partial(check_optional_vector, non_negative=False),
+        "The weights averaged with the first ones (a detached copy of the vector set); None: the "
+        "first weights themselves.",
+    )
 
     def __init__(
         self, weighting: Weighting[_T], alpha: float = 0.9, initial_weights: Tensor | None = None
@@ -60,18 +74,9 @@ class CRMOGMWeighting(Weighting[_T], Stateful, Generic[_T]):
             )
         self.weighting = weighting
         self.alpha = alpha
-        if initial_weights is not None:
-            initial_weights = check_vector(initial_weights, "initial_weights", non_negative=False)
-        self.register_buffer("initial_weights", initial_weights, persistent=False)
+        self.register_buffer("_initial_weights", None, persistent=False)
+        self.initial_weights = initial_weights
         self.register_buffer("weights", None, persistent=False)
-
-    @property
-    def alpha(self) -> float:
-        return self._alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self._alpha = check_float_in(value, "alpha", 0.0, 1.0, low_open=False, high_open=False)
 
     def reset(self) -> None:
         self.weights = None
@@ -85,11 +90,12 @@ class CRMOGMWeighting(Weighting[_T], Stateful, Generic[_T]):
         new = self.weighting(stat)  # type: ignore[arg-type]
         previous = self.weights
         if previous is None or previous.shape != new.shape:
-            if self.initial_weights is None:
+            initial_weights = self.initial_weights
+            if initial_weights is None:
                 previous = new
             else:
-                check_length(self.initial_weights, "initial_weights", new.shape[0], "matrix")
-                previous = self.initial_weights
+                check_length(initial_weights, "initial_weights", new.shape[0], "matrix")
+                previous = initial_weights
         previous = previous.to(dtype=new.dtype, device=new.device)
         weights = self.alpha * previous + (1 - self.alpha) * new
         self.weights = weights.detach()
