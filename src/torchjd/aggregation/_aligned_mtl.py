@@ -14,7 +14,6 @@ so that the rows of :math:`B J` are orthogonal with squared norm :math:`\sigma`.
 (``"median"``, the lower one for an even count) or their mean (``"rmse"``).
 """
 
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -27,7 +26,7 @@ from torchjd.aggregation._bases import (
     of_weighting,
     vector_suffix,
 )
-from torchjd.aggregation._checks import check_length, check_optional_vector
+from torchjd.aggregation._checks import check_length, vector_hyperparameter
 from torchjd.aggregation._non_finite import finite_stand_in, nan_unless
 from torchjd.linalg import PSDMatrix
 
@@ -60,10 +59,8 @@ class AlignedMTLWeighting(GramianWeighting):
     tensor([0.5591, 0.4083])
     """
 
-    pref_vector = hyperparameter(
+    pref_vector = vector_hyperparameter(
         "pref_vector",
-        Tensor | None,
-        partial(check_optional_vector, non_negative=False),
         "The preference vector ``[m]`` (a detached copy of the one set), or None for the mean.",
     )
     scale_mode = hyperparameter(

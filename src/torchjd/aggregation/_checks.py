@@ -1,9 +1,12 @@
 """Validation at the public boundary: clear errors that name the argument and what was expected."""
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
+
+from torchjd._properties import hyperparameter
 
 
 def check_matrix(matrix: object, name: str) -> None:
@@ -119,6 +122,13 @@ def _float(value: object, name: str) -> float:
 def check_optional_vector(value: object, name: str, *, non_negative: bool) -> Tensor | None:
     """None, or a vector accepted by :func:`check_vector` (a detached copy of it)."""
     return None if value is None else check_vector(value, name, non_negative=non_negative)
+
+
+def vector_hyperparameter(name: str, doc: str, *, non_negative: bool = False) -> property:
+    """The hyperparameter ``name``: None or a vector ``[m]`` (:func:`check_optional_vector`), kept
+    in ``_name``, which the class registers as a (non-persistent) buffer."""
+    check = partial(check_optional_vector, non_negative=non_negative)
+    return hyperparameter(name, Tensor | None, check, doc)
 
 
 def check_tracked_shape(tracked: Tensor, matrix: Tensor) -> None:

@@ -14,15 +14,13 @@ where :math:`U^{+}` is the pseudo-inverse of the matrix of unit rows (the least-
 :math:`U v = p`). It is not a weighting of the Gramian: it needs the rows themselves.
 """
 
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from torchjd._properties import hyperparameter
 from torchjd.aggregation._bases import Aggregator, _call_str, vector_suffix
-from torchjd.aggregation._checks import check_length, check_optional_vector
+from torchjd.aggregation._checks import check_length, vector_hyperparameter
 from torchjd.aggregation._non_finite import finite_stand_in, nan_unless
 from torchjd.linalg import Matrix
 
@@ -39,10 +37,8 @@ class ConFIG(Aggregator):
     tensor([0.1588, 2.0706, 2.0706])
     """
 
-    pref_vector = hyperparameter(
+    pref_vector = vector_hyperparameter(
         "pref_vector",
-        Tensor | None,
-        partial(check_optional_vector, non_negative=False),
         "The targets ``p`` ``[m]`` (a detached copy of the vector set), or None for ones.",
     )
 

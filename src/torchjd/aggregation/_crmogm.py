@@ -13,7 +13,6 @@ where :math:`\lambda_0` is ``initial_weights``, or :math:`\hat\lambda_1` when No
 first output is :math:`\hat\lambda_1`).
 """
 
-from functools import partial
 from typing import Any, Generic, TypeVar
 
 from torch import Tensor
@@ -21,7 +20,7 @@ from torch import Tensor
 from torchjd import Stateful
 from torchjd._properties import hyperparameter
 from torchjd.aggregation._bases import Weighting
-from torchjd.aggregation._checks import check_length, check_optional_vector
+from torchjd.aggregation._checks import check_length, vector_hyperparameter
 from torchjd.aggregation._parameters import check_unit_interval
 
 _T = TypeVar("_T", contravariant=True)
@@ -49,18 +48,15 @@ class CRMOGMWeighting(Weighting[_T], Stateful, Generic[_T]):
     """
 
     weights: Tensor | None
+    initial_weights = vector_hyperparameter(
+        "initial_weights",
+        "The weights averaged with the first ones (a detached copy), or None.",
+    )
     alpha = hyperparameter(
         "alpha",
         float,
         check_unit_interval,
         r"The weight :math:`\alpha \in [0, 1]` of the previous weights in the average.",
-    )
-    initial_weights = hyperparameter(
-        "initial_weights",
-        Tensor | None,
-        partial(check_optional_vector, non_negative=False),
-        "The weights averaged with the first ones (a detached copy of the vector set); None: the "
-        "first weights themselves.",
     )
 
     def __init__(

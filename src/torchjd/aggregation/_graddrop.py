@@ -20,7 +20,6 @@ for the leak :math:`\ell` (zero by default). A column of zeros has :math:`P_k = 
 """
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from torch import Tensor
 
 from torchjd._properties import hyperparameter
 from torchjd.aggregation._bases import Aggregator, _call_str, vector_suffix
-from torchjd.aggregation._checks import check_length, check_optional_vector
+from torchjd.aggregation._checks import check_length, vector_hyperparameter
 from torchjd.linalg import Matrix
 
 
@@ -65,10 +64,8 @@ class GradDrop(Aggregator):
         _check_f,
         "The increasing function applied to the purity ``P`` ``[n]``.",
     )
-    leak = hyperparameter(
+    leak = vector_hyperparameter(
         "leak",
-        Tensor | None,
-        partial(check_optional_vector, non_negative=False),
         r"The leak :math:`\ell` ``[m]`` (a detached copy of the vector set), or None for no leak.",
     )
 

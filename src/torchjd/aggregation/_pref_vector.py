@@ -1,6 +1,5 @@
 """What UPGrad and DualProj share: a preference vector and a dual-cone projector."""
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -8,7 +7,7 @@ from torch import Tensor
 
 from torchjd._properties import hyperparameter
 from torchjd.aggregation._bases import GramianWeighting, vector_suffix
-from torchjd.aggregation._checks import check_length, check_optional_vector
+from torchjd.aggregation._checks import check_length, vector_hyperparameter
 from torchjd.linalg import DualConeProjector, TorchProjector
 
 
@@ -29,12 +28,11 @@ class ProjectionWeighting(GramianWeighting):
     The preference vector is a non-persistent buffer, so that ``.to(device)`` moves it.
     """
 
-    pref_vector = hyperparameter(
+    pref_vector = vector_hyperparameter(
         "pref_vector",
-        Tensor | None,
-        partial(check_optional_vector, non_negative=True),
         "The preference vector ``[m]`` (a detached copy of the one set, with no negative "
         "entry), or None for the mean.",
+        non_negative=True,
     )
     projector = hyperparameter(
         "projector",

@@ -24,7 +24,6 @@ projected steps of SGD with momentum (the buffer starts at zero at each call), f
     b \leftarrow \mu b + (A w + \lambda A \tilde w), \qquad w \leftarrow \Pi_{\Delta_m}(w - \eta b).
 """
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -36,9 +35,9 @@ from torchjd.aggregation._bases import Weighting
 from torchjd.aggregation._checks import (
     check_length,
     check_non_negative_float,
-    check_optional_vector,
     check_positive_float,
     check_positive_int,
+    vector_hyperparameter,
 )
 from torchjd.aggregation._parameters import (
     check_square,
@@ -84,10 +83,8 @@ class SDMGradWeighting(Weighting[Matrix], Stateful):
         check_non_negative_float,
         r"The pull :math:`\lambda \ge 0` towards the preferred direction.",
     )
-    pref_vector = hyperparameter(
+    pref_vector = vector_hyperparameter(
         "pref_vector",
-        Tensor | None,
-        partial(check_optional_vector, non_negative=False),
         r"The preference :math:`\tilde w` ``[m]`` (a detached copy of the one set), or None for "
         r"the mean. :math:`w` is kept when a hyperparameter is set.",
     )
