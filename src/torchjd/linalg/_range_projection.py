@@ -764,6 +764,7 @@ def least_energy_rows(
     newton_target: float = _NEWTON_TARGET,
     *,
     optimal: bool = False,
+    keep_free: bool = False,
 ) -> Tensor:
     """Optimal rows ``V`` (``G``, ``U``, ``V`` in float64, ``factor``:
     :func:`~torchjd.linalg._spanning.range_factor` of ``G``), each replaced by the least-norm
@@ -778,28 +779,49 @@ def least_energy_rows(
     residual at which Newton stops (default :data:`_NEWTON_TARGET`; up to ``tol`` itself, rows
     already of least energy, whose residual is often between the two, stop at once).
     ``optimal``: the rows are feasible and meet ``tol`` already (not checked again; a row that
-    does not is still only replaced by lighter weights that meet it)."""
+    does not is still only replaced by lighter weights that meet it). ``keep_free``: the rows
+    whose candidate is lighter but misses ``tol`` get a second one, whose tight set also holds
+    the row's own free weights (its update then that of ``v`` itself; see
+    :func:`~torchjd.linalg._bounded_qp._least_norm_fallback`, whose interior-point rows need it),
+    kept where it is lighter and meets ``tol`` (one more host read)."""
     r = factor[0].shape[1]
     chunk = max(1, _CHUNK_ENTRIES // max(r * r, G.shape[0]))
     tols = (tol, tol if tight_tol is None else tight_tol, newton_target / _NEWTON_TARGET)
+
+    def polished(U: Tensor, V: Tensor) -> Tensor:
+        X, missed = _least_energy(G, U, V, tols, factor)
+        if not keep_free:
+            return X
+        (rows,) = missed.nonzero(as_tuple=True)
+        if rows.numel() > 0:
+            X[rows] = _least_energy(G, U[rows], V[rows], tols, factor, keep_free=True)[0]
+        return X
+
     if optimal and V.shape[0] <= chunk:
-        return _least_energy(G, U, V, tols, factor)
+        return polished(U, V)
     rows = (kkt_residual(G, U, V, V @ G) <= tol).nonzero().squeeze(1)
     if rows.numel() == 0:
         return V
     if rows.numel() == V.shape[0] <= chunk:  # every row, in one chunk: no copy
-        return _least_energy(G, U, V, tols, factor)
+        return polished(U, V)
     V = V.clone()
     for part in rows.split(chunk):
-        V[part] = _least_energy(G, U[part], V[part], tols, factor)
+        V[part] = polished(U[part], V[part])
     return V
 
 
 def _least_energy(
-    G: Tensor, U: Tensor, V: Tensor, tols: tuple[float, float, float], factor: tuple[Tensor, Tensor]
-) -> Tensor:
+    G: Tensor,
+    U: Tensor,
+    V: Tensor,
+    tols: tuple[float, float, float],
+    factor: tuple[Tensor, Tensor],
+    keep_free: bool = False,
+) -> tuple[Tensor, Tensor]:
     """:func:`least_energy_rows` of one chunk of rows, all meeting ``tol``; ``tols``: ``tol``,
-    ``tight_tol`` and the target's factor on :data:`_NEWTON_TARGET`."""
+    ``tight_tol`` and the target's factor on :data:`_NEWTON_TARGET`; ``keep_free``: the free
+    weights of each row also in its tight set. Returns the rows and which rows had a lighter
+    candidate that missed ``tol`` (kept as they were)."""
     tol, tight_tol, target_factor = tols
     ell, sqrt_weights = factor
     B, Z = U * sqrt_weights, V * sqrt_weights
@@ -807,6 +829,8 @@ def _least_energy(
     dual_scale = (sqrt_weights.amax() * u_scale).squeeze(1)
     # ℓ_j · ℓᵀz = (G v)_j / √W_j; relative to the row's scale, (G v)_j / (s_j max|u|).
     tight = (Z @ ell) @ ell.T <= tight_tol * dual_scale.unsqueeze(1)
+    if keep_free:
+        tight |= Z > B
     Z = torch.where(tight, Z, B)
     free = tight & (Z > B)
     squares = _squares(ell)
@@ -823,5 +847,5 @@ def _least_energy(
     # (V_new ≥ U; the scales of the KKT residual: max|u| and s_j max|u|, s_j = √(W_j W_max),
     # as G's row scales where G_jj > 0, and for a zero row, whose (G v)_j is zero, any.)
     scales = (u_scale, (sqrt_weights * sqrt_weights.amax()) * u_scale)
-    better = lighter & (feasible_kkt_residual(G, U, V_new, V_new @ G, scales) <= tol)
-    return torch.where(better.unsqueeze(1), V_new, V)
+    meets = feasible_kkt_residual(G, U, V_new, V_new @ G, scales) <= tol
+    return torch.where((lighter & meets).unsqueeze(1), V_new, V), lighter & ~meets
