@@ -119,3 +119,45 @@ def test_encoder_gramian(monkeypatch):
     torch.testing.assert_close(
         G.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item()
     )
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_layer_norm_lean_path(monkeypatch, fused):
+    """A LayerNorm over the last dimension of ``[B, T, C]`` inputs (one objective per sample):
+    the rule's lean path gives the Gramian of per-sample gradients by autograd, and in a fused
+    step the gradients of the weighted objectives."""
+    import torchjd.autogram._rules._norm as norm_module
+
+    taken = []
+    lean = norm_module._lean_layer_norm_gramian
+
+    def spy(module, calls):
+        result = lean(module, calls)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(norm_module, "_lean_layer_norm_gramian", spy)
+    torch.manual_seed(0)
+    B, T = 5, 3
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-1.0, 1.0)
+    x = torch.randn(B, T, 4)
+    params = list(model.parameters())
+    rows = []
+    for i in range(B):
+        loss = model(x[i : i + 1]).pow(2).sum()
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    J = torch.stack(rows)
+    engine = Engine(model, batch_dim=0)
+    losses = model(x).pow(2).sum(dim=(1, 2))
+    if not fused:
+        G = engine.compute_gramian(losses)
+        torch.testing.assert_close(G, J @ J.T)
+    else:
+        weights = torch.linspace(0.5, 1.5, B)
+        engine.backward(losses, lambda gramian: weights)
+        grads = torch.cat([p.grad.flatten() for p in params])
+        torch.testing.assert_close(grads, weights @ J)
+    assert taken == [True]
