@@ -29,6 +29,9 @@ from torchjd.autogram._fused import call_walk
 from torchjd.autogram._module_call import ModuleCall, cat, gram, weighted
 from torchjd.autogram._onednn import transposed_product
 from torchjd.autogram._rules._linear import (
+    add_lean_gramian,
+    lean_applies,
+    symmetric,
     weight_gramian_and_jacobian,
     weighted_jacobian,
 )
@@ -145,13 +148,18 @@ def graph_linear_gramian(
         map) from step to step; None: new tensors.
     """
     G: Tensor | int = 0
+    lean: Tensor | None = None  # the maps' Gramians by add_lean_gramian, made symmetric at the end
     pairs = list(zip(calls, linears, strict=True))
     kept: dict[int, tuple[Tensor, Tensor | None]] = {}
     for k, first in enumerate(linears[0]):
         X = cat([_inputs_by_sample(c, found[k].X) for c, found in pairs], dim=1)
         Gamma = cat([_grads_by_sample(c, k, found[k]) for c, found in pairs], dim=2)
         bias, _ = bias_of(first)
-        sums = Gamma.sum(dim=2) if bias is not None and bias.requires_grad else None
+        with_bias = bias is not None and bias.requires_grad
+        if lean_applies(X, Gamma):
+            lean = add_lean_gramian(lean, X, Gamma, with_bias)
+            continue
+        sums = Gamma.sum(dim=2) if with_bias else None
         G_w, J = weight_gramian_and_jacobian(X, Gamma, owner, f"jacobian {k}")
         G = G + G_w if sums is None else G + G_w + gram(sums)
         if J is not None:  # kept for the fused step in place of Γ (see _linear.py)
@@ -159,7 +167,7 @@ def graph_linear_gramian(
             for call in calls:
                 call.inner_grads[k] = None
     calls[0].saved["jacobians"] = kept
-    return G  # type: ignore[return-value]
+    return G if lean is None else G + symmetric(lean)  # type: ignore[return-value]
 
 
 def graph_linear_weighted_gradients(

@@ -44,6 +44,9 @@ _SPATIAL_DIMS = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 
 
 def layer_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
     assert isinstance(module, nn.LayerNorm | nn.RMSNorm)
+    lean = _lean_layer_norm_gramian(module, calls)
+    if lean is not None:
+        return lean
     shape = tuple(module.normalized_shape)
     J_w, J_b = [], []
     for call in calls:
@@ -61,6 +64,53 @@ def layer_norm_rule(module: nn.Module, calls: Sequence[ModuleCall]) -> Tensor:
         J_w.append(_sum_positions(product.flatten(-k), call.batch_dim, -1))
         J_b.append(_sum_positions(gamma.flatten(-k), call.batch_dim, -1))
     return _affine_gramian(module, calls, J_w, J_b)
+
+
+def _lean_layer_norm_gramian(
+    module: nn.LayerNorm | nn.RMSNorm, calls: Sequence[ModuleCall]
+) -> Tensor | None:
+    r"""The rule's Gramian in few operations for the common case, or None: one call of a
+    ``LayerNorm`` over its last dimension, with samples along the first, one objective per
+    sample, both affine parameters trained and the statistics of the forward pass at hand (see
+    :func:`layer_norm_statistics`). Both parameters' per-sample gradients are written into one
+    ``[B, 1, 2 C]`` tensor (the sums over the positions straight into its halves), kept as
+    :func:`_affine_gramian` keeps them. The rule runs between large products that empty the
+    caches, where each small operation costs several times what it costs alone (on one CPU
+    thread, the four of ``benchmarks/autogram_step.py``'s Transformer: 0.03 ms shorter each, of
+    0.15 to 0.2)."""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if (
+        len(calls) != 1
+        or len(module.normalized_shape) != 1
+        or weight is None
+        or bias is None
+        or not (weight.requires_grad and bias.requires_grad)
+    ):
+        return None
+    call = calls[0]
+    x = call.args[0]
+    statistics = call.saved.get("statistics")
+    gamma = call.grad_outputs[0] if len(call.grad_outputs) == 1 else None
+    if (
+        statistics is None
+        or statistics[0] is not x
+        or call.batch_dim != 0
+        or x.dim() < 2
+        or gamma is None
+        or gamma.shape[0] != 1
+        or gamma.dtype != x.dtype
+    ):
+        return None
+    del call.saved["statistics"]  # not kept beyond its use
+    _, mean, rstd = statistics
+    B, C = x.shape[0], x.shape[-1]
+    product = torch.sub(x, mean).mul_(rstd).mul_(gamma[0]).reshape(B, -1, C)
+    J = x.new_empty(B, 1, 2 * C)
+    torch.sum(product, dim=1, out=J[:, 0, :C])
+    torch.sum(gamma[0].reshape(B, -1, C), dim=1, out=J[:, 0, C:])
+    call.saved["affine_jacobians"] = [(weight, J[:, :, :C]), (bias, J[:, :, C:])]
+    call.grad_outputs = [None]
+    return gram(J)
 
 
 def layer_norm_statistics(module: nn.Module, call: ModuleCall) -> list[GradientEdge]:
