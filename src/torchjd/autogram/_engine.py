@@ -19,6 +19,7 @@ from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
 from torchjd.autogram._module_call import ModuleCall, flat_leaves, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule, generic_subtree_rule
+from torchjd.autogram._rules._tied import tied_group_gramian
 from torchjd.autogram._streaming import (
     GramianStream,
     lowest_edges,
@@ -64,10 +65,22 @@ class Engine:
         ``MultiheadAttention``) hold them at 0 or 1 accordingly. With None, no assumption is made
         (always correct, slower: one backward pass per objective, vectorised).
 
-    Parameters used by two hooked modules (tied weights) are not supported. A module holding one
-    tensor under two of its own names (``rnn.weight_hh_l0 = rnn.weight_ih_l0``, say) is: its
-    Gramian comes from the generic rule (re-running the module), as the closed forms treat its
-    parameters as distinct; tie them before creating the engine. The engine's hooks
+    Tied parameters are supported. Hooked modules that share a parameter (transitively: a
+    language model's output ``Linear`` whose weight is its ``Embedding``'s, say) form a group,
+    whose Gramian one rule gives from all their calls, with the cross terms of the shared
+    parameters: it re-runs each module of the group on its recorded inputs for its rows of the
+    Jacobian, and holds the rows of the shared parameters, ``[m, P]`` for ``P`` shared numbers
+    (``V d`` per objective for an embedding of ``V`` tokens of size ``d``). The group is not fused:
+    in :meth:`backward`, its parameters get their gradients from the second backward pass. A
+    group whose shared parameters do not require grad uses its modules' own rules. A module
+    holding one tensor under two of its own names (``rnn.weight_hh_l0 = rnn.weight_ih_l0``, say)
+    gets the generic rule (re-running the module), as the closed forms treat its parameters as
+    distinct. Tie the parameters before creating the engine: the groups are made then (a tie
+    made later is not seen, and that Gramian would miss the cross terms). A module's own
+    parameter that a hooked module inside it also holds is refused. A parameter used outside
+    the hooked modules too (partial Jacobian descent over one of two tied modules) has the
+    contributions of the hooked calls only in its columns of :math:`J`; the fused step still
+    gives it its whole gradient. The engine's hooks
     stay until :meth:`close` (or the end of a ``with`` block, or the engine's deletion). Forward
     passes run with grad enabled are recorded until the next :meth:`compute_gramian`, which must
     come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
@@ -134,12 +147,13 @@ class Engine:
         seen: set[nn.Module] = set()
         for module in modules:
             self._collect(module, seen)
-        self._check_no_shared_parameters()
+        self._groups = self._tie_groups()
+        self._group_of = {m: g for g in self._groups for m, _ in g.members}
         self._batch_norms = [m for m in self._all_modules() if isinstance(m, _BatchNorm)]
         # The hooks hold the engine weakly, so that deleting the engine removes them.
         this = weakref.ref(self)
         for module, (rule, _) in self._rules.items():
-            if _uses_recomputation(rule):
+            if _uses_recomputation(rule) or module in self._group_of:
                 pre_hook = partial(_call_alive, this, "_save_rng_state")
                 self._handles.append(module.register_forward_pre_hook(pre_hook))
             hook = partial(_call_alive, this, "_record")
@@ -162,17 +176,52 @@ class Engine:
         for child in module.children():
             self._collect(child, seen)
 
-    def _check_no_shared_parameters(self) -> None:
+    def _tie_groups(self) -> list["_TieGroup"]:
+        """The hooked modules that share parameters, grouped transitively (modules that share
+        none are in no group). Refuses a module's direct parameter used by a hooked module inside
+        it: re-running the outer module would count the inner module's use twice."""
         owners: dict[int, nn.Module] = {}
+        parents: dict[nn.Module, nn.Module] = {}  # union-find forest of the modules
+        shared: dict[int, Tensor] = {}
+
+        def root(module: nn.Module) -> nn.Module:
+            while module in parents:
+                module = parents[module]
+            return module
+
         for module, (_, covers_children) in self._rules.items():
             for param in module.parameters(recurse=covers_children):
                 owner = owners.setdefault(id(param), module)
                 if owner is not module:
-                    raise ValueError(
-                        f"A parameter is shared by the hooked modules {owner} and {module}; "
-                        "the engine does not support tied parameters. Untie them, or leave one "
-                        "of the modules out of the engine."
-                    )
+                    shared[id(param)] = param
+                    a, b = root(owner), root(module)
+                    if a is not b:
+                        parents[b] = a
+        if not shared:
+            return []
+        members: dict[nn.Module, list[tuple[nn.Module, bool]]] = {}
+        for module, (_, covers_children) in self._rules.items():
+            members.setdefault(root(module), []).append((module, covers_children))
+        groups = []
+        for top, group in members.items():
+            if len(group) < 2:
+                continue
+            tensors = [p for k, p in shared.items() if root(owners[k]) is top]
+            groups.append(_TieGroup(group, tensors))
+            for outer, covers_children in group:
+                if covers_children:
+                    continue
+                inner = set(outer.modules()) - {outer}
+                mine = {id(p) for p in outer.parameters(recurse=False)}
+                for module, _ in group:
+                    if module in inner and any(id(p) in mine for p in module.parameters()):
+                        raise ValueError(
+                            f"A parameter is shared by the hooked modules {type(outer).__name__} "
+                            f"and {type(module).__name__}, which is inside it; the engine does "
+                            "not support a module's own parameter tied to one of a hooked module "
+                            "inside it. Untie them, or leave one of the modules out of the engine."
+                        )
+        return groups
 
     def _trainable(self, module: nn.Module) -> bool:
         """Whether a parameter of ``module`` (or of its descendants, when its rule covers them)
@@ -440,7 +489,9 @@ class Engine:
         if batch_dim is not None:
             for module, module_calls in calls.items():
                 _resolve_batch_dims(module, module_calls, batch_dim, B)
-        streamed = self._streamed(calls, R) if output.grad_fn is not None else {}
+        groups, grouped = self._active_groups(calls)
+        solo = calls if not grouped else {m: c for m, c in calls.items() if m not in grouped}
+        streamed = self._streamed(solo, R) if output.grad_fn is not None else {}
         below: dict[Any, bool] = {}
         leaves = None
         if fused or streamed:  # one walk of the graph for both
@@ -448,7 +499,9 @@ class Engine:
                 e.node for cs in calls.values() for c in cs for e in (*c.edges, *c.inner_edges)
             }
             leaves, below = walk_graph(output.grad_fn, nodes)
-        plan = FusionPlan(output, calls, self._rules, leaves) if fused else None
+        # a group's modules are not fused: their parameters get their gradients from the second
+        # backward pass
+        plan = FusionPlan(output, solo, self._rules, leaves) if fused else None
         if plan is not None and not (kept_bytes is None and R == 1):
             plan.complete = False  # modules may be left out, or the graph is kept anyway
         kept: dict[nn.Module, list[ModuleCall]] = {}
@@ -500,11 +553,44 @@ class Engine:
         if self._exchange_calls is not None:  # torchjd.distributed: every rank's samples
             B = self._exchange_calls(calls, batch_dim, B)
             shape = torch.Size([B if d == batch_dim else n for d, n in enumerate(shape)])
-        for module, module_calls in calls.items():
+        for module, module_calls in solo.items():
             if stream is None or module not in stream.done:
                 run_rule(module, module_calls)
-        G = _sum_blocks([blocks[module] for module in calls], output, B * R)
+        group_blocks = [self._group_gramian(group, calls) for group in groups]
+        G = _sum_blocks([blocks[module] for module in solo] + group_blocks, output, B * R)
         return _to_row_major(G, shape, batch_dim), kept, batch_dim, plan
+
+    def _active_groups(
+        self, calls: dict[nn.Module, list[ModuleCall]]
+    ) -> tuple[list["_TieGroup"], set[nn.Module]]:
+        """The tie groups whose rule replaces their modules' own in this pass (a trainable shared
+        parameter, several of the modules called), and their modules that were called."""
+        if not self._groups:
+            return [], set()
+        active, grouped = [], set()
+        for group in self._groups:
+            present = [m for m, _ in group.members if m in calls]
+            if len(present) > 1 and any(p.requires_grad for p in group.shared):
+                active.append(group)
+                grouped.update(present)
+        return active, grouped
+
+    def _group_gramian(
+        self, group: "_TieGroup", calls: dict[nn.Module, list[ModuleCall]]
+    ) -> Tensor:
+        """The block of a tie group (see ``_rules/_tied.py``), from all the calls of its modules;
+        releases their output gradients."""
+        members = [
+            (m, calls[m], [p for p in m.parameters(recurse=covers) if p.requires_grad])
+            for m, covers in group.members
+            if m in calls
+        ]
+        shared = [p for p in group.shared if p.requires_grad]
+        with torch.no_grad() if torch.is_grad_enabled() else nullcontext():
+            block = tied_group_gramian(members, shared)
+        for _, module_calls, _ in members:
+            _release(module_calls)
+        return block
 
     def _gramian_pass(
         self,
@@ -683,6 +769,20 @@ class Engine:
     def __repr__(self) -> str:
         names = ", ".join(type(m).__name__ for m in self._modules)
         return f"Engine({names}, batch_dim={self._batch_dim})"
+
+
+class _TieGroup:
+    """Hooked modules that share parameters (transitively): one rule, ``tied_group_gramian``,
+    gives their Gramian from all their calls, with the cross terms of the shared parameters.
+
+    :param members: The modules, each with whether its rule covers its children (then its
+        parameters are all those of its subtree).
+    :param shared: The parameters used by several of the modules, each once.
+    """
+
+    def __init__(self, members: list[tuple[nn.Module, bool]], shared: list[Tensor]) -> None:
+        self.members = members
+        self.shared = shared
 
 
 _MAX_STAND_INS = 256

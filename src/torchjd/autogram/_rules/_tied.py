@@ -1,0 +1,147 @@
+r"""The rule of a group of hooked modules that share parameters (tied weights, e.g. a language
+model's output ``Linear`` whose weight is its ``Embedding``'s).
+
+The row of objective :math:`(i, r)` w.r.t. a parameter :math:`p` used by the modules :math:`M` of
+the group is :math:`\sum_M J^p_{M, ir}`, the sum of each module's contribution (from its recorded
+calls), so the Gramian has cross terms between the modules, which their own rules, each summing
+its own calls, cannot give. With :math:`S = \sum_M J^{\text{shared}}_M` the rows w.r.t. the
+parameters used by several modules of the group, and :math:`J^{\text{own}}_M` those w.r.t. the
+parameters that only :math:`M` uses,
+
+.. math::
+
+    G = S S^\top + \sum_M J^{\text{own}}_M {J^{\text{own}}_M}^\top,
+
+each module's rows coming from its recorded calls: in closed form for a stock ``Linear``
+(:math:`\Gamma_{ir}^\top X_i` and the sum of :math:`\Gamma_{ir}` over the positions) and a stock
+``Embedding`` (the rows of :math:`\Gamma_{ir}` added at the looked-up indices), by re-running the
+module for any other (:func:`~torchjd.autogram._rules._generic.rows_by_recomputation`). Memory:
+:math:`S` is ``[B R, P_shared]`` (for a head tied to an embedding of ``V`` tokens of size ``d``,
+``V d`` numbers per objective), held while each module's rows ``[B R, P_M]`` are formed in turn.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from torchjd.autogram._module_call import (
+    ModuleCall,
+    positions,
+    samples_first,
+    samples_objectives_first,
+)
+from torchjd.autogram._rules._generic import rows_by_recomputation
+
+
+def tied_group_gramian(
+    members: Sequence[tuple[nn.Module, Sequence[ModuleCall], list[Tensor]]],
+    shared: Sequence[Tensor],
+) -> Tensor:
+    """The Gramian ``[B R, B R]`` w.r.t. the trainable parameters of a group of modules.
+
+    :param members: Each module of the group with its recorded calls (their output gradients
+        filled) and its trainable parameters (each once; recursively for a module whose rule
+        covers its children). A module called no time is left out.
+    :param shared: The trainable parameters that several of the modules use, each once.
+    """
+    shared_ids = {id(p): k for k, p in enumerate(shared)}
+    offsets = [0]
+    for p in shared:
+        offsets.append(offsets[-1] + p.numel())
+    S: Tensor | None = None
+    G: Tensor | None = None
+    for module, calls, params in members:
+        own = [p for p in params if id(p) not in shared_ids]
+        tied = [p for p in params if id(p) in shared_ids]
+        rows = member_rows(module, calls, own + tied)  # [B R, P_own + P_tied]
+        num_own = sum(p.numel() for p in own)
+        if num_own:
+            block = rows[:, :num_own]
+            G = block @ block.T if G is None else G.addmm_(block, block.T)
+        if S is None:
+            S = rows.new_zeros(rows.shape[0], offsets[-1])
+        start = num_own
+        for p in tied:
+            k = shared_ids[id(p)]
+            S[:, offsets[k] : offsets[k + 1]] += rows[:, start : start + p.numel()]
+            start += p.numel()
+        del rows
+    assert S is not None
+    return S @ S.T if G is None else G.addmm_(S, S.T)
+
+
+def member_rows(module: nn.Module, calls: Sequence[ModuleCall], params: list[Tensor]) -> Tensor:
+    """The rows ``[B R, P]`` of the Jacobian w.r.t. ``params`` (flattened in their order) from the
+    calls of ``module``, as :func:`rows_by_recomputation` gives them."""
+    grads = None
+    if type(module).forward is nn.Linear.forward:
+        grads = _linear_rows(module, calls)  # type: ignore[arg-type]
+    elif type(module).forward is nn.Embedding.forward:
+        grads = _embedding_rows(module, calls)  # type: ignore[arg-type]
+    if grads is None or any(id(p) not in grads for p in params):  # e.g. a parametrisation
+        return rows_by_recomputation(module, calls, params)
+    return torch.cat([grads[id(p)] for p in params], dim=1)
+
+
+def _linear_rows(module: nn.Linear, calls: Sequence[ModuleCall]) -> dict[int, Tensor] | None:
+    """The per-objective gradients ``[B R, numel]`` of the weight and bias, by id, summed over the
+    calls; None for a call that the closed form does not fit."""
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    for x, Gamma in _plain_calls(calls, module.weight.dtype) or []:
+        X = positions(x, 1)  # [B, T, d_in]
+        B, R = Gamma.shape[:2]
+        w = torch.einsum("brto,bti->broi", Gamma, X).reshape(B * R, -1)
+        b = Gamma.sum(dim=2).reshape(B * R, -1)
+        weight = w if weight is None else weight + w
+        bias = b if bias is None else bias + b
+    if weight is None or bias is None:
+        return None
+    rows = {id(module.weight): weight}
+    if module.bias is not None:
+        rows[id(module.bias)] = bias
+    return rows
+
+
+def _embedding_rows(module: nn.Embedding, calls: Sequence[ModuleCall]) -> dict[int, Tensor] | None:
+    """The per-objective gradients ``[B R, numel]`` of the table, summed over the calls; None for
+    a call that the closed form does not fit (frequency scaling, a maximal norm)."""
+    if module.scale_grad_by_freq or module.max_norm is not None:
+        return None
+    table: Tensor | None = None
+    for index, Gamma in _plain_calls(calls, module.weight.dtype) or []:
+        B, R, T, d = Gamma.shape
+        index = index.reshape(B, T)
+        if module.padding_idx is not None:
+            Gamma = Gamma * (index != module.padding_idx).to(Gamma.dtype)[:, None, :, None]
+        spread = index[:, None, :, None].expand(B, R, T, d)
+        rows = Gamma.new_zeros(B, R, module.num_embeddings, d).scatter_add_(2, spread, Gamma)
+        rows = rows.reshape(B * R, -1)
+        table = rows if table is None else table + rows
+    return None if table is None else {id(module.weight): table}
+
+
+def _plain_calls(
+    calls: Sequence[ModuleCall], dtype: torch.dtype
+) -> list[tuple[Tensor, Tensor]] | None:
+    """For each call that reached the objectives, its input with the samples first and its output
+    gradients ``[B, R, T, features]``; None unless every call took one positional tensor and gave
+    one output, with its samples along a dimension other than the last (the features), all in
+    ``dtype`` (the parameters')."""
+    pairs = []
+    for call in calls:
+        if call.kwargs or len(call.args) != 1 or len(call.grad_outputs) != 1:
+            return None
+        x, gamma = call.args[0], call.grad_outputs[0]
+        if not isinstance(x, Tensor) or (gamma is not None and gamma.dtype != dtype):
+            return None
+        floating = x.is_floating_point()
+        if (floating and x.dtype != dtype) or (
+            call.batch_dim is not None and call.batch_dim >= x.dim() - floating
+        ):
+            return None
+        if gamma is not None:
+            Gamma = samples_objectives_first(gamma, call.batch_dim)
+            pairs.append((samples_first(x, call.batch_dim), positions(Gamma, 2)))
+    return pairs
