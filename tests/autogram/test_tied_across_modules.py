@@ -89,6 +89,19 @@ def _lm_subclass() -> Case:
     return [model], lambda: _lm_losses(model, idx).mean(dim=1), 0
 
 
+def _lm_two_calls() -> Case:
+    """The embedding and the head each called twice (cross terms between all four calls)."""
+    model = TinyLM()
+    idx, other = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, 2))
+
+    def forward() -> Tensor:
+        h = torch.tanh(model.mid(model.emb(idx)))
+        g = torch.tanh(model.emb(other)).mean(dim=1, keepdim=True)
+        return (model.head(h) * torch.sigmoid(model.head(g))).pow(2).mean(dim=(1, 2))
+
+    return [model], forward, 0
+
+
 def _lm_no_batch_dim() -> Case:
     model = TinyLM()
     idx = torch.randint(0, V, (B, T))
@@ -104,11 +117,16 @@ def _two_linears() -> Case:
 
 def _three_modules() -> Case:
     """One tensor used by three modules: an embedding and two Linear layers."""
-    emb, proj, tail = nn.Embedding(V, D), nn.Linear(D, V, bias=False), nn.Linear(D, V)
+    emb, proj, tail = (
+        nn.Embedding(V, D, padding_idx=0),
+        nn.Linear(D, V, bias=False),
+        nn.Linear(D, V),
+    )
     proj.weight = emb.weight
     tail.weight = emb.weight
     model = nn.ModuleDict({"emb": emb, "proj": proj, "tail": tail})
     idx = torch.randint(0, V, (B, T))
+    idx[:, 1] = 0
 
     def forward() -> Tensor:
         h = torch.tanh(emb(idx))  # [B, T, D]
@@ -143,6 +161,7 @@ CASES = {
     "lm_per_position": _lm_per_position,
     "lm_no_batch_dim": _lm_no_batch_dim,
     "lm_padding": _lm_padding,
+    "lm_two_calls": _lm_two_calls,
     "lm_batch_dim_1": _lm_batch_dim_1,
     "lm_subclass": _lm_subclass,
     "two_linears": _two_linears,

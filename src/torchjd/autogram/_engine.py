@@ -68,30 +68,34 @@ class Engine:
     Tied parameters are supported. Hooked modules that share a parameter (transitively: a
     language model's output ``Linear`` whose weight is its ``Embedding``'s, say) form a group,
     whose Gramian one rule gives from all their calls, with the cross terms of the shared
-    parameters: it re-runs each module of the group on its recorded inputs for its rows of the
-    Jacobian, and holds the rows of the shared parameters, ``[m, P]`` for ``P`` shared numbers
-    (``V d`` per objective for an embedding of ``V`` tokens of size ``d``). The group is not fused:
-    in :meth:`backward`, its parameters get their gradients from the second backward pass. A
-    group whose shared parameters do not require grad uses its modules' own rules. A module
-    holding one tensor under two of its own names (``rnn.weight_hh_l0 = rnn.weight_ih_l0``, say)
-    gets the generic rule (re-running the module), as the closed forms treat its parameters as
-    distinct. Tie the parameters before creating the engine: the groups are made then (a tie
-    made later is not seen, and that Gramian would miss the cross terms). A module's own
-    parameter that a hooked module inside it also holds is refused. A parameter used outside
-    the hooked modules too (partial Jacobian descent over one of two tied modules) has the
-    contributions of the hooked calls only in its columns of :math:`J`; the fused step still
-    gives it its whole gradient. The engine's hooks
-    stay until :meth:`close` (or the end of a ``with`` block, or the engine's deletion). Forward
-    passes run with grad enabled are recorded until the next :meth:`compute_gramian`, which must
-    come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
-    re-runs of activation checkpointing). On the CPU, the engine also keeps the largest
-    intermediates of some rules (a convolution's unfolded inputs, and its per-objective gradients
-    when formed by blocks of samples) in buffers reused from step to step, one per module, rather
-    than taking fresh memory at every step; they are freed with the hooks. The first engine of a
-    process allocates and frees (without touching it) a CPU block of 16 MiB, which makes glibc's
-    ``malloc`` keep up to 32 MiB of free memory at the top of its heap instead of giving it back to
-    the system and taking it again, a page fault per page, at every layer of the Gramian's backward
-    pass.
+    parameters. For an ``Embedding`` and a ``Linear`` sharing the table, the cross terms have a
+    closed form (``[B, R, U, B, T]`` numbers for ``T`` looked-up positions and ``U`` positions of
+    the head per sample); for any other group, the rule forms each module's rows of the Jacobian
+    (in closed form for ``Linear`` and ``Embedding``, else by re-running the module on its
+    recorded inputs) and holds the rows of the shared parameters, ``[m, P]`` for ``P`` shared
+    numbers (``V d`` per objective for an embedding of ``V`` tokens of size ``d``). The group is
+    not fused: in :meth:`backward`, its parameters get their gradients from the second backward
+    pass. A group whose shared parameters do not require grad uses its modules' own rules. A
+    module holding one tensor under two of its own names (``rnn.weight_hh_l0 =
+    rnn.weight_ih_l0``, say) gets the generic rule (re-running the module), as the closed forms
+    treat its parameters as distinct. Tie the parameters before creating the engine: the groups
+    and rules are chosen then (a tie made later is not seen, and the Gramian would miss its
+    cross terms). A module's own parameter that a hooked module inside it also holds is refused.
+    A parameter also used outside the hooked modules (partial Jacobian descent over one of two
+    tied modules) has in its columns of :math:`J` the contributions of the hooked calls only;
+    the fused step still gives it its whole gradient.
+
+    The engine's hooks stay until :meth:`close` (or the end of a ``with`` block, or the engine's
+    deletion). Forward passes run with grad enabled are recorded until the next
+    :meth:`compute_gramian`, which must come from all of them; run the others under
+    :func:`torch.no_grad` (this includes the forward re-runs of activation checkpointing). On the
+    CPU, the engine also keeps the largest intermediates of some rules (a convolution's unfolded
+    inputs, and its per-objective gradients when formed by blocks of samples) in buffers reused from
+    step to step, one per module, rather than taking fresh memory at every step; they are freed with
+    the hooks. The first engine of a process allocates and frees (without touching it) a CPU block
+    of 16 MiB, which makes glibc's ``malloc`` keep up to 32 MiB of free memory at the top of its
+    heap instead of giving it back to the system and taking it again, a page fault per page, at
+    every layer of the Gramian's backward pass.
 
     The blocks of ``Linear`` layers, convolutions, ``Embedding``, normalisation layers and
     ``MultiheadAttention`` are computed during the backward pass itself, from hooks on the

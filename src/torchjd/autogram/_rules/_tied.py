@@ -18,6 +18,10 @@ each module's rows coming from its recorded calls: in closed form for a stock ``
 module for any other (:func:`~torchjd.autogram._rules._generic.rows_by_recomputation`). Memory:
 :math:`S` is ``[B R, P_shared]`` (for a head tied to an embedding of ``V`` tokens of size ``d``,
 ``V d`` numbers per objective), held while each module's rows ``[B R, P_M]`` are formed in turn.
+
+The most common group, a stock ``Embedding`` and a stock ``Linear`` whose weight is the table (a
+language model's head), has a path without these rows: the blocks of the two modules' own rules
+plus the cross terms between them, in closed form (see ``_embedding_head_gramian``).
 """
 
 from collections.abc import Sequence
@@ -27,11 +31,14 @@ from torch import Tensor, nn
 
 from torchjd.autogram._module_call import (
     ModuleCall,
+    cat,
     positions,
     samples_first,
     samples_objectives_first,
 )
+from torchjd.autogram._rules._embedding import embedding_rule
 from torchjd.autogram._rules._generic import rows_by_recomputation
+from torchjd.autogram._rules._linear import linear_rule
 
 
 def tied_group_gramian(
@@ -45,12 +52,14 @@ def tied_group_gramian(
         covers its children). A module called no time is left out.
     :param shared: The trainable parameters that several of the modules use, each once.
     """
+    G = _embedding_head_gramian(members, shared)
+    if G is not None:
+        return G
     shared_ids = {id(p): k for k, p in enumerate(shared)}
     offsets = [0]
     for p in shared:
         offsets.append(offsets[-1] + p.numel())
     S: Tensor | None = None
-    G: Tensor | None = None
     for module, calls, params in members:
         own = [p for p in params if id(p) not in shared_ids]
         tied = [p for p in params if id(p) in shared_ids]
@@ -69,6 +78,56 @@ def tied_group_gramian(
         del rows
     assert S is not None
     return S @ S.T if G is None else G.addmm_(S, S.T)
+
+
+def _embedding_head_gramian(
+    members: Sequence[tuple[nn.Module, Sequence[ModuleCall], list[Tensor]]],
+    shared: Sequence[Tensor],
+) -> Tensor | None:
+    r"""The Gramian of a stock ``Embedding`` and a stock ``Linear`` whose weight is the table,
+    without the rows of the table (None for any other group): the blocks of the two modules'
+    own rules plus the cross terms
+
+    .. math::
+
+        \langle J^E_{ir}, J^L_{js} \rangle = \sum_{t, u} c_{it}\,
+        \Gamma^L_{jsu}[x_{it}]\, (\gamma^E_{irt} \cdot h_{ju})
+
+    (``t``: the embedding's positions, looking up :math:`x_{it}`, :math:`c_{it}` zero at the
+    padding index; ``u``: the head's positions, of inputs :math:`h_{ju}` and output gradients
+    :math:`\Gamma^L_{jsu}`), ``[B, R, U, B, T]`` numbers twice in place of :math:`V d` per
+    objective."""
+    if len(members) != 2 or len(shared) != 1:
+        return None
+    (emb, emb_calls, _), (head, head_calls, _) = sorted(
+        members, key=lambda member: not isinstance(member[0], nn.Embedding)
+    )
+    if (
+        type(emb).forward is not nn.Embedding.forward
+        or type(head).forward is not nn.Linear.forward
+        or emb.scale_grad_by_freq  # type: ignore[union-attr]
+        or emb.max_norm is not None  # type: ignore[union-attr]
+        or head.weight is not emb.weight
+        or shared[0] is not emb.weight
+    ):
+        return None
+    lookups = _plain_calls(emb_calls, shared[0].dtype)
+    inputs = _plain_calls(head_calls, shared[0].dtype)
+    if not lookups or not inputs:
+        return None
+    index = cat([x.reshape(x.shape[0], -1) for x, _ in lookups], dim=1)  # [B, T]
+    gamma = cat([g for _, g in lookups], dim=2)  # [B, R, T, d]
+    if emb.padding_idx is not None:  # type: ignore[union-attr]
+        gamma = gamma * (index != emb.padding_idx).to(gamma.dtype)[:, None, :, None]
+    H = cat([positions(x, 1) for x, _ in inputs], dim=1)  # [B, U, d]
+    Gamma = cat([g for _, g in inputs], dim=2)  # [B, R, U, V]
+    B, R, T, _ = gamma.shape
+    U = H.shape[1]
+    at_lookups = Gamma.index_select(3, index.reshape(-1)).reshape(B, R, U, B, T)  # [j,s,u,i,t]
+    dots = torch.einsum("irtd,jud->irtju", gamma, H.to(gamma.dtype))
+    cross = torch.einsum("jsuit,irtju->irjs", at_lookups, dots).reshape(B * R, B * R)
+    G = embedding_rule(emb, emb_calls) + linear_rule(head, head_calls)
+    return G + cross + cross.T
 
 
 def member_rows(module: nn.Module, calls: Sequence[ModuleCall], params: list[Tensor]) -> Tensor:
