@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from tests.autogram._helpers import assert_gramian_exact, trainable
 from tests.autogram.test_fused import assert_fused_exact, leaves_of
 from tests.reference.jacobians import brute_force_gramian
+from torchjd.aggregation import UPGradWeighting
 from torchjd.autogram import Engine
 from torchjd.autogram._rules import _tied
 
@@ -279,3 +280,41 @@ def test_untied_after_the_engine_was_created() -> None:
         G = engine.compute_gramian(losses)
     expected = brute_force_gramian(losses, trainable(model))
     assert (G - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+@pytest.mark.parametrize(
+    ("modules_of", "backward_passes"),
+    [
+        (lambda model: [model], 0),  # every leaf from the rules: the group fused
+        (lambda model: [model.emb, model.head], 1),  # `mid` left to the second backward pass
+        (lambda model: [model.emb, model.mid], 1),  # the head's use of the table is outside
+    ],
+)
+def test_fused_step_of_the_lm_group(
+    monkeypatch: pytest.MonkeyPatch, modules_of: Callable, backward_passes: int
+) -> None:
+    """An Embedding and a Linear sharing the table are fused as the untied modules would be: the
+    table's gradient is the sum of the two rules' (no second backward pass when nothing else
+    needs one), unless the table is also used outside the hooked calls."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    idx = torch.randint(0, V, (B, T))
+    modules = modules_of(model)
+    forward = lambda: _lm_losses(model, idx).mean(dim=1)  # noqa: E731
+    assert_fused_exact(modules, forward, 0, leaves_of([model]))
+    passes = []
+    original = torch.autograd.backward
+    monkeypatch.setattr(
+        torch.autograd, "backward", lambda *a, **k: passes.append(1) or original(*a, **k)
+    )
+    with Engine(*modules, batch_dim=0) as engine:
+        engine.backward(forward(), UPGradWeighting())
+    assert len(passes) == backward_passes
+
+
+@pytest.mark.parametrize("max_kept_bytes", [0, 2000, None])
+def test_fused_step_of_the_lm_group_within_a_budget(max_kept_bytes: int | None) -> None:
+    """The group's calls are kept for the fused step together or not at all."""
+    torch.manual_seed(0)
+    (model,), forward, _ = _lm_per_position()
+    assert_fused_exact([model], forward, 0, leaves_of([model]), max_kept_bytes=max_kept_bytes)

@@ -19,7 +19,7 @@ from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
 from torchjd.autogram._module_call import ModuleCall, flat_leaves, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule, generic_subtree_rule
-from torchjd.autogram._rules._tied import tied_group_gramian
+from torchjd.autogram._rules._tied import fuses_from_recorded, tied_group_gramian
 from torchjd.autogram._streaming import (
     GramianStream,
     lowest_edges,
@@ -65,25 +65,26 @@ class Engine:
         ``MultiheadAttention``) hold them at 0 or 1 accordingly. With None, no assumption is made
         (always correct, slower: one backward pass per objective, vectorised).
 
-    Tied parameters are supported. Hooked modules that share a parameter (transitively: a
-    language model's output ``Linear`` whose weight is its ``Embedding``'s, say) form a group,
-    whose Gramian one rule gives from all their calls, with the cross terms of the shared
-    parameters. For an ``Embedding`` and a ``Linear`` sharing the table, the cross terms have a
-    closed form (``[B, R, U, B, T]`` numbers for ``T`` looked-up positions and ``U`` positions of
-    the head per sample); for any other group, the rule forms each module's rows of the Jacobian
-    (in closed form for ``Linear`` and ``Embedding``, else by re-running the module on its
-    recorded inputs) and holds the rows of the shared parameters, ``[m, P]`` for ``P`` shared
-    numbers (``V d`` per objective for an embedding of ``V`` tokens of size ``d``). The group is
-    not fused: in :meth:`backward`, its parameters get their gradients from the second backward
-    pass. A group whose shared parameters do not require grad uses its modules' own rules. A
-    module holding one tensor under two of its own names (``rnn.weight_hh_l0 =
+    Tied parameters are supported. Hooked modules that share a parameter (transitively: a language
+    model's output ``Linear`` whose weight is its ``Embedding``'s, say) form a group, whose Gramian
+    one rule gives from all their calls, with the cross terms of the shared parameters. For an
+    ``Embedding`` and a ``Linear`` sharing the table, the cross terms have a closed form
+    (:math:`B^2RTU` numbers for ``T`` looked-up positions and ``U`` positions of the head per
+    sample); for any other group, the rule forms each module's rows of the Jacobian (in closed form
+    for ``Linear`` and ``Embedding``, else by re-running the module on its recorded inputs) and
+    holds the rows of the shared parameters, ``[m, P]`` for ``P`` shared numbers (``V d`` per
+    objective for an embedding of ``V`` tokens of size ``d``). In :meth:`backward`, a group of stock
+    ``Linear`` and ``Embedding`` layers is fused as its modules would be (a shared parameter's
+    gradient is the sum of theirs); the parameters of any other group get their gradients from the
+    second backward pass. A group whose shared parameters do not require grad uses its modules' own
+    rules. A module holding one tensor under two of its own names (``rnn.weight_hh_l0 =
     rnn.weight_ih_l0``, say) gets the generic rule (re-running the module), as the closed forms
-    treat its parameters as distinct. Tie the parameters before creating the engine: the groups
-    and rules are chosen then (a tie made later is not seen, and the Gramian would miss its
-    cross terms). A module's own parameter that a hooked module inside it also holds is refused.
-    A parameter also used outside the hooked modules (partial Jacobian descent over one of two
-    tied modules) has in its columns of :math:`J` the contributions of the hooked calls only;
-    the fused step still gives it its whole gradient.
+    treat its parameters as distinct. Tie the parameters before creating the engine: the groups and
+    rules are chosen then (a tie made later is not seen, and the Gramian would miss its cross
+    terms). A module's own parameter that a hooked module inside it also holds is refused. A
+    parameter also used outside the hooked modules (partial Jacobian descent over one of two tied
+    modules) has in its columns of :math:`J` the contributions of the hooked calls only; the fused
+    step still gives it its whole gradient.
 
     The engine's hooks stay until :meth:`close` (or the end of a ``with`` block, or the engine's
     deletion). Forward passes run with grad enabled are recorded until the next
@@ -503,9 +504,10 @@ class Engine:
                 e.node for cs in calls.values() for c in cs for e in (*c.edges, *c.inner_edges)
             }
             leaves, below = walk_graph(output.grad_fn, nodes)
-        # a group's modules are not fused: their parameters get their gradients from the second
-        # backward pass
         plan = FusionPlan(output, solo, self._rules, leaves) if fused else None
+        fusable = [g for g in groups if plan is not None and self._fusable_group(g, calls)]
+        for group in fusable:  # the other groups' parameters: from the second backward pass
+            plan.add_group(group.present(calls), self._rules)  # type: ignore[union-attr]
         if plan is not None and not (kept_bytes is None and R == 1):
             plan.complete = False  # modules may be left out, or the graph is kept anyway
         kept: dict[nn.Module, list[ModuleCall]] = {}
@@ -519,15 +521,21 @@ class Engine:
             # which disables it, no context needed).
             with torch.no_grad() if torch.is_grad_enabled() else nullcontext():
                 blocks[module] = rule(module, module_calls)
+            settle({module: module_calls}, fused and _fusable(rule))
+
+        def settle(module_calls: dict[nn.Module, list[ModuleCall]], fusable: bool) -> None:
+            """Keeps the calls for the fused step if they fit, else releases them."""
+            nonlocal budget
             fits = budget is None  # no limit: the sizes are not needed
-            if not fits and fused and _fusable(rule):  # compute_gramian keeps nothing
-                size = sum(_kept_bytes(call) for call in module_calls)
+            if not fits and fusable:  # compute_gramian keeps nothing
+                size = sum(_kept_bytes(call) for cs in module_calls.values() for call in cs)
                 fits = size <= budget  # type: ignore[operator]
                 budget -= size if fits else 0  # type: ignore[operator]
-            if fused and _fusable(rule) and fits:
-                kept[module] = module_calls
+            if fusable and fits:
+                kept.update(module_calls)
             else:
-                _release(module_calls)
+                for calls_of_module in module_calls.values():
+                    _release(calls_of_module)
 
         cotangents = [self._ones_cotangent(output) if R == 1 else _cotangents(output, batch_dim, R)]
         retain_graph = plan is None or not plan.complete
@@ -560,7 +568,10 @@ class Engine:
         for module, module_calls in solo.items():
             if stream is None or module not in stream.done:
                 run_rule(module, module_calls)
-        group_blocks = [self._group_gramian(group, calls) for group in groups]
+        group_blocks = []
+        for group in groups:
+            group_blocks.append(self._group_gramian(group, calls))
+            settle(group.present(calls), group in fusable)
         G = _sum_blocks([blocks[module] for module in solo] + group_blocks, output, B * R)
         return _to_row_major(G, shape, batch_dim), kept, batch_dim, plan
 
@@ -582,8 +593,8 @@ class Engine:
     def _group_gramian(
         self, group: "_TieGroup", calls: dict[nn.Module, list[ModuleCall]]
     ) -> Tensor:
-        """The block of a tie group (see ``_rules/_tied.py``), from all the calls of its modules;
-        releases their output gradients."""
+        """The block of a tie group (see ``_rules/_tied.py``), from all the calls of its
+        modules."""
         members = [
             (m, calls[m], [p for p in m.parameters(recurse=covers) if p.requires_grad])
             for m, covers in group.members
@@ -591,10 +602,13 @@ class Engine:
         ]
         shared = [p for p in group.shared if p.requires_grad]
         with torch.no_grad() if torch.is_grad_enabled() else nullcontext():
-            block = tied_group_gramian(members, shared)
-        for _, module_calls, _ in members:
-            _release(module_calls)
-        return block
+            return tied_group_gramian(members, shared)
+
+    def _fusable_group(self, group: "_TieGroup", calls: dict[nn.Module, list[ModuleCall]]) -> bool:
+        """Whether the fused step can take the gradients of the group's modules from their rules'
+        ``weighted_gradients``: those that need only the recorded inputs and output gradients
+        (not what the modules' own rules, which did not run, would have saved)."""
+        return all(fuses_from_recorded(self._rules[m][0], m) for m in group.present(calls))
 
     def _gramian_pass(
         self,
@@ -787,6 +801,12 @@ class _TieGroup:
     def __init__(self, members: list[tuple[nn.Module, bool]], shared: list[Tensor]) -> None:
         self.members = members
         self.shared = shared
+
+    def present(
+        self, calls: dict[nn.Module, list[ModuleCall]]
+    ) -> dict[nn.Module, list[ModuleCall]]:
+        """The calls of the group's modules that were called."""
+        return {m: calls[m] for m, _ in self.members if m in calls}
 
 
 _MAX_STAND_INS = 256

@@ -204,3 +204,13 @@ def _plain_calls(
             Gamma = samples_objectives_first(gamma, call.batch_dim)
             pairs.append((samples_first(x, call.batch_dim), positions(Gamma, 2)))
     return pairs
+
+
+def fuses_from_recorded(rule: object, module: nn.Module) -> bool:
+    """Whether the ``weighted_gradients`` of ``rule`` gives the gradients of ``module`` from its
+    calls' recorded inputs and output gradients alone (not from what the rule saved while
+    running): then the fused step can take them for a module of a tie group, whose own rule did
+    not run. A stock ``Linear`` or ``Embedding`` (not a class that overrides their forward)."""
+    if rule is linear_rule:
+        return type(module).forward is nn.Linear.forward
+    return rule is embedding_rule and type(module).forward is nn.Embedding.forward
