@@ -607,7 +607,8 @@ class Engine:
     def _fusable_group(self, group: "_TieGroup", calls: dict[nn.Module, list[ModuleCall]]) -> bool:
         """Whether the fused step can take the gradients of the group's modules from their rules'
         ``weighted_gradients``: those that need only the recorded inputs and output gradients
-        (not what the modules' own rules, which did not run, would have saved)."""
+        (the group's rule may not have run the modules' own rules, which save what others
+        need)."""
         return all(fuses_from_recorded(self._rules[m][0], m) for m in group.present(calls))
 
     def _gramian_pass(
