@@ -123,10 +123,26 @@ def test_no_batch_dimension_in_a_module_output():
 
 
 def test_tied_parameters():
+    """Once refused; now the two layers' Gramian comes from one rule for both (see
+    test_tied_across_modules.py). Still refused: a module's own parameter tied to one of a hooked
+    module inside it."""
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)
     b.weight = a.weight
-    with pytest.raises(ValueError, match="shared by the hooked modules"):
-        Engine(nn.Sequential(a, b), batch_dim=0)
+    model = nn.Sequential(a, b)
+    x = torch.randn(4, 3)
+    assert_gramian_exact([model], lambda: model(x).pow(2).sum(1), 0)
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(3, 3)
+            self.scale = self.inner.weight
+
+        def forward(self, x):
+            return self.inner(x) @ self.scale
+
+    with pytest.raises(ValueError, match="shared by the hooked modules Outer and Linear"):
+        Engine(Outer(), batch_dim=0)
 
 
 def test_register_rule_checks():

@@ -19,6 +19,7 @@ from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
 from torchjd.autogram._module_call import ModuleCall, flat_leaves, shape_only
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule, generic_subtree_rule
+from torchjd.autogram._rules._tied import fuses_from_recorded, tied_group_gramian
 from torchjd.autogram._streaming import (
     GramianStream,
     lowest_edges,
@@ -64,21 +65,38 @@ class Engine:
         ``MultiheadAttention``) hold them at 0 or 1 accordingly. With None, no assumption is made
         (always correct, slower: one backward pass per objective, vectorised).
 
-    Parameters used by two hooked modules (tied weights) are not supported. A module holding one
-    tensor under two of its own names (``rnn.weight_hh_l0 = rnn.weight_ih_l0``, say) is: its
-    Gramian comes from the generic rule (re-running the module), as the closed forms treat its
-    parameters as distinct; tie them before creating the engine. The engine's hooks
-    stay until :meth:`close` (or the end of a ``with`` block, or the engine's deletion). Forward
-    passes run with grad enabled are recorded until the next :meth:`compute_gramian`, which must
-    come from all of them; run the others under :func:`torch.no_grad` (this includes the forward
-    re-runs of activation checkpointing). On the CPU, the engine also keeps the largest
-    intermediates of some rules (a convolution's unfolded inputs, and its per-objective gradients
-    when formed by blocks of samples) in buffers reused from step to step, one per module, rather
-    than taking fresh memory at every step; they are freed with the hooks. The first engine of a
-    process allocates and frees (without touching it) a CPU block of 16 MiB, which makes glibc's
-    ``malloc`` keep up to 32 MiB of free memory at the top of its heap instead of giving it back to
-    the system and taking it again, a page fault per page, at every layer of the Gramian's backward
-    pass.
+    Tied parameters are supported. Hooked modules that share a parameter (transitively: a language
+    model's output ``Linear`` whose weight is its ``Embedding``'s, say) form a group, whose Gramian
+    one rule gives from all their calls, with the cross terms of the shared parameters. For an
+    ``Embedding`` and a ``Linear`` sharing the table, the cross terms have a closed form
+    (:math:`B^2RTU` numbers for ``T`` looked-up positions and ``U`` positions of the head per
+    sample); for any other group, the rule forms each module's rows of the Jacobian (in closed form
+    for ``Linear`` and ``Embedding``, else by re-running the module on its recorded inputs) and
+    holds the rows of the shared parameters, ``[m, P]`` for ``P`` shared numbers (``V d`` per
+    objective for an embedding of ``V`` tokens of size ``d``). In :meth:`backward`, a group of stock
+    ``Linear`` and ``Embedding`` layers is fused as its modules would be (a shared parameter's
+    gradient is the sum of theirs); the parameters of any other group get their gradients from the
+    second backward pass. A group whose shared parameters do not require grad uses its modules' own
+    rules. A module holding one tensor under two of its own names (``rnn.weight_hh_l0 =
+    rnn.weight_ih_l0``, say) gets the generic rule (re-running the module), as the closed forms
+    treat its parameters as distinct. Tie the parameters before creating the engine: the groups and
+    rules are chosen then (a tie made later is not seen, and the Gramian would miss its cross
+    terms). A module's own parameter that a hooked module inside it also holds is refused. A
+    parameter also used outside the hooked modules (partial Jacobian descent over one of two tied
+    modules) has in its columns of :math:`J` the contributions of the hooked calls only; the fused
+    step still gives it its whole gradient.
+
+    The engine's hooks stay until :meth:`close` (or the end of a ``with`` block, or the engine's
+    deletion). Forward passes run with grad enabled are recorded until the next
+    :meth:`compute_gramian`, which must come from all of them; run the others under
+    :func:`torch.no_grad` (this includes the forward re-runs of activation checkpointing). On the
+    CPU, the engine also keeps the largest intermediates of some rules (a convolution's unfolded
+    inputs, and its per-objective gradients when formed by blocks of samples) in buffers reused from
+    step to step, one per module, rather than taking fresh memory at every step; they are freed with
+    the hooks. The first engine of a process allocates and frees (without touching it) a CPU block
+    of 16 MiB, which makes glibc's ``malloc`` keep up to 32 MiB of free memory at the top of its
+    heap instead of giving it back to the system and taking it again, a page fault per page, at
+    every layer of the Gramian's backward pass.
 
     The blocks of ``Linear`` layers, convolutions, ``Embedding``, normalisation layers and
     ``MultiheadAttention`` are computed during the backward pass itself, from hooks on the
@@ -134,12 +152,13 @@ class Engine:
         seen: set[nn.Module] = set()
         for module in modules:
             self._collect(module, seen)
-        self._check_no_shared_parameters()
+        self._groups = self._tie_groups()
+        self._group_of = {m: g for g in self._groups for m, _ in g.members}
         self._batch_norms = [m for m in self._all_modules() if isinstance(m, _BatchNorm)]
         # The hooks hold the engine weakly, so that deleting the engine removes them.
         this = weakref.ref(self)
         for module, (rule, _) in self._rules.items():
-            if _uses_recomputation(rule):
+            if _uses_recomputation(rule) or module in self._group_of:
                 pre_hook = partial(_call_alive, this, "_save_rng_state")
                 self._handles.append(module.register_forward_pre_hook(pre_hook))
             hook = partial(_call_alive, this, "_record")
@@ -162,17 +181,52 @@ class Engine:
         for child in module.children():
             self._collect(child, seen)
 
-    def _check_no_shared_parameters(self) -> None:
+    def _tie_groups(self) -> list["_TieGroup"]:
+        """The hooked modules that share parameters, grouped transitively (modules that share
+        none are in no group). Refuses a module's direct parameter used by a hooked module inside
+        it: re-running the outer module would count the inner module's use twice."""
         owners: dict[int, nn.Module] = {}
+        parents: dict[nn.Module, nn.Module] = {}  # union-find forest of the modules
+        shared: dict[int, Tensor] = {}
+
+        def root(module: nn.Module) -> nn.Module:
+            while module in parents:
+                module = parents[module]
+            return module
+
         for module, (_, covers_children) in self._rules.items():
             for param in module.parameters(recurse=covers_children):
                 owner = owners.setdefault(id(param), module)
                 if owner is not module:
-                    raise ValueError(
-                        f"A parameter is shared by the hooked modules {owner} and {module}; "
-                        "the engine does not support tied parameters. Untie them, or leave one "
-                        "of the modules out of the engine."
-                    )
+                    shared[id(param)] = param
+                    a, b = root(owner), root(module)
+                    if a is not b:
+                        parents[b] = a
+        if not shared:
+            return []
+        members: dict[nn.Module, list[tuple[nn.Module, bool]]] = {}
+        for module, (_, covers_children) in self._rules.items():
+            members.setdefault(root(module), []).append((module, covers_children))
+        groups = []
+        for top, group in members.items():
+            if len(group) < 2:
+                continue
+            tensors = [p for k, p in shared.items() if root(owners[k]) is top]
+            groups.append(_TieGroup(group, tensors))
+            for outer, covers_children in group:
+                if covers_children:
+                    continue
+                inner = set(outer.modules()) - {outer}
+                mine = {id(p) for p in outer.parameters(recurse=False)}
+                for module, _ in group:
+                    if module in inner and any(id(p) in mine for p in module.parameters()):
+                        raise ValueError(
+                            f"A parameter is shared by the hooked modules {type(outer).__name__} "
+                            f"and {type(module).__name__}, which is inside it; the engine does "
+                            "not support a module's own parameter tied to one of a hooked module "
+                            "inside it. Untie them, or leave one of the modules out of the engine."
+                        )
+        return groups
 
     def _trainable(self, module: nn.Module) -> bool:
         """Whether a parameter of ``module`` (or of its descendants, when its rule covers them)
@@ -440,7 +494,9 @@ class Engine:
         if batch_dim is not None:
             for module, module_calls in calls.items():
                 _resolve_batch_dims(module, module_calls, batch_dim, B)
-        streamed = self._streamed(calls, R) if output.grad_fn is not None else {}
+        groups, grouped = self._active_groups(calls)
+        solo = calls if not grouped else {m: c for m, c in calls.items() if m not in grouped}
+        streamed = self._streamed(solo, R) if output.grad_fn is not None else {}
         below: dict[Any, bool] = {}
         leaves = None
         if fused or streamed:  # one walk of the graph for both
@@ -448,7 +504,10 @@ class Engine:
                 e.node for cs in calls.values() for c in cs for e in (*c.edges, *c.inner_edges)
             }
             leaves, below = walk_graph(output.grad_fn, nodes)
-        plan = FusionPlan(output, calls, self._rules, leaves) if fused else None
+        plan = FusionPlan(output, solo, self._rules, leaves) if fused else None
+        fusable = [g for g in groups if plan is not None and self._fusable_group(g, calls)]
+        for group in fusable:  # the other groups' parameters: from the second backward pass
+            plan.add_group(group.present(calls), self._rules)  # type: ignore[union-attr]
         if plan is not None and not (kept_bytes is None and R == 1):
             plan.complete = False  # modules may be left out, or the graph is kept anyway
         kept: dict[nn.Module, list[ModuleCall]] = {}
@@ -462,15 +521,21 @@ class Engine:
             # which disables it, no context needed).
             with torch.no_grad() if torch.is_grad_enabled() else nullcontext():
                 blocks[module] = rule(module, module_calls)
+            settle({module: module_calls}, fused and _fusable(rule))
+
+        def settle(module_calls: dict[nn.Module, list[ModuleCall]], fusable: bool) -> None:
+            """Keeps the calls for the fused step if they fit, else releases them."""
+            nonlocal budget
             fits = budget is None  # no limit: the sizes are not needed
-            if not fits and fused and _fusable(rule):  # compute_gramian keeps nothing
-                size = sum(_kept_bytes(call) for call in module_calls)
+            if not fits and fusable:  # compute_gramian keeps nothing
+                size = sum(_kept_bytes(call) for cs in module_calls.values() for call in cs)
                 fits = size <= budget  # type: ignore[operator]
                 budget -= size if fits else 0  # type: ignore[operator]
-            if fused and _fusable(rule) and fits:
-                kept[module] = module_calls
+            if fusable and fits:
+                kept.update(module_calls)
             else:
-                _release(module_calls)
+                for calls_of_module in module_calls.values():
+                    _release(calls_of_module)
 
         cotangents = [self._ones_cotangent(output) if R == 1 else _cotangents(output, batch_dim, R)]
         retain_graph = plan is None or not plan.complete
@@ -500,11 +565,51 @@ class Engine:
         if self._exchange_calls is not None:  # torchjd.distributed: every rank's samples
             B = self._exchange_calls(calls, batch_dim, B)
             shape = torch.Size([B if d == batch_dim else n for d, n in enumerate(shape)])
-        for module, module_calls in calls.items():
+        for module, module_calls in solo.items():
             if stream is None or module not in stream.done:
                 run_rule(module, module_calls)
-        G = _sum_blocks([blocks[module] for module in calls], output, B * R)
+        group_blocks = []
+        for group in groups:
+            group_blocks.append(self._group_gramian(group, calls))
+            settle(group.present(calls), group in fusable)
+        G = _sum_blocks([blocks[module] for module in solo] + group_blocks, output, B * R)
         return _to_row_major(G, shape, batch_dim), kept, batch_dim, plan
+
+    def _active_groups(
+        self, calls: dict[nn.Module, list[ModuleCall]]
+    ) -> tuple[list["_TieGroup"], set[nn.Module]]:
+        """The tie groups whose rule replaces their modules' own in this pass (a trainable shared
+        parameter, several of the modules called), and their modules that were called."""
+        if not self._groups:
+            return [], set()
+        active, grouped = [], set()
+        for group in self._groups:
+            present = [m for m, _ in group.members if m in calls]
+            if len(present) > 1 and any(p.requires_grad for p in group.shared):
+                active.append(group)
+                grouped.update(present)
+        return active, grouped
+
+    def _group_gramian(
+        self, group: "_TieGroup", calls: dict[nn.Module, list[ModuleCall]]
+    ) -> Tensor:
+        """The block of a tie group (see ``_rules/_tied.py``), from all the calls of its
+        modules."""
+        members = [
+            (m, calls[m], [p for p in m.parameters(recurse=covers) if p.requires_grad])
+            for m, covers in group.members
+            if m in calls
+        ]
+        shared = [p for p in group.shared if p.requires_grad]
+        with torch.no_grad() if torch.is_grad_enabled() else nullcontext():
+            return tied_group_gramian(members, shared)
+
+    def _fusable_group(self, group: "_TieGroup", calls: dict[nn.Module, list[ModuleCall]]) -> bool:
+        """Whether the fused step can take the gradients of the group's modules from their rules'
+        ``weighted_gradients``: those that need only the recorded inputs and output gradients
+        (the group's rule may not have run the modules' own rules, which save what others
+        need)."""
+        return all(fuses_from_recorded(self._rules[m][0], m) for m in group.present(calls))
 
     def _gramian_pass(
         self,
@@ -683,6 +788,26 @@ class Engine:
     def __repr__(self) -> str:
         names = ", ".join(type(m).__name__ for m in self._modules)
         return f"Engine({names}, batch_dim={self._batch_dim})"
+
+
+class _TieGroup:
+    """Hooked modules that share parameters (transitively): one rule, ``tied_group_gramian``,
+    gives their Gramian from all their calls, with the cross terms of the shared parameters.
+
+    :param members: The modules, each with whether its rule covers its children (then its
+        parameters are all those of its subtree).
+    :param shared: The parameters used by several of the modules, each once.
+    """
+
+    def __init__(self, members: list[tuple[nn.Module, bool]], shared: list[Tensor]) -> None:
+        self.members = members
+        self.shared = shared
+
+    def present(
+        self, calls: dict[nn.Module, list[ModuleCall]]
+    ) -> dict[nn.Module, list[ModuleCall]]:
+        """The calls of the group's modules that were called."""
+        return {m: calls[m] for m, _ in self.members if m in calls}
 
 
 _MAX_STAND_INS = 256

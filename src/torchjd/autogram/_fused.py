@@ -59,8 +59,33 @@ class FusionPlan:
                 for param in direct_parameters(module, covers_children):
                     if param.requires_grad and self.accepts(module, param):
                         uncovered.pop(id(param), None)
+        self._uncovered = uncovered
         self.complete = not uncovered
         """Whether the rules' ``fuses`` promise the gradient of every leaf: no second backward."""
+
+    def add_group(
+        self,
+        calls: Mapping[nn.Module, Sequence[ModuleCall]],
+        rules: Mapping[nn.Module, tuple[Any, bool]],
+    ) -> None:
+        """Lets the fused step take the gradients of the modules of a tie group (whose rules have
+        ``weighted_gradients``) from their rules: a parameter's whole gradient is the sum of
+        those of the group's modules that hold it when its uses in the graph are all inside
+        their calls."""
+        uses = {module: calls_uses(module_calls) for module, module_calls in calls.items()}
+        held: dict[int, int] = {}  # the uses of each parameter inside the calls of its holders
+        for module in calls:
+            for param in direct_parameters(module, rules[module][1]):
+                held[id(param)] = held.get(id(param), 0) + uses[module].get(id(param), 0)
+        for module, module_calls in calls.items():
+            self.inside[module] = held
+            rule, covers_children = rules[module]
+            fuses = getattr(rule, "fuses", None)
+            if fuses is not None and fuses(module, module_calls):
+                for param in direct_parameters(module, covers_children):
+                    if param.requires_grad and self.accepts(module, param):
+                        self._uncovered.pop(id(param), None)
+        self.complete = not self._uncovered
 
     def accepts(self, module: nn.Module, param: Tensor) -> bool:
         """Whether the fused gradient of ``param`` from the rule of ``module`` is its whole

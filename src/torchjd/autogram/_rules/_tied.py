@@ -1,0 +1,216 @@
+r"""The rule of a group of hooked modules that share parameters (tied weights, e.g. a language
+model's output ``Linear`` whose weight is its ``Embedding``'s).
+
+The row of objective :math:`(i, r)` w.r.t. a parameter :math:`p` used by the modules :math:`M` of
+the group is :math:`\sum_M J^p_{M, ir}`, the sum of each module's contribution (from its recorded
+calls), so the Gramian has cross terms between the modules, which their own rules, each summing
+its own calls, cannot give. With :math:`S = \sum_M J^{\text{shared}}_M` the rows w.r.t. the
+parameters used by several modules of the group, and :math:`J^{\text{own}}_M` those w.r.t. the
+parameters that only :math:`M` uses,
+
+.. math::
+
+    G = S S^\top + \sum_M J^{\text{own}}_M {J^{\text{own}}_M}^\top,
+
+each module's rows coming from its recorded calls: in closed form for a stock ``Linear``
+(:math:`\Gamma_{ir}^\top X_i` and the sum of :math:`\Gamma_{ir}` over the positions) and a stock
+``Embedding`` (the rows of :math:`\Gamma_{ir}` added at the looked-up indices), by re-running the
+module for any other (:func:`~torchjd.autogram._rules._generic.rows_by_recomputation`). Memory:
+:math:`S` is ``[B R, P_shared]`` (for a head tied to an embedding of ``V`` tokens of size ``d``,
+``V d`` numbers per objective), held while each module's rows ``[B R, P_M]`` are formed in turn.
+
+The most common group, a stock ``Embedding`` and a stock ``Linear`` whose weight is the table (a
+language model's head), has a path without these rows: the blocks of the two modules' own rules
+plus the cross terms between them, in closed form (see ``_embedding_head_gramian``).
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from torchjd.autogram._module_call import (
+    ModuleCall,
+    cat,
+    positions,
+    samples_first,
+    samples_objectives_first,
+)
+from torchjd.autogram._rules._embedding import embedding_rule
+from torchjd.autogram._rules._generic import rows_by_recomputation
+from torchjd.autogram._rules._linear import linear_rule
+
+
+def tied_group_gramian(
+    members: Sequence[tuple[nn.Module, Sequence[ModuleCall], list[Tensor]]],
+    shared: Sequence[Tensor],
+) -> Tensor:
+    """The Gramian ``[B R, B R]`` w.r.t. the trainable parameters of a group of modules.
+
+    :param members: Each module of the group with its recorded calls (their output gradients
+        filled) and its trainable parameters (each once; recursively for a module whose rule
+        covers its children). A module called no time is left out.
+    :param shared: The trainable parameters that several of the modules use, each once.
+    """
+    G = _embedding_head_gramian(members, shared)
+    if G is not None:
+        return G
+    shared_ids = {id(p): k for k, p in enumerate(shared)}
+    offsets = [0]
+    for p in shared:
+        offsets.append(offsets[-1] + p.numel())
+    S: Tensor | None = None
+    for module, calls, params in members:
+        own = [p for p in params if id(p) not in shared_ids]
+        tied = [p for p in params if id(p) in shared_ids]
+        rows = member_rows(module, calls, own + tied)  # [B R, P_own + P_tied]
+        num_own = sum(p.numel() for p in own)
+        if num_own:
+            block = rows[:, :num_own]
+            G = block @ block.T if G is None else G.addmm_(block, block.T)
+        if S is None:
+            S = rows.new_zeros(rows.shape[0], offsets[-1])
+        start = num_own
+        for p in tied:
+            k = shared_ids[id(p)]
+            S[:, offsets[k] : offsets[k + 1]] += rows[:, start : start + p.numel()]
+            start += p.numel()
+        del rows
+    assert S is not None
+    return S @ S.T if G is None else G.addmm_(S, S.T)
+
+
+def _embedding_head_gramian(
+    members: Sequence[tuple[nn.Module, Sequence[ModuleCall], list[Tensor]]],
+    shared: Sequence[Tensor],
+) -> Tensor | None:
+    r"""The Gramian of a stock ``Embedding`` and a stock ``Linear`` whose weight is the table,
+    without the rows of the table (None for any other group): the blocks of the two modules'
+    own rules plus the cross terms
+
+    .. math::
+
+        \langle J^E_{ir}, J^L_{js} \rangle = \sum_{t, u} c_{it}\,
+        \Gamma^L_{jsu}[x_{it}]\, (\gamma^E_{irt} \cdot h_{ju})
+
+    (``t``: the embedding's positions, looking up :math:`x_{it}`, :math:`c_{it}` zero at the
+    padding index; ``u``: the head's positions, of inputs :math:`h_{ju}` and output gradients
+    :math:`\Gamma^L_{jsu}`), ``[B, R, U, B, T]`` numbers twice in place of :math:`V d` per
+    objective."""
+    if len(members) != 2 or len(shared) != 1:
+        return None
+    (emb, emb_calls, _), (head, head_calls, _) = sorted(
+        members, key=lambda member: not isinstance(member[0], nn.Embedding)
+    )
+    if (
+        type(emb).forward is not nn.Embedding.forward
+        or type(head).forward is not nn.Linear.forward
+        or emb.scale_grad_by_freq  # type: ignore[union-attr]
+        or emb.max_norm is not None  # type: ignore[union-attr]
+        or head.weight is not emb.weight
+        or shared[0] is not emb.weight
+    ):
+        return None
+    lookups = _plain_calls(emb_calls, shared[0].dtype)
+    inputs = _plain_calls(head_calls, shared[0].dtype)
+    if not lookups or not inputs:
+        return None
+    index = cat([x.reshape(x.shape[0], -1) for x, _ in lookups], dim=1)  # [B, T]
+    gamma = cat([g for _, g in lookups], dim=2)  # [B, R, T, d]
+    if emb.padding_idx is not None:  # type: ignore[union-attr]
+        gamma = gamma * (index != emb.padding_idx).to(gamma.dtype)[:, None, :, None]
+    H = cat([positions(x, 1) for x, _ in inputs], dim=1)  # [B, U, d]
+    Gamma = cat([g for _, g in inputs], dim=2)  # [B, R, U, V]
+    B, R, T, _ = gamma.shape
+    U = H.shape[1]
+    at_lookups = Gamma.index_select(3, index.reshape(-1)).reshape(B, R, U, B, T)  # [j,s,u,i,t]
+    dots = torch.einsum("irtd,jud->irtju", gamma, H.to(gamma.dtype))
+    cross = torch.einsum("jsuit,irtju->irjs", at_lookups, dots).reshape(B * R, B * R)
+    G = embedding_rule(emb, emb_calls) + linear_rule(head, head_calls)
+    return G + cross + cross.T
+
+
+def member_rows(module: nn.Module, calls: Sequence[ModuleCall], params: list[Tensor]) -> Tensor:
+    """The rows ``[B R, P]`` of the Jacobian w.r.t. ``params`` (flattened in their order) from the
+    calls of ``module``, as :func:`rows_by_recomputation` gives them."""
+    grads = None
+    if type(module).forward is nn.Linear.forward:
+        grads = _linear_rows(module, calls)  # type: ignore[arg-type]
+    elif type(module).forward is nn.Embedding.forward:
+        grads = _embedding_rows(module, calls)  # type: ignore[arg-type]
+    if grads is None or any(id(p) not in grads for p in params):  # e.g. a parametrisation
+        return rows_by_recomputation(module, calls, params)
+    return torch.cat([grads[id(p)] for p in params], dim=1)
+
+
+def _linear_rows(module: nn.Linear, calls: Sequence[ModuleCall]) -> dict[int, Tensor] | None:
+    """The per-objective gradients ``[B R, numel]`` of the weight and bias, by id, summed over the
+    calls; None for a call that the closed form does not fit."""
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    for x, Gamma in _plain_calls(calls, module.weight.dtype) or []:
+        X = positions(x, 1)  # [B, T, d_in]
+        B, R = Gamma.shape[:2]
+        w = torch.einsum("brto,bti->broi", Gamma, X).reshape(B * R, -1)
+        b = Gamma.sum(dim=2).reshape(B * R, -1)
+        weight = w if weight is None else weight + w
+        bias = b if bias is None else bias + b
+    if weight is None or bias is None:
+        return None
+    rows = {id(module.weight): weight}
+    if module.bias is not None:
+        rows[id(module.bias)] = bias
+    return rows
+
+
+def _embedding_rows(module: nn.Embedding, calls: Sequence[ModuleCall]) -> dict[int, Tensor] | None:
+    """The per-objective gradients ``[B R, numel]`` of the table, summed over the calls; None for
+    a call that the closed form does not fit (frequency scaling, a maximal norm)."""
+    if module.scale_grad_by_freq or module.max_norm is not None:
+        return None
+    table: Tensor | None = None
+    for index, Gamma in _plain_calls(calls, module.weight.dtype) or []:
+        B, R, T, d = Gamma.shape
+        index = index.reshape(B, T)
+        if module.padding_idx is not None:
+            Gamma = Gamma * (index != module.padding_idx).to(Gamma.dtype)[:, None, :, None]
+        spread = index[:, None, :, None].expand(B, R, T, d)
+        rows = Gamma.new_zeros(B, R, module.num_embeddings, d).scatter_add_(2, spread, Gamma)
+        rows = rows.reshape(B * R, -1)
+        table = rows if table is None else table + rows
+    return None if table is None else {id(module.weight): table}
+
+
+def _plain_calls(
+    calls: Sequence[ModuleCall], dtype: torch.dtype
+) -> list[tuple[Tensor, Tensor]] | None:
+    """For each call that reached the objectives, its input with the samples first and its output
+    gradients ``[B, R, T, features]``; None unless every call took one positional tensor and gave
+    one output, with its samples along a dimension other than the last (the features), all in
+    ``dtype`` (the parameters')."""
+    pairs = []
+    for call in calls:
+        if call.kwargs or len(call.args) != 1 or len(call.grad_outputs) != 1:
+            return None
+        x, gamma = call.args[0], call.grad_outputs[0]
+        if not isinstance(x, Tensor) or (gamma is not None and gamma.dtype != dtype):
+            return None
+        floating = x.is_floating_point()
+        if (floating and x.dtype != dtype) or (
+            call.batch_dim is not None and call.batch_dim >= x.dim() - floating
+        ):
+            return None
+        if gamma is not None:
+            Gamma = samples_objectives_first(gamma, call.batch_dim)
+            pairs.append((samples_first(x, call.batch_dim), positions(Gamma, 2)))
+    return pairs
+
+
+def fuses_from_recorded(rule: object, module: nn.Module) -> bool:
+    """Whether the ``weighted_gradients`` of ``rule`` gives the gradients of ``module`` from its
+    calls' recorded inputs and output gradients alone (not from what the rule saved while
+    running): then the fused step can take them for a module of a tie group, whose own rule did
+    not run. A stock ``Linear`` or ``Embedding`` (not a class that overrides their forward)."""
+    if rule is linear_rule:
+        return type(module).forward is nn.Linear.forward
+    return rule is embedding_rule and type(module).forward is nn.Embedding.forward
