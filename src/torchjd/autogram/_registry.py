@@ -25,6 +25,10 @@ second backward pass)."""
 class RuleEntry:
     rule: Rule
     covers_children: bool
+    assumes: tuple[str, ...] = ()
+    """The methods of the registered class that the rule relies on (a built-in rule's closed form
+    is that of the class's own ``forward``): a subclass that overrides one of them gets the exact
+    generic rule instead."""
 
 
 _RULES: dict[type[nn.Module], RuleEntry] = {}
@@ -158,10 +162,33 @@ def register_rule(
     _RULES[module_type] = RuleEntry(rule, covers_children)
 
 
+def register_builtin_rule(
+    module_type: type[nn.Module],
+    rule: Rule,
+    *,
+    covers_children: bool = False,
+    assumes: tuple[str, ...] = ("forward",),
+) -> None:
+    """:func:`register_rule` for a built-in rule, which holds only for modules whose methods
+    ``assumes`` are those of ``module_type`` (see :func:`find_rule`)."""
+    _RULES[module_type] = RuleEntry(rule, covers_children, assumes)
+
+
 def find_rule(module: nn.Module) -> RuleEntry | None:
-    """The rule registered for the closest class of ``module``, or None (generic fallback)."""
+    """The rule registered for the closest class of ``module``, or None (generic fallback).
+
+    A module whose class overrides a method that a built-in rule relies on (a subclass of
+    ``nn.Linear`` with its own ``forward``, say) gets the exact generic rule (over its children's
+    parameters too when the built-in rule covers them): the closed form would be that of the
+    parent's computation."""
     for cls in type(module).__mro__:
         entry = _RULES.get(cls)
-        if entry is not None:
-            return entry
+        if entry is None:
+            continue
+        if any(getattr(type(module), name) is not getattr(cls, name) for name in entry.assumes):
+            from torchjd.autogram._rules._generic import generic_rule, generic_subtree_rule
+
+            generic = generic_subtree_rule if entry.covers_children else generic_rule
+            return RuleEntry(generic, entry.covers_children)
+        return entry
     return None

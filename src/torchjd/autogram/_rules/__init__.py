@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from torchjd.autogram._registry import register_rule
+from torchjd.autogram._registry import register_builtin_rule
 from torchjd.autogram._rules._attention import attention_rule
 from torchjd.autogram._rules._conv import conv_rule
 from torchjd.autogram._rules._embedding import embedding_rule
@@ -23,16 +23,18 @@ from torchjd.autogram._rules._linear import linear_rule
 from torchjd.autogram._rules._norm import channel_norm_rule, layer_norm_rule
 from torchjd.autogram._rules._rnn import rnn_rule
 
-register_rule(nn.Linear, linear_rule)
+# Each holds for the class's own computation: a subclass that overrides ``forward`` (or, for the
+# convolutions and instance norms, the method that their ``forward`` calls) gets the generic rule.
+register_builtin_rule(nn.Linear, linear_rule)
 for conv_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_rule(conv_type, conv_rule)
-register_rule(nn.Embedding, embedding_rule)
+    register_builtin_rule(conv_type, conv_rule, assumes=("forward", "_conv_forward"))
+register_builtin_rule(nn.Embedding, embedding_rule)
 for rnn_type in (nn.RNN, nn.LSTM, nn.GRU):
-    register_rule(rnn_type, rnn_rule)
-register_rule(nn.LayerNorm, layer_norm_rule)
-register_rule(nn.RMSNorm, layer_norm_rule)
-register_rule(nn.GroupNorm, channel_norm_rule)
-register_rule(_InstanceNorm, channel_norm_rule)
-register_rule(_BatchNorm, channel_norm_rule)
+    register_builtin_rule(rnn_type, rnn_rule)
+register_builtin_rule(nn.LayerNorm, layer_norm_rule)
+register_builtin_rule(nn.RMSNorm, layer_norm_rule)
+register_builtin_rule(nn.GroupNorm, channel_norm_rule)
+register_builtin_rule(_InstanceNorm, channel_norm_rule, assumes=("forward", "_apply_instance_norm"))
+register_builtin_rule(_BatchNorm, channel_norm_rule)
 # Its forward uses its child out_proj's parameters without calling out_proj.
-register_rule(nn.MultiheadAttention, attention_rule, covers_children=True)
+register_builtin_rule(nn.MultiheadAttention, attention_rule, covers_children=True)
