@@ -141,7 +141,6 @@ class Engine:
         self._stream: GramianStream | None = None  # while a streamed backward pass runs
         self._stand_ins: dict[_StandInKey, Tensor] = {}  # see _stand_in
         self._zeros: dict[tuple[torch.dtype, torch.device, torch.layout], Tensor] = {}
-        self._ones: dict[tuple[torch.dtype, torch.device, torch.layout], Tensor] = {}
         self._workspaces = Workspaces()  # the rules' buffers kept from step to step (CPU)
         raise_heap_thresholds()  # fewer page faults in the Gramian's pass (see _workspace.py)
         self._this = weakref.ref(self)
@@ -309,18 +308,6 @@ class Engine:
                 self._stand_ins.clear()
             stand_in = self._stand_ins[key] = zero.expand(tensor.shape)
         return stand_in
-
-    def _ones_cotangent(self, output: Tensor) -> Tensor:
-        """``_cotangents(output, batch_dim, 1)``, ones ``[1, *output.shape]``, expanded from a one
-        kept from step to step for the dtype, device and layout of ``output`` (a plain tensor's,
-        outside inference mode; made afresh if anything wrote to it)."""
-        if type(output) is not Tensor or torch.is_inference_mode_enabled():
-            return _cotangents(output, None, 1)
-        key = (output.dtype, output.device, output.layout)
-        one = self._ones.get(key)
-        if one is None or one._version != 0:
-            one = self._ones[key] = output.new_ones(())
-        return one.expand(1, *output.shape)
 
     def compute_gramian(self, output: Tensor, /) -> Tensor:
         r"""The Gramian ``[m, m]`` of the Jacobian of ``output`` w.r.t. the modules' parameters.
@@ -537,7 +524,7 @@ class Engine:
                 for calls_of_module in module_calls.values():
                     _release(calls_of_module)
 
-        cotangents = [self._ones_cotangent(output) if R == 1 else _cotangents(output, batch_dim, R)]
+        cotangents = [_cotangents(output, batch_dim, R)]
         retain_graph = plan is None or not plan.complete
         # what the streamed rules find in `saved`, for a pass that fails midway (only a
         # vectorised one can: R > 1)
@@ -772,7 +759,6 @@ class Engine:
         self._workspaces.clear()
         self._stand_ins.clear()
         self._zeros.clear()
-        self._ones.clear()
 
     def __enter__(self) -> "Engine":
         return self
