@@ -7,12 +7,33 @@ anything is stored, so that an invalid assignment leaves the object unchanged.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from torch import nn
 
+T = TypeVar("T")
 
-def hyperparameter(name: str, kind: object, check: Callable[[Any, str], Any], doc: str) -> property:
+
+class Hyperparameter(property, Generic[T]):
+    """A :class:`property` whose value has the type ``T`` for static type checkers (a property
+    made by a function is typed ``Any``); at run time, a plain property."""
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __get__(self, instance: None, owner: type | None = None) -> "Hyperparameter[T]": ...
+
+        @overload
+        def __get__(self, instance: object, owner: type | None = None) -> T: ...
+
+        def __get__(self, instance: object, owner: type | None = None) -> Any: ...
+
+        def __set__(self, instance: object, value: T) -> None: ...
+
+
+def hyperparameter(
+    name: str, kind: object, check: Callable[[Any, str], T], doc: str
+) -> Hyperparameter[T]:
     """The property ``name``, of type ``kind``, stored as ``check(value, name)`` in ``_name``.
 
     ``check`` raises (an exception whose message names ``name``) on an invalid value and returns
@@ -29,10 +50,10 @@ def hyperparameter(name: str, kind: object, check: Callable[[Any, str], Any], do
     fget.__name__ = fset.__name__ = name
     fget.__annotations__ = {"return": kind}
     fset.__annotations__ = {"value": kind, "return": None}
-    return property(fget, fset, doc=doc)
+    return Hyperparameter(fget, fset, doc=doc)
 
 
-def forwarded(target: property, owner: Callable[[Any], Any]) -> property:
+def forwarded(target: Hyperparameter[T], owner: Callable[[Any], Any]) -> Hyperparameter[T]:
     """The property ``target`` of the object ``owner(self)``, read and set through ``self``.
 
     The value lives only in that object (an aggregator forwards to the weighting that it wraps),
@@ -51,7 +72,7 @@ def forwarded(target: property, owner: Callable[[Any], Any]) -> property:
     fget.__name__ = fset.__name__ = get.__name__
     fget.__annotations__ = dict(get.__annotations__)
     fset.__annotations__ = dict(set_.__annotations__)
-    return property(fget, fset, doc=target.__doc__)
+    return Hyperparameter(fget, fset, doc=target.__doc__)
 
 
 def set_module_attribute(module: nn.Module, name: str, value: Any) -> None:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 import torchjd.aggregation as agg
 from torchjd import Stateful
+from torchjd._properties import Hyperparameter
 from torchjd.linalg import QuadprogProjector, TorchProjector
 from torchjd.scalarization import GeometricMean, Scalarizer
 from torchjd.scalarization import Mean as MeanScalarizer
@@ -442,6 +443,8 @@ def test_properties_are_typed_and_documented():
         assert descriptor.__doc__, (name, prop)
         assert inspect.signature(descriptor.fget).return_annotation is not inspect.Signature.empty
         assert descriptor.fset is not None
+        # typed for static checkers (a property made by a function would be Any to them)
+        assert isinstance(descriptor, Hyperparameter), (name, prop)
 
 
 @pytest.mark.parametrize(

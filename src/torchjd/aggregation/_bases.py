@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from torch import Tensor, nn
 
-from torchjd._properties import forwarded, set_module_attribute
+from torchjd._properties import Hyperparameter, forwarded, set_module_attribute
 from torchjd.aggregation._checks import check_gramian, check_matrix, vector_str
 from torchjd.linalg._gramian import gramian
 from torchjd.linalg._matrix import Matrix, PSDMatrix
@@ -195,7 +195,7 @@ class GramianWeightedAggregator(WeightedAggregator):
         return self.gramian_weighting
 
 
-def of_weighting(target: property) -> property:
+def of_weighting(target: Hyperparameter[_S]) -> Hyperparameter[_S]:
     """The property ``target`` of the weighting that a :class:`WeightedAggregator` wraps, read and
     set through the aggregator (the weighting holds the value)."""
     return forwarded(target, methodcaller("_inner_weighting"))

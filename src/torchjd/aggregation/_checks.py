@@ -6,7 +6,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from torchjd._properties import hyperparameter
+from torchjd._properties import Hyperparameter, hyperparameter
 
 
 def check_matrix(matrix: object, name: str) -> None:
@@ -124,7 +124,9 @@ def check_optional_vector(value: object, name: str, *, non_negative: bool) -> Te
     return None if value is None else check_vector(value, name, non_negative=non_negative)
 
 
-def vector_hyperparameter(name: str, doc: str, *, non_negative: bool = False) -> property:
+def vector_hyperparameter(
+    name: str, doc: str, *, non_negative: bool = False
+) -> Hyperparameter[Tensor | None]:
     """The hyperparameter ``name``: None or a vector ``[m]`` (:func:`check_optional_vector`), kept
     in ``_name``, which the class registers as a (non-persistent) buffer."""
     check = partial(check_optional_vector, non_negative=non_negative)

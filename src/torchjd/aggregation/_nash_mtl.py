@@ -17,12 +17,12 @@ rounding accuracy by damped Newton steps on :math:`\tfrac12 \alpha^\top G \alpha
 calls and reused in between (Algorithm 1's speed-up), which makes the aggregator stateful.
 """
 
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
 from torchjd import Stateful
-from torchjd._properties import hyperparameter
+from torchjd._properties import Hyperparameter, hyperparameter
 from torchjd.aggregation._bases import GramianWeightedAggregator, GramianWeighting, of_weighting
 from torchjd.aggregation._checks import check_non_negative_float, check_positive_int
 from torchjd.linalg import PSDMatrix
@@ -120,7 +120,7 @@ class NashMTL(GramianWeightedAggregator, Stateful):
     ) -> None:
         super().__init__(_NashMTLWeighting(n_tasks, max_norm, update_weights_every, optim_niter))
 
-    n_tasks = of_weighting(_NashMTLWeighting.n_tasks)
+    n_tasks = of_weighting(cast(Hyperparameter[int], _NashMTLWeighting.n_tasks))  # a property
     max_norm = of_weighting(_NashMTLWeighting.max_norm)
     update_weights_every = of_weighting(_NashMTLWeighting.update_weights_every)
     optim_niter = of_weighting(_NashMTLWeighting.optim_niter)
