@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.data.published_mgda import CASES
+from tests.data.published_mgda import CASES, DEGENERATE_CASES
 from tests.reference.aggregators import min_norm_in_hull
 from tests.reference.matrices import make
 from torchjd.aggregation import MGDA, MGDAWeighting
@@ -19,7 +19,7 @@ def frank_wolfe_by_hand(G: np.ndarray, epsilon: float, max_iters: int) -> np.nda
         t = int(np.argmin(Gw))
         a, b, c = w @ Gw, Gw[t], G[t, t]
         denominator = a - 2 * b + c
-        gamma = 0.0 if denominator <= 0 else min(max((a - b) / denominator, 0.0), 1.0)
+        gamma = 1.0 if denominator <= 0 else min(max((a - b) / denominator, 0.0), 1.0)  # 0 / 0: 1
         w = (1 - gamma) * w
         w[t] += gamma
         if gamma < epsilon:  # the last step, taken (as the published library does)
@@ -84,7 +84,7 @@ def test_repr():
     assert str(MGDA()) == "MGDA"
 
 
-@pytest.mark.parametrize(("J", "expected"), CASES)
+@pytest.mark.parametrize(("J", "expected"), CASES + DEGENERATE_CASES)
 def test_agrees_with_the_published_library(J: list[list[int]], expected: list[float]):
     """The published MGDA takes the step whose size falls below ``epsilon``, then stops."""
     G = torch.tensor(J, dtype=torch.float64) @ torch.tensor(J, dtype=torch.float64).T

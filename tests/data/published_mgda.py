@@ -4,7 +4,8 @@
 Recorded once, in a separate virtualenv with ``torchjd==0.18.0``, by drawing integer matrices ``J``
 (entries in [-9, 9], 3 to 6 rows, 3 to 11 columns, from ``torch.manual_seed(11)``), running
 ``MGDAWeighting()(J @ J.T)`` in float64 and printing the weights with ``tolist()``. Only numbers
-are kept here, never code. Each pair is ``(J, weights)``.
+are kept here, never code. Each pair is ``(J, weights)``. ``DEGENERATE_CASES``: the same, for
+chosen matrices whose Frank-Wolfe step is 0 / 0 (zero, identical or proportional rows).
 """
 
 CASES = [
@@ -91,4 +92,12 @@ CASES = [
             0.011078340910014858,
         ],
     ),
+]
+
+DEGENERATE_CASES = [
+    ([[0, 0], [0, 0], [0, 0]], [1.0, 0.0, 0.0]),
+    ([[1, 2], [1, 2], [1, 2]], [1.0, 0.0, 0.0]),
+    ([[3, -1], [3, -1]], [1.0, 0.0]),
+    ([[0, 0], [1, 1], [2, 2]], [1.0, 0.0, 0.0]),
+    ([[1, 0], [0, 0], [-1, 0]], [0.3333333333333333, 0.3333333333333333, 0.3333333333333333]),
 ]

@@ -17,7 +17,10 @@ Frank-Wolfe starts from :math:`w = \mathbf 1 / m`; each step moves towards the v
     \frac{w^\top G w - (G w)_t}{w^\top G w - 2 (G w)_t + G_{tt}},
 
 and stops after a step with :math:`\gamma < \epsilon` (that step is taken, as in the published
-library) or after ``max_iters`` steps.
+library) or after ``max_iters`` steps. When :math:`J^\top w = g_t` (the fraction is
+:math:`0 / 0`: identical rows, a zero Gramian), the step is whole (:math:`\gamma = 1`, as in the
+published library), and the iterations stop once :math:`w = e_t`, where every later step would
+leave it.
 """
 
 from typing import Any
@@ -74,11 +77,13 @@ class MGDAWeighting(GramianWeighting):
             wGw = w @ Gw
             Gw_t = Gw[t]
             denominator = wGw - 2 * Gw_t + G[t, t]  # = |Jᵀw − g_t|² ≥ 0
-            gamma = ((wGw - Gw_t) / denominator).nan_to_num(0.0).clamp(0.0, 1.0)
+            # 0 / 0 when g_t is Jᵀw itself: the whole step, as in the published library
+            gamma = ((wGw - Gw_t) / denominator).nan_to_num(1.0).clamp(0.0, 1.0)
+            still = (gamma == 1.0) & (w[t] == 1.0)  # w = e_t already: every later step the same
             step_size = torch.where(running, gamma, 0.0)
             w = (1 - step_size) * w
             w[t] += step_size
-            running = running & (gamma >= epsilon)  # a step below epsilon is the last
+            running = running & (gamma >= epsilon) & ~still  # a step below epsilon is the last
             if step % _CHECK_EVERY == 0 and not bool(running):
                 break
         return w
