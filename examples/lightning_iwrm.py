@@ -10,14 +10,12 @@ Lightning's ``manual_backward``: right with ``precision="32-true"`` and ``"bf16-
 scale). Under ``precision="bf16-mixed"``, the model runs in bfloat16 and the engine gives the
 Gramian of that computation, in float32.
 
-The engine is created in ``on_fit_start`` and closed in ``on_fit_end``, not in ``__init__``: it
-hooks the model, and its hooks refer to it weakly, so a module that carried them could not be
-pickled (``torch.save(module)`` raises a ``TypeError``), and a deep copy of it (``copy.deepcopy``)
-would keep hooks that call the original engine, which raises a ``KeyError`` at the copy's forward
-passes with grad enabled. Outside ``fit`` the module holds no hook: it pickles, deep-copies and
-goes through Lightning's checkpoints (which hold the ``state_dict``) as any other. Validation runs
-under ``torch.no_grad``, so the engine does not record it. Run (after ``pip install lightning``):
-``python examples/lightning_iwrm.py``.
+The engine is created in ``on_fit_start`` and closed in ``on_fit_end``, so that it lives only as
+long as the training that uses it (a copy of a hooked module, by ``copy.deepcopy`` or
+``torch.save``, is a plain module: its calls do not reach the engine). Outside ``fit`` the module
+holds no hook and goes through Lightning's checkpoints (which hold the ``state_dict``) as any
+other. Validation runs under ``torch.no_grad``, so the engine does not record it. Run (after
+``pip install lightning``): ``python examples/lightning_iwrm.py``.
 """
 
 import torch

@@ -3,7 +3,6 @@ r"""The autogram engine: the Gramian of the Jacobian of a vector of losses, with
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from functools import partial
 from typing import Any
 
 import torch
@@ -158,9 +157,9 @@ class Engine:
         this = weakref.ref(self)
         for module, (rule, _) in self._rules.items():
             if _uses_recomputation(rule) or module in self._group_of:
-                pre_hook = partial(_call_alive, this, "_save_rng_state")
+                pre_hook = _EngineHook(this, "_save_rng_state")
                 self._handles.append(module.register_forward_pre_hook(pre_hook))
-            hook = partial(_call_alive, this, "_record")
+            hook = _EngineHook(this, "_record")
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def _collect(self, module: nn.Module, seen: set[nn.Module]) -> None:
@@ -800,10 +799,30 @@ _MAX_STAND_INS = 256
 """The most stand-ins (see ``Engine._stand_in``) that an engine keeps."""
 
 
-def _call_alive(engine: "weakref.ref[Engine]", method: str, *args: Any) -> None:
-    alive = engine()
-    if alive is not None:
-        getattr(alive, method)(*args)
+class _EngineHook:
+    """A module hook that calls ``method`` of the engine while it is alive (held weakly, so that
+    deleting the engine removes the hooks). A copy of the module (``copy.deepcopy``, or pickled
+    with ``torch.save``) gets a hook that does nothing: the copy is not one of the engine's
+    modules."""
+
+    def __init__(self, engine: "weakref.ref[Engine]", method: str) -> None:
+        self.engine = engine
+        self.method = method
+
+    def __call__(self, *args: Any) -> None:
+        alive = self.engine()
+        if alive is not None:
+            getattr(alive, self.method)(*args)
+
+    def __reduce__(self) -> tuple[Callable[[], "_NoHook"], tuple[()]]:
+        return _NoHook, ()
+
+
+class _NoHook:
+    """What an engine's hook becomes in a copy of its module."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
 
 
 def _gradient_edge(tensor: Tensor) -> GradientEdge:

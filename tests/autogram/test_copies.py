@@ -1,0 +1,47 @@
+"""A copy of a model that an engine hooks (``copy.deepcopy``, ``pickle``, ``torch.save``, as
+Lightning and checkpointing tools do) is a plain model: its calls neither reach the engine nor
+fail, and the engine stays exact on the original."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from tests.reference.jacobians import brute_force_gramian
+from torchjd.autogram import Engine
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def _pickled(model: nn.Module) -> nn.Module:
+    return pickle.loads(pickle.dumps(model))
+
+
+def _saved(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("copy_of", [_deepcopy, _pickled, _saved])
+def test_a_copy_of_a_hooked_model_is_a_plain_model(copy_of):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with Engine(model, batch_dim=0) as engine:
+        clone = copy_of(model)
+        losses = model(x).squeeze(1)  # recorded by the engine
+        clone(x).sum().backward()  # not recorded, and no error
+        assert all(p.grad is not None for p in clone.parameters())
+        G = engine.compute_gramian(losses)
+        expected = brute_force_gramian(model(x).squeeze(1), list(model.parameters()))
+        assert (G - expected).abs().max() <= 1e-10 * expected.abs().max()
+        with Engine(clone, batch_dim=0) as second:  # the copy can have its own engine
+            G_clone = second.compute_gramian(clone(x).squeeze(1))
+        assert (G_clone - expected).abs().max() <= 1e-10 * expected.abs().max()
