@@ -69,21 +69,22 @@ class Engine:
     one rule gives from all their calls, with the cross terms of the shared parameters. For an
     ``Embedding`` and a ``Linear`` sharing the table, the cross terms have a closed form
     (:math:`B^2RTU` numbers for ``T`` looked-up positions and ``U`` positions of the head per
-    sample); for any other group, the rule forms each module's rows of the Jacobian (in closed form
-    for ``Linear`` and ``Embedding``, else by re-running the module on its recorded inputs) and
-    holds the rows of the shared parameters, ``[m, P]`` for ``P`` shared numbers (``V d`` per
-    objective for an embedding of ``V`` tokens of size ``d``). In :meth:`backward`, a group of stock
-    ``Linear`` and ``Embedding`` layers is fused as its modules would be (a shared parameter's
-    gradient is the sum of theirs); the parameters of any other group get their gradients from the
-    second backward pass. A group whose shared parameters do not require grad uses its modules' own
-    rules. A module holding one tensor under two of its own names (``rnn.weight_hh_l0 =
-    rnn.weight_ih_l0``, say) gets the generic rule (re-running the module), as the closed forms
-    treat its parameters as distinct. Tie the parameters before creating the engine: the groups and
-    rules are chosen then (a tie made later is not seen, and the Gramian would miss its cross
-    terms). A module's own parameter that a hooked module inside it also holds is refused. A
-    parameter also used outside the hooked modules (partial Jacobian descent over one of two tied
-    modules) has in its columns of :math:`J` the contributions of the hooked calls only; the fused
-    step still gives it its whole gradient.
+    sample), used when :math:`BTU \le Vd`; otherwise, and for any other group, the rule forms each
+    module's rows of the Jacobian (in closed form for ``Linear`` and ``Embedding``, else by
+    re-running the module on its recorded inputs) and holds the rows of the shared parameters,
+    ``[m, P]`` for ``P`` shared numbers (``V d`` per objective for an embedding of ``V`` tokens of
+    size ``d``). In :meth:`backward`, a group of stock ``Linear`` and ``Embedding`` layers is fused
+    as its modules would be (a shared parameter's gradient is the sum of theirs, when every module
+    holding it fuses: not a sparse ``Embedding``); the parameters of any other group get their
+    gradients from the second backward pass. A group whose shared parameters do not require grad
+    uses its modules' own rules. A module holding one tensor under two of its own names
+    (``rnn.weight_hh_l0 = rnn.weight_ih_l0``, say) gets the generic rule (re-running the module), as
+    the closed forms treat its parameters as distinct. Tie the parameters before creating the
+    engine: the groups and rules are chosen then (a tie made later is not seen, and the Gramian
+    would miss its cross terms). A module's own parameter that a hooked module inside it also holds
+    is refused. A parameter also used outside the hooked modules (partial Jacobian descent over one
+    of two tied modules) has in its columns of :math:`J` the contributions of the hooked calls only;
+    the fused step still gives it its whole gradient.
 
     The engine's hooks stay until :meth:`close` (or the end of a ``with`` block, or the engine's
     deletion). Forward passes run with grad enabled are recorded until the next
@@ -667,6 +668,22 @@ class Engine:
         ]
         lowest = lowest_edges(output.grad_fn, keyed, below)
         inside = {id(c) for cs in streamed.values() for c in cs}
+        # An output that a streamed call shares with a call of another module (a module that
+        # returns its hooked child's output unchanged) is returned for that other call: the
+        # streamed call's hook must not hand autograd a stand-in for it, nor is it requested twice.
+        returned = {(e.node, e.output_nr) for key, e in keyed if key[0] not in inside}
+        if returned:
+            outputs = {id(c): len(c.edges) for cs in streamed.values() for c in cs}
+            lowest = {
+                key
+                for key, e in keyed
+                if key in lowest
+                and not (
+                    key[0] in inside
+                    and key[1] < outputs[key[0]]
+                    and (e.node, e.output_nr) in returned
+                )
+            }
         requested = [edge for key, edge in keyed if key[0] not in inside or key in lowest]
         return requested, {key for key in lowest if key[0] in inside}
 

@@ -71,17 +71,26 @@ class FusionPlan:
         """Lets the fused step take the gradients of the modules of a tie group (whose rules have
         ``weighted_gradients``) from their rules: a parameter's whole gradient is the sum of
         those of the group's modules that hold it when its uses in the graph are all inside
-        their calls."""
+        their calls and every one of them fuses (a sparse ``Embedding`` does not: its share, and
+        so the whole gradient, is left to the second backward pass)."""
         uses = {module: calls_uses(module_calls) for module, module_calls in calls.items()}
+        fusing: dict[nn.Module, bool] = {}
+        for module, module_calls in calls.items():
+            fuses = getattr(rules[module][0], "fuses", None)
+            fusing[module] = fuses is not None and fuses(module, module_calls)
         held: dict[int, int] = {}  # the uses of each parameter inside the calls of its holders
+        refused: set[int] = set()  # the parameters held by a module that does not fuse
         for module in calls:
             for param in direct_parameters(module, rules[module][1]):
                 held[id(param)] = held.get(id(param), 0) + uses[module].get(id(param), 0)
-        for module, module_calls in calls.items():
+                if not fusing[module]:
+                    refused.add(id(param))
+        for key in refused:
+            held[key] = -1  # no count of uses: `accepts` refuses the parameter
+        for module in calls:
             self.inside[module] = held
-            rule, covers_children = rules[module]
-            fuses = getattr(rule, "fuses", None)
-            if fuses is not None and fuses(module, module_calls):
+            covers_children = rules[module][1]
+            if fusing[module]:
                 for param in direct_parameters(module, covers_children):
                     if param.requires_grad and self.accepts(module, param):
                         self._uncovered.pop(id(param), None)

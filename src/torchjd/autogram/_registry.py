@@ -180,12 +180,16 @@ def find_rule(module: nn.Module) -> RuleEntry | None:
     A module whose class overrides a method that a built-in rule relies on (a subclass of
     ``nn.Linear`` with its own ``forward``, say) gets the exact generic rule (over its children's
     parameters too when the built-in rule covers them): the closed form would be that of the
-    parent's computation."""
+    parent's computation. So does a module whose instance has such a method of its own
+    (``module.forward = ...``)."""
     for cls in type(module).__mro__:
         entry = _RULES.get(cls)
         if entry is None:
             continue
-        if any(getattr(type(module), name) is not getattr(cls, name) for name in entry.assumes):
+        if any(
+            name in module.__dict__ or getattr(type(module), name) is not getattr(cls, name)
+            for name in entry.assumes
+        ):
             from torchjd.autogram._rules._generic import generic_rule, generic_subtree_rule
 
             generic = generic_subtree_rule if entry.covers_children else generic_rule

@@ -36,5 +36,8 @@ register_builtin_rule(nn.RMSNorm, layer_norm_rule)
 register_builtin_rule(nn.GroupNorm, channel_norm_rule)
 register_builtin_rule(_InstanceNorm, channel_norm_rule, assumes=("forward", "_apply_instance_norm"))
 register_builtin_rule(_BatchNorm, channel_norm_rule)
+# Overrides forward (for its process group), but computes as BatchNorm in eval mode, where the
+# rule's closed form applies; in training mode (batch statistics), the rule re-runs the module.
+register_builtin_rule(nn.SyncBatchNorm, channel_norm_rule)
 # Its forward uses its child out_proj's parameters without calling out_proj.
 register_builtin_rule(nn.MultiheadAttention, attention_rule, covers_children=True)

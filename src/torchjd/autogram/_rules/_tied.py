@@ -36,7 +36,7 @@ from torchjd.autogram._module_call import (
     samples_first,
     samples_objectives_first,
 )
-from torchjd.autogram._rules._embedding import embedding_rule
+from torchjd.autogram._rules._embedding import _scale, embedding_rule
 from torchjd.autogram._rules._generic import rows_by_recomputation
 from torchjd.autogram._rules._linear import linear_rule
 
@@ -56,6 +56,12 @@ def tied_group_gramian(
     if G is not None:
         return G
     shared_ids = {id(p): k for k, p in enumerate(shared)}
+    # One dtype for the rows (under autocast, those of a re-run module take the dtype of its
+    # output gradients, the closed forms that of the parameters): the parameters' widest.
+    dtype = shared[0].dtype
+    for _, _, params in members:
+        for p in params:
+            dtype = torch.promote_types(dtype, p.dtype)
     offsets = [0]
     for p in shared:
         offsets.append(offsets[-1] + p.numel())
@@ -63,7 +69,7 @@ def tied_group_gramian(
     for module, calls, params in members:
         own = [p for p in params if id(p) not in shared_ids]
         tied = [p for p in params if id(p) in shared_ids]
-        rows = member_rows(module, calls, own + tied)  # [B R, P_own + P_tied]
+        rows = member_rows(module, calls, own + tied).to(dtype)  # [B R, P_own + P_tied]
         num_own = sum(p.numel() for p in own)
         if num_own:
             block = rows[:, :num_own]
@@ -93,20 +99,20 @@ def _embedding_head_gramian(
         \langle J^E_{ir}, J^L_{js} \rangle = \sum_{t, u} c_{it}\,
         \Gamma^L_{jsu}[x_{it}]\, (\gamma^E_{irt} \cdot h_{ju})
 
-    (``t``: the embedding's positions, looking up :math:`x_{it}`, :math:`c_{it}` zero at the
-    padding index; ``u``: the head's positions, of inputs :math:`h_{ju}` and output gradients
-    :math:`\Gamma^L_{jsu}`), ``[B, R, U, B, T]`` numbers twice in place of :math:`V d` per
-    objective."""
+    (``t``: the embedding's positions, looking up :math:`x_{it}`, :math:`c_{it}` as in
+    ``_embedding.py``: zero at the padding index, the inverse frequency with
+    ``scale_grad_by_freq``; ``u``: the head's positions, of inputs :math:`h_{ju}` and output
+    gradients :math:`\Gamma^L_{jsu}`), ``[B, R, U, B, T]`` numbers twice in place of :math:`V d`
+    per objective: None also when :math:`B T U > V d`, where the rows take less memory (a small
+    vocabulary, long sequences)."""
     if len(members) != 2 or len(shared) != 1:
         return None
     (emb, emb_calls, _), (head, head_calls, _) = sorted(
         members, key=lambda member: not isinstance(member[0], nn.Embedding)
     )
     if (
-        type(emb).forward is not nn.Embedding.forward
-        or type(head).forward is not nn.Linear.forward
-        or emb.scale_grad_by_freq  # type: ignore[union-attr]
-        or emb.max_norm is not None  # type: ignore[union-attr]
+        not _stock(emb, nn.Embedding)
+        or not _stock(head, nn.Linear)
         or head.weight is not emb.weight
         or shared[0] is not emb.weight
     ):
@@ -115,14 +121,15 @@ def _embedding_head_gramian(
     inputs = _plain_calls(head_calls, shared[0].dtype)
     if not lookups or not inputs:
         return None
+    T = sum(x[0].numel() for x, _ in lookups)
+    U = sum(g.shape[2] for _, g in inputs)
+    if lookups[0][0].shape[0] * T * U > emb.num_embeddings * emb.embedding_dim:  # type: ignore[operator]
+        return None  # the rows of the table take less memory
     index = cat([x.reshape(x.shape[0], -1) for x, _ in lookups], dim=1)  # [B, T]
-    gamma = cat([g for _, g in lookups], dim=2)  # [B, R, T, d]
-    if emb.padding_idx is not None:  # type: ignore[union-attr]
-        gamma = gamma * (index != emb.padding_idx).to(gamma.dtype)[:, None, :, None]
+    gamma = cat([_scaled(emb, x, g) for x, g in lookups], dim=2)  # [B, R, T, d]
     H = cat([positions(x, 1) for x, _ in inputs], dim=1)  # [B, U, d]
     Gamma = cat([g for _, g in inputs], dim=2)  # [B, R, U, V]
-    B, R, T, _ = gamma.shape
-    U = H.shape[1]
+    B, R = gamma.shape[:2]
     at_lookups = Gamma.index_select(3, index.reshape(-1)).reshape(B, R, U, B, T)  # [j,s,u,i,t]
     dots = torch.einsum("irtd,jud->irtju", gamma, H.to(gamma.dtype))
     cross = torch.einsum("jsuit,irtju->irjs", at_lookups, dots).reshape(B * R, B * R)
@@ -134,9 +141,9 @@ def member_rows(module: nn.Module, calls: Sequence[ModuleCall], params: list[Ten
     """The rows ``[B R, P]`` of the Jacobian w.r.t. ``params`` (flattened in their order) from the
     calls of ``module``, as :func:`rows_by_recomputation` gives them."""
     grads = None
-    if type(module).forward is nn.Linear.forward:
+    if _stock(module, nn.Linear):
         grads = _linear_rows(module, calls)  # type: ignore[arg-type]
-    elif type(module).forward is nn.Embedding.forward:
+    elif _stock(module, nn.Embedding):
         grads = _embedding_rows(module, calls)  # type: ignore[arg-type]
     if grads is None or any(id(p) not in grads for p in params):  # e.g. a parametrisation
         return rows_by_recomputation(module, calls, params)
@@ -165,15 +172,15 @@ def _linear_rows(module: nn.Linear, calls: Sequence[ModuleCall]) -> dict[int, Te
 
 def _embedding_rows(module: nn.Embedding, calls: Sequence[ModuleCall]) -> dict[int, Tensor] | None:
     """The per-objective gradients ``[B R, numel]`` of the table, summed over the calls; None for
-    a call that the closed form does not fit (frequency scaling, a maximal norm)."""
-    if module.scale_grad_by_freq or module.max_norm is not None:
-        return None
+    a call that the closed form does not fit. A ``max_norm`` changes nothing: the lookup
+    renormalises the table's rows in place, outside the graph, so the gradient w.r.t. the table is
+    that of a lookup of the renormalised rows (re-running the module would renormalise again, and
+    bump the table's version, which the graph of ``losses`` saved)."""
     table: Tensor | None = None
     for index, Gamma in _plain_calls(calls, module.weight.dtype) or []:
         B, R, T, d = Gamma.shape
+        Gamma = _scaled(module, index, Gamma)
         index = index.reshape(B, T)
-        if module.padding_idx is not None:
-            Gamma = Gamma * (index != module.padding_idx).to(Gamma.dtype)[:, None, :, None]
         spread = index[:, None, :, None].expand(B, R, T, d)
         rows = Gamma.new_zeros(B, R, module.num_embeddings, d).scatter_add_(2, spread, Gamma)
         rows = rows.reshape(B * R, -1)
@@ -181,27 +188,36 @@ def _embedding_rows(module: nn.Embedding, calls: Sequence[ModuleCall]) -> dict[i
     return None if table is None else {id(module.weight): table}
 
 
+def _scaled(module: nn.Embedding, index: Tensor, Gamma: Tensor) -> Tensor:
+    r"""The output gradients ``[B, R, T, d]`` of one call times :math:`c_{it}` (see
+    ``_embedding.py``), from its index with the samples first."""
+    if module.padding_idx is None and not module.scale_grad_by_freq:
+        return Gamma
+    scale = _scale(module, index, 0, Gamma.dtype)  # [B, T]
+    return Gamma * scale[:, None, :, None]
+
+
 def _plain_calls(
     calls: Sequence[ModuleCall], dtype: torch.dtype
 ) -> list[tuple[Tensor, Tensor]] | None:
     """For each call that reached the objectives, its input with the samples first and its output
-    gradients ``[B, R, T, features]``; None unless every call took one positional tensor and gave
-    one output, with its samples along a dimension other than the last (the features), all in
-    ``dtype`` (the parameters')."""
+    gradients ``[B, R, T, features]``, floating-point ones in ``dtype`` (the parameters': under
+    autocast, a Linear layer's input and output gradients are in the lower precision); None unless
+    every call took one positional tensor and gave one output, with its samples along a dimension
+    other than the last (the features)."""
     pairs = []
     for call in calls:
         if call.kwargs or len(call.args) != 1 or len(call.grad_outputs) != 1:
             return None
         x, gamma = call.args[0], call.grad_outputs[0]
-        if not isinstance(x, Tensor) or (gamma is not None and gamma.dtype != dtype):
+        if not isinstance(x, Tensor):
             return None
         floating = x.is_floating_point()
-        if (floating and x.dtype != dtype) or (
-            call.batch_dim is not None and call.batch_dim >= x.dim() - floating
-        ):
+        if call.batch_dim is not None and call.batch_dim >= x.dim() - floating:
             return None
         if gamma is not None:
-            Gamma = samples_objectives_first(gamma, call.batch_dim)
+            Gamma = samples_objectives_first(gamma.to(dtype), call.batch_dim)
+            x = x.to(dtype) if floating else x
             pairs.append((samples_first(x, call.batch_dim), positions(Gamma, 2)))
     return pairs
 
@@ -212,5 +228,11 @@ def fuses_from_recorded(rule: object, module: nn.Module) -> bool:
     running): then the fused step can take them for a module of a tie group, whose own rule did
     not run. A stock ``Linear`` or ``Embedding`` (not a class that overrides their forward)."""
     if rule is linear_rule:
-        return type(module).forward is nn.Linear.forward
-    return rule is embedding_rule and type(module).forward is nn.Embedding.forward
+        return _stock(module, nn.Linear)
+    return rule is embedding_rule and _stock(module, nn.Embedding)
+
+
+def _stock(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether ``module`` computes as ``cls`` does: its ``forward`` is that of ``cls``, neither
+    overridden by its class nor replaced on the instance."""
+    return type(module).forward is cls.forward and "forward" not in module.__dict__
