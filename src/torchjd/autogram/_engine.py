@@ -271,6 +271,18 @@ class Engine:
             if not indices:
                 return
             outputs = [leaves[k] for k in indices]
+        edges = [_gradient_edge(t) for t in outputs]
+        if len(edges) > 1:  # a tensor returned twice: its gradient once (both hold all of it)
+            first = {}
+            for k, edge in enumerate(edges):
+                first.setdefault((edge.node, edge.output_nr), k)
+            if len(first) < len(edges):
+                kept = sorted(first.values())
+                outputs, indices, edges = (
+                    [outputs[k] for k in kept],
+                    [indices[k] for k in kept],
+                    [edges[k] for k in kept],
+                )
         rule = self._rules[module][0]
         call = ModuleCall(
             args=args,
@@ -281,7 +293,7 @@ class Engine:
             output_leaf_indices=indices,
             rng_state=rng_state,
             training=module.training,
-            edges=[_gradient_edge(t) for t in outputs],
+            edges=edges,
         )
         inner_edges = getattr(rule, "inner_edges", None)
         if inner_edges is not None:

@@ -50,18 +50,23 @@ def rows_by_recomputation(
     for call in calls:
         outputs = _recompute(module, call)
         selected, cotangents = [], []
+        num, dtype = 0, params[0].dtype
         for k, index in enumerate(call.output_leaf_indices):
             if call.grad_outputs[k] is None:
                 continue
-            selected.append(outputs[index])
-            cotangents.append(
-                masked_cotangents(call.grad_outputs[k], call.output_batch_dims[k], call.num_samples)
+            cotangent = masked_cotangents(
+                call.grad_outputs[k], call.output_batch_dims[k], call.num_samples
             )
-        grads = batched_grad(selected, params, cotangents)
-        num = cotangents[0].shape[0]
+            num, dtype = cotangent.shape[0], cotangent.dtype
+            if outputs[index].requires_grad:  # not an input returned as it is (no parameter)
+                selected.append(outputs[index])
+                cotangents.append(cotangent)
+        if len(selected) > 1:
+            cotangents = _external(selected, cotangents)
+        grads = batched_grad(selected, params, cotangents) if selected else [None] * len(params)
         rows = torch.cat(
             [
-                torch.zeros(num, p.numel(), dtype=cotangents[0].dtype, device=p.device)
+                torch.zeros(num, p.numel(), dtype=dtype, device=p.device)
                 if g is None
                 else g.reshape(num, -1)
                 for g, p in zip(grads, params, strict=True)
@@ -71,6 +76,27 @@ def rows_by_recomputation(
         J = rows if J is None else J + rows
     assert J is not None
     return J
+
+
+def _external(outputs: list[Tensor], cotangents: list[Tensor]) -> list[Tensor]:
+    r"""The cotangents of a call's ``outputs`` from outside the call, from the recorded ones.
+
+    The recorded ones are the gradients at the outputs; when an output is computed from another
+    (``(o, o[:, :2])``, logits and their softmax), the gradient at that other one also holds what
+    flows back through the first, a path that the re-run's graph holds too: backpropagating the
+    recorded ones would count it twice. With :math:`D_{jk}` the Jacobian of output :math:`j`
+    w.r.t. output :math:`k` (the identity for :math:`j = k`), the recorded ones are
+    :math:`g_k = \sum_j D_{jk}^\top c_j`, solved for :math:`c` by substitution: :math:`D` is
+    triangular in the order of the computation, so ``len(outputs) - 1`` steps suffice (none when
+    no output depends on another: one backward pass finds it)."""
+    external = cotangents
+    for step in range(len(outputs) - 1):
+        # Σ_j D_jkᵀ c_j for each k (c_k itself included: an output reaches itself)
+        through = batched_grad(outputs, outputs, external)
+        if step == 0 and all(torch.equal(t, c) for t, c in zip(through, cotangents, strict=True)):
+            return cotangents  # no output depends on another (on these cotangents)
+        external = [g - t + c for g, t, c in zip(cotangents, through, external, strict=True)]  # type: ignore[operator]
+    return external
 
 
 def refuse_sharded(module: nn.Module, params: Iterable[Tensor]) -> None:
