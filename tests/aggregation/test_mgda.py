@@ -89,3 +89,9 @@ def test_agrees_with_the_published_library(J: list[list[int]], expected: list[fl
     """The published MGDA takes the step whose size falls below ``epsilon``, then stops."""
     G = torch.tensor(J, dtype=torch.float64) @ torch.tensor(J, dtype=torch.float64).T
     np.testing.assert_allclose(MGDAWeighting()(G).numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_a_nan_gramian_gives_nan_weights():
+    """As in the published library: a NaN is not hidden behind the whole step of a 0 / 0."""
+    G = torch.tensor([[float("nan"), 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert MGDAWeighting()(G).isnan().all()

@@ -77,8 +77,11 @@ class MGDAWeighting(GramianWeighting):
             wGw = w @ Gw
             Gw_t = Gw[t]
             denominator = wGw - 2 * Gw_t + G[t, t]  # = |Jᵀw − g_t|² ≥ 0
-            # 0 / 0 when g_t is Jᵀw itself: the whole step, as in the published library
-            gamma = ((wGw - Gw_t) / denominator).nan_to_num(1.0).clamp(0.0, 1.0)
+            # 0 / 0 when g_t is Jᵀw itself: the whole step, as in the published library (a NaN of
+            # a non-finite Gramian propagates)
+            numerator = wGw - Gw_t
+            degenerate = (numerator == 0.0) & (denominator == 0.0)
+            gamma = torch.where(degenerate, 1.0, numerator / denominator).clamp(0.0, 1.0)
             still = (gamma == 1.0) & (w[t] == 1.0)  # w = e_t already: every later step the same
             step_size = torch.where(running, gamma, 0.0)
             w = (1 - step_size) * w
