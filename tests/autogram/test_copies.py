@@ -45,3 +45,17 @@ def test_a_copy_of_a_hooked_model_is_a_plain_model(copy_of):
         with Engine(clone, batch_dim=0) as second:  # the copy can have its own engine
             G_clone = second.compute_gramian(clone(x).squeeze(1))
         assert (G_clone - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+def test_a_shallow_copy_of_a_hooked_model_raises_clearly():
+    """copy.copy (as nn.DataParallel's replicas) shares the hooks: its call is refused with an
+    error that says so (it was a KeyError), and the engine stays usable on the original."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).to(torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with Engine(model, batch_dim=0) as engine:
+        with pytest.raises(RuntimeError, match="shallow copy"):
+            copy.copy(model)(x)
+        G = engine.compute_gramian(model(x).squeeze(1))
+        expected = brute_force_gramian(model(x).squeeze(1), list(model.parameters()))
+        assert (G - expected).abs().max() <= 1e-10 * expected.abs().max()

@@ -838,10 +838,18 @@ class _EngineHook:
         self.engine = engine
         self.method = method
 
-    def __call__(self, *args: Any) -> None:
+    def __call__(self, module: nn.Module, *args: Any) -> None:
         alive = self.engine()
-        if alive is not None:
-            getattr(alive, self.method)(*args)
+        if alive is None:
+            return
+        if module not in alive._rules:  # a shallow copy, which shares the original's hooks
+            raise RuntimeError(
+                "A shallow copy of a module hooked by an autogram Engine "
+                f"({type(module).__name__}) was called: it shares the original's hooks (copy.copy;"
+                " nn.DataParallel's replicas), but the engine knows only the original. Use "
+                "copy.deepcopy (whose copy is a plain module) or DistributedDataParallel."
+            )
+        getattr(alive, self.method)(module, *args)
 
     def __reduce__(self) -> tuple[Callable[[], "_NoHook"], tuple[()]]:
         return _NoHook, ()
