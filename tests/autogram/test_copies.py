@@ -59,3 +59,32 @@ def test_a_shallow_copy_of_a_hooked_model_raises_clearly():
         G = engine.compute_gramian(model(x).squeeze(1))
         expected = brute_force_gramian(model(x).squeeze(1), list(model.parameters()))
         assert (G - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+class _Holder(nn.Module):
+    """A model with its engine (as a LightningModule that creates it in ``__init__``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(torch.float64)
+        self.engine = Engine(self.model, batch_dim=0)
+
+
+def test_a_deep_copy_of_a_model_and_its_engine_is_a_working_pair():
+    """Deep-copying an object that holds both (SWA/EMA callbacks do) gives an engine over the
+    copied model, exact on it, while the original pair stays exact and independent."""
+    torch.manual_seed(0)
+    holder = _Holder()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    clone = copy.deepcopy(holder)
+    assert clone.engine is not holder.engine
+    with torch.no_grad():
+        clone.model[0].weight.add_(1.0)  # the two models now differ
+    for pair in (holder, clone):
+        losses = pair.model(x).squeeze(1)
+        G = pair.engine.compute_gramian(losses)
+        expected = brute_force_gramian(pair.model(x).squeeze(1), list(pair.model.parameters()))
+        assert (G - expected).abs().max() <= 1e-10 * expected.abs().max()
+    holder.engine.close()
+    closed = copy.deepcopy(holder)  # a closed engine copies as a closed one: no hook on the copy
+    assert not closed.engine._handles

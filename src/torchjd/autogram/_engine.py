@@ -1,5 +1,6 @@
 r"""The autogram engine: the Gramian of the Jacobian of a vector of losses, without the Jacobian."""
 
+import copy
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -787,6 +788,18 @@ class Engine:
         self._workspaces.clear()
         self._stand_ins.clear()
         self._zeros.clear()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Engine":
+        """A new engine over deep copies of the modules: the copies that a model copied along
+        with it holds (an object holding both, e.g. a LightningModule copied by a callback). The
+        copies of this engine's hooks do nothing (the copied modules are not this engine's);
+        the new engine hooks the copies afresh (none when this one is closed). What was recorded
+        since the last step is not copied."""
+        modules = tuple(copy.deepcopy(module, memo) for module in self._modules)
+        engine = Engine(*modules, batch_dim=self._batch_dim)
+        if not self._handles:
+            engine.close()
+        return engine
 
     def __enter__(self) -> "Engine":
         return self
