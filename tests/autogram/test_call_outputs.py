@@ -106,3 +106,36 @@ def test_a_module_with_parameters_that_returns_its_input():
     used = [p for name, p in model.named_parameters() if not name.startswith("1.")]
     G = assert_gramian_exact([model], lambda: model(x).squeeze(1), batch_dim=0, params=used)
     assert G.shape == (4, 4)
+
+
+class TwoHeads(nn.Module):
+    """Two outputs computed from the input, neither from the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(5, 5, dtype=torch.float64))
+        self.B = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return F.linear(h, self.A), torch.tanh(h @ self.B)
+
+
+@pytest.mark.parametrize(("mode", "passes"), [("two_heads", 1), ("slice", 2), ("chain", 3)])
+def test_backward_passes_of_the_generic_rule(monkeypatch, mode: str, passes: int):
+    """One pass for the parameters, plus one per link of the longest chain of outputs computed
+    from one another (found in the graph: no value read on the host)."""
+    import torchjd.autogram._rules._generic as generic
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return batched_grad(*args, **kwargs)
+
+    batched_grad = generic.batched_grad
+    monkeypatch.setattr(generic, "batched_grad", counted)
+    torch.manual_seed(0)
+    module = TwoHeads() if mode == "two_heads" else Outputs(mode)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    assert_gramian_exact([module], lambda: _losses(module(x)), batch_dim=0)
+    assert len(calls) == passes

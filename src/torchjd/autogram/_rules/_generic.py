@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -86,17 +87,44 @@ def _external(outputs: list[Tensor], cotangents: list[Tensor]) -> list[Tensor]:
     flows back through the first, a path that the re-run's graph holds too: backpropagating the
     recorded ones would count it twice. With :math:`D_{jk}` the Jacobian of output :math:`j`
     w.r.t. output :math:`k` (the identity for :math:`j = k`), the recorded ones are
-    :math:`g_k = \sum_j D_{jk}^\top c_j`, solved for :math:`c` by substitution: :math:`D` is
-    triangular in the order of the computation, so ``len(outputs) - 1`` steps suffice (none when
-    no output depends on another: one backward pass finds it)."""
+    :math:`g_k = \sum_j D_{jk}^\top c_j`, solved for :math:`c` by substitution: one backward
+    pass per link of the longest chain of outputs computed from one another, found in the
+    re-run's graph (none when no output depends on another; no value is read on the host)."""
     external = cotangents
-    for step in range(len(outputs) - 1):
+    for _ in range(_longest_chain(outputs)):
         # Σ_j D_jkᵀ c_j for each k (c_k itself included: an output reaches itself)
         through = batched_grad(outputs, outputs, external)
-        if step == 0 and all(torch.equal(t, c) for t, c in zip(through, cotangents, strict=True)):
-            return cotangents  # no output depends on another (on these cotangents)
         external = [g - t + c for g, t, c in zip(cotangents, through, external, strict=True)]  # type: ignore[operator]
     return external
+
+
+def _longest_chain(outputs: list[Tensor]) -> int:
+    """The number of links of the longest chain ``o_a <- o_b <- ...`` of ``outputs`` each computed
+    from the next (0 when none is computed from another), from their graph."""
+    nodes = [o.grad_fn if o.grad_fn is not None else get_gradient_edge(o).node for o in outputs]
+    index = {node: k for k, node in enumerate(nodes)}
+    below: list[set[int]] = []  # the outputs that each one is computed from
+    for node in nodes:
+        found: set[int] = set()
+        seen: set[object] = set()
+        stack = [n for n, _ in node.next_functions if n is not None]
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if current in index:
+                found.add(index[current])
+            stack.extend(n for n, _ in current.next_functions if n is not None)
+        below.append(found)
+    depth: dict[int, int] = {}
+
+    def chain(k: int) -> int:
+        if k not in depth:
+            depth[k] = max((1 + chain(j) for j in below[k]), default=0)
+        return depth[k]
+
+    return max(chain(k) for k in range(len(outputs)))
 
 
 def refuse_sharded(module: nn.Module, params: Iterable[Tensor]) -> None:
