@@ -17,10 +17,12 @@ holds it: views and in-place results), and a finalizer on the storage subtracts 
 storage is freed. Each step starts with ``.grad`` set to None,
 so every figure includes the parameter gradients. Columns (KiB, above the level at the start of the
 step, after two warm-up steps): the live bytes after the forward pass (the activations that
-autograd keeps, plus the losses) and the peak over the step; ``extra`` is the step's peak minus the
-ERM step's peak and ``/ act`` that extra divided by the ERM step's activations; then the peak of
-each phase (forward; Gramian; weighting; weighted backward, or the fused step's gradients, and
-the optimiser step).
+autograd keeps, plus the losses); ``kept``, the tensors that the engine keeps from step to step
+(its rules' workspaces, e.g. the per-sample gradients of a fused step's Transformer layers), which
+exist before the step and are added to its peak; the peak over the step; ``extra`` is the step's
+peak minus the ERM step's peak and ``/ act`` that extra divided by the ERM step's activations;
+then the peak of each phase (forward; Gramian; weighting; weighted backward, or the fused step's
+gradients, and the optimiser step).
 """
 
 import argparse
@@ -115,8 +117,20 @@ def worker(kind: str, batch: int, mode: str) -> dict:
         peaks = step(tracker)
     result = {phase: peaks[phase] for phase in PHASES}
     result["activations"] = peaks["forward end"]
-    result["peak"] = max(result[phase] for phase in PHASES)
+    result["kept"] = _kept_bytes(engine) / 1024
+    result["peak"] = max(result[phase] for phase in PHASES) + result["kept"]
     return result
+
+
+def _kept_bytes(engine) -> int:
+    """The bytes of the tensors that an engine keeps from step to step (its rules' workspaces,
+    e.g. a fused step's per-sample gradients formed in place), which exist before the step begins
+    and so escape the count of the tensors that it creates; 0 for an engine without them (the
+    published one, ERM)."""
+    workspaces = getattr(engine, "_workspaces", None)
+    buffers = getattr(workspaces, "_buffers", {})
+    storages = {b.untyped_storage().data_ptr(): b.untyped_storage() for b in buffers.values()}
+    return sum(storage.nbytes() for storage in storages.values())
 
 
 def run(python: str, name: str, mode: str, extra_path: str = "") -> dict | None:
@@ -142,7 +156,8 @@ def main() -> None:
         kind, batch, mode = args.worker
         print(json.dumps(worker(kind, int(batch), mode)))
         return
-    header = f"{'config':<16}{'step':<12}{'act KiB':>10}{'peak KiB':>10}{'extra':>9}{'/ act':>7}"
+    header = f"{'config':<16}{'step':<12}{'act KiB':>10}{'kept KiB':>10}{'peak KiB':>10}"
+    header += f"{'extra':>9}{'/ act':>7}"
     header += "".join(f"{phase:>10}" for phase in ("fwd", "gram", "weight", "bwd+opt"))
     print(header)
     variants = [("ERM", sys.executable, "erm", "")]
@@ -164,7 +179,8 @@ def main() -> None:
             extra = result["peak"] - erm["peak"] if erm else float("nan")
             activations = erm["activations"] if erm else float("nan")
             print(
-                f"{name:<16}{label:<12}{result['activations']:>10.0f}{result['peak']:>10.0f}"
+                f"{name:<16}{label:<12}{result['activations']:>10.0f}"
+                f"{result.get('kept', 0.0):>10.0f}{result['peak']:>10.0f}"
                 f"{extra:>9.0f}{extra / activations:>7.2f}"
                 + "".join(f"{result[phase]:>10.0f}" for phase in PHASES),
                 flush=True,
