@@ -95,3 +95,23 @@ def test_fused_step_with_one_objective_per_sample_matches_the_two_pass_step():
             reference(x[step:]).squeeze(1).backward(weights)
             for got, expected in zip(model.parameters(), reference.parameters(), strict=True):
                 assert torch.allclose(got.grad, expected.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_a_step_under_a_memory_budget_keeps_no_buffer():
+    """The per-sample gradients of a Linear map over positions are formed in a buffer kept from
+    step to step; a fused step with ``max_kept_bytes`` frees it and keeps none (it held them
+    whatever the budget), with the same gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)).to(torch.float64)
+    x = torch.randn(4, 8, 4, dtype=torch.float64)  # 8 positions per sample
+    with Engine(model, batch_dim=0) as engine:
+        engine.backward(model(x).sum(dim=(1, 2)), MeanWeighting())
+        assert len(engine._workspaces) > 0
+        unbounded = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        for budget in (0, 1 << 20):
+            engine.backward(model(x).sum(dim=(1, 2)), MeanWeighting(), max_kept_bytes=budget)
+            assert len(engine._workspaces) == 0
+            for grad, p in zip(unbounded, model.parameters(), strict=True):
+                torch.testing.assert_close(p.grad, grad, rtol=1e-12, atol=1e-14)
+            model.zero_grad()

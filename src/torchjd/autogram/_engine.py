@@ -373,7 +373,9 @@ class Engine:
             instead); the layers that do not fit go through the second backward pass. The
             budget goes to the layers as the Gramian's backward pass reaches them (the upper
             layers first), and the output gradients of the others are freed as soon as their
-            block is computed. None: no limit. 0: the two-pass step.
+            block is computed. None: no limit. 0: the two-pass step. With a budget, the engine
+            keeps no buffer from step to step for this step (on the CPU, the per-objective
+            gradients are otherwise formed in buffers kept between steps).
         :returns: The weights :math:`w`, as returned by ``weighting``.
 
         Clears what the engine recorded during the forward pass, even when it raises.
@@ -401,7 +403,9 @@ class Engine:
                 f"{max_kept_bytes!r}."
             )
         try:
-            with self._workspaces.active(fused=True):
+            # under a budget, no buffer kept from step to step (it would hold, e.g., the
+            # per-sample gradients of a Transformer's layers whatever the budget)
+            with self._workspaces.active(fused=True, keep=max_kept_bytes is None):
                 return self._backward(losses, weighting, max_kept_bytes)
         finally:
             self._clear()

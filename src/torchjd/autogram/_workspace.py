@@ -52,10 +52,14 @@ class Workspaces:
         return len(self._buffers)
 
     @contextmanager
-    def active(self, fused: bool) -> Iterator[None]:
+    def active(self, fused: bool, keep: bool = True) -> Iterator[None]:
         """Makes :func:`empty` hand out these buffers (on the CPU) within the block, a step that
-        is fused (:meth:`~torchjd.autogram.Engine.backward`) or not (see :func:`fusing`)."""
-        token = _ACTIVE.set(self)
+        is fused (:meth:`~torchjd.autogram.Engine.backward`) or not (see :func:`fusing`). With
+        ``keep`` False (a step whose memory the user bounds), it frees them and hands out none:
+        what the step allocates is freed with it."""
+        if not keep:
+            self.clear()
+        token = _ACTIVE.set(self if keep else None)
         fusing_token = _FUSING.set(fused)
         try:
             yield
