@@ -153,12 +153,19 @@ class Engine:
         for module in modules:
             self._collect(module, seen)
         self._groups = self._tie_groups()
-        self._group_of = {m: g for g in self._groups for m, _ in g.members}
+        # the modules of a tie group whose rows may come from a re-run (not Linear or Embedding,
+        # whose closed forms, or re-runs, draw no random numbers): their random state is saved
+        rerun = {
+            m
+            for g in self._groups
+            for m, _ in g.members
+            if not fuses_from_recorded(self._rules[m][0])
+        }
         self._batch_norms = [m for m in self._all_modules() if isinstance(m, _BatchNorm)]
         # The hooks hold the engine weakly, so that deleting the engine removes them.
         this = weakref.ref(self)
         for module, (rule, _) in self._rules.items():
-            if _uses_recomputation(rule) or module in self._group_of:
+            if _uses_recomputation(rule) or module in rerun:
                 pre_hook = _EngineHook(this, "_save_rng_state")
                 self._handles.append(module.register_forward_pre_hook(pre_hook))
             hook = _EngineHook(this, "_record")
@@ -519,7 +526,6 @@ class Engine:
         blocks: dict[nn.Module, Tensor] = {}
 
         def run_rule(module: nn.Module, module_calls: list[ModuleCall]) -> None:
-            nonlocal budget
             rule = self._rules[module][0]
             # The Gramian is a statistic: no graph to the activations (within the backward pass,
             # which disables it, no context needed).
@@ -613,7 +619,7 @@ class Engine:
         ``weighted_gradients``: those that need only the recorded inputs and output gradients
         (the group's rule may not have run the modules' own rules, which save what others
         need)."""
-        return all(fuses_from_recorded(self._rules[m][0], m) for m in group.present(calls))
+        return all(fuses_from_recorded(self._rules[m][0]) for m in group.present(calls))
 
     def _gramian_pass(
         self,

@@ -147,7 +147,7 @@ def onednn_blocks_gram(J: Tensor) -> Tensor:
         G = linear(J[0], J[0])
         for block in J[1:]:
             G.add_(linear(block, block))
-        return G.tril() + G.tril(-1).T  # exactly symmetric
+        return symmetric(G)
 
     def write(rows: Tensor, start: int, end: int) -> None:
         for a, block in enumerate(J):
@@ -188,6 +188,11 @@ def onednn_add_self_gram(G: Tensor, A: Tensor, parts: list[tuple[int, int]]) -> 
         G[start:stop, start:].add_(linear(A[start:stop], A[start:]))
 
 
+def symmetric(G: Tensor) -> Tensor:
+    """The symmetric matrix of ``G``'s lower triangle (exactly symmetric)."""
+    return G.tril() + G.tril(-1).T
+
+
 def mirror_lower(G: Tensor, step: int) -> None:
     """Makes ``G`` symmetric from its lower triangle by blocks of ``step`` rows (each block of
     rows written up to its diagonal block included), in place."""
@@ -195,7 +200,7 @@ def mirror_lower(G: Tensor, step: int) -> None:
     for start in range(0, n, step):
         end = min(start + step, n)
         diagonal = G[start:end, start:end]
-        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)  # exactly symmetric
+        diagonal.copy_(symmetric(diagonal))
         G[:start, start:end] = G[start:end, :start].T
 
 

@@ -27,11 +27,10 @@ from torch.autograd.graph import GradientEdge
 
 from torchjd.autogram._fused import call_walk
 from torchjd.autogram._module_call import ModuleCall, cat, gram, weighted
-from torchjd.autogram._onednn import transposed_product
+from torchjd.autogram._onednn import symmetric, transposed_product
 from torchjd.autogram._rules._linear import (
     add_lean_gramian,
     lean_applies,
-    symmetric,
     weight_gramian_and_jacobian,
     weighted_jacobian,
 )

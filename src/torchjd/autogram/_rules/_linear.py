@@ -72,6 +72,7 @@ from torchjd.autogram._onednn import (
     onednn_gram_is_faster,
     onednn_linear,
     onednn_takes,
+    symmetric,
     transposed_product,
 )
 from torchjd.autogram._workspace import empty, fusing
@@ -412,7 +413,8 @@ def lean_applies(X: Tensor, Gamma: Tensor) -> bool:
 
 def add_lean_gramian(G: Tensor | None, X: Tensor, Gamma: Tensor, bias: bool) -> Tensor:
     r"""``G`` (None: zero) plus the Gramian of a map's weight, and of its bias when ``bias``,
-    where :func:`lean_applies` (oneDNN's products: nearly symmetric, see :func:`symmetric`).
+    where :func:`lean_applies` (oneDNN's products: nearly symmetric, see
+    :func:`~torchjd.autogram._onednn.symmetric`).
 
     The path of :func:`_per_objective_gramian` for one objective per sample and blocks whose
     Gramians oneDNN forms whole, in few operations: between its large products, which empty the
@@ -450,11 +452,6 @@ def add_lean_gramian(G: Tensor | None, X: Tensor, Gamma: Tensor, bias: bool) -> 
         G = product if G is None else G.add_(product)
     assert G is not None  # d_out > 0
     return G
-
-
-def symmetric(G: Tensor) -> Tensor:
-    """The symmetric matrix of ``G``'s lower triangle (exactly symmetric)."""
-    return G.tril() + G.tril(-1).T
 
 
 def by_sample(G: Tensor, R: int) -> Tensor:

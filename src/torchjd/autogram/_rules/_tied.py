@@ -36,6 +36,7 @@ from torchjd.autogram._module_call import (
     samples_first,
     samples_objectives_first,
 )
+from torchjd.autogram._registry import find_rule
 from torchjd.autogram._rules._embedding import _scale, embedding_rule
 from torchjd.autogram._rules._generic import rows_by_recomputation
 from torchjd.autogram._rules._linear import linear_rule
@@ -111,8 +112,8 @@ def _embedding_head_gramian(
         members, key=lambda member: not isinstance(member[0], nn.Embedding)
     )
     if (
-        not _stock(emb, nn.Embedding)
-        or not _stock(head, nn.Linear)
+        not _has_rule(emb, embedding_rule)
+        or not _has_rule(head, linear_rule)
         or head.weight is not emb.weight
         or shared[0] is not emb.weight
     ):
@@ -141,9 +142,9 @@ def member_rows(module: nn.Module, calls: Sequence[ModuleCall], params: list[Ten
     """The rows ``[B R, P]`` of the Jacobian w.r.t. ``params`` (flattened in their order) from the
     calls of ``module``, as :func:`rows_by_recomputation` gives them."""
     grads = None
-    if _stock(module, nn.Linear):
+    if _has_rule(module, linear_rule):
         grads = _linear_rows(module, calls)  # type: ignore[arg-type]
-    elif _stock(module, nn.Embedding):
+    elif _has_rule(module, embedding_rule):
         grads = _embedding_rows(module, calls)  # type: ignore[arg-type]
     if grads is None or any(id(p) not in grads for p in params):  # e.g. a parametrisation
         return rows_by_recomputation(module, calls, params)
@@ -159,13 +160,14 @@ def _linear_rows(module: nn.Linear, calls: Sequence[ModuleCall]) -> dict[int, Te
         X = positions(x, 1)  # [B, T, d_in]
         B, R = Gamma.shape[:2]
         w = torch.einsum("brto,bti->broi", Gamma, X).reshape(B * R, -1)
-        b = Gamma.sum(dim=2).reshape(B * R, -1)
         weight = w if weight is None else weight + w
-        bias = b if bias is None else bias + b
-    if weight is None or bias is None:
+        if module.bias is not None:
+            b = Gamma.sum(dim=2).reshape(B * R, -1)
+            bias = b if bias is None else bias + b
+    if weight is None:
         return None
     rows = {id(module.weight): weight}
-    if module.bias is not None:
+    if bias is not None:
         rows[id(module.bias)] = bias
     return rows
 
@@ -222,17 +224,17 @@ def _plain_calls(
     return pairs
 
 
-def fuses_from_recorded(rule: object, module: nn.Module) -> bool:
-    """Whether the ``weighted_gradients`` of ``rule`` gives the gradients of ``module`` from its
-    calls' recorded inputs and output gradients alone (not from what the rule saved while
-    running): then the fused step can take them for a module of a tie group, whose own rule did
-    not run. A stock ``Linear`` or ``Embedding`` (not a class that overrides their forward)."""
-    if rule is linear_rule:
-        return _stock(module, nn.Linear)
-    return rule is embedding_rule and _stock(module, nn.Embedding)
+def fuses_from_recorded(rule: object) -> bool:
+    """Whether the ``weighted_gradients`` of ``rule`` (the one that the registry gives a module:
+    the generic rule for a class or instance with its own ``forward``) gives the gradients of a
+    module from its calls' recorded inputs and output gradients alone (not from what the rule
+    saved while running): then the fused step can take them for a module of a tie group, whose
+    own rule did not run. The rules of ``Linear`` and ``Embedding``."""
+    return rule is linear_rule or rule is embedding_rule
 
 
-def _stock(module: nn.Module, cls: type[nn.Module]) -> bool:
-    """Whether ``module`` computes as ``cls`` does: its ``forward`` is that of ``cls``, neither
-    overridden by its class nor replaced on the instance."""
-    return type(module).forward is cls.forward and "forward" not in module.__dict__
+def _has_rule(module: nn.Module, rule: object) -> bool:
+    """Whether the registry gives ``module`` the built-in ``rule`` (not the generic one, for a
+    class or an instance that computes otherwise: see ``find_rule``)."""
+    entry = find_rule(module)
+    return entry is not None and entry.rule is rule
