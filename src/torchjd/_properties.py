@@ -6,6 +6,7 @@ value that the constructor refuses is refused by the setter with the same except
 anything is stored, so that an invalid assignment leaves the object unchanged.
 """
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
@@ -31,15 +32,15 @@ class Hyperparameter(property, Generic[T]):
         def __set__(self, instance: object, value: T) -> None: ...
 
 
-def hyperparameter(
-    name: str, kind: object, check: Callable[[Any, str], T], doc: str
-) -> Hyperparameter[T]:
-    """The property ``name``, of type ``kind``, stored as ``check(value, name)`` in ``_name``.
+def hyperparameter(name: str, check: Callable[[Any, str], T], doc: str) -> Hyperparameter[T]:
+    """The property ``name``, stored as ``check(value, name)`` in ``_name``, of the type that
+    ``check`` returns (its return annotation).
 
     ``check`` raises (an exception whose message names ``name``) on an invalid value and returns
     the value to store otherwise.
     """
     attribute = f"_{name}"
+    kind = inspect.signature(check).return_annotation
 
     def fget(self: Any) -> Any:
         return getattr(self, attribute)
@@ -75,11 +76,16 @@ def forwarded(target: Hyperparameter[T], owner: Callable[[Any], Any]) -> Hyperpa
     return Hyperparameter(fget, fset, doc=target.__doc__)
 
 
-def set_module_attribute(module: nn.Module, name: str, value: Any) -> None:
-    """:meth:`torch.nn.Module.__setattr__`, except that a property of the module's class receives
-    every value, a :class:`torch.nn.Parameter` included (which ``nn.Module`` would try to register
-    under the property's name)."""
-    if isinstance(getattr(type(module), name, None), property):
-        object.__setattr__(module, name, value)
-    else:
-        nn.Module.__setattr__(module, name, value)
+class HyperparameterModule(nn.Module):
+    """A :class:`torch.nn.Module` whose class's properties (its hyperparameters) receive every
+    value set, a :class:`torch.nn.Parameter` included (which ``nn.Module`` would try to register
+    under the property's name). Its constructor takes no argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(getattr(type(self), name, None), property):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)

@@ -74,7 +74,18 @@ CLASSES: dict[str, tuple[type, dict[str, Any], str]] = {
     "CRMOGMWeighting": (agg.CRMOGMWeighting, {"weighting": agg.UPGradWeighting()}, "gramian"),
 }
 
+
 # class name, property, a value other than the one of CLASSES (or the default)
+def _projection_rows(name: str) -> list[tuple[str, str, Any]]:
+    """The rows of an aggregator of projections (UPGrad, DualProj) and of its weighting."""
+    return [
+        (name, "pref_vector", P),
+        (name, "projector", QuadprogProjector(reg_eps=1e-5)),
+        (name + "Weighting", "pref_vector", P),
+        (name + "Weighting", "projector", TorchProjector(norm_eps=0.0, reg_eps=0.0)),
+    ]
+
+
 VALUES: list[tuple[str, str, Any]] = [
     ("AlignedMTL", "pref_vector", P),
     ("AlignedMTL", "scale_mode", "rmse"),
@@ -85,10 +96,7 @@ VALUES: list[tuple[str, str, Any]] = [
     ("CAGradWeighting", "c", 0.0),
     ("CAGradWeighting", "norm_eps", 1e3),
     ("ConFIG", "pref_vector", P),
-    ("DualProj", "pref_vector", P),
-    ("DualProj", "projector", QuadprogProjector(reg_eps=1e-5)),
-    ("DualProjWeighting", "pref_vector", P),
-    ("DualProjWeighting", "projector", TorchProjector(norm_eps=0.0, reg_eps=0.0)),
+    *_projection_rows("DualProj"),
     ("ExcessMTL", "robust_step_size", 0.3),
     ("ExcessMTL", "n_warmup_steps", 0),
     ("ExcessMTLWeighting", "robust_step_size", 3.0),
@@ -129,10 +137,7 @@ VALUES: list[tuple[str, str, Any]] = [
     ("SDMGradWeighting", "lambda_", 2.0),
     ("SDMGradWeighting", "pref_vector", P),
     ("TrimmedMean", "trim_number", 2),
-    ("UPGrad", "pref_vector", P),
-    ("UPGrad", "projector", QuadprogProjector(reg_eps=1e-5)),
-    ("UPGradWeighting", "pref_vector", P),
-    ("UPGradWeighting", "projector", TorchProjector(norm_eps=0.0, reg_eps=0.0)),
+    *_projection_rows("UPGrad"),
     ("DBMTL", "beta", 0.5),
     ("DBMTL", "beta_sigma", 1.0),
     ("MoCo", "beta", 0.9),

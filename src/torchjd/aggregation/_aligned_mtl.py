@@ -65,7 +65,6 @@ class AlignedMTLWeighting(GramianWeighting):
     )
     scale_mode = hyperparameter(
         "scale_mode",
-        ScaleMode,
         _check_scale_mode,
         "How :math:`\\sigma` is taken from the positive eigenvalues: ``'min'``, ``'median'`` or "
         "``'rmse'``.",

@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from torch import Tensor, nn
 
-from torchjd._properties import Hyperparameter, forwarded, set_module_attribute
+from torchjd._properties import Hyperparameter, HyperparameterModule, forwarded
 from torchjd.aggregation._checks import check_gramian, check_matrix, vector_str
 from torchjd.linalg._gramian import gramian
 from torchjd.linalg._matrix import Matrix, PSDMatrix
@@ -22,7 +22,7 @@ _T = TypeVar("_T", contravariant=True)
 _S = TypeVar("_S")
 
 
-class Weighting(nn.Module, ABC, Generic[_T]):
+class Weighting(HyperparameterModule, ABC, Generic[_T]):
     """Maps a statistic of a matrix ``[m, n]`` (the matrix itself, or its Gramian) to weights
     ``[m]``.
 
@@ -30,12 +30,6 @@ class Weighting(nn.Module, ABC, Generic[_T]):
     and implement :meth:`forward`. Calling a weighting checks its input, then runs
     :meth:`forward` (forward hooks run as on any :class:`torch.nn.Module`).
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        set_module_attribute(self, name, value)
 
     @abstractmethod
     def forward(self, stat: _T, /) -> Tensor:
@@ -111,18 +105,12 @@ def check_weighting(weighting: object, name: str) -> None:
         )
 
 
-class Aggregator(nn.Module, ABC):
+class Aggregator(HyperparameterModule, ABC):
     """Reduces a matrix ``[m, n]`` (one row per objective, e.g. a Jacobian) to a vector ``[n]``.
 
     Calling an aggregator checks that its input is a matrix with at least one row, then runs
     :meth:`forward` (forward hooks run as on any :class:`torch.nn.Module`).
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        set_module_attribute(self, name, value)
 
     @abstractmethod
     def forward(self, matrix: Matrix, /) -> Tensor:

@@ -65,11 +65,10 @@ class CAGradWeighting(GramianWeighting):
     """
 
     c = hyperparameter(
-        "c", float, check_non_negative_float, r"The radius :math:`c \ge 0` of the ball (relative)."
+        "c", check_non_negative_float, r"The radius :math:`c \ge 0` of the ball (relative)."
     )
     norm_eps = hyperparameter(
         "norm_eps",
-        float,
         check_non_negative_float,
         r"The weights are zero when :math:`\operatorname{tr}(G)` is below it (non-negative).",
     )

@@ -130,7 +130,7 @@ def vector_hyperparameter(
     """The hyperparameter ``name``: None or a vector ``[m]`` (:func:`check_optional_vector`), kept
     in ``_name``, which the class registers as a (non-persistent) buffer."""
     check = partial(check_optional_vector, non_negative=non_negative)
-    return hyperparameter(name, Tensor | None, check, doc)
+    return hyperparameter(name, check, doc)
 
 
 def check_tracked_shape(tracked: Tensor, matrix: Tensor) -> None:

@@ -54,7 +54,6 @@ class CRMOGMWeighting(Weighting[_T], Stateful, Generic[_T]):
     )
     alpha = hyperparameter(
         "alpha",
-        float,
         check_unit_interval,
         r"The weight :math:`\alpha \in [0, 1]` of the previous weights in the average.",
     )

@@ -54,12 +54,9 @@ class DBMTL(Aggregator, Stateful):
     tensor([2., 2.])
     """
 
-    beta = hyperparameter(
-        "beta", float, _check_beta, r"The averaging factor :math:`\beta \in [0, 1)`."
-    )
+    beta = hyperparameter("beta", _check_beta, r"The averaging factor :math:`\beta \in [0, 1)`.")
     beta_sigma = hyperparameter(
         "beta_sigma",
-        float,
         check_non_negative_float,
         r"The decay exponent :math:`\sigma_\beta \ge 0` of :math:`\beta_t`.",
     )

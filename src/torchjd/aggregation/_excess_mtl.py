@@ -54,13 +54,11 @@ class ExcessMTLWeighting(Weighting[Matrix], Stateful):
 
     robust_step_size = hyperparameter(
         "robust_step_size",
-        float,
         check_positive_float,
         r"The step size :math:`\eta > 0` of the weights (the state is kept when it is set).",
     )
     n_warmup_steps = hyperparameter(
         "n_warmup_steps",
-        int,
         check_non_negative_int,
         "The number of first calls with uniform weights (the state is kept when it is set).",
     )

@@ -45,12 +45,9 @@ class FairGradWeighting(GramianWeighting):
     tensor([0.5914, 0.4071])
     """
 
-    alpha = hyperparameter(
-        "alpha", float, check_positive_float, r"The fairness :math:`\alpha > 0`."
-    )
+    alpha = hyperparameter("alpha", check_positive_float, r"The fairness :math:`\alpha > 0`.")
     max_iters = hyperparameter(
         "max_iters",
-        int | None,
         _check_max_iters,
         "The largest number of Newton steps (positive); 100 when None.",
     )

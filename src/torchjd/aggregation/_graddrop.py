@@ -60,7 +60,6 @@ class GradDrop(Aggregator):
 
     f = hyperparameter(
         "f",
-        Callable[[Tensor], Tensor],
         _check_f,
         "The increasing function applied to the purity ``P`` ``[n]``.",
     )

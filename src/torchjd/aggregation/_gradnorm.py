@@ -56,11 +56,9 @@ class GradNormWeighting(GramianWeighting, Stateful):
     """
 
     alpha = hyperparameter(
-        "alpha", float, check_non_negative_float, r"The asymmetry :math:`\alpha \ge 0`."
+        "alpha", check_non_negative_float, r"The asymmetry :math:`\alpha \ge 0`."
     )
-    lr = hyperparameter(
-        "lr", float, check_positive_float, "The step size (positive) of the weights."
-    )
+    lr = hyperparameter("lr", check_positive_float, "The step size (positive) of the weights.")
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__()

@@ -58,13 +58,12 @@ class GradVacWeighting(GramianWeighting, Stateful):
     phi_hat: Tensor | None
     beta = hyperparameter(
         "beta",
-        float,
         check_unit_interval,
         r"The rate :math:`\beta \in [0, 1]` of the moving average (the targets are kept when it "
         "is set).",
     )
     eps = hyperparameter(
-        "eps", float, check_non_negative_float, r"The :math:`\epsilon \ge 0` of the denominators."
+        "eps", check_non_negative_float, r"The :math:`\epsilon \ge 0` of the denominators."
     )
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-08) -> None:

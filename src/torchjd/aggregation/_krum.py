@@ -42,12 +42,11 @@ class KrumWeighting(GramianWeighting):
 
     n_byzantine = hyperparameter(
         "n_byzantine",
-        int,
         check_non_negative_int,
         "The number ``f ≥ 0`` of rows that may be adversarial.",
     )
     n_selected = hyperparameter(
-        "n_selected", int, check_positive_int, "The number of rows averaged (positive)."
+        "n_selected", check_positive_int, "The number of rows averaged (positive)."
     )
 
     def __init__(self, n_byzantine: int, n_selected: int = 1) -> None:

@@ -52,12 +52,11 @@ class MGDAWeighting(GramianWeighting):
 
     epsilon = hyperparameter(
         "epsilon",
-        float,
         check_positive_float,
         r"The step size :math:`\gamma` below which the iterations stop (positive).",
     )
     max_iters = hyperparameter(
-        "max_iters", int, check_positive_int, "The largest number of Frank-Wolfe steps (positive)."
+        "max_iters", check_positive_int, "The largest number of Frank-Wolfe steps (positive)."
     )
 
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:

@@ -64,29 +64,25 @@ class MoCo(Aggregator, Stateful):
     """
 
     beta = hyperparameter(
-        "beta", float, _check_beta, r"The tracking rate :math:`\beta \in (0, 1]` of :math:`Y`."
+        "beta", _check_beta, r"The tracking rate :math:`\beta \in (0, 1]` of :math:`Y`."
     )
     beta_sigma = hyperparameter(
         "beta_sigma",
-        float,
         check_non_negative_float,
         r"The decay exponent :math:`\sigma_\beta \ge 0` of :math:`\beta_t`.",
     )
     gamma = hyperparameter(
         "gamma",
-        float,
         check_positive_float,
         r"The step size :math:`\gamma > 0` of :math:`\lambda`.",
     )
     gamma_sigma = hyperparameter(
         "gamma_sigma",
-        float,
         check_non_negative_float,
         r"The decay exponent :math:`\sigma_\gamma \ge 0` of :math:`\gamma_t`.",
     )
     rho = hyperparameter(
         "rho",
-        float,
         check_non_negative_float,
         r"The regularisation :math:`\rho \ge 0` of :math:`\lambda`.",
     )

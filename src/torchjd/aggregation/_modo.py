@@ -45,13 +45,10 @@ class MoDoWeighting(Weighting[Matrix], Stateful):
     lambda_: Tensor | None
     gamma = hyperparameter(
         "gamma",
-        float,
         check_positive_float,
         r"The step size :math:`\gamma > 0` (:math:`\lambda` is kept when it is set).",
     )
-    rho = hyperparameter(
-        "rho", float, check_non_negative_float, r"The regularisation :math:`\rho \ge 0`."
-    )
+    rho = hyperparameter("rho", check_non_negative_float, r"The regularisation :math:`\rho \ge 0`.")
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.1) -> None:
         super().__init__()

@@ -31,16 +31,15 @@ from torchjd.linalg._power_equation import solve_power_equation
 
 class _NashMTLWeighting(GramianWeighting, Stateful):
     max_norm = hyperparameter(
-        "max_norm", float, check_non_negative_float, "The largest norm of the output; 0: no clip."
+        "max_norm", check_non_negative_float, "The largest norm of the output; 0: no clip."
     )
     update_weights_every = hyperparameter(
         "update_weights_every",
-        int,
         check_positive_int,
         "The weights are recomputed once every that many calls (the count goes on when it is set).",
     )
     optim_niter = hyperparameter(
-        "optim_niter", int, check_positive_int, "The largest number of Newton steps of the solver."
+        "optim_niter", check_positive_int, "The largest number of Newton steps of the solver."
     )
 
     def __init__(

@@ -69,19 +69,17 @@ class PCDWeighting(GramianWeighting, Stateful):
 
     tau = hyperparameter(
         "tau",
-        float | Tensor,
         _check_tau,
         r"The fraction :math:`\tau \in [0, 1]`: a float, or a vector of ``m − 1`` entries (a "
         "detached copy of the one set).",
     )
     beta = hyperparameter(
         "beta",
-        float,
         check_unit_interval_open_above,
         r"The decay :math:`\beta \in [0, 1)` of the moving average (kept when it is set).",
     )
     eps = hyperparameter(
-        "eps", float, check_non_negative_float, r"The :math:`\epsilon \ge 0` added to the average."
+        "eps", check_non_negative_float, r"The :math:`\epsilon \ge 0` added to the average."
     )
 
     def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-08) -> None:

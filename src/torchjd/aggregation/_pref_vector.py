@@ -36,7 +36,6 @@ class ProjectionWeighting(GramianWeighting):
     )
     projector = hyperparameter(
         "projector",
-        DualConeProjector,
         _check_projector,
         "The :class:`~torchjd.linalg.DualConeProjector` that solves the projections (setting "
         "None sets a new :class:`~torchjd.linalg.TorchProjector`).",

@@ -66,20 +66,18 @@ class SDMGradWeighting(Weighting[Matrix], Stateful):
 
     w: Tensor | None
     lr = hyperparameter(
-        "lr", float, check_positive_float, r"The step size :math:`\eta > 0` of the inner SGD."
+        "lr", check_positive_float, r"The step size :math:`\eta > 0` of the inner SGD."
     )
     momentum = hyperparameter(
         "momentum",
-        float,
         check_unit_interval_open_above,
         r"The momentum :math:`\mu \in [0, 1)` of the inner SGD.",
     )
     n_iter = hyperparameter(
-        "n_iter", int, check_positive_int, "The number of inner steps per call (positive)."
+        "n_iter", check_positive_int, "The number of inner steps per call (positive)."
     )
     lambda_ = hyperparameter(
         "lambda_",
-        float,
         check_non_negative_float,
         r"The pull :math:`\lambda \ge 0` towards the preferred direction.",
     )

@@ -34,7 +34,6 @@ class TrimmedMean(Aggregator):
 
     trim_number = hyperparameter(
         "trim_number",
-        int,
         check_non_negative_int,
         "The number ``t ≥ 0`` of entries dropped at each end of each column.",
     )

@@ -24,6 +24,16 @@ from torchjd.linalg._gramian import normalized, regularized, symmetrized
 from torchjd.linalg._matrix import PSDMatrix
 
 
+def _non_negative(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a float. Found {value!r} of type {type(value).__name__}."
+        )
+    if not value >= 0.0:  # also refuses NaN
+        raise ValueError(f"`{name}` must be non-negative. Found {name}={value!r}.")
+    return float(value)
+
+
 class DualConeProjector(ABC):
     r"""Projects weighted combinations of the rows of ``J`` onto the dual cone of these rows.
 
@@ -177,14 +187,12 @@ class TorchProjector(DualConeProjector):
 
     norm_eps = hyperparameter(
         "norm_eps",
-        float,
-        lambda value, name: _non_negative(value, name),
+        _non_negative,
         "Trace below which the Gramian is treated as zero (non-negative).",
     )
     reg_eps = hyperparameter(
         "reg_eps",
-        float,
-        lambda value, name: _non_negative(value, name),
+        _non_negative,
         "Multiple of the identity added to the normalised Gramian (non-negative).",
     )
 
@@ -368,16 +376,6 @@ def _solve_with_quadprog(U: Tensor, G: Tensor, norm_eps: float, reg_eps: float) 
     solutions = [quadprog.solve_qp(P, np.zeros(m), np.eye(m), u, 0)[0] for u in rows]
     V = torch.from_numpy(np.array(solutions).reshape(U.shape))
     return V.to(dtype=U.dtype, device=U.device)
-
-
-def _non_negative(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"`{name}` must be a float. Found {value!r} of type {type(value).__name__}."
-        )
-    if not value >= 0.0:  # also refuses NaN
-        raise ValueError(f"`{name}` must be non-negative. Found {name}={value!r}.")
-    return float(value)
 
 
 def _check_shapes(U: Tensor, G: Tensor) -> None:
