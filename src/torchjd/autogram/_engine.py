@@ -505,7 +505,8 @@ class Engine:
         if batch_dim is not None:
             for module, module_calls in calls.items():
                 _resolve_batch_dims(module, module_calls, batch_dim, B)
-        groups, grouped = self._active_groups(calls)
+        groups = self._active_groups(calls)  # each with the calls of its modules
+        grouped = {m for present in groups.values() for m in present}
         solo = calls if not grouped else {m: c for m, c in calls.items() if m not in grouped}
         streamed = self._streamed(solo, R) if output.grad_fn is not None else {}
         below: dict[Any, bool] = {}
@@ -516,9 +517,16 @@ class Engine:
             }
             leaves, below = walk_graph(output.grad_fn, nodes)
         plan = FusionPlan(output, solo, self._rules, leaves) if fused else None
-        fusable = [g for g in groups if plan is not None and self._fusable_group(g, calls)]
-        for group in fusable:  # the other groups' parameters: from the second backward pass
-            plan.add_group(group.present(calls), self._rules)  # type: ignore[union-attr]
+        # the groups whose modules' weighted_gradients need only the recorded inputs and output
+        # gradients (the group's rule may not have run their own rules, which save what others
+        # need); the other groups' parameters: from the second backward pass
+        fusable = [
+            group
+            for group, present in groups.items()
+            if plan is not None and all(fuses_from_recorded(self._rules[m][0]) for m in present)
+        ]
+        for group in fusable:
+            plan.add_group(groups[group], self._rules)  # type: ignore[union-attr]
         if plan is not None and not (kept_bytes is None and R == 1):
             plan.complete = False  # modules may be left out, or the graph is kept anyway
         kept: dict[nn.Module, list[ModuleCall]] = {}
@@ -579,47 +587,37 @@ class Engine:
             if stream is None or module not in stream.done:
                 run_rule(module, module_calls)
         group_blocks = []
-        for group in groups:
-            group_blocks.append(self._group_gramian(group, calls))
-            settle(group.present(calls), group in fusable)
+        for group, present in groups.items():
+            group_blocks.append(self._group_gramian(group, present))
+            settle(present, group in fusable)
         G = _sum_blocks([blocks[module] for module in solo] + group_blocks, output, B * R)
         return _to_row_major(G, shape, batch_dim), kept, batch_dim, plan
 
     def _active_groups(
         self, calls: dict[nn.Module, list[ModuleCall]]
-    ) -> tuple[list["_TieGroup"], set[nn.Module]]:
+    ) -> dict["_TieGroup", dict[nn.Module, list[ModuleCall]]]:
         """The tie groups whose rule replaces their modules' own in this pass (a trainable shared
-        parameter, several of the modules called), and their modules that were called."""
-        if not self._groups:
-            return [], set()
-        active, grouped = [], set()
+        parameter, several of the modules called), each with the calls of its modules."""
+        active = {}
         for group in self._groups:
-            present = [m for m, _ in group.members if m in calls]
+            present = {m: calls[m] for m, _ in group.members if m in calls}
             if len(present) > 1 and any(p.requires_grad for p in group.shared):
-                active.append(group)
-                grouped.update(present)
-        return active, grouped
+                active[group] = present
+        return active
 
     def _group_gramian(
-        self, group: "_TieGroup", calls: dict[nn.Module, list[ModuleCall]]
+        self, group: "_TieGroup", present: dict[nn.Module, list[ModuleCall]]
     ) -> Tensor:
-        """The block of a tie group (see ``_rules/_tied.py``), from all the calls of its
+        """The block of a tie group (see ``_rules/_tied.py``), from the calls ``present`` of its
         modules."""
         members = [
-            (m, calls[m], [p for p in m.parameters(recurse=covers) if p.requires_grad])
+            (m, present[m], [p for p in m.parameters(recurse=covers) if p.requires_grad])
             for m, covers in group.members
-            if m in calls
+            if m in present
         ]
         shared = [p for p in group.shared if p.requires_grad]
         with torch.no_grad() if torch.is_grad_enabled() else nullcontext():
             return tied_group_gramian(members, shared)
-
-    def _fusable_group(self, group: "_TieGroup", calls: dict[nn.Module, list[ModuleCall]]) -> bool:
-        """Whether the fused step can take the gradients of the group's modules from their rules'
-        ``weighted_gradients``: those that need only the recorded inputs and output gradients
-        (the group's rule may not have run the modules' own rules, which save what others
-        need)."""
-        return all(fuses_from_recorded(self._rules[m][0]) for m in group.present(calls))
 
     def _gramian_pass(
         self,
@@ -839,12 +837,6 @@ class _TieGroup:
     def __init__(self, members: list[tuple[nn.Module, bool]], shared: list[Tensor]) -> None:
         self.members = members
         self.shared = shared
-
-    def present(
-        self, calls: dict[nn.Module, list[ModuleCall]]
-    ) -> dict[nn.Module, list[ModuleCall]]:
-        """The calls of the group's modules that were called."""
-        return {m: calls[m] for m, _ in self.members if m in calls}
 
 
 _MAX_STAND_INS = 256

@@ -48,7 +48,7 @@ class FusionPlan:
     ) -> None:
         self.leaves = graph_leaves(losses) if leaves is None else leaves
         self.inside: dict[nn.Module, dict[int, int]] = {}
-        uncovered = dict(self.leaves)
+        self._uncovered = dict(self.leaves)
         for module, module_calls in calls.items():
             rule, covers_children = rules[module]
             if getattr(rule, "weighted_gradients", None) is None:
@@ -56,11 +56,8 @@ class FusionPlan:
             self.inside[module] = calls_uses(module_calls)
             fuses = getattr(rule, "fuses", None)
             if fuses is not None and fuses(module, module_calls):
-                for param in direct_parameters(module, covers_children):
-                    if param.requires_grad and self.accepts(module, param):
-                        uncovered.pop(id(param), None)
-        self._uncovered = uncovered
-        self.complete = not uncovered
+                self._cover(module, covers_children)
+        self.complete = not self._uncovered
         """Whether the rules' ``fuses`` promise the gradient of every leaf: no second backward."""
 
     def add_group(
@@ -89,12 +86,16 @@ class FusionPlan:
             held[key] = -1  # no count of uses: `accepts` refuses the parameter
         for module in calls:
             self.inside[module] = held
-            covers_children = rules[module][1]
             if fusing[module]:
-                for param in direct_parameters(module, covers_children):
-                    if param.requires_grad and self.accepts(module, param):
-                        self._uncovered.pop(id(param), None)
+                self._cover(module, rules[module][1])
         self.complete = not self._uncovered
+
+    def _cover(self, module: nn.Module, covers_children: bool) -> None:
+        """The trainable parameters of ``module`` whose whole gradient its rule gives (see
+        :meth:`accepts`) need no second backward pass."""
+        for param in direct_parameters(module, covers_children):
+            if param.requires_grad and self.accepts(module, param):
+                self._uncovered.pop(id(param), None)
 
     def accepts(self, module: nn.Module, param: Tensor) -> bool:
         """Whether the fused gradient of ``param`` from the rule of ``module`` is its whole
