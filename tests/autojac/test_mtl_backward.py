@@ -158,3 +158,101 @@ def test_no_shared_params_trains_the_heads_only():
     assert w.grad is None
     for h in heads:
         torch.testing.assert_close(h.grad, features.detach().sum(dim=0))
+
+
+def _freed(loss: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+    """Whether backpropagating ``loss`` to ``inputs`` again fails because the graph was freed."""
+    try:
+        torch.autograd.grad(loss, inputs, allow_unused=True)
+    except RuntimeError as error:
+        if "second time" not in str(error):
+            raise
+        return True
+    return False
+
+
+@pytest.mark.parametrize("retain_graph", [False, True])
+def test_the_heads_graphs_are_freed_unless_retained(retain_graph: bool):
+    # As the published library: without retain_graph, the whole graph is freed, heads included,
+    # so that their saved tensors do not outlive the call.
+    trunk, heads, losses = _setup()
+    features, values = losses()
+    mtl_backward(values, features=features, retain_graph=retain_graph)
+    for head, loss in zip(heads, values, strict=True):
+        assert _freed(loss, list(head.parameters())) != retain_graph
+    assert _freed(features.sum(), list(trunk.parameters())) != retain_graph
+
+
+def _shared_graph_cases():
+    trunk, heads, _ = _setup(3)
+    x = torch.randn(7, 4, dtype=torch.float64)
+
+    def head_shares_a_node():  # the second and third losses share the second head's output
+        features = trunk(x)
+        out1, out2 = heads[0](features), heads[1](features).tanh()
+        values = [(out1**2).mean(), (out2**2).mean(), (out2 * heads[2](features)).mean()]
+        return features, values, [heads[0], heads[1], heads[2]]
+
+    def skip_around_the_features():  # a loss also reads the trunk below the features (its
+        # head's pass must then keep the trunk's graph)
+        hidden = trunk[1](trunk[0](x))
+        features = trunk[3](trunk[2](hidden))
+        values = [
+            (heads[0](features) ** 2).mean(),
+            (heads[1](features) ** 2).mean() + hidden.sin().mean(),
+            (heads[2](features) ** 2).mean(),
+        ]
+        return features, values, heads
+
+    def nested_features():  # the second feature is computed from the first (as in a pyramid)
+        low = trunk[1](trunk[0](x))
+        high = trunk[3](trunk[2](low))
+        values = [
+            (heads[0](high) ** 2).mean(),
+            (heads[1](high) ** 2).mean() + (low**2).mean(),
+            (heads[2](high) * low.sum(dim=1, keepdim=True)).mean(),
+        ]
+        return [low, high], values, heads
+
+    return trunk, [head_shares_a_node, skip_around_the_features, nested_features]
+
+
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_heads_sharing_nodes_with_each_other_or_the_trunk_are_still_exact(case: int):
+    trunk, cases = _shared_graph_cases()
+    make = cases[case]
+    shared = list(trunk.parameters())
+    features, values, heads = make()
+    head_params = [list(h.parameters()) for h in heads]
+    expected = []  # (the shared parameters' rows go through the features only, by definition)
+    for loss, params in zip(values, head_params, strict=True):
+        feats = features if isinstance(features, list) else [features]
+        grads = torch.autograd.grad(loss, [*feats, *params], retain_graph=True, allow_unused=True)
+        grads = [
+            torch.zeros_like(t) if g is None else g
+            for g, t in zip(grads, feats + params, strict=True)
+        ]
+        row = torch.autograd.grad(feats, shared, grads[: len(feats)], retain_graph=True)
+        expected.append([*row, *grads[len(feats) :]])
+    features, values, _ = make()
+    mtl_backward(values, features=features, tasks_params=head_params, shared_params=shared)
+    for j, p in enumerate(shared):
+        torch.testing.assert_close(p.jac, torch.stack([e[j] for e in expected]), rtol=0, atol=1e-12)
+    for params, e in zip(head_params, expected, strict=True):  # (each head listed by one task)
+        for p, g in zip(params, e[len(shared) :], strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-12)
+
+
+def test_a_task_parameter_below_the_features_keeps_the_trunk_graph():
+    # Its head's pass runs through the trunk: freeing it would break the trunk's pass.
+    trunk, heads, losses = _setup(2)
+    below = trunk[0].weight
+    shared = list(trunk[2].parameters())
+    tasks = [[*heads[0].parameters(), below], list(heads[1].parameters())]
+    features, values = losses()
+    expected_below = torch.autograd.grad(values[0], below, retain_graph=True)[0]
+    expected_rows = [torch.autograd.grad(v, shared, retain_graph=True) for v in values]
+    mtl_backward(values, features=features, tasks_params=tasks, shared_params=shared)
+    torch.testing.assert_close(below.grad, expected_below, rtol=1e-12, atol=1e-12)
+    for j, p in enumerate(shared):
+        torch.testing.assert_close(p.jac, torch.stack([r[j] for r in expected_rows]))

@@ -22,10 +22,26 @@ def _roots(tensors: Iterable[Tensor]) -> tuple[list[Node], list[Tensor]]:
 def leaves_of(tensors: Sequence[Tensor], stop_at: Sequence[Tensor] = ()) -> list[Tensor]:
     """The leaves requiring grad on which ``tensors`` depend, in the order of a depth-first walk,
     without walking below the tensors of ``stop_at``."""
+    return list(_walk(tensors, stop_at)[1].values())
+
+
+def walk_above(tensor: Tensor, stop_at: Sequence[Tensor]) -> tuple[set[int], set[int]]:
+    """The ids of the graph nodes on which ``tensor`` depends, without walking below the tensors of
+    ``stop_at`` (their nodes excluded), and the ids of the leaves requiring grad that it reaches."""
+    visited, leaves = _walk([tensor], stop_at)
+    return visited, set(leaves)
+
+
+def _walk(
+    tensors: Sequence[Tensor], stop_at: Sequence[Tensor]
+) -> tuple[set[int], dict[int, Tensor]]:
+    """The ids of the nodes visited by a depth-first walk from ``tensors`` that does not go below
+    the tensors of ``stop_at``, and the leaves requiring grad that it reaches (by id, in the order
+    of the walk)."""
     nodes, found = _roots(tensors)
     stops = {id(t.grad_fn) for t in stop_at if t.grad_fn is not None}
     stop_leaves = {id(t) for t in stop_at if t.grad_fn is None}
-    result: dict[int, Tensor] = {id(t): t for t in found if id(t) not in stop_leaves}
+    leaves: dict[int, Tensor] = {id(t): t for t in found if id(t) not in stop_leaves}
     visited: set[int] = set()
     stack = [node for node in nodes if id(node) not in stops][::-1]
     while stack:
@@ -36,12 +52,32 @@ def leaves_of(tensors: Sequence[Tensor], stop_at: Sequence[Tensor] = ()) -> list
         variable = getattr(node, "variable", None)  # an AccumulateGrad node holds its leaf
         if variable is not None:
             if id(variable) not in stop_leaves:
-                result.setdefault(id(variable), variable)
+                leaves.setdefault(id(variable), variable)
             continue
         for child, _ in reversed(node.next_functions):
             if child is not None and id(child) not in visited and id(child) not in stops:
                 stack.append(child)
-    return list(result.values())
+    return visited, leaves
+
+
+def nested(tensors: Sequence[Tensor]) -> bool:
+    """Whether one of ``tensors`` depends on another (a walk from their nodes' inputs reaches the
+    node of one of them, or one of them that is a leaf)."""
+    targets = {id(t.grad_fn) if t.grad_fn is not None else id(t) for t in tensors}
+    nodes, _ = _roots(tensors)
+    stack = [child for node in nodes for child, _ in node.next_functions if child is not None]
+    visited: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        variable = getattr(node, "variable", None)
+        if id(node) in targets or (variable is not None and id(variable) in targets):
+            return True
+        if variable is None:
+            stack.extend(child for child, _ in node.next_functions if child is not None)
+    return False
 
 
 def unreached(tensors: Sequence[Tensor], targets: Sequence[Tensor]) -> list[int]:

@@ -16,7 +16,7 @@ from torchjd.autojac._checks import (
     check_leaves,
 )
 from torchjd.autojac._core import backpropagate, sliced_rows
-from torchjd.autojac._graph import leaves_of, unreached
+from torchjd.autojac._graph import leaves_of, nested, unreached, walk_above
 
 
 def mtl_backward(
@@ -55,7 +55,9 @@ def mtl_backward(
         the leaves of each loss's graph above the features (excluding the shared parameters).
     :param shared_params: The parameters that receive ``.jac``. When None, the leaves of the
         graph of the features. When empty, none (only the task parameters receive ``.grad``).
-    :param retain_graph: Keep the graph, to differentiate through it again.
+    :param retain_graph: Keep the graph, to differentiate through it again. When False, the graph
+        is freed as the passes go, the heads' included (a head that shares nodes with a later task's
+        head or with the graph below the features keeps its graph while the losses live).
     :param parallel_chunk_size: How many rows to backpropagate at once with :func:`torch.vmap`:
         all of them when None; ``1`` uses no vmap at all.
 
@@ -105,7 +107,15 @@ def mtl_backward(
     m = len(losses)
     check_existing_jacs(shared, m, "shared_params")
 
-    jac_features, task_params, task_grads = _backpropagate_heads(losses, scales, feats, per_task)
+    if retain_graph or (len(feats) > 1 and nested(feats)):  # (a head's pass would run the
+        # nodes between nested features, which the trunk's pass needs)
+        frees = [False] * m
+    else:
+        trunk = shared if shared_params is None else leaves_of(feats)
+        frees = _freeable_heads(losses, feats, per_task, trunk)
+    jac_features, task_params, task_grads = _backpropagate_heads(
+        losses, scales, feats, per_task, frees
+    )
     if not shared:  # only the heads are trained
         accumulate_grads(task_params, task_grads)
         return
@@ -121,20 +131,45 @@ def mtl_backward(
     accumulate_jacs(shared, jac_shared)
 
 
+def _freeable_heads(
+    losses: list[Tensor], feats: list[Tensor], per_task: list[list[Tensor]], trunk: list[Tensor]
+) -> list[bool]:
+    """For each task, whether its pass through its head may free the graph it runs through (as
+    ``retain_graph=False`` asks), for features none of which depends on another: when no later
+    task's head shares a node with it, and neither its
+    walk down to the features nor its parameters reach the leaves ``trunk`` of the features' graph
+    (every node below the features leads to one of them, so the pass then runs nothing that the
+    trunk's pass needs)."""
+    trunk_ids = {id(t) for t in trunk}
+    later: set[int] = set()
+    frees = []
+    for loss, params in zip(reversed(losses), reversed(per_task), strict=True):
+        nodes, leaves = walk_above(loss, feats)
+        leaves.update(id(p) for p in params)
+        frees.append(nodes.isdisjoint(later) and leaves.isdisjoint(trunk_ids))
+        later |= nodes
+    return frees[::-1]
+
+
 def _backpropagate_heads(
-    losses: list[Tensor], scales: list[Tensor], feats: list[Tensor], per_task: list[list[Tensor]]
+    losses: list[Tensor],
+    scales: list[Tensor],
+    feats: list[Tensor],
+    per_task: list[list[Tensor]],
+    frees: list[bool],
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Row ``i`` of the Jacobian of the losses w.r.t. each feature, and the gradients of the task
     parameters (summed over the tasks that list them).
 
     One plain backward pass per task, through its own head only: a pass batched over the ``m``
-    rows would go through every head ``m`` times, ``m − 1`` of them with zeros.
+    rows would go through every head ``m`` times, ``m − 1`` of them with zeros. Task ``i``'s pass
+    frees its graph when ``frees[i]``.
     """
     rows: list[list[Tensor]] = [[] for _ in feats]
     grads: dict[int, tuple[Tensor, Tensor]] = {}
-    for loss, scale, params in zip(losses, scales, per_task, strict=True):
+    for loss, scale, params, free in zip(losses, scales, per_task, frees, strict=True):
         inputs = [*feats, *params]
-        outputs = torch.autograd.grad(loss, inputs, scale, retain_graph=True, allow_unused=True)
+        outputs = torch.autograd.grad(loss, inputs, scale, retain_graph=not free, allow_unused=True)
         for row, f, g in zip(rows, feats, outputs, strict=False):
             row.append(torch.zeros_like(f) if g is None else g)
         for p, g in zip(params, outputs[len(feats) :], strict=True):
