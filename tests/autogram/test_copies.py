@@ -1,6 +1,7 @@
 """A copy of a model that an engine hooks (``copy.deepcopy``, ``pickle``, ``torch.save``, as
 Lightning and checkpointing tools do) is a plain model: its calls neither reach the engine nor
-fail, and the engine stays exact on the original."""
+fail, and the engine stays exact on the original. A copy of an object holding both the model and
+its engine is a working pair, as in the published library."""
 
 import copy
 import io
@@ -36,6 +37,7 @@ def test_a_copy_of_a_hooked_model_is_a_plain_model(copy_of):
     x = torch.randn(5, 3, dtype=torch.float64)
     with Engine(model, batch_dim=0) as engine:
         clone = copy_of(model)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in clone.modules())
         losses = model(x).squeeze(1)  # recorded by the engine
         clone(x).sum().backward()  # not recorded, and no error
         assert all(p.grad is not None for p in clone.parameters())
@@ -70,21 +72,41 @@ class _Holder(nn.Module):
         self.engine = Engine(self.model, batch_dim=0)
 
 
-def test_a_deep_copy_of_a_model_and_its_engine_is_a_working_pair():
-    """Deep-copying an object that holds both (SWA/EMA callbacks do) gives an engine over the
-    copied model, exact on it, while the original pair stays exact and independent."""
+class _SelfHolder(nn.Module):
+    """A model holding an engine over itself (the engine's module holds the engine)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(torch.float64)
+        self.engine = Engine(self, batch_dim=0)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.layers
+
+
+@pytest.mark.parametrize("copy_of", [_deepcopy, _pickled, _saved])
+@pytest.mark.parametrize("make", [_Holder, _SelfHolder])
+def test_a_copy_of_a_model_and_its_engine_is_a_working_pair(copy_of, make):
+    """Copying an object that holds both (SWA/EMA callbacks deep-copy it; it may be saved whole)
+    gives an engine over the copied model, exact on it, while the original pair stays exact and
+    independent."""
     torch.manual_seed(0)
-    holder = _Holder()
+    holder = make()
     x = torch.randn(5, 3, dtype=torch.float64)
-    clone = copy.deepcopy(holder)
+    clone = copy_of(holder)
     assert clone.engine is not holder.engine
     with torch.no_grad():
         clone.model[0].weight.add_(1.0)  # the two models now differ
-    for pair in (holder, clone):
-        losses = pair.model(x).squeeze(1)
-        G = pair.engine.compute_gramian(losses)
-        expected = brute_force_gramian(pair.model(x).squeeze(1), list(pair.model.parameters()))
-        assert (G - expected).abs().max() <= 1e-10 * expected.abs().max()
+    for _ in range(2):
+        for pair in (holder, clone):
+            losses = pair.model(x).squeeze(1)
+            G = pair.engine.compute_gramian(losses)  # (the graph is kept)
+            expected = brute_force_gramian(losses, list(pair.model.parameters()))
+            assert (G - expected).abs().max() <= 1e-10 * expected.abs().max()
     holder.engine.close()
-    closed = copy.deepcopy(holder)  # a closed engine copies as a closed one: no hook on the copy
+    closed = copy_of(holder)  # a closed engine copies as a closed one: no hook on the copy
     assert not closed.engine._handles
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in closed.modules())
+    clone.engine.close()  # the copy's hooks are its own: closing removes them all
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in clone.modules())

@@ -1,6 +1,5 @@
 r"""The autogram engine: the Gramian of the Jacobian of a vector of losses, without the Jacobian."""
 
-import copy
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -797,17 +796,28 @@ class Engine:
         self._stand_ins.clear()
         self._zeros.clear()
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "Engine":
-        """A new engine over deep copies of the modules: the copies that a model copied along
-        with it holds (an object holding both, e.g. a LightningModule copied by a callback). The
-        copies of this engine's hooks do nothing (the copied modules are not this engine's);
-        the new engine hooks the copies afresh (none when this one is closed). What was recorded
-        since the last step is not copied."""
-        modules = tuple(copy.deepcopy(module, memo) for module in self._modules)
-        engine = Engine(*modules, batch_dim=self._batch_dim)
-        if not self._handles:
-            engine.close()
-        return engine
+    def __getstate__(self) -> dict[str, Any]:
+        """The state that a copy (``copy.deepcopy``, ``pickle``, ``torch.save``) of the engine
+        takes: its modules, rules and hooks' handles, so that the copies of an object holding
+        both a model and its engine (a LightningModule copied by a callback, or saved whole) are a
+        working pair, the copied hooks calling the copied engine. What was recorded since the last
+        step, the buffers kept from step to step and the distributed exchange are not copied. A
+        copy of the modules alone copies the engine with them, and that copy, held by nobody,
+        removes its hooks as soon as the copy is made: the copied modules are plain modules."""
+        state = self.__dict__.copy()
+        del state["_this"], state["_workspaces"]
+        state.update(
+            _calls={}, _rng_states={}, _stream=None, _stand_ins={}, _zeros={}, _exchange_calls=None
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # (The modules may not be rebuilt yet when an object that holds the engine is one of them:
+        # nothing here reads them.)
+        self.__dict__.update(state)
+        self._workspaces = Workspaces()
+        self._this = weakref.ref(self)
+        raise_heap_thresholds()
 
     def __enter__(self) -> "Engine":
         return self
@@ -845,11 +855,10 @@ _MAX_STAND_INS = 256
 
 class _EngineHook:
     """A module hook that calls ``method`` of the engine while it is alive (held weakly, so that
-    deleting the engine removes the hooks). A copy of the module (``copy.deepcopy``, or pickled
-    with ``torch.save``) gets a hook that does nothing: the copy is not one of the engine's
-    modules."""
+    deleting the engine removes the hooks). A copy of the hook (the module copied, or pickled with
+    ``torch.save``) calls the copy of the engine (see :meth:`Engine.__getstate__`)."""
 
-    def __init__(self, engine: "weakref.ref[Engine]", method: str) -> None:
+    def __init__(self, engine: Callable[[], "Engine | None"], method: str) -> None:
         self.engine = engine
         self.method = method
 
@@ -866,15 +875,18 @@ class _EngineHook:
             )
         getattr(alive, self.method)(module, *args)
 
-    def __reduce__(self) -> tuple[Callable[[], "_NoHook"], tuple[()]]:
-        return _NoHook, ()
+    def __reduce__(self) -> tuple[Callable[..., "_EngineHook"], tuple[Engine | None, str]]:
+        return _copied_hook, (self.engine(), self.method)
 
 
-class _NoHook:
-    """What an engine's hook becomes in a copy of its module."""
+def _copied_hook(engine: Engine | None, method: str) -> "_EngineHook":
+    """The copy of an engine's hook: it calls the copy of the engine (nothing once it is gone)."""
+    return _EngineHook(weakref.ref(engine) if engine is not None else _gone, method)
 
-    def __call__(self, *args: Any) -> None:
-        return None
+
+def _gone() -> None:
+    """A reference to no engine."""
+    return None
 
 
 def _gradient_edge(tensor: Tensor) -> GradientEdge:
