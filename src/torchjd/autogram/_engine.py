@@ -800,10 +800,9 @@ class Engine:
         """The state that a copy (``copy.deepcopy``, ``pickle``, ``torch.save``) of the engine
         takes: its modules, rules and hooks' handles, so that the copies of an object holding
         both a model and its engine (a LightningModule copied by a callback, or saved whole) are a
-        working pair, the copied hooks calling the copied engine. What was recorded since the last
-        step, the buffers kept from step to step and the distributed exchange are not copied. A
-        copy of the modules alone copies the engine with them, and that copy, held by nobody,
-        removes its hooks as soon as the copy is made: the copied modules are plain modules."""
+        working pair. What was recorded since the last step, the buffers kept from step to step and
+        the distributed exchange are not copied. (A copy of the modules alone does not take the
+        engine: its hooks do nothing.)"""
         state = self.__dict__.copy()
         del state["_this"], state["_workspaces"]
         state.update(
@@ -818,6 +817,12 @@ class Engine:
         self._workspaces = Workspaces()
         self._this = weakref.ref(self)
         raise_heap_thresholds()
+        # The copied hooks are placeholders (see _EngineHook.__reduce__): each becomes a hook of
+        # this copy, in its place in its module's hooks (the handle's id is its key there).
+        for handle in self._handles:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and isinstance(hooks.get(handle.id), _CopiedHook):
+                hooks[handle.id] = _EngineHook(self._this, hooks[handle.id].method)
 
     def __enter__(self) -> "Engine":
         return self
@@ -855,10 +860,10 @@ _MAX_STAND_INS = 256
 
 class _EngineHook:
     """A module hook that calls ``method`` of the engine while it is alive (held weakly, so that
-    deleting the engine removes the hooks). A copy of the hook (the module copied, or pickled with
-    ``torch.save``) calls the copy of the engine (see :meth:`Engine.__getstate__`)."""
+    deleting the engine removes the hooks). Its copy (the module copied, or pickled with
+    ``torch.save``) is a :class:`_CopiedHook`."""
 
-    def __init__(self, engine: Callable[[], "Engine | None"], method: str) -> None:
+    def __init__(self, engine: "weakref.ref[Engine]", method: str) -> None:
         self.engine = engine
         self.method = method
 
@@ -875,18 +880,20 @@ class _EngineHook:
             )
         getattr(alive, self.method)(module, *args)
 
-    def __reduce__(self) -> tuple[Callable[..., "_EngineHook"], tuple[Engine | None, str]]:
-        return _copied_hook, (self.engine(), self.method)
+    def __reduce__(self) -> tuple[type["_CopiedHook"], tuple[str]]:
+        return _CopiedHook, (self.method,)
 
 
-def _copied_hook(engine: Engine | None, method: str) -> "_EngineHook":
-    """The copy of an engine's hook: it calls the copy of the engine (nothing once it is gone)."""
-    return _EngineHook(weakref.ref(engine) if engine is not None else _gone, method)
+class _CopiedHook:
+    """What an engine's hook becomes in a copy of its module: nothing, unless the engine is copied
+    with it (then the copied engine puts its own hook in its place: see
+    :meth:`Engine.__setstate__`)."""
 
+    def __init__(self, method: str) -> None:
+        self.method = method
 
-def _gone() -> None:
-    """A reference to no engine."""
-    return None
+    def __call__(self, *args: Any) -> None:
+        return None
 
 
 def _gradient_edge(tensor: Tensor) -> GradientEdge:
