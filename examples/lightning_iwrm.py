@@ -5,10 +5,10 @@ training step weights the per-sample losses by ``UPGradWeighting`` applied to th
 the engine computes, then ``self.manual_backward(losses, weights)`` (Lightning's backward, so its
 precision plugin applies) or, with ``fused=True``, the fused step ``engine.backward(losses,
 weighting)``, which computes the Gramian, the weights and the gradients in one go (it bypasses
-Lightning's ``manual_backward``: right with ``precision="32-true"`` and ``"bf16-mixed"``, not with
-``"16-mixed"`` on CUDA, whose gradient scaler divides by its scale gradients that it did not
-scale). Under ``precision="bf16-mixed"``, the model runs in bfloat16 and the engine gives the
-Gramian of that computation, in float32.
+Lightning's ``manual_backward``, so under ``precision="16-mixed"`` the step scales the losses with
+the precision plugin's gradient scaler itself, as ``manual_backward`` would). Under a mixed
+precision, the model runs in half precision and the engine gives the Gramian of that computation,
+in float32.
 
 The engine is created in ``on_fit_start`` and closed in ``on_fit_end``, so that it lives only as
 long as the training that uses it (a copy of a hooked module, by ``copy.deepcopy`` or
@@ -54,7 +54,11 @@ class IWRMModule(LightningModule):
         optimizer = self.optimizers()
         losses = self.loss_fn(self.model(x).squeeze(dim=1), y)  # shape: [batch]
         if self.hparams.fused:
-            weights = self.engine.backward(losses, self.weighting)
+            # (Under precision="16-mixed", the gradient scaler's step expects scaled gradients: the
+            # losses are scaled as manual_backward would; UPGradWeighting is scale-invariant.)
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            scaled = losses if scaler is None else scaler.scale(losses)
+            weights = self.engine.backward(scaled, self.weighting)
         else:
             gramian = self.engine.compute_gramian(losses)  # shape: [batch, batch]
             weights = self.weighting(gramian)

@@ -4,10 +4,9 @@ A ``LightningModule`` with manual optimisation: a shared trunk feeds two regress
 ``mtl_backward`` gives each head the gradient of its own loss and the trunk the Jacobian of both
 losses (in ``.jac``); ``jac_to_grad`` aggregates it with UPGrad into the trunk's ``.grad``, then
 the optimiser steps. ``mtl_backward`` replaces ``self.manual_backward``, so it does not go through
-Lightning's precision plugin: that is right with ``precision="32-true"`` and ``"bf16-mixed"``
-(which only autocasts the step), not with ``"16-mixed"`` on CUDA, whose gradient scaler
-multiplies the loss in ``manual_backward`` and divides the gradients by its scale in
-``optimizer.step()`` (for float16, scale the losses yourself as in ``examples/amp.py``).
+Lightning's precision plugin: under ``precision="16-mixed"``, whose gradient scaler divides the
+gradients by its scale in ``optimizer.step()``, the step scales the losses with that scaler itself
+(UPGrad's update scales with the Jacobian), as ``manual_backward`` would.
 Run (after ``pip install lightning``): ``python examples/lightning_mtl.py``.
 """
 
@@ -39,7 +38,9 @@ class MTLModule(LightningModule):
         features = self.shared(x)
         loss1 = self.loss_fn(self.task1(features).squeeze(dim=1), y1)
         loss2 = self.loss_fn(self.task2(features).squeeze(dim=1), y2)
-        mtl_backward([loss1, loss2], features=features)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # "16-mixed" only
+        losses = [loss1, loss2] if scaler is None else [scaler.scale(loss1), scaler.scale(loss2)]
+        mtl_backward(losses, features=features)
         jac_to_grad(self.shared.parameters(), self.aggregator)
         optimizer.step()
         optimizer.zero_grad()

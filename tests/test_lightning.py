@@ -243,3 +243,60 @@ def test_mtl_same_steps_as_plain_loop():
     got = [*module.shared.parameters(), *module.task1.parameters(), *module.task2.parameters()]
     for p, q in zip(got, params, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_iwrm_16_mixed_with_a_gradient_scaler(iwrm: dict):
+    """``precision="16-mixed"`` with its gradient scaler (on CPU through the plugin; Lightning makes
+    one on CUDA): the two-pass and the fused steps (which scales the losses itself) both train as
+    the float32 step does, up to float16's precision. Before, the fused step failed (its scaler had
+    scaled nothing) and, once scaled, its float16 Gramian overflowed."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    IWRMModule = iwrm["IWRMModule"]
+    loader = DataLoader(iwrm["make_data"](), batch_size=16)
+    results = {}
+    for precision, fused in [("32", False), ("16", False), ("16", True)]:
+        torch.manual_seed(0)
+        module = IWRMModule(fused=fused)
+        kwargs: dict = {}
+        if precision == "16":
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+        iwrm["make_trainer"](max_epochs=2, **kwargs).fit(module, loader)
+        results[precision, fused] = module
+    reference = results["32", False]
+    for key in [("16", False), ("16", True)]:
+        module = results[key]
+        assert len(module.step_weights) == len(reference.step_weights)
+        for p, q in zip(module.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
+
+
+def test_mtl_16_mixed_with_a_gradient_scaler():
+    """The MTL example under ``precision="16-mixed"`` with its gradient scaler: it scales its losses
+    itself (mtl_backward bypasses manual_backward), so it trains as in float32, up to float16."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    mtl = _load("lightning_mtl")
+    results = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        module = mtl["MTLModule"]()
+        kwargs: dict = {}
+        if scaled:
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+        trainer = mtl["Trainer"](
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            **kwargs,
+        )
+        trainer.fit(module, DataLoader(mtl["make_data"](), batch_size=16))
+        results.append(module)
+    del sys.modules["lightning_mtl"]
+    for p, q in zip(results[1].parameters(), results[0].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-2, atol=2e-3)

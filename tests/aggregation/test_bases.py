@@ -173,3 +173,20 @@ def test_constant_weighting_in_gramian_aggregator():
     J = torch.randn(2, 3)
     aggregator = GramianWeightedAggregator(ConstantWeighting(torch.tensor([1.0, 2.0])))
     torch.testing.assert_close(aggregator(J), J[0] + 2 * J[1])
+
+
+@pytest.mark.parametrize("aggregator", [UPGrad(), DualProj(), MGDA(), Mean()], ids=str)
+def test_aggregators_inside_autocast_compute_in_the_input_dtype(aggregator: Aggregator):
+    """Called inside ``torch.autocast`` (a training step under mixed precision, with a gradient
+    scaler's large values), an aggregator computes as outside it: in float32, not in float16,
+    where the Gramian's entries (here ~1e10) overflow."""
+    torch.manual_seed(0)
+    J = 1e4 * torch.randn(3, 5)
+    G = J @ J.T
+    expected = aggregator(J)
+    with torch.autocast("cpu", dtype=torch.float16):
+        inside = aggregator(J)
+        weights = UPGradWeighting()(G)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, expected, rtol=0, atol=0)
+    torch.testing.assert_close(weights, UPGradWeighting()(G), rtol=0, atol=0)

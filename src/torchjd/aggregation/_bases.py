@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from torch import Tensor, nn
 
+from torchjd._amp import without_autocast
 from torchjd._properties import Hyperparameter, HyperparameterModule, forwarded
 from torchjd.aggregation._checks import check_gramian, check_matrix, vector_str
 from torchjd.linalg._gramian import gramian
@@ -28,7 +29,8 @@ class Weighting(HyperparameterModule, ABC, Generic[_T]):
 
     Subclass :class:`Weighting[Matrix] <Weighting>` or :class:`Weighting[PSDMatrix] <Weighting>`
     and implement :meth:`forward`. Calling a weighting checks its input, then runs
-    :meth:`forward` (forward hooks run as on any :class:`torch.nn.Module`).
+    :meth:`forward` (forward hooks run as on any :class:`torch.nn.Module`), with ``torch.autocast``
+    off: in the dtype of the input.
     """
 
     @abstractmethod
@@ -37,7 +39,8 @@ class Weighting(HyperparameterModule, ABC, Generic[_T]):
 
     def __call__(self, stat: Tensor, /) -> Tensor:
         self._check_stat(stat)
-        return super().__call__(stat)
+        with without_autocast(stat):  # (in the dtype of stat: see torchjd/_amp.py)
+            return super().__call__(stat)
 
     def _check_stat(self, stat: Tensor) -> None:
         check_matrix(stat, "stat")
@@ -109,7 +112,8 @@ class Aggregator(HyperparameterModule, ABC):
     """Reduces a matrix ``[m, n]`` (one row per objective, e.g. a Jacobian) to a vector ``[n]``.
 
     Calling an aggregator checks that its input is a matrix with at least one row, then runs
-    :meth:`forward` (forward hooks run as on any :class:`torch.nn.Module`).
+    :meth:`forward` (forward hooks run as on any :class:`torch.nn.Module`), with ``torch.autocast``
+    off: in the dtype of the input.
     """
 
     @abstractmethod
@@ -118,7 +122,8 @@ class Aggregator(HyperparameterModule, ABC):
 
     def __call__(self, matrix: Tensor, /) -> Tensor:
         check_matrix(matrix, "matrix")
-        return super().__call__(matrix)
+        with without_autocast(matrix):  # (in the dtype of matrix: see torchjd/_amp.py)
+            return super().__call__(matrix)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -13,9 +13,16 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 import torchjd.autogram._rules  # noqa: F401  (registers the built-in rules)
+from torchjd._amp import without_autocast
 from torchjd.autogram._batched_grad import NotVectorized, batched_grad
 from torchjd.autogram._fused import FusionPlan, accumulate, per_sample_weights
-from torchjd.autogram._module_call import ModuleCall, flat_leaves, shape_only
+from torchjd.autogram._module_call import (
+    ModuleCall,
+    flat_leaves,
+    in_float32,
+    release_like,
+    shape_only,
+)
 from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule, generic_subtree_rule
 from torchjd.autogram._rules._tied import fuses_from_recorded, tied_group_gramian
@@ -338,7 +345,7 @@ class Engine:
         Clears what the engine recorded during the forward pass, even when it raises.
         """
         try:
-            with self._workspaces.active(fused=False):
+            with self._workspaces.active(fused=False), without_autocast(output):
                 return self._compute_gramian(output)[0]
         finally:
             self._clear()
@@ -411,7 +418,10 @@ class Engine:
         try:
             # under a budget, no buffer kept from step to step (it would hold, e.g., the
             # per-sample gradients of a Transformer's layers whatever the budget)
-            with self._workspaces.active(fused=True, keep=max_kept_bytes is None):
+            with (
+                self._workspaces.active(fused=True, keep=max_kept_bytes is None),
+                without_autocast(losses),
+            ):
                 return self._backward(losses, weighting, max_kept_bytes)
         finally:
             self._clear()
@@ -447,7 +457,7 @@ class Engine:
         with torch.no_grad():
             for module, module_calls in kept.items():
                 weighted_gradients = self._rules[module][0].weighted_gradients  # type: ignore[attr-defined]
-                pairs = weighted_gradients(module, module_calls, W) or []
+                pairs = weighted_gradients(module, in_float32(module_calls), W) or []
                 for param, grad in pairs:
                     if plan.accepts(module, param):
                         fused.append((param, grad))
@@ -536,8 +546,10 @@ class Engine:
             rule = self._rules[module][0]
             # The Gramian is a statistic: no graph to the activations (within the backward pass,
             # which disables it, no context needed).
+            seen = in_float32(module_calls)
             with torch.no_grad() if torch.is_grad_enabled() else nullcontext():
-                blocks[module] = rule(module, module_calls)
+                blocks[module] = rule(module, seen)
+            release_like(module_calls, seen)
             settle({module: module_calls}, fused and _fusable(rule))
 
         def settle(module_calls: dict[nn.Module, list[ModuleCall]], fusable: bool) -> None:
@@ -610,13 +622,20 @@ class Engine:
         """The block of a tie group (see ``_rules/_tied.py``), from the calls ``present`` of its
         modules."""
         members = [
-            (m, present[m], [p for p in m.parameters(recurse=covers) if p.requires_grad])
+            (
+                m,
+                in_float32(present[m]),
+                [p for p in m.parameters(recurse=covers) if p.requires_grad],
+            )
             for m, covers in group.members
             if m in present
         ]
         shared = [p for p in group.shared if p.requires_grad]
         with torch.no_grad() if torch.is_grad_enabled() else nullcontext():
-            return tied_group_gramian(members, shared)
+            G = tied_group_gramian(members, shared)
+        for m, seen, _ in members:
+            release_like(present[m], seen)
+        return G
 
     def _gramian_pass(
         self,

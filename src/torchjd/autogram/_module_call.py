@@ -1,12 +1,12 @@
 """What the engine records about one call of a hooked module, and what a rule reads from it."""
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from torchjd.autogram import _onednn as onednn
 
@@ -85,6 +85,53 @@ class ModuleCall:
         r""":math:`\bar\Gamma_i = \sum_r w_{ir} \Gamma_{ir}`, the gradient of the weighted
         objectives w.r.t. ``outputs[index]`` (shaped like it), from the weights ``W`` ``[B, R]``."""
         return weighted(self.grad_output(index), self.output_batch_dims[index], W)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def in_float32(calls: list[ModuleCall]) -> list[ModuleCall]:
+    """The calls as the rules see them. When their output gradients are in half precision (the
+    module ran under ``torch.autocast``, or in half precision), copies whose half-precision tensors
+    (arguments, outputs' stand-ins, output and inner gradients) are in float32: a Gramian entry is
+    a sum of products of gradients, which in float16 overflows beyond 65504 (a gradient scaler's
+    scale squared reaches that at once) and in bfloat16 rounds to 8 bits. The copies share
+    ``saved``; :func:`release_like` passes the release of their output gradients on."""
+    if not any(g is not None and g.dtype in _HALF for c in calls for g in c.grad_outputs):
+        return calls
+    return [
+        replace(
+            c,
+            args=tree_map(_in_float32, c.args),
+            kwargs=tree_map(_in_float32, c.kwargs),
+            outputs=[shape_only(o.new_zeros((), dtype=_up(o.dtype)), o.shape) for o in c.outputs],
+            grad_outputs=[_in_float32(g) for g in c.grad_outputs],
+            inner_grads=[_in_float32(g) for g in c.inner_grads],
+        )
+        for c in calls
+    ]
+
+
+def release_like(calls: list[ModuleCall], seen: list[ModuleCall]) -> None:
+    """Releases the output gradients of ``calls`` that the rule released in their copies ``seen``
+    (see :func:`in_float32`): it keeps what the fused step needs in their place."""
+    if seen is calls:
+        return
+    for call, copy in zip(calls, seen, strict=True):
+        call.grad_outputs = [
+            None if mine is None else gamma
+            for gamma, mine in zip(call.grad_outputs, copy.grad_outputs, strict=True)
+        ]
+
+
+def _up(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _in_float32(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.dtype in _HALF:
+        return value.float()
+    return value
 
 
 def weighted(gamma: Tensor, batch_dim: int | None, W: Tensor) -> Tensor:
