@@ -11,25 +11,27 @@ fused: ``Engine.backward(losses, weighting)``; IWRM 0.18: the same IWRM step wit
 ``torchjd==0.18.0``, run by the interpreter of its own virtualenv).
 
 Unlike the resident set size (which also counts the allocator's caches and the library code paged
-in), this counts the bytes of live tensor storages: a ``TorchDispatchMode`` sees every tensor that
-an operator returns, adds its storage's size the first time it sees that storage (unless an input
-holds it: views and in-place results), and a finalizer on the storage subtracts it when the
-storage is freed. Each step starts with ``.grad`` set to None,
-so every figure includes the parameter gradients. Columns (KiB, above the level at the start of the
-step, after two warm-up steps): the live bytes after the forward pass (the activations that
-autograd keeps, plus the losses); ``kept``, the tensors that the engine keeps from step to step
-(its rules' workspaces, e.g. the per-sample gradients of a fused step's Transformer layers), which
-exist before the step and are added to its peak; the peak over the step; ``extra`` is the step's
-peak minus the ERM step's peak and ``/ act`` that extra divided by the ERM step's activations;
-then the peak of each phase (forward; Gramian; weighting; weighted backward, or the fused step's
-gradients, and the optimiser step).
+in), this counts the bytes that the CPU allocator holds: the profiler's allocation events (with
+``profile_memory=True``) carry the allocator's running total, so every allocation counts, those
+inside an operator too (oneDNN's reorders, a convolution's temporaries). A ``TorchDispatchMode``
+that tracks the storages that operators return (this benchmark's former measure) misses those, and
+changes what it measures: while a mode is active, autograd accumulates the gradients of a tensor
+used several times out of place (``old + new``, not ``old.add_(new)``), which added 3 MiB to
+transformer32's Gramian pass (the gradients of MultiheadAttention's packed q/k/v projection).
+Each step starts with ``.grad`` set to None, so every figure includes the parameter gradients.
+Columns (KiB, above the level at the start of the step, after two warm-up steps): the live bytes
+after the forward pass (the activations that autograd keeps, plus the losses); ``kept``, the
+tensors that the engine keeps from step to step (its rules' workspaces, e.g. the per-sample
+gradients of a fused step's Transformer layers), which exist before the step and are added to its
+peak; the peak over the step; ``extra`` is the step's peak minus the ERM step's peak and ``/ act``
+that extra divided by the ERM step's activations; then the peak of each phase (forward; Gramian;
+weighting; weighted backward, or the fused step's gradients, and the optimiser step).
 """
 
 import argparse
 import json
 import os
 import sys
-import weakref
 
 from autogram_step import CONFIGS, DEFAULT_CONFIGS, run_worker, setup
 
@@ -39,84 +41,64 @@ MODES = (("IWRM", "iwrm"), ("fused", "fused"))
 
 def worker(kind: str, batch: int, mode: str) -> dict:
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    class LiveBytes(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.live = 0
-            self.peak = 0
-            self.seen: set[int] = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {
-                id(value.untyped_storage())
-                for value in tree_flatten((args, kwargs))[0]
-                if isinstance(value, torch.Tensor)
-            }
-            for value in tree_flatten(out)[0]:
-                if isinstance(value, torch.Tensor) and value.device.type == "cpu":
-                    storage = value.untyped_storage()
-                    if id(storage) not in inputs:  # not a view of, or in place on, an input
-                        self._track(storage)
-            return out
-
-        def _track(self, storage) -> None:
-            key = id(storage)
-            if key in self.seen:
-                return
-            self.seen.add(key)
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key, storage.nbytes())
-
-        def _free(self, key: int, nbytes: int) -> None:
-            self.seen.discard(key)
-            self.live -= nbytes
+    from torch._C._profiler import _EventType
+    from torch.profiler import profile, record_function
 
     torch.set_num_threads(1)
     model, x, y, optimizer, loss_fn, engine, weighting = setup(kind, batch, mode)
 
-    def step(tracker: LiveBytes | None) -> dict[str, float]:
-        peaks: dict[str, float] = {}
-        start = 0 if tracker is None else tracker.live
-
-        def mark(phase: str) -> None:  # the peak of the phase that ends here
-            if tracker is not None:
-                peaks[phase] = (tracker.peak - start) / 1024
-                peaks[phase + " end"] = (tracker.live - start) / 1024
-                tracker.peak = tracker.live
-
+    def step() -> None:
         def timed_weighting(gramian):
-            mark("gramian")
-            weights = weighting(gramian)
-            mark("weighting")
-            return weights
+            with record_function("phase:weighting"):
+                return weighting(gramian)
 
-        losses = loss_fn(model(x), y)
-        mark("forward")
-        if mode == "erm":
-            mark("gramian")
-            mark("weighting")
-            losses.mean().backward()
-        elif mode == "fused":
-            engine.backward(losses, timed_weighting)
-        else:
-            losses.backward(timed_weighting(engine.compute_gramian(losses)).reshape(losses.shape))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        mark("backward")
-        return peaks
+        with record_function("phase:forward"):
+            losses = loss_fn(model(x), y)
+        with record_function("phase:gramian"):
+            if mode == "fused":
+                engine.backward(losses, timed_weighting)
+            elif mode == "iwrm":
+                weights = timed_weighting(engine.compute_gramian(losses))
+        with record_function("phase:backward"):
+            if mode == "erm":
+                losses.mean().backward()
+            elif mode == "iwrm":
+                losses.backward(weights.reshape(losses.shape))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del losses
 
     for _ in range(2):
-        step(None)
-    tracker = LiveBytes()
-    with tracker:
-        peaks = step(tracker)
-    result = {phase: peaks[phase] for phase in PHASES}
-    result["activations"] = peaks["forward end"]
+        step()
+    with profile(profile_memory=True) as prof:
+        step()
+    # the allocator's running total at each allocation and free, and the phases' time ranges
+    events, ranges = [], {}
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation:
+            fields = node.extra_fields
+            events.append((node.start_time_ns, fields.total_allocated, fields.alloc_size))
+        elif node.name.startswith("phase:"):
+            ranges[node.name[6:]] = (node.start_time_ns, node.end_time_ns)
+    events.sort()
+    start = events[0][1] - events[0][2]  # the total before the step's first allocation
+    result = dict.fromkeys(PHASES, 0.0)
+    live = start
+    for time, total, _ in events:
+        if time > ranges["forward"][1] and "activations" not in result:
+            result["activations"] = (live - start) / 1024
+        live = total
+        for phase, (begin, end) in ranges.items():
+            if begin <= time <= end and phase in result:
+                # a nested phase (the weighting, inside the fused step) takes its own events
+                inner = [
+                    p for p, (b, e) in ranges.items() if p != phase and begin <= b <= time <= e
+                ]
+                if not inner:
+                    result[phase] = max(result[phase], (total - start) / 1024)
     result["kept"] = _kept_bytes(engine) / 1024
     result["peak"] = max(result[phase] for phase in PHASES) + result["kept"]
     return result
