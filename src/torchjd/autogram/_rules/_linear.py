@@ -425,6 +425,11 @@ def add_lean_gramian(G: Tensor | None, X: Tensor, Gamma: Tensor, bias: bool) -> 
     Gramian of theirs), and the products read inputs that the copy brought into the caches. On one
     CPU thread, the Transformer of ``benchmarks/autogram_step.py`` (32 samples of 32 positions):
     its layers' rules 0.5 to 0.9 ms shorter per step than by the general path (of 13 to 19 ms).
+    Each block is formed transposed, :math:`[X_i\ 1]^\top \Gamma_i` (the same Gramian: the rows'
+    entries in another order), from a view of :math:`\Gamma` read along its features: with an
+    attention's output gradients, whose positions are ``B`` rows apart, these products take less
+    time than :math:`\Gamma_i^\top [X_i\ 1]` (in that Transformer's IWRM step, its rules 0.6 ms
+    shorter, of 12.9; its Linear layers' about as long).
 
     :param X: Inputs ``[B, T, d_in]``.
     :param Gamma: Output gradients ``[B, 1, T, d_out]``.
@@ -437,17 +442,15 @@ def add_lean_gramian(G: Tensor | None, X: Tensor, Gamma: Tensor, bias: bool) -> 
     if bias:
         inputs[..., d_in].fill_(1.0)
     step = _lean_features(B, d_in, d_out, Gamma.element_size())
-    buffer = Gamma.new_empty(B, step, width)
-    rows = buffer.view(B, -1)
-    transposed = Gamma[:, 0].mT  # [B, d_out, T]: a view
+    buffer = Gamma.new_empty(B * width * step)
+    transposed = inputs.mT  # [B, width, T]: a view
     linear = onednn_linear()
     assert linear is not None  # lean_applies checked it
     for start in range(0, d_out, step):
-        out = buffer
-        if start + step > d_out:  # a narrower last block
-            out = buffer.view(-1)[: B * (d_out - start) * width].view(B, -1, width)
-            rows = out.view(B, -1)
-        torch.bmm(transposed[:, start : start + out.shape[1]], inputs, out=out)
+        features = min(step, d_out - start)  # a narrower last block
+        out = buffer[: B * width * features].view(B, width, features)
+        torch.bmm(transposed, Gamma[:, 0, :, start : start + features], out=out)
+        rows = out.view(B, -1)
         product = linear(rows, rows)
         G = product if G is None else G.add_(product)
     assert G is not None  # d_out > 0
