@@ -32,11 +32,19 @@ def reference(X: torch.Tensor, Gamma: torch.Tensor, bias: bool) -> torch.Tensor:
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("adjacent", [True, False])
-def test_lean_gramian_exact(monkeypatch, bias, adjacent):
-    """Several blocks of features (the last one narrower), positions adjacent or ``B`` rows apart
-    (an attention's projections), accumulated into a given Gramian; exactly symmetric."""
-    monkeypatch.setattr(linear_module, "ONEDNN_BLOCK_BYTES", 4 * 6 * 5 * 4)  # 4 features a block
+@pytest.mark.parametrize("features", [2, 4])
+def test_lean_gramian_exact(monkeypatch, bias, adjacent, features):
+    """Several blocks of ``features`` features (the last one narrower; 2: fewer than half the
+    inputs' columns, formed as ``Γᵢᵀ [Xᵢ 1]``, 4: transposed), positions adjacent or ``B`` rows
+    apart (an attention's projections), accumulated into a given Gramian; exactly symmetric."""
     B, T, d_in, d_out = 6, 7, 5, 11
+    monkeypatch.setattr(linear_module, "MIN_BLOCK_FEATURES", 1)
+    monkeypatch.setattr(linear_module, "ONEDNN_BLOCK_BYTES", features * B * d_in * 4)
+    formed = []
+    bmm = torch.bmm
+    monkeypatch.setattr(
+        torch, "bmm", lambda a, b, **kw: formed.append(b.shape[-1]) or bmm(a, b, **kw)
+    )
     if adjacent:
         X = torch.randn(B, T, d_in, dtype=torch.float32)
         Gamma = torch.randn(B, 1, T, d_out, dtype=torch.float32)
@@ -54,6 +62,9 @@ def test_lean_gramian_exact(monkeypatch, bias, adjacent):
     torch.testing.assert_close(
         symmetric(alone).double(), reference(X, Gamma, bias), rtol=1e-4, atol=1e-3
     )
+    width = d_in + 1 if bias else d_in
+    blocks = [features, features, 3] if features == 4 else [features] * 5 + [1]
+    assert formed == 2 * (blocks if features == 4 else [width] * len(blocks))
 
 
 @needs_onednn

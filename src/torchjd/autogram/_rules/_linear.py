@@ -425,11 +425,13 @@ def add_lean_gramian(G: Tensor | None, X: Tensor, Gamma: Tensor, bias: bool) -> 
     Gramian of theirs), and the products read inputs that the copy brought into the caches. On one
     CPU thread, the Transformer of ``benchmarks/autogram_step.py`` (32 samples of 32 positions):
     its layers' rules 0.5 to 0.9 ms shorter per step than by the general path (of 13 to 19 ms).
-    Each block is formed transposed, :math:`[X_i\ 1]^\top \Gamma_i` (the same Gramian: the rows'
-    entries in another order), from a view of :math:`\Gamma` read along its features: with an
-    attention's output gradients, whose positions are ``B`` rows apart, these products take less
-    time than :math:`\Gamma_i^\top [X_i\ 1]` (in that Transformer's IWRM step, its rules 0.6 ms
-    shorter, of 12.9; its Linear layers' about as long).
+    Where a block holds at least half as many features as the inputs' columns, it is formed
+    transposed, :math:`[X_i\ 1]^\top \Gamma_i` (the same Gramian: each row's entries in another
+    order), from a view of :math:`\Gamma` read along its features: with an attention's output
+    gradients, whose positions are ``B`` rows apart, these products take less time than
+    :math:`\Gamma_i^\top [X_i\ 1]`; with narrower blocks (more inputs than features), longer. In
+    that Transformer's IWRM step, its rules 0.5 to 0.8 ms shorter (of 12 to 13) than with every
+    block as :math:`\Gamma_i^\top [X_i\ 1]`.
 
     :param X: Inputs ``[B, T, d_in]``.
     :param Gamma: Output gradients ``[B, 1, T, d_out]``.
@@ -443,13 +445,18 @@ def add_lean_gramian(G: Tensor | None, X: Tensor, Gamma: Tensor, bias: bool) -> 
         inputs[..., d_in].fill_(1.0)
     step = _lean_features(B, d_in, d_out, Gamma.element_size())
     buffer = Gamma.new_empty(B * width * step)
-    transposed = inputs.mT  # [B, width, T]: a view
+    flipped = 2 * step >= width
     linear = onednn_linear()
     assert linear is not None  # lean_applies checked it
     for start in range(0, d_out, step):
         features = min(step, d_out - start)  # a narrower last block
-        out = buffer[: B * width * features].view(B, width, features)
-        torch.bmm(transposed, Gamma[:, 0, :, start : start + features], out=out)
+        block = Gamma[:, 0, :, start : start + features]  # [B, T, features]: a view
+        if flipped:
+            out = buffer[: B * width * features].view(B, width, features)
+            torch.bmm(inputs.mT, block, out=out)
+        else:
+            out = buffer[: B * width * features].view(B, features, width)
+            torch.bmm(block.mT, inputs, out=out)
         rows = out.view(B, -1)
         product = linear(rows, rows)
         G = product if G is None else G.add_(product)
