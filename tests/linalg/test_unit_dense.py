@@ -16,6 +16,7 @@ from tests.linalg.test_small_pivoting import gramians, random_problem, regularis
 from tests.linalg.test_unit_groups import brute_force_groups
 from tests.linalg.test_unit_rows import assert_unit_rows_optimal
 from tests.reference.aggregators import upgrad_weights
+from tests.reference.dual_cone import with_quadprog
 from torchjd.aggregation import UPGradWeighting
 from torchjd.linalg import TorchProjector
 from torchjd.linalg._bounded_qp import _small_unit_route
@@ -23,6 +24,7 @@ from torchjd.linalg._small_pivoting import (
     UnitRows,
     _conditioned,
     _dense_steps,
+    _descent_guess,
     _Faces,
     _pivoting,
     unit_dense_pivoting,
@@ -326,3 +328,42 @@ def test_weights_of_a_gramian_that_requires_grad_differentiate_as_the_general_pa
         (weights_of(G) * torch.arange(m, dtype=torch.float64)).sum().backward()
         gradients.append(G.grad)
     torch.testing.assert_close(gradients[0], gradients[1], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("m", [25, 40, 64])
+@pytest.mark.parametrize("family", ["normal", "per_sample"])
+def test_descent_guess_from_the_optima_is_their_faces(m: int, family: str):
+    """The optima (quadprog) are fixed points of projected gradient: from them, the guess is their
+    active sets (where ``v_j = u_j``)."""
+    G = gramians(m)[family]
+    problem = UnitRows(G, 1e-7)
+    optima = torch.from_numpy(with_quadprog(G.numpy(), np.eye(m)))
+    faces = optima <= torch.eye(m, dtype=torch.float64) + 1e-9
+    guess = _descent_guess(problem.G_hat, problem.U_hat, optima * problem.root, 20)
+    assert torch.equal(guess, faces)
+
+
+@pytest.mark.parametrize("m", [40, 64])
+def test_rows_left_by_the_first_step_start_again_from_the_descent_guess(
+    m: int, monkeypatch: pytest.MonkeyPatch
+):
+    """Standard normal Jacobians: the first step leaves most rows infeasible, the block steps
+    start again from the descent guess, in fewer face solves than from the first step's faces,
+    and the rows are optimal."""
+    solves = []
+    solve = small_pivoting_module._Faces.solve
+    monkeypatch.setattr(
+        small_pivoting_module._Faces,
+        "solve",
+        lambda self, *args: solves.append(1) or solve(self, *args),
+    )
+    G = gramians(m)["normal"]
+    X, solved = _small_unit_route(G, 1e-7)
+    assert solved.all()
+    assert_unit_rows_optimal(G, X, solved)
+    with_descent = len(solves)
+    solves.clear()
+    monkeypatch.setattr(small_pivoting_module, "_DESCENT_MAX_STEPS", 0)
+    X_without, _ = _small_unit_route(G, 1e-7)
+    assert len(solves) > with_descent
+    torch.testing.assert_close(X, X_without, rtol=0, atol=1e-12)
