@@ -184,7 +184,11 @@ from torchjd.linalg._principal_pivoting import (
     scaled_cholesky,
 )
 from torchjd.linalg._probe import probe_first
-from torchjd.linalg._range_projection import least_energy_rows, range_projection_rows
+from torchjd.linalg._range_projection import (
+    least_energy_rows,
+    range_projection_rows,
+    zero_update_rows,
+)
 from torchjd.linalg._schur_pivoting import distinct_face_cost, distinct_faces, schur_pivoting
 from torchjd.linalg._small_pivoting import (
     _DENSE_MAX_M,
@@ -288,11 +292,12 @@ _RANGE_MIN_M = 512
 # same weights (within 3·10⁻¹⁵ in energy).
 _UNIQUE_MIN_M = 512
 # Exact mode, from this size to m = 64: a singular float64 G of rank at most
-# m / _SMALL_SPANNING_RANK is first tested for a positive span (_small_zero_update_rows). (Below,
-# its rows are cheaper by pivoting; Gramians of higher rank seldom have one: none among those of
-# benchmarks/non_conflict.py at m = 64, seed 0. From m = 9, its float64 calls at m = 16 took 1.36
-# times as long. In float32 at m = 64, 0.96 times, but with rows up to 1.5 times heavier.)
-_SMALL_SPANNING_MIN_M = 33
+# m / _SMALL_SPANNING_RANK is first tested for a positive span (_small_zero_update_rows). (Gramians
+# of higher rank seldom have one: none among those of benchmarks/non_conflict.py at m = 64, seed 0.
+# Up to m = 32, through zero_update_rows: with the Newton method of _spanning instead, from m = 9,
+# its float64 calls at m = 16 took 1.36 times as long as by pivoting. In float32 at m = 64, 0.96
+# times, but with rows up to 1.5 times heavier.)
+_SMALL_SPANNING_MIN_M = 9
 _SMALL_SPANNING_RANK = 3.0
 # Of max|c|: the least entry of c, on the rows of nonzero norm, that _certainly_pointed takes as
 # positive (far above the rounding of its products).
@@ -866,24 +871,40 @@ def _small_least_norm_route(
 ) -> Tensor:
     """:func:`_general_least_norm_route` up to ``m = 64``: the zero-update route
     (:func:`_small_zero_update_rows`) when the rows of ``J`` may positively span a subspace, else
-    :func:`_refined_least_norm`, then pivoting and its fallbacks for the rows left; last, the
-    least-energy polish of every row (:func:`_least_energy_polish`; ``v ≥ u``). The routes that
-    need the range factor of ``G_exact`` share one (:func:`_lazy_range_factor`): at ``m = 64``,
-    on the float64 hard Jacobians of ``benchmarks/non_conflict.py`` (seed 64), 34 factors instead
-    of 78 for the same rows."""
+    :func:`_refined_least_norm`, then the general route (:func:`_pivoting_route`) for the rows it
+    leaves, for every row or those that the zero-update route leaves; last, the least-energy
+    polish (:func:`_least_energy_polish`; ``v ≥ u``) of every row, or, up to
+    :data:`_MASKED_MAX_M`, of the pivoted rows only (the zero-update route's rows are of least
+    energy already, see :func:`~torchjd.linalg._range_projection.zero_update_rows`). The routes
+    that need the range factor of ``G_exact`` share one (:func:`_lazy_range_factor`): at
+    ``m = 64``, on the float64 hard Jacobians of ``benchmarks/non_conflict.py`` (seed 64), 34
+    factors instead of 78 for the same rows."""
     factor = _lazy_range_factor(G_exact)
+
+    def pivoted(rows: Tensor | slice) -> Tensor:
+        """The rows ``rows`` by pivoting, ``v ≥ u``."""
+        U_rows, GU_rows = U[rows], GU[rows]
+        X, solved = _refined_least_norm(G, G_exact, U_rows, GU_rows, tol, factor)
+        if not bool(solved.all()):
+            left = (~solved).nonzero().squeeze(1)
+            X[left] = _pivoting_route(
+                G, G_exact, U_rows[left], GU_rows[left], tol, max_iters, factor
+            )
+        return torch.maximum(X, U_rows)
+
     formed = _small_spanning_factor(G_exact, factor)
     zero_update = None if formed is None else _small_zero_update_rows(G_exact, U, tol, formed)
     if zero_update is None:
-        X, solved = _refined_least_norm(G, G_exact, U, GU, tol, factor)
-    else:  # (the rows it leaves, by pivoting)
+        X = pivoted(slice(None))
+    else:
         X, solved = zero_update
         (rows,) = (~solved).nonzero(as_tuple=True)
+        if G.shape[0] <= _MASKED_MAX_M:
+            if rows.numel() > 0:
+                X[rows] = _least_energy_polish(G_exact, U[rows], pivoted(rows), tol, factor)
+            return X
         if rows.numel() > 0:
-            X[rows], solved[rows] = _refined_least_norm(G, G_exact, U[rows], GU[rows], tol, factor)
-    if not bool(solved.all()):
-        left = (~solved).nonzero().squeeze(1)
-        X[left] = _pivoting_route(G, G_exact, U[left], GU[left], tol, max_iters, factor)
+            X[rows] = pivoted(rows)
     return _least_energy_polish(G_exact, U, torch.maximum(X, U), tol, factor)
 
 
@@ -906,23 +927,33 @@ def _small_zero_update_rows(
     """Exact mode, :data:`_SMALL_SPANNING_MIN_M` ``≤ m ≤ 64``, a singular float64 ``G`` of rank at
     most ``m /`` :data:`_SMALL_SPANNING_RANK` (``factor``: :func:`_small_spanning_factor`): when
     the rows of ``J`` positively span a subspace (every optimal update zero), the least-norm
-    weights of each row from the Newton method of :mod:`torchjd.linalg._spanning` (in the range
-    of ``G``), each row accepted when its update is zero and its KKT residual on ``G`` meets
-    ``tol``; returns ``(X, accepted)`` (``X``: the rows, ``u`` where not accepted), or None when
-    the rows do not span (or the rank is higher).
+    weights of each row, in the range of ``G``, each row accepted when its update is zero and its
+    KKT residual on ``G`` meets ``tol``; returns ``(X, accepted)`` (``X``: the rows, ``u`` where
+    not accepted), or None when the rows do not span (or the rank is higher).
 
-    The test: first :func:`_certainly_pointed` (a projection: no batch when it certifies that they
-    do not span), then the problem of ``u = 1``, feasible exactly when they span, solved as the
-    first row of the same batch, which stops as soon as that row certifies that they do not (see
-    :func:`~torchjd.linalg._spanning.null_space_projection`). The weights of the pivoting route
-    (:func:`_refined_least_norm`) are not always those of least energy on such ``G``: on 18 of the
-    46 singular float64 Gramians of ``benchmarks/non_conflict.py``'s hard Jacobians at ``m = 64``
-    (seed 0), some rows missed the optimality conditions of the least-energy weights by up to 0.9
-    of their scale (a linear program, HiGHS); this route meets them on 16."""
+    The test: first :func:`_certainly_pointed` (a projection: no solve when it certifies that they
+    do not span). Up to :data:`_MASKED_MAX_M`, the rows are then solved by the primal-dual
+    active-set method of :func:`~torchjd.linalg._range_projection.zero_update_rows` (a few
+    operations a step; on a span, most rows accepted after a few steps, the others left to the
+    pivoting route, as are all on a Gramian without span). Beyond, by the Newton method of
+    :mod:`torchjd.linalg._spanning`, with the problem of ``u = 1``, feasible exactly when they
+    span, as the first row of the same batch, which stops as soon as that row certifies that they
+    do not (see :func:`~torchjd.linalg._spanning.null_space_projection`). The weights of the
+    pivoting route (:func:`_refined_least_norm`) are not always those of least energy on such
+    ``G``: on 18 of the 46 singular float64 Gramians of ``benchmarks/non_conflict.py``'s hard
+    Jacobians at ``m = 64`` (seed 0), some rows missed the optimality conditions of the
+    least-energy weights by up to 0.9 of their scale (a linear program, HiGHS); this route meets
+    them on 16. On those of ``m = 16`` (seed 16), the 17 of 50 whose rows positively span took
+    0.79 ms a call against 1.18 by pivoting and the least-energy polish (medians of three runs, one
+    thread; 15 of them of rank at most ``m / 3``), with the same weights or lighter (4 rows, by
+    more than ``10⁻⁶`` of their energy)."""
     m = G.shape[0]
     ell, sqrt_weights = factor
     if not 0 < ell.shape[1] <= m / _SMALL_SPANNING_RANK or _certainly_pointed(G, ell, sqrt_weights):
         return None
+    if m <= _MASKED_MAX_M:
+        V, converged = zero_update_rows(G, tikhonov(G), U, tol, factor, TIKHONOV[G.dtype])
+        return torch.where(converged.unsqueeze(1), V, U), converged
     rows = torch.cat([torch.ones_like(U[:1]), U])
     V, converged = null_space_projection(
         ell, sqrt_weights, rows, tol, _RESIDUAL[G.dtype], feasibility=True, sentinel=True

@@ -80,8 +80,9 @@ from torch import Tensor
 
 from torchjd.linalg._kkt import feasible_kkt_residual, kkt_residual
 from torchjd.linalg._low_rank import cholesky_solve
+from torchjd.linalg._principal_pivoting import _MASKED_MAX_M, refine
 from torchjd.linalg._probe import probe_first
-from torchjd.linalg._spanning import _newton_factor
+from torchjd.linalg._spanning import _RIDGE, _newton_factor
 
 _STEPS = (0.5, 30)  # at most r / 2 + 30 steps of the active-set method (see range_projection_rows)
 _DEPENDENT = 1e-9  # a normal within this relative distance of the active ones' span is in it
@@ -89,6 +90,7 @@ _DEPENDENT = 1e-9  # a normal within this relative distance of the active ones' 
 _VIOLATION = 1e-12  # a violated constraint of the active-set method
 _TIGHT = 1e-10  # a tight constraint of the optimal update
 _NEWTON_STEPS = 30
+_ZERO_UPDATE_STEPS = 10  # of zero_update_rows
 # least_energy_rows: a row stops when a step on an unchanged free set does not reduce its
 # residual by this factor (the rounding of its Newton system).
 _STALL = 0.5
@@ -849,3 +851,68 @@ def _least_energy(
     scales = (u_scale, (sqrt_weights * sqrt_weights.amax()) * u_scale)
     meets = feasible_kkt_residual(G, U, V_new, V_new @ G, scales) <= tol
     return torch.where((lighter & meets).unsqueeze(1), V_new, V), lighter & ~meets
+
+
+def zero_update_rows(
+    G: Tensor,
+    G_face: Tensor,
+    U: Tensor,
+    tol: float,
+    factor: tuple[Tensor, Tensor],
+    floor: float,
+) -> tuple[Tensor, Tensor]:
+    """Rows ``v ≥ u`` of least :math:`\\sum_j W_j v_j^2` with a zero update ``Jᵀv = 0`` (``G``,
+    ``U`` in float64; ``factor``: :func:`~torchjd.linalg._spanning.range_factor` of ``G``), and
+    which rows are accepted: a zero update (``|(G v)_j|`` at most ``tol`` relative to the row's
+    scale, as :func:`~torchjd.linalg._kkt.kkt_residual` reads it) and a KKT residual on ``G``
+    within ``tol``. Those are optimal, and of least energy among the optima: every row's, when
+    the rows of ``J`` positively span a subspace; the others are left to the caller.
+
+    The problem of :func:`least_energy_rows` with ``y* = 0`` and every index in the tight set, by
+    its Newton method's full steps alone (the primal-dual active-set method: each step solves
+    ``ℓ_Fᵀ ℓ_F λ = −ℓ_Aᵀ b_A`` on the free set ``F = {j : (ℓλ)_j > b_j}`` of the last, until ``F``
+    repeats, at most :data:`_ZERO_UPDATE_STEPS` steps), from ``λ = −(ℓᵀℓ)⁻¹ ℓᵀ b`` (``ℓλ``: minus
+    the projection of ``b`` onto the range of ``ℓ``, positive on the indices whose rows conflict
+    with the row's own): a few operations a step, without line search (the rows that would need
+    it are left to the caller). Where the weights are large (near-duplicate rows), the rounding of
+    the range factor keeps a row above ``tol`` on ``G``: such rows are refined on their face of
+    ``G`` (:func:`~torchjd.linalg._principal_pivoting.refine`, its systems those of ``G_face``, a
+    Tikhonov regularisation of ``G``), as the pivoting route's rows are."""
+    ell, sqrt_weights = factor
+    # (ℓᵀℓ is diagonal: its columns are eigenvectors scaled by the root of their eigenvalue)
+    eigenvalues = (ell * ell).sum(dim=0)
+    ell = ell[:, eigenvalues >= floor]
+    eigenvalues = eigenvalues[eigenvalues >= floor]
+    (k, m), r = U.shape, ell.shape[1]
+    B = U * sqrt_weights
+    squares = (ell.unsqueeze(2) * ell.unsqueeze(1)).view(m, r * r)
+    lam = -(B @ ell) / eigenvalues
+    free = lam @ ell.T > B
+    ridge = _RIDGE[ell.dtype] * m * torch.eye(r, dtype=ell.dtype, device=ell.device)
+    for _ in range(_ZERO_UPDATE_STEPS):
+        M = (free.to(ell.dtype) @ squares).view(k, r, r) + ridge
+        lam = cholesky_solve(torch.linalg.cholesky_ex(M)[0], -(torch.where(free, 0.0, B) @ ell))
+        C = lam @ ell.T
+        previous, free = free, C > B
+        if bool((free == previous).all()):
+            break
+    V = torch.maximum(U, torch.maximum(B, C) / sqrt_weights)
+    u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
+    scales = (u_scale, (sqrt_weights * sqrt_weights.amax()) * u_scale)
+
+    def accepted(
+        U: Tensor, V: Tensor, scales: tuple[Tensor, ...], residual: Tensor | None
+    ) -> Tensor:
+        GV = V @ G
+        if residual is None:
+            residual = feasible_kkt_residual(G, U, V, GV, scales)
+        return ((GV.abs() / scales[1]).amax(dim=1) <= tol) & (residual <= tol)
+
+    solved = accepted(U, V, scales, None)
+    (rows,) = (~solved).nonzero(as_tuple=True)
+    if rows.numel() > 0:
+        U_rows, V_rows = U[rows], V[rows]
+        X, residual = refine(G, G_face, U_rows, V_rows, V_rows <= U_rows, tol, m <= _MASKED_MAX_M)
+        V[rows] = X
+        solved[rows] = accepted(U_rows, X, tuple(t[rows] for t in scales), residual)
+    return V, solved
