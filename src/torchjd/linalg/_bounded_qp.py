@@ -298,7 +298,9 @@ _UNIQUE_MIN_M = 512
 # its float64 calls at m = 16 took 1.36 times as long as by pivoting. In float32 at m = 64, 0.96
 # times, but with rows up to 1.5 times heavier.)
 _SMALL_SPANNING_MIN_M = 9
-_SMALL_SPANNING_RANK = 3.0
+# (By whether m ≤ _MASKED_MAX_M: up to m = 32, at rank m / 3 and m / 2.5, the float64 calls of
+# benchmarks/non_conflict.py at m = 16 took 445 and 420 torch operations on average; at m / 2, 430.)
+_SMALL_SPANNING_RANK = {False: 3.0, True: 2.5}
 # Of max|c|: the least entry of c, on the rows of nonzero norm, that _certainly_pointed takes as
 # positive (far above the rounding of its products).
 _POINTED_MARGIN = 1e-6
@@ -949,9 +951,11 @@ def _small_zero_update_rows(
     more than ``10⁻⁶`` of their energy)."""
     m = G.shape[0]
     ell, sqrt_weights = factor
-    if not 0 < ell.shape[1] <= m / _SMALL_SPANNING_RANK or _certainly_pointed(G, ell, sqrt_weights):
+    small = m <= _MASKED_MAX_M
+    rank = _SMALL_SPANNING_RANK[small]
+    if not 0 < ell.shape[1] <= m / rank or _certainly_pointed(G, ell, sqrt_weights):
         return None
-    if m <= _MASKED_MAX_M:
+    if small:
         V, converged = zero_update_rows(G, tikhonov(G), U, tol, factor, TIKHONOV[G.dtype])
         return torch.where(converged.unsqueeze(1), V, U), converged
     rows = torch.cat([torch.ones_like(U[:1]), U])
