@@ -112,11 +112,14 @@ class TorchProjector(DualConeProjector):
     (``benchmarks/exact_mode_routes.py``, one thread; at 1,024 rows, 1.7x in float64 and 1.1x in
     float32), up to 3.6x (float64) and 7x (float32) at 256 and 1,024 rows when the row norms
     spread over six decades (which the default's regularisation hides). A singular or nearly
-    singular one costs more: median ratio 1.5x to 1.8x in float32 at 16 and 64 rows, 3.0x and
+    singular one costs more: median ratio 1.5x to 1.8x in float32 at 16 and 64 rows, 2.2x and
     1.8x in float64, whose least-energy polish (above) costs about 0.3 ms and 1.2 ms a call
-    (less where every row's optimal weights are unique: it then checks them and stops)
-    (``benchmarks/non_conflict.py``, 100 hard Jacobians per dtype and size, one thread; in total
-    time 1.8x (float32) and 3.0x (float64) at 16 rows, and 2.7x and 3.2x at 64 rows, as about a
+    (less where every row's optimal weights are unique: it then checks them and stops; up to 32
+    rows, none where the rows positively span a subspace, a third of the singular Gramians at 16
+    rows, solved in the range of ``G`` by an active-set method that gives the least-energy
+    weights at once) (``benchmarks/non_conflict.py``, 100 hard Jacobians per dtype and size, one
+    thread; in total time 1.8x (float32) and 2.6x (float64) at 16 rows, and 2.7x and 3.2x at 64
+    rows, as about a
     third of the singular Gramians at 64 rows send some rows to a slower interior-point method,
     whose weights are then brought to the least-norm ones); when many more rows
     than the rank positively span a subspace (low-rank Gramians), 0.9x (float64) to 1.2x
