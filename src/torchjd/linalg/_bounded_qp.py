@@ -897,17 +897,16 @@ def _small_least_norm_route(
     formed = _small_spanning_factor(G_exact, factor)
     zero_update = None if formed is None else _small_zero_update_rows(G_exact, U, tol, formed)
     if zero_update is None:
-        X = pivoted(slice(None))
-    else:
-        X, solved = zero_update
-        (rows,) = (~solved).nonzero(as_tuple=True)
-        if G.shape[0] <= _MASKED_MAX_M:
-            if rows.numel() > 0:
-                X[rows] = _least_energy_polish(G_exact, U[rows], pivoted(rows), tol, factor)
-            return X
+        return _least_energy_polish(G_exact, U, pivoted(slice(None)), tol, factor)
+    X, solved = zero_update
+    (rows,) = (~solved).nonzero(as_tuple=True)
+    if G.shape[0] <= _MASKED_MAX_M:
         if rows.numel() > 0:
-            X[rows] = pivoted(rows)
-    return _least_energy_polish(G_exact, U, torch.maximum(X, U), tol, factor)
+            X[rows] = _least_energy_polish(G_exact, U[rows], pivoted(rows), tol, factor)
+        return X
+    if rows.numel() > 0:
+        X[rows] = pivoted(rows)
+    return _least_energy_polish(G_exact, U, X, tol, factor)
 
 
 def _small_spanning_factor(G: Tensor, factor: RangeFactor) -> tuple[Tensor, Tensor] | None:
