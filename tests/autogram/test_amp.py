@@ -1,6 +1,7 @@
 """The engine under automatic mixed precision: ``torch.autocast`` (bfloat16 on CPU) and a
 ``GradScaler``."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -116,3 +117,81 @@ def test_engine_called_inside_autocast_computes_as_outside():
     scaler.scale(losses).backward(weights)
     for fused, two_pass in zip(grads[0], [p.grad for p in model.parameters()], strict=True):
         assert (fused - two_pass).abs().max() <= 1e-2 * two_pass.abs().max()
+
+
+class _Scaled(nn.Module):
+    """A module without a built-in rule (the generic rule re-runs it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4) / 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.weight)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(4, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gru(x)[0]
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("make", [_Scaled, _Recurrent, _Attention])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_model_in_half_precision(make, dtype: torch.dtype):
+    """A model held in half precision (``model.half()``, no autocast) computes its rules in it
+    (rules that re-run it need its arguments in its parameters' dtype), and the fused step's
+    gradients are the two-pass step's (no gradient counted twice)."""
+    torch.manual_seed(0)
+    model = make().to(dtype)
+    x = torch.randn(5, 3, 4).to(dtype)
+    engine = Engine(model, batch_dim=0)
+    losses = model(x).float().pow(2).flatten(1).sum(dim=1)
+    G = engine.compute_gramian(losses)
+    expected = brute_force_gramian(losses, list(model.parameters()))
+    tolerance = 1e-2 if dtype == torch.float16 else 5e-2
+    assert (G - expected).abs().max() <= tolerance * expected.abs().max()
+    weights = UPGradWeighting()(G)
+    losses.backward(weights)
+    two_pass = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    engine.backward(model(x).float().pow(2).flatten(1).sum(dim=1), UPGradWeighting())
+    for p, g in zip(model.parameters(), two_pass, strict=True):
+        assert p.grad.dtype == dtype
+        assert (p.grad - g).abs().max() <= tolerance * g.abs().max()
+
+
+@pytest.mark.parametrize("make", [_Attention, _Recurrent])
+def test_fused_step_under_autocast_counts_each_gradient_once(make):
+    """Under float16 autocast the rules see float32 copies of the calls; what a rule releases in
+    the copies (output gradients, or the inner gradients of the attention's projections, kept as
+    per-sample gradients instead) is released in the calls, so the fused step does not add both."""
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(5, 3, 4)
+    engine = Engine(model, batch_dim=0)
+
+    def losses() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            output = model(x)
+        return output.float().pow(2).flatten(1).sum(dim=1)
+
+    values = losses()
+    values.backward(UPGradWeighting()(engine.compute_gramian(values)))
+    two_pass = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    engine.backward(losses(), UPGradWeighting())
+    for p, g in zip(model.parameters(), two_pass, strict=True):
+        assert (p.grad - g).abs().max() <= 1e-2 * g.abs().max()

@@ -457,7 +457,7 @@ class Engine:
         with torch.no_grad():
             for module, module_calls in kept.items():
                 weighted_gradients = self._rules[module][0].weighted_gradients  # type: ignore[attr-defined]
-                pairs = weighted_gradients(module, in_float32(module_calls), W) or []
+                pairs = weighted_gradients(module, in_float32(module, module_calls), W) or []
                 for param, grad in pairs:
                     if plan.accepts(module, param):
                         fused.append((param, grad))
@@ -546,7 +546,7 @@ class Engine:
             rule = self._rules[module][0]
             # The Gramian is a statistic: no graph to the activations (within the backward pass,
             # which disables it, no context needed).
-            seen = in_float32(module_calls)
+            seen = in_float32(module, module_calls)
             with torch.no_grad() if torch.is_grad_enabled() else nullcontext():
                 blocks[module] = rule(module, seen)
             release_like(module_calls, seen)
@@ -624,7 +624,7 @@ class Engine:
         members = [
             (
                 m,
-                in_float32(present[m]),
+                in_float32(m, present[m]),
                 [p for p in m.parameters(recurse=covers) if p.requires_grad],
             )
             for m, covers in group.members

@@ -90,14 +90,18 @@ class ModuleCall:
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def in_float32(calls: list[ModuleCall]) -> list[ModuleCall]:
-    """The calls as the rules see them. When their output gradients are in half precision (the
-    module ran under ``torch.autocast``, or in half precision), copies whose half-precision tensors
-    (arguments, outputs' stand-ins, output and inner gradients) are in float32: a Gramian entry is
-    a sum of products of gradients, which in float16 overflows beyond 65504 (a gradient scaler's
-    scale squared reaches that at once) and in bfloat16 rounds to 8 bits. The copies share
-    ``saved``; :func:`release_like` passes the release of their output gradients on."""
+def in_float32(module: nn.Module, calls: list[ModuleCall]) -> list[ModuleCall]:
+    """The calls of ``module`` as its rule sees them. When their output gradients are in half
+    precision while the module's parameters are not (it ran under ``torch.autocast``), copies whose
+    half-precision tensors (arguments, outputs' stand-ins, output and inner gradients) are in
+    float32: a Gramian entry is a sum of products of gradients, which in float16 overflows beyond
+    65504 (a gradient scaler's scale squared reaches that at once) and in bfloat16 rounds to 8 bits.
+    (A module in half precision itself computes in it: a rule that re-runs it needs its arguments
+    in its parameters' dtype.) The copies share ``saved``; :func:`release_like` passes the release
+    of their output and inner gradients on."""
     if not any(g is not None and g.dtype in _HALF for c in calls for g in c.grad_outputs):
+        return calls
+    if any(p.dtype in _HALF for p in module.parameters()):
         return calls
     return [
         replace(
@@ -113,15 +117,17 @@ def in_float32(calls: list[ModuleCall]) -> list[ModuleCall]:
 
 
 def release_like(calls: list[ModuleCall], seen: list[ModuleCall]) -> None:
-    """Releases the output gradients of ``calls`` that the rule released in their copies ``seen``
-    (see :func:`in_float32`): it keeps what the fused step needs in their place."""
+    """Releases the output and inner gradients of ``calls`` that the rule released in their copies
+    ``seen`` (see :func:`in_float32`): it keeps what the fused step needs in their place."""
     if seen is calls:
         return
     for call, copy in zip(calls, seen, strict=True):
-        call.grad_outputs = [
-            None if mine is None else gamma
-            for gamma, mine in zip(call.grad_outputs, copy.grad_outputs, strict=True)
-        ]
+        call.grad_outputs = _released(call.grad_outputs, copy.grad_outputs)
+        call.inner_grads = _released(call.inner_grads, copy.inner_grads)
+
+
+def _released(mine: list[Tensor | None], seen: list[Tensor | None]) -> list[Tensor | None]:
+    return [None if s is None else g for g, s in zip(mine, seen, strict=True)]
 
 
 def _up(dtype: torch.dtype) -> torch.dtype:
