@@ -955,7 +955,7 @@ def _small_zero_update_rows(
     if not 0 < ell.shape[1] <= m / rank or _certainly_pointed(G, ell, sqrt_weights):
         return None
     if small:
-        V, converged = zero_update_rows(G, tikhonov(G), U, tol, factor, TIKHONOV[G.dtype])
+        V, converged = zero_update_rows(G, U, tol, factor, TIKHONOV[G.dtype])
         return torch.where(converged.unsqueeze(1), V, U), converged
     rows = torch.cat([torch.ones_like(U[:1]), U])
     V, converged = null_space_projection(

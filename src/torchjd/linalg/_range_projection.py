@@ -80,7 +80,6 @@ from torch import Tensor
 
 from torchjd.linalg._kkt import feasible_kkt_residual, kkt_residual
 from torchjd.linalg._low_rank import cholesky_solve
-from torchjd.linalg._principal_pivoting import _MASKED_MAX_M, refine
 from torchjd.linalg._probe import probe_first
 from torchjd.linalg._spanning import _RIDGE, _newton_factor
 
@@ -854,12 +853,7 @@ def _least_energy(
 
 
 def zero_update_rows(
-    G: Tensor,
-    G_face: Tensor,
-    U: Tensor,
-    tol: float,
-    factor: tuple[Tensor, Tensor],
-    floor: float,
+    G: Tensor, U: Tensor, tol: float, factor: tuple[Tensor, Tensor], floor: float
 ) -> tuple[Tensor, Tensor]:
     """Rows ``v ≥ u`` of least :math:`\\sum_j W_j v_j^2` with a zero update ``Jᵀv = 0`` (``G``,
     ``U`` in float64; ``factor``: :func:`~torchjd.linalg._spanning.range_factor` of ``G``), and
@@ -875,9 +869,8 @@ def zero_update_rows(
     the projection of ``b`` onto the range of ``ℓ``, positive on the indices whose rows conflict
     with the row's own): a few operations a step, without line search (the rows that would need
     it are left to the caller). Where the weights are large (near-duplicate rows), the rounding of
-    the range factor keeps a row above ``tol`` on ``G``: such rows are refined on their face of
-    ``G`` (:func:`~torchjd.linalg._principal_pivoting.refine`, its systems those of ``G_face``, a
-    Tikhonov regularisation of ``G``), as the pivoting route's rows are."""
+    the range factor can keep a row above ``tol`` on ``G``: such a row is left to the caller too
+    (refined on its face, it would be optimal but not of least energy)."""
     ell, sqrt_weights = factor
     # (ℓᵀℓ is diagonal: its columns are eigenvectors scaled by the root of their eigenvalue)
     eigenvalues = (ell * ell).sum(dim=0)
@@ -900,19 +893,7 @@ def zero_update_rows(
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
     scales = (u_scale, (sqrt_weights * sqrt_weights.amax()) * u_scale)
 
-    def accepted(
-        U: Tensor, V: Tensor, scales: tuple[Tensor, ...], residual: Tensor | None
-    ) -> Tensor:
-        GV = V @ G
-        if residual is None:
-            residual = feasible_kkt_residual(G, U, V, GV, scales)
-        return ((GV.abs() / scales[1]).amax(dim=1) <= tol) & (residual <= tol)
-
-    solved = accepted(U, V, scales, None)
-    (rows,) = (~solved).nonzero(as_tuple=True)
-    if rows.numel() > 0:
-        U_rows, V_rows = U[rows], V[rows]
-        X, residual = refine(G, G_face, U_rows, V_rows, V_rows <= U_rows, tol, m <= _MASKED_MAX_M)
-        V[rows] = X
-        solved[rows] = accepted(U_rows, X, tuple(t[rows] for t in scales), residual)
+    GV = V @ G
+    residual = feasible_kkt_residual(G, U, V, GV, scales)
+    solved = ((GV.abs() / scales[1]).amax(dim=1) <= tol) & (residual <= tol)
     return V, solved
