@@ -19,7 +19,7 @@ from tests.linalg.test_xs4_zero_update import (
     spanning_jacobian,
 )
 from torchjd.linalg import _bounded_qp
-from torchjd.linalg._bounded_qp import LEAST_NORM_TOL, TIKHONOV
+from torchjd.linalg._bounded_qp import LEAST_NORM_TOL, TIKHONOV, tikhonov
 from torchjd.linalg._range_projection import zero_update_rows
 from torchjd.linalg._spanning import range_factor
 
@@ -75,7 +75,7 @@ def test_rows_without_positive_span_not_accepted_wrongly(seed: int):
     U = torch.eye(m, dtype=G.dtype)
     factor = range_factor(G, torch.float64)
     assert factor is not None
-    V, accepted = zero_update_rows(G, U, TOL, factor, TIKHONOV[torch.float64])
+    V, accepted, _ = zero_update_rows(G, tikhonov(G), U, TOL, factor, TIKHONOV[torch.float64])
     J_np = J.numpy()
     scale = J.norm(dim=1).max()
     for i in range(m):

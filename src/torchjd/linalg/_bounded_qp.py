@@ -898,11 +898,15 @@ def _small_least_norm_route(
     zero_update = None if formed is None else _small_zero_update_rows(G_exact, U, tol, formed)
     if zero_update is None:
         return _least_energy_polish(G_exact, U, pivoted(slice(None)), tol, factor)
-    X, solved = zero_update
+    X, solved, optimal = zero_update
     (rows,) = (~solved).nonzero(as_tuple=True)
     if G.shape[0] <= _MASKED_MAX_M:
-        if rows.numel() > 0:
-            X[rows] = _least_energy_polish(G_exact, U[rows], pivoted(rows), tol, factor)
+        if rows.numel() > 0:  # (the optimal ones are polished without pivoting)
+            X_rows = X[rows]
+            (left,) = (~optimal[rows]).nonzero(as_tuple=True)
+            if left.numel() > 0:
+                X_rows[left] = pivoted(rows[left])
+            X[rows] = _least_energy_polish(G_exact, U[rows], X_rows, tol, factor)
         return X
     if rows.numel() > 0:
         X[rows] = pivoted(rows)
@@ -924,19 +928,21 @@ def _small_spanning_factor(G: Tensor, factor: RangeFactor) -> tuple[Tensor, Tens
 
 def _small_zero_update_rows(
     G: Tensor, U: Tensor, tol: float, factor: tuple[Tensor, Tensor]
-) -> tuple[Tensor, Tensor] | None:
+) -> tuple[Tensor, Tensor, Tensor] | None:
     """Exact mode, :data:`_SMALL_SPANNING_MIN_M` ``≤ m ≤ 64``, a singular float64 ``G`` of rank at
     most ``m /`` :data:`_SMALL_SPANNING_RANK` (``factor``: :func:`_small_spanning_factor`): when
     the rows of ``J`` positively span a subspace (every optimal update zero), the least-norm
     weights of each row, in the range of ``G``, each row accepted when its update is zero and its
-    KKT residual on ``G`` meets ``tol``; returns ``(X, accepted)`` (``X``: the rows, ``u`` where
-    not accepted), or None when the rows do not span (or the rank is higher).
+    KKT residual on ``G`` meets ``tol``; returns ``(X, accepted, optimal)`` (``X``: the rows,
+    ``u`` where not optimal; ``optimal``: the accepted rows and, up to :data:`_MASKED_MAX_M`,
+    those refined to ``tol`` on their face, optimal but not always of least energy), or None when
+    the rows do not span (or the rank is higher).
 
     The test: first :func:`_certainly_pointed` (a projection: no solve when it certifies that they
     do not span). Up to :data:`_MASKED_MAX_M`, the rows are then solved by the primal-dual
     active-set method of :func:`~torchjd.linalg._range_projection.zero_update_rows` (a few
-    operations a step; on a span, most rows accepted after a few steps, the others left to the
-    pivoting route, as are all on a Gramian without span). Beyond, by the Newton method of
+    operations a step; on a span, most rows accepted after a few steps, the others refined or left
+    to the pivoting route, as are all on a Gramian without span). Beyond, by the Newton method of
     :mod:`torchjd.linalg._spanning`, with the problem of ``u = 1``, feasible exactly when they
     span, as the first row of the same batch, which stops as soon as that row certifies that they
     do not (see :func:`~torchjd.linalg._spanning.null_space_projection`). The weights of the
@@ -955,8 +961,8 @@ def _small_zero_update_rows(
     if not 0 < ell.shape[1] <= m / rank or _certainly_pointed(G, ell, sqrt_weights):
         return None
     if small:
-        V, converged = zero_update_rows(G, U, tol, factor, TIKHONOV[G.dtype])
-        return torch.where(converged.unsqueeze(1), V, U), converged
+        V, converged, optimal = zero_update_rows(G, tikhonov(G), U, tol, factor, TIKHONOV[G.dtype])
+        return torch.where(optimal.unsqueeze(1), V, U), converged, optimal
     rows = torch.cat([torch.ones_like(U[:1]), U])
     V, converged = null_space_projection(
         ell, sqrt_weights, rows, tol, _RESIDUAL[G.dtype], feasibility=True, sentinel=True
@@ -965,7 +971,7 @@ def _small_zero_update_rows(
         return None
     V, converged = V[1:], converged[1:]
     converged &= kkt_residual(G, U, V, V @ G) <= tol
-    return torch.where(converged.unsqueeze(1), V, U), converged
+    return torch.where(converged.unsqueeze(1), V, U), converged, converged
 
 
 def _certainly_pointed(G: Tensor, ell: Tensor, sqrt_weights: Tensor) -> bool:

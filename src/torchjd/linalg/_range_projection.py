@@ -80,6 +80,7 @@ from torch import Tensor
 
 from torchjd.linalg._kkt import feasible_kkt_residual, kkt_residual
 from torchjd.linalg._low_rank import cholesky_solve
+from torchjd.linalg._principal_pivoting import _MASKED_MAX_M, refine
 from torchjd.linalg._probe import probe_first
 from torchjd.linalg._spanning import _RIDGE, _newton_factor
 
@@ -853,14 +854,20 @@ def _least_energy(
 
 
 def zero_update_rows(
-    G: Tensor, U: Tensor, tol: float, factor: tuple[Tensor, Tensor], floor: float
-) -> tuple[Tensor, Tensor]:
+    G: Tensor,
+    G_face: Tensor,
+    U: Tensor,
+    tol: float,
+    factor: tuple[Tensor, Tensor],
+    floor: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Rows ``v ≥ u`` of least :math:`\\sum_j W_j v_j^2` with a zero update ``Jᵀv = 0`` (``G``,
     ``U`` in float64; ``factor``: :func:`~torchjd.linalg._spanning.range_factor` of ``G``), and
-    which rows are accepted: a zero update (``|(G v)_j|`` at most ``tol`` relative to the row's
-    scale, as :func:`~torchjd.linalg._kkt.kkt_residual` reads it) and a KKT residual on ``G``
-    within ``tol``. Those are optimal, and of least energy among the optima: every row's, when
-    the rows of ``J`` positively span a subspace; the others are left to the caller.
+    which rows are accepted, then which are optimal: accepted, a zero update (``|(G v)_j|`` at
+    most ``tol`` relative to the row's scale, as :func:`~torchjd.linalg._kkt.kkt_residual` reads
+    it) and a KKT residual on ``G`` within ``tol``. Those are optimal, and of least energy among
+    the optima: every row's, when the rows of ``J`` positively span a subspace; the others are
+    left to the caller.
 
     The problem of :func:`least_energy_rows` with ``y* = 0`` and every index in the tight set, by
     its Newton method's full steps alone (the primal-dual active-set method: each step solves
@@ -869,8 +876,10 @@ def zero_update_rows(
     the projection of ``b`` onto the range of ``ℓ``, positive on the indices whose rows conflict
     with the row's own): a few operations a step, without line search (the rows that would need
     it are left to the caller). Where the weights are large (near-duplicate rows), the rounding of
-    the range factor can keep a row above ``tol`` on ``G``: such a row is left to the caller too
-    (refined on its face, it would be optimal but not of least energy)."""
+    the range factor keeps a row above ``tol`` on ``G``: such rows are refined on their face of
+    ``G`` (:func:`~torchjd.linalg._principal_pivoting.refine`, its systems those of ``G_face``, a
+    Tikhonov regularisation of ``G``), as the pivoting route's rows are; those that then meet
+    ``tol`` are optimal, but not always of least energy (not accepted)."""
     ell, sqrt_weights = factor
     # (ℓᵀℓ is diagonal: its columns are eigenvectors scaled by the root of their eigenvalue)
     eigenvalues = (ell * ell).sum(dim=0)
@@ -893,7 +902,20 @@ def zero_update_rows(
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
     scales = (u_scale, (sqrt_weights * sqrt_weights.amax()) * u_scale)
 
-    GV = V @ G
-    residual = feasible_kkt_residual(G, U, V, GV, scales)
-    solved = ((GV.abs() / scales[1]).amax(dim=1) <= tol) & (residual <= tol)
-    return V, solved
+    def meets_tol(
+        U: Tensor, V: Tensor, scales: tuple[Tensor, ...], residual: Tensor | None
+    ) -> Tensor:
+        GV = V @ G
+        if residual is None:
+            residual = feasible_kkt_residual(G, U, V, GV, scales)
+        return ((GV.abs() / scales[1]).amax(dim=1) <= tol) & (residual <= tol)
+
+    accepted = meets_tol(U, V, scales, None)
+    optimal = accepted.clone()
+    (rows,) = (~accepted).nonzero(as_tuple=True)
+    if rows.numel() > 0:
+        U_rows, V_rows = U[rows], V[rows]
+        X, residual = refine(G, G_face, U_rows, V_rows, V_rows <= U_rows, tol, m <= _MASKED_MAX_M)
+        V[rows] = X
+        optimal[rows] = meets_tol(U_rows, X, tuple(t[rows] for t in scales), residual)
+    return V, accepted, optimal
