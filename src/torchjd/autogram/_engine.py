@@ -28,6 +28,8 @@ from torchjd.autogram._rules._generic import generic_rule, generic_subtree_rule
 from torchjd.autogram._rules._tied import fuses_from_recorded, tied_group_gramian
 from torchjd.autogram._streaming import (
     GramianStream,
+    activation_folds,
+    fold_activation,
     lowest_edges,
     register_grad_hooks,
     streams_several_objectives,
@@ -519,12 +521,13 @@ class Engine:
         solo = calls if not grouped else {m: c for m, c in calls.items() if m not in grouped}
         streamed = self._streamed(solo, R) if output.grad_fn is not None else {}
         below: dict[Any, bool] = {}
+        parents: dict[Any, list[Any]] = {}
         leaves = None
         if fused or streamed:  # one walk of the graph for both
             nodes = {
                 e.node for cs in calls.values() for c in cs for e in (*c.edges, *c.inner_edges)
             }
-            leaves, below = walk_graph(output.grad_fn, nodes)
+            leaves, below = walk_graph(output.grad_fn, nodes, parents)
         plan = FusionPlan(output, solo, self._rules, leaves) if fused else None
         # the groups whose modules' weighted_gradients need only the recorded inputs and output
         # gradients (the group's rule may not have run their own rules, which save what others
@@ -573,7 +576,7 @@ class Engine:
         saved = {id(c): dict(c.saved) for cs in streamed.values() for c in cs} if R > 1 else {}
         try:
             grads, stream, requested = self._gramian_pass(
-                output, calls, streamed, cotangents, retain_graph, run_rule, below
+                output, calls, streamed, cotangents, retain_graph, run_rule, below, parents
             )
         except NotVectorized:  # R > 1 and an operation without a batching rule: no stream
             for module_calls in streamed.values():  # undo what the rules that ran did
@@ -584,7 +587,7 @@ class Engine:
             budget = kept_bytes
             streamed = {}
             grads, stream, requested = self._gramian_pass(
-                output, calls, streamed, cotangents, retain_graph, run_rule, below
+                output, calls, streamed, cotangents, retain_graph, run_rule, below, parents
             )
         del saved
         self._store_grads(calls, streamed, requested, iter(grads))
@@ -646,14 +649,27 @@ class Engine:
         retain_graph: bool,
         run_rule: Callable[[nn.Module, list[ModuleCall]], None],
         below: dict[Any, bool],
+        parents: dict[Any, list[Any]],
     ) -> tuple[tuple[Tensor | None, ...], GramianStream | None, set[tuple[int, int]]]:
         """The backward pass of the Gramian, with the ``streamed`` rules running during it: the
         gradients it returns, its stream (None without streamed rules) and the keys of the lowest
         streamed edges (see :meth:`_requested_edges`). With streamed rules and several objectives
         per sample, raises ``NotVectorized`` when the vectorised pass fails. ``below``: the
-        graph walk's (see ``walk_graph``) for the recorded edges, when ``streamed``."""
-        requested, lowest = self._requested_edges(output, calls, streamed, below)
+        graph walk's (see ``walk_graph``) for the recorded edges, when ``streamed``, and
+        ``parents`` its nodes above them.
+
+        With one objective per sample and the graph kept, a lowest streamed output followed by an
+        elementwise activation alone (a convolution's ReLU, in a CNN) is not requested: the pass
+        stops above the activation, and the rule gets the gradient from the activation's, by its
+        backward formula applied in place (``fold_activation``): otherwise the gradients above
+        and below that activation (the largest activations, often) took the pass's peak of
+        memory together."""
         R = cotangents[0].shape[0]
+        # no fold in a pass that frees the graph: the activation's saved tensor would outlive it
+        fold = R == 1 and retain_graph
+        requested, lowest, folds = self._requested_edges(
+            output, calls, streamed, below, parents if fold else {}
+        )
         if streamed:
             self._stream = GramianStream(streamed, lowest, run_rule, R)
         try:
@@ -664,6 +680,14 @@ class Engine:
                 retain_graph=retain_graph,
                 vectorized_only=bool(streamed) and R > 1,
             )
+            if folds:  # the folded outputs' gradients, to their rules (nothing else holds them)
+                assert self._stream is not None
+                grads = list(grads)  # type: ignore[assignment]
+                for index, (call, k, node) in folds.items():
+                    grad, grads[index] = grads[index], None  # type: ignore[index]
+                    if grad is not None:
+                        self._stream.receive(call, k, fold_activation(node, grad), None)
+                    del grad
         finally:
             stream, self._stream = self._stream, None
         return grads, stream, lowest
@@ -692,13 +716,16 @@ class Engine:
         calls: dict[nn.Module, list[ModuleCall]],
         streamed: dict[nn.Module, list[ModuleCall]],
         below: dict[Any, bool],
-    ) -> tuple[list[Any], set[tuple[int, int]]]:
-        """The gradient edges that the backward pass returns, and among them, the keys
+        parents: dict[Any, list[Any]],
+    ) -> tuple[list[Any], set[tuple[int, int]], dict[int, tuple[ModuleCall, int, Any]]]:
+        """The gradient edges that the backward pass returns, among them the keys
         ``(id(call), k)`` of the lowest streamed ones (``k`` indexes the call's outputs, then its
-        inner edges)."""
+        inner edges), and those of the lowest outputs folded with their activation (see
+        ``activation_folds``; none without ``parents``): by index in the edges (the
+        activation's), their call, ``k`` and the activation's node."""
         if not streamed:
             edges = [e for cs in calls.values() for c in cs for e in (*c.edges, *c.inner_edges)]
-            return edges, set()
+            return edges, set(), {}
         keyed = [
             ((id(c), k), edge)
             for cs in calls.values()
@@ -723,8 +750,18 @@ class Engine:
                     and (e.node, e.output_nr) in returned
                 )
             }
-        requested = [edge for key, edge in keyed if key[0] not in inside or key in lowest]
-        return requested, {key for key in lowest if key[0] in inside}
+        lowest = {key for key in lowest if key[0] in inside}
+        by_id = {id(c): c for cs in streamed.values() for c in cs}
+        activations = activation_folds(keyed, lowest, by_id, parents) if parents else {}
+        requested, folds = [], {}
+        for key, edge in keyed:
+            if key[0] in inside and key not in lowest:
+                continue
+            if key in activations:
+                folds[len(requested)] = (by_id[key[0]], key[1], activations[key])
+                edge = GradientEdge(activations[key], 0)
+            requested.append(edge)
+        return requested, lowest, folds
 
     @staticmethod
     def _store_grads(
