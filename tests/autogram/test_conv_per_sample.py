@@ -3,6 +3,8 @@ blocks of samples; the first kernel dimension unfolded or looped over; whole or 
 output channels): exact against brute force (float64, 1e-10) for every option, and in the fused
 step."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +13,7 @@ from torch import Tensor, nn
 
 import torchjd.autogram._rules._conv as conv_module
 from tests.autogram._helpers import assert_gramian_exact
+from tests.autogram.test_activation_fold import _peak_allocated
 from tests.autogram.test_fused import assert_fused_exact, leaves_of
 from torchjd.autogram import Engine
 
@@ -367,9 +370,12 @@ def test_grouped_weight_never_read(R, whole, dtype, grouped_path, monkeypatch):
     """The weight that the grouped convolutions receive is contiguous (the kernel copies one that
     is not) and its values are never read: filled with NaN, the Gramian and the fused step's
     gradients are still exact (float64; float32, the oneDNN kernel where available, against
-    float64)."""
+    float64). By blocks of samples (always in the Gramian's step), the weight is the block's rows
+    of the per-objective gradients' buffer, filled with NaN here before any is written."""
     shapes: list[tuple[int, ...]] = []
+    buffers: list[tuple[int, ...]] = []
     unread_weight = conv_module._unread_weight
+    jacobian_buffer = conv_module._jacobian_buffer
 
     def nan_weight(like: Tensor, shape: tuple[int, ...]) -> Tensor:
         weight = unread_weight(like, shape)
@@ -379,7 +385,12 @@ def test_grouped_weight_never_read(R, whole, dtype, grouped_path, monkeypatch):
         shapes.append(shape)
         return weight.fill_(torch.nan)
 
+    def nan_buffer(module: nn.Module, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        buffers.append(shape)
+        return jacobian_buffer(module, shape, like).fill_(torch.nan)  # type: ignore[arg-type]
+
     monkeypatch.setattr(conv_module, "_unread_weight", nan_weight)
+    monkeypatch.setattr(conv_module, "_jacobian_buffer", nan_buffer)
     monkeypatch.setattr(conv_module, "keeps_jacobian", lambda *args: True)
     if not whole:
         monkeypatch.setattr(conv_module, "GROUPED_WHOLE_BYTES", 0)
@@ -393,8 +404,8 @@ def test_grouped_weight_never_read(R, whole, dtype, grouped_path, monkeypatch):
     with Engine(conv, batch_dim=0) as engine:
         G = engine.compute_gramian(forward(conv, x))
     assert grouped_path
-    assert shapes
-    assert all(shape[1:] == conv.weight.shape[1:] for shape in shapes)
+    assert buffers  # by blocks (two calls), J's rows as the weight
+    assert not shapes
     tolerance = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(
         G.double(), G_ref, rtol=tolerance, atol=tolerance * G_ref.abs().max()
@@ -403,11 +414,65 @@ def test_grouped_weight_never_read(R, whole, dtype, grouped_path, monkeypatch):
     with Engine(conv, batch_dim=0) as engine:
         engine.backward(forward(conv, x), lambda _: weights.to(dtype))
     forward(reference, x.double()).reshape(-1).backward(weights)
+    assert all(shape[1:] == conv.weight.shape[1:] for shape in shapes)
     for p, p_ref in zip(conv.parameters(), reference.parameters(), strict=True):
         assert p.grad is not None
         assert p_ref.grad is not None
         scale = tolerance * p_ref.grad.abs().max()
         torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=tolerance, atol=scale)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_grouped_gramian_step_by_blocks_into_fresh_memory(monkeypatch):
+    """In the Gramian's step, the grouped path (float32, oneDNN) runs by blocks of samples even
+    with one call and one objective per sample, into fresh memory: exact against float64 brute
+    force, no buffer kept by the engine, and the pass's peak within the output gradients and the
+    per-objective gradients plus half the output gradients (a convolution over all the samples
+    took twice the output gradients more: its weight and oneDNN's copies). The fused step still
+    forms them whole (its weight from ``_unread_weight``)."""
+    unread: list[tuple[int, ...]] = []
+    unread_weight = conv_module._unread_weight
+
+    def spy(like: Tensor, shape: tuple[int, ...]) -> Tensor:
+        unread.append(shape)
+        return unread_weight(like, shape).fill_(torch.nan)  # never read
+
+    monkeypatch.setattr(conv_module, "_unread_weight", spy)
+    monkeypatch.setattr(conv_module, "GROUPED_BYTES", 1 << 17)  # blocks of 2 samples
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, padding=1, dtype=torch.float32)
+    reference = nn.Conv2d(16, 32, 3, padding=1, dtype=torch.float64)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(32, 16, 16, 16, dtype=torch.float32)
+    scale = torch.randn(32, 16, 16, dtype=torch.float32)
+    forward = lambda model, x: (model(x) * scale.to(x.dtype)).flatten(1).sum(1)  # noqa: E731
+    G_ref = assert_gramian_exact([reference], lambda: forward(reference, x.double()), 0)
+    gamma_bytes, jacobian_bytes = 32 * 32 * 16 * 16 * 4, 32 * conv.weight.numel() * 4
+    with Engine(conv, batch_dim=0) as engine:
+        for _ in range(2):  # the second step: the oneDNN kernels' one-time allocations made
+            losses = forward(conv, x)
+            G = _peak_and_result(lambda: engine.compute_gramian(losses))  # noqa: B023
+            assert not engine._workspaces._buffers
+        torch.testing.assert_close(G[1].double(), G_ref, rtol=1e-4, atol=1e-4 * G_ref.abs().max())
+        assert G[0] <= gamma_bytes + jacobian_bytes + gamma_bytes // 2
+        assert not unread
+        weights = torch.rand(32, dtype=torch.float32)
+        engine.backward(forward(conv, x), lambda _: weights)
+    assert unread == [(32 * 32, 16, 3, 3)]
+    forward(reference, x.double()).backward(weights.double())
+    for p, p_ref in zip(conv.parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None
+        assert p_ref.grad is not None
+        tolerance = 1e-4 * p_ref.grad.abs().max()
+        torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=1e-4, atol=tolerance)
+
+
+def _peak_and_result(run: Callable[[], Tensor]) -> tuple[int, Tensor]:
+    """The peak of the CPU allocator's bytes during ``run()`` above its level at the start (see
+    ``test_activation_fold._peak_allocated``), and ``run()``'s result."""
+    results: list[Tensor] = []
+    peak = _peak_allocated(lambda: results.append(run()))
+    return peak, results[0]
 
 
 @pytest.mark.parametrize("frozen", ["weight", "bias"])

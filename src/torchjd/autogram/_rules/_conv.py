@@ -39,10 +39,12 @@ side along the channels (``[1, B C_in, *spatial]``), a convolution with one grou
 group of the module has, as its weight gradient for the output gradients of objective :math:`r`,
 the per-sample weight gradients :math:`J_{ir}` (``[B C_out, C_in/g, *kernel]``), and as its bias
 gradient the bias's per-objective gradients; there, oneDNN's kernel for it runs about twice as
-fast as the batched products. :math:`G = J J^\top` is formed
-by its lower triangle when large enough (about half of the products: see :func:`_blocks_gram`);
-in float32 on the CPU with oneDNN, by oneDNN's matrix products (on one thread of an AMD EPYC, about
-twice as fast as those of the BLAS, which do not use its widest vector instructions there).
+fast as the batched products (on blocks of samples, into fresh memory, in the Gramian's step,
+whose peak memory it would set otherwise: see ``GROUPED_WHOLE_BYTES``). :math:`G = J J^\top` is
+formed by its lower triangle when large enough (about half of the products: see
+:func:`_blocks_gram`); in float32 on the CPU with oneDNN, by oneDNN's matrix products (on one
+thread of an AMD EPYC, about twice as fast as those of the BLAS, which do not use its widest vector
+instructions there).
 
 For the fused step, the gradient of the weighted objectives is :math:`\sum_{ir} w_{ir} J_{ir}`
 (the bias's too, when in :math:`J`) when :math:`J` was formed whole and kept (in place of the
@@ -70,7 +72,7 @@ from torchjd.autogram._rules._linear import (
     per_objective_is_cheaper,
     weight_gramian,
 )
-from torchjd.autogram._workspace import empty
+from torchjd.autogram._workspace import empty, fusing
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -86,18 +88,24 @@ run faster than the products; narrower (a first layer on 3 channels), they do no
 
 GROUPED_BYTES = 1 << 21
 """About the most memory that one block of samples of :func:`_grouped_jacobian` takes (inputs,
-output gradients and weight gradients), beyond ``GROUPED_WHOLE_BYTES`` or with several objectives
-per sample or calls (whole, oneDNN's buffers for large kernels take fresh memory at each step, a
-page fault per page)."""
+output gradients and weight gradients): always in the Gramian's step
+(:meth:`~torchjd.autogram.Engine.compute_gramian`), and in the fused step beyond
+``GROUPED_WHOLE_BYTES`` or with several objectives per sample or calls (whole, oneDNN's buffers
+for large kernels take fresh memory at each step, a page fault per page). By blocks, the
+kernel's temporaries (its copies of the block's inputs, output gradients and weight gradients in
+its own layouts) stay small: on cnn64 of ``benchmarks/autogram_memory.py``, the second layer's
+rule holds 2.6 MiB beyond its 4.5 MiB of per-objective gradients (11 samples a block), instead of
+the 10.5 MiB of a convolution over all the samples (its weight and its temporaries)."""
 
 GROUPED_WHOLE_BYTES = 1 << 24
 """The most memory (inputs, output gradients and weight gradients of all the samples) for which
-:func:`_grouped_jacobian`, with one call and one objective per sample, runs one convolution for
-all the samples and takes its weight gradient as the per-objective gradients (no copy into a
-buffer). On one CPU thread, cnn64's second layer of ``benchmarks/autogram_step.py`` (``[64, 32,
-16, 16]`` inputs, a 32 to 64 map, 11 MiB): 5.9 ms instead of 6.2-6.3 by blocks of
+:func:`_grouped_jacobian`, in the fused step, with one call and one objective per sample, runs one
+convolution for all the samples and takes its weight gradient as the per-objective gradients (no
+copy into a buffer). On one CPU thread, cnn64's second layer of ``benchmarks/autogram_step.py``
+(``[64, 32, 16, 16]`` inputs, a 32 to 64 map, 11 MiB): 5.9 ms instead of 6.2-6.3 by blocks of
 ``GROUPED_BYTES`` and 0.35-0.5 ms of copies, without page faults (the heap is kept: see
-``_workspace.raise_heap_thresholds``)."""
+``_workspace.raise_heap_thresholds``). Not in the Gramian's step, whose peak memory it set on
+cnn64 (10.5 MiB beyond the per-objective gradients, against 4 MiB of output gradients)."""
 
 TRIANGLE_MIN_ROWS = 64
 """The fewest rows of per-objective gradients whose Gramian is formed by triangle (see
@@ -268,12 +276,14 @@ def _grouped_jacobian(
     per-objective gradients :math:`\sum_t \gamma_{irt}` ``[B, R, C_out]``, as that
     convolution's bias gradient (in the same pass over the output gradients), else None.
 
-    With one call and one objective per sample, when the inputs, output gradients and weight
-    gradients of all the samples take at most ``GROUPED_WHOLE_BYTES``, one convolution for all
-    the samples, whose weight gradient is :math:`J` itself (no copy). Else on blocks of samples of
-    about ``GROUPED_BYTES`` (inputs, output gradients and weight gradients) each, written into a
-    buffer kept from step to step: the kernel's own buffers then stay small, and reuse the
-    allocator's memory from block to block."""
+    In the fused step, with one call and one objective per sample, when the inputs, output
+    gradients and weight gradients of all the samples take at most ``GROUPED_WHOLE_BYTES``, one
+    convolution for all the samples, whose weight gradient is :math:`J` itself (no copy). Else
+    on blocks of samples of about ``GROUPED_BYTES`` (inputs, output gradients and weight
+    gradients) each, written into :func:`_jacobian_buffer`: the kernel's own buffers then stay
+    small, and reuse the allocator's memory from block to block. The kernel's weight, whose
+    values are not read, is then the block's rows of that buffer (its first objective's): no
+    memory of its own."""
     n, g = len(module.kernel_size), module.groups
     J: Tensor | None = None
     sums: Tensor | None = None
@@ -287,11 +297,11 @@ def _grouped_jacobian(
         x = _samples_first(call.args[0], call.batch_dim, n)  # [B, N', C_in, *spatial]
         size = gamma.element_size()
         sample_bytes = (x[0].numel() + gamma[0, 0].numel() + module.weight.numel()) * size
-        whole = len(calls) == 1 and R == 1 and B * sample_bytes <= GROUPED_WHOLE_BYTES
+        whole = fusing() and len(calls) == 1 and R == 1 and B * sample_bytes <= GROUPED_WHOLE_BYTES
         blocks = 1 if whole else -(-B * sample_bytes // GROUPED_BYTES)
         step = -(-B // blocks)  # samples, in blocks of equal sizes
-        if J is None and not whole:  # kept from step to step (see _workspace.py): all written
-            J = empty(module, "grouped_jacobian", (R, B, module.weight.numel()), gamma)
+        if J is None and not whole:  # all written
+            J = _jacobian_buffer(module, (R, B, module.weight.numel()), gamma)
         if sums is None and with_bias and not whole:
             sums = gamma.new_empty(B, R, module.out_channels)
         for first in range(0, B, step):
@@ -299,7 +309,11 @@ def _grouped_jacobian(
             b = block.shape[0]
             block = block.transpose(0, 1).reshape(N, -1, *x.shape[3:]).to(gamma.dtype)
             block, padding = _padded(module, block)
-            weight = _unread_weight(gamma, (b * module.out_channels, *module.weight.shape[1:]))
+            weight_shape = (b * module.out_channels, *module.weight.shape[1:])
+            if J is None:  # whole
+                weight = _unread_weight(gamma, weight_shape)
+            else:  # J's rows of the block (of the first objective) as its stand-in: no new memory
+                weight = J[0, first : first + b].view(weight_shape)
             for r in range(R):
                 grad_output = gamma[r, first : first + b].transpose(0, 1)
                 _, grad, bias_grad = torch.ops.aten.convolution_backward(
@@ -319,6 +333,16 @@ def _grouped_jacobian(
                     (target.copy_ if call is calls[0] else target.add_)(value.reshape(b, -1))
     assert J is not None
     return J.reshape(1, J.shape[0] * J.shape[1], -1), sums
+
+
+def _jacobian_buffer(module: Conv, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """The memory of the per-objective gradients that :func:`_grouped_jacobian` forms by blocks:
+    in a fused step, the engine's buffer, kept from step to step (see ``_workspace.py``); in the
+    Gramian's step (:meth:`~torchjd.autogram.Engine.compute_gramian`), fresh memory, freed with
+    the step, so that no memory of that size is held between steps."""
+    if fusing():
+        return empty(module, "grouped_jacobian", shape, like)
+    return like.new_empty(shape)
 
 
 def _unread_weight(like: Tensor, shape: tuple[int, ...]) -> Tensor:
