@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch._C._profiler import _EventType
 from torch.profiler import profile
 
+import torchjd.autogram._rules._conv as conv_module
 from tests.autogram._helpers import assert_gramian_exact
 from tests.reference.jacobians import brute_force_gramian
 from torchjd.aggregation import UPGradWeighting
@@ -246,9 +247,10 @@ def test_gramian_pass_does_not_hold_the_gradients_above_and_below_the_relu(
     folded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A CNN whose first map is its largest activation: the gradients above and below its ReLU
-    # (1.5 MiB each) were both in memory in the Gramian's pass (the graph kept: 2.0 times one of
-    # them at the peak); folded, the pass holds one of them, then the rule its masked copy, in
-    # place (1.17 times).
+    # (3 MiB each, float64) were both in memory in the Gramian's pass (the graph kept: 2.0 times
+    # one of them at the peak); folded, the pass holds one of them, then the rule its masked copy,
+    # in place (1.21 times, with the first convolution's patches, fresh memory, by blocks of one
+    # sample).
     torch.manual_seed(4)
     model = nn.Sequential(
         nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
@@ -258,6 +260,9 @@ def test_gramian_pass_does_not_hold_the_gradients_above_and_below_the_relu(
     gradient_bytes = 16 * 24 * 32 * 32 * x.element_size()
     if not folded:
         monkeypatch.setattr(_streaming, "FOLD_MIN_BYTES", gradient_bytes + 1)
+    # the first convolution's patches (fresh memory in the Gramian's step) by blocks of one
+    # sample, 0.07 times the gradient: by blocks of 8 (the default), 0.58 times, at its rule
+    monkeypatch.setattr(conv_module, "PATCH_BYTES", 1 << 18)
     engine = Engine(model, batch_dim=0)
 
     def step() -> int:  # the Gramian's peak; the losses and their graph freed at its end

@@ -375,7 +375,7 @@ def test_grouped_weight_never_read(R, whole, dtype, grouped_path, monkeypatch):
     shapes: list[tuple[int, ...]] = []
     buffers: list[tuple[int, ...]] = []
     unread_weight = conv_module._unread_weight
-    jacobian_buffer = conv_module._jacobian_buffer
+    buffer = conv_module._buffer
 
     def nan_weight(like: Tensor, shape: tuple[int, ...]) -> Tensor:
         weight = unread_weight(like, shape)
@@ -385,12 +385,14 @@ def test_grouped_weight_never_read(R, whole, dtype, grouped_path, monkeypatch):
         shapes.append(shape)
         return weight.fill_(torch.nan)
 
-    def nan_buffer(module: nn.Module, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        buffers.append(shape)
-        return jacobian_buffer(module, shape, like).fill_(torch.nan)  # type: ignore[arg-type]
+    def nan_buffer(module: nn.Module, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        if role == "grouped_jacobian":
+            buffers.append(shape)
+            return buffer(module, role, shape, like).fill_(torch.nan)  # type: ignore[arg-type]
+        return buffer(module, role, shape, like)  # type: ignore[arg-type]
 
     monkeypatch.setattr(conv_module, "_unread_weight", nan_weight)
-    monkeypatch.setattr(conv_module, "_jacobian_buffer", nan_buffer)
+    monkeypatch.setattr(conv_module, "_buffer", nan_buffer)
     monkeypatch.setattr(conv_module, "keeps_jacobian", lambda *args: True)
     if not whole:
         monkeypatch.setattr(conv_module, "GROUPED_WHOLE_BYTES", 0)

@@ -301,7 +301,7 @@ def _grouped_jacobian(
         blocks = 1 if whole else -(-B * sample_bytes // GROUPED_BYTES)
         step = -(-B // blocks)  # samples, in blocks of equal sizes
         if J is None and not whole:  # all written
-            J = _jacobian_buffer(module, (R, B, module.weight.numel()), gamma)
+            J = _buffer(module, "grouped_jacobian", (R, B, module.weight.numel()), gamma)
         if sums is None and with_bias and not whole:
             sums = gamma.new_empty(B, R, module.out_channels)
         for first in range(0, B, step):
@@ -335,13 +335,16 @@ def _grouped_jacobian(
     return J.reshape(1, J.shape[0] * J.shape[1], -1), sums
 
 
-def _jacobian_buffer(module: Conv, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """The memory of the per-objective gradients that :func:`_grouped_jacobian` forms by blocks:
-    in a fused step, the engine's buffer, kept from step to step (see ``_workspace.py``); in the
-    Gramian's step (:meth:`~torchjd.autogram.Engine.compute_gramian`), fresh memory, freed with
-    the step, so that no memory of that size is held between steps."""
+def _buffer(module: Conv, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Memory for an intermediate of the rule (``role``: the per-objective gradients that
+    :func:`_grouped_jacobian` forms by blocks, the patches of a block of
+    :func:`_per_objective_jacobian`), of the dtype and device of ``like``: in a fused step, the
+    engine's buffer, kept from step to step (see ``_workspace.py``); in the Gramian's step
+    (:meth:`~torchjd.autogram.Engine.compute_gramian`), fresh memory, freed with the step, so that
+    no memory is held between steps (it would add to the step's peak: 1.75 MiB of patches for
+    cnn64's first convolution in ``benchmarks/autogram_memory.py``)."""
     if fusing():
-        return empty(module, "grouped_jacobian", shape, like)
+        return empty(module, role, shape, like)
     return like.new_empty(shape)
 
 
@@ -388,9 +391,11 @@ def _per_objective_jacobian(
         S = module.stride[0] if looped else 1
         blocks = -(-g * width * S * T * gamma.element_size() * B // PATCH_BYTES)
         step = -(-B // blocks)  # samples, in blocks of equal sizes
+        # with ones: the memory of a block's patches, reused from block to block
+        buffer = _buffer(module, "patches", (step * g, width, 1, T), x) if ones else None
         for first in range(0, B, step):
             padded = _pad_images(module, x[first : first + step])
-            X = _patch_matrix(module, padded, looped, ones, capacity=step)
+            X = _patch_matrix(module, padded, looped, buffer)
             X = X.to(gamma.dtype)  # [b g, width, S, positions]
             for a in range(K):
                 X_a = _offset_columns(module, X, a, T_1, T) if looped else X[:, :, 0]
@@ -478,19 +483,17 @@ def _pad_images(module: Conv, x: Tensor) -> Tensor:
     return padded.reshape(*x.shape[:3], *padded.shape[2:])
 
 
-def _patch_matrix(
-    module: Conv, x: Tensor, looped: bool, ones: bool = False, capacity: int = 0
-) -> Tensor:
+def _patch_matrix(module: Conv, x: Tensor, looped: bool, buffer: Tensor | None = None) -> Tensor:
     """``[B g, width, S, positions]`` (one copy) from padded images ``x`` ``[B, N', C, *spatial]``:
     the patches that each output position sees, ``width = C_in/g * prod(kernel)`` and ``S = 1``
     unless ``looped`` (one image per sample): then the first kernel dimension is not unfolded,
     ``width = C_in/g * prod(kernel[1:])``, and the padded rows of the first spatial dimension are
     split into the ``S`` phases of its stride (the positions: the rows of a phase, then the output
-    positions of the other dimensions). With ``ones`` (not ``looped``), one more row, of ones:
-    ``[B g, width + 1, 1, positions]``, in the engine's buffer (see ``_workspace.py``; sized for
-    ``capacity`` samples, or ``B`` if more, so that blocks of fewer samples reuse it): no fresh
-    memory for each block (on one CPU thread, the patches of cnn64's first convolution in
-    ``benchmarks/autogram_step.py``, 16 samples a block, 0.08 ms instead of 0.15)."""
+    positions of the other dimensions). With a ``buffer`` (not ``looped``), one more row, of ones:
+    ``[B g, width + 1, 1, positions]``, in the first rows of ``buffer`` (at least ``B g`` rows,
+    so that blocks of fewer samples reuse it): no fresh memory for each block (on one CPU thread,
+    the patches of cnn64's first convolution in ``benchmarks/autogram_step.py``, 16 samples a
+    block, 0.08 ms instead of 0.15)."""
     B, N, C = x.shape[:3]
     n = len(module.kernel_size)
     x = x.flatten(0, 1)
@@ -511,13 +514,12 @@ def _patch_matrix(
     order = [0, 2, *kernel, *([3] if looped else []), 1, *positions]
     width = C // module.groups * _prod([x.shape[k] for k in kernel])
     S = module.stride[0] if looped else 1
-    if not ones:
+    if buffer is None:
         return x.permute(order).reshape(B * module.groups, width, S, -1)
-    # one copy, into a buffer with a last row of ones
+    # one copy, into the buffer, with a last row of ones
     x = x.permute(order)  # [B, C, *kernel, N', *positions]
     kernel_shape, rest = x.shape[2 : 2 + n], x.shape[2 + n :]
-    shape = (max(B, capacity) * module.groups, width + 1, 1, _prod(rest))
-    X = empty(module, "patches", shape, x)[: B * module.groups]
+    X = buffer[: B * module.groups]
     patches = X[:, :width, 0].view(B, module.groups, -1, *kernel_shape, *rest)
     patches.copy_(x.reshape(patches.shape))
     X[:, width].fill_(1)
