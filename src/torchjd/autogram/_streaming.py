@@ -264,12 +264,16 @@ def fold_activation(node: Any, grad: Tensor) -> Tensor:
     from the one above it, ``grad`` ``[1, *shape]``, by autograd's own formula: written over
     ``grad`` when nothing else holds it, as returned by the pass (``batched_grad``'s view of
     autograd's tensor), so that the gradients above and below the activation are never both in
-    memory; otherwise, and for another dtype, by the node itself (a new tensor)."""
+    memory; otherwise, and for another dtype, by the node itself (a new tensor). (Only where the
+    reference counts read as counted here, before CPython 3.14, whose stack references may go
+    uncounted; and by the node itself where its saved tensors are not where this torch keeps
+    them.)"""
     base = grad._base
     use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: not in every torch
     owned = (
         base is not None
         and use_count is not None
+        and sys.version_info < (3, 14)
         and sys.getrefcount(grad) <= 3  # the caller's, the argument, getrefcount's
         and sys.getrefcount(base) <= 3  # grad's, ours, getrefcount's
         and _dense(base)
@@ -278,10 +282,13 @@ def fold_activation(node: Any, grad: Tensor) -> Tensor:
     )
     del base
     saved = getattr(node, "_saved_result", None)
-    saved = node._saved_self if saved is None else saved
+    saved = getattr(node, "_saved_self", None) if saved is None else saved
     with torch.no_grad():  # the saved tensors require grad
-        if owned and saved.dtype == grad.dtype:
-            return IN_PLACE_BACKWARDS[type(node).__name__](node, grad[0])
+        if owned and isinstance(saved, Tensor) and saved.dtype == grad.dtype:
+            try:
+                return IN_PLACE_BACKWARDS[type(node).__name__](node, grad[0])
+            except AttributeError:  # (another torch's names of the saved values: not written yet)
+                pass
         return node(grad[0])
 
 
