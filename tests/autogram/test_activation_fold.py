@@ -276,3 +276,33 @@ def test_gramian_pass_does_not_hold_the_gradients_above_and_below_the_relu(
         assert peak <= 1.5 * gradient_bytes, peak / gradient_bytes
     else:  # the measure sees the pair
         assert peak >= 2 * gradient_bytes, peak / gradient_bytes
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-full backward hook:FutureWarning")
+@pytest.mark.parametrize("where", ["module", "global"])
+def test_a_non_full_backward_hook_disables_the_fold(where: str, folds: list[str]) -> None:
+    """A non-full backward hook (``Module.register_backward_hook``, as guided backpropagation
+    uses; or a module-wide one) sits on the node of the activation's output, which the fold would
+    not run: no fold then, and the Gramian is that of the hooked graph (review: 0.019 off)."""
+    torch.manual_seed(0)
+    model = _cnn(nn.ReLU()).double()
+
+    def guided(module: nn.Module, grad_input: tuple, grad_output: tuple) -> tuple:
+        return tuple(None if g is None else g.clamp(min=0) for g in grad_input)
+
+    if where == "module":
+        handle = model[1].register_backward_hook(guided)
+    else:
+        handle = torch.nn.modules.module.register_module_backward_hook(guided)
+    try:
+        engine = Engine(model, batch_dim=0)
+        x = _input("cnn", (6, 3, 8, 8))
+        losses = _losses(model, x)
+        G = engine.compute_gramian(losses)
+        assert not [name for name in folds if name.startswith("in place")]
+        if where == "module":  # (a global one also changes the layers' parameter gradients,
+            # which the closed-form rules do not see)
+            expected = brute_force_gramian(losses, list(model.parameters()))
+            assert (G - expected).abs().max() <= 1e-10 * expected.abs().max()
+    finally:
+        handle.remove()

@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.nn.modules.module as module_hooks
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -668,7 +669,7 @@ class Engine:
         # no fold in a pass that frees the graph: the activation's saved tensor would outlive it
         fold = R == 1 and retain_graph
         requested, lowest, folds = self._requested_edges(
-            output, calls, streamed, below, parents if fold else {}
+            output, calls, streamed, below, parents if fold else {}, self._node_hooks
         )
         if streamed:
             self._stream = GramianStream(streamed, lowest, run_rule, R)
@@ -717,6 +718,7 @@ class Engine:
         streamed: dict[nn.Module, list[ModuleCall]],
         below: dict[Any, bool],
         parents: dict[Any, list[Any]],
+        node_hooks: Callable[[], bool],
     ) -> tuple[list[Any], set[tuple[int, int]], dict[int, tuple[ModuleCall, int, Any]]]:
         """The gradient edges that the backward pass returns, among them the keys
         ``(id(call), k)`` of the lowest streamed ones (``k`` indexes the call's outputs, then its
@@ -753,6 +755,8 @@ class Engine:
         lowest = {key for key in lowest if key[0] in inside}
         by_id = {id(c): c for cs in streamed.values() for c in cs}
         activations = activation_folds(keyed, lowest, by_id, parents) if parents else {}
+        if activations and node_hooks():  # (read only then: a walk of the modules)
+            activations = {}
         requested, folds = [], {}
         for key, edge in keyed:
             if key[0] in inside and key not in lowest:
@@ -762,6 +766,19 @@ class Engine:
                 edge = GradientEdge(activations[key], 0)
             requested.append(edge)
         return requested, lowest, folds
+
+    def _node_hooks(self) -> bool:
+        """Whether a module of the engine's, or a module-wide hook, may have put a hook on the
+        node of an activation (a non-full backward hook, ``Module.register_backward_hook``, is
+        registered on the node of the module's output): the fold would not run it (see
+        ``activation_folds``)."""
+        if module_hooks._global_backward_hooks and not module_hooks._global_is_full_backward_hook:
+            return True
+        return any(
+            m._backward_hooks and m._is_full_backward_hook is not True
+            for top in self._modules
+            for m in top.modules()
+        )
 
     @staticmethod
     def _store_grads(

@@ -25,7 +25,10 @@ the engine applies the activation's backward formula (autograd's own) in place o
 the activation's backward held the gradients above and below it together, often the largest of
 the pass (on cnn64 of ``benchmarks/autogram_memory.py``, 16 MiB over 21 MiB of activations). The
 hooks of the output are then not run: there is none but the engine's (those of the activation's
-output run; its node's own hooks, which nothing registers in ordinary use, do not). A pass that
+output run; a ``retain_grad`` of the output keeps no gradient, where without the fold it kept the
+stand-in). Its node's own hooks would not run: the engine does not fold while a module has a
+non-full backward hook (``Module.register_backward_hook``, or a module-wide one), which sits on
+such a node; hooks put on the node itself (``grad_fn.register_hook``) are not seen. A pass that
 frees the graph as it goes (a fused step's, see ``Engine.backward``) folds nothing: the
 activation's node, not run, would keep its saved tensor (the activation's input or output) until
 the graph is freed, beyond the pass.
@@ -185,6 +188,14 @@ def walk_graph(
     return leaves, below
 
 
+_COUNTS_AS_EXPECTED = sys.version_info < (3, 14) and tuple(
+    int(part) for part in torch.__version__.split(".")[:2]
+) >= (2, 10)
+"""Whether :func:`fold_activation`'s test that nothing else holds the gradient reads reference
+counts as counted there: torch's own reference to a tensor's base (since torch 2.10; before, a base
+held by one more Python variable read as held by none), and CPython's counts of stack references
+(before 3.14, whose stack references may go uncounted)."""
+
 FOLD_MIN_BYTES = 1 << 20
 """The smallest gradient of a lowest output that :func:`activation_folds` folds with its
 activation: the fold costs about 25 microseconds a step on one CPU thread (the capture of the
@@ -264,16 +275,15 @@ def fold_activation(node: Any, grad: Tensor) -> Tensor:
     from the one above it, ``grad`` ``[1, *shape]``, by autograd's own formula: written over
     ``grad`` when nothing else holds it, as returned by the pass (``batched_grad``'s view of
     autograd's tensor), so that the gradients above and below the activation are never both in
-    memory; otherwise, and for another dtype, by the node itself (a new tensor). (Only where the
-    reference counts read as counted here, before CPython 3.14, whose stack references may go
-    uncounted; and by the node itself where its saved tensors are not where this torch keeps
-    them.)"""
+    memory; otherwise, and for another dtype, by the node itself (a new tensor). (In place only
+    where the reference counts read as counted here, ``_COUNTS_AS_EXPECTED``, and where the
+    node's saved tensors are where this torch keeps them.)"""
     base = grad._base
     use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: not in every torch
     owned = (
         base is not None
         and use_count is not None
-        and sys.version_info < (3, 14)
+        and _COUNTS_AS_EXPECTED
         and sys.getrefcount(grad) <= 3  # the caller's, the argument, getrefcount's
         and sys.getrefcount(base) <= 3  # grad's, ours, getrefcount's
         and _dense(base)
