@@ -11,8 +11,16 @@ from torch import Tensor
 
 def without_autocast(tensor: object) -> AbstractContextManager[object]:
     """Autocast off on the device of ``tensor`` (a Tensor), where it is on; else nothing."""
-    if isinstance(tensor, Tensor):
-        kind = tensor.device.type
-        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-            return torch.autocast(kind, enabled=False)
+    if isinstance(tensor, Tensor) and _autocast_enabled(tensor.device.type):
+        return torch.autocast(tensor.device.type, enabled=False)
     return nullcontext()
+
+
+def _autocast_enabled(kind: str) -> bool:
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None:
+        return bool(available(kind) and torch.is_autocast_enabled(kind))
+    # (torch < 2.4: no device argument)
+    if kind == "cuda":
+        return torch.is_autocast_enabled()
+    return kind == "cpu" and torch.is_autocast_cpu_enabled()
