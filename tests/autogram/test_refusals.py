@@ -79,6 +79,22 @@ def test_forward_that_never_reached_output():
     assert_gramian_exact([model], lambda: model(torch.randn(6, 5)).sum(1), 0)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_view_output_modified_in_place_is_named_in_the_error(layers: int):
+    """A Linear on 3-D inputs returns a view; an in-place ReLU after it rebases the view's graph,
+    which the engine cannot follow (known limitation): the error says so and gives the fix, and
+    the engine stays usable (it said to use torch.no_grad, which was misleading)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 2))[: layers + 1]
+    engine = Engine(model, batch_dim=0)
+    losses = model(torch.randn(6, 4, 5)).flatten(1).sum(1)
+    with pytest.raises(ValueError, match=r"modified in place.*inplace=True.*out-of-place"):
+        engine.compute_gramian(losses)
+    engine.close()
+    model[1].inplace = False  # the fix the error gives
+    assert_gramian_exact([model], lambda: model(torch.randn(6, 4, 5)).flatten(1).sum(1), 0)
+
+
 @pytest.mark.parametrize(
     "norm",
     [

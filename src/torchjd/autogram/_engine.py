@@ -844,19 +844,34 @@ class Engine:
             for k, call in enumerate(module_calls)
             if id(call) not in streamed and all(g is None for g in call.grad_outputs)
         ]
+        if not unreached:
+            return
+        # An output that is a view (a Linear's on inputs of more than 2 dimensions), modified in
+        # place after the call, has a new node in the graph: the recorded one is reached no more.
+        views = any(
+            type(edge.node).__name__ in _VIEW_NODES
+            for module, k in unreached
+            for edge in calls[module][k].edges
+        )
+        hint = (
+            " If an output of the module is modified in place afterwards (nn.ReLU(inplace=True), "
+            "x.relu_()), which the engine cannot follow when that output is a view (as a Linear "
+            "returns on inputs of more than 2 dimensions), use an out-of-place operation instead."
+            if views
+            else ""
+        )
         if len(unreached) == sum(len(c) for c in calls.values()):
             raise ValueError(
                 "`output` does not depend on the outputs of the engine's modules in the forward "
                 "passes recorded since the last compute_gramian. Compute `output` from a forward "
-                "pass of the modules given to the Engine."
+                "pass of the modules given to the Engine." + hint
             )
-        if unreached:
-            module, k = unreached[0]
-            raise ValueError(
-                f"Call {k} of the hooked module {module} (since the last compute_gramian) never "
-                "reached `output`. Run forward passes that are not meant for compute_gramian "
-                "under torch.no_grad(), or call compute_gramian after each forward pass."
-            )
+        module, k = unreached[0]
+        raise ValueError(
+            f"Call {k} of the hooked module {module} (since the last compute_gramian) never "
+            "reached `output`. Run forward passes that are not meant for compute_gramian "
+            "under torch.no_grad(), or call compute_gramian after each forward pass." + hint
+        )
 
     def close(self) -> None:
         """Removes the engine's hooks: the modules behave as if the engine never existed. Frees
@@ -926,6 +941,11 @@ class _TieGroup:
         self.members = members
         self.shared = shared
 
+
+_VIEW_NODES = frozenset(
+    ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AsStridedBackward0")
+)
+"""The nodes of view operations (see ``Engine._check_all_calls_reached``)."""
 
 _MAX_STAND_INS = 256
 """The most stand-ins (see ``Engine._stand_in``) that an engine keeps."""
