@@ -22,18 +22,11 @@ def _roots(tensors: Iterable[Tensor]) -> tuple[list[Node], list[Tensor]]:
 def leaves_of(tensors: Sequence[Tensor], stop_at: Sequence[Tensor] = ()) -> list[Tensor]:
     """The leaves requiring grad on which ``tensors`` depend, in the order of a depth-first walk,
     without walking below the tensors of ``stop_at``."""
-    return list(_walk(tensors, stop_at)[1].values())
+    return list(walk(tensors, stop_at)[1].values())
 
 
-def walk_above(tensor: Tensor, stop_at: Sequence[Tensor]) -> tuple[set[int], set[int]]:
-    """The ids of the graph nodes on which ``tensor`` depends, without walking below the tensors of
-    ``stop_at`` (their nodes excluded), and the ids of the leaves requiring grad that it reaches."""
-    visited, leaves = _walk([tensor], stop_at)
-    return visited, set(leaves)
-
-
-def _walk(
-    tensors: Sequence[Tensor], stop_at: Sequence[Tensor]
+def walk(
+    tensors: Sequence[Tensor], stop_at: Sequence[Tensor] = ()
 ) -> tuple[set[int], dict[int, Tensor]]:
     """The ids of the nodes visited by a depth-first walk from ``tensors`` that does not go below
     the tensors of ``stop_at``, and the leaves requiring grad that it reaches (by id, in the order

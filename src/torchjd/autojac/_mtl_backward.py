@@ -16,7 +16,7 @@ from torchjd.autojac._checks import (
     check_leaves,
 )
 from torchjd.autojac._core import backpropagate, sliced_rows
-from torchjd.autojac._graph import leaves_of, nested, unreached, walk_above
+from torchjd.autojac._graph import leaves_of, nested, unreached, walk
 
 
 def mtl_backward(
@@ -103,16 +103,18 @@ def mtl_backward(
         shared = as_tensors(shared_params, "shared_params", may_be_empty=True)
         check_leaves(shared, "shared_params")
         check_distinct(shared, "shared_params")
-    per_task = _task_params(tasks_params, losses, feats, shared)
     m = len(losses)
+    # (a head's pass would run the nodes between nested features, which the trunk's pass needs)
+    may_free = not retain_graph and not (len(feats) > 1 and nested(feats))
+    # each head's walk down to the features: its nodes and its leaves (its parameters)
+    heads = [walk([loss], feats) for loss in losses] if tasks_params is None or may_free else []
+    per_task = _task_params(tasks_params, m, heads, shared)
     check_existing_jacs(shared, m, "shared_params")
 
-    if retain_graph or (len(feats) > 1 and nested(feats)):  # (a head's pass would run the
-        # nodes between nested features, which the trunk's pass needs)
-        frees = [False] * m
-    else:
+    frees = [False] * m
+    if may_free:
         trunk = shared if shared_params is None else leaves_of(feats)
-        frees = _freeable_heads(losses, feats, per_task, trunk)
+        frees = _freeable_heads(heads, per_task, trunk)
     jac_features, task_params, task_grads = _backpropagate_heads(
         losses, scales, feats, per_task, frees
     )
@@ -132,21 +134,22 @@ def mtl_backward(
 
 
 def _freeable_heads(
-    losses: list[Tensor], feats: list[Tensor], per_task: list[list[Tensor]], trunk: list[Tensor]
+    heads: list[tuple[set[int], dict[int, Tensor]]],
+    per_task: list[list[Tensor]],
+    trunk: list[Tensor],
 ) -> list[bool]:
     """For each task, whether its pass through its head may free the graph it runs through (as
     ``retain_graph=False`` asks), for features none of which depends on another: when no later
-    task's head shares a node with it, and neither its
-    walk down to the features nor its parameters reach the leaves ``trunk`` of the features' graph
+    task's head shares a node with it, and neither its walk down to the features (``heads``:
+    :func:`walk`'s) nor its parameters reach the leaves ``trunk`` of the features' graph
     (every node below the features leads to one of them, so the pass then runs nothing that the
     trunk's pass needs)."""
     trunk_ids = {id(t) for t in trunk}
     later: set[int] = set()
     frees = []
-    for loss, params in zip(reversed(losses), reversed(per_task), strict=True):
-        nodes, leaves = walk_above(loss, feats)
-        leaves.update(id(p) for p in params)
-        frees.append(nodes.isdisjoint(later) and leaves.isdisjoint(trunk_ids))
+    for (nodes, leaves), params in zip(reversed(heads), reversed(per_task), strict=True):
+        reached = leaves.keys() | {id(p) for p in params}
+        frees.append(nodes.isdisjoint(later) and reached.isdisjoint(trunk_ids))
         later |= nodes
     return frees[::-1]
 
@@ -206,24 +209,25 @@ def _check_grad_tensors(grad_tensors: object, losses: list[Tensor]) -> list[Tens
 
 
 def _task_params(
-    tasks_params: object, losses: list[Tensor], feats: list[Tensor], shared: list[Tensor]
+    tasks_params: object,
+    m: int,
+    heads: list[tuple[set[int], dict[int, Tensor]]],
+    shared: list[Tensor],
 ) -> list[list[Tensor]]:
-    """The task-specific parameters of each task."""
+    """The task-specific parameters of each of the ``m`` tasks (when None, the leaves of its
+    head's walk, ``heads``, but the shared parameters)."""
     if tasks_params is None:
         shared_ids = {id(p) for p in shared}
-        per_task = [
-            [p for p in leaves_of([loss], stop_at=feats) if id(p) not in shared_ids]
-            for loss in losses
-        ]
+        per_task = [[p for p in leaves.values() if id(p) not in shared_ids] for _, leaves in heads]
     else:
         if isinstance(tasks_params, Tensor) or not isinstance(tasks_params, Sequence):
             raise TypeError(
                 "`tasks_params` must be a sequence with one iterable of parameters per task. "
                 f"Found {type(tasks_params).__name__}."
             )
-        if len(tasks_params) != len(losses):
+        if len(tasks_params) != m:
             raise ValueError(
-                f"`tasks_params` must have one iterable of parameters per loss ({len(losses)}). "
+                f"`tasks_params` must have one iterable of parameters per loss ({m}). "
                 f"Found {len(tasks_params)}."
             )
         per_task = []
