@@ -28,6 +28,7 @@ from torchjd.autogram._registry import Rule, find_rule
 from torchjd.autogram._rules._generic import generic_rule, generic_subtree_rule
 from torchjd.autogram._rules._tied import fuses_from_recorded, tied_group_gramian
 from torchjd.autogram._streaming import (
+    FOLDS_IN_PLACE,
     GramianStream,
     activation_folds,
     fold_activation,
@@ -144,20 +145,9 @@ class Engine:
         self._batch_dim = batch_dim
         self._modules: tuple[nn.Module, ...] = modules
         self._rules: dict[nn.Module, tuple[Rule, bool]] = {}
-        self._calls: dict[nn.Module, list[ModuleCall]] = {}
-        self._rng_states: dict[nn.Module, list[Any]] = {}
         self._handles: list[RemovableHandle] = []
         self._recording = True
-        self._stream: GramianStream | None = None  # while a streamed backward pass runs
-        self._stand_ins: dict[_StandInKey, Tensor] = {}  # see _stand_in
-        self._zeros: dict[tuple[torch.dtype, torch.device, torch.layout], Tensor] = {}
-        self._workspaces = Workspaces()  # the rules' buffers kept from step to step (CPU)
-        raise_heap_thresholds()  # fewer page faults in the Gramian's pass (see _workspace.py)
-        self._this = weakref.ref(self)
-        # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
-        # every rank and returns their number
-        self._exchange_calls: Callable[[dict[nn.Module, list[ModuleCall]], int, int], int] | None
-        self._exchange_calls = None
+        self._reset_transient()
         seen: set[nn.Module] = set()
         for module in modules:
             self._collect(module, seen)
@@ -172,13 +162,29 @@ class Engine:
         }
         self._batch_norms = [m for m in self._all_modules() if isinstance(m, _BatchNorm)]
         # The hooks hold the engine weakly, so that deleting the engine removes them.
-        this = weakref.ref(self)
         for module, (rule, _) in self._rules.items():
             if _uses_recomputation(rule) or module in rerun:
-                pre_hook = _EngineHook(this, "_save_rng_state")
+                pre_hook = _EngineHook(self._this, "_save_rng_state")
                 self._handles.append(module.register_forward_pre_hook(pre_hook))
-            hook = _EngineHook(this, "_record")
+            hook = _EngineHook(self._this, "_record")
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def _reset_transient(self) -> None:
+        """The state that is not copied with the engine (see :meth:`__getstate__`): what is
+        recorded during a step, what is kept from step to step for speed, and the weak reference
+        that the hooks hold."""
+        self._calls: dict[nn.Module, list[ModuleCall]] = {}
+        self._rng_states: dict[nn.Module, list[Any]] = {}
+        self._stream: GramianStream | None = None  # while a streamed backward pass runs
+        self._stand_ins: dict[_StandInKey, Tensor] = {}  # see _stand_in
+        self._zeros: dict[tuple[torch.dtype, torch.device, torch.layout], Tensor] = {}
+        self._workspaces = Workspaces()  # the rules' buffers kept from step to step (CPU)
+        raise_heap_thresholds()  # fewer page faults in the Gramian's pass (see _workspace.py)
+        self._this = weakref.ref(self)
+        # set by torchjd.distributed for one compute_gramian: makes the calls hold the samples of
+        # every rank and returns their number
+        self._exchange_calls: Callable[[dict[nn.Module, list[ModuleCall]], int, int], int] | None
+        self._exchange_calls = None
 
     def _collect(self, module: nn.Module, seen: set[nn.Module]) -> None:
         if module in seen:
@@ -294,7 +300,7 @@ class Engine:
             for k, edge in enumerate(edges):
                 first.setdefault((edge.node, edge.output_nr), k)
             if len(first) < len(edges):
-                kept = sorted(first.values())
+                kept = list(first.values())  # (in increasing order)
                 outputs, indices, edges = (
                     [outputs[k] for k in kept],
                     [indices[k] for k in kept],
@@ -522,13 +528,14 @@ class Engine:
         solo = calls if not grouped else {m: c for m, c in calls.items() if m not in grouped}
         streamed = self._streamed(solo, R) if output.grad_fn is not None else {}
         below: dict[Any, bool] = {}
-        parents: dict[Any, list[Any]] = {}
+        parents: dict[Any, list[Any]] = {}  # (read by a fold only: see _gramian_pass)
         leaves = None
         if fused or streamed:  # one walk of the graph for both
             nodes = {
                 e.node for cs in calls.values() for c in cs for e in (*c.edges, *c.inner_edges)
             }
-            leaves, below = walk_graph(output.grad_fn, nodes, parents)
+            folds = R == 1 and FOLDS_IN_PLACE
+            leaves, below = walk_graph(output.grad_fn, nodes, parents if folds else None)
         plan = FusionPlan(output, solo, self._rules, leaves) if fused else None
         # the groups whose modules' weighted_gradients need only the recorded inputs and output
         # gradients (the group's rule may not have run their own rules, which save what others
@@ -667,9 +674,9 @@ class Engine:
         memory together."""
         R = cotangents[0].shape[0]
         # no fold in a pass that frees the graph: the activation's saved tensor would outlive it
-        fold = R == 1 and retain_graph
+        fold = R == 1 and retain_graph and FOLDS_IN_PLACE
         requested, lowest, folds = self._requested_edges(
-            output, calls, streamed, below, parents if fold else {}, self._node_hooks
+            output, calls, streamed, below, parents if fold else {}
         )
         if streamed:
             self._stream = GramianStream(streamed, lowest, run_rule, R)
@@ -711,14 +718,13 @@ class Engine:
                 streamed[module] = module_calls
         return streamed
 
-    @staticmethod
     def _requested_edges(
+        self,
         output: Tensor,
         calls: dict[nn.Module, list[ModuleCall]],
         streamed: dict[nn.Module, list[ModuleCall]],
         below: dict[Any, bool],
         parents: dict[Any, list[Any]],
-        node_hooks: Callable[[], bool],
     ) -> tuple[list[Any], set[tuple[int, int]], dict[int, tuple[ModuleCall, int, Any]]]:
         """The gradient edges that the backward pass returns, among them the keys
         ``(id(call), k)`` of the lowest streamed ones (``k`` indexes the call's outputs, then its
@@ -734,32 +740,25 @@ class Engine:
             for c in cs
             for k, edge in enumerate([*c.edges, *c.inner_edges])
         ]
-        lowest = lowest_edges(output.grad_fn, keyed, below)
-        inside = {id(c) for cs in streamed.values() for c in cs}
+        candidates = lowest_edges(output.grad_fn, keyed, below)
+        by_id = {id(c): c for cs in streamed.values() for c in cs}
         # An output that a streamed call shares with a call of another module (a module that
         # returns its hooked child's output unchanged) is returned for that other call: the
         # streamed call's hook must not hand autograd a stand-in for it, nor is it requested twice.
-        returned = {(e.node, e.output_nr) for key, e in keyed if key[0] not in inside}
-        if returned:
-            outputs = {id(c): len(c.edges) for cs in streamed.values() for c in cs}
-            lowest = {
-                key
-                for key, e in keyed
-                if key in lowest
-                and not (
-                    key[0] in inside
-                    and key[1] < outputs[key[0]]
-                    and (e.node, e.output_nr) in returned
-                )
-            }
-        lowest = {key for key in lowest if key[0] in inside}
-        by_id = {id(c): c for cs in streamed.values() for c in cs}
+        returned = {(e.node, e.output_nr) for key, e in keyed if key[0] not in by_id}
+        lowest = {
+            key
+            for key, e in keyed
+            if key in candidates
+            and key[0] in by_id
+            and not (key[1] < len(by_id[key[0]].edges) and (e.node, e.output_nr) in returned)
+        }
         activations = activation_folds(keyed, lowest, by_id, parents) if parents else {}
-        if activations and node_hooks():  # (read only then: a walk of the modules)
+        if activations and self._node_hooks():  # (read only then: a walk of the modules)
             activations = {}
         requested, folds = [], {}
         for key, edge in keyed:
-            if key[0] in inside and key not in lowest:
+            if key[0] in by_id and key not in lowest:
                 continue
             if key in activations:
                 folds[len(requested)] = (by_id[key[0]], key[1], activations[key])
@@ -891,20 +890,13 @@ class Engine:
         working pair. What was recorded since the last step, the buffers kept from step to step and
         the distributed exchange are not copied. (A copy of the modules alone does not take the
         engine: its hooks do nothing.)"""
-        state = self.__dict__.copy()
-        del state["_this"], state["_workspaces"]
-        state.update(
-            _calls={}, _rng_states={}, _stream=None, _stand_ins={}, _zeros={}, _exchange_calls=None
-        )
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # (The modules may not be rebuilt yet when an object that holds the engine is one of them:
         # nothing here reads them.)
         self.__dict__.update(state)
-        self._workspaces = Workspaces()
-        self._this = weakref.ref(self)
-        raise_heap_thresholds()
+        self._reset_transient()
         # The copied hooks are placeholders (see _EngineHook.__reduce__): each becomes a hook of
         # this copy, in its place in its module's hooks (the handle's id is its key there).
         for handle in self._handles:
@@ -941,6 +933,20 @@ class _TieGroup:
         self.members = members
         self.shared = shared
 
+
+_TRANSIENT = frozenset(
+    [
+        "_calls",
+        "_rng_states",
+        "_stream",
+        "_stand_ins",
+        "_zeros",
+        "_workspaces",
+        "_this",
+        "_exchange_calls",
+    ]
+)
+"""The attributes that ``Engine._reset_transient`` sets (not copied)."""
 
 _VIEW_NODES = frozenset(
     ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AsStridedBackward0")

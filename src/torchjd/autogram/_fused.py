@@ -28,6 +28,13 @@ from torch import Tensor, nn
 from torchjd.autogram._module_call import ModuleCall, direct_parameters, flat_leaves
 
 
+def _fuses(rule: Any, module: nn.Module, calls: Sequence[ModuleCall]) -> bool:
+    """Whether ``rule`` (with ``weighted_gradients``) promises, through its ``fuses``, the whole
+    gradients of ``module``'s parameters from ``calls``."""
+    fuses = getattr(rule, "fuses", None)
+    return fuses is not None and bool(fuses(module, calls))
+
+
 class FusionPlan:
     """The leaves of the graph of the losses, and which of them the fused step can take from the
     rules: a parameter of a module whose rule has ``weighted_gradients``, used in the graph only
@@ -54,8 +61,7 @@ class FusionPlan:
             if getattr(rule, "weighted_gradients", None) is None:
                 continue
             self.inside[module] = calls_uses(module_calls)
-            fuses = getattr(rule, "fuses", None)
-            if fuses is not None and fuses(module, module_calls):
+            if _fuses(rule, module, module_calls):
                 self._cover(module, covers_children)
         self.complete = not self._uncovered
         """Whether the rules' ``fuses`` promise the gradient of every leaf: no second backward."""
@@ -71,10 +77,7 @@ class FusionPlan:
         their calls and every one of them fuses (a sparse ``Embedding`` does not: its share, and
         so the whole gradient, is left to the second backward pass)."""
         uses = {module: calls_uses(module_calls) for module, module_calls in calls.items()}
-        fusing: dict[nn.Module, bool] = {}
-        for module, module_calls in calls.items():
-            fuses = getattr(rules[module][0], "fuses", None)
-            fusing[module] = fuses is not None and fuses(module, module_calls)
+        fusing = {module: _fuses(rules[module][0], module, cs) for module, cs in calls.items()}
         held: dict[int, int] = {}  # the uses of each parameter inside the calls of its holders
         refused: set[int] = set()  # the parameters held by a module that does not fuse
         for module in calls:

@@ -188,13 +188,19 @@ def walk_graph(
     return leaves, below
 
 
-_COUNTS_AS_EXPECTED = sys.version_info < (3, 14) and tuple(
-    int(part) for part in torch.__version__.split(".")[:2]
-) >= (2, 10)
-"""Whether :func:`fold_activation`'s test that nothing else holds the gradient reads reference
-counts as counted there: torch's own reference to a tensor's base (since torch 2.10; before, a base
-held by one more Python variable read as held by none), and CPython's counts of stack references
-(before 3.14, whose stack references may go uncounted)."""
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private: not in every torch
+FOLDS_IN_PLACE = (
+    _USE_COUNT is not None
+    and sys.version_info < (3, 14)
+    and tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 10)
+)
+"""Whether the engine folds activations (see :func:`activation_folds`): only where
+:func:`fold_activation` can write in place (elsewhere the gradients above and below the activation
+are alive together anyway), that is, where its test that nothing else holds the gradient reads the
+counts as counted there: a storage's use count (a private function of torch), torch's own reference
+to a tensor's base (since torch 2.10; before, a base held by one more Python variable read as held
+by none), and CPython's counts of stack references (before 3.14, whose stack references may go
+uncounted)."""
 
 FOLD_MIN_BYTES = 1 << 20
 """The smallest gradient of a lowest output that :func:`activation_folds` folds with its
@@ -246,8 +252,10 @@ def activation_folds(
         count[edge.node] = count.get(edge.node, 0) + 1
     folds = {}
     for key, edge in keyed:
-        call = calls.get(key[0])
-        if key not in lowest or call is None or key[1] >= len(call.edges) or count[edge.node] > 1:
+        if key not in lowest:  # (the lowest are streamed calls')
+            continue
+        call = calls[key[0]]
+        if key[1] >= len(call.edges) or count[edge.node] > 1:
             continue
         output = call.outputs[key[1]]
         if output.numel() * output.element_size() < FOLD_MIN_BYTES:
@@ -276,19 +284,17 @@ def fold_activation(node: Any, grad: Tensor) -> Tensor:
     ``grad`` when nothing else holds it, as returned by the pass (``batched_grad``'s view of
     autograd's tensor), so that the gradients above and below the activation are never both in
     memory; otherwise, and for another dtype, by the node itself (a new tensor). (In place only
-    where the reference counts read as counted here, ``_COUNTS_AS_EXPECTED``, and where the
-    node's saved tensors are where this torch keeps them.)"""
+    where the reference counts read as counted here, ``FOLDS_IN_PLACE``, and where the node's
+    saved tensors are where this torch keeps them.)"""
     base = grad._base
-    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: not in every torch
     owned = (
         base is not None
-        and use_count is not None
-        and _COUNTS_AS_EXPECTED
+        and _USE_COUNT is not None
         and sys.getrefcount(grad) <= 3  # the caller's, the argument, getrefcount's
         and sys.getrefcount(base) <= 3  # grad's, ours, getrefcount's
         and _dense(base)
         and base.numel() == grad.numel()
-        and use_count(grad.untyped_storage()._cdata) <= 3  # grad's, base's, this storage object's
+        and _USE_COUNT(grad.untyped_storage()._cdata) <= 3  # grad's, base's, this storage object's
     )
     del base
     saved = getattr(node, "_saved_result", None)
