@@ -53,13 +53,16 @@ class Workspaces:
 
     @contextmanager
     def active(self, fused: bool, keep: bool = True) -> Iterator[None]:
-        """Makes :func:`empty` hand out these buffers (on the CPU) within the block, a step that
-        is fused (:meth:`~torchjd.autogram.Engine.backward`) or not (see :func:`fusing`). With
-        ``keep`` False (a step whose memory the user bounds), it frees them and hands out none:
-        what the step allocates is freed with it."""
+        """Marks the block as a step that is fused (:meth:`~torchjd.autogram.Engine.backward`) or
+        not (see :func:`fusing`), and, in a fused one, makes :func:`empty` hand out these buffers
+        (on the CPU). With ``keep`` False (a step whose memory the user bounds), it frees them
+        and hands out none: what the step allocates is freed with it. A step that is not fused
+        (:meth:`~torchjd.autogram.Engine.compute_gramian`) gets none either, and keeps them: a
+        buffer held between steps would add to its peak of memory (on cnn64 of
+        ``benchmarks/autogram_memory.py``, the 1.75 MiB of the first convolution's patches)."""
         if not keep:
             self.clear()
-        token = _ACTIVE.set(self if keep else None)
+        token = _ACTIVE.set(self if keep and fused else None)
         fusing_token = _FUSING.set(fused)
         try:
             yield

@@ -280,7 +280,8 @@ def _grouped_jacobian(
     gradients and weight gradients of all the samples take at most ``GROUPED_WHOLE_BYTES``, one
     convolution for all the samples, whose weight gradient is :math:`J` itself (no copy). Else
     on blocks of samples of about ``GROUPED_BYTES`` (inputs, output gradients and weight
-    gradients) each, written into :func:`_jacobian_buffer`: the kernel's own buffers then stay
+    gradients) each, written into one buffer (the engine's in a fused step: see ``_workspace.py``;
+    fresh memory in the Gramian's step): the kernel's own buffers then stay
     small, and reuse the allocator's memory from block to block. The kernel's weight, whose
     values are not read, is then the block's rows of that buffer (its first objective's): no
     memory of its own."""
@@ -301,7 +302,7 @@ def _grouped_jacobian(
         blocks = 1 if whole else -(-B * sample_bytes // GROUPED_BYTES)
         step = -(-B // blocks)  # samples, in blocks of equal sizes
         if J is None and not whole:  # all written
-            J = _buffer(module, "grouped_jacobian", (R, B, module.weight.numel()), gamma)
+            J = empty(module, "grouped_jacobian", (R, B, module.weight.numel()), gamma)
         if sums is None and with_bias and not whole:
             sums = gamma.new_empty(B, R, module.out_channels)
         for first in range(0, B, step):
@@ -333,19 +334,6 @@ def _grouped_jacobian(
                     (target.copy_ if call is calls[0] else target.add_)(value.reshape(b, -1))
     assert J is not None
     return J.reshape(1, J.shape[0] * J.shape[1], -1), sums
-
-
-def _buffer(module: Conv, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Memory for an intermediate of the rule (``role``: the per-objective gradients that
-    :func:`_grouped_jacobian` forms by blocks, the patches of a block of
-    :func:`_per_objective_jacobian`), of the dtype and device of ``like``: in a fused step, the
-    engine's buffer, kept from step to step (see ``_workspace.py``); in the Gramian's step
-    (:meth:`~torchjd.autogram.Engine.compute_gramian`), fresh memory, freed with the step, so that
-    no memory is held between steps (it would add to the step's peak: 1.75 MiB of patches for
-    cnn64's first convolution in ``benchmarks/autogram_memory.py``)."""
-    if fusing():
-        return empty(module, role, shape, like)
-    return like.new_empty(shape)
 
 
 def _unread_weight(like: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -392,7 +380,7 @@ def _per_objective_jacobian(
         blocks = -(-g * width * S * T * gamma.element_size() * B // PATCH_BYTES)
         step = -(-B // blocks)  # samples, in blocks of equal sizes
         # with ones: the memory of a block's patches, reused from block to block
-        buffer = _buffer(module, "patches", (step * g, width, 1, T), x) if ones else None
+        buffer = empty(module, "patches", (step * g, width, 1, T), x) if ones else None
         for first in range(0, B, step):
             padded = _pad_images(module, x[first : first + step])
             X = _patch_matrix(module, padded, looped, buffer)
