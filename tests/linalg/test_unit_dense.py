@@ -277,9 +277,10 @@ def test_pivoting_from_given_first_solutions_is_the_same(m: int, n: int, seed: i
     problem = UnitRows(G, 1e-7)
     L, info = torch.linalg.cholesky_ex(problem.G_hat)
     active = problem.G_hat > 0
-    n_active = _conditioned(L, info, active)
-    if n_active is None:
+    conditioned = _conditioned(L, info, active)
+    if conditioned is None:
         return
+    n_active = conditioned[1]
     faces = _Faces(problem.G_hat, L)
     first = faces.solve(problem.U_hat, active, faces.widths(n_active))
     X, solved = _pivoting(problem, faces, active, n_active, 3 * m + 10)

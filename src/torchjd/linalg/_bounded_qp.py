@@ -899,18 +899,15 @@ def _small_least_norm_route(
     if zero_update is None:
         return _least_energy_polish(G_exact, U, pivoted(slice(None)), tol, factor)
     X, solved, optimal = zero_update
+    (left,) = (~optimal).nonzero(as_tuple=True)  # (the optimal ones are polished unpivoted)
+    if left.numel() > 0:
+        X[left] = pivoted(left)
+    if G.shape[0] > _MASKED_MAX_M:
+        return _least_energy_polish(G_exact, U, X, tol, factor)
     (rows,) = (~solved).nonzero(as_tuple=True)
-    if G.shape[0] <= _MASKED_MAX_M:
-        if rows.numel() > 0:  # (the optimal ones are polished without pivoting)
-            X_rows = X[rows]
-            (left,) = (~optimal[rows]).nonzero(as_tuple=True)
-            if left.numel() > 0:
-                X_rows[left] = pivoted(rows[left])
-            X[rows] = _least_energy_polish(G_exact, U[rows], X_rows, tol, factor)
-        return X
     if rows.numel() > 0:
-        X[rows] = pivoted(rows)
-    return _least_energy_polish(G_exact, U, X, tol, factor)
+        X[rows] = _least_energy_polish(G_exact, U[rows], X[rows], tol, factor)
+    return X
 
 
 def _small_spanning_factor(G: Tensor, factor: RangeFactor) -> tuple[Tensor, Tensor] | None:

@@ -80,9 +80,9 @@ from torch import Tensor
 
 from torchjd.linalg._kkt import feasible_kkt_residual, kkt_residual
 from torchjd.linalg._low_rank import cholesky_solve
-from torchjd.linalg._principal_pivoting import _MASKED_MAX_M, refine
+from torchjd.linalg._principal_pivoting import refine
 from torchjd.linalg._probe import probe_first
-from torchjd.linalg._spanning import _RIDGE, _newton_factor
+from torchjd.linalg._spanning import _newton_factor
 
 _STEPS = (0.5, 30)  # at most r / 2 + 30 steps of the active-set method (see range_projection_rows)
 _DEPENDENT = 1e-9  # a normal within this relative distance of the active ones' span is in it
@@ -885,15 +885,14 @@ def zero_update_rows(
     eigenvalues = (ell * ell).sum(dim=0)
     ell = ell[:, eigenvalues >= floor]
     eigenvalues = eigenvalues[eigenvalues >= floor]
-    (k, m), r = U.shape, ell.shape[1]
     B = U * sqrt_weights
-    squares = (ell.unsqueeze(2) * ell.unsqueeze(1)).view(m, r * r)
+    squares = _squares(ell)
     lam = -(B @ ell) / eigenvalues
     free = lam @ ell.T > B
-    ridge = _RIDGE[ell.dtype] * m * torch.eye(r, dtype=ell.dtype, device=ell.device)
     for _ in range(_ZERO_UPDATE_STEPS):
-        M = (free.to(ell.dtype) @ squares).view(k, r, r) + ridge
-        lam = cholesky_solve(torch.linalg.cholesky_ex(M)[0], -(torch.where(free, 0.0, B) @ ell))
+        lam = cholesky_solve(
+            _newton_factor(ell, free, squares=squares), -(torch.where(free, 0.0, B) @ ell)
+        )
         C = lam @ ell.T
         previous, free = free, C > B
         if bool((free == previous).all()):
@@ -902,20 +901,15 @@ def zero_update_rows(
     u_scale = U.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
     scales = (u_scale, (sqrt_weights * sqrt_weights.amax()) * u_scale)
 
-    def meets_tol(
-        U: Tensor, V: Tensor, scales: tuple[Tensor, ...], residual: Tensor | None
-    ) -> Tensor:
-        GV = V @ G
-        if residual is None:
-            residual = feasible_kkt_residual(G, U, V, GV, scales)
-        return ((GV.abs() / scales[1]).amax(dim=1) <= tol) & (residual <= tol)
-
-    accepted = meets_tol(U, V, scales, None)
+    GV = V @ G
+    residual = feasible_kkt_residual(G, U, V, GV, scales)
+    accepted = ((GV.abs() / scales[1]).amax(dim=1) <= tol) & (residual <= tol)
     optimal = accepted.clone()
     (rows,) = (~accepted).nonzero(as_tuple=True)
-    if rows.numel() > 0:
+    if rows.numel() > 0:  # (m ≤ 32: refine's masked systems)
         U_rows, V_rows = U[rows], V[rows]
-        X, residual = refine(G, G_face, U_rows, V_rows, V_rows <= U_rows, tol, m <= _MASKED_MAX_M)
+        X, residual = refine(G, G_face, U_rows, V_rows, V_rows <= U_rows, tol, True)
         V[rows] = X
-        optimal[rows] = meets_tol(U_rows, X, tuple(t[rows] for t in scales), residual)
+        zero = ((X @ G).abs() / scales[1][rows]).amax(dim=1) <= tol
+        optimal[rows] = zero & (residual <= tol)
     return V, accepted, optimal

@@ -114,10 +114,10 @@ def scaled_small_pivoting(
     next active set (read together: the host takes the count of rows done and the widths of the
     next faces from them)."""
     L, info = torch.linalg.cholesky_ex(problem.G_hat)
-    n_active = _conditioned(L, info, active)
-    if n_active is None:
+    conditioned = _conditioned(L, info, active)
+    if conditioned is None:
         return None
-    return _pivoting(problem, _Faces(problem.G_hat, L), active, n_active, max_steps)
+    return _pivoting(problem, _Faces(problem.G_hat, L), active, conditioned[1], max_steps)
 
 
 def _pivoting(
@@ -211,7 +211,7 @@ def unit_small_pivoting(problem: "UnitRows", max_steps: int) -> tuple[Tensor, Te
     L, info = torch.linalg.cholesky_ex(G_hat)
     faces = _Faces(G_hat, L)
     active = G_hat > 0.0  # (a float scalar: no conversion)
-    conditioned = _pivot_and_sizes(L, info, active)
+    conditioned = _conditioned(L, info, active)
     if conditioned is None:
         return None
     pivot, n_active = conditioned
@@ -569,16 +569,10 @@ def _groups(active: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return groups, sizes, overlaps.diagonal(), paths
 
 
-def _conditioned(L: Tensor, info: Tensor, active: Tensor) -> list[float] | None:
-    """The sizes of the rows' active sets, read on the host together with the outcome of the
-    factorisation ``L`` of ``Ĝ`` (one synchronisation); None when it failed or a pivot is below
-    :data:`_MIN_PIVOT`."""
-    conditioned = _pivot_and_sizes(L, info, active)
-    return None if conditioned is None else conditioned[1]
-
-
-def _pivot_and_sizes(L: Tensor, info: Tensor, active: Tensor) -> tuple[float, list[float]] | None:
-    """:func:`_conditioned`, with the smallest pivot of ``L`` (read together)."""
+def _conditioned(L: Tensor, info: Tensor, active: Tensor) -> tuple[float, list[float]] | None:
+    """The smallest pivot of ``L`` and the sizes of the rows' active sets, read on the host
+    together with the outcome of the factorisation ``L`` of ``Ĝ`` (one synchronisation); None
+    when it failed or a pivot is below :data:`_MIN_PIVOT`."""
     # (a zero or negative diagonal entry gives an infinite or NaN s, hence a failed factorisation;
     # the smallest pivot, zero when the factorisation failed, is read as a float together with
     # the sizes of the active sets)
