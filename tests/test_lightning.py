@@ -19,6 +19,7 @@ pytest.importorskip("lightning")
 
 from lightning import Callback
 
+from tests.reference.jacobians import brute_force_jacobian
 from torchjd.aggregation import UPGrad, UPGradWeighting
 from torchjd.autogram import Engine
 from torchjd.autojac import jac_to_grad, mtl_backward
@@ -171,9 +172,7 @@ def test_iwrm_bf16_mixed(iwrm: dict):
                 losses = self.loss_fn(output, y)
                 gramian = self.engine.compute_gramian(losses)
                 params = list(self.model.parameters())
-                grads = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
-                rows = [torch.cat([g.flatten() for g in row]) for row in grads]
-                jacobian = torch.stack(rows).double()
+                jacobian = brute_force_jacobian(losses, params).double()
                 gramians.append((gramian, jacobian @ jacobian.T))
             return super().training_step(batch, batch_idx)
 
