@@ -108,7 +108,7 @@ def in_float32(module: nn.Module, calls: list[ModuleCall]) -> list[ModuleCall]:
             c,
             args=tree_map(_in_float32, c.args),
             kwargs=tree_map(_in_float32, c.kwargs),
-            outputs=[shape_only(o.new_zeros((), dtype=_up(o.dtype)), o.shape) for o in c.outputs],
+            outputs=[_stand_in_float32(o) for o in c.outputs],
             grad_outputs=[_in_float32(g) for g in c.grad_outputs],
             inner_grads=[_in_float32(g) for g in c.inner_grads],
         )
@@ -130,8 +130,11 @@ def _released(mine: list[Tensor | None], seen: list[Tensor | None]) -> list[Tens
     return [None if s is None else g for g, s in zip(mine, seen, strict=True)]
 
 
-def _up(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _HALF else dtype
+def _stand_in_float32(stand_in: Tensor) -> Tensor:
+    """The stand-in (:func:`shape_only`) of an output in float32, if in half precision."""
+    if stand_in.dtype not in _HALF:
+        return stand_in
+    return shape_only(stand_in.new_zeros((), dtype=torch.float32), stand_in.shape)
 
 
 def _in_float32(value: Any) -> Any:
